@@ -1,0 +1,3 @@
+"""telephony-bridge: Twilio Media Streams <-> Savants Voice AI."""
+
+__version__ = "0.1.0"

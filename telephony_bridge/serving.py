@@ -1,0 +1,90 @@
+"""Running Starlette apps under uvicorn on sockets we bind ourselves.
+
+Binding first lets callers ask for port 0 and learn the real port before the server starts, which is how
+tests and the dev-mode emulator get free ports without races.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+import threading
+from collections.abc import Iterator
+from typing import Any
+
+import uvicorn
+
+
+def bind_socket(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    sock.listen(512)
+    sock.set_inheritable(True)
+    return sock
+
+
+def uvicorn_config(app: Any, **overrides: Any) -> uvicorn.Config:
+    """Our uvicorn settings: no access log (our own logging covers calls), sansio websockets."""
+    options: dict[str, Any] = {
+        "log_config": None,
+        "access_log": False,
+        "lifespan": "on",
+        "ws": "websockets-sansio",
+        "ws_ping_interval": None,
+    }
+    options.update(overrides)
+    return uvicorn.Config(app, **options)
+
+
+class ServerThread:
+    """A uvicorn server on its own event loop in a daemon thread (used by tests and tools)."""
+
+    def __init__(self, app: Any, host: str = "127.0.0.1", port: int = 0, **config: Any) -> None:
+        self.sock = bind_socket(host, port)
+        self.host, self.port = self.sock.getsockname()[:2]
+        self.server = uvicorn.Server(uvicorn_config(app, **config))
+        self._thread = threading.Thread(target=self._run, name=f"uvicorn:{self.port}", daemon=True)
+        self.loop: asyncio.AbstractEventLoop | None = None
+
+    @property
+    def http_url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    @property
+    def ws_url(self) -> str:
+        return f"ws://{self.host}:{self.port}"
+
+    def _run(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        try:
+            self.loop.run_until_complete(self.server.serve(sockets=[self.sock]))
+        finally:
+            self.loop.close()
+
+    def start(self, timeout_s: float = 10.0) -> None:
+        self._thread.start()
+        for _ in range(int(timeout_s / 0.01)):
+            if self.server.started:
+                return
+            if not self._thread.is_alive():
+                break
+            threading.Event().wait(0.01)
+        raise RuntimeError(f"server on port {self.port} did not start within {timeout_s} s")
+
+    def stop(self, timeout_s: float = 10.0) -> None:
+        self.server.should_exit = True
+        self._thread.join(timeout_s)
+        self.sock.close()
+
+
+@contextlib.contextmanager
+def running(app: Any, **kwargs: Any) -> Iterator[ServerThread]:
+    thread = ServerThread(app, **kwargs)
+    thread.start()
+    try:
+        yield thread
+    finally:
+        thread.stop()
