@@ -1,0 +1,194 @@
+"""Settings: the only reader of config.yaml and the environment.
+
+Precedence: built-in defaults < the YAML file (``--config`` or ``BRIDGE_CONFIG``) < environment variables.
+A wrong value fails at start-up with one sentence naming the key, the value and what is allowed. Secrets are
+``SecretStr`` so they never show in a repr, a log line or ``/status``.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+from urllib.parse import urlsplit
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+
+from telephony_bridge.errors import ConfigError
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+def _check_url(value: str, schemes: tuple[str, ...]) -> str:
+    if value == "":
+        return value
+    parts = urlsplit(value)
+    if parts.scheme not in schemes or not parts.netloc:
+        raise ValueError(f"expected an absolute {' or '.join(s + '://' for s in schemes)} URL")
+    return value.rstrip("/")
+
+
+class ServerSettings(_Frozen):
+    host: str = "0.0.0.0"
+    port: int = Field(8080, ge=0, le=65535)
+    public_url: str = ""
+    drain_timeout_s: float = Field(30.0, ge=0)
+
+    @field_validator("public_url")
+    @classmethod
+    def _public_url(cls, v: str) -> str:
+        return _check_url(v, ("https", "http"))
+
+
+class SavantsSettings(_Frozen):
+    base_url: str = ""
+    ws_url: str = ""
+    api_key: SecretStr = SecretStr("")
+    device_ids: tuple[str, ...] = ()
+    token_timeout_s: float = Field(5.0, gt=0)
+    connect_timeout_s: float = Field(5.0, gt=0)
+
+    @field_validator("base_url")
+    @classmethod
+    def _base_url(cls, v: str) -> str:
+        return _check_url(v, ("https", "http"))
+
+    @field_validator("ws_url")
+    @classmethod
+    def _ws_url(cls, v: str) -> str:
+        return _check_url(v, ("wss", "ws"))
+
+    @field_validator("device_ids", mode="before")
+    @classmethod
+    def _device_ids(cls, v: Any) -> Any:
+        if isinstance(v, str):
+            v = [part.strip() for part in v.split(",") if part.strip()]
+        if isinstance(v, list | tuple) and len(set(v)) != len(v):
+            raise ValueError("expected distinct device ids")
+        return v
+
+    @property
+    def voice_stream_url(self) -> str:
+        """The documented derivation (spec §2): http→ws, https→wss, then ``/voice-stream``."""
+        if self.ws_url:
+            return self.ws_url
+        return "ws" + self.base_url.removeprefix("http") + "/voice-stream"
+
+
+class TwilioSettings(_Frozen):
+    auth_token: SecretStr = SecretStr("")
+    allow_unsigned: bool = False
+    start_timeout_s: float = Field(10.0, gt=0)
+
+
+class AudioSettings(_Frozen):
+    pre_connect_buffer_ms: int = Field(2000, ge=0, le=10_000)
+    outbound_lead_ms: int = Field(100, ge=20, le=2000)
+    mark_interval_ms: int = Field(100, ge=20, le=2000)
+
+
+class LoggingSettings(_Frozen):
+    level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    format: Literal["auto", "json", "text"] = "auto"
+
+    @field_validator("level", mode="before")
+    @classmethod
+    def _upper(cls, v: Any) -> Any:
+        return v.upper() if isinstance(v, str) else v
+
+
+class Settings(_Frozen):
+    server: ServerSettings = ServerSettings()
+    savants: SavantsSettings = SavantsSettings()
+    twilio: TwilioSettings = TwilioSettings()
+    audio: AudioSettings = AudioSettings()
+    logging: LoggingSettings = LoggingSettings()
+    redis_url: str = ""
+
+    @field_validator("redis_url")
+    @classmethod
+    def _redis_url(cls, v: str) -> str:
+        return _check_url(v, ("redis", "rediss", "unix"))
+
+    @property
+    def dev_mode(self) -> bool:
+        """No Savants URL configured: the bridge runs against its embedded emulator."""
+        return self.savants.base_url == ""
+
+
+# Environment variable -> dotted key. Other tooling drives the bridge through these names: keep them.
+ENVIRONMENT: dict[str, str] = {
+    "SAVANTS_BASE_URL": "savants.base_url",
+    "SAVANTS_WS_URL": "savants.ws_url",
+    "SAVANTS_API_KEY": "savants.api_key",
+    "SAVANTS_DEVICE_IDS": "savants.device_ids",
+    "TWILIO_AUTH_TOKEN": "twilio.auth_token",
+    "PUBLIC_URL": "server.public_url",
+    "REDIS_URL": "redis_url",
+    "HOST": "server.host",
+    "PORT": "server.port",
+    "LOG_LEVEL": "logging.level",
+}
+SECRET_KEYS = frozenset({"savants.api_key", "twilio.auth_token"})
+
+
+def load_settings(
+    path: str | os.PathLike[str] | None = None,
+    env: Mapping[str, str] | None = None,
+    **overrides: Any,
+) -> Settings:
+    """Build the settings; ``overrides`` take dotted keys (``{"server.port": 0}``) and win over everything."""
+    env = os.environ if env is None else env
+    path = path or env.get("BRIDGE_CONFIG") or None
+    data: dict[str, Any] = {}
+    if path is not None:
+        data = _read_yaml(Path(path))
+    for var, key in ENVIRONMENT.items():
+        if env.get(var, "") != "":
+            _assign(data, key, env[var])
+    for key, value in overrides.items():
+        _assign(data, key, value)
+    try:
+        return Settings.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(_explain(exc)) from None
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"config file {str(path)!r} does not exist (from --config or BRIDGE_CONFIG)") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config file {str(path)!r} is not valid YAML: {exc}") from None
+    if loaded is None:
+        return {}
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"config file {str(path)!r} must hold a mapping of keys, got {type(loaded).__name__}")
+    return loaded
+
+
+def _assign(data: dict[str, Any], dotted: str, value: Any) -> None:
+    *parents, leaf = dotted.split(".")
+    node = data
+    for part in parents:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"config key {part!r} must be a mapping")
+    node[leaf] = value
+
+
+def _explain(exc: ValidationError) -> str:
+    """One sentence for the first problem: key, environment variable, value (never a secret's), what is allowed."""
+    err = exc.errors()[0]
+    key = ".".join(str(p) for p in err["loc"])
+    env_names = [var for var, k in ENVIRONMENT.items() if k == key]
+    where = f"config key {key!r}" + (f" (environment variable {env_names[0]})" if env_names else "")
+    if err["type"] == "extra_forbidden":
+        return f"{where} is not a setting this bridge knows; see config.yaml for the keys"
+    shown = "<hidden>" if key in SECRET_KEYS else repr(err.get("input"))[:80]
+    return f"{where} has value {shown}, which is not allowed: {err['msg'].removeprefix('Value error, ')}"

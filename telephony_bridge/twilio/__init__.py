@@ -1,0 +1,1 @@
+"""The caller side: Twilio Media Streams messages, signatures, TwiML and webhooks."""

@@ -1,0 +1,380 @@
+"""Twilio Media Streams messages, without I/O (spec: twilio-media-streams.md §3, §4).
+
+``parse_message`` turns one text frame from Twilio into a frozen event; it never raises for anything a peer
+can send: garbage becomes ``Malformed(reason)``, an unknown event becomes ``Unknown(name)``. Numeric fields
+arrive as strings (§3) and are accepted as strings or numbers. The messages we send serialise themselves
+with exactly the documented fields (G3: an extra field is error 31951).
+
+The simulated caller plays Twilio, so the other direction lives here too: ``parse_outbound`` reads what a
+bridge sends, strictly, and the inbound events serialise themselves the way Twilio writes them.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+
+
+@dataclass(frozen=True, slots=True)
+class Connected:
+    protocol: str = "Call"
+    version: str = "1.0.0"
+
+    def to_json(self) -> str:
+        return _dumps({"event": "connected", "protocol": self.protocol, "version": self.version})
+
+
+@dataclass(frozen=True, slots=True)
+class Start:
+    stream_sid: str
+    call_sid: str
+    account_sid: str
+    sequence_number: int = 1
+    tracks: tuple[str, ...] = ("inbound",)
+    custom_parameters: dict[str, str] = field(default_factory=dict)
+    encoding: str = "audio/x-mulaw"
+    sample_rate_hz: int = 8000
+    channels: int = 1
+
+    def to_json(self) -> str:
+        return _dumps(
+            {
+                "event": "start",
+                "sequenceNumber": str(self.sequence_number),
+                "start": {
+                    "accountSid": self.account_sid,
+                    "streamSid": self.stream_sid,
+                    "callSid": self.call_sid,
+                    "tracks": list(self.tracks),
+                    "customParameters": dict(self.custom_parameters),
+                    "mediaFormat": {
+                        "encoding": self.encoding,
+                        "sampleRate": self.sample_rate_hz,
+                        "channels": self.channels,
+                    },
+                },
+                "streamSid": self.stream_sid,
+            }
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Media:
+    """Caller audio: ``payload`` is raw μ-law, already base64-decoded."""
+
+    stream_sid: str
+    payload: bytes
+    timestamp_ms: int
+    chunk: int
+    sequence_number: int
+    track: str = "inbound"
+
+    def to_json(self) -> str:
+        return _dumps(
+            {
+                "event": "media",
+                "sequenceNumber": str(self.sequence_number),
+                "media": {
+                    "track": self.track,
+                    "chunk": str(self.chunk),
+                    "timestamp": str(self.timestamp_ms),
+                    "payload": base64.b64encode(self.payload).decode("ascii"),
+                },
+                "streamSid": self.stream_sid,
+            }
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Dtmf:
+    stream_sid: str
+    digit: str
+    sequence_number: int
+    track: str = "inbound_track"
+
+    def to_json(self) -> str:
+        return _dumps(
+            {
+                "event": "dtmf",
+                "streamSid": self.stream_sid,
+                "sequenceNumber": str(self.sequence_number),
+                "dtmf": {"track": self.track, "digit": self.digit},
+            }
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Mark:
+    """A mark echoed by Twilio: the audio before it has played, or was flushed by ``clear``."""
+
+    stream_sid: str
+    name: str
+    sequence_number: int
+
+    def to_json(self) -> str:
+        return _dumps(
+            {
+                "event": "mark",
+                "sequenceNumber": str(self.sequence_number),
+                "streamSid": self.stream_sid,
+                "mark": {"name": self.name},
+            }
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Stop:
+    stream_sid: str
+    call_sid: str
+    account_sid: str
+    sequence_number: int
+
+    def to_json(self) -> str:
+        return _dumps(
+            {
+                "event": "stop",
+                "sequenceNumber": str(self.sequence_number),
+                "streamSid": self.stream_sid,
+                "stop": {"accountSid": self.account_sid, "callSid": self.call_sid},
+            }
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Unknown:
+    """An event name we do not know; ignored and counted, never fatal."""
+
+    name: str
+
+
+@dataclass(frozen=True, slots=True)
+class Malformed:
+    """A frame that is not a valid message; ``reason`` says what was expected and what arrived."""
+
+    reason: str
+
+
+InboundEvent = Connected | Start | Media | Dtmf | Mark | Stop | Unknown | Malformed
+
+
+def parse_message(text: str | bytes) -> InboundEvent:
+    """Parse one frame from Twilio. Never raises for peer input."""
+    try:
+        msg = orjson.loads(text)
+    except orjson.JSONDecodeError:
+        return Malformed(f"expected a JSON object, got {_preview(text)}")
+    if not isinstance(msg, dict):
+        return Malformed(f"expected a JSON object, got {type(msg).__name__}")
+    event = msg.get("event")
+    if not isinstance(event, str):
+        return Malformed("expected a string 'event' field")
+    parser = _PARSERS.get(event)
+    if parser is None:
+        return Unknown(event)
+    try:
+        return parser(msg)
+    except _Invalid as exc:
+        return Malformed(f"{event}: {exc}")
+
+
+class _Invalid(Exception):
+    pass
+
+
+def _obj(msg: dict[str, Any], key: str) -> dict[str, Any]:
+    value = msg.get(key)
+    if not isinstance(value, dict):
+        raise _Invalid(f"expected an object '{key}'")
+    return value
+
+
+def _str(msg: dict[str, Any], key: str, default: str | None = None) -> str:
+    value = msg.get(key, default)
+    if not isinstance(value, str):
+        raise _Invalid(f"expected a string '{key}', got {value!r:.40}")
+    return value
+
+
+def _int(msg: dict[str, Any], key: str, default: int | None = None) -> int:
+    """Twilio sends numbers as strings (§3); accept either, reject anything else."""
+    value = msg.get(key, default)
+    if isinstance(value, bool):
+        raise _Invalid(f"expected an integer '{key}', got {value!r}")
+    if isinstance(value, int):
+        return value
+    if isinstance(value, str):
+        try:
+            return int(value)
+        except ValueError:
+            pass
+    raise _Invalid(f"expected an integer '{key}', got {value!r:.40}")
+
+
+def _parse_connected(msg: dict[str, Any]) -> Connected:
+    return Connected(protocol=_str(msg, "protocol", "Call"), version=_str(msg, "version", ""))
+
+
+def _parse_start(msg: dict[str, Any]) -> Start:
+    start = _obj(msg, "start")
+    params = start.get("customParameters") or {}
+    if not isinstance(params, dict) or not all(isinstance(v, str) for v in params.values()):
+        raise _Invalid("expected 'customParameters' to map strings to strings")
+    fmt = start.get("mediaFormat") or {}
+    if not isinstance(fmt, dict):
+        raise _Invalid("expected an object 'mediaFormat'")
+    tracks = start.get("tracks") or ["inbound"]
+    if not isinstance(tracks, list):
+        raise _Invalid("expected a list 'tracks'")
+    return Start(
+        stream_sid=_str(start, "streamSid", msg.get("streamSid")),
+        call_sid=_str(start, "callSid"),
+        account_sid=_str(start, "accountSid", ""),
+        sequence_number=_int(msg, "sequenceNumber", 1),
+        tracks=tuple(str(t) for t in tracks),
+        custom_parameters=dict(params),
+        encoding=_str(fmt, "encoding", "audio/x-mulaw"),
+        sample_rate_hz=_int(fmt, "sampleRate", 8000),
+        channels=_int(fmt, "channels", 1),
+    )
+
+
+def _parse_media(msg: dict[str, Any]) -> Media:
+    media = _obj(msg, "media")
+    encoded = _str(media, "payload")
+    try:
+        # Strict decoding (G5): a lenient decoder turns garbage into audio.
+        payload = base64.b64decode(encoded, validate=True)
+    except (binascii.Error, ValueError):
+        raise _Invalid(f"payload is not valid base64 ({len(encoded)} characters)") from None
+    return Media(
+        stream_sid=_str(msg, "streamSid"),
+        payload=payload,
+        timestamp_ms=_int(media, "timestamp", 0),
+        chunk=_int(media, "chunk", 0),
+        sequence_number=_int(msg, "sequenceNumber", 0),
+        track=_str(media, "track", "inbound"),
+    )
+
+
+def _parse_dtmf(msg: dict[str, Any]) -> Dtmf:
+    dtmf = _obj(msg, "dtmf")
+    return Dtmf(
+        stream_sid=_str(msg, "streamSid"),
+        digit=_str(dtmf, "digit"),
+        sequence_number=_int(msg, "sequenceNumber", 0),
+        track=_str(dtmf, "track", "inbound_track"),
+    )
+
+
+def _parse_mark(msg: dict[str, Any]) -> Mark:
+    return Mark(
+        stream_sid=_str(msg, "streamSid"),
+        name=_str(_obj(msg, "mark"), "name"),
+        sequence_number=_int(msg, "sequenceNumber", 0),
+    )
+
+
+def _parse_stop(msg: dict[str, Any]) -> Stop:
+    stop = msg.get("stop") or {}
+    if not isinstance(stop, dict):
+        raise _Invalid("expected an object 'stop'")
+    return Stop(
+        stream_sid=_str(msg, "streamSid"),
+        call_sid=_str(stop, "callSid", ""),
+        account_sid=_str(stop, "accountSid", ""),
+        sequence_number=_int(msg, "sequenceNumber", 0),
+    )
+
+
+_PARSERS = {
+    "connected": _parse_connected,
+    "start": _parse_start,
+    "media": _parse_media,
+    "dtmf": _parse_dtmf,
+    "mark": _parse_mark,
+    "stop": _parse_stop,
+}
+
+
+# --- what the bridge sends (§4), exactly the documented fields ------------------------------------------
+
+
+def media_message(stream_sid: str, ulaw: bytes) -> str:
+    payload = base64.b64encode(ulaw).decode("ascii")
+    return _dumps({"event": "media", "streamSid": stream_sid, "media": {"payload": payload}})
+
+
+def mark_message(stream_sid: str, name: str) -> str:
+    return _dumps({"event": "mark", "streamSid": stream_sid, "mark": {"name": name}})
+
+
+def clear_message(stream_sid: str) -> str:
+    return _dumps({"event": "clear", "streamSid": stream_sid})
+
+
+@dataclass(frozen=True, slots=True)
+class OutMedia:
+    payload: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class OutMark:
+    name: str
+
+
+@dataclass(frozen=True, slots=True)
+class OutClear:
+    pass
+
+
+OutboundEvent = OutMedia | OutMark | OutClear
+
+_OUTBOUND_SHAPES: dict[str, dict[str, frozenset[str] | None]] = {
+    "media": {"event": None, "streamSid": None, "media": frozenset({"payload"})},
+    "mark": {"event": None, "streamSid": None, "mark": frozenset({"name"})},
+    "clear": {"event": None, "streamSid": None},
+}
+
+
+def parse_outbound(text: str | bytes, stream_sid: str) -> OutboundEvent | Malformed:
+    """Read a bridge's message as Twilio would: any missing or extra field or wrong streamSid is 31951."""
+    if isinstance(text, bytes):
+        return Malformed("binary frame (Twilio error 31950)")
+    try:
+        msg = orjson.loads(text)
+    except orjson.JSONDecodeError:
+        return Malformed(f"not JSON (31951): {_preview(text)}")
+    if not isinstance(msg, dict) or not isinstance(msg.get("event"), str):
+        return Malformed("no 'event' (31951)")
+    shape = _OUTBOUND_SHAPES.get(msg["event"])
+    if shape is None:
+        return Malformed(f"unknown event {msg['event']!r} (31951)")
+    if set(msg) != set(shape):
+        return Malformed(f"{msg['event']}: fields {sorted(msg)}, expected {sorted(shape)} (31951)")
+    for key, inner in shape.items():
+        if inner is not None and (not isinstance(msg[key], dict) or set(msg[key]) != inner):
+            return Malformed(f"{msg['event']}.{key}: expected exactly {sorted(inner)} (31951)")
+    if msg["streamSid"] != stream_sid:
+        return Malformed(f"{msg['event']}: streamSid {msg['streamSid']!r:.40} is not this stream's (31951)")
+    if msg["event"] == "media":
+        try:
+            return OutMedia(base64.b64decode(msg["media"]["payload"], validate=True))
+        except (binascii.Error, ValueError, TypeError):
+            return Malformed("media: payload is not valid base64 (31951)")
+    if msg["event"] == "mark":
+        name = msg["mark"]["name"]
+        return OutMark(name) if isinstance(name, str) else Malformed("mark.name is not a string (31951)")
+    return OutClear()
+
+
+def _dumps(obj: dict[str, Any]) -> str:
+    return orjson.dumps(obj).decode("utf-8")
+
+
+def _preview(text: str | bytes) -> str:
+    s = text if isinstance(text, str) else repr(text)
+    return repr(s[:40]) + ("…" if len(s) > 40 else "")
