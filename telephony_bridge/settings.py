@@ -108,6 +108,8 @@ class Settings(_Frozen):
     audio: AudioSettings = AudioSettings()
     logging: LoggingSettings = LoggingSettings()
     redis_url: str = ""
+    # Set by ``serve`` when it starts the embedded emulator (no Savants URL configured); not a config.yaml key.
+    embedded_emulator: bool = False
 
     @field_validator("redis_url")
     @classmethod
@@ -116,8 +118,8 @@ class Settings(_Frozen):
 
     @property
     def dev_mode(self) -> bool:
-        """No Savants URL configured: the bridge runs against its embedded emulator."""
-        return self.savants.base_url == ""
+        """No Savants URL configured: the bridge runs (or is about to run) against its embedded emulator."""
+        return self.embedded_emulator or self.savants.base_url == ""
 
 
 # Environment variable -> dotted key. Other tooling drives the bridge through these names: keep them.

@@ -1,0 +1,1 @@
+"""Device accounting: which Savants device serves which call, within Savants' per-device limits."""

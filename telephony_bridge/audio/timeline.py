@@ -1,0 +1,67 @@
+"""Lays Twilio's inbound μ-law frames end to end on the stream's own clock, so the resampler sees no jump.
+
+Twilio stamps each inbound ``media`` message with ``timestamp``: milliseconds since the stream started. A
+frame that arrives after a gap (Twilio lost packets) is preceded by μ-law silence for the missing time; a
+late or repeated frame is dropped; a frame that overlaps what was already produced keeps only its new tail.
+Misalignments smaller than ``jitter_tolerance_s`` (default 10 ms, half a 20 ms frame) are ignored and the
+frame is taken whole: Twilio's millisecond stamps wobble, and padding or trimming a few samples would put a
+discontinuity into the audio for nothing. The produced stream therefore never drifts from Twilio's clock by
+more than that tolerance.
+"""
+
+from __future__ import annotations
+
+from telephony_bridge.audio.codec import TWILIO_BYTES_PER_MS, ULAW_SILENCE
+
+JITTER_TOLERANCE_S = 0.010
+MAX_FILL_S = 1.0
+
+
+class InboundTimeline:
+    """Places inbound frames by their ``timestamp``; one per call. Pure: bytes in, bytes out, counters.
+
+    Counters for the "call ended" line: ``filled_bytes`` (silence inserted), ``dropped_frames`` (late or
+    duplicate), ``trimmed_bytes`` (overlapping heads cut off), ``skipped_bytes`` (gap beyond ``max_fill_s``
+    that was not filled: the timeline jumps instead, so one absurd timestamp cannot allocate hours of silence).
+    """
+
+    def __init__(self, *, jitter_tolerance_s: float = JITTER_TOLERANCE_S, max_fill_s: float = MAX_FILL_S) -> None:
+        if jitter_tolerance_s < 0 or max_fill_s < 0:
+            raise ValueError(
+                f"expected jitter_tolerance_s >= 0 and max_fill_s >= 0, got {jitter_tolerance_s}, {max_fill_s}"
+            )
+        self._tolerance_bytes = round(jitter_tolerance_s * 1000 * TWILIO_BYTES_PER_MS)
+        self._max_fill_bytes = round(max_fill_s * 1000 * TWILIO_BYTES_PER_MS)
+        self._position = 0  # timeline position, in μ-law bytes (samples at 8 kHz), of the next byte due
+        self.filled_bytes = 0
+        self.dropped_frames = 0
+        self.trimmed_bytes = 0
+        self.skipped_bytes = 0
+
+    @property
+    def position_s(self) -> float:
+        """Where on the stream's clock the next byte belongs, in seconds."""
+        return self._position / (1000 * TWILIO_BYTES_PER_MS)
+
+    def place(self, timestamp_ms: int, payload: bytes) -> bytes:
+        """Return the μ-law bytes to pass downstream for the frame stamped ``timestamp_ms``: possibly silence
+        then the payload, the payload's tail, the payload as is, or nothing."""
+        if not payload:
+            return b""
+        start = timestamp_ms * TWILIO_BYTES_PER_MS
+        if start + len(payload) <= self._position:  # nothing new: late or duplicate
+            self.dropped_frames += 1
+            return b""
+        offset = start - self._position
+        if offset >= self._tolerance_bytes and offset > 0:  # a gap: fill it (up to the cap)
+            fill = min(offset, self._max_fill_bytes)
+            self.filled_bytes += fill
+            self.skipped_bytes += offset - fill
+            self._position = start + len(payload)
+            return bytes([ULAW_SILENCE]) * fill + payload
+        if -offset >= self._tolerance_bytes and offset < 0:  # an overlap: keep the new tail
+            self.trimmed_bytes += -offset
+            self._position = start + len(payload)
+            return payload[-offset:]
+        self._position += len(payload)  # on time, or within the jitter tolerance: take it whole
+        return payload

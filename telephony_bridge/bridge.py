@@ -1,0 +1,413 @@
+"""One call: the only code that holds both sockets.
+
+Three tasks run in one ``TaskGroup`` per call: the caller pump (Twilio → AI queue), the AI side (token,
+Savants session, then AI → outbound buffer and AI queue → Savants) and the pacer (outbound buffer → Twilio in
+real time). The first to finish ends the call: it raises ``_CallEnded`` and the group cancels the rest.
+Whatever happens, the Savants socket is closed, the Twilio socket is closed (so the TwiML after
+``<Connect>`` runs) and the device lease is released, exactly once, in ``run``'s ``finally``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import logging
+from collections import deque
+from dataclasses import dataclass
+from typing import Any, Protocol, TypeVar
+
+from telephony_bridge.accounting.base import Accounting, Lease
+from telephony_bridge.audio.codec import TWILIO_FRAME_BYTES
+from telephony_bridge.audio.pacing import FRAME_S, OutboundPacer
+from telephony_bridge.audio.pipeline import AiToCaller, CallerToAi, FrameBuffer
+from telephony_bridge.audio.playback import PlaybackTracker
+from telephony_bridge.clock import Clock
+from telephony_bridge.errors import AdmissionError, SavantsError, SessionError, TokenError
+from telephony_bridge.ops import logging as oplog
+from telephony_bridge.ops.metrics import Metrics
+from telephony_bridge.registry import CallRegistry
+from telephony_bridge.savants.client import Connector, SavantsConnection
+from telephony_bridge.savants.protocol import Audio
+from telephony_bridge.savants.tokens import TokenClient
+from telephony_bridge.settings import Settings
+from telephony_bridge.twilio import protocol as tw
+
+log = logging.getLogger(__name__)
+
+FRAME_MS = 20
+MAX_TOKEN_WAIT_S = 2.0  # a caller can afford a short wait for token budget, not a long one
+
+
+class CloseCode(enum.IntEnum):
+    NORMAL = 1000
+    POLICY_VIOLATION = 1008
+    INTERNAL_ERROR = 1011
+    TRY_AGAIN_LATER = 1013
+
+
+class TwilioSocket(Protocol):
+    """The part of Starlette's ``WebSocket`` a call uses (tests may pass anything shaped like it)."""
+
+    async def receive(self) -> Any: ...
+    async def send_text(self, data: str) -> None: ...
+    async def close(self, code: int = 1000, reason: str | None = None) -> None: ...
+
+
+@dataclass(frozen=True)
+class CallDeps:
+    settings: Settings
+    tokens: TokenClient
+    connect: Connector
+    accounting: Accounting
+    metrics: Metrics
+    clock: Clock
+    registry: CallRegistry
+
+
+class _CallEnded(Exception):
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+class _TwilioGone(Exception):
+    """The Twilio socket is closed; nothing more can be sent to the caller."""
+
+
+class Call:
+    def __init__(self, ws: TwilioSocket, deps: CallDeps) -> None:
+        self._ws = ws
+        self._deps = deps
+        self._clock = deps.clock
+        self._metrics = deps.metrics
+        audio = deps.settings.audio
+        self.call_sid = ""
+        self.stream_sid = ""
+        self.device_id = ""
+        self.end_reason = ""
+        self.outcome = "completed"
+        self._started_at = 0.0
+        self._ai_connected_at: float | None = None
+        self._first_audio_at: float | None = None
+        self._savants: SavantsConnection | None = None
+        self._twilio_open = True
+        self._caller_to_ai = CallerToAi()
+        self._ai_to_caller = AiToCaller()
+        self._to_ai: deque[bytes] = deque()
+        self._to_ai_max = max(1, audio.pre_connect_buffer_ms // FRAME_MS)
+        self._to_ai_ready = asyncio.Event()
+        self._outbound = FrameBuffer()
+        self._outbound_ready = asyncio.Event()
+        self._pacer = OutboundPacer(audio.outbound_lead_ms / 1000, FRAME_S)
+        self._mark_every_ms = audio.mark_interval_ms
+        self._unmarked_ms = 0
+        self.playback = PlaybackTracker()
+        self.frames_in = 0
+        self.frames_to_ai = 0
+        self.ai_bytes = 0
+        self.dropped_overflow = 0
+        self.protocol_errors = 0
+        self.dtmf_digits: list[str] = []
+
+    # --- lifecycle ---------------------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        start = await self._wait_for_start()
+        if start is None:
+            await self._close_twilio(CloseCode.NORMAL)
+            return
+        self.call_sid, self.stream_sid = start.call_sid, start.stream_sid
+        self._started_at = self._clock.monotonic()
+        with oplog.call_context(call_sid=self.call_sid, stream_sid=self.stream_sid):
+            try:
+                lease = await self._deps.accounting.acquire(self.call_sid)
+            except AdmissionError as exc:
+                self._metrics.admission_refused.labels(where="stream").inc()
+                log.warning("call refused at stream start: %s", exc)
+                await self._close_twilio(CloseCode.TRY_AGAIN_LATER, "no capacity")
+                return
+            self.device_id = lease.device_id
+            oplog.bind(device_id=lease.device_id)
+            self._deps.registry.add(self.call_sid, self)
+            self._metrics.calls_active.inc()
+            log.info("call bridged", extra={"custom_parameters": sorted(start.custom_parameters)})
+            try:
+                await self._bridge(lease)
+            finally:
+                await self._finish(lease)
+
+    async def _bridge(self, lease: Lease) -> None:
+        try:
+            async with asyncio.TaskGroup() as tg:
+                tg.create_task(self._caller_pump(), name="caller-pump")
+                tg.create_task(self._ai_side(lease), name="ai-side")
+                tg.create_task(self._pacer_pump(), name="pacer")
+        except* _CallEnded as group:
+            self._end(_first(group, _CallEnded).reason)
+        except* _TwilioGone:
+            self._end("twilio disconnected")
+        except* SavantsError as group:
+            exc = _first(group, SavantsError)
+            self.outcome = "ai_unavailable"
+            self._end(f"AI unavailable: {exc}")
+            log.warning("ending call, the AI side failed: %s", exc)
+        except* Exception as group:  # a bug of ours: end this call cleanly, keep every other call going
+            self.outcome = "error"
+            self._end("internal error")
+            log.error("call failed on an internal error", exc_info=group.exceptions[0])
+
+    def _end(self, reason: str) -> None:
+        if not self.end_reason:
+            self.end_reason = reason
+
+    async def _finish(self, lease: Lease) -> None:
+        if self._savants is not None:
+            await self._savants.close()
+        await self._close_twilio(CloseCode.NORMAL)
+        await self._deps.accounting.release(lease)
+        self._deps.registry.remove(self.call_sid)
+        self._metrics.calls_active.dec()
+        self._metrics.calls.labels(outcome=self.outcome).inc()
+        duration_s = self._clock.monotonic() - self._started_at
+        self._metrics.call_duration.observe(duration_s)
+        self._metrics.audio_seconds.labels(direction="caller_to_ai").inc(self.frames_to_ai * FRAME_S)
+        self._metrics.audio_seconds.labels(direction="ai_to_caller").inc(self.playback.sent_ms / 1000)
+        log.info("call ended", extra=self._figures(duration_s))
+
+    def _figures(self, duration_s: float) -> dict[str, Any]:
+        timeline = self._caller_to_ai.timeline
+        return {
+            "reason": self.end_reason,
+            "outcome": self.outcome,
+            "duration_s": round(duration_s, 3),
+            "ai_connect_s": _since(self._ai_connected_at, self._started_at),
+            "first_ai_audio_s": _since(self._first_audio_at, self._started_at),
+            "caller_frames": self.frames_in,
+            "frames_to_ai": self.frames_to_ai,
+            "ai_audio_sent_ms": self.playback.sent_ms,
+            "ai_audio_played_ms": self.playback.played_ms,
+            "late_frames_dropped": timeline.dropped_frames,
+            "gap_filled_ms": timeline.filled_bytes // 8,
+            "overflow_frames_dropped": self.dropped_overflow,
+            "protocol_errors": self.protocol_errors,
+            "dtmf": "".join(self.dtmf_digits),
+        }
+
+    def status(self) -> dict[str, Any]:
+        now = self._clock.monotonic()
+        return {
+            "call_sid": self.call_sid,
+            "stream_sid": self.stream_sid,
+            "device_id": self.device_id,
+            "age_s": round(now - self._started_at, 1),
+            "ai_connected": self._ai_connected_at is not None,
+            "ai_audio_sent_ms": self.playback.sent_ms,
+            "ai_audio_played_ms": self.playback.played_ms,
+            "lead_ms": round(self._pacer.lead(now) * 1000),
+        }
+
+    # --- Twilio side -------------------------------------------------------------------------------------
+
+    async def _receive_twilio(self) -> str | bytes | None:
+        """The next frame from Twilio, or ``None`` once it has disconnected."""
+        if not self._twilio_open:
+            return None
+        message = await self._ws.receive()
+        if message["type"] == "websocket.disconnect":
+            self._twilio_open = False
+            return None
+        text = message.get("text")
+        return text if text is not None else message.get("bytes") or b""
+
+    async def _wait_for_start(self) -> tw.Start | None:
+        timeout_s = self._deps.settings.twilio.start_timeout_s
+        try:
+            async with asyncio.timeout(timeout_s):
+                while True:
+                    frame = await self._receive_twilio()
+                    if frame is None:
+                        log.info("twilio stream closed before 'start'")
+                        return None
+                    event = tw.parse_message(frame)
+                    if isinstance(event, tw.Start):
+                        return event
+                    if isinstance(event, tw.Stop):
+                        return None
+                    if not isinstance(event, tw.Connected):
+                        self._protocol_error(f"expected 'connected' or 'start', got {_describe(event)}")
+        except TimeoutError:
+            log.warning("twilio stream sent no 'start' within %s s; closing it", timeout_s)
+            return None
+
+    async def _caller_pump(self) -> None:
+        while True:
+            frame = await self._receive_twilio()
+            if frame is None:
+                raise _CallEnded("twilio disconnected")
+            event = tw.parse_message(frame)
+            if isinstance(event, tw.Media):
+                self._caller_audio(event)
+            elif isinstance(event, tw.Mark):
+                self.playback.mark_echoed(event.name)
+            elif isinstance(event, tw.Stop):
+                raise _CallEnded("caller hung up")
+            elif isinstance(event, tw.Dtmf):
+                self.dtmf_digits.append(event.digit)
+                self._metrics.dtmf.inc()
+                log.info("dtmf digit %s", event.digit)
+            elif isinstance(event, tw.Malformed):
+                self._protocol_error(event.reason)
+            elif isinstance(event, tw.Unknown):
+                log.debug("ignoring unknown twilio event %r", event.name)
+            else:
+                self._protocol_error(f"unexpected {_describe(event)} after 'start'")
+
+    def _caller_audio(self, media: tw.Media) -> None:
+        self.frames_in += 1
+        timeline = self._caller_to_ai.timeline
+        dropped_before, filled_before = timeline.dropped_frames, timeline.filled_bytes
+        for frame in self._caller_to_ai.push(media.timestamp_ms, media.payload):
+            if len(self._to_ai) >= self._to_ai_max:
+                self._to_ai.popleft()  # the AI is not taking audio: keep the newest, count the loss
+                self.dropped_overflow += 1
+                self._metrics.inbound_dropped.labels(reason="overflow").inc()
+            self._to_ai.append(frame)
+        self._to_ai_ready.set()
+        if timeline.dropped_frames != dropped_before:
+            self._metrics.inbound_dropped.labels(reason="late").inc()
+        if timeline.filled_bytes != filled_before:
+            self._metrics.inbound_gap.inc((timeline.filled_bytes - filled_before) / 8000)
+
+    def _protocol_error(self, reason: str) -> None:
+        self.protocol_errors += 1
+        self._metrics.protocol_errors.labels(peer="twilio").inc()
+        if self.protocol_errors <= 3:  # one clear line each for the first few, then only the count
+            log.warning("bad message from twilio: %s", reason)
+
+    async def _send_twilio(self, text: str) -> None:
+        if not self._twilio_open:
+            raise _TwilioGone
+        try:
+            await self._ws.send_text(text)
+        except Exception as exc:  # starlette raises several types once the peer is gone
+            self._twilio_open = False
+            raise _TwilioGone from exc
+
+    async def _close_twilio(self, code: CloseCode, reason: str = "") -> None:
+        if not self._twilio_open:
+            return
+        self._twilio_open = False
+        try:
+            await self._ws.close(code=int(code), reason=reason or None)
+        except Exception:  # already closed underneath us: nothing left to release
+            log.debug("twilio socket was already closed")
+
+    # --- AI side -----------------------------------------------------------------------------------------
+
+    async def _ai_side(self, lease: Lease) -> None:
+        self._savants = await self._connect_ai(lease)
+        self._ai_connected_at = self._clock.monotonic()
+        self._metrics.ai_connect_latency.observe(self._ai_connected_at - self._started_at)
+        log.info("AI session connected", extra={"session_id": self._savants.session_id})
+        async with asyncio.TaskGroup() as tg:
+            tg.create_task(self._ai_sender(self._savants), name="ai-sender")
+            tg.create_task(self._ai_receiver(self._savants), name="ai-receiver")
+
+    async def _connect_ai(self, lease: Lease) -> SavantsConnection:
+        """One token, one connection attempt; each attempt needs its own token (spec §4, §6.7)."""
+        settings = self._deps.settings.savants
+        deadline = self._clock.monotonic() + MAX_TOKEN_WAIT_S
+        while (wait_s := await self._deps.accounting.take_token(lease)) > 0:
+            if self._clock.monotonic() + wait_s > deadline:
+                self._metrics.token_requests.labels(result="NO_BUDGET").inc()
+                raise TokenError(
+                    f"device {lease.device_id} has no token budget for {wait_s:.1f} s", code="NO_BUDGET"
+                )
+            await self._clock.sleep_until(self._clock.monotonic() + wait_s)
+        try:
+            token = await self._deps.tokens.fetch(lease.device_id)
+        except TokenError as exc:
+            self._metrics.token_requests.labels(result=exc.code).inc()
+            if exc.status == 429:
+                await self._deps.accounting.exhaust(lease.device_id, exc.retry_after_s or 60.0)
+            raise
+        self._metrics.token_requests.labels(result="OK").inc()
+        return await self._deps.connect(settings.voice_stream_url, token, settings.connect_timeout_s)
+
+    async def _ai_sender(self, conn: SavantsConnection) -> None:
+        while True:
+            await self._to_ai_ready.wait()
+            while self._to_ai:
+                await conn.send_audio(self._to_ai.popleft())
+                self.frames_to_ai += 1
+            self._to_ai_ready.clear()
+
+    async def _ai_receiver(self, conn: SavantsConnection) -> None:
+        while True:
+            try:
+                event = await conn.receive()
+            except SessionError as exc:
+                if exc.code == "PROTOCOL":
+                    self._metrics.protocol_errors.labels(peer="savants").inc()
+                raise
+            if event is None:
+                raise _CallEnded("AI closed the session")
+            if isinstance(event, Audio):
+                self.ai_bytes += len(event.pcm)
+                ulaw = self._ai_to_caller.push(event.pcm)
+                if ulaw:
+                    self._outbound.append(ulaw)
+                    self._outbound_ready.set()
+
+    # --- pacing out to Twilio ----------------------------------------------------------------------------
+
+    async def _pacer_pump(self) -> None:
+        while True:
+            if self._outbound.frames == 0:
+                self._outbound_ready.clear()
+                await self._outbound_ready.wait()
+                continue
+            now = self._clock.monotonic()
+            due = self._pacer.frames_due(now, self._outbound.frames)
+            if due:
+                await self._send_audio(self._outbound.take(due))
+            await self._clock.sleep_until(self._pacer.next_due(self._clock.monotonic()))
+
+    async def _send_audio(self, ulaw: bytes) -> None:
+        await self._send_twilio(tw.media_message(self.stream_sid, ulaw))
+        ms = len(ulaw) // TWILIO_FRAME_BYTES * FRAME_MS
+        self.playback.audio_sent(ms)
+        if self._first_audio_at is None:
+            self._first_audio_at = self._clock.monotonic()
+            self._metrics.first_audio_latency.observe(self._first_audio_at - self._started_at)
+        self._unmarked_ms += ms
+        if self._unmarked_ms >= self._mark_every_ms or self._outbound.frames == 0:
+            self._unmarked_ms = 0
+            await self._send_twilio(tw.mark_message(self.stream_sid, self.playback.mark_sent()))
+
+
+async def handle_media_stream(ws: TwilioSocket, deps: CallDeps) -> None:
+    await Call(ws, deps).run()
+
+
+E = TypeVar("E", bound=BaseException)
+
+
+def _first(group: BaseExceptionGroup[E], kind: type[E]) -> E:
+    leaf: BaseException = group
+    while isinstance(leaf, BaseExceptionGroup):
+        leaf = leaf.exceptions[0]
+    assert isinstance(leaf, kind)
+    return leaf
+
+
+def _since(at: float | None, origin: float) -> float | None:
+    return None if at is None else round(at - origin, 3)
+
+
+def _describe(event: object) -> str:
+    if isinstance(event, tw.Malformed):
+        return f"a malformed message ({event.reason})"
+    if isinstance(event, tw.Unknown):
+        return f"unknown event {event.name!r}"
+    return f"'{type(event).__name__.lower()}'"

@@ -1,0 +1,193 @@
+"""``telephony-bridge``: argv -> settings -> one run function per subcommand."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+from collections.abc import Sequence
+
+import uvicorn
+
+from telephony_bridge import __version__
+from telephony_bridge.errors import BridgeError, ConfigError
+from telephony_bridge.ops import logging as oplog
+from telephony_bridge.serving import ServerThread, bind_socket, uvicorn_config
+from telephony_bridge.settings import Settings, load_settings
+
+log = logging.getLogger("telephony_bridge")
+
+DEV_API_KEY = "dev-key"
+DEV_DEVICE_IDS = ("emulator-device-1", "emulator-device-2")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.run(args) or 0)
+    except ConfigError as exc:
+        print(f"telephony-bridge: configuration error: {exc}", file=sys.stderr)
+        return 2
+    except BridgeError as exc:
+        print(f"telephony-bridge: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+def _parser() -> argparse.ArgumentParser:
+    fmt = argparse.ArgumentDefaultsHelpFormatter
+    parser = argparse.ArgumentParser(prog="telephony-bridge", description=__doc__, formatter_class=fmt)
+    parser.add_argument("--version", action="version", version=__version__)
+    sub = parser.add_subparsers(required=True, metavar="COMMAND")
+
+    serve = sub.add_parser("serve", help="run the bridge", formatter_class=fmt)
+    serve.add_argument("--config", help="YAML configuration (default: $BRIDGE_CONFIG, else built-in defaults)")
+    serve.add_argument("--host", help="listen address (overrides HOST / server.host)")
+    serve.add_argument("--port", type=int, help="listen port (overrides PORT / server.port)")
+    serve.add_argument(
+        "--dev-voice",
+        default="echo",
+        choices=["echo", "tone", "talker"],
+        help="voice of the embedded emulator in dev mode",
+    )
+    serve.set_defaults(run=run_serve)
+
+    emulator = sub.add_parser("emulator", help="run a local Savants Voice API emulator", formatter_class=fmt)
+    emulator.add_argument("--host", default="127.0.0.1")
+    emulator.add_argument("--port", type=int, default=9100)
+    emulator.add_argument("--voice", default="echo", choices=["echo", "tone", "file", "talker"])
+    emulator.add_argument("--api-key", default=DEV_API_KEY, help="the device API key clients must send")
+    emulator.add_argument("--tone-hz", type=float, default=440.0, help="frequency of the 'tone' voice")
+    emulator.add_argument("--wav", help="16 kHz mono 16-bit WAV played by the 'file' voice")
+    emulator.add_argument("--echo-delay", type=float, default=0.2, help="seconds the 'echo' voice waits")
+    emulator.add_argument("--talker-reply", type=float, default=3.0, help="seconds the 'talker' voice speaks")
+    emulator.add_argument(
+        "--connected-type",
+        default="savant_voice_connected",
+        choices=["savant_voice_connected", "vapi_connected"],
+        help="confirmation message type (the docs use both)",
+    )
+    emulator.add_argument("--log-level", default="INFO")
+    emulator.set_defaults(run=run_emulator)
+
+    call = sub.add_parser("call", help="act as Twilio for one call against a bridge", formatter_class=fmt)
+    call.add_argument("--url", default="ws://127.0.0.1:8080/media-stream", help="the bridge's media stream URL")
+    call.add_argument("--wav", help="what the caller says: mono 16-bit WAV at 8 or 16 kHz (default: silence)")
+    call.add_argument("--out", help="write what the caller heard to this WAV (8 kHz)")
+    call.add_argument("--seconds", type=float, default=5.0, help="hang up after this long")
+    call.set_defaults(run=run_call)
+    return parser
+
+
+# --- serve -------------------------------------------------------------------------------------------------
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    overrides = {k: v for k, v in (("server.host", args.host), ("server.port", args.port)) if v is not None}
+    settings = load_settings(args.config, **overrides)
+    oplog.configure(settings.logging.level, settings.logging.format)
+    emulator: ServerThread | None = None
+    if settings.dev_mode:
+        emulator = _start_dev_emulator(args.dev_voice)
+        settings = _dev_settings(settings, emulator.http_url)
+        log.warning(
+            "dev mode: SAVANTS_BASE_URL is not set, so the bridge talks to the embedded Savants emulator "
+            "at %s (voice %r); set SAVANTS_BASE_URL, SAVANTS_API_KEY and SAVANTS_DEVICE_IDS for production",
+            emulator.http_url,
+            args.dev_voice,
+        )
+    else:
+        _require_production_settings(settings)
+    try:
+        asyncio.run(_serve_bridge(settings))
+    finally:
+        if emulator is not None:
+            emulator.stop()
+    return 0
+
+
+async def _serve_bridge(settings: Settings) -> None:
+    from telephony_bridge.app import create_app
+
+    sock = bind_socket(settings.server.host, settings.server.port)
+    config = uvicorn_config(
+        create_app(settings), timeout_graceful_shutdown=int(settings.server.drain_timeout_s) or None
+    )
+    log.info("bridge listening on %s:%d", settings.server.host, sock.getsockname()[1])
+    await uvicorn.Server(config).serve(sockets=[sock])
+
+
+def _start_dev_emulator(voice: str) -> ServerThread:
+    from telephony_bridge.tools.emulator import EmulatorConfig, create_emulator_app
+
+    server = ServerThread(create_emulator_app(EmulatorConfig(api_key=DEV_API_KEY, voice=voice)))  # type: ignore[arg-type]
+    server.start()
+    return server
+
+
+def _dev_settings(settings: Settings, emulator_url: str) -> Settings:
+    """Point the Savants side at the embedded emulator, keeping anything the user did configure."""
+    savants = settings.savants
+    return load_settings(
+        env={},
+        **{
+            **_flatten(settings),
+            "savants.base_url": emulator_url,
+            "savants.api_key": savants.api_key.get_secret_value() or DEV_API_KEY,
+            "savants.device_ids": list(savants.device_ids or DEV_DEVICE_IDS),
+            "embedded_emulator": True,
+        },
+    )
+
+
+def _flatten(settings: Settings) -> dict[str, object]:
+    """Settings as dotted keys with secrets revealed, to rebuild a validated copy."""
+    out: dict[str, object] = {}
+    for section, value in settings:
+        if hasattr(value, "model_fields"):
+            for key, item in value:
+                out[f"{section}.{key}"] = item.get_secret_value() if hasattr(item, "get_secret_value") else item
+        else:
+            out[section] = value
+    return out
+
+
+def _require_production_settings(settings: Settings) -> None:
+    if not settings.savants.api_key.get_secret_value():
+        raise ConfigError("config key 'savants.api_key' (environment variable SAVANTS_API_KEY) must be set")
+    if not settings.savants.device_ids:
+        raise ConfigError("config key 'savants.device_ids' (environment variable SAVANTS_DEVICE_IDS) must be set")
+
+
+# --- emulator ----------------------------------------------------------------------------------------------
+
+
+def run_emulator(args: argparse.Namespace) -> int:
+    from telephony_bridge.tools.emulator import EmulatorConfig, create_emulator_app
+
+    oplog.configure(args.log_level.upper())
+    config = EmulatorConfig(
+        api_key=args.api_key,
+        voice=args.voice,
+        tone_hz=args.tone_hz,
+        wav_path=args.wav,
+        echo_delay_s=args.echo_delay,
+        talker_reply_s=args.talker_reply,
+        connected_type=args.connected_type,
+    )
+    log.info("Savants emulator on http://%s:%d (voice %r)", args.host, args.port, args.voice)
+    uvicorn.Server(uvicorn_config(create_emulator_app(config), host=args.host, port=args.port)).run()
+    return 0
+
+
+# --- call --------------------------------------------------------------------------------------------------
+
+
+def run_call(args: argparse.Namespace) -> int:
+    from telephony_bridge.tools.caller import call_command
+
+    oplog.configure("WARNING")
+    return asyncio.run(call_command(args.url, args.wav, args.out, args.seconds))

@@ -1,0 +1,97 @@
+"""Logging: JSON lines off a terminal, and call context on every record.
+
+``call_context`` binds ``call_sid``, ``stream_sid`` and ``device_id`` in contextvars; a filter copies them onto
+every record logged inside the call's tasks, so no log call has to repeat them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import datetime
+import logging
+import sys
+from collections.abc import Iterator, Mapping
+from types import MappingProxyType
+from typing import Any
+
+import orjson
+
+CONTEXT_FIELDS = ("call_sid", "stream_sid", "device_id")
+_context: contextvars.ContextVar[Mapping[str, str]] = contextvars.ContextVar(
+    "call_context", default=MappingProxyType({})
+)
+
+
+def bind(**fields: str | None) -> None:
+    """Add fields to the current task's call context (children inherit it)."""
+    merged = dict(_context.get())
+    merged.update({k: v for k, v in fields.items() if v})
+    _context.set(merged)
+
+
+@contextlib.contextmanager
+def call_context(**fields: str | None) -> Iterator[None]:
+    token = _context.set({k: v for k, v in fields.items() if v})
+    try:
+        yield
+    finally:
+        _context.reset(token)
+
+
+def current_context() -> dict[str, str]:
+    return dict(_context.get())
+
+
+class ContextFilter(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        for key, value in _context.get().items():
+            if not hasattr(record, key):
+                setattr(record, key, value)
+        return True
+
+
+_RESERVED = set(logging.makeLogRecord({}).__dict__) | {"message", "asctime"}
+
+
+class JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        out: dict[str, Any] = {
+            "ts": datetime.datetime.fromtimestamp(record.created, datetime.UTC).isoformat(timespec="milliseconds"),
+            "level": record.levelname,
+            "logger": record.name,
+            "msg": record.getMessage(),
+        }
+        for key, value in record.__dict__.items():
+            if key not in _RESERVED and not key.startswith("_"):
+                out[key] = value
+        if record.exc_info:
+            out["exc"] = self.formatException(record.exc_info)
+        return orjson.dumps(out, default=str).decode()
+
+
+class TextFormatter(logging.Formatter):
+    def __init__(self) -> None:
+        super().__init__("%(asctime)s %(levelname)-7s %(name)s: %(message)s")
+
+    def format(self, record: logging.LogRecord) -> str:
+        line = super().format(record)
+        extra = {k: v for k, v in record.__dict__.items() if k not in _RESERVED and not k.startswith("_")}
+        if extra:
+            line += " " + " ".join(f"{k}={v}" for k, v in extra.items())
+        return line
+
+
+def configure(level: str = "INFO", fmt: str = "auto", stream: Any = None) -> None:
+    """Configure the root logger once (called from the CLI only)."""
+    stream = stream or sys.stderr
+    if fmt == "auto":
+        fmt = "text" if stream.isatty() else "json"
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
+    handler.addFilter(ContextFilter())
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level)
+    for noisy in ("httpx", "httpcore", "websockets", "uvicorn.access"):
+        logging.getLogger(noisy).setLevel(max(logging.WARNING, root.level))

@@ -1,0 +1,59 @@
+"""Prometheus metrics: one registry per app (no module-level singletons), ``bridge_`` prefix, base units,
+low-cardinality labels only (never a call SID)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+_LATENCY_BUCKETS = (0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = r = CollectorRegistry()
+        self.calls_active = Gauge("bridge_calls_active", "Calls currently bridged", registry=r)
+        self.calls = Counter("bridge_calls_total", "Calls ended, by outcome", ["outcome"], registry=r)
+        self.call_duration = Histogram(
+            "bridge_call_duration_seconds",
+            "Length of bridged calls",
+            buckets=(1, 5, 15, 30, 60, 120, 300, 600, 1800, 3600),
+            registry=r,
+        )
+        self.ai_connect_latency = Histogram(
+            "bridge_ai_connect_seconds",
+            "From Twilio 'start' to the Savants session confirmed",
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.first_audio_latency = Histogram(
+            "bridge_first_ai_audio_seconds",
+            "From Twilio 'start' to the first AI audio sent to Twilio",
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.token_requests = Counter(
+            "bridge_token_requests_total", "Savants token requests, by result code", ["result"], registry=r
+        )
+        self.protocol_errors = Counter(
+            "bridge_protocol_errors_total", "Malformed messages received, by peer", ["peer"], registry=r
+        )
+        self.inbound_dropped = Counter(
+            "bridge_inbound_frames_dropped_total",
+            "Caller frames dropped: late/duplicate, or over the pre-connect buffer",
+            ["reason"],
+            registry=r,
+        )
+        self.inbound_gap = Counter(
+            "bridge_inbound_gap_fill_seconds_total", "Silence inserted for missing caller audio", registry=r
+        )
+        self.audio_seconds = Counter(
+            "bridge_audio_seconds_total", "Audio carried, by direction", ["direction"], registry=r
+        )
+        self.dtmf = Counter("bridge_dtmf_total", "DTMF digits received", registry=r)
+        self.barge_ins = Counter("bridge_barge_in_total", "Caller interruptions of the AI", registry=r)
+        self.admission_refused = Counter(
+            "bridge_admission_refused_total", "Calls refused because no device could take them", ["where"], registry=r
+        )
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
