@@ -1,0 +1,85 @@
+"""Settings: defaults, YAML, environment overrides, one-sentence errors, secrets hidden."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from telephony_bridge.errors import ConfigError
+from telephony_bridge.settings import ENVIRONMENT, load_settings
+
+ROOT = Path(__file__).parent.parent
+
+
+def test_settings_with_nothing_configured_are_dev_mode() -> None:
+    settings = load_settings(env={})
+    assert settings.dev_mode
+    assert settings.server.port == 8080
+
+
+def test_settings_shipped_config_yaml_loads_and_documents_every_env_var() -> None:
+    text = (ROOT / "config.yaml").read_text()
+    settings = load_settings(ROOT / "config.yaml", env={})
+    assert settings == load_settings(env={})  # the file documents the defaults
+    for var in ENVIRONMENT:
+        assert var in text, f"config.yaml does not mention {var}"
+
+
+def test_settings_environment_overrides_yaml(tmp_path: Path) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text("server:\n  port: 9000\nsavants:\n  base_url: https://a.example\n")
+    settings = load_settings(
+        path, env={"PORT": "9100", "SAVANTS_DEVICE_IDS": "dev-a, dev-b", "SAVANTS_API_KEY": "sk_live_x"}
+    )
+    assert settings.server.port == 9100
+    assert settings.savants.device_ids == ("dev-a", "dev-b")
+    assert settings.savants.voice_stream_url == "wss://a.example/voice-stream"
+    assert not settings.dev_mode
+
+
+def test_settings_bridge_config_env_names_the_file(tmp_path: Path) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text("server:\n  port: 9001\n")
+    assert load_settings(env={"BRIDGE_CONFIG": str(path)}).server.port == 9001
+
+
+def test_settings_ws_url_derivation_and_override() -> None:
+    assert load_settings(env={"SAVANTS_BASE_URL": "http://h:1"}).savants.voice_stream_url == "ws://h:1/voice-stream"
+    env = {"SAVANTS_BASE_URL": "http://h:1", "SAVANTS_WS_URL": "wss://other/vs"}
+    assert load_settings(env=env).savants.voice_stream_url == "wss://other/vs"
+
+
+@pytest.mark.parametrize(
+    ("env", "expected"),
+    [
+        ({"PORT": "eighty"}, "config key 'server.port' (environment variable PORT) has value 'eighty'"),
+        ({"SAVANTS_BASE_URL": "ftp://x"}, "expected an absolute https:// or http:// URL"),
+        ({"SAVANTS_WS_URL": "https://x"}, "expected an absolute wss:// or ws:// URL"),
+        ({"REDIS_URL": "localhost:6379"}, "config key 'redis_url' (environment variable REDIS_URL)"),
+        ({"SAVANTS_DEVICE_IDS": "a,a"}, "expected distinct device ids"),
+    ],
+)
+def test_settings_wrong_value_is_one_sentence_naming_the_key(env: dict[str, str], expected: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_settings(env=env)
+    assert expected in str(info.value)
+    assert "\n" not in str(info.value)
+
+
+def test_settings_unknown_key_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text("server:\n  prot: 1\n")
+    with pytest.raises(ConfigError, match="'server.prot' is not a setting"):
+        load_settings(path, env={})
+
+
+def test_settings_missing_file_is_a_config_error(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_settings(tmp_path / "absent.yaml", env={})
+
+
+def test_settings_secrets_never_show_in_repr_or_errors() -> None:
+    settings = load_settings(env={"SAVANTS_API_KEY": "sk_live_secret", "TWILIO_AUTH_TOKEN": "tw_secret"})
+    assert "sk_live_secret" not in repr(settings) and "tw_secret" not in repr(settings)
+    assert settings.savants.api_key.get_secret_value() == "sk_live_secret"

@@ -1,0 +1,125 @@
+"""Twilio Media Streams messages: literal samples in, values out; no event loop."""
+
+from __future__ import annotations
+
+import base64
+from pathlib import Path
+
+import orjson
+import pytest
+
+from telephony_bridge.twilio import protocol as tw
+
+DATA = Path(__file__).parent / "data" / "twilio"
+SID = "MZ0123456789abcdef0123456789abcdef"
+
+
+def sample(name: str) -> str:
+    return (DATA / f"{name}.json").read_text().strip()
+
+
+def test_parse_connected_sample() -> None:
+    assert tw.parse_message(sample("connected")) == tw.Connected("Call", "1.0.0")
+
+
+def test_parse_start_sample() -> None:
+    assert tw.parse_message(sample("start")) == tw.Start(
+        stream_sid=SID,
+        call_sid="CA0123456789abcdef0123456789abcdef",
+        account_sid="AC0123456789abcdef0123456789abcdef",
+        sequence_number=1,
+        tracks=("inbound",),
+        custom_parameters={"token": "tok_abc", "from": "+15551230000"},
+    )
+
+
+def test_parse_media_sample_decodes_base64_once() -> None:
+    event = tw.parse_message(sample("media"))
+    assert event == tw.Media(
+        stream_sid=SID, payload=bytes([0xFF] * 80 + [0x00] * 80), timestamp_ms=20, chunk=2, sequence_number=3
+    )
+
+
+def test_parse_dtmf_mark_stop_samples() -> None:
+    assert tw.parse_message(sample("dtmf")) == tw.Dtmf(SID, "1", 5)
+    assert tw.parse_message(sample("mark")) == tw.Mark(SID, "m1", 4)
+    assert tw.parse_message(sample("stop")) == tw.Stop(
+        SID, "CA0123456789abcdef0123456789abcdef", "AC0123456789abcdef0123456789abcdef", 6
+    )
+
+
+@pytest.mark.parametrize("name", ["connected", "start", "media", "dtmf", "mark", "stop"])
+def test_inbound_messages_serialise_as_twilio_writes_them(name: str) -> None:
+    event = tw.parse_message(sample(name))
+    assert orjson.loads(event.to_json()) == orjson.loads(sample(name))  # type: ignore[union-attr]
+
+
+def test_parse_accepts_numbers_where_twilio_sends_strings() -> None:
+    msg = orjson.loads(sample("media"))
+    msg["sequenceNumber"], msg["media"]["timestamp"], msg["media"]["chunk"] = 3, 20, 2
+    assert tw.parse_message(orjson.dumps(msg)) == tw.parse_message(sample("media"))
+
+
+@pytest.mark.parametrize(
+    ("text", "reason_part"),
+    [
+        ("not json", "expected a JSON object"),
+        ("[1, 2]", "expected a JSON object, got list"),
+        ('{"no": "event"}', "string 'event'"),
+        ('{"event": "media", "streamSid": "MZ", "media": {"payload": "@@@"}}', "not valid base64"),
+        ('{"event": "media", "streamSid": "MZ"}', "expected an object 'media'"),
+        ('{"event": "start", "start": {"streamSid": "MZ"}}', "'callSid'"),
+        ('{"event": "media", "streamSid": "MZ", "media": {"payload": "", "timestamp": "x"}}', "'timestamp'"),
+        ('{"event": "mark", "streamSid": "MZ", "mark": {}}', "'name'"),
+    ],
+)
+def test_parse_garbage_is_a_value_not_an_exception(text: str, reason_part: str) -> None:
+    event = tw.parse_message(text)
+    assert isinstance(event, tw.Malformed)
+    assert reason_part in event.reason
+
+
+def test_parse_unknown_event_is_a_value() -> None:
+    assert tw.parse_message('{"event": "hologram"}') == tw.Unknown("hologram")
+
+
+def test_outbound_media_has_exactly_the_documented_fields() -> None:
+    text = tw.media_message(SID, b"\xff" * 160)
+    assert orjson.loads(text) == {
+        "event": "media",
+        "streamSid": SID,
+        "media": {"payload": base64.b64encode(b"\xff" * 160).decode()},
+    }
+
+
+def test_outbound_mark_and_clear_have_exactly_the_documented_fields() -> None:
+    assert orjson.loads(tw.mark_message(SID, "m7")) == {"event": "mark", "streamSid": SID, "mark": {"name": "m7"}}
+    assert orjson.loads(tw.clear_message(SID)) == {"event": "clear", "streamSid": SID}
+
+
+def test_parse_outbound_round_trips_what_the_bridge_sends() -> None:
+    assert tw.parse_outbound(tw.media_message(SID, b"\x01\x02"), SID) == tw.OutMedia(b"\x01\x02")
+    assert tw.parse_outbound(tw.mark_message(SID, "m1"), SID) == tw.OutMark("m1")
+    assert tw.parse_outbound(tw.clear_message(SID), SID) == tw.OutClear()
+
+
+@pytest.mark.parametrize(
+    "message",
+    [
+        {"event": "media", "streamSid": SID, "media": {"payload": "AA==", "track": "outbound"}},
+        {"event": "media", "streamSid": SID, "media": {"payload": "AA=="}, "sequenceNumber": "1"},
+        {"event": "media", "streamSid": "MZother", "media": {"payload": "AA=="}},
+        {"event": "mark", "streamSid": SID},
+        {"event": "dtmf", "streamSid": SID},
+    ],
+)
+def test_parse_outbound_flags_what_twilio_rejects_as_31951(message: dict[str, object]) -> None:
+    event = tw.parse_outbound(orjson.dumps(message).decode(), SID)
+    assert isinstance(event, tw.Malformed)
+    assert "31951" in event.reason
+
+
+def test_parse_outbound_flags_binary_frames_as_31950() -> None:
+    event = tw.parse_outbound(b"\x00\x01", SID)
+    assert isinstance(event, tw.Malformed)
+    assert "31950" in event.reason
