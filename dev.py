@@ -1,0 +1,55 @@
+#!/usr/bin/env python3
+"""One-step set-up and run: ``python3 dev.py serve`` or ``python3 dev.py test``.
+
+On first use (and whenever pyproject.toml changes) it creates ``.venv`` beside this file and installs the
+package with its test extras into it; then it runs the bridge's CLI or pytest inside that environment.
+Needs nothing but Python 3.11 or newer.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+import sys
+import venv
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent
+VENV = ROOT / ".venv"
+BIN = VENV / ("Scripts" if os.name == "nt" else "bin")
+STAMP = VENV / ".installed-from"
+
+
+def ensure_environment() -> None:
+    if sys.version_info < (3, 11):
+        sys.exit(f"telephony-bridge needs Python 3.11 or newer; this is {sys.version.split()[0]}")
+    wanted = hashlib.sha256((ROOT / "pyproject.toml").read_bytes()).hexdigest()
+    if STAMP.exists() and STAMP.read_text() == wanted:
+        return
+    if not (BIN / "python").exists():
+        print(f"dev.py: creating {VENV}", file=sys.stderr)
+        venv.EnvBuilder(with_pip=True).create(VENV)
+    print("dev.py: installing telephony-bridge and its test extras", file=sys.stderr)
+    pip = [str(BIN / "python"), "-m", "pip", "--disable-pip-version-check", "-q"]
+    subprocess.run([*pip, "install", "--upgrade", "pip"], check=True)
+    subprocess.run([*pip, "install", "-e", f"{ROOT}[test]"], check=True)
+    STAMP.write_text(wanted)
+
+
+def main(argv: list[str]) -> int:
+    if not argv or argv[0] in {"-h", "--help"}:
+        print(__doc__.strip())
+        print("\nAny other first word is passed to the CLI: python3 dev.py call --help")
+        return 0
+    ensure_environment()
+    if argv[0] == "test":
+        command = [str(BIN / "python"), "-m", "pytest", *argv[1:]]
+    else:
+        command = [str(BIN / "telephony-bridge"), *argv]
+    os.chdir(ROOT)
+    return subprocess.call(command)
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,57 @@
+"""The core call path on real sockets: simulated Twilio caller -> bridge (uvicorn) -> emulator (echo) -> back."""
+
+from __future__ import annotations
+
+import httpx
+import numpy as np
+
+from telephony_bridge.serving import ServerThread
+from telephony_bridge.tools.caller import CallConfig, run_call
+from tests.conftest import emulator_stats, wait_until
+
+
+def speech_band_noise(seconds: float = 2.0, level_dbfs: float = -20.0) -> np.ndarray:
+    """Seeded noise limited to 300-3400 Hz in 250 ms bursts: one unambiguous cross-correlation peak."""
+    rate = 8000
+    rng = np.random.default_rng(7)
+    spectrum = np.fft.rfft(rng.standard_normal(int(seconds * rate)))
+    freqs = np.fft.rfftfreq(int(seconds * rate), 1 / rate)
+    spectrum[(freqs < 300) | (freqs > 3400)] = 0
+    signal = np.fft.irfft(spectrum)
+    signal *= (np.arange(signal.size) // 2000) % 2 == 0  # bursts and pauses, like syllables
+    rms = np.sqrt(np.mean(signal**2))
+    return (signal / rms * 32767 * 10 ** (level_dbfs / 20)).astype(np.int16)
+
+
+async def test_end_to_end_echo_comes_back_recognisably(emulator: ServerThread, bridge: ServerThread) -> None:
+    said = speech_band_noise()
+    result = await run_call(CallConfig(url=bridge.ws_url + "/media-stream", audio_in=said, seconds=3.5))
+
+    assert result.violations == []
+    assert result.ended_by == "caller"
+    heard = result.heard.astype(float)
+    x = said.astype(float)
+    corr = np.correlate(heard, x, mode="valid")
+    lag = int(np.argmax(corr))
+    aligned = heard[lag : lag + x.size]
+    normalised = corr[lag] / (np.linalg.norm(x) * np.linalg.norm(aligned))
+    level_db = 20 * np.log10(np.sqrt(np.mean(aligned**2)) / np.sqrt(np.mean(x**2)))
+    assert normalised > 0.9, f"echo does not resemble what was said (correlation {normalised:.3f})"
+    assert abs(level_db) < 3, f"echo level off by {level_db:.1f} dB"
+    assert 0.2 <= lag / 8000 < 1.5, f"echo arrived after {lag / 8000:.3f} s"
+
+
+async def test_end_to_end_hang_up_closes_the_ai_session_and_frees_the_call(
+    emulator: ServerThread, bridge: ServerThread
+) -> None:
+    result = await run_call(CallConfig(url=bridge.ws_url + "/media-stream", seconds=1.0))
+    assert result.ended_by == "caller"
+    wait_until(lambda: emulator_stats(emulator)["sessions_active"] == 0, what="the Savants session to close")
+    wait_until(
+        lambda: httpx.get(bridge.http_url + "/status", timeout=5).json()["calls"] == [], what="the call to end"
+    )
+    status = httpx.get(bridge.http_url + "/status", timeout=5).json()
+    assert all(device["leases"] == 0 for device in status["accounting"]["devices"].values())
+    stats = emulator_stats(emulator)
+    assert stats["sessions_opened"] == 1
+    assert stats["violations"] == []
