@@ -99,6 +99,9 @@ class Call:
         self._outbound = FrameBuffer()
         self._outbound_ready = asyncio.Event()
         self._pacer = OutboundPacer(audio.outbound_lead_ms / 1000, FRAME_S)
+        self._prebuffer_s = audio.playout_prebuffer_ms / 1000
+        self._prebuffer_frames = max(1, audio.playout_prebuffer_ms // FRAME_MS)
+        self._queued_since = 0.0
         self._mark_every_ms = audio.mark_interval_ms
         self._unmarked_ms = 0
         self.playback = PlaybackTracker()
@@ -356,22 +359,53 @@ class Call:
                 self.ai_bytes += len(event.pcm)
                 ulaw = self._ai_to_caller.push(event.pcm)
                 if ulaw:
+                    if not len(self._outbound):
+                        self._queued_since = self._clock.monotonic()
                     self._outbound.append(ulaw)
                     self._outbound_ready.set()
 
     # --- pacing out to Twilio ----------------------------------------------------------------------------
 
     async def _pacer_pump(self) -> None:
+        """Hand AI audio to Twilio from the clock, at most ``outbound_lead_ms`` ahead of real time.
+
+        When Twilio's buffer is empty a new talk spurt begins; its first frames wait up to
+        ``playout_prebuffer_ms`` for company, so that network jitter does not open a gap after the first
+        frame. A trailing partial frame is padded with silence once nothing more has come.
+        """
         while True:
-            if self._outbound.frames == 0:
-                self._outbound_ready.clear()
-                await self._outbound_ready.wait()
-                continue
             now = self._clock.monotonic()
-            due = self._pacer.frames_due(now, self._outbound.frames)
+            frames = self._outbound.frames
+            idle = self._pacer.lead(now) == 0
+            gathering = now < self._queued_since + self._prebuffer_s
+            if frames == 0 and len(self._outbound) and idle and not gathering:
+                self._outbound.pad_to_frame()
+                continue
+            if frames == 0 or (idle and frames < self._prebuffer_frames and gathering):
+                deadline = self._queued_since + self._prebuffer_s if len(self._outbound) else None
+                if deadline is not None and not gathering:
+                    deadline = now + self._pacer.lead(now)
+                await self._wait_for_audio(deadline)
+                continue
+            due = self._pacer.frames_due(now, frames)
             if due:
                 await self._send_audio(self._outbound.take(due))
-            await self._clock.sleep_until(self._pacer.next_due(self._clock.monotonic()))
+            if self._outbound.frames:
+                await self._clock.sleep_until(self._pacer.next_due(self._clock.monotonic()))
+
+    async def _wait_for_audio(self, deadline: float | None) -> None:
+        """Until more AI audio is queued, or the clock reaches ``deadline``."""
+        self._outbound_ready.clear()
+        if deadline is None:
+            await self._outbound_ready.wait()
+            return
+        waiter = asyncio.ensure_future(self._outbound_ready.wait())
+        sleeper = asyncio.ensure_future(self._clock.sleep_until(deadline))
+        try:
+            await asyncio.wait({waiter, sleeper}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            waiter.cancel()
+            sleeper.cancel()
 
     async def _send_audio(self, ulaw: bytes) -> None:
         await self._send_twilio(tw.media_message(self.stream_sid, ulaw))

@@ -8,7 +8,13 @@ from __future__ import annotations
 
 import numpy as np
 
-from telephony_bridge.audio.codec import SAVANTS_FRAME_BYTES, TWILIO_FRAME_BYTES, pcm16_to_ulaw, ulaw_to_pcm16
+from telephony_bridge.audio.codec import (
+    SAVANTS_FRAME_BYTES,
+    TWILIO_FRAME_BYTES,
+    ULAW_SILENCE,
+    pcm16_to_ulaw,
+    ulaw_to_pcm16,
+)
 from telephony_bridge.audio.resample import Downsampler2x, Upsampler2x
 from telephony_bridge.audio.timeline import InboundTimeline
 
@@ -63,6 +69,12 @@ class FrameBuffer:
         out = bytes(self._data[:n])
         del self._data[:n]
         return out
+
+    def pad_to_frame(self) -> None:
+        """Complete a trailing partial frame with μ-law silence, so it can be sent."""
+        partial = len(self._data) % TWILIO_FRAME_BYTES
+        if partial:
+            self._data += bytes([ULAW_SILENCE]) * (TWILIO_FRAME_BYTES - partial)
 
     def clear(self) -> int:
         """Drop everything queued; returns the bytes dropped."""
