@@ -1,0 +1,1 @@
+"""Tools around the bridge: a simulated caller, a load generator and the embedded Savants emulator."""

@@ -1,0 +1,78 @@
+"""What an emulator instance does, fixed at start-up and checked once so a typo fails before any call."""
+
+from __future__ import annotations
+
+import math
+import secrets
+from dataclasses import dataclass, field
+from typing import Literal, get_args
+
+from telephony_bridge.errors import ConfigError
+
+VoiceName = Literal["echo", "tone", "file", "talker"]
+ConnectedType = Literal["savant_voice_connected", "vapi_connected"]
+
+VOICES: tuple[str, ...] = get_args(VoiceName)
+# Spec §11.1: the docs use both strings; the prose and schema use the first.
+CONNECTED_TYPES: tuple[str, ...] = get_args(ConnectedType)
+# PyJWT warns below this for HS256 (RFC 7518 §3.2 asks for a key at least as long as the hash).
+MIN_JWT_SECRET_BYTES = 32
+
+
+def _random_secret() -> str:
+    return secrets.token_urlsafe(MIN_JWT_SECRET_BYTES)
+
+
+@dataclass(frozen=True)
+class EmulatorConfig:
+    """Settings of one emulator; secrets stay out of ``repr`` so a logged config leaks nothing."""
+
+    api_key: str = field(default="dev-key", repr=False)
+    device_ids: frozenset[str] | None = None  # None: any non-empty device id is accepted
+    inactive_device_ids: frozenset[str] = frozenset()
+    voice: VoiceName = "echo"
+    echo_delay_s: float = 0.2
+    tone_hz: float = 440.0
+    tone_dbfs: float = -12
+    wav_path: str | None = None
+    talker_reply_s: float = 3.0
+    connected_type: str = "savant_voice_connected"
+    token_ttl_s: float = 60
+    auth_timeout_s: float = 30
+    max_token_requests: int = 60  # per device, rolling 60 s
+    max_concurrent: int = 10  # open authenticated sockets per device
+    token_failure: int | None = None  # force the token endpoint to answer this 5xx status
+    jwt_secret: str = field(default_factory=_random_secret, repr=False)
+
+    def __post_init__(self) -> None:
+        if not self.api_key:
+            raise ConfigError("emulator api_key must be a non-empty string")
+        if self.voice not in VOICES:
+            raise ConfigError(f"emulator voice is {self.voice!r}; allowed: {', '.join(VOICES)}")
+        if self.voice == "file" and not self.wav_path:
+            raise ConfigError("emulator voice 'file' needs wav_path (a 16 kHz mono 16-bit WAV file)")
+        if self.connected_type not in CONNECTED_TYPES:
+            raise ConfigError(
+                f"emulator connected_type is {self.connected_type!r}; allowed: {', '.join(CONNECTED_TYPES)}"
+            )
+        _require(self.echo_delay_s >= 0, "echo_delay_s", self.echo_delay_s, "a number >= 0")
+        _require(0 < self.tone_hz < 8000, "tone_hz", self.tone_hz, "0 < Hz < 8000 (the Nyquist limit)")
+        _require(self.tone_dbfs <= 0, "tone_dbfs", self.tone_dbfs, "a level <= 0 dBFS")
+        _require(self.talker_reply_s > 0, "talker_reply_s", self.talker_reply_s, "a number > 0")
+        _require(self.token_ttl_s > 0, "token_ttl_s", self.token_ttl_s, "a number > 0")
+        _require(self.auth_timeout_s > 0, "auth_timeout_s", self.auth_timeout_s, "a number > 0")
+        _require(self.max_token_requests >= 1, "max_token_requests", self.max_token_requests, "an integer >= 1")
+        _require(self.max_concurrent >= 1, "max_concurrent", self.max_concurrent, "an integer >= 1")
+        _require(
+            self.token_failure is None or 500 <= self.token_failure <= 599,
+            "token_failure",
+            self.token_failure,
+            "None or an HTTP status from 500 to 599",
+        )
+        if len(self.jwt_secret.encode()) < MIN_JWT_SECRET_BYTES:
+            raise ConfigError(f"emulator jwt_secret must be at least {MIN_JWT_SECRET_BYTES} bytes long")
+
+
+def _require(ok: bool, key: str, value: object, allowed: str) -> None:
+    if not ok or (isinstance(value, float) and not math.isfinite(value)):
+        raise ConfigError(f"emulator {key} is {value!r}; allowed: {allowed}")

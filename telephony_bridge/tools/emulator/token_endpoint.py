@@ -1,0 +1,123 @@
+"""``POST /api/websocket-voice/token``: device credentials in, a one-minute JWT out (spec §3).
+
+Order of checks: body (400), rate limit (429), forced fault (5xx), credentials (401), then the token. Every
+well-formed request counts towards the device's 60 a minute whatever its outcome except a 429 (spec §6.7:
+"each token request counts"), so a client that counts its own requests never trips the limit.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import secrets
+from typing import Any
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+
+from telephony_bridge.tools.emulator.limits import retry_after_whole_s
+from telephony_bridge.tools.emulator.protocol import http_error_body, iso_timestamp
+from telephony_bridge.tools.emulator.state import EmulatorState
+from telephony_bridge.tools.emulator.tokens import mint_token
+
+logger = logging.getLogger(__name__)
+
+TOKEN_PATH = "/api/websocket-voice/token"
+NO_CACHE = {"Cache-Control": "no-cache, no-store, must-revalidate"}  # spec §3.2
+REQUIRED_FIELDS = ("apiKey", "deviceId")  # checked in this order, as in the spec's example error
+FORCED_FAILURES = {
+    500: ("CONFIGURATION_ERROR", "Server configuration error. Please contact support."),
+    503: ("SERVICE_UNAVAILABLE", "Service temporarily unavailable. Try again later."),
+}
+OTHER_FAILURE = ("INTERNAL_ERROR", "Internal server error.")
+
+
+class TokenEndpoint:
+    """The token route, bound to one emulator's state."""
+
+    def __init__(self, state: EmulatorState) -> None:
+        self.state = state
+        self.config = state.config
+        self.clock = state.clock
+        # Devices listed as inactive have been so since the emulator started.
+        self.deactivated_at = iso_timestamp(self.clock.wall(), millis=False)
+
+    async def handle(self, request: Request) -> JSONResponse:
+        fields = _parse_body(await request.body())
+        if isinstance(fields, JSONResponse):
+            self.state.record_error("INVALID_REQUEST")
+            return fields
+        api_key, device_id = fields
+
+        wait_s = self.state.token_window.admit(device_id, self.clock.monotonic())
+        if wait_s is not None:
+            self.state.record_violation("token_rate", device_id)
+            retry_after = retry_after_whole_s(wait_s)
+            details = {"retryAfter": retry_after, "limit": self.config.max_token_requests, "window": "1 minute"}
+            logger.warning("token refused: device %s is over its token rate limit", device_id)
+            return self._error(
+                429,
+                "RATE_LIMITED",
+                "Too many requests. Try again later.",
+                details,
+                headers={"Retry-After": str(retry_after)},
+            )
+        if self.config.token_failure is not None:
+            code, message = FORCED_FAILURES.get(self.config.token_failure, OTHER_FAILURE)
+            return self._error(self.config.token_failure, code, message)
+        if not self._credentials_match(api_key, device_id):
+            return self._error(401, "AUTHENTICATION_FAILED", "Invalid API key or device ID")
+        if device_id in self.config.inactive_device_ids:
+            details = {"deviceId": device_id, "deactivatedAt": self.deactivated_at}
+            return self._error(401, "DEVICE_INACTIVE", "Device has been deactivated", details)
+
+        token = mint_token(
+            self.config.jwt_secret, device_id, issued_at_s=self.clock.wall(), ttl_s=self.config.token_ttl_s
+        )
+        self.state.tokens_issued += 1
+        return JSONResponse({"token": token}, headers=NO_CACHE)
+
+    def _credentials_match(self, api_key: str, device_id: str) -> bool:
+        key_ok = secrets.compare_digest(api_key.encode(), self.config.api_key.encode())
+        known = self.config.device_ids is None or device_id in self.config.device_ids
+        return key_ok and known
+
+    def _error(
+        self,
+        status: int,
+        code: str,
+        message: str,
+        details: dict[str, Any] | None = None,
+        *,
+        headers: dict[str, str] | None = None,
+    ) -> JSONResponse:
+        self.state.record_error(code)
+        return JSONResponse(
+            http_error_body(code, message, details), status_code=status, headers={**NO_CACHE, **(headers or {})}
+        )
+
+
+def _parse_body(body: bytes) -> tuple[str, str] | JSONResponse:
+    """``(apiKey, deviceId)``, or the 400 reply naming the first field that is wrong (spec §3.3)."""
+    try:
+        payload = json.loads(body)
+    except ValueError:
+        return _invalid("Request body is not valid JSON", field="body", expected="JSON object")
+    if not isinstance(payload, dict):
+        return _invalid("Request body must be a JSON object", field="body", expected="JSON object")
+    values: list[str] = []
+    for name in REQUIRED_FIELDS:
+        value = payload.get(name)
+        if value is None:
+            return _invalid(f"Missing required field: {name}", field=name, expected="string")
+        if not isinstance(value, str):
+            return _invalid(f"Field must be a string: {name}", field=name, expected="string")
+        if not value:
+            return _invalid(f"Field must not be empty: {name}", field=name, expected="non-empty string")
+        values.append(value)
+    return values[0], values[1]
+
+
+def _invalid(message: str, *, field: str, expected: str) -> JSONResponse:
+    body = http_error_body("INVALID_REQUEST", message, {"field": field, "expected": expected})
+    return JSONResponse(body, status_code=400, headers=NO_CACHE)
