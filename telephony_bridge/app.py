@@ -1,7 +1,7 @@
 """``create_app``: routes and lifespan, wiring only.
 
-Dependencies are built at the edge: pass ``accounting``, ``http_client``, ``clock``, ``connect`` or ``metrics``
-to use your own (tests do); the lifespan creates what is missing and closes only what it created.
+Dependencies are built at the edge: pass ``accounting``, ``store``, ``http_client``, ``clock``, ``connect`` or
+``metrics`` to use your own (tests do); the lifespan creates what is missing and closes only what it created.
 """
 
 from __future__ import annotations
@@ -10,7 +10,6 @@ import contextlib
 import logging
 from collections.abc import AsyncIterator
 from typing import Any
-from urllib.parse import urlsplit
 
 import httpx
 from starlette.applications import Starlette
@@ -20,27 +19,33 @@ from starlette.routing import Route, WebSocketRoute
 from starlette.websockets import WebSocket
 
 from telephony_bridge import __version__
-from telephony_bridge.accounting.base import Accounting
-from telephony_bridge.accounting.memory import MemoryAccounting
+from telephony_bridge.accounting.base import Accounting, Limits
+from telephony_bridge.admission import Admission
 from telephony_bridge.bridge import CallDeps, handle_media_stream
 from telephony_bridge.clock import Clock, SystemClock
+from telephony_bridge.errors import ConfigError
 from telephony_bridge.ops.metrics import Metrics
 from telephony_bridge.registry import CallRegistry
 from telephony_bridge.savants.client import Connector, open_voice_session
 from telephony_bridge.savants.tokens import TokenClient
 from telephony_bridge.settings import Settings
-from telephony_bridge.twilio.twiml import connect_document
+from telephony_bridge.store import MemoryStore, RedisStore, Store
+from telephony_bridge.twilio.signatures import SignatureChecker
+from telephony_bridge.twilio.webhooks import (
+    MEDIA_STREAM_PATH,
+    STREAM_ENDED_PATH,
+    STREAM_STATUS_PATH,
+    TwilioWebhooks,
+)
 
 log = logging.getLogger(__name__)
-
-MEDIA_STREAM_PATH = "/media-stream"
-TWIML_MEDIA_TYPE = "application/xml"
 
 
 def create_app(
     settings: Settings,
     *,
     accounting: Accounting | None = None,
+    store: Store | None = None,
     http_client: httpx.AsyncClient | None = None,
     clock: Clock | None = None,
     connect: Connector | None = None,
@@ -49,41 +54,59 @@ def create_app(
     clock = clock or SystemClock()
     metrics = metrics or Metrics()
     registry = CallRegistry()
+    checker = signature_checker(settings)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         async with contextlib.AsyncExitStack() as stack:
             http = http_client or await stack.enter_async_context(httpx.AsyncClient(trust_env=False))
-            acct = accounting or MemoryAccounting(settings.savants.device_ids, clock=clock)
-            if accounting is None:
-                stack.push_async_callback(acct.close)
+            acct, kv = accounting, store
+            if acct is None or kv is None:
+                made_acct, made_kv = await _backends(settings, clock, stack)
+                acct, kv = acct or made_acct, kv or made_kv
+            tokens = TokenClient(
+                http,
+                settings.savants.base_url,
+                settings.savants.api_key.get_secret_value(),
+                timeout_s=settings.savants.token_timeout_s,
+            )
+            admission = Admission(
+                acct,
+                tokens,
+                kv,
+                metrics,
+                clock,
+                reservation_ttl_s=settings.accounting.reservation_ttl_s,
+                stream_token_ttl_s=settings.twilio.stream_token_ttl_s,
+            )
             app.state.deps = CallDeps(
                 settings=settings,
-                tokens=TokenClient(
-                    http,
-                    settings.savants.base_url,
-                    settings.savants.api_key.get_secret_value(),
-                    timeout_s=settings.savants.token_timeout_s,
-                ),
+                admission=admission,
                 connect=connect or open_voice_session,
-                accounting=acct,
                 metrics=metrics,
                 clock=clock,
                 registry=registry,
             )
+            app.state.webhooks = TwilioWebhooks(settings, admission, metrics, checker)
             app.state.draining = False
             yield
             app.state.draining = True
             if len(registry):
-                log.info("draining: %d calls still up", len(registry))
+                log.info("shutting down with %d calls still up", len(registry))
 
     async def voice(request: Request) -> Response:
-        form = await request.form() if request.method == "POST" else request.query_params
-        parameters = {k: str(form[k]) for k in ("From", "To") if form.get(k)}
-        xml = connect_document(_stream_url(settings, request), {k.lower(): v for k, v in parameters.items()})
-        return Response(xml, media_type=TWIML_MEDIA_TYPE)
+        return await request.app.state.webhooks.voice(request)
+
+    async def stream_status(request: Request) -> Response:
+        return await request.app.state.webhooks.stream_status(request)
+
+    async def stream_ended(request: Request) -> Response:
+        return await request.app.state.webhooks.stream_ended(request)
 
     async def media_stream(ws: WebSocket) -> None:
+        if ws.app.state.draining or not ws.app.state.webhooks.upgrade_signed(ws):
+            await ws.close(code=1008)  # before accept: the client sees HTTP 403
+            return
         await ws.accept()
         await handle_media_stream(ws, ws.app.state.deps)
 
@@ -91,8 +114,11 @@ def create_app(
         return JSONResponse({"status": "ok"})
 
     async def readyz(request: Request) -> Response:
+        deps: CallDeps = request.app.state.deps
         if request.app.state.draining:
             return JSONResponse({"ready": False, "reason": "draining"}, status_code=503)
+        if settings.accounting.not_ready_when_full and not await deps.admission.accounting.has_capacity():
+            return JSONResponse({"ready": False, "reason": "device pool full"}, status_code=503)
         return JSONResponse({"ready": True})
 
     async def metrics_endpoint(request: Request) -> Response:
@@ -103,9 +129,10 @@ def create_app(
         body: dict[str, Any] = {
             "version": __version__,
             "mode": "dev (embedded emulator)" if settings.dev_mode else "production",
+            "signatures": "checked" if checker else "off",
             "savants": {"base_url": settings.savants.base_url, "ws_url": settings.savants.voice_stream_url},
             "calls": registry.snapshot(),
-            "accounting": await deps.accounting.snapshot(),
+            "accounting": await deps.admission.accounting.snapshot(),
             "draining": request.app.state.draining,
         }
         return JSONResponse(body)
@@ -113,6 +140,8 @@ def create_app(
     return Starlette(
         routes=[
             Route("/voice", voice, methods=["GET", "POST"]),
+            Route(STREAM_STATUS_PATH, stream_status, methods=["GET", "POST"]),
+            Route(STREAM_ENDED_PATH, stream_ended, methods=["GET", "POST"]),
             WebSocketRoute(MEDIA_STREAM_PATH, media_stream),
             Route("/healthz", healthz),
             Route("/readyz", readyz),
@@ -123,11 +152,48 @@ def create_app(
     )
 
 
-def _stream_url(settings: Settings, request: Request) -> str:
-    """The wss:// URL Twilio must open: from PUBLIC_URL when set, else from the request (dev only)."""
-    if settings.server.public_url:
-        public = urlsplit(settings.server.public_url)
-        scheme = "wss" if public.scheme == "https" else "ws"
-        return f"{scheme}://{public.netloc}{public.path.rstrip('/')}{MEDIA_STREAM_PATH}"
-    scheme = "wss" if request.url.scheme == "https" else "ws"
-    return f"{scheme}://{request.url.netloc}{MEDIA_STREAM_PATH}"
+def signature_checker(settings: Settings) -> SignatureChecker | None:
+    """Signatures are checked whenever an auth token is set; unsigned is allowed only in dev or when asked."""
+    token = settings.twilio.auth_token.get_secret_value()
+    if token:
+        if not settings.server.public_url:
+            raise ConfigError(
+                "config key 'server.public_url' (environment variable PUBLIC_URL) must be set when "
+                "TWILIO_AUTH_TOKEN is: signatures are checked against the public URL Twilio calls"
+            )
+        return SignatureChecker(token, settings.server.public_url)
+    if settings.dev_mode:
+        log.warning("TWILIO_AUTH_TOKEN is not set: Twilio signatures are NOT checked (allowed in dev mode only)")
+        return None
+    if settings.twilio.allow_unsigned:
+        log.warning(
+            "TWILIO_AUTH_TOKEN is not set and twilio.allow_unsigned is true: anyone who finds this bridge can "
+            "open AI sessions billed to you"
+        )
+        return None
+    raise ConfigError(
+        "config key 'twilio.auth_token' (environment variable TWILIO_AUTH_TOKEN) must be set when talking to a "
+        "real Savants server, or set twilio.allow_unsigned: true to accept unsigned requests"
+    )
+
+
+async def _backends(settings: Settings, clock: Clock, stack: contextlib.AsyncExitStack) -> tuple[Accounting, Store]:
+    """Memory backends for one replica; Redis ones when REDIS_URL is set, so replicas share one view."""
+    acct_settings = settings.accounting
+    limits = Limits(
+        max_concurrent=acct_settings.max_concurrent_per_device,
+        max_token_requests=acct_settings.max_token_requests_per_minute,
+    )
+    device_ids = settings.savants.device_ids
+    if not settings.redis_url:
+        from telephony_bridge.accounting.memory import MemoryAccounting
+
+        return MemoryAccounting(device_ids, limits, clock=clock), MemoryStore(clock)
+    import redis.asyncio as aioredis
+
+    from telephony_bridge.accounting.redis import RedisAccounting
+
+    client = aioredis.Redis.from_url(settings.redis_url, socket_timeout=2.0, socket_connect_timeout=2.0)
+    stack.push_async_callback(client.aclose)
+    accounting = RedisAccounting(client, device_ids, limits, lease_ttl_s=acct_settings.lease_ttl_s)
+    return accounting, RedisStore(client)

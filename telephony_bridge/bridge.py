@@ -16,26 +16,26 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
 
-from telephony_bridge.accounting.base import Accounting, Lease
+from telephony_bridge.accounting.base import Lease
+from telephony_bridge.admission import Admission
 from telephony_bridge.audio.codec import TWILIO_FRAME_BYTES
 from telephony_bridge.audio.pacing import FRAME_S, OutboundPacer
 from telephony_bridge.audio.pipeline import AiToCaller, CallerToAi, FrameBuffer
 from telephony_bridge.audio.playback import PlaybackTracker
 from telephony_bridge.clock import Clock
-from telephony_bridge.errors import AdmissionError, SavantsError, SessionError, TokenError
+from telephony_bridge.errors import AdmissionError, SavantsError, SessionError
 from telephony_bridge.ops import logging as oplog
 from telephony_bridge.ops.metrics import Metrics
 from telephony_bridge.registry import CallRegistry
 from telephony_bridge.savants.client import Connector, SavantsConnection
 from telephony_bridge.savants.protocol import Audio
-from telephony_bridge.savants.tokens import TokenClient
 from telephony_bridge.settings import Settings
+from telephony_bridge.store import StoreUnavailable
 from telephony_bridge.twilio import protocol as tw
 
 log = logging.getLogger(__name__)
 
 FRAME_MS = 20
-MAX_TOKEN_WAIT_S = 2.0  # a caller can afford a short wait for token budget, not a long one
 
 
 class CloseCode(enum.IntEnum):
@@ -56,9 +56,8 @@ class TwilioSocket(Protocol):
 @dataclass(frozen=True)
 class CallDeps:
     settings: Settings
-    tokens: TokenClient
+    admission: Admission
     connect: Connector
-    accounting: Accounting
     metrics: Metrics
     clock: Clock
     registry: CallRegistry
@@ -122,22 +121,37 @@ class Call:
         self.call_sid, self.stream_sid = start.call_sid, start.stream_sid
         self._started_at = self._clock.monotonic()
         with oplog.call_context(call_sid=self.call_sid, stream_sid=self.stream_sid):
-            try:
-                lease = await self._deps.accounting.acquire(self.call_sid)
-            except AdmissionError as exc:
-                self._metrics.admission_refused.labels(where="stream").inc()
-                log.warning("call refused at stream start: %s", exc)
-                await self._close_twilio(CloseCode.TRY_AGAIN_LATER, "no capacity")
+            lease = await self._admit(start)
+            if lease is None:
                 return
             self.device_id = lease.device_id
             oplog.bind(device_id=lease.device_id)
             self._deps.registry.add(self.call_sid, self)
             self._metrics.calls_active.inc()
-            log.info("call bridged", extra={"custom_parameters": sorted(start.custom_parameters)})
+            log.info("call bridged")
             try:
                 await self._bridge(lease)
             finally:
                 await self._finish(lease)
+
+    async def _admit(self, start: tw.Start) -> Lease | None:
+        """Check the stream token, then claim the webhook's reservation; ``None`` (stream closed) if refused."""
+        admission = self._deps.admission
+        try:
+            if self._deps.settings.twilio.require_stream_token and not await admission.check_stream_token(
+                self.call_sid, start.custom_parameters.get("token")
+            ):
+                self._metrics.stream_token_refused.inc()
+                log.warning("closing stream: its start carries no valid stream token (missing, foreign or replayed)")
+                await self._close_twilio(CloseCode.POLICY_VIOLATION, "invalid stream token")
+                return None
+            return await admission.lease_for_stream(self.call_sid, start.custom_parameters.get("from"))
+        except (AdmissionError, StoreUnavailable) as exc:
+            self._metrics.admission_refused.labels(where="stream").inc()
+            log.warning("closing stream: no device can take the call: %s", exc)
+            await self._record_outcome("no_capacity")
+            await self._close_twilio(CloseCode.TRY_AGAIN_LATER, "no capacity")
+            return None
 
     async def _bridge(self, lease: Lease) -> None:
         try:
@@ -145,6 +159,7 @@ class Call:
                 tg.create_task(self._caller_pump(), name="caller-pump")
                 tg.create_task(self._ai_side(lease), name="ai-side")
                 tg.create_task(self._pacer_pump(), name="pacer")
+                tg.create_task(self._heartbeat(lease), name="lease-heartbeat")
         except* _CallEnded as group:
             self._end(_first(group, _CallEnded).reason)
         except* _TwilioGone:
@@ -163,11 +178,27 @@ class Call:
         if not self.end_reason:
             self.end_reason = reason
 
+    async def _heartbeat(self, lease: Lease) -> None:
+        """Keep the lease alive in shared accounting; a replica that dies stops this and its slots lapse."""
+        interval_s = self._deps.settings.accounting.lease_ttl_s / 3
+        while True:
+            await self._clock.sleep_until(self._clock.monotonic() + interval_s)
+            await self._deps.admission.accounting.heartbeat(lease)
+
+    async def _record_outcome(self, outcome: str) -> None:
+        """Kept for the ``<Connect action>`` request, which decides what the caller hears next."""
+        try:
+            await self._deps.admission.record_outcome(self.call_sid, outcome)
+        except StoreUnavailable as exc:
+            log.warning("could not record the call's outcome: %s", exc)
+
     async def _finish(self, lease: Lease) -> None:
         if self._savants is not None:
             await self._savants.close()
+        # Recorded before the close: Twilio requests the <Connect action> as soon as the socket closes.
+        await self._record_outcome(self.outcome)
         await self._close_twilio(CloseCode.NORMAL)
-        await self._deps.accounting.release(lease)
+        await self._deps.admission.accounting.release(lease)
         self._deps.registry.remove(self.call_sid)
         self._metrics.calls_active.dec()
         self._metrics.calls.labels(outcome=self.outcome).inc()
@@ -319,22 +350,7 @@ class Call:
     async def _connect_ai(self, lease: Lease) -> SavantsConnection:
         """One token, one connection attempt; each attempt needs its own token (spec §4, §6.7)."""
         settings = self._deps.settings.savants
-        deadline = self._clock.monotonic() + MAX_TOKEN_WAIT_S
-        while (wait_s := await self._deps.accounting.take_token(lease)) > 0:
-            if self._clock.monotonic() + wait_s > deadline:
-                self._metrics.token_requests.labels(result="NO_BUDGET").inc()
-                raise TokenError(
-                    f"device {lease.device_id} has no token budget for {wait_s:.1f} s", code="NO_BUDGET"
-                )
-            await self._clock.sleep_until(self._clock.monotonic() + wait_s)
-        try:
-            token = await self._deps.tokens.fetch(lease.device_id)
-        except TokenError as exc:
-            self._metrics.token_requests.labels(result=exc.code).inc()
-            if exc.status == 429:
-                await self._deps.accounting.exhaust(lease.device_id, exc.retry_after_s or 60.0)
-            raise
-        self._metrics.token_requests.labels(result="OK").inc()
+        token = await self._deps.admission.token_for(lease)
         return await self._deps.connect(settings.voice_stream_url, token, settings.connect_timeout_s)
 
     async def _ai_sender(self, conn: SavantsConnection) -> None:

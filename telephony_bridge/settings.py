@@ -83,6 +83,23 @@ class TwilioSettings(_Frozen):
     auth_token: SecretStr = SecretStr("")
     allow_unsigned: bool = False
     start_timeout_s: float = Field(10.0, gt=0)
+    require_stream_token: bool = True
+    stream_token_ttl_s: float = Field(60.0, gt=0, le=600)
+    busy_response: Literal["say", "reject"] = "say"
+    busy_message: str = "All of our assistants are busy right now. Please call again in a few minutes."
+    unavailable_message: str = "Sorry, the assistant is not available right now. Please try again later."
+    fallback_message: str = "Sorry, we lost the connection to the assistant. Please call again."
+    say_voice: str = ""
+    say_language: str = ""
+
+
+class AccountingSettings(_Frozen):
+    max_concurrent_per_device: int = Field(10, ge=1, le=10)
+    max_token_requests_per_minute: int = Field(60, ge=1, le=60)
+    reservation_ttl_s: float = Field(30.0, gt=0, le=300)
+    lease_ttl_s: float = Field(30.0, ge=2, le=600)
+    sticky_callers: bool = False
+    not_ready_when_full: bool = True
 
 
 class AudioSettings(_Frozen):
@@ -107,6 +124,7 @@ class Settings(_Frozen):
     savants: SavantsSettings = SavantsSettings()
     twilio: TwilioSettings = TwilioSettings()
     audio: AudioSettings = AudioSettings()
+    accounting: AccountingSettings = AccountingSettings()
     logging: LoggingSettings = LoggingSettings()
     redis_url: str = ""
     # Set by ``serve`` when it starts the embedded emulator (no Savants URL configured); not a config.yaml key.

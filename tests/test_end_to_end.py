@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import httpx
 import numpy as np
 
 from telephony_bridge.serving import ServerThread
 from telephony_bridge.tools.caller import CallConfig, run_call
-from tests.conftest import emulator_stats, wait_until
+from tests.support import call_form, emulator_stats, post_voice, stream_parameters, upgrade_signature, wait_until
 
 
 def speech_band_noise(seconds: float = 2.0, level_dbfs: float = -20.0) -> np.ndarray:
@@ -23,9 +25,21 @@ def speech_band_noise(seconds: float = 2.0, level_dbfs: float = -20.0) -> np.nda
     return (signal / rms * 32767 * 10 ** (level_dbfs / 20)).astype(np.int16)
 
 
+def signed_call(bridge: ServerThread, **config: Any) -> CallConfig:
+    """What Twilio does: a signed webhook, then the stream it names with its parameters, signed over wss://."""
+    form = call_form()
+    return CallConfig(
+        url=bridge.ws_url + "/media-stream",
+        call_sid=form["CallSid"],
+        custom_parameters=stream_parameters(post_voice(bridge, form)),
+        headers=upgrade_signature(),
+        **config,
+    )
+
+
 async def test_end_to_end_echo_comes_back_recognisably(emulator: ServerThread, bridge: ServerThread) -> None:
     said = speech_band_noise()
-    result = await run_call(CallConfig(url=bridge.ws_url + "/media-stream", audio_in=said, seconds=3.5))
+    result = await run_call(signed_call(bridge, audio_in=said, seconds=3.5))
 
     assert result.violations == []
     assert result.ended_by == "caller"
@@ -44,12 +58,10 @@ async def test_end_to_end_echo_comes_back_recognisably(emulator: ServerThread, b
 async def test_end_to_end_hang_up_closes_the_ai_session_and_frees_the_call(
     emulator: ServerThread, bridge: ServerThread
 ) -> None:
-    result = await run_call(CallConfig(url=bridge.ws_url + "/media-stream", seconds=1.0))
+    result = await run_call(signed_call(bridge, seconds=1.0))
     assert result.ended_by == "caller"
     wait_until(lambda: emulator_stats(emulator)["sessions_active"] == 0, what="the Savants session to close")
-    wait_until(
-        lambda: httpx.get(bridge.http_url + "/status", timeout=5).json()["calls"] == [], what="the call to end"
-    )
+    wait_until(lambda: httpx.get(bridge.http_url + "/status", timeout=5).json()["calls"] == [], what="the call to end")
     status = httpx.get(bridge.http_url + "/status", timeout=5).json()
     assert all(device["leases"] == 0 for device in status["accounting"]["devices"].values())
     stats = emulator_stats(emulator)

@@ -44,7 +44,11 @@ def test_session_keeps_the_session_id_when_present() -> None:
             "TOKEN_EXPIRED",
             "Token has expired",
         ),
-        ('{"type":"error","error":{"message":"Error description","code":"ERROR_CODE"}}', "ERROR_CODE", "Error description"),
+        (
+            '{"type":"error","error":{"message":"Error description","code":"ERROR_CODE"}}',
+            "ERROR_CODE",
+            "Error description",
+        ),
         ('{"type":"error"}', "UNKNOWN", ""),
     ],
 )

@@ -70,7 +70,7 @@ def test_settings_wrong_value_is_one_sentence_naming_the_key(env: dict[str, str]
 def test_settings_unknown_key_is_refused(tmp_path: Path) -> None:
     path = tmp_path / "c.yaml"
     path.write_text("server:\n  prot: 1\n")
-    with pytest.raises(ConfigError, match="'server.prot' is not a setting"):
+    with pytest.raises(ConfigError, match=r"'server\.prot' is not a setting"):
         load_settings(path, env={})
 
 

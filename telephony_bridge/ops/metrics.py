@@ -55,5 +55,26 @@ class Metrics:
             "bridge_admission_refused_total", "Calls refused because no device could take them", ["where"], registry=r
         )
 
+        self.signature_failures = Counter(
+            "bridge_signature_failures_total",
+            "Requests refused for a bad or missing X-Twilio-Signature",
+            ["path"],
+            registry=r,
+        )
+        self.stream_token_refused = Counter(
+            "bridge_stream_token_refused_total",
+            "Media streams closed for a missing, foreign or replayed stream token",
+            registry=r,
+        )
+        self.webhook_answers = Counter(
+            "bridge_webhook_answers_total", "TwiML documents served at /voice", ["document"], registry=r
+        )
+        self.stream_status = Counter(
+            "bridge_stream_status_total", "Twilio stream status callbacks", ["event"], registry=r
+        )
+        self.accounting_errors = Counter(
+            "bridge_accounting_unavailable_total", "Times the shared accounting store did not answer", registry=r
+        )
+
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -1,0 +1,153 @@
+"""Admission: which calls reach the AI, on which device, with which token.
+
+At the webhook a call is *admitted*: a device is reserved for its CallSid, its Savants token is fetched at
+once (warm start: the stream's ``start`` then connects without a token round trip), and a random stream
+token is minted for the TwiML. At ``start`` the stream presents that token (checked once, in constant time)
+and claims the reservation. Every token request is taken from the device's budget before it is sent, so the
+bridge never sends the 61st.
+
+JWTs stay in this process's memory for at most their life and are never logged; the shared store holds only
+a hash of each stream token and how each call ended.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import logging
+import secrets
+from dataclasses import dataclass
+
+from telephony_bridge.accounting.base import Accounting, Lease
+from telephony_bridge.clock import Clock
+from telephony_bridge.errors import TokenError
+from telephony_bridge.ops.metrics import Metrics
+from telephony_bridge.savants.tokens import TokenClient
+from telephony_bridge.store import Store
+
+log = logging.getLogger(__name__)
+
+TOKEN_LIFETIME_S = 60.0  # spec §4
+WARM_TOKEN_USE_BY_S = 45.0  # leave a warm token time to reach Savants before it expires
+MAX_TOKEN_WAIT_S = 2.0  # a caller can afford a short wait for token budget, not a long one
+OUTCOME_TTL_S = 600.0
+
+
+@dataclass(frozen=True, slots=True)
+class Admitted:
+    lease: Lease
+    stream_token: str
+    warm: bool
+
+
+class WarmTokens:
+    """Tokens fetched at the webhook, waiting for their stream; in-process only, never shared or stored."""
+
+    def __init__(self, clock: Clock) -> None:
+        self._clock = clock
+        self._tokens: dict[str, tuple[str, str, float]] = {}
+
+    def put(self, call_sid: str, device_id: str, token: str) -> None:
+        now = self._clock.monotonic()
+        self._tokens = {k: v for k, v in self._tokens.items() if v[2] > now}
+        self._tokens[call_sid] = (device_id, token, now + WARM_TOKEN_USE_BY_S)
+
+    def take(self, call_sid: str, device_id: str) -> str | None:
+        item = self._tokens.pop(call_sid, None)
+        if item is None or item[0] != device_id or item[2] <= self._clock.monotonic():
+            return None
+        return item[1]
+
+    def __len__(self) -> int:
+        return len(self._tokens)
+
+
+class Admission:
+    def __init__(
+        self,
+        accounting: Accounting,
+        tokens: TokenClient,
+        store: Store,
+        metrics: Metrics,
+        clock: Clock,
+        *,
+        reservation_ttl_s: float = 30.0,
+        stream_token_ttl_s: float = 60.0,
+    ) -> None:
+        self.accounting = accounting
+        self._tokens = tokens
+        self._store = store
+        self._metrics = metrics
+        self._clock = clock
+        self._reservation_ttl_s = reservation_ttl_s
+        self._stream_token_ttl_s = stream_token_ttl_s
+        self._warm = WarmTokens(clock)
+
+    # --- at the webhook ----------------------------------------------------------------------------------
+
+    async def admit(self, call_sid: str, caller: str | None = None) -> Admitted:
+        """Reserve a device and warm a token. ``AdmissionError``: busy. ``TokenError``: Savants is failing."""
+        lease = await self.accounting.reserve(call_sid, self._reservation_ttl_s, sticky_key=caller)
+        warm = False
+        try:
+            if await self.accounting.take_token(lease) == 0:
+                token = await self._fetch(lease)
+                self._warm.put(call_sid, lease.device_id, token)
+                warm = True
+            stream_token = secrets.token_urlsafe(24)
+            await self._store.put(f"stream-token:{call_sid}", _digest(stream_token), self._stream_token_ttl_s)
+        except BaseException:
+            await self.accounting.release(lease)
+            raise
+        return Admitted(lease, stream_token, warm)
+
+    # --- at the stream's start ---------------------------------------------------------------------------
+
+    async def check_stream_token(self, call_sid: str, presented: str | None) -> bool:
+        """The token minted for this CallSid, presented once, before it expired."""
+        expected = await self._store.take(f"stream-token:{call_sid}")
+        if expected is None or not presented:
+            return False
+        return hmac.compare_digest(expected, _digest(presented))
+
+    async def lease_for_stream(self, call_sid: str, caller: str | None = None) -> Lease:
+        """The webhook's reservation if this replica's accounting knows it, else a fresh lease."""
+        lease = await self.accounting.claim(call_sid)
+        return lease if lease is not None else await self.accounting.acquire(call_sid, caller)
+
+    async def token_for(self, lease: Lease) -> str:
+        """A warm token if the webhook fetched one for this call and device, else a fresh one within budget."""
+        warm = self._warm.take(lease.call_sid, lease.device_id)
+        if warm is not None:
+            return warm
+        deadline = self._clock.monotonic() + MAX_TOKEN_WAIT_S
+        while (wait_s := await self.accounting.take_token(lease)) > 0:
+            if self._clock.monotonic() + wait_s > deadline:
+                self._metrics.token_requests.labels(result="NO_BUDGET").inc()
+                raise TokenError(f"device {lease.device_id} has no token budget for {wait_s:.1f} s", code="NO_BUDGET")
+            await self._clock.sleep_until(self._clock.monotonic() + wait_s)
+        return await self._fetch(lease)
+
+    async def _fetch(self, lease: Lease) -> str:
+        """One token request, already counted against the device's budget."""
+        try:
+            token = await self._tokens.fetch(lease.device_id)
+        except TokenError as exc:
+            self._metrics.token_requests.labels(result=exc.code).inc()
+            if exc.status == 429:  # another client shares the device: honour retryAfter (spec §5)
+                await self.accounting.exhaust(lease.device_id, exc.retry_after_s or TOKEN_LIFETIME_S)
+            raise
+        self._metrics.token_requests.labels(result="OK").inc()
+        return token
+
+    # --- after the stream ---------------------------------------------------------------------------------
+
+    async def record_outcome(self, call_sid: str, outcome: str) -> None:
+        await self._store.put(f"outcome:{call_sid}", outcome, OUTCOME_TTL_S)
+
+    async def outcome(self, call_sid: str) -> str | None:
+        return await self._store.get(f"outcome:{call_sid}")
+
+
+def _digest(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()

@@ -1,0 +1,95 @@
+"""Short-lived, single-use values shared by the replicas: stream tokens and how calls ended.
+
+``MemoryStore`` serves one replica; ``RedisStore`` lets a webhook answered by one replica be honoured by the
+replica that receives the stream. Both expire entries on their own; ``take`` is an atomic get-and-delete so
+a value can be used once only.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import redis.asyncio as aioredis
+from redis.exceptions import RedisError
+
+from telephony_bridge.clock import Clock, SystemClock
+from telephony_bridge.errors import BridgeError
+
+
+class StoreUnavailable(BridgeError):
+    """The shared store (Redis) did not answer."""
+
+
+class Store(Protocol):
+    async def put(self, key: str, value: str, ttl_s: float) -> None: ...
+    async def get(self, key: str) -> str | None: ...
+    async def take(self, key: str) -> str | None: ...
+    async def close(self) -> None: ...
+
+
+class MemoryStore:
+    def __init__(self, clock: Clock | None = None) -> None:
+        self._clock = clock or SystemClock()
+        self._items: dict[str, tuple[str, float]] = {}
+
+    def _live(self, key: str) -> str | None:
+        item = self._items.get(key)
+        if item is None:
+            return None
+        value, expires = item
+        if self._clock.monotonic() >= expires:
+            del self._items[key]
+            return None
+        return value
+
+    async def put(self, key: str, value: str, ttl_s: float) -> None:
+        now = self._clock.monotonic()
+        if len(self._items) > 10_000:  # bound the memory of webhooks whose streams never came
+            self._items = {k: v for k, v in self._items.items() if v[1] > now}
+        self._items[key] = (value, now + ttl_s)
+
+    async def get(self, key: str) -> str | None:
+        return self._live(key)
+
+    async def take(self, key: str) -> str | None:
+        value = self._live(key)
+        self._items.pop(key, None)
+        return value
+
+    async def close(self) -> None:
+        self._items.clear()
+
+
+class RedisStore:
+    def __init__(self, client: aioredis.Redis, prefix: str = "tb:kv:") -> None:
+        self._redis = client
+        self._prefix = prefix
+
+    async def put(self, key: str, value: str, ttl_s: float) -> None:
+        try:
+            await self._redis.set(self._prefix + key, value, px=max(1, int(ttl_s * 1000)))
+        except RedisError as exc:
+            raise StoreUnavailable(f"redis did not store {key.split(':')[0]}: {type(exc).__name__}") from None
+
+    async def get(self, key: str) -> str | None:
+        try:
+            value = await self._redis.get(self._prefix + key)
+        except RedisError as exc:
+            raise StoreUnavailable(f"redis did not answer: {type(exc).__name__}") from None
+        return _text(value)
+
+    async def take(self, key: str) -> str | None:
+        try:
+            value = await self._redis.getdel(self._prefix + key)
+        except RedisError as exc:
+            raise StoreUnavailable(f"redis did not answer: {type(exc).__name__}") from None
+        return _text(value)
+
+    async def close(self) -> None:
+        await self._redis.aclose()
+
+
+def _text(value: bytes | str | None) -> str | None:
+    if value is None:
+        return None
+    return value.decode() if isinstance(value, bytes) else value

@@ -1,0 +1,170 @@
+"""Twilio's HTTP side: ``/voice``, ``/stream-status``, ``/stream-ended``, and the upgrade check.
+
+Every request is checked against ``X-Twilio-Signature`` before any work (no lease, no token request); a bad
+one gets 403 and one WARNING line with the path and remote address.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from typing import Any
+from urllib.parse import urlsplit
+
+from starlette.datastructures import FormData
+from starlette.requests import HTTPConnection, Request
+from starlette.responses import PlainTextResponse, Response
+
+from telephony_bridge.admission import Admission
+from telephony_bridge.errors import AdmissionError, TokenError
+from telephony_bridge.ops import logging as oplog
+from telephony_bridge.ops.metrics import Metrics
+from telephony_bridge.settings import Settings
+from telephony_bridge.store import StoreUnavailable
+from telephony_bridge.twilio import twiml
+from telephony_bridge.twilio.signatures import SignatureChecker
+
+log = logging.getLogger(__name__)
+
+MEDIA_STREAM_PATH = "/media-stream"
+STREAM_STATUS_PATH = "/stream-status"
+STREAM_ENDED_PATH = "/stream-ended"
+TWIML_MEDIA_TYPE = "application/xml"
+# Outcomes after which the caller hears the apology; "completed" (the AI ended the call) just hangs up.
+APOLOGISE_AFTER = frozenset({"ai_unavailable", "error"})
+
+
+class TwilioWebhooks:
+    def __init__(
+        self, settings: Settings, admission: Admission, metrics: Metrics, checker: SignatureChecker | None
+    ) -> None:
+        self._settings = settings
+        self._admission = admission
+        self._metrics = metrics
+        self._checker = checker
+        tw = settings.twilio
+        self._voice = twiml.Voice(tw.say_voice, tw.say_language)
+
+    # --- signatures --------------------------------------------------------------------------------------
+
+    async def _params(self, request: Request) -> FormData | Mapping[str, str]:
+        return await request.form() if request.method == "POST" else request.query_params
+
+    def _signed(self, request: Request, params: Mapping[str, Any]) -> bool:
+        if self._checker is None:
+            return True
+        # A GET carries its parameters in the signed URL already; a POST appends its form (§5.1).
+        body_params = params if request.method == "POST" else {}
+        raw_query = request.scope.get("query_string", b"").decode("latin-1")
+        signature = request.headers.get("x-twilio-signature")
+        if self._checker.check_http(request.url.path, raw_query, body_params, signature):
+            return True
+        self._refused(request, "missing" if not signature else "wrong")
+        return False
+
+    def upgrade_signed(self, conn: HTTPConnection) -> bool:
+        """The media-stream upgrade, signed over the wss:// URL (§5.2); checked before ``accept``."""
+        if self._checker is None:
+            return True
+        signature = conn.headers.get("x-twilio-signature")
+        if self._checker.check_upgrade(conn.url.path, signature):
+            return True
+        self._refused(conn, "missing" if not signature else "wrong")
+        return False
+
+    def _refused(self, conn: HTTPConnection, why: str) -> None:
+        self._metrics.signature_failures.labels(path=conn.url.path).inc()
+        remote = conn.client.host if conn.client else "unknown"
+        log.warning("refused %s from %s: %s X-Twilio-Signature", conn.url.path, remote, why)
+
+    # --- /voice ------------------------------------------------------------------------------------------
+
+    async def voice(self, request: Request) -> Response:
+        params = await self._params(request)
+        if not self._signed(request, params):
+            return PlainTextResponse("invalid signature", status_code=403)
+        call_sid = str(params.get("CallSid", ""))
+        if not call_sid:
+            return PlainTextResponse("CallSid is required", status_code=400)
+        caller = str(params.get("From", "")) or None
+        with oplog.call_context(call_sid=call_sid):
+            return await self._answer(request, call_sid, caller, params)
+
+    async def _answer(self, request: Request, call_sid: str, caller: str | None, params: Mapping[str, Any]) -> Response:
+        tw = self._settings.twilio
+        try:
+            admitted = await self._admission.admit(call_sid, caller)
+        except AdmissionError as exc:
+            self._metrics.admission_refused.labels(where="webhook").inc()
+            log.warning("call refused, busy: %s", exc)
+            busy = twiml.busy_document(tw.busy_message, self._voice, reject=tw.busy_response == "reject")
+            return self._document("busy", busy)
+        except (TokenError, StoreUnavailable) as exc:
+            log.error("call not connected, the AI is unavailable: %s", exc)
+            return self._document("unavailable", twiml.message_document(tw.unavailable_message, self._voice))
+        log.info("call admitted", extra={"device_id": admitted.lease.device_id, "warm_token": admitted.warm})
+        parameters = {"token": admitted.stream_token}
+        parameters.update({k.lower(): str(params[k]) for k in ("From", "To") if params.get(k)})
+        base = self._public_base(request)
+        document = twiml.connect_document(
+            _ws_scheme(base) + MEDIA_STREAM_PATH,
+            parameters,
+            status_callback=base + STREAM_STATUS_PATH,
+            action=base + STREAM_ENDED_PATH,
+        )
+        return self._document("connect", document)
+
+    def _document(self, kind: str, xml: str) -> Response:
+        self._metrics.webhook_answers.labels(document=kind).inc()
+        return Response(xml, media_type=TWIML_MEDIA_TYPE)
+
+    def _public_base(self, request: Request) -> str:
+        """PUBLIC_URL when set; in dev, what the request says (signatures are off there anyway)."""
+        if self._settings.server.public_url:
+            return self._settings.server.public_url
+        return f"{request.url.scheme}://{request.url.netloc}"
+
+    # --- /stream-status and /stream-ended -----------------------------------------------------------------
+
+    async def stream_status(self, request: Request) -> Response:
+        params = await self._params(request)
+        if not self._signed(request, params):
+            return PlainTextResponse("invalid signature", status_code=403)
+        event = str(params.get("StreamEvent", "unknown"))
+        if event not in {"stream-started", "stream-stopped", "stream-error"}:
+            event = "unknown"
+        self._metrics.stream_status.labels(event=event).inc()
+        with oplog.call_context(call_sid=str(params.get("CallSid", "")), stream_sid=str(params.get("StreamSid", ""))):
+            if event == "stream-error":
+                log.warning("twilio reports a stream error: %s", params.get("StreamError", "(no description)"))
+            else:
+                log.info("twilio stream status %s", event)
+        return Response(status_code=204)
+
+    async def stream_ended(self, request: Request) -> Response:
+        """``<Connect action>``: what the caller hears once the stream is over."""
+        params = await self._params(request)
+        if not self._signed(request, params):
+            return PlainTextResponse("invalid signature", status_code=403)
+        call_sid = str(params.get("CallSid", ""))
+        try:
+            outcome = await self._admission.outcome(call_sid) if call_sid else None
+        except StoreUnavailable:
+            outcome = None
+        tw = self._settings.twilio
+        if outcome == "no_capacity":
+            xml = twiml.busy_document(tw.busy_message, self._voice)
+        elif outcome in APOLOGISE_AFTER or outcome is None:
+            # None: the stream never reached us or was refused; say sorry rather than leave silence.
+            xml = twiml.message_document(tw.fallback_message, self._voice)
+        else:
+            xml = twiml.hangup_document()
+        with oplog.call_context(call_sid=call_sid):
+            log.info("stream ended, outcome %s", outcome or "unknown")
+        return Response(xml, media_type=TWIML_MEDIA_TYPE)
+
+
+def _ws_scheme(base: str) -> str:
+    parts = urlsplit(base)
+    scheme = "wss" if parts.scheme == "https" else "ws"
+    return f"{scheme}://{parts.netloc}{parts.path.rstrip('/')}"

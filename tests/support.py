@@ -1,0 +1,92 @@
+"""Helpers the tests share: settings for a bridge under test, and what Twilio would send it."""
+
+from __future__ import annotations
+
+import time
+import xml.etree.ElementTree as ET
+from collections.abc import Callable
+from typing import Any
+
+import httpx
+from twilio.request_validator import RequestValidator
+
+from telephony_bridge.serving import ServerThread
+from telephony_bridge.settings import Settings, load_settings
+from telephony_bridge.tools.caller import new_sid
+from telephony_bridge.tools.emulator import STATS_PATH
+
+DEVICE_IDS = ["device-a", "device-b"]
+AUTH_TOKEN = "test-auth-token-0123456789abcdef"
+PUBLIC_URL = "https://bridge.example.test"
+STREAM_URL = "wss://bridge.example.test/media-stream"
+
+
+def bridge_settings(emulator: ServerThread, **overrides: Any) -> Settings:
+    """A production-shaped bridge: real Savants URL (the emulator), signatures on, PUBLIC_URL set."""
+    values: dict[str, Any] = {
+        "savants.base_url": emulator.http_url,
+        "savants.api_key": "test-key",
+        "savants.device_ids": DEVICE_IDS,
+        "server.host": "127.0.0.1",
+        "server.port": 0,
+        "server.public_url": PUBLIC_URL,
+        "twilio.auth_token": AUTH_TOKEN,
+    }
+    values.update(overrides)
+    return load_settings(env={}, **values)
+
+
+def emulator_stats(emulator: ServerThread) -> dict[str, Any]:
+    return httpx.get(emulator.http_url + STATS_PATH, timeout=5).json()
+
+
+def wait_until(predicate: Callable[[], bool], timeout_s: float = 5.0, what: str = "condition") -> None:
+    """Poll a condition another thread or process will make true; fail naming ``what`` if it never does."""
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
+        time.sleep(0.02)
+
+
+def sign(url: str, params: dict[str, str], token: str = AUTH_TOKEN) -> str:
+    return RequestValidator(token).compute_signature(url, params)
+
+
+def call_form(call_sid: str | None = None) -> dict[str, str]:
+    return {
+        "CallSid": call_sid or new_sid("CA"),
+        "AccountSid": new_sid("AC"),
+        "From": "+15551230000",
+        "To": "+15559870000",
+        "CallStatus": "ringing",
+        "Direction": "inbound",
+    }
+
+
+def post_voice(bridge: ServerThread, form: dict[str, str], signature: str | None = "sign") -> httpx.Response:
+    """POST /voice as Twilio does; ``signature="sign"`` signs over the public URL, None sends no header."""
+    headers = {}
+    if signature == "sign":
+        headers["X-Twilio-Signature"] = sign(PUBLIC_URL + "/voice", form)
+    elif signature is not None:
+        headers["X-Twilio-Signature"] = signature
+    return httpx.post(bridge.http_url + "/voice", data=form, headers=headers, timeout=10)
+
+
+def stream_parameters(response: httpx.Response) -> dict[str, str]:
+    root = ET.fromstring(response.text)
+    return {p.attrib["name"]: p.attrib["value"] for p in root.iter("Parameter")}
+
+
+def upgrade_signature(url: str = STREAM_URL) -> dict[str, str]:
+    return {"X-Twilio-Signature": sign(url, {})}
+
+
+def token_requests(emulator: ServerThread) -> int:
+    return sum(d["token_requests_in_window"] for d in emulator_stats(emulator)["devices"].values())
+
+
+def leases(bridge: ServerThread) -> int:
+    devices = httpx.get(bridge.http_url + "/status", timeout=5).json()["accounting"]["devices"]
+    return sum(d["leases"] + d.get("reservations", 0) for d in devices.values())
