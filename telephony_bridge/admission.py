@@ -73,6 +73,7 @@ class Admission:
         *,
         reservation_ttl_s: float = 30.0,
         stream_token_ttl_s: float = 60.0,
+        sticky_callers: bool = False,
     ) -> None:
         self.accounting = accounting
         self._tokens = tokens
@@ -81,13 +82,15 @@ class Admission:
         self._clock = clock
         self._reservation_ttl_s = reservation_ttl_s
         self._stream_token_ttl_s = stream_token_ttl_s
+        self._sticky_callers = sticky_callers
         self._warm = WarmTokens(clock)
 
     # --- at the webhook ----------------------------------------------------------------------------------
 
     async def admit(self, call_sid: str, caller: str | None = None) -> Admitted:
         """Reserve a device and warm a token. ``AdmissionError``: busy. ``TokenError``: Savants is failing."""
-        lease = await self.accounting.reserve(call_sid, self._reservation_ttl_s, sticky_key=caller)
+        sticky_key = caller if self._sticky_callers else None
+        lease = await self.accounting.reserve(call_sid, self._reservation_ttl_s, sticky_key=sticky_key)
         warm = False
         try:
             if await self.accounting.take_token(lease) == 0:
@@ -113,7 +116,9 @@ class Admission:
     async def lease_for_stream(self, call_sid: str, caller: str | None = None) -> Lease:
         """The webhook's reservation if this replica's accounting knows it, else a fresh lease."""
         lease = await self.accounting.claim(call_sid)
-        return lease if lease is not None else await self.accounting.acquire(call_sid, caller)
+        if lease is not None:
+            return lease
+        return await self.accounting.acquire(call_sid, caller if self._sticky_callers else None)
 
     async def token_for(self, lease: Lease) -> str:
         """A warm token if the webhook fetched one for this call and device, else a fresh one within budget."""

@@ -6,6 +6,7 @@ Dependencies are built at the edge: pass ``accounting``, ``store``, ``http_clien
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator
@@ -24,6 +25,7 @@ from telephony_bridge.admission import Admission
 from telephony_bridge.bridge import CallDeps, handle_media_stream
 from telephony_bridge.clock import Clock, SystemClock
 from telephony_bridge.errors import ConfigError
+from telephony_bridge.ops import logging as oplog
 from telephony_bridge.ops.metrics import Metrics
 from telephony_bridge.registry import CallRegistry
 from telephony_bridge.savants.client import Connector, open_voice_session
@@ -53,6 +55,7 @@ def create_app(
 ) -> Starlette:
     clock = clock or SystemClock()
     metrics = metrics or Metrics()
+    oplog.install_context()
     registry = CallRegistry()
     checker = signature_checker(settings)
 
@@ -78,6 +81,7 @@ def create_app(
                 clock,
                 reservation_ttl_s=settings.accounting.reservation_ttl_s,
                 stream_token_ttl_s=settings.twilio.stream_token_ttl_s,
+                sticky_callers=settings.accounting.sticky_callers,
             )
             app.state.deps = CallDeps(
                 settings=settings,
@@ -89,6 +93,7 @@ def create_app(
             )
             app.state.webhooks = TwilioWebhooks(settings, admission, metrics, checker)
             app.state.draining = False
+            app.state.registry = registry
             yield
             app.state.draining = True
             if len(registry):
@@ -104,7 +109,7 @@ def create_app(
         return await request.app.state.webhooks.stream_ended(request)
 
     async def media_stream(ws: WebSocket) -> None:
-        if ws.app.state.draining or not ws.app.state.webhooks.upgrade_signed(ws):
+        if not ws.app.state.webhooks.upgrade_signed(ws):
             await ws.close(code=1008)  # before accept: the client sees HTTP 403
             return
         await ws.accept()
@@ -150,6 +155,19 @@ def create_app(
         ],
         lifespan=lifespan,
     )
+
+
+async def drain(app: Starlette, timeout_s: float) -> None:
+    """Stop being ready, then wait (at most ``timeout_s``) for the calls in progress to end on their own."""
+    app.state.draining = True
+    registry: CallRegistry = app.state.registry
+    log.info("draining: not ready any more; waiting up to %s s for %d calls to end", timeout_s, len(registry))
+    try:
+        async with asyncio.timeout(timeout_s):
+            await registry.wait_empty()
+        log.info("drained: no calls left")
+    except TimeoutError:
+        log.warning("drain timeout: %d calls still up will be cut", len(registry))
 
 
 def signature_checker(settings: Settings) -> SignatureChecker | None:

@@ -168,7 +168,7 @@ class Call:
             exc = _first(group, SavantsError)
             self.outcome = "ai_unavailable"
             self._end(f"AI unavailable: {exc}")
-            log.warning("ending call, the AI side failed: %s", exc)
+            log.warning("ending call, the AI side failed (%s): %s", getattr(exc, "code", "ERROR"), exc)
         except* Exception as group:  # a bug of ours: end this call cleanly, keep every other call going
             self.outcome = "error"
             self._end("internal error")
@@ -288,7 +288,8 @@ class Call:
             elif isinstance(event, tw.Dtmf):
                 self.dtmf_digits.append(event.digit)
                 self._metrics.dtmf.inc()
-                log.info("dtmf digit %s", event.digit)
+                if self._deps.settings.twilio.dtmf_action == "log":
+                    log.info("dtmf digit %s", event.digit)
             elif isinstance(event, tw.Malformed):
                 self._protocol_error(event.reason)
             elif isinstance(event, tw.Unknown):

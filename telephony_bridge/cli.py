@@ -13,7 +13,7 @@ import uvicorn
 from telephony_bridge import __version__
 from telephony_bridge.errors import BridgeError, ConfigError
 from telephony_bridge.ops import logging as oplog
-from telephony_bridge.serving import ServerThread, bind_socket, uvicorn_config
+from telephony_bridge.serving import DrainingServer, ServerThread, bind_socket, uvicorn_config
 from telephony_bridge.settings import Settings, load_settings
 
 log = logging.getLogger("telephony_bridge")
@@ -110,14 +110,13 @@ def run_serve(args: argparse.Namespace) -> int:
 
 
 async def _serve_bridge(settings: Settings) -> None:
-    from telephony_bridge.app import create_app
+    from telephony_bridge.app import create_app, drain
 
+    app = create_app(settings)
     sock = bind_socket(settings.server.host, settings.server.port)
-    config = uvicorn_config(
-        create_app(settings), timeout_graceful_shutdown=int(settings.server.drain_timeout_s) or None
-    )
+    server = DrainingServer(uvicorn_config(app), lambda: drain(app, settings.server.drain_timeout_s))
     log.info("bridge listening on %s:%d", settings.server.host, sock.getsockname()[1])
-    await uvicorn.Server(config).serve(sockets=[sock])
+    await server.serve(sockets=[sock])
 
 
 def _start_dev_emulator(voice: str) -> ServerThread:

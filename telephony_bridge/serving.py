@@ -10,7 +10,8 @@ import asyncio
 import contextlib
 import socket
 import threading
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
+from types import FrameType
 from typing import Any
 
 import uvicorn
@@ -91,3 +92,30 @@ def running(app: Any, **kwargs: Any) -> Iterator[ServerThread]:
         yield thread
     finally:
         thread.stop()
+
+
+class DrainingServer(uvicorn.Server):
+    """uvicorn, but the first SIGTERM/SIGINT drains before it stops.
+
+    uvicorn's own shutdown closes every WebSocket at once (close code 1012), which would hang up on every
+    caller. Here the first signal runs ``drain`` (the app stops being ready and waits for its calls, bounded
+    by its own timeout) and only then lets uvicorn shut down; a second signal stops at once.
+    """
+
+    def __init__(self, config: uvicorn.Config, drain: Callable[[], Awaitable[None]]) -> None:
+        super().__init__(config)
+        self._drain = drain
+        self._drain_task: asyncio.Task[None] | None = None
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        if self._drain_task is not None or self.should_exit:
+            super().handle_exit(sig, frame)
+            return
+        loop = asyncio.get_event_loop()
+        self._drain_task = loop.create_task(self._drain_then_exit())
+
+    async def _drain_then_exit(self) -> None:
+        try:
+            await self._drain()
+        finally:
+            self.should_exit = True

@@ -91,6 +91,7 @@ class TwilioSettings(_Frozen):
     fallback_message: str = "Sorry, we lost the connection to the assistant. Please call again."
     say_voice: str = ""
     say_language: str = ""
+    dtmf_action: Literal["log", "ignore"] = "log"
 
 
 class AccountingSettings(_Frozen):

@@ -12,7 +12,7 @@ from twilio.request_validator import RequestValidator
 
 from telephony_bridge.serving import ServerThread
 from telephony_bridge.settings import Settings, load_settings
-from telephony_bridge.tools.caller import new_sid
+from telephony_bridge.tools.caller import CallConfig, new_sid
 from telephony_bridge.tools.emulator import STATS_PATH
 
 DEVICE_IDS = ["device-a", "device-b"]
@@ -90,3 +90,22 @@ def token_requests(emulator: ServerThread) -> int:
 def leases(bridge: ServerThread) -> int:
     devices = httpx.get(bridge.http_url + "/status", timeout=5).json()["accounting"]["devices"]
     return sum(d["leases"] + d.get("reservations", 0) for d in devices.values())
+
+
+def signed_call(bridge: ServerThread, form: dict[str, str] | None = None, **config: Any) -> CallConfig:
+    """What Twilio does: a signed webhook, then the stream it names with its parameters, signed over wss://."""
+    form = form or call_form()
+    return CallConfig(
+        url=bridge.ws_url + "/media-stream",
+        call_sid=form["CallSid"],
+        custom_parameters=stream_parameters(post_voice(bridge, form)),
+        headers=upgrade_signature(),
+        **config,
+    )
+
+
+def stream_ended(bridge: ServerThread, call_sid: str) -> ET.Element:
+    """What Twilio's ``<Connect action>`` request gets back once the stream is over."""
+    form = {"CallSid": call_sid, "AccountSid": new_sid("AC"), "CallStatus": "in-progress"}
+    headers = {"X-Twilio-Signature": sign(PUBLIC_URL + "/stream-ended", form)}
+    return ET.fromstring(httpx.post(bridge.http_url + "/stream-ended", data=form, headers=headers, timeout=5).text)

@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 import httpx
 import numpy as np
 
 from telephony_bridge.serving import ServerThread
-from telephony_bridge.tools.caller import CallConfig, run_call
-from tests.support import call_form, emulator_stats, post_voice, stream_parameters, upgrade_signature, wait_until
+from telephony_bridge.tools.caller import run_call
+from tests.support import emulator_stats, signed_call, wait_until
 
 
 def speech_band_noise(seconds: float = 2.0, level_dbfs: float = -20.0) -> np.ndarray:
@@ -23,18 +21,6 @@ def speech_band_noise(seconds: float = 2.0, level_dbfs: float = -20.0) -> np.nda
     signal *= (np.arange(signal.size) // 2000) % 2 == 0  # bursts and pauses, like syllables
     rms = np.sqrt(np.mean(signal**2))
     return (signal / rms * 32767 * 10 ** (level_dbfs / 20)).astype(np.int16)
-
-
-def signed_call(bridge: ServerThread, **config: Any) -> CallConfig:
-    """What Twilio does: a signed webhook, then the stream it names with its parameters, signed over wss://."""
-    form = call_form()
-    return CallConfig(
-        url=bridge.ws_url + "/media-stream",
-        call_sid=form["CallSid"],
-        custom_parameters=stream_parameters(post_voice(bridge, form)),
-        headers=upgrade_signature(),
-        **config,
-    )
 
 
 async def test_end_to_end_echo_comes_back_recognisably(emulator: ServerThread, bridge: ServerThread) -> None:

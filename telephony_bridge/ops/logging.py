@@ -43,12 +43,24 @@ def current_context() -> dict[str, str]:
     return dict(_context.get())
 
 
-class ContextFilter(logging.Filter):
-    def filter(self, record: logging.LogRecord) -> bool:
+def install_context() -> None:
+    """Stamp the call context on every record when it is made, whichever handler later sees it.
+
+    A handler filter would miss handlers added by others (pytest's caplog, an embedding app's own); the
+    record factory is process-wide, so it is installed once and wraps whatever factory was there.
+    """
+    previous = logging.getLogRecordFactory()
+    if getattr(previous, "_stamps_call_context", False):
+        return
+
+    def factory(*args: Any, **kwargs: Any) -> logging.LogRecord:
+        record = previous(*args, **kwargs)
         for key, value in _context.get().items():
-            if not hasattr(record, key):
-                setattr(record, key, value)
-        return True
+            setattr(record, key, value)
+        return record
+
+    factory._stamps_call_context = True  # type: ignore[attr-defined]
+    logging.setLogRecordFactory(factory)
 
 
 _RESERVED = set(logging.makeLogRecord({}).__dict__) | {"message", "asctime", "color_message"}
@@ -84,12 +96,12 @@ class TextFormatter(logging.Formatter):
 
 def configure(level: str = "INFO", fmt: str = "auto", stream: Any = None) -> None:
     """Configure the root logger once (called from the CLI only)."""
+    install_context()
     stream = stream or sys.stderr
     if fmt == "auto":
         fmt = "text" if stream.isatty() else "json"
     handler = logging.StreamHandler(stream)
     handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
-    handler.addFilter(ContextFilter())
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)

@@ -10,14 +10,15 @@ import asyncio
 from collections.abc import Awaitable, Callable
 
 from websockets.asyncio.client import ClientConnection, connect
-from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus, InvalidURI
+from websockets.exceptions import ConnectionClosed, ConnectionClosedOK, InvalidHandshake, InvalidStatus, InvalidURI
 
 from telephony_bridge.errors import SessionError
 from telephony_bridge.savants.protocol import Audio, Confirmed, Failed, Notice, VoiceSession
 
 
 class SavantsConnection:
-    """An authenticated voice session. ``receive()`` yields audio and notices; ``None`` once it has closed."""
+    """An authenticated voice session. ``receive()`` yields audio and notices; ``None`` once Savants closed it
+    normally (1000/1001); an abnormal close is a ``SessionError``."""
 
     def __init__(self, ws: ClientConnection, session: VoiceSession) -> None:
         self._ws = ws
@@ -37,9 +38,12 @@ class SavantsConnection:
         while True:
             try:
                 frame = await self._ws.recv()
-            except ConnectionClosed:
+            except ConnectionClosedOK:
                 self.session.closed()
                 return None
+            except ConnectionClosed as exc:
+                self.session.closed()
+                raise SessionError(f"voice stream dropped (close code {_code(exc)})", code="DROPPED") from None
             event = self.session.receive_binary(frame) if isinstance(frame, bytes) else self.session.receive_text(frame)
             if isinstance(event, Failed):
                 await self.close()

@@ -10,6 +10,7 @@ from typing import Literal, get_args
 from telephony_bridge.errors import ConfigError
 
 VoiceName = Literal["echo", "tone", "file", "talker"]
+FaultName = Literal["none", "drop", "error", "garbage"]
 ConnectedType = Literal["savant_voice_connected", "vapi_connected"]
 
 VOICES: tuple[str, ...] = get_args(VoiceName)
@@ -43,6 +44,12 @@ class EmulatorConfig:
     max_concurrent: int = 10  # open authenticated sockets per device
     token_failure: int | None = None  # force the token endpoint to answer this 5xx status
     jwt_secret: str = field(default_factory=_random_secret, repr=False)
+    # Fault injection, to see how a client copes: `fault_after_s` into each session (of `fault_device_ids`,
+    # or of every device when None) the socket is dropped without a close handshake reason ("drop", close
+    # code 1011), sent an error message and closed ("error", code SERVER_ERROR), or sent non-JSON ("garbage").
+    fault: FaultName = "none"
+    fault_after_s: float = 1.0
+    fault_device_ids: frozenset[str] | None = None
 
     def __post_init__(self) -> None:
         if not self.api_key:
@@ -55,6 +62,8 @@ class EmulatorConfig:
             raise ConfigError(
                 f"emulator connected_type is {self.connected_type!r}; allowed: {', '.join(CONNECTED_TYPES)}"
             )
+        _require(self.fault in get_args(FaultName), "fault", self.fault, ", ".join(get_args(FaultName)))
+        _require(self.fault_after_s >= 0, "fault_after_s", self.fault_after_s, "a number >= 0")
         _require(self.echo_delay_s >= 0, "echo_delay_s", self.echo_delay_s, "a number >= 0")
         _require(0 < self.tone_hz < 8000, "tone_hz", self.tone_hz, "0 < Hz < 8000 (the Nyquist limit)")
         _require(self.tone_dbfs <= 0, "tone_dbfs", self.tone_dbfs, "a level <= 0 dBFS")

@@ -33,6 +33,7 @@ class WsErrorCode(StrEnum):
     CONCURRENCY_LIMIT = "CONCURRENCY_LIMIT"
     INVALID_AUDIO = "INVALID_AUDIO"
     INVALID_MESSAGE = "INVALID_MESSAGE"
+    SERVER_ERROR = "SERVER_ERROR"  # only from fault injection (EmulatorConfig.fault = "error")
 
 
 class CloseCode(IntEnum):
@@ -46,6 +47,7 @@ class CloseCode(IntEnum):
     TOKEN_REUSED = 4409
     INVALID_AUDIO = 4415
     CONCURRENCY_LIMIT = 4429
+    SERVER_ERROR = 4500
 
 
 def close_code_for(code: WsErrorCode) -> CloseCode:

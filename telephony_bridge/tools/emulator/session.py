@@ -145,9 +145,32 @@ class VoiceStreamEndpoint:
     async def _stream(self, websocket: WebSocket, session: SessionStats, voice: Voice) -> _Ending:
         async with asyncio.TaskGroup() as tasks:
             speaker = tasks.create_task(self._speak(websocket, session, voice))
+            faulty = self.config.fault != "none" and (
+                self.config.fault_device_ids is None or session.device_id in self.config.fault_device_ids
+            )
+            fault = tasks.create_task(self._inject_fault(websocket)) if faulty else None
             ending = await self._listen(websocket, session, voice)
             speaker.cancel()
+            if fault is not None:
+                fault.cancel()
         return ending
+
+    async def _inject_fault(self, websocket: WebSocket) -> None:
+        """The configured fault, ``fault_after_s`` into the session (see ``EmulatorConfig.fault``)."""
+        await self.clock.sleep_until(self.clock.monotonic() + self.config.fault_after_s)
+        logger.info("injecting fault %r", self.config.fault)
+        try:
+            if self.config.fault == "garbage":
+                await websocket.send_text("this is not JSON")
+            elif self.config.fault == "error":
+                self.state.record_error(WsErrorCode.SERVER_ERROR.value)
+                message = ws_error_message(WsErrorCode.SERVER_ERROR, "injected fault", unix_s=self.clock.wall())
+                await websocket.send_text(message)
+                await websocket.close(close_code_for(WsErrorCode.SERVER_ERROR), WsErrorCode.SERVER_ERROR.value)
+            else:
+                await websocket.close(1011)
+        except (WebSocketDisconnect, RuntimeError):
+            return  # the client left first
 
     async def _listen(self, websocket: WebSocket, session: SessionStats, voice: Voice) -> _Ending:
         """Client frames until the client leaves or breaks spec §6.3."""

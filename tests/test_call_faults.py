@@ -1,0 +1,132 @@
+"""Faults on either side: one clear line, the caller ends gracefully, nothing held, other calls untouched."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import logging
+from collections.abc import Callable
+
+import httpx
+import numpy as np
+import orjson
+import pytest
+from websockets.asyncio.client import connect
+
+from telephony_bridge.serving import ServerThread
+from telephony_bridge.tools.caller import new_sid, run_call
+from telephony_bridge.twilio import protocol as tw
+from tests.support import (
+    bridge_settings,
+    call_form,
+    emulator_stats,
+    leases,
+    post_voice,
+    signed_call,
+    stream_ended,
+    stream_parameters,
+    upgrade_signature,
+    wait_until,
+)
+
+VOICE = (np.sin(2 * np.pi * 440 * np.arange(8000 * 3) / 8000) * 3000).astype(np.int16)
+
+
+def calls_up(bridge: ServerThread) -> int:
+    return len(httpx.get(bridge.http_url + "/status", timeout=5).json()["calls"])
+
+
+@pytest.mark.parametrize(
+    ("fault", "reason"),
+    [("error", "SERVER_ERROR"), ("garbage", "PROTOCOL"), ("drop", "DROPPED")],
+)
+async def test_ai_failure_mid_call_ends_the_stream_and_the_caller_hears_the_apology(
+    start_emulator: Callable[..., ServerThread],
+    start_bridge: Callable[..., ServerThread],
+    caplog: pytest.LogCaptureFixture,
+    fault: str,
+    reason: str,
+) -> None:
+    emulator = start_emulator(voice="echo", fault=fault, fault_after_s=0.5)
+    bridge = start_bridge(bridge_settings(emulator))
+    with caplog.at_level(logging.INFO):
+        result = await run_call(signed_call(bridge, audio_in=VOICE, seconds=5))
+    assert result.ended_by == "bridge" and result.close_code == 1000 and result.duration_s < 3
+    failures = [r for r in caplog.records if "the AI side failed" in r.getMessage()]
+    assert len(failures) == 1 and reason in failures[0].getMessage()
+    assert getattr(failures[0], "call_sid", None) == result.call_sid
+    root = stream_ended(bridge, result.call_sid)
+    assert [child.tag for child in root] == ["Say", "Hangup"]
+    wait_until(lambda: calls_up(bridge) == 0 and leases(bridge) == 0, what="the call to be released")
+    wait_until(lambda: emulator_stats(emulator)["sessions_active"] == 0, what="the Savants socket to close")
+    assert 'bridge_calls_total{outcome="ai_unavailable"} 1.0' in httpx.get(bridge.http_url + "/metrics").text
+
+
+async def test_ai_closing_normally_hangs_up_without_apology(
+    start_emulator: Callable[..., ServerThread], start_bridge: Callable[..., ServerThread]
+) -> None:
+    emulator = start_emulator(voice="echo")
+    bridge = start_bridge(bridge_settings(emulator))
+    result = await run_call(signed_call(bridge, seconds=1))
+    assert result.ended_by == "caller"
+    assert [child.tag for child in stream_ended(bridge, result.call_sid)] == ["Hangup"]
+
+
+async def test_one_failing_call_leaves_the_other_calls_going(
+    start_emulator: Callable[..., ServerThread], start_bridge: Callable[..., ServerThread]
+) -> None:
+    emulator = start_emulator(voice="echo", fault="drop", fault_after_s=0.5, fault_device_ids=frozenset({"device-a"}))
+    bridge = start_bridge(bridge_settings(emulator))
+    first = signed_call(bridge, audio_in=VOICE, seconds=3)  # least loaded: device-a (faulty)
+    second = signed_call(bridge, audio_in=VOICE, seconds=3)  # then device-b (healthy)
+    failed, healthy = await asyncio.gather(run_call(first), run_call(second))
+    assert failed.ended_by == "bridge"
+    assert healthy.ended_by == "caller" and healthy.heard_s > 2.0 and healthy.violations == []
+
+
+async def test_malformed_twilio_message_is_logged_once_and_the_call_continues(
+    emulator: ServerThread, bridge: ServerThread, caplog: pytest.LogCaptureFixture
+) -> None:
+    form = call_form()
+    params = stream_parameters(post_voice(bridge, form))
+    stream_sid = new_sid("MZ")
+    frame = base64.b64encode(bytes(160)).decode()
+    with caplog.at_level(logging.WARNING):
+        async with connect(bridge.ws_url + "/media-stream", additional_headers=upgrade_signature(), proxy=None) as ws:
+            await ws.send(tw.Connected().to_json())
+            await ws.send(tw.Start(stream_sid, form["CallSid"], new_sid("AC"), custom_parameters=params).to_json())
+            await ws.send('{"event": "media", "streamSid": "' + stream_sid + '", "media": {"payload": "%%%"}}')
+            for i in range(25):
+                await ws.send(
+                    orjson.dumps(
+                        {
+                            "event": "media",
+                            "sequenceNumber": str(i + 3),
+                            "streamSid": stream_sid,
+                            "media": {
+                                "track": "inbound",
+                                "chunk": str(i + 1),
+                                "timestamp": str(i * 20),
+                                "payload": frame,
+                            },
+                        }
+                    ).decode()
+                )
+                await asyncio.sleep(0.02)
+            await ws.send(tw.Stop(stream_sid, form["CallSid"], new_sid("AC"), 30).to_json())
+    bad = [r for r in caplog.records if "bad message from twilio" in r.getMessage()]
+    assert len(bad) == 1 and "not valid base64" in bad[0].getMessage()
+    assert getattr(bad[0], "call_sid", None) == form["CallSid"]
+    wait_until(lambda: emulator_stats(emulator)["audio_bytes_in"] >= 20 * 640, what="caller audio at the AI")
+    wait_until(lambda: calls_up(bridge) == 0, what="the call to end")
+
+
+async def test_dtmf_is_logged_with_the_call_sid_and_counted(
+    emulator: ServerThread, bridge: ServerThread, caplog: pytest.LogCaptureFixture
+) -> None:
+    with caplog.at_level(logging.INFO):
+        result = await run_call(signed_call(bridge, seconds=1.0, dtmf=[(0.3, "5"), (0.5, "#")]))
+    digits = [r for r in caplog.records if r.getMessage().startswith("dtmf digit")]
+    assert [r.getMessage() for r in digits] == ["dtmf digit 5", "dtmf digit #"]
+    assert all(getattr(r, "call_sid", None) == result.call_sid for r in digits)
+    assert "bridge_dtmf_total 2.0" in httpx.get(bridge.http_url + "/metrics").text
