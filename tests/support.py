@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 import xml.etree.ElementTree as ET
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol
 
 import httpx
 from twilio.request_validator import RequestValidator
@@ -64,7 +64,7 @@ def call_form(call_sid: str | None = None) -> dict[str, str]:
     }
 
 
-def post_voice(bridge: ServerThread, form: dict[str, str], signature: str | None = "sign") -> httpx.Response:
+def post_voice(bridge: Served, form: dict[str, str], signature: str | None = "sign") -> httpx.Response:
     """POST /voice as Twilio does; ``signature="sign"`` signs over the public URL, None sends no header."""
     headers = {}
     if signature == "sign":
@@ -92,7 +92,14 @@ def leases(bridge: ServerThread) -> int:
     return sum(d["leases"] + d.get("reservations", 0) for d in devices.values())
 
 
-def signed_call(bridge: ServerThread, form: dict[str, str] | None = None, **config: Any) -> CallConfig:
+class Served(Protocol):
+    """A bridge under test: in this process (``ServerThread``) or a child process."""
+
+    http_url: str
+    ws_url: str
+
+
+def signed_call(bridge: Served, form: dict[str, str] | None = None, **config: Any) -> CallConfig:
     """What Twilio does: a signed webhook, then the stream it names with its parameters, signed over wss://."""
     form = form or call_form()
     return CallConfig(
