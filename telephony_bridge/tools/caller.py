@@ -16,8 +16,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import secrets
-import sys
-import wave
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import partial
@@ -26,17 +24,15 @@ from typing import Literal
 import numpy as np
 import numpy.typing as npt
 from websockets.asyncio.client import ClientConnection, connect
-from websockets.exceptions import ConnectionClosed, WebSocketException
+from websockets.exceptions import ConnectionClosed
 
 from telephony_bridge.audio.codec import (
     TWILIO_BYTES_PER_MS,
     TWILIO_FRAME_BYTES,
-    TWILIO_RATE_HZ,
     ULAW_SILENCE,
     pcm16_to_ulaw,
     ulaw_to_pcm16,
 )
-from telephony_bridge.audio.resample import Downsampler2x
 from telephony_bridge.clock import Clock, SystemClock
 from telephony_bridge.tools.twilio_playout import Playout
 from telephony_bridge.twilio.protocol import (
@@ -322,58 +318,11 @@ async def run_call(config: CallConfig) -> CallResult:
     return await SimulatedCall(config).run()
 
 
-def read_wav(path: str) -> npt.NDArray[np.int16]:
-    """Read what the caller says: a mono 16-bit WAV at 8 kHz, or at 16 kHz (filtered down to 8 kHz).
+def __getattr__(name: str) -> object:
+    """``read_wav``, ``write_wav`` and ``call_command`` moved to ``tools.commands`` (they drive this module,
+    it does not need them); they stay importable from here for existing callers."""
+    if name in {"read_wav", "write_wav", "call_command"}:
+        from telephony_bridge.tools import commands
 
-    Raises ``ValueError`` naming the file's format when it is anything else.
-    """
-    with wave.open(path, "rb") as wav:
-        channels, width, rate = wav.getnchannels(), wav.getsampwidth(), wav.getframerate()
-        if channels != 1 or width != 2 or rate not in (TWILIO_RATE_HZ, 2 * TWILIO_RATE_HZ):
-            raise ValueError(
-                f"expected a mono 16-bit WAV at 8000 or 16000 Hz, got {channels} channels, {8 * width}-bit, {rate} Hz"
-            )
-        samples = np.frombuffer(wav.readframes(wav.getnframes()), dtype="<i2").astype(np.int16)
-    if rate == TWILIO_RATE_HZ:
-        return samples
-    down = Downsampler2x()
-    return np.concatenate((down.process(samples), down.flush()))
-
-
-def write_wav(path: str, samples: npt.NDArray[np.int16]) -> None:
-    """Write what the caller heard: mono 16-bit at 8 kHz."""
-    with wave.open(path, "wb") as wav:
-        wav.setnchannels(1)
-        wav.setsampwidth(2)
-        wav.setframerate(TWILIO_RATE_HZ)
-        wav.writeframes(samples.astype("<i2").tobytes())
-
-
-async def call_command(url: str, wav: str | None, out: str | None, seconds: float) -> int:
-    """``telephony-bridge call``: one call, the summary on stdout; 0 if clean, 1 on protocol violations,
-    2 if the call could not be placed (each failure explained in one sentence on stderr)."""
-    try:
-        config = CallConfig(url, audio_in=read_wav(wav) if wav else None, seconds=seconds)
-    except (OSError, EOFError, wave.Error, ValueError) as exc:
-        print(f"cannot use {wav!r} as the caller's audio: {exc}", file=sys.stderr)
-        return 2
-    try:
-        result = await run_call(config)
-    except (OSError, TimeoutError, WebSocketException) as exc:
-        print(f"could not connect to {url}: {exc or type(exc).__name__}", file=sys.stderr)
-        return 2
-    print(result.summary())
-    if out:
-        try:
-            write_wav(out, result.heard)
-        except OSError as exc:
-            print(f"could not write what the caller heard to {out!r}: {exc}", file=sys.stderr)
-            return 2
-    if result.violations:
-        print(
-            f"the bridge broke the Media Streams protocol {len(result.violations)} times; "
-            f"first: {result.violations[0]}",
-            file=sys.stderr,
-        )
-        return 1
-    return 0
+        return getattr(commands, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,0 +1,68 @@
+"""The load generator against the real bridge and the echo emulator on loopback."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from telephony_bridge.serving import ServerThread
+from telephony_bridge.tools.commands import write_wav
+from telephony_bridge.tools.loadtest import loadtest_command, require_loopback, run_load
+from tests.conftest import bridge_settings
+
+pytestmark = pytest.mark.timeout(20)
+
+TOKEN = "loadtest-auth-token"
+PUBLIC = "https://public.example"
+
+
+@pytest.fixture
+def signed_bridge(emulator: ServerThread, start_bridge: Callable[..., ServerThread]) -> ServerThread:
+    """Explicit public URL and token, so the tests hold whether or not the bridge checks signatures."""
+    return start_bridge(bridge_settings(emulator, **{"server.public_url": PUBLIC, "twilio.auth_token": TOKEN}))
+
+
+@pytest.fixture
+def voice_wav(tmp_path: Path) -> str:
+    path = str(tmp_path / "caller.wav")
+    write_wav(path, np.random.default_rng(5).normal(0, 3000, 8000).clip(-32768, 32767).astype(np.int16))
+    return path
+
+
+async def test_run_load_serves_every_call_without_violations(signed_bridge: ServerThread, voice_wav: str) -> None:
+    async with asyncio.timeout(15):
+        result = await run_load(
+            signed_bridge.ws_url + "/media-stream", 3, 3, 2.0, 0.2, TOKEN, PUBLIC, voice_wav, deadline_s=12
+        )
+    reasons = [flow.reason for flow in result.flows]
+    assert (len(result.of("served")), len(result.of("busy")), len(result.of("failed"))) == (3, 0, 0), reasons
+    assert (result.violations, len(result.first_audio_s)) == (0, 3)
+    assert len({flow.call_sid for flow in result.flows}) == 3
+
+
+async def test_loadtest_command_prints_the_table(
+    signed_bridge: ServerThread, voice_wav: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    async with asyncio.timeout(10):
+        code = await loadtest_command(
+            signed_bridge.ws_url + "/media-stream", 1, 1, 0.6, 0.0, voice_wav, auth_token=TOKEN, public_url=PUBLIC
+        )
+    out, err = capsys.readouterr()
+    assert (code, err) == (0, ""), out
+    rows = [line.split()[0] for line in out.splitlines()]
+    assert rows == ["calls", "served", "busy", "failed", "first", "violations", "underruns"]
+    assert "served         1\n" in out and "violations     0\n" in out
+
+
+async def test_loadtest_command_refuses_a_bridge_that_is_not_on_loopback(capsys: pytest.CaptureFixture[str]) -> None:
+    code = await loadtest_command("ws://192.0.2.1:8080/media-stream", 1, 1, 1.0, 0.0)
+    assert (code, capsys.readouterr().err) == (
+        2,
+        "the load generator only targets loopback bridges (127.0.0.1, ::1, localhost), got '192.0.2.1'\n",
+    )
+    require_loopback("ws://[::1]:8080/media-stream")
+    require_loopback("ws://localhost:8080/media-stream")
