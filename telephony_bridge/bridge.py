@@ -18,14 +18,13 @@ from typing import Any, Protocol, TypeVar
 
 from telephony_bridge.accounting.base import Lease
 from telephony_bridge.admission import Admission
-from telephony_bridge.audio.codec import TWILIO_FRAME_BYTES
-from telephony_bridge.audio.pacing import FRAME_S, OutboundPacer
-from telephony_bridge.audio.pipeline import AiToCaller, CallerToAi, FrameBuffer
-from telephony_bridge.audio.playback import PlaybackTracker
+from telephony_bridge.audio.pacing import FRAME_S
+from telephony_bridge.audio.pipeline import AiToCaller, CallerToAi
 from telephony_bridge.clock import Clock
 from telephony_bridge.errors import AdmissionError, SavantsError, SessionError
 from telephony_bridge.ops import logging as oplog
 from telephony_bridge.ops.metrics import Metrics
+from telephony_bridge.outbound import Outbound
 from telephony_bridge.registry import CallRegistry
 from telephony_bridge.savants.client import Connector, SavantsConnection
 from telephony_bridge.savants.protocol import Audio
@@ -87,7 +86,6 @@ class Call:
         self.outcome = "completed"
         self._started_at = 0.0
         self._ai_connected_at: float | None = None
-        self._first_audio_at: float | None = None
         self._savants: SavantsConnection | None = None
         self._twilio_open = True
         self._caller_to_ai = CallerToAi()
@@ -95,15 +93,7 @@ class Call:
         self._to_ai: deque[bytes] = deque()
         self._to_ai_max = max(1, audio.pre_connect_buffer_ms // FRAME_MS)
         self._to_ai_ready = asyncio.Event()
-        self._outbound = FrameBuffer()
-        self._outbound_ready = asyncio.Event()
-        self._pacer = OutboundPacer(audio.outbound_lead_ms / 1000, FRAME_S)
-        self._prebuffer_s = audio.playout_prebuffer_ms / 1000
-        self._prebuffer_frames = max(1, audio.playout_prebuffer_ms // FRAME_MS)
-        self._queued_since = 0.0
-        self._mark_every_ms = audio.mark_interval_ms
-        self._unmarked_ms = 0
-        self.playback = PlaybackTracker()
+        self._outbound: Outbound | None = None  # needs the streamSid: made at 'start'
         self.frames_in = 0
         self.frames_to_ai = 0
         self.ai_bytes = 0
@@ -120,6 +110,7 @@ class Call:
             return
         self.call_sid, self.stream_sid = start.call_sid, start.stream_sid
         self._started_at = self._clock.monotonic()
+        self._outbound = Outbound(self._deps.settings.audio, self._clock, self.stream_sid, self._send_twilio)
         with oplog.call_context(call_sid=self.call_sid, stream_sid=self.stream_sid):
             lease = await self._admit(start)
             if lease is None:
@@ -158,7 +149,7 @@ class Call:
             async with asyncio.TaskGroup() as tg:
                 tg.create_task(self._caller_pump(), name="caller-pump")
                 tg.create_task(self._ai_side(lease), name="ai-side")
-                tg.create_task(self._pacer_pump(), name="pacer")
+                tg.create_task(self._outbound_pump(), name="outbound")
                 tg.create_task(self._heartbeat(lease), name="lease-heartbeat")
         except* _CallEnded as group:
             self._end(_first(group, _CallEnded).reason)
@@ -205,7 +196,9 @@ class Call:
         duration_s = self._clock.monotonic() - self._started_at
         self._metrics.call_duration.observe(duration_s)
         self._metrics.audio_seconds.labels(direction="caller_to_ai").inc(self.frames_to_ai * FRAME_S)
-        self._metrics.audio_seconds.labels(direction="ai_to_caller").inc(self.playback.sent_ms / 1000)
+        self._metrics.audio_seconds.labels(direction="ai_to_caller").inc(self.outbound.playback.sent_ms / 1000)
+        if self.outbound.first_audio_at is not None:
+            self._metrics.first_audio_latency.observe(self.outbound.first_audio_at - self._started_at)
         log.info("call ended", extra=self._figures(duration_s))
 
     def _figures(self, duration_s: float) -> dict[str, Any]:
@@ -215,11 +208,13 @@ class Call:
             "outcome": self.outcome,
             "duration_s": round(duration_s, 3),
             "ai_connect_s": _since(self._ai_connected_at, self._started_at),
-            "first_ai_audio_s": _since(self._first_audio_at, self._started_at),
+            "first_ai_audio_s": _since(self.outbound.first_audio_at, self._started_at),
             "caller_frames": self.frames_in,
             "frames_to_ai": self.frames_to_ai,
-            "ai_audio_sent_ms": self.playback.sent_ms,
-            "ai_audio_played_ms": self.playback.played_ms,
+            "ai_audio_sent_ms": self.outbound.playback.sent_ms,
+            "ai_audio_played_ms": self.outbound.playback.played_ms,
+            "ai_audio_discarded_ms": self.outbound.playback.discarded_ms + self.outbound.held_ms,
+            "clears": self.outbound.clears,
             "late_frames_dropped": timeline.dropped_frames,
             "gap_filled_ms": timeline.filled_bytes // 8,
             "overflow_frames_dropped": self.dropped_overflow,
@@ -235,9 +230,9 @@ class Call:
             "device_id": self.device_id,
             "age_s": round(now - self._started_at, 1),
             "ai_connected": self._ai_connected_at is not None,
-            "ai_audio_sent_ms": self.playback.sent_ms,
-            "ai_audio_played_ms": self.playback.played_ms,
-            "lead_ms": round(self._pacer.lead(now) * 1000),
+            "ai_audio_sent_ms": self.outbound.playback.sent_ms,
+            "ai_audio_played_ms": self.outbound.playback.played_ms,
+            "lead_ms": round(self.outbound.lead(now) * 1000),
         }
 
     # --- Twilio side -------------------------------------------------------------------------------------
@@ -282,7 +277,7 @@ class Call:
             if isinstance(event, tw.Media):
                 self._caller_audio(event)
             elif isinstance(event, tw.Mark):
-                self.playback.mark_echoed(event.name)
+                self.outbound.mark_echoed(event.name)
             elif isinstance(event, tw.Stop):
                 raise _CallEnded("caller hung up")
             elif isinstance(event, tw.Dtmf):
@@ -374,67 +369,17 @@ class Call:
                 raise _CallEnded("AI closed the session")
             if isinstance(event, Audio):
                 self.ai_bytes += len(event.pcm)
-                ulaw = self._ai_to_caller.push(event.pcm)
-                if ulaw:
-                    if not len(self._outbound):
-                        self._queued_since = self._clock.monotonic()
-                    self._outbound.append(ulaw)
-                    self._outbound_ready.set()
+                self.outbound.push(self._ai_to_caller.push(event.pcm))
 
-    # --- pacing out to Twilio ----------------------------------------------------------------------------
+    # --- out to Twilio ---------------------------------------------------------------------------------------
 
-    async def _pacer_pump(self) -> None:
-        """Hand AI audio to Twilio from the clock, at most ``outbound_lead_ms`` ahead of real time.
+    @property
+    def outbound(self) -> Outbound:
+        assert self._outbound is not None, "the outbound side exists from 'start' on"
+        return self._outbound
 
-        When Twilio's buffer is empty a new talk spurt begins; its first frames wait up to
-        ``playout_prebuffer_ms`` for company, so that network jitter does not open a gap after the first
-        frame. A trailing partial frame is padded with silence once nothing more has come.
-        """
-        while True:
-            now = self._clock.monotonic()
-            frames = self._outbound.frames
-            idle = self._pacer.lead(now) == 0
-            gathering = now < self._queued_since + self._prebuffer_s
-            if frames == 0 and len(self._outbound) and idle and not gathering:
-                self._outbound.pad_to_frame()
-                continue
-            if frames == 0 or (idle and frames < self._prebuffer_frames and gathering):
-                deadline = self._queued_since + self._prebuffer_s if len(self._outbound) else None
-                if deadline is not None and not gathering:
-                    deadline = now + self._pacer.lead(now)
-                await self._wait_for_audio(deadline)
-                continue
-            due = self._pacer.frames_due(now, frames)
-            if due:
-                await self._send_audio(self._outbound.take(due))
-            if self._outbound.frames:
-                await self._clock.sleep_until(self._pacer.next_due(self._clock.monotonic()))
-
-    async def _wait_for_audio(self, deadline: float | None) -> None:
-        """Until more AI audio is queued, or the clock reaches ``deadline``."""
-        self._outbound_ready.clear()
-        if deadline is None:
-            await self._outbound_ready.wait()
-            return
-        waiter = asyncio.ensure_future(self._outbound_ready.wait())
-        sleeper = asyncio.ensure_future(self._clock.sleep_until(deadline))
-        try:
-            await asyncio.wait({waiter, sleeper}, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            waiter.cancel()
-            sleeper.cancel()
-
-    async def _send_audio(self, ulaw: bytes) -> None:
-        await self._send_twilio(tw.media_message(self.stream_sid, ulaw))
-        ms = len(ulaw) // TWILIO_FRAME_BYTES * FRAME_MS
-        self.playback.audio_sent(ms)
-        if self._first_audio_at is None:
-            self._first_audio_at = self._clock.monotonic()
-            self._metrics.first_audio_latency.observe(self._first_audio_at - self._started_at)
-        self._unmarked_ms += ms
-        if self._unmarked_ms >= self._mark_every_ms or self._outbound.frames == 0:
-            self._unmarked_ms = 0
-            await self._send_twilio(tw.mark_message(self.stream_sid, self.playback.mark_sent()))
+    async def _outbound_pump(self) -> None:
+        await self.outbound.run()
 
 
 async def handle_media_stream(ws: TwilioSocket, deps: CallDeps) -> None:

@@ -280,7 +280,9 @@ async def test_call_command_writes_what_was_heard(
 ) -> None:
     _write(tmp_path / "in.wav", _voice(0.2), 8000)
     async with asyncio.timeout(5):
-        code = await call_command(bridge.url("echo"), str(tmp_path / "in.wav"), str(tmp_path / "out.wav"), 0.3)
+        code = await call_command(
+            bridge.url("echo"), str(tmp_path / "in.wav"), str(tmp_path / "out.wav"), 0.3, webhook=False
+        )
     out, err = capsys.readouterr()
     assert (code, err, out.count("\n")) == (0, "", 1)
     heard = read_wav(str(tmp_path / "out.wav"))
@@ -301,7 +303,7 @@ async def test_call_command_fails_in_one_sentence_when_it_cannot_connect(
 
 async def test_call_command_exits_1_on_violations(bridge: FakeBridge, capsys: pytest.CaptureFixture[str]) -> None:
     async with asyncio.timeout(5):
-        code = await call_command(bridge.url("malformed"), None, None, 0.1)
+        code = await call_command(bridge.url("malformed"), None, None, 0.1, webhook=False)
     assert code == 1
     assert "broke the Media Streams protocol 1 times" in capsys.readouterr().err
 

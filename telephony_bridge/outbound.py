@@ -1,0 +1,166 @@
+"""AI audio on its way to the caller: queued, paced from the clock, marked, and cut on barge-in.
+
+The one task that writes to Twilio's socket during a call runs here (``run``), so ``media``, ``mark`` and
+``clear`` never interleave mid-message. Twilio plays what it has buffered until told to ``clear`` (spec §4,
+G6), so audio goes out at most ``outbound_lead_ms`` ahead of real time, in whole 20 ms frames.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+
+import numpy as np
+
+from telephony_bridge.audio.codec import TWILIO_FRAME_BYTES, ulaw_to_pcm16
+from telephony_bridge.audio.pacing import FRAME_S, OutboundPacer
+from telephony_bridge.audio.pipeline import FrameBuffer
+from telephony_bridge.audio.playback import PlaybackTracker
+from telephony_bridge.clock import Clock
+from telephony_bridge.settings import AudioSettings
+from telephony_bridge.twilio import protocol as tw
+
+FRAME_MS = 20
+AUDIBLE_PEAK = 200  # about -44 dBFS: quieter AI frames are silence to the caller, not speech
+SPURT_GAP_S = 0.3  # AI silence longer than this ends a talk spurt
+
+
+class Outbound:
+    def __init__(
+        self, settings: AudioSettings, clock: Clock, stream_sid: str, send: Callable[[str], Awaitable[None]]
+    ) -> None:
+        self._clock = clock
+        self._stream_sid = stream_sid
+        self._send = send
+        self._buffer = FrameBuffer()
+        self._ready = asyncio.Event()
+        self._pacer = OutboundPacer(settings.outbound_lead_ms / 1000, FRAME_S)
+        self._prebuffer_s = settings.playout_prebuffer_ms / 1000
+        self._prebuffer_frames = max(1, settings.playout_prebuffer_ms // FRAME_MS)
+        self._mark_every_ms = settings.mark_interval_ms
+        self._queued_since = 0.0
+        self._unmarked_ms = 0
+        self._clear_pending = False
+        self._audible_since: float | None = None
+        self._audible_until = float("-inf")
+        self.holding = False
+        self.playback = PlaybackTracker()
+        self.first_audio_at: float | None = None
+        self.held_ms = 0
+        self.clears = 0
+
+    # --- fed by the AI side --------------------------------------------------------------------------------
+
+    def push(self, ulaw: bytes) -> None:
+        """Queue AI audio; while the caller holds the floor after a barge-in it is dropped instead."""
+        if not ulaw:
+            return
+        if self.holding:
+            self.held_ms += len(ulaw) // 8
+            return
+        if not len(self._buffer):
+            self._queued_since = self._clock.monotonic()
+        self._buffer.append(ulaw)
+        self._ready.set()
+
+    # --- told by the caller side --------------------------------------------------------------------------
+
+    def interrupt(self) -> None:
+        """Barge-in: drop what is queued here, have Twilio drop what it buffered, hold further AI audio."""
+        self._buffer.clear()
+        self._clear_pending = True
+        self.holding = True
+        self._ready.set()
+
+    def resume(self) -> None:
+        """The caller stopped talking: the AI's audio goes through again."""
+        self.holding = False
+
+    def mark_echoed(self, name: str) -> None:
+        self.playback.mark_echoed(name)
+
+    def audible_since(self, now: float) -> float | None:
+        """When the AI's current talk spurt became audible to the caller; None while it is silent."""
+        if self._audible_since is None or now > self._audible_until + SPURT_GAP_S:
+            return None
+        return self._audible_since
+
+    def lead(self, now: float) -> float:
+        return self._pacer.lead(now)
+
+    # --- the pacer task -----------------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Hand audio to Twilio from the clock, at most the lead ahead of real time.
+
+        When Twilio's buffer is empty a new talk spurt begins; its first frames wait up to
+        ``playout_prebuffer_ms`` for company, so that network jitter opens no gap after the first frame. A
+        trailing partial frame is padded with silence once nothing more has come.
+        """
+        while True:
+            now = self._clock.monotonic()
+            if self._clear_pending:
+                await self._clear(now)
+                continue
+            frames = self._buffer.frames
+            idle = self._pacer.lead(now) == 0
+            gathering = now < self._queued_since + self._prebuffer_s
+            if frames == 0 and len(self._buffer) and idle and not gathering:
+                self._buffer.pad_to_frame()
+                continue
+            if frames == 0 or (idle and frames < self._prebuffer_frames and gathering):
+                deadline = self._queued_since + self._prebuffer_s if len(self._buffer) else None
+                if deadline is not None and not gathering:
+                    deadline = now + self._pacer.lead(now)
+                await self._wait(deadline)
+                continue
+            due = self._pacer.frames_due(now, frames)
+            if due:
+                play_at = now + self._pacer.lead(now) - due * FRAME_S
+                await self._send_audio(self._buffer.take(due), play_at)
+            if self._buffer.frames and not self._clear_pending:
+                await self._wait(self._pacer.next_due(self._clock.monotonic()))
+
+    async def _clear(self, now: float) -> None:
+        self._clear_pending = False
+        self.clears += 1
+        await self._send(tw.clear_message(self._stream_sid))
+        self._pacer.cleared(now)
+        self.playback.cleared()
+        self._audible_since, self._audible_until = None, float("-inf")
+        self._unmarked_ms = 0
+
+    async def _send_audio(self, ulaw: bytes, play_at: float) -> None:
+        await self._send(tw.media_message(self._stream_sid, ulaw))
+        ms = len(ulaw) // TWILIO_FRAME_BYTES * FRAME_MS
+        self.playback.audio_sent(ms)
+        if self.first_audio_at is None:
+            self.first_audio_at = self._clock.monotonic()
+        self._track_audibility(ulaw, play_at)
+        self._unmarked_ms += ms
+        if self._unmarked_ms >= self._mark_every_ms or self._buffer.frames == 0:
+            self._unmarked_ms = 0
+            await self._send(tw.mark_message(self._stream_sid, self.playback.mark_sent()))
+
+    def _track_audibility(self, ulaw: bytes, play_at: float) -> None:
+        """Note when audible AI speech plays at the caller: frame k of this batch plays at play_at + k·20 ms."""
+        peaks = np.abs(ulaw_to_pcm16(ulaw).astype(np.int32)).reshape(-1, TWILIO_FRAME_BYTES).max(axis=1)
+        for k in np.flatnonzero(peaks >= AUDIBLE_PEAK):
+            starts = play_at + int(k) * FRAME_S
+            if self._audible_since is None or starts > self._audible_until + SPURT_GAP_S:
+                self._audible_since = starts
+            self._audible_until = starts + FRAME_S
+
+    async def _wait(self, deadline: float | None) -> None:
+        """Until more audio or a barge-in arrives, or the clock reaches ``deadline``."""
+        self._ready.clear()
+        if deadline is None:
+            await self._ready.wait()
+            return
+        waiter = asyncio.ensure_future(self._ready.wait())
+        sleeper = asyncio.ensure_future(self._clock.sleep_until(deadline))
+        try:
+            await asyncio.wait({waiter, sleeper}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            waiter.cancel()
+            sleeper.cancel()
