@@ -44,7 +44,7 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(required=True, metavar="COMMAND")
 
     serve = sub.add_parser("serve", help="run the bridge", formatter_class=fmt)
-    serve.add_argument("--config", help="YAML configuration (default: $BRIDGE_CONFIG, else built-in defaults)")
+    serve.add_argument("--config", help="YAML configuration (omitted: $BRIDGE_CONFIG, else built-in defaults)")
     serve.add_argument("--host", help="listen address (overrides HOST / server.host)")
     serve.add_argument("--port", type=int, help="listen port (overrides PORT / server.port)")
     serve.add_argument(
@@ -75,11 +75,31 @@ def _parser() -> argparse.ArgumentParser:
 
     call = sub.add_parser("call", help="act as Twilio for one call against a bridge", formatter_class=fmt)
     call.add_argument("--url", default="ws://127.0.0.1:8080/media-stream", help="the bridge's media stream URL")
-    call.add_argument("--wav", help="what the caller says: mono 16-bit WAV at 8 or 16 kHz (default: silence)")
+    call.add_argument("--wav", help="what the caller says: mono 16-bit WAV at 8 or 16 kHz (omitted: silence)")
     call.add_argument("--out", help="write what the caller heard to this WAV (8 kHz)")
     call.add_argument("--seconds", type=float, default=5.0, help="hang up after this long")
+    _add_twilio_flow_options(call)
+    call.add_argument(
+        "--no-webhook", action="store_true", help="open the stream directly, skipping POST /voice (no stream token)"
+    )
     call.set_defaults(run=run_call)
+
+    load = sub.add_parser("loadtest", help="many simulated calls at once, with a summary", formatter_class=fmt)
+    load.add_argument("--url", default="ws://127.0.0.1:8080/media-stream", help="the bridge's media stream URL")
+    load.add_argument("--calls", type=int, default=20, help="calls in all")
+    load.add_argument("--concurrency", type=int, default=10, help="calls at once at most")
+    load.add_argument("--seconds", type=float, default=10.0, help="length of each call")
+    load.add_argument("--ramp", type=float, default=2.0, help="start the calls over this many seconds")
+    load.add_argument("--wav", help="what every caller says (omitted: silence)")
+    load.add_argument("--deadline", type=float, help="give up on the whole run after this many seconds")
+    _add_twilio_flow_options(load)
+    load.set_defaults(run=run_loadtest)
     return parser
+
+
+def _add_twilio_flow_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--auth-token", help="sign requests with this Twilio auth token (omitted: $TWILIO_AUTH_TOKEN, else unsigned)")
+    parser.add_argument("--public-url", help="the URL Twilio would call, to sign over (omitted: the bridge's own)")
 
 
 # --- serve -------------------------------------------------------------------------------------------------
@@ -186,7 +206,36 @@ def run_emulator(args: argparse.Namespace) -> int:
 
 
 def run_call(args: argparse.Namespace) -> int:
-    from telephony_bridge.tools.caller import call_command
+    from telephony_bridge.tools.commands import call_command
 
     oplog.configure("WARNING")
-    return asyncio.run(call_command(args.url, args.wav, args.out, args.seconds))
+    return asyncio.run(
+        call_command(
+            args.url,
+            args.wav,
+            args.out,
+            args.seconds,
+            auth_token=args.auth_token,
+            public_url=args.public_url,
+            webhook=not args.no_webhook,
+        )
+    )
+
+
+def run_loadtest(args: argparse.Namespace) -> int:
+    from telephony_bridge.tools.loadtest import loadtest_command
+
+    oplog.configure("WARNING")
+    return asyncio.run(
+        loadtest_command(
+            args.url,
+            args.calls,
+            args.concurrency,
+            args.seconds,
+            args.ramp,
+            args.wav,
+            auth_token=args.auth_token,
+            public_url=args.public_url,
+            deadline_s=args.deadline,
+        )
+    )
