@@ -1,97 +1,185 @@
-"""In-process accounting: one replica, no Redis."""
+"""In-process accounting: one replica, no Redis. Time comes from the injected ``Clock``.
+
+Every method runs to completion without awaiting, so on one event loop each check-and-take is atomic without a
+lock. Leases here cannot outlive the process, so they carry no TTL and ``heartbeat`` only reports whether the
+lease is held; reservations expire after their ``ttl_s`` like in Redis.
+"""
 
 from __future__ import annotations
 
-import asyncio
-from collections import deque
+from collections import OrderedDict, deque
+from collections.abc import Sequence
 from typing import Any
 
-from telephony_bridge.accounting.base import Lease, Limits
+from telephony_bridge.accounting.base import RESERVATION_TTL_S, Lease, Limits
 from telephony_bridge.clock import Clock, SystemClock
 from telephony_bridge.errors import AdmissionError
+
+MAX_STICKY_KEYS = 10_000  # bounded memory; a forgotten caller just gets the least-loaded device
 
 
 class _Device:
     def __init__(self) -> None:
-        self.calls: set[str] = set()
+        self.leases: set[str] = set()
+        self.reserved: dict[str, float] = {}  # call_sid -> expires at (monotonic)
         self.token_times: deque[float] = deque()
         self.exhausted_until = 0.0
 
+    @property
+    def load(self) -> int:
+        return len(self.leases) + len(self.reserved)
+
 
 class MemoryAccounting:
-    def __init__(self, device_ids: tuple[str, ...], limits: Limits | None = None, clock: Clock | None = None) -> None:
+    def __init__(
+        self,
+        device_ids: Sequence[str],
+        limits: Limits | None = None,
+        clock: Clock | None = None,
+        *,
+        sticky_ttl_s: float = 3600.0,
+    ) -> None:
         if not device_ids:
             raise ValueError("accounting needs at least one device id")
         self.limits = limits or Limits()
+        self.unavailable_total = 0  # same attribute as RedisAccounting; memory is never unavailable
         self._clock = clock or SystemClock()
         self._devices = {device_id: _Device() for device_id in device_ids}
-        self._lock = asyncio.Lock()
+        self._sticky: OrderedDict[str, tuple[str, float]] = OrderedDict()  # key -> (device_id, expires at)
+        self._sticky_ttl_s = sticky_ttl_s
 
-    def _prune(self, device: _Device, now: float) -> None:
-        while device.token_times and device.token_times[0] <= now - self.limits.window_s:
-            device.token_times.popleft()
+    # --- the contract ---------------------------------------------------------------------------------------
 
-    def _wait_s(self, device: _Device, now: float) -> float:
-        """Seconds until this device may take a token request (0 = now)."""
-        self._prune(device, now)
-        wait = max(0.0, device.exhausted_until - now)
-        if len(device.token_times) >= self.limits.max_token_requests:
-            wait = max(wait, device.token_times[0] + self.limits.window_s - now)
-        return wait
+    async def reserve(self, call_sid: str, ttl_s: float = RESERVATION_TTL_S, *, sticky_key: str | None = None) -> Lease:
+        return self._admit(call_sid, claim=False, ttl_s=ttl_s, sticky_key=sticky_key)
 
-    async def acquire(self, call_sid: str) -> Lease:
-        async with self._lock:
-            now = self._clock.monotonic()
-            candidates = [
-                (self._wait_s(dev, now) > 0, len(dev.calls), len(dev.token_times), device_id)
-                for device_id, dev in self._devices.items()
-                if len(dev.calls) < self.limits.max_concurrent
-            ]
-            if not candidates:
-                raise AdmissionError(f"all {len(self._devices)} devices are at {self.limits.max_concurrent} calls")
-            *_, device_id = min(candidates)
-            self._devices[device_id].calls.add(call_sid)
-            return Lease(call_sid, device_id)
+    async def claim(self, call_sid: str) -> Lease | None:
+        self._expire_reservations()  # an expired reservation cannot be claimed
+        found = self._find(call_sid)
+        if found is None:
+            return None
+        device_id, device = found
+        if device.reserved.pop(call_sid, None) is not None:
+            device.leases.add(call_sid)
+        return Lease(call_sid, device_id)
+
+    async def acquire(self, call_sid: str, sticky_key: str | None = None) -> Lease:
+        return self._admit(call_sid, claim=True, ttl_s=0.0, sticky_key=sticky_key)
+
+    async def heartbeat(self, lease: Lease) -> bool:
+        device = self._devices.get(lease.device_id)
+        return device is not None and lease.call_sid in device.leases
 
     async def take_token(self, lease: Lease) -> float:
-        async with self._lock:
-            device = self._devices[lease.device_id]
-            now = self._clock.monotonic()
-            wait = self._wait_s(device, now)
-            if wait == 0:
-                device.token_times.append(now)
-            return wait
+        device = self._devices[lease.device_id]
+        now = self._clock.monotonic()
+        wait_s = self._token_wait_s(device, now)
+        if wait_s == 0:
+            device.token_times.append(now)
+        return wait_s
 
     async def release(self, lease: Lease) -> None:
-        async with self._lock:
-            self._devices[lease.device_id].calls.discard(lease.call_sid)
+        device = self._devices.get(lease.device_id)
+        if device is not None:
+            device.leases.discard(lease.call_sid)
+            device.reserved.pop(lease.call_sid, None)
 
     async def exhaust(self, device_id: str, for_s: float) -> None:
-        async with self._lock:
-            device = self._devices[device_id]
-            device.exhausted_until = max(device.exhausted_until, self._clock.monotonic() + for_s)
+        device = self._devices[device_id]
+        device.exhausted_until = max(device.exhausted_until, self._clock.monotonic() + for_s)
+
+    async def has_capacity(self) -> bool:
+        self._expire_reservations()
+        return any(device.load < self.limits.max_concurrent for device in self._devices.values())
 
     async def snapshot(self) -> dict[str, Any]:
-        async with self._lock:
-            now = self._clock.monotonic()
-            out = {}
-            for device_id, dev in self._devices.items():
-                self._prune(dev, now)
-                out[device_id] = {
-                    "calls": sorted(dev.calls),
-                    "leases": len(dev.calls),
-                    "tokens_in_window": len(dev.token_times),
-                    "exhausted_for_s": round(max(0.0, dev.exhausted_until - now), 1),
-                }
-            return {"backend": "memory", "limits": vars_of(self.limits), "devices": out}
+        now = self._expire_reservations()
+        devices = {}
+        for device_id, device in self._devices.items():
+            self._prune_tokens(device, now)
+            devices[device_id] = {
+                "leases": len(device.leases),
+                "reservations": len(device.reserved),
+                "tokens_in_window": len(device.token_times),
+                "exhausted_for_s": round(max(0.0, device.exhausted_until - now), 3),
+                "calls": sorted(device.leases),
+                "reserved_calls": sorted(device.reserved),
+            }
+        return {
+            "backend": "memory",
+            "available": True,
+            "limits": self.limits.as_dict(),
+            "unavailable_total": 0,
+            "devices": devices,
+        }
 
     async def close(self) -> None:
         return None
 
+    # --- inside one atomic step -------------------------------------------------------------------------------
 
-def vars_of(limits: Limits) -> dict[str, Any]:
-    return {
-        "max_concurrent": limits.max_concurrent,
-        "max_token_requests": limits.max_token_requests,
-        "window_s": limits.window_s,
-    }
+    def _expire_reservations(self) -> float:
+        """The current time, with every expired reservation dropped."""
+        now = self._clock.monotonic()
+        for device in self._devices.values():
+            for call_sid in [sid for sid, expires in device.reserved.items() if expires <= now]:
+                del device.reserved[call_sid]
+        return now
+
+    def _find(self, call_sid: str) -> tuple[str, _Device] | None:
+        for device_id, device in self._devices.items():
+            if call_sid in device.leases or call_sid in device.reserved:
+                return device_id, device
+        return None
+
+    def _admit(self, call_sid: str, *, claim: bool, ttl_s: float, sticky_key: str | None) -> Lease:
+        now = self._expire_reservations()
+        found = self._find(call_sid)
+        if found is not None:  # idempotent: a retried webhook, or acquire after reserve
+            device_id, device = found
+            if call_sid in device.reserved:
+                if claim:
+                    del device.reserved[call_sid]
+                    device.leases.add(call_sid)
+                else:
+                    device.reserved[call_sid] = max(device.reserved[call_sid], now + ttl_s)
+            return Lease(call_sid, device_id)
+        sticky_device = self._sticky_device(sticky_key, now)
+        candidates = [
+            (self._token_wait_s(device, now) > 0, device_id != sticky_device, device.load, len(device.token_times), i)
+            for i, (device_id, device) in enumerate(self._devices.items())
+            if device.load < self.limits.max_concurrent
+        ]
+        if not candidates:
+            raise AdmissionError(f"all {len(self._devices)} devices are at {self.limits.max_concurrent} calls")
+        device_id = list(self._devices)[min(candidates)[-1]]
+        device = self._devices[device_id]
+        if claim:
+            device.leases.add(call_sid)
+        else:
+            device.reserved[call_sid] = now + ttl_s
+        if sticky_key is not None:
+            self._remember_sticky(sticky_key, device_id, now)
+        return Lease(call_sid, device_id)
+
+    def _sticky_device(self, sticky_key: str | None, now: float) -> str | None:
+        entry = self._sticky.get(sticky_key) if sticky_key is not None else None
+        return entry[0] if entry is not None and entry[1] > now else None
+
+    def _remember_sticky(self, sticky_key: str, device_id: str, now: float) -> None:
+        self._sticky[sticky_key] = (device_id, now + self._sticky_ttl_s)
+        self._sticky.move_to_end(sticky_key)
+        while len(self._sticky) > MAX_STICKY_KEYS:
+            self._sticky.popitem(last=False)
+
+    def _prune_tokens(self, device: _Device, now: float) -> None:
+        while device.token_times and device.token_times[0] <= now - self.limits.window_s:
+            device.token_times.popleft()
+
+    def _token_wait_s(self, device: _Device, now: float) -> float:
+        """Seconds until this device may take a token request (0 = now)."""
+        self._prune_tokens(device, now)
+        wait_s = max(0.0, device.exhausted_until - now)
+        if len(device.token_times) >= self.limits.max_token_requests:
+            wait_s = max(wait_s, device.token_times[0] + self.limits.window_s - now)
+        return wait_s
