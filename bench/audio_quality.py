@@ -16,6 +16,7 @@ from __future__ import annotations
 import sys
 import timeit
 import warnings
+import wave
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -268,6 +269,38 @@ def cost(direction: Direction) -> Callable[[Method], str]:
     return measure
 
 
+SPEECH_WAV = Path(__file__).resolve().parent.parent / "tests" / "data" / "speech_8k.wav"
+
+
+def _speech() -> Samples:
+    with wave.open(str(SPEECH_WAV)) as wav:
+        return np.frombuffer(wav.readframes(wav.getnframes()), dtype="<i2").astype(np.int16)
+
+
+def _ulaw_floor(speech: Samples) -> Samples:
+    """The network's own floor: a bare μ-law encode/decode, as every phone call has."""
+    return ulaw_to_pcm16(pcm16_to_ulaw(speech))
+
+
+def round_trip(method: Method, speech: Samples) -> Samples:
+    """Caller -> bridge -> echo AI -> bridge -> caller: μ-law in 20 ms frames, up, then down, then decoded."""
+    up, down = method.new_up_frames(), method.new_down_frames()
+    heard = b"".join(down(up(pcm16_to_ulaw(frame))) for frame in np.split(speech, len(speech) // 160))
+    out = ulaw_to_pcm16(heard)
+    return np.concatenate([out, np.zeros(max(0, len(speech) - len(out)), dtype=np.int16)])
+
+
+def pesq_nb(reference: Samples, degraded: Samples) -> float:
+    from pesq import pesq  # ITU-T P.862, narrow-band
+
+    return float(pesq(TWILIO_RATE_HZ, reference.astype(float), degraded[: len(reference)].astype(float), "nb"))
+
+
+def pesq_round_trip(method: Method) -> str:
+    speech = _speech()[: len(_speech()) // 160 * 160]
+    return f"{pesq_nb(speech, round_trip(method, speech)):.2f} MOS"
+
+
 ROWS: list[tuple[str, Callable[[Method], str]]] = [
     ("alias 5 kHz (down, vs 1 kHz)", alias_rejection(5000)),
     ("alias 6.5 kHz (down, vs 1 kHz)", alias_rejection(6500)),
@@ -283,6 +316,7 @@ ROWS: list[tuple[str, Callable[[Method], str]]] = [
     ("samples out per 20 ms call, down", samples_per_call(DOWN)),
     ("µs per 20 ms frame, up (μ-law in)", cost(UP)),
     ("µs per 20 ms frame, down (μ-law out)", cost(DOWN)),
+    ("PESQ NB, speech round trip", pesq_round_trip),
 ]
 
 
@@ -293,9 +327,12 @@ def main() -> int:
     for label, measure in ROWS:
         cells = [f"{measure(method):>{w}}" for method, w in zip(METHODS, widths, strict=True)]
         print(f"{label:{label_width}}  " + "  ".join(cells), flush=True)
+    speech = _speech()
     print(
         f"Tones at {TONE_DBFS:g} dBFS, {SIGNAL_S:g} s, first {SETTLE_S:g} s of output skipped. "
-        "'silent': every output sample rounds to 0 (the alias is under half an LSB)."
+        "'silent': every output sample rounds to 0 (the alias is under half an LSB).\n"
+        f"PESQ of {SPEECH_WAV.name} ({len(speech) / TWILIO_RATE_HZ:.1f} s) through a bare μ-law encode/decode "
+        f"(the network's floor): {pesq_nb(speech, _ulaw_floor(speech)):.2f} MOS."
     )
     return 0
 
