@@ -16,7 +16,7 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
 
-from telephony_bridge.accounting.base import Lease
+from telephony_bridge.accounting.base import AccountingUnavailable, Lease
 from telephony_bridge.admission import Admission
 from telephony_bridge.audio.pacing import FRAME_S
 from telephony_bridge.audio.pipeline import AiToCaller, CallerToAi
@@ -139,6 +139,8 @@ class Call:
             return await admission.lease_for_stream(self.call_sid, start.custom_parameters.get("from"))
         except (AdmissionError, StoreUnavailable) as exc:
             self._metrics.admission_refused.labels(where="stream").inc()
+            if isinstance(exc, AccountingUnavailable | StoreUnavailable):
+                self._metrics.accounting_errors.inc()
             log.warning("closing stream: no device can take the call: %s", exc)
             await self._record_outcome("no_capacity")
             await self._close_twilio(CloseCode.TRY_AGAIN_LATER, "no capacity")
@@ -172,9 +174,13 @@ class Call:
     async def _heartbeat(self, lease: Lease) -> None:
         """Keep the lease alive in shared accounting; a replica that dies stops this and its slots lapse."""
         interval_s = self._deps.settings.accounting.lease_ttl_s / 3
+        held = True
         while True:
             await self._clock.sleep_until(self._clock.monotonic() + interval_s)
-            await self._deps.admission.accounting.heartbeat(lease)
+            still_held = await self._deps.admission.accounting.heartbeat(lease)
+            if held and not still_held:
+                log.warning("lost the device lease (it lapsed and the device is full); the call goes on")
+            held = still_held
 
     async def _record_outcome(self, outcome: str) -> None:
         """Kept for the ``<Connect action>`` request, which decides what the caller hears next."""

@@ -98,7 +98,9 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _add_twilio_flow_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--auth-token", help="sign requests with this Twilio auth token (omitted: $TWILIO_AUTH_TOKEN, else unsigned)")
+    parser.add_argument(
+        "--auth-token", help="sign requests with this Twilio auth token (omitted: $TWILIO_AUTH_TOKEN, else unsigned)"
+    )
     parser.add_argument("--public-url", help="the URL Twilio would call, to sign over (omitted: the bridge's own)")
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -11,6 +12,7 @@ from telephony_bridge.app import create_app
 from telephony_bridge.serving import ServerThread
 from telephony_bridge.settings import Settings
 from telephony_bridge.tools.emulator import EmulatorConfig, create_emulator_app
+from tests.redis_server import RedisServer, RedisServerMissing, running_redis
 from tests.support import bridge_settings
 
 
@@ -53,3 +55,25 @@ def start_bridge() -> Iterator[Callable[..., ServerThread]]:
 @pytest.fixture
 def bridge(emulator: ServerThread, start_bridge: Callable[..., ServerThread]) -> ServerThread:
     return start_bridge(bridge_settings(emulator))
+
+
+def redis_or_skip() -> Iterator[RedisServer]:
+    """A real redis-server; without one, skip locally but fail under CI (the Redis backend must be tested)."""
+    try:
+        with running_redis() as server:
+            yield server
+    except RedisServerMissing as exc:
+        if os.environ.get("CI"):
+            pytest.fail(f"CI must test the Redis backend: {exc}")
+        pytest.skip(f"Redis backend untested here: {exc}")
+
+
+@pytest.fixture(scope="module")
+def redis_server() -> Iterator[RedisServer]:
+    yield from redis_or_skip()
+
+
+@pytest.fixture
+def own_redis_server() -> Iterator[RedisServer]:
+    """A server of this test's own, which it may stop."""
+    yield from redis_or_skip()

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
 import time
 import xml.etree.ElementTree as ET
 from collections.abc import Callable
@@ -116,3 +120,51 @@ def stream_ended(bridge: ServerThread, call_sid: str) -> ET.Element:
     form = {"CallSid": call_sid, "AccountSid": new_sid("AC"), "CallStatus": "in-progress"}
     headers = {"X-Twilio-Signature": sign(PUBLIC_URL + "/stream-ended", form)}
     return ET.fromstring(httpx.post(bridge.http_url + "/stream-ended", data=form, headers=headers, timeout=5).text)
+
+
+class BridgeProcess:
+    """``telephony-bridge serve`` in a child process, as production runs it; logs read back as JSON lines."""
+
+    def __init__(self, emulator: ServerThread, env: dict[str, str] | None = None) -> None:
+        env = {
+            **os.environ,
+            "SAVANTS_BASE_URL": emulator.http_url,
+            "SAVANTS_API_KEY": "test-key",
+            "SAVANTS_DEVICE_IDS": ",".join(DEVICE_IDS),
+            "TWILIO_AUTH_TOKEN": AUTH_TOKEN,
+            "PUBLIC_URL": PUBLIC_URL,
+            "HOST": "127.0.0.1",
+            "PORT": "0",
+            **(env or {}),
+        }
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "telephony_bridge", "serve"],
+            env=env,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        self.lines: list[dict[str, object]] = []
+        self.port = 0
+        assert self.proc.stderr is not None
+        for line in self.proc.stderr:
+            record = json.loads(line)
+            self.lines.append(record)
+            message = str(record["msg"])
+            if message.startswith("bridge listening on"):
+                self.port = int(message.rsplit(":", 1)[1])
+            if message == "Application startup complete.":
+                break
+        assert self.port, f"bridge did not start: {self.lines}"
+        self.http_url = f"http://127.0.0.1:{self.port}"
+        self.ws_url = f"ws://127.0.0.1:{self.port}"
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.communicate()  # reaps it and closes the pipe
+
+    def finish(self, timeout_s: float) -> int:
+        assert self.proc.stderr is not None
+        _, rest = self.proc.communicate(timeout=timeout_s)
+        self.lines += [json.loads(line) for line in rest.splitlines() if line.startswith("{")]
+        return self.proc.returncode

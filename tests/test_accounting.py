@@ -8,9 +8,8 @@ windows and TTLs, so its tests use short windows and let real time pass.
 from __future__ import annotations
 
 import asyncio
-import os
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,33 +25,11 @@ from telephony_bridge.accounting.memory import MemoryAccounting
 from telephony_bridge.accounting.redis import RedisAccounting
 from telephony_bridge.clock import FakeClock
 from telephony_bridge.errors import AdmissionError
-from tests.redis_server import RedisServer, RedisServerMissing, free_port, running_redis
+from tests.redis_server import RedisServer, free_port
 
 pytestmark = pytest.mark.timeout(15)
 
 DEVICES = ("dev-a", "dev-b", "dev-c")
-
-
-def redis_or_skip() -> Iterator[RedisServer]:
-    """A real redis-server; without one, skip locally but fail under CI (the Redis backend must be tested)."""
-    try:
-        with running_redis() as server:
-            yield server
-    except RedisServerMissing as exc:
-        if os.environ.get("CI"):
-            pytest.fail(f"CI must test the Redis backend: {exc}")
-        pytest.skip(f"Redis backend untested here: {exc}")
-
-
-@pytest.fixture(scope="module")
-def redis_server() -> Iterator[RedisServer]:
-    yield from redis_or_skip()
-
-
-@pytest.fixture
-def own_redis_server() -> Iterator[RedisServer]:
-    """A server of this test's own, which it may stop."""
-    yield from redis_or_skip()
 
 
 @dataclass

@@ -3,11 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-import json
-import os
 import signal
-import subprocess
-import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -16,48 +12,7 @@ import pytest
 
 from telephony_bridge.serving import ServerThread
 from telephony_bridge.tools.caller import run_call
-from tests.support import AUTH_TOKEN, DEVICE_IDS, PUBLIC_URL, signed_call, wait_until
-
-
-class BridgeProcess:
-    def __init__(self, emulator: ServerThread, config: Path) -> None:
-        env = {
-            **os.environ,
-            "SAVANTS_BASE_URL": emulator.http_url,
-            "SAVANTS_API_KEY": "test-key",
-            "SAVANTS_DEVICE_IDS": ",".join(DEVICE_IDS),
-            "TWILIO_AUTH_TOKEN": AUTH_TOKEN,
-            "PUBLIC_URL": PUBLIC_URL,
-            "HOST": "127.0.0.1",
-            "PORT": "0",
-            "BRIDGE_CONFIG": str(config),
-        }
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "telephony_bridge", "serve"],
-            env=env,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        self.lines: list[dict[str, object]] = []
-        self.port = 0
-        assert self.proc.stderr is not None
-        for line in self.proc.stderr:
-            record = json.loads(line)
-            self.lines.append(record)
-            message = str(record["msg"])
-            if message.startswith("bridge listening on"):
-                self.port = int(message.rsplit(":", 1)[1])
-            if message == "Application startup complete.":
-                break
-        assert self.port, f"bridge did not start: {self.lines}"
-        self.http_url = f"http://127.0.0.1:{self.port}"
-        self.ws_url = f"ws://127.0.0.1:{self.port}"
-
-    def finish(self, timeout_s: float) -> int:
-        assert self.proc.stderr is not None
-        _, rest = self.proc.communicate(timeout=timeout_s)
-        self.lines += [json.loads(line) for line in rest.splitlines() if line.startswith("{")]
-        return self.proc.returncode
+from tests.support import BridgeProcess, signed_call, wait_until
 
 
 @pytest.fixture
@@ -67,15 +22,13 @@ def serve(emulator: ServerThread, tmp_path: Path) -> Iterator[Callable[[float], 
     def start(drain_timeout_s: float) -> BridgeProcess:
         config = tmp_path / "config.yaml"
         config.write_text(f"server:\n  drain_timeout_s: {drain_timeout_s}\n")
-        process = BridgeProcess(emulator, config)
+        process = BridgeProcess(emulator, {"BRIDGE_CONFIG": str(config)})
         processes.append(process)
         return process
 
     yield start
     for process in processes:
-        if process.proc.poll() is None:
-            process.proc.kill()
-            process.proc.communicate()
+        process.kill()
 
 
 async def test_drain_lets_calls_finish_then_exits(serve: Callable[..., BridgeProcess]) -> None:

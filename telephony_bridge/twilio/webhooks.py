@@ -15,6 +15,7 @@ from starlette.datastructures import FormData
 from starlette.requests import HTTPConnection, Request
 from starlette.responses import PlainTextResponse, Response
 
+from telephony_bridge.accounting.base import AccountingUnavailable
 from telephony_bridge.admission import Admission
 from telephony_bridge.errors import AdmissionError, TokenError
 from telephony_bridge.ops import logging as oplog
@@ -96,6 +97,8 @@ class TwilioWebhooks:
             admitted = await self._admission.admit(call_sid, caller)
         except AdmissionError as exc:
             self._metrics.admission_refused.labels(where="webhook").inc()
+            if isinstance(exc, AccountingUnavailable):
+                self._metrics.accounting_errors.inc()  # the backend logs the outage itself, once
             log.warning("call refused, busy: %s", exc)
             busy = twiml.busy_document(tw.busy_message, self._voice, reject=tw.busy_response == "reject")
             return self._document("busy", busy)
