@@ -1,8 +1,9 @@
 """Admission: which calls reach the AI, on which device, with which token.
 
 At the webhook a call is *admitted*: a device is reserved for its CallSid, its Savants token is fetched at
-once (warm start: the stream's ``start`` then connects without a token round trip), and a random stream
-token is minted for the TwiML. At ``start`` the stream presents that token (checked once, in constant time)
+once (warm start: the stream's ``start`` then connects without a token round trip; optionally the Savants
+socket is opened then too, and the AI's first audio waits in it), and a random stream token is minted for the
+TwiML. At ``start`` the stream presents that token (checked once, in constant time)
 and claims the reservation. Every token request is taken from the device's budget before it is sent, so the
 bridge never sends the 61st.
 
@@ -12,6 +13,7 @@ a hash of each stream token and how each call ended.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import hmac
 import logging
@@ -22,6 +24,7 @@ from telephony_bridge.accounting.base import Accounting, Lease
 from telephony_bridge.clock import Clock
 from telephony_bridge.errors import TokenError
 from telephony_bridge.ops.metrics import Metrics
+from telephony_bridge.savants.client import Connector, SavantsConnection
 from telephony_bridge.savants.tokens import TokenClient
 from telephony_bridge.store import Store
 
@@ -40,26 +43,72 @@ class Admitted:
     warm: bool
 
 
-class WarmTokens:
-    """Tokens fetched at the webhook, waiting for their stream; in-process only, never shared or stored."""
+@dataclass(frozen=True, slots=True)
+class VoiceEndpoint:
+    """How to reach /voice-stream, and whether to go early (at the webhook) and how far."""
+
+    connect: Connector
+    url: str
+    timeout_s: float
+    warm_token: bool = True
+    preconnect: bool = False
+
+
+class Warm:
+    """What the webhook prepared for a call's stream (a token, or an open session), waiting in this process.
+
+    Never shared or stored: a stream that lands on another replica simply starts cold. Whatever waits past
+    its use-by time is dropped: an open session is closed by a timer at once (it holds one of the device's
+    sockets, and the accounting frees that slot when the reservation lapses), a token on the next put or take.
+    """
 
     def __init__(self, clock: Clock) -> None:
         self._clock = clock
-        self._tokens: dict[str, tuple[str, str, float]] = {}
+        self._items: dict[str, tuple[str, str | SavantsConnection, float]] = {}
+        self._timers: set[asyncio.Task[None]] = set()
 
-    def put(self, call_sid: str, device_id: str, token: str) -> None:
-        now = self._clock.monotonic()
-        self._tokens = {k: v for k, v in self._tokens.items() if v[2] > now}
-        self._tokens[call_sid] = (device_id, token, now + WARM_TOKEN_USE_BY_S)
+    async def put(self, call_sid: str, device_id: str, item: str | SavantsConnection, use_by_s: float) -> None:
+        await self._sweep()
+        use_by = self._clock.monotonic() + use_by_s
+        self._items[call_sid] = (device_id, item, use_by)
+        if isinstance(item, SavantsConnection):
+            timer = asyncio.get_running_loop().create_task(self._expire_at(use_by))
+            self._timers.add(timer)
+            timer.add_done_callback(self._timers.discard)
 
-    def take(self, call_sid: str, device_id: str) -> str | None:
-        item = self._tokens.pop(call_sid, None)
-        if item is None or item[0] != device_id or item[2] <= self._clock.monotonic():
+    async def _expire_at(self, when: float) -> None:
+        await self._clock.sleep_until(when)
+        await self._sweep()
+
+    async def take(self, call_sid: str, device_id: str) -> str | SavantsConnection | None:
+        await self._sweep()
+        entry = self._items.pop(call_sid, None)
+        if entry is None:
             return None
-        return item[1]
+        if entry[0] != device_id:  # the stream got another device: this one's preparation is useless
+            await _discard(entry[1])
+            return None
+        return entry[1]
+
+    async def _sweep(self) -> None:
+        now = self._clock.monotonic()
+        for call_sid in [sid for sid, entry in self._items.items() if entry[2] <= now]:
+            await _discard(self._items.pop(call_sid)[1])
+
+    async def close(self) -> None:
+        for timer in list(self._timers):
+            timer.cancel()
+        for _, item, _ in self._items.values():
+            await _discard(item)
+        self._items.clear()
 
     def __len__(self) -> int:
-        return len(self._tokens)
+        return len(self._items)
+
+
+async def _discard(item: str | SavantsConnection) -> None:
+    if isinstance(item, SavantsConnection):
+        await item.close()
 
 
 class Admission:
@@ -67,6 +116,7 @@ class Admission:
         self,
         accounting: Accounting,
         tokens: TokenClient,
+        voice: VoiceEndpoint,
         store: Store,
         metrics: Metrics,
         clock: Clock,
@@ -77,13 +127,14 @@ class Admission:
     ) -> None:
         self.accounting = accounting
         self._tokens = tokens
+        self._voice = voice
         self._store = store
         self._metrics = metrics
         self._clock = clock
         self._reservation_ttl_s = reservation_ttl_s
         self._stream_token_ttl_s = stream_token_ttl_s
         self._sticky_callers = sticky_callers
-        self._warm = WarmTokens(clock)
+        self._warm = Warm(clock)
 
     # --- at the webhook ----------------------------------------------------------------------------------
 
@@ -93,9 +144,14 @@ class Admission:
         lease = await self.accounting.reserve(call_sid, self._reservation_ttl_s, sticky_key=sticky_key)
         warm = False
         try:
-            if await self.accounting.take_token(lease) == 0:
+            if self._voice.warm_token and await self.accounting.take_token(lease) == 0:
                 token = await self._fetch(lease)
-                self._warm.put(call_sid, lease.device_id, token)
+                if self._voice.preconnect:
+                    session = await self._voice.connect(self._voice.url, token, self._voice.timeout_s)
+                    # closed just before the reservation lapses, so the slot and the socket go together
+                    await self._warm.put(call_sid, lease.device_id, session, 0.9 * self._reservation_ttl_s)
+                else:
+                    await self._warm.put(call_sid, lease.device_id, token, WARM_TOKEN_USE_BY_S)
                 warm = True
             stream_token = secrets.token_urlsafe(24)
             await self._store.put(f"stream-token:{call_sid}", _digest(stream_token), self._stream_token_ttl_s)
@@ -120,11 +176,19 @@ class Admission:
             return lease
         return await self.accounting.acquire(call_sid, caller if self._sticky_callers else None)
 
-    async def token_for(self, lease: Lease) -> str:
-        """A warm token if the webhook fetched one for this call and device, else a fresh one within budget."""
-        warm = self._warm.take(lease.call_sid, lease.device_id)
-        if warm is not None:
+    async def session_for(self, lease: Lease) -> SavantsConnection:
+        """The AI session for a stream: opened at the webhook, or opened now with a warm or fresh token.
+
+        One token per connection attempt (spec §4, §6.7).
+        """
+        warm = await self._warm.take(lease.call_sid, lease.device_id)
+        if isinstance(warm, SavantsConnection):
             return warm
+        token = warm if warm is not None else await self._fresh_token(lease)
+        return await self._voice.connect(self._voice.url, token, self._voice.timeout_s)
+
+    async def _fresh_token(self, lease: Lease) -> str:
+        """A token within the device's budget, waiting briefly (bounded) for budget if need be."""
         deadline = self._clock.monotonic() + MAX_TOKEN_WAIT_S
         while (wait_s := await self.accounting.take_token(lease)) > 0:
             if self._clock.monotonic() + wait_s > deadline:
@@ -152,6 +216,9 @@ class Admission:
 
     async def outcome(self, call_sid: str) -> str | None:
         return await self._store.get(f"outcome:{call_sid}")
+
+    async def close(self) -> None:
+        await self._warm.close()
 
 
 def _digest(token: str) -> str:

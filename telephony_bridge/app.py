@@ -21,7 +21,7 @@ from starlette.websockets import WebSocket
 
 from telephony_bridge import __version__
 from telephony_bridge.accounting.base import Accounting, Limits
-from telephony_bridge.admission import Admission
+from telephony_bridge.admission import Admission, VoiceEndpoint
 from telephony_bridge.bridge import CallDeps, handle_media_stream
 from telephony_bridge.clock import Clock, SystemClock
 from telephony_bridge.errors import ConfigError
@@ -73,9 +73,17 @@ def create_app(
                 settings.savants.api_key.get_secret_value(),
                 timeout_s=settings.savants.token_timeout_s,
             )
+            voice = VoiceEndpoint(
+                connect=connect or open_voice_session,
+                url=settings.savants.voice_stream_url,
+                timeout_s=settings.savants.connect_timeout_s,
+                warm_token=settings.savants.warm_token,
+                preconnect=settings.savants.preconnect,
+            )
             admission = Admission(
                 acct,
                 tokens,
+                voice,
                 kv,
                 metrics,
                 clock,
@@ -83,10 +91,10 @@ def create_app(
                 stream_token_ttl_s=settings.twilio.stream_token_ttl_s,
                 sticky_callers=settings.accounting.sticky_callers,
             )
+            stack.push_async_callback(admission.close)
             app.state.deps = CallDeps(
                 settings=settings,
                 admission=admission,
-                connect=connect or open_voice_session,
                 metrics=metrics,
                 clock=clock,
                 registry=registry,

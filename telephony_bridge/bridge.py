@@ -26,7 +26,7 @@ from telephony_bridge.ops import logging as oplog
 from telephony_bridge.ops.metrics import Metrics
 from telephony_bridge.outbound import Outbound
 from telephony_bridge.registry import CallRegistry
-from telephony_bridge.savants.client import Connector, SavantsConnection
+from telephony_bridge.savants.client import SavantsConnection
 from telephony_bridge.savants.protocol import Audio
 from telephony_bridge.settings import Settings
 from telephony_bridge.store import StoreUnavailable
@@ -56,7 +56,6 @@ class TwilioSocket(Protocol):
 class CallDeps:
     settings: Settings
     admission: Admission
-    connect: Connector
     metrics: Metrics
     clock: Clock
     registry: CallRegistry
@@ -341,19 +340,13 @@ class Call:
     # --- AI side -----------------------------------------------------------------------------------------
 
     async def _ai_side(self, lease: Lease) -> None:
-        self._savants = await self._connect_ai(lease)
+        self._savants = await self._deps.admission.session_for(lease)
         self._ai_connected_at = self._clock.monotonic()
         self._metrics.ai_connect_latency.observe(self._ai_connected_at - self._started_at)
         log.info("AI session connected", extra={"session_id": self._savants.session_id})
         async with asyncio.TaskGroup() as tg:
             tg.create_task(self._ai_sender(self._savants), name="ai-sender")
             tg.create_task(self._ai_receiver(self._savants), name="ai-receiver")
-
-    async def _connect_ai(self, lease: Lease) -> SavantsConnection:
-        """One token, one connection attempt; each attempt needs its own token (spec §4, §6.7)."""
-        settings = self._deps.settings.savants
-        token = await self._deps.admission.token_for(lease)
-        return await self._deps.connect(settings.voice_stream_url, token, settings.connect_timeout_s)
 
     async def _ai_sender(self, conn: SavantsConnection) -> None:
         while True:

@@ -51,6 +51,8 @@ class SavantsSettings(_Frozen):
     device_ids: tuple[str, ...] = ()
     token_timeout_s: float = Field(5.0, gt=0)
     connect_timeout_s: float = Field(5.0, gt=0)
+    warm_token: bool = True
+    preconnect: bool = False
 
     @field_validator("base_url")
     @classmethod

@@ -17,7 +17,7 @@ from starlette.responses import PlainTextResponse, Response
 
 from telephony_bridge.accounting.base import AccountingUnavailable
 from telephony_bridge.admission import Admission
-from telephony_bridge.errors import AdmissionError, TokenError
+from telephony_bridge.errors import AdmissionError, SavantsError
 from telephony_bridge.ops import logging as oplog
 from telephony_bridge.ops.metrics import Metrics
 from telephony_bridge.settings import Settings
@@ -102,7 +102,7 @@ class TwilioWebhooks:
             log.warning("call refused, busy: %s", exc)
             busy = twiml.busy_document(tw.busy_message, self._voice, reject=tw.busy_response == "reject")
             return self._document("busy", busy)
-        except (TokenError, StoreUnavailable) as exc:
+        except (SavantsError, StoreUnavailable) as exc:
             log.error("call not connected, the AI is unavailable: %s", exc)
             return self._document("unavailable", twiml.message_document(tw.unavailable_message, self._voice))
         log.info("call admitted", extra={"device_id": admitted.lease.device_id, "warm_token": admitted.warm})

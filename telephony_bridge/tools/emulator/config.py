@@ -47,6 +47,10 @@ class EmulatorConfig:
     # Fault injection, to see how a client copes: `fault_after_s` into each session (of `fault_device_ids`,
     # or of every device when None) the socket is dropped without a close handshake reason ("drop", close
     # code 1011), sent an error message and closed ("error", code SERVER_ERROR), or sent non-JSON ("garbage").
+    # Simulated server latency, for measuring what a client's set-up costs against a distant Savants:
+    # the token endpoint answers `token_delay_s` late, and the confirmation comes `confirm_delay_s` late.
+    token_delay_s: float = 0.0
+    confirm_delay_s: float = 0.0
     fault: FaultName = "none"
     fault_after_s: float = 1.0
     fault_device_ids: frozenset[str] | None = None
@@ -63,6 +67,8 @@ class EmulatorConfig:
                 f"emulator connected_type is {self.connected_type!r}; allowed: {', '.join(CONNECTED_TYPES)}"
             )
         _require(self.fault in get_args(FaultName), "fault", self.fault, ", ".join(get_args(FaultName)))
+        _require(self.token_delay_s >= 0, "token_delay_s", self.token_delay_s, "a number >= 0")
+        _require(self.confirm_delay_s >= 0, "confirm_delay_s", self.confirm_delay_s, "a number >= 0")
         _require(self.fault_after_s >= 0, "fault_after_s", self.fault_after_s, "a number >= 0")
         _require(self.echo_delay_s >= 0, "echo_delay_s", self.echo_delay_s, "a number >= 0")
         _require(0 < self.tone_hz < 8000, "tone_hz", self.tone_hz, "0 < Hz < 8000 (the Nyquist limit)")

@@ -118,6 +118,8 @@ class VoiceStreamEndpoint:
         opened_s = self.clock.monotonic()
         ending = _Ending()
         try:
+            if self.config.confirm_delay_s:
+                await self.clock.sleep_until(self.clock.monotonic() + self.config.confirm_delay_s)
             confirmation = connected_message(
                 self.config.connected_type, session_id=session.session_id, unix_s=self.clock.wall()
             )

@@ -43,6 +43,8 @@ class TokenEndpoint:
         self.deactivated_at = iso_timestamp(self.clock.wall(), millis=False)
 
     async def handle(self, request: Request) -> JSONResponse:
+        if self.config.token_delay_s:
+            await self.clock.sleep_until(self.clock.monotonic() + self.config.token_delay_s)
         fields = _parse_body(await request.body())
         if isinstance(fields, JSONResponse):
             self.state.record_error("INVALID_REQUEST")
