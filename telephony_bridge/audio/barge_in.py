@@ -58,7 +58,13 @@ def _check_ms(name: str, ms: int, minimum: int) -> int:
 
 
 class BargeInDetector:
-    """Watches one call's caller audio for barge-ins; see the module docstring for the state machine."""
+    """Watches one call's caller audio for barge-ins; see the module docstring for the state machine.
+
+    Defaults: 160 ms of speech is more than a click or a stray noisy frame, yet a sentence is detected 170-190 ms
+    after its onset (a cough lasts longer, and does barge in); 500 ms of silence outlasts the pauses between a
+    hesitant caller's words; 200 ms of AI audio before the onset means the caller had heard the AI before starting
+    to talk. ``tests/test_barge_in.py`` measures the first two.
+    """
 
     def __init__(
         self,
