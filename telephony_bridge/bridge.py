@@ -16,10 +16,15 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
 
+import numpy as np
+import numpy.typing as npt
+
 from telephony_bridge.accounting.base import AccountingUnavailable, Lease
 from telephony_bridge.admission import Admission
+from telephony_bridge.audio.barge_in import BargeIn, BargeInDetector
 from telephony_bridge.audio.pacing import FRAME_S
 from telephony_bridge.audio.pipeline import AiToCaller, CallerToAi
+from telephony_bridge.audio.vad import VoiceActivityDetector
 from telephony_bridge.clock import Clock
 from telephony_bridge.errors import AdmissionError, SavantsError, SessionError
 from telephony_bridge.ops import logging as oplog
@@ -28,7 +33,7 @@ from telephony_bridge.outbound import Outbound
 from telephony_bridge.registry import CallRegistry
 from telephony_bridge.savants.client import SavantsConnection
 from telephony_bridge.savants.protocol import Audio
-from telephony_bridge.settings import Settings
+from telephony_bridge.settings import BargeInSettings, Settings
 from telephony_bridge.store import StoreUnavailable
 from telephony_bridge.twilio import protocol as tw
 
@@ -93,6 +98,7 @@ class Call:
         self._to_ai_max = max(1, audio.pre_connect_buffer_ms // FRAME_MS)
         self._to_ai_ready = asyncio.Event()
         self._outbound: Outbound | None = None  # needs the streamSid: made at 'start'
+        self._barge_in = _barge_in_detector(deps.settings.barge_in)
         self.frames_in = 0
         self.frames_to_ai = 0
         self.ai_bytes = 0
@@ -220,6 +226,7 @@ class Call:
             "ai_audio_played_ms": self.outbound.playback.played_ms,
             "ai_audio_discarded_ms": self.outbound.playback.discarded_ms + self.outbound.held_ms,
             "clears": self.outbound.clears,
+            "barge_ins": self._barge_in.barge_ins if self._barge_in else 0,
             "late_frames_dropped": timeline.dropped_frames,
             "gap_filled_ms": timeline.filled_bytes // 8,
             "overflow_frames_dropped": self.dropped_overflow,
@@ -301,7 +308,10 @@ class Call:
         self.frames_in += 1
         timeline = self._caller_to_ai.timeline
         dropped_before, filled_before = timeline.dropped_frames, timeline.filled_bytes
-        for frame in self._caller_to_ai.push(media.timestamp_ms, media.payload):
+        pcm_8k, frames = self._caller_to_ai.push(media.timestamp_ms, media.payload)
+        if self._barge_in is not None and len(pcm_8k):
+            self._detect_barge_in(pcm_8k)
+        for frame in frames:
             if len(self._to_ai) >= self._to_ai_max:
                 self._to_ai.popleft()  # the AI is not taking audio: keep the newest, count the loss
                 self.dropped_overflow += 1
@@ -312,6 +322,20 @@ class Call:
             self._metrics.inbound_dropped.labels(reason="late").inc()
         if timeline.filled_bytes != filled_before:
             self._metrics.inbound_gap.inc((timeline.filled_bytes - filled_before) / 8000)
+
+    def _detect_barge_in(self, pcm_8k: npt.NDArray[np.int16]) -> None:
+        assert self._barge_in is not None
+        now = self._clock.monotonic()
+        ai_since = self.outbound.audible_since(now)
+        for event in self._barge_in.caller_audio(pcm_8k, now, ai_since):
+            if isinstance(event, BargeIn):
+                self.outbound.interrupt()
+                self._metrics.barge_ins.inc()
+                into_ms = round(1000 * (event.onset_s - ai_since)) if ai_since is not None else 0
+                log.info("barge-in: the caller spoke %d ms into the AI's turn; AI audio cleared and held", into_ms)
+            else:
+                self.outbound.resume()
+                log.debug("the caller stopped; AI audio flows again")
 
     def _protocol_error(self, reason: str) -> None:
         self.protocol_errors += 1
@@ -394,6 +418,17 @@ def _first(group: BaseExceptionGroup[E], kind: type[E]) -> E:
         leaf = leaf.exceptions[0]
     assert isinstance(leaf, kind)
     return leaf
+
+
+def _barge_in_detector(settings: BargeInSettings) -> BargeInDetector | None:
+    if not settings.enabled:
+        return None
+    return BargeInDetector(
+        min_speech_ms=settings.min_speech_ms,
+        utterance_end_ms=settings.utterance_end_ms,
+        min_ai_audible_ms=settings.min_ai_audible_ms,
+        vad=VoiceActivityDetector(settings.sensitivity, settings.min_level_dbfs),
+    )
 
 
 def _since(at: float | None, origin: float) -> float | None:

@@ -112,6 +112,15 @@ class AudioSettings(_Frozen):
     mark_interval_ms: int = Field(100, ge=20, le=2000)
 
 
+class BargeInSettings(_Frozen):
+    enabled: bool = True
+    sensitivity: int = Field(2, ge=0, le=3)
+    min_speech_ms: int = Field(160, ge=20, le=2000)
+    min_ai_audible_ms: int = Field(200, ge=0, le=5000)
+    utterance_end_ms: int = Field(500, ge=100, le=5000)
+    min_level_dbfs: float = Field(-45.0, ge=-90, le=0)
+
+
 class LoggingSettings(_Frozen):
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     format: Literal["auto", "json", "text"] = "auto"
@@ -128,6 +137,7 @@ class Settings(_Frozen):
     twilio: TwilioSettings = TwilioSettings()
     audio: AudioSettings = AudioSettings()
     accounting: AccountingSettings = AccountingSettings()
+    barge_in: BargeInSettings = BargeInSettings()
     logging: LoggingSettings = LoggingSettings()
     redis_url: str = ""
     # Set by ``serve`` when it starts the embedded emulator (no Savants URL configured); not a config.yaml key.
@@ -156,6 +166,7 @@ ENVIRONMENT: dict[str, str] = {
     "HOST": "server.host",
     "PORT": "server.port",
     "LOG_LEVEL": "logging.level",
+    "BARGE_IN": "barge_in.enabled",
 }
 SECRET_KEYS = frozenset({"savants.api_key", "twilio.auth_token"})
 

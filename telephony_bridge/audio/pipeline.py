@@ -7,6 +7,7 @@ AI → caller: PCM16 16 kHz (any even or odd byte count) → 8 kHz → μ-law 16
 from __future__ import annotations
 
 import numpy as np
+import numpy.typing as npt
 
 from telephony_bridge.audio.codec import (
     SAVANTS_FRAME_BYTES,
@@ -25,13 +26,13 @@ class CallerToAi:
         self._upsampler = Upsampler2x()
         self._pending = bytearray()
 
-    def push(self, timestamp_ms: int, ulaw: bytes) -> list[bytes]:
-        """One Twilio media payload in; the whole 640-byte frames now due out."""
-        placed = self.timeline.place(timestamp_ms, ulaw)
-        if placed:
-            pcm = self._upsampler.process(ulaw_to_pcm16(placed))
-            self._pending += pcm.astype("<i2", copy=False).tobytes()
-        return _take_frames(self._pending, SAVANTS_FRAME_BYTES)
+    def push(self, timestamp_ms: int, ulaw: bytes) -> tuple[npt.NDArray[np.int16], list[bytes]]:
+        """One Twilio media payload in: the caller's audio as placed on the timeline (8 kHz PCM, for the
+        voice activity detector) and the whole 640-byte frames now due to the AI."""
+        placed = ulaw_to_pcm16(self.timeline.place(timestamp_ms, ulaw))
+        if len(placed):
+            self._pending += self._upsampler.process(placed).astype("<i2", copy=False).tobytes()
+        return placed, _take_frames(self._pending, SAVANTS_FRAME_BYTES)
 
 
 class AiToCaller:
