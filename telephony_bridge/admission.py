@@ -139,26 +139,41 @@ class Admission:
     # --- at the webhook ----------------------------------------------------------------------------------
 
     async def admit(self, call_sid: str, caller: str | None = None) -> Admitted:
-        """Reserve a device and warm a token. ``AdmissionError``: busy. ``TokenError``: Savants is failing."""
+        """Reserve a device and warm a token. ``AdmissionError``: busy. ``SavantsError``: Savants is failing.
+
+        A 429 here means another client shares the device (we never exceed its budget ourselves): the device is
+        marked exhausted for ``retryAfter`` and the call tries once more, on the device the pool now prefers.
+        """
         sticky_key = caller if self._sticky_callers else None
-        lease = await self.accounting.reserve(call_sid, self._reservation_ttl_s, sticky_key=sticky_key)
-        warm = False
-        try:
-            if self._voice.warm_token and await self.accounting.take_token(lease) == 0:
-                token = await self._fetch(lease)
-                if self._voice.preconnect:
-                    session = await self._voice.connect(self._voice.url, token, self._voice.timeout_s)
-                    # closed just before the reservation lapses, so the slot and the socket go together
-                    await self._warm.put(call_sid, lease.device_id, session, 0.9 * self._reservation_ttl_s)
-                else:
-                    await self._warm.put(call_sid, lease.device_id, token, WARM_TOKEN_USE_BY_S)
-                warm = True
-            stream_token = secrets.token_urlsafe(24)
-            await self._store.put(f"stream-token:{call_sid}", _digest(stream_token), self._stream_token_ttl_s)
-        except BaseException:
-            await self.accounting.release(lease)
-            raise
-        return Admitted(lease, stream_token, warm)
+        for attempt in (1, 2):
+            lease = await self.accounting.reserve(call_sid, self._reservation_ttl_s, sticky_key=sticky_key)
+            try:
+                warm = await self._warm_up(lease)
+                stream_token = secrets.token_urlsafe(24)
+                await self._store.put(f"stream-token:{call_sid}", _digest(stream_token), self._stream_token_ttl_s)
+                return Admitted(lease, stream_token, warm)
+            except TokenError as exc:
+                await self.accounting.release(lease)
+                if exc.status != 429 or attempt == 2:
+                    raise
+                log.warning("device %s is rate limited by Savants; trying the pool again", lease.device_id)
+            except BaseException:
+                await self.accounting.release(lease)
+                raise
+        raise AssertionError("unreachable")
+
+    async def _warm_up(self, lease: Lease) -> bool:
+        """Fetch the call's token now (and open its socket, with preconnect) if the device has budget."""
+        if not self._voice.warm_token or await self.accounting.take_token(lease) > 0:
+            return False
+        token = await self._fetch(lease)
+        if self._voice.preconnect:
+            session = await self._voice.connect(self._voice.url, token, self._voice.timeout_s)
+            # closed just before the reservation lapses, so the slot and the socket go together
+            await self._warm.put(lease.call_sid, lease.device_id, session, 0.9 * self._reservation_ttl_s)
+        else:
+            await self._warm.put(lease.call_sid, lease.device_id, token, WARM_TOKEN_USE_BY_S)
+        return True
 
     # --- at the stream's start ---------------------------------------------------------------------------
 

@@ -56,6 +56,7 @@ def create_app(
     clock = clock or SystemClock()
     metrics = metrics or Metrics()
     oplog.install_context()
+    oplog.guard_wire_loggers()
     registry = CallRegistry()
     checker = signature_checker(settings)
 

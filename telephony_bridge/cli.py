@@ -110,6 +110,8 @@ def _add_twilio_flow_options(parser: argparse.ArgumentParser) -> None:
 def run_serve(args: argparse.Namespace) -> int:
     overrides = {k: v for k, v in (("server.host", args.host), ("server.port", args.port)) if v is not None}
     settings = load_settings(args.config, **overrides)
+    if not settings.dev_mode:
+        _require_production_settings(settings)  # before anything starts: a wrong setting is one sentence
     oplog.configure(settings.logging.level, settings.logging.format)
     emulator: ServerThread | None = None
     if settings.dev_mode:
@@ -121,8 +123,6 @@ def run_serve(args: argparse.Namespace) -> int:
             emulator.http_url,
             args.dev_voice,
         )
-    else:
-        _require_production_settings(settings)
     try:
         asyncio.run(_serve_bridge(settings))
     finally:

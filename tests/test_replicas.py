@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import signal
 import xml.etree.ElementTree as ET
@@ -121,3 +122,21 @@ async def test_calls_in_progress_continue_when_redis_goes_away(
     own_redis_server.stop()
     result = await call
     assert result.ended_by == "caller" and result.heard_s > 2.0
+
+
+async def test_webhook_on_one_replica_stream_on_another(
+    emulator: ServerThread, replicas: Callable[..., BridgeProcess]
+) -> None:
+    """Behind a load balancer Twilio's webhook and its stream may reach different replicas: the stream token
+    and the device reservation travel through Redis (the warm token does not: the stream starts cold)."""
+    webhook_replica, stream_replica = replicas(), replicas()
+    form = call_form()
+    config = signed_call(webhook_replica, form, audio_in=VOICE, seconds=2.0)
+    config = dataclasses.replace(config, url=stream_replica.ws_url + "/media-stream")
+    result = await run_call(config)
+    assert result.ended_by == "caller" and result.heard_s > 1.0
+    stats = emulator_stats(emulator)
+    assert (stats["tokens_issued"], stats["sessions_opened"], stats["violations"]) == (2, 1, [])
+    # The same stream token again, on the replica that minted it: spent, whichever replica saw it used.
+    replayed = await run_call(dataclasses.replace(config, url=webhook_replica.ws_url + "/media-stream"))
+    assert replayed.ended_by == "bridge" and replayed.close_code == 1008

@@ -92,6 +92,27 @@ def test_voice_busy_when_no_device_can_take_the_call(
     assert [child.tag for child in root] == ["Say", "Hangup"]
     assert "busy" in (root.find("Say").text or "")  # type: ignore[union-attr]
     assert 'bridge_admission_refused_total{where="webhook"} 1.0' in httpx.get(bridge.http_url + "/metrics").text
+    ready = httpx.get(bridge.http_url + "/readyz")
+    assert (ready.status_code, ready.json()) == (503, {"ready": False, "reason": "device pool full"})
+
+
+def test_readyz_ready_when_the_pool_has_room_and_configurable_when_full(
+    emulator: ServerThread, start_bridge: Callable[..., ServerThread]
+) -> None:
+    bridge = start_bridge(
+        bridge_settings(
+            emulator,
+            **{
+                "savants.device_ids": ["only"],
+                "accounting.max_concurrent_per_device": 1,
+                "accounting.not_ready_when_full": False,
+            },
+        )
+    )
+    assert httpx.get(bridge.http_url + "/readyz").json() == {"ready": True}
+    post_voice(bridge, call_form())
+    assert httpx.get(bridge.http_url + "/readyz").status_code == 200
+    assert httpx.get(bridge.http_url + "/healthz").json() == {"status": "ok"}
 
 
 def test_voice_busy_as_a_reject(emulator: ServerThread, start_bridge: Callable[..., ServerThread]) -> None:

@@ -43,6 +43,18 @@ def current_context() -> dict[str, str]:
     return dict(_context.get())
 
 
+# Loggers that, at DEBUG, print the first bytes of every WebSocket frame: Savants JWTs and call audio. They
+# are held at INFO whatever LOG_LEVEL says (uvicorn passes "uvicorn.error" to the websockets protocol).
+WIRE_LOGGERS = ("websockets", "uvicorn.error", "httpcore")
+
+
+def guard_wire_loggers() -> None:
+    for name in WIRE_LOGGERS:
+        logger = logging.getLogger(name)
+        if logger.level == logging.NOTSET or logger.level < logging.INFO:
+            logger.setLevel(logging.INFO)
+
+
 def install_context() -> None:
     """Stamp the call context on every record when it is made, whichever handler later sees it.
 
@@ -107,3 +119,4 @@ def configure(level: str = "INFO", fmt: str = "auto", stream: Any = None) -> Non
     root.setLevel(level)
     for noisy in ("httpx", "httpcore", "websockets", "uvicorn.access"):
         logging.getLogger(noisy).setLevel(max(logging.WARNING, root.level))
+    guard_wire_loggers()
