@@ -11,7 +11,7 @@ import contextlib
 import itertools
 import random
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import pytest
@@ -70,15 +70,15 @@ class Line:
     outbound: Outbound
     sent: list[tuple[float, str]]
     t0: float
+    _parsed: list[tuple[float, OutboundEvent]] = field(default_factory=list)
 
     def events(self) -> list[tuple[float, OutboundEvent]]:
         """Every message as Twilio reads it, with the time it was sent; none may be malformed."""
-        out: list[tuple[float, OutboundEvent]] = []
-        for at, text in self.sent:
+        for at, text in self.sent[len(self._parsed) :]:
             event = parse_outbound(text, STREAM_SID)
             assert not isinstance(event, Malformed), event.reason
-            out.append((at, event))
-        return out
+            self._parsed.append((at, event))
+        return list(self._parsed)
 
     def media(self) -> list[tuple[float, bytes]]:
         return [(at, e.payload) for at, e in self.events() if isinstance(e, OutMedia)]
