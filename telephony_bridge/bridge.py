@@ -224,7 +224,7 @@ class Call:
             "frames_to_ai": self.frames_to_ai,
             "ai_audio_sent_ms": self.outbound.playback.sent_ms,
             "ai_audio_played_ms": self.outbound.playback.played_ms,
-            "ai_audio_discarded_ms": self.outbound.playback.discarded_ms + self.outbound.held_ms,
+            "ai_audio_discarded_ms": self.outbound.discarded_ms,
             "clears": self.outbound.clears,
             "barge_ins": self._barge_in.barge_ins if self._barge_in else 0,
             "late_frames_dropped": timeline.dropped_frames,

@@ -36,9 +36,10 @@ class Outbound:
         self._ready = asyncio.Event()
         self._pacer = OutboundPacer(settings.outbound_lead_ms / 1000, FRAME_S)
         self._prebuffer_s = settings.playout_prebuffer_ms / 1000
-        self._prebuffer_frames = max(1, settings.playout_prebuffer_ms // FRAME_MS)
+        self._prebuffer_frames = max(1, -(-settings.playout_prebuffer_ms // FRAME_MS))  # rounded up
         self._mark_every_ms = settings.mark_interval_ms
         self._queued_since = 0.0
+        self._last_push_at = float("-inf")
         self._unmarked_ms = 0
         self._clear_pending = False
         self._audible_since: float | None = None
@@ -46,7 +47,8 @@ class Outbound:
         self.holding = False
         self.playback = PlaybackTracker()
         self.first_audio_at: float | None = None
-        self.held_ms = 0
+        self._held_bytes = 0
+        self._cut_bytes = 0
         self.clears = 0
 
     # --- fed by the AI side --------------------------------------------------------------------------------
@@ -56,18 +58,30 @@ class Outbound:
         if not ulaw:
             return
         if self.holding:
-            self.held_ms += len(ulaw) // 8
+            self._held_bytes += len(ulaw)
             return
+        now = self._clock.monotonic()
         if not len(self._buffer):
-            self._queued_since = self._clock.monotonic()
+            self._queued_since = now
+        self._last_push_at = now
         self._buffer.append(ulaw)
         self._ready.set()
+
+    @property
+    def held_ms(self) -> int:
+        """AI audio dropped unheard because the caller held the floor."""
+        return self._held_bytes // 8
+
+    @property
+    def discarded_ms(self) -> int:
+        """AI audio the caller never heard because of barge-ins: flushed at Twilio, cut here, or held."""
+        return self.playback.discarded_ms + (self._cut_bytes + self._held_bytes) // 8
 
     # --- told by the caller side --------------------------------------------------------------------------
 
     def interrupt(self) -> None:
         """Barge-in: drop what is queued here, have Twilio drop what it buffered, hold further AI audio."""
-        self._buffer.clear()
+        self._cut_bytes += self._buffer.clear()
         self._clear_pending = True
         self.holding = True
         self._ready.set()
@@ -80,8 +94,9 @@ class Outbound:
         self.playback.mark_echoed(name)
 
     def audible_since(self, now: float) -> float | None:
-        """When the AI's current talk spurt became audible to the caller; None while it is silent."""
-        if self._audible_since is None or now > self._audible_until + SPURT_GAP_S:
+        """When the AI's current talk spurt became audible to the caller; None while it is silent (including
+        while its first audible frame is still queued at Twilio)."""
+        if self._audible_since is None or self._audible_since > now or now > self._audible_until + SPURT_GAP_S:
             return None
         return self._audible_since
 
@@ -94,8 +109,9 @@ class Outbound:
         """Hand audio to Twilio from the clock, at most the lead ahead of real time.
 
         When Twilio's buffer is empty a new talk spurt begins; its first frames wait up to
-        ``playout_prebuffer_ms`` for company, so that network jitter opens no gap after the first frame. A
-        trailing partial frame is padded with silence once nothing more has come.
+        ``playout_prebuffer_ms`` for company, so that network jitter opens no gap after the first frame. Once
+        the AI has paused that long, a trailing partial frame is padded with silence and sent, and a mark
+        closes the spurt.
         """
         while True:
             now = self._clock.monotonic()
@@ -103,16 +119,18 @@ class Outbound:
                 await self._clear(now)
                 continue
             frames = self._buffer.frames
-            idle = self._pacer.lead(now) == 0
-            gathering = now < self._queued_since + self._prebuffer_s
-            if frames == 0 and len(self._buffer) and idle and not gathering:
-                self._buffer.pad_to_frame()
+            paused_at = self._last_push_at + self._prebuffer_s
+            if frames == 0:
+                if now >= paused_at and len(self._buffer):
+                    self._buffer.pad_to_frame()
+                elif now >= paused_at and self._unmarked_ms:
+                    await self._send_mark()
+                else:
+                    await self._wait(paused_at if len(self._buffer) or self._unmarked_ms else None)
                 continue
-            if frames == 0 or (idle and frames < self._prebuffer_frames and gathering):
-                deadline = self._queued_since + self._prebuffer_s if len(self._buffer) else None
-                if deadline is not None and not gathering:
-                    deadline = now + self._pacer.lead(now)
-                await self._wait(deadline)
+            gathering_until = self._queued_since + self._prebuffer_s
+            if self._pacer.lead(now) == 0 and frames < self._prebuffer_frames and now < gathering_until:
+                await self._wait(gathering_until)
                 continue
             due = self._pacer.frames_due(now, frames)
             if due:
@@ -138,9 +156,13 @@ class Outbound:
             self.first_audio_at = self._clock.monotonic()
         self._track_audibility(ulaw, play_at)
         self._unmarked_ms += ms
-        if self._unmarked_ms >= self._mark_every_ms or self._buffer.frames == 0:
-            self._unmarked_ms = 0
-            await self._send(tw.mark_message(self._stream_sid, self.playback.mark_sent()))
+        if self._unmarked_ms >= self._mark_every_ms:
+            await self._send_mark()
+
+    async def _send_mark(self) -> None:
+        """A mark behind everything sent so far; its echo says the caller has heard it (spec §4)."""
+        self._unmarked_ms = 0
+        await self._send(tw.mark_message(self._stream_sid, self.playback.mark_sent()))
 
     def _track_audibility(self, ulaw: bytes, play_at: float) -> None:
         """Note when audible AI speech plays at the caller: frame k of this batch plays at play_at + k·20 ms."""
