@@ -6,7 +6,7 @@ import argparse
 import asyncio
 import logging
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import uvicorn
 
@@ -124,11 +124,22 @@ def run_serve(args: argparse.Namespace) -> int:
             args.dev_voice,
         )
     try:
-        asyncio.run(_serve_bridge(settings))
+        with asyncio.Runner(loop_factory=_fast_loop_factory()) as runner:
+            runner.run(_serve_bridge(settings))
     finally:
         if emulator is not None:
             emulator.stop()
     return 0
+
+
+def _fast_loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
+    """uvloop where it is installed (uvicorn[standard] brings it): it halves the event loop's cost per frame
+    (shared/notes/measurements.md); the stdlib loop otherwise."""
+    try:
+        import uvloop
+    except ImportError:
+        return None
+    return uvloop.new_event_loop
 
 
 async def _serve_bridge(settings: Settings) -> None:

@@ -25,6 +25,10 @@ class Clock(Protocol):
         """Return once ``monotonic()`` has reached ``deadline``."""
         ...
 
+    async def wait_until(self, event: asyncio.Event, deadline: float) -> None:
+        """Return once ``event`` is set or ``monotonic()`` has reached ``deadline``, whichever comes first."""
+        ...
+
 
 class SystemClock:
     """The real clock."""
@@ -39,6 +43,17 @@ class SystemClock:
         delay = deadline - time.monotonic()
         if delay > 0:
             await asyncio.sleep(delay)
+
+    async def wait_until(self, event: asyncio.Event, deadline: float) -> None:
+        # asyncio.timeout schedules one timer handle: no task per wait, which matters 50 times a second a call.
+        delay = deadline - time.monotonic()
+        if event.is_set() or delay <= 0:
+            return
+        try:
+            async with asyncio.timeout(delay):
+                await event.wait()
+        except TimeoutError:
+            pass
 
 
 class FakeClock:
@@ -63,6 +78,18 @@ class FakeClock:
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         heapq.heappush(self._sleepers, (deadline, next(self._seq), fut))
         await fut
+
+    async def wait_until(self, event: asyncio.Event, deadline: float) -> None:
+        if event.is_set() or deadline <= self._now:
+            await asyncio.sleep(0)
+            return
+        waiter = asyncio.ensure_future(event.wait())
+        sleeper = asyncio.ensure_future(self.sleep_until(deadline))
+        try:
+            await asyncio.wait({waiter, sleeper}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            waiter.cancel()
+            sleeper.cancel()
 
     def advance(self, seconds: float) -> None:
         """Move time forward and wake every sleeper whose deadline has passed."""

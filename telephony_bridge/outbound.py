@@ -10,8 +10,6 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Awaitable, Callable
 
-import numpy as np
-
 from telephony_bridge.audio.codec import TWILIO_FRAME_BYTES, ulaw_to_pcm16
 from telephony_bridge.audio.pacing import FRAME_S, OutboundPacer
 from telephony_bridge.audio.pipeline import FrameBuffer
@@ -23,6 +21,8 @@ from telephony_bridge.twilio import protocol as tw
 FRAME_MS = 20
 AUDIBLE_PEAK = 200  # about -44 dBFS: quieter AI frames are silence to the caller, not speech
 SPURT_GAP_S = 0.3  # AI silence longer than this ends a talk spurt
+# μ-law code -> 1 if it decodes to |sample| >= AUDIBLE_PEAK: audibility read straight off the bytes we send.
+_AUDIBLE_CODES = bytes(int(abs(int(v)) >= AUDIBLE_PEAK) for v in ulaw_to_pcm16(bytes(range(256))))
 
 
 class Outbound:
@@ -166,9 +166,11 @@ class Outbound:
 
     def _track_audibility(self, ulaw: bytes, play_at: float) -> None:
         """Note when audible AI speech plays at the caller: frame k of this batch plays at play_at + k·20 ms."""
-        peaks = np.abs(ulaw_to_pcm16(ulaw).astype(np.int32)).reshape(-1, TWILIO_FRAME_BYTES).max(axis=1)
-        for k in np.flatnonzero(peaks >= AUDIBLE_PEAK):
-            starts = play_at + int(k) * FRAME_S
+        marked = ulaw.translate(_AUDIBLE_CODES)  # 1 where a sample is audible: no decoding needed
+        for k in range(len(ulaw) // TWILIO_FRAME_BYTES):
+            if 1 not in marked[k * TWILIO_FRAME_BYTES : (k + 1) * TWILIO_FRAME_BYTES]:
+                continue
+            starts = play_at + k * FRAME_S
             if self._audible_since is None or starts > self._audible_until + SPURT_GAP_S:
                 self._audible_since = starts
             self._audible_until = starts + FRAME_S
@@ -178,11 +180,5 @@ class Outbound:
         self._ready.clear()
         if deadline is None:
             await self._ready.wait()
-            return
-        waiter = asyncio.ensure_future(self._ready.wait())
-        sleeper = asyncio.ensure_future(self._clock.sleep_until(deadline))
-        try:
-            await asyncio.wait({waiter, sleeper}, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            waiter.cancel()
-            sleeper.cancel()
+        else:
+            await self._clock.wait_until(self._ready, deadline)
