@@ -20,7 +20,7 @@ import logging
 import secrets
 from dataclasses import dataclass
 
-from telephony_bridge.accounting.base import Accounting, Lease
+from telephony_bridge.accounting.base import Accounting, AccountingUnavailable, Lease
 from telephony_bridge.clock import Clock
 from telephony_bridge.errors import TokenError
 from telephony_bridge.ops.metrics import Metrics
@@ -69,6 +69,7 @@ class Warm:
 
     async def put(self, call_sid: str, device_id: str, item: str | SavantsConnection, use_by_s: float) -> None:
         await self._sweep()
+        await self.discard(call_sid)  # a retried webhook: its earlier preparation goes
         use_by = self._clock.monotonic() + use_by_s
         self._items[call_sid] = (device_id, item, use_by)
         if isinstance(item, SavantsConnection):
@@ -90,17 +91,25 @@ class Warm:
             return None
         return entry[1]
 
+    async def discard(self, call_sid: str) -> None:
+        """Drop what was prepared for this call (closing an open session), if anything."""
+        entry = self._items.pop(call_sid, None)
+        if entry is not None:
+            await _discard(entry[1])
+
     async def _sweep(self) -> None:
         now = self._clock.monotonic()
-        for call_sid in [sid for sid, entry in self._items.items() if entry[2] <= now]:
-            await _discard(self._items.pop(call_sid)[1])
+        # Take every expired entry out before the first await, so concurrent sweeps never meet the same one.
+        expired = [self._items.pop(sid) for sid in [sid for sid, e in self._items.items() if e[2] <= now]]
+        for _, item, _ in expired:
+            await _discard(item)
 
     async def close(self) -> None:
         for timer in list(self._timers):
             timer.cancel()
-        for _, item, _ in self._items.values():
+        items, self._items = list(self._items.values()), {}
+        for _, item, _ in items:
             await _discard(item)
-        self._items.clear()
 
     def __len__(self) -> int:
         return len(self._items)
@@ -135,6 +144,7 @@ class Admission:
         self._stream_token_ttl_s = stream_token_ttl_s
         self._sticky_callers = sticky_callers
         self._warm = Warm(clock)
+        self._admitted: dict[str, float] = {}  # call SID -> when its reservation lapses
 
     # --- at the webhook ----------------------------------------------------------------------------------
 
@@ -151,16 +161,27 @@ class Admission:
                 warm = await self._warm_up(lease)
                 stream_token = secrets.token_urlsafe(24)
                 await self._store.put(f"stream-token:{call_sid}", _digest(stream_token), self._stream_token_ttl_s)
+                self._admitted[call_sid] = self._clock.monotonic() + self._reservation_ttl_s
                 return Admitted(lease, stream_token, warm)
             except TokenError as exc:
-                await self.accounting.release(lease)
+                await self._give_back(lease)
                 if exc.status != 429 or attempt == 2:
                     raise
                 log.warning("device %s is rate limited by Savants; trying the pool again", lease.device_id)
             except BaseException:
-                await self.accounting.release(lease)
+                await self._give_back(lease)
                 raise
         raise AssertionError("unreachable")
+
+    async def _give_back(self, lease: Lease) -> None:
+        await self._warm.discard(lease.call_sid)
+        await self.accounting.release(lease)
+
+    def awaiting_streams(self) -> int:
+        """Calls admitted here whose stream has not started yet (and whose reservation has not lapsed)."""
+        now = self._clock.monotonic()
+        self._admitted = {sid: until for sid, until in self._admitted.items() if until > now}
+        return len(self._admitted)
 
     async def _warm_up(self, lease: Lease) -> bool:
         """Fetch the call's token now (and open its socket, with preconnect) if the device has budget."""
@@ -186,6 +207,7 @@ class Admission:
 
     async def lease_for_stream(self, call_sid: str, caller: str | None = None) -> Lease:
         """The webhook's reservation if this replica's accounting knows it, else a fresh lease."""
+        self._admitted.pop(call_sid, None)
         lease = await self.accounting.claim(call_sid)
         if lease is not None:
             return lease
@@ -205,12 +227,18 @@ class Admission:
     async def _fresh_token(self, lease: Lease) -> str:
         """A token within the device's budget, waiting briefly (bounded) for budget if need be."""
         deadline = self._clock.monotonic() + MAX_TOKEN_WAIT_S
-        while (wait_s := await self.accounting.take_token(lease)) > 0:
+        while (wait_s := await self._take_token(lease)) > 0:
             if self._clock.monotonic() + wait_s > deadline:
                 self._metrics.token_requests.labels(result="NO_BUDGET").inc()
                 raise TokenError(f"device {lease.device_id} has no token budget for {wait_s:.1f} s", code="NO_BUDGET")
             await self._clock.sleep_until(self._clock.monotonic() + wait_s)
         return await self._fetch(lease)
+
+    async def _take_token(self, lease: Lease) -> float:
+        try:
+            return await self.accounting.take_token(lease)
+        except AccountingUnavailable as exc:  # mid-call, this is the AI being unreachable, not our bug
+            raise TokenError(str(exc), code="ACCOUNTING_UNAVAILABLE") from None
 
     async def _fetch(self, lease: Lease) -> str:
         """One token request, already counted against the device's budget."""

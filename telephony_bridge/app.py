@@ -166,14 +166,18 @@ def create_app(
     )
 
 
-async def drain(app: Starlette, timeout_s: float) -> None:
-    """Stop being ready, then wait (at most ``timeout_s``) for the calls in progress to end on their own."""
+async def drain(app: Starlette, timeout_s: float, poll_s: float = 0.1) -> None:
+    """Stop being ready, then wait (at most ``timeout_s``) for the calls in progress to end on their own,
+    including calls admitted here whose stream has yet to start."""
     app.state.draining = True
     registry: CallRegistry = app.state.registry
+    admission: Admission = app.state.deps.admission
     log.info("draining: not ready any more; waiting up to %s s for %d calls to end", timeout_s, len(registry))
     try:
         async with asyncio.timeout(timeout_s):
-            await registry.wait_empty()
+            # Admissions lapse on a clock, not on an event: polling is the honest way to watch them.
+            while len(registry) or admission.awaiting_streams():  # noqa: ASYNC110
+                await asyncio.sleep(poll_s)
         log.info("drained: no calls left")
     except TimeoutError:
         log.warning("drain timeout: %d calls still up will be cut", len(registry))

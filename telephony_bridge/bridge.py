@@ -1,10 +1,11 @@
 """One call: the only code that holds both sockets.
 
-Three tasks run in one ``TaskGroup`` per call: the caller pump (Twilio → AI queue), the AI side (token,
-Savants session, then AI → outbound buffer and AI queue → Savants) and the pacer (outbound buffer → Twilio in
-real time). The first to finish ends the call: it raises ``_CallEnded`` and the group cancels the rest.
-Whatever happens, the Savants socket is closed, the Twilio socket is closed (so the TwiML after
-``<Connect>`` runs) and the device lease is released, exactly once, in ``run``'s ``finally``.
+Four tasks run in one ``TaskGroup`` per call: the caller pump (Twilio's messages: caller audio into
+``Inbound``, mark echoes, DTMF, hang-up), the AI side (the Savants session, then ``Inbound`` → Savants and
+Savants → ``Outbound``), the outbound pump (``Outbound`` → Twilio in real time) and the lease heartbeat. The
+first to finish ends the call: it raises ``_CallEnded`` and the group cancels the rest. Whatever happens, the
+Savants socket is closed, the Twilio socket is closed (so the TwiML after ``<Connect>`` runs) and the device
+lease is released, exactly once, in ``run``'s ``finally``.
 """
 
 from __future__ import annotations
@@ -12,34 +13,31 @@ from __future__ import annotations
 import asyncio
 import enum
 import logging
-from collections import deque
 from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
 
-import numpy as np
-import numpy.typing as npt
-
 from telephony_bridge.accounting.base import AccountingUnavailable, Lease
 from telephony_bridge.admission import Admission
-from telephony_bridge.audio.barge_in import BargeIn, BargeInDetector
-from telephony_bridge.audio.pacing import FRAME_S
-from telephony_bridge.audio.pipeline import AiToCaller, CallerToAi
-from telephony_bridge.audio.vad import VoiceActivityDetector
+from telephony_bridge.audio.barge_in import BargeIn
+from telephony_bridge.audio.codec import FRAME_S
+from telephony_bridge.audio.pipeline import AiToCaller
 from telephony_bridge.clock import Clock
 from telephony_bridge.errors import AdmissionError, SavantsError, SessionError
+from telephony_bridge.inbound import Inbound
 from telephony_bridge.ops import logging as oplog
 from telephony_bridge.ops.metrics import Metrics
 from telephony_bridge.outbound import Outbound
 from telephony_bridge.registry import CallRegistry
 from telephony_bridge.savants.client import SavantsConnection
 from telephony_bridge.savants.protocol import Audio
-from telephony_bridge.settings import BargeInSettings, Settings
+from telephony_bridge.settings import Settings
 from telephony_bridge.store import StoreUnavailable
 from telephony_bridge.twilio import protocol as tw
 
 log = logging.getLogger(__name__)
 
-FRAME_MS = 20
+GOODBYE_MARGIN_S = 2.0  # beyond the queued audio, how long the AI's last words may take to be heard
+MAX_LOGGED_PROTOCOL_ERRORS = 3  # one clear line each for the first few bad messages of a call; then counts
 
 
 class CloseCode(enum.IntEnum):
@@ -82,7 +80,7 @@ class Call:
         self._deps = deps
         self._clock = deps.clock
         self._metrics = deps.metrics
-        audio = deps.settings.audio
+        settings = deps.settings
         self.call_sid = ""
         self.stream_sid = ""
         self.device_id = ""
@@ -92,19 +90,16 @@ class Call:
         self._ai_connected_at: float | None = None
         self._savants: SavantsConnection | None = None
         self._twilio_open = True
-        self._caller_to_ai = CallerToAi()
+        self._inbound = Inbound(settings.audio, settings.barge_in, deps.metrics)
         self._ai_to_caller = AiToCaller()
-        self._to_ai: deque[bytes] = deque()
-        self._to_ai_max = max(1, audio.pre_connect_buffer_ms // FRAME_MS)
-        self._to_ai_ready = asyncio.Event()
         self._outbound: Outbound | None = None  # needs the streamSid: made at 'start'
-        self._barge_in = _barge_in_detector(deps.settings.barge_in)
-        self.frames_in = 0
-        self.frames_to_ai = 0
-        self.ai_bytes = 0
-        self.dropped_overflow = 0
         self.protocol_errors = 0
         self.dtmf_digits: list[str] = []
+
+    @property
+    def outbound(self) -> Outbound:
+        assert self._outbound is not None, "the outbound side exists from 'start' on"
+        return self._outbound
 
     # --- lifecycle ---------------------------------------------------------------------------------------
 
@@ -156,7 +151,7 @@ class Call:
             async with asyncio.TaskGroup() as tg:
                 tg.create_task(self._caller_pump(), name="caller-pump")
                 tg.create_task(self._ai_side(lease), name="ai-side")
-                tg.create_task(self._outbound_pump(), name="outbound")
+                tg.create_task(self.outbound.run(), name="outbound")
                 tg.create_task(self._heartbeat(lease), name="lease-heartbeat")
         except* _CallEnded as group:
             self._end(_first(group, _CallEnded).reason)
@@ -202,37 +197,42 @@ class Call:
         await self._close_twilio(CloseCode.NORMAL)
         await self._deps.admission.accounting.release(lease)
         self._deps.registry.remove(self.call_sid)
-        self._metrics.calls_active.dec()
-        self._metrics.calls.labels(outcome=self.outcome).inc()
         duration_s = self._clock.monotonic() - self._started_at
-        self._metrics.call_duration.observe(duration_s)
-        self._metrics.audio_seconds.labels(direction="caller_to_ai").inc(self.frames_to_ai * FRAME_S)
-        self._metrics.audio_seconds.labels(direction="ai_to_caller").inc(self.outbound.playback.sent_ms / 1000)
+        metrics = self._metrics
+        metrics.calls_active.dec()
+        metrics.calls.labels(outcome=self.outcome).inc()
+        metrics.call_duration.observe(duration_s)
+        metrics.audio_seconds.labels(direction="caller_to_ai").inc(self._inbound.frames_to_ai * FRAME_S)
+        metrics.audio_seconds.labels(direction="ai_to_caller").inc(self.outbound.playback.sent_ms / 1000)
         if self.outbound.first_audio_at is not None:
-            self._metrics.first_audio_latency.observe(self.outbound.first_audio_at - self._started_at)
+            metrics.first_audio_latency.observe(self.outbound.first_audio_at - self._started_at)
         log.info("call ended", extra=self._figures(duration_s))
 
     def _figures(self, duration_s: float) -> dict[str, Any]:
-        timeline = self._caller_to_ai.timeline
-        return {
+        """The canonical 'call ended' line's fields."""
+        inbound, outbound = self._inbound, self.outbound
+        figures = {
             "reason": self.end_reason,
             "outcome": self.outcome,
             "duration_s": round(duration_s, 3),
             "ai_connect_s": _since(self._ai_connected_at, self._started_at),
-            "first_ai_audio_s": _since(self.outbound.first_audio_at, self._started_at),
-            "caller_frames": self.frames_in,
-            "frames_to_ai": self.frames_to_ai,
-            "ai_audio_sent_ms": self.outbound.playback.sent_ms,
-            "ai_audio_played_ms": self.outbound.playback.played_ms,
-            "ai_audio_discarded_ms": self.outbound.discarded_ms,
-            "clears": self.outbound.clears,
-            "barge_ins": self._barge_in.barge_ins if self._barge_in else 0,
-            "late_frames_dropped": timeline.dropped_frames,
-            "gap_filled_ms": timeline.filled_bytes // 8,
-            "overflow_frames_dropped": self.dropped_overflow,
+            "first_ai_audio_s": _since(outbound.first_audio_at, self._started_at),
+            "caller_frames": inbound.frames_in,
+            "frames_to_ai": inbound.frames_to_ai,
+            "ai_audio_sent_ms": outbound.playback.sent_ms,
+            "ai_audio_played_ms": outbound.playback.played_ms,
+            "ai_audio_discarded_ms": outbound.discarded_ms,
+            "clears": outbound.clears,
+            "barge_ins": inbound.detector.barge_ins if inbound.detector else 0,
+            "late_frames_dropped": inbound.late_frames_dropped,
+            "gap_filled_ms": inbound.gap_filled_ms,
+            "overflow_frames_dropped": inbound.dropped_overflow,
             "protocol_errors": self.protocol_errors,
-            "dtmf": "".join(self.dtmf_digits),
+            "dtmf_digits": len(self.dtmf_digits),
         }
+        if self._deps.settings.twilio.dtmf_action == "log":
+            figures["dtmf"] = "".join(self.dtmf_digits)
+        return figures
 
     def status(self) -> dict[str, Any]:
         now = self._clock.monotonic()
@@ -305,29 +305,9 @@ class Call:
                 self._protocol_error(f"unexpected {_describe(event)} after 'start'")
 
     def _caller_audio(self, media: tw.Media) -> None:
-        self.frames_in += 1
-        timeline = self._caller_to_ai.timeline
-        dropped_before, filled_before = timeline.dropped_frames, timeline.filled_bytes
-        pcm_8k, frames = self._caller_to_ai.push(media.timestamp_ms, media.payload)
-        if self._barge_in is not None and len(pcm_8k):
-            self._detect_barge_in(pcm_8k)
-        for frame in frames:
-            if len(self._to_ai) >= self._to_ai_max:
-                self._to_ai.popleft()  # the AI is not taking audio: keep the newest, count the loss
-                self.dropped_overflow += 1
-                self._metrics.inbound_dropped.labels(reason="overflow").inc()
-            self._to_ai.append(frame)
-        self._to_ai_ready.set()
-        if timeline.dropped_frames != dropped_before:
-            self._metrics.inbound_dropped.labels(reason="late").inc()
-        if timeline.filled_bytes != filled_before:
-            self._metrics.inbound_gap.inc((timeline.filled_bytes - filled_before) / 8000)
-
-    def _detect_barge_in(self, pcm_8k: npt.NDArray[np.int16]) -> None:
-        assert self._barge_in is not None
         now = self._clock.monotonic()
         ai_since = self.outbound.audible_since(now)
-        for event in self._barge_in.caller_audio(pcm_8k, now, ai_since):
+        for event in self._inbound.push(media.timestamp_ms, media.payload, now, ai_since):
             if isinstance(event, BargeIn):
                 self.outbound.interrupt()
                 self._metrics.barge_ins.inc()
@@ -340,7 +320,7 @@ class Call:
     def _protocol_error(self, reason: str) -> None:
         self.protocol_errors += 1
         self._metrics.protocol_errors.labels(peer="twilio").inc()
-        if self.protocol_errors <= 3:  # one clear line each for the first few, then only the count
+        if self.protocol_errors <= MAX_LOGGED_PROTOCOL_ERRORS:
             log.warning("bad message from twilio: %s", reason)
 
     async def _send_twilio(self, text: str) -> None:
@@ -369,16 +349,8 @@ class Call:
         self._metrics.ai_connect_latency.observe(self._ai_connected_at - self._started_at)
         log.info("AI session connected", extra={"session_id": self._savants.session_id})
         async with asyncio.TaskGroup() as tg:
-            tg.create_task(self._ai_sender(self._savants), name="ai-sender")
-            tg.create_task(self._ai_receiver(self._savants), name="ai-receiver")
-
-    async def _ai_sender(self, conn: SavantsConnection) -> None:
-        while True:
-            await self._to_ai_ready.wait()
-            while self._to_ai:
-                await conn.send_audio(self._to_ai.popleft())
-                self.frames_to_ai += 1
-            self._to_ai_ready.clear()
+            tg.create_task(self._inbound.run(self._savants), name="to-ai")
+            tg.create_task(self._ai_receiver(self._savants), name="from-ai")
 
     async def _ai_receiver(self, conn: SavantsConnection) -> None:
         while True:
@@ -389,20 +361,12 @@ class Call:
                     self._metrics.protocol_errors.labels(peer="savants").inc()
                 raise
             if event is None:
+                # The AI hung up: let the caller hear its last words before the stream closes (G8).
+                now = self._clock.monotonic()
+                await self.outbound.finish(self.outbound.pending_s(now) + GOODBYE_MARGIN_S)
                 raise _CallEnded("AI closed the session")
             if isinstance(event, Audio):
-                self.ai_bytes += len(event.pcm)
                 self.outbound.push(self._ai_to_caller.push(event.pcm))
-
-    # --- out to Twilio ---------------------------------------------------------------------------------------
-
-    @property
-    def outbound(self) -> Outbound:
-        assert self._outbound is not None, "the outbound side exists from 'start' on"
-        return self._outbound
-
-    async def _outbound_pump(self) -> None:
-        await self.outbound.run()
 
 
 async def handle_media_stream(ws: TwilioSocket, deps: CallDeps) -> None:
@@ -418,17 +382,6 @@ def _first(group: BaseExceptionGroup[E], kind: type[E]) -> E:
         leaf = leaf.exceptions[0]
     assert isinstance(leaf, kind)
     return leaf
-
-
-def _barge_in_detector(settings: BargeInSettings) -> BargeInDetector | None:
-    if not settings.enabled:
-        return None
-    return BargeInDetector(
-        min_speech_ms=settings.min_speech_ms,
-        utterance_end_ms=settings.utterance_end_ms,
-        min_ai_audible_ms=settings.min_ai_audible_ms,
-        vad=VoiceActivityDetector(settings.sensitivity, settings.min_level_dbfs),
-    )
 
 
 def _since(at: float | None, origin: float) -> float | None:

@@ -10,15 +10,14 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Awaitable, Callable
 
-from telephony_bridge.audio.codec import TWILIO_FRAME_BYTES, ulaw_to_pcm16
-from telephony_bridge.audio.pacing import FRAME_S, OutboundPacer
+from telephony_bridge.audio.codec import FRAME_MS, FRAME_S, TWILIO_BYTES_PER_MS, TWILIO_FRAME_BYTES, ulaw_to_pcm16
+from telephony_bridge.audio.pacing import OutboundPacer
 from telephony_bridge.audio.pipeline import FrameBuffer
 from telephony_bridge.audio.playback import PlaybackTracker
 from telephony_bridge.clock import Clock
 from telephony_bridge.settings import AudioSettings
 from telephony_bridge.twilio import protocol as tw
 
-FRAME_MS = 20
 AUDIBLE_PEAK = 200  # about -44 dBFS: quieter AI frames are silence to the caller, not speech
 SPURT_GAP_S = 0.3  # AI silence longer than this ends a talk spurt
 # μ-law code -> 1 if it decodes to |sample| >= AUDIBLE_PEAK: audibility read straight off the bytes we send.
@@ -49,6 +48,8 @@ class Outbound:
         self.first_audio_at: float | None = None
         self._held_bytes = 0
         self._cut_bytes = 0
+        self._finishing = False
+        self._progress = asyncio.Event()  # audio or a mark went out, or a mark came back
         self.clears = 0
 
     # --- fed by the AI side --------------------------------------------------------------------------------
@@ -70,12 +71,25 @@ class Outbound:
     @property
     def held_ms(self) -> int:
         """AI audio dropped unheard because the caller held the floor."""
-        return self._held_bytes // 8
+        return self._held_bytes // TWILIO_BYTES_PER_MS
 
     @property
     def discarded_ms(self) -> int:
         """AI audio the caller never heard because of barge-ins: flushed at Twilio, cut here, or held."""
-        return self.playback.discarded_ms + (self._cut_bytes + self._held_bytes) // 8
+        return self.playback.discarded_ms + (self._cut_bytes + self._held_bytes) // TWILIO_BYTES_PER_MS
+
+    async def finish(self, timeout_s: float) -> bool:
+        """The AI has said its last: send what is queued and wait until the caller has heard it (the last
+        mark echoed), so a goodbye is not cut off when the stream closes (G8). False if ``timeout_s`` passed."""
+        self._finishing = True
+        self._ready.set()
+        deadline = self._clock.monotonic() + timeout_s
+        while len(self._buffer) or self._unmarked_ms or self.playback.pending_marks:
+            if self._clock.monotonic() >= deadline:
+                return False
+            self._progress.clear()
+            await self._clock.wait_until(self._progress, deadline)
+        return True
 
     # --- told by the caller side --------------------------------------------------------------------------
 
@@ -92,6 +106,7 @@ class Outbound:
 
     def mark_echoed(self, name: str) -> None:
         self.playback.mark_echoed(name)
+        self._progress.set()
 
     def audible_since(self, now: float) -> float | None:
         """When the AI's current talk spurt became audible to the caller; None while it is silent (including
@@ -102,6 +117,10 @@ class Outbound:
 
     def lead(self, now: float) -> float:
         return self._pacer.lead(now)
+
+    def pending_s(self, now: float) -> float:
+        """AI audio not yet heard: queued here plus buffered at Twilio."""
+        return len(self._buffer) / TWILIO_BYTES_PER_MS / 1000 + self._pacer.lead(now)
 
     # --- the pacer task -----------------------------------------------------------------------------------
 
@@ -119,7 +138,8 @@ class Outbound:
                 await self._clear(now)
                 continue
             frames = self._buffer.frames
-            paused_at = self._last_push_at + self._prebuffer_s
+            # The AI has paused (or finished): a trailing partial frame and the closing mark can go.
+            paused_at = float("-inf") if self._finishing else self._last_push_at + max(self._prebuffer_s, FRAME_S)
             if frames == 0:
                 if now >= paused_at and len(self._buffer):
                     self._buffer.pad_to_frame()
@@ -129,7 +149,8 @@ class Outbound:
                     await self._wait(paused_at if len(self._buffer) or self._unmarked_ms else None)
                 continue
             gathering_until = self._queued_since + self._prebuffer_s
-            if self._pacer.lead(now) == 0 and frames < self._prebuffer_frames and now < gathering_until:
+            gathering = not self._finishing and now < gathering_until
+            if self._pacer.lead(now) == 0 and frames < self._prebuffer_frames and gathering:
                 await self._wait(gathering_until)
                 continue
             due = self._pacer.frames_due(now, frames)
@@ -143,13 +164,14 @@ class Outbound:
         self._clear_pending = False
         self.clears += 1
         await self._send(tw.clear_message(self._stream_sid))
+        self.playback.cleared(unplayed_ms=round(self._pacer.lead(now) * 1000))
         self._pacer.cleared(now)
-        self.playback.cleared()
         self._audible_since, self._audible_until = None, float("-inf")
         self._unmarked_ms = 0
 
     async def _send_audio(self, ulaw: bytes, play_at: float) -> None:
         await self._send(tw.media_message(self._stream_sid, ulaw))
+        self._progress.set()
         ms = len(ulaw) // TWILIO_FRAME_BYTES * FRAME_MS
         self.playback.audio_sent(ms)
         if self.first_audio_at is None:
@@ -163,6 +185,7 @@ class Outbound:
         """A mark behind everything sent so far; its echo says the caller has heard it (spec §4)."""
         self._unmarked_ms = 0
         await self._send(tw.mark_message(self._stream_sid, self.playback.mark_sent()))
+        self._progress.set()
 
     def _track_audibility(self, ulaw: bytes, play_at: float) -> None:
         """Note when audible AI speech plays at the caller: frame k of this batch plays at play_at + k·20 ms."""

@@ -377,7 +377,7 @@ async def test_outbound_clear_moves_unplayed_audio_to_discarded() -> None:
         line.outbound.interrupt()
         await settle()
         playback = line.outbound.playback
-        assert (playback.sent_ms, playback.played_ms, playback.discarded_ms) == (100, 100, 100)
+        assert (playback.sent_ms, playback.played_ms, playback.discarded_ms) == (200, 100, 100)
         assert line.outbound.lead(line.clock.monotonic()) == 0
 
 

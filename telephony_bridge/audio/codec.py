@@ -11,6 +11,8 @@ from __future__ import annotations
 import numpy as np
 import numpy.typing as npt
 
+FRAME_MS = 20  # the frame both sides use (Twilio's observed cadence, Savants' recommended size)
+FRAME_S = FRAME_MS / 1000
 TWILIO_RATE_HZ = 8000
 SAVANTS_RATE_HZ = 16000
 TWILIO_FRAME_BYTES = 160  # 20 ms μ-law @8k, one byte per sample

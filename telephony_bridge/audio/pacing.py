@@ -8,7 +8,8 @@ passed in, so tests drive it without a clock.
 
 from __future__ import annotations
 
-FRAME_S = 0.020
+from telephony_bridge.audio.codec import FRAME_S
+
 _EPS = 1e-9
 
 

@@ -59,25 +59,30 @@ class SavantsConnection:
 Connector = Callable[[str, str, float], Awaitable[SavantsConnection]]
 
 
+# Savants documents no keepalive (spec §6.6); a WebSocket ping is answered by any RFC 6455 server and finds a
+# half-open connection in seconds rather than minutes of dead air.
+PING_INTERVAL_S = 10.0
+PING_TIMEOUT_S = 10.0
+
+
 async def open_voice_session(url: str, token: str, timeout_s: float) -> SavantsConnection:
-    """Connect, send the JWT as the first text frame, and wait for the confirmation (§6.2)."""
+    """Connect, send the JWT as the first text frame, and wait for the confirmation (§6.2), all within
+    ``timeout_s``."""
     session = VoiceSession()
+    connection: SavantsConnection | None = None
     try:
-        ws = await asyncio.wait_for(
-            connect(url, open_timeout=None, ping_interval=None, compression=None, max_size=2**20, proxy=None),
-            timeout_s,
-        )
-    except TimeoutError:
-        raise SessionError(f"voice stream did not open within {timeout_s} s", code="CONNECT_TIMEOUT") from None
-    except InvalidStatus as exc:
-        status = exc.response.status_code
-        raise SessionError(f"voice stream upgrade refused with HTTP {status}", code=f"HTTP_{status}") from None
-    except (OSError, InvalidHandshake, InvalidURI) as exc:
-        raise SessionError(f"voice stream unreachable: {type(exc).__name__}: {exc}", code="CONNECT_FAILED") from None
-    connection = SavantsConnection(ws, session)
-    try:
-        await ws.send(session.authenticate(token))
         async with asyncio.timeout(timeout_s):
+            ws = await connect(
+                url,
+                open_timeout=None,
+                ping_interval=PING_INTERVAL_S,
+                ping_timeout=PING_TIMEOUT_S,
+                compression=None,
+                max_size=2**20,
+                proxy=None,
+            )
+            connection = SavantsConnection(ws, session)
+            await ws.send(session.authenticate(token))
             while True:
                 frame = await ws.recv()
                 event = session.receive_binary(frame) if isinstance(frame, bytes) else session.receive_text(frame)
@@ -85,16 +90,26 @@ async def open_voice_session(url: str, token: str, timeout_s: float) -> SavantsC
                     return connection
                 if isinstance(event, Failed):
                     raise SessionError(f"voice stream refused: {event.code} {event.message}".rstrip(), code=event.code)
-    except TimeoutError:
-        await connection.close()
-        raise SessionError(f"no confirmation within {timeout_s} s of sending the token", code="AUTH_TIMEOUT") from None
-    except ConnectionClosed as exc:
-        await connection.close()
-        message = f"voice stream closed during the handshake (close code {_code(exc)})"
-        raise SessionError(message, code="CLOSED") from None
-    except BaseException:
-        await connection.close()
-        raise
+    except BaseException as exc:
+        if connection is not None:
+            await connection.close()
+        raise _translate(exc, timeout_s, handshake=connection is not None) from None
+
+
+def _translate(exc: BaseException, timeout_s: float, *, handshake: bool) -> BaseException:
+    """The websockets library's failures as our ``SessionError``; anything else unchanged."""
+    if isinstance(exc, TimeoutError):
+        if handshake:
+            return SessionError(f"no confirmation within {timeout_s} s of connecting", code="AUTH_TIMEOUT")
+        return SessionError(f"voice stream did not open within {timeout_s} s", code="CONNECT_TIMEOUT")
+    if isinstance(exc, InvalidStatus):
+        status = exc.response.status_code
+        return SessionError(f"voice stream upgrade refused with HTTP {status}", code=f"HTTP_{status}")
+    if isinstance(exc, ConnectionClosed):
+        return SessionError(f"voice stream closed during the handshake (close code {_code(exc)})", code="CLOSED")
+    if isinstance(exc, OSError | InvalidHandshake | InvalidURI):
+        return SessionError(f"voice stream unreachable: {type(exc).__name__}: {exc}", code="CONNECT_FAILED")
+    return exc
 
 
 def _code(exc: ConnectionClosed) -> int | None:

@@ -1,0 +1,81 @@
+"""The caller's audio on its way to the AI: placed on the timeline, resampled, queued, and listened to.
+
+Caller audio that arrives before the AI is connected waits here (bounded: the oldest goes first) and is
+delivered once it is, so the caller's first words are not lost. The same audio feeds the barge-in detector.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+
+from telephony_bridge.audio.barge_in import BargeInDetector, Event
+from telephony_bridge.audio.codec import FRAME_MS, TWILIO_BYTES_PER_MS, TWILIO_RATE_HZ
+from telephony_bridge.audio.pipeline import CallerToAi
+from telephony_bridge.audio.vad import VoiceActivityDetector
+from telephony_bridge.ops.metrics import Metrics
+from telephony_bridge.savants.client import SavantsConnection
+from telephony_bridge.settings import AudioSettings, BargeInSettings
+
+
+class Inbound:
+    def __init__(self, audio: AudioSettings, barge_in: BargeInSettings, metrics: Metrics) -> None:
+        self._metrics = metrics
+        self._pipeline = CallerToAi()
+        self._queue: deque[bytes] = deque()
+        self._max_frames = max(1, audio.pre_connect_buffer_ms // FRAME_MS)
+        self._ready = asyncio.Event()
+        self.detector = _detector(barge_in)
+        self.frames_in = 0
+        self.frames_to_ai = 0
+        self.dropped_overflow = 0
+
+    @property
+    def late_frames_dropped(self) -> int:
+        return self._pipeline.timeline.dropped_frames
+
+    @property
+    def gap_filled_ms(self) -> int:
+        return self._pipeline.timeline.filled_bytes // TWILIO_BYTES_PER_MS
+
+    def push(self, timestamp_ms: int, ulaw: bytes, now: float, ai_audible_since: float | None) -> list[Event]:
+        """One Twilio media payload: queue its audio for the AI; what the barge-in detector made of it."""
+        self.frames_in += 1
+        timeline = self._pipeline.timeline
+        dropped_before, filled_before = timeline.dropped_frames, timeline.filled_bytes
+        pcm_8k, frames = self._pipeline.push(timestamp_ms, ulaw)
+        for frame in frames:
+            if len(self._queue) >= self._max_frames:
+                self._queue.popleft()  # the AI is not taking audio: keep the newest, count the loss
+                self.dropped_overflow += 1
+                self._metrics.inbound_dropped.labels(reason="overflow").inc()
+            self._queue.append(frame)
+        if frames:
+            self._ready.set()
+        if timeline.dropped_frames != dropped_before:
+            self._metrics.inbound_dropped.labels(reason="late").inc()
+        if timeline.filled_bytes != filled_before:
+            self._metrics.inbound_gap.inc((timeline.filled_bytes - filled_before) / TWILIO_RATE_HZ)
+        if self.detector is None or not len(pcm_8k):
+            return []
+        return self.detector.caller_audio(pcm_8k, now, ai_audible_since)
+
+    async def run(self, conn: SavantsConnection) -> None:
+        """Send the queued frames to the AI as they come (640 bytes, 20 ms each)."""
+        while True:
+            await self._ready.wait()
+            self._ready.clear()
+            while self._queue:
+                await conn.send_audio(self._queue.popleft())
+                self.frames_to_ai += 1
+
+
+def _detector(settings: BargeInSettings) -> BargeInDetector | None:
+    if not settings.enabled:
+        return None
+    return BargeInDetector(
+        min_speech_ms=settings.min_speech_ms,
+        utterance_end_ms=settings.utterance_end_ms,
+        min_ai_audible_ms=settings.min_ai_audible_ms,
+        vad=VoiceActivityDetector(settings.sensitivity, settings.min_level_dbfs),
+    )
