@@ -444,25 +444,25 @@ async def test_redis_replicas_never_overspend_tokens(replicas: Callable[..., Red
 
 async def test_redis_lease_without_heartbeats_expires(replicas: Callable[..., RedisAccounting]) -> None:
     limits = Limits(max_concurrent=1)
-    crashed, survivor = replicas(("dev-a",), limits, lease_ttl_s=0.5), replicas(("dev-a",), limits)
+    crashed, survivor = replicas(("dev-a",), limits, lease_ttl_s=1.5), replicas(("dev-a",), limits)
     lease = await crashed.acquire("CA1")
-    for _ in range(3):  # heartbeats keep it past its TTL
-        await asyncio.sleep(0.25)
+    for _ in range(3):  # heartbeats keep it past its TTL (a third of it apart, as the bridge does)
+        await asyncio.sleep(0.5)
         assert await crashed.heartbeat(lease) is True
     with pytest.raises(AdmissionError):
         await survivor.acquire("CA2")
-    await asyncio.sleep(0.55)  # the replica "dies": no heartbeat, no release
+    await asyncio.sleep(1.6)  # the replica "dies": no heartbeat, no release
     assert await survivor.acquire("CA2") == Lease("CA2", "dev-a")
 
 
 async def test_redis_heartbeat_counts_an_expired_lease_again(replicas: Callable[..., RedisAccounting]) -> None:
     acct = replicas(("dev-a",), Limits(max_concurrent=1), lease_ttl_s=0.2)
     lease = await acct.acquire("CA1")
-    await asyncio.sleep(0.25)  # Redis was away longer than the TTL; the call's socket is still open
+    await asyncio.sleep(0.5)  # Redis was away longer than the TTL; the call's socket is still open
     assert (await acct.snapshot())["devices"]["dev-a"]["calls"] == []
     assert await acct.heartbeat(lease) is True
     assert (await acct.snapshot())["devices"]["dev-a"]["calls"] == ["CA1"]
-    await asyncio.sleep(0.25)
+    await asyncio.sleep(0.5)
     await acct.acquire("CA2")  # took the slot meanwhile: the lost lease cannot come back
     assert await acct.heartbeat(lease) is False
 

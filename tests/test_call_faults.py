@@ -5,7 +5,9 @@ from __future__ import annotations
 import asyncio
 import base64
 import logging
+import wave
 from collections.abc import Callable
+from pathlib import Path
 
 import httpx
 import numpy as np
@@ -29,6 +31,7 @@ from tests.support import (
     wait_until,
 )
 
+DATA = Path(__file__).parent / "data"
 VOICE = (np.sin(2 * np.pi * 440 * np.arange(8000 * 3) / 8000) * 3000).astype(np.int16)
 
 
@@ -130,3 +133,37 @@ async def test_dtmf_is_logged_with_the_call_sid_and_counted(
     assert [r.getMessage() for r in digits] == ["dtmf digit 5", "dtmf digit #"]
     assert all(getattr(r, "call_sid", None) == result.call_sid for r in digits)
     assert "bridge_dtmf_total 2.0" in httpx.get(bridge.http_url + "/metrics").text
+
+
+async def test_the_ais_goodbye_is_heard_before_the_stream_closes(
+    start_emulator: Callable[..., ServerThread], start_bridge: Callable[..., ServerThread]
+) -> None:
+    """A TTS-like AI sends its last 2.8 s faster than real time and hangs up at once (G8)."""
+    goodbye = DATA / "speech_16k.wav"
+    emulator = start_emulator(voice="file", wav_path=str(goodbye), burst=True, close_after_s=0.3)
+    bridge = start_bridge(bridge_settings(emulator))
+    result = await run_call(signed_call(bridge, seconds=10.0))
+    assert result.ended_by == "bridge" and result.cut_off_ms == 0
+    with wave.open(str(goodbye)) as wav:
+        spoken = np.flatnonzero(np.abs(np.frombuffer(wav.readframes(wav.getnframes()), "<i2").astype(int)) > 200)
+    heard = np.flatnonzero(np.abs(result.heard.astype(np.int32)) > 200)
+    assert (heard[-1] - heard[0]) / 8000 > (spoken[-1] - spoken[0]) / 16000 - 0.05  # all of it
+    assert [child.tag for child in stream_ended(bridge, result.call_sid)] == ["Hangup"]  # no apology
+
+
+async def test_only_the_first_few_bad_messages_get_a_line_each(
+    emulator: ServerThread, bridge: ServerThread, caplog: pytest.LogCaptureFixture
+) -> None:
+    form = call_form()
+    params = stream_parameters(post_voice(bridge, form))
+    stream_sid = new_sid("MZ")
+    with caplog.at_level(logging.WARNING):
+        async with connect(bridge.ws_url + "/media-stream", additional_headers=upgrade_signature(), proxy=None) as ws:
+            await ws.send(tw.Start(stream_sid, form["CallSid"], new_sid("AC"), custom_parameters=params).to_json())
+            for _ in range(10):
+                await ws.send("{not json")
+            await ws.send(tw.Stop(stream_sid, form["CallSid"], new_sid("AC"), 12).to_json())
+        wait_until(lambda: calls_up(bridge) == 0, what="the call to end")
+    bad = [r for r in caplog.records if "bad message from twilio" in r.getMessage()]
+    assert len(bad) == 3
+    assert 'bridge_protocol_errors_total{peer="twilio"} 10.0' in httpx.get(bridge.http_url + "/metrics").text

@@ -93,7 +93,7 @@ async def test_a_killed_replica_frees_its_slots_within_the_lease_ttl(
     loop = asyncio.get_running_loop()
     killed_at = loop.time()
     await asyncio.to_thread(wait_until, lambda: pool_load(survivor) == 0, 10.0, "the dead replica's slot to lapse")
-    assert loop.time() - killed_at <= 2.0 + 1.0  # the TTL, plus polling slack
+    assert loop.time() - killed_at <= 2.0 + 3.0  # the TTL, plus generous slack for a loaded machine
 
 
 def test_redis_unreachable_fails_closed_with_one_clear_line(

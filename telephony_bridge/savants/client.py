@@ -29,10 +29,14 @@ class SavantsConnection:
         return self.session.session_id
 
     async def send_audio(self, pcm: bytes) -> None:
+        """Send caller audio. After Savants closed normally the audio is dropped: ``receive`` reports the end."""
         try:
             await self._ws.send(pcm)
+        except ConnectionClosedOK:
+            return
         except ConnectionClosed as exc:
-            raise SessionError(f"voice stream closed while sending (close code {_code(exc)})", code="CLOSED") from None
+            message = f"voice stream dropped while sending (close code {_code(exc)})"
+            raise SessionError(message, code="DROPPED") from None
 
     async def receive(self) -> Audio | Notice | None:
         while True:

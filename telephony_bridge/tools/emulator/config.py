@@ -51,6 +51,10 @@ class EmulatorConfig:
     # the token endpoint answers `token_delay_s` late, and the confirmation comes `confirm_delay_s` late.
     token_delay_s: float = 0.0
     confirm_delay_s: float = 0.0
+    # Like a TTS engine: send the voice's audio as fast as it is made instead of in real time (file voice).
+    burst: bool = False
+    # Hang up: close each session normally (1000) this long after its confirmation, as an AI ending a call.
+    close_after_s: float | None = None
     fault: FaultName = "none"
     fault_after_s: float = 1.0
     fault_device_ids: frozenset[str] | None = None
@@ -69,6 +73,9 @@ class EmulatorConfig:
         _require(self.fault in get_args(FaultName), "fault", self.fault, ", ".join(get_args(FaultName)))
         _require(self.token_delay_s >= 0, "token_delay_s", self.token_delay_s, "a number >= 0")
         _require(self.confirm_delay_s >= 0, "confirm_delay_s", self.confirm_delay_s, "a number >= 0")
+        _require(
+            self.close_after_s is None or self.close_after_s >= 0, "close_after_s", self.close_after_s, "None or >= 0"
+        )
         _require(self.fault_after_s >= 0, "fault_after_s", self.fault_after_s, "a number >= 0")
         _require(self.echo_delay_s >= 0, "echo_delay_s", self.echo_delay_s, "a number >= 0")
         _require(0 < self.tone_hz < 8000, "tone_hz", self.tone_hz, "0 < Hz < 8000 (the Nyquist limit)")

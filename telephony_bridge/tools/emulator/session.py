@@ -151,11 +151,23 @@ class VoiceStreamEndpoint:
                 self.config.fault_device_ids is None or session.device_id in self.config.fault_device_ids
             )
             fault = tasks.create_task(self._inject_fault(websocket)) if faulty else None
+            hangup = None
+            if self.config.close_after_s is not None:
+                hangup = tasks.create_task(self._hang_up(websocket, self.config.close_after_s))
             ending = await self._listen(websocket, session, voice)
             speaker.cancel()
-            if fault is not None:
-                fault.cancel()
+            for task in (fault, hangup):
+                if task is not None:
+                    task.cancel()
         return ending
+
+    async def _hang_up(self, websocket: WebSocket, after_s: float) -> None:
+        """End the session normally, as an AI does when the conversation is over."""
+        await self.clock.sleep_until(self.clock.monotonic() + after_s)
+        try:
+            await websocket.close(1000)
+        except (WebSocketDisconnect, RuntimeError):
+            return
 
     async def _inject_fault(self, websocket: WebSocket) -> None:
         """The configured fault, ``fault_after_s`` into the session (see ``EmulatorConfig.fault``)."""
@@ -204,10 +216,11 @@ class VoiceStreamEndpoint:
                 if lag_s > MAX_LAG_S:
                     tick_s += lag_s
                 frame = voice.speak(tick_s)
-                if frame is not None:
+                while frame is not None:
                     await websocket.send_bytes(frame)
                     session.bytes_out += len(frame)
                     session.frames_out += 1
+                    frame = voice.speak(tick_s) if self.config.burst else None
                 tick_s += FRAME_S
         except WebSocketDisconnect:
             return  # the listener sees the disconnect too and ends the session
