@@ -21,6 +21,8 @@ from starlette.websockets import WebSocket
 
 from telephony_bridge import __version__
 from telephony_bridge.accounting.base import Accounting, Limits
+from telephony_bridge.accounting.factory import make_accounting
+from telephony_bridge.accounting.redis import RedisAccounting
 from telephony_bridge.admission import Admission, VoiceEndpoint
 from telephony_bridge.bridge import CallDeps, handle_media_stream
 from telephony_bridge.clock import Clock, SystemClock
@@ -215,16 +217,10 @@ async def _backends(settings: Settings, clock: Clock, stack: contextlib.AsyncExi
         max_concurrent=acct_settings.max_concurrent_per_device,
         max_token_requests=acct_settings.max_token_requests_per_minute,
     )
-    device_ids = settings.savants.device_ids
-    if not settings.redis_url:
-        from telephony_bridge.accounting.memory import MemoryAccounting
-
-        return MemoryAccounting(device_ids, limits, clock=clock), MemoryStore(clock)
-    import redis.asyncio as aioredis
-
-    from telephony_bridge.accounting.redis import RedisAccounting
-
-    client = aioredis.Redis.from_url(settings.redis_url, socket_timeout=2.0, socket_connect_timeout=2.0)
-    stack.push_async_callback(client.aclose)
-    accounting = RedisAccounting(client, device_ids, limits, lease_ttl_s=acct_settings.lease_ttl_s)
-    return accounting, RedisStore(client)
+    accounting = make_accounting(
+        settings.redis_url, settings.savants.device_ids, limits, clock, lease_ttl_s=acct_settings.lease_ttl_s
+    )
+    stack.push_async_callback(accounting.close)
+    if isinstance(accounting, RedisAccounting):
+        return accounting, RedisStore(accounting.client)  # one pool; the accounting closes it
+    return accounting, MemoryStore(clock)

@@ -1,18 +1,18 @@
 """The one exception tree of telephony-bridge.
 
     BridgeError
-    ├── ConfigError            a setting is wrong; the message names the key, the value and what is allowed
-    ├── ProtocolError          a peer broke its protocol (we did not)
-    │   ├── TwilioProtocolError
-    │   └── SavantsProtocolError
-    ├── SavantsError           the Savants service refused or failed
-    │   ├── TokenError         the token endpoint said no (code, status, retry_after_s)
-    │   └── SessionError       /voice-stream refused the session (code from its error message)
-    ├── AdmissionError         no device can take this call now
-    └── SignatureError         a Twilio request is not signed with our auth token
+    ├── ConfigError                a setting is wrong; the message names the key, the value and what is allowed
+    ├── SavantsError               the Savants service refused or failed
+    │   ├── TokenError             the token endpoint said no (code, status, retry_after_s)
+    │   └── SessionError           /voice-stream refused or dropped the session (code)
+    ├── AdmissionError             no device can take this call now
+    │   └── AccountingUnavailable  (accounting/base.py) Redis did not answer: fail closed
+    ├── StoreUnavailable           (store.py) the shared store of stream tokens and outcomes did not answer
+    └── FlowError                  (tools/twilio_flow.py) the simulated Twilio got an answer it cannot follow
 
-Messages say what was expected and what arrived, so a log line is enough to act on. Secrets never appear
-in them.
+A peer that breaks its protocol is not an exception: the sans-I/O protocols turn its garbage into values
+(``Malformed``, ``Failed``) that the driver acts on. Messages say what was expected and what arrived, so a
+log line is enough to act on. Secrets never appear in them.
 """
 
 from __future__ import annotations
@@ -24,18 +24,6 @@ class BridgeError(Exception):
 
 class ConfigError(BridgeError):
     """A configuration value is wrong; raised at start-up, never mid-call."""
-
-
-class ProtocolError(BridgeError):
-    """A peer sent something its protocol does not allow."""
-
-
-class TwilioProtocolError(ProtocolError):
-    """Twilio (or something pretending to be Twilio) broke the Media Streams protocol."""
-
-
-class SavantsProtocolError(ProtocolError):
-    """The Savants server broke the Voice API protocol."""
 
 
 class SavantsError(BridgeError):
@@ -64,7 +52,3 @@ class SessionError(SavantsError):
 
 class AdmissionError(BridgeError):
     """No device of the pool can take another call now."""
-
-
-class SignatureError(BridgeError):
-    """A request claims to come from Twilio but its X-Twilio-Signature does not match."""

@@ -169,6 +169,14 @@ ENVIRONMENT: dict[str, str] = {
     "BARGE_IN": "barge_in.enabled",
 }
 SECRET_KEYS = frozenset({"savants.api_key", "twilio.auth_token"})
+# Any key, named or not above, can also be set as BRIDGE__<SECTION>__<KEY>, e.g. BRIDGE__AUDIO__OUTBOUND_LEAD_MS.
+GENERIC_PREFIX = "BRIDGE__"
+
+
+def env_name(key: str) -> str:
+    """The environment variable that sets a dotted key: its documented name, else the generic form."""
+    named = [var for var, k in ENVIRONMENT.items() if k == key]
+    return named[0] if named else GENERIC_PREFIX + key.upper().replace(".", "__")
 
 
 def load_settings(
@@ -182,6 +190,9 @@ def load_settings(
     data: dict[str, Any] = {}
     if path is not None:
         data = _read_yaml(Path(path))
+    for var, value in sorted(env.items()):
+        if var.startswith(GENERIC_PREFIX) and value != "":
+            _assign(data, var.removeprefix(GENERIC_PREFIX).lower().replace("__", "."), value)
     for var, key in ENVIRONMENT.items():
         if env.get(var, "") != "":
             _assign(data, key, env[var])
@@ -221,9 +232,8 @@ def _explain(exc: ValidationError) -> str:
     """One sentence for the first problem: key, environment variable, value (never a secret's), what is allowed."""
     err = exc.errors()[0]
     key = ".".join(str(p) for p in err["loc"])
-    env_names = [var for var, k in ENVIRONMENT.items() if k == key]
-    where = f"config key {key!r}" + (f" (environment variable {env_names[0]})" if env_names else "")
     if err["type"] == "extra_forbidden":
-        return f"{where} is not a setting this bridge knows; see config.yaml for the keys"
+        return f"config key {key!r} is not a setting this bridge knows; see config.yaml for the keys"
+    where = f"config key {key!r} (environment variable {env_name(key)})"
     shown = "<hidden>" if key in SECRET_KEYS else repr(err.get("input"))[:80]
     return f"{where} has value {shown}, which is not allowed: {err['msg'].removeprefix('Value error, ')}"

@@ -61,6 +61,8 @@ class MemoryStore:
 
 
 class RedisStore:
+    """Over a client someone else owns (the Redis accounting's pool): ``close`` leaves it open."""
+
     def __init__(self, client: aioredis.Redis, prefix: str = "tb:kv:") -> None:
         self._redis = client
         self._prefix = prefix
@@ -86,7 +88,7 @@ class RedisStore:
         return _text(value)
 
     async def close(self) -> None:
-        await self._redis.aclose()
+        return None
 
 
 def _text(value: bytes | str | None) -> str | None:

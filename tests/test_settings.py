@@ -83,3 +83,18 @@ def test_settings_secrets_never_show_in_repr_or_errors() -> None:
     settings = load_settings(env={"SAVANTS_API_KEY": "sk_live_secret", "TWILIO_AUTH_TOKEN": "tw_secret"})
     assert "sk_live_secret" not in repr(settings) and "tw_secret" not in repr(settings)
     assert settings.savants.api_key.get_secret_value() == "sk_live_secret"
+
+
+def test_settings_every_key_has_a_generic_environment_variable() -> None:
+    env = {"BRIDGE__AUDIO__OUTBOUND_LEAD_MS": "140", "BRIDGE__BARGE_IN__ENABLED": "false"}
+    settings = load_settings(env=env)
+    assert (settings.audio.outbound_lead_ms, settings.barge_in.enabled) == (140, False)
+
+
+def test_settings_documented_names_win_over_the_generic_form() -> None:
+    assert load_settings(env={"BRIDGE__SERVER__PORT": "9000", "PORT": "9100"}).server.port == 9100
+
+
+def test_settings_generic_variable_errors_name_it() -> None:
+    with pytest.raises(ConfigError, match="BRIDGE__AUDIO__OUTBOUND_LEAD_MS"):
+        load_settings(env={"BRIDGE__AUDIO__OUTBOUND_LEAD_MS": "5"})

@@ -39,10 +39,6 @@ def call_context(**fields: str | None) -> Iterator[None]:
         _context.reset(token)
 
 
-def current_context() -> dict[str, str]:
-    return dict(_context.get())
-
-
 # Loggers that, at DEBUG, print the first bytes of every WebSocket frame: Savants JWTs and call audio. They
 # are held at INFO whatever LOG_LEVEL says (uvicorn passes "uvicorn.error" to the websockets protocol).
 WIRE_LOGGERS = ("websockets", "uvicorn.error", "httpcore")
