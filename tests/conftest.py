@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -10,26 +11,39 @@ import pytest
 
 from telephony_bridge.app import create_app
 from telephony_bridge.serving import ServerThread
-from telephony_bridge.settings import Settings
 from telephony_bridge.tools.emulator import EmulatorConfig, create_emulator_app
 from tests.redis_server import RedisServer, RedisServerMissing, running_redis
 from tests.support import bridge_settings
 
 
-@pytest.fixture
-def start_emulator() -> Iterator[Callable[..., ServerThread]]:
-    servers: list[ServerThread] = []
+@contextlib.contextmanager
+def _servers(make_app: Callable[..., Any]) -> Iterator[Callable[..., ServerThread]]:
+    """A factory of servers under uvicorn on free ports, all stopped when the test ends."""
+    started: list[ServerThread] = []
 
-    def start(**config: Any) -> ServerThread:
-        config.setdefault("api_key", "test-key")
-        server = ServerThread(create_emulator_app(EmulatorConfig(**config)))
+    def start(*args: Any, **kwargs: Any) -> ServerThread:
+        server = ServerThread(make_app(*args, **kwargs))
         server.start()
-        servers.append(server)
+        started.append(server)
         return server
 
-    yield start
-    for server in servers:
-        server.stop()
+    try:
+        yield start
+    finally:
+        for server in started:
+            server.stop()
+
+
+def _emulator_app(**config: Any) -> Any:
+    config.setdefault("api_key", "test-key")
+    return create_emulator_app(EmulatorConfig(**config))
+
+
+@pytest.fixture
+def start_emulator() -> Iterator[Callable[..., ServerThread]]:
+    """``start_emulator(**EmulatorConfig fields)``; the API key defaults to the one bridge_settings uses."""
+    with _servers(_emulator_app) as start:
+        yield start
 
 
 @pytest.fixture
@@ -39,17 +53,9 @@ def emulator(start_emulator: Callable[..., ServerThread]) -> ServerThread:
 
 @pytest.fixture
 def start_bridge() -> Iterator[Callable[..., ServerThread]]:
-    servers: list[ServerThread] = []
-
-    def start(settings: Settings, **deps: Any) -> ServerThread:
-        server = ServerThread(create_app(settings, **deps))
-        server.start()
-        servers.append(server)
-        return server
-
-    yield start
-    for server in servers:
-        server.stop()
+    """``start_bridge(settings, **create_app dependencies)``."""
+    with _servers(create_app) as start:
+        yield start
 
 
 @pytest.fixture

@@ -4,16 +4,17 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import logging
 import wave
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import httpx
 import numpy as np
 import orjson
 import pytest
-from websockets.asyncio.client import connect
+from websockets.asyncio.client import ClientConnection, connect
 
 from telephony_bridge.serving import ServerThread
 from telephony_bridge.tools.caller import new_sid, run_call
@@ -87,17 +88,27 @@ async def test_one_failing_call_leaves_the_other_calls_going(
     assert healthy.ended_by == "caller" and healthy.heard_s > 2.0 and healthy.violations == []
 
 
-async def test_malformed_twilio_message_is_logged_once_and_the_call_continues(
-    emulator: ServerThread, bridge: ServerThread, caplog: pytest.LogCaptureFixture
-) -> None:
+@contextlib.asynccontextmanager
+async def raw_stream(bridge: ServerThread) -> AsyncIterator[tuple[ClientConnection, dict[str, str], str]]:
+    """A stream opened by hand, as Twilio would after a signed webhook, for sending what Twilio never would.
+
+    Yields the socket, the webhook's form and the stream SID; ``start`` is already sent.
+    """
     form = call_form()
     params = stream_parameters(post_voice(bridge, form))
     stream_sid = new_sid("MZ")
+    async with connect(bridge.ws_url + "/media-stream", additional_headers=upgrade_signature(), proxy=None) as ws:
+        await ws.send(tw.Connected().to_json())
+        await ws.send(tw.Start(stream_sid, form["CallSid"], form["AccountSid"], custom_parameters=params).to_json())
+        yield ws, form, stream_sid
+
+
+async def test_malformed_twilio_message_is_logged_once_and_the_call_continues(
+    emulator: ServerThread, bridge: ServerThread, caplog: pytest.LogCaptureFixture
+) -> None:
     frame = base64.b64encode(bytes(160)).decode()
     with caplog.at_level(logging.WARNING):
-        async with connect(bridge.ws_url + "/media-stream", additional_headers=upgrade_signature(), proxy=None) as ws:
-            await ws.send(tw.Connected().to_json())
-            await ws.send(tw.Start(stream_sid, form["CallSid"], new_sid("AC"), custom_parameters=params).to_json())
+        async with raw_stream(bridge) as (ws, form, stream_sid):
             await ws.send('{"event": "media", "streamSid": "' + stream_sid + '", "media": {"payload": "%%%"}}')
             for i in range(25):
                 await ws.send(
@@ -154,12 +165,8 @@ async def test_the_ais_goodbye_is_heard_before_the_stream_closes(
 async def test_only_the_first_few_bad_messages_get_a_line_each(
     emulator: ServerThread, bridge: ServerThread, caplog: pytest.LogCaptureFixture
 ) -> None:
-    form = call_form()
-    params = stream_parameters(post_voice(bridge, form))
-    stream_sid = new_sid("MZ")
     with caplog.at_level(logging.WARNING):
-        async with connect(bridge.ws_url + "/media-stream", additional_headers=upgrade_signature(), proxy=None) as ws:
-            await ws.send(tw.Start(stream_sid, form["CallSid"], new_sid("AC"), custom_parameters=params).to_json())
+        async with raw_stream(bridge) as (ws, form, stream_sid):
             for _ in range(10):
                 await ws.send("{not json")
             await ws.send(tw.Stop(stream_sid, form["CallSid"], new_sid("AC"), 12).to_json())
