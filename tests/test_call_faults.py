@@ -174,3 +174,29 @@ async def test_only_the_first_few_bad_messages_get_a_line_each(
     bad = [r for r in caplog.records if "bad message from twilio" in r.getMessage()]
     assert len(bad) == 3
     assert 'bridge_protocol_errors_total{peer="twilio"} 10.0' in httpx.get(bridge.http_url + "/metrics").text
+
+
+async def test_gaps_in_caller_audio_become_silence_and_late_frames_are_dropped(
+    emulator: ServerThread, bridge: ServerThread
+) -> None:
+    """Twilio's media.timestamp places each frame: a missing stretch is filled, a late duplicate dropped."""
+    payload = base64.b64encode(bytes([0xFF]) * 160).decode()
+
+    def media(sequence: int, timestamp_ms: int) -> str:
+        body = {"track": "inbound", "chunk": str(sequence), "timestamp": str(timestamp_ms), "payload": payload}
+        message = {"event": "media", "sequenceNumber": str(sequence), "streamSid": sid, "media": body}
+        return orjson.dumps(message).decode()
+
+    async with raw_stream(bridge) as (ws, form, sid):
+        timestamps = [0, 20, 40, 200, 220, 40, 240]  # 140 ms lost after 40; then a late copy of 40
+        for i, timestamp_ms in enumerate(timestamps):
+            await ws.send(media(i + 2, timestamp_ms))
+        # 260 ms of caller audio reaches the AI: 6 frames plus the 140 ms gap, as 13 frames of 20 ms.
+        await asyncio.to_thread(
+            wait_until, lambda: emulator_stats(emulator)["audio_bytes_in"] == 13 * 640, 5.0, "260 ms at the AI"
+        )
+        await ws.send(tw.Stop(sid, form["CallSid"], form["AccountSid"], 20).to_json())
+    wait_until(lambda: calls_up(bridge) == 0, what="the call to end")
+    metrics = httpx.get(bridge.http_url + "/metrics").text
+    assert 'bridge_inbound_frames_dropped_total{reason="late"} 1.0' in metrics
+    assert "bridge_inbound_gap_fill_seconds_total 0.14" in metrics
