@@ -70,6 +70,14 @@ def _parser() -> argparse.ArgumentParser:
         choices=["savant_voice_connected", "vapi_connected"],
         help="confirmation message type (the docs use both)",
     )
+    emulator.add_argument("--burst", action="store_true", help="send the voice as fast as it is made, like TTS")
+    emulator.add_argument("--close-after", type=float, help="hang up each session normally after this many seconds")
+    emulator.add_argument("--token-delay", type=float, default=0.0, help="answer token requests this much late")
+    emulator.add_argument("--confirm-delay", type=float, default=0.0, help="confirm sessions this much late")
+    emulator.add_argument(
+        "--fault", default="none", choices=["none", "drop", "error", "garbage"], help="break each session"
+    )
+    emulator.add_argument("--fault-after", type=float, default=1.0, help="seconds into a session for --fault")
     emulator.add_argument("--log-level", default="INFO")
     emulator.set_defaults(run=run_emulator)
 
@@ -200,7 +208,6 @@ def _require_production_settings(settings: Settings) -> None:
 def run_emulator(args: argparse.Namespace) -> int:
     from telephony_bridge.tools.emulator import EmulatorConfig, create_emulator_app
 
-    oplog.configure(args.log_level.upper())
     config = EmulatorConfig(
         api_key=args.api_key,
         voice=args.voice,
@@ -209,7 +216,14 @@ def run_emulator(args: argparse.Namespace) -> int:
         echo_delay_s=args.echo_delay,
         talker_reply_s=args.talker_reply,
         connected_type=args.connected_type,
+        burst=args.burst,
+        close_after_s=args.close_after,
+        token_delay_s=args.token_delay,
+        confirm_delay_s=args.confirm_delay,
+        fault=args.fault,
+        fault_after_s=args.fault_after,
     )
+    oplog.configure(args.log_level.upper())  # after the config: a wrong option is one plain sentence
     log.info("Savants emulator on http://%s:%d (voice %r)", args.host, args.port, args.voice)
     uvicorn.Server(uvicorn_config(create_emulator_app(config), host=args.host, port=args.port)).run()
     return 0

@@ -64,3 +64,9 @@ def test_cli_help_lists_every_command(capsys: pytest.CaptureFixture[str]) -> Non
     out = capsys.readouterr().out
     for command in ("serve", "emulator", "call", "loadtest"):
         assert command in out
+
+
+def test_cli_emulator_rejects_a_bad_option_in_one_sentence(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["emulator", "--voice", "file"]) == 2  # the file voice needs --wav
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "wav_path" in err
