@@ -68,14 +68,17 @@ class Warm:
         self._timers: set[asyncio.Task[None]] = set()
 
     async def put(self, call_sid: str, device_id: str, item: str | SavantsConnection, use_by_s: float) -> None:
-        await self._sweep()
-        await self.discard(call_sid)  # a retried webhook: its earlier preparation goes
         use_by = self._clock.monotonic() + use_by_s
+        # Swap before any await, so two overlapping puts for one call cannot lose a session between them.
+        replaced = self._items.pop(call_sid, None)  # a retried webhook: its earlier preparation goes
         self._items[call_sid] = (device_id, item, use_by)
         if isinstance(item, SavantsConnection):
             timer = asyncio.get_running_loop().create_task(self._expire_at(use_by))
             self._timers.add(timer)
             timer.add_done_callback(self._timers.discard)
+        if replaced is not None:
+            await _discard(replaced[1])
+        await self._sweep()
 
     async def _expire_at(self, when: float) -> None:
         await self._clock.sleep_until(when)
@@ -161,7 +164,7 @@ class Admission:
                 warm = await self._warm_up(lease)
                 stream_token = secrets.token_urlsafe(24)
                 await self._store.put(f"stream-token:{call_sid}", _digest(stream_token), self._stream_token_ttl_s)
-                self._admitted[call_sid] = self._clock.monotonic() + self._reservation_ttl_s
+                self._note_admitted(call_sid)
                 return Admitted(lease, stream_token, warm)
             except TokenError as exc:
                 await self._give_back(lease)
@@ -177,8 +180,20 @@ class Admission:
         await self._warm.discard(lease.call_sid)
         await self.accounting.release(lease)
 
+    def _note_admitted(self, call_sid: str) -> None:
+        now = self._clock.monotonic()
+        self._admitted = {sid: until for sid, until in self._admitted.items() if until > now}
+        self._admitted[call_sid] = now + self._reservation_ttl_s
+
+    def stream_started(self, call_sid: str) -> None:
+        """The call's stream is up (and in the registry): drain no longer needs to wait for it here."""
+        self._admitted.pop(call_sid, None)
+
     def awaiting_streams(self) -> int:
-        """Calls admitted here whose stream has not started yet (and whose reservation has not lapsed)."""
+        """Calls admitted here whose stream has not started yet (and whose reservation has not lapsed).
+
+        A stream that lands on another replica is forgotten here when its reservation lapses.
+        """
         now = self._clock.monotonic()
         self._admitted = {sid: until for sid, until in self._admitted.items() if until > now}
         return len(self._admitted)
@@ -207,7 +222,6 @@ class Admission:
 
     async def lease_for_stream(self, call_sid: str, caller: str | None = None) -> Lease:
         """The webhook's reservation if this replica's accounting knows it, else a fresh lease."""
-        self._admitted.pop(call_sid, None)
         lease = await self.accounting.claim(call_sid)
         if lease is not None:
             return lease
@@ -238,7 +252,7 @@ class Admission:
         try:
             return await self.accounting.take_token(lease)
         except AccountingUnavailable as exc:  # mid-call, this is the AI being unreachable, not our bug
-            raise TokenError(str(exc), code="ACCOUNTING_UNAVAILABLE") from None
+            raise TokenError(str(exc), code="ACCOUNTING_UNAVAILABLE") from exc
 
     async def _fetch(self, lease: Lease) -> str:
         """One token request, already counted against the device's budget."""

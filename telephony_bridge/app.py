@@ -13,6 +13,9 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import httpx
+import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
@@ -22,7 +25,6 @@ from starlette.websockets import WebSocket
 from telephony_bridge import __version__
 from telephony_bridge.accounting.base import Accounting, Limits
 from telephony_bridge.accounting.factory import make_accounting
-from telephony_bridge.accounting.redis import RedisAccounting
 from telephony_bridge.admission import Admission, VoiceEndpoint
 from telephony_bridge.bridge import CallDeps, handle_media_stream
 from telephony_bridge.clock import Clock, SystemClock
@@ -43,6 +45,8 @@ from telephony_bridge.twilio.webhooks import (
 )
 
 log = logging.getLogger(__name__)
+
+REDIS_TIMEOUT_S = 1.0  # a webhook is answered (busy) quickly when Redis is away
 
 
 def create_app(
@@ -221,6 +225,15 @@ async def _backends(settings: Settings, clock: Clock, stack: contextlib.AsyncExi
         settings.redis_url, settings.savants.device_ids, limits, clock, lease_ttl_s=acct_settings.lease_ttl_s
     )
     stack.push_async_callback(accounting.close)
-    if isinstance(accounting, RedisAccounting):
-        return accounting, RedisStore(accounting.client)  # one pool; the accounting closes it
-    return accounting, MemoryStore(clock)
+    if not settings.redis_url:
+        return accounting, MemoryStore(clock)
+    # Its own client, with no retries: GETDEL must not be repeated (a retry would find the token spent).
+    client = aioredis.Redis.from_url(
+        settings.redis_url,
+        decode_responses=True,
+        socket_timeout=REDIS_TIMEOUT_S,
+        socket_connect_timeout=REDIS_TIMEOUT_S,
+        retry=Retry(NoBackoff(), retries=0),
+    )
+    stack.push_async_callback(client.aclose)
+    return accounting, RedisStore(client)

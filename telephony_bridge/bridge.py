@@ -118,6 +118,7 @@ class Call:
             self.device_id = lease.device_id
             oplog.bind(device_id=lease.device_id)
             self._deps.registry.add(self.call_sid, self)
+            self._deps.admission.stream_started(self.call_sid)
             self._metrics.calls_active.inc()
             log.info("call bridged")
             try:
@@ -363,7 +364,8 @@ class Call:
             if event is None:
                 # The AI hung up: let the caller hear its last words before the stream closes (G8).
                 now = self._clock.monotonic()
-                await self.outbound.finish(self.outbound.pending_s(now) + GOODBYE_MARGIN_S)
+                if not await self.outbound.finish(self.outbound.pending_s(now) + GOODBYE_MARGIN_S):
+                    log.warning("the AI's last words were not confirmed heard (no mark echo) before hanging up")
                 raise _CallEnded("AI closed the session")
             if isinstance(event, Audio):
                 self.outbound.push(self._ai_to_caller.push(event.pcm))

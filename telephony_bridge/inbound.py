@@ -66,8 +66,8 @@ class Inbound:
             await self._ready.wait()
             self._ready.clear()
             while self._queue:
-                await conn.send_audio(self._queue.popleft())
-                self.frames_to_ai += 1
+                if await conn.send_audio(self._queue.popleft()):
+                    self.frames_to_ai += 1
 
 
 def _detector(settings: BargeInSettings) -> BargeInDetector | None:

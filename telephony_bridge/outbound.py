@@ -168,6 +168,7 @@ class Outbound:
         self._pacer.cleared(now)
         self._audible_since, self._audible_until = None, float("-inf")
         self._unmarked_ms = 0
+        self._progress.set()
 
     async def _send_audio(self, ulaw: bytes, play_at: float) -> None:
         await self._send(tw.media_message(self._stream_sid, ulaw))

@@ -179,6 +179,11 @@ def env_name(key: str) -> str:
     return named[0] if named else GENERIC_PREFIX + key.upper().replace(".", "__")
 
 
+def _key_of(loc: tuple[int | str, ...]) -> str:
+    """A validation error's location as a dotted key; list positions are not keys of their own."""
+    return ".".join(str(part) for part in loc if not isinstance(part, int))
+
+
 def load_settings(
     path: str | os.PathLike[str] | None = None,
     env: Mapping[str, str] | None = None,
@@ -190,18 +195,22 @@ def load_settings(
     data: dict[str, Any] = {}
     if path is not None:
         data = _read_yaml(Path(path))
+    sources: dict[str, str] = {}  # key -> the environment variable that set it, for error messages
     for var, value in sorted(env.items()):
         if var.startswith(GENERIC_PREFIX) and value != "":
-            _assign(data, var.removeprefix(GENERIC_PREFIX).lower().replace("__", "."), value)
+            key = var.removeprefix(GENERIC_PREFIX).lower().replace("__", ".")
+            sources[key] = var
+            _assign(data, key, value, var)
     for var, key in ENVIRONMENT.items():
         if env.get(var, "") != "":
-            _assign(data, key, env[var])
+            sources[key] = var
+            _assign(data, key, env[var], var)
     for key, value in overrides.items():
         _assign(data, key, value)
     try:
         return Settings.model_validate(data)
     except ValidationError as exc:
-        raise ConfigError(_explain(exc)) from None
+        raise ConfigError(_explain(exc, sources)) from None
 
 
 def _read_yaml(path: Path) -> dict[str, Any]:
@@ -218,22 +227,31 @@ def _read_yaml(path: Path) -> dict[str, Any]:
     return loaded
 
 
-def _assign(data: dict[str, Any], dotted: str, value: Any) -> None:
+def _assign(data: dict[str, Any], dotted: str, value: Any, var: str | None = None) -> None:
     *parents, leaf = dotted.split(".")
     node = data
     for part in parents:
         node = node.setdefault(part, {})
         if not isinstance(node, dict):
-            raise ConfigError(f"config key {part!r} must be a mapping")
+            origin = f"environment variable {var} sets {dotted!r}, but " if var else ""
+            raise ConfigError(f"{origin}config key {part!r} is not a section; see config.yaml for the keys")
     node[leaf] = value
 
 
-def _explain(exc: ValidationError) -> str:
+def _explain(exc: ValidationError, sources: Mapping[str, str]) -> str:
     """One sentence for the first problem: key, environment variable, value (never a secret's), what is allowed."""
     err = exc.errors()[0]
-    key = ".".join(str(p) for p in err["loc"])
+    key = _key_of(err["loc"])
+    deeper = next(((k, var) for k, var in sources.items() if k.startswith(key + ".")), None)
+    if deeper is not None:  # e.g. BRIDGE__REDIS_URL__X: a variable that treats a setting as a section
+        return f"environment variable {deeper[1]} sets {deeper[0]!r}, but {key!r} is a setting, not a section"
     if err["type"] == "extra_forbidden":
+        if key in sources:
+            return (
+                f"environment variable {sources[key]} names config key {key!r}, which this bridge does not know; "
+                "see config.yaml for the keys"
+            )
         return f"config key {key!r} is not a setting this bridge knows; see config.yaml for the keys"
-    where = f"config key {key!r} (environment variable {env_name(key)})"
+    where = f"config key {key!r} (environment variable {sources.get(key, env_name(key))})"
     shown = "<hidden>" if key in SECRET_KEYS else repr(err.get("input"))[:80]
     return f"{where} has value {shown}, which is not allowed: {err['msg'].removeprefix('Value error, ')}"

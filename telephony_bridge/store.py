@@ -61,7 +61,7 @@ class MemoryStore:
 
 
 class RedisStore:
-    """Over a client someone else owns (the Redis accounting's pool): ``close`` leaves it open."""
+    """Over a client its creator owns and closes; it must not retry commands (``take`` is a GETDEL)."""
 
     def __init__(self, client: aioredis.Redis, prefix: str = "tb:kv:") -> None:
         self._redis = client

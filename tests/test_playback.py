@@ -26,7 +26,7 @@ def test_playback_echo_after_clear_means_discarded() -> None:
     tracker.mark_echoed(first)
     tracker.cleared(unplayed_ms=150)  # 50 of the 200 ms after the first mark had played when Twilio cleared
     tracker.mark_echoed(second)
-    assert (tracker.played_ms, tracker.discarded_ms, tracker.sent_ms) == (100, 150, 300)
+    assert (tracker.played_ms, tracker.discarded_ms, tracker.sent_ms) == (150, 150, 300)  # played + discarded = sent
 
 
 def test_playback_positions_after_a_clear_leave_out_what_was_discarded() -> None:

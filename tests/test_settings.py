@@ -98,3 +98,19 @@ def test_settings_documented_names_win_over_the_generic_form() -> None:
 def test_settings_generic_variable_errors_name_it() -> None:
     with pytest.raises(ConfigError, match="BRIDGE__AUDIO__OUTBOUND_LEAD_MS"):
         load_settings(env={"BRIDGE__AUDIO__OUTBOUND_LEAD_MS": "5"})
+
+
+@pytest.mark.parametrize(
+    ("env", "expected"),
+    [
+        (
+            {"BRIDGE__DEBUG": "1"},
+            "environment variable BRIDGE__DEBUG names config key 'debug', which this bridge does not know",
+        ),
+        ({"BRIDGE__REDIS_URL__X": "1"}, "BRIDGE__REDIS_URL__X sets 'redis_url.x', but 'redis_url' is a setting"),
+    ],
+)
+def test_settings_a_stray_generic_variable_is_named_in_the_error(env: dict[str, str], expected: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_settings(env=env)
+    assert expected in str(info.value)

@@ -82,11 +82,6 @@ class RedisAccounting:
         self._exhaust = self._client.register_script(lua.EXHAUST)
         self._snapshot = self._client.register_script(lua.SNAPSHOT)
 
-    @property
-    def client(self) -> aioredis.Redis:
-        """The connection pool, for other small shared state of the same replicas (stream tokens)."""
-        return self._client
-
     # --- the contract ---------------------------------------------------------------------------------------
 
     async def reserve(self, call_sid: str, ttl_s: float = RESERVATION_TTL_S, *, sticky_key: str | None = None) -> Lease:

@@ -35,6 +35,7 @@ class PlaybackTracker:
         meaning 'discarded'."""
         self._flushed.update(self._pending)
         self.discarded_ms += unplayed_ms
+        self.played_ms = max(self.played_ms, self.sent_ms - self.discarded_ms)  # all else had played
 
     def mark_echoed(self, name: str) -> None:
         at_ms = self._pending.pop(name, None)

@@ -28,15 +28,16 @@ class SavantsConnection:
     def session_id(self) -> str | None:
         return self.session.session_id
 
-    async def send_audio(self, pcm: bytes) -> None:
-        """Send caller audio. After Savants closed normally the audio is dropped: ``receive`` reports the end."""
+    async def send_audio(self, pcm: bytes) -> bool:
+        """Send caller audio; False once Savants has closed normally (``receive`` reports the end)."""
         try:
             await self._ws.send(pcm)
         except ConnectionClosedOK:
-            return
+            return False
         except ConnectionClosed as exc:
             message = f"voice stream dropped while sending (close code {_code(exc)})"
             raise SessionError(message, code="DROPPED") from None
+        return True
 
     async def receive(self) -> Audio | Notice | None:
         while True:
@@ -83,6 +84,9 @@ async def open_voice_session(url: str, token: str, timeout_s: float) -> SavantsC
                 ping_timeout=PING_TIMEOUT_S,
                 compression=None,
                 max_size=2**20,
+                # Unbounded: a session opened at the webhook waits unread until its stream starts, and a
+                # bounded queue would stop reading the socket, pongs included, and let the keepalive kill it.
+                max_queue=None,
                 proxy=None,
             )
             connection = SavantsConnection(ws, session)
@@ -97,7 +101,10 @@ async def open_voice_session(url: str, token: str, timeout_s: float) -> SavantsC
     except BaseException as exc:
         if connection is not None:
             await connection.close()
-        raise _translate(exc, timeout_s, handshake=connection is not None) from None
+        translated = _translate(exc, timeout_s, handshake=connection is not None)
+        if translated is exc:
+            raise
+        raise translated from None
 
 
 def _translate(exc: BaseException, timeout_s: float, *, handshake: bool) -> BaseException:
