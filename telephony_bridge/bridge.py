@@ -90,7 +90,7 @@ class Call:
         self._ai_connected_at: float | None = None
         self._savants: SavantsConnection | None = None
         self._twilio_open = True
-        self._inbound = Inbound(settings.audio, settings.barge_in, deps.metrics)
+        self._inbound = Inbound(settings.audio, settings.barge_in, deps.metrics, deps.clock)
         self._ai_to_caller = AiToCaller()
         self._outbound: Outbound | None = None  # needs the streamSid: made at 'start'
         self.protocol_errors = 0

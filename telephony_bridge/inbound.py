@@ -1,7 +1,9 @@
 """The caller's audio on its way to the AI: placed on the timeline, resampled, queued, and listened to.
 
 Caller audio that arrives before the AI is connected waits here (bounded: the oldest goes first) and is
-delivered once it is, so the caller's first words are not lost. The same audio feeds the barge-in detector.
+delivered once it is, so the caller's first words are not lost; that backlog goes out at no more than twice
+real time, since Savants asks for about real-time pacing (spec §6.3), and is caught up within its own length.
+The same audio feeds the barge-in detector.
 """
 
 from __future__ import annotations
@@ -10,17 +12,21 @@ import asyncio
 from collections import deque
 
 from telephony_bridge.audio.barge_in import BargeInDetector, Event
-from telephony_bridge.audio.codec import FRAME_MS, TWILIO_BYTES_PER_MS, TWILIO_RATE_HZ
+from telephony_bridge.audio.codec import FRAME_MS, FRAME_S, TWILIO_BYTES_PER_MS, TWILIO_RATE_HZ
 from telephony_bridge.audio.pipeline import CallerToAi
 from telephony_bridge.audio.vad import VoiceActivityDetector
+from telephony_bridge.clock import Clock
 from telephony_bridge.ops.metrics import Metrics
 from telephony_bridge.savants.client import SavantsConnection
 from telephony_bridge.settings import AudioSettings, BargeInSettings
 
+CATCH_UP_RATE = 2.0  # a backlog goes to the AI at most this many times faster than real time
+
 
 class Inbound:
-    def __init__(self, audio: AudioSettings, barge_in: BargeInSettings, metrics: Metrics) -> None:
+    def __init__(self, audio: AudioSettings, barge_in: BargeInSettings, metrics: Metrics, clock: Clock) -> None:
         self._metrics = metrics
+        self._clock = clock
         self._pipeline = CallerToAi()
         self._queue: deque[bytes] = deque()
         self._max_frames = max(1, audio.pre_connect_buffer_ms // FRAME_MS)
@@ -61,13 +67,20 @@ class Inbound:
         return self.detector.caller_audio(pcm_8k, now, ai_audible_since)
 
     async def run(self, conn: SavantsConnection) -> None:
-        """Send the queued frames to the AI as they come (640 bytes, 20 ms each)."""
+        """Send the queued frames to the AI (640 bytes, 20 ms each): as they come, or, for a backlog, at most
+        ``CATCH_UP_RATE`` times real time."""
+        next_at = self._clock.monotonic()
         while True:
-            await self._ready.wait()
-            self._ready.clear()
-            while self._queue:
-                if await conn.send_audio(self._queue.popleft()):
-                    self.frames_to_ai += 1
+            if not self._queue:
+                self._ready.clear()
+                await self._ready.wait()
+                next_at = max(next_at, self._clock.monotonic())
+                continue
+            if next_at > self._clock.monotonic():
+                await self._clock.sleep_until(next_at)
+            if await conn.send_audio(self._queue.popleft()):
+                self.frames_to_ai += 1
+            next_at += FRAME_S / CATCH_UP_RATE
 
 
 def _detector(settings: BargeInSettings) -> BargeInDetector | None:

@@ -1,0 +1,56 @@
+"""Caller audio to the AI: delivered as it comes; a backlog from before the AI connected at most 2x real time."""
+
+from __future__ import annotations
+
+import asyncio
+
+from telephony_bridge.audio.codec import TWILIO_FRAME_BYTES
+from telephony_bridge.clock import FakeClock
+from telephony_bridge.inbound import Inbound
+from telephony_bridge.ops.metrics import Metrics
+from telephony_bridge.settings import AudioSettings, BargeInSettings
+
+SILENCE = bytes([0xFF]) * TWILIO_FRAME_BYTES
+
+
+class FakeSavants:
+    """Records when each frame was sent (a fake peer, shaped like ``SavantsConnection.send_audio``)."""
+
+    def __init__(self, clock: FakeClock) -> None:
+        self.clock = clock
+        self.sent_at: list[float] = []
+
+    async def send_audio(self, pcm: bytes) -> bool:
+        assert len(pcm) == 640
+        self.sent_at.append(round(self.clock.monotonic() - 1000.0, 3))
+        return True
+
+
+async def settle() -> None:
+    for _ in range(10):
+        await asyncio.sleep(0)
+
+
+async def test_inbound_backlog_is_caught_up_at_twice_real_time_then_frames_flow_as_they_come() -> None:
+    clock = FakeClock(start=1000.0)
+    inbound = Inbound(AudioSettings(), BargeInSettings(enabled=False), Metrics(), clock)
+    for i in range(5):  # 100 ms said before the AI was connected
+        inbound.push(i * 20, SILENCE, clock.monotonic(), None)
+    savants = FakeSavants(clock)
+    async with asyncio.timeout(5):
+        task = asyncio.create_task(inbound.run(savants))  # type: ignore[arg-type]
+        try:
+            for step in range(1, 31):  # 150 ms in 5 ms steps, a new caller frame every 20 ms
+                await settle()
+                clock.advance(0.005)
+                if step % 4 == 0:
+                    inbound.push(100 + (step // 4 - 1) * 20, SILENCE, clock.monotonic(), None)
+                await settle()
+        finally:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+    gaps = [round(b - a, 3) for a, b in zip(savants.sent_at, savants.sent_at[1:], strict=False)]
+    assert savants.sent_at[0] == 0.0
+    assert min(gaps) >= 0.01  # never faster than twice real time
+    assert inbound.frames_to_ai == len(savants.sent_at) == 12  # the 5 of the backlog and the 7 that came
+    assert savants.sent_at[-1] <= 0.145  # caught up: the last frame went within 5 ms of its arrival
