@@ -114,9 +114,6 @@ class Warm:
         for _, item, _ in items:
             await _discard(item)
 
-    def __len__(self) -> int:
-        return len(self._items)
-
 
 async def _discard(item: str | SavantsConnection) -> None:
     if isinstance(item, SavantsConnection):
@@ -181,9 +178,8 @@ class Admission:
         await self.accounting.release(lease)
 
     def _note_admitted(self, call_sid: str) -> None:
-        now = self._clock.monotonic()
-        self._admitted = {sid: until for sid, until in self._admitted.items() if until > now}
-        self._admitted[call_sid] = now + self._reservation_ttl_s
+        self._admitted[call_sid] = self._clock.monotonic() + self._reservation_ttl_s
+        self.awaiting_streams()  # prunes the lapsed ones, so the dict stays as small as the calls ringing
 
     def stream_started(self, call_sid: str) -> None:
         """The call's stream is up (and in the registry): drain no longer needs to wait for it here."""

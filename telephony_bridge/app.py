@@ -72,7 +72,7 @@ def create_app(
             http = http_client or await stack.enter_async_context(httpx.AsyncClient(trust_env=False))
             acct, kv = accounting, store
             if acct is None or kv is None:
-                made_acct, made_kv = await _backends(settings, clock, stack)
+                made_acct, made_kv = _backends(settings, clock, stack)
                 acct, kv = acct or made_acct, kv or made_kv
             tokens = TokenClient(
                 http,
@@ -214,7 +214,7 @@ def signature_checker(settings: Settings) -> SignatureChecker | None:
     )
 
 
-async def _backends(settings: Settings, clock: Clock, stack: contextlib.AsyncExitStack) -> tuple[Accounting, Store]:
+def _backends(settings: Settings, clock: Clock, stack: contextlib.AsyncExitStack) -> tuple[Accounting, Store]:
     """Memory backends for one replica; Redis ones when REDIS_URL is set, so replicas share one view."""
     acct_settings = settings.accounting
     limits = Limits(

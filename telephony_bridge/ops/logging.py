@@ -17,7 +17,6 @@ from typing import Any
 
 import orjson
 
-CONTEXT_FIELDS = ("call_sid", "stream_sid", "device_id")
 _context: contextvars.ContextVar[Mapping[str, str]] = contextvars.ContextVar(
     "call_context", default=MappingProxyType({})
 )

@@ -5,6 +5,8 @@ Tokens are never cached, stored or logged (§4): each connection attempt fetches
 
 from __future__ import annotations
 
+import asyncio
+
 import httpx
 
 from telephony_bridge.errors import TokenError
@@ -23,13 +25,15 @@ class TokenClient:
 
     async def fetch(self, device_id: str) -> str:
         try:
-            response = await self._http.post(
-                self._url,
-                json={"apiKey": self._api_key, "deviceId": device_id},
-                headers={"Accept": "application/json"},
-                timeout=self._timeout_s,
-            )
-        except httpx.TimeoutException:
+            # httpx's timeout is per phase (connect, write, read); the caller is waiting on the total.
+            async with asyncio.timeout(self._timeout_s):
+                response = await self._http.post(
+                    self._url,
+                    json={"apiKey": self._api_key, "deviceId": device_id},
+                    headers={"Accept": "application/json"},
+                    timeout=self._timeout_s,
+                )
+        except (TimeoutError, httpx.TimeoutException):
             raise TokenError(f"token endpoint did not answer within {self._timeout_s} s", code="TIMEOUT") from None
         except httpx.HTTPError as exc:
             raise TokenError(f"token endpoint unreachable: {type(exc).__name__}", code="UNREACHABLE") from None
