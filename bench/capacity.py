@@ -117,8 +117,11 @@ def _load_part(url: str, calls: int, seconds: float, start_at: float) -> LoadRes
     return dataclasses.replace(result, flows=flows)
 
 
-def measure(pool: ProcessPoolExecutor, procs: int, pid: int, url: str, calls: int, seconds: float) -> dict:
-    """Run ``calls`` calls of ``seconds`` against the server ``pid`` and return its figures."""
+def measure(
+    pool: ProcessPoolExecutor, procs: int, pid: int, url: str, calls: int, seconds: float, profile: str | None = None
+) -> dict:
+    """Run ``calls`` calls of ``seconds`` against the server ``pid`` and return its figures; with ``profile``,
+    py-spy records the server over the steady window into that file (collapsed stacks)."""
     idle_rss = rss_kb(pid)
     start_at = time.monotonic() + 1.5  # the load processes are up and waiting by then
     shares = [calls // procs + (i < calls % procs) for i in range(procs)]
@@ -127,11 +130,19 @@ def measure(pool: ProcessPoolExecutor, procs: int, pid: int, url: str, calls: in
     whole_before = cpu_s(pid)
     time.sleep(RAMP_S + 1.5)  # every call is up and talking
     window_s = max(1.0, seconds - 3.0)
+    spy = None
+    if profile:
+        command = ["py-spy", "record", "--pid", str(pid), "--duration", str(int(window_s)), "--format", "raw"]
+        spy_bin = Path(sys.executable).parent / "py-spy"
+        command[0] = str(spy_bin) if spy_bin.exists() else "py-spy"
+        spy = subprocess.Popen([*command, "--nonblocking", "-o", profile], stdout=subprocess.DEVNULL)
     steady_before = cpu_s(pid)
     time.sleep(window_s / 2)
     steady_rss = rss_kb(pid)
     time.sleep(window_s / 2)
     steady_used = cpu_s(pid) - steady_before
+    if spy is not None:
+        spy.wait()
     parts = [future.result() for future in futures]
     time.sleep(0.5)  # the server closes its side
     whole_used = cpu_s(pid) - whole_before
@@ -165,6 +176,38 @@ def measure(pool: ProcessPoolExecutor, procs: int, pid: int, url: str, calls: in
         "calls_with_underruns": sum(1 for u in underruns if u),
         "first_audio_p99_ms": percentile(first, 99) if first else None,
     }
+
+
+def top_functions(collapsed: str, n: int = 25) -> str:
+    """The functions holding the CPU in a py-spy raw profile: self time (the leaf) and total (anywhere on the
+    stack), as shares of all samples."""
+    own: dict[str, int] = {}
+    total: dict[str, int] = {}
+    samples = 0
+    for row in Path(collapsed).read_text().splitlines():
+        stack, _, count_text = row.rpartition(" ")
+        if not stack:
+            continue
+        count = int(count_text)
+        samples += count
+        frames = [_function(frame) for frame in stack.split(";")]
+        own[frames[-1]] = own.get(frames[-1], 0) + count
+        for frame in set(frames):
+            total[frame] = total.get(frame, 0) + count
+    lines = [f"{samples} samples; self % / total %  function"]
+    for name, count in sorted(own.items(), key=lambda kv: -kv[1])[:n]:
+        lines.append(f"{100 * count / samples:5.1f} / {100 * total[name] / samples:5.1f}  {name}")
+    return "\n".join(lines)
+
+
+def _function(frame: str) -> str:
+    """``send (websockets/protocol.py:123)`` -> ``send (websockets/protocol.py)``: lines apart, one function."""
+    name, _, where = frame.partition(" (")
+    path = where.rstrip(")").rsplit(":", 1)[0]
+    for marker in ("site-packages/", "telephony-bridge/", "perf-bench/", "lib/python3"):
+        if marker in path:
+            path = path.split(marker, 1)[1]
+    return f"{name} ({path})"
 
 
 def passed(figures: dict) -> bool:
@@ -218,6 +261,7 @@ def main() -> int:
     parser.add_argument("--workers", type=int, default=1, help="serve --workers N for the bridge")
     parser.add_argument("--redis-url", help="REDIS_URL for the bridge (required with --workers > 1)")
     parser.add_argument("--json", metavar="OUT", help="also write every figure to this JSON file")
+    parser.add_argument("--profile", metavar="OUT", help="py-spy the bridge's steady window (first level) to OUT")
     args = parser.parse_args()
     python = sys.executable
     emulator_port = free_port()
@@ -245,9 +289,12 @@ def main() -> int:
                     if name not in live:
                         continue
                     process, url = running[name]
-                    figures = measure(pool, args.load_procs, process.pid, url, calls, args.seconds)
+                    profile = args.profile if name == "bridge" and calls == levels[0] else None
+                    figures = measure(pool, args.load_procs, process.pid, url, calls, args.seconds, profile)
                     results[name].append(figures)
                     print(line(name, figures), flush=True)
+                    if profile:
+                        print(top_functions(profile), flush=True)
                     if args.knee:
                         if passed(figures):
                             knee[name] = calls
