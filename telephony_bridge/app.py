@@ -35,6 +35,7 @@ from telephony_bridge.registry import CallRegistry
 from telephony_bridge.savants.client import Connector, open_voice_session
 from telephony_bridge.savants.tokens import TokenClient
 from telephony_bridge.settings import Settings
+from telephony_bridge.sip.server import SipServer
 from telephony_bridge.store import MemoryStore, RedisStore, Store
 from telephony_bridge.twilio.leg import handle_media_stream
 from telephony_bridge.twilio.signatures import SignatureChecker
@@ -110,6 +111,12 @@ def create_app(
             app.state.webhooks = TwilioWebhooks(settings, admission, metrics, checker)
             app.state.draining = False
             app.state.registry = registry
+            app.state.sip = None
+            if settings.sip.port is not None:
+                sip = SipServer(app.state.deps, draining=lambda: app.state.draining)
+                await sip.start()
+                stack.push_async_callback(sip.stop)
+                app.state.sip = sip
             yield
             app.state.draining = True
             if len(registry):
@@ -156,6 +163,8 @@ def create_app(
             "accounting": await deps.admission.accounting.snapshot(),
             "draining": request.app.state.draining,
         }
+        if request.app.state.sip is not None:
+            body["sip"] = request.app.state.sip.status()
         return JSONResponse(body)
 
     return Starlette(

@@ -47,6 +47,7 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--config", help="YAML configuration (omitted: $BRIDGE_CONFIG, else built-in defaults)")
     serve.add_argument("--host", help="listen address (overrides HOST / server.host)")
     serve.add_argument("--port", type=int, help="listen port (overrides PORT / server.port)")
+    serve.add_argument("--sip-port", type=int, help="SIP ingress on this UDP+TCP port (overrides SIP_PORT / sip.port)")
     serve.add_argument(
         "--dev-voice",
         default="echo",
@@ -118,7 +119,8 @@ def _add_twilio_flow_options(parser: argparse.ArgumentParser) -> None:
 
 
 def run_serve(args: argparse.Namespace) -> int:
-    overrides = {k: v for k, v in (("server.host", args.host), ("server.port", args.port)) if v is not None}
+    pairs = (("server.host", args.host), ("server.port", args.port), ("sip.port", args.sip_port))
+    overrides = {k: v for k, v in pairs if v is not None}
     settings = load_settings(args.config, **overrides)
     if not settings.dev_mode:
         _require_production_settings(settings)  # before anything starts: a wrong setting is one sentence
@@ -202,6 +204,9 @@ def _require_production_settings(settings: Settings) -> None:
         raise ConfigError("config key 'savants.api_key' (environment variable SAVANTS_API_KEY) must be set")
     if not settings.savants.device_ids:
         raise ConfigError("config key 'savants.device_ids' (environment variable SAVANTS_DEVICE_IDS) must be set")
+    from telephony_bridge.sip.server import require_sip_security
+
+    require_sip_security(settings)
 
 
 # --- emulator ----------------------------------------------------------------------------------------------

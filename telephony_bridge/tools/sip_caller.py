@@ -1,0 +1,401 @@
+"""The simulated SIP caller: places one call the way a trunk would, built on the same sans-I/O SIP code.
+
+INVITE with an SDP offer (PCMU, PCMA, telephone-event 101) over UDP or TCP, answering a digest challenge if
+credentials are given; ACK; real-time 20 ms PCMU RTP from the caller's audio (silence after it), RFC 4733
+digits at the times asked; BYE after ``seconds`` (or answer the bridge's BYE). What the bridge sent is placed
+on the RTP timeline (reorder, loss fill) and kept as what the caller heard. The bridge's RTP is checked as a
+trunk would: one SSRC, sequence +1, timestamp +160 per packet unless a marker opens a talk spurt, 160-byte
+PCMU; anything else is a ``violation``. Fault switches (``never_ack``, ``rtp_stop_after_s``) serve the tests.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import secrets
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from telephony_bridge.audio.codec import TWILIO_FRAME_BYTES, ULAW_SILENCE, pcm16_to_ulaw, ulaw_to_pcm16
+from telephony_bridge.sip.address import new_branch, new_tag, parse_name_addr, parse_uri
+from telephony_bridge.sip.auth import authorization_header
+from telephony_bridge.sip.dtmf import event_payloads
+from telephony_bridge.sip.message import Headers, Request, Response, StreamParser, parse_datagram
+from telephony_bridge.sip.rtp import RtpPacket, RtpReceiver, RtpSender, parse_rtp
+from telephony_bridge.sip.sdp import SdpError, SessionDescription, build_offer, negotiate, parse_sdp
+
+FRAME_S = 0.020
+T1_S = 0.5
+
+
+@dataclass(frozen=True, eq=False)
+class SipCallConfig:
+    target: str  # sip:ai@host:port
+    audio_in: npt.NDArray[np.int16] | None = None  # 8 kHz int16; silence after it
+    seconds: float = 5.0
+    transport: str = "udp"
+    dtmf: Sequence[tuple[float, str]] = ()  # (seconds after answer, digit)
+    user: str = ""
+    password: str = ""
+    local_host: str = "127.0.0.1"
+    answer_timeout_s: float = 15.0
+    never_ack: bool = False  # fault: the bridge must give up after 64*T1 and BYE
+    rtp_stop_after_s: float | None = None  # fault: stop sending RTP (media timeout)
+    extra_headers: Sequence[tuple[str, str]] = ()
+
+
+@dataclass
+class SipCallResult:
+    call_id: str
+    status: int = 0  # the INVITE's final status (0: none arrived)
+    setup_s: float | None = None  # INVITE sent -> 200 OK received
+    heard: bytes = b""  # μ-law, 8 kHz, on the RTP timeline
+    packets_in: int = 0
+    ended_by: str = ""  # "caller" (our BYE), "bridge" (its BYE), "refused", "timeout"
+    digits_sent: str = ""
+    violations: list[str] = field(default_factory=list)
+    reason: str = ""
+
+    @property
+    def heard_pcm(self) -> npt.NDArray[np.int16]:
+        return ulaw_to_pcm16(self.heard)
+
+    @property
+    def answered(self) -> bool:
+        return self.status == 200
+
+    def summary(self) -> str:
+        setup = f"{1000 * self.setup_s:.0f} ms" if self.setup_s is not None else "-"
+        heard_s = len(self.heard) / 8000
+        return (
+            f"sip call {self.call_id}: {self.status or 'no answer'} in {setup}, heard {heard_s:.1f} s "
+            f"({self.packets_in} RTP packets), ended by {self.ended_by or '-'}, digits sent {len(self.digits_sent)}, "
+            f"violations {len(self.violations)}" + (f", {self.reason}" if self.reason else "")
+        )
+
+
+class _Signalling:
+    """One UDP socket or TCP connection to the bridge; parsed messages arrive on ``inbox``."""
+
+    def __init__(self) -> None:
+        self.inbox: asyncio.Queue[Request | Response] = asyncio.Queue()
+        self._udp: asyncio.DatagramTransport | None = None
+        self._writer: asyncio.StreamWriter | None = None
+        self._reader_task: asyncio.Task[None] | None = None
+        self.local: tuple[str, int] = ("", 0)
+        self.remote: tuple[str, int] = ("", 0)
+
+    async def open(self, transport: str, host: str, port: int, local_host: str) -> None:
+        self.remote = (host, port)
+        loop = asyncio.get_running_loop()
+        if transport == "tcp":
+            reader, self._writer = await asyncio.open_connection(host, port)
+            self.local = self._writer.get_extra_info("sockname")[:2]
+            self._reader_task = loop.create_task(self._read_tcp(reader))
+        else:
+            inbox = self.inbox
+
+            class _Proto(asyncio.DatagramProtocol):
+                def datagram_received(self, data: bytes, addr: Any) -> None:
+                    msg = parse_datagram(data)
+                    if isinstance(msg, Request | Response):
+                        inbox.put_nowait(msg)
+
+            udp, _ = await loop.create_datagram_endpoint(_Proto, local_addr=(local_host, 0))
+            self._udp = udp  # type: ignore[assignment]
+            self.local = udp.get_extra_info("sockname")[:2]
+
+    async def _read_tcp(self, reader: asyncio.StreamReader) -> None:
+        parser = StreamParser()
+        while data := await reader.read(65536):
+            for msg in parser.feed(data):
+                if isinstance(msg, Request | Response):
+                    self.inbox.put_nowait(msg)
+
+    def send(self, data: bytes) -> None:
+        if self._writer is not None:
+            self._writer.write(data)
+        elif self._udp is not None:
+            self._udp.sendto(data, self.remote)
+
+    @property
+    def reliable(self) -> bool:
+        return self._writer is not None
+
+    async def close(self) -> None:
+        if self._reader_task is not None:
+            self._reader_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._reader_task
+        if self._writer is not None:
+            self._writer.close()
+        if self._udp is not None:
+            self._udp.close()
+
+
+class _Media(asyncio.DatagramProtocol):
+    """Our RTP socket: what the bridge sends, checked and placed on its timeline."""
+
+    def __init__(self, result: SipCallResult) -> None:
+        self.result = result
+        self.receiver = RtpReceiver(depth=3)
+        self.heard = bytearray()
+        self._last: RtpPacket | None = None
+        self.transport: asyncio.DatagramTransport | None = None
+
+    def connection_made(self, transport: Any) -> None:
+        self.transport = transport
+
+    def datagram_received(self, data: bytes, addr: Any) -> None:
+        packet = parse_rtp(data)
+        if packet is None:
+            return  # RTCP
+        self.result.packets_in += 1
+        self._check(packet)
+        self.heard += self.receiver.push(packet, time.monotonic())
+
+    def _check(self, packet: RtpPacket) -> None:
+        problems = self.result.violations
+        if len(packet.payload) != TWILIO_FRAME_BYTES:
+            problems.append(f"payload of {len(packet.payload)} bytes, expected 160")
+        last = self._last
+        if last is not None:
+            if packet.ssrc != last.ssrc:
+                problems.append(f"SSRC changed from {last.ssrc:#x} to {packet.ssrc:#x}")
+            elif packet.sequence != (last.sequence + 1) & 0xFFFF:
+                problems.append(f"sequence jumped from {last.sequence} to {packet.sequence}")
+            elif not packet.marker and packet.timestamp != (last.timestamp + 160) & 0xFFFFFFFF:
+                problems.append(f"timestamp jumped by {(packet.timestamp - last.timestamp) & 0xFFFFFFFF} unmarked")
+        self._last = packet
+
+
+async def place_sip_call(config: SipCallConfig) -> SipCallResult:
+    uri = parse_uri(config.target)
+    if uri is None:
+        raise ValueError(f"expected a sip: URI such as sip:ai@127.0.0.1:5060, got {config.target!r}")
+    call_id = f"{secrets.token_hex(12)}@{config.local_host}"
+    result = SipCallResult(call_id)
+    sig = _Signalling()
+    await sig.open(config.transport, uri.host, uri.port or 5060, config.local_host)
+    loop = asyncio.get_running_loop()
+    media_transport, media = await loop.create_datagram_endpoint(
+        lambda: _Media(result), local_addr=(config.local_host, 0)
+    )
+    rtp_port = media_transport.get_extra_info("sockname")[1]
+    try:
+        await _call(config, sig, media, media_transport, rtp_port, result)
+    finally:
+        media_transport.close()
+        await sig.close()
+    result.heard = bytes(media.heard) + media.receiver.flush()
+    return result
+
+
+async def _call(
+    config: SipCallConfig,
+    sig: _Signalling,
+    media: _Media,
+    rtp: asyncio.DatagramTransport,
+    rtp_port: int,
+    result: SipCallResult,
+) -> None:
+    proto = "TCP" if sig.reliable else "UDP"
+    local_host, local_port = sig.local
+    tag = new_tag()
+    contact = f"<sip:caller@{local_host}:{local_port}{';transport=tcp' if sig.reliable else ''}>"
+    offer = build_offer(host=config.local_host, port=rtp_port, session_id=secrets.randbelow(2**31), version=1)
+    cseq = 1
+    auth_rows: list[tuple[str, str]] = []
+    started = time.monotonic()
+    while True:
+        branch = new_branch()
+        invite = Request(
+            "INVITE",
+            config.target,
+            Headers.of(
+                [
+                    ("Via", f"SIP/2.0/{proto} {local_host}:{local_port};branch={branch};rport"),
+                    ("Max-Forwards", "70"),
+                    ("From", f"<sip:caller@{local_host}>;tag={tag}"),
+                    ("To", f"<{config.target}>"),
+                    ("Call-ID", result.call_id),
+                    ("CSeq", f"{cseq} INVITE"),
+                    ("Contact", contact),
+                    ("Supported", "timer"),
+                    *auth_rows,
+                    *config.extra_headers,
+                    ("Content-Type", "application/sdp"),
+                ]
+            ),
+            offer,
+        )
+        final = await _transact(sig, invite, config.answer_timeout_s)
+        if final is None:
+            result.ended_by, result.reason = "timeout", "no final response to the INVITE"
+            return
+        result.status = final.status
+        if final.status >= 300:
+            sig.send(_ack(invite, final, branch=branch).to_bytes())  # the ACK of a non-2xx: same branch
+            challenge = final.headers.values("WWW-Authenticate")
+            if final.status == 401 and challenge and config.user and not auth_rows:
+                value = authorization_header(
+                    challenge[0], user=config.user, password=config.password, method="INVITE", uri=config.target
+                )
+                auth_rows = [("Authorization", value or "")]
+                cseq += 1
+                continue
+            result.ended_by, result.reason = "refused", f"{final.status} {final.reason}"
+            return
+        break
+    result.setup_s = time.monotonic() - started
+    answer = parse_sdp(final.body)
+    chosen = negotiate(answer) if isinstance(answer, SessionDescription) else answer
+    if isinstance(chosen, SdpError):
+        result.reason = f"unusable SDP answer: {chosen.reason}"
+        return
+    to_value = final.headers.get("To") or ""
+    remote_target = parse_name_addr(final.headers.get("Contact") or "") or parse_name_addr(to_value)
+    routes = list(reversed(final.headers.values("Record-Route")))  # the UAC reverses (RFC 3261 §12.1.2)
+    ack = _ack(invite, final, branch=new_branch(), uri=remote_target.uri if remote_target else config.target)
+    ack = Request(ack.method, ack.uri, ack.headers.with_rows(*[("Route", r) for r in routes]))
+    if not config.never_ack:
+        sig.send(ack.to_bytes())
+    remote = (chosen.remote_host, chosen.remote_port)
+    bye_from_bridge = asyncio.Event()
+    responder = asyncio.get_running_loop().create_task(_answer_requests(sig, final, ack, config, bye_from_bridge))
+    try:
+        await _media_loop(config, media, rtp, remote, chosen.telephone_event_pt, bye_from_bridge, result)
+        if bye_from_bridge.is_set():
+            result.ended_by = "bridge"
+            return
+        bye = Request(
+            "BYE",
+            ack.uri,
+            Headers.of(
+                [
+                    ("Via", f"SIP/2.0/{proto} {local_host}:{local_port};branch={new_branch()};rport"),
+                    ("Max-Forwards", "70"),
+                    *[("Route", r) for r in routes],
+                    ("From", invite.headers.get("From") or ""),
+                    ("To", to_value),
+                    ("Call-ID", result.call_id),
+                    ("CSeq", f"{cseq + 1} BYE"),
+                ]
+            ),
+        )
+        result.ended_by = "caller"
+        responder.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await responder
+        ok = await _transact(sig, bye, 10.0)
+        if ok is None or ok.status != 200:
+            result.violations.append(f"BYE answered {ok.status if ok else 'never'}")
+    finally:
+        responder.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await responder
+
+
+def _ack(invite: Request, final: Response, *, branch: str, uri: str | None = None) -> Request:
+    via = invite.headers.values("Via")[0].split(";branch=")[0] + f";branch={branch};rport"
+    return Request(
+        "ACK",
+        uri or invite.uri,
+        Headers.of(
+            [
+                ("Via", via),
+                ("Max-Forwards", "70"),
+                ("From", invite.headers.get("From") or ""),
+                ("To", final.headers.get("To") or ""),
+                ("Call-ID", invite.call_id),
+                ("CSeq", f"{invite.cseq[0]} ACK"),
+            ]
+        ),
+    )
+
+
+async def _transact(sig: _Signalling, request: Request, timeout_s: float) -> Response | None:
+    """Send ``request`` (resent on Timer A/E over UDP until any answer) and return its final response."""
+    data = request.to_bytes()
+    sig.send(data)
+    interval = T1_S
+    provisional = False
+    deadline = time.monotonic() + timeout_s
+    resend_at = time.monotonic() + interval
+    while (now := time.monotonic()) < deadline:
+        try:
+            msg = await asyncio.wait_for(
+                sig.inbox.get(), min(deadline, resend_at) - now if not provisional else deadline - now
+            )
+        except TimeoutError:
+            if not sig.reliable and not provisional:
+                sig.send(data)
+                interval = min(interval * 2, 4.0)
+                resend_at = time.monotonic() + interval
+            continue
+        if not isinstance(msg, Response) or msg.cseq != request.cseq:
+            continue
+        if msg.status < 200:
+            provisional = True
+            continue
+        return msg
+    return None
+
+
+async def _answer_requests(
+    sig: _Signalling, final: Response, ack: Request, config: SipCallConfig, bye: asyncio.Event
+) -> None:
+    """The bridge's requests in the dialog: BYE answered 200; a retransmitted 200 re-ACKed (unless a fault)."""
+    while True:
+        msg = await sig.inbox.get()
+        if isinstance(msg, Response):
+            if msg.status == 200 and msg.cseq == final.cseq and not config.never_ack:
+                sig.send(ack.to_bytes())
+            continue
+        if msg.method in ("BYE", "OPTIONS", "INFO", "UPDATE", "INVITE"):
+            headers = [(n, v) for n, v in msg.headers if n in ("Via", "From", "To", "Call-ID", "CSeq")]
+            sig.send(Response(200, "OK", Headers.of(headers)).to_bytes())
+            if msg.method == "BYE":
+                bye.set()
+
+
+async def _media_loop(
+    config: SipCallConfig,
+    media: _Media,
+    rtp: asyncio.DatagramTransport,
+    remote: tuple[str, int],
+    event_pt: int | None,
+    bye: asyncio.Event,
+    result: SipCallResult,
+) -> None:
+    audio = pcm16_to_ulaw(config.audio_in) if config.audio_in is not None else b""
+    sender = RtpSender()
+    digits = sorted(config.dtmf)
+    start = time.monotonic()
+    tick = 0
+    pending_events: list[tuple[int, bytes, bool]] = []  # (event start in samples, payload, marker)
+    while (elapsed := time.monotonic() - start) < config.seconds and not bye.is_set():
+        at = tick * TWILIO_FRAME_BYTES
+        while digits and digits[0][0] <= elapsed and event_pt is not None:
+            _, digit = digits.pop(0)
+            result.digits_sent += digit
+            payloads = event_payloads(digit)
+            pending_events += [(at, p, i == 0) for i, p in enumerate(payloads)]
+        stopped = config.rtp_stop_after_s is not None and elapsed >= config.rtp_stop_after_s
+        if not stopped:
+            if pending_events and event_pt is not None:
+                ev_at, payload, marker = pending_events.pop(0)
+                rtp.sendto(sender.event(payload, event_pt, ev_at, marker=marker).to_bytes(), remote)
+            else:
+                frame = audio[at : at + TWILIO_FRAME_BYTES].ljust(TWILIO_FRAME_BYTES, bytes([ULAW_SILENCE]))
+                rtp.sendto(sender.packet(frame, 0, at).to_bytes(), remote)
+        tick += 1
+        delay = start + tick * FRAME_S - time.monotonic()
+        if delay > 0:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(bye.wait(), delay)
