@@ -160,3 +160,27 @@ async def test_sip_pool_full_is_486(start_bridge: Callable[..., ServerThread], e
     assert second.status == 486
     assert (await first).answered
     assert_all_released(bridge, emulator)
+
+
+def test_sipcall_and_loadtest_sip_commands(
+    start_bridge: Callable[..., ServerThread],
+    emulator: ServerThread,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from telephony_bridge.cli import main
+
+    bridge = start_sip_bridge(start_bridge, emulator)
+    out = tmp_path / "heard.wav"
+    args = ["--wav", str(DATA / "speech_8k.wav"), "--out", str(out), "--seconds", "2", "--dtmf", "1#"]
+    code = main(["sipcall", target(bridge), *args, "--transport", "tcp"])
+    line = capsys.readouterr().out
+    assert code == 0, line
+    assert ": 200 in " in line and "ended by caller" in line and "digits sent 2" in line and "violations 0" in line
+    assert out.stat().st_size > 44 + 2 * 8000  # more than a second of what the caller heard
+    code = main(["loadtest", "--sip", target(bridge), "--calls", "4", "--concurrency", "4", "--seconds", "1.5"])
+    line = capsys.readouterr().out
+    assert code == 0, line
+    assert line.startswith("sip loadtest: 4/4 answered, refused none, INVITE->200 p50 ")
+    assert main(["sipcall", "http://nope"]) == 3
+    assert_all_released(bridge, emulator)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import secrets
+import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -399,3 +400,110 @@ async def _media_loop(
         if delay > 0:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(bye.wait(), delay)
+
+
+# --- commands ----------------------------------------------------------------------------------------------
+
+
+def dtmf_schedule(digits: str, *, first_s: float = 1.0, every_s: float = 0.5) -> list[tuple[float, str]]:
+    """``12#`` → one key press every ``every_s`` from ``first_s`` after answer."""
+    return [(first_s + i * every_s, d) for i, d in enumerate(digits)]
+
+
+async def sipcall_command(
+    target: str,
+    wav: str | None,
+    out: str | None,
+    seconds: float,
+    *,
+    transport: str = "udp",
+    dtmf: str = "",
+    user: str = "",
+    password: str = "",
+) -> int:
+    """One call, the summary on stdout. Exit codes: 0 answered and ended cleanly; 1 the bridge's RTP or BYE
+    broke the rules; 2 refused, unanswered or unusable; 3 bad arguments."""
+    from telephony_bridge.tools.commands import load_caller_audio, write_wav
+
+    try:
+        audio = load_caller_audio(wav)
+        for digit in dtmf:
+            event_payloads(digit)
+        config = SipCallConfig(
+            target,
+            audio_in=audio,
+            seconds=seconds,
+            transport=transport,
+            dtmf=dtmf_schedule(dtmf),
+            user=user,
+            password=password,
+        )
+        result = await place_sip_call(config)
+    except ValueError as exc:
+        print(exc, file=sys.stderr)
+        return 3
+    except OSError as exc:
+        print(f"could not reach {target}: {exc}", file=sys.stderr)
+        return 2
+    print(result.summary())
+    if out:
+        write_wav(out, result.heard_pcm)
+    if not result.answered:
+        return 2
+    return 1 if result.violations else 0
+
+
+async def sip_load(
+    target: str,
+    calls: int,
+    concurrency: int,
+    seconds: float,
+    ramp_s: float,
+    audio: npt.NDArray[np.int16] | None,
+    *,
+    transport: str = "udp",
+) -> list[SipCallResult]:
+    """``calls`` SIP calls, at most ``concurrency`` at once, started evenly over ``ramp_s``."""
+    gate = asyncio.Semaphore(concurrency)
+
+    async def one(i: int) -> SipCallResult:
+        await asyncio.sleep(ramp_s * i / max(1, calls))
+        async with gate:
+            return await place_sip_call(SipCallConfig(target, audio_in=audio, seconds=seconds, transport=transport))
+
+    return list(await asyncio.gather(*(one(i) for i in range(calls))))
+
+
+def load_summary(results: list[SipCallResult]) -> str:
+    answered = [r for r in results if r.answered]
+    setups = sorted(1000 * r.setup_s for r in answered if r.setup_s is not None)
+    refused: dict[str, int] = {}
+    for r in results:
+        if not r.answered:
+            key = str(r.status or r.reason or "no answer")
+            refused[key] = refused.get(key, 0) + 1
+    violations = sum(len(r.violations) for r in results)
+
+    def pct(p: float) -> str:
+        return f"{setups[min(len(setups) - 1, int(p / 100 * len(setups)))]:.1f}" if setups else "-"
+
+    return (
+        f"sip loadtest: {len(answered)}/{len(results)} answered, refused {refused or 'none'}, "
+        f"INVITE->200 p50 {pct(50)} ms p99 {pct(99)} ms, RTP violations {violations}"
+    )
+
+
+async def sip_loadtest_command(
+    target: str, calls: int, concurrency: int, seconds: float, ramp_s: float, wav: str | None, transport: str
+) -> int:
+    from telephony_bridge.tools.commands import load_caller_audio
+
+    try:
+        audio = load_caller_audio(wav)
+        results = await sip_load(target, calls, concurrency, seconds, ramp_s, audio, transport=transport)
+    except ValueError as exc:
+        print(exc, file=sys.stderr)
+        return 3
+    print(load_summary(results))
+    failed = [r for r in results if not r.answered or r.violations]
+    return 1 if failed else 0
