@@ -55,3 +55,10 @@ def test_production_sip_needs_an_allow_list_or_users_and_an_advertised_host() ->
     )
     require_sip_security(good)
     require_sip_security(load_settings(env={"SIP_PORT": "5060"}))  # dev mode: 127.0.0.0/8 by default
+
+
+def test_sip_refuses_worker_processes() -> None:
+    with pytest.raises(ConfigError, match=r"cannot be used with server\.workers = 2"):
+        require_sip_security(
+            load_settings(env={"SIP_PORT": "5060", "BRIDGE__SERVER__WORKERS": "2", "REDIS_URL": "redis://x:6379/0"})
+        )

@@ -56,7 +56,15 @@ DEV_SOURCES = ("127.0.0.0/8",)
 def require_sip_security(settings: Settings) -> None:
     """Production with SIP on: a trunk must be secured, and peers must be told a reachable address."""
     sip = settings.sip
-    if sip.port is None or settings.dev_mode:
+    if sip.port is None:
+        return
+    if settings.server.workers > 1:
+        raise ConfigError(
+            f"config key 'sip.port' (environment variable SIP_PORT) cannot be used with server.workers = "
+            f"{settings.server.workers}: the SIP ingress keeps its transactions in one process; run one worker per "
+            "replica and spread calls with a SIP proxy (deploy/kamailio)"
+        )
+    if settings.dev_mode:
         return
     if not sip.allowed_sources and not sip.users:
         raise ConfigError(
