@@ -131,6 +131,7 @@ class SipSettings(_Frozen):
     advertised_host: str = ""
     rtp_ports: str = "20000-20999"
     allowed_sources: tuple[str, ...] = ()
+    media_sources: tuple[str, ...] = ()
     realm: str = "telephony-bridge"
     users: dict[str, dict[str, str]] = {}
     allow_pcma: bool = True
@@ -151,7 +152,7 @@ class SipSettings(_Frozen):
             raise ValueError("expected 1024 <= FIRST < LAST <= 65535 with room for one even/odd pair")
         return f"{lo}-{hi}"
 
-    @field_validator("allowed_sources", mode="before")
+    @field_validator("allowed_sources", "media_sources", mode="before")
     @classmethod
     def _sources(cls, v: Any) -> Any:
         if isinstance(v, str):
@@ -249,6 +250,7 @@ ENVIRONMENT: dict[str, str] = {
     "SIP_ADVERTISED_HOST": "sip.advertised_host",
     "RTP_PORTS": "sip.rtp_ports",
     "SIP_ALLOWED_SOURCES": "sip.allowed_sources",
+    "SIP_MEDIA_SOURCES": "sip.media_sources",
 }
 SECRET_KEYS = frozenset({"savants.api_key", "twilio.auth_token"})
 # Any key, named or not above, can also be set as BRIDGE__<SECTION>__<KEY>, e.g. BRIDGE__AUDIO__OUTBOUND_LEAD_MS.

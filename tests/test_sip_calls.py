@@ -184,3 +184,41 @@ def test_sipcall_and_loadtest_sip_commands(
     assert line.startswith("sip loadtest: 4/4 answered, refused none, INVITE->200 p50 ")
     assert main(["sipcall", "http://nope"]) == 3
     assert_all_released(bridge, emulator)
+
+
+async def test_sip_barge_in_cuts_the_ai_off(
+    start_emulator: Callable[..., ServerThread], start_bridge: Callable[..., ServerThread]
+) -> None:
+    from telephony_bridge.tools import barge_in_probe as probe
+    from tests.test_barge_in_call import INTERRUPT_AT_S, INTERRUPTION, QUESTION
+
+    emulator = start_emulator(voice="talker", talker_reply_s=4.0)
+    bridge = start_sip_bridge(start_bridge, emulator)
+    said = probe.script(QUESTION, INTERRUPTION, INTERRUPT_AT_S, seconds=6.0)
+    result = await place_sip_call(SipCallConfig(target(bridge), audio_in=said, seconds=6.0))
+    assert result.answered and result.violations == [], result.summary()
+    cut = probe.measure(result.heard_pcm, said, INTERRUPT_AT_S)
+    assert 0.5 < cut.into_answer_s < 2.0, cut
+    assert cut.stop_after_s < 0.6, cut  # the queued AI audio was dropped at the leg, not played out
+    metrics = httpx.get(bridge.http_url + "/metrics", timeout=5).text
+    assert "bridge_barge_in_total 1.0" in metrics
+    assert_all_released(bridge, emulator)
+
+
+async def test_sip_ai_failure_plays_the_fallback_then_byes(
+    start_emulator: Callable[..., ServerThread], start_bridge: Callable[..., ServerThread]
+) -> None:
+    emulator = start_emulator(voice="tone", token_faults=(), session_faults=(), fault="error", fault_after_s=1.0)
+    fallback = DATA / "speech_8k.wav"
+    bridge = start_sip_bridge(start_bridge, emulator, **{"sip.fallback_wav": str(fallback)})
+    result = await place_sip_call(SipCallConfig(target(bridge), seconds=20.0))
+    assert result.answered and result.ended_by == "bridge", result.summary()  # a BYE, never dead air
+    from telephony_bridge.tools.commands import read_wav
+
+    recording = read_wav(str(fallback)).astype(float)[: 8000 * 2]
+    heard = result.heard_pcm.astype(float)
+    corr = np.correlate(heard, recording, mode="valid")
+    at = int(np.argmax(corr))
+    similarity = corr[at] / (np.linalg.norm(recording) * np.linalg.norm(heard[at : at + recording.size]))
+    assert similarity > 0.9, f"the fallback recording was not heard before the BYE ({similarity:.2f})"
+    assert_all_released(bridge, emulator)

@@ -146,6 +146,8 @@ class SipServer:
         self.host = sip.host or deps.settings.server.host
         sources = sip.allowed_sources or (DEV_SOURCES if deps.settings.dev_mode and not sip.users else ())
         self._sources: Networks = [ipaddress.ip_network(s, strict=False) for s in sources]
+        media = sip.media_sources or ("0.0.0.0/0", "::/0")  # latched once either way (spec §11.4)
+        self._media_sources: Networks = [ipaddress.ip_network(s, strict=False) for s in media]
         self._auth = DigestAuthenticator(sip.realm, sip.users) if sip.users else None
         self._ports = RtpPorts(*sip.rtp_range)
         self._timers = timers or Timers(t1_s=sip.t1_ms / 1000)
@@ -462,7 +464,7 @@ class SipServer:
             rtp,
             self._clock,
             media_timeout_s=self._settings.media_timeout_s,
-            media_sources=self._sources or [ipaddress.ip_network("0.0.0.0/0"), ipaddress.ip_network("::/0")],
+            media_sources=self._media_sources,
             on_hang_up=hang_up,
             fallback_ulaw=self._fallback,
             cname=f"bridge@{core.advertised_host}",
@@ -496,8 +498,10 @@ class SipServer:
         metrics.sip_jitter.observe(figures["jitter_ms"] / 1000)
 
     async def _session_expiry(self, live: _Live) -> None:
-        """RFC 4028: without a refresh within the interval, the non-refresher ends the call (G7)."""
-        if live.timer is None:
+        """RFC 4028: without a refresh within the interval, the non-refresher ends the call (G7). When we are the
+        refresher (a proxy inserted Session-Expires without ``Supported: timer``) we do not send refreshes yet,
+        so we do not expire the call either."""
+        if live.timer is None or live.timer.refresher == "uas":
             return
         while True:
             due = live.refreshed_at + live.timer.expiry_s
