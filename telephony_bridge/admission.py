@@ -32,7 +32,7 @@ from dataclasses import dataclass
 
 from telephony_bridge.accounting.base import Accounting, AccountingUnavailable, Lease
 from telephony_bridge.clock import Clock
-from telephony_bridge.errors import TokenError
+from telephony_bridge.errors import AdmissionError, TokenError
 from telephony_bridge.ops.metrics import Metrics
 from telephony_bridge.savants.client import Connector, SavantsConnection
 from telephony_bridge.savants.tokens import TokenClient, endpoint_failed
@@ -185,8 +185,16 @@ class Admission:
         sticky_key = caller if self._sticky_callers else None
         deadline = self._clock.monotonic() + self._token_deadline_s
         need = "take" if self._voice.warm_token else "check"
+        refused: TokenError | None = None  # Savants refused a device this time: if none is left, say why
         while True:
-            lease = await self.accounting.reserve(call_sid, self._reservation_ttl_s, sticky_key=sticky_key, token=need)
+            try:
+                lease = await self.accounting.reserve(
+                    call_sid, self._reservation_ttl_s, sticky_key=sticky_key, token=need
+                )
+            except AdmissionError:
+                if refused is not None:  # not busy: Savants refuses our devices (a wrong API key?)
+                    raise refused from None
+                raise
             try:
                 warm = await self._warm_up(lease, deadline)
                 stream_token = secrets.token_urlsafe(24)
@@ -197,6 +205,7 @@ class Admission:
                 await self._give_back(lease)
                 if not _device_cannot(exc) or self._clock.monotonic() + MIN_ATTEMPT_S > deadline:
                     raise
+                refused = exc if exc.code in DEVICE_REFUSALS else refused
                 log.warning("device %s cannot take the call (%s); trying the pool again", lease.device_id, exc.code)
             except BaseException:
                 await self._give_back(lease)
