@@ -18,7 +18,7 @@ from typing import Any, Protocol, TypeVar
 
 from telephony_bridge.accounting.base import AccountingUnavailable, Lease
 from telephony_bridge.admission import Admission
-from telephony_bridge.audio.barge_in import BargeIn
+from telephony_bridge.audio.barge_in import BargeIn, Event
 from telephony_bridge.audio.codec import FRAME_S
 from telephony_bridge.audio.pipeline import AiToCaller
 from telephony_bridge.clock import Clock
@@ -42,6 +42,7 @@ MAX_LOGGED_PROTOCOL_ERRORS = 3  # one clear line each for the first few bad mess
 
 class CloseCode(enum.IntEnum):
     NORMAL = 1000
+    UNSUPPORTED_DATA = 1003
     POLICY_VIOLATION = 1008
     INTERNAL_ERROR = 1011
     TRY_AGAIN_LATER = 1013
@@ -112,19 +113,35 @@ class Call:
         self._started_at = self._clock.monotonic()
         self._outbound = Outbound(self._deps.settings.audio, self._clock, self.stream_sid, self._send_twilio)
         with oplog.call_context(call_sid=self.call_sid, stream_sid=self.stream_sid):
-            lease = await self._admit(start)
-            if lease is None:
+            # One live stream per CallSid (registry.py): taken before any await, so two starts cannot both pass.
+            if not self._deps.registry.claim(self.call_sid, self):
+                await self._refuse("duplicate_call_sid", "another stream for this CallSid is live")
                 return
-            self.device_id = lease.device_id
-            oplog.bind(device_id=lease.device_id)
-            self._deps.registry.add(self.call_sid, self)
-            self._deps.admission.stream_started(self.call_sid)
-            self._metrics.calls_active.inc()
-            log.info("call bridged")
             try:
-                await self._bridge(lease)
+                if problem := tw.media_format_problem(start):
+                    await self._refuse("unsupported_media_format", problem, CloseCode.UNSUPPORTED_DATA)
+                    await self._deps.admission.release_reservation(self.call_sid)
+                    return
+                lease = await self._admit(start)
+                if lease is None:
+                    return
+                self.device_id = lease.device_id
+                oplog.bind(device_id=lease.device_id)
+                self._deps.admission.stream_started(self.call_sid)
+                self._metrics.calls_active.inc()
+                log.info("call bridged")
+                try:
+                    await self._bridge(lease)
+                finally:
+                    await self._finish(lease)
             finally:
-                await self._finish(lease)
+                self._deps.registry.release(self.call_sid, self)  # after the lease: a next stream starts afresh
+
+    async def _refuse(self, reason: str, why: str, code: CloseCode = CloseCode.POLICY_VIOLATION) -> None:
+        """Close a stream at 'start' with a clear reason; nothing of the call's (or another call's) is touched."""
+        self._metrics.streams_refused.labels(reason=reason).inc()
+        log.warning("closing stream at 'start': %s", why)
+        await self._close_twilio(code, why[:120])  # a close reason is at most 123 bytes
 
     async def _admit(self, start: tw.Start) -> Lease | None:
         """Check the stream token, then claim the webhook's reservation; ``None`` (stream closed) if refused."""
@@ -154,6 +171,7 @@ class Call:
                 tg.create_task(self._ai_side(lease), name="ai-side")
                 tg.create_task(self.outbound.run(), name="outbound")
                 tg.create_task(self._heartbeat(lease), name="lease-heartbeat")
+                tg.create_task(self._inbound.watch_idle(self._caller_events, self.outbound.audible_since), name="idle")
         except* _CallEnded as group:
             self._end(_first(group, _CallEnded).reason)
         except* _TwilioGone:
@@ -197,7 +215,6 @@ class Call:
         await self._record_outcome(self.outcome)
         await self._close_twilio(CloseCode.NORMAL)
         await self._deps.admission.accounting.release(lease)
-        self._deps.registry.remove(self.call_sid)
         duration_s = self._clock.monotonic() - self._started_at
         metrics = self._metrics
         metrics.calls_active.dec()
@@ -229,6 +246,7 @@ class Call:
             "gap_filled_ms": inbound.gap_filled_ms,
             "overflow_frames_dropped": inbound.dropped_overflow,
             "protocol_errors": self.protocol_errors,
+            "client_quirks": sorted(inbound.quirks),
             "dtmf_digits": len(self.dtmf_digits),
         }
         if self._deps.settings.twilio.dtmf_action == "log":
@@ -307,8 +325,14 @@ class Call:
 
     def _caller_audio(self, media: tw.Media) -> None:
         now = self._clock.monotonic()
-        ai_since = self.outbound.audible_since(now)
-        for event in self._inbound.push(media.timestamp_ms, media.payload, now, ai_since):
+        self._caller_events(
+            self._inbound.push(media.timestamp_ms, media.payload, now, self.outbound.audible_since(now))
+        )
+
+    def _caller_events(self, events: list[Event]) -> None:
+        """What the barge-in detector made of the caller's audio (or of its silence)."""
+        ai_since = self.outbound.audible_since(self._clock.monotonic())
+        for event in events:
             if isinstance(event, BargeIn):
                 self.outbound.interrupt()
                 self._metrics.barge_ins.inc()
