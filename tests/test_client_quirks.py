@@ -270,7 +270,7 @@ async def test_a_second_stream_for_a_live_call_sid_is_refused_and_the_first_keep
             await second_cm.__aexit__(None, None, None)
     released(bridge, emulator)
     assert emulator_stats(emulator)["sessions_opened"] == 1
-    lines = [r for r in caplog.records if "another stream for this CallSid is live" in r.getMessage()]
+    lines = [r for r in caplog.records if "a second twilio stream for a call" in r.getMessage()]
     assert len(lines) == 1 and getattr(lines[0], "call_sid", None) == call_sid
     assert 'bridge_streams_refused_total{reason="duplicate_call_sid"} 1.0' in metrics(bridge)
     assert "lost the device lease" not in caplog.text
