@@ -20,6 +20,8 @@ import httpx
 import numpy as np
 import orjson
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 
@@ -366,3 +368,79 @@ def test_a_webhook_that_is_not_twilios_is_400_with_the_reason_before_any_work(
     assert len(lines) == 1 and says in lines[0].getMessage()  # throttled: one line for the three
     assert f'bridge_webhooks_rejected_total{{reason="{reason}"}} 3.0' in metrics(bridge)
     assert leases(bridge) == 0 and emulator_stats(emulator)["tokens_issued"] == 0
+
+
+# --- property: two sockets, one CallSid, any interleaving ----------------------------------------------------------
+
+
+def claimed_leases(bridge: ServerThread) -> int:
+    devices = httpx.get(bridge.http_url + "/status", timeout=5).json()["accounting"]["devices"]
+    return sum(d["leases"] for d in devices.values())
+
+
+def ai_sessions(emulator: ServerThread) -> int:
+    return int(emulator_stats(emulator)["sessions_active"])
+
+
+@st.composite
+def interleavings(draw: st.DrawFn) -> list[tuple[str, str, float]]:
+    """Both sockets' start and end in any order (each starts before it ends), each ended by a 'stop' or by a
+    dropped connection, with no, a short or a longer pause after each step: (socket, action, pause_s)."""
+    steps = draw(
+        st.permutations(["A start", "A end", "B start", "B end"]).filter(
+            lambda s: s.index("A start") < s.index("A end") and s.index("B start") < s.index("B end")
+        )
+    )
+    ends = {name: draw(st.sampled_from(["stop", "drop"])) for name in "AB"}
+    result = []
+    for step in steps:
+        name, what = step.split()
+        result.append((name, ends[name] if what == "end" else "start", draw(st.sampled_from([0.0, 0.05, 0.3]))))
+    return result
+
+
+async def _interleave(bridge: ServerThread, emulator: ServerThread, steps: list[tuple[str, str, float]]) -> None:
+    call_sid = new_sid("CA")
+    sockets: dict[str, ClientConnection] = {}
+    for name, action, pause_s in steps:
+        if action == "start":
+            ws = await connect(bridge.ws_url + "/media-stream", additional_headers=upgrade_signature(), proxy=None)
+            sockets[name] = ws
+            await ws.send(tw.Connected().to_json())
+            stream_sid = new_sid("MZ")
+            await ws.send(tw.Start(stream_sid, call_sid, new_sid("AC")).to_json())
+            await ws.send(media(stream_sid, SILENCE_FRAME, 0))
+        elif action == "stop":
+            with contextlib.suppress(ConnectionClosed):
+                await sockets[name].send(tw.Stop(new_sid("MZ"), call_sid, new_sid("AC"), 9).to_json())
+            await sockets[name].close()
+        else:  # the peer vanishes: no stop, no close frame
+            sockets[name].transport.abort()
+        await asyncio.sleep(pause_s)
+        # Never two AI sessions for one call; and an AI session always has a lease (at once, or within moments
+        # while a start or an end is being processed: the bug this guards kept a session lease-less for 6 s).
+        assert await asyncio.to_thread(ai_sessions, emulator) <= 1
+        await asyncio.to_thread(
+            wait_until,
+            lambda: ai_sessions(emulator) <= claimed_leases(bridge) <= 1,
+            3.0,
+            f"AI sessions <= leases <= 1 after {name} {action}",
+        )
+    for ws in sockets.values():
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(ws.close(), 2.0)
+
+
+@pytest.mark.timeout(600)
+def test_two_sockets_with_one_call_sid_never_have_more_ai_sessions_than_leases(
+    emulator: ServerThread, start_bridge: Callable[..., ServerThread]
+) -> None:
+    bridge = start_bridge(bridge_settings(emulator, **NO_TOKEN))
+
+    @settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+    @given(interleavings())
+    def check(steps: list[tuple[str, str, float]]) -> None:
+        asyncio.run(_interleave(bridge, emulator, steps))
+        released(bridge, emulator)
+
+    check()
