@@ -55,6 +55,9 @@ class SavantsSettings(_Frozen):
     connect_timeout_s: float = Field(5.0, gt=0)
     warm_token: bool = True
     preconnect: bool = False
+    token_deadline_s: float = Field(2.5, gt=0, le=14)
+    device_suspend_s: float = Field(300.0, ge=1, le=86_400)
+    token_probe_interval_s: float = Field(10.0, ge=1, le=600)
 
     @field_validator("base_url")
     @classmethod
@@ -101,10 +104,11 @@ class TwilioSettings(_Frozen):
 class AccountingSettings(_Frozen):
     max_concurrent_per_device: int = Field(10, ge=1, le=10)
     max_token_requests_per_minute: int = Field(60, ge=1, le=60)
-    reservation_ttl_s: float = Field(30.0, gt=0, le=300)
+    reservation_ttl_s: float = Field(10.0, gt=0, le=300)
     lease_ttl_s: float = Field(30.0, ge=2, le=600)
     sticky_callers: bool = False
     not_ready_when_full: bool = True
+    readiness_cache_s: float = Field(1.0, ge=0, le=60)
 
 
 class AudioSettings(_Frozen):
@@ -121,6 +125,7 @@ class BargeInSettings(_Frozen):
     min_ai_audible_ms: int = Field(200, ge=0, le=5000)
     utterance_end_ms: int = Field(500, ge=100, le=5000)
     min_level_dbfs: float = Field(-45.0, ge=-90, le=0)
+    max_hold_s: float = Field(8.0, ge=0, le=600)
 
 
 class SipSettings(_Frozen):
