@@ -222,3 +222,27 @@ async def test_sip_ai_failure_plays_the_fallback_then_byes(
     similarity = corr[at] / (np.linalg.norm(recording) * np.linalg.norm(heard[at : at + recording.size]))
     assert similarity > 0.9, f"the fallback recording was not heard before the BYE ({similarity:.2f})"
     assert_all_released(bridge, emulator)
+
+
+async def test_sip_hold_and_resume_by_reinvite(
+    start_bridge: Callable[..., ServerThread], emulator: ServerThread
+) -> None:
+    bridge = start_sip_bridge(start_bridge, emulator, **{"sip.media_timeout_s": 1.0})
+    config = SipCallConfig(target(bridge), audio_in=speech_band_noise(4.0), seconds=5.0, hold_at_s=1.0, resume_at_s=3.0)
+    result = await place_sip_call(config)
+    assert result.answered and result.ended_by == "caller", result.summary()  # held 2 s > media timeout: no BYE
+    assert result.reinvites == [200, 200]
+    assert result.packets_between(1.3, 2.9) == 0  # held (we answered recvonly): the bridge sends nothing
+    assert result.packets_between(3.3, 4.9) > 60  # resumed
+    assert result.violations == []  # one SSRC, sequence continuous, the timestamp jump carries the marker
+    assert_all_released(bridge, emulator)
+
+
+async def test_sip_refusals_488_and_422(start_bridge: Callable[..., ServerThread], emulator: ServerThread) -> None:
+    bridge = start_sip_bridge(start_bridge, emulator)
+    g729 = b"v=0\r\no=- 1 1 IN IP4 127.0.0.1\r\ns=-\r\nc=IN IP4 127.0.0.1\r\nt=0 0\r\nm=audio 4000 RTP/AVP 18\r\n"
+    assert (await place_sip_call(SipCallConfig(target(bridge), offer_sdp=g729))).status == 488
+    short = [("Session-Expires", "60")]
+    assert (await place_sip_call(SipCallConfig(target(bridge), extra_headers=short))).status == 422
+    assert emulator_stats(emulator)["sessions_opened"] == 0
+    assert_all_released(bridge, emulator)

@@ -417,7 +417,7 @@ class SipServer:
             return
         caller = _caller_number(invite)
         try:
-            admitted = await self._deps.admission.admit(live.call_id, caller)
+            await self._deps.admission.admit(live.call_id, caller)
         except AdmissionError as exc:
             log.info("SIP INVITE refused with 486: %s", exc)
             self._reject(live, 486)
@@ -433,8 +433,7 @@ class SipServer:
                 if bound is None:
                     log.warning("SIP INVITE refused with 503: no free RTP port in %s", settings.rtp_ports)
                     self._reject(live, 503, retry)
-                await self._deps.admission.accounting.release(admitted.lease)
-                self._deps.admission.stream_started(live.call_id)
+                await self._deps.admission.forget(live.call_id)  # the reservation and the warm token go back
                 return
             live.port, rtp, rtcp_transport = bound
             await self._bridge(live, chosen, offer, rtp, rtcp_transport)

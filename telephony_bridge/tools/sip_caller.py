@@ -28,7 +28,7 @@ from telephony_bridge.sip.auth import authorization_header
 from telephony_bridge.sip.dtmf import event_payloads
 from telephony_bridge.sip.message import Headers, Request, Response, StreamParser, parse_datagram
 from telephony_bridge.sip.rtp import RtpPacket, RtpReceiver, RtpSender, parse_rtp
-from telephony_bridge.sip.sdp import SdpError, SessionDescription, build_offer, negotiate, parse_sdp
+from telephony_bridge.sip.sdp import Direction, SdpError, SessionDescription, build_offer, negotiate, parse_sdp
 
 FRAME_S = 0.020
 T1_S = 0.5
@@ -48,6 +48,9 @@ class SipCallConfig:
     never_ack: bool = False  # fault: the bridge must give up after 64*T1 and BYE
     rtp_stop_after_s: float | None = None  # fault: stop sending RTP (media timeout)
     extra_headers: Sequence[tuple[str, str]] = ()
+    offer_sdp: bytes | None = None  # replaces our PCMU/PCMA offer (a test sends what some trunk would)
+    hold_at_s: float | None = None  # re-INVITE with a=sendonly this long after answer (the caller holds)...
+    resume_at_s: float | None = None  # ...and a=sendrecv again at this time
 
 
 @dataclass
@@ -59,6 +62,14 @@ class SipCallResult:
     packets_in: int = 0
     ended_by: str = ""  # "caller" (our BYE), "bridge" (its BYE), "refused", "timeout"
     digits_sent: str = ""
+    reinvites: list[int] = field(default_factory=list)  # status of each re-INVITE's final answer
+    answered_at: float = 0.0  # monotonic time of the 200 OK
+    arrivals: list[float] = field(default_factory=list)  # monotonic arrival time of each RTP packet from the bridge
+
+    def packets_between(self, start_s: float, end_s: float) -> int:
+        """RTP packets that arrived between these times after the answer."""
+        return sum(1 for t in self.arrivals if start_s <= t - self.answered_at < end_s)
+
     violations: list[str] = field(default_factory=list)
     reason: str = ""
 
@@ -157,6 +168,7 @@ class _Media(asyncio.DatagramProtocol):
         if packet is None:
             return  # RTCP
         self.result.packets_in += 1
+        self.result.arrivals.append(time.monotonic())
         self._check(packet)
         self.heard += self.receiver.push(packet, time.monotonic())
 
@@ -209,7 +221,8 @@ async def _call(
     local_host, local_port = sig.local
     tag = new_tag()
     contact = f"<sip:caller@{local_host}:{local_port}{';transport=tcp' if sig.reliable else ''}>"
-    offer = build_offer(host=config.local_host, port=rtp_port, session_id=secrets.randbelow(2**31), version=1)
+    session_id = secrets.randbelow(2**31)
+    offer = config.offer_sdp or build_offer(host=config.local_host, port=rtp_port, session_id=session_id, version=1)
     cseq = 1
     auth_rows: list[tuple[str, str]] = []
     started = time.monotonic()
@@ -253,7 +266,8 @@ async def _call(
             result.ended_by, result.reason = "refused", f"{final.status} {final.reason}"
             return
         break
-    result.setup_s = time.monotonic() - started
+    result.answered_at = time.monotonic()
+    result.setup_s = result.answered_at - started
     answer = parse_sdp(final.body)
     chosen = negotiate(answer) if isinstance(answer, SessionDescription) else answer
     if isinstance(chosen, SdpError):
@@ -268,9 +282,49 @@ async def _call(
         sig.send(ack.to_bytes())
     remote = (chosen.remote_host, chosen.remote_port)
     bye_from_bridge = asyncio.Event()
-    responder = asyncio.get_running_loop().create_task(_answer_requests(sig, final, ack, config, bye_from_bridge))
+    pending: dict[int, asyncio.Future[Response]] = {}
+    loop = asyncio.get_running_loop()
+    responder = loop.create_task(_answer_requests(sig, final, ack, config, bye_from_bridge, pending))
+
+    async def reinvite(direction: Direction, at_s: float) -> None:
+        """A re-INVITE in the dialog (hold or resume), ACKed on its 200 (RFC 3264 §8.4)."""
+        nonlocal cseq
+        await asyncio.sleep(at_s)
+        cseq += 1
+        body = build_offer(
+            host=config.local_host, port=rtp_port, session_id=session_id, version=cseq, direction=direction
+        )
+        rows = [
+            ("Via", f"SIP/2.0/{proto} {local_host}:{local_port};branch={new_branch()};rport"),
+            ("Max-Forwards", "70"),
+            *[("Route", r) for r in routes],
+            ("From", invite.headers.get("From") or ""),
+            ("To", to_value),
+            ("Call-ID", result.call_id),
+            ("CSeq", f"{cseq} INVITE"),
+            ("Contact", contact),
+            ("Content-Type", "application/sdp"),
+        ]
+        waiter = pending[cseq] = loop.create_future()
+        sig.send(Request("INVITE", ack.uri, Headers.of(rows), body).to_bytes())
+        try:
+            answer = await asyncio.wait_for(waiter, 5.0)
+        finally:
+            pending.pop(cseq, None)
+        result.reinvites.append(answer.status)
+        ack_rows = [r for r in rows if r[0] not in ("CSeq", "Content-Type", "Contact")]
+        ack_rows[0] = ("Via", f"SIP/2.0/{proto} {local_host}:{local_port};branch={new_branch()};rport")
+        sig.send(Request("ACK", ack.uri, Headers.of([*ack_rows, ("CSeq", f"{cseq} ACK")])).to_bytes())
+
+    moves = []
+    if config.hold_at_s is not None:
+        moves.append(loop.create_task(reinvite(Direction.SENDONLY, config.hold_at_s)))
+    if config.resume_at_s is not None:
+        moves.append(loop.create_task(reinvite(Direction.SENDRECV, config.resume_at_s)))
     try:
         await _media_loop(config, media, rtp, remote, chosen.telephone_event_pt, bye_from_bridge, result)
+        for move in moves:
+            await move
         if bye_from_bridge.is_set():
             result.ended_by = "bridge"
             return
@@ -293,13 +347,14 @@ async def _call(
         responder.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await responder
-        ok = await _transact(sig, bye, 10.0)
+        ok = await _transact(sig, bye, 10.0)  # CSeq above every re-INVITE: cseq + 1
         if ok is None or ok.status != 200:
             result.violations.append(f"BYE answered {ok.status if ok else 'never'}")
     finally:
-        responder.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await responder
+        for task in (responder, *moves):
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, TimeoutError):
+                await task
 
 
 def _ack(invite: Request, final: Response, *, branch: str, uri: str | None = None) -> Request:
@@ -349,14 +404,23 @@ async def _transact(sig: _Signalling, request: Request, timeout_s: float) -> Res
 
 
 async def _answer_requests(
-    sig: _Signalling, final: Response, ack: Request, config: SipCallConfig, bye: asyncio.Event
+    sig: _Signalling,
+    final: Response,
+    ack: Request,
+    config: SipCallConfig,
+    bye: asyncio.Event,
+    pending: dict[int, asyncio.Future[Response]],
 ) -> None:
-    """The bridge's requests in the dialog: BYE answered 200; a retransmitted 200 re-ACKed (unless a fault)."""
+    """The bridge's requests in the dialog: BYE answered 200; a retransmitted 200 re-ACKed (unless a fault);
+    final answers to our re-INVITEs handed to whoever waits for them."""
     while True:
         msg = await sig.inbox.get()
         if isinstance(msg, Response):
             if msg.status == 200 and msg.cseq == final.cseq and not config.never_ack:
                 sig.send(ack.to_bytes())
+            waiter = pending.get(msg.cseq[0])
+            if msg.status >= 200 and msg.cseq[1] == "INVITE" and waiter is not None and not waiter.done():
+                waiter.set_result(msg)
             continue
         if msg.method in ("BYE", "OPTIONS", "INFO", "UPDATE", "INVITE"):
             headers = [(n, v) for n, v in msg.headers if n in ("Via", "From", "To", "Call-ID", "CSeq")]
