@@ -226,22 +226,32 @@ async def test_outbound_real_time_pushes_go_out_one_frame_per_20_ms() -> None:
         assert max(leads) <= LEAD_S + EPS
 
 
-async def test_outbound_bulk_push_goes_out_at_real_time_within_the_lead() -> None:
-    async with asyncio.timeout(TIMEOUT_S), running() as line:
+async def bulk_push_within_the_lead(settings: AudioSettings, batch_frames: int) -> tuple[list[int], float]:
+    """Push 2 s at once and step the clock 1 ms at a time until it is all sent, checking the lead at each
+    step: never above it, and while a batch is queued never below it less a batch (plus a step of clock
+    granularity); a last part batch at least a frame. Returns the sizes of the media messages and the time the
+    last one went."""
+    async with asyncio.timeout(TIMEOUT_S), running(settings) as line:
         audio = tone(2000)
         line.outbound.push(audio)
         await settle()
         while line.sent_s() < 2.0 - EPS:
             t, sent = line.elapsed(), line.sent_s()
             assert sent <= t + LEAD_S + EPS
-            # Queued audio keeps Twilio's buffer full to within a frame (and a step of clock granularity).
-            assert sent >= t + LEAD_S - FRAME_S - STEP_S - EPS
+            whole_batch = 2.0 - sent >= batch_frames * FRAME_S - EPS
+            floor_s = LEAD_S - batch_frames * FRAME_S if whole_batch else FRAME_S
+            assert sent >= t + floor_s - STEP_S - EPS
             await advance(line.clock, STEP_S)
-        assert 1.9 - EPS <= line.elapsed() <= 1.9 + STEP_S + EPS
-        media = line.media()
-        assert [len(p) for _, p in media] == [5 * FRAME] + [FRAME] * 95
-        assert b"".join(p for _, p in media) == audio
+        assert b"".join(p for _, p in line.media()) == audio
         assert line.outbound.playback.sent_ms == 2000
+        return [len(p) for _, p in line.media()], line.elapsed()
+
+
+async def test_outbound_bulk_push_goes_out_at_real_time_within_the_lead() -> None:
+    # Unbatched, queued audio keeps Twilio's buffer full to within a frame.
+    sizes, done_s = await bulk_push_within_the_lead(UNBATCHED, batch_frames=1)
+    assert 1.9 - EPS <= done_s <= 1.9 + STEP_S + EPS
+    assert sizes == [5 * FRAME] + [FRAME] * 95
 
 
 async def test_outbound_late_tick_refills_to_the_lead_without_a_burst() -> None:
@@ -480,21 +490,11 @@ async def test_outbound_interrupt_makes_the_ai_inaudible() -> None:
 
 
 async def test_outbound_batches_queued_audio_three_frames_a_message_within_the_lead() -> None:
-    async with asyncio.timeout(TIMEOUT_S), running(AudioSettings()) as line:
-        audio = tone(2000)
-        line.outbound.push(audio)
-        await settle()
-        while line.sent_s() < 2.0 - EPS:
-            t, sent = line.elapsed(), line.sent_s()
-            assert sent <= t + LEAD_S + EPS
-            # Twilio's buffer is refilled a batch (60 ms) at a time, so while a batch is queued it holds at least
-            # the lead less a batch; a last part batch goes once Twilio is down to 20 ms, never later.
-            floor_s = LEAD_S - 3 * FRAME_S if 2.0 - sent >= 3 * FRAME_S - EPS else FRAME_S
-            assert sent >= t + floor_s - STEP_S - EPS
-            await advance(line.clock, STEP_S)
-        sizes = [len(p) for _, p in line.media()]
-        assert sizes == [5 * FRAME] + [3 * FRAME] * 31 + [2 * FRAME]
-        assert b"".join(p for _, p in line.media()) == audio
+    # Twilio's buffer is refilled a batch (60 ms) at a time, so while a batch is queued it holds at least the
+    # lead less a batch; a last part batch goes once Twilio is down to 20 ms, never later.
+    sizes, done_s = await bulk_push_within_the_lead(AudioSettings(), batch_frames=3)
+    assert 1.94 - EPS <= done_s <= 1.94 + STEP_S + EPS  # the last part batch went with 20 ms left to play
+    assert sizes == [5 * FRAME] + [3 * FRAME] * 31 + [2 * FRAME]
 
 
 async def test_outbound_real_time_ai_with_a_100_ms_prebuffer_goes_three_frames_a_message_without_a_gap() -> None:
