@@ -122,6 +122,7 @@ class BargeInSettings(_Frozen):
     min_ai_audible_ms: int = Field(200, ge=0, le=5000)
     utterance_end_ms: int = Field(500, ge=100, le=5000)
     min_level_dbfs: float = Field(-45.0, ge=-90, le=0)
+    max_hold_s: float = Field(8.0, ge=0, le=600)
 
 
 class LoggingSettings(_Frozen):
