@@ -1,4 +1,5 @@
-"""SIP call set-up time: INVITE sent -> 200 OK received at the caller, p50/p99, on loopback.
+"""SIP call set-up time (INVITE sent -> 200 OK received at the caller, p50/p99) and the interarrival jitter of
+the bridge's outbound RTP as the caller receives it (RFC 3550 A.8), on loopback.
 
     .venv/bin/python bench/sip_setup.py [--calls 60] [--concurrency 6] [--seconds 1] [--transport udp|tcp]
 
@@ -33,12 +34,12 @@ def percentile(values: list[float], p: float) -> float:
     return ordered[min(len(ordered) - 1, round(p / 100 * (len(ordered) - 1)))]
 
 
-async def measure(args: argparse.Namespace, target: str) -> list[float]:
+async def measure(args: argparse.Namespace, target: str) -> tuple[list[float], list[float]]:
     results = await sip_load(target, args.calls, args.concurrency, args.seconds, 0.0, None, transport=args.transport)
     failed = [r.summary() for r in results if not r.answered]
     if failed:
         raise SystemExit(f"{len(failed)} calls failed, e.g. {failed[0]}")
-    return [1000 * r.setup_s for r in results if r.setup_s is not None]
+    return [1000 * r.setup_s for r in results if r.setup_s is not None], [r.jitter_ms for r in results]
 
 
 def main() -> int:
@@ -64,11 +65,12 @@ def main() -> int:
         )
         with running(create_app(settings)) as bridge:
             port = httpx.get(bridge.http_url + "/status", timeout=5).json()["sip"]["port"]
-            setup_ms = asyncio.run(measure(args, f"sip:ai@127.0.0.1:{port}"))
+            setup_ms, jitter_ms = asyncio.run(measure(args, f"sip:ai@127.0.0.1:{port}"))
     print(
         f"SIP set-up (INVITE -> 200 OK), {len(setup_ms)} calls over {args.transport}, {args.concurrency} at a time: "
         f"p50 {statistics.median(setup_ms):.1f} ms, p99 {percentile(setup_ms, 99):.1f} ms, "
-        f"max {max(setup_ms):.1f} ms"
+        f"max {max(setup_ms):.1f} ms; jitter of the bridge's RTP at the caller (RFC 3550): "
+        f"p50 {statistics.median(jitter_ms):.2f} ms, max {max(jitter_ms):.2f} ms"
     )
     return 0
 

@@ -140,6 +140,7 @@ class SipSettings(_Frozen):
     allowed_sources: tuple[str, ...] = ()
     media_sources: tuple[str, ...] = ()
     realm: str = "telephony-bridge"
+    nonce_ttl_s: float = Field(300.0, ge=1, le=3600)
     users: dict[str, dict[str, str]] = {}
     allow_pcma: bool = True
     media_timeout_s: float = Field(30.0, gt=0)

@@ -246,3 +246,16 @@ async def test_sip_refusals_488_and_422(start_bridge: Callable[..., ServerThread
     assert (await place_sip_call(SipCallConfig(target(bridge), extra_headers=short))).status == 422
     assert emulator_stats(emulator)["sessions_opened"] == 0
     assert_all_released(bridge, emulator)
+
+
+async def test_sip_stale_nonce_is_challenged_again_then_admitted(
+    start_bridge: Callable[..., ServerThread], emulator: ServerThread
+) -> None:
+    users = {"pbx": {"SHA-256": ha1("SHA-256", "pbx", "telephony-bridge", "s3cret")}}
+    overrides = {"sip.allowed_sources": ["192.0.2.0/24"], "sip.users": users, "sip.nonce_ttl_s": 1.0}
+    bridge = start_sip_bridge(start_bridge, emulator, **overrides)
+    config = SipCallConfig(target(bridge), seconds=1.0, user="pbx", password="s3cret", auth_delay_s=2.5)
+    result = await place_sip_call(config)
+    assert result.challenges == ["401", "401 stale"]  # the late answer was stale, the fresh one went through
+    assert result.answered and result.ended_by == "caller", result.summary()
+    assert_all_released(bridge, emulator)

@@ -148,7 +148,7 @@ class SipServer:
         self._sources: Networks = [ipaddress.ip_network(s, strict=False) for s in sources]
         media = sip.media_sources or ("0.0.0.0/0", "::/0")  # latched once either way (spec §11.4)
         self._media_sources: Networks = [ipaddress.ip_network(s, strict=False) for s in media]
-        self._auth = DigestAuthenticator(sip.realm, sip.users) if sip.users else None
+        self._auth = DigestAuthenticator(sip.realm, sip.users, nonce_ttl_s=sip.nonce_ttl_s) if sip.users else None
         self._ports = RtpPorts(*sip.rtp_range)
         self._timers = timers or Timers(t1_s=sip.t1_ms / 1000)
         self.core: UserAgentCore | None = None

@@ -47,6 +47,7 @@ class SipCallConfig:
     answer_timeout_s: float = 15.0
     never_ack: bool = False  # fault: the bridge must give up after 64*T1 and BYE
     rtp_stop_after_s: float | None = None  # fault: stop sending RTP (media timeout)
+    auth_delay_s: float = 0.0  # fault: answer a digest challenge this late (a stale nonce)
     extra_headers: Sequence[tuple[str, str]] = ()
     offer_sdp: bytes | None = None  # replaces our PCMU/PCMA offer (a test sends what some trunk would)
     hold_at_s: float | None = None  # re-INVITE with a=sendonly this long after answer (the caller holds)...
@@ -62,8 +63,10 @@ class SipCallResult:
     packets_in: int = 0
     ended_by: str = ""  # "caller" (our BYE), "bridge" (its BYE), "refused", "timeout"
     digits_sent: str = ""
+    challenges: list[str] = field(default_factory=list)  # "401" or "401 stale" for each challenge answered
     reinvites: list[int] = field(default_factory=list)  # status of each re-INVITE's final answer
     answered_at: float = 0.0  # monotonic time of the 200 OK
+    jitter_ms: float = 0.0  # RFC 3550 interarrival jitter of the bridge's RTP as this caller received it
     arrivals: list[float] = field(default_factory=list)  # monotonic arrival time of each RTP packet from the bridge
 
     def packets_between(self, start_s: float, end_s: float) -> int:
@@ -86,7 +89,8 @@ class SipCallResult:
         heard_s = len(self.heard) / 8000
         return (
             f"sip call {self.call_id}: {self.status or 'no answer'} in {setup}, heard {heard_s:.1f} s "
-            f"({self.packets_in} RTP packets), ended by {self.ended_by or '-'}, digits sent {len(self.digits_sent)}, "
+            f"({self.packets_in} RTP packets, jitter {self.jitter_ms:.2f} ms), ended by {self.ended_by or '-'}, "
+            f"digits sent {len(self.digits_sent)}, "
             f"violations {len(self.violations)}" + (f", {self.reason}" if self.reason else "")
         )
 
@@ -206,6 +210,7 @@ async def place_sip_call(config: SipCallConfig) -> SipCallResult:
         media_transport.close()
         await sig.close()
     result.heard = bytes(media.heard) + media.receiver.flush()
+    result.jitter_ms = media.receiver.stats.jitter_ms
     return result
 
 
@@ -256,7 +261,10 @@ async def _call(
         if final.status >= 300:
             sig.send(_ack(invite, final, branch=branch).to_bytes())  # the ACK of a non-2xx: same branch
             challenge = final.headers.values("WWW-Authenticate")
-            if final.status == 401 and challenge and config.user and not auth_rows:
+            stale = bool(challenge) and "stale=true" in challenge[0]
+            if final.status == 401 and challenge and config.user and (not auth_rows or stale):
+                result.challenges.append("401 stale" if stale else "401")
+                await asyncio.sleep(config.auth_delay_s if not stale else 0.0)
                 value = authorization_header(
                     challenge[0], user=config.user, password=config.password, method="INVITE", uri=config.target
                 )
@@ -547,13 +555,15 @@ def load_summary(results: list[SipCallResult]) -> str:
             key = str(r.status or r.reason or "no answer")
             refused[key] = refused.get(key, 0) + 1
     violations = sum(len(r.violations) for r in results)
+    jitter = sorted(r.jitter_ms for r in answered)
 
     def pct(p: float) -> str:
         return f"{setups[min(len(setups) - 1, int(p / 100 * len(setups)))]:.1f}" if setups else "-"
 
     return (
         f"sip loadtest: {len(answered)}/{len(results)} answered, refused {refused or 'none'}, "
-        f"INVITE->200 p50 {pct(50)} ms p99 {pct(99)} ms, RTP violations {violations}"
+        f"INVITE->200 p50 {pct(50)} ms p99 {pct(99)} ms, "
+        f"bridge RTP jitter max {jitter[-1] if jitter else 0:.2f} ms, RTP violations {violations}"
     )
 
 
