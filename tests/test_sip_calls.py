@@ -259,3 +259,16 @@ async def test_sip_stale_nonce_is_challenged_again_then_admitted(
     assert result.challenges == ["401", "401 stale"]  # the late answer was stale, the fresh one went through
     assert result.answered and result.ended_by == "caller", result.summary()
     assert_all_released(bridge, emulator)
+
+
+async def test_sip_late_offer_answer_in_the_ack(
+    start_bridge: Callable[..., ServerThread], emulator: ServerThread, caplog: pytest.LogCaptureFixture
+) -> None:
+    bridge = start_sip_bridge(start_bridge, emulator)
+    said = speech_band_noise()
+    with caplog.at_level(logging.INFO):
+        result = await place_sip_call(SipCallConfig(target(bridge), audio_in=said, seconds=3.5, late_offer=True))
+        assert result.answered and result.ended_by == "caller" and result.violations == [], result.summary()
+        correlation, _, _ = echo_quality(said, result)
+        assert correlation > 0.9, f"no echo after a late offer (correlation {correlation:.3f})"
+        assert_all_released(bridge, emulator)

@@ -109,7 +109,6 @@ class SipLeg:
         self._rx_samples = 0
         self._idle = True
         self._spurt_waiting_since: float | None = None
-        self._receiver = RtpReceiver(silence=ALAW_SILENCE if media.codec == "PCMA" else ULAW_SILENCE)
         self.latched_from: tuple[str, int] | None = None
         self.ignored_packets = 0
         self.sent_frames = 0
@@ -122,6 +121,8 @@ class SipLeg:
         old = getattr(self, "media", None)
         self.media = media
         self._pcma = media.codec == "PCMA"
+        if old is None or old.codec != media.codec:  # gaps are filled with the codec's own silence
+            self._receiver = RtpReceiver(silence=ALAW_SILENCE if self._pcma else ULAW_SILENCE)
         if old is None or (old.remote_host, old.remote_port) != (media.remote_host, media.remote_port):
             self._remote = (media.remote_host, media.remote_port)
             self.latched_from = None  # a new SSRC from the new place resets the receiver itself

@@ -51,6 +51,8 @@ from telephony_bridge.store import StoreUnavailable
 log = logging.getLogger(__name__)
 
 DEV_SOURCES = ("127.0.0.0/8",)
+# Media of a call whose INVITE had no SDP, until the ACK brings the answer: nothing is sent anywhere.
+LATE_OFFER_PENDING = sdp.Negotiated(0, "0.0.0.0", 9, sdp.PCMU, 0, None, sdp.Direction.INACTIVE, None)
 
 
 def require_sip_security(settings: Settings) -> None:
@@ -319,8 +321,19 @@ class SipServer:
             live.leg.digit(event.digit)
         elif isinstance(event, ReOffer):
             self._reoffer(live, event.request)
-        elif isinstance(event, CallConfirmed):
-            log.debug("SIP call confirmed (ACK)")
+        elif isinstance(event, CallConfirmed) and live.leg is not None and live.leg.media is LATE_OFFER_PENDING:
+            self._late_answer(live, event.ack.body)
+
+    def _late_answer(self, live: _Live, body: bytes) -> None:
+        """The ACK's SDP answers the offer our 200 carried; without a usable one there is no session: BYE."""
+        assert live.leg is not None
+        answer = sdp.parse_sdp(body)
+        chosen = sdp.negotiate(answer, allow_pcma=self._settings.allow_pcma) if body else sdp.SdpError("empty")
+        if isinstance(answer, sdp.SdpError) or isinstance(chosen, sdp.SdpError):
+            log.warning("SIP late offer: the ACK carries no usable SDP answer; ending the call")
+            live.leg.end("no SDP answer in the ACK")
+            return
+        live.leg.update_media(chosen)
 
     def _reoffer(self, live: _Live, request: Request) -> None:
         """re-INVITE/UPDATE: hold, resume, a media move, or a session refresh (§9, §10.5)."""
@@ -411,10 +424,13 @@ class SipServer:
             self._reject(live, 422, [("Min-SE", str(timer.min_se_s))])
             return
         live.timer = timer
-        offer, chosen = self._negotiate(invite.body)
-        if offer is None or chosen is None:
-            self._reject(live, 488, [("Warning", f'305 {self.core.advertised_host} "no usable PCMU/PCMA audio"')])
-            return
+        if invite.body:
+            offer, chosen = self._negotiate(invite.body)
+            if offer is None or chosen is None:
+                self._reject(live, 488, [("Warning", f'305 {self.core.advertised_host} "no usable PCMU/PCMA audio"')])
+                return
+        else:  # late offer (spec §10.4): our 200 carries the offer, the ACK the answer; no media until then
+            offer, chosen = None, LATE_OFFER_PENDING
         caller = _caller_number(invite)
         try:
             await self._deps.admission.admit(live.call_id, caller)
@@ -447,7 +463,7 @@ class SipServer:
         self,
         live: _Live,
         chosen: sdp.Negotiated,
-        offer: sdp.SessionDescription,
+        offer: sdp.SessionDescription | None,
         rtp: asyncio.DatagramTransport,
         rtcp_transport: asyncio.DatagramTransport,
     ) -> None:
@@ -470,7 +486,11 @@ class SipServer:
         )
         leg.attach_rtcp(rtcp_transport)
         live.leg = leg
-        live.answer_sdp = self._answer(live, offer, chosen)
+        if offer is None:
+            host = core.advertised_host
+            live.answer_sdp = sdp.build_offer(host=host, port=live.port, session_id=live.session_id, version=1)
+        else:
+            live.answer_sdp = self._answer(live, offer, chosen)
         now = self._clock.monotonic()
         self._dispatch(core.ring(live.call_id, now))
         self._dispatch(core.answer(live.call_id, live.answer_sdp, now, rows=self._timer_rows(live)))

@@ -28,7 +28,15 @@ from telephony_bridge.sip.auth import authorization_header
 from telephony_bridge.sip.dtmf import event_payloads
 from telephony_bridge.sip.message import Headers, Request, Response, StreamParser, parse_datagram
 from telephony_bridge.sip.rtp import RtpPacket, RtpReceiver, RtpSender, parse_rtp
-from telephony_bridge.sip.sdp import Direction, SdpError, SessionDescription, build_offer, negotiate, parse_sdp
+from telephony_bridge.sip.sdp import (
+    Direction,
+    SdpError,
+    SessionDescription,
+    build_answer,
+    build_offer,
+    negotiate,
+    parse_sdp,
+)
 
 FRAME_S = 0.020
 T1_S = 0.5
@@ -50,6 +58,7 @@ class SipCallConfig:
     auth_delay_s: float = 0.0  # fault: answer a digest challenge this late (a stale nonce)
     extra_headers: Sequence[tuple[str, str]] = ()
     offer_sdp: bytes | None = None  # replaces our PCMU/PCMA offer (a test sends what some trunk would)
+    late_offer: bool = False  # INVITE without SDP: the 200 carries the bridge's offer, our ACK the answer
     hold_at_s: float | None = None  # re-INVITE with a=sendonly this long after answer (the caller holds)...
     resume_at_s: float | None = None  # ...and a=sendrecv again at this time
 
@@ -228,6 +237,8 @@ async def _call(
     contact = f"<sip:caller@{local_host}:{local_port}{';transport=tcp' if sig.reliable else ''}>"
     session_id = secrets.randbelow(2**31)
     offer = config.offer_sdp or build_offer(host=config.local_host, port=rtp_port, session_id=session_id, version=1)
+    if config.late_offer:
+        offer = b""
     cseq = 1
     auth_rows: list[tuple[str, str]] = []
     started = time.monotonic()
@@ -248,7 +259,7 @@ async def _call(
                     ("Supported", "timer"),
                     *auth_rows,
                     *config.extra_headers,
-                    ("Content-Type", "application/sdp"),
+                    *([("Content-Type", "application/sdp")] if offer else []),
                 ]
             ),
             offer,
@@ -279,13 +290,18 @@ async def _call(
     answer = parse_sdp(final.body)
     chosen = negotiate(answer) if isinstance(answer, SessionDescription) else answer
     if isinstance(chosen, SdpError):
-        result.reason = f"unusable SDP answer: {chosen.reason}"
+        result.reason = f"unusable SDP in the 200: {chosen.reason}"
         return
+    ack_body = b""
+    if config.late_offer:  # the 200 carried the offer: answer it in the ACK (RFC 3261 §13.2.2.4)
+        assert isinstance(answer, SessionDescription)
+        ack_body = build_answer(answer, chosen, host=config.local_host, port=rtp_port, session_id=session_id, version=1)
     to_value = final.headers.get("To") or ""
     remote_target = parse_name_addr(final.headers.get("Contact") or "") or parse_name_addr(to_value)
     routes = list(reversed(final.headers.values("Record-Route")))  # the UAC reverses (RFC 3261 §12.1.2)
     ack = _ack(invite, final, branch=new_branch(), uri=remote_target.uri if remote_target else config.target)
-    ack = Request(ack.method, ack.uri, ack.headers.with_rows(*[("Route", r) for r in routes]))
+    ack_rows = [("Route", r) for r in routes] + ([("Content-Type", "application/sdp")] if ack_body else [])
+    ack = Request(ack.method, ack.uri, ack.headers.with_rows(*ack_rows), ack_body)
     if not config.never_ack:
         sig.send(ack.to_bytes())
     remote = (chosen.remote_host, chosen.remote_port)
