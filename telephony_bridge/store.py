@@ -1,8 +1,9 @@
-"""Short-lived, single-use values shared by the replicas: stream tokens and how calls ended.
+"""Short-lived values shared by the replicas: stream tokens, how calls ended, which stream a call has live.
 
 ``MemoryStore`` serves one replica; ``RedisStore`` lets a webhook answered by one replica be honoured by the
 replica that receives the stream. Both expire entries on their own; ``take`` is an atomic get-and-delete so
-a value can be used once only.
+a value can be used once only. ``add`` / ``refresh`` / ``discard`` make an owned entry (a claim): set only if
+absent, kept alive and removed only by whoever holds it, so a claim's owner can die and its claim lapse.
 """
 
 from __future__ import annotations
@@ -24,6 +25,18 @@ class Store(Protocol):
     async def put(self, key: str, value: str, ttl_s: float) -> None: ...
     async def get(self, key: str) -> str | None: ...
     async def take(self, key: str) -> str | None: ...
+    async def add(self, key: str, value: str, ttl_s: float) -> bool:
+        """Set ``key`` only if it holds nothing (atomically); True if it was set."""
+        ...
+
+    async def refresh(self, key: str, value: str, ttl_s: float) -> bool:
+        """Extend ``key``'s life if it still holds ``value``; True if it did."""
+        ...
+
+    async def discard(self, key: str, value: str) -> None:
+        """Delete ``key`` if it holds ``value`` (someone else's value stays)."""
+        ...
+
     async def close(self) -> None: ...
 
 
@@ -56,6 +69,22 @@ class MemoryStore:
         self._items.pop(key, None)
         return value
 
+    async def add(self, key: str, value: str, ttl_s: float) -> bool:
+        if self._live(key) is not None:
+            return False
+        await self.put(key, value, ttl_s)
+        return True
+
+    async def refresh(self, key: str, value: str, ttl_s: float) -> bool:
+        if self._live(key) != value:
+            return False
+        await self.put(key, value, ttl_s)
+        return True
+
+    async def discard(self, key: str, value: str) -> None:
+        if self._live(key) == value:
+            del self._items[key]
+
     async def close(self) -> None:
         self._items.clear()
 
@@ -66,10 +95,12 @@ class RedisStore:
     def __init__(self, client: aioredis.Redis, prefix: str = "tb:kv:") -> None:
         self._redis = client
         self._prefix = prefix
+        self._refresh = client.register_script(_REFRESH_IF_HELD)
+        self._discard = client.register_script(_DELETE_IF_HELD)
 
     async def put(self, key: str, value: str, ttl_s: float) -> None:
         try:
-            await self._redis.set(self._prefix + key, value, px=max(1, int(ttl_s * 1000)))
+            await self._redis.set(self._prefix + key, value, px=_ms(ttl_s))
         except RedisError as exc:
             raise StoreUnavailable(f"redis did not store {key.split(':')[0]}: {type(exc).__name__}") from None
 
@@ -87,8 +118,40 @@ class RedisStore:
             raise StoreUnavailable(f"redis did not answer: {type(exc).__name__}") from None
         return _text(value)
 
+    async def add(self, key: str, value: str, ttl_s: float) -> bool:
+        try:
+            return bool(await self._redis.set(self._prefix + key, value, px=_ms(ttl_s), nx=True))
+        except RedisError as exc:
+            raise StoreUnavailable(f"redis did not store {key.split(':')[0]}: {type(exc).__name__}") from None
+
+    async def refresh(self, key: str, value: str, ttl_s: float) -> bool:
+        try:
+            return bool(await self._refresh(keys=[self._prefix + key], args=[value, _ms(ttl_s)]))
+        except RedisError as exc:
+            raise StoreUnavailable(f"redis did not answer: {type(exc).__name__}") from None
+
+    async def discard(self, key: str, value: str) -> None:
+        try:
+            await self._discard(keys=[self._prefix + key], args=[value])
+        except RedisError as exc:
+            raise StoreUnavailable(f"redis did not answer: {type(exc).__name__}") from None
+
     async def close(self) -> None:
         return None
+
+
+_REFRESH_IF_HELD = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
+return 0
+"""
+_DELETE_IF_HELD = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
+
+
+def _ms(ttl_s: float) -> int:
+    return max(1, int(ttl_s * 1000))
 
 
 def _text(value: bytes | str | None) -> str | None:
