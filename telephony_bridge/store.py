@@ -2,8 +2,10 @@
 
 ``MemoryStore`` serves one replica; ``RedisStore`` lets a webhook answered by one replica be honoured by the
 replica that receives the stream. Both expire entries on their own; ``take`` is an atomic get-and-delete so
-a value can be used once only. ``add`` / ``refresh`` / ``discard`` make an owned entry (a claim): set only if
-absent, kept alive and removed only by whoever holds it, so a claim's owner can die and its claim lapse.
+a value can be used once only, and ``take_if_equal`` consumes it only when it matches, so a wrong guess
+leaves it for its rightful owner. ``add`` / ``refresh`` make an owned entry (a claim): set only if absent,
+kept alive only by whoever holds it (``take_if_equal`` removes it), so a claim's owner can die and its claim
+lapse.
 """
 
 from __future__ import annotations
@@ -33,8 +35,8 @@ class Store(Protocol):
         """Extend ``key``'s life if it still holds ``value``; True if it did."""
         ...
 
-    async def discard(self, key: str, value: str) -> None:
-        """Delete ``key`` if it holds ``value`` (someone else's value stays)."""
+    async def take_if_equal(self, key: str, value: str) -> bool:
+        """Delete the entry if it holds ``value`` (one atomic step); whether it did."""
         ...
 
     async def close(self) -> None: ...
@@ -81,12 +83,25 @@ class MemoryStore:
         await self.put(key, value, ttl_s)
         return True
 
-    async def discard(self, key: str, value: str) -> None:
-        if self._live(key) == value:
-            del self._items[key]
+    async def take_if_equal(self, key: str, value: str) -> bool:
+        if self._live(key) != value:
+            return False
+        del self._items[key]
+        return True
 
     async def close(self) -> None:
         self._items.clear()
+
+
+# Compare, then delete only on a match: one script, so nothing runs between the two. The values compared are
+# SHA-256 digests of the secret, so a comparison that is not constant-time reveals nothing useful.
+TAKE_IF_EQUAL = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  redis.call('DEL', KEYS[1])
+  return 1
+end
+return 0
+"""
 
 
 class RedisStore:
@@ -96,7 +111,7 @@ class RedisStore:
         self._redis = client
         self._prefix = prefix
         self._refresh = client.register_script(_REFRESH_IF_HELD)
-        self._discard = client.register_script(_DELETE_IF_HELD)
+        self._take_if_equal = client.register_script(TAKE_IF_EQUAL)
 
     async def put(self, key: str, value: str, ttl_s: float) -> None:
         try:
@@ -130,11 +145,12 @@ class RedisStore:
         except RedisError as exc:
             raise StoreUnavailable(f"redis did not answer: {type(exc).__name__}") from None
 
-    async def discard(self, key: str, value: str) -> None:
+    async def take_if_equal(self, key: str, value: str) -> bool:
         try:
-            await self._discard(keys=[self._prefix + key], args=[value])
+            taken = await self._take_if_equal(keys=[self._prefix + key], args=[value])
         except RedisError as exc:
             raise StoreUnavailable(f"redis did not answer: {type(exc).__name__}") from None
+        return bool(taken)
 
     async def close(self) -> None:
         return None
@@ -142,10 +158,6 @@ class RedisStore:
 
 _REFRESH_IF_HELD = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
-return 0
-"""
-_DELETE_IF_HELD = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
 return 0
 """
 

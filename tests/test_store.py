@@ -34,9 +34,9 @@ async def test_store_claim_is_taken_once_kept_and_freed_by_its_owner_only(store:
         False,
         True,
     )
-    await store.discard("live-stream:CA1", "second")  # not its claim: nothing happens
+    assert await store.take_if_equal("live-stream:CA1", "second") is False  # not its claim: nothing happens
     assert await store.get("live-stream:CA1") == "first"
-    await store.discard("live-stream:CA1", "first")
+    assert await store.take_if_equal("live-stream:CA1", "first") is True
     assert await store.get("live-stream:CA1") is None
     assert await store.add("live-stream:CA1", "second", 30) is True
 
