@@ -8,7 +8,7 @@ callers (``loadtest``: Twilio's full flow, 20 ms media each way in real time). T
 then the naive floor: a Starlette app that answers ``/voice`` and echoes each media frame straight back (no
 codec, no AI socket). The bridge process's CPU time is read from /proc over the steady middle of each run, so
 what the callers and the emulator spend on the other core does not count. Per call per 20 ms is the figure
-to compare with the prototype's ~85 µs in shared/notes/measurements.md.
+to compare between versions of the bridge.
 """
 
 from __future__ import annotations

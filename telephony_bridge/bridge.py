@@ -22,6 +22,7 @@ from telephony_bridge.audio.barge_in import BargeIn
 from telephony_bridge.audio.codec import FRAME_S
 from telephony_bridge.audio.pipeline import AiToCaller
 from telephony_bridge.clock import Clock
+from telephony_bridge.dtmf import DtmfLog
 from telephony_bridge.errors import AdmissionError, SavantsError, SessionError
 from telephony_bridge.inbound import Inbound
 from telephony_bridge.ops import logging as oplog
@@ -94,7 +95,8 @@ class Call:
         self._ai_to_caller = AiToCaller()
         self._outbound: Outbound | None = None  # needs the streamSid: made at 'start'
         self.protocol_errors = 0
-        self.dtmf_digits: list[str] = []
+        self._dtmf = DtmfLog(settings.twilio, deps.metrics)
+        self._ended = asyncio.Event()  # set by ``end``: the bridge (its drain) ends the call
 
     @property
     def outbound(self) -> Outbound:
@@ -130,9 +132,7 @@ class Call:
         """Check the stream token, then claim the webhook's reservation; ``None`` (stream closed) if refused."""
         admission = self._deps.admission
         try:
-            if self._deps.settings.twilio.require_stream_token and not await admission.check_stream_token(
-                self.call_sid, start.custom_parameters.get("token")
-            ):
+            if not await admission.stream_token_ok(self.call_sid, start.custom_parameters.get("token")):
                 self._metrics.stream_token_refused.inc()
                 log.warning("closing stream: its start carries no valid stream token (missing, foreign or replayed)")
                 await self._close_twilio(CloseCode.POLICY_VIOLATION, "invalid stream token")
@@ -154,6 +154,7 @@ class Call:
                 tg.create_task(self._ai_side(lease), name="ai-side")
                 tg.create_task(self.outbound.run(), name="outbound")
                 tg.create_task(self._heartbeat(lease), name="lease-heartbeat")
+                tg.create_task(self._until_ended(), name="until-ended")
         except* _CallEnded as group:
             self._end(_first(group, _CallEnded).reason)
         except* _TwilioGone:
@@ -171,6 +172,17 @@ class Call:
     def _end(self, reason: str) -> None:
         if not self.end_reason:
             self.end_reason = reason
+
+    def end(self, outcome: str, reason: str) -> None:
+        """End the call from outside (the drain deadline): closed normally, so ``<Connect action>`` runs."""
+        if not self._ended.is_set():
+            self.outcome = outcome
+            self._end(reason)
+            self._ended.set()
+
+    async def _until_ended(self) -> None:
+        await self._ended.wait()
+        raise _CallEnded(self.end_reason)
 
     async def _heartbeat(self, lease: Lease) -> None:
         """Keep the lease alive in shared accounting; a replica that dies stops this and its slots lapse."""
@@ -212,7 +224,7 @@ class Call:
     def _figures(self, duration_s: float) -> dict[str, Any]:
         """The canonical 'call ended' line's fields."""
         inbound, outbound = self._inbound, self.outbound
-        figures = {
+        return {
             "reason": self.end_reason,
             "outcome": self.outcome,
             "duration_s": round(duration_s, 3),
@@ -229,11 +241,8 @@ class Call:
             "gap_filled_ms": inbound.gap_filled_ms,
             "overflow_frames_dropped": inbound.dropped_overflow,
             "protocol_errors": self.protocol_errors,
-            "dtmf_digits": len(self.dtmf_digits),
+            "dtmf_digits": self._dtmf.count,  # a count only: the digits may be a PIN
         }
-        if self._deps.settings.twilio.dtmf_action == "log":
-            figures["dtmf"] = "".join(self.dtmf_digits)
-        return figures
 
     def status(self) -> dict[str, Any]:
         now = self._clock.monotonic()
@@ -294,10 +303,7 @@ class Call:
             elif isinstance(event, tw.Stop):
                 raise _CallEnded("caller hung up")
             elif isinstance(event, tw.Dtmf):
-                self.dtmf_digits.append(event.digit)
-                self._metrics.dtmf.inc()
-                if self._deps.settings.twilio.dtmf_action == "log":
-                    log.info("dtmf digit %s", event.digit)
+                self._dtmf.record(event.digit)
             elif isinstance(event, tw.Malformed):
                 self._protocol_error(event.reason)
             elif isinstance(event, tw.Unknown):
