@@ -105,6 +105,8 @@ def _parser() -> argparse.ArgumentParser:
     load.add_argument("--ramp", type=float, default=2.0, help="start the calls over this many seconds")
     load.add_argument("--wav", help="what every caller says (omitted: silence)")
     load.add_argument("--deadline", type=float, help="give up on the whole run after this many seconds")
+    load.add_argument("--pid", type=int, nargs="+", default=[], help="report the CPU these bridge processes use")
+    load.add_argument("--json", metavar="OUT", help="also write every figure to this JSON file")
     _add_twilio_flow_options(load)
     load.set_defaults(run=run_loadtest)
     return parser
@@ -298,5 +300,7 @@ def run_loadtest(args: argparse.Namespace) -> int:
             auth_token=args.auth_token,
             public_url=args.public_url,
             deadline_s=args.deadline,
+            pids=tuple(args.pid),
+            json_out=args.json,
         )
     )

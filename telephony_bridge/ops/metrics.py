@@ -12,7 +12,9 @@ class Metrics:
     def __init__(self) -> None:
         self.registry = r = CollectorRegistry()
         self.calls_active = Gauge("bridge_calls_active", "Calls currently bridged", registry=r)
-        self.calls = Counter("bridge_calls_total", "Calls ended, by outcome", ["outcome"], registry=r)
+        self.calls = Counter(
+            "bridge_calls_total", "Calls ended, by outcome and ingress", ["outcome", "ingress"], registry=r
+        )
         self.call_duration = Histogram(
             "bridge_call_duration_seconds",
             "Length of bridged calls",
