@@ -155,6 +155,6 @@ async def test_drain_in_process_counts_cut_calls_by_outcome_and_answers_reject_w
     assert refused.verbs == (Reject("busy"),)
     assert result.after is not None and result.after.verbs == (Say(DRAIN_MESSAGE), Hangup())
     metrics = httpx.get(bridge.http_url + "/metrics").text
-    assert 'bridge_calls_total{outcome="drained"} 1.0' in metrics
+    assert 'bridge_calls_total{ingress="twilio",outcome="drained"} 1.0' in metrics
     assert 'bridge_admission_refused_total{where="draining"} 1.0' in metrics
     assert calls_up(bridge) == 0
