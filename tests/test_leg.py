@@ -27,10 +27,11 @@ async def test_status_metrics_and_the_call_ended_line_name_the_ingress(
         await asyncio.to_thread(wait_until, one_call, 5.0, "the call in /status")
         [entry] = httpx.get(bridge.http_url + "/status", timeout=5).json()["calls"]
         result = await call
-        await asyncio.to_thread(  # inside the block: caplog stops capturing INFO when it ends
+        assert entry["ingress"] == "twilio" and entry["call_sid"] == result.call_sid
+        # still inside at_level: the line comes after the caller has gone, and INFO must still be captured then
+        await asyncio.to_thread(
             wait_until, lambda: any(r.getMessage() == "call ended" for r in caplog.records), 5.0, "the call ended line"
         )
-    assert entry["ingress"] == "twilio" and entry["call_sid"] == result.call_sid
     [ended] = [r for r in caplog.records if r.getMessage() == "call ended"]
     assert (ended.ingress, ended.outcome, ended.protocol_errors) == ("twilio", "completed", 0)  # type: ignore[attr-defined]
     metrics = httpx.get(bridge.http_url + "/metrics", timeout=5).text
