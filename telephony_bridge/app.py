@@ -121,7 +121,7 @@ def create_app(
                 pending_streams_s=settings.server.drain_pending_streams_s,
             )
             app.state.drain = drain
-            app.state.webhooks = TwilioWebhooks(settings, admission, metrics, checker, drain)
+            app.state.webhooks = TwilioWebhooks(settings, admission, metrics, checker, drain, clock)
             app.state.registry = registry
             yield
             drain.draining = True

@@ -20,7 +20,7 @@ from typing import Any, TypeVar
 
 from telephony_bridge.accounting.base import AccountingUnavailable, Lease
 from telephony_bridge.admission import Admission
-from telephony_bridge.audio.barge_in import BargeIn
+from telephony_bridge.audio.barge_in import BargeIn, Event
 from telephony_bridge.audio.codec import FRAME_S
 from telephony_bridge.audio.pipeline import AiToCaller
 from telephony_bridge.clock import Clock
@@ -96,19 +96,28 @@ class Call:
 
     async def run(self) -> None:
         with oplog.call_context(call_sid=self._leg.call_id, stream_sid=self._leg.stream_id):
-            lease = await self._admit()
-            if lease is None:
+            # One live leg per call ID (registry.py): taken before any await, so two starts cannot both pass,
+            # and given up only after the lease, so a later leg for the call starts afresh.
+            if not self._deps.registry.claim(self.call_sid, self):
+                self._metrics.streams_refused.labels(reason="duplicate_call_sid").inc()
+                log.warning("refusing a second %s stream for a call that has a live one", self._leg.ingress)
+                await self._leg.hang_up("duplicate")
                 return
-            self.device_id = lease.device_id
-            oplog.bind(device_id=lease.device_id)
-            self._deps.registry.add(self.call_sid, self)
-            self._deps.admission.stream_started(self.call_sid)
-            self._metrics.calls_active.inc()
-            log.info("call bridged", extra={"ingress": self._leg.ingress})
             try:
-                await self._bridge(lease)
+                lease = await self._admit()
+                if lease is None:
+                    return
+                self.device_id = lease.device_id
+                oplog.bind(device_id=lease.device_id)
+                self._deps.admission.stream_started(self.call_sid)
+                self._metrics.calls_active.inc()
+                log.info("call bridged", extra={"ingress": self._leg.ingress})
+                try:
+                    await self._bridge(lease)
+                finally:
+                    await self._finish(lease)
             finally:
-                await self._finish(lease)
+                self._deps.registry.release(self.call_sid, self)
 
     async def _admit(self) -> Lease | None:
         """Let the ingress authorise the call, then claim its reservation; ``None`` (leg hung up) if refused."""
@@ -136,6 +145,7 @@ class Call:
                 tg.create_task(self.outbound.run(), name="outbound")
                 tg.create_task(self._heartbeat(lease), name="lease-heartbeat")
                 tg.create_task(self._until_ended(), name="until-ended")
+                tg.create_task(self._inbound.watch_idle(self._caller_events, self.outbound.audible_since), name="idle")
         except* _CallEnded as group:
             self._end(_first(group, _CallEnded).reason)
         except* CallerGone:
@@ -190,7 +200,6 @@ class Call:
         await self._record_outcome(self.outcome)
         await self._leg.hang_up(self.outcome)
         await self._deps.admission.accounting.release(lease)
-        self._deps.registry.remove(self.call_sid)
         duration_s = self._clock.monotonic() - self._started_at
         metrics = self._metrics
         metrics.calls_active.dec()
@@ -223,6 +232,7 @@ class Call:
             "gap_filled_ms": inbound.gap_filled_ms,
             "overflow_frames_dropped": inbound.dropped_overflow,
             "dtmf_digits": self._dtmf.count,  # a count only: the digits may be a PIN
+            "client_quirks": sorted(inbound.quirks),
             **self._leg.figures(),
         }
         return figures
@@ -260,8 +270,12 @@ class Call:
 
     def _caller_audio(self, audio: CallerAudio) -> None:
         now = self._clock.monotonic()
-        ai_since = self.outbound.audible_since(now)
-        for event in self._inbound.push(audio.timestamp_ms, audio.ulaw, now, ai_since):
+        self._caller_events(self._inbound.push(audio.timestamp_ms, audio.ulaw, now, self.outbound.audible_since(now)))
+
+    def _caller_events(self, events: list[Event]) -> None:
+        """What the barge-in detector made of the caller's audio, or of the caller sending none."""
+        ai_since = self.outbound.audible_since(self._clock.monotonic())
+        for event in events:
             if isinstance(event, BargeIn):
                 self.outbound.interrupt()
                 self._metrics.barge_ins.inc()

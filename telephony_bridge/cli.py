@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
+import socket
 import sys
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
@@ -14,6 +16,7 @@ import uvicorn
 from telephony_bridge import __version__
 from telephony_bridge.errors import BridgeError, ConfigError
 from telephony_bridge.ops import logging as oplog
+from telephony_bridge.ops.gc_tuning import tune_gc
 from telephony_bridge.serving import DrainingServer, ServerThread, bind_socket, uvicorn_config
 from telephony_bridge.settings import Settings, load_settings
 
@@ -56,6 +59,9 @@ def _parser() -> argparse.ArgumentParser:
     )
     serve.add_argument("--host", help="listen address (overrides HOST / server.host)")
     serve.add_argument("--port", type=int, help="listen port (overrides PORT / server.port)")
+    serve.add_argument(
+        "--workers", type=int, help="worker processes on the one port (overrides server.workers; > 1 needs Redis)"
+    )
     serve.add_argument(
         "--dev-voice",
         default="echo",
@@ -143,14 +149,17 @@ def _add_twilio_flow_options(parser: argparse.ArgumentParser) -> None:
 
 
 def run_serve(args: argparse.Namespace) -> int:
-    overrides: dict[str, object] = {
-        k: v for k, v in (("server.host", args.host), ("server.port", args.port)) if v is not None
-    }
+    given = (("server.host", args.host), ("server.port", args.port), ("server.workers", args.workers))
+    overrides: dict[str, object] = {k: v for k, v in given if v is not None}
     if args.dev:
         overrides["dev"] = True
     settings = load_settings(args.config, **overrides)
     _require_production_settings(settings)  # before anything starts: a missing setting is one sentence
     oplog.configure(settings.logging.level, settings.logging.format)
+    if settings.server.workers > 1:
+        from telephony_bridge.workers import supervise
+
+        return supervise(settings)
     emulator: ServerThread | None = None
     if settings.dev_mode:
         emulator = _start_dev_emulator(args.dev_voice)
@@ -164,13 +173,25 @@ def run_serve(args: argparse.Namespace) -> int:
             settings.listen_host,
             "" if settings.server.host else " only (HOST not given)",
         )
+    host = settings.listen_host
+    ops_sock = bind_socket(host, settings.server.ops_port) if settings.server.ops_port is not None else None
     try:
-        with asyncio.Runner(loop_factory=_fast_loop_factory()) as runner:
-            runner.run(_serve_bridge(settings))
+        serve_on(settings, bind_socket(host, settings.server.port), ops_sock=ops_sock)
     finally:
         if emulator is not None:
             emulator.stop()
     return 0
+
+
+def serve_on(
+    settings: Settings, sock: socket.socket, worker: int | None = None, ops_sock: socket.socket | None = None
+) -> None:
+    """Serve the bridge on ``sock`` (and /status, /metrics on ``ops_sock``, when there is one) until a signal
+    stops it (``worker``: this process is one of several)."""
+    if worker is not None:
+        oplog.configure(settings.logging.level, settings.logging.format)
+    with asyncio.Runner(loop_factory=_fast_loop_factory()) as runner:
+        runner.run(_serve_bridge(settings, sock, worker, ops_sock))
 
 
 def _fast_loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
@@ -183,20 +204,23 @@ def _fast_loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
     return uvloop.new_event_loop
 
 
-async def _serve_bridge(settings: Settings) -> None:
+async def _serve_bridge(
+    settings: Settings, sock: socket.socket, worker: int | None, ops_sock: socket.socket | None
+) -> None:
     from telephony_bridge.app import create_app, drain
 
-    host = settings.listen_host
-    sockets = [bind_socket(host, settings.server.port)]
-    ops_port: int | None = None
-    if settings.server.ops_port is not None:  # one server, two listeners: the app tells them apart by port
-        sockets.append(bind_socket(host, settings.server.ops_port))
-        ops_port = sockets[1].getsockname()[1]
-    app = create_app(settings, ops_port=ops_port)
+    app = create_app(settings, ops_port=ops_sock.getsockname()[1] if ops_sock is not None else None)
     server = DrainingServer(uvicorn_config(app), lambda: drain(app))
-    log.info("bridge listening on %s:%d", host, sockets[0].getsockname()[1])
-    if ops_port is not None:
-        log.info("ops listening on %s:%d (/status, /metrics, /healthz, /readyz)", host, ops_port)
+    tune_gc()
+    host = settings.listen_host
+    if worker is None:
+        log.info("bridge listening on %s:%d", host, sock.getsockname()[1])
+    else:
+        log.info("worker %d (pid %d) serving on %s:%d", worker, os.getpid(), host, sock.getsockname()[1])
+    sockets = [sock]
+    if ops_sock is not None:  # one server, two listeners: the app tells them apart by port
+        sockets.append(ops_sock)
+        log.info("ops listening on %s:%d (/status, /metrics, /healthz, /readyz)", host, ops_sock.getsockname()[1])
     await server.serve(sockets=sockets)
 
 

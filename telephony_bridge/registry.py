@@ -1,4 +1,11 @@
-"""The calls this replica is bridging now: for /status, /readyz and graceful drain."""
+"""The calls this replica is bridging now: for /status, /readyz and graceful drain, and one live stream per call.
+
+A CallSid has at most one live stream here, by construction: ``claim`` takes the SID for one call before that
+call does anything else (no await between the check and the take), a second ``start`` for the same SID is
+refused, and ``release`` frees the SID only for the call that holds it. Two streams therefore never share a
+device lease or free each other's: the lease, the AI session and the /status entry all belong to the first.
+Across replicas, the stream token (one use, in the shared store) gives the same guarantee.
+"""
 
 from __future__ import annotations
 
@@ -17,13 +24,19 @@ class CallRegistry:
         self._calls: dict[str, CallView] = {}
         self._ending: tuple[str, str] | None = None  # once every call is told to end, so is each newcomer
 
-    def add(self, call_sid: str, call: CallView) -> None:
+    def claim(self, call_sid: str, call: CallView) -> bool:
+        """Register ``call`` under ``call_sid``; False (nothing changed) if another live call holds the SID."""
+        if call_sid in self._calls:
+            return self._calls[call_sid] is call
         self._calls[call_sid] = call
         if self._ending is not None:
             call.end(*self._ending)
+        return True
 
-    def remove(self, call_sid: str) -> None:
-        self._calls.pop(call_sid, None)
+    def release(self, call_sid: str, call: CallView) -> None:
+        """Forget ``call``; a call that never held the SID (a refused duplicate) frees nothing."""
+        if self._calls.get(call_sid) is call:
+            del self._calls[call_sid]
 
     def end_all(self, outcome: str, reason: str) -> None:
         """End every call, and every call added from now on (the drain deadline has passed)."""

@@ -167,8 +167,8 @@ class BridgeProcess:
             record = json.loads(line)
             self.lines.append(record)
             message = str(record["msg"])
-            if message.startswith("bridge listening on"):
-                address = message.removeprefix("bridge listening on ")
+            if "bridge listening on" in message:  # one process, or the supervisor of several workers
+                address = message.split("bridge listening on ", 1)[1]
                 self.host, self.port = address.rsplit(":", 1)[0], int(address.rsplit(":", 1)[1])
             if message.startswith("ops listening on"):
                 self.ops_port = int(message.split()[3].rsplit(":", 1)[1])
