@@ -36,6 +36,11 @@ class Metrics:
         self.token_requests = Counter(
             "bridge_token_requests_total", "Savants token requests, by result code", ["result"], registry=r
         )
+        self.token_no_budget = Counter(
+            "bridge_token_no_budget_total",
+            "Token requests not sent: the device had no budget left within the call's deadline",
+            registry=r,
+        )
         self.protocol_errors = Counter(
             "bridge_protocol_errors_total", "Malformed messages received, by peer", ["peer"], registry=r
         )
