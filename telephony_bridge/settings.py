@@ -136,6 +136,8 @@ class AudioSettings(_Frozen):
     pre_connect_buffer_ms: int = Field(2000, ge=0, le=10_000)
     outbound_lead_ms: int = Field(100, ge=20, le=2000)
     playout_prebuffer_ms: int = Field(40, ge=0, le=500)
+    adaptive_prebuffer: bool = True
+    outbound_batch_ms: int = Field(60, ge=20, le=200)
     mark_interval_ms: int = Field(100, ge=20, le=2000)
 
 

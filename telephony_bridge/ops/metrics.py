@@ -57,6 +57,15 @@ class Metrics:
             "bridge_audio_seconds_total", "Audio carried, by direction", ["direction"], registry=r
         )
         self.dtmf = Counter("bridge_dtmf_total", "DTMF digits received", registry=r)
+        self.playout_underruns = Counter(
+            "bridge_playout_underruns_total",
+            "Holes in the caller's playback: the AI's frame came late (ai_late) or we sent late (scheduling)",
+            ["cause"],
+            registry=r,
+        )
+        self.prebuffer_changes = Counter(
+            "bridge_playout_prebuffer_changes_total", "Adaptive prebuffer steps", ["direction"], registry=r
+        )
         self.barge_ins = Counter("bridge_barge_in_total", "Caller interruptions of the AI", registry=r)
         self.admission_refused = Counter(
             "bridge_admission_refused_total", "Calls refused because no device could take them", ["where"], registry=r
