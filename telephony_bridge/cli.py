@@ -211,7 +211,8 @@ async def _serve_bridge(
 
     app = create_app(settings, ops_port=ops_sock.getsockname()[1] if ops_sock is not None else None)
     server = DrainingServer(uvicorn_config(app), lambda: drain(app))
-    tune_gc()
+    if settings.server.gc_tuning:
+        tune_gc()
     host = settings.listen_host
     if worker is None:
         log.info("bridge listening on %s:%d", host, sock.getsockname()[1])
