@@ -73,7 +73,7 @@ def require_sip_security(settings: Settings) -> None:
             "config key 'sip.allowed_sources' (environment variable SIP_ALLOWED_SOURCES) or 'sip.users' must be "
             "set when SIP is on in production: otherwise anyone who finds the port can call the AI"
         )
-    host = sip.host or settings.server.host
+    host = sip.host or settings.listen_host
     if host in ("0.0.0.0", "::", "") and not sip.advertised_host:
         raise ConfigError(
             "config key 'sip.advertised_host' (environment variable SIP_ADVERTISED_HOST) must be set when SIP "
@@ -145,7 +145,7 @@ class SipServer:
         self._settings = sip
         self._clock = deps.clock
         self._draining = draining
-        self.host = sip.host or deps.settings.server.host
+        self.host = sip.host or deps.settings.listen_host
         sources = sip.allowed_sources or (DEV_SOURCES if deps.settings.dev_mode and not sip.users else ())
         self._sources: Networks = [ipaddress.ip_network(s, strict=False) for s in sources]
         media = sip.media_sources or ("0.0.0.0/0", "::/0")  # latched once either way (spec §11.4)
