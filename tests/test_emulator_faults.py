@@ -97,7 +97,11 @@ async def test_fault_reset_kills_the_connection_without_a_close_frame() -> None:
             closed = await closed_by_server(ws)
             assert ws.protocol.close_rcvd is None  # no close frame: the TCP connection just died
             assert isinstance(closed.__cause__, ConnectionResetError)  # by an RST, not a FIN
-        stats = await emu.stats()
+        for _ in range(250):  # the emulator notices the dead socket on its own loop: wait for it (under load too)
+            stats = await emu.stats()
+            if stats["sessions_active"] == 0:
+                break
+            await asyncio.sleep(0.02)
     assert stats["faults"]["injected"] == {"reset": 1}
     assert stats["sessions_active"] == 0 and stats["devices"]["dev-1"]["active_sockets"] == 0
 
