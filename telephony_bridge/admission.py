@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 from telephony_bridge.accounting.base import Accounting, AccountingUnavailable, Lease
 from telephony_bridge.clock import Clock
-from telephony_bridge.errors import TokenError
+from telephony_bridge.errors import SavantsError, TokenError
 from telephony_bridge.ops.metrics import Metrics
 from telephony_bridge.savants.client import Connector, SavantsConnection
 from telephony_bridge.savants.tokens import TokenClient
@@ -34,6 +34,7 @@ TOKEN_LIFETIME_S = 60.0  # spec §4
 WARM_TOKEN_USE_BY_S = 45.0  # leave a warm token time to reach Savants before it expires
 MAX_TOKEN_WAIT_S = 2.0  # a caller can afford a short wait for token budget, not a long one
 OUTCOME_TTL_S = 600.0
+QUARANTINE_S = 300.0  # a device Savants refuses (bad key, deactivated) takes no tokens for this long
 
 
 @dataclass(frozen=True, slots=True)
@@ -145,6 +146,7 @@ class Admission:
         self._sticky_callers = sticky_callers
         self._warm = Warm(clock)
         self._admitted: dict[str, float] = {}  # call SID -> when its reservation lapses
+        self._quarantined: dict[str, float] = {}  # device -> until when (for logging once per quarantine)
 
     # --- at the webhook ----------------------------------------------------------------------------------
 
@@ -233,6 +235,37 @@ class Admission:
             return warm
         token = warm if warm is not None else await self._fresh_token(lease)
         return await self._voice.connect(self._voice.url, token, self._voice.timeout_s)
+
+    async def reconnect_session(self, lease: Lease) -> tuple[Lease, SavantsConnection | SavantsError]:
+        """A new AI session for a call whose session dropped mid-call, with a fresh token (spec §6.7).
+
+        The token comes from the budget of the lease's device; if that device has none now, the call's slot
+        moves to the device the pool prefers (token budget first), so a call is not lost to one busy device.
+        Returns the lease the call holds now (it may have moved) with the session, or with what failed.
+        ``AdmissionError`` (the call holds no slot any more) if the slot was released and no device had room.
+        """
+        try:
+            if await self._take_token(lease) > 0:
+                await self.accounting.release(lease)
+                lease = await self.accounting.acquire(lease.call_sid)
+                if await self._take_token(lease) > 0:
+                    self._metrics.token_requests.labels(result="NO_BUDGET").inc()
+                    raise TokenError("no device has token budget for a reconnect now", code="NO_BUDGET")
+            token = await self._fetch(lease)
+            return lease, await self._voice.connect(self._voice.url, token, self._voice.timeout_s)
+        except SavantsError as exc:
+            return lease, exc
+
+    async def quarantine(self, device_id: str, reason: str) -> None:
+        """Savants refuses this device itself (bad API key, deactivated): take no tokens there for a while, so
+        new calls and reconnects go to the others. Logged once at ERROR per quarantine: an operator must act."""
+        now = self._clock.monotonic()
+        if self._quarantined.get(device_id, float("-inf")) <= now:
+            log.error(
+                "device %s taken out of the pool for %.0f s: Savants refuses it (%s)", device_id, QUARANTINE_S, reason
+            )
+        self._quarantined[device_id] = now + QUARANTINE_S
+        await self.accounting.exhaust(device_id, QUARANTINE_S)
 
     async def _fresh_token(self, lease: Lease) -> str:
         """A token within the device's budget, waiting briefly (bounded) for budget if need be."""

@@ -36,6 +36,10 @@ class Inbound:
         self.frames_to_ai = 0
         self.dropped_overflow = 0
 
+    def limit_backlog(self, max_ms: int) -> None:
+        """How much caller audio may wait for the AI from now on (the reconnect buffer once it has connected)."""
+        self._max_frames = max(1, max_ms // FRAME_MS)
+
     @property
     def late_frames_dropped(self) -> int:
         return self._pipeline.timeline.dropped_frames

@@ -53,6 +53,9 @@ class SavantsSettings(_Frozen):
     connect_timeout_s: float = Field(5.0, gt=0)
     warm_token: bool = True
     preconnect: bool = False
+    reconnect_deadline_s: float = Field(10.0, ge=0, le=120)
+    reconnect_fill: Literal["comfort_noise", "silence"] = "comfort_noise"
+    stall_timeout_s: float = Field(5.0, ge=1, le=120)
 
     @field_validator("base_url")
     @classmethod
@@ -94,6 +97,8 @@ class TwilioSettings(_Frozen):
     say_voice: str = ""
     say_language: str = ""
     dtmf_action: Literal["log", "ignore"] = "log"
+    inactivity_timeout_s: float = Field(5.0, ge=0, le=300)
+    max_call_s: float = Field(0.0, ge=0)
 
 
 class AccountingSettings(_Frozen):
@@ -110,6 +115,8 @@ class AudioSettings(_Frozen):
     outbound_lead_ms: int = Field(100, ge=20, le=2000)
     playout_prebuffer_ms: int = Field(40, ge=0, le=500)
     mark_interval_ms: int = Field(100, ge=20, le=2000)
+    reconnect_buffer_ms: int = Field(5000, ge=0, le=30_000)
+    max_ai_ahead_s: float = Field(10.0, ge=1, le=120)
 
 
 class BargeInSettings(_Frozen):
