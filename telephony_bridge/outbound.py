@@ -61,7 +61,7 @@ class Outbound:
         At most ``audio.max_ai_ahead_s`` waits here: an AI that sends faster than real time for longer loses
         its oldest queued audio (counted in ``overflow_ms``), so a call's memory stays bounded.
         """
-        if not ulaw:
+        if not ulaw or self._finishing:  # the call is ending: what is queued is heard out, nothing new starts
             return
         if self.holding:
             self._held_bytes += len(ulaw)
