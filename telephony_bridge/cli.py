@@ -7,6 +7,7 @@ import asyncio
 import logging
 import sys
 from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
 import uvicorn
 
@@ -15,6 +16,9 @@ from telephony_bridge.errors import BridgeError, ConfigError
 from telephony_bridge.ops import logging as oplog
 from telephony_bridge.serving import DrainingServer, ServerThread, bind_socket, uvicorn_config
 from telephony_bridge.settings import Settings, load_settings
+
+if TYPE_CHECKING:
+    from telephony_bridge.tools.emulator import EmulatorConfig
 
 log = logging.getLogger("telephony_bridge")
 
@@ -78,6 +82,22 @@ def _parser() -> argparse.ArgumentParser:
         "--fault", default="none", choices=["none", "drop", "error", "garbage"], help="break each session"
     )
     emulator.add_argument("--fault-after", type=float, default=1.0, help="seconds into a session for --fault")
+    emulator.add_argument(
+        "--session-fault",
+        action="append",
+        default=[],
+        metavar="SPEC",
+        help="arm a session fault, e.g. kind=close,close_code=1001,after_s=2,count=5,probability=0.5,devices=a+b "
+        "(kinds: close, error, garbage, reset, stall, no_confirm; repeatable; see docs/emulator.md)",
+    )
+    emulator.add_argument(
+        "--token-fault",
+        action="append",
+        default=[],
+        metavar="SPEC",
+        help="arm a token endpoint fault, e.g. status=503,count=3 or delay_s=5,probability=0.1 (repeatable)",
+    )
+    emulator.add_argument("--fault-seed", type=int, help="seed for faults with a probability (repeatable runs)")
     emulator.add_argument("--log-level", default="INFO")
     emulator.set_defaults(run=run_emulator)
 
@@ -208,9 +228,21 @@ def _require_production_settings(settings: Settings) -> None:
 
 
 def run_emulator(args: argparse.Namespace) -> int:
-    from telephony_bridge.tools.emulator import EmulatorConfig, create_emulator_app
+    from telephony_bridge.tools.emulator import create_emulator_app
 
-    config = EmulatorConfig(
+    config = emulator_config(args)
+    oplog.configure(args.log_level.upper())  # after the config: a wrong option is one plain sentence
+    log.info("Savants emulator on http://%s:%d (voice %r)", args.host, args.port, args.voice)
+    uvicorn.Server(uvicorn_config(create_emulator_app(config), host=args.host, port=args.port)).run()
+    return 0
+
+
+def emulator_config(args: argparse.Namespace) -> EmulatorConfig:
+    """The emulator's flags as a checked ``EmulatorConfig`` (a wrong fault spec raises ``ConfigError``)."""
+    from telephony_bridge.tools.emulator import EmulatorConfig
+    from telephony_bridge.tools.emulator.faults import parse_spec, session_fault_from_mapping, token_fault_from_mapping
+
+    return EmulatorConfig(
         api_key=args.api_key,
         voice=args.voice,
         tone_hz=args.tone_hz,
@@ -224,11 +256,10 @@ def run_emulator(args: argparse.Namespace) -> int:
         confirm_delay_s=args.confirm_delay,
         fault=args.fault,
         fault_after_s=args.fault_after,
+        session_faults=tuple(session_fault_from_mapping(parse_spec(spec)) for spec in args.session_fault),
+        token_faults=tuple(token_fault_from_mapping(parse_spec(spec)) for spec in args.token_fault),
+        fault_seed=args.fault_seed,
     )
-    oplog.configure(args.log_level.upper())  # after the config: a wrong option is one plain sentence
-    log.info("Savants emulator on http://%s:%d (voice %r)", args.host, args.port, args.voice)
-    uvicorn.Server(uvicorn_config(create_emulator_app(config), host=args.host, port=args.port)).run()
-    return 0
 
 
 # --- call --------------------------------------------------------------------------------------------------
