@@ -75,7 +75,7 @@ def settings(emulator: ServerThread, **overrides: Any) -> Any:
         once("close", close_code=1012),
         once("error", error_code="SERVER_ERROR"),
         once("reset"),  # TCP reset, no close frame
-        once("stall", stall_s=30.0),  # socket open, nothing read or sent, no pong
+        once("stall", stall_s=3.0),  # socket open, nothing read or sent, no pong (then a reset)
     ],
     ids=["1011", "1001", "1012", "error", "reset", "stall"],
 )
@@ -94,16 +94,18 @@ async def test_ai_drop_mid_call_reconnects_and_the_caller_hears_the_ai_again(
     heard = result.heard.astype(np.int32)
     # The AI (an echo of the caller's tone) is heard again in the last seconds, after the reconnect.
     assert np.mean(np.abs(heard[-2 * RATE_HZ :]) >= AUDIBLE) > 0.5
-    # Meanwhile the line never went dead: comfort noise, never the digital silence of nothing sent...
+    # Meanwhile the line never went dead: comfort noise, never the digital silence of nothing sent (a stall
+    # sends nothing until pings find it: stall_timeout_s + at most 1 s)...
+    detection_s = 2.0 if fault.kind == "stall" else 0.0
     span = heard_between_first_and_last_audible(result)
-    assert longest_run(span == 0) < 0.3 * RATE_HZ
-    # ...and the AI was away for a bounded time (the stall takes its detection time on top).
-    assert longest_run(np.abs(span.astype(np.int32)) < AUDIBLE) < 3.0 * RATE_HZ
+    assert longest_run(span == 0) < (detection_s + 0.3) * RATE_HZ
+    # ...and the AI was away for a bounded time.
+    assert longest_run(np.abs(span.astype(np.int32)) < AUDIBLE) < (detection_s + 2.0) * RATE_HZ
     figures = {k: getattr(ended, k) for k in ("outcome", "ai_drops", "ai_reconnect", "ai_reconnect_attempts")}
     assert figures == {"outcome": "completed", "ai_drops": 1, "ai_reconnect": "resumed", "ai_reconnect_attempts": 1}
     metrics = httpx.get(bridge.http_url + "/metrics", timeout=5).text
     assert 'bridge_ai_reconnects_total{result="resumed"} 1.0' in metrics
-    assert emulator_stats(emulator)["sessions_total"] == 2
+    assert emulator_stats(emulator)["sessions_opened"] == 2
     released(bridge, emulator)
 
 
@@ -150,7 +152,7 @@ async def test_a_device_savants_refuses_is_not_retried_and_leaves_the_pool(
     device = ended.device_id  # type: ignore[attr-defined]
     status = httpx.get(bridge.http_url + "/status", timeout=5).json()
     assert status["accounting"]["devices"][device]["exhausted_for_s"] > 60
-    assert emulator_stats(emulator)["sessions_total"] == 1
+    assert emulator_stats(emulator)["sessions_opened"] == 1
     released(bridge, emulator)
 
 

@@ -67,6 +67,7 @@ NORMAL_CLOSURE = 1000
 # half-open or hung connection (a stall) in seconds rather than minutes of dead air: no pong within the stall
 # timeout after a ping ends the session as STALLED, which the call treats as a drop.
 STALL_TIMEOUT_S = 5.0
+CLOSE_TIMEOUT_S = 1.0
 _KEEPALIVE_TIMEOUT_REASON = "keepalive ping timeout"  # what websockets sends when a pong is overdue
 
 
@@ -82,7 +83,8 @@ async def open_voice_session(
     url: str, token: str, timeout_s: float, *, stall_timeout_s: float = STALL_TIMEOUT_S
 ) -> SavantsConnection:
     """Connect, send the JWT as the first text frame, and wait for the confirmation (§6.2), all within
-    ``timeout_s``. A ping goes out every ``stall_timeout_s / 2`` and must be answered within as long again."""
+    ``timeout_s``. A ping goes out every ``stall_timeout_s / 2`` and must be answered within as long again: a
+    stall is reported within about ``stall_timeout_s`` + 1 s."""
     session = VoiceSession()
     connection: SavantsConnection | None = None
     try:
@@ -92,6 +94,9 @@ async def open_voice_session(
                 open_timeout=None,
                 ping_interval=stall_timeout_s / 2,
                 ping_timeout=stall_timeout_s / 2,
+                # A stalled peer never completes the close handshake either: the stall is reported once this
+                # has passed too, so it must be short (and a healthy Savants answers a close in milliseconds).
+                close_timeout=min(CLOSE_TIMEOUT_S, stall_timeout_s / 2),
                 compression=None,
                 max_size=2**20,
                 # Unbounded: a session opened at the webhook waits unread until its stream starts, and a
