@@ -259,7 +259,7 @@ def main() -> int:
     parser.add_argument("--servers", nargs="+", default=["bridge", "naive"], choices=["bridge", "naive", "echo"])
     parser.add_argument("--load-procs", type=int, default=2, help="processes the simulated callers run in")
     parser.add_argument("--workers", type=int, default=1, help="serve --workers N for the bridge")
-    parser.add_argument("--redis-url", help="REDIS_URL for the bridge (required with --workers > 1)")
+    parser.add_argument("--redis-url", help="REDIS_URL for the bridge (default with --workers > 1: a redis-server)")
     parser.add_argument("--json", metavar="OUT", help="also write every figure to this JSON file")
     parser.add_argument("--profile", metavar="OUT", help="py-spy the bridge's steady window (first level) to OUT")
     args = parser.parse_args()
@@ -271,6 +271,15 @@ def main() -> int:
         f"http://127.0.0.1:{emulator_port}/_emulator/stats",
     )
     running: dict[str, tuple[subprocess.Popen[bytes], str]] = {}
+    redis = None
+    if args.workers > 1 and not args.redis_url:
+        redis_port = free_port()
+        redis = subprocess.Popen(
+            ["redis-server", "--port", str(redis_port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
+            stdout=subprocess.DEVNULL,
+        )
+        args.redis_url = f"redis://127.0.0.1:{redis_port}/0"
+        time.sleep(0.5)
     results: dict[str, list[dict]] = {name: [] for name in args.servers}
     try:
         for name in args.servers:
@@ -312,6 +321,9 @@ def main() -> int:
             process.wait()
         emulator.terminate()
         emulator.wait()
+        if redis is not None:
+            redis.terminate()
+            redis.wait()
     return 0
 
 

@@ -109,7 +109,7 @@ def create_app(
                 clock=clock,
                 registry=registry,
             )
-            app.state.webhooks = TwilioWebhooks(settings, admission, metrics, checker)
+            app.state.webhooks = TwilioWebhooks(settings, admission, metrics, checker, clock)
             app.state.draining = False
             app.state.registry = registry
             yield

@@ -21,7 +21,7 @@ from typing import Any, TypeVar
 
 from telephony_bridge.accounting.base import AccountingUnavailable, Lease
 from telephony_bridge.admission import Admission
-from telephony_bridge.audio.barge_in import BargeIn
+from telephony_bridge.audio.barge_in import BargeIn, Event
 from telephony_bridge.audio.codec import FRAME_S
 from telephony_bridge.audio.comfort import ComfortFill
 from telephony_bridge.audio.pipeline import AiToCaller
@@ -108,20 +108,29 @@ class Call:
 
     async def run(self) -> None:
         with oplog.call_context(call_sid=self._leg.call_id, stream_sid=self._leg.stream_id):
-            lease = await self._admit()
-            if lease is None:
+            # One live leg per call ID (registry.py): taken before any await, so two starts cannot both pass,
+            # and given up only after the lease, so a later leg for the call starts afresh.
+            if not self._deps.registry.claim(self.call_sid, self):
+                self._metrics.streams_refused.labels(reason="duplicate_call_sid").inc()
+                log.warning("refusing a second %s stream for a call that has a live one", self._leg.ingress)
+                await self._leg.hang_up("duplicate")
                 return
-            self._lease = lease
-            self.device_id = lease.device_id
-            oplog.bind(device_id=lease.device_id)
-            self._deps.registry.add(self.call_sid, self)
-            self._deps.admission.stream_started(self.call_sid)
-            self._metrics.calls_active.inc()
-            log.info("call bridged", extra={"ingress": self._leg.ingress})
             try:
-                await self._bridge()
+                lease = await self._admit()
+                if lease is None:
+                    return
+                self._lease = lease
+                self.device_id = lease.device_id
+                oplog.bind(device_id=lease.device_id)
+                self._deps.admission.stream_started(self.call_sid)
+                self._metrics.calls_active.inc()
+                log.info("call bridged", extra={"ingress": self._leg.ingress})
+                try:
+                    await self._bridge()
+                finally:
+                    await self._finish()
             finally:
-                await self._finish()
+                self._deps.registry.release(self.call_sid, self)
 
     async def _admit(self) -> Lease | None:
         """Let the ingress authorise the call, then claim its reservation; ``None`` (leg hung up) if refused."""
@@ -148,6 +157,7 @@ class Call:
                 tg.create_task(self._ai_side(), name="ai-side")
                 tg.create_task(self.outbound.run(), name="outbound")
                 tg.create_task(self._heartbeat(), name="lease-heartbeat")
+                tg.create_task(self._inbound.watch_idle(self._caller_events, self.outbound.audible_since), name="idle")
                 if self._deps.settings.twilio.max_call_s:
                     tg.create_task(self._time_limit(self._deps.settings.twilio.max_call_s), name="time-limit")
         except* _CallEnded as group:
@@ -200,7 +210,6 @@ class Call:
         await self._record_outcome(self.outcome)
         await self._leg.hang_up(self.outcome)
         await self._deps.admission.accounting.release(self._lease)
-        self._deps.registry.remove(self.call_sid)
         duration_s = self._clock.monotonic() - self._started_at
         metrics = self._metrics
         metrics.calls_active.dec()
@@ -239,6 +248,7 @@ class Call:
             "ai_reconnect": reconnects.outcome,
             "ai_gap_s": round(reconnects.gap_s, 3),
             "dtmf_digits": len(self.dtmf_digits),
+            "client_quirks": sorted(inbound.quirks),
             **self._leg.figures(),
         }
         if self._deps.settings.twilio.dtmf_action == "log":
@@ -286,8 +296,12 @@ class Call:
 
     def _caller_audio(self, audio: CallerAudio) -> None:
         now = self._clock.monotonic()
-        ai_since = self.outbound.audible_since(now)
-        for event in self._inbound.push(audio.timestamp_ms, audio.ulaw, now, ai_since):
+        self._caller_events(self._inbound.push(audio.timestamp_ms, audio.ulaw, now, self.outbound.audible_since(now)))
+
+    def _caller_events(self, events: list[Event]) -> None:
+        """What the barge-in detector made of the caller's audio, or of the caller sending none."""
+        ai_since = self.outbound.audible_since(self._clock.monotonic())
+        for event in events:
             if isinstance(event, BargeIn):
                 self.outbound.interrupt()
                 self._metrics.barge_ins.inc()

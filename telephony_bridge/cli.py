@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
+import socket
 import sys
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
@@ -14,6 +16,7 @@ import uvicorn
 from telephony_bridge import __version__
 from telephony_bridge.errors import BridgeError, ConfigError
 from telephony_bridge.ops import logging as oplog
+from telephony_bridge.ops.gc_tuning import tune_gc
 from telephony_bridge.serving import DrainingServer, ServerThread, bind_socket, uvicorn_config
 from telephony_bridge.settings import Settings, load_settings
 
@@ -51,6 +54,9 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--config", help="YAML configuration (omitted: $BRIDGE_CONFIG, else built-in defaults)")
     serve.add_argument("--host", help="listen address (overrides HOST / server.host)")
     serve.add_argument("--port", type=int, help="listen port (overrides PORT / server.port)")
+    serve.add_argument(
+        "--workers", type=int, help="worker processes on the one port (overrides server.workers; > 1 needs Redis)"
+    )
     serve.add_argument(
         "--dev-voice",
         default="echo",
@@ -138,11 +144,16 @@ def _add_twilio_flow_options(parser: argparse.ArgumentParser) -> None:
 
 
 def run_serve(args: argparse.Namespace) -> int:
-    overrides = {k: v for k, v in (("server.host", args.host), ("server.port", args.port)) if v is not None}
+    given = (("server.host", args.host), ("server.port", args.port), ("server.workers", args.workers))
+    overrides = {k: v for k, v in given if v is not None}
     settings = load_settings(args.config, **overrides)
     if not settings.dev_mode:
         _require_production_settings(settings)  # before anything starts: a wrong setting is one sentence
     oplog.configure(settings.logging.level, settings.logging.format)
+    if settings.server.workers > 1:
+        from telephony_bridge.workers import supervise
+
+        return supervise(settings)
     emulator: ServerThread | None = None
     if settings.dev_mode:
         emulator = _start_dev_emulator(args.dev_voice)
@@ -154,12 +165,19 @@ def run_serve(args: argparse.Namespace) -> int:
             args.dev_voice,
         )
     try:
-        with asyncio.Runner(loop_factory=_fast_loop_factory()) as runner:
-            runner.run(_serve_bridge(settings))
+        serve_on(settings, bind_socket(settings.server.host, settings.server.port))
     finally:
         if emulator is not None:
             emulator.stop()
     return 0
+
+
+def serve_on(settings: Settings, sock: socket.socket, worker: int | None = None) -> None:
+    """Serve the bridge on ``sock`` until a signal stops it (``worker``: this process is one of several)."""
+    if worker is not None:
+        oplog.configure(settings.logging.level, settings.logging.format)
+    with asyncio.Runner(loop_factory=_fast_loop_factory()) as runner:
+        runner.run(_serve_bridge(settings, sock, worker))
 
 
 def _fast_loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
@@ -172,13 +190,18 @@ def _fast_loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
     return uvloop.new_event_loop
 
 
-async def _serve_bridge(settings: Settings) -> None:
+async def _serve_bridge(settings: Settings, sock: socket.socket, worker: int | None) -> None:
     from telephony_bridge.app import create_app, drain
 
     app = create_app(settings)
-    sock = bind_socket(settings.server.host, settings.server.port)
     server = DrainingServer(uvicorn_config(app), lambda: drain(app, settings.server.drain_timeout_s))
-    log.info("bridge listening on %s:%d", settings.server.host, sock.getsockname()[1])
+    tune_gc()
+    if worker is None:
+        log.info("bridge listening on %s:%d", settings.server.host, sock.getsockname()[1])
+    else:
+        log.info(
+            "worker %d (pid %d) serving on %s:%d", worker, os.getpid(), settings.server.host, sock.getsockname()[1]
+        )
     await server.serve(sockets=[sock])
 
 

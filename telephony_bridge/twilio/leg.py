@@ -24,11 +24,13 @@ from telephony_bridge.twilio import protocol as tw
 
 log = logging.getLogger(__name__)
 
+MAX_CLOSE_REASON = 120  # a WebSocket close reason is at most 123 bytes
 MAX_LOGGED_PROTOCOL_ERRORS = 3  # one clear line each for the first few bad messages of a call; then counts
 
 
 class CloseCode(enum.IntEnum):
     NORMAL = 1000
+    UNSUPPORTED_DATA = 1003
     POLICY_VIOLATION = 1008
     INTERNAL_ERROR = 1011
     TRY_AGAIN_LATER = 1013
@@ -38,6 +40,7 @@ class CloseCode(enum.IntEnum):
 _CLOSE_FOR_OUTCOME = {
     "no_capacity": (CloseCode.TRY_AGAIN_LATER, "no capacity"),
     "refused": (CloseCode.POLICY_VIOLATION, "invalid stream token"),
+    "duplicate": (CloseCode.POLICY_VIOLATION, "another stream for this CallSid is live"),
 }
 
 
@@ -50,7 +53,8 @@ class TwilioSocket(Protocol):
 
 
 async def handle_media_stream(ws: TwilioSocket, deps: CallDeps) -> None:
-    """One accepted /media-stream socket: ``start``, then the call core, which first checks the stream token."""
+    """One accepted /media-stream socket: ``start``, then the call core, which first takes the CallSid (one live
+    stream per call), then lets ``authorise`` check the media format and the stream token."""
     leg = TwilioLeg(ws, deps.settings.twilio, deps.metrics, deps.clock)
     start = await leg.wait_for_start()
     if start is None:
@@ -60,15 +64,23 @@ async def handle_media_stream(ws: TwilioSocket, deps: CallDeps) -> None:
         token = start.custom_parameters.get("token")
 
         async def authorise() -> bool:
-            """The stream token the webhook minted for this CallSid, presented once (spec §5.3)."""
+            """Audio we can carry, and the stream token the webhook minted for this CallSid, presented once
+            (spec §5.3). Runs while this stream holds the CallSid, so giving its reservation back is safe."""
+            if problem := tw.media_format_problem(start):
+                deps.metrics.streams_refused.labels(reason="unsupported_media_format").inc()
+                log.warning("closing stream: %s", problem)
+                await leg.close(CloseCode.UNSUPPORTED_DATA, problem[:MAX_CLOSE_REASON])
+                await deps.admission.release_reservation(start.call_sid)
+                return False
+            if not deps.settings.twilio.require_stream_token:
+                return True
             if await deps.admission.check_stream_token(start.call_sid, token):
                 return True
             deps.metrics.stream_token_refused.inc()
             log.warning("closing stream: its start carries no valid stream token (missing, foreign or replayed)")
             return False
 
-        check = authorise if deps.settings.twilio.require_stream_token else None
-        await Call(leg, deps, caller=start.custom_parameters.get("from"), authorise=check).run()
+        await Call(leg, deps, caller=start.custom_parameters.get("from"), authorise=authorise).run()
 
 
 class TwilioLeg:
