@@ -85,8 +85,9 @@ class Reconnector:
             attempt += 1
             at = self._clock.monotonic() + backoff_s(attempt, self._rng)
             if at >= deadline:
+                away_s = self._clock.monotonic() - started
                 raise SessionError(
-                    f"AI unreachable for {at - started:.1f} s after the drop ({attempt - 1} attempts); last: {failure}",
+                    f"AI unreachable for {away_s:.1f} s after the drop ({attempt - 1} attempts); last: {failure}",
                     code=getattr(failure, "code", "RECONNECT_FAILED"),
                 )
             await self._clock.sleep_until(at)

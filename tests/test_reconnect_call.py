@@ -122,7 +122,8 @@ async def test_ai_that_cannot_be_reached_again_ends_the_stream_with_the_fallback
         result = await run_call(signed_call(bridge, audio_in=VOICE, seconds=15.0))
         ended = call_ended(caplog)
     assert result.ended_by == "bridge" and result.close_code == 1000
-    assert DROP_AFTER_S + 2.5 < result.duration_s < DROP_AFTER_S + 3.0 + 3.0  # the deadline, plus one attempt
+    # Two 1 s attempts at least; given up by the deadline (no attempt starts after it; one may run past it).
+    assert DROP_AFTER_S + 2.0 < result.duration_s < DROP_AFTER_S + 3.0 + 3.0
     assert [child.tag for child in stream_ended(bridge, result.call_sid)] == ["Say", "Hangup"]
     # Until the stream ended the caller heard comfort noise, not a dead line.
     audible = np.flatnonzero(np.abs(result.heard.astype(np.int32)) >= AUDIBLE)
@@ -144,11 +145,11 @@ async def test_a_device_savants_refuses_is_not_retried_and_leaves_the_pool(
     with caplog.at_level(logging.INFO):
         result = await run_call(signed_call(bridge, audio_in=VOICE, seconds=6.0))
         ended = call_ended(caplog)
-    assert result.ended_by == "bridge" and result.duration_s < DROP_AFTER_S + 2.0
+    assert result.ended_by == "bridge" and result.duration_s < DROP_AFTER_S + 4.0  # not the 10 s of reconnects
     assert [child.tag for child in stream_ended(bridge, result.call_sid)] == ["Say", "Hangup"]
     assert (ended.outcome, ended.ai_reconnect, ended.ai_reconnect_attempts) == ("ai_unavailable", "not_retried", 0)  # type: ignore[attr-defined]
-    errors = [r for r in caplog.records if r.levelno == logging.ERROR]
-    assert len(errors) == 1 and "taken out of the pool" in errors[0].getMessage()
+    errors = [r for r in caplog.records if r.levelno == logging.ERROR and r.name.startswith("telephony_bridge")]
+    assert len(errors) == 1 and "taken out of the pool" in errors[0].getMessage(), errors
     device = ended.device_id  # type: ignore[attr-defined]
     status = httpx.get(bridge.http_url + "/status", timeout=5).json()
     assert status["accounting"]["devices"][device]["exhausted_for_s"] > 60
