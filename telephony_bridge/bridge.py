@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from telephony_bridge.accounting.base import AccountingUnavailable, Lease
-from telephony_bridge.admission import Admission
+from telephony_bridge.admission import Admission, CallSlot
 from telephony_bridge.audio.barge_in import BargeIn, Event
 from telephony_bridge.audio.codec import FRAME_S
 from telephony_bridge.audio.comfort import ComfortFill
@@ -89,7 +89,7 @@ class Call:
         self._ai_connected_at: float | None = None
         self._savants: SavantsConnection | None = None
         self.ai_connected = False
-        self._lease = Lease(leg.call_id, "")
+        self._slot = CallSlot(Lease(leg.call_id, ""))  # a reconnect may move the call to another device
         savants = settings.savants
         self._reconnector = Reconnector(
             deps.admission,
@@ -119,7 +119,7 @@ class Call:
                 lease = await self._admit()
                 if lease is None:
                     return
-                self._lease = lease
+                self._slot.lease = lease
                 self.device_id = lease.device_id
                 oplog.bind(device_id=lease.device_id)
                 self._deps.admission.stream_started(self.call_sid)
@@ -184,7 +184,7 @@ class Call:
         held = True
         while True:
             await self._clock.sleep_until(self._clock.monotonic() + interval_s)
-            still_held = await self._deps.admission.accounting.heartbeat(self._lease)  # it may move on reconnect
+            still_held = await self._deps.admission.accounting.heartbeat(self._slot.lease)
             if held and not still_held:
                 log.warning("lost the device lease (it lapsed and the device is full); the call goes on")
             held = still_held
@@ -209,7 +209,7 @@ class Call:
         # Recorded before the close: Twilio requests the <Connect action> as soon as the socket closes.
         await self._record_outcome(self.outcome)
         await self._leg.hang_up(self.outcome)
-        await self._deps.admission.accounting.release(self._lease)
+        await self._deps.admission.accounting.release(self._slot.lease)
         duration_s = self._clock.monotonic() - self._started_at
         metrics = self._metrics
         metrics.calls_active.dec()
@@ -220,6 +220,7 @@ class Call:
         metrics.ai_audio_overflow.inc(self.outbound.overflow_ms / 1000)
         if self.outbound.first_audio_at is not None:
             metrics.first_audio_latency.observe(self.outbound.first_audio_at - self._started_at)
+        _count_playout(metrics, self.outbound)
         log.info("call ended", extra=self._figures(duration_s))
 
     def _figures(self, duration_s: float) -> dict[str, Any]:
@@ -238,6 +239,10 @@ class Call:
             "ai_audio_played_ms": outbound.playback.played_ms,
             "ai_audio_discarded_ms": outbound.discarded_ms,
             "clears": outbound.clears,
+            "underruns_ai_late": outbound.underruns_ai_late,
+            "underruns_scheduling": outbound.underruns_scheduling,
+            "prebuffer_grows": outbound.prebuffer.grows,
+            "prebuffer_shrinks": outbound.prebuffer.shrinks,
             "barge_ins": inbound.detector.barge_ins if inbound.detector else 0,
             "late_frames_dropped": inbound.late_frames_dropped,
             "gap_filled_ms": inbound.gap_filled_ms,
@@ -316,7 +321,7 @@ class Call:
     async def _ai_side(self) -> None:
         """The AI session for the call's life: connected once, then reconnected after each drop that is worth
         it while the caller keeps the line (``reconnect.Reconnector``); a goodbye ends the call."""
-        session = await self._deps.admission.session_for(self._lease)
+        session = await self._deps.admission.session_for(self._slot.lease)
         self._ai_connected_at = self._clock.monotonic()
         self._metrics.ai_connect_latency.observe(self._ai_connected_at - self._started_at)
         log.info("AI session connected", extra={"session_id": session.session_id})
@@ -329,13 +334,11 @@ class Call:
             self.ai_connected = False
             self.outbound.fill(self._fill)  # the caller hears comfort noise, never a gap, while we reconnect
             try:
-                self._lease, session = await self._reconnector.recover(failure, self._lease)
+                session = await self._reconnector.recover(failure, self._slot)
             finally:
                 self.outbound.fill(None)
+                self.device_id = self._slot.lease.device_id
             self.ai_connected = True
-            if self._lease.device_id != self.device_id:
-                self.device_id = self._lease.device_id
-                oplog.bind(device_id=self.device_id)
 
     async def _converse(self, session: SavantsConnection) -> SavantsError:
         """Caller audio to the session and its audio back, until it fails (returned) or says goodbye (raised)."""
@@ -380,3 +383,10 @@ def _first(group: BaseExceptionGroup[E], kind: type[E]) -> E:
 
 def _since(at: float | None, origin: float) -> float | None:
     return None if at is None else round(at - origin, 3)
+
+
+def _count_playout(metrics: Metrics, outbound: Outbound) -> None:
+    metrics.playout_underruns.labels(cause="ai_late").inc(outbound.underruns_ai_late)
+    metrics.playout_underruns.labels(cause="scheduling").inc(outbound.underruns_scheduling)
+    metrics.prebuffer_changes.labels(direction="up").inc(outbound.prebuffer.grows)
+    metrics.prebuffer_changes.labels(direction="down").inc(outbound.prebuffer.shrinks)

@@ -1,10 +1,11 @@
 """Mid-call reconnect to the AI: one call's attempts to get a new Savants session after its session dropped.
 
-The caller keeps the line meanwhile (``bridge.Call`` plays comfort noise and buffers the caller's audio). Each
-attempt takes a fresh token through admission (counted against the device's budget; the call's slot moves to
-another device when this one has none), waiting ``retry.backoff_s`` before it, all within
-``savants.reconnect_deadline_s`` of the drop. What is worth an attempt is ``retry.classify``'s call; a device
-Savants refuses outright is quarantined. A new session is a new conversation for the AI: nothing is resumed.
+The caller keeps the line meanwhile (``bridge.Call`` plays comfort noise and buffers the caller's audio).
+Each attempt is ``Admission.reconnect``: a fresh token counted against the device's budget (the call's slot
+moves to another device when this one has none or is out of the pool), then a new session;
+``retry.backoff_s`` passes before each attempt, all within ``savants.reconnect_deadline_s`` of the drop. What
+is worth an attempt is ``retry.classify``'s call; a device Savants refuses outright is suspended. A new
+session is a new conversation for the AI: nothing is resumed.
 """
 
 from __future__ import annotations
@@ -13,10 +14,9 @@ import logging
 import random
 from dataclasses import dataclass
 
-from telephony_bridge.accounting.base import Lease
-from telephony_bridge.admission import Admission
+from telephony_bridge.admission import Admission, CallSlot
 from telephony_bridge.clock import Clock
-from telephony_bridge.errors import AdmissionError, SavantsError, SessionError
+from telephony_bridge.errors import SavantsError, SessionError
 from telephony_bridge.ops.metrics import Metrics
 from telephony_bridge.savants.client import SavantsConnection
 from telephony_bridge.savants.retry import Verdict, backoff_s, classify
@@ -45,12 +45,13 @@ class Reconnector:
         self._rng = rng
         self.figures = ReconnectFigures()
 
-    async def recover(self, failure: SavantsError, lease: Lease) -> tuple[Lease, SavantsConnection]:
-        """A new session for the call, and the lease it now holds; raises a ``SavantsError`` (the call then ends
-        with the fallback message) if the drop is not worth a retry or the deadline passed."""
+    async def recover(self, failure: SavantsError, slot: CallSlot) -> SavantsConnection:
+        """A new session for the call (``slot.lease`` says on which device it now is); raises a
+        ``SavantsError`` (the call then ends with the fallback message) if the drop is not worth a retry or the
+        deadline passed."""
         figures = self.figures
         figures.drops += 1
-        verdict = await self._judge(failure, lease)
+        verdict = await self._judge(failure, slot)
         if verdict is not Verdict.RETRY or self._deadline_s == 0:
             figures.outcome = "not_retried"
             self._metrics.ai_reconnects.labels(result="not_retried").inc()
@@ -61,7 +62,7 @@ class Reconnector:
             "AI session dropped (%s): the caller keeps the line; reconnecting for up to %s s", failure, self._deadline_s
         )
         try:
-            lease, session = await self._attempts(failure, lease, started, deadline)
+            session = await self._attempts(failure, slot, started, deadline)
         except SavantsError:
             figures.outcome = "failed"
             self._metrics.ai_reconnects.labels(result="failed").inc()
@@ -73,13 +74,13 @@ class Reconnector:
         log.info(
             "AI session reconnected after %.2f s; a new conversation for the AI",
             self._clock.monotonic() - started,
-            extra={"session_id": session.session_id, "to_device": lease.device_id},
+            extra={"session_id": session.session_id, "to_device": slot.lease.device_id},
         )
-        return lease, session
+        return session
 
     async def _attempts(
-        self, failure: SavantsError, lease: Lease, started: float, deadline: float
-    ) -> tuple[Lease, SavantsConnection]:
+        self, failure: SavantsError, slot: CallSlot, started: float, deadline: float
+    ) -> SavantsConnection:
         attempt = 0
         while True:
             attempt += 1
@@ -94,18 +95,15 @@ class Reconnector:
             self.figures.attempts += 1
             self._metrics.ai_reconnect_attempts.inc()
             try:
-                lease, result = await self._admission.reconnect_session(lease)
-            except AdmissionError as exc:  # the slot moved away and no device had room: nothing left to hold
-                raise SessionError(f"no device can take the reconnect: {exc}", code="NO_CAPACITY") from exc
-            if isinstance(result, SavantsConnection):
-                return lease, result
-            log.info("reconnect attempt %d failed: %s", attempt, result)
-            if await self._judge(result, lease) is not Verdict.RETRY:
-                raise result
-            failure = result
+                return await self._admission.reconnect(slot, deadline=deadline)
+            except SavantsError as exc:
+                log.info("reconnect attempt %d failed: %s", attempt, exc)
+                if await self._judge(exc, slot) is not Verdict.RETRY:
+                    raise
+                failure = exc
 
-    async def _judge(self, failure: SavantsError, lease: Lease) -> Verdict:
+    async def _judge(self, failure: SavantsError, slot: CallSlot) -> Verdict:
         verdict = classify(failure)
-        if verdict is Verdict.QUARANTINE:
-            await self._admission.quarantine(lease.device_id, getattr(failure, "code", "refused"))
+        if verdict is Verdict.QUARANTINE:  # (admission has already suspended a device its token endpoint refused)
+            await self._admission.suspend_device(slot.lease.device_id, getattr(failure, "code", "refused"))
         return verdict

@@ -149,7 +149,7 @@ async def test_a_device_savants_refuses_is_not_retried_and_leaves_the_pool(
     assert [child.tag for child in stream_ended(bridge, result.call_sid)] == ["Say", "Hangup"]
     assert (ended.outcome, ended.ai_reconnect, ended.ai_reconnect_attempts) == ("ai_unavailable", "not_retried", 0)  # type: ignore[attr-defined]
     errors = [r for r in caplog.records if r.levelno == logging.ERROR and r.name.startswith("telephony_bridge")]
-    assert len(errors) == 1 and "taken out of the pool" in errors[0].getMessage(), errors
+    assert len(errors) == 1 and "leaves the pool" in errors[0].getMessage(), errors
     device = ended.device_id  # type: ignore[attr-defined]
     status = httpx.get(bridge.http_url + "/status", timeout=5).json()
     assert status["accounting"]["devices"][device]["exhausted_for_s"] > 60
