@@ -208,7 +208,8 @@ async def test_sip_barge_in_cuts_the_ai_off(
 async def test_sip_ai_failure_plays_the_fallback_then_byes(
     start_emulator: Callable[..., ServerThread], start_bridge: Callable[..., ServerThread]
 ) -> None:
-    emulator = start_emulator(voice="tone", token_faults=(), session_faults=(), fault="error", fault_after_s=1.0)
+    # garbage from the AI is a protocol break: not retried (savants/retry.py), so the call must end
+    emulator = start_emulator(voice="tone", fault="garbage", fault_after_s=1.0)
     fallback = DATA / "speech_8k.wav"
     bridge = start_sip_bridge(start_bridge, emulator, **{"sip.fallback_wav": str(fallback)})
     result = await place_sip_call(SipCallConfig(target(bridge), seconds=20.0))
