@@ -67,17 +67,6 @@ async def answers_ping(ws: Any, within_s: float) -> bool:
     return True
 
 
-async def settled_stats(emu: Emulator) -> dict[str, Any]:
-    """The emulator's stats once its sessions have wound down: the client sees a reset or a close before the
-    server's handler has finished its bookkeeping, and under load that can take a while."""
-    for _ in range(250):
-        stats = await emu.stats()
-        if stats["sessions_active"] == 0:
-            break
-        await asyncio.sleep(0.02)
-    return stats
-
-
 async def token_statuses(emu: Emulator, n: int, device_id: str = "dev-1") -> list[int]:
     body = {"apiKey": emu.config.api_key, "deviceId": device_id}
     return [(await emu.token_response(body)).status_code for _ in range(n)]
