@@ -274,10 +274,18 @@ class Admission:
             return lease
         return await self.accounting.acquire(call_sid, caller if self._sticky_callers else None)
 
-    async def release_reservation(self, call_sid: str) -> None:
-        """A stream refused at 'start' frees its device slot and whatever the webhook warmed for it at once,
-        rather than when the reservation lapses (``forget``)."""
-        await self.forget(call_sid)
+    # --- one live stream per call, across replicas ---------------------------------------------------------
+
+    async def claim_stream(self, call_sid: str, owner: str, ttl_s: float) -> bool:
+        """Make ``owner`` (one stream) the call's only live stream on every replica; False if another holds it.
+        Kept by ``keep_stream`` (the lease heartbeat), lapses ``ttl_s`` after a replica dies."""
+        return await self._store.add(f"live-stream:{call_sid}", owner, ttl_s)
+
+    async def keep_stream(self, call_sid: str, owner: str, ttl_s: float) -> bool:
+        return await self._store.refresh(f"live-stream:{call_sid}", owner, ttl_s)
+
+    async def end_stream(self, call_sid: str, owner: str) -> None:
+        await self._store.take_if_equal(f"live-stream:{call_sid}", owner)
 
     async def session_for(self, lease: Lease) -> SavantsConnection:
         """The AI session for a stream: opened at the webhook, or opened now with a warm or fresh token.

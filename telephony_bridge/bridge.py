@@ -13,7 +13,9 @@ hung up (Twilio then runs the TwiML after ``<Connect>``) and the device lease is
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import secrets
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -89,19 +91,23 @@ class Call:
         self._ai_to_caller = AiToCaller()
         self.outbound = Outbound(settings.audio, deps.clock, leg)
         self.dtmf_digits: list[str] = []
+        self._owner = secrets.token_hex(8)  # this stream, as the holder of its call ID's live-stream claim
+        self._live_ttl_s = settings.accounting.lease_ttl_s
 
     # --- lifecycle ---------------------------------------------------------------------------------------
 
     async def run(self) -> None:
         with oplog.call_context(call_sid=self._leg.call_id, stream_sid=self._leg.stream_id):
-            # One live leg per call ID (registry.py): taken before any await, so two starts cannot both pass,
-            # and given up only after the lease, so a later leg for the call starts afresh.
+            # One live leg per call ID: in this process (registry.py) taken before any await, so two starts
+            # cannot both pass; on every replica through the shared store. Given up only after the lease, so a
+            # later leg for the call starts afresh.
             if not self._deps.registry.claim(self.call_sid, self):
-                self._metrics.streams_refused.labels(reason="duplicate_call_sid").inc()
-                log.warning("refusing a second %s stream for a call that has a live one", self._leg.ingress)
-                await self._leg.hang_up("duplicate")
+                await self._refuse_duplicate()
                 return
             try:
+                if not await self._claim_stream():
+                    await self._refuse_duplicate()
+                    return
                 lease = await self._admit()
                 if lease is None:
                     return
@@ -115,7 +121,26 @@ class Call:
                 finally:
                     await self._finish(lease)
             finally:
+                await self._end_stream()
                 self._deps.registry.release(self.call_sid, self)
+
+    async def _refuse_duplicate(self) -> None:
+        self._metrics.streams_refused.labels(reason="duplicate_call_sid").inc()
+        log.warning("refusing a second %s stream for a call that has a live one", self._leg.ingress)
+        await self._leg.hang_up("duplicate")
+
+    async def _claim_stream(self) -> bool:
+        """This call's claim on being its call ID's only live stream on every replica. With the store away,
+        admission decides (the lease needs the same Redis): True."""
+        try:
+            return await self._deps.admission.claim_stream(self.call_sid, self._owner, self._live_ttl_s)
+        except StoreUnavailable as exc:
+            log.warning("could not claim the call's live stream in the shared store: %s", exc)
+            return True
+
+    async def _end_stream(self) -> None:
+        with contextlib.suppress(StoreUnavailable):  # unreachable: the claim lapses after its ttl
+            await self._deps.admission.end_stream(self.call_sid, self._owner)
 
     async def _admit(self) -> Lease | None:
         """Let the ingress authorise the call, then claim its reservation; ``None`` (leg hung up) if refused."""
@@ -168,6 +193,8 @@ class Call:
         while True:
             await self._clock.sleep_until(self._clock.monotonic() + interval_s)
             still_held = await self._deps.admission.accounting.heartbeat(lease)
+            with contextlib.suppress(StoreUnavailable):
+                await self._deps.admission.keep_stream(self.call_sid, self._owner, self._live_ttl_s)
             if held and not still_held:
                 log.warning("lost the device lease (it lapsed and the device is full); the call goes on")
             held = still_held

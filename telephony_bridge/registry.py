@@ -4,7 +4,7 @@ A CallSid has at most one live stream here, by construction: ``claim`` takes the
 call does anything else (no await between the check and the take), a second ``start`` for the same SID is
 refused, and ``release`` frees the SID only for the call that holds it. Two streams therefore never share a
 device lease or free each other's: the lease, the AI session and the /status entry all belong to the first.
-Across replicas, the stream token (one use, in the shared store) gives the same guarantee.
+Across replicas the call core also claims the call in the shared store (``Admission.claim_stream``).
 """
 
 from __future__ import annotations
