@@ -157,6 +157,8 @@ class Admission:
         token_deadline_s: float = 2.5,
         device_suspend_s: float = 300.0,
         rng: random.Random | None = None,
+        require_stream_token: bool = True,
+        allow_missing_stream_token: bool = False,
     ) -> None:
         self.accounting = accounting
         self._tokens = tokens
@@ -171,6 +173,8 @@ class Admission:
         self._device_suspend_s = device_suspend_s
         self._rng = rng or random.Random()
         self._suspended_until: dict[str, float] = {}  # device -> when this replica's suspension ends
+        self._require_stream_token = require_stream_token
+        self._allow_missing_stream_token = allow_missing_stream_token
         self._warm = Warm(clock)
         self._admitted: dict[str, float] = {}  # call SID -> when its reservation lapses
 
@@ -247,6 +251,19 @@ class Admission:
         return True
 
     # --- at the stream's start ---------------------------------------------------------------------------
+
+    async def stream_token_ok(self, call_sid: str, presented: str | None) -> bool:
+        """Whether a stream's ``start`` may proceed: its token checked, unless the settings say otherwise.
+
+        Dev mode accepts a stream with no token at all (third-party Twilio simulators connect straight to the
+        WebSocket and cannot present one), with a warning; a token that is presented must still be right.
+        """
+        if not self._require_stream_token:
+            return True
+        if not presented and self._allow_missing_stream_token:
+            log.warning("accepting a stream that presents no stream token (dev mode only; production refuses it)")
+            return True
+        return await self.check_stream_token(call_sid, presented)
 
     async def check_stream_token(self, call_sid: str, presented: str | None) -> bool:
         """The token minted for this CallSid, presented once, before it expired.

@@ -26,6 +26,7 @@ from telephony_bridge.audio.barge_in import BargeIn, Event
 from telephony_bridge.audio.codec import FRAME_S
 from telephony_bridge.audio.pipeline import AiToCaller
 from telephony_bridge.clock import Clock
+from telephony_bridge.dtmf import DtmfLog
 from telephony_bridge.errors import AdmissionError, CallerGone, SavantsError, SessionError
 from telephony_bridge.inbound import Inbound
 from telephony_bridge.leg import CallerAudio, CallerLeg, Digit, PlayedUpTo
@@ -90,7 +91,8 @@ class Call:
         self._inbound = Inbound(settings.audio, settings.barge_in, deps.metrics, deps.clock)
         self._ai_to_caller = AiToCaller()
         self.outbound = Outbound(settings.audio, deps.clock, leg)
-        self.dtmf_digits: list[str] = []
+        self._dtmf = DtmfLog(settings.twilio, deps.metrics)
+        self._ended = asyncio.Event()  # set by ``end``: the bridge (its drain) ends the call
         self._owner = secrets.token_hex(8)  # this stream, as the holder of its call ID's live-stream claim
         self._live_ttl_s = settings.accounting.lease_ttl_s
 
@@ -167,6 +169,7 @@ class Call:
                 tg.create_task(self._ai_side(lease), name="ai-side")
                 tg.create_task(self.outbound.run(), name="outbound")
                 tg.create_task(self._heartbeat(lease), name="lease-heartbeat")
+                tg.create_task(self._until_ended(), name="until-ended")
                 tg.create_task(self._inbound.watch_idle(self._caller_events, self.outbound.audible_since), name="idle")
         except* _CallEnded as group:
             self._end(_first(group, _CallEnded).reason)
@@ -185,6 +188,17 @@ class Call:
     def _end(self, reason: str) -> None:
         if not self.end_reason:
             self.end_reason = reason
+
+    def end(self, outcome: str, reason: str) -> None:
+        """End the call from outside (the drain deadline): hung up normally, so Twilio's ``<Connect action>`` runs."""
+        if not self._ended.is_set():
+            self.outcome = outcome
+            self._end(reason)
+            self._ended.set()
+
+    async def _until_ended(self) -> None:
+        await self._ended.wait()
+        raise _CallEnded(self.end_reason)
 
     async def _heartbeat(self, lease: Lease) -> None:
         """Keep the lease alive in shared accounting; a replica that dies stops this and its slots lapse."""
@@ -249,12 +263,10 @@ class Call:
             "late_frames_dropped": inbound.late_frames_dropped,
             "gap_filled_ms": inbound.gap_filled_ms,
             "overflow_frames_dropped": inbound.dropped_overflow,
-            "dtmf_digits": len(self.dtmf_digits),
+            "dtmf_digits": self._dtmf.count,  # a count only: the digits may be a PIN
             "client_quirks": sorted(inbound.quirks),
             **self._leg.figures(),
         }
-        if self._deps.settings.twilio.dtmf_action == "log":
-            figures["dtmf"] = "".join(self.dtmf_digits)
         return figures
 
     def status(self) -> dict[str, Any]:
@@ -281,10 +293,7 @@ class Call:
             elif isinstance(event, PlayedUpTo):
                 self.outbound.mark_echoed(event.name)
             elif isinstance(event, Digit):
-                self.dtmf_digits.append(event.digit)
-                self._metrics.dtmf.inc()
-                if self._deps.settings.twilio.dtmf_action == "log":
-                    log.info("dtmf digit %s", event.digit)
+                self._dtmf.record(event.digit)
             else:
                 raise _CallEnded(event.reason)
 
