@@ -64,6 +64,7 @@ def create_app(
     oplog.install_context()
     oplog.guard_wire_loggers()
     registry = CallRegistry()
+    metrics.watch_devices(settings.savants.device_ids, settings.accounting.max_concurrent_per_device, registry.snapshot)
     checker = signature_checker(settings)
 
     @contextlib.asynccontextmanager
