@@ -1,37 +1,55 @@
-"""What a call costs the bridge: CPU per call, against a bare WebSocket echo server under the same load.
+"""What a call costs the bridge, against a deliberately naive bridge measured in the same run.
 
-    .venv/bin/python bench/capacity.py [--calls 20 50] [--seconds 12]
+    .venv/bin/python bench/capacity.py [--calls 50 100] [--seconds 20] [--servers bridge naive]
+    .venv/bin/python bench/capacity.py --knee 50 400 50 --seconds 12       # ramp until latency or underruns
 
-Three processes on 127.0.0.1: the Savants emulator (voice ``echo``), the server under test, and the simulated
-callers (``loadtest``: Twilio's full flow, 20 ms media each way in real time). The server under test is
-``telephony-bridge serve`` (the real thing: μ-law, resampling, pacing, marks, VAD, a Savants socket per call),
-then the naive floor: a Starlette app that answers ``/voice`` and echoes each media frame straight back (no
-codec, no AI socket). The bridge process's CPU time is read from /proc over the steady middle of each run, so
-what the callers and the emulator spend on the other core does not count. Per call per 20 ms is the figure
-to compare with the prototype's ~85 µs in shared/notes/measurements.md.
+Three kinds of process on 127.0.0.1: the Savants emulator (voice ``echo``), the servers under test (``bridge``:
+``telephony-bridge serve``, the real thing; ``naive``: ``bench/naive_bridge.py``, written like the public
+samples; ``echo``: ``bench/echo_server.py``, a bare WebSocket echo, the floor), and the simulated callers
+(``loadtest``'s Twilio flow with speech both ways, spread over ``--load-procs`` processes). Each load level
+runs against every server in turn, so the ratio compares figures taken minutes apart on the same machine.
+
+Per server and load level:
+- whole-call CPU: the server's CPU time (from /proc) from the first call's webhook until the last call has
+  closed, per call-minute served: set-up, tear-down and idle cost included;
+- steady CPU: over the middle of the run, when every call is up, per call per 20 ms;
+- memory: resident set at steady state less the idle process's, per call;
+- added latency p50/p99: each echoed frame's round trip less its call's quickest (what load added), and
+  underruns per call (holes in the caller's playback), first AI audio p99.
+``--knee`` ramps the calls until p99 added latency passes 20 ms, an underrun appears or a call fails, and
+reports the last level that passed. Every process shares this machine's cores: on a 2-core VM the callers
+and the emulator take a core's worth or more, so a knee here is the machine's, not the bridge's alone.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import dataclasses
+import json
 import os
 import socket
 import subprocess
 import sys
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import httpx
 
-from telephony_bridge.tools.loadtest import run_load
+from telephony_bridge.tools.loadtest import LoadResult, percentile, process_cpu_s, run_load
 
 ROOT = Path(__file__).resolve().parent.parent
+BENCH = Path(__file__).resolve().parent
 AUTH_TOKEN = "bench-auth-token-0123456789abcdef"
 PUBLIC_URL = "https://bridge.bench.test"
-TICKS = os.sysconf("SC_CLK_TCK")
+WAV = str(ROOT / "tests" / "data" / "speech_8k.wav")
+DEVICES = 100  # 10 sockets each: room for 1000 calls
+RAMP_S = 2.0
+KNEE_P99_MS = 20.0
 
 
 def free_port() -> int:
@@ -40,12 +58,34 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def family(pid: int) -> list[int]:
+    """``pid`` and its descendants (a server with worker processes counts as one)."""
+    pids = [pid]
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        children = Path(f"/proc/{pid}/task/{tid}/children").read_text().split()
+        for child in children:
+            pids += family(int(child))
+    return pids
+
+
 def cpu_s(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / TICKS  # utime + stime
+    total = 0.0
+    for member in family(pid):
+        with contextlib.suppress(OSError):  # exited between listing and reading
+            total += process_cpu_s(member)
+    return total
 
 
-def wait_for(url: str, timeout_s: float = 15.0) -> None:
+def rss_kb(pid: int) -> int:
+    total = 0
+    for member in family(pid):
+        for line in Path(f"/proc/{member}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                total += int(line.split()[1])
+    return total
+
+
+def wait_for(url: str, timeout_s: float = 20.0) -> None:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         try:
@@ -62,32 +102,166 @@ def start(args: list[str], env: dict[str, str], health: str) -> subprocess.Popen
     return process
 
 
-def measure(pid: int, url: str, calls: int, seconds: float) -> tuple[float, str]:
-    """Bridge CPU µs per call per 20 ms over the steady middle of a run, and the callers' verdict."""
-    ramp_s = 2.0
+def _load_part(url: str, calls: int, seconds: float, start_at: float) -> LoadResult:
+    """One load process's share of the calls; what the callers heard is dropped (only the figures travel)."""
 
-    async def run() -> tuple[float, object]:
-        wav = str(ROOT / "tests" / "data" / "speech_8k.wav")
-        load = asyncio.create_task(run_load(url, calls, calls, seconds, ramp_s, AUTH_TOKEN, PUBLIC_URL, wav=wav))
-        await asyncio.sleep(ramp_s + 1.5)
-        window_s = seconds - 3.0
-        before = cpu_s(pid)
-        await asyncio.sleep(window_s)
-        used = cpu_s(pid) - before
-        result = await load
-        return used / window_s, result
+    async def run() -> LoadResult:
+        await asyncio.sleep(max(0.0, start_at - time.monotonic()))  # CLOCK_MONOTONIC is system-wide on Linux
+        return await run_load(url, calls, calls, seconds, RAMP_S, AUTH_TOKEN, PUBLIC_URL, wav=WAV)
 
-    cpu_fraction, result = asyncio.run(run())
-    per_call = 1e6 * cpu_fraction / calls * 0.020
-    served = len(result.of("served"))  # type: ignore[attr-defined]
-    verdict = f"{served}/{calls} served, {result.underruns} underruns, {result.violations} violations"  # type: ignore[attr-defined]
-    return per_call, f"{100 * cpu_fraction:5.1f} % CPU  {per_call:5.1f} µs/call/20 ms  ({verdict})"
+    result = asyncio.run(run())
+    flows = tuple(
+        dataclasses.replace(f, call=dataclasses.replace(f.call, heard=f.call.heard[:0])) if f.call else f
+        for f in result.flows
+    )
+    return dataclasses.replace(result, flows=flows)
+
+
+def measure(
+    pool: ProcessPoolExecutor, procs: int, pid: int, url: str, calls: int, seconds: float, profile: str | None = None
+) -> dict:
+    """Run ``calls`` calls of ``seconds`` against the server ``pid`` and return its figures; with ``profile``,
+    py-spy records the server over the steady window into that file (collapsed stacks)."""
+    idle_rss = rss_kb(pid)
+    start_at = time.monotonic() + 1.5  # the load processes are up and waiting by then
+    shares = [calls // procs + (i < calls % procs) for i in range(procs)]
+    futures = [pool.submit(_load_part, url, n, seconds, start_at) for n in shares if n]
+    time.sleep(max(0.0, start_at - time.monotonic()))
+    whole_before = cpu_s(pid)
+    time.sleep(RAMP_S + 1.5)  # every call is up and talking
+    window_s = max(1.0, seconds - 3.0)
+    spy = None
+    if profile:
+        command = ["py-spy", "record", "--pid", str(pid), "--duration", str(int(window_s)), "--format", "raw"]
+        spy_bin = Path(sys.executable).parent / "py-spy"
+        command[0] = str(spy_bin) if spy_bin.exists() else "py-spy"
+        spy = subprocess.Popen([*command, "--nonblocking", "-o", profile], stdout=subprocess.DEVNULL)
+    steady_before = cpu_s(pid)
+    time.sleep(window_s / 2)
+    steady_rss = rss_kb(pid)
+    time.sleep(window_s / 2)
+    steady_used = cpu_s(pid) - steady_before
+    if spy is not None:
+        spy.wait()
+    parts = [future.result() for future in futures]
+    time.sleep(0.5)  # the server closes its side
+    whole_used = cpu_s(pid) - whole_before
+    result = LoadResult(
+        tuple(flow for part in parts for flow in part.flows),
+        max(part.duration_s for part in parts),
+        calls,
+        calls,
+        seconds,
+        RAMP_S,
+    )
+    served = len(result.of("served"))
+    added = [t * 1000 for t in result.added_s]
+    underruns = result.underruns_per_call
+    first = [t * 1000 for t in result.first_audio_s]
+    return {
+        "calls": calls,
+        "served": served,
+        "refused": len(result.of("busy")),
+        "failed": len(result.of("failed")),
+        "violations": result.violations,
+        "steady_cpu_pct": 100 * steady_used / window_s,
+        "steady_us_per_call_per_20ms": 1e6 * steady_used / window_s / calls * 0.020,
+        "whole_cpu_s_per_call_minute": whole_used / max(1e-9, served * seconds / 60),
+        "whole_us_per_call_per_20ms": 1e6 * whole_used / max(1e-9, served * seconds / 0.020),
+        "kb_per_call": (steady_rss - idle_rss) / calls,
+        "added_p50_ms": percentile(added, 50) if added else None,
+        "added_p99_ms": percentile(added, 99) if added else None,
+        "underruns_per_call_p50": percentile(underruns, 50) if underruns else None,
+        "underruns_per_call_max": underruns[-1] if underruns else None,
+        "calls_with_underruns": sum(1 for u in underruns if u),
+        "first_audio_p99_ms": percentile(first, 99) if first else None,
+    }
+
+
+def top_functions(collapsed: str, n: int = 25) -> str:
+    """The functions holding the CPU in a py-spy raw profile: self time (the leaf) and total (anywhere on the
+    stack), as shares of all samples."""
+    own: dict[str, int] = {}
+    total: dict[str, int] = {}
+    samples = 0
+    for row in Path(collapsed).read_text().splitlines():
+        stack, _, count_text = row.rpartition(" ")
+        if not stack:
+            continue
+        count = int(count_text)
+        samples += count
+        frames = [_function(frame) for frame in stack.split(";")]
+        own[frames[-1]] = own.get(frames[-1], 0) + count
+        for frame in set(frames):
+            total[frame] = total.get(frame, 0) + count
+    lines = [f"{samples} samples; self % / total %  function"]
+    for name, count in sorted(own.items(), key=lambda kv: -kv[1])[:n]:
+        lines.append(f"{100 * count / samples:5.1f} / {100 * total[name] / samples:5.1f}  {name}")
+    return "\n".join(lines)
+
+
+def _function(frame: str) -> str:
+    """``send (websockets/protocol.py:123)`` -> ``send (websockets/protocol.py)``: lines apart, one function."""
+    name, _, where = frame.partition(" (")
+    path = where.rstrip(")").rsplit(":", 1)[0]
+    for marker in ("site-packages/", "telephony-bridge/", "perf-bench/", "lib/python3"):
+        if marker in path:
+            path = path.split(marker, 1)[1]
+    return f"{name} ({path})"
+
+
+def passed(figures: dict) -> bool:
+    p99 = figures["added_p99_ms"]
+    return (
+        figures["served"] == figures["calls"]
+        and not figures["calls_with_underruns"]
+        and p99 is not None
+        and p99 <= KNEE_P99_MS
+    )
+
+
+def line(label: str, f: dict) -> str:
+    def ms(value: float | None) -> str:
+        return "   -" if value is None else f"{value:5.1f}"
+
+    return (
+        f"{label:7} {f['calls']:4} calls  {f['served']:4} served  "
+        f"steady {f['steady_cpu_pct']:5.1f} % = {f['steady_us_per_call_per_20ms']:5.1f} µs/call/20ms  "
+        f"whole {f['whole_cpu_s_per_call_minute']:.3f} CPU-s/call-min ({f['whole_us_per_call_per_20ms']:5.1f} µs)  "
+        f"{f['kb_per_call']:6.0f} KB/call  added p50 {ms(f['added_p50_ms'])} p99 {ms(f['added_p99_ms'])} ms  "
+        f"underruns/call p50 {f['underruns_per_call_p50']} max {f['underruns_per_call_max']} "
+        f"({f['calls_with_underruns']} calls)  first audio p99 {ms(f['first_audio_p99_ms'])} ms"
+    )
+
+
+def servers(python: str, emulator_port: int, workers: int) -> dict[str, tuple[list[str], dict[str, str]]]:
+    savants = {
+        "SAVANTS_BASE_URL": f"http://127.0.0.1:{emulator_port}",
+        "SAVANTS_API_KEY": "bench-key",
+        "SAVANTS_DEVICE_IDS": ",".join(f"bench-{i}" for i in range(DEVICES)),
+    }
+    bridge_env = {**savants, "TWILIO_AUTH_TOKEN": AUTH_TOKEN, "PUBLIC_URL": PUBLIC_URL, "HOST": "127.0.0.1"}
+    serve = [python, "-m", "telephony_bridge", "serve"]
+    if workers > 1:
+        serve += ["--workers", str(workers)]
+    return {
+        "bridge": (serve, bridge_env),
+        "naive": ([python, str(BENCH / "naive_bridge.py")], savants),
+        "echo": ([python, str(BENCH / "echo_server.py")], {}),
+    }
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--calls", type=int, nargs="+", default=[20, 50])
-    parser.add_argument("--seconds", type=float, default=12.0)
+    parser.add_argument("--calls", type=int, nargs="+", default=[50, 100], help="load levels")
+    parser.add_argument("--knee", type=int, nargs=3, metavar=("FROM", "TO", "STEP"), help="ramp instead")
+    parser.add_argument("--seconds", type=float, default=20.0, help="length of each call")
+    parser.add_argument("--servers", nargs="+", default=["bridge", "naive"], choices=["bridge", "naive", "echo"])
+    parser.add_argument("--load-procs", type=int, default=2, help="processes the simulated callers run in")
+    parser.add_argument("--workers", type=int, default=1, help="serve --workers N for the bridge")
+    parser.add_argument("--redis-url", help="REDIS_URL for the bridge (default with --workers > 1: a redis-server)")
+    parser.add_argument("--json", metavar="OUT", help="also write every figure to this JSON file")
+    parser.add_argument("--profile", metavar="OUT", help="py-spy the bridge's steady window (first level) to OUT")
     args = parser.parse_args()
     python = sys.executable
     emulator_port = free_port()
@@ -96,38 +270,79 @@ def main() -> int:
         {},
         f"http://127.0.0.1:{emulator_port}/_emulator/stats",
     )
+    running: dict[str, tuple[subprocess.Popen[bytes], str]] = {}
+    redis = None
+    if args.workers > 1 and not args.redis_url:
+        redis_port = free_port()
+        redis = subprocess.Popen(
+            ["redis-server", "--port", str(redis_port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
+            stdout=subprocess.DEVNULL,
+        )
+        args.redis_url = f"redis://127.0.0.1:{redis_port}/0"
+        time.sleep(0.5)
+    results: dict[str, list[dict]] = {name: [] for name in args.servers}
     try:
-        for label, command, env in servers(python, emulator_port):
+        for name in args.servers:
+            command, env = servers(python, emulator_port, args.workers)[name]
+            if name == "bridge" and args.redis_url:
+                env = {**env, "REDIS_URL": args.redis_url}
             port = free_port()
-            server = start(command, {**env, "PORT": str(port)}, f"http://127.0.0.1:{port}/healthz")
-            try:
-                for calls in args.calls:
-                    _, line = measure(server.pid, f"ws://127.0.0.1:{port}/media-stream", calls, args.seconds)
-                    print(f"{label:34} {calls:4} calls: {line}", flush=True)
-            finally:
-                server.terminate()
-                server.wait()
+            process = start(command, {**env, "PORT": str(port)}, f"http://127.0.0.1:{port}/healthz")
+            running[name] = (process, f"ws://127.0.0.1:{port}/media-stream")
+        levels = list(range(args.knee[0], args.knee[1] + 1, args.knee[2])) if args.knee else args.calls
+        knee: dict[str, int | None] = {name: None for name in args.servers}
+        live = set(args.servers)
+        with ProcessPoolExecutor(max_workers=args.load_procs) as pool:
+            for calls in levels:
+                for name in args.servers:
+                    if name not in live:
+                        continue
+                    process, url = running[name]
+                    profile = args.profile if name == "bridge" and calls == levels[0] else None
+                    figures = measure(pool, args.load_procs, process.pid, url, calls, args.seconds, profile)
+                    results[name].append(figures)
+                    print(line(name, figures), flush=True)
+                    if profile:
+                        print(top_functions(profile), flush=True)
+                    if args.knee:
+                        if passed(figures):
+                            knee[name] = calls
+                        else:
+                            live.discard(name)
+                    time.sleep(3.0)  # let the emulator and the server settle between runs
+                if not live:
+                    break
+        summary(results, knee if args.knee else None)
+        if args.json:
+            Path(args.json).write_text(json.dumps({"runs": results, "knee": knee}, indent=2) + "\n")
     finally:
+        for process, _ in running.values():
+            process.terminate()
+            process.wait()
         emulator.terminate()
         emulator.wait()
+        if redis is not None:
+            redis.terminate()
+            redis.wait()
     return 0
 
 
-def servers(python: str, emulator_port: int) -> list[tuple[str, list[str], dict[str, str]]]:
-    bridge_env = {
-        "SAVANTS_BASE_URL": f"http://127.0.0.1:{emulator_port}",
-        "SAVANTS_API_KEY": "bench-key",
-        "SAVANTS_DEVICE_IDS": ",".join(f"bench-{i}" for i in range(20)),
-        "TWILIO_AUTH_TOKEN": AUTH_TOKEN,
-        "PUBLIC_URL": PUBLIC_URL,
-        "HOST": "127.0.0.1",
-        "LOG_LEVEL": "WARNING",
-    }
-    echo = [python, str(Path(__file__).resolve().parent / "echo_server.py")]
-    return [
-        ("telephony-bridge serve", [python, "-m", "telephony_bridge", "serve"], bridge_env),
-        ("naive floor: bare WebSocket echo", echo, {}),
-    ]
+def summary(results: dict[str, list[dict]], knee: dict[str, int | None] | None) -> None:
+    if "bridge" in results and "naive" in results:
+        for ours, naive in zip(results["bridge"], results["naive"], strict=False):
+            print(
+                f"naive / bridge at {ours['calls']} calls: whole-call CPU "
+                f"{naive['whole_cpu_s_per_call_minute'] / ours['whole_cpu_s_per_call_minute']:.2f}x, "
+                f"steady CPU {naive['steady_us_per_call_per_20ms'] / ours['steady_us_per_call_per_20ms']:.2f}x"
+            )
+    if knee is not None:
+        for name, calls in knee.items():
+            print(
+                f"knee {name}: {calls if calls is not None else 'below the first level'} calls passed "
+                f"(p99 added <= {KNEE_P99_MS:g} ms, no underrun, every call served)"
+            )
+        if knee.get("bridge") and knee.get("naive"):
+            print(f"capacity ratio bridge / naive: {knee['bridge'] / knee['naive']:.2f}x")
 
 
 if __name__ == "__main__":

@@ -26,7 +26,7 @@ from telephony_bridge import __version__
 from telephony_bridge.accounting.base import Accounting, Limits
 from telephony_bridge.accounting.factory import make_accounting
 from telephony_bridge.admission import Admission, VoiceEndpoint
-from telephony_bridge.bridge import CallDeps, handle_media_stream
+from telephony_bridge.bridge import CallDeps
 from telephony_bridge.clock import Clock, SystemClock
 from telephony_bridge.errors import ConfigError
 from telephony_bridge.ops import logging as oplog
@@ -36,6 +36,7 @@ from telephony_bridge.savants.client import Connector, open_voice_session
 from telephony_bridge.savants.tokens import TokenClient
 from telephony_bridge.settings import Settings
 from telephony_bridge.store import MemoryStore, RedisStore, Store
+from telephony_bridge.twilio.leg import handle_media_stream
 from telephony_bridge.twilio.signatures import SignatureChecker
 from telephony_bridge.twilio.webhooks import (
     MEDIA_STREAM_PATH,
@@ -107,7 +108,7 @@ def create_app(
                 clock=clock,
                 registry=registry,
             )
-            app.state.webhooks = TwilioWebhooks(settings, admission, metrics, checker)
+            app.state.webhooks = TwilioWebhooks(settings, admission, metrics, checker, clock)
             app.state.draining = False
             app.state.registry = registry
             yield

@@ -1,29 +1,32 @@
-"""One call: the only code that holds both sockets.
+"""One call, whatever the ingress: the only code that holds both the caller's leg and the AI session.
 
-Four tasks run in one ``TaskGroup`` per call: the caller pump (Twilio's messages: caller audio into
-``Inbound``, mark echoes, DTMF, hang-up), the AI side (the Savants session, then ``Inbound`` → Savants and
-Savants → ``Outbound``), the outbound pump (``Outbound`` → Twilio in real time) and the lease heartbeat. The
-first to finish ends the call: it raises ``_CallEnded`` and the group cancels the rest. Whatever happens, the
-Savants socket is closed, the Twilio socket is closed (so the TwiML after ``<Connect>`` runs) and the device
-lease is released, exactly once, in ``run``'s ``finally``.
+The caller's side is a ``leg.CallerLeg`` (Twilio Media Streams or SIP); this module knows nothing of its
+protocol. Five tasks run in one ``TaskGroup`` per call: the caller pump (the leg's events: caller audio into
+``Inbound``, played-up-to echoes, DTMF, hang-up), the caller watchdog (the leg went silent), the AI side (the
+Savants session, then ``Inbound`` → Savants and Savants → ``Outbound``), the outbound pump (``Outbound`` → the
+leg in real time) and the lease heartbeat. The first to finish ends the call: it raises ``_CallEnded`` and the
+group cancels the rest. Whatever happens, the Savants socket is closed, the outcome is recorded, the leg is
+hung up (Twilio then runs the TwiML after ``<Connect>``) and the device lease is released, exactly once, in
+``run``'s ``finally``.
 """
 
 from __future__ import annotations
 
 import asyncio
-import enum
 import logging
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any, Protocol, TypeVar
+from typing import Any, TypeVar
 
 from telephony_bridge.accounting.base import AccountingUnavailable, Lease
 from telephony_bridge.admission import Admission
-from telephony_bridge.audio.barge_in import BargeIn
+from telephony_bridge.audio.barge_in import BargeIn, Event
 from telephony_bridge.audio.codec import FRAME_S
 from telephony_bridge.audio.pipeline import AiToCaller
 from telephony_bridge.clock import Clock
-from telephony_bridge.errors import AdmissionError, SavantsError, SessionError
+from telephony_bridge.errors import AdmissionError, CallerGone, SavantsError, SessionError
 from telephony_bridge.inbound import Inbound
+from telephony_bridge.leg import CallerAudio, CallerLeg, Digit, PlayedUpTo
 from telephony_bridge.ops import logging as oplog
 from telephony_bridge.ops.metrics import Metrics
 from telephony_bridge.outbound import Outbound
@@ -32,27 +35,10 @@ from telephony_bridge.savants.client import SavantsConnection
 from telephony_bridge.savants.protocol import Audio
 from telephony_bridge.settings import Settings
 from telephony_bridge.store import StoreUnavailable
-from telephony_bridge.twilio import protocol as tw
 
 log = logging.getLogger(__name__)
 
 GOODBYE_MARGIN_S = 2.0  # beyond the queued audio, how long the AI's last words may take to be heard
-MAX_LOGGED_PROTOCOL_ERRORS = 3  # one clear line each for the first few bad messages of a call; then counts
-
-
-class CloseCode(enum.IntEnum):
-    NORMAL = 1000
-    POLICY_VIOLATION = 1008
-    INTERNAL_ERROR = 1011
-    TRY_AGAIN_LATER = 1013
-
-
-class TwilioSocket(Protocol):
-    """The part of Starlette's ``WebSocket`` a call uses (tests may pass anything shaped like it)."""
-
-    async def receive(self) -> Any: ...
-    async def send_text(self, data: str) -> None: ...
-    async def close(self, code: int = 1000, reason: str | None = None) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -70,94 +56,97 @@ class _CallEnded(Exception):
         self.reason = reason
 
 
-class _TwilioGone(Exception):
-    """The Twilio socket is closed; nothing more can be sent to the caller."""
-
-
 class Call:
-    def __init__(self, ws: TwilioSocket, deps: CallDeps) -> None:
-        self._ws = ws
+    """One caller leg bridged to the AI.
+
+    ``authorise`` (optional) is the ingress's last word on whether this call may go on (Twilio: the stream
+    token); a refusal hangs the leg up with outcome ``refused`` before any device is claimed.
+    """
+
+    def __init__(
+        self,
+        leg: CallerLeg,
+        deps: CallDeps,
+        *,
+        caller: str | None = None,
+        authorise: Callable[[], Awaitable[bool]] | None = None,
+    ) -> None:
+        self._leg = leg
         self._deps = deps
         self._clock = deps.clock
         self._metrics = deps.metrics
+        self._caller = caller
+        self._authorise = authorise
         settings = deps.settings
-        self.call_sid = ""
-        self.stream_sid = ""
+        self.call_sid = leg.call_id
         self.device_id = ""
         self.end_reason = ""
         self.outcome = "completed"
-        self._started_at = 0.0
+        self._started_at = self._clock.monotonic()
         self._ai_connected_at: float | None = None
         self._savants: SavantsConnection | None = None
-        self._twilio_open = True
         self._inbound = Inbound(settings.audio, settings.barge_in, deps.metrics, deps.clock)
         self._ai_to_caller = AiToCaller()
-        self._outbound: Outbound | None = None  # needs the streamSid: made at 'start'
-        self.protocol_errors = 0
+        self.outbound = Outbound(settings.audio, deps.clock, leg)
         self.dtmf_digits: list[str] = []
-
-    @property
-    def outbound(self) -> Outbound:
-        assert self._outbound is not None, "the outbound side exists from 'start' on"
-        return self._outbound
 
     # --- lifecycle ---------------------------------------------------------------------------------------
 
     async def run(self) -> None:
-        start = await self._wait_for_start()
-        if start is None:
-            await self._close_twilio(CloseCode.NORMAL)
-            return
-        self.call_sid, self.stream_sid = start.call_sid, start.stream_sid
-        self._started_at = self._clock.monotonic()
-        self._outbound = Outbound(self._deps.settings.audio, self._clock, self.stream_sid, self._send_twilio)
-        with oplog.call_context(call_sid=self.call_sid, stream_sid=self.stream_sid):
-            lease = await self._admit(start)
-            if lease is None:
+        with oplog.call_context(call_sid=self._leg.call_id, stream_sid=self._leg.stream_id):
+            # One live leg per call ID (registry.py): taken before any await, so two starts cannot both pass,
+            # and given up only after the lease, so a later leg for the call starts afresh.
+            if not self._deps.registry.claim(self.call_sid, self):
+                self._metrics.streams_refused.labels(reason="duplicate_call_sid").inc()
+                log.warning("refusing a second %s stream for a call that has a live one", self._leg.ingress)
+                await self._leg.hang_up("duplicate")
                 return
-            self.device_id = lease.device_id
-            oplog.bind(device_id=lease.device_id)
-            self._deps.registry.add(self.call_sid, self)
-            self._deps.admission.stream_started(self.call_sid)
-            self._metrics.calls_active.inc()
-            log.info("call bridged")
             try:
-                await self._bridge(lease)
+                lease = await self._admit()
+                if lease is None:
+                    return
+                self.device_id = lease.device_id
+                oplog.bind(device_id=lease.device_id)
+                self._deps.admission.stream_started(self.call_sid)
+                self._metrics.calls_active.inc()
+                log.info("call bridged", extra={"ingress": self._leg.ingress})
+                try:
+                    await self._bridge(lease)
+                finally:
+                    await self._finish(lease)
             finally:
-                await self._finish(lease)
+                self._deps.registry.release(self.call_sid, self)
 
-    async def _admit(self, start: tw.Start) -> Lease | None:
-        """Check the stream token, then claim the webhook's reservation; ``None`` (stream closed) if refused."""
+    async def _admit(self) -> Lease | None:
+        """Let the ingress authorise the call, then claim its reservation; ``None`` (leg hung up) if refused."""
         admission = self._deps.admission
         try:
-            if self._deps.settings.twilio.require_stream_token and not await admission.check_stream_token(
-                self.call_sid, start.custom_parameters.get("token")
-            ):
-                self._metrics.stream_token_refused.inc()
-                log.warning("closing stream: its start carries no valid stream token (missing, foreign or replayed)")
-                await self._close_twilio(CloseCode.POLICY_VIOLATION, "invalid stream token")
+            if self._authorise is not None and not await self._authorise():
+                await self._leg.hang_up("refused")
                 return None
-            return await admission.lease_for_stream(self.call_sid, start.custom_parameters.get("from"))
+            return await admission.lease_for_stream(self.call_sid, self._caller)
         except (AdmissionError, StoreUnavailable) as exc:
             self._metrics.admission_refused.labels(where="stream").inc()
             if isinstance(exc, AccountingUnavailable | StoreUnavailable):
                 self._metrics.accounting_errors.inc()
             log.warning("closing stream: no device can take the call: %s", exc)
             await self._record_outcome("no_capacity")
-            await self._close_twilio(CloseCode.TRY_AGAIN_LATER, "no capacity")
+            await self._leg.hang_up("no_capacity")
             return None
 
     async def _bridge(self, lease: Lease) -> None:
         try:
             async with asyncio.TaskGroup() as tg:
                 tg.create_task(self._caller_pump(), name="caller-pump")
+                tg.create_task(self._watch_caller(), name="caller-watchdog")
                 tg.create_task(self._ai_side(lease), name="ai-side")
                 tg.create_task(self.outbound.run(), name="outbound")
                 tg.create_task(self._heartbeat(lease), name="lease-heartbeat")
+                tg.create_task(self._inbound.watch_idle(self._caller_events, self.outbound.audible_since), name="idle")
         except* _CallEnded as group:
             self._end(_first(group, _CallEnded).reason)
-        except* _TwilioGone:
-            self._end("twilio disconnected")
+        except* CallerGone:
+            self._end(f"{self._leg.ingress} disconnected")
         except* SavantsError as group:
             exc = _first(group, SavantsError)
             self.outcome = "ai_unavailable"
@@ -195,13 +184,12 @@ class Call:
             await self._savants.close()
         # Recorded before the close: Twilio requests the <Connect action> as soon as the socket closes.
         await self._record_outcome(self.outcome)
-        await self._close_twilio(CloseCode.NORMAL)
+        await self._leg.hang_up(self.outcome)
         await self._deps.admission.accounting.release(lease)
-        self._deps.registry.remove(self.call_sid)
         duration_s = self._clock.monotonic() - self._started_at
         metrics = self._metrics
         metrics.calls_active.dec()
-        metrics.calls.labels(outcome=self.outcome).inc()
+        metrics.calls.labels(outcome=self.outcome, ingress=self._leg.ingress).inc()
         metrics.call_duration.observe(duration_s)
         metrics.audio_seconds.labels(direction="caller_to_ai").inc(self._inbound.frames_to_ai * FRAME_S)
         metrics.audio_seconds.labels(direction="ai_to_caller").inc(self.outbound.playback.sent_ms / 1000)
@@ -213,6 +201,7 @@ class Call:
         """The canonical 'call ended' line's fields."""
         inbound, outbound = self._inbound, self.outbound
         figures = {
+            "ingress": self._leg.ingress,
             "reason": self.end_reason,
             "outcome": self.outcome,
             "duration_s": round(duration_s, 3),
@@ -228,8 +217,9 @@ class Call:
             "late_frames_dropped": inbound.late_frames_dropped,
             "gap_filled_ms": inbound.gap_filled_ms,
             "overflow_frames_dropped": inbound.dropped_overflow,
-            "protocol_errors": self.protocol_errors,
             "dtmf_digits": len(self.dtmf_digits),
+            "client_quirks": sorted(inbound.quirks),
+            **self._leg.figures(),
         }
         if self._deps.settings.twilio.dtmf_action == "log":
             figures["dtmf"] = "".join(self.dtmf_digits)
@@ -238,8 +228,9 @@ class Call:
     def status(self) -> dict[str, Any]:
         now = self._clock.monotonic()
         return {
+            "ingress": self._leg.ingress,
             "call_sid": self.call_sid,
-            "stream_sid": self.stream_sid,
+            "stream_sid": self._leg.stream_id,
             "device_id": self.device_id,
             "age_s": round(now - self._started_at, 1),
             "ai_connected": self._ai_connected_at is not None,
@@ -248,67 +239,34 @@ class Call:
             "lead_ms": round(self.outbound.lead(now) * 1000),
         }
 
-    # --- Twilio side -------------------------------------------------------------------------------------
-
-    async def _receive_twilio(self) -> str | bytes | None:
-        """The next frame from Twilio, or ``None`` once it has disconnected."""
-        if not self._twilio_open:
-            return None
-        message = await self._ws.receive()
-        if message["type"] == "websocket.disconnect":
-            self._twilio_open = False
-            return None
-        text = message.get("text")
-        return text if text is not None else message.get("bytes") or b""
-
-    async def _wait_for_start(self) -> tw.Start | None:
-        timeout_s = self._deps.settings.twilio.start_timeout_s
-        try:
-            async with asyncio.timeout(timeout_s):
-                while True:
-                    frame = await self._receive_twilio()
-                    if frame is None:
-                        log.info("twilio stream closed before 'start'")
-                        return None
-                    event = tw.parse_message(frame)
-                    if isinstance(event, tw.Start):
-                        return event
-                    if isinstance(event, tw.Stop):
-                        return None
-                    if not isinstance(event, tw.Connected):
-                        self._protocol_error(f"expected 'connected' or 'start', got {_describe(event)}")
-        except TimeoutError:
-            log.warning("twilio stream sent no 'start' within %s s; closing it", timeout_s)
-            return None
+    # --- caller side -------------------------------------------------------------------------------------
 
     async def _caller_pump(self) -> None:
         while True:
-            frame = await self._receive_twilio()
-            if frame is None:
-                raise _CallEnded("twilio disconnected")
-            event = tw.parse_message(frame)
-            if isinstance(event, tw.Media):
+            event = await self._leg.receive()
+            if isinstance(event, CallerAudio):
                 self._caller_audio(event)
-            elif isinstance(event, tw.Mark):
+            elif isinstance(event, PlayedUpTo):
                 self.outbound.mark_echoed(event.name)
-            elif isinstance(event, tw.Stop):
-                raise _CallEnded("caller hung up")
-            elif isinstance(event, tw.Dtmf):
+            elif isinstance(event, Digit):
                 self.dtmf_digits.append(event.digit)
                 self._metrics.dtmf.inc()
                 if self._deps.settings.twilio.dtmf_action == "log":
                     log.info("dtmf digit %s", event.digit)
-            elif isinstance(event, tw.Malformed):
-                self._protocol_error(event.reason)
-            elif isinstance(event, tw.Unknown):
-                log.debug("ignoring unknown twilio event %r", event.name)
             else:
-                self._protocol_error(f"unexpected {_describe(event)} after 'start'")
+                raise _CallEnded(event.reason)
 
-    def _caller_audio(self, media: tw.Media) -> None:
+    async def _watch_caller(self) -> None:
+        raise _CallEnded(await self._leg.inactive())
+
+    def _caller_audio(self, audio: CallerAudio) -> None:
         now = self._clock.monotonic()
-        ai_since = self.outbound.audible_since(now)
-        for event in self._inbound.push(media.timestamp_ms, media.payload, now, ai_since):
+        self._caller_events(self._inbound.push(audio.timestamp_ms, audio.ulaw, now, self.outbound.audible_since(now)))
+
+    def _caller_events(self, events: list[Event]) -> None:
+        """What the barge-in detector made of the caller's audio, or of the caller sending none."""
+        ai_since = self.outbound.audible_since(self._clock.monotonic())
+        for event in events:
             if isinstance(event, BargeIn):
                 self.outbound.interrupt()
                 self._metrics.barge_ins.inc()
@@ -317,30 +275,6 @@ class Call:
             else:
                 self.outbound.resume()
                 log.debug("the caller stopped; AI audio flows again")
-
-    def _protocol_error(self, reason: str) -> None:
-        self.protocol_errors += 1
-        self._metrics.protocol_errors.labels(peer="twilio").inc()
-        if self.protocol_errors <= MAX_LOGGED_PROTOCOL_ERRORS:
-            log.warning("bad message from twilio: %s", reason)
-
-    async def _send_twilio(self, text: str) -> None:
-        if not self._twilio_open:
-            raise _TwilioGone
-        try:
-            await self._ws.send_text(text)
-        except Exception as exc:  # starlette raises several types once the peer is gone
-            self._twilio_open = False
-            raise _TwilioGone from exc
-
-    async def _close_twilio(self, code: CloseCode, reason: str = "") -> None:
-        if not self._twilio_open:
-            return
-        self._twilio_open = False
-        try:
-            await self._ws.close(code=int(code), reason=reason or None)
-        except Exception:  # already closed underneath us: nothing left to release
-            log.debug("twilio socket was already closed")
 
     # --- AI side -----------------------------------------------------------------------------------------
 
@@ -371,10 +305,6 @@ class Call:
                 self.outbound.push(self._ai_to_caller.push(event.pcm))
 
 
-async def handle_media_stream(ws: TwilioSocket, deps: CallDeps) -> None:
-    await Call(ws, deps).run()
-
-
 E = TypeVar("E", bound=BaseException)
 
 
@@ -388,11 +318,3 @@ def _first(group: BaseExceptionGroup[E], kind: type[E]) -> E:
 
 def _since(at: float | None, origin: float) -> float | None:
     return None if at is None else round(at - origin, 3)
-
-
-def _describe(event: object) -> str:
-    if isinstance(event, tw.Malformed):
-        return f"a malformed message ({event.reason})"
-    if isinstance(event, tw.Unknown):
-        return f"unknown event {event.name!r}"
-    return f"'{type(event).__name__.lower()}'"

@@ -5,16 +5,23 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
+import socket
 import sys
 from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
 import uvicorn
 
 from telephony_bridge import __version__
 from telephony_bridge.errors import BridgeError, ConfigError
 from telephony_bridge.ops import logging as oplog
+from telephony_bridge.ops.gc_tuning import tune_gc
 from telephony_bridge.serving import DrainingServer, ServerThread, bind_socket, uvicorn_config
 from telephony_bridge.settings import Settings, load_settings
+
+if TYPE_CHECKING:
+    from telephony_bridge.tools.emulator import EmulatorConfig
 
 log = logging.getLogger("telephony_bridge")
 
@@ -48,6 +55,9 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", help="listen address (overrides HOST / server.host)")
     serve.add_argument("--port", type=int, help="listen port (overrides PORT / server.port)")
     serve.add_argument(
+        "--workers", type=int, help="worker processes on the one port (overrides server.workers; > 1 needs Redis)"
+    )
+    serve.add_argument(
         "--dev-voice",
         default="echo",
         choices=["echo", "tone", "talker"],
@@ -78,6 +88,22 @@ def _parser() -> argparse.ArgumentParser:
         "--fault", default="none", choices=["none", "drop", "error", "garbage"], help="break each session"
     )
     emulator.add_argument("--fault-after", type=float, default=1.0, help="seconds into a session for --fault")
+    emulator.add_argument(
+        "--session-fault",
+        action="append",
+        default=[],
+        metavar="SPEC",
+        help="arm a session fault, e.g. kind=close,close_code=1001,after_s=2,count=5,probability=0.5,devices=a+b "
+        "(kinds: close, error, garbage, reset, stall, no_confirm; repeatable; see docs/emulator.md)",
+    )
+    emulator.add_argument(
+        "--token-fault",
+        action="append",
+        default=[],
+        metavar="SPEC",
+        help="arm a token endpoint fault, e.g. status=503,count=3 or delay_s=5,probability=0.1 (repeatable)",
+    )
+    emulator.add_argument("--fault-seed", type=int, help="seed for faults with a probability (repeatable runs)")
     emulator.add_argument("--log-level", default="INFO")
     emulator.set_defaults(run=run_emulator)
 
@@ -100,6 +126,8 @@ def _parser() -> argparse.ArgumentParser:
     load.add_argument("--ramp", type=float, default=2.0, help="start the calls over this many seconds")
     load.add_argument("--wav", help="what every caller says (omitted: silence)")
     load.add_argument("--deadline", type=float, help="give up on the whole run after this many seconds")
+    load.add_argument("--pid", type=int, nargs="+", default=[], help="report the CPU these bridge processes use")
+    load.add_argument("--json", metavar="OUT", help="also write every figure to this JSON file")
     _add_twilio_flow_options(load)
     load.set_defaults(run=run_loadtest)
     return parser
@@ -116,11 +144,16 @@ def _add_twilio_flow_options(parser: argparse.ArgumentParser) -> None:
 
 
 def run_serve(args: argparse.Namespace) -> int:
-    overrides = {k: v for k, v in (("server.host", args.host), ("server.port", args.port)) if v is not None}
+    given = (("server.host", args.host), ("server.port", args.port), ("server.workers", args.workers))
+    overrides = {k: v for k, v in given if v is not None}
     settings = load_settings(args.config, **overrides)
     if not settings.dev_mode:
         _require_production_settings(settings)  # before anything starts: a wrong setting is one sentence
     oplog.configure(settings.logging.level, settings.logging.format)
+    if settings.server.workers > 1:
+        from telephony_bridge.workers import supervise
+
+        return supervise(settings)
     emulator: ServerThread | None = None
     if settings.dev_mode:
         emulator = _start_dev_emulator(args.dev_voice)
@@ -132,12 +165,19 @@ def run_serve(args: argparse.Namespace) -> int:
             args.dev_voice,
         )
     try:
-        with asyncio.Runner(loop_factory=_fast_loop_factory()) as runner:
-            runner.run(_serve_bridge(settings))
+        serve_on(settings, bind_socket(settings.server.host, settings.server.port))
     finally:
         if emulator is not None:
             emulator.stop()
     return 0
+
+
+def serve_on(settings: Settings, sock: socket.socket, worker: int | None = None) -> None:
+    """Serve the bridge on ``sock`` until a signal stops it (``worker``: this process is one of several)."""
+    if worker is not None:
+        oplog.configure(settings.logging.level, settings.logging.format)
+    with asyncio.Runner(loop_factory=_fast_loop_factory()) as runner:
+        runner.run(_serve_bridge(settings, sock, worker))
 
 
 def _fast_loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
@@ -150,13 +190,18 @@ def _fast_loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
     return uvloop.new_event_loop
 
 
-async def _serve_bridge(settings: Settings) -> None:
+async def _serve_bridge(settings: Settings, sock: socket.socket, worker: int | None) -> None:
     from telephony_bridge.app import create_app, drain
 
     app = create_app(settings)
-    sock = bind_socket(settings.server.host, settings.server.port)
     server = DrainingServer(uvicorn_config(app), lambda: drain(app, settings.server.drain_timeout_s))
-    log.info("bridge listening on %s:%d", settings.server.host, sock.getsockname()[1])
+    tune_gc()
+    if worker is None:
+        log.info("bridge listening on %s:%d", settings.server.host, sock.getsockname()[1])
+    else:
+        log.info(
+            "worker %d (pid %d) serving on %s:%d", worker, os.getpid(), settings.server.host, sock.getsockname()[1]
+        )
     await server.serve(sockets=[sock])
 
 
@@ -206,9 +251,21 @@ def _require_production_settings(settings: Settings) -> None:
 
 
 def run_emulator(args: argparse.Namespace) -> int:
-    from telephony_bridge.tools.emulator import EmulatorConfig, create_emulator_app
+    from telephony_bridge.tools.emulator import create_emulator_app
 
-    config = EmulatorConfig(
+    config = emulator_config(args)
+    oplog.configure(args.log_level.upper())  # after the config: a wrong option is one plain sentence
+    log.info("Savants emulator on http://%s:%d (voice %r)", args.host, args.port, args.voice)
+    uvicorn.Server(uvicorn_config(create_emulator_app(config), host=args.host, port=args.port)).run()
+    return 0
+
+
+def emulator_config(args: argparse.Namespace) -> EmulatorConfig:
+    """The emulator's flags as a checked ``EmulatorConfig`` (a wrong fault spec raises ``ConfigError``)."""
+    from telephony_bridge.tools.emulator import EmulatorConfig
+    from telephony_bridge.tools.emulator.faults import parse_spec, session_fault_from_mapping, token_fault_from_mapping
+
+    return EmulatorConfig(
         api_key=args.api_key,
         voice=args.voice,
         tone_hz=args.tone_hz,
@@ -222,11 +279,10 @@ def run_emulator(args: argparse.Namespace) -> int:
         confirm_delay_s=args.confirm_delay,
         fault=args.fault,
         fault_after_s=args.fault_after,
+        session_faults=tuple(session_fault_from_mapping(parse_spec(spec)) for spec in args.session_fault),
+        token_faults=tuple(token_fault_from_mapping(parse_spec(spec)) for spec in args.token_fault),
+        fault_seed=args.fault_seed,
     )
-    oplog.configure(args.log_level.upper())  # after the config: a wrong option is one plain sentence
-    log.info("Savants emulator on http://%s:%d (voice %r)", args.host, args.port, args.voice)
-    uvicorn.Server(uvicorn_config(create_emulator_app(config), host=args.host, port=args.port)).run()
-    return 0
 
 
 # --- call --------------------------------------------------------------------------------------------------
@@ -264,5 +320,7 @@ def run_loadtest(args: argparse.Namespace) -> int:
             auth_token=args.auth_token,
             public_url=args.public_url,
             deadline_s=args.deadline,
+            pids=tuple(args.pid),
+            json_out=args.json,
         )
     )

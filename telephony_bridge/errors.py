@@ -7,6 +7,7 @@
     │   └── SessionError           /voice-stream refused or dropped the session (code)
     ├── AdmissionError             no device can take this call now
     │   └── AccountingUnavailable  (accounting/base.py) Redis did not answer: fail closed
+    ├── CallerGone                 (leg.py) the caller's leg is closed: nothing more can be sent to the caller
     ├── StoreUnavailable           (store.py) the shared store of stream tokens and outcomes did not answer
     └── FlowError                  (tools/twilio_flow.py) the simulated Twilio got an answer it cannot follow
 
@@ -52,3 +53,7 @@ class SessionError(SavantsError):
 
 class AdmissionError(BridgeError):
     """No device of the pool can take another call now."""
+
+
+class CallerGone(BridgeError):
+    """The caller's leg is closed (the peer hung up or vanished): nothing more can be sent to the caller."""

@@ -3,24 +3,33 @@
 Caller audio that arrives before the AI is connected waits here (bounded: the oldest goes first) and is
 delivered once it is, so the caller's first words are not lost; that backlog goes out at no more than twice
 real time, since Savants asks for about real-time pacing (spec §6.3), and is caught up within its own length.
-The same audio feeds the barge-in detector.
+The same audio feeds the barge-in detector; ``watch_idle`` tells it when the caller sends nothing at all.
+
+What a sender does differently from Twilio (no timestamps, frames that are not 160 bytes) is handled here and
+logged once per call, at the first frame that shows it.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections import deque
+from collections.abc import Callable
 
-from telephony_bridge.audio.barge_in import BargeInDetector, Event
-from telephony_bridge.audio.codec import FRAME_MS, FRAME_S, TWILIO_BYTES_PER_MS, TWILIO_RATE_HZ
+from telephony_bridge.audio.barge_in import BargeInDetector, CallerStopped, Event
+from telephony_bridge.audio.codec import FRAME_MS, FRAME_S, TWILIO_BYTES_PER_MS, TWILIO_FRAME_BYTES, TWILIO_RATE_HZ
 from telephony_bridge.audio.pipeline import CallerToAi
+from telephony_bridge.audio.timeline import NO_TIMESTAMP
 from telephony_bridge.audio.vad import VoiceActivityDetector
 from telephony_bridge.clock import Clock
 from telephony_bridge.ops.metrics import Metrics
 from telephony_bridge.savants.client import SavantsConnection
 from telephony_bridge.settings import AudioSettings, BargeInSettings
 
+log = logging.getLogger(__name__)
+
 CATCH_UP_RATE = 2.0  # a backlog goes to the AI at most this many times faster than real time
+CALLER_IDLE_S = 0.1  # no caller frame for this long (Twilio sends one every 20 ms): the caller counts as silent
 
 
 class Inbound:
@@ -35,6 +44,9 @@ class Inbound:
         self.frames_in = 0
         self.frames_to_ai = 0
         self.dropped_overflow = 0
+        self.quirks: set[str] = set()  # how this sender differs from Twilio, each logged once
+        self._last_frame_at = clock.monotonic()
+        self._listening = asyncio.Event()  # set while the detector waits to hear whether the caller is silent
 
     @property
     def late_frames_dropped(self) -> int:
@@ -44,9 +56,13 @@ class Inbound:
     def gap_filled_ms(self) -> int:
         return self._pipeline.timeline.filled_bytes // TWILIO_BYTES_PER_MS
 
-    def push(self, timestamp_ms: int, ulaw: bytes, now: float, ai_audible_since: float | None) -> list[Event]:
-        """One Twilio media payload: queue its audio for the AI; what the barge-in detector made of it."""
+    def push(self, timestamp_ms: int | None, ulaw: bytes, now: float, ai_audible_since: float | None) -> list[Event]:
+        """One media payload (any length; ``timestamp_ms`` None if the sender stamps none): queue its audio for
+        the AI; what the barge-in detector made of it."""
         self.frames_in += 1
+        self._last_frame_at = now
+        if len(ulaw) != TWILIO_FRAME_BYTES and ulaw:
+            self._quirk("frame_size", "the client sends %d-byte media payloads, not 160 (20 ms); re-framed", len(ulaw))
         timeline = self._pipeline.timeline
         dropped_before, filled_before = timeline.dropped_frames, timeline.filled_bytes
         pcm_8k, frames = self._pipeline.push(timestamp_ms, ulaw)
@@ -62,9 +78,51 @@ class Inbound:
             self._metrics.inbound_dropped.labels(reason="late").inc()
         if timeline.filled_bytes != filled_before:
             self._metrics.inbound_gap.inc((timeline.filled_bytes - filled_before) / TWILIO_RATE_HZ)
+        if timeline.untimed_reason:
+            quirk = "no_timestamps" if timeline.untimed_reason == NO_TIMESTAMP else "stale_timestamps"
+            self._quirk(quirk, "%s: its audio is taken in arrival order (no gap fill)", timeline.untimed_reason)
         if self.detector is None or not len(pcm_8k):
             return []
-        return self.detector.caller_audio(pcm_8k, now, ai_audible_since)
+        return self._heard(self.detector.caller_audio(pcm_8k, now, ai_audible_since))
+
+    def _heard(self, events: list[Event]) -> list[Event]:
+        assert self.detector is not None
+        if self.detector.listening:
+            self._listening.set()
+        for event in events:
+            if isinstance(event, CallerStopped) and event.hold_limit:
+                log.info("barge-in hold reached its limit while the caller goes on talking; AI audio flows again")
+        return events
+
+    def _quirk(self, name: str, message: str, *args: object) -> None:
+        """One line and one count per call for each way this sender differs from Twilio."""
+        if name in self.quirks:
+            return
+        self.quirks.add(name)
+        self._metrics.client_quirks.labels(quirk=name).inc()
+        log.warning(message, *args)
+
+    async def watch_idle(
+        self, on_events: Callable[[list[Event]], None], ai_audible_since: Callable[[float], float | None]
+    ) -> None:
+        """While the barge-in detector listens and the caller sends nothing (a client that sends media only when
+        there is speech), count the time as silence, so a hold always ends. Sleeps while nobody speaks."""
+        detector = self.detector
+        if detector is None:
+            return
+        while True:
+            if not detector.listening:
+                self._listening.clear()
+                await self._listening.wait()
+            now = self._clock.monotonic()
+            due = self._last_frame_at + CALLER_IDLE_S
+            if now < due:
+                await self._clock.sleep_until(due)
+                continue
+            events = self._heard(detector.caller_silent(now, ai_audible_since(now)))
+            if events:
+                on_events(events)
+            await self._clock.sleep_until(now + CALLER_IDLE_S)
 
     async def run(self, conn: SavantsConnection) -> None:
         """Send the queued frames to the AI (640 bytes, 20 ms each): as they come, or, for a backlog, at most
@@ -90,5 +148,6 @@ def _detector(settings: BargeInSettings) -> BargeInDetector | None:
         min_speech_ms=settings.min_speech_ms,
         utterance_end_ms=settings.utterance_end_ms,
         min_ai_audible_ms=settings.min_ai_audible_ms,
+        max_hold_ms=round(settings.max_hold_s * 1000),
         vad=VoiceActivityDetector(settings.sensitivity, settings.min_level_dbfs),
     )

@@ -1,22 +1,22 @@
 """AI audio on its way to the caller: queued, paced from the clock, marked, and cut on barge-in.
 
-The one task that writes to Twilio's socket during a call runs here (``run``), so ``media``, ``mark`` and
-``clear`` never interleave mid-message. Twilio plays what it has buffered until told to ``clear`` (spec §4,
-G6), so audio goes out at most ``outbound_lead_ms`` ahead of real time, in whole 20 ms frames.
+The one task that writes to the caller's leg during a call runs here (``run``), so audio, marks and clears
+never interleave mid-message. The leg (``leg.AudioSink``) serialises them for its ingress. Twilio plays what it
+has buffered until told to ``clear`` (spec §4, G6), so audio goes out at most ``outbound_lead_ms`` ahead of
+real time, in whole 20 ms frames.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
 
 from telephony_bridge.audio.codec import FRAME_MS, FRAME_S, TWILIO_BYTES_PER_MS, TWILIO_FRAME_BYTES, ulaw_to_pcm16
 from telephony_bridge.audio.pacing import OutboundPacer
 from telephony_bridge.audio.pipeline import FrameBuffer
 from telephony_bridge.audio.playback import PlaybackTracker
 from telephony_bridge.clock import Clock
+from telephony_bridge.leg import AudioSink
 from telephony_bridge.settings import AudioSettings
-from telephony_bridge.twilio import protocol as tw
 
 AUDIBLE_PEAK = 200  # about -44 dBFS: quieter AI frames are silence to the caller, not speech
 SPURT_GAP_S = 0.3  # AI silence longer than this ends a talk spurt
@@ -25,12 +25,9 @@ _AUDIBLE_CODES = bytes(int(abs(int(v)) >= AUDIBLE_PEAK) for v in ulaw_to_pcm16(b
 
 
 class Outbound:
-    def __init__(
-        self, settings: AudioSettings, clock: Clock, stream_sid: str, send: Callable[[str], Awaitable[None]]
-    ) -> None:
+    def __init__(self, settings: AudioSettings, clock: Clock, sink: AudioSink) -> None:
         self._clock = clock
-        self._stream_sid = stream_sid
-        self._send = send
+        self._sink = sink
         self._buffer = FrameBuffer()
         self._ready = asyncio.Event()
         self._pacer = OutboundPacer(settings.outbound_lead_ms / 1000, FRAME_S)
@@ -163,7 +160,7 @@ class Outbound:
     async def _clear(self, now: float) -> None:
         self._clear_pending = False
         self.clears += 1
-        await self._send(tw.clear_message(self._stream_sid))
+        await self._sink.clear()
         self.playback.cleared(unplayed_ms=round(self._pacer.lead(now) * 1000))
         self._pacer.cleared(now)
         self._audible_since, self._audible_until = None, float("-inf")
@@ -171,7 +168,7 @@ class Outbound:
         self._progress.set()
 
     async def _send_audio(self, ulaw: bytes, play_at: float) -> None:
-        await self._send(tw.media_message(self._stream_sid, ulaw))
+        await self._sink.send_audio(ulaw)
         self._progress.set()
         ms = len(ulaw) // TWILIO_FRAME_BYTES * FRAME_MS
         self.playback.audio_sent(ms)
@@ -185,7 +182,7 @@ class Outbound:
     async def _send_mark(self) -> None:
         """A mark behind everything sent so far; its echo says the caller has heard it (spec §4)."""
         self._unmarked_ms = 0
-        await self._send(tw.mark_message(self._stream_sid, self.playback.mark_sent()))
+        await self._sink.send_mark(self.playback.mark_sent())
         self._progress.set()
 
     def _track_audibility(self, ulaw: bytes, play_at: float) -> None:

@@ -17,10 +17,13 @@ from typing import Any
 import uvicorn
 
 
-def bind_socket(host: str, port: int) -> socket.socket:
+def bind_socket(host: str, port: int, *, reuse_port: bool = False) -> socket.socket:
+    """A listening socket; ``reuse_port``: one of several on the same port (``serve --workers``)."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if reuse_port:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
     # Accepted sockets inherit this on Linux; without it uvicorn's separate header and body writes stall
     # ~40 ms on Nagle + delayed ACK, and 20 ms audio frames bunch up.
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)

@@ -14,7 +14,7 @@ from typing import Any, Literal
 from urllib.parse import urlsplit
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
 
 from telephony_bridge.errors import ConfigError
 
@@ -37,6 +37,7 @@ class ServerSettings(_Frozen):
     port: int = Field(8080, ge=0, le=65535)
     public_url: str = ""
     drain_timeout_s: float = Field(30.0, ge=0)
+    workers: int = Field(1, ge=1, le=64)
 
     @field_validator("public_url")
     @classmethod
@@ -119,6 +120,7 @@ class BargeInSettings(_Frozen):
     min_ai_audible_ms: int = Field(200, ge=0, le=5000)
     utterance_end_ms: int = Field(500, ge=100, le=5000)
     min_level_dbfs: float = Field(-45.0, ge=-90, le=0)
+    max_hold_s: float = Field(8.0, ge=0, le=600)
 
 
 class LoggingSettings(_Frozen):
@@ -147,6 +149,15 @@ class Settings(_Frozen):
     @classmethod
     def _redis_url(cls, v: str) -> str:
         return _check_url(v, ("redis", "rediss", "unix"))
+
+    @model_validator(mode="after")
+    def _workers_share_redis(self) -> Settings:
+        if self.server.workers > 1 and not self.redis_url:
+            raise ValueError(
+                f"server.workers is {self.server.workers}, but worker processes share device accounting only "
+                "through Redis: set redis_url (REDIS_URL) or run 1 worker"
+            )
+        return self
 
     @property
     def dev_mode(self) -> bool:
@@ -242,6 +253,8 @@ def _explain(exc: ValidationError, sources: Mapping[str, str]) -> str:
     """One sentence for the first problem: key, environment variable, value (never a secret's), what is allowed."""
     err = exc.errors()[0]
     key = _key_of(err["loc"])
+    if not key:  # a rule across keys (a model validator): its message names them
+        return str(err["msg"]).removeprefix("Value error, ")
     deeper = next(((k, var) for k, var in sources.items() if k.startswith(key + ".")), None)
     if deeper is not None:  # e.g. BRIDGE__REDIS_URL__X: a variable that treats a setting as a section
         return f"environment variable {deeper[1]} sets {deeper[0]!r}, but {key!r} is a setting, not a section"

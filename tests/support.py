@@ -150,7 +150,7 @@ class BridgeProcess:
             record = json.loads(line)
             self.lines.append(record)
             message = str(record["msg"])
-            if message.startswith("bridge listening on"):
+            if "bridge listening on" in message:
                 self.port = int(message.rsplit(":", 1)[1])
             if message == "Application startup complete.":
                 break

@@ -202,3 +202,32 @@ def test_barge_in_options_must_make_sense() -> None:
         BargeInDetector(min_speech_ms=0)
     with pytest.raises(ValueError, match="expected max_gap_ms >= 0 ms, got -20"):
         BargeInDetector(max_gap_ms=-20)
+
+
+def test_barge_in_hold_ends_at_max_hold_while_the_caller_keeps_talking() -> None:
+    """Steady background speech (a TV) must not mute the AI for ever: the hold lifts, the utterance goes on."""
+    sentence = speech_8k()
+    audio = caller_track(14.0, [(1.0 + 2.3 * i, sentence) for i in range(5)])  # 11.5 s of near-continuous talk
+    events, detector = run(audio, [(0.5, FOREVER)], detector=BargeInDetector(max_hold_ms=3000, max_gap_ms=60))
+    assert [type(e) for e in events] == [BargeIn, CallerStopped]
+    barge_in, stopped = events
+    assert isinstance(barge_in, BargeIn) and isinstance(stopped, CallerStopped)
+    assert stopped.hold_limit and stopped.at_s - barge_in.detected_s == pytest.approx(3.0, abs=0.021)
+    assert detector.barge_ins == 1
+
+
+def test_barge_in_hold_ends_when_the_sender_stops_sending() -> None:
+    """A client that sends media only while its caller speaks: the time without frames is silence."""
+    audio = caller_track(2.0, [(1.0, speech_8k()[: 8000 // 2])])  # 0.5 s of speech, then the stream goes quiet
+    cut = round(1.5 * TWILIO_RATE_HZ)
+    events, detector = run(audio[:cut], [(0.5, FOREVER)])
+    assert [type(e) for e in events] == [BargeIn] and detector.listening
+    assert detector.caller_silent(1.7, 0.5) == []  # 200 ms without frames: not yet the end of the utterance
+    stopped = detector.caller_silent(2.2, 0.5)
+    assert [type(e) for e in stopped] == [CallerStopped] and not detector.listening
+    assert 1.5 < stopped[0].at_s <= 1.5 + 0.5 + 0.021  # type: ignore[union-attr]
+    assert detector.caller_silent(9.0, 0.5) == []  # nothing left to end
+
+
+def test_barge_in_caller_silent_before_any_audio_is_nothing() -> None:
+    assert BargeInDetector().caller_silent(5.0, 0.0) == []

@@ -63,7 +63,8 @@ async def test_ai_failure_mid_call_ends_the_stream_and_the_caller_hears_the_apol
     assert [child.tag for child in root] == ["Say", "Hangup"]
     wait_until(lambda: calls_up(bridge) == 0 and leases(bridge) == 0, what="the call to be released")
     wait_until(lambda: emulator_stats(emulator)["sessions_active"] == 0, what="the Savants socket to close")
-    assert 'bridge_calls_total{outcome="ai_unavailable"} 1.0' in httpx.get(bridge.http_url + "/metrics").text
+    metrics = httpx.get(bridge.http_url + "/metrics").text
+    assert 'bridge_calls_total{ingress="twilio",outcome="ai_unavailable"} 1.0' in metrics
 
 
 async def test_ai_closing_normally_hangs_up_without_apology(

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import json
+import os
 from collections.abc import Callable
 from pathlib import Path
 
@@ -42,6 +44,10 @@ async def test_run_load_serves_every_call_without_violations(signed_bridge: Serv
     assert (len(result.of("served")), len(result.of("busy")), len(result.of("failed"))) == (3, 0, 0), reasons
     assert (result.violations, len(result.first_audio_s)) == (0, 3)
     assert len({flow.call_sid for flow in result.flows}) == 3
+    # The echo AI says each frame back 0.2 s after it heard it: no round trip can be quicker than that, and
+    # with the byte count mapping frames a round trip is never a whole second.
+    assert result.round_trips_s and 0.2 <= result.round_trips_s[0] <= result.round_trips_s[-1] < 1.0
+    assert result.added_s[0] == 0.0 and len(result.added_s) == len(result.round_trips_s)
 
 
 async def test_loadtest_command_prints_the_table(
@@ -54,8 +60,41 @@ async def test_loadtest_command_prints_the_table(
     out, err = capsys.readouterr()
     assert (code, err) == (0, ""), out
     rows = [line.split()[0] for line in out.splitlines()]
-    assert rows == ["calls", "served", "busy", "failed", "first", "violations", "underruns"]
+    assert rows == ["calls", "served", "busy", "failed", "first", "round", "added", "underruns", "violations"]
     assert "served         1\n" in out and "violations     0\n" in out
+
+
+async def test_loadtest_command_reports_bridge_cpu_and_writes_json(
+    signed_bridge: ServerThread, voice_wav: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out_path = tmp_path / "load.json"
+    async with asyncio.timeout(10):
+        code = await loadtest_command(
+            signed_bridge.ws_url + "/media-stream",
+            2,
+            2,
+            1.0,
+            0.0,
+            voice_wav,
+            auth_token=TOKEN,
+            public_url=PUBLIC,
+            pids=(os.getpid(),),  # the bridge runs in this process's thread
+            json_out=str(out_path),
+        )
+    out = capsys.readouterr().out
+    assert code == 0, out
+    assert "bridge CPU" in out
+    figures = json.loads(out_path.read_text())
+    assert (figures["served"], figures["refused"], figures["failed"], figures["violations"]) == (2, 0, 0, 0)
+    assert set(figures["round_trip_ms"]) == {"p50", "p90", "p99", "max", "n"}
+    assert figures["first_audio_ms"]["n"] == 2 and figures["underruns_per_call"]["n"] == 2
+    assert figures["bridge_cpu"]["cpu_s"] > 0 and figures["bridge_cpu"]["us_per_call_per_20ms"] > 0
+
+
+async def test_loadtest_command_names_a_process_it_cannot_read(capsys: pytest.CaptureFixture[str]) -> None:
+    code = await loadtest_command("ws://127.0.0.1:9/media-stream", 1, 1, 1.0, 0.0, pids=(2**22 + 7,))
+    assert code == 2
+    assert capsys.readouterr().err.startswith("cannot read the CPU time of process")
 
 
 async def test_loadtest_command_refuses_a_bridge_that_is_not_on_loopback(capsys: pytest.CaptureFixture[str]) -> None:

@@ -20,7 +20,17 @@ from telephony_bridge.audio.codec import TWILIO_BYTES_PER_MS, TWILIO_FRAME_BYTES
 from telephony_bridge.clock import FakeClock
 from telephony_bridge.outbound import Outbound
 from telephony_bridge.settings import AudioSettings
-from telephony_bridge.twilio.protocol import Malformed, OutboundEvent, OutClear, OutMark, OutMedia, parse_outbound
+from telephony_bridge.twilio.protocol import (
+    Malformed,
+    OutboundEvent,
+    OutClear,
+    OutMark,
+    OutMedia,
+    clear_message,
+    mark_message,
+    media_message,
+    parse_outbound,
+)
 
 STREAM_SID = "MZ00000000000000000000000000000001"
 FRAME = TWILIO_FRAME_BYTES
@@ -91,18 +101,36 @@ class Line:
         return self.clock.monotonic() - self.t0
 
 
+@dataclass
+class TwilioJson:
+    """A leg's sending half that records what Twilio would receive, serialised as the Twilio leg does."""
+
+    clock: FakeClock
+    sent: list[tuple[float, str]]
+    yield_in_send: bool
+
+    async def _send(self, text: str) -> None:
+        self.sent.append((self.clock.monotonic(), text))
+        if self.yield_in_send:  # a real socket may suspend mid-send
+            await asyncio.sleep(0)
+
+    async def send_audio(self, ulaw: bytes) -> None:
+        await self._send(media_message(STREAM_SID, ulaw))
+
+    async def send_mark(self, name: str) -> None:
+        await self._send(mark_message(STREAM_SID, name))
+
+    async def clear(self) -> None:
+        await self._send(clear_message(STREAM_SID))
+
+
 @contextlib.asynccontextmanager
 async def running(settings: AudioSettings | None = None, *, yield_in_send: bool = False) -> AsyncIterator[Line]:
     """Start ``Outbound.run()`` on a fake clock; cancel and await it on the way out (a crash in it surfaces)."""
     clock = FakeClock()
     sent: list[tuple[float, str]] = []
 
-    async def send(text: str) -> None:
-        sent.append((clock.monotonic(), text))
-        if yield_in_send:  # a real socket may suspend mid-send
-            await asyncio.sleep(0)
-
-    outbound = Outbound(settings or AudioSettings(), clock, STREAM_SID, send)
+    outbound = Outbound(settings or AudioSettings(), clock, TwilioJson(clock, sent, yield_in_send))
     task = asyncio.create_task(outbound.run())
     await settle()
     try:

@@ -7,7 +7,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from telephony_bridge.audio.codec import TWILIO_BYTES_PER_MS, TWILIO_FRAME_BYTES, ULAW_SILENCE
-from telephony_bridge.audio.timeline import JITTER_TOLERANCE_S, InboundTimeline
+from telephony_bridge.audio.timeline import JITTER_TOLERANCE_S, NO_TIMESTAMP, STALE_TIMESTAMP, InboundTimeline
 
 SILENCE = bytes([ULAW_SILENCE])
 TOLERANCE_BYTES = round(JITTER_TOLERANCE_S * 1000 * TWILIO_BYTES_PER_MS)
@@ -104,9 +104,14 @@ def test_timeline_with_zero_tolerance_puts_every_byte_at_its_timestamp(placement
     truth = bytes(i % 251 for i in range(500 * TWILIO_BYTES_PER_MS))
     timeline = InboundTimeline(jitter_tolerance_s=0)
     out = b""
-    for timestamp_ms, length in placements:
+    for i, (timestamp_ms, length) in enumerate(placements):
         start = timestamp_ms * TWILIO_BYTES_PER_MS
-        out += timeline.place(timestamp_ms, truth[start : start + length])
+        placed = timeline.place(timestamp_ms, truth[start : start + length])
+        if timeline.untimed_reason:  # a sender whose stamps stop advancing: its frames follow in arrival order
+            assert placed == truth[start : start + length]
+            placements = placements[:i]
+            break
+        out += placed
     assert all(got in (expected, ULAW_SILENCE) for got, expected in zip(out, truth, strict=False))
     assert len(out) == max((t * TWILIO_BYTES_PER_MS + n for t, n in placements), default=0)
     assert out.count(ULAW_SILENCE) == timeline.filled_bytes
@@ -118,6 +123,8 @@ def test_timeline_never_drifts_from_the_stream_clock_by_the_tolerance(placements
     produced = 0
     for timestamp_ms, length in placements:
         out = timeline.place(timestamp_ms, b"x" * length)
+        if timeline.untimed_reason:  # arrival order from here on: see test_timeline_falls_back_to_arrival_order
+            break
         produced += len(out)
         position = round(timeline.position_s * 1000 * TWILIO_BYTES_PER_MS)
         assert produced == position - timeline.skipped_bytes
@@ -125,3 +132,46 @@ def test_timeline_never_drifts_from_the_stream_clock_by_the_tolerance(placements
             assert abs(position - (timestamp_ms * TWILIO_BYTES_PER_MS + length)) < TOLERANCE_BYTES
             audio = out.lstrip(SILENCE)  # silence first, if any, then (the tail of) this frame
             assert audio == b"x" * len(audio) and 0 < len(audio) <= length
+
+
+def test_timeline_without_timestamps_passes_every_frame_in_arrival_order() -> None:
+    timeline = InboundTimeline()
+    out = b"".join(timeline.place(None, _frame(i)) for i in range(50))
+    assert out == b"".join(_frame(i) for i in range(50))
+    assert (timeline.untimed_reason, timeline.untimed_frames) == (NO_TIMESTAMP, 50)
+    assert _counters(timeline) == (0, 0, 0, 0) and timeline.position_s == 1.0
+
+
+@pytest.mark.parametrize("stamps", [[0, 0, 0, 0], [100, 100, 100, 100], [500, 20, 40, 60], [60, 40, 20, 0]])
+def test_timeline_whose_stamps_do_not_advance_falls_back_to_arrival_order(stamps: list[int]) -> None:
+    """Stamps that repeat, or go back twice in a row: a sender without a clock; at most one frame is lost."""
+    timeline = InboundTimeline()
+    out = b"".join(timeline.place(stamp, _frame(i)) for i, stamp in enumerate(stamps))
+    assert timeline.untimed_reason == STALE_TIMESTAMP
+    assert len(out) >= (len(stamps) - 1) * TWILIO_FRAME_BYTES and out.endswith(_frame(2) + _frame(3))
+    assert timeline.dropped_frames <= 1
+
+
+def test_timeline_keeps_gap_fill_for_a_sender_that_stamps() -> None:
+    """One late frame among advancing stamps is Twilio's lost-and-found frame: dropped, the clock kept."""
+    timeline = InboundTimeline()
+    for stamp in (0, 20, 40, 200, 220, 40, 240):
+        timeline.place(stamp, _frame(stamp // 20))
+    assert timeline.untimed_reason == "" and _counters(timeline) == (140 * 8, 1, 0, 0)
+
+
+@given(st.lists(st.one_of(st.none(), st.integers(0, 400)), min_size=1, max_size=40), st.integers(1, 320))
+def test_timeline_falls_back_to_arrival_order(stamps: list[int | None], length: int) -> None:
+    # Once in arrival order, every byte of every frame goes through, in order, and nothing else.
+    timeline = InboundTimeline()
+    after: list[bytes] = []
+    expected: list[bytes] = []
+    for i, stamp in enumerate(stamps):
+        was_untimed = bool(timeline.untimed_reason)
+        payload = bytes([i % 200]) * length
+        placed = timeline.place(stamp, payload)
+        if was_untimed or timeline.untimed_reason:
+            after.append(placed)
+            expected.append(payload)
+    assert after == expected
+    assert (None in stamps) <= bool(timeline.untimed_reason)

@@ -123,3 +123,29 @@ def test_parse_outbound_flags_binary_frames_as_31950() -> None:
     event = tw.parse_outbound(b"\x00\x01", SID)
     assert isinstance(event, tw.Malformed)
     assert "31950" in event.reason
+
+
+def test_parse_media_without_timestamp_leaves_it_unknown() -> None:
+    """Simulators and 'Twilio-compatible' senders may leave ``timestamp`` (and chunk, track) out."""
+    event = tw.parse_message(sample("media_no_timestamp"))
+    assert event == tw.Media(
+        stream_sid=SID, payload=bytes([0xFF] * 80 + [0x00] * 80), timestamp_ms=None, chunk=0, sequence_number=0
+    )
+    assert "timestamp" not in orjson.loads(event.to_json())["media"]  # type: ignore[union-attr]
+
+
+def test_start_without_media_format_is_mulaw_8k_and_carried() -> None:
+    start = tw.parse_message(sample("start_no_media_format"))
+    assert isinstance(start, tw.Start)
+    assert (start.encoding, start.sample_rate_hz, start.channels, start.account_sid) == ("audio/x-mulaw", 8000, 1, "")
+    assert tw.media_format_problem(start) is None
+
+
+def test_start_with_an_unsupported_media_format_says_why() -> None:
+    start = tw.parse_message(sample("start_l16"))
+    assert isinstance(start, tw.Start)
+    assert tw.media_format_problem(start) == (
+        "unsupported mediaFormat 'audio/L16' at 16000 Hz, 1 channel(s): the bridge carries audio/x-mulaw at 8000 Hz, "
+        "mono"
+    )
+    assert tw.media_format_problem(tw.parse_message(sample("start"))) is None  # type: ignore[arg-type]

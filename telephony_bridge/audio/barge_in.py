@@ -12,6 +12,12 @@ The detector is a state machine over the 20 ms frames of ``VoiceActivityDetector
   if the AI had been audible for ``min_ai_audible_ms`` at the onset. Speech that began before the AI (or in its
   first moments) is the AI talking over the caller, a backchannel or an echo voice repeating them: not cut.
 - speaking -> idle: ``utterance_end_ms`` of continuous non-speech; ``CallerStopped`` if it was a barge-in.
+- speaking (a barge-in) -> speaking (not one any more): the hold has lasted ``max_hold_ms``; ``CallerStopped`` with
+  ``hold_limit`` set, so steady background speech (a TV) cannot mute the AI for ever. The utterance still has to
+  end before another one can barge in.
+
+A sender that stops sending media when its caller is quiet gives no frames to be silent in: ``caller_silent``
+counts the time since the last frame as non-speech frames, so a hold always ends.
 """
 
 from __future__ import annotations
@@ -43,9 +49,11 @@ class BargeIn:
 
 @dataclass(frozen=True, slots=True)
 class CallerStopped:
-    """The utterance that barged in has ended (``utterance_end_ms`` of silence, ending at ``at_s``)."""
+    """The utterance that barged in has ended (``utterance_end_ms`` of silence, ending at ``at_s``), or its hold
+    reached ``max_hold_ms`` (``hold_limit``) while the caller goes on talking."""
 
     at_s: float
+    hold_limit: bool = False
 
 
 Event: TypeAlias = BargeIn | CallerStopped
@@ -73,13 +81,16 @@ class BargeInDetector:
         utterance_end_ms: int = 500,
         min_ai_audible_ms: int = 200,
         max_gap_ms: int = 60,
+        max_hold_ms: int = 0,
         vad: VoiceActivityDetector | None = None,
     ) -> None:
+        """``max_hold_ms`` 0: a hold lasts until the utterance ends."""
         # Whole frames: "at least N ms" rounds up, "a gap of at most N ms" rounds down.
         self._speech_frames_needed = -(-_check_ms("min_speech_ms", min_speech_ms, 1) // _FRAME_MS)
         self._end_frames_needed = -(-_check_ms("utterance_end_ms", utterance_end_ms, 1) // _FRAME_MS)
         self._max_gap_frames = _check_ms("max_gap_ms", max_gap_ms, 0) // _FRAME_MS
         self._min_ai_audible_s = _check_ms("min_ai_audible_ms", min_ai_audible_ms, 0) / 1000
+        self._max_hold_s = _check_ms("max_hold_ms", max_hold_ms, 0) / 1000
         self._vad = vad if vad is not None else VoiceActivityDetector()
         self.utterances = 0  # utterances heard, barge-ins or not
         self.barge_ins = 0  # BargeIn events emitted
@@ -89,11 +100,31 @@ class BargeInDetector:
         self._onset_ai_since_s: float | None = None  # ``ai_audible_since_s`` as it was at that frame
         self._speech_frames = 0  # speech frames in the candidate
         self._quiet_frames = 0  # consecutive non-speech frames (candidate gap, or the end of an utterance)
+        self._held_since_s = 0.0  # when the current barge-in was detected
+        self._last_end_s: float | None = None  # end of the last frame decided
 
     @property
     def speaking(self) -> bool:
         """True from the detection of an utterance until its end."""
         return self._speaking
+
+    @property
+    def listening(self) -> bool:
+        """True while an utterance is under way or may be starting: then the caller's silence matters."""
+        return self._speaking or self._onset_s is not None
+
+    def caller_silent(self, now_s: float, ai_audible_since_s: float | None) -> list[Event]:
+        """The caller sent nothing since the last frame: count whole 20 ms frames of non-speech up to ``now_s``."""
+        if self._last_end_s is None:
+            return []
+        events: list[Event] = []
+        end_s = self._last_end_s + VAD_FRAME_S
+        while end_s <= now_s + _EPS_S and self.listening:
+            event = self._frame(False, end_s, ai_audible_since_s)
+            if event is not None:
+                events.append(event)
+            end_s += VAD_FRAME_S
+        return events
 
     def caller_audio(
         self, samples_8k: npt.NDArray[np.int16], now_s: float, ai_audible_since_s: float | None
@@ -117,8 +148,12 @@ class BargeInDetector:
 
     def _frame(self, speech: bool, end_s: float, ai_audible_since_s: float | None) -> Event | None:
         """Every state transition, for one 20 ms frame ending at ``end_s``."""
+        self._last_end_s = end_s
         if self._speaking:
             self._quiet_frames = 0 if speech else self._quiet_frames + 1
+            if self._barged and self._max_hold_s and end_s - self._held_since_s >= self._max_hold_s - _EPS_S:
+                self._barged = False  # the utterance goes on, but no longer holds the AI back
+                return CallerStopped(end_s, hold_limit=True)
             if self._quiet_frames < self._end_frames_needed:
                 return None
             self._speaking = False
@@ -148,5 +183,6 @@ class BargeInDetector:
         if since is None or self._onset_s - since < self._min_ai_audible_s - _EPS_S:
             return None
         self._barged = True
+        self._held_since_s = end_s
         self.barge_ins += 1
         return BargeIn(self._onset_s, end_s)

@@ -26,9 +26,9 @@ class CallerToAi:
         self._upsampler = Upsampler2x()
         self._pending = bytearray()
 
-    def push(self, timestamp_ms: int, ulaw: bytes) -> tuple[npt.NDArray[np.int16], list[bytes]]:
-        """One Twilio media payload in: the caller's audio as placed on the timeline (8 kHz PCM, for the
-        voice activity detector) and the whole 640-byte frames now due to the AI."""
+    def push(self, timestamp_ms: int | None, ulaw: bytes) -> tuple[npt.NDArray[np.int16], list[bytes]]:
+        """One media payload in (``timestamp_ms`` None: unstamped): the caller's audio as placed on the timeline
+        (8 kHz PCM, for the voice activity detector) and the whole 640-byte frames now due to the AI."""
         placed = ulaw_to_pcm16(self.timeline.place(timestamp_ms, ulaw))
         if len(placed):
             self._pending += self._upsampler.process(placed).astype("<i2", copy=False).tobytes()

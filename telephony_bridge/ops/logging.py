@@ -38,6 +38,29 @@ def call_context(**fields: str | None) -> Iterator[None]:
         _context.reset(token)
 
 
+class Throttled:
+    """At most one line per key every ``every_s`` (for what strangers can make us log); the next line that gets
+    through says how many were held back. Time comes from the caller (``now`` is monotonic seconds)."""
+
+    def __init__(self, logger: logging.Logger, every_s: float = 60.0) -> None:
+        self._logger = logger
+        self._every_s = every_s
+        self._next: dict[str, float] = {}
+        self._held: dict[str, int] = {}
+
+    def warning(self, key: str, now: float, msg: str, *args: object) -> bool:
+        """Log ``msg`` unless a line for ``key`` went out less than ``every_s`` ago; True if it was logged."""
+        if now < self._next.get(key, float("-inf")):
+            self._held[key] = self._held.get(key, 0) + 1
+            return False
+        held = self._held.pop(key, 0)
+        self._next[key] = now + self._every_s
+        if held:
+            msg, args = msg + " (%d more like it held back)", (*args, held)
+        self._logger.warning(msg, *args)
+        return True
+
+
 # Loggers that, at DEBUG, print the first bytes of every WebSocket frame: Savants JWTs and call audio. They
 # are held at INFO whatever LOG_LEVEL says (uvicorn passes "uvicorn.error" to the websockets protocol).
 WIRE_LOGGERS = ("websockets", "uvicorn.error", "httpcore")

@@ -18,7 +18,9 @@ class Metrics:
     def __init__(self) -> None:
         self.registry = r = CollectorRegistry()
         self.calls_active = Gauge("bridge_calls_active", "Calls currently bridged", registry=r)
-        self.calls = Counter("bridge_calls_total", "Calls ended, by outcome", ["outcome"], registry=r)
+        self.calls = Counter(
+            "bridge_calls_total", "Calls ended, by outcome and ingress", ["outcome", "ingress"], registry=r
+        )
         self.call_duration = Histogram(
             "bridge_call_duration_seconds",
             "Length of bridged calls",
@@ -77,6 +79,24 @@ class Metrics:
         )
         self.stream_status = Counter(
             "bridge_stream_status_total", "Twilio stream status callbacks", ["event"], registry=r
+        )
+        self.client_quirks = Counter(
+            "bridge_client_quirks_total",
+            "Streams whose sender differs from Twilio (no_timestamps, stale_timestamps, frame_size), once per call",
+            ["quirk"],
+            registry=r,
+        )
+        self.streams_refused = Counter(
+            "bridge_streams_refused_total",
+            "Media streams closed at 'start' (duplicate_call_sid, unsupported_media_format)",
+            ["reason"],
+            registry=r,
+        )
+        self.webhooks_rejected = Counter(
+            "bridge_webhooks_rejected_total",
+            "Webhook requests that are not Twilio's (no_call_sid, content_type, empty_body), answered 400",
+            ["reason"],
+            registry=r,
         )
         self.accounting_errors = Counter(
             "bridge_accounting_unavailable_total", "Times the shared accounting store did not answer", registry=r

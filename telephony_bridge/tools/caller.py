@@ -109,6 +109,7 @@ class CallResult:
     clears: int
     max_lead_ms: float  # most audio the bridge had queued ahead of playback
     underruns: int  # short holes in playback: the bridge fell behind real time (see ``Playout``)
+    round_trips_s: list[float]  # per AI media message: arrival minus when the caller sent its first sample
     underrun_ms: float
     cut_off_ms: float  # audio still buffered when the call ended: sent, never heard (G8)
     media_sent: int
@@ -155,6 +156,8 @@ class SimulatedCall:
         self._violations: list[str] = []
         self._marks_echoed: list[str] = []
         self._media_sent = 0
+        self._sent_at: list[float] = []  # when caller frame i went out
+        self._round_trips: list[float] = []
         self._late_messages = 0
         self._ended_by: Literal["caller", "bridge"] = "caller"
         self._ended_at: float | None = None
@@ -205,6 +208,7 @@ class SimulatedCall:
                     await self._send(ws, partial(Dtmf, self.stream_sid, dtmf.pop(0)[1]))
                 # timestamp: ms since the stream started; chunk counts from 1 (§3)
                 await self._send(ws, partial(Media, self.stream_sid, self._frame(i), i * 20, i + 1))
+                self._sent_at.append(self._clock.monotonic())
                 self._media_sent += 1
             await self._send(ws, partial(Stop, self.stream_sid, self.call_sid, self.account_sid), stop=True)
             self._ended_at = self._clock.monotonic()
@@ -235,6 +239,7 @@ class SimulatedCall:
         if isinstance(event, Malformed):
             self._violation(event.reason)
         elif isinstance(event, OutMedia):
+            self._round_trip(event.payload)
             self._playout.push_media(event.payload)
             if self._first_audio_s is None and _audible(ulaw_to_pcm16(event.payload)):
                 self._first_audio_s = self._clock.monotonic() - self._started_at
@@ -244,6 +249,14 @@ class SimulatedCall:
         elif isinstance(event, OutClear):
             for name in self._playout.clear():
                 await self._echo(ws, name)
+
+    def _round_trip(self, payload: bytes) -> None:
+        """Against an echo AI, byte n of the AI's audio is byte n of the caller's (the resamplers keep the
+        count exactly), so a message's first byte dates from when the caller sent that frame. The figure holds
+        until the first ``clear``, which drops audio and breaks the count."""
+        frame = self._playout.bytes_received // TWILIO_FRAME_BYTES
+        if not self._playout.clears and frame < len(self._sent_at) and payload:
+            self._round_trips.append(self._clock.monotonic() - self._sent_at[frame])
 
     async def _play(self, ws: ClientConnection, n_bytes: int) -> None:
         audio, due = self._playout.tick(n_bytes)
@@ -299,6 +312,7 @@ class SimulatedCall:
             clears=self._playout.clears,
             max_lead_ms=self._playout.max_lead_ms,
             underruns=self._playout.underruns,
+            round_trips_s=list(self._round_trips),
             underrun_ms=self._playout.underrun_ms,
             cut_off_ms=self._playout.buffered_bytes / TWILIO_BYTES_PER_MS,
             media_sent=self._media_sent,

@@ -10,11 +10,14 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
+import json
 import math
+import os
 import sys
 from collections import Counter
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 from urllib.parse import urlsplit
 
 import httpx
@@ -49,6 +52,26 @@ class LoadResult:
         )
 
     @property
+    def round_trips_s(self) -> list[float]:
+        """Every AI media message's round trip (caller -> bridge -> echo AI -> bridge -> caller)."""
+        return sorted(t for f in self.of("served") if f.call is not None for t in f.call.round_trips_s)
+
+    @property
+    def added_s(self) -> list[float]:
+        """Each round trip less its call's quickest: what load and scheduling added to the call's fixed path
+        (the AI's own delay, resampler delay, the emulator's tick phase and set-up backlog cancel out)."""
+        added = []
+        for f in self.of("served"):
+            if f.call is not None and f.call.round_trips_s:
+                fastest = min(f.call.round_trips_s)
+                added += [t - fastest for t in f.call.round_trips_s]
+        return sorted(added)
+
+    @property
+    def underruns_per_call(self) -> list[float]:
+        return sorted(float(f.call.underruns) for f in self.of("served") if f.call is not None)
+
+    @property
     def violations(self) -> int:
         return sum(len(f.call.violations) for f in self.flows if f.call is not None)
 
@@ -56,7 +79,30 @@ class LoadResult:
     def underruns(self) -> int:
         return sum(f.call.underruns for f in self.flows if f.call is not None)
 
-    def table(self) -> str:
+    def summary(self, cpu: CpuUse | None = None) -> dict[str, object]:
+        """Every figure of the table, for ``--json``; times in ms."""
+        ms = [v * 1000 for v in self.first_audio_s]
+        out: dict[str, object] = {
+            "calls": self.calls,
+            "concurrency": self.concurrency,
+            "seconds": self.seconds,
+            "ramp_s": self.ramp_s,
+            "duration_s": round(self.duration_s, 3),
+            "served": len(self.of("served")),
+            "refused": len(self.of("busy")),
+            "failed": len(self.of("failed")),
+            "violations": self.violations,
+            "underruns": self.underruns,
+            "first_audio_ms": stats(ms),
+            "round_trip_ms": stats([v * 1000 for v in self.round_trips_s]),
+            "added_latency_ms": stats([v * 1000 for v in self.added_s]),
+            "underruns_per_call": stats(self.underruns_per_call),
+        }
+        if cpu is not None:
+            out["bridge_cpu"] = cpu.summary(len(self.of("served")) * self.seconds)
+        return out
+
+    def table(self, cpu: CpuUse | None = None) -> str:
         served, busy, failed = self.of("served"), self.of("busy"), self.of("failed")
         lines = [
             f"calls          {self.calls} over {self.ramp_s:g} s, at most {self.concurrency} at once, "
@@ -67,20 +113,78 @@ class LoadResult:
         ]
         lines += [f"  {f.call_sid}: {f.reason}" for f in failed[:SHOWN_FAILURES]]
         times = self.first_audio_s
-        if times:
+        lines.append(
+            f"first AI audio {_shown(stats([t * 1000 for t in times]), 'ms')} "
+            f"({len(times)} of {len(served)} served calls)"
+        )
+        lines += [
+            f"round trip     {_shown(stats([t * 1000 for t in self.round_trips_s]), 'ms')} (echo AI delay included)",
+            f"added latency  {_shown(stats([t * 1000 for t in self.added_s]), 'ms')} (round trip less the call's best)",
+            f"underruns      {self.underruns} in all; per call {_shown(stats(self.underruns_per_call), '', 0)}",
+            f"violations     {self.violations}",
+        ]
+        if cpu is not None:
+            use = cpu.summary(len(served) * self.seconds)
             lines.append(
-                f"first AI audio p50 {_percentile(times, 50):.3f} s, p95 {_percentile(times, 95):.3f} s, "
-                f"max {times[-1]:.3f} s ({len(times)} of {len(served)} served calls)"
+                f"bridge CPU     {use['cpu_s']:.1f} s over the run: {use['cpu_s_per_call_minute']:.3f} CPU-s per "
+                f"call-minute, {use['us_per_call_per_20ms']:.0f} µs per call per 20 ms (set-up and tear-down included)"
             )
-        else:
-            lines.append(f"first AI audio none heard ({len(served)} served calls)")
-        lines += [f"violations     {self.violations}", f"underruns      {self.underruns}"]
         return "\n".join(lines)
 
 
-def _percentile(sorted_values: list[float], p: float) -> float:
+PERCENTILES = (50, 90, 99)
+
+
+def percentile(sorted_values: list[float], p: float) -> float:
     """Nearest rank: a value that was measured, which matters with few calls."""
     return sorted_values[max(0, math.ceil(p / 100 * len(sorted_values)) - 1)]
+
+
+def stats(values: list[float]) -> dict[str, float] | None:
+    """p50/p90/p99/max of ``values`` (any order); None when there are none."""
+    if not values:
+        return None
+    ordered = sorted(values)
+    return {**{f"p{p}": percentile(ordered, p) for p in PERCENTILES}, "max": ordered[-1], "n": len(ordered)}
+
+
+def _shown(figures: dict[str, float] | None, unit: str, digits: int = 1) -> str:
+    if figures is None:
+        return "none"
+    return ", ".join(f"{k} {v:.{digits}f}" for k, v in figures.items() if k != "n") + (f" {unit}" if unit else "")
+
+
+TICKS_PER_S = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+
+
+def process_cpu_s(pid: int) -> float:
+    """User + system CPU seconds ``pid`` has used so far (Linux /proc); raises ``OSError`` if it is gone."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / TICKS_PER_S
+
+
+@dataclass
+class CpuUse:
+    """CPU the given processes (a bridge and its workers) used between ``start()`` and ``stop()``."""
+
+    pids: tuple[int, ...]
+    started: dict[int, float] = field(default_factory=dict)
+    used_s: float = 0.0
+
+    def start(self) -> None:
+        self.started = {pid: process_cpu_s(pid) for pid in self.pids}
+
+    def stop(self) -> None:
+        self.used_s = sum(process_cpu_s(pid) - before for pid, before in self.started.items())
+
+    def summary(self, call_seconds: float) -> dict[str, float]:
+        """Per call-minute and per call per 20 ms, over ``call_seconds`` of served calls."""
+        call_s = max(call_seconds, 1e-9)
+        return {
+            "cpu_s": round(self.used_s, 3),
+            "cpu_s_per_call_minute": self.used_s / (call_s / 60.0),
+            "us_per_call_per_20ms": 1e6 * self.used_s / (call_s / 0.020),
+        }
 
 
 def _counted(reasons: Iterable[str]) -> str:
@@ -175,10 +279,16 @@ async def loadtest_command(
     auth_token: str | None = None,
     public_url: str | None = None,
     deadline_s: float | None = None,
+    pids: tuple[int, ...] = (),
+    json_out: str | None = None,
 ) -> int:
-    """Print the table. Exit codes: 0 no call failed and no protocol violation (busy calls are fine: that is
+    """Print the table (and write it as JSON to ``json_out``). ``pids``: bridge processes whose CPU over the
+    run is reported. Exit codes: 0 no call failed and no protocol violation (busy calls are fine: that is
     what overload looks like); 1 otherwise; 2 the run could not start (one sentence on stderr)."""
+    cpu = CpuUse(pids) if pids else None
     try:
+        if cpu is not None:
+            cpu.start()
         result = await run_load(
             url,
             calls,
@@ -190,8 +300,15 @@ async def loadtest_command(
             wav,
             deadline_s=deadline_s,
         )
+        if cpu is not None:
+            cpu.stop()
+    except OSError as exc:
+        print(f"cannot read the CPU time of process {', '.join(map(str, pids))}: {exc}", file=sys.stderr)
+        return 2
     except ValueError as exc:
         print(exc, file=sys.stderr)
         return 2
-    print(result.table())
+    print(result.table(cpu))
+    if json_out:
+        Path(json_out).write_text(json.dumps(result.summary(cpu), indent=2) + "\n")  # noqa: ASYNC240 (once, at the end)
     return 1 if result.of("failed") or result.violations else 0

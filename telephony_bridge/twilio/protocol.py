@@ -64,29 +64,26 @@ class Start:
 
 @dataclass(frozen=True, slots=True)
 class Media:
-    """Caller audio: ``payload`` is raw μ-law, already base64-decoded."""
+    """Caller audio: ``payload`` is raw μ-law, already base64-decoded, of any length (Twilio's is 160 bytes).
+
+    ``timestamp_ms`` is None when the sender left it out (Twilio never does; simulators may).
+    """
 
     stream_sid: str
     payload: bytes
-    timestamp_ms: int
+    timestamp_ms: int | None
     chunk: int
     sequence_number: int
     track: str = "inbound"
 
     def to_json(self) -> str:
-        return _dumps(
-            {
-                "event": "media",
-                "sequenceNumber": str(self.sequence_number),
-                "media": {
-                    "track": self.track,
-                    "chunk": str(self.chunk),
-                    "timestamp": str(self.timestamp_ms),
-                    "payload": base64.b64encode(self.payload).decode("ascii"),
-                },
-                "streamSid": self.stream_sid,
-            }
-        )
+        media = {"track": self.track, "chunk": str(self.chunk), "timestamp": str(self.timestamp_ms)}
+        if self.timestamp_ms is None:
+            del media["timestamp"]
+        media["payload"] = base64.b64encode(self.payload).decode("ascii")
+        message = {"event": "media", "sequenceNumber": str(self.sequence_number), "media": media}
+        message["streamSid"] = self.stream_sid
+        return _dumps(message)
 
 
 @dataclass(frozen=True, slots=True)
@@ -159,6 +156,20 @@ class Malformed:
 
 
 InboundEvent = Connected | Start | Media | Dtmf | Mark | Stop | Unknown | Malformed
+
+CARRIED_FORMAT = ("audio/x-mulaw", 8000, 1)  # the one media format Twilio sends (§3), and all the bridge carries
+
+
+def media_format_problem(start: Start) -> str | None:
+    """Why the bridge cannot carry this stream's audio (a sentence), or None. An absent ``mediaFormat`` parses
+    as μ-law 8 kHz mono; anything else (e.g. ``audio/l16``) is refused rather than heard as noise."""
+    got = (start.encoding.lower(), start.sample_rate_hz, start.channels)
+    if got == CARRIED_FORMAT:
+        return None
+    return (
+        f"unsupported mediaFormat {start.encoding!r:.40} at {start.sample_rate_hz} Hz, {start.channels} channel(s): "
+        "the bridge carries audio/x-mulaw at 8000 Hz, mono"
+    )
 
 
 def parse_message(text: str | bytes) -> InboundEvent:
@@ -253,7 +264,7 @@ def _parse_media(msg: dict[str, Any]) -> Media:
     return Media(
         stream_sid=_str(msg, "streamSid"),
         payload=payload,
-        timestamp_ms=_int(media, "timestamp", 0),
+        timestamp_ms=_int(media, "timestamp") if "timestamp" in media else None,
         chunk=_int(media, "chunk", 0),
         sequence_number=_int(msg, "sequenceNumber", 0),
         track=_str(media, "track", "inbound"),

@@ -1,7 +1,9 @@
 """Twilio's HTTP side: ``/voice``, ``/stream-status``, ``/stream-ended``, and the upgrade check.
 
 Every request is checked against ``X-Twilio-Signature`` before any work (no lease, no token request); a bad
-one gets 403 and one WARNING line with the path and remote address.
+one gets 403 and one WARNING line with the path and remote address. Before even that, a request that cannot be
+Twilio's (a POST that is empty or not form-encoded, a ``/voice`` without ``CallSid``) gets 400 with the reason;
+such lines are throttled (one per reason a minute), since anyone can send them.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from starlette.responses import PlainTextResponse, Response
 
 from telephony_bridge.accounting.base import AccountingUnavailable
 from telephony_bridge.admission import Admission
+from telephony_bridge.clock import Clock, SystemClock
 from telephony_bridge.errors import AdmissionError, SavantsError
 from telephony_bridge.ops import logging as oplog
 from telephony_bridge.ops.metrics import Metrics
@@ -31,25 +34,57 @@ MEDIA_STREAM_PATH = "/media-stream"
 STREAM_STATUS_PATH = "/stream-status"
 STREAM_ENDED_PATH = "/stream-ended"
 TWIML_MEDIA_TYPE = "application/xml"
+FORM_MEDIA_TYPE = "application/x-www-form-urlencoded"  # what Twilio POSTs (§5.1)
+REJECTED_LOG_EVERY_S = 60.0
 # Outcomes after which the caller hears the apology; "completed" (the AI ended the call) just hangs up.
 APOLOGISE_AFTER = frozenset({"ai_unavailable", "error"})
 
 
 class TwilioWebhooks:
     def __init__(
-        self, settings: Settings, admission: Admission, metrics: Metrics, checker: SignatureChecker | None
+        self,
+        settings: Settings,
+        admission: Admission,
+        metrics: Metrics,
+        checker: SignatureChecker | None,
+        clock: Clock | None = None,
     ) -> None:
         self._settings = settings
         self._admission = admission
         self._metrics = metrics
         self._checker = checker
+        self._clock = clock or SystemClock()
+        self._rejections = oplog.Throttled(log, REJECTED_LOG_EVERY_S)
         tw = settings.twilio
         self._voice = twiml.Voice(tw.say_voice, tw.say_language)
 
     # --- signatures --------------------------------------------------------------------------------------
 
-    async def _params(self, request: Request) -> FormData | Mapping[str, str]:
-        return await request.form() if request.method == "POST" else request.query_params
+    async def _params(self, request: Request) -> FormData | Mapping[str, str] | Response:
+        """The request's Twilio parameters, or a 400 saying why this request cannot be one of Twilio's."""
+        if request.method != "POST":
+            return request.query_params
+        media_type = request.headers.get("content-type", "").partition(";")[0].strip().lower()
+        if not await request.body():
+            return self._reject(request, "empty_body", "expected Twilio's form-encoded parameters, got an empty body")
+        if media_type != FORM_MEDIA_TYPE:
+            return self._reject(
+                request, "content_type", f"expected Content-Type {FORM_MEDIA_TYPE}, got {media_type!r:.60}"
+            )
+        return await request.form()
+
+    def _reject(self, request: Request, reason: str, why: str) -> Response:
+        self._metrics.webhooks_rejected.labels(reason=reason).inc()
+        remote = request.client.host if request.client else "unknown"
+        self._rejections.warning(
+            reason,
+            self._clock.monotonic(),
+            "refused %s from %s, not a Twilio webhook: %s",
+            request.url.path,
+            remote,
+            why,
+        )
+        return PlainTextResponse(why, status_code=400)
 
     def _signed(self, request: Request, params: Mapping[str, Any]) -> bool:
         if self._checker is None:
@@ -82,11 +117,13 @@ class TwilioWebhooks:
 
     async def voice(self, request: Request) -> Response:
         params = await self._params(request)
+        if isinstance(params, Response):
+            return params
         if not self._signed(request, params):
             return PlainTextResponse("invalid signature", status_code=403)
         call_sid = str(params.get("CallSid", ""))
         if not call_sid:
-            return PlainTextResponse("CallSid is required", status_code=400)
+            return self._reject(request, "no_call_sid", "expected a CallSid parameter, got none")
         caller = str(params.get("From", "")) or None
         with oplog.call_context(call_sid=call_sid):
             return await self._answer(request, call_sid, caller, params)
@@ -131,6 +168,8 @@ class TwilioWebhooks:
 
     async def stream_status(self, request: Request) -> Response:
         params = await self._params(request)
+        if isinstance(params, Response):
+            return params
         if not self._signed(request, params):
             return PlainTextResponse("invalid signature", status_code=403)
         event = str(params.get("StreamEvent", "unknown"))
@@ -147,6 +186,8 @@ class TwilioWebhooks:
     async def stream_ended(self, request: Request) -> Response:
         """``<Connect action>``: what the caller hears once the stream is over."""
         params = await self._params(request)
+        if isinstance(params, Response):
+            return params
         if not self._signed(request, params):
             return PlainTextResponse("invalid signature", status_code=403)
         call_sid = str(params.get("CallSid", ""))

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from typing import Literal, get_args
 
 from telephony_bridge.errors import ConfigError
+from telephony_bridge.tools.emulator.faults import Fault, Selector, SessionFault, TokenFault
 
 VoiceName = Literal["echo", "tone", "file", "talker"]
 FaultName = Literal["none", "drop", "error", "garbage"]
@@ -58,6 +59,11 @@ class EmulatorConfig:
     fault: FaultName = "none"
     fault_after_s: float = 1.0
     fault_device_ids: frozenset[str] | None = None
+    # The general switches (faults.py): armed at start-up after the two shorthands above (`fault`,
+    # `token_failure`); more can be armed and all cleared at run time through POST/DELETE /_emulator/faults.
+    session_faults: tuple[SessionFault, ...] = ()
+    token_faults: tuple[TokenFault, ...] = ()
+    fault_seed: int | None = None  # seeds the draws of faults with a probability, for repeatable runs
 
     def __post_init__(self) -> None:
         if not self.api_key:
@@ -91,8 +97,31 @@ class EmulatorConfig:
             self.token_failure,
             "None or an HTTP status from 500 to 599",
         )
+        _require(
+            all(isinstance(f, SessionFault) for f in self.session_faults),
+            "session_faults",
+            self.session_faults,
+            "SessionFault values",
+        )
+        _require(
+            all(isinstance(f, TokenFault) for f in self.token_faults),
+            "token_faults",
+            self.token_faults,
+            "TokenFault values",
+        )
         if len(self.jwt_secret.encode()) < MIN_JWT_SECRET_BYTES:
             raise ConfigError(f"emulator jwt_secret must be at least {MIN_JWT_SECRET_BYTES} bytes long")
+
+    def initial_faults(self) -> tuple[Fault, ...]:
+        """The faults armed at start-up: the shorthands first, then the general switches."""
+        shorthand: list[Fault] = []
+        select = Selector(devices=self.fault_device_ids)
+        if self.fault != "none":
+            kind = "close" if self.fault == "drop" else self.fault
+            shorthand.append(SessionFault(kind=kind, after_s=self.fault_after_s, select=select))
+        if self.token_failure is not None:
+            shorthand.append(TokenFault(status=self.token_failure))
+        return (*shorthand, *self.session_faults, *self.token_faults)
 
 
 def _require(ok: bool, key: str, value: object, allowed: str) -> None:

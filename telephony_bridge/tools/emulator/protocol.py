@@ -33,7 +33,7 @@ class WsErrorCode(StrEnum):
     CONCURRENCY_LIMIT = "CONCURRENCY_LIMIT"
     INVALID_AUDIO = "INVALID_AUDIO"
     INVALID_MESSAGE = "INVALID_MESSAGE"
-    SERVER_ERROR = "SERVER_ERROR"  # only from fault injection (EmulatorConfig.fault = "error")
+    SERVER_ERROR = "SERVER_ERROR"  # only from fault injection (the "error" fault's default code)
 
 
 class CloseCode(IntEnum):
@@ -73,9 +73,11 @@ def connected_message(connected_type: str, *, session_id: str, unix_s: float) ->
     )
 
 
-def ws_error_message(code: WsErrorCode, message: str, *, unix_s: float) -> str:
-    """The reference-schema error shape (spec §6.4): ``{"type":"error","error":{code,message,timestamp}}``."""
-    error = {"code": code.value, "message": message, "timestamp": iso_timestamp(unix_s)}
+def ws_error_message(code: str, message: str, *, unix_s: float) -> str:
+    """The reference-schema error shape (spec §6.4): ``{"type":"error","error":{code,message,timestamp}}``.
+
+    ``code`` is a ``WsErrorCode`` or, from fault injection, any Savants code (e.g. ``DEVICE_INACTIVE``)."""
+    error = {"code": str(code), "message": message, "timestamp": iso_timestamp(unix_s)}
     return json.dumps({"type": "error", "error": error})
 
 

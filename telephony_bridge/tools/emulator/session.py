@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from starlette.types import Message
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
+from telephony_bridge.tools.emulator.faults import SessionFault
 from telephony_bridge.tools.emulator.protocol import (
     FRAME_S,
     Refusal,
@@ -28,6 +29,7 @@ from telephony_bridge.tools.emulator.protocol import (
 )
 from telephony_bridge.tools.emulator.state import EmulatorState, SessionStats
 from telephony_bridge.tools.emulator.tokens import TokenClaims, verify_token
+from telephony_bridge.tools.emulator.transport import reset, transport_of
 from telephony_bridge.tools.emulator.voices import Voice, voice_for
 
 logger = logging.getLogger(__name__)
@@ -115,16 +117,23 @@ class VoiceStreamEndpoint:
 
     async def _serve(self, websocket: WebSocket, device_id: str) -> None:
         session = self.state.open_session(f"sess_{secrets.token_hex(6)}", device_id)
+        fault = self.state.faults.session_fault(device_id)
         opened_s = self.clock.monotonic()
         ending = _Ending()
         try:
             if self.config.confirm_delay_s:
                 await self.clock.sleep_until(self.clock.monotonic() + self.config.confirm_delay_s)
-            confirmation = connected_message(
-                self.config.connected_type, session_id=session.session_id, unix_s=self.clock.wall()
-            )
-            await websocket.send_text(confirmation)
-            ending = await self._stream(websocket, session, voice_for(self.config, self.wav_pcm))
+            voice = voice_for(self.config, self.wav_pcm)
+            if fault is not None and fault.kind == "no_confirm":
+                session.fault = fault.label
+                logger.info("injecting fault %s on %s", fault.label, session.session_id)
+                ending = await self._listen(websocket, session, voice)  # hears the client, never answers
+            else:
+                confirmation = connected_message(
+                    self.config.connected_type, session_id=session.session_id, unix_s=self.clock.wall()
+                )
+                await websocket.send_text(confirmation)
+                ending = await self._stream(websocket, session, voice, fault)
             if ending.refusal is not None:
                 await self._refuse(websocket, ending.refusal, device_id=device_id, log=False)
         except WebSocketDisconnect as exc:
@@ -133,7 +142,7 @@ class VoiceStreamEndpoint:
             self.state.close_session(session)
             logger.info(
                 "session closed: %s device %s after %.1f s, in %d bytes (%d frames), "
-                "out %d bytes (%d frames), ended by %s",
+                "out %d bytes (%d frames), ended by %s%s",
                 session.session_id,
                 device_id,
                 self.clock.monotonic() - opened_s,
@@ -142,24 +151,28 @@ class VoiceStreamEndpoint:
                 session.bytes_out,
                 session.frames_out,
                 ending.describe(),
+                f" (fault {session.fault})" if session.fault else "",
             )
 
-    async def _stream(self, websocket: WebSocket, session: SessionStats, voice: Voice) -> _Ending:
+    async def _stream(
+        self, websocket: WebSocket, session: SessionStats, voice: Voice, fault: SessionFault | None
+    ) -> _Ending:
         async with asyncio.TaskGroup() as tasks:
             speaker = tasks.create_task(self._speak(websocket, session, voice))
-            faulty = self.config.fault != "none" and (
-                self.config.fault_device_ids is None or session.device_id in self.config.fault_device_ids
-            )
-            fault = tasks.create_task(self._inject_fault(websocket)) if faulty else None
+            listener = tasks.create_task(self._listen(websocket, session, voice))
+            injector = None
+            if fault is not None:
+                injector = tasks.create_task(self._inject_fault(websocket, session, fault, (speaker, listener)))
             hangup = None
             if self.config.close_after_s is not None:
                 hangup = tasks.create_task(self._hang_up(websocket, self.config.close_after_s))
-            ending = await self._listen(websocket, session, voice)
-            speaker.cancel()
-            for task in (fault, hangup):
+            await asyncio.wait([listener])
+            if listener.cancelled() and injector is not None:
+                await asyncio.wait([injector])  # a stall: the injector ends it with a reset
+            for task in (speaker, injector, hangup):
                 if task is not None:
                     task.cancel()
-        return ending
+        return _Ending(client_close_code=1006) if listener.cancelled() else listener.result()
 
     async def _hang_up(self, websocket: WebSocket, after_s: float) -> None:
         """End the session normally, as an AI does when the conversation is over."""
@@ -169,20 +182,39 @@ class VoiceStreamEndpoint:
         except (WebSocketDisconnect, RuntimeError):
             return
 
-    async def _inject_fault(self, websocket: WebSocket) -> None:
-        """The configured fault, ``fault_after_s`` into the session (see ``EmulatorConfig.fault``)."""
-        await self.clock.sleep_until(self.clock.monotonic() + self.config.fault_after_s)
-        logger.info("injecting fault %r", self.config.fault)
+    async def _inject_fault(
+        self,
+        websocket: WebSocket,
+        session: SessionStats,
+        fault: SessionFault,
+        workers: tuple[asyncio.Task[None], asyncio.Task[_Ending]],
+    ) -> None:
+        """``fault`` (faults.SessionFault), ``after_s`` into the session."""
+        await self.clock.sleep_until(self.clock.monotonic() + fault.after_s)
+        session.fault = fault.label
+        logger.info("injecting fault %s on %s", fault.label, session.session_id)
+        transport = transport_of(websocket.scope)
         try:
-            if self.config.fault == "garbage":
+            if fault.kind == "garbage":
                 await websocket.send_text("this is not JSON")
-            elif self.config.fault == "error":
-                self.state.record_error(WsErrorCode.SERVER_ERROR.value)
-                message = ws_error_message(WsErrorCode.SERVER_ERROR, "injected fault", unix_s=self.clock.wall())
+            elif fault.kind == "error":
+                self.state.record_error(fault.error_code)
+                message = ws_error_message(fault.error_code, "injected fault", unix_s=self.clock.wall())
                 await websocket.send_text(message)
-                await websocket.close(close_code_for(WsErrorCode.SERVER_ERROR), WsErrorCode.SERVER_ERROR.value)
-            else:
+                await websocket.close(fault.effective_close_code, fault.error_code)
+            elif fault.kind in ("reset", "stall") and transport is None:
+                logger.warning("fault %s needs uvicorn's transport; closing with 1011 instead", fault.kind)
                 await websocket.close(1011)
+            elif fault.kind == "reset" and transport is not None:
+                reset(transport)
+            elif fault.kind == "stall" and transport is not None:
+                for worker in workers:  # nothing read (so no pong) and nothing sent from now on
+                    worker.cancel()
+                transport.pause_reading()
+                await self.clock.sleep_until(self.clock.monotonic() + fault.stall_s)
+                reset(transport)
+            else:
+                await websocket.close(fault.effective_close_code)
         except (WebSocketDisconnect, RuntimeError):
             return  # the client left first
 

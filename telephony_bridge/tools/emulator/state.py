@@ -13,6 +13,7 @@ from typing import Any, Literal
 
 from telephony_bridge.clock import Clock
 from telephony_bridge.tools.emulator.config import EmulatorConfig
+from telephony_bridge.tools.emulator.faults import FaultPlan
 from telephony_bridge.tools.emulator.limits import ConcurrencyLimit, RollingWindow
 from telephony_bridge.tools.emulator.protocol import iso_timestamp
 from telephony_bridge.tools.emulator.tokens import JtiLedger
@@ -43,6 +44,7 @@ class SessionStats:
     frames_in: int = 0
     frames_out: int = 0
     closed: bool = False
+    fault: str | None = None  # the injected fault's label, once it fired
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -54,6 +56,7 @@ class SessionStats:
             "frames_in": self.frames_in,
             "frames_out": self.frames_out,
             "closed": self.closed,
+            "fault": self.fault,
         }
 
 
@@ -65,6 +68,7 @@ class EmulatorState:
     clock: Clock
     token_window: RollingWindow = field(init=False)
     sockets: ConcurrencyLimit = field(init=False)
+    faults: FaultPlan = field(init=False)
     used_tokens: JtiLedger = field(default_factory=JtiLedger)
     tokens_issued: int = 0
     sessions_opened: int = 0
@@ -78,6 +82,7 @@ class EmulatorState:
     def __post_init__(self) -> None:
         self.token_window = RollingWindow(self.config.max_token_requests)
         self.sockets = ConcurrencyLimit(self.config.max_concurrent)
+        self.faults = FaultPlan(self.config.initial_faults(), seed=self.config.fault_seed)
 
     @property
     def sessions_active(self) -> int:
@@ -127,4 +132,5 @@ class EmulatorState:
             "audio_bytes_in": self.closed_bytes_in + sum(session.bytes_in for session in active),
             "audio_bytes_out": self.closed_bytes_out + sum(session.bytes_out for session in active),
             "sessions": [session.to_json() for session in [*self.closed_sessions, *active]],
+            "faults": self.faults.to_json(),
         }

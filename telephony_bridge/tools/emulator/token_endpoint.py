@@ -1,8 +1,9 @@
 """``POST /api/websocket-voice/token``: device credentials in, a one-minute JWT out (spec §3).
 
-Order of checks: body (400), rate limit (429), forced fault (5xx), credentials (401), then the token. Every
-well-formed request counts towards the device's 60 a minute whatever its outcome except a 429 (spec §6.7:
-"each token request counts"), so a client that counts its own requests never trips the limit.
+Order of checks: body (400), an armed fault's delay and forced 429, rate limit (429), an armed fault's
+forced 401/5xx, credentials (401), then the token. Every well-formed request counts towards the device's 60
+a minute whatever its outcome except a 429 (spec §6.7: "each token request counts"), so a client that counts
+its own requests never trips the limit.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from typing import Any
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 
+from telephony_bridge.tools.emulator.faults import TokenFault
 from telephony_bridge.tools.emulator.limits import retry_after_whole_s
 from telephony_bridge.tools.emulator.protocol import http_error_body, iso_timestamp
 from telephony_bridge.tools.emulator.state import EmulatorState
@@ -50,23 +52,21 @@ class TokenEndpoint:
             self.state.record_error("INVALID_REQUEST")
             return fields
         api_key, device_id = fields
+        fault = self.state.faults.token_fault(device_id)
+        if fault is not None and fault.delay_s:
+            await self.clock.sleep_until(self.clock.monotonic() + fault.delay_s)
+        if fault is not None and fault.status == 429:
+            logger.info("injecting fault: token request of device %s answered 429", device_id)
+            return self._rate_limited(fault.retry_after_s)
 
         wait_s = self.state.token_window.admit(device_id, self.clock.monotonic())
         if wait_s is not None:
             self.state.record_violation("token_rate", device_id)
-            retry_after = retry_after_whole_s(wait_s)
-            details = {"retryAfter": retry_after, "limit": self.config.max_token_requests, "window": "1 minute"}
             logger.warning("token refused: device %s is over its token rate limit", device_id)
-            return self._error(
-                429,
-                "RATE_LIMITED",
-                "Too many requests. Try again later.",
-                details,
-                headers={"Retry-After": str(retry_after)},
-            )
-        if self.config.token_failure is not None:
-            code, message = FORCED_FAILURES.get(self.config.token_failure, OTHER_FAILURE)
-            return self._error(self.config.token_failure, code, message)
+            return self._rate_limited(retry_after_whole_s(wait_s))
+        if fault is not None and fault.status is not None:
+            logger.info("injecting fault: token request of device %s answered %d", device_id, fault.status)
+            return self._forced_failure(fault, device_id)
         if not self._credentials_match(api_key, device_id):
             return self._error(401, "AUTHENTICATION_FAILED", "Invalid API key or device ID")
         if device_id in self.config.inactive_device_ids:
@@ -78,6 +78,21 @@ class TokenEndpoint:
         )
         self.state.tokens_issued += 1
         return JSONResponse({"token": token}, headers=NO_CACHE)
+
+    def _rate_limited(self, retry_after_s: int) -> JSONResponse:
+        details = {"retryAfter": retry_after_s, "limit": self.config.max_token_requests, "window": "1 minute"}
+        headers = {"Retry-After": str(retry_after_s)}
+        return self._error(429, "RATE_LIMITED", "Too many requests. Try again later.", details, headers=headers)
+
+    def _forced_failure(self, fault: TokenFault, device_id: str) -> JSONResponse:
+        status = fault.status or 500
+        if status == 401 and fault.error_code == "DEVICE_INACTIVE":
+            details = {"deviceId": device_id, "deactivatedAt": iso_timestamp(self.clock.wall(), millis=False)}
+            return self._error(401, "DEVICE_INACTIVE", "Device has been deactivated", details)
+        if status == 401:
+            return self._error(401, "AUTHENTICATION_FAILED", "Invalid API key or device ID")
+        code, message = FORCED_FAILURES.get(status, OTHER_FAILURE)
+        return self._error(status, code, message)
 
     def _credentials_match(self, api_key: str, device_id: str) -> bool:
         key_ok = secrets.compare_digest(api_key.encode(), self.config.api_key.encode())

@@ -1,0 +1,126 @@
+"""The caller leg: what the call core (``bridge.Call``) needs from an ingress, and nothing about which one.
+
+A leg is one caller's connection to us: a Twilio Media Streams WebSocket (``twilio/leg.py``) or a SIP dialog
+with its RTP (``sip/``). Its driver speaks the ingress protocol; the core speaks only this interface, so
+admission, the AI session (and its reconnects), barge-in, pacing, metrics and the "call ended" line exist once.
+
+What a leg delivers, from ``receive()``, in arrival order:
+
+- ``CallerAudio``: 8 kHz μ-law as the caller sent it, with its place on the caller's timeline in ms
+  (``timestamp_ms``; Twilio's ``media.timestamp``, or an RTP timestamp / 8). ``None`` means the leg has no
+  trustworthy timeline for this chunk: the core places it right after the previous one.
+- ``PlayedUpTo(name)``: the caller has heard everything sent before the mark ``name`` (a Twilio mark echo).
+- ``Digit(digit)``: one DTMF key (Twilio's ``dtmf`` event, RFC 4733 on SIP). Never logged by the leg.
+- ``HungUp(reason)``: the caller's side is over (hung up, disconnected, went silent); always the last event.
+  ``receive()`` never raises for anything the peer sends: garbage is the leg's to count and log.
+
+What the core asks of a leg (only ever from one task at a time, so messages never interleave):
+
+- ``send_audio(ulaw)``: whole 20 ms frames of 8 kHz μ-law, already paced by ``Outbound`` at most
+  ``audio.outbound_lead_ms`` ahead of real time. A leg with a fixed clock (SIP sends RTP at exactly 20 ms,
+  and keeps sending comfort silence when nothing is queued) may hold that lead in a small queue of its own.
+- ``send_mark(name)``: a marker behind the audio sent so far; the leg answers with ``PlayedUpTo(name)`` once
+  the caller has heard it. A leg whose protocol has no marks (SIP) confirms a mark as soon as the audio before
+  it has gone onto the wire: the core then sees playback as "sent", which is what barge-in accounting and
+  the AI's goodbye need within the pacing lead.
+- ``clear()``: drop whatever audio the leg or the far end still holds unplayed (barge-in).
+- ``hang_up(outcome)``: end the caller's side, at most once (later calls do nothing). ``outcome`` is the
+  call's outcome (``completed``, ``ai_unavailable``, ``no_capacity``, ``error``, ``caller_lost``): a leg
+  chooses what the caller hears from it (Twilio: the close code, and the ``<Connect action>`` request reads
+  the recorded outcome; SIP: a fallback recording, then BYE).
+- ``inactive()``: returns a reason once the caller's side has gone silent for too long (no message at all:
+  Twilio sends media every 20 ms even in silence; RTP likewise), so a peer that vanished without a close
+  does not hold a device lease forever. ``Watchdog`` below is the shared implementation.
+- ``figures()``: the leg's own figures for the "call ended" line (protocol errors, jitter, loss...).
+
+Sending to a leg whose peer has gone raises ``CallerGone``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+from typing import Any, Literal, Protocol
+
+from telephony_bridge.clock import Clock
+
+Ingress = Literal["twilio", "sip"]
+
+
+@dataclass(frozen=True, slots=True)
+class CallerAudio:
+    ulaw: bytes
+    timestamp_ms: int | None
+
+
+@dataclass(frozen=True, slots=True)
+class PlayedUpTo:
+    name: str
+
+
+@dataclass(frozen=True, slots=True)
+class Digit:
+    digit: str
+
+
+@dataclass(frozen=True, slots=True)
+class HungUp:
+    reason: str
+
+
+LegEvent = CallerAudio | PlayedUpTo | Digit | HungUp
+
+
+class AudioSink(Protocol):
+    """Where paced AI audio goes: the sending half of a caller leg (``Outbound`` writes only to this)."""
+
+    async def send_audio(self, ulaw: bytes) -> None: ...
+    async def send_mark(self, name: str) -> None: ...
+    async def clear(self) -> None: ...
+
+
+class CallerLeg(AudioSink, Protocol):
+    """One caller's connection, whatever the ingress (see the module docstring for the contract)."""
+
+    @property
+    def ingress(self) -> Ingress: ...
+    @property
+    def call_id(self) -> str:
+        """The call's identity for accounting, outcomes and logs: Twilio's CallSid, or the SIP Call-ID."""
+        ...
+
+    @property
+    def stream_id(self) -> str:
+        """A second identity for logs (Twilio's streamSid); may be empty."""
+        ...
+
+    async def receive(self) -> LegEvent: ...
+    async def hang_up(self, outcome: str) -> None: ...
+    async def inactive(self) -> str: ...
+    def figures(self) -> dict[str, Any]: ...
+
+
+class Watchdog:
+    """Notices a peer that went quiet: ``alive()`` on every message, ``await expired()`` returns once no
+    message came for ``timeout_s`` (``None``: never).
+
+    One timer per period rather than one per message: it sleeps until the last sign of life plus the timeout
+    and looks again, so 50 messages a second cost nothing but a float store.
+    """
+
+    def __init__(self, clock: Clock, timeout_s: float | None) -> None:
+        self._clock = clock
+        self.timeout_s = timeout_s
+        self._last = clock.monotonic()
+
+    def alive(self) -> None:
+        self._last = self._clock.monotonic()
+
+    async def expired(self) -> float:
+        """Wait until the peer has been silent for the timeout; how long it was silent."""
+        if self.timeout_s is None:
+            await asyncio.Event().wait()  # never set: this peer is never given up for silence
+        assert self.timeout_s is not None
+        while (due := self._last + self.timeout_s) > self._clock.monotonic():
+            await self._clock.sleep_until(due)
+        return self._clock.monotonic() - self._last

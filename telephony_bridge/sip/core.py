@@ -1,0 +1,472 @@
+"""The UAS core: transactions and dialogs of many calls behind one call-by-call API, without I/O (spec §3–§7).
+
+The driver feeds ``receive(parsed, peer, now)`` and ``poll(now)`` and gets back a list of ``Send`` actions and
+events (``IncomingCall``, ``CallConfirmed``, ``CallCancelled``, ``CallEnded``, ``AckTimeout``, ``ReOffer``,
+``InfoDigit``). It decides admission itself and answers with ``ring``/``answer``/``reject``; ``hangup`` sends
+our BYE, held back until the ACK (or its timeout), since a BYE must not precede the ACK (§4).
+
+What the core answers by itself: ``100 Trying`` at once; retransmissions (never a second call, G11); CANCEL
+(``200`` + ``487``, or ``481``); BYE (``200``); OPTIONS (``options_status``); in-dialog requests for an unknown
+dialog (``481``) or with a CSeq that went down (``500``); a second re-INVITE while one is open (``500`` +
+``Retry-After``); unsupported ``Require`` (``420``); methods we do not take (``405``/``501``); malformed
+requests (``400``). Calls are keyed by Call-ID: a UAS sees one dialog per Call-ID in practice.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from telephony_bridge.sip.address import new_tag, parse_name_addr, parse_via
+from telephony_bridge.sip.dialog import ALLOW, SUPPORTED, Dialog, Peer, build_response, response_target
+from telephony_bridge.sip.message import Malformed, Parsed, Request, Response
+from telephony_bridge.sip.transaction import (
+    AnswerRetransmit,
+    InviteServerTransaction,
+    NonInviteServerTransaction,
+    State,
+    Timers,
+    transaction_key,
+)
+
+KNOWN_METHODS = {"INVITE", "ACK", "BYE", "CANCEL", "OPTIONS", "UPDATE", "INFO"}
+REFUSED_METHODS = {"REGISTER", "REFER", "SUBSCRIBE", "NOTIFY", "MESSAGE", "PRACK", "PUBLISH"}
+SUPPORTED_TAGS = {"timer"}
+REASONS = {
+    100: "Trying",
+    180: "Ringing",
+    200: "OK",
+    400: "Bad Request",
+    401: "Unauthorized",
+    403: "Forbidden",
+    405: "Method Not Allowed",
+    420: "Bad Extension",
+    422: "Session Interval Too Small",
+    481: "Call/Transaction Does Not Exist",
+    486: "Busy Here",
+    487: "Request Terminated",
+    488: "Not Acceptable Here",
+    500: "Server Internal Error",
+    501: "Not Implemented",
+    503: "Service Unavailable",
+}
+
+
+@dataclass(frozen=True, slots=True)
+class Send:
+    data: bytes
+    to: Peer
+
+
+@dataclass(frozen=True, slots=True)
+class IncomingCall:
+    call_id: str
+    invite: Request
+    peer: Peer
+
+
+@dataclass(frozen=True, slots=True)
+class CallConfirmed:
+    call_id: str
+    ack: Request
+
+
+@dataclass(frozen=True, slots=True)
+class CallCancelled:
+    call_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class CallEnded:
+    """The peer sent BYE (already answered ``200``)."""
+
+    call_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class AckTimeout:
+    """64·T1 without the ACK of our 2xx (G1): the call must end; ``hangup`` now sends the BYE."""
+
+    call_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class ReOffer:
+    """A re-INVITE or UPDATE in a dialog: answer with ``answer_reoffer``. ``request.body`` may be empty
+    (a session refresh without SDP)."""
+
+    call_id: str
+    request: Request
+
+
+@dataclass(frozen=True, slots=True)
+class InfoDigit:
+    """A DTMF digit sent as SIP INFO (``application/dtmf-relay``)."""
+
+    call_id: str
+    digit: str
+
+
+Event = IncomingCall | CallConfirmed | CallCancelled | CallEnded | AckTimeout | ReOffer | InfoDigit
+Output = Send | Event
+_Txn = InviteServerTransaction | NonInviteServerTransaction
+
+
+@dataclass
+class _Call:
+    invite: Request
+    txn: InviteServerTransaction
+    peer: Peer
+    to_tag: str
+    dialog: Dialog | None = None
+    answer: AnswerRetransmit | None = None
+    reoffer: InviteServerTransaction | NonInviteServerTransaction | None = None
+    reoffer_answer: AnswerRetransmit | None = None
+    bye_pending: bool = False
+    ended: bool = False
+
+
+@dataclass
+class _ClientRetransmit:
+    """Our BYE over UDP: resent on Timer E until a final response or Timer F (64·T1)."""
+
+    data: bytes
+    to: Peer
+    next_at: float
+    interval: float
+    end_at: float
+
+
+@dataclass
+class UserAgentCore:
+    advertised_host: str
+    port: int
+    timers: Timers = field(default_factory=Timers)
+    options_status: int = 200  # what OPTIONS (and a dispatcher's health check) hears; 503 while draining
+    _txns: dict[tuple[str, str, str], tuple[_Txn, Peer]] = field(default_factory=dict)
+    _calls: dict[str, _Call] = field(default_factory=dict)
+    _client: dict[str, _ClientRetransmit] = field(default_factory=dict)
+
+    def contact(self, peer: Peer) -> str:
+        suffix = ";transport=tcp" if peer.transport == "tcp" else ""
+        return f"<sip:bridge@{self.advertised_host}:{self.port}{suffix}>"
+
+    @property
+    def active_calls(self) -> int:
+        return sum(1 for c in self._calls.values() if not c.ended)
+
+    # --- input -----------------------------------------------------------------------------------------------
+
+    def receive(self, parsed: Parsed, peer: Peer, now: float) -> list[Output]:
+        if isinstance(parsed, Response):
+            self._on_response(parsed)
+            return []
+        if isinstance(parsed, Malformed):
+            if parsed.request is None or parsed.request.method == "ACK":
+                return []
+            return self._send(parsed.request, peer, build_response(parsed.request, 400, "Bad Request", peer=peer))
+        if not isinstance(parsed, Request):
+            return []  # keep-alives are the driver's
+        return self._on_request(parsed, peer, now)
+
+    def _on_request(self, request: Request, peer: Peer, now: float) -> list[Output]:
+        key = transaction_key(request)
+        found = self._txns.get(key) if key is not None else None
+        txn = found[0] if found is not None else None
+        if request.method == "ACK":
+            return self._on_ack(request, txn, now)
+        if txn is not None:
+            return [Send(r.to_bytes(), response_target(request, peer)) for r in txn.on_retransmission(now)]
+        if request.method not in KNOWN_METHODS:
+            code = 405 if request.method in REFUSED_METHODS else 501
+            return self._stateless(request, peer, now, key, code, rows=[("Allow", ALLOW)])
+        if request.method == "CANCEL":
+            return self._on_cancel(request, peer, now, key)
+        if request.method == "OPTIONS" and not _to_tag(request):
+            rows = [("Allow", ALLOW), ("Accept", "application/sdp"), ("Supported", SUPPORTED)]
+            if self.options_status == 503:
+                rows.append(("Retry-After", "5"))
+            return self._stateless(request, peer, now, key, self.options_status, rows=rows)
+        if request.method == "INVITE" and not _to_tag(request):
+            return self._on_invite(request, peer, now, key)
+        return self._in_dialog(request, peer, now, key)
+
+    def _on_invite(self, request: Request, peer: Peer, now: float, key: tuple[str, str, str] | None) -> list[Output]:
+        unsupported = request.headers.tokens("Require") - SUPPORTED_TAGS
+        if unsupported:
+            return self._stateless(
+                request, peer, now, key, 420, rows=[("Unsupported", ", ".join(sorted(unsupported)))], invite=True
+            )
+        existing = self._calls.get(request.call_id)
+        if existing is not None and not existing.ended and existing.txn.state is State.PROCEEDING:
+            return []  # same call, new branch while the first is undecided (a broken retransmission): absorb
+        txn = InviteServerTransaction(request, reliable=peer.reliable, now=now, timers=self.timers)
+        if key is not None:
+            self._txns[key] = (txn, peer)
+        call = _Call(request, txn, peer, new_tag())
+        self._calls[request.call_id] = call
+        trying = build_response(request, 100, "Trying", peer=peer)
+        out: list[Output] = [Send(r.to_bytes(), response_target(request, peer)) for r in txn.respond(trying, now)]
+        out.append(IncomingCall(request.call_id, request, peer))
+        return out
+
+    def _on_ack(
+        self, request: Request, txn: InviteServerTransaction | NonInviteServerTransaction | None, now: float
+    ) -> list[Output]:
+        if isinstance(txn, InviteServerTransaction) and txn.state is State.COMPLETED:
+            txn.on_ack(now)  # the ACK of a non-2xx final: same branch (§17.1.1.3)
+            return []
+        call = self._calls.get(request.call_id)
+        if call is None or call.dialog is None or not call.dialog.matches(request):
+            return []
+        out: list[Output] = []
+        for answer in (call.answer, call.reoffer_answer):
+            if answer is not None and not answer.acked and request.cseq[0] == answer.response.cseq[0]:
+                answer.ack()
+                if answer is call.answer:
+                    out.append(CallConfirmed(request.call_id, request))
+                    if call.bye_pending:
+                        out += self._send_bye(call, now)
+        return out
+
+    def _on_cancel(self, request: Request, peer: Peer, now: float, key: tuple[str, str, str] | None) -> list[Output]:
+        invite_key = (key[0], key[1], "INVITE") if key is not None else None
+        found = self._txns.get(invite_key) if invite_key is not None else None
+        invite_txn = found[0] if found is not None else None
+        if not isinstance(invite_txn, InviteServerTransaction):
+            return self._stateless(request, peer, now, key, 481)
+        call = self._calls.get(invite_txn.request.call_id)
+        tag = call.to_tag if call is not None else None
+        out = self._stateless(request, peer, now, key, 200, to_tag=tag)
+        if invite_txn.state is State.PROCEEDING and call is not None:
+            terminated = build_response(invite_txn.request, 487, REASONS[487], peer=call.peer, to_tag=call.to_tag)
+            out += self._respond(call, terminated, now)
+            call.ended = True
+            out.append(CallCancelled(call.invite.call_id))
+        return out
+
+    def _in_dialog(self, request: Request, peer: Peer, now: float, key: tuple[str, str, str] | None) -> list[Output]:
+        call = self._calls.get(request.call_id)
+        dialog = call.dialog if call is not None and not call.ended else None
+        if call is None or dialog is None or not dialog.matches(request):
+            return self._stateless(request, peer, now, key, 481, invite=request.method == "INVITE")
+        if not dialog.accept_cseq(request):
+            return self._stateless(request, peer, now, key, 500, invite=request.method == "INVITE")
+        if request.method == "BYE":
+            call.ended = True
+            out = self._stateless(request, peer, now, key, 200)
+            if call.reoffer is not None and call.reoffer.state is State.PROCEEDING:
+                pending = build_response(call.reoffer.request, 487, REASONS[487], peer=call.peer)
+                out += [Send(r.to_bytes(), call.peer) for r in call.reoffer.respond(pending, now)]
+            return [*out, CallEnded(request.call_id)]
+        if request.method == "INFO":
+            out = self._stateless(request, peer, now, key, 200)
+            digit = _dtmf_relay(request)
+            return [*out, InfoDigit(request.call_id, digit)] if digit else out
+        if request.method in ("INVITE", "UPDATE"):
+            if call.reoffer is not None and call.reoffer.state is State.PROCEEDING:
+                return self._stateless(
+                    request, peer, now, key, 500, rows=[("Retry-After", "2")], invite=request.method == "INVITE"
+                )
+            txn_cls = InviteServerTransaction if request.method == "INVITE" else NonInviteServerTransaction
+            txn = txn_cls(request, reliable=peer.reliable, now=now, timers=self.timers)
+            if key is not None:
+                self._txns[key] = (txn, peer)
+            call.reoffer = txn
+            return [ReOffer(request.call_id, request)]
+        return self._stateless(request, peer, now, key, 200)  # in-dialog OPTIONS
+
+    def _on_response(self, response: Response) -> None:
+        vias = response.headers.values("Via")
+        via = parse_via(vias[0]) if vias else None
+        branch = via.branch if via is not None else ""
+        if response.status >= 200:
+            self._client.pop(branch, None)
+
+    # --- decisions from the driver ---------------------------------------------------------------------------
+
+    def ring(self, call_id: str, now: float) -> list[Output]:
+        call = self._calls.get(call_id)
+        if call is None or call.ended:
+            return []
+        ringing = build_response(
+            call.invite,
+            180,
+            REASONS[180],
+            peer=call.peer,
+            to_tag=call.to_tag,
+            rows=[("Contact", self.contact(call.peer))],
+        )
+        return self._respond(call, ringing, now)
+
+    def answer(
+        self, call_id: str, sdp: bytes, now: float, *, rows: list[tuple[str, str]] | None = None
+    ) -> list[Output]:
+        call = self._calls.get(call_id)
+        if call is None or call.ended or call.txn.state is not State.PROCEEDING:
+            return []
+        contact = self.contact(call.peer)
+        ok = build_response(
+            call.invite,
+            200,
+            "OK",
+            peer=call.peer,
+            to_tag=call.to_tag,
+            rows=[
+                *[("Record-Route", rr) for rr in call.invite.headers.values("Record-Route")],
+                ("Contact", contact),
+                ("Allow", ALLOW),
+                ("Supported", SUPPORTED),
+                *(rows or []),
+                ("Content-Type", "application/sdp"),
+            ],
+            body=sdp,
+        )
+        call.dialog = Dialog.from_invite(call.invite, local_tag=call.to_tag, peer=call.peer, contact=contact)
+        call.answer = AnswerRetransmit(ok, now=now, timers=self.timers)
+        return self._respond(call, ok, now)
+
+    def reject(
+        self, call_id: str, status: int, now: float, *, rows: list[tuple[str, str]] | None = None
+    ) -> list[Output]:
+        call = self._calls.get(call_id)
+        if call is None or call.txn.state is not State.PROCEEDING:
+            return []
+        response = build_response(
+            call.invite, status, REASONS.get(status, "Refused"), peer=call.peer, to_tag=call.to_tag, rows=rows or []
+        )
+        call.ended = True
+        return self._respond(call, response, now)
+
+    def answer_reoffer(
+        self, call_id: str, status: int, now: float, *, sdp: bytes = b"", rows: list[tuple[str, str]] | None = None
+    ) -> list[Output]:
+        call = self._calls.get(call_id)
+        if call is None or call.reoffer is None or call.dialog is None:
+            return []
+        txn = call.reoffer
+        extra = [("Contact", call.dialog.contact), ("Allow", ALLOW), ("Supported", SUPPORTED), *(rows or [])]
+        if sdp:
+            extra.append(("Content-Type", "application/sdp"))
+        response = build_response(txn.request, status, REASONS.get(status, "OK"), peer=call.peer, rows=extra, body=sdp)
+        out = [Send(r.to_bytes(), response_target(txn.request, call.peer)) for r in txn.respond(response, now)]
+        if isinstance(txn, InviteServerTransaction) and 200 <= status < 300:
+            call.reoffer_answer = AnswerRetransmit(response, now=now, timers=self.timers)
+        return out
+
+    def hangup(self, call_id: str, now: float) -> list[Output]:
+        """End a call from our side: BYE once confirmed (or at once after the ACK timeout); before any final
+        response this is a ``reject`` the driver should have chosen, so it answers ``500``."""
+        call = self._calls.get(call_id)
+        if call is None or call.ended:
+            return []
+        if call.dialog is None:
+            return self.reject(call_id, 500, now)
+        if call.answer is not None and not call.answer.acked and not call.answer.gave_up:
+            call.bye_pending = True
+            return []
+        return self._send_bye(call, now)
+
+    def forget(self, call_id: str) -> None:
+        """The driver is done with the call (its media stopped); transactions still absorb retransmissions."""
+        call = self._calls.get(call_id)
+        if call is not None and call.ended:
+            del self._calls[call_id]
+
+    # --- time ------------------------------------------------------------------------------------------------
+
+    @property
+    def deadline(self) -> float | None:
+        times: list[float] = [t.deadline for t, _ in self._txns.values() if t.deadline is not None]
+        for call in self._calls.values():
+            for answer in (call.answer, call.reoffer_answer):
+                if answer is not None and answer.deadline is not None:
+                    times.append(answer.deadline)
+        times += [min(c.next_at, c.end_at) for c in self._client.values()]
+        return min(times) if times else None
+
+    def poll(self, now: float) -> list[Output]:
+        out: list[Output] = []
+        for key, (txn, peer) in list(self._txns.items()):
+            out += [Send(r.to_bytes(), response_target(txn.request, peer)) for r in txn.poll(now)]
+            if txn.state is State.TERMINATED:
+                del self._txns[key]
+        for call_id, call in list(self._calls.items()):
+            for answer in (call.answer, call.reoffer_answer):
+                if answer is None:
+                    continue
+                out += [Send(r.to_bytes(), response_target(call.invite, call.peer)) for r in answer.poll(now)]
+                if answer is call.answer and answer.gave_up and not call.ended:
+                    out.append(AckTimeout(call_id))
+                    if call.bye_pending:
+                        out += self._send_bye(call, now)
+                    answer.acked = True  # report once
+        for branch, client in list(self._client.items()):
+            if now >= client.end_at:
+                del self._client[branch]
+            elif now >= client.next_at:
+                out.append(Send(client.data, client.to))
+                client.interval = min(client.interval * 2, self.timers.t2_s)
+                client.next_at = now + client.interval
+        return out
+
+    # --- helpers ---------------------------------------------------------------------------------------------
+
+    def _respond(self, call: _Call, response: Response, now: float) -> list[Output]:
+        return [Send(r.to_bytes(), response_target(call.invite, call.peer)) for r in call.txn.respond(response, now)]
+
+    def _send(self, request: Request, peer: Peer, response: Response) -> list[Output]:
+        return [Send(response.to_bytes(), response_target(request, peer))]
+
+    def _stateless(
+        self,
+        request: Request,
+        peer: Peer,
+        now: float,
+        key: tuple[str, str, str] | None,
+        status: int,
+        *,
+        rows: list[tuple[str, str]] | None = None,
+        to_tag: str | None = None,
+        invite: bool = False,
+    ) -> list[Output]:
+        """Answer a request with a final response through a fresh server transaction (absorbs retransmissions)."""
+        tag = to_tag if to_tag is not None else (None if _to_tag(request) else new_tag())
+        response = build_response(request, status, REASONS.get(status, "Error"), peer=peer, to_tag=tag, rows=rows or [])
+        txn_cls = InviteServerTransaction if invite else NonInviteServerTransaction
+        txn = txn_cls(request, reliable=peer.reliable, now=now, timers=self.timers)
+        if key is not None:
+            self._txns[key] = (txn, peer)
+        return [Send(r.to_bytes(), response_target(request, peer)) for r in txn.respond(response, now)]
+
+    def _send_bye(self, call: _Call, now: float) -> list[Output]:
+        assert call.dialog is not None
+        call.ended = True
+        call.bye_pending = False
+        bye = call.dialog.request("BYE", via_host=self.advertised_host, via_port=self.port)
+        to = call.dialog.destination()
+        data = bye.to_bytes()
+        if not to.reliable:
+            via = parse_via(bye.headers.values("Via")[0])
+            branch = via.branch if via is not None else ""
+            self._client[branch] = _ClientRetransmit(
+                data, to, now + self.timers.t1_s, self.timers.t1_s, now + self.timers.give_up_s
+            )
+        return [Send(data, to)]
+
+
+def _to_tag(request: Request) -> str | None:
+    to = parse_name_addr(request.headers.get("To") or "")
+    return to.tag if to is not None else None
+
+
+def _dtmf_relay(request: Request) -> str | None:
+    content_type = (request.headers.get("Content-Type") or "").lower()
+    if "dtmf" not in content_type:
+        return None
+    for line in request.body.decode("utf-8", "replace").splitlines():
+        name, _, value = line.partition("=")
+        if name.strip().lower() == "signal" and value.strip():
+            digit = value.strip()[0].upper()
+            if digit in "0123456789*#ABCD":
+                return digit
+    return None

@@ -1,0 +1,214 @@
+"""The Twilio Media Streams caller leg: the thin driver between Starlette's WebSocket and ``twilio.protocol``.
+
+It waits for ``start``, checks the stream token the webhook minted, then hands itself to the call core as a
+``leg.CallerLeg``: Twilio's messages become leg events, and the core's audio, marks and clears become Twilio
+JSON (spec: twilio-media-streams.md §3, §4). Garbage from Twilio is counted and logged here (the first few
+messages of a call get a line each) and never reaches the core.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import logging
+from typing import Any, Literal, Protocol
+
+from telephony_bridge.bridge import Call, CallDeps
+from telephony_bridge.clock import Clock
+from telephony_bridge.errors import CallerGone
+from telephony_bridge.leg import CallerAudio, Digit, HungUp, LegEvent, PlayedUpTo, Watchdog
+from telephony_bridge.ops import logging as oplog
+from telephony_bridge.ops.metrics import Metrics
+from telephony_bridge.settings import TwilioSettings
+from telephony_bridge.twilio import protocol as tw
+
+log = logging.getLogger(__name__)
+
+MAX_CLOSE_REASON = 120  # a WebSocket close reason is at most 123 bytes
+MAX_LOGGED_PROTOCOL_ERRORS = 3  # one clear line each for the first few bad messages of a call; then counts
+
+
+class CloseCode(enum.IntEnum):
+    NORMAL = 1000
+    UNSUPPORTED_DATA = 1003
+    POLICY_VIOLATION = 1008
+    INTERNAL_ERROR = 1011
+    TRY_AGAIN_LATER = 1013
+
+
+# How the stream closes for each outcome; the <Connect action> request then reads the recorded outcome.
+_CLOSE_FOR_OUTCOME = {
+    "no_capacity": (CloseCode.TRY_AGAIN_LATER, "no capacity"),
+    "refused": (CloseCode.POLICY_VIOLATION, "invalid stream token"),
+    "duplicate": (CloseCode.POLICY_VIOLATION, "another stream for this CallSid is live"),
+}
+
+
+class TwilioSocket(Protocol):
+    """The part of Starlette's ``WebSocket`` a call uses (tests may pass anything shaped like it)."""
+
+    async def receive(self) -> Any: ...
+    async def send_text(self, data: str) -> None: ...
+    async def close(self, code: int = 1000, reason: str | None = None) -> None: ...
+
+
+async def handle_media_stream(ws: TwilioSocket, deps: CallDeps) -> None:
+    """One accepted /media-stream socket: ``start``, then the call core, which first takes the CallSid (one live
+    stream per call), then lets ``authorise`` check the media format and the stream token."""
+    leg = TwilioLeg(ws, deps.settings.twilio, deps.metrics, deps.clock)
+    start = await leg.wait_for_start()
+    if start is None:
+        await leg.close(CloseCode.NORMAL)
+        return
+    with oplog.call_context(call_sid=start.call_sid, stream_sid=start.stream_sid):
+        token = start.custom_parameters.get("token")
+
+        async def authorise() -> bool:
+            """Audio we can carry, and the stream token the webhook minted for this CallSid, presented once
+            (spec §5.3). Runs while this stream holds the CallSid, so giving its reservation back is safe."""
+            if problem := tw.media_format_problem(start):
+                deps.metrics.streams_refused.labels(reason="unsupported_media_format").inc()
+                log.warning("closing stream: %s", problem)
+                await leg.close(CloseCode.UNSUPPORTED_DATA, problem[:MAX_CLOSE_REASON])
+                await deps.admission.release_reservation(start.call_sid)
+                return False
+            if not deps.settings.twilio.require_stream_token:
+                return True
+            if await deps.admission.check_stream_token(start.call_sid, token):
+                return True
+            deps.metrics.stream_token_refused.inc()
+            log.warning("closing stream: its start carries no valid stream token (missing, foreign or replayed)")
+            return False
+
+        await Call(leg, deps, caller=start.custom_parameters.get("from"), authorise=authorise).run()
+
+
+class TwilioLeg:
+    """A Media Streams WebSocket as a caller leg (``leg.CallerLeg``)."""
+
+    ingress: Literal["twilio"] = "twilio"
+
+    def __init__(self, ws: TwilioSocket, settings: TwilioSettings, metrics: Metrics, clock: Clock) -> None:
+        self._ws = ws
+        self._settings = settings
+        self._metrics = metrics
+        self._clock = clock
+        self._open = True
+        self.call_id = ""
+        self.stream_id = ""
+        self.protocol_errors = 0
+        self.watchdog = Watchdog(clock, None)
+
+    # --- before the call -----------------------------------------------------------------------------------
+
+    async def wait_for_start(self) -> tw.Start | None:
+        """Twilio's ``start`` (``connected`` may come first), or ``None`` if the stream ended or stayed mute."""
+        timeout_s = self._settings.start_timeout_s
+        try:
+            async with asyncio.timeout(timeout_s):
+                while True:
+                    frame = await self._receive_frame()
+                    if frame is None:
+                        log.info("twilio stream closed before 'start'")
+                        return None
+                    event = tw.parse_message(frame)
+                    if isinstance(event, tw.Start):
+                        self.call_id, self.stream_id = event.call_sid, event.stream_sid
+                        return event
+                    if isinstance(event, tw.Stop):
+                        return None
+                    if not isinstance(event, tw.Connected):
+                        self._protocol_error(f"expected 'connected' or 'start', got {_describe(event)}")
+        except TimeoutError:
+            log.warning("twilio stream sent no 'start' within %s s; closing it", timeout_s)
+            return None
+
+    # --- caller -> core ------------------------------------------------------------------------------------
+
+    async def receive(self) -> LegEvent:
+        while True:
+            frame = await self._receive_frame()
+            if frame is None:
+                return HungUp("twilio disconnected")
+            event = tw.parse_message(frame)
+            if isinstance(event, tw.Media):
+                return CallerAudio(event.payload, event.timestamp_ms)
+            if isinstance(event, tw.Mark):
+                return PlayedUpTo(event.name)
+            if isinstance(event, tw.Stop):
+                return HungUp("caller hung up")
+            if isinstance(event, tw.Dtmf):
+                return Digit(event.digit)
+            if isinstance(event, tw.Malformed):
+                self._protocol_error(event.reason)
+            elif isinstance(event, tw.Unknown):
+                log.debug("ignoring unknown twilio event %r", event.name)
+            else:
+                self._protocol_error(f"unexpected {_describe(event)} after 'start'")
+
+    async def inactive(self) -> str:
+        silent_s = await self.watchdog.expired()
+        return f"twilio silent for {silent_s:.1f} s"
+
+    def figures(self) -> dict[str, Any]:
+        return {"protocol_errors": self.protocol_errors}
+
+    async def _receive_frame(self) -> str | bytes | None:
+        """The next frame from Twilio, or ``None`` once it has disconnected."""
+        if not self._open:
+            return None
+        message = await self._ws.receive()
+        self.watchdog.alive()
+        if message["type"] == "websocket.disconnect":
+            self._open = False
+            return None
+        text = message.get("text")
+        return text if text is not None else message.get("bytes") or b""
+
+    def _protocol_error(self, reason: str) -> None:
+        self.protocol_errors += 1
+        self._metrics.protocol_errors.labels(peer="twilio").inc()
+        if self.protocol_errors <= MAX_LOGGED_PROTOCOL_ERRORS:
+            log.warning("bad message from twilio: %s", reason)
+
+    # --- core -> caller ------------------------------------------------------------------------------------
+
+    async def send_audio(self, ulaw: bytes) -> None:
+        await self._send(tw.media_message(self.stream_id, ulaw))
+
+    async def send_mark(self, name: str) -> None:
+        await self._send(tw.mark_message(self.stream_id, name))
+
+    async def clear(self) -> None:
+        await self._send(tw.clear_message(self.stream_id))
+
+    async def hang_up(self, outcome: str) -> None:
+        code, reason = _CLOSE_FOR_OUTCOME.get(outcome, (CloseCode.NORMAL, ""))
+        await self.close(code, reason)
+
+    async def _send(self, text: str) -> None:
+        if not self._open:
+            raise CallerGone("the twilio stream is closed")
+        try:
+            await self._ws.send_text(text)
+        except Exception as exc:  # starlette raises several types once the peer is gone
+            self._open = False
+            raise CallerGone("the twilio stream closed while sending") from exc
+
+    async def close(self, code: CloseCode, reason: str = "") -> None:
+        """Close the socket once; Twilio then runs the TwiML after ``<Connect>``."""
+        if not self._open:
+            return
+        self._open = False
+        try:
+            await self._ws.close(code=int(code), reason=reason or None)
+        except Exception:  # already closed underneath us: nothing left to release
+            log.debug("twilio socket was already closed")
+
+
+def _describe(event: object) -> str:
+    if isinstance(event, tw.Malformed):
+        return f"a malformed message ({event.reason})"
+    if isinstance(event, tw.Unknown):
+        return f"unknown event {event.name!r}"
+    return f"'{type(event).__name__.lower()}'"

@@ -1,0 +1,81 @@
+"""Digest authentication and session timers, pure (spec §8.2, §9)."""
+
+from __future__ import annotations
+
+from telephony_bridge.sip.auth import DigestAuthenticator, authorization_header, ha1, parse_digest
+from telephony_bridge.sip.message import Headers
+from telephony_bridge.sip.timers import SessionTimer, TooSmall, negotiate_session_timer
+
+REALM = "bridge.example"
+URI = "sip:ai@203.0.113.5"
+NOW = 1_800_000_000.0
+
+
+def authenticator(*algorithms: str) -> DigestAuthenticator:
+    users = {"pbx": {alg: ha1(alg, "pbx", REALM, "s3cret") for alg in algorithms}}
+    return DigestAuthenticator(REALM, users, secret=b"k" * 32, nonce_ttl_s=300)
+
+
+def test_challenges_prefer_sha256_then_md5() -> None:
+    rows = authenticator("MD5", "SHA-256").challenges(NOW)
+    assert [parse_digest(r)["algorithm"] for r in rows] == ["SHA-256", "MD5"]  # type: ignore[index]
+    assert all(parse_digest(r)["qop"] == "auth" for r in rows)  # type: ignore[index]
+
+
+def test_correct_credentials_pass_for_each_algorithm_and_replay_fails() -> None:
+    auth = authenticator("SHA-256", "MD5")
+    for challenge in auth.challenges(NOW):
+        value = authorization_header(challenge, user="pbx", password="s3cret", method="INVITE", uri=URI)
+        assert value is not None
+        assert auth.verify([value], method="INVITE", uri=URI, now_wall=NOW + 1).ok
+        replay = auth.verify([value], method="INVITE", uri=URI, now_wall=NOW + 2)
+        assert not replay.ok and replay.reason == "nonce count replayed"
+
+
+def test_wrong_password_unknown_user_wrong_uri_forged_nonce() -> None:
+    auth = authenticator("SHA-256")
+    challenge = auth.challenges(NOW)[0]
+    wrong = authorization_header(challenge, user="pbx", password="nope", method="INVITE", uri=URI)
+    verdict = auth.verify([wrong or ""], method="INVITE", uri=URI, now_wall=NOW)
+    assert (verdict.ok, verdict.reason, verdict.stale) == (False, "wrong credentials", False)
+    stranger = authorization_header(challenge, user="eve", password="s3cret", method="INVITE", uri=URI)
+    assert not auth.verify([stranger or ""], method="INVITE", uri=URI, now_wall=NOW).ok
+    other_uri = authorization_header(challenge, user="pbx", password="s3cret", method="INVITE", uri="sip:x@y")
+    assert auth.verify([other_uri or ""], method="INVITE", uri=URI, now_wall=NOW).reason.startswith("digest uri")
+    forged = challenge.replace(auth.nonce(NOW), f"{int(NOW):x}.{'0' * 32}")
+    value = authorization_header(forged, user="pbx", password="s3cret", method="INVITE", uri=URI)
+    assert auth.verify([value or ""], method="INVITE", uri=URI, now_wall=NOW).reason == "nonce is not ours"
+    assert not auth.verify([], method="INVITE", uri=URI, now_wall=NOW).ok
+
+
+def test_stale_nonce_asks_for_a_rechallenge() -> None:
+    auth = authenticator("SHA-256")
+    value = authorization_header(auth.challenges(NOW)[0], user="pbx", password="s3cret", method="INVITE", uri=URI)
+    verdict = auth.verify([value or ""], method="INVITE", uri=URI, now_wall=NOW + 301)
+    assert (verdict.ok, verdict.stale) == (False, True)
+    assert "stale=true" in auth.challenges(NOW + 301, stale=True)[0]
+
+
+def test_reason_never_contains_credentials() -> None:
+    auth = authenticator("MD5")
+    value = authorization_header(auth.challenges(NOW)[0], user="pbx", password="s3cret", method="INVITE", uri=URI)
+    verdict = auth.verify([(value or "").replace("s3cret", "")], method="BYE", uri=URI, now_wall=NOW)
+    assert "response" not in verdict.reason and "s3cret" not in verdict.reason
+
+
+def test_session_timer_negotiation() -> None:
+    def hdrs(*rows: tuple[str, str]) -> Headers:
+        return Headers.of(rows)
+
+    assert negotiate_session_timer(hdrs(), min_se_s=90) is None
+    assert negotiate_session_timer(hdrs(("x", "60")), min_se_s=90) == TooSmall(90)
+    assert negotiate_session_timer(hdrs(("Session-Expires", "1800"), ("Supported", "timer")), min_se_s=90) == (
+        SessionTimer(1800, "uac", require=True)
+    )
+    assert negotiate_session_timer(
+        hdrs(("Session-Expires", "1800;refresher=uas"), ("Supported", "timer")), min_se_s=90
+    ) == SessionTimer(1800, "uas", require=True)
+    proxy_inserted = negotiate_session_timer(hdrs(("Session-Expires", "600"), ("Min-SE", "900")), min_se_s=90)
+    assert proxy_inserted == SessionTimer(900, "uas", require=False)
+    assert SessionTimer(1800, "uac", require=True).expiry_s == 1768.0
+    assert SessionTimer(90, "uac", require=True).expiry_s == 60.0

@@ -1,0 +1,328 @@
+"""The UAS core and its transactions, on literal messages and explicit times (spec §3–§7): no sockets, no loop."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from telephony_bridge.sip.address import parse_name_addr, parse_via
+from telephony_bridge.sip.core import (
+    AckTimeout,
+    CallCancelled,
+    CallConfirmed,
+    CallEnded,
+    IncomingCall,
+    InfoDigit,
+    Output,
+    ReOffer,
+    Send,
+    UserAgentCore,
+)
+from telephony_bridge.sip.dialog import Peer
+from telephony_bridge.sip.message import Request, Response, parse_datagram
+from telephony_bridge.sip.transaction import AnswerRetransmit, InviteServerTransaction, State, Timers
+
+DATA = Path(__file__).parent / "data" / "sip"
+PEER = Peer("udp", "198.51.100.7", 5062)
+T0 = 100.0
+
+
+def invite() -> Request:
+    msg = parse_datagram((DATA / "invite.sip").read_bytes())
+    assert isinstance(msg, Request)
+    return msg
+
+
+def derived(method: str) -> Request:
+    """CANCEL or ACK (for a non-2xx) built from the INVITE the way a UAC does: same branch, CSeq number."""
+    inv = invite()
+    headers = inv.headers.without("CSeq", "Content-Type", "Content-Length").with_rows(("CSeq", f"101 {method}"))
+    again = parse_datagram(Request(method, inv.uri, headers).to_bytes())
+    assert isinstance(again, Request)
+    return again
+
+
+def sent(outputs: list[Output]) -> list[Response | Request]:
+    out = []
+    for o in outputs:
+        if isinstance(o, Send):
+            msg = parse_datagram(o.data)
+            assert isinstance(msg, Response | Request)
+            out.append(msg)
+    return out
+
+
+def events(outputs: list[Output]) -> list[object]:
+    return [o for o in outputs if not isinstance(o, Send)]
+
+
+def statuses(outputs: list[Output]) -> list[int]:
+    return [m.status for m in sent(outputs) if isinstance(m, Response)]
+
+
+def in_dialog(method: str, ok: Response, cseq: int, *, branch: str, body: bytes = b"", rows: str = "") -> Request:
+    to = ok.headers.get("To")
+    text = (
+        f"{method} sip:bridge@203.0.113.5:5060 SIP/2.0\r\n"
+        f"Via: SIP/2.0/UDP 198.51.100.7:5060;branch={branch};rport\r\n"
+        f'From: "Caller, The" <sip:+15551230000@carrier.example;user=phone>;tag=caller-tag\r\n'
+        f"To: {to}\r\nCall-ID: 3c2a7b1e@198.51.100.7\r\nCSeq: {cseq} {method}\r\n{rows}"
+        f"Content-Length: {len(body)}\r\n\r\n"
+    ).encode() + body
+    msg = parse_datagram(text)
+    assert isinstance(msg, Request)
+    return msg
+
+
+def answered(core: UserAgentCore) -> Response:
+    core.receive(invite(), PEER, T0)
+    out = core.answer("3c2a7b1e@198.51.100.7", b"v=0\r\n", T0 + 0.1)
+    (ok,) = sent(out)
+    assert isinstance(ok, Response) and ok.status == 200
+    return ok
+
+
+def test_invite_gets_trying_at_once_and_one_call() -> None:
+    core = UserAgentCore("203.0.113.5", 5060)
+    out = core.receive(invite(), PEER, T0)
+    assert statuses(out) == [100]
+    (trying,) = sent(out)
+    assert isinstance(trying, Response)
+    assert parse_name_addr(trying.headers.get("To") or "").tag is None  # a 100 carries no tag  # type: ignore[union-attr]
+    assert events(out) == [IncomingCall("3c2a7b1e@198.51.100.7", invite(), PEER)]
+    top = parse_via(trying.headers.values("Via")[0])
+    assert top is not None and top.params["rport"] == "5062" and top.params["received"] == "198.51.100.7"
+    assert [o.to for o in out if isinstance(o, Send)] == [PEER]  # rport: back to the source port
+
+
+def test_retransmitted_invite_is_absorbed_never_a_second_call() -> None:
+    core = UserAgentCore("203.0.113.5", 5060)
+    core.receive(invite(), PEER, T0)
+    again = core.receive(invite(), PEER, T0 + 0.5)
+    assert statuses(again) == [100] and events(again) == []
+    ok = core.answer("3c2a7b1e@198.51.100.7", b"v=0\r\n", T0 + 1)
+    assert statuses(ok) == [200]
+    assert core.receive(invite(), PEER, T0 + 1.2) == []  # Accepted: the core resends the 2xx, not the txn
+    assert core.active_calls == 1
+
+
+def test_answer_has_tag_contact_record_route_in_order() -> None:
+    core = UserAgentCore("203.0.113.5", 5060)
+    core.receive(invite(), PEER, T0)
+    ringing = sent(core.ring("3c2a7b1e@198.51.100.7", T0))[0]
+    ok = answered_again(core)
+    assert isinstance(ringing, Response)
+    tag180 = parse_name_addr(ringing.headers.get("To") or "")
+    tag200 = parse_name_addr(ok.headers.get("To") or "")
+    assert tag180 is not None and tag200 is not None and tag180.tag == tag200.tag and tag200.tag  # G3
+    assert ok.headers.values("Record-Route") == invite().headers.values("Record-Route")
+    assert ok.headers.get("Contact") == "<sip:bridge@203.0.113.5:5060>"
+    assert ok.headers.get("Content-Type") == "application/sdp" and ok.body == b"v=0\r\n"
+
+
+def answered_again(core: UserAgentCore) -> Response:
+    (ok,) = sent(core.answer("3c2a7b1e@198.51.100.7", b"v=0\r\n", T0 + 0.1))
+    assert isinstance(ok, Response)
+    return ok
+
+
+def test_tcp_dialog_contact_says_transport_tcp() -> None:
+    core = UserAgentCore("203.0.113.5", 5060)
+    tcp = Peer("tcp", "198.51.100.7", 40000, connection=7)
+    core.receive(invite(), tcp, T0)
+    out = core.answer("3c2a7b1e@198.51.100.7", b"v=0\r\n", T0)
+    (ok,) = sent(out)
+    assert isinstance(ok, Response) and ok.headers.get("Contact") == "<sip:bridge@203.0.113.5:5060;transport=tcp>"
+    assert [o.to for o in out if isinstance(o, Send)] == [tcp]  # the same connection (G9)
+
+
+def test_2xx_resent_t1_doubling_capped_at_t2_until_ack() -> None:
+    core = UserAgentCore("203.0.113.5", 5060)
+    ok = answered(core)
+    times = []
+    now = T0 + 0.1
+    for _ in range(400):
+        deadline = core.deadline
+        assert deadline is not None
+        now = deadline
+        if statuses(core.poll(now)) == [200]:
+            times.append(round(now - T0 - 0.1, 3))
+        if len(times) == 8:
+            break
+    assert times == [0.5, 1.5, 3.5, 7.5, 11.5, 15.5, 19.5, 23.5]  # keeps going at T2, never stops at T2 (G4)
+    ack = in_dialog("ACK", ok, 101, branch="z9hG4bK-ack-new")
+    out = core.receive(ack, PEER, now + 0.1)
+    assert [type(e) for e in events(out)] == [CallConfirmed]
+    assert statuses(core.poll(now + 10)) == []
+
+
+def test_never_acked_gives_up_after_64_t1_and_bye_goes_then() -> None:
+    timers = Timers(t1_s=0.5)
+    core = UserAgentCore("203.0.113.5", 5060, timers=timers)
+    answered(core)
+    assert core.hangup("3c2a7b1e@198.51.100.7", T0 + 1) == []  # no BYE before the ACK (§4)
+    out = core.poll(T0 + 0.1 + 32.0)
+    assert [type(e) for e in events(out)] == [AckTimeout]
+    byes = [m for m in sent(out) if isinstance(m, Request)]
+    assert [b.method for b in byes] == ["BYE"]
+    bye = byes[0]
+    assert bye.headers.values("Route") == invite().headers.values("Record-Route")  # not reversed (G8)
+    assert bye.uri == "sip:+15551230000@198.51.100.7:5060"
+    assert parse_name_addr(bye.headers.get("From") or "").tag  # type: ignore[union-attr]
+    assert [type(e) for e in events(core.poll(T0 + 40))] == []  # reported once
+
+
+def test_bye_before_ack_ends_the_call() -> None:
+    core = UserAgentCore("203.0.113.5", 5060)
+    ok = answered(core)
+    out = core.receive(in_dialog("BYE", ok, 102, branch="z9hG4bK-bye-1"), PEER, T0 + 0.2)
+    assert statuses(out) == [200] and events(out) == [CallEnded("3c2a7b1e@198.51.100.7")]
+    again = core.receive(in_dialog("BYE", ok, 102, branch="z9hG4bK-bye-1"), PEER, T0 + 0.7)
+    assert statuses(again) == [200] and events(again) == []  # a retransmitted BYE: same answer, no second end
+
+
+def test_bye_from_our_side_after_ack_carries_the_route_set() -> None:
+    core = UserAgentCore("203.0.113.5", 5060)
+    ok = answered(core)
+    core.receive(in_dialog("ACK", ok, 101, branch="z9hG4bK-ack-1"), PEER, T0 + 0.2)
+    out = core.hangup("3c2a7b1e@198.51.100.7", T0 + 1)
+    (bye,) = sent(out)
+    assert isinstance(bye, Request) and bye.method == "BYE"
+    to = next(o.to for o in out if isinstance(o, Send))
+    assert (to.host, to.port) == ("proxy1.example.net", 5060)  # the first route, loose routing
+    assert bye.headers.get("To") == "<sip:+15551230000@carrier.example;user=phone>;tag=caller-tag"
+    resent = sent(core.poll(T0 + 1 + 0.5))
+    assert [m.method for m in resent if isinstance(m, Request)] == ["BYE"]  # Timer E on UDP
+    core.receive(Response(200, "OK", bye.headers), PEER, T0 + 2)
+    assert sent(core.poll(T0 + 5)) == []
+
+
+def test_cancel_before_answer_gives_200_and_487_with_the_same_tag() -> None:
+    core = UserAgentCore("203.0.113.5", 5060)
+    core.receive(invite(), PEER, T0)
+    core.ring("3c2a7b1e@198.51.100.7", T0)
+    cancel = derived("CANCEL")
+    assert isinstance(cancel, Request) and cancel.method == "CANCEL"
+    out = core.receive(cancel, PEER, T0 + 1)
+    responses = [m for m in sent(out) if isinstance(m, Response)]
+    assert [(r.status, r.cseq[1]) for r in responses] == [(200, "CANCEL"), (487, "INVITE")]
+    tags = {parse_name_addr(r.headers.get("To") or "").tag for r in responses}  # type: ignore[union-attr]
+    assert len(tags) == 1 and None not in tags
+    assert events(out) == [CallCancelled("3c2a7b1e@198.51.100.7")]
+    assert core.answer("3c2a7b1e@198.51.100.7", b"v=0", T0 + 2) == []  # the race lost: nothing answered
+    # the ACK for the 487 reuses the INVITE's branch and confirms the transaction
+    ack = derived("ACK")
+    assert core.receive(ack, PEER, T0 + 1.1) == []
+    assert statuses(core.poll(T0 + 3)) == []  # no 487 resend after the ACK
+
+
+def test_cancel_without_transaction_is_481() -> None:
+    core = UserAgentCore("203.0.113.5", 5060)
+    cancel = derived("CANCEL")
+    assert statuses(core.receive(cancel, PEER, T0)) == [481]
+
+
+def test_rejection_is_resent_on_timer_g_until_ack_then_h() -> None:
+    core = UserAgentCore("203.0.113.5", 5060)
+    core.receive(invite(), PEER, T0)
+    assert statuses(core.reject("3c2a7b1e@198.51.100.7", 486, T0)) == [486]
+    assert statuses(core.poll(T0 + 0.5)) == [486]
+    assert statuses(core.poll(T0 + 1.5)) == [486]
+    assert statuses(core.receive(invite(), PEER, T0 + 1.6)) == [486]  # a retransmitted INVITE hears it again
+    assert core.poll(T0 + 32.1) == []  # Timer H: gone
+    assert core.deadline is None
+
+
+def test_in_dialog_unknown_is_481_and_lower_cseq_500() -> None:
+    core = UserAgentCore("203.0.113.5", 5060)
+    ok = answered(core)
+    core.receive(in_dialog("ACK", ok, 101, branch="z9hG4bK-ack-1"), PEER, T0 + 0.2)
+    assert statuses(core.receive(in_dialog("BYE", ok, 100, branch="z9hG4bK-low"), PEER, T0 + 1)) == [500]
+    other = Response(200, "OK", ok.headers.without("To").with_rows(("To", "<sip:ai@x>;tag=not-ours")))
+    assert statuses(core.receive(in_dialog("BYE", other, 105, branch="z9hG4bK-x"), PEER, T0 + 1)) == [481]
+
+
+def test_reinvite_hold_and_second_reinvite_while_open_is_500_retry_after() -> None:
+    core = UserAgentCore("203.0.113.5", 5060)
+    ok = answered(core)
+    core.receive(in_dialog("ACK", ok, 101, branch="z9hG4bK-ack-1"), PEER, T0 + 0.2)
+    out = core.receive(in_dialog("INVITE", ok, 102, branch="z9hG4bK-re-1", body=b"v=0\r\n"), PEER, T0 + 1)
+    assert statuses(out) == [] and [type(e) for e in events(out)] == [ReOffer]
+    second = core.receive(in_dialog("INVITE", ok, 103, branch="z9hG4bK-re-2"), PEER, T0 + 1.1)
+    (busy,) = sent(second)
+    assert isinstance(busy, Response) and busy.status == 500 and busy.headers.get("Retry-After") == "2"
+    answer = sent(core.answer_reoffer("3c2a7b1e@198.51.100.7", 200, T0 + 1.2, sdp=b"v=0\r\n"))
+    assert [getattr(m, "status", None) for m in answer] == [200]
+    # the re-INVITE's 2xx is resent until its ACK (the 500 too, on Timer G until its own ACK)
+    assert statuses(core.poll(T0 + 1.7)) == [500, 200]
+    core.receive(in_dialog("ACK", ok, 102, branch="z9hG4bK-ack-2"), PEER, T0 + 1.8)
+    assert 200 not in statuses(core.poll(T0 + 3))
+
+
+def test_options_reports_readiness() -> None:
+    core = UserAgentCore("203.0.113.5", 5060)
+    options = parse_datagram((DATA / "options_bare_lf.sip").read_bytes())
+    out = core.receive(options, PEER, T0)  # type: ignore[arg-type]
+    (ok,) = sent(out)
+    assert isinstance(ok, Response) and ok.status == 200 and "INVITE" in (ok.headers.get("Allow") or "")
+    core.options_status = 503
+    options2 = parse_datagram((DATA / "options_bare_lf.sip").read_bytes().replace(b"options-1\n", b"options-2\n"))
+    (busy,) = sent(core.receive(options2, PEER, T0))  # type: ignore[arg-type]
+    assert isinstance(busy, Response) and busy.status == 503 and busy.headers.get("Retry-After")
+
+
+def test_require_100rel_is_420_and_unknown_methods_405_501() -> None:
+    core = UserAgentCore("203.0.113.5", 5060)
+    text = (DATA / "invite.sip").read_bytes().replace(b"Supported: timer", b"Require: 100rel")
+    (bad,) = sent(core.receive(parse_datagram(text), PEER, T0))  # type: ignore[arg-type]
+    assert isinstance(bad, Response) and (bad.status, bad.headers.get("Unsupported")) == (420, "100rel")
+    for method, code in (("REFER", 405), ("FOO", 501)):
+        req = parse_datagram(
+            f"{method} sip:ai@x SIP/2.0\r\nVia: SIP/2.0/UDP h;branch=z9hG4bK{method}\r\nFrom: <sip:a@b>;tag=1\r\n"
+            f"To: <sip:c@d>\r\nCall-ID: m{method}\r\nCSeq: 1 {method}\r\nContent-Length: 0\r\n\r\n".encode()
+        )
+        (resp,) = sent(core.receive(req, PEER, T0))  # type: ignore[arg-type]
+        assert isinstance(resp, Response) and resp.status == code and resp.headers.get("Allow")
+
+
+def test_malformed_request_gets_400_garbage_nothing() -> None:
+    core = UserAgentCore("203.0.113.5", 5060)
+    short = parse_datagram((DATA / "invite_short_body.sip").read_bytes())
+    assert statuses(core.receive(short, PEER, T0)) == [400]
+    assert core.receive(parse_datagram((DATA / "garbage.bin").read_bytes()), PEER, T0) == []
+    assert core.active_calls == 0
+
+
+def test_info_dtmf_relay_is_a_digit() -> None:
+    core = UserAgentCore("203.0.113.5", 5060)
+    ok = answered(core)
+    core.receive(in_dialog("ACK", ok, 101, branch="z9hG4bK-ack-1"), PEER, T0 + 0.2)
+    info = in_dialog(
+        "INFO",
+        ok,
+        102,
+        branch="z9hG4bK-info",
+        body=b"Signal=5\r\nDuration=160\r\n",
+        rows="Content-Type: application/dtmf-relay\r\n",
+    )
+    out = core.receive(info, PEER, T0 + 1)
+    assert statuses(out) == [200] and events(out) == [InfoDigit("3c2a7b1e@198.51.100.7", "5")]
+
+
+def test_invite_transaction_over_tcp_does_not_retransmit() -> None:
+    txn = InviteServerTransaction(invite(), reliable=True, now=0.0)
+    busy = Response(486, "Busy Here", invite().headers)
+    assert txn.respond(busy, 0.0) == [busy]
+    assert txn.poll(0.5) == [] and txn.poll(1.5) == []
+    txn.on_ack(2.0)
+    txn.poll(2.0)
+    assert txn.state is State.TERMINATED and not txn.timed_out
+
+
+def test_answer_retransmit_gives_up_at_64_t1() -> None:
+    ok = Response(200, "OK", invite().headers)
+    rt = AnswerRetransmit(ok, now=0.0, timers=Timers(t1_s=0.01))
+    now, sends = 0.0, 0
+    while rt.deadline is not None:
+        now = rt.deadline
+        sends += len(rt.poll(now))
+    assert rt.gave_up and abs(now - 0.64) < 1e-9 and sends == 6  # at 0.01, 0.03, 0.07, 0.15, 0.31, 0.63 s
