@@ -46,7 +46,7 @@ def test_pins_minimum_file_pins_each_lower_bound() -> None:
     minimum = pins("constraints-minimum.txt")
     for requirement in declared():
         name = canonicalize_name(requirement.name)
-        (lower,) = [s.version for s in requirement.specifier if s.operator == ">="]
+        (lower,) = [s.version for s in requirement.specifier if s.operator in (">=", "==")]
         assert name in minimum, f"constraints-minimum.txt does not pin {requirement.name}"
         assert Version(minimum[name]) == Version(lower), (
             f"constraints-minimum.txt pins {requirement.name}=={minimum[name]}, but pyproject.toml's bound is {lower}"

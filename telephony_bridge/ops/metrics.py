@@ -18,6 +18,7 @@ class Metrics:
     def __init__(self) -> None:
         self.registry = r = CollectorRegistry()
         self.calls_active = Gauge("bridge_calls_active", "Calls currently bridged", registry=r)
+        self.draining = Gauge("bridge_draining", "1 from SIGTERM until the process exits", registry=r)
         self.calls = Counter(
             "bridge_calls_total", "Calls ended, by outcome and ingress", ["outcome", "ingress"], registry=r
         )
