@@ -123,6 +123,8 @@ def measure(
     """Run ``calls`` calls of ``seconds`` against the server ``pid`` and return its figures; with ``profile``,
     py-spy records the server over the steady window into that file (collapsed stacks)."""
     idle_rss = rss_kb(pid)
+    http_url = url.replace("ws://", "http://").removesuffix("/media-stream")
+    causes_before = underrun_causes(http_url)
     start_at = time.monotonic() + 1.5  # the load processes are up and waiting by then
     shares = [calls // procs + (i < calls % procs) for i in range(procs)]
     futures = [pool.submit(_load_part, url, n, seconds, start_at) for n in shares if n]
@@ -146,6 +148,7 @@ def measure(
     parts = [future.result() for future in futures]
     time.sleep(0.5)  # the server closes its side
     whole_used = cpu_s(pid) - whole_before
+    causes = {k: v - causes_before.get(k, 0.0) for k, v in underrun_causes(http_url).items()}
     result = LoadResult(
         tuple(flow for part in parts for flow in part.flows),
         max(part.duration_s for part in parts),
@@ -175,6 +178,7 @@ def measure(
         "underruns_per_call_max": underruns[-1] if underruns else None,
         "calls_with_underruns": sum(1 for u in underruns if u),
         "first_audio_p99_ms": percentile(first, 99) if first else None,
+        "bridge_underruns_by_cause": causes,
     }
 
 
@@ -210,6 +214,20 @@ def _function(frame: str) -> str:
     return f"{name} ({path})"
 
 
+def underrun_causes(http_url: str) -> dict[str, float]:
+    """The bridge's own count of playback holes by cause (0 for servers without the metric)."""
+    try:
+        text = httpx.get(http_url + "/metrics", timeout=5).text
+    except httpx.HTTPError:
+        return {}
+    counts = {}
+    for row in text.splitlines():
+        if row.startswith("bridge_playout_underruns_total{"):
+            cause = row.split('cause="', 1)[1].split('"', 1)[0]
+            counts[cause] = float(row.rsplit(" ", 1)[1])
+    return counts
+
+
 def passed(figures: dict) -> bool:
     p99 = figures["added_p99_ms"]
     return (
@@ -231,6 +249,7 @@ def line(label: str, f: dict) -> str:
         f"{f['kb_per_call']:6.0f} KB/call  added p50 {ms(f['added_p50_ms'])} p99 {ms(f['added_p99_ms'])} ms  "
         f"underruns/call p50 {f['underruns_per_call_p50']} max {f['underruns_per_call_max']} "
         f"({f['calls_with_underruns']} calls)  first audio p99 {ms(f['first_audio_p99_ms'])} ms"
+        + (f"  bridge's count: {f['bridge_underruns_by_cause']}" if f["bridge_underruns_by_cause"] else "")
     )
 
 

@@ -1,11 +1,21 @@
 """Admission: which calls reach the AI, on which device, with which token.
 
-At the webhook a call is *admitted*: a device is reserved for its CallSid, its Savants token is fetched at
-once (warm start: the stream's ``start`` then connects without a token round trip; optionally the Savants
-socket is opened then too, and the AI's first audio waits in it), and a random stream token is minted for the
-TwiML. At ``start`` the stream presents that token (checked once, in constant time)
-and claims the reservation. Every token request is taken from the device's budget before it is sent, so the
-bridge never sends the 61st.
+At the webhook a call is *admitted*: a device with a free slot *and* token budget is reserved for its CallSid
+(a new call needs both: without budget its first connection could not happen), its Savants token is fetched at
+once (warm start: the token is taken from the device's budget in the same atomic step as the slot, and the
+stream's ``start`` then connects without a token round trip; optionally the Savants socket is opened then
+too, and the AI's first audio waits in it), and a random stream token is minted for the TwiML. At ``start``
+the stream presents that token and claims the reservation. Every token request is taken from the device's
+budget before it is sent, so the bridge never sends the 61st.
+
+Token requests that fail on the endpoint's side (5xx, timeout) are retried with jittered exponential backoff
+within the call's deadline (``token_deadline_s``: Twilio waits for the webhook's answer, and a caller at
+``start`` waits for the AI); each retry is a new request and takes its own budget. A 429 marks the device
+exhausted for ``retryAfter`` and an ``AUTHENTICATION_FAILED``/``DEVICE_INACTIVE`` takes it out of the pool
+for ``device_suspend_s``; either way the call moves to another device.
+
+Reservations go as soon as their call cannot use them: a failed admission, a stream refused at ``start``, a
+``/stream-ended`` or ``stream-error`` callback (``forget``); the rest lapse after ``reservation_ttl_s``.
 
 JWTs stay in this process's memory for at most their life and are never logged; the shared store holds only
 a hash of each stream token and how each call ended.
@@ -15,17 +25,17 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import hmac
 import logging
+import random
 import secrets
 from dataclasses import dataclass
 
 from telephony_bridge.accounting.base import Accounting, AccountingUnavailable, Lease
 from telephony_bridge.clock import Clock
-from telephony_bridge.errors import TokenError
+from telephony_bridge.errors import AdmissionError, TokenError
 from telephony_bridge.ops.metrics import Metrics
 from telephony_bridge.savants.client import Connector, SavantsConnection
-from telephony_bridge.savants.tokens import TokenClient
+from telephony_bridge.savants.tokens import TokenClient, endpoint_failed
 from telephony_bridge.store import Store
 
 log = logging.getLogger(__name__)
@@ -34,6 +44,9 @@ TOKEN_LIFETIME_S = 60.0  # spec §4
 WARM_TOKEN_USE_BY_S = 45.0  # leave a warm token time to reach Savants before it expires
 MAX_TOKEN_WAIT_S = 2.0  # a caller can afford a short wait for token budget, not a long one
 OUTCOME_TTL_S = 600.0
+RETRY_FIRST_S, RETRY_MAX_S = 0.2, 2.0  # backoff between token requests that failed on the endpoint's side
+MIN_ATTEMPT_S = 0.3  # a retry with less time than this left before the deadline is not worth sending
+DEVICE_REFUSALS = frozenset({"AUTHENTICATION_FAILED", "DEVICE_INACTIVE"})  # the device, not the call, is refused
 
 
 @dataclass(frozen=True, slots=True)
@@ -41,6 +54,14 @@ class Admitted:
     lease: Lease
     stream_token: str
     warm: bool
+
+
+@dataclass(slots=True)
+class CallSlot:
+    """Where a call in progress holds its device slot. A reconnect may move the call to another device, so
+    the call core holds this rather than a ``Lease``, and heartbeats and releases ``slot.lease``."""
+
+    lease: Lease
 
 
 @dataclass(frozen=True, slots=True)
@@ -130,9 +151,12 @@ class Admission:
         metrics: Metrics,
         clock: Clock,
         *,
-        reservation_ttl_s: float = 30.0,
+        reservation_ttl_s: float = 10.0,
         stream_token_ttl_s: float = 60.0,
         sticky_callers: bool = False,
+        token_deadline_s: float = 2.5,
+        device_suspend_s: float = 300.0,
+        rng: random.Random | None = None,
     ) -> None:
         self.accounting = accounting
         self._tokens = tokens
@@ -143,6 +167,10 @@ class Admission:
         self._reservation_ttl_s = reservation_ttl_s
         self._stream_token_ttl_s = stream_token_ttl_s
         self._sticky_callers = sticky_callers
+        self._token_deadline_s = token_deadline_s
+        self._device_suspend_s = device_suspend_s
+        self._rng = rng or random.Random()
+        self._suspended_until: dict[str, float] = {}  # device -> when this replica's suspension ends
         self._warm = Warm(clock)
         self._admitted: dict[str, float] = {}  # call SID -> when its reservation lapses
 
@@ -151,27 +179,37 @@ class Admission:
     async def admit(self, call_sid: str, caller: str | None = None) -> Admitted:
         """Reserve a device and warm a token. ``AdmissionError``: busy. ``SavantsError``: Savants is failing.
 
-        A 429 here means another client shares the device (we never exceed its budget ourselves): the device is
-        marked exhausted for ``retryAfter`` and the call tries once more, on the device the pool now prefers.
+        A 429 (another client shares the device) or a refused device moves the call to the device the pool
+        now prefers, as long as the webhook's deadline allows; the pool runs out of such devices eventually.
         """
         sticky_key = caller if self._sticky_callers else None
-        for attempt in (1, 2):
-            lease = await self.accounting.reserve(call_sid, self._reservation_ttl_s, sticky_key=sticky_key)
+        deadline = self._clock.monotonic() + self._token_deadline_s
+        need = "take" if self._voice.warm_token else "check"
+        refused: TokenError | None = None  # Savants refused a device this time: if none is left, say why
+        while True:
             try:
-                warm = await self._warm_up(lease)
+                lease = await self.accounting.reserve(
+                    call_sid, self._reservation_ttl_s, sticky_key=sticky_key, token=need
+                )
+            except AdmissionError:
+                if refused is not None:  # not busy: Savants refuses our devices (a wrong API key?)
+                    raise refused from None
+                raise
+            try:
+                warm = await self._warm_up(lease, deadline)
                 stream_token = secrets.token_urlsafe(24)
                 await self._store.put(f"stream-token:{call_sid}", _digest(stream_token), self._stream_token_ttl_s)
                 self._note_admitted(call_sid)
                 return Admitted(lease, stream_token, warm)
             except TokenError as exc:
                 await self._give_back(lease)
-                if exc.status != 429 or attempt == 2:
+                if not _device_cannot(exc) or self._clock.monotonic() + MIN_ATTEMPT_S > deadline:
                     raise
-                log.warning("device %s is rate limited by Savants; trying the pool again", lease.device_id)
+                refused = exc if exc.code in DEVICE_REFUSALS else refused
+                log.warning("device %s cannot take the call (%s); trying the pool again", lease.device_id, exc.code)
             except BaseException:
                 await self._give_back(lease)
                 raise
-        raise AssertionError("unreachable")
 
     async def _give_back(self, lease: Lease) -> None:
         await self._warm.discard(lease.call_sid)
@@ -194,11 +232,12 @@ class Admission:
         self._admitted = {sid: until for sid, until in self._admitted.items() if until > now}
         return len(self._admitted)
 
-    async def _warm_up(self, lease: Lease) -> bool:
-        """Fetch the call's token now (and open its socket, with preconnect) if the device has budget."""
-        if not self._voice.warm_token or await self.accounting.take_token(lease) > 0:
+    async def _warm_up(self, lease: Lease, deadline: float) -> bool:
+        """Fetch the call's token now (and open its socket, with preconnect): its budget was taken with the slot
+        (a retried webhook whose device has none left gets no warm token; its stream starts cold)."""
+        if not self._voice.warm_token or not lease.token_taken:
             return False
-        token = await self._fetch(lease)
+        token = await self._fetch_with_retries(lease, deadline, counted=True)
         if self._voice.preconnect:
             session = await self._voice.connect(self._voice.url, token, self._voice.timeout_s)
             # closed just before the reservation lapses, so the slot and the socket go together
@@ -210,11 +249,23 @@ class Admission:
     # --- at the stream's start ---------------------------------------------------------------------------
 
     async def check_stream_token(self, call_sid: str, presented: str | None) -> bool:
-        """The token minted for this CallSid, presented once, before it expired."""
-        expected = await self._store.take(f"stream-token:{call_sid}")
-        if expected is None or not presented:
-            return False
-        return hmac.compare_digest(expected, _digest(presented))
+        """The token minted for this CallSid, presented once, before it expired.
+
+        Compared before it is consumed (one atomic step in the store), so a wrong token spoils nothing: the
+        right one still admits the call. A refused stream gives its call's reservation back at once (the
+        right stream, if it still comes, takes a slot afresh at ``start``).
+        """
+        if presented and await self._store.take_if_equal(f"stream-token:{call_sid}", _digest(presented)):
+            return True
+        await self.forget(call_sid)
+        return False
+
+    async def forget(self, call_sid: str) -> None:
+        """This call can no longer use what its webhook prepared: its reservation (not a lease: a call in
+        progress keeps its slot) and anything warm here. Never raises."""
+        self._admitted.pop(call_sid, None)
+        await self._warm.discard(call_sid)
+        await self.accounting.release_reservation(call_sid)
 
     async def lease_for_stream(self, call_sid: str, caller: str | None = None) -> Lease:
         """The webhook's reservation if this replica's accounting knows it, else a fresh lease."""
@@ -245,13 +296,88 @@ class Admission:
 
     async def _fresh_token(self, lease: Lease) -> str:
         """A token within the device's budget, waiting briefly (bounded) for budget if need be."""
-        deadline = self._clock.monotonic() + MAX_TOKEN_WAIT_S
+        now = self._clock.monotonic()
+        return await self._fetch_with_retries(lease, now + max(MAX_TOKEN_WAIT_S, self._token_deadline_s))
+
+    # --- mid-call: a fresh connection for a call in progress --------------------------------------------------
+
+    async def reconnect(self, slot: CallSlot, *, deadline: float) -> SavantsConnection:
+        """A new AI session for a call in progress, by the monotonic ``deadline``: a fresh token (spec §4: one
+        per connection) taken from the call's device, or, when that device has no budget left or is out of
+        the pool, from another device with a free slot and budget, to which the call's slot moves
+        (``slot.lease`` says where it is, whether or not this succeeds). ``TokenError`` or ``SessionError``
+        if no session could be had in time.
+        """
+        while True:
+            counted = await self._budget_for_reconnect(slot)
+            try:
+                token = await self._fetch_with_retries(slot.lease, deadline, counted=counted)
+            except TokenError as exc:
+                if not _device_cannot(exc) or exc.code == "NO_BUDGET":
+                    raise
+                if deadline - self._clock.monotonic() < MIN_ATTEMPT_S:
+                    raise
+                continue  # the device is exhausted or suspended now: the next round moves the call
+            timeout_s = max(MIN_ATTEMPT_S, min(self._voice.timeout_s, deadline - self._clock.monotonic()))
+            return await self._voice.connect(self._voice.url, token, timeout_s)
+
+    async def _budget_for_reconnect(self, slot: CallSlot) -> bool:
+        """Take a token request from the call's device, or move the call to a device that has budget (taking
+        it there); False if neither is possible now (the fetch then waits for budget, within its deadline)."""
+        try:
+            if await self.accounting.take_token(slot.lease) == 0:
+                return True
+            moved = await self.accounting.move(slot.lease)
+        except AccountingUnavailable as exc:
+            raise TokenError(str(exc), code="ACCOUNTING_UNAVAILABLE") from exc
+        if moved is None:
+            return False
+        log.info("call moves from device %s to %s for its reconnect", slot.lease.device_id, moved.device_id)
+        slot.lease = moved
+        return True
+
+    async def suspend_device(self, device_id: str, code: str) -> None:
+        """Take a device out of the pool for ``device_suspend_s``: Savants refused it (``AUTHENTICATION_FAILED``,
+        ``DEVICE_INACTIVE``), so no call should be placed on it or reconnect through it for a while (it has no
+        token budget in accounting meanwhile). Logged once at ERROR per suspension, by this replica."""
+        now = self._clock.monotonic()
+        if self._suspended_until.get(device_id, 0.0) <= now:
+            log.error(
+                "Savants refused device %s (%s): it leaves the pool for %.0f s; check the device and the API key",
+                device_id,
+                code,
+                self._device_suspend_s,
+            )
+        self._suspended_until[device_id] = now + self._device_suspend_s
+        await self.accounting.exhaust(device_id, self._device_suspend_s)
+
+    # --- token requests --------------------------------------------------------------------------------------
+
+    async def _fetch_with_retries(self, lease: Lease, deadline: float, *, counted: bool = False) -> str:
+        """A token for the lease's device by ``deadline``: budget taken first (``counted``: already taken),
+        waiting for it at most until the deadline; endpoint failures retried with jittered backoff."""
+        backoff_s = RETRY_FIRST_S
+        while True:
+            if not counted:
+                await self._wait_for_budget(lease, deadline)
+            counted = False
+            try:
+                return await self._fetch(lease, deadline)
+            except TokenError as exc:
+                pause_s = backoff_s * (0.5 + self._rng.random() / 2)
+                if not endpoint_failed(exc) or self._clock.monotonic() + pause_s + MIN_ATTEMPT_S > deadline:
+                    raise
+                log.warning("token request failed (%s); retrying in %.2f s", exc.code, pause_s)
+                await self._clock.sleep_until(self._clock.monotonic() + pause_s)
+                backoff_s = min(RETRY_MAX_S, backoff_s * 2)
+
+    async def _wait_for_budget(self, lease: Lease, deadline: float) -> None:
+        """Take one token request from the device's budget, waiting for budget until ``deadline`` at most."""
         while (wait_s := await self._take_token(lease)) > 0:
             if self._clock.monotonic() + wait_s > deadline:
-                self._metrics.token_requests.labels(result="NO_BUDGET").inc()
+                self._metrics.token_no_budget.inc()  # not a request: nothing was sent
                 raise TokenError(f"device {lease.device_id} has no token budget for {wait_s:.1f} s", code="NO_BUDGET")
             await self._clock.sleep_until(self._clock.monotonic() + wait_s)
-        return await self._fetch(lease)
 
     async def _take_token(self, lease: Lease) -> float:
         try:
@@ -259,14 +385,17 @@ class Admission:
         except AccountingUnavailable as exc:  # mid-call, this is the AI being unreachable, not our bug
             raise TokenError(str(exc), code="ACCOUNTING_UNAVAILABLE") from exc
 
-    async def _fetch(self, lease: Lease) -> str:
-        """One token request, already counted against the device's budget."""
+    async def _fetch(self, lease: Lease, deadline: float) -> str:
+        """One token request, already counted against the device's budget, bounded by ``deadline``."""
         try:
-            token = await self._tokens.fetch(lease.device_id)
+            timeout_s = max(MIN_ATTEMPT_S, deadline - self._clock.monotonic())
+            token = await self._tokens.fetch(lease.device_id, timeout_s)
         except TokenError as exc:
             self._metrics.token_requests.labels(result=exc.code).inc()
             if exc.status == 429:  # another client shares the device: honour retryAfter (spec §5)
                 await self.accounting.exhaust(lease.device_id, exc.retry_after_s or TOKEN_LIFETIME_S)
+            elif exc.code in DEVICE_REFUSALS:
+                await self.suspend_device(lease.device_id, exc.code)
             raise
         self._metrics.token_requests.labels(result="OK").inc()
         return token
@@ -281,6 +410,11 @@ class Admission:
 
     async def close(self) -> None:
         await self._warm.close()
+
+
+def _device_cannot(exc: TokenError) -> bool:
+    """The refusal concerns the device (now exhausted or suspended in accounting), so another may serve."""
+    return exc.status == 429 or exc.code in DEVICE_REFUSALS or exc.code == "NO_BUDGET"
 
 
 def _digest(token: str) -> str:

@@ -31,8 +31,10 @@ from telephony_bridge.clock import Clock, SystemClock
 from telephony_bridge.errors import ConfigError
 from telephony_bridge.ops import logging as oplog
 from telephony_bridge.ops.metrics import Metrics
+from telephony_bridge.ops.readiness import Readiness
 from telephony_bridge.registry import CallRegistry
 from telephony_bridge.savants.client import Connector, open_voice_session
+from telephony_bridge.savants.health import TokenEndpointHealth
 from telephony_bridge.savants.tokens import TokenClient
 from telephony_bridge.settings import Settings
 from telephony_bridge.store import MemoryStore, RedisStore, Store
@@ -76,11 +78,14 @@ def create_app(
             if acct is None or kv is None:
                 made_acct, made_kv = _backends(settings, clock, stack)
                 acct, kv = acct or made_acct, kv or made_kv
+            token_health = TokenEndpointHealth(clock, probe_interval_s=settings.savants.token_probe_interval_s)
+            stack.push_async_callback(token_health.close)
             tokens = TokenClient(
                 http,
                 settings.savants.base_url,
                 settings.savants.api_key.get_secret_value(),
                 timeout_s=settings.savants.token_timeout_s,
+                health=token_health,
             )
             voice = VoiceEndpoint(
                 connect=connect or open_voice_session,
@@ -99,6 +104,15 @@ def create_app(
                 reservation_ttl_s=settings.accounting.reservation_ttl_s,
                 stream_token_ttl_s=settings.twilio.stream_token_ttl_s,
                 sticky_callers=settings.accounting.sticky_callers,
+                token_deadline_s=settings.savants.token_deadline_s,
+                device_suspend_s=settings.savants.device_suspend_s,
+            )
+            app.state.readiness = Readiness(
+                acct,
+                token_health,
+                clock,
+                cache_s=settings.accounting.readiness_cache_s,
+                not_ready_when_full=settings.accounting.not_ready_when_full,
             )
             stack.push_async_callback(admission.close)
             app.state.deps = CallDeps(
@@ -136,12 +150,8 @@ def create_app(
         return JSONResponse({"status": "ok"})
 
     async def readyz(request: Request) -> Response:
-        deps: CallDeps = request.app.state.deps
-        if request.app.state.draining:
-            return JSONResponse({"ready": False, "reason": "draining"}, status_code=503)
-        if settings.accounting.not_ready_when_full and not await deps.admission.accounting.has_capacity():
-            return JSONResponse({"ready": False, "reason": "device pool full"}, status_code=503)
-        return JSONResponse({"ready": True})
+        verdict = await request.app.state.readiness.check(draining=request.app.state.draining)
+        return JSONResponse(verdict.to_json(), status_code=200 if verdict.ready else 503)
 
     async def metrics_endpoint(request: Request) -> Response:
         return Response(metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")

@@ -195,6 +195,7 @@ class Call:
         metrics.audio_seconds.labels(direction="ai_to_caller").inc(self.outbound.playback.sent_ms / 1000)
         if self.outbound.first_audio_at is not None:
             metrics.first_audio_latency.observe(self.outbound.first_audio_at - self._started_at)
+        _count_playout(metrics, self.outbound)
         log.info("call ended", extra=self._figures(duration_s))
 
     def _figures(self, duration_s: float) -> dict[str, Any]:
@@ -213,6 +214,10 @@ class Call:
             "ai_audio_played_ms": outbound.playback.played_ms,
             "ai_audio_discarded_ms": outbound.discarded_ms,
             "clears": outbound.clears,
+            "underruns_ai_late": outbound.underruns_ai_late,
+            "underruns_scheduling": outbound.underruns_scheduling,
+            "prebuffer_grows": outbound.prebuffer.grows,
+            "prebuffer_shrinks": outbound.prebuffer.shrinks,
             "barge_ins": inbound.detector.barge_ins if inbound.detector else 0,
             "late_frames_dropped": inbound.late_frames_dropped,
             "gap_filled_ms": inbound.gap_filled_ms,
@@ -318,3 +323,10 @@ def _first(group: BaseExceptionGroup[E], kind: type[E]) -> E:
 
 def _since(at: float | None, origin: float) -> float | None:
     return None if at is None else round(at - origin, 3)
+
+
+def _count_playout(metrics: Metrics, outbound: Outbound) -> None:
+    metrics.playout_underruns.labels(cause="ai_late").inc(outbound.underruns_ai_late)
+    metrics.playout_underruns.labels(cause="scheduling").inc(outbound.underruns_scheduling)
+    metrics.prebuffer_changes.labels(direction="up").inc(outbound.prebuffer.grows)
+    metrics.prebuffer_changes.labels(direction="down").inc(outbound.prebuffer.shrinks)

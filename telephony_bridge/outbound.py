@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 
 from telephony_bridge.audio.codec import FRAME_MS, FRAME_S, TWILIO_BYTES_PER_MS, TWILIO_FRAME_BYTES, ulaw_to_pcm16
-from telephony_bridge.audio.pacing import OutboundPacer
+from telephony_bridge.audio.pacing import AdaptivePrebuffer, OutboundPacer
 from telephony_bridge.audio.pipeline import FrameBuffer
 from telephony_bridge.audio.playback import PlaybackTracker
 from telephony_bridge.clock import Clock
@@ -20,6 +20,10 @@ from telephony_bridge.settings import AudioSettings
 
 AUDIBLE_PEAK = 200  # about -44 dBFS: quieter AI frames are silence to the caller, not speech
 SPURT_GAP_S = 0.3  # AI silence longer than this ends a talk spurt
+# Twilio's buffer is never let fall below this to make a batch: a held frame goes when only this much is left.
+LOW_WATER_S = FRAME_S
+UNDERRUN_GAP_S = 0.25  # a hole in playback shorter than this, with audio after it, is an underrun (not a pause)
+_EPS = 1e-6
 # μ-law code -> 1 if it decodes to |sample| >= AUDIBLE_PEAK: audibility read straight off the bytes we send.
 _AUDIBLE_CODES = bytes(int(abs(int(v)) >= AUDIBLE_PEAK) for v in ulaw_to_pcm16(bytes(range(256))))
 
@@ -31,8 +35,14 @@ class Outbound:
         self._buffer = FrameBuffer()
         self._ready = asyncio.Event()
         self._pacer = OutboundPacer(settings.outbound_lead_ms / 1000, FRAME_S)
-        self._prebuffer_s = settings.playout_prebuffer_ms / 1000
-        self._prebuffer_frames = max(1, -(-settings.playout_prebuffer_ms // FRAME_MS))  # rounded up
+        base_s = settings.playout_prebuffer_ms / 1000
+        self.prebuffer = AdaptivePrebuffer(
+            base_s, settings.outbound_lead_ms / 1000 if settings.adaptive_prebuffer else base_s
+        )
+        self._batch_frames = max(1, settings.outbound_batch_ms // FRAME_MS)
+        self._spurt_live = False  # audio has gone out since the last clear: a hole in it would be an underrun
+        self.underruns_ai_late = 0  # Twilio ran dry waiting for the AI's next frame
+        self.underruns_scheduling = 0  # Twilio ran dry while audio waited here: we sent it late
         self._mark_every_ms = settings.mark_interval_ms
         self._queued_since = 0.0
         self._last_push_at = float("-inf")
@@ -136,7 +146,8 @@ class Outbound:
                 continue
             frames = self._buffer.frames
             # The AI has paused (or finished): a trailing partial frame and the closing mark can go.
-            paused_at = float("-inf") if self._finishing else self._last_push_at + max(self._prebuffer_s, FRAME_S)
+            prebuffer_s = self.prebuffer.value_s
+            paused_at = float("-inf") if self._finishing else self._last_push_at + max(prebuffer_s, FRAME_S)
             if frames == 0:
                 if now >= paused_at and len(self._buffer):
                     self._buffer.pad_to_frame()
@@ -145,17 +156,38 @@ class Outbound:
                 else:
                     await self._wait(paused_at if len(self._buffer) or self._unmarked_ms else None)
                 continue
-            gathering_until = self._queued_since + self._prebuffer_s
+            gathering_until = self._queued_since + prebuffer_s
             gathering = not self._finishing and now < gathering_until
-            if self._pacer.lead(now) == 0 and frames < self._prebuffer_frames and gathering:
+            if self._pacer.lead(now) == 0 and frames < self.prebuffer.frames and gathering:
                 await self._wait(gathering_until)
                 continue
-            due = self._pacer.frames_due(now, frames)
+            batch = 1 if self._finishing else self._batch_frames
+            dry_at = self._pacer.play_end
+            due = self._pacer.batch_due(now, frames, batch, LOW_WATER_S)
             if due:
+                self._note_playout(now, dry_at)
                 play_at = now + self._pacer.lead(now) - due * FRAME_S
                 await self._send_audio(self._buffer.take(due), play_at)
-            if self._buffer.frames and not self._clear_pending:
-                await self._wait(self._pacer.next_due(self._clock.monotonic()))
+            left = self._buffer.frames
+            if left and not self._clear_pending:
+                at = self._clock.monotonic()
+                if left >= batch:
+                    await self._wait(self._pacer.room_for(at, batch))
+                else:  # a part batch: it goes when more audio makes it whole, or when Twilio runs low
+                    await self._wait(self._pacer.hold_until(at, LOW_WATER_S))
+
+    def _note_playout(self, now: float, dry_at: float | None) -> None:
+        """Audio is about to go out: if Twilio's buffer ran dry before it (a hole the caller hears), say whose
+        fault it was, and let the prebuffer adapt to an AI whose frames come late."""
+        if dry_at is not None and self._spurt_live and _EPS < now - dry_at <= UNDERRUN_GAP_S:
+            if self._queued_since <= dry_at:
+                self.underruns_scheduling += 1
+            else:
+                self.underruns_ai_late += 1
+                self.prebuffer.ai_late(now)
+        else:
+            self.prebuffer.steady(now)
+        self._spurt_live = True
 
     async def _clear(self, now: float) -> None:
         self._clear_pending = False
@@ -163,6 +195,7 @@ class Outbound:
         await self._sink.clear()
         self.playback.cleared(unplayed_ms=round(self._pacer.lead(now) * 1000))
         self._pacer.cleared(now)
+        self._spurt_live = False
         self._audible_since, self._audible_until = None, float("-inf")
         self._unmarked_ms = 0
         self._progress.set()

@@ -54,6 +54,9 @@ class SavantsSettings(_Frozen):
     connect_timeout_s: float = Field(5.0, gt=0)
     warm_token: bool = True
     preconnect: bool = False
+    token_deadline_s: float = Field(2.5, gt=0, le=14)
+    device_suspend_s: float = Field(300.0, ge=1, le=86_400)
+    token_probe_interval_s: float = Field(10.0, ge=1, le=600)
 
     @field_validator("base_url")
     @classmethod
@@ -100,16 +103,19 @@ class TwilioSettings(_Frozen):
 class AccountingSettings(_Frozen):
     max_concurrent_per_device: int = Field(10, ge=1, le=10)
     max_token_requests_per_minute: int = Field(60, ge=1, le=60)
-    reservation_ttl_s: float = Field(30.0, gt=0, le=300)
+    reservation_ttl_s: float = Field(10.0, gt=0, le=300)
     lease_ttl_s: float = Field(30.0, ge=2, le=600)
     sticky_callers: bool = False
     not_ready_when_full: bool = True
+    readiness_cache_s: float = Field(1.0, ge=0, le=60)
 
 
 class AudioSettings(_Frozen):
     pre_connect_buffer_ms: int = Field(2000, ge=0, le=10_000)
     outbound_lead_ms: int = Field(100, ge=20, le=2000)
     playout_prebuffer_ms: int = Field(40, ge=0, le=500)
+    adaptive_prebuffer: bool = True
+    outbound_batch_ms: int = Field(60, ge=20, le=200)
     mark_interval_ms: int = Field(100, ge=20, le=2000)
 
 

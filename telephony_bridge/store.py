@@ -2,7 +2,8 @@
 
 ``MemoryStore`` serves one replica; ``RedisStore`` lets a webhook answered by one replica be honoured by the
 replica that receives the stream. Both expire entries on their own; ``take`` is an atomic get-and-delete so
-a value can be used once only.
+a value can be used once only, and ``take_if_equal`` consumes it only when it matches, so a wrong guess
+leaves it for its rightful owner.
 """
 
 from __future__ import annotations
@@ -24,6 +25,10 @@ class Store(Protocol):
     async def put(self, key: str, value: str, ttl_s: float) -> None: ...
     async def get(self, key: str) -> str | None: ...
     async def take(self, key: str) -> str | None: ...
+    async def take_if_equal(self, key: str, value: str) -> bool:
+        """Delete the entry if it holds ``value`` (one atomic step); whether it did."""
+        ...
+
     async def close(self) -> None: ...
 
 
@@ -56,8 +61,25 @@ class MemoryStore:
         self._items.pop(key, None)
         return value
 
+    async def take_if_equal(self, key: str, value: str) -> bool:
+        if self._live(key) != value:
+            return False
+        del self._items[key]
+        return True
+
     async def close(self) -> None:
         self._items.clear()
+
+
+# Compare, then delete only on a match: one script, so nothing runs between the two. The values compared are
+# SHA-256 digests of the secret, so a comparison that is not constant-time reveals nothing useful.
+TAKE_IF_EQUAL = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  redis.call('DEL', KEYS[1])
+  return 1
+end
+return 0
+"""
 
 
 class RedisStore:
@@ -66,6 +88,7 @@ class RedisStore:
     def __init__(self, client: aioredis.Redis, prefix: str = "tb:kv:") -> None:
         self._redis = client
         self._prefix = prefix
+        self._take_if_equal = client.register_script(TAKE_IF_EQUAL)
 
     async def put(self, key: str, value: str, ttl_s: float) -> None:
         try:
@@ -86,6 +109,13 @@ class RedisStore:
         except RedisError as exc:
             raise StoreUnavailable(f"redis did not answer: {type(exc).__name__}") from None
         return _text(value)
+
+    async def take_if_equal(self, key: str, value: str) -> bool:
+        try:
+            taken = await self._take_if_equal(keys=[self._prefix + key], args=[value])
+        except RedisError as exc:
+            raise StoreUnavailable(f"redis did not answer: {type(exc).__name__}") from None
+        return bool(taken)
 
     async def close(self) -> None:
         return None

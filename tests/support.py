@@ -115,6 +115,12 @@ def signed_call(bridge: Served, form: dict[str, str] | None = None, **config: An
     )
 
 
+def stream_callback(bridge: Served, path: str, form: dict[str, str]) -> httpx.Response:
+    """A signed ``/stream-status`` or ``/stream-ended`` request, as Twilio sends it."""
+    headers = {"X-Twilio-Signature": sign(PUBLIC_URL + path, form)}
+    return httpx.post(bridge.http_url + path, data=form, headers=headers, timeout=5)
+
+
 def stream_ended(bridge: ServerThread, call_sid: str) -> ET.Element:
     """What Twilio's ``<Connect action>`` request gets back once the stream is over."""
     form = {"CallSid": call_sid, "AccountSid": new_sid("AC"), "CallStatus": "in-progress"}

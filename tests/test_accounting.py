@@ -19,7 +19,7 @@ from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
-from telephony_bridge.accounting.base import Accounting, AccountingUnavailable, Lease, Limits
+from telephony_bridge.accounting.base import Accounting, AccountingUnavailable, Lease, Limits, TokenNeed
 from telephony_bridge.accounting.factory import make_accounting
 from telephony_bridge.accounting.memory import MemoryAccounting
 from telephony_bridge.accounting.redis import RedisAccounting
@@ -191,6 +191,51 @@ async def test_exhaust_pauses_tokens_and_steers_admission(harness: Harness) -> N
     assert (await acct.acquire("CA5")).device_id == "dev-a"
 
 
+async def test_a_new_call_can_need_token_budget_or_take_its_token_with_the_slot(harness: Harness) -> None:
+    acct = harness.make(devices=("dev-a", "dev-b"), limits=harness.limits(max_token_requests=2))
+    for _ in range(2):
+        await acct.take_token(Lease("CA-other", "dev-a"))
+    # "none": any free slot (budget only ranks); "check"/"take": only a device with budget
+    assert (await acct.reserve("CA1", token="check")).device_id == "dev-b"
+    taken = await acct.reserve("CA2", token="take")
+    assert (taken.device_id, taken.token_taken) == ("dev-b", True)
+    assert (await acct.snapshot())["devices"]["dev-b"]["tokens_in_window"] == 1
+    again = await acct.reserve("CA2", token="take")  # a retried webhook: same slot, another token if budget
+    assert (again.device_id, again.token_taken) == ("dev-b", True)
+    with pytest.raises(AdmissionError, match="no token budget on the 2 devices with a free slot"):
+        await acct.acquire("CA3", token="check")
+    assert (await acct.acquire("CA3")).device_id == "dev-a"  # "none" still admits on a free slot
+    retried = await acct.reserve("CA2", token="take")
+    assert (retried.device_id, retried.token_taken) == ("dev-b", False)  # no budget left: nothing taken
+    assert {d: v["tokens_in_window"] for d, v in (await acct.snapshot())["devices"].items()} == {"dev-a": 2, "dev-b": 2}
+
+
+async def test_move_carries_a_call_to_a_device_with_budget_taking_its_token(harness: Harness) -> None:
+    acct = harness.make(devices=("dev-a", "dev-b", "dev-c"), limits=harness.limits(max_concurrent=1))
+    lease = await acct.acquire("CA1")
+    await acct.acquire("CA2")  # dev-b is full
+    await acct.exhaust("dev-a", harness.window_s)
+    moved = await acct.move(lease)
+    assert moved == Lease("CA1", "dev-c") and moved.token_taken
+    snapshot = (await acct.snapshot())["devices"]
+    assert [snapshot[d]["calls"] for d in ("dev-a", "dev-b", "dev-c")] == [[], ["CA2"], ["CA1"]]
+    assert snapshot["dev-c"]["tokens_in_window"] == 1
+    assert await acct.heartbeat(moved)
+    assert await acct.move(moved) is None  # dev-a out of budget, dev-b full: the call stays
+    assert (await acct.snapshot())["devices"]["dev-c"]["calls"] == ["CA1"]
+    assert await acct.move(Lease("CA-unknown", "dev-a")) is None
+
+
+async def test_release_reservation_drops_a_reservation_never_a_lease(harness: Harness) -> None:
+    acct = harness.make(devices=("dev-a", "dev-b"))
+    await acct.reserve("CA1")
+    await acct.acquire("CA2")
+    assert await acct.release_reservation("CA1")
+    assert not await acct.release_reservation("CA1")
+    assert not await acct.release_reservation("CA2")  # a call in progress keeps its slot
+    assert loads(await acct.snapshot()) == {"dev-a": 0, "dev-b": 1}
+
+
 async def test_sticky_key_prefers_last_device_while_it_has_room(harness: Harness) -> None:
     acct = harness.make(devices=("dev-a", "dev-b"))
     assert (await acct.acquire("CA1", sticky_key="+15550001")).device_id == "dev-a"
@@ -250,7 +295,8 @@ async def test_snapshot_shape(harness: Harness) -> None:
 
 MODEL_DEVICES = ("dev-a", "dev-b", "dev-c")
 MODEL_LIMITS = Limits(max_concurrent=3, max_token_requests=5, window_s=10.0)  # small, so sequences reach them
-CALLS = st.sampled_from([f"CA{i}" for i in range(10)])  # 10 calls for 9 slots: the pool does fill up
+CALLS = st.sampled_from([f"CA{i}" for i in range(10)])
+TOKEN_NEEDS = st.sampled_from(["none", "check", "take"])  # 10 calls for 9 slots: the pool does fill up
 
 
 class MemoryAccountingModel(RuleBasedStateMachine):
@@ -294,8 +340,9 @@ class MemoryAccountingModel(RuleBasedStateMachine):
             wait_s = max(wait_s, in_window[0] + MODEL_LIMITS.window_s - now)
         return wait_s
 
-    def admit(self, call_sid: str, lease: Lease | None, *, claim: bool, ttl_s: float) -> None:
+    def admit(self, call_sid: str, lease: Lease | None, *, claim: bool, ttl_s: float, token: str = "none") -> None:
         self.expire()
+        now = self.clock.monotonic()
         held = self.held_on(call_sid)
         if held is not None:
             assert lease == Lease(call_sid, held)
@@ -304,16 +351,28 @@ class MemoryAccountingModel(RuleBasedStateMachine):
                     del self.reserved[call_sid]
                     self.leases[call_sid] = held
                 else:
-                    expires = max(self.reserved[call_sid][1], self.clock.monotonic() + ttl_s)
+                    expires = max(self.reserved[call_sid][1], now + ttl_s)
                     self.reserved[call_sid] = (held, expires)
+            can_take = token == "take" and self.expected_wait_s(held) == 0
+            assert lease.token_taken == can_take
+            if can_take:
+                self.takes[held].append(now)
         elif lease is None:
-            assert all(self.load(d) >= MODEL_LIMITS.max_concurrent for d in MODEL_DEVICES), "refused with room"
+            assert all(
+                self.load(d) >= MODEL_LIMITS.max_concurrent or (token != "none" and self.expected_wait_s(d) > 0)
+                for d in MODEL_DEVICES
+            ), "refused with room"
         else:
             assert self.load(lease.device_id) < MODEL_LIMITS.max_concurrent, "admitted onto a full device"
+            if token != "none":
+                assert self.expected_wait_s(lease.device_id) == 0, "admitted onto a device without budget"
+            assert lease.token_taken == (token == "take")
+            if token == "take":
+                self.takes[lease.device_id].append(now)
             if claim:
                 self.leases[call_sid] = lease.device_id
             else:
-                self.reserved[call_sid] = (lease.device_id, self.clock.monotonic() + ttl_s)
+                self.reserved[call_sid] = (lease.device_id, now + ttl_s)
 
     async def try_admit(self, op: Awaitable[Lease]) -> Lease | None:
         try:
@@ -323,15 +382,43 @@ class MemoryAccountingModel(RuleBasedStateMachine):
 
     # the rules ------------------------------------------------------------------------------------------
 
-    @rule(call_sid=CALLS, ttl_s=st.sampled_from([1.0, 5.0, 20.0]), sticky=st.sampled_from([None, "+1", "+2"]))
-    def reserve(self, call_sid: str, ttl_s: float, sticky: str | None) -> None:
-        lease = self.run(self.try_admit(self.acct.reserve(call_sid, ttl_s, sticky_key=sticky)))
-        self.admit(call_sid, lease, claim=False, ttl_s=ttl_s)
+    @rule(
+        call_sid=CALLS,
+        ttl_s=st.sampled_from([1.0, 5.0, 20.0]),
+        sticky=st.sampled_from([None, "+1", "+2"]),
+        token=TOKEN_NEEDS,
+    )
+    def reserve(self, call_sid: str, ttl_s: float, sticky: str | None, token: TokenNeed) -> None:
+        lease = self.run(self.try_admit(self.acct.reserve(call_sid, ttl_s, sticky_key=sticky, token=token)))
+        self.admit(call_sid, lease, claim=False, ttl_s=ttl_s, token=token)
 
-    @rule(call_sid=CALLS, sticky=st.sampled_from([None, "+1", "+2"]))
-    def acquire(self, call_sid: str, sticky: str | None) -> None:
-        lease = self.run(self.try_admit(self.acct.acquire(call_sid, sticky_key=sticky)))
-        self.admit(call_sid, lease, claim=True, ttl_s=0.0)
+    @rule(call_sid=CALLS, sticky=st.sampled_from([None, "+1", "+2"]), token=TOKEN_NEEDS)
+    def acquire(self, call_sid: str, sticky: str | None, token: TokenNeed) -> None:
+        lease = self.run(self.try_admit(self.acct.acquire(call_sid, sticky_key=sticky, token=token)))
+        self.admit(call_sid, lease, claim=True, ttl_s=0.0, token=token)
+
+    @rule(call_sid=CALLS)
+    def move(self, call_sid: str) -> None:
+        device = self.leases.get(call_sid)
+        moved = self.run(self.acct.move(Lease(call_sid, device or "dev-a")))
+        self.expire()
+        candidates = [
+            d
+            for d in MODEL_DEVICES
+            if d != device and self.load(d) < MODEL_LIMITS.max_concurrent and self.expected_wait_s(d) == 0
+        ]
+        if device is None or not candidates:
+            assert moved is None
+            return
+        assert moved is not None and moved.device_id in candidates and moved.token_taken
+        self.leases[call_sid] = moved.device_id
+        self.takes[moved.device_id].append(self.clock.monotonic())
+
+    @rule(call_sid=CALLS)
+    def release_reservation(self, call_sid: str) -> None:
+        self.expire()
+        assert self.run(self.acct.release_reservation(call_sid)) == (call_sid in self.reserved)
+        self.reserved.pop(call_sid, None)
 
     @rule(call_sid=CALLS)
     def claim(self, call_sid: str) -> None:

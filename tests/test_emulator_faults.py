@@ -312,3 +312,13 @@ def test_legacy_shorthands_still_arm_faults() -> None:
         SessionFault(kind="close", after_s=0.5),
         TokenFault(status=503),
     )
+
+
+async def test_token_fault_for_every_device_also_fails_requests_naming_none() -> None:
+    """A client's health probe (an empty body) meets an outage too, but not a fault aimed at one device."""
+    for fault, expected in [
+        (TokenFault(status=503), 503),
+        (TokenFault(status=503, select=Selector(devices=frozenset({"dev-1"}))), 400),
+    ]:
+        async with emulator(faulty(fault)) as emu:
+            assert (await emu.token_response({})).status_code == expected

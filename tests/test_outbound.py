@@ -41,6 +41,9 @@ MARK_EVERY_MS = 100
 STEP_S = 0.001
 EPS = 1e-6
 TIMEOUT_S = 5
+# One message per frame and a fixed prebuffer: the pacing these tests pin down frame by frame. Batching and
+# the adaptive prebuffer build on it and have their own tests below.
+UNBATCHED = AudioSettings(outbound_batch_ms=20, adaptive_prebuffer=False)
 
 
 def tone(ms: int, *, dbfs: float = -20.0, freq_hz: float = 1000.0) -> bytes:
@@ -130,7 +133,7 @@ async def running(settings: AudioSettings | None = None, *, yield_in_send: bool 
     clock = FakeClock()
     sent: list[tuple[float, str]] = []
 
-    outbound = Outbound(settings or AudioSettings(), clock, TwilioJson(clock, sent, yield_in_send))
+    outbound = Outbound(settings or UNBATCHED, clock, TwilioJson(clock, sent, yield_in_send))
     task = asyncio.create_task(outbound.run())
     await settle()
     try:
@@ -223,22 +226,32 @@ async def test_outbound_real_time_pushes_go_out_one_frame_per_20_ms() -> None:
         assert max(leads) <= LEAD_S + EPS
 
 
-async def test_outbound_bulk_push_goes_out_at_real_time_within_the_lead() -> None:
-    async with asyncio.timeout(TIMEOUT_S), running() as line:
+async def bulk_push_within_the_lead(settings: AudioSettings, batch_frames: int) -> tuple[list[int], float]:
+    """Push 2 s at once and step the clock 1 ms at a time until it is all sent, checking the lead at each
+    step: never above it, and while a batch is queued never below it less a batch (plus a step of clock
+    granularity); a last part batch at least a frame. Returns the sizes of the media messages and the time the
+    last one went."""
+    async with asyncio.timeout(TIMEOUT_S), running(settings) as line:
         audio = tone(2000)
         line.outbound.push(audio)
         await settle()
         while line.sent_s() < 2.0 - EPS:
             t, sent = line.elapsed(), line.sent_s()
             assert sent <= t + LEAD_S + EPS
-            # Queued audio keeps Twilio's buffer full to within a frame (and a step of clock granularity).
-            assert sent >= t + LEAD_S - FRAME_S - STEP_S - EPS
+            whole_batch = 2.0 - sent >= batch_frames * FRAME_S - EPS
+            floor_s = LEAD_S - batch_frames * FRAME_S if whole_batch else FRAME_S
+            assert sent >= t + floor_s - STEP_S - EPS
             await advance(line.clock, STEP_S)
-        assert 1.9 - EPS <= line.elapsed() <= 1.9 + STEP_S + EPS
-        media = line.media()
-        assert [len(p) for _, p in media] == [5 * FRAME] + [FRAME] * 95
-        assert b"".join(p for _, p in media) == audio
+        assert b"".join(p for _, p in line.media()) == audio
         assert line.outbound.playback.sent_ms == 2000
+        return [len(p) for _, p in line.media()], line.elapsed()
+
+
+async def test_outbound_bulk_push_goes_out_at_real_time_within_the_lead() -> None:
+    # Unbatched, queued audio keeps Twilio's buffer full to within a frame.
+    sizes, done_s = await bulk_push_within_the_lead(UNBATCHED, batch_frames=1)
+    assert 1.9 - EPS <= done_s <= 1.9 + STEP_S + EPS
+    assert sizes == [5 * FRAME] + [FRAME] * 95
 
 
 async def test_outbound_late_tick_refills_to_the_lead_without_a_burst() -> None:
@@ -471,3 +484,57 @@ async def test_outbound_interrupt_makes_the_ai_inaudible() -> None:
         line.outbound.interrupt()
         await settle()
         assert line.outbound.audible_since(line.clock.monotonic()) is None
+
+
+# --- batching and the adaptive prebuffer (the defaults) -----------------------------------------------------
+
+
+async def test_outbound_batches_queued_audio_three_frames_a_message_within_the_lead() -> None:
+    # Twilio's buffer is refilled a batch (60 ms) at a time, so while a batch is queued it holds at least the
+    # lead less a batch; a last part batch goes once Twilio is down to 20 ms, never later.
+    sizes, done_s = await bulk_push_within_the_lead(AudioSettings(), batch_frames=3)
+    assert 1.94 - EPS <= done_s <= 1.94 + STEP_S + EPS  # the last part batch went with 20 ms left to play
+    assert sizes == [5 * FRAME] + [3 * FRAME] * 31 + [2 * FRAME]
+
+
+async def test_outbound_real_time_ai_with_a_100_ms_prebuffer_goes_three_frames_a_message_without_a_gap() -> None:
+    # A real-time AI keeps the lead the prebuffer gave it; a frame is held only while Twilio has more than
+    # 20 ms left, so whole 60 ms batches need a lead of 60 ms above that.
+    settings = AudioSettings(playout_prebuffer_ms=100)
+    async with asyncio.timeout(TIMEOUT_S), running(settings) as line:
+        for _ in range(100):  # the AI speaks in real time: a frame every 20 ms
+            line.outbound.push(tone(20))
+            await advance(line.clock, FRAME_S)
+            if line.sent_s():
+                assert line.outbound.lead(line.clock.monotonic()) > 0  # Twilio never ran dry
+        sizes = [len(p) for _, p in line.media()]
+        assert sizes[0] == 5 * FRAME and set(sizes[1:-1]) == {3 * FRAME}
+        out = line.outbound
+        assert (out.underruns_ai_late, out.underruns_scheduling, out.prebuffer.grows) == (0, 0, 0)
+
+
+async def test_outbound_counts_an_ai_late_underrun_grows_the_prebuffer_and_shrinks_it_when_calm() -> None:
+    async with asyncio.timeout(TIMEOUT_S), running(AudioSettings()) as line:
+        for i in range(60):
+            if i == 30:
+                await advance(line.clock, 0.120)  # the AI's next frame is 120 ms late: playback runs dry
+            line.outbound.push(tone(20))
+            await advance(line.clock, FRAME_S)
+        out = line.outbound
+        assert (out.underruns_ai_late, out.underruns_scheduling) == (1, 0)
+        assert (out.prebuffer.grows, round(out.prebuffer.value_s, 3)) == (1, 0.06)
+        for _ in range(550):  # 11 s of on-time frames: one frame of prebuffer is given back
+            line.outbound.push(tone(20))
+            await advance(line.clock, FRAME_S, step=0.005)
+        assert (out.prebuffer.shrinks, round(out.prebuffer.value_s, 3)) == (1, 0.04)
+        assert out.underruns_ai_late == 1
+
+
+async def test_outbound_counts_a_stall_of_ours_as_a_scheduling_underrun_and_keeps_the_prebuffer() -> None:
+    async with asyncio.timeout(TIMEOUT_S), running(AudioSettings()) as line:
+        line.outbound.push(tone(1000))
+        await advance(line.clock, 0.2)
+        line.clock.advance(0.3)  # the event loop stalls for 300 ms with audio queued here: Twilio runs dry
+        await advance(line.clock, 0.2)
+        out = line.outbound
+        assert (out.underruns_scheduling, out.underruns_ai_late, out.prebuffer.grows) == (1, 0, 0)

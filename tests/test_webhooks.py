@@ -93,7 +93,10 @@ def test_voice_busy_when_no_device_can_take_the_call(
     assert "busy" in (root.find("Say").text or "")  # type: ignore[union-attr]
     assert 'bridge_admission_refused_total{where="webhook"} 1.0' in httpx.get(bridge.http_url + "/metrics").text
     ready = httpx.get(bridge.http_url + "/readyz")
-    assert (ready.status_code, ready.json()) == (503, {"ready": False, "reason": "device pool full"})
+    assert (ready.status_code, ready.json()) == (
+        503,
+        {"ready": False, "reason": "device pool full", "detail": "no device has both a free slot and token budget"},
+    )
 
 
 def test_readyz_ready_when_the_pool_has_room_and_configurable_when_full(

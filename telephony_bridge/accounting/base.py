@@ -8,17 +8,25 @@ any rolling 60 s window (spec §5, §8). A call holds one slot on one device for
 
 Every token request is taken from the device's window *before* it is sent, so the bridge never sends a request
 over the limit. Every check-and-take is atomic: two calls racing for the last slot cannot both win.
+
+A new call needs both a slot and a token for its first connection, so ``reserve`` and ``acquire`` can ask for
+a device with token budget (``token="check"``) or take that token in the same atomic step (``token="take"``:
+the webhook's warm token); ``Lease.token_taken`` says whether it was taken. ``move`` carries a call in
+progress to another device for a reconnect when its own has no budget left.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any, Protocol
+from dataclasses import dataclass, field
+from typing import Any, Literal, Protocol
 
 from telephony_bridge.errors import AdmissionError
 
 TOKEN_WINDOW_S = 60.0
-RESERVATION_TTL_S = 30.0  # Twilio connects the stream within a second or two of the webhook; 30 s is generous
+RESERVATION_TTL_S = 10.0  # Twilio connects the stream within a second or two of the webhook
+# What a new call needs besides a slot: nothing more, a device with budget for one token request, or that
+# request taken from the device's window in the same atomic step.
+TokenNeed = Literal["none", "check", "take"]
 LEASE_TTL_S = 30.0  # Redis only: a replica killed without releasing frees its slots within this
 
 
@@ -52,16 +60,36 @@ class Lease:
 
     call_sid: str
     device_id: str
+    # Whether the step that made this lease also took a token request from the device's window (token="take").
+    token_taken: bool = field(default=False, compare=False)
+
+
+def refusal_message(devices: int, with_free_slot: int, limits: Limits) -> str:
+    """Why no device can take a new call: every slot taken, or no budget where a slot is free."""
+    if not with_free_slot:
+        return f"all {devices} devices are at {limits.max_concurrent} calls"
+    return (
+        f"no token budget on the {with_free_slot} devices with a free slot "
+        f"({limits.max_token_requests} requests per {limits.window_s:g} s used, or Savants asked us to wait)"
+    )
 
 
 class Accounting(Protocol):
-    async def reserve(self, call_sid: str, ttl_s: float = RESERVATION_TTL_S, *, sticky_key: str | None = None) -> Lease:
+    async def reserve(
+        self,
+        call_sid: str,
+        ttl_s: float = RESERVATION_TTL_S,
+        *,
+        sticky_key: str | None = None,
+        token: TokenNeed = "none",
+    ) -> Lease:
         """Hold a slot for a call about to connect (at the webhook), so the stream start cannot find the pool full.
 
-        Picks a device with a free slot: token budget first, then ``sticky_key``'s last device, then least
-        loaded. Idempotent per ``call_sid`` (a retried webhook gets the same lease; an unclaimed reservation's
-        expiry is extended). ``AdmissionError`` if no device has a free slot; ``AccountingUnavailable`` if
-        the store is unreachable.
+        Picks a device with a free slot (and with ``token`` "check"/"take", token budget; "take" also takes
+        one): token budget first, then ``sticky_key``'s last device, then least loaded. Idempotent per
+        ``call_sid`` (a retried webhook gets the same lease, with a token taken if "take" and the device has
+        budget; an unclaimed reservation's expiry is extended). ``AdmissionError`` if no device qualifies;
+        ``AccountingUnavailable`` if the store is unreachable.
         """
         ...
 
@@ -72,8 +100,21 @@ class Accounting(Protocol):
         """
         ...
 
-    async def acquire(self, call_sid: str, sticky_key: str | None = None) -> Lease:
+    async def acquire(self, call_sid: str, sticky_key: str | None = None, *, token: TokenNeed = "none") -> Lease:
         """``reserve`` and ``claim`` in one atomic step; claims this call's reservation if it has one."""
+        ...
+
+    async def move(self, lease: Lease) -> Lease | None:
+        """Move a call's lease to another device with a free slot and token budget, taking one token request
+        there, in one atomic step (a reconnect whose device has no budget left). None, and the call keeps
+        its lease, if no device qualifies.
+        """
+        ...
+
+    async def release_reservation(self, call_sid: str) -> bool:
+        """Drop this call's reservation, on whichever device (its stream was refused or has ended); a lease
+        (a call in progress) is left alone. True if one was dropped; never raises.
+        """
         ...
 
     async def heartbeat(self, lease: Lease) -> bool:

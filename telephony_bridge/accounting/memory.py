@@ -11,7 +11,7 @@ from collections import OrderedDict, deque
 from collections.abc import Sequence
 from typing import Any
 
-from telephony_bridge.accounting.base import RESERVATION_TTL_S, Lease, Limits
+from telephony_bridge.accounting.base import RESERVATION_TTL_S, Lease, Limits, TokenNeed, refusal_message
 from telephony_bridge.clock import Clock, SystemClock
 from telephony_bridge.errors import AdmissionError
 
@@ -50,8 +50,15 @@ class MemoryAccounting:
 
     # --- the contract ---------------------------------------------------------------------------------------
 
-    async def reserve(self, call_sid: str, ttl_s: float = RESERVATION_TTL_S, *, sticky_key: str | None = None) -> Lease:
-        return self._admit(call_sid, claim=False, ttl_s=ttl_s, sticky_key=sticky_key)
+    async def reserve(
+        self,
+        call_sid: str,
+        ttl_s: float = RESERVATION_TTL_S,
+        *,
+        sticky_key: str | None = None,
+        token: TokenNeed = "none",
+    ) -> Lease:
+        return self._admit(call_sid, claim=False, ttl_s=ttl_s, sticky_key=sticky_key, token=token)
 
     async def claim(self, call_sid: str) -> Lease | None:
         self._expire_reservations()  # an expired reservation cannot be claimed
@@ -63,8 +70,33 @@ class MemoryAccounting:
             device.leases.add(call_sid)
         return Lease(call_sid, device_id)
 
-    async def acquire(self, call_sid: str, sticky_key: str | None = None) -> Lease:
-        return self._admit(call_sid, claim=True, ttl_s=0.0, sticky_key=sticky_key)
+    async def acquire(self, call_sid: str, sticky_key: str | None = None, *, token: TokenNeed = "none") -> Lease:
+        return self._admit(call_sid, claim=True, ttl_s=0.0, sticky_key=sticky_key, token=token)
+
+    async def move(self, lease: Lease) -> Lease | None:
+        now = self._expire_reservations()
+        old = self._devices.get(lease.device_id)
+        if old is None or lease.call_sid not in old.leases:
+            return None
+        candidates = [
+            (device.load, len(device.token_times), i)
+            for i, (device_id, device) in enumerate(self._devices.items())
+            if device_id != lease.device_id
+            and device.load < self.limits.max_concurrent
+            and self._token_wait_s(device, now) == 0
+        ]
+        if not candidates:
+            return None
+        device_id = list(self._devices)[min(candidates)[-1]]
+        device = self._devices[device_id]
+        old.leases.discard(lease.call_sid)
+        device.leases.add(lease.call_sid)
+        device.token_times.append(now)
+        return Lease(lease.call_sid, device_id, token_taken=True)
+
+    async def release_reservation(self, call_sid: str) -> bool:
+        self._expire_reservations()
+        return any(device.reserved.pop(call_sid, None) is not None for device in self._devices.values())
 
     async def heartbeat(self, lease: Lease) -> bool:
         device = self._devices.get(lease.device_id)
@@ -132,7 +164,7 @@ class MemoryAccounting:
                 return device_id, device
         return None
 
-    def _admit(self, call_sid: str, *, claim: bool, ttl_s: float, sticky_key: str | None) -> Lease:
+    def _admit(self, call_sid: str, *, claim: bool, ttl_s: float, sticky_key: str | None, token: TokenNeed) -> Lease:
         now = self._expire_reservations()
         found = self._find(call_sid)
         if found is not None:  # idempotent: a retried webhook, or acquire after reserve
@@ -143,15 +175,15 @@ class MemoryAccounting:
                     device.leases.add(call_sid)
                 else:
                     device.reserved[call_sid] = max(device.reserved[call_sid], now + ttl_s)
-            return Lease(call_sid, device_id)
+            return Lease(call_sid, device_id, token_taken=token == "take" and self._take(device, now))
         sticky_device = self._sticky_device(sticky_key, now)
-        candidates = [
-            (self._token_wait_s(device, now) > 0, device_id != sticky_device, device.load, len(device.token_times), i)
-            for i, (device_id, device) in enumerate(self._devices.items())
-            if device.load < self.limits.max_concurrent
-        ]
+        candidates = []
+        for i, (device_id, device) in enumerate(self._devices.items()):
+            no_budget = self._token_wait_s(device, now) > 0
+            if device.load < self.limits.max_concurrent and not (no_budget and token != "none"):
+                candidates.append((no_budget, device_id != sticky_device, device.load, len(device.token_times), i))
         if not candidates:
-            raise AdmissionError(f"all {len(self._devices)} devices are at {self.limits.max_concurrent} calls")
+            raise AdmissionError(self._refusal())
         device_id = list(self._devices)[min(candidates)[-1]]
         device = self._devices[device_id]
         if claim:
@@ -160,7 +192,17 @@ class MemoryAccounting:
             device.reserved[call_sid] = now + ttl_s
         if sticky_key is not None:
             self._remember_sticky(sticky_key, device_id, now)
-        return Lease(call_sid, device_id)
+        return Lease(call_sid, device_id, token_taken=token == "take" and self._take(device, now))
+
+    def _refusal(self) -> str:
+        free = sum(device.load < self.limits.max_concurrent for device in self._devices.values())
+        return refusal_message(len(self._devices), free, self.limits)
+
+    def _take(self, device: _Device, now: float) -> bool:
+        if self._token_wait_s(device, now) > 0:
+            return False
+        device.token_times.append(now)
+        return True
 
     def _sticky_device(self, sticky_key: str | None, now: float) -> str | None:
         entry = self._sticky.get(sticky_key) if sticky_key is not None else None

@@ -19,7 +19,15 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
 from telephony_bridge.accounting import redis_scripts as lua
-from telephony_bridge.accounting.base import LEASE_TTL_S, RESERVATION_TTL_S, AccountingUnavailable, Lease, Limits
+from telephony_bridge.accounting.base import (
+    LEASE_TTL_S,
+    RESERVATION_TTL_S,
+    AccountingUnavailable,
+    Lease,
+    Limits,
+    TokenNeed,
+    refusal_message,
+)
 from telephony_bridge.errors import AdmissionError
 
 log = logging.getLogger(__name__)
@@ -78,21 +86,40 @@ class RedisAccounting:
         self._admit = self._client.register_script(lua.ADMIT)
         self._take_token = self._client.register_script(lua.TAKE_TOKEN)
         self._release = self._client.register_script(lua.RELEASE)
+        self._release_reservation = self._client.register_script(lua.RELEASE_RESERVATION)
         self._heartbeat = self._client.register_script(lua.HEARTBEAT)
         self._exhaust = self._client.register_script(lua.EXHAUST)
         self._snapshot = self._client.register_script(lua.SNAPSHOT)
 
     # --- the contract ---------------------------------------------------------------------------------------
 
-    async def reserve(self, call_sid: str, ttl_s: float = RESERVATION_TTL_S, *, sticky_key: str | None = None) -> Lease:
-        return self._admitted(call_sid, await self._run_admit(call_sid, "reserve", ttl_s, sticky_key))
+    async def reserve(
+        self,
+        call_sid: str,
+        ttl_s: float = RESERVATION_TTL_S,
+        *,
+        sticky_key: str | None = None,
+        token: TokenNeed = "none",
+    ) -> Lease:
+        return self._admitted(call_sid, await self._run_admit(call_sid, "reserve", ttl_s, sticky_key, token))
 
     async def claim(self, call_sid: str) -> Lease | None:
-        status, device_id = await self._run_admit(call_sid, "claim", 0.0, None)
+        status, device_id, _ = await self._run_admit(call_sid, "claim", 0.0, None, "none")
         return Lease(call_sid, device_id) if status == "leased" else None
 
-    async def acquire(self, call_sid: str, sticky_key: str | None = None) -> Lease:
-        return self._admitted(call_sid, await self._run_admit(call_sid, "acquire", 0.0, sticky_key))
+    async def acquire(self, call_sid: str, sticky_key: str | None = None, *, token: TokenNeed = "none") -> Lease:
+        return self._admitted(call_sid, await self._run_admit(call_sid, "acquire", 0.0, sticky_key, token))
+
+    async def move(self, lease: Lease) -> Lease | None:
+        status, device_id, _ = await self._run_admit(lease.call_sid, "move", 0.0, None, "take")
+        return Lease(lease.call_sid, device_id, token_taken=True) if status == "leased" else None
+
+    async def release_reservation(self, call_sid: str) -> bool:
+        keys = [self._key(device_id, "reserved") for device_id in self._device_ids]
+        dropped = await self._swallow(
+            "release a reservation", lambda: self._release_reservation(keys=keys, args=[call_sid])
+        )
+        return bool(dropped)
 
     async def heartbeat(self, lease: Lease) -> bool:
         keys = [self._key(lease.device_id, "leases"), self._key(lease.device_id, "reserved")]
@@ -156,8 +183,10 @@ class RedisAccounting:
     def _device_keys(self) -> list[str]:
         return [self._key(device_id, kind) for device_id in self._device_ids for kind in lua.DEVICE_KEYS]
 
-    async def _run_admit(self, call_sid: str, mode: str, ttl_s: float, sticky_key: str | None) -> tuple[str, str]:
-        """One ADMIT script run: (leased | reserved | none | full, device_id)."""
+    async def _run_admit(
+        self, call_sid: str, mode: str, ttl_s: float, sticky_key: str | None, token: TokenNeed
+    ) -> tuple[str, str, int]:
+        """One ADMIT script run: (leased | reserved | none | full, device_id, token taken or free devices)."""
         # Callers' numbers stay out of key names: the sticky key is hashed.
         sticky = hashlib.sha256(sticky_key.encode()).hexdigest()[:32] if sticky_key is not None else ""
         keys = [f"{self._prefix}sticky:{sticky}", *self._device_keys()]
@@ -170,18 +199,18 @@ class RedisAccounting:
             self.limits.max_token_requests,
             self._window_ms,
             self._sticky_ttl_ms if sticky_key is not None else 0,
+            token,
             *self._device_ids,
         ]
-        status, device_id = await self._call(mode, lambda: self._admit(keys=keys, args=args))
-        return _text(status), _text(device_id)
+        status, device_id, extra = await self._call(mode, lambda: self._admit(keys=keys, args=args))
+        return _text(status), _text(device_id), int(extra)
 
-    def _admitted(self, call_sid: str, result: tuple[str, str]) -> Lease:
-        status, device_id = result
+    def _admitted(self, call_sid: str, result: tuple[str, str, int]) -> Lease:
+        status, device_id, extra = result
         if status not in ("leased", "reserved"):
-            raise AdmissionError(
-                f"all {len(self._device_ids)} devices are at {self.limits.max_concurrent} calls (shared via Redis)"
-            )
-        return Lease(call_sid, device_id)
+            message = refusal_message(len(self._device_ids), extra, self.limits)
+            raise AdmissionError(f"{message} (shared via Redis)")
+        return Lease(call_sid, device_id, token_taken=bool(extra))
 
     async def _devices(self) -> dict[str, dict[str, Any]]:
         rows = await self._call("snapshot", lambda: self._snapshot(keys=self._device_keys(), args=[self._window_ms]))

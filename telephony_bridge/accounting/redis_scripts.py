@@ -12,7 +12,7 @@ Per device (``<p>`` is the key prefix; every key expires on its own, no sweeper)
 
 from __future__ import annotations
 
-DEVICE_KEYS = ("leases", "reserved", "tokens", "exhausted")  # the order ADMIT and SNAPSHOT take them in
+DEVICE_KEYS = ("leases", "reserved", "tokens", "exhausted", "seq")  # the order ADMIT and SNAPSHOT take them in
 
 _COMMON = """
 local function now_ms()
@@ -39,54 +39,79 @@ local function token_wait_ms(tokens, exhausted, now, max_tokens, window)
   end
   return wait
 end
+-- record one token request unless the device has no budget: 0 if taken, else ms until one frees
+local function take_token(tokens, exhausted, seq, now, max_tokens, window)
+  local wait = token_wait_ms(tokens, exhausted, now, max_tokens, window)
+  if wait > 0 then return wait end
+  local n = redis.call('INCR', seq)
+  redis.call('PEXPIRE', seq, ms(window))
+  redis.call('ZADD', tokens, ms(now), ms(now) .. '-' .. n)
+  redis.call('PEXPIRE', tokens, ms(window))
+  return 0
+end
 """
 
-# KEYS: sticky key, then DEVICE_KEYS for each device. ARGV: call_sid, mode (reserve|claim|acquire),
+# KEYS: sticky key, then DEVICE_KEYS for each device. ARGV: call_sid, mode (reserve|claim|acquire|move),
 # reserve_ttl_ms, lease_ttl_ms, max_concurrent, max_tokens, window_ms, sticky_ttl_ms (0: no sticky key),
-# then the device ids. Returns {status, device_id}: leased | reserved | none (claim found nothing) | full.
+# token need (none|check|take), then the device ids. Returns {status, device_id, token taken (0/1) or, for
+# full, how many devices had a free slot}: leased | reserved | none (claim or move found nothing) | full.
 ADMIT = (
     _COMMON
     + """
 local sid, mode = ARGV[1], ARGV[2]
 local reserve_ttl, lease_ttl = tonumber(ARGV[3]), tonumber(ARGV[4])
 local max_conc, max_tokens, window = tonumber(ARGV[5]), tonumber(ARGV[6]), tonumber(ARGV[7])
-local sticky_ttl = tonumber(ARGV[8])
-local n = #ARGV - 8
+local sticky_ttl, need = tonumber(ARGV[8]), ARGV[9]
+local n = #ARGV - 9
 local now = now_ms()
-local function key(i, j) return KEYS[1 + (i - 1) * 4 + j] end
-local function device(i) return ARGV[8 + i] end
+local function key(i, j) return KEYS[1 + (i - 1) * 5 + j] end
+local function device(i) return ARGV[9 + i] end
+local function take(i)
+  if need ~= 'take' then return 0 end
+  if take_token(key(i, 3), key(i, 4), key(i, 5), now, max_tokens, window) == 0 then return 1 end
+  return 0
+end
 
--- idempotent: this call already holds a slot somewhere
 for i = 1, n do
   prune_slots(key(i, 1), now)
   prune_slots(key(i, 2), now)
 end
-for i = 1, n do
-  if redis.call('ZSCORE', key(i, 1), sid) then return {'leased', device(i)} end
-  local expires = redis.call('ZSCORE', key(i, 2), sid)
-  if expires then
-    if mode == 'reserve' then  -- a retried webhook: keep the reservation, never shorten it
-      if now + reserve_ttl > tonumber(expires) then
-        redis.call('ZADD', key(i, 2), ms(now + reserve_ttl), sid)
-        expire_with_members(key(i, 2))
-      end
-      return {'reserved', device(i)}
-    end
-    redis.call('ZREM', key(i, 2), sid)
-    redis.call('ZADD', key(i, 1), ms(now + lease_ttl), sid)
-    expire_with_members(key(i, 1))
-    return {'leased', device(i)}
+local from = nil  -- move: the device the call leaves
+if mode == 'move' then
+  for i = 1, n do
+    if redis.call('ZSCORE', key(i, 1), sid) then from = i end
   end
+  if from == nil then return {'none', '', 0} end
+else
+  -- idempotent: this call already holds a slot somewhere
+  for i = 1, n do
+    if redis.call('ZSCORE', key(i, 1), sid) then return {'leased', device(i), take(i)} end
+    local expires = redis.call('ZSCORE', key(i, 2), sid)
+    if expires then
+      if mode == 'reserve' then  -- a retried webhook: keep the reservation, never shorten it
+        if now + reserve_ttl > tonumber(expires) then
+          redis.call('ZADD', key(i, 2), ms(now + reserve_ttl), sid)
+          expire_with_members(key(i, 2))
+        end
+        return {'reserved', device(i), take(i)}
+      end
+      redis.call('ZREM', key(i, 2), sid)
+      redis.call('ZADD', key(i, 1), ms(now + lease_ttl), sid)
+      expire_with_members(key(i, 1))
+      return {'leased', device(i), take(i)}
+    end
+  end
+  if mode == 'claim' then return {'none', '', 0} end
 end
-if mode == 'claim' then return {'none', ''} end
 
 -- choose: token budget first, then the caller's last device, then least loaded, fewest tokens, pool order
 local sticky = false
 if sticky_ttl > 0 then sticky = redis.call('GET', KEYS[1]) end
-local best, best_rank = nil, nil
+local best, best_rank, free = nil, nil, 0
 for i = 1, n do
   local load = redis.call('ZCARD', key(i, 1)) + redis.call('ZCARD', key(i, 2))
-  if load < max_conc then
+  if load < max_conc and i ~= from then
+    free = free + 1
     local no_budget = 0
     if token_wait_ms(key(i, 3), key(i, 4), now, max_tokens, window) > 0 then no_budget = 1 end
     local not_sticky = 1
@@ -98,20 +123,25 @@ for i = 1, n do
         if rank[r] ~= best_rank[r] then better = rank[r] < best_rank[r]; break end
       end
     end
-    if better then best, best_rank = i, rank end
+    if better and (need == 'none' or no_budget == 0) then best, best_rank = i, rank end
   end
 end
-if best == nil then return {'full', ''} end
+if best == nil then
+  if mode == 'move' then return {'none', '', 0} end
+  return {'full', '', free}
+end
 if mode == 'reserve' then
   redis.call('ZADD', key(best, 2), ms(now + reserve_ttl), sid)
   expire_with_members(key(best, 2))
 else
+  if from ~= nil then redis.call('ZREM', key(from, 1), sid) end
   redis.call('ZADD', key(best, 1), ms(now + lease_ttl), sid)
   expire_with_members(key(best, 1))
 end
 if sticky_ttl > 0 then redis.call('SET', KEYS[1], device(best), 'PX', ms(sticky_ttl)) end
-if mode == 'reserve' then return {'reserved', device(best)} end
-return {'leased', device(best)}
+local taken = take(best)
+if mode == 'reserve' then return {'reserved', device(best), taken} end
+return {'leased', device(best), taken}
 """
 )
 
@@ -119,21 +149,20 @@ return {'leased', device(best)}
 TAKE_TOKEN = (
     _COMMON
     + """
-local max_tokens, window = tonumber(ARGV[1]), tonumber(ARGV[2])
-local now = now_ms()
-local wait = token_wait_ms(KEYS[1], KEYS[2], now, max_tokens, window)
-if wait > 0 then return wait end
-local seq = redis.call('INCR', KEYS[3])
-redis.call('PEXPIRE', KEYS[3], ms(window))
-redis.call('ZADD', KEYS[1], ms(now), ms(now) .. '-' .. seq)
-redis.call('PEXPIRE', KEYS[1], ms(window))
-return 0
+return take_token(KEYS[1], KEYS[2], KEYS[3], now_ms(), tonumber(ARGV[1]), tonumber(ARGV[2]))
 """
 )
 
 # KEYS: leases, reserved. ARGV: call_sid. Returns how many slots it freed (0 when released twice).
 RELEASE = """
 return redis.call('ZREM', KEYS[1], ARGV[1]) + redis.call('ZREM', KEYS[2], ARGV[1])
+"""
+
+# KEYS: the reserved set of each device. ARGV: call_sid. Returns how many reservations it dropped (0 or 1).
+RELEASE_RESERVATION = """
+local dropped = 0
+for i = 1, #KEYS do dropped = dropped + redis.call('ZREM', KEYS[i], ARGV[1]) end
+return dropped
 """
 
 # KEYS: leases, reserved. ARGV: call_sid, lease_ttl_ms, max_concurrent.
@@ -175,8 +204,8 @@ SNAPSHOT = (
 local window = tonumber(ARGV[1])
 local now = now_ms()
 local out = {}
-for i = 1, #KEYS / 4 do
-  local b = (i - 1) * 4
+for i = 1, #KEYS / 5 do
+  local b = (i - 1) * 5
   prune_slots(KEYS[b + 1], now)
   prune_slots(KEYS[b + 2], now)
   redis.call('ZREMRANGEBYSCORE', KEYS[b + 3], '-inf', ms(now - window))

@@ -46,3 +46,65 @@ class OutboundPacer:
     def cleared(self, now: float) -> None:
         """Twilio dropped its buffer (we sent ``clear``): nothing is queued there any more."""
         self._play_end = now
+
+    def batch_due(self, now: float, available: int, batch: int, low_water_s: float) -> int:
+        """Like ``frames_due``, but a lone frame waits while Twilio still holds more than ``low_water_s``, so
+        audio goes out ``batch`` frames per message when the lead allows (fewer sends, same playback)."""
+        lead = self.lead(now)
+        room = int((self.lead_s - lead) / self.frame_s + _EPS)
+        if min(available, room) < batch and lead > low_water_s + _EPS:
+            return 0
+        return self.frames_due(now, available)
+
+    def room_for(self, now: float, frames: int) -> float:
+        """The earliest time at which ``frames`` more frames fit under the lead."""
+        if self._play_end is None:
+            return now
+        return max(now, self._play_end - self.lead_s + frames * self.frame_s)
+
+    def hold_until(self, now: float, low_water_s: float) -> float:
+        """When a held frame must go anyway: Twilio's buffer is down to ``low_water_s``."""
+        if self._play_end is None:
+            return now
+        return max(now, self._play_end - low_water_s)
+
+    @property
+    def play_end(self) -> float | None:
+        """When everything sent so far will have finished playing (None before the first send)."""
+        return self._play_end
+
+
+class AdaptivePrebuffer:
+    """How much AI audio a talk spurt gathers before its first frame goes out (the playout lead a real-time
+    AI then keeps): ``base_s`` while the AI's frames come on time, one frame more after each underrun the AI's
+    own lateness caused, up to ``max_s``; one frame less after ``calm_s`` without one, back down to ``base_s``.
+    ``grows`` and ``shrinks`` count the changes."""
+
+    def __init__(self, base_s: float, max_s: float, *, step_s: float = FRAME_S, calm_s: float = 10.0) -> None:
+        self.base_s = base_s
+        self.max_s = max(base_s, max_s)
+        self.step_s = step_s
+        self.calm_s = calm_s
+        self.value_s = base_s
+        self.grows = 0
+        self.shrinks = 0
+        self._changed_at = float("-inf")
+
+    @property
+    def frames(self) -> int:
+        """The prebuffer in whole frames, rounded up, at least one."""
+        return max(1, -(-round(self.value_s * 1000) // round(self.step_s * 1000)))
+
+    def ai_late(self, now: float) -> None:
+        """Twilio's buffer ran dry because the AI's next frame came late: hold one frame more."""
+        if self.value_s + self.step_s <= self.max_s + _EPS:
+            self.value_s += self.step_s
+            self.grows += 1
+        self._changed_at = now
+
+    def steady(self, now: float) -> None:
+        """Audio went out on time: after ``calm_s`` of that, give one frame back."""
+        if self.value_s > self.base_s + _EPS and now - self._changed_at >= self.calm_s:
+            self.value_s = max(self.base_s, self.value_s - self.step_s)
+            self.shrinks += 1
+            self._changed_at = now

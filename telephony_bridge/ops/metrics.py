@@ -43,6 +43,11 @@ class Metrics:
         self.token_requests = Counter(
             "bridge_token_requests_total", "Savants token requests, by result code", ["result"], registry=r
         )
+        self.token_no_budget = Counter(
+            "bridge_token_no_budget_total",
+            "Token requests not sent: the device had no budget left within the call's deadline",
+            registry=r,
+        )
         self.protocol_errors = Counter(
             "bridge_protocol_errors_total", "Malformed messages received, by peer", ["peer"], registry=r
         )
@@ -59,6 +64,15 @@ class Metrics:
             "bridge_audio_seconds_total", "Audio carried, by direction", ["direction"], registry=r
         )
         self.dtmf = Counter("bridge_dtmf_total", "DTMF digits received", registry=r)
+        self.playout_underruns = Counter(
+            "bridge_playout_underruns_total",
+            "Holes in the caller's playback: the AI's frame came late (ai_late) or we sent late (scheduling)",
+            ["cause"],
+            registry=r,
+        )
+        self.prebuffer_changes = Counter(
+            "bridge_playout_prebuffer_changes_total", "Adaptive prebuffer steps", ["direction"], registry=r
+        )
         self.barge_ins = Counter("bridge_barge_in_total", "Caller interruptions of the AI", registry=r)
         self.admission_refused = Counter(
             "bridge_admission_refused_total", "Calls refused because no device could take them", ["where"], registry=r

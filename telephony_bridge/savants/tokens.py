@@ -10,34 +10,75 @@ import asyncio
 import httpx
 
 from telephony_bridge.errors import TokenError
+from telephony_bridge.savants.health import TokenEndpointHealth
 
 TOKEN_PATH = "/api/websocket-voice/token"
+# Failures of the endpoint itself (worth a retry, and what /readyz watches); other refusals concern one device.
+ENDPOINT_FAILURES = frozenset({"TIMEOUT", "UNREACHABLE", "BAD_RESPONSE"})
+
+
+def endpoint_failed(exc: TokenError) -> bool:
+    """The endpoint failed (5xx, timeout, no connection, nonsense), as opposed to refusing one device's request."""
+    return exc.code in ENDPOINT_FAILURES or (exc.status is not None and exc.status >= 500)
 
 
 class TokenClient:
-    """Fetches tokens over an injected ``httpx.AsyncClient`` (tests pass one pointed at the emulator)."""
+    """Fetches tokens over an injected ``httpx.AsyncClient`` (tests pass one pointed at the emulator), and
+    tells ``health`` how each request went."""
 
-    def __init__(self, http: httpx.AsyncClient, base_url: str, api_key: str, timeout_s: float = 5.0) -> None:
+    def __init__(
+        self,
+        http: httpx.AsyncClient,
+        base_url: str,
+        api_key: str,
+        timeout_s: float = 5.0,
+        *,
+        health: TokenEndpointHealth | None = None,
+    ) -> None:
         self._http = http
         self._url = base_url.rstrip("/") + TOKEN_PATH
         self._api_key = api_key
         self._timeout_s = timeout_s
+        self.health = health
+        if health is not None:
+            health.attach_probe(self.probe)
 
-    async def fetch(self, device_id: str) -> str:
+    async def fetch(self, device_id: str, timeout_s: float | None = None) -> str:
+        """One token request; ``timeout_s`` (at most the configured one) bounds the whole of it."""
+        try:
+            token = _read_token(await self._post({"apiKey": self._api_key, "deviceId": device_id}, timeout_s))
+        except TokenError as exc:
+            if self.health is not None:
+                if endpoint_failed(exc):
+                    self.health.record_failure(f"{exc.code}: {exc}")
+                else:
+                    self.health.record_success()  # it answered; the refusal is about this device
+            raise
+        if self.health is not None:
+            self.health.record_success()
+        return token
+
+    async def probe(self) -> str | None:
+        """Whether the endpoint answers, without a token request: an empty body (400 from a working endpoint,
+        counted against no device). None if it answered below 500, else what went wrong."""
+        try:
+            response = await self._post({}, None)
+        except TokenError as exc:
+            return f"{exc.code}: {exc}"
+        return None if response.status_code < 500 else f"HTTP {response.status_code} to a probe"
+
+    async def _post(self, body: dict[str, str], timeout_s: float | None) -> httpx.Response:
+        timeout_s = self._timeout_s if timeout_s is None else min(timeout_s, self._timeout_s)
         try:
             # httpx's timeout is per phase (connect, write, read); the caller is waiting on the total.
-            async with asyncio.timeout(self._timeout_s):
-                response = await self._http.post(
-                    self._url,
-                    json={"apiKey": self._api_key, "deviceId": device_id},
-                    headers={"Accept": "application/json"},
-                    timeout=self._timeout_s,
+            async with asyncio.timeout(timeout_s):
+                return await self._http.post(
+                    self._url, json=body, headers={"Accept": "application/json"}, timeout=timeout_s
                 )
         except (TimeoutError, httpx.TimeoutException):
-            raise TokenError(f"token endpoint did not answer within {self._timeout_s} s", code="TIMEOUT") from None
+            raise TokenError(f"token endpoint did not answer within {timeout_s:g} s", code="TIMEOUT") from None
         except httpx.HTTPError as exc:
             raise TokenError(f"token endpoint unreachable: {type(exc).__name__}", code="UNREACHABLE") from None
-        return _read_token(response)
 
 
 def _read_token(response: httpx.Response) -> str:

@@ -179,6 +179,7 @@ class TwilioWebhooks:
         with oplog.call_context(call_sid=str(params.get("CallSid", "")), stream_sid=str(params.get("StreamSid", ""))):
             if event == "stream-error":
                 log.warning("twilio reports a stream error: %s", params.get("StreamError", "(no description)"))
+                await self._forget(params)  # this stream will not reach us: its reservation goes now
             else:
                 log.info("twilio stream status %s", event)
         return Response(status_code=204)
@@ -191,6 +192,7 @@ class TwilioWebhooks:
         if not self._signed(request, params):
             return PlainTextResponse("invalid signature", status_code=403)
         call_sid = str(params.get("CallSid", ""))
+        await self._forget(params)  # the stream is over: a reservation never claimed goes now
         try:
             outcome = await self._admission.outcome(call_sid) if call_sid else None
         except StoreUnavailable:
@@ -206,6 +208,11 @@ class TwilioWebhooks:
         with oplog.call_context(call_sid=call_sid):
             log.info("stream ended, outcome %s", outcome or "unknown")
         return Response(xml, media_type=TWIML_MEDIA_TYPE)
+
+    async def _forget(self, params: Mapping[str, Any]) -> None:
+        call_sid = str(params.get("CallSid", ""))
+        if call_sid:
+            await self._admission.forget(call_sid)
 
 
 def _ws_scheme(base: str) -> str:

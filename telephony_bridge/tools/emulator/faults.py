@@ -238,15 +238,16 @@ class FaultPlan:
     def clear(self) -> None:
         self._armed.clear()
 
-    def session_fault(self, device_id: str) -> SessionFault | None:
+    def session_fault(self, device_id: str | None) -> SessionFault | None:
         fault = self._draw(SessionFault, device_id)
         return fault if isinstance(fault, SessionFault) else None
 
-    def token_fault(self, device_id: str) -> TokenFault | None:
+    def token_fault(self, device_id: str | None) -> TokenFault | None:
+        """The fault for a token request of ``device_id`` (None: a request naming no device)."""
         fault = self._draw(TokenFault, device_id)
         return fault if isinstance(fault, TokenFault) else None
 
-    def _draw(self, cls: type[Fault], device_id: str) -> Fault | None:
+    def _draw(self, cls: type[Fault], device_id: str | None) -> Fault | None:
         for index, fault in enumerate(self._armed):
             select = fault.select
             if not isinstance(fault, cls) or (select.devices is not None and device_id not in select.devices):

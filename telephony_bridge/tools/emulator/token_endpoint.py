@@ -1,9 +1,9 @@
 """``POST /api/websocket-voice/token``: device credentials in, a one-minute JWT out (spec §3).
 
-Order of checks: body (400), an armed fault's delay and forced 429, rate limit (429), an armed fault's
-forced 401/5xx, credentials (401), then the token. Every well-formed request counts towards the device's 60
-a minute whatever its outcome except a 429 (spec §6.7: "each token request counts"), so a client that counts
-its own requests never trips the limit.
+Order of checks: an armed fault's delay, body (400; an armed 5xx for every device comes first), the fault's
+forced 429, rate limit (429), the fault's forced 401/5xx, credentials (401), then the token. Every well-formed
+request counts towards the device's 60 a minute whatever its outcome except a 429 (spec §6.7: "each token
+request counts"), so a client that counts its own requests never trips the limit.
 """
 
 from __future__ import annotations
@@ -48,13 +48,17 @@ class TokenEndpoint:
         if self.config.token_delay_s:
             await self.clock.sleep_until(self.clock.monotonic() + self.config.token_delay_s)
         fields = _parse_body(await request.body())
+        # A request naming no device (a malformed one, e.g. a client's health probe) meets only the faults
+        # armed for every device: a service in an outage fails those too.
+        fault = self.state.faults.token_fault(None if isinstance(fields, JSONResponse) else fields[1])
+        if fault is not None and fault.delay_s:
+            await self.clock.sleep_until(self.clock.monotonic() + fault.delay_s)
         if isinstance(fields, JSONResponse):
+            if fault is not None and fault.status is not None and fault.status >= 500:
+                return self._forced_failure(fault, "")
             self.state.record_error("INVALID_REQUEST")
             return fields
         api_key, device_id = fields
-        fault = self.state.faults.token_fault(device_id)
-        if fault is not None and fault.delay_s:
-            await self.clock.sleep_until(self.clock.monotonic() + fault.delay_s)
         if fault is not None and fault.status == 429:
             logger.info("injecting fault: token request of device %s answered 429", device_id)
             return self._rate_limited(fault.retry_after_s)

@@ -1,0 +1,87 @@
+"""``/readyz``: whether this replica should be sent new calls, and if not, which check fails.
+
+The checks, in order: draining; the accounting backend (Redis) answers; some device has both a free slot and
+token budget (a new call needs both, spec §8); the Savants token endpoint has not failed recently. A load
+balancer probes every second or so, so the accounting read (one Lua script on Redis) is cached for
+``cache_s`` and shared by concurrent probes, and the token endpoint is judged from real token requests plus
+an occasional probe that is not a token request (``TokenEndpointHealth``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+from typing import Any
+
+from telephony_bridge.accounting.base import Accounting
+from telephony_bridge.clock import Clock
+from telephony_bridge.savants.health import TokenEndpointHealth
+
+DRAINING = "draining"
+ACCOUNTING = "accounting unavailable"
+CAPACITY = "device pool full"
+TOKEN_ENDPOINT = "token endpoint failing"
+
+
+@dataclass(frozen=True)
+class Verdict:
+    ready: bool
+    reason: str | None = None  # the check that fails: one of the four names above
+    detail: str = ""
+
+    def to_json(self) -> dict[str, Any]:
+        if self.ready:
+            return {"ready": True}
+        return {"ready": False, "reason": self.reason, "detail": self.detail}
+
+
+def devices_that_can_take_a_call(snapshot: dict[str, Any]) -> list[str]:
+    """From an accounting snapshot: devices with a free slot and budget for one more token request."""
+    limits = snapshot["limits"]
+    return [
+        device_id
+        for device_id, d in snapshot["devices"].items()
+        if d["leases"] + d["reservations"] < limits["max_concurrent"]
+        and d["tokens_in_window"] < limits["max_token_requests"]
+        and d["exhausted_for_s"] <= 0
+    ]
+
+
+class Readiness:
+    def __init__(
+        self,
+        accounting: Accounting,
+        token_health: TokenEndpointHealth,
+        clock: Clock,
+        *,
+        cache_s: float = 1.0,
+        not_ready_when_full: bool = True,
+    ) -> None:
+        self._accounting = accounting
+        self._token_health = token_health
+        self._clock = clock
+        self._cache_s = cache_s
+        self._not_ready_when_full = not_ready_when_full
+        self._snapshot: dict[str, Any] | None = None
+        self._snapshot_at = float("-inf")
+        self._lock = asyncio.Lock()
+
+    async def check(self, *, draining: bool) -> Verdict:
+        if draining:
+            return Verdict(False, DRAINING, "finishing the calls in progress")
+        snapshot = await self._accounting_snapshot()
+        if not snapshot.get("available", True):
+            return Verdict(False, ACCOUNTING, str(snapshot.get("error", "the accounting backend did not answer")))
+        if self._not_ready_when_full and not devices_that_can_take_a_call(snapshot):
+            return Verdict(False, CAPACITY, "no device has both a free slot and token budget")
+        if not self._token_health.healthy():
+            return Verdict(False, TOKEN_ENDPOINT, f"Savants token requests fail: {self._token_health.last_error}")
+        return Verdict(True)
+
+    async def _accounting_snapshot(self) -> dict[str, Any]:
+        """The accounting snapshot, at most ``cache_s`` old; concurrent probes share one read."""
+        async with self._lock:
+            if self._snapshot is None or self._clock.monotonic() - self._snapshot_at >= self._cache_s:
+                self._snapshot = await self._accounting.snapshot()
+                self._snapshot_at = self._clock.monotonic()
+            return self._snapshot

@@ -1,0 +1,36 @@
+"""Playback holes are counted by cause, and the adaptive prebuffer's steps, on a real call: the call-ended line
+and /metrics carry them (the pacing itself is tested on a fake clock in test_outbound.py)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import httpx
+import pytest
+
+from telephony_bridge.serving import ServerThread
+from telephony_bridge.tools.caller import run_call
+from tests.support import signed_call, wait_until
+
+pytestmark = pytest.mark.timeout(30)
+
+
+async def test_call_ended_line_and_metrics_count_underruns_by_cause(
+    bridge: ServerThread, caplog: pytest.LogCaptureFixture
+) -> None:
+    with caplog.at_level(logging.INFO):
+        result = await run_call(signed_call(bridge, seconds=1.5))
+        await asyncio.to_thread(
+            wait_until, lambda: any(r.getMessage() == "call ended" for r in caplog.records), 5.0, "call ended"
+        )
+    assert result.violations == []
+    [ended] = [r for r in caplog.records if r.getMessage() == "call ended"]
+    figures = {k: getattr(ended, k) for k in ("underruns_ai_late", "underruns_scheduling", "prebuffer_grows")}
+    assert all(isinstance(v, int) and v >= 0 for v in figures.values()), figures
+    assert ended.prebuffer_shrinks == 0  # type: ignore[attr-defined]  # a 1.5 s call is shorter than the calm
+    metrics = httpx.get(bridge.http_url + "/metrics", timeout=5).text
+    for cause in ("ai_late", "scheduling"):
+        count = figures[f"underruns_{cause}"]
+        assert f'bridge_playout_underruns_total{{cause="{cause}"}} {float(count)}' in metrics
+    assert f'bridge_playout_prebuffer_changes_total{{direction="up"}} {float(figures["prebuffer_grows"])}' in metrics
