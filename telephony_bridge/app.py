@@ -188,7 +188,6 @@ async def drain(app: Starlette, timeout_s: float, poll_s: float = 0.1) -> None:
     """Stop being ready, then wait (at most ``timeout_s``) for the calls in progress to end on their own,
     including calls admitted here whose stream has yet to start."""
     app.state.draining = True
-    app.state.deps.metrics.draining.set(1)
     registry: CallRegistry = app.state.registry
     admission: Admission = app.state.deps.admission
     log.info("draining: not ready any more; waiting up to %s s for %d calls to end", timeout_s, len(registry))
