@@ -2,6 +2,8 @@
 
     .venv/bin/python bench/capacity.py [--calls 50 100] [--seconds 20] [--servers bridge naive]
     .venv/bin/python bench/capacity.py --knee 50 400 50 --seconds 12       # ramp until latency or underruns
+    .venv/bin/python bench/capacity.py --variant nogc:BRIDGE__SERVER__GC_TUNING=false   # A/B a setting
+    .venv/bin/python bench/capacity.py --workers 2 --servers bridge         # serve --workers 2 (own redis)
 
 Three kinds of process on 127.0.0.1: the Savants emulator (voice ``echo``), the servers under test (``bridge``:
 ``telephony-bridge serve``, the real thing; ``naive``: ``bench/naive_bridge.py``, written like the public
@@ -243,7 +245,7 @@ def line(label: str, f: dict) -> str:
         return "   -" if value is None else f"{value:5.1f}"
 
     return (
-        f"{label:7} {f['calls']:4} calls  {f['served']:4} served  "
+        f"{label:9} {f['calls']:4} calls  {f['served']:4} served  "
         f"steady {f['steady_cpu_pct']:5.1f} % = {f['steady_us_per_call_per_20ms']:5.1f} µs/call/20ms  "
         f"whole {f['whole_cpu_s_per_call_minute']:.3f} CPU-s/call-min ({f['whole_us_per_call_per_20ms']:5.1f} µs)  "
         f"{f['kb_per_call']:6.0f} KB/call  added p50 {ms(f['added_p50_ms'])} p99 {ms(f['added_p99_ms'])} ms  "
@@ -276,6 +278,13 @@ def main() -> int:
     parser.add_argument("--knee", type=int, nargs=3, metavar=("FROM", "TO", "STEP"), help="ramp instead")
     parser.add_argument("--seconds", type=float, default=20.0, help="length of each call")
     parser.add_argument("--servers", nargs="+", default=["bridge", "naive"], choices=["bridge", "naive", "echo"])
+    parser.add_argument(
+        "--variant",
+        action="append",
+        default=[],
+        metavar="NAME:VAR=VALUE[,VAR=VALUE]",
+        help="also run the bridge with these environment settings, e.g. unbatched:BRIDGE__AUDIO__OUTBOUND_BATCH_MS=20",
+    )
     parser.add_argument("--load-procs", type=int, default=2, help="processes the simulated callers run in")
     parser.add_argument("--workers", type=int, default=1, help="serve --workers N for the bridge")
     parser.add_argument("--redis-url", help="REDIS_URL for the bridge (default with --workers > 1: a redis-server)")
@@ -299,11 +308,17 @@ def main() -> int:
         )
         args.redis_url = f"redis://127.0.0.1:{redis_port}/0"
         time.sleep(0.5)
+    catalogue = servers(python, emulator_port, args.workers)
+    for variant in args.variant:
+        name, _, assignments = variant.partition(":")
+        command, env = catalogue["bridge"]
+        catalogue[name] = (command, {**env, **dict(a.split("=", 1) for a in assignments.split(",") if a)})
+        args.servers.append(name)
     results: dict[str, list[dict]] = {name: [] for name in args.servers}
     try:
         for name in args.servers:
-            command, env = servers(python, emulator_port, args.workers)[name]
-            if name == "bridge" and args.redis_url:
+            command, env = catalogue[name]
+            if "TWILIO_AUTH_TOKEN" in env and args.redis_url:  # the bridge and its variants
                 env = {**env, "REDIS_URL": args.redis_url}
             port = free_port()
             process = start(command, {**env, "PORT": str(port)}, f"http://127.0.0.1:{port}/healthz")

@@ -275,13 +275,9 @@ class Admission:
         return await self.accounting.acquire(call_sid, caller if self._sticky_callers else None)
 
     async def release_reservation(self, call_sid: str) -> None:
-        """A stream refused at 'start' (while it is this CallSid's only stream) frees its device slot and whatever
-        the webhook warmed for it at once, rather than when the reservation lapses."""
-        await self._warm.discard(call_sid)
-        lease = await self.accounting.claim(call_sid)
-        if lease is not None:
-            await self.accounting.release(lease)
-        self._admitted.pop(call_sid, None)
+        """A stream refused at 'start' frees its device slot and whatever the webhook warmed for it at once,
+        rather than when the reservation lapses (``forget``)."""
+        await self.forget(call_sid)
 
     async def session_for(self, lease: Lease) -> SavantsConnection:
         """The AI session for a stream: opened at the webhook, or opened now with a warm or fresh token.

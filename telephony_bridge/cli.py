@@ -195,7 +195,8 @@ async def _serve_bridge(settings: Settings, sock: socket.socket, worker: int | N
 
     app = create_app(settings)
     server = DrainingServer(uvicorn_config(app), lambda: drain(app, settings.server.drain_timeout_s))
-    tune_gc()
+    if settings.server.gc_tuning:
+        tune_gc()
     if worker is None:
         log.info("bridge listening on %s:%d", settings.server.host, sock.getsockname()[1])
     else:

@@ -178,13 +178,13 @@ class Outbound:
 
     def _note_playout(self, now: float, dry_at: float | None) -> None:
         """Audio is about to go out: if Twilio's buffer ran dry before it (a hole the caller hears), say whose
-        fault it was, and let the prebuffer adapt to an AI whose frames come late."""
+        fault it was, and let the prebuffer grow to absorb the next one."""
         if dry_at is not None and self._spurt_live and _EPS < now - dry_at <= UNDERRUN_GAP_S:
             if self._queued_since <= dry_at:
                 self.underruns_scheduling += 1
             else:
                 self.underruns_ai_late += 1
-                self.prebuffer.ai_late(now)
+            self.prebuffer.ran_dry(now)
         else:
             self.prebuffer.steady(now)
         self._spurt_live = True

@@ -38,6 +38,7 @@ class ServerSettings(_Frozen):
     public_url: str = ""
     drain_timeout_s: float = Field(30.0, ge=0)
     workers: int = Field(1, ge=1, le=64)
+    gc_tuning: bool = True
 
     @field_validator("public_url")
     @classmethod

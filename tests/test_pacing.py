@@ -5,7 +5,7 @@ from __future__ import annotations
 from hypothesis import given
 from hypothesis import strategies as st
 
-from telephony_bridge.audio.pacing import OutboundPacer
+from telephony_bridge.audio.pacing import AdaptivePrebuffer, OutboundPacer
 
 
 def test_pacer_first_send_fills_the_lead_at_once() -> None:
@@ -57,3 +57,15 @@ def test_pacer_never_exceeds_the_lead_and_never_starves_queued_audio(steps: list
         if queued:  # audio still waiting means the lead is full
             assert pacer.lead(now) > 0.1 - 0.02 - 1e-9
         assert sent == 0 or before < 0.1
+
+
+def test_adaptive_prebuffer_grows_a_frame_per_underrun_up_to_its_bound_and_shrinks_back_when_calm() -> None:
+    prebuffer = AdaptivePrebuffer(0.040, 0.100, calm_s=10.0)
+    for at in range(5):
+        prebuffer.ran_dry(float(at))
+    assert (round(prebuffer.value_s, 3), prebuffer.frames, prebuffer.grows) == (0.1, 5, 3)  # 40 -> 100 ms, bound
+    prebuffer.steady(13.9)  # under 10 s since the last underrun (at 4 s): nothing given back
+    assert prebuffer.shrinks == 0
+    for at in (14.0, 24.0, 34.0, 44.0):
+        prebuffer.steady(at)
+    assert (round(prebuffer.value_s, 3), prebuffer.shrinks) == (0.04, 3)  # back to the base, never below

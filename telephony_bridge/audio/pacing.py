@@ -76,8 +76,9 @@ class OutboundPacer:
 
 class AdaptivePrebuffer:
     """How much AI audio a talk spurt gathers before its first frame goes out (the playout lead a real-time
-    AI then keeps): ``base_s`` while the AI's frames come on time, one frame more after each underrun the AI's
-    own lateness caused, up to ``max_s``; one frame less after ``calm_s`` without one, back down to ``base_s``.
+    AI then keeps): ``base_s`` while playback runs smoothly, one frame more after each underrun, up to
+    ``max_s``; one frame less after ``calm_s`` without one, back down to ``base_s``. Whatever made the hole
+    (the AI's frame came late, or a busy event loop sent ours late), a longer lead absorbs the next one.
     ``grows`` and ``shrinks`` count the changes."""
 
     def __init__(self, base_s: float, max_s: float, *, step_s: float = FRAME_S, calm_s: float = 10.0) -> None:
@@ -95,8 +96,8 @@ class AdaptivePrebuffer:
         """The prebuffer in whole frames, rounded up, at least one."""
         return max(1, -(-round(self.value_s * 1000) // round(self.step_s * 1000)))
 
-    def ai_late(self, now: float) -> None:
-        """Twilio's buffer ran dry because the AI's next frame came late: hold one frame more."""
+    def ran_dry(self, now: float) -> None:
+        """Twilio's buffer ran dry mid-spurt: hold one frame more."""
         if self.value_s + self.step_s <= self.max_s + _EPS:
             self.value_s += self.step_s
             self.grows += 1

@@ -254,6 +254,32 @@ def _parse_start(msg: dict[str, Any]) -> Start:
 
 
 def _parse_media(msg: dict[str, Any]) -> Media:
+    """Fast path for what Twilio sends 50 times a second (every field a string, numbers as digits); anything
+    else takes the checked path below, which reports exactly what is wrong."""
+    media = msg.get("media")
+    if type(media) is dict:
+        sid, encoded, seq = msg.get("streamSid"), media.get("payload"), msg.get("sequenceNumber", "0")
+        timestamp, chunk, track = media.get("timestamp"), media.get("chunk", "0"), media.get("track", "inbound")
+        if (
+            type(sid) is str
+            and type(encoded) is str
+            and type(track) is str
+            and type(timestamp) is str
+            and type(chunk) is str
+            and type(seq) is str
+            and timestamp.isdigit()
+            and chunk.isdigit()
+            and seq.isdigit()
+        ):
+            try:
+                payload = binascii.a2b_base64(encoded, strict_mode=True)  # strict (G5): garbage is not audio
+            except binascii.Error:
+                raise _Invalid(f"payload is not valid base64 ({len(encoded)} characters)") from None
+            return Media(sid, payload, int(timestamp), int(chunk), int(seq), track)
+    return _parse_media_checked(msg)
+
+
+def _parse_media_checked(msg: dict[str, Any]) -> Media:
     media = _obj(msg, "media")
     encoded = _str(media, "payload")
     try:
