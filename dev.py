@@ -3,7 +3,9 @@
 
 On first use (and whenever pyproject.toml or constraints.txt changes) it creates ``.venv`` beside this file and
 installs the package with its test extras into it, at the versions constraints.txt pins (the ones CI and the
-Docker image use); then it runs the bridge's CLI or pytest inside that environment.
+Docker image use); then it becomes the bridge's CLI or pytest inside that environment (``os.execv``: same
+process, so SIGTERM and Ctrl-C reach the bridge itself). ``serve`` runs with ``--dev``: with no
+SAVANTS_BASE_URL it uses the embedded Savants emulator, on 127.0.0.1 unless HOST is given.
 Needs nothing but Python 3.11 or newer.
 """
 
@@ -48,10 +50,16 @@ def main(argv: list[str]) -> int:
     ensure_environment()
     if argv[0] == "test":
         command = [str(BIN / "python"), "-m", "pytest", *argv[1:]]
+    elif argv[0] == "serve":  # a developer's machine: dev mode is allowed (the bridge says so loudly)
+        command = [str(BIN / "telephony-bridge"), "serve", "--dev", *argv[1:]]
     else:
         command = [str(BIN / "telephony-bridge"), *argv]
     os.chdir(ROOT)
-    return subprocess.call(command)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    if os.name == "nt":  # Windows has no exec that keeps the process: wait for the child instead
+        return subprocess.call(command)
+    os.execv(command[0], command)
 
 
 if __name__ == "__main__":

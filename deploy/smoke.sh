@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Smoke-test a built image the way a user runs it: the emulator (Savants stand-in) and the bridge in production
-# mode as two containers, /healthz 200, one simulated call through the bridge, then SIGTERM and exit 0.
+# Smoke-test a built image the way a user runs it: without SAVANTS_BASE_URL it refuses to start; the emulator
+# (Savants stand-in) and the bridge in production mode as two containers, /healthz 200, one simulated call
+# through the bridge, then SIGTERM and exit 0.
 #   deploy/smoke.sh [IMAGE]          (default telephony-bridge:dev)
 # The call is placed from the host with `telephony-bridge call` ($TELEPHONY_BRIDGE, default .venv's).
 set -euo pipefail
@@ -17,6 +18,17 @@ cleanup() {
   docker network rm "$run" >/dev/null 2>&1 || true
 }
 trap cleanup EXIT
+
+# The image never falls into dev mode: with no Savants URL it refuses to start, naming what is missing.
+if refused=$(timeout 60 docker run --rm "$image" 2>&1); then
+  echo "smoke: the image started without SAVANTS_BASE_URL; it must refuse" >&2
+  exit 1
+fi
+if ! grep -q SAVANTS_BASE_URL <<<"$refused"; then
+  echo "smoke: the refusal does not name SAVANTS_BASE_URL: $refused" >&2
+  exit 1
+fi
+echo "smoke: refuses to start without SAVANTS_BASE_URL"
 
 docker network create "$run" >/dev/null
 docker run -d --name "$run-emulator" --network "$run" --network-alias savants "$image" \

@@ -157,6 +157,8 @@ class Admission:
         token_deadline_s: float = 2.5,
         device_suspend_s: float = 300.0,
         rng: random.Random | None = None,
+        require_stream_token: bool = True,
+        allow_missing_stream_token: bool = False,
     ) -> None:
         self.accounting = accounting
         self._tokens = tokens
@@ -171,6 +173,8 @@ class Admission:
         self._device_suspend_s = device_suspend_s
         self._rng = rng or random.Random()
         self._suspended_until: dict[str, float] = {}  # device -> when this replica's suspension ends
+        self._require_stream_token = require_stream_token
+        self._allow_missing_stream_token = allow_missing_stream_token
         self._warm = Warm(clock)
         self._admitted: dict[str, float] = {}  # call SID -> when its reservation lapses
 
@@ -248,6 +252,19 @@ class Admission:
 
     # --- at the stream's start ---------------------------------------------------------------------------
 
+    async def stream_token_ok(self, call_sid: str, presented: str | None) -> bool:
+        """Whether a stream's ``start`` may proceed: its token checked, unless the settings say otherwise.
+
+        Dev mode accepts a stream with no token at all (third-party Twilio simulators connect straight to the
+        WebSocket and cannot present one), with a warning; a token that is presented must still be right.
+        """
+        if not self._require_stream_token:
+            return True
+        if not presented and self._allow_missing_stream_token:
+            log.warning("accepting a stream that presents no stream token (dev mode only; production refuses it)")
+            return True
+        return await self.check_stream_token(call_sid, presented)
+
     async def check_stream_token(self, call_sid: str, presented: str | None) -> bool:
         """The token minted for this CallSid, presented once, before it expired.
 
@@ -274,10 +291,18 @@ class Admission:
             return lease
         return await self.accounting.acquire(call_sid, caller if self._sticky_callers else None)
 
-    async def release_reservation(self, call_sid: str) -> None:
-        """A stream refused at 'start' frees its device slot and whatever the webhook warmed for it at once,
-        rather than when the reservation lapses (``forget``)."""
-        await self.forget(call_sid)
+    # --- one live stream per call, across replicas ---------------------------------------------------------
+
+    async def claim_stream(self, call_sid: str, owner: str, ttl_s: float) -> bool:
+        """Make ``owner`` (one stream) the call's only live stream on every replica; False if another holds it.
+        Kept by ``keep_stream`` (the lease heartbeat), lapses ``ttl_s`` after a replica dies."""
+        return await self._store.add(f"live-stream:{call_sid}", owner, ttl_s)
+
+    async def keep_stream(self, call_sid: str, owner: str, ttl_s: float) -> bool:
+        return await self._store.refresh(f"live-stream:{call_sid}", owner, ttl_s)
+
+    async def end_stream(self, call_sid: str, owner: str) -> None:
+        await self._store.take_if_equal(f"live-stream:{call_sid}", owner)
 
     async def session_for(self, lease: Lease) -> SavantsConnection:
         """The AI session for a stream: opened at the webhook, or opened now with a warm or fresh token.

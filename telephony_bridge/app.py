@@ -2,11 +2,11 @@
 
 Dependencies are built at the edge: pass ``accounting``, ``store``, ``http_client``, ``clock``, ``connect`` or
 ``metrics`` to use your own (tests do); the lifespan creates what is missing and closes only what it created.
+``ops_port`` is the bound port of a separate ops listener, when the server has one (``server.ops_port``).
 """
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator
@@ -17,6 +17,7 @@ import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from starlette.applications import Starlette
+from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route, WebSocketRoute
@@ -28,8 +29,10 @@ from telephony_bridge.accounting.factory import make_accounting
 from telephony_bridge.admission import Admission, VoiceEndpoint
 from telephony_bridge.bridge import CallDeps
 from telephony_bridge.clock import Clock, SystemClock
+from telephony_bridge.drain import Drain
 from telephony_bridge.errors import ConfigError
 from telephony_bridge.ops import logging as oplog
+from telephony_bridge.ops.access import OpsAccess
 from telephony_bridge.ops.metrics import Metrics
 from telephony_bridge.ops.readiness import Readiness
 from telephony_bridge.registry import CallRegistry
@@ -61,6 +64,7 @@ def create_app(
     clock: Clock | None = None,
     connect: Connector | None = None,
     metrics: Metrics | None = None,
+    ops_port: int | None = None,
 ) -> Starlette:
     clock = clock or SystemClock()
     metrics = metrics or Metrics()
@@ -104,6 +108,8 @@ def create_app(
                 reservation_ttl_s=settings.accounting.reservation_ttl_s,
                 stream_token_ttl_s=settings.twilio.stream_token_ttl_s,
                 sticky_callers=settings.accounting.sticky_callers,
+                require_stream_token=settings.twilio.require_stream_token,
+                allow_missing_stream_token=settings.dev_mode,
                 token_deadline_s=settings.savants.token_deadline_s,
                 device_suspend_s=settings.savants.device_suspend_s,
             )
@@ -122,11 +128,19 @@ def create_app(
                 clock=clock,
                 registry=registry,
             )
-            app.state.webhooks = TwilioWebhooks(settings, admission, metrics, checker, clock)
-            app.state.draining = False
+            drain = Drain(
+                registry,
+                admission.awaiting_streams,
+                clock,
+                timeout_s=settings.server.drain_timeout_s,
+                pending_streams_s=settings.server.drain_pending_streams_s,
+            )
+            app.state.drain = drain
+            metrics.draining.set_function(lambda: float(drain.draining))  # read at each scrape
+            app.state.webhooks = TwilioWebhooks(settings, admission, metrics, checker, drain, clock)
             app.state.registry = registry
             yield
-            app.state.draining = True
+            drain.draining = True
             if len(registry):
                 log.info("shutting down with %d calls still up", len(registry))
 
@@ -146,11 +160,13 @@ def create_app(
         await ws.accept()
         await handle_media_stream(ws, ws.app.state.deps)
 
+    mode = "dev" if settings.dev_mode else "production"
+
     async def healthz(request: Request) -> Response:
-        return JSONResponse({"status": "ok"})
+        return JSONResponse({"status": "ok", "mode": mode})
 
     async def readyz(request: Request) -> Response:
-        verdict = await request.app.state.readiness.check(draining=request.app.state.draining)
+        verdict = await request.app.state.readiness.check(draining=request.app.state.drain.draining)
         return JSONResponse(verdict.to_json(), status_code=200 if verdict.ready else 503)
 
     async def metrics_endpoint(request: Request) -> Response:
@@ -160,12 +176,12 @@ def create_app(
         deps: CallDeps = request.app.state.deps
         body: dict[str, Any] = {
             "version": __version__,
-            "mode": "dev (embedded emulator)" if settings.dev_mode else "production",
+            "mode": mode,
             "signatures": "checked" if checker else "off",
             "savants": {"base_url": settings.savants.base_url, "ws_url": settings.savants.voice_stream_url},
             "calls": registry.snapshot(),
             "accounting": await deps.admission.accounting.snapshot(),
-            "draining": request.app.state.draining,
+            "draining": request.app.state.drain.draining,
         }
         return JSONResponse(body)
 
@@ -180,25 +196,22 @@ def create_app(
             Route("/metrics", metrics_endpoint),
             Route("/status", status),
         ],
+        middleware=[
+            Middleware(
+                OpsAccess,
+                ops_port=(settings.server.ops_port or None) if ops_port is None else ops_port,
+                token=settings.ops.token.get_secret_value(),
+            )
+        ],
         lifespan=lifespan,
     )
 
 
-async def drain(app: Starlette, timeout_s: float, poll_s: float = 0.1) -> None:
-    """Stop being ready, then wait (at most ``timeout_s``) for the calls in progress to end on their own,
-    including calls admitted here whose stream has yet to start."""
-    app.state.draining = True
-    registry: CallRegistry = app.state.registry
-    admission: Admission = app.state.deps.admission
-    log.info("draining: not ready any more; waiting up to %s s for %d calls to end", timeout_s, len(registry))
-    try:
-        async with asyncio.timeout(timeout_s):
-            # Admissions lapse on a clock, not on an event: polling is the honest way to watch them.
-            while len(registry) or admission.awaiting_streams():  # noqa: ASYNC110
-                await asyncio.sleep(poll_s)
-        log.info("drained: no calls left")
-    except TimeoutError:
-        log.warning("drain timeout: %d calls still up will be cut", len(registry))
+async def drain(app: Starlette) -> None:
+    """The first SIGTERM: see ``telephony_bridge.drain``. Before the app has started there is nothing to drain."""
+    state: Drain | None = getattr(app.state, "drain", None)
+    if state is not None:
+        await state.run()
 
 
 def signature_checker(settings: Settings) -> SignatureChecker | None:

@@ -13,7 +13,9 @@ hung up (Twilio then runs the TwiML after ``<Connect>``) and the device lease is
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import secrets
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -24,6 +26,7 @@ from telephony_bridge.audio.barge_in import BargeIn, Event
 from telephony_bridge.audio.codec import FRAME_S
 from telephony_bridge.audio.pipeline import AiToCaller
 from telephony_bridge.clock import Clock
+from telephony_bridge.dtmf import DtmfLog
 from telephony_bridge.errors import AdmissionError, CallerGone, SavantsError, SessionError
 from telephony_bridge.inbound import Inbound
 from telephony_bridge.leg import CallerAudio, CallerLeg, Digit, PlayedUpTo
@@ -88,20 +91,25 @@ class Call:
         self._inbound = Inbound(settings.audio, settings.barge_in, deps.metrics, deps.clock)
         self._ai_to_caller = AiToCaller()
         self.outbound = Outbound(settings.audio, deps.clock, leg)
-        self.dtmf_digits: list[str] = []
+        self._dtmf = DtmfLog(settings.twilio, deps.metrics)
+        self._ended = asyncio.Event()  # set by ``end``: the bridge (its drain) ends the call
+        self._owner = secrets.token_hex(8)  # this stream, as the holder of its call ID's live-stream claim
+        self._live_ttl_s = settings.accounting.lease_ttl_s
 
     # --- lifecycle ---------------------------------------------------------------------------------------
 
     async def run(self) -> None:
         with oplog.call_context(call_sid=self._leg.call_id, stream_sid=self._leg.stream_id):
-            # One live leg per call ID (registry.py): taken before any await, so two starts cannot both pass,
-            # and given up only after the lease, so a later leg for the call starts afresh.
+            # One live leg per call ID: in this process (registry.py) taken before any await, so two starts
+            # cannot both pass; on every replica through the shared store. Given up only after the lease, so a
+            # later leg for the call starts afresh.
             if not self._deps.registry.claim(self.call_sid, self):
-                self._metrics.streams_refused.labels(reason="duplicate_call_sid").inc()
-                log.warning("refusing a second %s stream for a call that has a live one", self._leg.ingress)
-                await self._leg.hang_up("duplicate")
+                await self._refuse_duplicate()
                 return
             try:
+                if not await self._claim_stream():
+                    await self._refuse_duplicate()
+                    return
                 lease = await self._admit()
                 if lease is None:
                     return
@@ -115,7 +123,26 @@ class Call:
                 finally:
                     await self._finish(lease)
             finally:
+                await self._end_stream()
                 self._deps.registry.release(self.call_sid, self)
+
+    async def _refuse_duplicate(self) -> None:
+        self._metrics.streams_refused.labels(reason="duplicate_call_sid").inc()
+        log.warning("refusing a second %s stream for a call that has a live one", self._leg.ingress)
+        await self._leg.hang_up("duplicate")
+
+    async def _claim_stream(self) -> bool:
+        """This call's claim on being its call ID's only live stream on every replica. With the store away,
+        admission decides (the lease needs the same Redis): True."""
+        try:
+            return await self._deps.admission.claim_stream(self.call_sid, self._owner, self._live_ttl_s)
+        except StoreUnavailable as exc:
+            log.warning("could not claim the call's live stream in the shared store: %s", exc)
+            return True
+
+    async def _end_stream(self) -> None:
+        with contextlib.suppress(StoreUnavailable):  # unreachable: the claim lapses after its ttl
+            await self._deps.admission.end_stream(self.call_sid, self._owner)
 
     async def _admit(self) -> Lease | None:
         """Let the ingress authorise the call, then claim its reservation; ``None`` (leg hung up) if refused."""
@@ -142,6 +169,7 @@ class Call:
                 tg.create_task(self._ai_side(lease), name="ai-side")
                 tg.create_task(self.outbound.run(), name="outbound")
                 tg.create_task(self._heartbeat(lease), name="lease-heartbeat")
+                tg.create_task(self._until_ended(), name="until-ended")
                 tg.create_task(self._inbound.watch_idle(self._caller_events, self.outbound.audible_since), name="idle")
         except* _CallEnded as group:
             self._end(_first(group, _CallEnded).reason)
@@ -161,6 +189,17 @@ class Call:
         if not self.end_reason:
             self.end_reason = reason
 
+    def end(self, outcome: str, reason: str) -> None:
+        """End the call from outside (the drain deadline): hung up normally, so Twilio's ``<Connect action>`` runs."""
+        if not self._ended.is_set():
+            self.outcome = outcome
+            self._end(reason)
+            self._ended.set()
+
+    async def _until_ended(self) -> None:
+        await self._ended.wait()
+        raise _CallEnded(self.end_reason)
+
     async def _heartbeat(self, lease: Lease) -> None:
         """Keep the lease alive in shared accounting; a replica that dies stops this and its slots lapse."""
         interval_s = self._deps.settings.accounting.lease_ttl_s / 3
@@ -168,6 +207,8 @@ class Call:
         while True:
             await self._clock.sleep_until(self._clock.monotonic() + interval_s)
             still_held = await self._deps.admission.accounting.heartbeat(lease)
+            with contextlib.suppress(StoreUnavailable):
+                await self._deps.admission.keep_stream(self.call_sid, self._owner, self._live_ttl_s)
             if held and not still_held:
                 log.warning("lost the device lease (it lapsed and the device is full); the call goes on")
             held = still_held
@@ -222,12 +263,10 @@ class Call:
             "late_frames_dropped": inbound.late_frames_dropped,
             "gap_filled_ms": inbound.gap_filled_ms,
             "overflow_frames_dropped": inbound.dropped_overflow,
-            "dtmf_digits": len(self.dtmf_digits),
+            "dtmf_digits": self._dtmf.count,  # a count only: the digits may be a PIN
             "client_quirks": sorted(inbound.quirks),
             **self._leg.figures(),
         }
-        if self._deps.settings.twilio.dtmf_action == "log":
-            figures["dtmf"] = "".join(self.dtmf_digits)
         return figures
 
     def status(self) -> dict[str, Any]:
@@ -254,10 +293,7 @@ class Call:
             elif isinstance(event, PlayedUpTo):
                 self.outbound.mark_echoed(event.name)
             elif isinstance(event, Digit):
-                self.dtmf_digits.append(event.digit)
-                self._metrics.dtmf.inc()
-                if self._deps.settings.twilio.dtmf_action == "log":
-                    log.info("dtmf digit %s", event.digit)
+                self._dtmf.record(event.digit)
             else:
                 raise _CallEnded(event.reason)
 

@@ -52,6 +52,11 @@ def _parser() -> argparse.ArgumentParser:
 
     serve = sub.add_parser("serve", help="run the bridge", formatter_class=fmt)
     serve.add_argument("--config", help="YAML configuration (omitted: $BRIDGE_CONFIG, else built-in defaults)")
+    serve.add_argument(
+        "--dev",
+        action="store_true",
+        help="allow dev mode: with no SAVANTS_BASE_URL, run against an embedded Savants emulator (BRIDGE_DEV=1)",
+    )
     serve.add_argument("--host", help="listen address (overrides HOST / server.host)")
     serve.add_argument("--port", type=int, help="listen port (overrides PORT / server.port)")
     serve.add_argument(
@@ -145,10 +150,11 @@ def _add_twilio_flow_options(parser: argparse.ArgumentParser) -> None:
 
 def run_serve(args: argparse.Namespace) -> int:
     given = (("server.host", args.host), ("server.port", args.port), ("server.workers", args.workers))
-    overrides = {k: v for k, v in given if v is not None}
+    overrides: dict[str, object] = {k: v for k, v in given if v is not None}
+    if args.dev:
+        overrides["dev"] = True
     settings = load_settings(args.config, **overrides)
-    if not settings.dev_mode:
-        _require_production_settings(settings)  # before anything starts: a wrong setting is one sentence
+    _require_production_settings(settings)  # before anything starts: a missing setting is one sentence
     oplog.configure(settings.logging.level, settings.logging.format)
     if settings.server.workers > 1:
         from telephony_bridge.workers import supervise
@@ -159,30 +165,38 @@ def run_serve(args: argparse.Namespace) -> int:
         emulator = _start_dev_emulator(args.dev_voice)
         settings = _dev_settings(settings, emulator.http_url)
         log.warning(
-            "dev mode: SAVANTS_BASE_URL is not set, so the bridge talks to the embedded Savants emulator "
-            "at %s (voice %r); set SAVANTS_BASE_URL, SAVANTS_API_KEY and SAVANTS_DEVICE_IDS for production",
+            "DEV MODE, not for production: SAVANTS_BASE_URL is not set, so calls go to the embedded Savants "
+            "emulator at %s (voice %r); the bridge listens on %s%s, streams without a stream token are accepted; "
+            "set SAVANTS_BASE_URL, SAVANTS_API_KEY and SAVANTS_DEVICE_IDS for production",
             emulator.http_url,
             args.dev_voice,
+            settings.listen_host,
+            "" if settings.server.host else " only (HOST not given)",
         )
+    host = settings.listen_host
+    ops_sock = bind_socket(host, settings.server.ops_port) if settings.server.ops_port is not None else None
     try:
-        serve_on(settings, bind_socket(settings.server.host, settings.server.port))
+        serve_on(settings, bind_socket(host, settings.server.port), ops_sock=ops_sock)
     finally:
         if emulator is not None:
             emulator.stop()
     return 0
 
 
-def serve_on(settings: Settings, sock: socket.socket, worker: int | None = None) -> None:
-    """Serve the bridge on ``sock`` until a signal stops it (``worker``: this process is one of several)."""
+def serve_on(
+    settings: Settings, sock: socket.socket, worker: int | None = None, ops_sock: socket.socket | None = None
+) -> None:
+    """Serve the bridge on ``sock`` (and /status, /metrics on ``ops_sock``, when there is one) until a signal
+    stops it (``worker``: this process is one of several)."""
     if worker is not None:
         oplog.configure(settings.logging.level, settings.logging.format)
     with asyncio.Runner(loop_factory=_fast_loop_factory()) as runner:
-        runner.run(_serve_bridge(settings, sock, worker))
+        runner.run(_serve_bridge(settings, sock, worker, ops_sock))
 
 
 def _fast_loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
-    """uvloop where it is installed (uvicorn[standard] brings it): it halves the event loop's cost per frame
-    (shared/notes/measurements.md); the stdlib loop otherwise."""
+    """uvloop where it is installed (uvicorn[standard] brings it): it lowers the event loop's cost per frame;
+    the stdlib loop otherwise."""
     try:
         import uvloop
     except ImportError:
@@ -190,20 +204,25 @@ def _fast_loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
     return uvloop.new_event_loop
 
 
-async def _serve_bridge(settings: Settings, sock: socket.socket, worker: int | None) -> None:
+async def _serve_bridge(
+    settings: Settings, sock: socket.socket, worker: int | None, ops_sock: socket.socket | None
+) -> None:
     from telephony_bridge.app import create_app, drain
 
-    app = create_app(settings)
-    server = DrainingServer(uvicorn_config(app), lambda: drain(app, settings.server.drain_timeout_s))
+    app = create_app(settings, ops_port=ops_sock.getsockname()[1] if ops_sock is not None else None)
+    server = DrainingServer(uvicorn_config(app), lambda: drain(app))
     if settings.server.gc_tuning:
         tune_gc()
+    host = settings.listen_host
     if worker is None:
-        log.info("bridge listening on %s:%d", settings.server.host, sock.getsockname()[1])
+        log.info("bridge listening on %s:%d", host, sock.getsockname()[1])
     else:
-        log.info(
-            "worker %d (pid %d) serving on %s:%d", worker, os.getpid(), settings.server.host, sock.getsockname()[1]
-        )
-    await server.serve(sockets=[sock])
+        log.info("worker %d (pid %d) serving on %s:%d", worker, os.getpid(), host, sock.getsockname()[1])
+    sockets = [sock]
+    if ops_sock is not None:  # one server, two listeners: the app tells them apart by port
+        sockets.append(ops_sock)
+        log.info("ops listening on %s:%d (/status, /metrics, /healthz, /readyz)", host, ops_sock.getsockname()[1])
+    await server.serve(sockets=sockets)
 
 
 def _start_dev_emulator(voice: str) -> ServerThread:
@@ -242,10 +261,26 @@ def _flatten(settings: Settings) -> dict[str, object]:
 
 
 def _require_production_settings(settings: Settings) -> None:
-    if not settings.savants.api_key.get_secret_value():
-        raise ConfigError("config key 'savants.api_key' (environment variable SAVANTS_API_KEY) must be set")
-    if not settings.savants.device_ids:
-        raise ConfigError("config key 'savants.device_ids' (environment variable SAVANTS_DEVICE_IDS) must be set")
+    """Never fall into dev mode by accident: a deploy missing a variable stops, naming what is missing."""
+    savants = settings.savants
+    if settings.dev and not savants.base_url:
+        return
+    missing = [
+        var
+        for var, unset in (
+            ("SAVANTS_BASE_URL", not savants.base_url),
+            ("SAVANTS_API_KEY", not savants.api_key.get_secret_value()),
+            ("SAVANTS_DEVICE_IDS", not savants.device_ids),
+        )
+        if unset
+    ]
+    if not missing:
+        return
+    keys = ", ".join(f"savants.{var.removeprefix('SAVANTS_').lower()}" for var in missing)
+    sentence = f"{', '.join(missing)} must be set (config keys {keys}) to reach Savants"
+    if not savants.base_url:
+        sentence += ", or pass --dev (BRIDGE_DEV=1) to run against the embedded Savants emulator"
+    raise ConfigError(sentence)
 
 
 # --- emulator ----------------------------------------------------------------------------------------------

@@ -102,20 +102,34 @@ class DrainingServer(uvicorn.Server):
 
     uvicorn's own shutdown closes every WebSocket at once (close code 1012), which would hang up on every
     caller. Here the first signal runs ``drain`` (the app stops being ready and waits for its calls, bounded
-    by its own timeout) and only then lets uvicorn shut down; a second signal stops at once.
+    by its own timeout) and only then lets uvicorn shut down; a second signal exits at once, abandoning
+    whatever is still open.
     """
 
     def __init__(self, config: uvicorn.Config, drain: Callable[[], Awaitable[None]]) -> None:
         super().__init__(config)
         self._drain = drain
         self._drain_task: asyncio.Task[None] | None = None
+        self._signalled = False
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    async def serve(self, sockets: list[socket.socket] | None = None) -> None:
+        self._loop = asyncio.get_running_loop()
+        await super().serve(sockets=sockets)
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
-        if self._drain_task is not None or self.should_exit:
+        if self._signalled or self.should_exit or self._loop is None:
+            self.force_exit = True  # uvicorn skips waiting for connections and the lifespan's shutdown
             super().handle_exit(sig, frame)
             return
-        loop = asyncio.get_event_loop()
-        self._drain_task = loop.create_task(self._drain_then_exit())
+        self._signalled = True
+        # A signal handler runs between two bytecodes of the loop's thread: schedule, and wake the selector.
+        self._loop.call_soon_threadsafe(self._start_drain)
+
+    def _start_drain(self) -> None:
+        if not self.should_exit:
+            assert self._loop is not None
+            self._drain_task = self._loop.create_task(self._drain_then_exit())
 
     async def _drain_then_exit(self) -> None:
         try:

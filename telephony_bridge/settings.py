@@ -14,7 +14,16 @@ from typing import Any, Literal
 from urllib.parse import urlsplit
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from telephony_bridge.errors import ConfigError
 
@@ -33,10 +42,12 @@ def _check_url(value: str, schemes: tuple[str, ...]) -> str:
 
 
 class ServerSettings(_Frozen):
-    host: str = "0.0.0.0"
+    host: str = ""  # empty: 127.0.0.1 in dev mode, 0.0.0.0 otherwise (see Settings.listen_host)
     port: int = Field(8080, ge=0, le=65535)
+    ops_port: int | None = Field(None, ge=0, le=65535)
     public_url: str = ""
     drain_timeout_s: float = Field(30.0, ge=0)
+    drain_pending_streams_s: float = Field(10.0, ge=0)
     workers: int = Field(1, ge=1, le=64)
     gc_tuning: bool = True
 
@@ -44,6 +55,13 @@ class ServerSettings(_Frozen):
     @classmethod
     def _public_url(cls, v: str) -> str:
         return _check_url(v, ("https", "http"))
+
+    @field_validator("ops_port")
+    @classmethod
+    def _ops_port(cls, v: int | None, info: ValidationInfo) -> int | None:
+        if v and v == info.data.get("port"):
+            raise ValueError("expected a port other than server.port (the ops listener is a separate one)")
+        return v
 
 
 class SavantsSettings(_Frozen):
@@ -96,9 +114,13 @@ class TwilioSettings(_Frozen):
     busy_message: str = "All of our assistants are busy right now. Please call again in a few minutes."
     unavailable_message: str = "Sorry, the assistant is not available right now. Please try again later."
     fallback_message: str = "Sorry, we lost the connection to the assistant. Please call again."
+    drain_message: str = Field(
+        "Sorry, we have to end this call for maintenance. Please call again in a minute.", min_length=1
+    )
     say_voice: str = ""
     say_language: str = ""
     dtmf_action: Literal["log", "ignore"] = "log"
+    log_digits: bool = False
 
 
 class AccountingSettings(_Frozen):
@@ -140,7 +162,12 @@ class LoggingSettings(_Frozen):
         return v.upper() if isinstance(v, str) else v
 
 
+class OpsSettings(_Frozen):
+    token: SecretStr = SecretStr("")
+
+
 class Settings(_Frozen):
+    dev: bool = False
     server: ServerSettings = ServerSettings()
     savants: SavantsSettings = SavantsSettings()
     twilio: TwilioSettings = TwilioSettings()
@@ -148,6 +175,7 @@ class Settings(_Frozen):
     accounting: AccountingSettings = AccountingSettings()
     barge_in: BargeInSettings = BargeInSettings()
     logging: LoggingSettings = LoggingSettings()
+    ops: OpsSettings = OpsSettings()
     redis_url: str = ""
     # Set by ``serve`` when it starts the embedded emulator (no Savants URL configured); not a config.yaml key.
     embedded_emulator: bool = False
@@ -171,6 +199,11 @@ class Settings(_Frozen):
         """No Savants URL configured: the bridge runs (or is about to run) against its embedded emulator."""
         return self.embedded_emulator or self.savants.base_url == ""
 
+    @property
+    def listen_host(self) -> str:
+        """``server.host`` when given; else loopback in dev mode (a developer's machine), all interfaces otherwise."""
+        return self.server.host or ("127.0.0.1" if self.dev_mode else "0.0.0.0")
+
 
 # Environment variable -> dotted key. Other tooling drives the bridge through these names: keep them.
 ENVIRONMENT: dict[str, str] = {
@@ -183,10 +216,13 @@ ENVIRONMENT: dict[str, str] = {
     "REDIS_URL": "redis_url",
     "HOST": "server.host",
     "PORT": "server.port",
+    "OPS_PORT": "server.ops_port",
+    "OPS_TOKEN": "ops.token",
+    "BRIDGE_DEV": "dev",
     "LOG_LEVEL": "logging.level",
     "BARGE_IN": "barge_in.enabled",
 }
-SECRET_KEYS = frozenset({"savants.api_key", "twilio.auth_token"})
+SECRET_KEYS = frozenset({"savants.api_key", "twilio.auth_token", "ops.token"})
 # Any key, named or not above, can also be set as BRIDGE__<SECTION>__<KEY>, e.g. BRIDGE__AUDIO__OUTBOUND_LEAD_MS.
 GENERIC_PREFIX = "BRIDGE__"
 

@@ -1,9 +1,11 @@
-"""Short-lived, single-use values shared by the replicas: stream tokens and how calls ended.
+"""Short-lived values shared by the replicas: stream tokens, how calls ended, which stream a call has live.
 
 ``MemoryStore`` serves one replica; ``RedisStore`` lets a webhook answered by one replica be honoured by the
 replica that receives the stream. Both expire entries on their own; ``take`` is an atomic get-and-delete so
 a value can be used once only, and ``take_if_equal`` consumes it only when it matches, so a wrong guess
-leaves it for its rightful owner.
+leaves it for its rightful owner. ``add`` / ``refresh`` make an owned entry (a claim): set only if absent,
+kept alive only by whoever holds it (``take_if_equal`` removes it), so a claim's owner can die and its claim
+lapse.
 """
 
 from __future__ import annotations
@@ -25,6 +27,14 @@ class Store(Protocol):
     async def put(self, key: str, value: str, ttl_s: float) -> None: ...
     async def get(self, key: str) -> str | None: ...
     async def take(self, key: str) -> str | None: ...
+    async def add(self, key: str, value: str, ttl_s: float) -> bool:
+        """Set ``key`` only if it holds nothing (atomically); True if it was set."""
+        ...
+
+    async def refresh(self, key: str, value: str, ttl_s: float) -> bool:
+        """Extend ``key``'s life if it still holds ``value``; True if it did."""
+        ...
+
     async def take_if_equal(self, key: str, value: str) -> bool:
         """Delete the entry if it holds ``value`` (one atomic step); whether it did."""
         ...
@@ -61,6 +71,18 @@ class MemoryStore:
         self._items.pop(key, None)
         return value
 
+    async def add(self, key: str, value: str, ttl_s: float) -> bool:
+        if self._live(key) is not None:
+            return False
+        await self.put(key, value, ttl_s)
+        return True
+
+    async def refresh(self, key: str, value: str, ttl_s: float) -> bool:
+        if self._live(key) != value:
+            return False
+        await self.put(key, value, ttl_s)
+        return True
+
     async def take_if_equal(self, key: str, value: str) -> bool:
         if self._live(key) != value:
             return False
@@ -88,11 +110,12 @@ class RedisStore:
     def __init__(self, client: aioredis.Redis, prefix: str = "tb:kv:") -> None:
         self._redis = client
         self._prefix = prefix
+        self._refresh = client.register_script(_REFRESH_IF_HELD)
         self._take_if_equal = client.register_script(TAKE_IF_EQUAL)
 
     async def put(self, key: str, value: str, ttl_s: float) -> None:
         try:
-            await self._redis.set(self._prefix + key, value, px=max(1, int(ttl_s * 1000)))
+            await self._redis.set(self._prefix + key, value, px=_ms(ttl_s))
         except RedisError as exc:
             raise StoreUnavailable(f"redis did not store {key.split(':')[0]}: {type(exc).__name__}") from None
 
@@ -110,6 +133,18 @@ class RedisStore:
             raise StoreUnavailable(f"redis did not answer: {type(exc).__name__}") from None
         return _text(value)
 
+    async def add(self, key: str, value: str, ttl_s: float) -> bool:
+        try:
+            return bool(await self._redis.set(self._prefix + key, value, px=_ms(ttl_s), nx=True))
+        except RedisError as exc:
+            raise StoreUnavailable(f"redis did not store {key.split(':')[0]}: {type(exc).__name__}") from None
+
+    async def refresh(self, key: str, value: str, ttl_s: float) -> bool:
+        try:
+            return bool(await self._refresh(keys=[self._prefix + key], args=[value, _ms(ttl_s)]))
+        except RedisError as exc:
+            raise StoreUnavailable(f"redis did not answer: {type(exc).__name__}") from None
+
     async def take_if_equal(self, key: str, value: str) -> bool:
         try:
             taken = await self._take_if_equal(keys=[self._prefix + key], args=[value])
@@ -119,6 +154,16 @@ class RedisStore:
 
     async def close(self) -> None:
         return None
+
+
+_REFRESH_IF_HELD = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
+return 0
+"""
+
+
+def _ms(ttl_s: float) -> int:
+    return max(1, int(ttl_s * 1000))
 
 
 def _text(value: bytes | str | None) -> str | None:

@@ -40,9 +40,15 @@ def supervise(settings: Settings) -> int:
             "server.workers above 1 needs a Savants service (savants.base_url / SAVANTS_BASE_URL): "
             "the embedded dev emulator runs in one process"
         )
-    holder = _reserve_port(settings.server.host, settings.server.port)
+    host = settings.listen_host
+    holder = _reserve_port(host, settings.server.port)
     port = holder.getsockname()[1]
-    settings = settings.model_copy(update={"server": settings.server.model_copy(update={"port": port})})
+    ports = {"port": port}
+    ops_holder = None
+    if settings.server.ops_port is not None:  # the ops listener is shared the same way
+        ops_holder = _reserve_port(host, settings.server.ops_port)
+        ports["ops_port"] = ops_holder.getsockname()[1]
+    settings = settings.model_copy(update={"server": settings.server.model_copy(update=ports)})
     context = multiprocessing.get_context("spawn")  # no fork: the parent may hold threads and locks
     stopping = threading.Event()
     workers: list[BaseProcess] = []
@@ -64,7 +70,9 @@ def supervise(settings: Settings) -> int:
     previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
         workers.extend(start(i) for i in range(settings.server.workers))
-        log.info("started %d workers; bridge listening on %s:%d", len(workers), settings.server.host, port)
+        log.info("started %d workers; bridge listening on %s:%d", len(workers), host, port)
+        if ops_holder is not None:
+            log.info("ops listening on %s:%d (each worker's /status, /metrics)", host, ports["ops_port"])
         while not (stopping.is_set() and all(p.exitcode is not None for p in workers)):
             stopping.wait(POLL_S)
             for i, process in enumerate(workers):
@@ -81,6 +89,8 @@ def supervise(settings: Settings) -> int:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
         holder.close()
+        if ops_holder is not None:
+            ops_holder.close()
 
 
 def _reserve_port(host: str, port: int) -> socket.socket:
@@ -102,4 +112,6 @@ def _run_worker(settings: Settings, index: int) -> None:
     os.setpgid(0, 0)
     from telephony_bridge.cli import serve_on
 
-    serve_on(settings, bind_socket(settings.server.host, settings.server.port, reuse_port=True), worker=index)
+    host, ops_port = settings.listen_host, settings.server.ops_port
+    ops = bind_socket(host, ops_port, reuse_port=True) if ops_port is not None else None
+    serve_on(settings, bind_socket(host, settings.server.port, reuse_port=True), worker=index, ops_sock=ops)

@@ -128,37 +128,57 @@ def stream_ended(bridge: ServerThread, call_sid: str) -> ET.Element:
     return ET.fromstring(httpx.post(bridge.http_url + "/stream-ended", data=form, headers=headers, timeout=5).text)
 
 
-class BridgeProcess:
-    """``telephony-bridge serve`` in a child process, as production runs it; logs read back as JSON lines."""
+# What the bridge reads from the environment: a child process starts from none of the test runner's own.
+BRIDGE_VARIABLES = ("SAVANTS_", "TWILIO_", "PUBLIC_URL", "REDIS_URL", "HOST", "PORT", "OPS_", "BRIDGE_", "LOG_")
 
-    def __init__(self, emulator: ServerThread, env: dict[str, str] | None = None) -> None:
-        env = {
-            **os.environ,
-            "SAVANTS_BASE_URL": emulator.http_url,
-            "SAVANTS_API_KEY": "test-key",
-            "SAVANTS_DEVICE_IDS": ",".join(DEVICE_IDS),
-            "TWILIO_AUTH_TOKEN": AUTH_TOKEN,
-            "PUBLIC_URL": PUBLIC_URL,
-            "HOST": "127.0.0.1",
-            "PORT": "0",
-            **(env or {}),
-        }
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "telephony_bridge", "serve"],
-            env=env,
-            stderr=subprocess.PIPE,
-            text=True,
+
+class BridgeProcess:
+    """``telephony-bridge serve`` in a child process, as production runs it; logs read back as JSON lines.
+
+    With an ``emulator``, a production configuration against it; without one, only ``env`` (dev mode needs
+    ``--dev`` in ``args``). ``command`` replaces ``python -m telephony_bridge`` (e.g. ``dev.py``).
+    """
+
+    def __init__(
+        self,
+        emulator: ServerThread | None,
+        env: dict[str, str] | None = None,
+        *,
+        args: tuple[str, ...] = ("serve",),
+        command: tuple[str, ...] = (sys.executable, "-m", "telephony_bridge"),
+    ) -> None:
+        inherited = {k: v for k, v in os.environ.items() if not k.startswith(BRIDGE_VARIABLES)}
+        production = (
+            {
+                "SAVANTS_BASE_URL": emulator.http_url,
+                "SAVANTS_API_KEY": "test-key",
+                "SAVANTS_DEVICE_IDS": ",".join(DEVICE_IDS),
+                "TWILIO_AUTH_TOKEN": AUTH_TOKEN,
+                "PUBLIC_URL": PUBLIC_URL,
+                "HOST": "127.0.0.1",
+            }
+            if emulator is not None
+            else {}
         )
+        env = {**inherited, **production, "PORT": "0", **(env or {})}
+        self.proc = subprocess.Popen([*command, *args], env=env, stderr=subprocess.PIPE, text=True)
         self.lines: list[dict[str, object]] = []
         self.port = 0
+        self.ops_port = 0
+        self.host = ""
         assert self.proc.stderr is not None
         for line in self.proc.stderr:
+            if not line.startswith("{"):  # dev.py's own lines, if it had to install first
+                continue
             record = json.loads(line)
             self.lines.append(record)
             message = str(record["msg"])
-            if "bridge listening on" in message:
-                self.port = int(message.rsplit(":", 1)[1])
-            if message == "Application startup complete.":
+            if "bridge listening on" in message:  # one process, or the supervisor of several workers
+                address = message.split("bridge listening on ", 1)[1]
+                self.host, self.port = address.rsplit(":", 1)[0], int(address.rsplit(":", 1)[1])
+            if message.startswith("ops listening on"):
+                self.ops_port = int(message.split()[3].rsplit(":", 1)[1])
+            if message == "Application startup complete." and self.port:  # the bridge's, not dev mode's emulator
                 break
         assert self.port, f"bridge did not start: {self.lines}"
         self.http_url = f"http://127.0.0.1:{self.port}"

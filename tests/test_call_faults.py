@@ -136,15 +136,41 @@ async def test_malformed_twilio_message_is_logged_once_and_the_call_continues(
     wait_until(lambda: calls_up(bridge) == 0, what="the call to end")
 
 
-async def test_dtmf_is_logged_with_the_call_sid_and_counted(
+async def test_dtmf_is_logged_as_a_count_with_the_call_sid_never_the_digits_by_default(
     emulator: ServerThread, bridge: ServerThread, caplog: pytest.LogCaptureFixture
 ) -> None:
-    with caplog.at_level(logging.INFO):
+    with caplog.at_level(logging.DEBUG):
         result = await run_call(signed_call(bridge, seconds=1.0, dtmf=[(0.3, "5"), (0.5, "#")]))
-    digits = [r for r in caplog.records if r.getMessage().startswith("dtmf digit")]
-    assert [r.getMessage() for r in digits] == ["dtmf digit 5", "dtmf digit #"]
-    assert all(getattr(r, "call_sid", None) == result.call_sid for r in digits)
+        await asyncio.to_thread(
+            wait_until, lambda: any(r.getMessage() == "call ended" for r in caplog.records), 5.0, "call ended"
+        )
+    pressed = [r for r in caplog.records if r.getMessage().startswith("dtmf")]
+    assert [r.getMessage() for r in pressed] == [f"dtmf key pressed ({n} in this call)" for n in (1, 2)]
+    assert all(getattr(r, "call_sid", None) == result.call_sid for r in pressed)
+    ended = next(r for r in caplog.records if r.getMessage() == "call ended")
+    assert getattr(ended, "dtmf_digits", None) == 2 and not hasattr(ended, "dtmf")
     assert "bridge_dtmf_total 2.0" in httpx.get(bridge.http_url + "/metrics").text
+
+
+async def test_dtmf_digits_are_logged_only_when_asked(
+    emulator: ServerThread, start_bridge: Callable[..., ServerThread], caplog: pytest.LogCaptureFixture
+) -> None:
+    bridge = start_bridge(bridge_settings(emulator, **{"twilio.log_digits": True}))
+    with caplog.at_level(logging.INFO):
+        await run_call(signed_call(bridge, seconds=1.0, dtmf=[(0.3, "5"), (0.5, "#")]))
+    pressed = [r.getMessage() for r in caplog.records if r.getMessage().startswith("dtmf")]
+    assert pressed == ["dtmf digit 5 (1 in this call)", "dtmf digit # (2 in this call)"]
+
+
+async def test_dtmf_ignore_counts_without_a_line(
+    emulator: ServerThread, start_bridge: Callable[..., ServerThread], caplog: pytest.LogCaptureFixture
+) -> None:
+    settings = bridge_settings(emulator, **{"twilio.dtmf_action": "ignore", "twilio.log_digits": True})
+    bridge = start_bridge(settings)
+    with caplog.at_level(logging.DEBUG):
+        await run_call(signed_call(bridge, seconds=1.0, dtmf=[(0.3, "5")]))
+    assert not [r for r in caplog.records if r.getMessage().startswith("dtmf")]
+    assert "bridge_dtmf_total 1.0" in httpx.get(bridge.http_url + "/metrics").text
 
 
 async def test_the_ais_goodbye_is_heard_before_the_stream_closes(

@@ -29,6 +29,7 @@ from telephony_bridge.audio.codec import pcm16_to_ulaw
 from telephony_bridge.serving import ServerThread
 from telephony_bridge.tools.caller import new_sid
 from telephony_bridge.twilio import protocol as tw
+from tests.redis_server import RedisServer
 from tests.support import (
     bridge_settings,
     call_form,
@@ -133,6 +134,12 @@ async def sender(
             await reader
 
 
+async def closed(refused: Sender) -> None:
+    """Wait (bounded) for the bridge to close a socket it refuses."""
+    async with asyncio.timeout(5):
+        await refused.ws.wait_closed()
+
+
 def webhook(bridge: ServerThread) -> tuple[str, dict[str, str]]:
     """A signed /voice for a new CallSid (reserving its device slot); the stream parameters it answered."""
     form = call_form()
@@ -227,7 +234,7 @@ async def test_an_unsupported_media_format_is_refused_with_the_reason(
     l16 = {"encoding": "audio/L16", "sampleRate": 16000, "channels": 1}
     with caplog.at_level(logging.WARNING):
         async with sender(bridge, call_sid, params, media_format=l16) as caller:
-            await caller.ws.wait_closed()
+            await closed(caller)
     assert caller.ws.close_code == 1003
     assert caller.ws.close_reason is not None and "unsupported mediaFormat 'audio/L16'" in caller.ws.close_reason
     lines = [r for r in caplog.records if "unsupported mediaFormat" in r.getMessage()]
@@ -256,7 +263,7 @@ async def test_a_second_stream_for_a_live_call_sid_is_refused_and_the_first_keep
             await asyncio.to_thread(wait_until, lambda: emulator_stats(emulator)["sessions_active"] == 1)
             second_cm = sender(bridge, call_sid)
             second = await second_cm.__aenter__()
-            await second.ws.wait_closed()
+            await closed(second)
             assert (second.ws.close_code, second.ws.close_reason) == (1008, "another stream for this CallSid is live")
             if ends_first == "refused socket":
                 await second_cm.__aexit__(None, None, None)
@@ -444,3 +451,33 @@ def test_two_sockets_with_one_call_sid_never_have_more_ai_sessions_than_leases(
         released(bridge, emulator)
 
     check()
+
+
+async def test_one_live_stream_per_call_sid_across_replicas(
+    emulator: ServerThread, start_bridge: Callable[..., ServerThread], redis_server: RedisServer
+) -> None:
+    """Two replicas sharing Redis, stream tokens off: the second socket lands on the other replica, and is
+    refused there all the same; the live one keeps its lease; all zero once it ends."""
+    shared = {**NO_TOKEN, "redis_url": redis_server.url}
+    first_bridge, second_bridge = (
+        start_bridge(bridge_settings(emulator, **shared)),
+        start_bridge(bridge_settings(emulator, **shared)),
+    )
+    call_sid = new_sid("CA")
+    async with sender(first_bridge, call_sid) as first:
+        await first.send_frames(SPEECH[: 25 * 160])
+        await asyncio.to_thread(wait_until, lambda: ai_sessions(emulator) == 1 and claimed_leases(first_bridge) == 1)
+        async with sender(second_bridge, call_sid) as second:
+            await closed(second)
+        assert (second.ws.close_code, second.ws.close_reason) == (1008, "another stream for this CallSid is live")
+        await first.send_frames(SPEECH[25 * 160 : 50 * 160])
+        assert (calls_up(first_bridge), calls_up(second_bridge), claimed_leases(second_bridge)) == (1, 0, 1)
+        await first.stop()
+    released(first_bridge, emulator)
+    released(second_bridge, emulator)
+    assert emulator_stats(emulator)["sessions_opened"] == 1
+    # Once the first stream is over, the CallSid may stream again, on either replica.
+    async with sender(second_bridge, call_sid) as again:
+        await asyncio.to_thread(wait_until, lambda: claimed_leases(second_bridge) == 1)
+        await again.stop()
+    released(second_bridge, emulator)

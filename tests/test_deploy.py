@@ -10,6 +10,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -240,3 +241,25 @@ async def test_device_calls_metric_counts_live_calls_per_device(emulator: Server
     assert [c["device_id"] for c in status["calls"]] == [on]
     await call
     await asyncio.to_thread(wait_until, lambda: sum(device_calls().values()) == 0, 5.0, "the call to end")
+
+
+async def test_draining_metric_turns_on_at_sigterm(emulator: ServerThread) -> None:
+    bridge = BridgeProcess(emulator)
+    try:
+
+        def draining() -> float:
+            text = httpx.get(bridge.http_url + "/metrics", timeout=5).text
+            (family,) = [f for f in text_string_to_metric_families(text) if f.name == "bridge_draining"]
+            return family.samples[0].value
+
+        assert draining() == 0
+        call = asyncio.create_task(run_call(signed_call(bridge, seconds=2.0)))
+        await asyncio.to_thread(
+            wait_until, lambda: httpx.get(bridge.http_url + "/status", timeout=5).json()["calls"], 5.0, "the call"
+        )
+        bridge.proc.send_signal(signal.SIGTERM)
+        await asyncio.to_thread(wait_until, lambda: draining() == 1, 5.0, "bridge_draining to turn 1")
+        assert (await call).ended_by == "caller"  # the drain let the call finish
+        assert await asyncio.to_thread(bridge.finish, 15.0) == 0
+    finally:
+        bridge.kill()

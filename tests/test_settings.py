@@ -114,3 +114,27 @@ def test_settings_a_stray_generic_variable_is_named_in_the_error(env: dict[str, 
     with pytest.raises(ConfigError) as info:
         load_settings(env=env)
     assert expected in str(info.value)
+
+
+def test_settings_listen_host_is_loopback_in_dev_mode_unless_given() -> None:
+    assert load_settings(env={}).listen_host == "127.0.0.1"
+    assert load_settings(env={"HOST": "0.0.0.0"}).listen_host == "0.0.0.0"
+    assert load_settings(env={"SAVANTS_BASE_URL": "https://a.example"}).listen_host == "0.0.0.0"
+
+
+def test_settings_ops_port_must_differ_from_the_public_port() -> None:
+    with pytest.raises(ConfigError) as info:
+        load_settings(env={"PORT": "9000", "OPS_PORT": "9000"})
+    assert "config key 'server.ops_port' (environment variable OPS_PORT) has value '9000'" in str(info.value)
+    assert load_settings(env={"OPS_PORT": "9090"}).server.ops_port == 9090
+
+
+def test_settings_the_ops_token_is_a_secret() -> None:
+    settings = load_settings(env={"OPS_TOKEN": "ops_secret_123"})
+    assert "ops_secret_123" not in repr(settings)
+    assert settings.ops.token.get_secret_value() == "ops_secret_123"
+
+
+def test_settings_the_drain_message_may_not_be_empty() -> None:
+    with pytest.raises(ConfigError, match=r"'twilio\.drain_message'"):
+        load_settings(env={"BRIDGE__TWILIO__DRAIN_MESSAGE": " "}, **{"twilio.drain_message": ""})

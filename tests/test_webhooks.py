@@ -115,7 +115,7 @@ def test_readyz_ready_when_the_pool_has_room_and_configurable_when_full(
     assert httpx.get(bridge.http_url + "/readyz").json() == {"ready": True}
     post_voice(bridge, call_form())
     assert httpx.get(bridge.http_url + "/readyz").status_code == 200
-    assert httpx.get(bridge.http_url + "/healthz").json() == {"status": "ok"}
+    assert httpx.get(bridge.http_url + "/healthz").json() == {"status": "ok", "mode": "production"}
 
 
 def test_voice_busy_as_a_reject(emulator: ServerThread, start_bridge: Callable[..., ServerThread]) -> None:

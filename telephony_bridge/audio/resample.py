@@ -1,6 +1,6 @@
 """Streaming 2× resamplers between Twilio's 8 kHz and Savants' 16 kHz: one object per direction per call.
 
-Why not the obvious tools (figures in ``/work/shared/notes/measurements.md``):
+Why not the obvious tools (figures: ``python bench/audio_quality.py``):
 
 - ``audioop.ratecv`` interpolates linearly with no anti-alias filter: 5 kHz from the AI folds to 3 kHz at
   full level, and 3.4 kHz from the caller leaves an image at 4.6 kHz only 4 dB down.
@@ -35,7 +35,7 @@ _TAP_QUANTUM = 2.0**-32  # see the module docstring: keeps every sum exact in fl
 #   71    8.25  82.7 dB                ±0.0006 dB          2.19 ms
 #   75    8.70  87.4 dB                ±0.0004 dB          2.31 ms   <- chosen: 7 dB margin over 80 dB
 #   79    9.15  91.4 dB                ±0.0002 dB          2.44 ms
-# Cost per 20 ms frame hardly depends on the tap count: numpy call overhead dominates (measurements.md).
+# Cost per 20 ms frame hardly depends on the tap count: numpy call overhead dominates (bench/audio_quality.py).
 
 _CENTRE = (HALF_BAND_TAPS - 1) // 2  # 37, odd
 

@@ -1,4 +1,6 @@
-"""Logging: JSON lines off a terminal, and call context on every record.
+"""Logging: JSON lines off a terminal, one readable line per record on one, and call context on every record.
+
+Both formats carry the same fields: time, level, logger, message, the call context and the record's extras.
 
 ``call_context`` binds ``call_sid``, ``stream_sid`` and ``device_id`` in contextvars; a filter copies them onto
 every record logged inside the call's tasks, so no log call has to repeat them.
@@ -96,36 +98,57 @@ def install_context() -> None:
 _RESERVED = set(logging.makeLogRecord({}).__dict__) | {"message", "asctime", "color_message"}
 
 
+def _fields(record: logging.LogRecord) -> dict[str, Any]:
+    """The record's own fields (call context, ``extra=``), in the order they were set."""
+    return {k: v for k, v in record.__dict__.items() if k not in _RESERVED and not k.startswith("_")}
+
+
+def _timestamp(record: logging.LogRecord) -> str:
+    return datetime.datetime.fromtimestamp(record.created, datetime.UTC).isoformat(timespec="milliseconds")
+
+
 class JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         out: dict[str, Any] = {
-            "ts": datetime.datetime.fromtimestamp(record.created, datetime.UTC).isoformat(timespec="milliseconds"),
+            "ts": _timestamp(record),
             "level": record.levelname,
             "logger": record.name,
             "msg": record.getMessage(),
+            **_fields(record),
         }
-        for key, value in record.__dict__.items():
-            if key not in _RESERVED and not key.startswith("_"):
-                out[key] = value
         if record.exc_info:
             out["exc"] = self.formatException(record.exc_info)
         return orjson.dumps(out, default=str).decode()
 
 
 class TextFormatter(logging.Formatter):
-    def __init__(self) -> None:
-        super().__init__("%(asctime)s %(levelname)-7s %(name)s: %(message)s")
+    """``time LEVEL logger: message key=value ...``; a value with spaces or quotes is JSON-quoted.
+
+    A traceback, when there is one, follows on its own lines: on a terminal that is what a reader wants.
+    """
 
     def format(self, record: logging.LogRecord) -> str:
-        line = super().format(record)
-        extra = {k: v for k, v in record.__dict__.items() if k not in _RESERVED and not k.startswith("_")}
-        if extra:
-            line += " " + " ".join(f"{k}={v}" for k, v in extra.items())
+        line = f"{_timestamp(record)} {record.levelname:<7} {record.name}: {record.getMessage()}"
+        fields = _fields(record)
+        if fields:
+            line += " " + " ".join(f"{k}={_text_value(v)}" for k, v in fields.items())
+        if record.exc_info:
+            line += "\n" + self.formatException(record.exc_info)
         return line
 
 
+def _text_value(value: Any) -> str:
+    if isinstance(value, str) and value and not any(c in value for c in ' "=\n'):
+        return value
+    return orjson.dumps(value, default=str).decode()
+
+
 def configure(level: str = "INFO", fmt: str = "auto", stream: Any = None) -> None:
-    """Configure the root logger once (called from the CLI only)."""
+    """Configure the root logger once (called from the CLI only).
+
+    ``auto``: readable text when the log stream (stderr) is a terminal, JSON lines otherwise (containers,
+    files, pipes), so a log collector never has to parse prose.
+    """
     install_context()
     stream = stream or sys.stderr
     if fmt == "auto":

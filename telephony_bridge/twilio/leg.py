@@ -70,11 +70,9 @@ async def handle_media_stream(ws: TwilioSocket, deps: CallDeps) -> None:
                 deps.metrics.streams_refused.labels(reason="unsupported_media_format").inc()
                 log.warning("closing stream: %s", problem)
                 await leg.close(CloseCode.UNSUPPORTED_DATA, problem[:MAX_CLOSE_REASON])
-                await deps.admission.release_reservation(start.call_sid)
+                await deps.admission.forget(start.call_sid)
                 return False
-            if not deps.settings.twilio.require_stream_token:
-                return True
-            if await deps.admission.check_stream_token(start.call_sid, token):
+            if await deps.admission.stream_token_ok(start.call_sid, token):  # or none needed: see there
                 return True
             deps.metrics.stream_token_refused.inc()
             log.warning("closing stream: its start carries no valid stream token (missing, foreign or replayed)")

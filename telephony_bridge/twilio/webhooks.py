@@ -20,6 +20,7 @@ from starlette.responses import PlainTextResponse, Response
 from telephony_bridge.accounting.base import AccountingUnavailable
 from telephony_bridge.admission import Admission
 from telephony_bridge.clock import Clock, SystemClock
+from telephony_bridge.drain import DRAINED, Drain
 from telephony_bridge.errors import AdmissionError, SavantsError
 from telephony_bridge.ops import logging as oplog
 from telephony_bridge.ops.metrics import Metrics
@@ -47,9 +48,11 @@ class TwilioWebhooks:
         admission: Admission,
         metrics: Metrics,
         checker: SignatureChecker | None,
+        drain: Drain,
         clock: Clock | None = None,
     ) -> None:
         self._settings = settings
+        self._drain = drain
         self._admission = admission
         self._metrics = metrics
         self._checker = checker
@@ -130,6 +133,10 @@ class TwilioWebhooks:
 
     async def _answer(self, request: Request, call_sid: str, caller: str | None, params: Mapping[str, Any]) -> Response:
         tw = self._settings.twilio
+        if self._drain.draining:  # this replica is shutting down: the caller is told to call again
+            self._metrics.admission_refused.labels(where="draining").inc()
+            log.warning("call refused: this replica is draining")
+            return self._busy()
         try:
             admitted = await self._admission.admit(call_sid, caller)
         except AdmissionError as exc:
@@ -137,8 +144,7 @@ class TwilioWebhooks:
             if isinstance(exc, AccountingUnavailable):
                 self._metrics.accounting_errors.inc()  # the backend logs the outage itself, once
             log.warning("call refused, busy: %s", exc)
-            busy = twiml.busy_document(tw.busy_message, self._voice, reject=tw.busy_response == "reject")
-            return self._document("busy", busy)
+            return self._busy()
         except (SavantsError, StoreUnavailable) as exc:
             log.error("call not connected, the AI is unavailable: %s", exc)
             return self._document("unavailable", twiml.message_document(tw.unavailable_message, self._voice))
@@ -153,6 +159,11 @@ class TwilioWebhooks:
             action=base + STREAM_ENDED_PATH,
         )
         return self._document("connect", document)
+
+    def _busy(self) -> Response:
+        tw = self._settings.twilio
+        reject = tw.busy_response == "reject"
+        return self._document("busy", twiml.busy_document(tw.busy_message, self._voice, reject=reject))
 
     def _document(self, kind: str, xml: str) -> Response:
         self._metrics.webhook_answers.labels(document=kind).inc()
@@ -197,8 +208,11 @@ class TwilioWebhooks:
             outcome = await self._admission.outcome(call_sid) if call_sid else None
         except StoreUnavailable:
             outcome = None
+        self._drain.action_answered(call_sid)
         tw = self._settings.twilio
-        if outcome == "no_capacity":
+        if outcome == DRAINED:
+            xml = twiml.message_document(tw.drain_message, self._voice)
+        elif outcome == "no_capacity":
             xml = twiml.busy_document(tw.busy_message, self._voice)
         elif outcome in APOLOGISE_AFTER or outcome is None:
             # None: the stream never reached us or was refused; say sorry rather than leave silence.

@@ -1,4 +1,4 @@
-"""A local stand-in for the Savants Voice API, faithful to /work/shared/specs/savants-voice-api.md.
+"""A local stand-in for the Savants Voice API, faithful to its documentation (sections cited as §N).
 
 Same token endpoint, same in-band JWT handshake, same PCM format, same per-device limits, plus voices to talk
 to and a stats endpoint that reports what a client did wrong. See docs/emulator.md.

@@ -1,0 +1,71 @@
+"""Ops endpoints: a separate listener (``server.ops_port``) and a bearer token (``ops.token``); the health
+probes stay open everywhere."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+
+import httpx
+import pytest
+from websockets.asyncio.client import connect
+from websockets.exceptions import InvalidStatus
+
+from telephony_bridge.serving import ServerThread
+from telephony_bridge.tools.twilio_flow import run_flow
+from tests.support import AUTH_TOKEN, PUBLIC_URL, BridgeProcess, bridge_settings
+
+OPS_TOKEN = "ops-token-0123456789"
+BEARER = {"Authorization": f"Bearer {OPS_TOKEN}"}
+
+
+@pytest.fixture
+def bridge_with_ops_port(emulator: ServerThread) -> Iterator[BridgeProcess]:
+    bridge = BridgeProcess(emulator, {"OPS_PORT": "0", "OPS_TOKEN": OPS_TOKEN})
+    yield bridge
+    bridge.kill()
+
+
+async def test_ops_port_serves_status_and_metrics_the_public_port_does_not(
+    bridge_with_ops_port: BridgeProcess,
+) -> None:
+    bridge = bridge_with_ops_port
+    ops = f"http://127.0.0.1:{bridge.ops_port}"
+    assert bridge.ops_port and bridge.ops_port != bridge.port
+    async with httpx.AsyncClient(trust_env=False, timeout=15) as http:
+        flow = await run_flow(bridge.http_url, http=http, seconds=1.0, auth_token=AUTH_TOKEN, public_url=PUBLIC_URL)
+        assert flow.outcome == "served"  # the public port still takes calls
+        public = {path: (await http.get(bridge.http_url + path)).status_code for path in ("/status", "/metrics")}
+        assert public == {"/status": 404, "/metrics": 404}
+        for path in ("/healthz", "/readyz"):  # probes: on both listeners, no credentials
+            assert (await http.get(bridge.http_url + path)).status_code == 200
+            assert (await http.get(ops + path)).status_code == 200
+        refused = await http.get(ops + "/status")
+        assert (refused.status_code, refused.headers["www-authenticate"]) == (401, "Bearer")
+        wrong = await http.get(ops + "/metrics", headers={"Authorization": "Bearer not-it"})
+        assert wrong.status_code == 401
+        status = await http.get(ops + "/status", headers=BEARER)
+        assert status.status_code == 200 and status.json()["mode"] == "production"
+        metrics = await http.get(ops + "/metrics", headers=BEARER)
+        assert 'bridge_webhook_answers_total{document="connect"} 1.0' in metrics.text
+        assert (await http.post(ops + "/voice", data={"CallSid": "CA1"})).status_code == 404  # calls: public only
+    with pytest.raises(InvalidStatus):
+        async with connect(f"ws://127.0.0.1:{bridge.ops_port}/media-stream"):
+            pass
+    assert all(OPS_TOKEN not in str(line) for line in bridge.lines)
+
+
+def test_ops_token_alone_guards_status_and_metrics_on_the_public_port(
+    emulator: ServerThread, start_bridge: Callable[..., ServerThread]
+) -> None:
+    bridge = start_bridge(bridge_settings(emulator, **{"ops.token": OPS_TOKEN}))
+    for path in ("/status", "/metrics"):
+        assert httpx.get(bridge.http_url + path).status_code == 401
+        assert httpx.get(bridge.http_url + path, headers={"Authorization": OPS_TOKEN}).status_code == 401
+        assert httpx.get(bridge.http_url + path, headers=BEARER).status_code == 200
+    assert httpx.get(bridge.http_url + "/healthz").json() == {"status": "ok", "mode": "production"}
+    assert httpx.get(bridge.http_url + "/readyz").status_code == 200
+
+
+def test_without_ops_settings_everything_is_on_one_open_port(bridge: ServerThread) -> None:
+    for path in ("/status", "/metrics", "/healthz", "/readyz"):
+        assert httpx.get(bridge.http_url + path).status_code == 200

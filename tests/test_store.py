@@ -1,0 +1,52 @@
+"""The shared store's owned entries (claims): set if absent, kept and removed only by their owner, lapsing."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import pytest
+import redis.asyncio as aioredis
+
+from telephony_bridge.clock import FakeClock
+from telephony_bridge.store import MemoryStore, RedisStore, Store
+from tests.redis_server import RedisServer
+
+
+@pytest.fixture(params=["memory", "redis"])
+async def store(request: pytest.FixtureRequest) -> AsyncIterator[Store]:
+    if request.param == "memory":
+        yield MemoryStore(FakeClock())
+        return
+    server: RedisServer = request.getfixturevalue("redis_server")
+    client = aioredis.Redis.from_url(server.url, decode_responses=True)
+    await client.flushdb()
+    yield RedisStore(client)
+    await client.aclose()
+
+
+async def test_store_claim_is_taken_once_kept_and_freed_by_its_owner_only(store: Store) -> None:
+    assert await store.add("live-stream:CA1", "first", 30) is True
+    assert await store.add("live-stream:CA1", "second", 30) is False
+    assert (
+        await store.refresh("live-stream:CA1", "second", 30),
+        await store.refresh("live-stream:CA1", "first", 30),
+    ) == (
+        False,
+        True,
+    )
+    assert await store.take_if_equal("live-stream:CA1", "second") is False  # not its claim: nothing happens
+    assert await store.get("live-stream:CA1") == "first"
+    assert await store.take_if_equal("live-stream:CA1", "first") is True
+    assert await store.get("live-stream:CA1") is None
+    assert await store.add("live-stream:CA1", "second", 30) is True
+
+
+async def test_memory_store_claim_lapses_after_its_ttl() -> None:
+    clock = FakeClock()
+    store = MemoryStore(clock)
+    assert await store.add("live-stream:CA1", "first", 30)
+    clock.advance(29.9)
+    assert await store.refresh("live-stream:CA1", "first", 30)
+    clock.advance(30.0)
+    assert not await store.refresh("live-stream:CA1", "first", 30)
+    assert await store.add("live-stream:CA1", "second", 30)
