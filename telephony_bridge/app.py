@@ -8,6 +8,7 @@ Dependencies are built at the edge: pass ``accounting``, ``store``, ``http_clien
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 from collections.abc import AsyncIterator
 from typing import Any
@@ -92,7 +93,8 @@ def create_app(
                 health=token_health,
             )
             voice = VoiceEndpoint(
-                connect=connect or open_voice_session,
+                connect=connect
+                or functools.partial(open_voice_session, stall_timeout_s=settings.savants.stall_timeout_s),
                 url=settings.savants.voice_stream_url,
                 timeout_s=settings.savants.connect_timeout_s,
                 warm_token=settings.savants.warm_token,

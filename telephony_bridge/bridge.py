@@ -15,15 +15,17 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import random
 import secrets
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from telephony_bridge.accounting.base import AccountingUnavailable, Lease
-from telephony_bridge.admission import Admission
+from telephony_bridge.admission import Admission, CallSlot
 from telephony_bridge.audio.barge_in import BargeIn, Event
 from telephony_bridge.audio.codec import FRAME_S
+from telephony_bridge.audio.comfort import ComfortFill
 from telephony_bridge.audio.pipeline import AiToCaller
 from telephony_bridge.clock import Clock
 from telephony_bridge.dtmf import DtmfLog
@@ -33,6 +35,7 @@ from telephony_bridge.leg import CallerAudio, CallerLeg, Digit, PlayedUpTo
 from telephony_bridge.ops import logging as oplog
 from telephony_bridge.ops.metrics import Metrics
 from telephony_bridge.outbound import Outbound
+from telephony_bridge.reconnect import Reconnector
 from telephony_bridge.registry import CallRegistry
 from telephony_bridge.savants.client import SavantsConnection
 from telephony_bridge.savants.protocol import Audio
@@ -88,6 +91,17 @@ class Call:
         self._started_at = self._clock.monotonic()
         self._ai_connected_at: float | None = None
         self._savants: SavantsConnection | None = None
+        self.ai_connected = False
+        self._slot = CallSlot(Lease(leg.call_id, ""))  # a reconnect may move the call to another device
+        savants = settings.savants
+        self._reconnector = Reconnector(
+            deps.admission,
+            deps.clock,
+            deps.metrics,
+            deadline_s=savants.reconnect_deadline_s,
+            rng=random.Random(leg.call_id),  # jitter differs from call to call
+        )
+        self._fill = ComfortFill(noise=savants.reconnect_fill == "comfort_noise")
         self._inbound = Inbound(settings.audio, settings.barge_in, deps.metrics, deps.clock)
         self._ai_to_caller = AiToCaller()
         self.outbound = Outbound(settings.audio, deps.clock, leg)
@@ -113,15 +127,16 @@ class Call:
                 lease = await self._admit()
                 if lease is None:
                     return
+                self._slot.lease = lease
                 self.device_id = lease.device_id
                 oplog.bind(device_id=lease.device_id)
                 self._deps.admission.stream_started(self.call_sid)
                 self._metrics.calls_active.inc()
                 log.info("call bridged", extra={"ingress": self._leg.ingress})
                 try:
-                    await self._bridge(lease)
+                    await self._bridge()
                 finally:
-                    await self._finish(lease)
+                    await self._finish()
             finally:
                 await self._end_stream()
                 self._deps.registry.release(self.call_sid, self)
@@ -161,16 +176,18 @@ class Call:
             await self._leg.hang_up("no_capacity")
             return None
 
-    async def _bridge(self, lease: Lease) -> None:
+    async def _bridge(self) -> None:
         try:
             async with asyncio.TaskGroup() as tg:
                 tg.create_task(self._caller_pump(), name="caller-pump")
                 tg.create_task(self._watch_caller(), name="caller-watchdog")
-                tg.create_task(self._ai_side(lease), name="ai-side")
+                tg.create_task(self._ai_side(), name="ai-side")
                 tg.create_task(self.outbound.run(), name="outbound")
-                tg.create_task(self._heartbeat(lease), name="lease-heartbeat")
+                tg.create_task(self._heartbeat(), name="lease-heartbeat")
                 tg.create_task(self._until_ended(), name="until-ended")
                 tg.create_task(self._inbound.watch_idle(self._caller_events, self.outbound.audible_since), name="idle")
+                if self._deps.settings.twilio.max_call_s:
+                    tg.create_task(self._time_limit(self._deps.settings.twilio.max_call_s), name="time-limit")
         except* _CallEnded as group:
             self._end(_first(group, _CallEnded).reason)
         except* CallerGone:
@@ -200,13 +217,13 @@ class Call:
         await self._ended.wait()
         raise _CallEnded(self.end_reason)
 
-    async def _heartbeat(self, lease: Lease) -> None:
+    async def _heartbeat(self) -> None:
         """Keep the lease alive in shared accounting; a replica that dies stops this and its slots lapse."""
         interval_s = self._deps.settings.accounting.lease_ttl_s / 3
         held = True
         while True:
             await self._clock.sleep_until(self._clock.monotonic() + interval_s)
-            still_held = await self._deps.admission.accounting.heartbeat(lease)
+            still_held = await self._deps.admission.accounting.heartbeat(self._slot.lease)
             with contextlib.suppress(StoreUnavailable):
                 await self._deps.admission.keep_stream(self.call_sid, self._owner, self._live_ttl_s)
             if held and not still_held:
@@ -220,13 +237,20 @@ class Call:
         except StoreUnavailable as exc:
             log.warning("could not record the call's outcome: %s", exc)
 
-    async def _finish(self, lease: Lease) -> None:
+    async def _time_limit(self, max_call_s: float) -> None:
+        """``twilio.max_call_s``: end the call politely (what the AI is saying is heard out) once it is up."""
+        await self._clock.sleep_until(self._started_at + max_call_s)
+        log.info("the call reached its time limit of %s s; ending it", max_call_s)
+        await self.outbound.finish(self.outbound.pending_s(self._clock.monotonic()) + GOODBYE_MARGIN_S)
+        raise _CallEnded("time limit reached")
+
+    async def _finish(self) -> None:
         if self._savants is not None:
             await self._savants.close()
         # Recorded before the close: Twilio requests the <Connect action> as soon as the socket closes.
         await self._record_outcome(self.outcome)
         await self._leg.hang_up(self.outcome)
-        await self._deps.admission.accounting.release(lease)
+        await self._deps.admission.accounting.release(self._slot.lease)
         duration_s = self._clock.monotonic() - self._started_at
         metrics = self._metrics
         metrics.calls_active.dec()
@@ -234,6 +258,7 @@ class Call:
         metrics.call_duration.observe(duration_s)
         metrics.audio_seconds.labels(direction="caller_to_ai").inc(self._inbound.frames_to_ai * FRAME_S)
         metrics.audio_seconds.labels(direction="ai_to_caller").inc(self.outbound.playback.sent_ms / 1000)
+        metrics.ai_audio_overflow.inc(self.outbound.overflow_ms / 1000)
         if self.outbound.first_audio_at is not None:
             metrics.first_audio_latency.observe(self.outbound.first_audio_at - self._started_at)
         _count_playout(metrics, self.outbound)
@@ -241,7 +266,7 @@ class Call:
 
     def _figures(self, duration_s: float) -> dict[str, Any]:
         """The canonical 'call ended' line's fields."""
-        inbound, outbound = self._inbound, self.outbound
+        inbound, outbound, reconnects = self._inbound, self.outbound, self._reconnector.figures
         figures = {
             "ingress": self._leg.ingress,
             "reason": self.end_reason,
@@ -263,6 +288,11 @@ class Call:
             "late_frames_dropped": inbound.late_frames_dropped,
             "gap_filled_ms": inbound.gap_filled_ms,
             "overflow_frames_dropped": inbound.dropped_overflow,
+            "ai_audio_overflow_ms": outbound.overflow_ms,
+            "ai_drops": reconnects.drops,
+            "ai_reconnect_attempts": reconnects.attempts,
+            "ai_reconnect": reconnects.outcome,
+            "ai_gap_s": round(reconnects.gap_s, 3),
             "dtmf_digits": self._dtmf.count,  # a count only: the digits may be a PIN
             "client_quirks": sorted(inbound.quirks),
             **self._leg.figures(),
@@ -277,7 +307,8 @@ class Call:
             "stream_sid": self._leg.stream_id,
             "device_id": self.device_id,
             "age_s": round(now - self._started_at, 1),
-            "ai_connected": self._ai_connected_at is not None,
+            "ai_connected": self.ai_connected,
+            "ai_reconnects": self._reconnector.figures.drops,
             "ai_audio_sent_ms": self.outbound.playback.sent_ms,
             "ai_audio_played_ms": self.outbound.playback.played_ms,
             "lead_ms": round(self.outbound.lead(now) * 1000),
@@ -298,7 +329,11 @@ class Call:
                 raise _CallEnded(event.reason)
 
     async def _watch_caller(self) -> None:
-        raise _CallEnded(await self._leg.inactive())
+        """The leg went silent (its peer vanished without a close): end the call and free its slot."""
+        reason = await self._leg.inactive()
+        self.outcome = "caller_lost"
+        log.warning("ending call: %s", reason)
+        raise _CallEnded(reason)
 
     def _caller_audio(self, audio: CallerAudio) -> None:
         now = self._clock.monotonic()
@@ -319,14 +354,39 @@ class Call:
 
     # --- AI side -----------------------------------------------------------------------------------------
 
-    async def _ai_side(self, lease: Lease) -> None:
-        self._savants = await self._deps.admission.session_for(lease)
+    async def _ai_side(self) -> None:
+        """The AI session for the call's life: connected once, then reconnected after each drop that is worth
+        it while the caller keeps the line (``reconnect.Reconnector``); a goodbye ends the call."""
+        session = await self._deps.admission.session_for(self._slot.lease)
         self._ai_connected_at = self._clock.monotonic()
         self._metrics.ai_connect_latency.observe(self._ai_connected_at - self._started_at)
-        log.info("AI session connected", extra={"session_id": self._savants.session_id})
-        async with asyncio.TaskGroup() as tg:
-            tg.create_task(self._inbound.run(self._savants), name="to-ai")
-            tg.create_task(self._ai_receiver(self._savants), name="from-ai")
+        log.info("AI session connected", extra={"session_id": session.session_id})
+        self.ai_connected = True
+        self._inbound.limit_backlog(self._deps.settings.audio.reconnect_buffer_ms)
+        while True:
+            self._savants = session
+            failure = await self._converse(session)
+            await session.close()
+            self.ai_connected = False
+            self.outbound.fill(self._fill)  # the caller hears comfort noise, never a gap, while we reconnect
+            try:
+                session = await self._reconnector.recover(failure, self._slot)
+            finally:
+                self.outbound.fill(None)
+                self.device_id = self._slot.lease.device_id
+            self.ai_connected = True
+
+    async def _converse(self, session: SavantsConnection) -> SavantsError:
+        """Caller audio to the session and its audio back, until it fails (returned) or says goodbye (raised)."""
+        failure: SessionError | None = None
+        try:
+            async with asyncio.TaskGroup() as tg:
+                tg.create_task(self._inbound.run(session), name="to-ai")
+                tg.create_task(self._ai_receiver(session), name="from-ai")
+        except* SessionError as group:
+            failure = _first(group, SessionError)
+        assert failure is not None, "the AI tasks end only by raising"
+        return failure
 
     async def _ai_receiver(self, conn: SavantsConnection) -> None:
         while True:

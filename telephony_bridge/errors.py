@@ -44,11 +44,13 @@ class TokenError(SavantsError):
 
 
 class SessionError(SavantsError):
-    """The voice-stream socket refused or dropped the session."""
+    """The voice-stream socket refused or dropped the session. ``close_code``: the WebSocket close code Savants
+    sent, when the session ended with one (``None``: no close frame, e.g. a TCP reset or a stall)."""
 
-    def __init__(self, message: str, *, code: str) -> None:
+    def __init__(self, message: str, *, code: str, close_code: int | None = None) -> None:
         super().__init__(message)
         self.code = code
+        self.close_code = close_code
 
 
 class AdmissionError(BridgeError):

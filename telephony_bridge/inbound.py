@@ -48,6 +48,10 @@ class Inbound:
         self._last_frame_at = clock.monotonic()
         self._listening = asyncio.Event()  # set while the detector waits to hear whether the caller is silent
 
+    def limit_backlog(self, max_ms: int) -> None:
+        """How much caller audio may wait for the AI from now on (the reconnect buffer once it has connected)."""
+        self._max_frames = max(1, max_ms // FRAME_MS)
+
     @property
     def late_frames_dropped(self) -> int:
         return self._pipeline.timeline.dropped_frames

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 
 from telephony_bridge.audio.codec import FRAME_MS, FRAME_S, TWILIO_BYTES_PER_MS, TWILIO_FRAME_BYTES, ulaw_to_pcm16
+from telephony_bridge.audio.comfort import ComfortFill
 from telephony_bridge.audio.pacing import AdaptivePrebuffer, OutboundPacer
 from telephony_bridge.audio.pipeline import FrameBuffer
 from telephony_bridge.audio.playback import PlaybackTracker
@@ -58,22 +59,47 @@ class Outbound:
         self._finishing = False
         self._progress = asyncio.Event()  # audio or a mark went out, or a mark came back
         self.clears = 0
+        self._fill: ComfortFill | None = None
+        self._max_queued_bytes = round(settings.max_ai_ahead_s * 1000) * TWILIO_BYTES_PER_MS
+        self._overflow_bytes = 0
 
     # --- fed by the AI side --------------------------------------------------------------------------------
 
     def push(self, ulaw: bytes) -> None:
-        """Queue AI audio; while the caller holds the floor after a barge-in it is dropped instead."""
-        if not ulaw:
+        """Queue AI audio; while the caller holds the floor after a barge-in it is dropped instead.
+
+        At most ``audio.max_ai_ahead_s`` waits here: an AI that sends faster than real time for longer loses
+        its oldest queued audio (counted in ``overflow_ms``), so a call's memory stays bounded.
+        """
+        if not ulaw or self._finishing:  # the call is ending: what is queued is heard out, nothing new starts
             return
         if self.holding:
             self._held_bytes += len(ulaw)
             return
+        self._append(ulaw)
+        excess = len(self._buffer) - self._max_queued_bytes
+        if excess > 0:
+            frames = -(-excess // TWILIO_FRAME_BYTES)
+            self._overflow_bytes += len(self._buffer.take(frames))
+
+    def _append(self, ulaw: bytes) -> None:
         now = self._clock.monotonic()
         if not len(self._buffer):
             self._queued_since = now
         self._last_push_at = now
         self._buffer.append(ulaw)
         self._ready.set()
+
+    def fill(self, source: ComfortFill | None) -> None:
+        """While the AI is away (reconnecting), keep the caller's line alive: whenever nothing is queued, a
+        frame from ``source`` goes out in real time, never a gap. ``None`` stops it."""
+        self._fill = source
+        self._ready.set()
+
+    @property
+    def overflow_ms(self) -> int:
+        """AI audio dropped because more than ``audio.max_ai_ahead_s`` was queued."""
+        return self._overflow_bytes // TWILIO_BYTES_PER_MS
 
     @property
     def held_ms(self) -> int:
@@ -144,6 +170,8 @@ class Outbound:
             if self._clear_pending:
                 await self._clear(now)
                 continue
+            if self._fill is not None and not len(self._buffer) and not self.holding:
+                self._append(b"".join(self._fill.frame() for _ in range(self._batch_frames)))
             frames = self._buffer.frames
             # The AI has paused (or finished): a trailing partial frame and the closing mark can go.
             prebuffer_s = self.prebuffer.value_s

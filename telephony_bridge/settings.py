@@ -73,6 +73,9 @@ class SavantsSettings(_Frozen):
     connect_timeout_s: float = Field(5.0, gt=0)
     warm_token: bool = True
     preconnect: bool = False
+    reconnect_deadline_s: float = Field(10.0, ge=0, le=120)
+    reconnect_fill: Literal["comfort_noise", "silence"] = "comfort_noise"
+    stall_timeout_s: float = Field(5.0, ge=1, le=120)
     token_deadline_s: float = Field(2.5, gt=0, le=14)
     device_suspend_s: float = Field(300.0, ge=1, le=86_400)
     token_probe_interval_s: float = Field(10.0, ge=1, le=600)
@@ -121,6 +124,8 @@ class TwilioSettings(_Frozen):
     say_language: str = ""
     dtmf_action: Literal["log", "ignore"] = "log"
     log_digits: bool = False
+    inactivity_timeout_s: float = Field(5.0, ge=0, le=300)
+    max_call_s: float = Field(0.0, ge=0)
 
 
 class AccountingSettings(_Frozen):
@@ -140,6 +145,8 @@ class AudioSettings(_Frozen):
     adaptive_prebuffer: bool = True
     outbound_batch_ms: int = Field(60, ge=20, le=200)
     mark_interval_ms: int = Field(100, ge=20, le=2000)
+    reconnect_buffer_ms: int = Field(5000, ge=0, le=30_000)
+    max_ai_ahead_s: float = Field(10.0, ge=1, le=120)
 
 
 class BargeInSettings(_Frozen):

@@ -51,8 +51,9 @@ async def test_ai_failure_mid_call_ends_the_stream_and_the_caller_hears_the_apol
     fault: str,
     reason: str,
 ) -> None:
+    """With reconnects off (``savants.reconnect_deadline_s: 0``) every AI failure ends the call at once."""
     emulator = start_emulator(voice="echo", fault=fault, fault_after_s=0.5)
-    bridge = start_bridge(bridge_settings(emulator))
+    bridge = start_bridge(bridge_settings(emulator, **{"savants.reconnect_deadline_s": 0}))
     with caplog.at_level(logging.INFO):
         result = await run_call(signed_call(bridge, audio_in=VOICE, seconds=5))
     assert result.ended_by == "bridge" and result.close_code == 1000 and result.duration_s < 3
@@ -81,7 +82,7 @@ async def test_one_failing_call_leaves_the_other_calls_going(
     start_emulator: Callable[..., ServerThread], start_bridge: Callable[..., ServerThread]
 ) -> None:
     emulator = start_emulator(voice="echo", fault="drop", fault_after_s=0.5, fault_device_ids=frozenset({"device-a"}))
-    bridge = start_bridge(bridge_settings(emulator))
+    bridge = start_bridge(bridge_settings(emulator, **{"savants.reconnect_deadline_s": 0}))  # the drop ends it
     first = signed_call(bridge, audio_in=VOICE, seconds=3)  # least loaded: device-a (faulty)
     second = signed_call(bridge, audio_in=VOICE, seconds=3)  # then device-b (healthy)
     failed, healthy = await asyncio.gather(run_call(first), run_call(second))

@@ -31,12 +31,18 @@ def processes() -> Iterator[list[BridgeProcess]]:
         process.kill()
 
 
+@pytest.mark.parametrize(
+    "image_env",
+    [{}, {"HOST": "0.0.0.0", "PORT": "8080", "BRIDGE_CONFIG": str(ROOT / "config.yaml")}],  # bare; as the Dockerfile
+)
 def test_serve_without_savants_settings_refuses_in_one_sentence_naming_them(
-    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], image_env: dict[str, str]
 ) -> None:
     for var in [v for v in os.environ if v.startswith(BRIDGE_VARIABLES)]:
         monkeypatch.delenv(var)
-    assert main(["serve"]) == 2
+    for var, value in image_env.items():
+        monkeypatch.setenv(var, value)
+    assert main(["serve"]) == 2  # before binding anything: no port is taken
     err = capsys.readouterr().err
     assert err.count("\n") == 1
     assert "SAVANTS_BASE_URL, SAVANTS_API_KEY, SAVANTS_DEVICE_IDS must be set" in err

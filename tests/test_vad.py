@@ -3,9 +3,9 @@
 tests/data/speech_8k.wav and speech_16k.wav (2.8 s, one sentence, no leading silence) were made with
 espeak-ng 1.51 and sox 14.4.2 (``-D``: no dither, so the files are reproducible bit for bit):
 
-    espeak-ng -v en-us -s 175 -w /tmp/speech.wav "Hi, can you check on my order, please?"
-    sox -D /tmp/speech.wav -r 8000 -c 1 -b 16 -e signed-integer tests/data/speech_8k.wav rate -v
-    sox -D /tmp/speech.wav -r 16000 -c 1 -b 16 -e signed-integer tests/data/speech_16k.wav rate -v
+    espeak-ng -v en-us -s 175 -w speech.wav "Hi, can you check on my order, please?"
+    sox -D speech.wav -r 8000 -c 1 -b 16 -e signed-integer tests/data/speech_8k.wav rate -v
+    sox -D speech.wav -r 16000 -c 1 -b 16 -e signed-integer tests/data/speech_16k.wav rate -v
 
 espeak-ng's gaps between words are digital zeros, which no phone line delivers, so the tests mix a noise floor
 under the speech (see ``test_webrtcvad_alone_flags_noise_the_gate_rejects`` for what digital silence does).

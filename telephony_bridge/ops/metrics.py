@@ -64,6 +64,20 @@ class Metrics:
             "bridge_audio_seconds_total", "Audio carried, by direction", ["direction"], registry=r
         )
         self.dtmf = Counter("bridge_dtmf_total", "DTMF digits received", registry=r)
+        self.ai_reconnects = Counter(
+            "bridge_ai_reconnects_total",
+            "Mid-call AI session drops, by what came of them: resumed, failed (deadline), not_retried",
+            ["result"],
+            registry=r,
+        )
+        self.ai_reconnect_attempts = Counter(
+            "bridge_ai_reconnect_attempts_total", "Reconnect attempts to Savants (each one takes a token)", registry=r
+        )
+        self.ai_audio_overflow = Counter(
+            "bridge_ai_audio_overflow_seconds_total",
+            "AI audio dropped because more than audio.max_ai_ahead_s was queued for the caller",
+            registry=r,
+        )
         self.playout_underruns = Counter(
             "bridge_playout_underruns_total",
             "Holes in the caller's playback: the AI's frame came late (ai_late) or we sent late (scheduling)",

@@ -10,7 +10,7 @@ import asyncio
 from collections.abc import Awaitable, Callable
 
 from websockets.asyncio.client import ClientConnection, connect
-from websockets.exceptions import ConnectionClosed, ConnectionClosedOK, InvalidHandshake, InvalidStatus, InvalidURI
+from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus, InvalidURI
 
 from telephony_bridge.errors import SessionError
 from telephony_bridge.savants.protocol import Audio, Confirmed, Failed, Notice, VoiceSession
@@ -18,7 +18,8 @@ from telephony_bridge.savants.protocol import Audio, Confirmed, Failed, Notice, 
 
 class SavantsConnection:
     """An authenticated voice session. ``receive()`` yields audio and notices; ``None`` once Savants closed it
-    normally (1000/1001); an abnormal close is a ``SessionError``."""
+    with 1000, the AI's goodbye. Any other end is a ``SessionError`` with the close code: 1001 ("going away",
+    a Savants restart) is a drop like 1011, not a goodbye, so the call can reconnect."""
 
     def __init__(self, ws: ClientConnection, session: VoiceSession) -> None:
         self._ws = ws
@@ -32,23 +33,21 @@ class SavantsConnection:
         """Send caller audio; False once Savants has closed normally (``receive`` reports the end)."""
         try:
             await self._ws.send(pcm)
-        except ConnectionClosedOK:
-            return False
         except ConnectionClosed as exc:
-            message = f"voice stream dropped while sending (close code {_code(exc)})"
-            raise SessionError(message, code="DROPPED") from None
+            if _code(exc) == NORMAL_CLOSURE:
+                return False
+            raise _dropped(exc, "while sending") from None
         return True
 
     async def receive(self) -> Audio | Notice | None:
         while True:
             try:
                 frame = await self._ws.recv()
-            except ConnectionClosedOK:
-                self.session.closed()
-                return None
             except ConnectionClosed as exc:
                 self.session.closed()
-                raise SessionError(f"voice stream dropped (close code {_code(exc)})", code="DROPPED") from None
+                if _code(exc) == NORMAL_CLOSURE:
+                    return None
+                raise _dropped(exc) from None
             event = self.session.receive_binary(frame) if isinstance(frame, bytes) else self.session.receive_text(frame)
             if isinstance(event, Failed):
                 await self.close()
@@ -63,16 +62,29 @@ class SavantsConnection:
 
 Connector = Callable[[str, str, float], Awaitable[SavantsConnection]]
 
-
+NORMAL_CLOSURE = 1000
 # Savants documents no keepalive (spec §6.6); a WebSocket ping is answered by any RFC 6455 server and finds a
-# half-open connection in seconds rather than minutes of dead air.
-PING_INTERVAL_S = 10.0
-PING_TIMEOUT_S = 10.0
+# half-open or hung connection (a stall) in seconds rather than minutes of dead air: no pong within the stall
+# timeout after a ping ends the session as STALLED, which the call treats as a drop.
+STALL_TIMEOUT_S = 5.0
+CLOSE_TIMEOUT_S = 1.0
+_KEEPALIVE_TIMEOUT_REASON = "keepalive ping timeout"  # what websockets sends when a pong is overdue
 
 
-async def open_voice_session(url: str, token: str, timeout_s: float) -> SavantsConnection:
+def _dropped(exc: ConnectionClosed, when: str = "") -> SessionError:
+    code = _code(exc)
+    if exc.rcvd is None and exc.sent is not None and exc.sent.reason == _KEEPALIVE_TIMEOUT_REASON:
+        return SessionError(f"voice stream stalled: no pong to our ping {when}".rstrip(), code="STALLED")
+    where = f" {when}" if when else ""
+    return SessionError(f"voice stream dropped{where} (close code {code})", code="DROPPED", close_code=code)
+
+
+async def open_voice_session(
+    url: str, token: str, timeout_s: float, *, stall_timeout_s: float = STALL_TIMEOUT_S
+) -> SavantsConnection:
     """Connect, send the JWT as the first text frame, and wait for the confirmation (§6.2), all within
-    ``timeout_s``."""
+    ``timeout_s``. A ping goes out every ``stall_timeout_s / 2`` and must be answered within as long again: a
+    stall is reported within about ``stall_timeout_s`` + 1 s."""
     session = VoiceSession()
     connection: SavantsConnection | None = None
     try:
@@ -80,8 +92,11 @@ async def open_voice_session(url: str, token: str, timeout_s: float) -> SavantsC
             ws = await connect(
                 url,
                 open_timeout=None,
-                ping_interval=PING_INTERVAL_S,
-                ping_timeout=PING_TIMEOUT_S,
+                ping_interval=stall_timeout_s / 2,
+                ping_timeout=stall_timeout_s / 2,
+                # A stalled peer never completes the close handshake either: the stall is reported once this
+                # has passed too, so it must be short (and a healthy Savants answers a close in milliseconds).
+                close_timeout=min(CLOSE_TIMEOUT_S, stall_timeout_s / 2),
                 compression=None,
                 max_size=2**20,
                 # Unbounded: a session opened at the webhook waits unread until its stream starts, and a
@@ -117,7 +132,10 @@ def _translate(exc: BaseException, timeout_s: float, *, handshake: bool) -> Base
         status = exc.response.status_code
         return SessionError(f"voice stream upgrade refused with HTTP {status}", code=f"HTTP_{status}")
     if isinstance(exc, ConnectionClosed):
-        return SessionError(f"voice stream closed during the handshake (close code {_code(exc)})", code="CLOSED")
+        code = _code(exc)
+        return SessionError(
+            f"voice stream closed during the handshake (close code {code})", code="CLOSED", close_code=code
+        )
     if isinstance(exc, OSError | InvalidHandshake | InvalidURI):
         return SessionError(f"voice stream unreachable: {type(exc).__name__}: {exc}", code="CONNECT_FAILED")
     return exc

@@ -95,7 +95,8 @@ class TwilioLeg:
         self.call_id = ""
         self.stream_id = ""
         self.protocol_errors = 0
-        self.watchdog = Watchdog(clock, None)
+        # Twilio sends media every 20 ms, even in silence (spec §3): a quiet socket is a dead one.
+        self.watchdog = Watchdog(clock, settings.inactivity_timeout_s or None)
 
     # --- before the call -----------------------------------------------------------------------------------
 

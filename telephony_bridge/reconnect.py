@@ -1,0 +1,109 @@
+"""Mid-call reconnect to the AI: one call's attempts to get a new Savants session after its session dropped.
+
+The caller keeps the line meanwhile (``bridge.Call`` plays comfort noise and buffers the caller's audio).
+Each attempt is ``Admission.reconnect``: a fresh token counted against the device's budget (the call's slot
+moves to another device when this one has none or is out of the pool), then a new session;
+``retry.backoff_s`` passes before each attempt, all within ``savants.reconnect_deadline_s`` of the drop. What
+is worth an attempt is ``retry.classify``'s call; a device Savants refuses outright is suspended. A new
+session is a new conversation for the AI: nothing is resumed.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from dataclasses import dataclass
+
+from telephony_bridge.admission import Admission, CallSlot
+from telephony_bridge.clock import Clock
+from telephony_bridge.errors import SavantsError, SessionError
+from telephony_bridge.ops.metrics import Metrics
+from telephony_bridge.savants.client import SavantsConnection
+from telephony_bridge.savants.retry import Verdict, backoff_s, classify
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ReconnectFigures:
+    """For the "call ended" line: how often the AI dropped, what it took, how it ended."""
+
+    drops: int = 0  # sessions that ended on a failure mid-call
+    attempts: int = 0  # reconnect attempts made
+    outcome: str = "none"  # none | resumed | failed | not_retried (the last drop's)
+    gap_s: float = 0.0  # time without an AI session, summed over the drops that were retried
+
+
+class Reconnector:
+    def __init__(
+        self, admission: Admission, clock: Clock, metrics: Metrics, *, deadline_s: float, rng: random.Random
+    ) -> None:
+        self._admission = admission
+        self._clock = clock
+        self._metrics = metrics
+        self._deadline_s = deadline_s
+        self._rng = rng
+        self.figures = ReconnectFigures()
+
+    async def recover(self, failure: SavantsError, slot: CallSlot) -> SavantsConnection:
+        """A new session for the call (``slot.lease`` says on which device it now is); raises a
+        ``SavantsError`` (the call then ends with the fallback message) if the drop is not worth a retry or the
+        deadline passed."""
+        figures = self.figures
+        figures.drops += 1
+        verdict = await self._judge(failure, slot)
+        if verdict is not Verdict.RETRY or self._deadline_s == 0:
+            figures.outcome = "not_retried"
+            self._metrics.ai_reconnects.labels(result="not_retried").inc()
+            raise failure
+        started = self._clock.monotonic()
+        deadline = started + self._deadline_s
+        log.warning(
+            "AI session dropped (%s): the caller keeps the line; reconnecting for up to %s s", failure, self._deadline_s
+        )
+        try:
+            session = await self._attempts(failure, slot, started, deadline)
+        except SavantsError:
+            figures.outcome = "failed"
+            self._metrics.ai_reconnects.labels(result="failed").inc()
+            raise
+        finally:
+            figures.gap_s += self._clock.monotonic() - started
+        figures.outcome = "resumed"
+        self._metrics.ai_reconnects.labels(result="resumed").inc()
+        log.info(
+            "AI session reconnected after %.2f s; a new conversation for the AI",
+            self._clock.monotonic() - started,
+            extra={"session_id": session.session_id, "to_device": slot.lease.device_id},
+        )
+        return session
+
+    async def _attempts(
+        self, failure: SavantsError, slot: CallSlot, started: float, deadline: float
+    ) -> SavantsConnection:
+        attempt = 0
+        while True:
+            attempt += 1
+            at = self._clock.monotonic() + backoff_s(attempt, self._rng)
+            if at >= deadline:
+                away_s = self._clock.monotonic() - started
+                raise SessionError(
+                    f"AI unreachable for {away_s:.1f} s after the drop ({attempt - 1} attempts); last: {failure}",
+                    code=getattr(failure, "code", "RECONNECT_FAILED"),
+                )
+            await self._clock.sleep_until(at)
+            self.figures.attempts += 1
+            self._metrics.ai_reconnect_attempts.inc()
+            try:
+                return await self._admission.reconnect(slot, deadline=deadline)
+            except SavantsError as exc:
+                log.info("reconnect attempt %d failed: %s", attempt, exc)
+                if await self._judge(exc, slot) is not Verdict.RETRY:
+                    raise
+                failure = exc
+
+    async def _judge(self, failure: SavantsError, slot: CallSlot) -> Verdict:
+        verdict = classify(failure)
+        if verdict is Verdict.QUARANTINE:  # (admission has already suspended a device its token endpoint refused)
+            await self._admission.suspend_device(slot.lease.device_id, getattr(failure, "code", "refused"))
+        return verdict
