@@ -101,7 +101,7 @@ class Call:
             deadline_s=savants.reconnect_deadline_s,
             rng=random.Random(leg.call_id),  # jitter differs from call to call
         )
-        self._fill = ComfortFill(noise=savants.reconnect_fill == "comfort_noise")
+        self._fill: ComfortFill | None = None  # made at the first drop: most calls never need it
         self._inbound = Inbound(settings.audio, settings.barge_in, deps.metrics, deps.clock)
         self._ai_to_caller = AiToCaller()
         self.outbound = Outbound(settings.audio, deps.clock, leg)
@@ -368,6 +368,8 @@ class Call:
             failure = await self._converse(session)
             await session.close()
             self.ai_connected = False
+            if self._fill is None:
+                self._fill = ComfortFill(noise=self._deps.settings.savants.reconnect_fill == "comfort_noise")
             self.outbound.fill(self._fill)  # the caller hears comfort noise, never a gap, while we reconnect
             try:
                 session = await self._reconnector.recover(failure, self._slot)

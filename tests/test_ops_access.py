@@ -3,6 +3,7 @@ probes stay open everywhere."""
 
 from __future__ import annotations
 
+import signal
 from collections.abc import Callable, Iterator
 
 import httpx
@@ -12,7 +13,8 @@ from websockets.exceptions import InvalidStatus
 
 from telephony_bridge.serving import ServerThread
 from telephony_bridge.tools.twilio_flow import run_flow
-from tests.support import AUTH_TOKEN, PUBLIC_URL, BridgeProcess, bridge_settings
+from tests.redis_server import RedisServer
+from tests.support import AUTH_TOKEN, PUBLIC_URL, BridgeProcess, bridge_settings, wait_until
 
 OPS_TOKEN = "ops-token-0123456789"
 BEARER = {"Authorization": f"Bearer {OPS_TOKEN}"}
@@ -69,3 +71,18 @@ def test_ops_token_alone_guards_status_and_metrics_on_the_public_port(
 def test_without_ops_settings_everything_is_on_one_open_port(bridge: ServerThread) -> None:
     for path in ("/status", "/metrics", "/healthz", "/readyz"):
         assert httpx.get(bridge.http_url + path).status_code == 200
+
+
+def test_workers_share_the_ops_listener_like_the_public_one(emulator: ServerThread, redis_server: RedisServer) -> None:
+    bridge = BridgeProcess(emulator, {"REDIS_URL": redis_server.url, "BRIDGE__SERVER__WORKERS": "2", "OPS_PORT": "0"})
+    try:
+        ops = f"http://127.0.0.1:{bridge.ops_port}"
+        assert bridge.ops_port and bridge.ops_port != bridge.port
+        wait_until(lambda: httpx.get(ops + "/healthz", timeout=5).status_code == 200, 20.0, "a worker's ops listener")
+        for _ in range(20):  # whichever worker the kernel picks
+            assert httpx.get(ops + "/status", timeout=5).json()["mode"] == "production"
+            assert httpx.get(bridge.http_url + "/status", timeout=5).status_code == 404
+        bridge.proc.send_signal(signal.SIGTERM)
+        assert bridge.finish(timeout_s=40) == 0
+    finally:
+        bridge.kill()
