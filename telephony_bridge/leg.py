@@ -25,7 +25,8 @@ What the core asks of a leg (only ever from one task at a time, so messages neve
   the AI's goodbye need within the pacing lead.
 - ``clear()``: drop whatever audio the leg or the far end still holds unplayed (barge-in).
 - ``hang_up(outcome)``: end the caller's side, at most once (later calls do nothing). ``outcome`` is the
-  call's outcome (``completed``, ``ai_unavailable``, ``no_capacity``, ``error``, ``caller_lost``): a leg
+  call's outcome (``completed``, ``ai_unavailable``, ``no_capacity``, ``error``, ``caller_lost``,
+  ``drained``, or, before the call started, ``refused``/``duplicate``): a leg
   chooses what the caller hears from it (Twilio: the close code, and the ``<Connect action>`` request reads
   the recorded outcome; SIP: a fallback recording, then BYE).
 - ``inactive()``: returns a reason once the caller's side has gone silent for too long (no message at all:

@@ -101,6 +101,9 @@ async def test_ai_drop_mid_call_reconnects_and_the_caller_hears_the_ai_again(
     assert longest_run(span == 0) < (detection_s + 0.3) * RATE_HZ
     # ...and the AI was away for a bounded time.
     assert longest_run(np.abs(span.astype(np.int32)) < AUDIBLE) < (detection_s + 2.0) * RATE_HZ
+    # The caller's words during the gap were kept and reached the new session (caught up before the end).
+    assert ended.overflow_frames_dropped == 0  # type: ignore[attr-defined]
+    assert ended.frames_to_ai >= ended.caller_frames - 10  # type: ignore[attr-defined]
     figures = {k: getattr(ended, k) for k in ("outcome", "ai_drops", "ai_reconnect", "ai_reconnect_attempts")}
     assert figures == {"outcome": "completed", "ai_drops": 1, "ai_reconnect": "resumed", "ai_reconnect_attempts": 1}
     metrics = httpx.get(bridge.http_url + "/metrics", timeout=5).text

@@ -1,0 +1,106 @@
+"""The reconnect loop on a fake clock: attempts spaced by the jittered backoff, all within the deadline;
+failures not worth a retry end it at once; a refused device is suspended."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import random
+from typing import Any
+
+import pytest
+
+from telephony_bridge.accounting.base import Lease
+from telephony_bridge.admission import CallSlot
+from telephony_bridge.clock import FakeClock
+from telephony_bridge.errors import SavantsError, SessionError
+from telephony_bridge.ops.metrics import Metrics
+from telephony_bridge.reconnect import Reconnector
+from telephony_bridge.savants.retry import backoff_s
+
+DROP = SessionError("voice stream dropped (close code 1011)", code="DROPPED", close_code=1011)
+
+
+class FakeAdmission:
+    """Answers each reconnect with the next of ``answers`` (an error to raise, or a session to return)."""
+
+    def __init__(self, clock: FakeClock, answers: list[Any]) -> None:
+        self.clock = clock
+        self.answers = answers
+        self.attempted_at: list[float] = []
+        self.suspended: list[tuple[str, str]] = []
+
+    async def reconnect(self, slot: CallSlot, *, deadline: float) -> Any:
+        self.attempted_at.append(self.clock.monotonic())
+        answer = self.answers.pop(0) if self.answers else SessionError("still down", code="CONNECT_FAILED")
+        if isinstance(answer, BaseException):
+            raise answer
+        return answer
+
+    async def suspend_device(self, device_id: str, code: str) -> None:
+        self.suspended.append((device_id, code))
+
+
+class FakeSession:
+    session_id = "sess_new"
+
+
+async def run(admission: FakeAdmission, clock: FakeClock, failure: SavantsError, deadline_s: float) -> Any:
+    reconnector = Reconnector(admission, clock, Metrics(), deadline_s=deadline_s, rng=random.Random(1))  # type: ignore[arg-type]
+    task = asyncio.create_task(reconnector.recover(failure, CallSlot(Lease("CA1", "device-a"))))
+    async with asyncio.timeout(5):
+        while not task.done():
+            await asyncio.sleep(0)
+            clock.advance(0.01)
+    return reconnector.figures, task
+
+
+async def test_reconnect_backs_off_with_jitter_and_gives_up_within_the_deadline() -> None:
+    clock = FakeClock()
+    admission = FakeAdmission(clock, [])
+    figures, task = await run(admission, clock, DROP, deadline_s=5.0)
+    with pytest.raises(SessionError, match="AI unreachable"):
+        task.result()
+    t0 = 1000.0
+    rng = random.Random(1)  # the same draws as the reconnector's
+    times = [t0, *admission.attempted_at]
+    gaps = [b - a for a, b in itertools.pairwise(times)]
+    waits = [backoff_s(n, rng) for n in range(1, len(gaps) + 2)]
+    # each attempt after its backoff (the clock moves in 10 ms steps); none starts after the deadline
+    assert all(w - 1e-9 <= g <= w + 0.011 for g, w in zip(gaps, waits, strict=False))
+    assert admission.attempted_at[-1] < t0 + 5.0 and len(gaps) >= 4
+    assert admission.attempted_at[-1] + waits[len(gaps)] >= t0 + 5.0 - 0.011  # the next would have been too late
+    assert (figures.drops, figures.attempts, figures.outcome) == (1, len(gaps), "failed")
+    assert figures.gap_s <= 5.0
+
+
+async def test_reconnect_resumes_on_the_first_session_it_gets() -> None:
+    clock = FakeClock()
+    session = FakeSession()
+    admission = FakeAdmission(clock, [SessionError("x", code="CONNECT_TIMEOUT"), session])
+    figures, task = await run(admission, clock, DROP, deadline_s=10.0)
+    assert task.result() is session
+    assert (figures.attempts, figures.outcome) == (2, "resumed")
+
+
+@pytest.mark.parametrize("deadline_s", [10.0, 0.0])
+async def test_a_failure_not_worth_a_retry_or_reconnects_off_end_it_at_once(deadline_s: float) -> None:
+    clock = FakeClock()
+    admission = FakeAdmission(clock, [])
+    failure = SessionError("voice stream failed: PROTOCOL", code="PROTOCOL") if deadline_s else DROP
+    figures, task = await run(admission, clock, failure, deadline_s=deadline_s)
+    with pytest.raises(SessionError) as raised:
+        task.result()
+    assert raised.value is failure
+    assert (admission.attempted_at, figures.outcome) == ([], "not_retried")
+
+
+async def test_a_device_savants_refuses_is_suspended_and_not_retried() -> None:
+    clock = FakeClock()
+    admission = FakeAdmission(clock, [])
+    refused = SessionError("voice stream failed: DEVICE_INACTIVE", code="DEVICE_INACTIVE")
+    figures, task = await run(admission, clock, refused, deadline_s=10.0)
+    with pytest.raises(SessionError):
+        task.result()
+    assert admission.suspended == [("device-a", "DEVICE_INACTIVE")]
+    assert (admission.attempted_at, figures.outcome) == ([], "not_retried")
