@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import asyncio
 
-from telephony_bridge.audio.codec import TWILIO_FRAME_BYTES
+from telephony_bridge.audio.barge_in import BargeIn, CallerStopped, Event
+from telephony_bridge.audio.codec import TWILIO_FRAME_BYTES, pcm16_to_ulaw
 from telephony_bridge.clock import FakeClock
 from telephony_bridge.inbound import Inbound
 from telephony_bridge.ops.metrics import Metrics
 from telephony_bridge.settings import AudioSettings, BargeInSettings
+from tests.test_vad import speech_8k
 
 SILENCE = bytes([0xFF]) * TWILIO_FRAME_BYTES
 
@@ -54,3 +56,28 @@ async def test_inbound_backlog_is_caught_up_at_twice_real_time_then_frames_flow_
     assert min(gaps) >= 0.01  # never faster than twice real time
     assert inbound.frames_to_ai == len(savants.sent_at) == 12  # the 5 of the backlog and the 7 that came
     assert savants.sent_at[-1] <= 0.145  # caught up: the last frame went within 5 ms of its arrival
+
+
+async def test_inbound_counts_a_sender_that_stops_sending_as_silent_so_the_hold_ends() -> None:
+    """A client that sends media only while its caller talks: ``watch_idle`` turns the quiet into silence."""
+    clock = FakeClock(start=1000.0)
+    inbound = Inbound(AudioSettings(), BargeInSettings(), Metrics(), clock)
+    ai_since = 999.0  # the AI has been audible for a second
+    events: list[Event] = []
+    speech = pcm16_to_ulaw(speech_8k())
+    for i in range(40):  # 0.8 s of the caller talking over the AI, then nothing at all
+        clock.advance(0.02)
+        events += inbound.push(None, speech[i * 160 : (i + 1) * 160], clock.monotonic(), ai_since)
+    assert [type(e) for e in events] == [BargeIn]
+    last_frame_at = clock.monotonic()
+    async with asyncio.timeout(5):
+        task = asyncio.create_task(inbound.watch_idle(events.extend, lambda now: ai_since))
+        try:
+            while len(events) < 2 and clock.monotonic() < last_frame_at + 2.0:
+                await settle()
+                clock.advance(0.01)
+        finally:
+            task.cancel()
+    assert [type(e) for e in events] == [BargeIn, CallerStopped]
+    assert last_frame_at < events[1].at_s <= last_frame_at + 0.5 + 0.1 + 0.02  # type: ignore[union-attr]
+    assert inbound.quirks == {"no_timestamps"}
