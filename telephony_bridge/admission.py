@@ -28,7 +28,7 @@ import hashlib
 import logging
 import random
 import secrets
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from telephony_bridge.accounting.base import Accounting, AccountingUnavailable, Lease
 from telephony_bridge.clock import Clock
@@ -59,9 +59,12 @@ class Admitted:
 @dataclass(slots=True)
 class CallSlot:
     """Where a call in progress holds its device slot. A reconnect may move the call to another device, so
-    the call core holds this rather than a ``Lease``, and heartbeats and releases ``slot.lease``."""
+    the call core holds this rather than a ``Lease``, and heartbeats and releases ``slot.lease``. ``lock`` is
+    held across a move and across a heartbeat: a heartbeat that read the old device and landed after the move
+    would put the call back on it (counted twice until its TTL)."""
 
     lease: Lease
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
 
 @dataclass(frozen=True, slots=True)
@@ -345,17 +348,18 @@ class Admission:
     async def _budget_for_reconnect(self, slot: CallSlot) -> bool:
         """Take a token request from the call's device, or move the call to a device that has budget (taking
         it there); False if neither is possible now (the fetch then waits for budget, within its deadline)."""
-        try:
-            if await self.accounting.take_token(slot.lease) == 0:
-                return True
-            moved = await self.accounting.move(slot.lease)
-        except AccountingUnavailable as exc:
-            raise TokenError(str(exc), code="ACCOUNTING_UNAVAILABLE") from exc
-        if moved is None:
-            return False
-        log.info("call moves from device %s to %s for its reconnect", slot.lease.device_id, moved.device_id)
-        slot.lease = moved
-        return True
+        async with slot.lock:
+            try:
+                if await self.accounting.take_token(slot.lease) == 0:
+                    return True
+                moved = await self.accounting.move(slot.lease)
+            except AccountingUnavailable as exc:
+                raise TokenError(str(exc), code="ACCOUNTING_UNAVAILABLE") from exc
+            if moved is None:
+                return False
+            log.info("call moves from device %s to %s for its reconnect", slot.lease.device_id, moved.device_id)
+            slot.lease = moved
+            return True
 
     async def suspend_device(self, device_id: str, code: str) -> None:
         """Take a device out of the pool for ``device_suspend_s``: Savants refused it (``AUTHENTICATION_FAILED``,

@@ -172,6 +172,7 @@ class Call:
             if isinstance(exc, AccountingUnavailable | StoreUnavailable):
                 self._metrics.accounting_errors.inc()
             log.warning("closing stream: no device can take the call: %s", exc)
+            await admission.forget(self.call_sid)  # nothing held here may wait for its TTL (or hold a drain)
             await self._record_outcome("no_capacity")
             await self._leg.hang_up("no_capacity")
             return None
@@ -223,7 +224,8 @@ class Call:
         held = True
         while True:
             await self._clock.sleep_until(self._clock.monotonic() + interval_s)
-            still_held = await self._deps.admission.accounting.heartbeat(self._slot.lease)
+            async with self._slot.lock:  # never across a reconnect's move (see CallSlot)
+                still_held = await self._deps.admission.accounting.heartbeat(self._slot.lease)
             with contextlib.suppress(StoreUnavailable):
                 await self._deps.admission.keep_stream(self.call_sid, self._owner, self._live_ttl_s)
             if held and not still_held:
@@ -245,15 +247,17 @@ class Call:
         raise _CallEnded("time limit reached")
 
     async def _finish(self) -> None:
-        if self._savants is not None:
-            await self._savants.close()
-        # Recorded before the close: Twilio requests the <Connect action> as soon as the socket closes.
-        await self._record_outcome(self.outcome)
-        await self._leg.hang_up(self.outcome)
-        await self._deps.admission.accounting.release(self._slot.lease)
+        try:
+            if self._savants is not None:
+                await self._savants.close()
+            # Recorded before the close: Twilio requests the <Connect action> as soon as the socket closes.
+            await self._record_outcome(self.outcome)
+            await self._leg.hang_up(self.outcome)
+        finally:  # whatever the goodbye did (raised, cancelled), the slot and the gauge come back
+            await self._deps.admission.accounting.release(self._slot.lease)
+            self._metrics.calls_active.dec()
         duration_s = self._clock.monotonic() - self._started_at
         metrics = self._metrics
-        metrics.calls_active.dec()
         metrics.calls.labels(outcome=self.outcome, ingress=self._leg.ingress).inc()
         metrics.call_duration.observe(duration_s)
         metrics.audio_seconds.labels(direction="caller_to_ai").inc(self._inbound.frames_to_ai * FRAME_S)

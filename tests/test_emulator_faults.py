@@ -45,6 +45,19 @@ async def closed_by_server(ws: Any) -> ConnectionClosed:
     return closed.value
 
 
+async def settled_stats(emu: Emulator, timeout_s: float = 5.0) -> dict[str, Any]:
+    """The emulator's stats once its side of every closed socket has finished (the client learns of a close
+    a moment before the server's handler returns; on a loaded machine that moment can be long)."""
+    deadline = time.monotonic() + timeout_s
+    stats = await emu.stats()
+    for _ in range(int(timeout_s / 0.02)):
+        if not stats["sessions_active"] or time.monotonic() > deadline:
+            break
+        await asyncio.sleep(0.02)
+        stats = await emu.stats()
+    return stats
+
+
 async def answers_ping(ws: Any, within_s: float) -> bool:
     pong = await ws.ping()
     try:
@@ -70,7 +83,7 @@ async def test_fault_close_with_each_code_after_the_delay(code: int) -> None:
             await closed_by_server(ws)
             lasted_s = time.monotonic() - started
             assert (ws.protocol.close_rcvd.code, ws.protocol.close_sent.code) == (code, code)
-        stats = await emu.stats()
+        stats = await settled_stats(emu)
     assert lasted_s >= 0.25
     assert stats["faults"]["injected"] == {f"close:{code}": 1}
     assert [s["fault"] for s in stats["sessions"]] == [f"close:{code}"]
@@ -97,7 +110,7 @@ async def test_fault_reset_kills_the_connection_without_a_close_frame() -> None:
             closed = await closed_by_server(ws)
             assert ws.protocol.close_rcvd is None  # no close frame: the TCP connection just died
             assert isinstance(closed.__cause__, ConnectionResetError)  # by an RST, not a FIN
-        stats = await emu.stats()
+        stats = await settled_stats(emu)
     assert stats["faults"]["injected"] == {"reset": 1}
     assert stats["sessions_active"] == 0 and stats["devices"]["dev-1"]["active_sockets"] == 0
 
@@ -124,7 +137,7 @@ async def test_fault_stall_stops_audio_and_pongs_then_resets() -> None:
             await ws.send(bytes(640))
             closed = await closed_by_server(ws)  # after stall_s, a reset
             assert ws.protocol.close_rcvd is None and isinstance(closed.__cause__, ConnectionResetError)
-        stats = await emu.stats()
+        stats = await settled_stats(emu)
     assert stats["sessions"][0]["bytes_in"] == bytes_in  # nothing read while stalled
     assert stats["sessions_active"] == 0 and stats["devices"]["dev-1"]["active_sockets"] == 0
 
@@ -140,11 +153,7 @@ async def test_fault_no_confirm_keeps_the_socket_open_but_never_confirms() -> No
             await ws.send(bytes(640))
             stats = await emu.stats()
             assert stats["sessions_active"] == 1 and stats["faults"]["injected"] == {"no_confirm": 1}
-        for _ in range(100):
-            stats = await emu.stats()
-            if stats["sessions_active"] == 0:
-                break
-            await asyncio.sleep(0.02)
+        stats = await settled_stats(emu)
     assert stats["sessions_active"] == 0 and stats["devices"]["dev-1"]["active_sockets"] == 0
     assert stats["sessions"][0]["frames_out"] == 0
 

@@ -71,12 +71,25 @@ def test_parse_accepts_numbers_where_twilio_sends_strings() -> None:
         ('{"event": "start", "start": {"streamSid": "MZ"}}', "'callSid'"),
         ('{"event": "media", "streamSid": "MZ", "media": {"payload": "", "timestamp": "x"}}', "'timestamp'"),
         ('{"event": "mark", "streamSid": "MZ", "mark": {}}', "'name'"),
+        # str.isdigit() accepts these, int() does not: the fast path must not let them through (found in review)
+        ('{"event": "media", "streamSid": "MZ", "media": {"payload": "", "timestamp": "\u00b2"}}', "'timestamp'"),
+        ('{"event": "media", "streamSid": "MZ", "media": {"payload": "", "chunk": "1\u00b9"}}', "'chunk'"),
+        (
+            '{"event": "media", "streamSid": "MZ", "sequenceNumber": "' + "9" * 5000 + '", "media": {"payload": ""}}',
+            "'sequenceNumber'",
+        ),
+        ('{"event": "start", "start": {"streamSid": "MZ", "callSid": ""}}', "non-empty 'callSid'"),
     ],
 )
 def test_parse_garbage_is_a_value_not_an_exception(text: str, reason_part: str) -> None:
     event = tw.parse_message(text)
     assert isinstance(event, tw.Malformed)
     assert reason_part in event.reason
+
+
+def test_parse_dtmf_with_a_non_string_digit_never_echoes_the_digit() -> None:
+    event = tw.parse_message('{"event": "dtmf", "streamSid": "MZ", "dtmf": {"digit": 7}}')
+    assert event == tw.Malformed("dtmf: expected a string 'digit', got int")
 
 
 def test_parse_unknown_event_is_a_value() -> None:

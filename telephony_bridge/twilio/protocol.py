@@ -158,6 +158,7 @@ class Malformed:
 InboundEvent = Connected | Start | Media | Dtmf | Mark | Stop | Unknown | Malformed
 
 CARRIED_FORMAT = ("audio/x-mulaw", 8000, 1)  # the one media format Twilio sends (§3), and all the bridge carries
+MAX_NUMBER_DIGITS = 18  # timestamps, chunks and sequence numbers fit in 18 digits for centuries of audio
 
 
 def media_format_problem(start: Start) -> str | None:
@@ -210,6 +211,13 @@ def _str(msg: dict[str, Any], key: str, default: str | None = None) -> str:
     return value
 
 
+def _non_empty(msg: dict[str, Any], key: str) -> str:
+    value = _str(msg, key)
+    if not value:
+        raise _Invalid(f"expected a non-empty '{key}'")
+    return value
+
+
 def _int(msg: dict[str, Any], key: str, default: int | None = None) -> int:
     """Twilio sends numbers as strings (§3); accept either, reject anything else."""
     value = msg.get(key, default)
@@ -242,7 +250,7 @@ def _parse_start(msg: dict[str, Any]) -> Start:
         raise _Invalid("expected a list 'tracks'")
     return Start(
         stream_sid=_str(start, "streamSid", msg.get("streamSid")),
-        call_sid=_str(start, "callSid"),
+        call_sid=_non_empty(start, "callSid"),
         account_sid=_str(start, "accountSid", ""),
         sequence_number=_int(msg, "sequenceNumber", 1),
         tracks=tuple(str(t) for t in tracks),
@@ -267,9 +275,9 @@ def _parse_media(msg: dict[str, Any]) -> Media:
             and type(timestamp) is str
             and type(chunk) is str
             and type(seq) is str
-            and timestamp.isdigit()
-            and chunk.isdigit()
-            and seq.isdigit()
+            and _is_number(timestamp)
+            and _is_number(chunk)
+            and _is_number(seq)
         ):
             try:
                 payload = binascii.a2b_base64(encoded, strict_mode=True)  # strict (G5): garbage is not audio
@@ -277,6 +285,11 @@ def _parse_media(msg: dict[str, Any]) -> Media:
                 raise _Invalid(f"payload is not valid base64 ({len(encoded)} characters)") from None
             return Media(sid, payload, int(timestamp), int(chunk), int(seq), track)
     return _parse_media_checked(msg)
+
+
+def _is_number(text: str) -> bool:
+    """ASCII digits only, and short: ``str.isdigit`` also accepts '²', and ``int`` refuses over 4300 digits."""
+    return len(text) <= MAX_NUMBER_DIGITS and text.isascii() and text.isdigit()
 
 
 def _parse_media_checked(msg: dict[str, Any]) -> Media:
@@ -299,9 +312,12 @@ def _parse_media_checked(msg: dict[str, Any]) -> Media:
 
 def _parse_dtmf(msg: dict[str, Any]) -> Dtmf:
     dtmf = _obj(msg, "dtmf")
+    digit = dtmf.get("digit")
+    if not isinstance(digit, str):  # the value is a keypad digit: never echoed into a log line
+        raise _Invalid(f"expected a string 'digit', got {type(digit).__name__}")
     return Dtmf(
         stream_sid=_str(msg, "streamSid"),
-        digit=_str(dtmf, "digit"),
+        digit=digit,
         sequence_number=_int(msg, "sequenceNumber", 0),
         track=_str(dtmf, "track", "inbound_track"),
     )
