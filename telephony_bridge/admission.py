@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 
 from telephony_bridge.accounting.base import Accounting, AccountingUnavailable, Lease
 from telephony_bridge.clock import Clock
-from telephony_bridge.errors import AdmissionError, TokenError
+from telephony_bridge.errors import AdmissionError, SessionError, TokenError
 from telephony_bridge.ops.metrics import Metrics
 from telephony_bridge.savants.client import Connector, SavantsConnection
 from telephony_bridge.savants.tokens import TokenClient, endpoint_failed
@@ -333,6 +333,7 @@ class Admission:
         if no session could be had in time.
         """
         while True:
+            self._time_left(deadline, "a token request")  # before any budget is spent on it
             counted = await self._budget_for_reconnect(slot)
             try:
                 token = await self._fetch_with_retries(slot.lease, deadline, counted=counted)
@@ -342,8 +343,16 @@ class Admission:
                 if deadline - self._clock.monotonic() < MIN_ATTEMPT_S:
                     raise
                 continue  # the device is exhausted or suspended now: the next round moves the call
-            timeout_s = max(MIN_ATTEMPT_S, min(self._voice.timeout_s, deadline - self._clock.monotonic()))
-            return await self._voice.connect(self._voice.url, token, timeout_s)
+            left_s = self._time_left(deadline, "a voice session", SessionError)
+            return await self._voice.connect(self._voice.url, token, min(self._voice.timeout_s, left_s))
+
+    def _time_left(self, deadline: float, what: str, error: type[TokenError | SessionError] = TokenError) -> float:
+        """Seconds left before ``deadline`` for one attempt at ``what``; an attempt with less than
+        ``MIN_ATTEMPT_S`` left is not made (``error``, code ``DEADLINE``), so none runs past the deadline."""
+        left_s = deadline - self._clock.monotonic()
+        if left_s < MIN_ATTEMPT_S:
+            raise error(f"{left_s:.2f} s left before the deadline: too little for {what}", code="DEADLINE")
+        return left_s
 
     async def _budget_for_reconnect(self, slot: CallSlot) -> bool:
         """Take a token request from the call's device, or move the call to a device that has budget (taking
@@ -399,7 +408,7 @@ class Admission:
     async def _wait_for_budget(self, lease: Lease, deadline: float) -> None:
         """Take one token request from the device's budget, waiting for budget until ``deadline`` at most."""
         while (wait_s := await self._take_token(lease)) > 0:
-            if self._clock.monotonic() + wait_s > deadline:
+            if self._clock.monotonic() + wait_s + MIN_ATTEMPT_S > deadline:  # no time left to use it
                 self._metrics.token_no_budget.inc()  # not a request: nothing was sent
                 raise TokenError(f"device {lease.device_id} has no token budget for {wait_s:.1f} s", code="NO_BUDGET")
             await self._clock.sleep_until(self._clock.monotonic() + wait_s)
@@ -412,8 +421,8 @@ class Admission:
 
     async def _fetch(self, lease: Lease, deadline: float) -> str:
         """One token request, already counted against the device's budget, bounded by ``deadline``."""
+        timeout_s = self._time_left(deadline, "a token request")
         try:
-            timeout_s = max(MIN_ATTEMPT_S, deadline - self._clock.monotonic())
             token = await self._tokens.fetch(lease.device_id, timeout_s)
         except TokenError as exc:
             self._metrics.token_requests.labels(result=exc.code).inc()

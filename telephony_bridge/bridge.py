@@ -283,6 +283,7 @@ class Call:
             "ai_audio_sent_ms": outbound.playback.sent_ms,
             "ai_audio_played_ms": outbound.playback.played_ms,
             "ai_audio_discarded_ms": outbound.discarded_ms,
+            "comfort_fill_ms": outbound.fill_ms,  # what the caller heard while the AI was away: no AI audio
             "clears": outbound.clears,
             "underruns_ai_late": outbound.underruns_ai_late,
             "underruns_scheduling": outbound.underruns_scheduling,

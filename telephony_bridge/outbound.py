@@ -4,6 +4,10 @@ The one task that writes to the caller's leg during a call runs here (``run``), 
 never interleave mid-message. The leg (``leg.AudioSink``) serialises them for its ingress. Twilio plays what it
 has buffered until told to ``clear`` (spec §4, G6), so audio goes out at most ``outbound_lead_ms`` ahead of
 real time, in whole 20 ms frames.
+
+Comfort fill (while the AI is away) goes out on its own path, paced the same way but never queued with the AI's
+audio: it is no AI audio, so it sets no first-audio time, counts in none of the AI audio figures (``fill_ms``
+instead) and carries no marks.
 """
 
 from __future__ import annotations
@@ -60,6 +64,8 @@ class Outbound:
         self._progress = asyncio.Event()  # audio or a mark went out, or a mark came back
         self.clears = 0
         self._fill: ComfortFill | None = None
+        self._fill_bytes = 0
+        self._fill_spans: list[tuple[float, float]] = []  # when the fill sent lately plays at the caller
         self._max_queued_bytes = round(settings.max_ai_ahead_s * 1000) * TWILIO_BYTES_PER_MS
         self._overflow_bytes = 0
 
@@ -92,9 +98,14 @@ class Outbound:
 
     def fill(self, source: ComfortFill | None) -> None:
         """While the AI is away (reconnecting), keep the caller's line alive: whenever nothing is queued, a
-        frame from ``source`` goes out in real time, never a gap. ``None`` stops it."""
-        self._fill = source
+        frame from ``source`` goes out in real time, never a gap. ``None`` stops it; so does ``finish``."""
+        self._fill = None if self._finishing else source
         self._ready.set()
+
+    @property
+    def fill_ms(self) -> int:
+        """Comfort fill sent to the caller (not AI audio)."""
+        return self._fill_bytes // TWILIO_BYTES_PER_MS
 
     @property
     def overflow_ms(self) -> int:
@@ -113,8 +124,10 @@ class Outbound:
 
     async def finish(self, timeout_s: float) -> bool:
         """The AI has said its last: send what is queued and wait until the caller has heard it (the last
-        mark echoed), so a goodbye is not cut off when the stream closes (G8). False if ``timeout_s`` passed."""
+        mark echoed), so a goodbye is not cut off when the stream closes (G8). False if ``timeout_s`` passed.
+        A comfort fill stops: nothing the AI said is left to wait for behind it."""
         self._finishing = True
+        self._fill = None
         self._ready.set()
         deadline = self._clock.monotonic() + timeout_s
         while len(self._buffer) or self._unmarked_ms or self.playback.pending_marks:
@@ -170,8 +183,6 @@ class Outbound:
             if self._clear_pending:
                 await self._clear(now)
                 continue
-            if self._fill is not None and not len(self._buffer) and not self.holding:
-                self._append(b"".join(self._fill.frame() for _ in range(self._batch_frames)))
             frames = self._buffer.frames
             # The AI has paused (or finished): a trailing partial frame and the closing mark can go.
             prebuffer_s = self.prebuffer.value_s
@@ -181,6 +192,8 @@ class Outbound:
                     self._buffer.pad_to_frame()
                 elif now >= paused_at and self._unmarked_ms:
                     await self._send_mark()
+                elif self._fill is not None and not len(self._buffer) and not self.holding:
+                    await self._send_fill(now, self._fill)
                 else:
                     await self._wait(paused_at if len(self._buffer) or self._unmarked_ms else None)
                 continue
@@ -217,11 +230,29 @@ class Outbound:
             self.prebuffer.steady(now)
         self._spurt_live = True
 
+    async def _send_fill(self, now: float, fill: ComfortFill) -> None:
+        """A batch of comfort fill when the lead has room for it (the AI's audio, if any comes, goes next)."""
+        due = self._pacer.batch_due(now, self._batch_frames, self._batch_frames, LOW_WATER_S)
+        if not due:
+            await self._wait(self._pacer.room_for(now, self._batch_frames))
+            return
+        play_at = now + self._pacer.lead(now) - due * FRAME_S
+        self._fill_spans = [span for span in self._fill_spans if span[1] > now]
+        self._fill_spans.append((play_at, play_at + due * FRAME_S))
+        frames = b"".join(fill.frame() for _ in range(due))
+        self._fill_bytes += len(frames)
+        await self._sink.send_audio(frames)
+
+    def _unplayed_fill_s(self, now: float) -> float:
+        return sum(end - max(start, now) for start, end in self._fill_spans if end > now)
+
     async def _clear(self, now: float) -> None:
         self._clear_pending = False
         self.clears += 1
         await self._sink.clear()
-        self.playback.cleared(unplayed_ms=round(self._pacer.lead(now) * 1000))
+        unplayed_ai_s = self._pacer.lead(now) - self._unplayed_fill_s(now)  # fill is no AI audio discarded
+        self._fill_spans = []
+        self.playback.cleared(unplayed_ms=max(0, round(unplayed_ai_s * 1000)))
         self._pacer.cleared(now)
         self._spurt_live = False
         self._audible_since, self._audible_until = None, float("-inf")

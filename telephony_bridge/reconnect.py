@@ -3,7 +3,8 @@
 The caller keeps the line meanwhile (``bridge.Call`` plays comfort noise and buffers the caller's audio).
 Each attempt is ``Admission.reconnect``: a fresh token counted against the device's budget (the call's slot
 moves to another device when this one has none or is out of the pool), then a new session;
-``retry.backoff_s`` passes before each attempt, all within ``savants.reconnect_deadline_s`` of the drop. What
+``retry.backoff_s`` passes before each attempt, all within ``savants.reconnect_deadline_s`` of the drop (none
+starts with less than ``admission.MIN_ATTEMPT_S`` left, and none is given longer than what is left). What
 is worth an attempt is ``retry.classify``'s call; a device Savants refuses outright is suspended. A new
 session is a new conversation for the AI: nothing is resumed.
 """
@@ -14,7 +15,7 @@ import logging
 import random
 from dataclasses import dataclass
 
-from telephony_bridge.admission import Admission, CallSlot
+from telephony_bridge.admission import MIN_ATTEMPT_S, Admission, CallSlot
 from telephony_bridge.clock import Clock
 from telephony_bridge.errors import SavantsError, SessionError
 from telephony_bridge.ops.metrics import Metrics
@@ -85,7 +86,7 @@ class Reconnector:
         while True:
             attempt += 1
             at = self._clock.monotonic() + backoff_s(attempt, self._rng)
-            if at >= deadline:
+            if at + MIN_ATTEMPT_S > deadline:  # too late to start one that could finish by the deadline
                 away_s = self._clock.monotonic() - started
                 raise SessionError(
                     f"AI unreachable for {away_s:.1f} s after the drop ({attempt - 1} attempts); last: {failure}",

@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 
 from telephony_bridge.audio.codec import TWILIO_BYTES_PER_MS, TWILIO_FRAME_BYTES, ULAW_SILENCE, pcm16_to_ulaw
+from telephony_bridge.audio.comfort import ComfortFill
 from telephony_bridge.clock import FakeClock
 from telephony_bridge.outbound import Outbound
 from telephony_bridge.settings import AudioSettings
@@ -538,3 +539,60 @@ async def test_outbound_counts_a_stall_of_ours_as_a_scheduling_underrun_and_grow
         await advance(line.clock, 0.2)
         out = line.outbound
         assert (out.underruns_scheduling, out.underruns_ai_late, out.prebuffer.grows) == (1, 0, 1)
+
+
+# --- comfort fill while the AI is away -----------------------------------------------------------------------
+
+
+def echo_marks(line: Line, echoed: int) -> int:
+    """Echo every mark sent since the first ``echoed`` (as Twilio would once it played them); how many now."""
+    marks = [e.name for _, e in line.events() if isinstance(e, OutMark)]
+    for name in marks[echoed:]:
+        line.outbound.mark_echoed(name)
+    return len(marks)
+
+
+async def test_outbound_comfort_fill_keeps_the_line_alive_but_is_no_ai_audio() -> None:
+    async with asyncio.timeout(TIMEOUT_S), running(AudioSettings()) as line:
+        out = line.outbound
+        out.fill(ComfortFill(noise=True))
+        await advance(line.clock, 1.0, step=0.005)
+        # a second of fill went out in real time (never dry, never more than the lead ahead), unmarked...
+        assert 1.0 - FRAME_S <= line.sent_s() <= 1.0 + LEAD_S + EPS
+        assert [e for _, e in line.events() if not isinstance(e, OutMedia)] == []
+        # ...and counted apart: no first audio, no AI audio sent
+        assert (out.first_audio_at, out.playback.sent_ms, out.fill_ms) == (None, 0, round(line.sent_s() * 1000))
+        out.fill(None)  # the AI is back
+        out.push(tone(200))
+        await advance(line.clock, 0.5, step=0.005)
+        assert out.first_audio_at is not None and out.first_audio_at >= line.t0 + 1.0
+        assert (out.playback.sent_ms, out.fill_ms) == (200, round(line.sent_s() * 1000) - 200)
+
+
+async def test_outbound_finish_stops_a_comfort_fill_and_waits_only_for_the_ai_audio() -> None:
+    async with asyncio.timeout(TIMEOUT_S), running(AudioSettings()) as line:
+        out = line.outbound
+        out.push(tone(200))
+        await advance(line.clock, 0.1)
+        out.fill(ComfortFill(noise=True))  # e.g. the time limit comes while the AI reconnects
+        finish = asyncio.create_task(out.finish(out.pending_s(line.clock.monotonic()) + 2.0))
+        echoed = 0
+        while not finish.done() and line.elapsed() < 3.0:
+            await advance(line.clock, FRAME_S, step=0.005)
+            echoed = echo_marks(line, echoed)
+        assert finish.done() and finish.result() is True
+        assert line.elapsed() < 0.6  # the AI's 200 ms heard out, not the whole timeout played as noise
+        sent_s = line.sent_s()
+        out.fill(ComfortFill(noise=True))  # a drop while the call ends starts no fill
+        await advance(line.clock, 0.5)
+        assert line.sent_s() == sent_s
+
+
+async def test_outbound_barge_in_during_a_fill_discards_no_fill_as_ai_audio() -> None:
+    async with asyncio.timeout(TIMEOUT_S), running(AudioSettings()) as line:
+        out = line.outbound
+        out.fill(ComfortFill(noise=True))
+        await advance(line.clock, 0.5)
+        out.interrupt()  # Twilio drops up to the lead of fill: none of it was the AI's
+        await advance(line.clock, 0.1)
+        assert (out.playback.discarded_ms, out.discarded_ms, out.clears) == (0, 0, 1)

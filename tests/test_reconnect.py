@@ -1,5 +1,6 @@
 """The reconnect loop on a fake clock: attempts spaced by the jittered backoff, all within the deadline;
-failures not worth a retry end it at once; a refused device is suspended."""
+failures not worth a retry end it at once; a refused device is suspended. And one attempt
+(``Admission.reconnect``): never given more time than is left, never made with less than ``MIN_ATTEMPT_S``."""
 
 from __future__ import annotations
 
@@ -11,12 +12,14 @@ from typing import Any
 import pytest
 
 from telephony_bridge.accounting.base import Lease
-from telephony_bridge.admission import CallSlot
+from telephony_bridge.accounting.memory import MemoryAccounting
+from telephony_bridge.admission import MIN_ATTEMPT_S, Admission, CallSlot, VoiceEndpoint
 from telephony_bridge.clock import FakeClock
-from telephony_bridge.errors import SavantsError, SessionError
+from telephony_bridge.errors import SavantsError, SessionError, TokenError
 from telephony_bridge.ops.metrics import Metrics
 from telephony_bridge.reconnect import Reconnector
 from telephony_bridge.savants.retry import backoff_s
+from telephony_bridge.store import MemoryStore
 
 DROP = SessionError("voice stream dropped (close code 1011)", code="DROPPED", close_code=1011)
 
@@ -45,13 +48,19 @@ class FakeSession:
     session_id = "sess_new"
 
 
-async def run(admission: FakeAdmission, clock: FakeClock, failure: SavantsError, deadline_s: float) -> Any:
-    reconnector = Reconnector(admission, clock, Metrics(), deadline_s=deadline_s, rng=random.Random(1))  # type: ignore[arg-type]
-    task = asyncio.create_task(reconnector.recover(failure, CallSlot(Lease("CA1", "device-a"))))
+async def on_clock(clock: FakeClock, coro: Any) -> asyncio.Task[Any]:
+    """Run ``coro`` to its end, the fake clock moving 10 ms at a time."""
+    task = asyncio.create_task(coro)
     async with asyncio.timeout(5):
         while not task.done():
             await asyncio.sleep(0)
             clock.advance(0.01)
+    return task
+
+
+async def run(admission: FakeAdmission, clock: FakeClock, failure: SavantsError, deadline_s: float) -> Any:
+    reconnector = Reconnector(admission, clock, Metrics(), deadline_s=deadline_s, rng=random.Random(1))  # type: ignore[arg-type]
+    task = await on_clock(clock, reconnector.recover(failure, CallSlot(Lease("CA1", "device-a"))))
     return reconnector.figures, task
 
 
@@ -68,8 +77,9 @@ async def test_reconnect_backs_off_with_jitter_and_gives_up_within_the_deadline(
     waits = [backoff_s(n, rng) for n in range(1, len(gaps) + 2)]
     # each attempt after its backoff (the clock moves in 10 ms steps); none starts after the deadline
     assert all(w - 1e-9 <= g <= w + 0.011 for g, w in zip(gaps, waits, strict=False))
-    assert admission.attempted_at[-1] < t0 + 5.0 and len(gaps) >= 4
-    assert admission.attempted_at[-1] + waits[len(gaps)] >= t0 + 5.0 - 0.011  # the next would have been too late
+    # none starts with less than MIN_ATTEMPT_S left; the next would have had less
+    assert admission.attempted_at[-1] <= t0 + 5.0 - MIN_ATTEMPT_S and len(gaps) >= 4
+    assert admission.attempted_at[-1] + waits[len(gaps)] > t0 + 5.0 - MIN_ATTEMPT_S - 0.011
     assert (figures.drops, figures.attempts, figures.outcome) == (1, len(gaps), "failed")
     assert figures.gap_s <= 5.0
 
@@ -104,3 +114,60 @@ async def test_a_device_savants_refuses_is_suspended_and_not_retried() -> None:
         task.result()
     assert admission.suspended == [("device-a", "DEVICE_INACTIVE")]
     assert (admission.attempted_at, figures.outcome) == ([], "not_retried")
+
+
+class SlowTokens:
+    """A token endpoint answering after ``takes_s`` of fake time (``TIMEOUT`` past the timeout it is given)."""
+
+    def __init__(self, clock: FakeClock, takes_s: float) -> None:
+        self.clock = clock
+        self.takes_s = takes_s
+        self.timeouts: list[float] = []
+
+    async def fetch(self, device_id: str, timeout_s: float) -> str:
+        self.timeouts.append(timeout_s)
+        await self.clock.sleep_until(self.clock.monotonic() + min(self.takes_s, timeout_s))
+        if self.takes_s > timeout_s:
+            raise TokenError(f"token endpoint did not answer within {timeout_s:g} s", code="TIMEOUT")
+        return "jwt"
+
+
+class Voice:
+    """The voice-stream connector: records the timeout each session was opened with."""
+
+    def __init__(self) -> None:
+        self.timeouts: list[float] = []
+
+    async def connect(self, url: str, token: str, timeout_s: float) -> FakeSession:
+        self.timeouts.append(timeout_s)
+        return FakeSession()
+
+
+@pytest.mark.parametrize(
+    ("left_s", "token_takes_s", "token_timeouts", "connect_timeouts", "code"),
+    [
+        (0.2, 0.1, [], [], "DEADLINE"),  # too little left to start: no request, no budget spent
+        (1.0, 0.8, [1.0], [], "DEADLINE"),  # the token came with 0.2 s left: no session opened
+        (1.0, 0.1, [1.0], [0.9], None),  # a session gets what is left, not its 5 s connect timeout
+    ],
+)
+async def test_a_reconnect_attempt_never_runs_past_the_deadline(
+    left_s: float, token_takes_s: float, token_timeouts: list[float], connect_timeouts: list[float], code: str | None
+) -> None:
+    clock = FakeClock()
+    accounting = MemoryAccounting(("device-a",), clock=clock)
+    tokens, voice = SlowTokens(clock, token_takes_s), Voice()
+    endpoint = VoiceEndpoint(voice.connect, "ws://127.0.0.1:9/voice-stream", 5.0)  # type: ignore[arg-type]
+    admission = Admission(accounting, tokens, endpoint, MemoryStore(clock), Metrics(), clock)  # type: ignore[arg-type]
+    slot = CallSlot(await accounting.acquire("CA1"))
+    deadline = clock.monotonic() + left_s
+    task = await on_clock(clock, admission.reconnect(slot, deadline=deadline))
+    assert clock.monotonic() <= deadline + 0.011  # it ended by the deadline (the clock moves in 10 ms steps)
+    assert tokens.timeouts == pytest.approx(token_timeouts, abs=0.02)
+    assert voice.timeouts == pytest.approx(connect_timeouts, abs=0.02)
+    if code is None:
+        assert isinstance(task.result(), FakeSession)
+    else:
+        assert getattr(task.exception(), "code", None) == code
+    tokens_in_window = (await accounting.snapshot())["devices"]["device-a"]["tokens_in_window"]
+    assert tokens_in_window == len(token_timeouts)

@@ -106,7 +106,12 @@ async def test_ai_drop_mid_call_reconnects_and_the_caller_hears_the_ai_again(
     assert ended.frames_to_ai >= ended.caller_frames - 10  # type: ignore[attr-defined]
     figures = {k: getattr(ended, k) for k in ("outcome", "ai_drops", "ai_reconnect", "ai_reconnect_attempts")}
     assert figures == {"outcome": "completed", "ai_drops": 1, "ai_reconnect": "resumed", "ai_reconnect_attempts": 1}
+    # The comfort fill is counted apart from the AI's audio: together they are what reached the caller.
+    fill_ms, ai_ms = ended.comfort_fill_ms, ended.ai_audio_sent_ms  # type: ignore[attr-defined]
+    # (what crossed the caller's stop on the wire, or was still in flight when it closed, is not received)
+    assert fill_ms >= 60 and 0 <= ai_ms + fill_ms - result.received_ms <= 60 * (result.late_messages + 1)
     metrics = httpx.get(bridge.http_url + "/metrics", timeout=5).text
+    assert f'bridge_audio_seconds_total{{direction="ai_to_caller"}} {ai_ms / 1000}' in metrics
     assert 'bridge_ai_reconnects_total{result="resumed"} 1.0' in metrics
     assert emulator_stats(emulator)["sessions_opened"] == 2
     released(bridge, emulator)

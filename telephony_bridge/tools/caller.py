@@ -112,6 +112,7 @@ class CallResult:
     round_trips_s: list[float]  # per AI media message: arrival minus when the caller sent its first sample
     underrun_ms: float
     cut_off_ms: float  # audio still buffered when the call ended: sent, never heard (G8)
+    received_ms: float  # all the audio the bridge sent, heard or cut off
     media_sent: int
     late_messages: int  # arrived after our ``stop``: crossed it on the wire, not counted as violations
     ended_by: Literal["caller", "bridge"]
@@ -315,6 +316,7 @@ class SimulatedCall:
             round_trips_s=list(self._round_trips),
             underrun_ms=self._playout.underrun_ms,
             cut_off_ms=self._playout.buffered_bytes / TWILIO_BYTES_PER_MS,
+            received_ms=self._playout.bytes_received / TWILIO_BYTES_PER_MS,
             media_sent=self._media_sent,
             late_messages=self._late_messages,
             ended_by=self._ended_by,
