@@ -192,7 +192,7 @@ def witness_call(bridge: ServerThread, seconds: float) -> Iterator[list[CallResu
 WITNESS_S = 20.0
 
 
-# The servers run in threads of this process, and the bridge's reconnect jitter draws from the global `random`
+# The servers run in threads of this process, and websockets draws ping payloads from the global `random`
 # while hypothesis draws an example: hypothesis then warns that the strategy used `random`. It did not.
 @pytest.mark.filterwarnings("ignore::hypothesis.errors.HypothesisDeprecationWarning")
 @pytest.mark.timeout(180)
