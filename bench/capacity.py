@@ -4,6 +4,7 @@
     .venv/bin/python bench/capacity.py --knee 50 400 50 --seconds 12       # ramp until latency or underruns
     .venv/bin/python bench/capacity.py --variant nogc:BRIDGE__SERVER__GC_TUNING=false   # A/B a setting
     .venv/bin/python bench/capacity.py --workers 2 --servers bridge         # serve --workers 2 (own redis)
+    .venv/bin/python bench/capacity.py --calls 20 --seconds 12 --sip --servers bridge   # + a SIP row
 
 Three kinds of process on 127.0.0.1: the Savants emulator (voice ``echo``), the servers under test (``bridge``:
 ``telephony-bridge serve``, the real thing; ``naive``: ``bench/naive_bridge.py``, written like the public
@@ -19,8 +20,12 @@ Per server and load level:
 - added latency p50/p99: each echoed frame's round trip less its call's quickest (what load added), and
   underruns per call (holes in the caller's playback), first AI audio p99.
 ``--knee`` ramps the calls until p99 added latency passes 20 ms, an underrun appears or a call fails, and
-reports the last level that passed. Every process shares this machine's cores: on a 2-core VM the callers
-and the emulator take a core's worth or more, so a knee here is the machine's, not the bridge's alone.
+reports the last level that passed. ``--sip`` starts the bridge with its SIP ingress on too (same ``serve``
+otherwise) and, after each bridge run, runs the same load level as SIP calls (``loadtest --sip``'s caller,
+the same speech, RTP both ways) to print a ``bridge-sip`` row beside it: CPU and memory figures as above,
+set-up p99 and the bridge's RTP jitter in place of the Twilio-only latency figures. Every process shares this
+machine's cores: on a 2-core VM the callers and the emulator take a core's worth or more, so a knee here is
+the machine's, not the bridge's alone.
 """
 
 from __future__ import annotations
@@ -42,7 +47,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import httpx
 
+from telephony_bridge.tools.commands import load_caller_audio
 from telephony_bridge.tools.loadtest import LoadResult, percentile, process_cpu_s, run_load
+from telephony_bridge.tools.sip_caller import SipCallResult, sip_load
 
 ROOT = Path(__file__).resolve().parent.parent
 BENCH = Path(__file__).resolve().parent
@@ -50,6 +57,7 @@ AUTH_TOKEN = "bench-auth-token-0123456789abcdef"
 PUBLIC_URL = "https://bridge.bench.test"
 WAV = str(ROOT / "tests" / "data" / "speech_8k.wav")
 DEVICES = 100  # 10 sockets each: room for 1000 calls
+RTP_PORTS = "41000-42999"  # --sip: room for 1000 calls
 RAMP_S = 2.0
 KNEE_P99_MS = 20.0
 
@@ -119,17 +127,42 @@ def _load_part(url: str, calls: int, seconds: float, start_at: float) -> LoadRes
     return dataclasses.replace(result, flows=flows)
 
 
+def _sip_part(target: str, calls: int, seconds: float, start_at: float) -> list[SipCallResult]:
+    """One load process's share of the SIP calls, all at once after the same ramp; what was heard is dropped."""
+
+    async def run() -> list[SipCallResult]:
+        await asyncio.sleep(max(0.0, start_at - time.monotonic()))
+        return await sip_load(target, calls, calls, seconds, RAMP_S, load_caller_audio(WAV))
+
+    results = asyncio.run(run())
+    for result in results:
+        result.heard = b""
+        result.arrivals = []
+    return results
+
+
 def measure(
-    pool: ProcessPoolExecutor, procs: int, pid: int, url: str, calls: int, seconds: float, profile: str | None = None
+    pool: ProcessPoolExecutor,
+    procs: int,
+    pid: int,
+    url: str,
+    calls: int,
+    seconds: float,
+    profile: str | None = None,
+    sip_target: str | None = None,
 ) -> dict:
     """Run ``calls`` calls of ``seconds`` against the server ``pid`` and return its figures; with ``profile``,
-    py-spy records the server over the steady window into that file (collapsed stacks)."""
+    py-spy records the server over the steady window into that file (collapsed stacks); with ``sip_target``,
+    the calls are SIP calls to it instead of Twilio calls to ``url``."""
     idle_rss = rss_kb(pid)
     http_url = url.replace("ws://", "http://").removesuffix("/media-stream")
     causes_before = underrun_causes(http_url)
     start_at = time.monotonic() + 1.5  # the load processes are up and waiting by then
     shares = [calls // procs + (i < calls % procs) for i in range(procs)]
-    futures = [pool.submit(_load_part, url, n, seconds, start_at) for n in shares if n]
+    if sip_target:
+        futures = [pool.submit(_sip_part, sip_target, n, seconds, start_at) for n in shares if n]
+    else:
+        futures = [pool.submit(_load_part, url, n, seconds, start_at) for n in shares if n]
     time.sleep(max(0.0, start_at - time.monotonic()))
     whole_before = cpu_s(pid)
     time.sleep(RAMP_S + 1.5)  # every call is up and talking
@@ -151,6 +184,15 @@ def measure(
     time.sleep(0.5)  # the server closes its side
     whole_used = cpu_s(pid) - whole_before
     causes = {k: v - causes_before.get(k, 0.0) for k, v in underrun_causes(http_url).items()}
+    cpu = {
+        "calls": calls,
+        "steady_cpu_pct": 100 * steady_used / window_s,
+        "steady_us_per_call_per_20ms": 1e6 * steady_used / window_s / calls * 0.020,
+        "kb_per_call": (steady_rss - idle_rss) / calls,
+        "bridge_underruns_by_cause": causes,
+    }
+    if sip_target:
+        return {**cpu, **sip_figures([r for part in parts for r in part], whole_used, seconds)}
     result = LoadResult(
         tuple(flow for part in parts for flow in part.flows),
         max(part.duration_s for part in parts),
@@ -164,23 +206,43 @@ def measure(
     underruns = result.underruns_per_call
     first = [t * 1000 for t in result.first_audio_s]
     return {
-        "calls": calls,
+        **cpu,
         "served": served,
         "refused": len(result.of("busy")),
         "failed": len(result.of("failed")),
         "violations": result.violations,
-        "steady_cpu_pct": 100 * steady_used / window_s,
-        "steady_us_per_call_per_20ms": 1e6 * steady_used / window_s / calls * 0.020,
-        "whole_cpu_s_per_call_minute": whole_used / max(1e-9, served * seconds / 60),
-        "whole_us_per_call_per_20ms": 1e6 * whole_used / max(1e-9, served * seconds / 0.020),
-        "kb_per_call": (steady_rss - idle_rss) / calls,
+        **whole_cpu(whole_used, served, seconds),
         "added_p50_ms": percentile(added, 50) if added else None,
         "added_p99_ms": percentile(added, 99) if added else None,
         "underruns_per_call_p50": percentile(underruns, 50) if underruns else None,
         "underruns_per_call_max": underruns[-1] if underruns else None,
         "calls_with_underruns": sum(1 for u in underruns if u),
         "first_audio_p99_ms": percentile(first, 99) if first else None,
-        "bridge_underruns_by_cause": causes,
+    }
+
+
+def whole_cpu(used_s: float, served: int, seconds: float) -> dict:
+    return {
+        "whole_cpu_s_per_call_minute": used_s / max(1e-9, served * seconds / 60),
+        "whole_us_per_call_per_20ms": 1e6 * used_s / max(1e-9, served * seconds / 0.020),
+    }
+
+
+def sip_figures(results: list[SipCallResult], whole_used: float, seconds: float) -> dict:
+    """A SIP run's own figures; the Twilio flow's latency and underrun figures have no SIP counterpart here."""
+    answered = [r for r in results if r.answered]
+    setups = sorted(1000 * r.setup_s for r in answered if r.setup_s is not None)
+    jitter = sorted(r.jitter_ms for r in answered)
+    return {
+        "served": len(answered),
+        "refused": sum(1 for r in results if r.status in (480, 486, 503)),
+        "failed": sum(1 for r in results if not r.answered and r.status not in (480, 486, 503)),
+        "violations": sum(len(r.violations) for r in results),
+        **whole_cpu(whole_used, len(answered), seconds),
+        "setup_p50_ms": percentile(setups, 50) if setups else None,
+        "setup_p99_ms": percentile(setups, 99) if setups else None,
+        "rtp_jitter_p50_ms": percentile(jitter, 50) if jitter else None,
+        "rtp_jitter_max_ms": jitter[-1] if jitter else None,
     }
 
 
@@ -244,24 +306,37 @@ def line(label: str, f: dict) -> str:
     def ms(value: float | None) -> str:
         return "   -" if value is None else f"{value:5.1f}"
 
-    return (
-        f"{label:9} {f['calls']:4} calls  {f['served']:4} served  "
+    head = (
+        f"{label:10} {f['calls']:4} calls  {f['served']:4} served  "
         f"steady {f['steady_cpu_pct']:5.1f} % = {f['steady_us_per_call_per_20ms']:5.1f} µs/call/20ms  "
         f"whole {f['whole_cpu_s_per_call_minute']:.3f} CPU-s/call-min ({f['whole_us_per_call_per_20ms']:5.1f} µs)  "
-        f"{f['kb_per_call']:6.0f} KB/call  added p50 {ms(f['added_p50_ms'])} p99 {ms(f['added_p99_ms'])} ms  "
+        f"{f['kb_per_call']:6.0f} KB/call  "
+    )
+    if "setup_p99_ms" in f:
+        return head + (
+            f"set-up p50 {ms(f['setup_p50_ms'])} p99 {ms(f['setup_p99_ms'])} ms  RTP jitter p50 "
+            f"{ms(f['rtp_jitter_p50_ms'])} max {ms(f['rtp_jitter_max_ms'])} ms  violations {f['violations']}"
+            + (f"  bridge's count: {f['bridge_underruns_by_cause']}" if f["bridge_underruns_by_cause"] else "")
+        )
+    return head + (
+        f"added p50 {ms(f['added_p50_ms'])} p99 {ms(f['added_p99_ms'])} ms  "
         f"underruns/call p50 {f['underruns_per_call_p50']} max {f['underruns_per_call_max']} "
         f"({f['calls_with_underruns']} calls)  first audio p99 {ms(f['first_audio_p99_ms'])} ms"
         + (f"  bridge's count: {f['bridge_underruns_by_cause']}" if f["bridge_underruns_by_cause"] else "")
     )
 
 
-def servers(python: str, emulator_port: int, workers: int) -> dict[str, tuple[list[str], dict[str, str]]]:
+def servers(
+    python: str, emulator_port: int, workers: int, sip_port: int | None = None
+) -> dict[str, tuple[list[str], dict[str, str]]]:
     savants = {
         "SAVANTS_BASE_URL": f"http://127.0.0.1:{emulator_port}",
         "SAVANTS_API_KEY": "bench-key",
         "SAVANTS_DEVICE_IDS": ",".join(f"bench-{i}" for i in range(DEVICES)),
     }
     bridge_env = {**savants, "TWILIO_AUTH_TOKEN": AUTH_TOKEN, "PUBLIC_URL": PUBLIC_URL, "HOST": "127.0.0.1"}
+    if sip_port is not None:  # the same serve, its SIP ingress on as well
+        bridge_env |= {"SIP_PORT": str(sip_port), "RTP_PORTS": RTP_PORTS, "SIP_ALLOWED_SOURCES": "127.0.0.0/8"}
     serve = [python, "-m", "telephony_bridge", "serve"]
     if workers > 1:
         serve += ["--workers", str(workers)]
@@ -290,6 +365,7 @@ def main() -> int:
     parser.add_argument("--redis-url", help="REDIS_URL for the bridge (default with --workers > 1: a redis-server)")
     parser.add_argument("--json", metavar="OUT", help="also write every figure to this JSON file")
     parser.add_argument("--profile", metavar="OUT", help="py-spy the bridge's steady window (first level) to OUT")
+    parser.add_argument("--sip", action="store_true", help="also run each level over SIP against the bridge")
     args = parser.parse_args()
     python = sys.executable
     emulator_port = free_port()
@@ -308,13 +384,14 @@ def main() -> int:
         )
         args.redis_url = f"redis://127.0.0.1:{redis_port}/0"
         time.sleep(0.5)
-    catalogue = servers(python, emulator_port, args.workers)
+    sip_port = free_port() if args.sip else None
+    catalogue = servers(python, emulator_port, args.workers, sip_port)
     for variant in args.variant:
         name, _, assignments = variant.partition(":")
         command, env = catalogue["bridge"]
         catalogue[name] = (command, {**env, **dict(a.split("=", 1) for a in assignments.split(",") if a)})
         args.servers.append(name)
-    results: dict[str, list[dict]] = {name: [] for name in args.servers}
+    results: dict[str, list[dict]] = {name: [] for name in args.servers + ["bridge-sip"] * args.sip}
     try:
         for name in args.servers:
             command, env = catalogue[name]
@@ -338,6 +415,12 @@ def main() -> int:
                     print(line(name, figures), flush=True)
                     if profile:
                         print(top_functions(profile), flush=True)
+                    if sip_port is not None and name == "bridge":
+                        time.sleep(3.0)
+                        target = f"sip:ai@127.0.0.1:{sip_port}"
+                        sip = measure(pool, args.load_procs, process.pid, url, calls, args.seconds, sip_target=target)
+                        results["bridge-sip"].append(sip)
+                        print(line("bridge-sip", sip), flush=True)
                     if args.knee:
                         if passed(figures):
                             knee[name] = calls
@@ -369,6 +452,12 @@ def summary(results: dict[str, list[dict]], knee: dict[str, int | None] | None) 
                 f"{naive['whole_cpu_s_per_call_minute'] / ours['whole_cpu_s_per_call_minute']:.2f}x, "
                 f"steady CPU {naive['steady_us_per_call_per_20ms'] / ours['steady_us_per_call_per_20ms']:.2f}x"
             )
+    for twilio, sip in zip(results.get("bridge", []), results.get("bridge-sip", []), strict=False):
+        print(
+            f"SIP / Twilio at {twilio['calls']} calls: steady CPU "
+            f"{sip['steady_us_per_call_per_20ms'] / twilio['steady_us_per_call_per_20ms']:.2f}x, whole-call CPU "
+            f"{sip['whole_cpu_s_per_call_minute'] / twilio['whole_cpu_s_per_call_minute']:.2f}x"
+        )
     if knee is not None:
         for name, calls in knee.items():
             print(
