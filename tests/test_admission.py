@@ -208,31 +208,38 @@ def test_a_refused_device_leaves_the_pool_logged_once(
 # --- stream tokens and reservations ------------------------------------------------------------------------
 
 
-async def test_a_wrong_stream_token_spoils_nothing_and_leaves_the_reservation_to_the_right_stream(
-    emulator: ServerThread, bridge: ServerThread
-) -> None:
+def wrong_and_right_streams(bridge: ServerThread, **right: Any) -> tuple[CallConfig, CallConfig]:
+    """A ringing call's stream with a wrong token, and its real one (with the token the webhook minted)."""
     form = call_form()
     parameters = stream_parameters(post_voice(bridge, form))
-    assert leases(bridge) == 1
-    url = bridge.ws_url + "/media-stream"
+    url, call_sid = bridge.ws_url + "/media-stream", form["CallSid"]
     wrong = CallConfig(
         url=url,
-        call_sid=form["CallSid"],
+        call_sid=call_sid,
         custom_parameters={**parameters, "token": "not-the-token"},
         headers=upgrade_signature(),
         seconds=2.0,
     )
-    refused = await run_call(wrong)
-    assert (refused.ended_by, refused.close_code) == ("bridge", 1008)
-    assert leases(bridge) == 1  # not the call's stream: it gave back nothing of the call's
-    right = CallConfig(
+    real = CallConfig(
         url=url,
-        call_sid=form["CallSid"],
+        call_sid=call_sid,
         custom_parameters=parameters,
         headers=upgrade_signature(),
         audio_in=VOICE,
         seconds=2.0,
+        **right,
     )
+    return wrong, real
+
+
+async def test_a_wrong_stream_token_spoils_nothing_and_leaves_the_reservation_to_the_right_stream(
+    emulator: ServerThread, bridge: ServerThread
+) -> None:
+    wrong, right = wrong_and_right_streams(bridge)
+    assert leases(bridge) == 1
+    refused = await run_call(wrong)
+    assert (refused.ended_by, refused.close_code) == ("bridge", 1008)
+    assert leases(bridge) == 1  # not the call's stream: it gave back nothing of the call's
     result = await run_call(right)
     assert result.heard_s > 1.0  # the right token still admits the call: the AI answers
     assert token_requests(emulator) == 1  # on its reservation's warm token
@@ -246,25 +253,7 @@ async def test_a_wrong_token_stream_racing_the_right_one_never_harms_it(
     """A stream with a wrong token for a ringing call, just before (or with) the real one: it is refused
     before it claims anything, so the real stream is never taken for a duplicate and finds its reservation
     and warm token intact."""
-    form = call_form()
-    parameters = stream_parameters(post_voice(bridge, form))
-    url = bridge.ws_url + "/media-stream"
-    wrong = CallConfig(
-        url=url,
-        call_sid=form["CallSid"],
-        custom_parameters={**parameters, "token": "not-the-token"},
-        headers=upgrade_signature(),
-        seconds=2.0,
-    )
-    right = CallConfig(
-        url=url,
-        call_sid=form["CallSid"],
-        custom_parameters=parameters,
-        headers=upgrade_signature(),
-        audio_in=VOICE,
-        seconds=2.0,
-        start_delay_s=right_after_s,
-    )
+    wrong, right = wrong_and_right_streams(bridge, start_delay_s=right_after_s)
     refused, result = await asyncio.gather(run_call(wrong), run_call(right))
     assert (refused.ended_by, refused.close_code) == ("bridge", 1008)
     assert (result.ended_by, result.violations) == ("caller", []) and result.heard_s > 1.0
