@@ -67,6 +67,7 @@ def test_parse_accepts_numbers_where_twilio_sends_strings() -> None:
         ("[1, 2]", "expected a JSON object, got list"),
         ('{"no": "event"}', "string 'event'"),
         ('{"event": "media", "streamSid": "MZ", "media": {"payload": "@@@"}}', "not valid base64"),
+        ('{"event": "media", "streamSid": "MZ", "media": {"payload": "\\u0080", "timestamp": "0"}}', "base64"),
         ('{"event": "media", "streamSid": "MZ"}', "expected an object 'media'"),
         ('{"event": "start", "start": {"streamSid": "MZ"}}', "'callSid'"),
         ('{"event": "media", "streamSid": "MZ", "media": {"payload": "", "timestamp": "x"}}', "'timestamp'"),

@@ -281,7 +281,7 @@ def _parse_media(msg: dict[str, Any]) -> Media:
         ):
             try:
                 payload = binascii.a2b_base64(encoded, strict_mode=True)  # strict (G5): garbage is not audio
-            except binascii.Error:
+            except (binascii.Error, ValueError):  # ValueError: a str with non-ASCII characters
                 raise _Invalid(f"payload is not valid base64 ({len(encoded)} characters)") from None
             return Media(sid, payload, int(timestamp), int(chunk), int(seq), track)
     return _parse_media_checked(msg)
