@@ -36,6 +36,7 @@ from telephony_bridge.ops import logging as oplog
 from telephony_bridge.ops.access import OpsAccess
 from telephony_bridge.ops.metrics import Metrics
 from telephony_bridge.ops.readiness import Readiness
+from telephony_bridge.ops.runtime import process_figures
 from telephony_bridge.registry import CallRegistry
 from telephony_bridge.savants.client import Connector, open_voice_session
 from telephony_bridge.savants.health import TokenEndpointHealth
@@ -182,6 +183,7 @@ def create_app(
             "calls": registry.snapshot(),
             "accounting": await deps.admission.accounting.snapshot(),
             "draining": request.app.state.drain.draining,
+            "process": process_figures(),
         }
         return JSONResponse(body)
 

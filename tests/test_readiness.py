@@ -73,3 +73,10 @@ def test_readyz_turns_503_once_no_device_has_budget_and_200_again_when_a_slot_fr
     assert readyz(bridge)[1]["reason"] == "device pool full"
     stream_callback(bridge, "/stream-ended", {"CallSid": form["CallSid"], "AccountSid": form["AccountSid"]})
     wait_until(lambda: readyz(bridge)[0] == 200, 5.0, "readyz once the reservation is given back")
+
+
+def test_status_reports_what_the_process_holds(emulator: ServerThread, bridge: ServerThread) -> None:
+    """What bench/soak.py watches for leaks: asyncio tasks, open file descriptors, resident memory."""
+    process = httpx.get(bridge.http_url + "/status", timeout=5).json()["process"]
+    assert set(process) == {"pid", "asyncio_tasks", "open_fds", "rss_bytes"}
+    assert process["asyncio_tasks"] >= 1 and process["open_fds"] > 3 and process["rss_bytes"] > 10 * 2**20

@@ -163,3 +163,9 @@ def test_start_with_an_unsupported_media_format_says_why() -> None:
         "mono"
     )
     assert tw.media_format_problem(tw.parse_message(sample("start"))) is None  # type: ignore[arg-type]
+
+
+def test_parse_media_with_a_non_ascii_payload_is_malformed() -> None:
+    """Found by tests/test_fuzz.py: the decoder raises ValueError, not binascii.Error, for non-ASCII text."""
+    msg = {"event": "media", "streamSid": SID, "media": {"payload": "\u0080", "timestamp": "0"}}
+    assert tw.parse_message(orjson.dumps(msg)) == tw.Malformed("media: payload is not valid base64 (1 characters)")

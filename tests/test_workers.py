@@ -26,7 +26,15 @@ def _workers(pid: int) -> list[int]:
         for task in os.listdir(f"/proc/{pid}/task")
         for child in Path(f"/proc/{pid}/task/{task}/children").read_text().split()
     ]
-    return [child for child in children if b"spawn_main" in Path(f"/proc/{child}/cmdline").read_bytes()]
+    return [child for child in children if b"spawn_main" in _cmdline(child)]
+
+
+def _cmdline(pid: int) -> bytes:
+    """A process's command line; empty if it exited since it was listed (a killed worker being reaped)."""
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes()
+    except (FileNotFoundError, ProcessLookupError):
+        return b""
 
 
 def _alive(pid: int) -> bool:

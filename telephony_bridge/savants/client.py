@@ -30,11 +30,15 @@ class SavantsConnection:
         return self.session.session_id
 
     async def send_audio(self, pcm: bytes) -> bool:
-        """Send caller audio; False once Savants has closed normally (``receive`` reports the end)."""
+        """Send caller audio; False once Savants has closed the socket (``receive`` reports the end and why).
+
+        A close that Savants sent is left for ``receive`` to report: an ``error`` message that came just before
+        it is the real cause, and only the receiving side reads it (a send racing the close must not report a
+        plain drop instead). A connection that died without a close frame is a drop either way."""
         try:
             await self._ws.send(pcm)
         except ConnectionClosed as exc:
-            if _code(exc) == NORMAL_CLOSURE:
+            if _code(exc) == NORMAL_CLOSURE or exc.rcvd is not None:
                 return False
             raise _dropped(exc, "while sending") from None
         return True

@@ -1,0 +1,353 @@
+"""Soak: thousands of short calls with a mix of faults, and whether the bridge holds on to anything afterwards.
+
+    .venv/bin/python bench/soak.py [--calls 2000] [--concurrency 8] [--seconds 1.5] [--deadline 1800]
+
+Two processes on 127.0.0.1: the Savants emulator (``telephony-bridge emulator``, voice ``echo``) with fault
+switches armed at random per session and per token request (closes with 1000/1001/1011/1012, ``error``
+messages, TCP resets, stalls, handshakes never confirmed, garbage; token 503s and slow answers), and the
+bridge (``telephony-bridge serve``, production mode: signed webhooks, stream tokens). This process plays
+Twilio: each call is one scenario (mostly a normal call; some hang up by dropping TCP, send garbage, present
+a wrong stream token, never open their stream, or go silent), ``--concurrency`` at a time.
+
+Printed: the bridge's asyncio tasks, open file descriptors, leases, reservations and resident memory when
+idle, after a warm-up, and at the end (once its calls and reservations have settled), and the calls by
+scenario and outcome. The run fails (exit 1) if anything is still held at the end: a call, a lease, a
+reservation, or more tasks or descriptors than after the warm-up.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import os
+import random
+import re
+import socket
+import subprocess
+import sys
+import time
+from collections import Counter
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import httpx
+import numpy as np
+import numpy.typing as npt
+from websockets.asyncio.client import connect
+from websockets.exceptions import WebSocketException
+
+from telephony_bridge.tools.caller import new_sid
+from telephony_bridge.tools.commands import read_wav
+from telephony_bridge.tools.twilio_flow import FlowError, place_call, run_flow, sign
+from telephony_bridge.twilio import protocol as tw
+
+ROOT = Path(__file__).resolve().parent.parent
+WAV = str(ROOT / "tests" / "data" / "speech_8k.wav")
+AUTH_TOKEN = "soak-auth-token-0123456789abcdef"
+PUBLIC_URL = "https://bridge.soak.test"
+API_KEY = "soak-key"
+SETTLE_S = 30.0  # after the last call: reservations lapse (10 s), stalled sessions end, calls close
+WARM_UP_CALLS = 16
+
+# Each AI session and token request meets at most one fault: the first armed one whose draw hits.
+SESSION_FAULTS = [
+    "kind=close,close_code=1011,after_s=0.8,probability=0.04",
+    "kind=close,close_code=1001,after_s=0.8,probability=0.03",
+    "kind=close,close_code=1012,after_s=0.6,probability=0.03",
+    "kind=close,close_code=1000,after_s=1.0,probability=0.03",
+    "kind=error,error_code=SERVER_ERROR,after_s=0.7,probability=0.03",
+    "kind=reset,after_s=0.8,probability=0.03",
+    "kind=stall,after_s=0.5,stall_s=4,probability=0.02",
+    "kind=no_confirm,probability=0.01",
+    "kind=garbage,after_s=0.5,probability=0.02",
+]
+TOKEN_FAULTS = ["status=503,probability=0.03", "delay_s=1.5,probability=0.01"]
+
+# What the caller (this process, as Twilio) does, with weights.
+SCENARIOS = {
+    "normal": 80,
+    "caller_drops_tcp": 5,
+    "caller_garbage": 5,
+    "wrong_stream_token": 3,
+    "stream_never_opens": 4,
+    "twilio_goes_silent": 3,
+}
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_for(url: str, timeout_s: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        with contextlib.suppress(httpx.HTTPError):
+            if httpx.get(url, timeout=1).status_code == 200:
+                return
+        time.sleep(0.1)
+    raise SystemExit(f"soak: {url} did not answer within {timeout_s} s")
+
+
+def start_processes(devices: int, seed: int) -> tuple[subprocess.Popen[bytes], subprocess.Popen[bytes], str, str]:
+    emulator_port, bridge_port = free_port(), free_port()
+    python = [sys.executable, "-m", "telephony_bridge"]
+    faults = [a for spec in SESSION_FAULTS for a in ("--session-fault", spec)]
+    faults += [a for spec in TOKEN_FAULTS for a in ("--token-fault", spec)]
+    emulator = subprocess.Popen(
+        [*python, "emulator", "--port", str(emulator_port), "--api-key", API_KEY, "--voice", "echo", "--log-level",
+         "WARNING", "--fault-seed", str(seed), *faults],
+        stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    emulator_url = f"http://127.0.0.1:{emulator_port}"
+    wait_for(emulator_url + "/_emulator/stats")
+    env = {
+        **os.environ,
+        "SAVANTS_BASE_URL": emulator_url,
+        "SAVANTS_API_KEY": API_KEY,
+        "SAVANTS_DEVICE_IDS": ",".join(f"soak-device-{i}" for i in range(devices)),
+        "TWILIO_AUTH_TOKEN": AUTH_TOKEN,
+        "PUBLIC_URL": PUBLIC_URL,
+        "HOST": "127.0.0.1",
+        "PORT": str(bridge_port),
+        "LOG_LEVEL": "ERROR",
+    }
+    bridge = subprocess.Popen([*python, "serve"], env=env, stderr=subprocess.DEVNULL)
+    bridge_url = f"http://127.0.0.1:{bridge_port}"
+    wait_for(bridge_url + "/healthz")
+    return emulator, bridge, bridge_url, emulator_url
+
+
+# --- what the bridge holds --------------------------------------------------------------------------------
+
+
+def held(bridge_url: str) -> dict[str, Any]:
+    status = httpx.get(bridge_url + "/status", timeout=10).json()
+    devices = status["accounting"]["devices"].values()
+    process = status["process"]
+    return {
+        "calls": len(status["calls"]),
+        "leases": sum(d["leases"] for d in devices),
+        "reservations": sum(d["reservations"] for d in devices),
+        "asyncio_tasks": process["asyncio_tasks"],
+        "open_fds": process["open_fds"],
+        "rss_mb": round(process["rss_bytes"] / 2**20, 1),
+    }
+
+
+def settle(bridge_url: str, timeout_s: float) -> dict[str, Any]:
+    """What the bridge holds once nothing is left to end (or ``timeout_s`` has passed)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        now = held(bridge_url)
+        if (now["calls"], now["leases"], now["reservations"]) == (0, 0, 0) or time.monotonic() > deadline:
+            time.sleep(1.0)  # sockets finish closing
+            return held(bridge_url)
+        time.sleep(0.5)
+
+
+def calls_by_outcome(bridge_url: str) -> Counter[str]:
+    counts: Counter[str] = Counter()
+    metrics = httpx.get(bridge_url + "/metrics", timeout=10).text
+    for match in re.finditer(r"^bridge_calls_total\{([^}]*)\} ([0-9.e+]+)$", metrics, re.MULTILINE):
+        outcome = re.search(r'outcome="([^"]*)"', match.group(1))
+        if outcome:
+            counts[outcome.group(1)] += int(float(match.group(2)))
+    return counts
+
+
+# --- the callers --------------------------------------------------------------------------------------------
+
+
+class Soak:
+    def __init__(self, bridge_url: str, seconds: float, audio: npt.NDArray[np.int16], rng: random.Random) -> None:
+        self.bridge_url = bridge_url
+        self.ws_url = bridge_url.replace("http://", "ws://") + "/media-stream"
+        self.seconds = seconds
+        self.audio = audio
+        self.rng = rng
+        self.outcomes: Counter[tuple[str, str]] = Counter()
+
+    async def call(self, http: httpx.AsyncClient, scenario: str) -> None:
+        run: Callable[[httpx.AsyncClient], Awaitable[str]] = getattr(self, scenario)
+        try:
+            outcome = await asyncio.wait_for(run(http), self.seconds + 30)
+        except (FlowError, OSError, TimeoutError, WebSocketException, httpx.HTTPError) as exc:
+            outcome = f"error: {type(exc).__name__}"
+        self.outcomes[(scenario, outcome)] += 1
+
+    async def normal(self, http: httpx.AsyncClient) -> str:
+        flow = await run_flow(
+            self.bridge_url, http=http, audio_in=self.audio, seconds=self.seconds, auth_token=AUTH_TOKEN,
+            public_url=PUBLIC_URL,
+        )  # fmt: skip
+        if flow.outcome == "failed" and flow.call is not None and flow.after is not None:
+            return "ended by the bridge, then the apology"
+        if flow.outcome == "served" and flow.call is not None and flow.call.ended_by == "bridge":
+            return "ended by the bridge, then hang-up"
+        return {"served": "served", "busy": "turned away (busy/unavailable)"}.get(flow.outcome, flow.reason[:60])
+
+    async def _stream(self, http: httpx.AsyncClient, token: str | None) -> tuple[Any, str, str] | str:
+        placed = await place_call(self.bridge_url, http=http, public_url=PUBLIC_URL, auth_token=AUTH_TOKEN)
+        if placed.twiml.connect is None:
+            return "turned away (busy/unavailable)"
+        params = dict(placed.twiml.connect.parameters)
+        if token is not None:
+            params["token"] = token
+        headers = {"X-Twilio-Signature": sign(AUTH_TOKEN, PUBLIC_URL.replace("https", "wss") + "/media-stream", {})}
+        ws = await connect(self.ws_url, proxy=None, compression=None, additional_headers=headers, open_timeout=10)
+        stream_sid = new_sid("MZ")
+        await ws.send(tw.Connected().to_json())
+        await ws.send(tw.Start(stream_sid, placed.call_sid, placed.account_sid, custom_parameters=params).to_json())
+        return ws, stream_sid, placed.call_sid
+
+    async def _media(self, ws: Any, stream_sid: str, frames: int) -> None:
+        for i in range(frames):
+            chunk = bytes([0xFF]) * 160
+            await ws.send(
+                tw.Media(stream_sid, chunk, timestamp_ms=20 * i, chunk=i + 1, sequence_number=i + 3).to_json()
+            )
+            await asyncio.sleep(0.02)
+
+    async def caller_drops_tcp(self, http: httpx.AsyncClient) -> str:
+        opened = await self._stream(http, None)
+        if isinstance(opened, str):
+            return opened
+        ws, stream_sid, _ = opened
+        await self._media(ws, stream_sid, int(self.rng.uniform(0.3, 1.0) * self.seconds / 0.02))
+        ws.transport.abort()  # no stop, no close frame: the caller's network died
+        return "dropped"
+
+    async def caller_garbage(self, http: httpx.AsyncClient) -> str:
+        opened = await self._stream(http, None)
+        if isinstance(opened, str):
+            return opened
+        ws, stream_sid, _ = opened
+        await self._media(ws, stream_sid, 10)
+        for junk in ("not json", "[1,2]", '{"event": "media", "media": {"payload": "%%%"}}', '{"event": 7}', b"\x00"):
+            await ws.send(junk)
+        await self._media(ws, stream_sid, 10)
+        await ws.send(tw.Stop(stream_sid, "", "", sequence_number=30).to_json())
+        await ws.close()
+        return "sent garbage, then stop"
+
+    async def wrong_stream_token(self, http: httpx.AsyncClient) -> str:
+        opened = await self._stream(http, "not-the-token")
+        if isinstance(opened, str):
+            return opened
+        ws, _, _ = opened
+        with contextlib.suppress(WebSocketException):
+            await asyncio.wait_for(ws.wait_closed(), 10)
+        return f"refused at start ({ws.close_code})"
+
+    async def stream_never_opens(self, http: httpx.AsyncClient) -> str:
+        placed = await place_call(self.bridge_url, http=http, public_url=PUBLIC_URL, auth_token=AUTH_TOKEN)
+        if placed.twiml.connect is None:
+            return "turned away (busy/unavailable)"
+        if self.rng.random() < 0.5:
+            return "left to lapse"
+        form = {"CallSid": placed.call_sid, "AccountSid": placed.account_sid, "StreamSid": new_sid("MZ"),
+                "StreamEvent": "stream-error", "StreamError": "could not connect"}  # fmt: skip
+        headers = {"X-Twilio-Signature": sign(AUTH_TOKEN, PUBLIC_URL + "/stream-status", form)}
+        await http.post(self.bridge_url + "/stream-status", data=form, headers=headers)
+        return "stream-error callback"
+
+    async def twilio_goes_silent(self, http: httpx.AsyncClient) -> str:
+        opened = await self._stream(http, None)
+        if isinstance(opened, str):
+            return opened
+        ws, stream_sid, _ = opened
+        await self._media(ws, stream_sid, 10)
+        try:  # nothing more from "Twilio": the bridge should end the call on its own
+            async with asyncio.timeout(12):
+                while True:
+                    await ws.recv()
+        except TimeoutError:
+            await ws.close()
+            return "still open after 12 s of silence (closed by us)"
+        except WebSocketException:
+            return f"ended by the bridge ({ws.close_code})"
+
+
+async def run_calls(soak: Soak, calls: int, concurrency: int, deadline_s: float) -> float:
+    names, weights = zip(*SCENARIOS.items(), strict=True)
+    plan = soak.rng.choices(names, weights, k=calls)
+    gate = asyncio.Semaphore(concurrency)
+    started = time.monotonic()
+    async with httpx.AsyncClient(trust_env=False, timeout=20) as http:
+
+        async def one(scenario: str) -> None:
+            async with gate:
+                if time.monotonic() - started < deadline_s:
+                    await soak.call(http, scenario)
+                else:
+                    soak.outcomes[(scenario, "not run: deadline")] += 1
+
+        await asyncio.gather(*(one(s) for s in plan))
+    return time.monotonic() - started
+
+
+def table(rows: list[tuple[str, ...]]) -> str:
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)) for row in rows)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--calls", type=int, default=2000)
+    parser.add_argument("--concurrency", type=int, default=8)
+    parser.add_argument("--seconds", type=float, default=1.5, help="length of a normal call")
+    parser.add_argument("--devices", type=int, default=20, help="device pool (60 tokens a minute each)")
+    parser.add_argument("--deadline", type=float, default=1800.0, help="stop starting calls after this long")
+    parser.add_argument("--seed", type=int, default=1)
+    args = parser.parse_args()
+
+    emulator, bridge, bridge_url, emulator_url = start_processes(args.devices, args.seed)
+    try:
+        audio = read_wav(WAV)
+        soak = Soak(bridge_url, args.seconds, audio, random.Random(args.seed))
+        idle = held(bridge_url)
+        asyncio.run(run_calls(Soak(bridge_url, args.seconds, audio, random.Random(0)), WARM_UP_CALLS, 4, 120))
+        warm = settle(bridge_url, SETTLE_S)
+        outcomes_before = calls_by_outcome(bridge_url)
+        elapsed_s = asyncio.run(run_calls(soak, args.calls, args.concurrency, args.deadline))
+        end = settle(bridge_url, SETTLE_S)
+        outcomes = calls_by_outcome(bridge_url) - outcomes_before
+        emulated = httpx.get(emulator_url + "/_emulator/stats", timeout=10).json()
+    finally:
+        for process in (bridge, emulator):
+            process.terminate()
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                process.wait(10)
+            if process.poll() is None:
+                process.kill()
+
+    keys = ["calls", "leases", "reservations", "asyncio_tasks", "open_fds", "rss_mb"]
+    print(f"soak: {args.calls} calls, {args.concurrency} at a time, {args.seconds:g} s each, in {elapsed_s:.0f} s")
+    print()
+    moments = (("idle", idle), (f"after {WARM_UP_CALLS} warm-up calls", warm), ("end", end))
+    print(table([("", *keys), *[(name, *(str(s[k]) for k in keys)) for name, s in moments]]))
+    print()
+    rows = [("scenario", "outcome (caller's view)", "calls")]
+    rows += [(s, o, str(n)) for (s, o), n in sorted(soak.outcomes.items())]
+    print(table(rows))
+    print()
+    print("bridge_calls_total by outcome:", dict(sorted(outcomes.items())))
+    print("emulator: faults injected", emulated["faults"]["injected"])
+    print(f"emulator: {emulated['sessions_opened']} sessions, limit violations {len(emulated['violations'])}")
+    leaked = [k for k in ("calls", "leases", "reservations") if end[k]]
+    leaked += [k for k in ("asyncio_tasks", "open_fds") if end[k] > warm[k] + 2]
+    if leaked:
+        print(f"soak: FAILED: still held at the end: {', '.join(leaked)}")
+        return 1
+    print(f"soak: nothing held at the end; RSS {end['rss_mb'] - warm['rss_mb']:+.1f} MB since the warm-up")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
