@@ -1,10 +1,11 @@
 #!/usr/bin/env python3
 """One-step set-up and run: ``python3 dev.py serve`` or ``python3 dev.py test``.
 
-On first use (and whenever pyproject.toml changes) it creates ``.venv`` beside this file and installs the
-package with its test extras into it; then it becomes the bridge's CLI or pytest inside that environment
-(``os.execv``: same process, so SIGTERM and Ctrl-C reach the bridge itself). ``serve`` runs with ``--dev``:
-with no SAVANTS_BASE_URL it uses the embedded Savants emulator, on 127.0.0.1 unless HOST is given.
+On first use (and whenever pyproject.toml or constraints.txt changes) it creates ``.venv`` beside this file and
+installs the package with its test extras into it, at the versions constraints.txt pins (the ones CI and the
+Docker image use); then it becomes the bridge's CLI or pytest inside that environment (``os.execv``: same
+process, so SIGTERM and Ctrl-C reach the bridge itself). ``serve`` runs with ``--dev``: with no
+SAVANTS_BASE_URL it uses the embedded Savants emulator, on 127.0.0.1 unless HOST is given.
 Needs nothing but Python 3.11 or newer.
 """
 
@@ -21,12 +22,13 @@ ROOT = Path(__file__).resolve().parent
 VENV = ROOT / ".venv"
 BIN = VENV / ("Scripts" if os.name == "nt" else "bin")
 STAMP = VENV / ".installed-from"
+CONSTRAINTS = ROOT / "constraints.txt"
 
 
 def ensure_environment() -> None:
     if sys.version_info < (3, 11):  # noqa: UP036 - this script is what tells an older Python so
         sys.exit(f"telephony-bridge needs Python 3.11 or newer; this is {sys.version.split()[0]}")
-    wanted = hashlib.sha256((ROOT / "pyproject.toml").read_bytes()).hexdigest()
+    wanted = hashlib.sha256((ROOT / "pyproject.toml").read_bytes() + CONSTRAINTS.read_bytes()).hexdigest()
     if STAMP.exists() and STAMP.read_text() == wanted:
         return
     if not (BIN / "python").exists():
@@ -34,8 +36,9 @@ def ensure_environment() -> None:
         venv.EnvBuilder(with_pip=True).create(VENV)
     print("dev.py: installing telephony-bridge and its test extras", file=sys.stderr)
     pip = [str(BIN / "python"), "-m", "pip", "--disable-pip-version-check", "-q"]
-    subprocess.run([*pip, "install", "--upgrade", "pip"], check=True)
-    subprocess.run([*pip, "install", "-e", f"{ROOT}[test]"], check=True)
+    pinned = ["--constraint", str(CONSTRAINTS)]
+    subprocess.run([*pip, "install", *pinned, "pip"], check=True)
+    subprocess.run([*pip, "install", *pinned, "-e", f"{ROOT}[test]"], check=True)
     STAMP.write_text(wanted)
 
 

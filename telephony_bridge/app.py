@@ -73,6 +73,7 @@ def create_app(
     oplog.install_context()
     oplog.guard_wire_loggers()
     registry = CallRegistry()
+    metrics.watch_devices(settings.savants.device_ids, settings.accounting.max_concurrent_per_device, registry.snapshot)
     checker = signature_checker(settings)
 
     @contextlib.asynccontextmanager
@@ -138,6 +139,7 @@ def create_app(
                 pending_streams_s=settings.server.drain_pending_streams_s,
             )
             app.state.drain = drain
+            metrics.draining.set_function(lambda: float(drain.draining))  # read at each scrape
             app.state.webhooks = TwilioWebhooks(settings, admission, metrics, checker, drain, clock)
             app.state.registry = registry
             yield

@@ -192,6 +192,9 @@ def witness_call(bridge: ServerThread, seconds: float) -> Iterator[list[CallResu
 WITNESS_S = 20.0
 
 
+# The servers run in threads of this process, and websockets draws ping payloads from the global `random`
+# while hypothesis draws an example: hypothesis then warns that the strategy used `random`. It did not.
+@pytest.mark.filterwarnings("ignore::hypothesis.errors.HypothesisDeprecationWarning")
 @pytest.mark.timeout(180)
 def test_random_streams_harm_nothing_and_no_other_call(stage: Stage) -> None:
     bridge = stage.bridge

@@ -3,7 +3,13 @@ low-cardinality labels only (never a call SID)."""
 
 from __future__ import annotations
 
+import collections
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from typing import Any
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
 
 _LATENCY_BUCKETS = (0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0)
 
@@ -12,6 +18,7 @@ class Metrics:
     def __init__(self) -> None:
         self.registry = r = CollectorRegistry()
         self.calls_active = Gauge("bridge_calls_active", "Calls currently bridged", registry=r)
+        self.draining = Gauge("bridge_draining", "1 from SIGTERM until the process exits", registry=r)
         self.calls = Counter(
             "bridge_calls_total", "Calls ended, by outcome and ingress", ["outcome", "ingress"], registry=r
         )
@@ -124,5 +131,29 @@ class Metrics:
             "bridge_accounting_unavailable_total", "Times the shared accounting store did not answer", registry=r
         )
 
+    def watch_devices(
+        self, device_ids: Sequence[str], max_calls: int, calls: Callable[[], Iterable[Mapping[str, Any]]]
+    ) -> None:
+        """Per-device load, read at scrape time from ``calls`` (the registry's snapshot): the pool is configured,
+        so the ``device`` label stays low-cardinality, and every device shows, idle ones at 0."""
+        limit = Gauge("bridge_device_call_limit", "Concurrent calls Savants allows per device", registry=self.registry)
+        limit.set(max_calls)
+        self.registry.register(_DeviceCalls(tuple(device_ids), calls))
+
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+class _DeviceCalls(Collector):
+    def __init__(self, device_ids: tuple[str, ...], calls: Callable[[], Iterable[Mapping[str, Any]]]) -> None:
+        self._device_ids = device_ids
+        self._calls = calls
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        family = GaugeMetricFamily(
+            "bridge_device_calls", "Calls this replica bridges now, by Savants device", labels=["device"]
+        )
+        counts = collections.Counter(call["device_id"] for call in self._calls())
+        for device in self._device_ids:
+            family.add_metric([device], counts.get(device, 0))
+        yield family
