@@ -42,6 +42,7 @@ from telephony_bridge.savants.client import Connector, open_voice_session
 from telephony_bridge.savants.health import TokenEndpointHealth
 from telephony_bridge.savants.tokens import TokenClient
 from telephony_bridge.settings import Settings
+from telephony_bridge.sip.server import SipServer
 from telephony_bridge.store import MemoryStore, RedisStore, Store
 from telephony_bridge.twilio.leg import handle_media_stream
 from telephony_bridge.twilio.signatures import SignatureChecker
@@ -142,6 +143,12 @@ def create_app(
             metrics.draining.set_function(lambda: float(drain.draining))  # read at each scrape
             app.state.webhooks = TwilioWebhooks(settings, admission, metrics, checker, drain, clock)
             app.state.registry = registry
+            app.state.sip = None
+            if settings.sip.port is not None:
+                sip = SipServer(app.state.deps, draining=lambda: drain.draining)
+                await sip.start()
+                stack.push_async_callback(sip.stop)
+                app.state.sip = sip
             yield
             drain.draining = True
             if len(registry):
@@ -187,6 +194,8 @@ def create_app(
             "draining": request.app.state.drain.draining,
             "process": process_figures(),
         }
+        if request.app.state.sip is not None:
+            body["sip"] = request.app.state.sip.status()
         return JSONResponse(body)
 
     return Starlette(

@@ -59,6 +59,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     serve.add_argument("--host", help="listen address (overrides HOST / server.host)")
     serve.add_argument("--port", type=int, help="listen port (overrides PORT / server.port)")
+    serve.add_argument("--sip-port", type=int, help="SIP ingress on this UDP+TCP port (overrides SIP_PORT / sip.port)")
     serve.add_argument(
         "--workers", type=int, help="worker processes on the one port (overrides server.workers; > 1 needs Redis)"
     )
@@ -133,8 +134,21 @@ def _parser() -> argparse.ArgumentParser:
     load.add_argument("--deadline", type=float, help="give up on the whole run after this many seconds")
     load.add_argument("--pid", type=int, nargs="+", default=[], help="report the CPU these bridge processes use")
     load.add_argument("--json", metavar="OUT", help="also write every figure to this JSON file")
+    load.add_argument("--sip", metavar="URI", help="place SIP calls to this sip:ai@HOST:PORT instead of Twilio streams")
+    load.add_argument("--transport", choices=["udp", "tcp"], default="udp", help="SIP transport with --sip")
     _add_twilio_flow_options(load)
     load.set_defaults(run=run_loadtest)
+
+    sipcall = sub.add_parser("sipcall", help="place one SIP call against a bridge, like a trunk", formatter_class=fmt)
+    sipcall.add_argument("target", help="the bridge's SIP URI, e.g. sip:ai@127.0.0.1:5060")
+    sipcall.add_argument("--wav", help="what the caller says: mono 16-bit WAV at 8 or 16 kHz (omitted: silence)")
+    sipcall.add_argument("--out", help="write what the caller heard to this WAV (8 kHz)")
+    sipcall.add_argument("--seconds", type=float, default=5.0, help="hang up (BYE) after this long")
+    sipcall.add_argument("--transport", choices=["udp", "tcp"], default="udp")
+    sipcall.add_argument("--dtmf", default="", help="keys to press (RFC 4733), one every 0.5 s from 1 s, e.g. 12#")
+    sipcall.add_argument("--user", default="", help="digest user, if the bridge challenges")
+    sipcall.add_argument("--password", default="", help="digest password (omitted: $SIP_PASSWORD)")
+    sipcall.set_defaults(run=run_sipcall)
     return parser
 
 
@@ -149,12 +163,21 @@ def _add_twilio_flow_options(parser: argparse.ArgumentParser) -> None:
 
 
 def run_serve(args: argparse.Namespace) -> int:
-    given = (("server.host", args.host), ("server.port", args.port), ("server.workers", args.workers))
+    given = (
+        ("server.host", args.host),
+        ("server.port", args.port),
+        ("server.workers", args.workers),
+        ("sip.port", args.sip_port),
+    )
     overrides: dict[str, object] = {k: v for k, v in given if v is not None}
     if args.dev:
         overrides["dev"] = True
     settings = load_settings(args.config, **overrides)
     _require_production_settings(settings)  # before anything starts: a missing setting is one sentence
+    if settings.sip.port is not None:
+        from telephony_bridge.sip.server import require_sip_security
+
+        require_sip_security(settings)
     oplog.configure(settings.logging.level, settings.logging.format)
     if settings.server.workers > 1:
         from telephony_bridge.workers import supervise
@@ -341,10 +364,37 @@ def run_call(args: argparse.Namespace) -> int:
     )
 
 
+def run_sipcall(args: argparse.Namespace) -> int:
+    from telephony_bridge.tools.sip_caller import sipcall_command
+
+    oplog.configure("WARNING")
+    password = args.password or os.environ.get("SIP_PASSWORD", "")
+    return asyncio.run(
+        sipcall_command(
+            args.target,
+            args.wav,
+            args.out,
+            args.seconds,
+            transport=args.transport,
+            dtmf=args.dtmf,
+            user=args.user,
+            password=password,
+        )
+    )
+
+
 def run_loadtest(args: argparse.Namespace) -> int:
     from telephony_bridge.tools.loadtest import loadtest_command
 
     oplog.configure("WARNING")
+    if args.sip:
+        from telephony_bridge.tools.sip_caller import sip_loadtest_command
+
+        return asyncio.run(
+            sip_loadtest_command(
+                args.sip, args.calls, args.concurrency, args.seconds, args.ramp, args.wav, args.transport
+            )
+        )
     return asyncio.run(
         loadtest_command(
             args.url,

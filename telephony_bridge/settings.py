@@ -7,6 +7,7 @@ A wrong value fails at start-up with one sentence naming the key, the value and 
 
 from __future__ import annotations
 
+import ipaddress
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -159,6 +160,73 @@ class BargeInSettings(_Frozen):
     max_hold_s: float = Field(8.0, ge=0, le=600)
 
 
+class SipSettings(_Frozen):
+    """Native SIP ingress (spec: sip-rtp.md). Off unless ``port`` is set."""
+
+    port: int | None = Field(None, ge=0, le=65535)
+    host: str = ""  # empty: server.host
+    advertised_host: str = ""
+    rtp_ports: str = "20000-20999"
+    allowed_sources: tuple[str, ...] = ()
+    media_sources: tuple[str, ...] = ()
+    realm: str = "telephony-bridge"
+    nonce_ttl_s: float = Field(300.0, ge=1, le=3600)
+    users: dict[str, dict[str, str]] = {}
+    allow_pcma: bool = True
+    media_timeout_s: float = Field(30.0, gt=0)
+    min_session_expires_s: int = Field(90, ge=90)
+    retry_after_s: int = Field(30, ge=0, le=3600)
+    fallback_wav: str = ""
+    t1_ms: int = Field(500, ge=10, le=5000)
+
+    @field_validator("rtp_ports")
+    @classmethod
+    def _rtp_ports(cls, v: str) -> str:
+        first, sep, last = v.partition("-")
+        if not (sep and first.strip().isdigit() and last.strip().isdigit()):
+            raise ValueError("expected a range 'FIRST-LAST' such as '20000-20999'")
+        lo, hi = int(first), int(last)
+        if not (1024 <= lo < hi <= 65535) or hi - lo < 1:
+            raise ValueError("expected 1024 <= FIRST < LAST <= 65535 with room for one even/odd pair")
+        return f"{lo}-{hi}"
+
+    @field_validator("allowed_sources", "media_sources", mode="before")
+    @classmethod
+    def _sources(cls, v: Any) -> Any:
+        if isinstance(v, str):
+            v = [part.strip() for part in v.split(",") if part.strip()]
+        for item in v or ():
+            try:
+                ipaddress.ip_network(item, strict=False)
+            except ValueError:
+                raise ValueError(f"expected CIDR networks such as 192.0.2.0/24, got {item!r}") from None
+        return v
+
+    @field_validator("users")
+    @classmethod
+    def _users(cls, v: dict[str, dict[str, str]]) -> dict[str, dict[str, str]]:
+        for user, hashes in v.items():
+            for alg, digest in hashes.items():
+                size = {"SHA-256": 64, "MD5": 32}.get(alg)
+                if size is None:
+                    raise ValueError(f"user {user!r}: expected algorithm SHA-256 or MD5, got {alg!r}")
+                if len(digest) != size or any(c not in "0123456789abcdef" for c in digest.lower()):
+                    raise ValueError(f"user {user!r}: expected a {size}-digit hex {alg} HA1")
+        return v
+
+    @field_validator("fallback_wav")
+    @classmethod
+    def _wav(cls, v: str) -> str:
+        if v and not Path(v).is_file():
+            raise ValueError("expected the path of an existing WAV file")
+        return v
+
+    @property
+    def rtp_range(self) -> tuple[int, int]:
+        first, last = self.rtp_ports.split("-")
+        return int(first), int(last)
+
+
 class LoggingSettings(_Frozen):
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     format: Literal["auto", "json", "text"] = "auto"
@@ -181,6 +249,7 @@ class Settings(_Frozen):
     audio: AudioSettings = AudioSettings()
     accounting: AccountingSettings = AccountingSettings()
     barge_in: BargeInSettings = BargeInSettings()
+    sip: SipSettings = SipSettings()
     logging: LoggingSettings = LoggingSettings()
     ops: OpsSettings = OpsSettings()
     redis_url: str = ""
@@ -228,6 +297,12 @@ ENVIRONMENT: dict[str, str] = {
     "BRIDGE_DEV": "dev",
     "LOG_LEVEL": "logging.level",
     "BARGE_IN": "barge_in.enabled",
+    "SIP_PORT": "sip.port",
+    "SIP_HOST": "sip.host",
+    "SIP_ADVERTISED_HOST": "sip.advertised_host",
+    "RTP_PORTS": "sip.rtp_ports",
+    "SIP_ALLOWED_SOURCES": "sip.allowed_sources",
+    "SIP_MEDIA_SOURCES": "sip.media_sources",
 }
 SECRET_KEYS = frozenset({"savants.api_key", "twilio.auth_token", "ops.token"})
 # Any key, named or not above, can also be set as BRIDGE__<SECTION>__<KEY>, e.g. BRIDGE__AUDIO__OUTBOUND_LEAD_MS.

@@ -227,3 +227,12 @@ def test_alaw_matches_the_stdlib_reference_and_transcodes_to_ulaw() -> None:
     ulaw = audioop.lin2ulaw(pcm, 2)
     assert ulaw_to_alaw(ulaw) == audioop.lin2alaw(audioop.ulaw2lin(ulaw, 2), 2)
     assert alaw_to_ulaw(bytes([ALAW_SILENCE])) in (b"\xff", b"\xfe")  # near-zero either way
+
+
+def test_receiver_takes_empty_event_placeholders_without_loss_or_audio() -> None:
+    pkts = packets(160, 6)
+    events = [RtpPacket(101, p.sequence, p.timestamp, p.ssrc, b"") for p in pkts[2:4]]
+    receiver = RtpReceiver()
+    out = run(receiver, [*pkts[:2], *events, *pkts[4:]])
+    assert receiver.stats.lost == 0
+    assert out == pkts[0].payload + pkts[1].payload + b"\xff" * 320 + pkts[4].payload + pkts[5].payload

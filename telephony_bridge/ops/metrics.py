@@ -130,6 +130,27 @@ class Metrics:
         self.accounting_errors = Counter(
             "bridge_accounting_unavailable_total", "Times the shared accounting store did not answer", registry=r
         )
+        self.sip_refused = Counter(
+            "bridge_sip_refused_total",
+            "SIP requests refused (INVITE answers 4xx/5xx, 403 to sources)",
+            ["code"],
+            registry=r,
+        )
+        self.sip_setup = Histogram(
+            "bridge_sip_setup_seconds",
+            "SIP INVITE received to 200 OK sent",
+            buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0),
+            registry=r,
+        )
+        self.sip_rtp_packets = Counter(
+            "bridge_sip_rtp_packets_total", "Caller RTP packets by fate (received, lost, late)", ["fate"], registry=r
+        )
+        self.sip_jitter = Histogram(
+            "bridge_sip_jitter_seconds",
+            "Interarrival jitter of the caller's RTP at the end of each SIP call (RFC 3550)",
+            buckets=(0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.08, 0.16),
+            registry=r,
+        )
 
     def watch_devices(
         self, device_ids: Sequence[str], max_calls: int, calls: Callable[[], Iterable[Mapping[str, Any]]]

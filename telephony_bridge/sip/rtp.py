@@ -181,6 +181,15 @@ class RtpReceiver:
             out += self._play(min(self._pending))
         return bytes(out)
 
+    @property
+    def ssrc(self) -> int | None:
+        return self._ssrc
+
+    @property
+    def pending(self) -> bool:
+        """Packets are held waiting for a missing one."""
+        return bool(self._pending)
+
     def flush(self) -> bytes:
         """Everything held, in order (end of call, or before a reset)."""
         out = bytearray()

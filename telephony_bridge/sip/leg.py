@@ -1,0 +1,334 @@
+"""The SIP/RTP caller leg: one answered dialog's media as a ``leg.CallerLeg`` (spec §10.5, §11, §12).
+
+Inbound RTP goes through ``RtpReceiver`` (reorder, loss fill by timestamp, resets) and ``DtmfReceiver`` and
+comes out of ``receive()`` as 8 kHz μ-law and digits. Outbound, ``run_media`` owns the wire clock: exactly one
+20 ms packet per tick on the monotonic clock, from the frames the core queued (``Outbound`` keeps that queue
+within its lead) or comfort silence, with one SSRC and continuous sequence/timestamp for the whole call (G6).
+A mark is confirmed once the audio before it has gone onto the wire (SIP has no playback echo). RTCP SR+SDES
+every 5 s and a BYE at the end.
+
+Symmetric RTP (§11.4): we send to the SDP address until the first valid packet arrives from an allowed
+media source, then latch to that source once; later sources are ignored (RTP Bleed, G12). The signalling side
+(``sip/server.py``) feeds peer events in with ``peer_hung_up``/``digit``/``update_media`` and learns our
+hang-up through ``on_hang_up``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import logging
+import secrets
+from collections import deque
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import replace
+from typing import Any, Literal
+
+from telephony_bridge.audio.alaw import ALAW_SILENCE, alaw_to_ulaw, ulaw_to_alaw
+from telephony_bridge.audio.codec import TWILIO_FRAME_BYTES, ULAW_SILENCE
+from telephony_bridge.clock import Clock
+from telephony_bridge.errors import CallerGone
+from telephony_bridge.leg import CallerAudio, Digit, HungUp, LegEvent, PlayedUpTo, Watchdog
+from telephony_bridge.sip import rtcp
+from telephony_bridge.sip.dtmf import DtmfReceiver
+from telephony_bridge.sip.rtp import CLOCK_HZ, FRAME_SAMPLES, RtpReceiver, RtpSender, parse_rtp
+from telephony_bridge.sip.sdp import Negotiated
+
+log = logging.getLogger(__name__)
+
+TICK_S = FRAME_SAMPLES / CLOCK_HZ  # 20 ms
+FLUSH_AFTER_S = 0.06  # the reorder buffer gives up waiting for a missing packet after this long
+# A loop stalled by up to this many ticks catches up (the peer's jitter buffer absorbs a short burst, and no audio
+# moves in time); a longer stall skips ahead, with the timestamp still telling the true time.
+MAX_LATE_TICKS = 25
+SPURT_PREBUFFER_S = 0.06
+FAILED_OUTCOMES = frozenset({"ai_unavailable", "error", "no_capacity"})
+Networks = Sequence[ipaddress.IPv4Network | ipaddress.IPv6Network]
+
+
+def source_allowed(host: str, networks: Networks) -> bool:
+    """Whether ``host`` lies in one of ``networks`` (an empty list allows nothing)."""
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return any(address in net for net in networks)
+
+
+class RtpProtocol(asyncio.DatagramProtocol):
+    """Hands every datagram on an RTP (or RTCP) port to one callback."""
+
+    def __init__(self, on_datagram: Callable[[bytes, tuple[str, int]], None]) -> None:
+        self._on_datagram = on_datagram
+
+    def datagram_received(self, data: bytes, addr: tuple[str, Any]) -> None:
+        self._on_datagram(data, (addr[0], addr[1]))
+
+    def error_received(self, exc: Exception) -> None:  # ICMP unreachable from a peer that went away
+        log.debug("rtp socket error: %s", exc)
+
+
+class SipLeg:
+    """One SIP call's RTP as a caller leg."""
+
+    ingress: Literal["sip"] = "sip"
+
+    def __init__(
+        self,
+        call_id: str,
+        media: Negotiated,
+        rtp: asyncio.DatagramTransport,
+        clock: Clock,
+        *,
+        media_timeout_s: float,
+        media_sources: Networks,
+        on_hang_up: Callable[[str], Awaitable[None]],
+        fallback_ulaw: bytes = b"",
+        cname: str = "telephony-bridge",
+    ) -> None:
+        self.call_id = call_id
+        self.stream_id = ""
+        self._rtp = rtp
+        self._rtcp: asyncio.DatagramTransport | None = None
+        self._clock = clock
+        self._media_sources = media_sources
+        self._on_hang_up = on_hang_up
+        self._fallback = fallback_ulaw
+        self._cname = cname
+        self._events: asyncio.Queue[LegEvent] = asyncio.Queue()
+        self._queue: deque[bytes | str] = deque()  # 160-byte μ-law frames and mark names, in order
+        self._drained = asyncio.Event()
+        self._sender = RtpSender()
+        self._dtmf = DtmfReceiver()
+        self.watchdog = Watchdog(clock, media_timeout_s)
+        self._gone = False  # the peer ended the dialog: nothing can be sent any more
+        self._hung_up = False
+        self._stopped = asyncio.Event()
+        self._last_rx = clock.monotonic()
+        self._at_samples = 0
+        self._rx_samples = 0
+        self._idle = True
+        self._spurt_waiting_since: float | None = None
+        self.latched_from: tuple[str, int] | None = None
+        self.ignored_packets = 0
+        self.sent_frames = 0
+        self.update_media(media)
+
+    # --- signalling side -----------------------------------------------------------------------------------
+
+    def update_media(self, media: Negotiated) -> None:
+        """Answer or re-INVITE: where to send, what, and which direction; a move resets latch and buffer."""
+        old = getattr(self, "media", None)
+        self.media = media
+        self._pcma = media.codec == "PCMA"
+        if old is None or old.codec != media.codec:  # gaps are filled with the codec's own silence
+            self._receiver = RtpReceiver(silence=ALAW_SILENCE if self._pcma else ULAW_SILENCE)
+        if old is None or (old.remote_host, old.remote_port) != (media.remote_host, media.remote_port):
+            self._remote = (media.remote_host, media.remote_port)
+            self.latched_from = None  # a new SSRC from the new place resets the receiver itself
+        if not media.direction.we_receive:
+            self.watchdog.alive()
+
+    def peer_hung_up(self, reason: str) -> None:
+        """The peer ended the dialog (BYE, CANCEL): nothing more goes to it, no BYE from us."""
+        self._gone = True
+        self._events.put_nowait(HungUp(reason))
+
+    def end(self, reason: str) -> None:
+        """The dialog must end from our side (no ACK, session expired, shutting down): the core winds the call
+        down and ``hang_up`` sends our BYE."""
+        self._events.put_nowait(HungUp(reason))
+
+    def digit(self, digit: str) -> None:
+        self._events.put_nowait(Digit(digit))
+
+    def attach_rtcp(self, transport: asyncio.DatagramTransport) -> None:
+        self._rtcp = transport
+
+    # --- inbound RTP ---------------------------------------------------------------------------------------
+
+    def datagram(self, data: bytes, addr: tuple[str, int]) -> None:
+        packet = parse_rtp(data)
+        media = self.media
+        if packet is None or packet.payload_type not in (media.codec_pt, media.telephone_event_pt):
+            self.ignored_packets += 1
+            return
+        if self.latched_from is None:
+            if not source_allowed(addr[0], self._media_sources):
+                self.ignored_packets += 1
+                return
+            self.latched_from = addr
+            self._remote = addr  # symmetric RTP: answer where the media comes from (§11.4)
+        elif addr != self.latched_from:
+            self.ignored_packets += 1  # latch once: a second source is not allowed to take over (G12)
+            return
+        now = self._clock.monotonic()
+        self.watchdog.alive()
+        self._last_rx = now
+        if packet.payload_type == media.telephone_event_pt:
+            digit = self._dtmf.push(packet.ssrc, packet.timestamp, packet.payload)
+            if digit is not None:
+                self._events.put_nowait(Digit(digit))
+            if packet.ssrc == self._receiver.ssrc:  # same stream: its sequence numbers are not lost audio
+                self._deliver(self._receiver.push(replace(packet, payload=b""), now))
+            return  # another SSRC (a replayed capture, G13) never touches the audio stream's state
+        self._deliver(self._receiver.push(packet, now))
+
+    def _deliver(self, payload: bytes) -> None:
+        """The receiver's output is already continuous (gaps filled by timestamp), so its place on the caller's
+        timeline is simply how much came before it."""
+        if payload:
+            at_ms = self._rx_samples // (CLOCK_HZ // 1000)
+            self._rx_samples += len(payload)
+            self._events.put_nowait(CallerAudio(alaw_to_ulaw(payload) if self._pcma else payload, at_ms))
+
+    # --- leg.CallerLeg -------------------------------------------------------------------------------------
+
+    async def receive(self) -> LegEvent:
+        return await self._events.get()
+
+    async def send_audio(self, ulaw: bytes) -> None:
+        if self._gone:
+            raise CallerGone("the SIP dialog has ended")
+        for start in range(0, len(ulaw), TWILIO_FRAME_BYTES):
+            frame = ulaw[start : start + TWILIO_FRAME_BYTES]
+            self._queue.append(frame.ljust(TWILIO_FRAME_BYTES, bytes([ULAW_SILENCE])))
+        self._drained.clear()
+
+    async def send_mark(self, name: str) -> None:
+        if self._gone:
+            raise CallerGone("the SIP dialog has ended")
+        if not any(isinstance(item, bytes) for item in self._queue):
+            self._events.put_nowait(PlayedUpTo(name))
+        else:
+            self._queue.append(name)
+
+    async def clear(self) -> None:
+        marks = [item for item in self._queue if isinstance(item, str)]
+        self._queue.clear()
+        self._drained.set()
+        for name in marks:  # like Twilio: a clear echoes the marks of the audio it dropped
+            self._events.put_nowait(PlayedUpTo(name))
+
+    async def hang_up(self, outcome: str) -> None:
+        if self._hung_up:
+            return
+        self._hung_up = True
+        if outcome in FAILED_OUTCOMES and self._fallback and not self._gone:
+            await self.clear()
+            await self.send_audio(self._fallback)
+            self._drained.clear()
+            try:
+                async with asyncio.timeout(len(self._fallback) / CLOCK_HZ + 2.0):
+                    await self._drained.wait()
+            except TimeoutError:
+                log.warning("the fallback recording did not finish playing before the BYE")
+        self._stopped.set()
+        if not self._gone:
+            self._gone = True
+            await self._on_hang_up(outcome)
+
+    async def inactive(self) -> str:
+        while True:
+            silent_s = await self.watchdog.expired()
+            if self.media.direction.we_receive:
+                return f"no RTP for {silent_s:.1f} s (media timeout)"
+            self.watchdog.alive()  # on hold: silence from the peer is expected (§10.5)
+
+    def figures(self) -> dict[str, Any]:
+        stats = self._receiver.stats
+        return {
+            "codec": self.media.codec,
+            "rtp_packets_in": stats.received,
+            "rtp_packets_out": self._sender.packets,
+            "rtp_lost": stats.lost,
+            "rtp_late": stats.late,
+            "rtp_resets": stats.resets,
+            "rtp_ignored": self.ignored_packets,
+            "jitter_ms": round(stats.jitter_ms, 2),
+            "rfc4733_digits": self._dtmf.digits,
+        }
+
+    # --- outbound wire clock -------------------------------------------------------------------------------
+
+    async def run_media(self) -> None:
+        """Send one packet every 20 ms until hang-up: queued audio, else comfort silence (§11.2)."""
+        clock = self._clock
+        start = clock.monotonic()
+        tick = 0
+        next_report = start + secrets.randbelow(1000) / 1000 + 1.0
+        while not self._stopped.is_set():
+            due = start + tick * TICK_S
+            now = clock.monotonic()
+            if now - due > MAX_LATE_TICKS * TICK_S:  # stalled: skip the missed ticks, keep the timestamp true
+                log.debug("RTP sender stalled for %.0f ms; skipping ahead", 1000 * (now - due))
+                tick = int((now - start) / TICK_S)
+                due = start + tick * TICK_S
+            await clock.sleep_until(due)
+            self._send_tick(tick * FRAME_SAMPLES)
+            tick += 1
+            now = clock.monotonic()
+            if self._receiver_waiting(now):
+                self._deliver(self._receiver.flush())
+            if now >= next_report:
+                next_report = now + rtcp.INTERVAL_S
+                self._send_rtcp(self._report(now))
+        self._send_rtcp(self._report(clock.monotonic()) + rtcp.goodbye(self._sender.ssrc))
+
+    def _receiver_waiting(self, now: float) -> bool:
+        return now - self._last_rx > FLUSH_AFTER_S and self._receiver.pending
+
+    def _spurt_ready(self, now: float) -> bool:
+        """A talk spurt starts only with ``SPURT_PREBUFFER_S`` queued (or after waiting that long): the AI's
+        audio reaches us with network and scheduling jitter, and a hole mid-spurt is worse than 60 ms delay."""
+        if not self._idle:
+            return True
+        frames = sum(1 for item in self._queue if isinstance(item, bytes))
+        if frames == 0:
+            self._spurt_waiting_since = None
+            return False
+        if self._spurt_waiting_since is None:
+            self._spurt_waiting_since = now
+        return frames * TICK_S >= SPURT_PREBUFFER_S or now - self._spurt_waiting_since >= SPURT_PREBUFFER_S
+
+    def _send_tick(self, at_samples: int) -> None:
+        self._at_samples = at_samples
+        frame: bytes | None = None
+        while self._queue and isinstance(self._queue[0], str):  # marks behind audio already on the wire
+            self._events.put_nowait(PlayedUpTo(self._queue.popleft()))  # type: ignore[arg-type]
+        ready = self._spurt_ready(self._clock.monotonic())
+        while self._queue and ready:
+            item = self._queue.popleft()
+            if isinstance(item, str):
+                self._events.put_nowait(PlayedUpTo(item))
+                continue
+            frame = item
+            break
+        self._idle = frame is None
+        if not self._queue:
+            self._drained.set()
+        if not self.media.direction.we_send or self._gone:
+            return  # held: the timestamp keeps advancing, the next packet after resume carries the marker
+        if frame is None:
+            frame = bytes([ULAW_SILENCE]) * TWILIO_FRAME_BYTES
+        else:
+            self.sent_frames += 1
+        payload = ulaw_to_alaw(frame) if self._pcma else frame
+        packet = self._sender.packet(payload, self.media.codec_pt, at_samples)
+        self._rtp.sendto(packet.to_bytes(), self._remote)
+
+    def _report(self, now: float) -> bytes:
+        sender = self._sender
+        return rtcp.compound_report(
+            sender.ssrc,
+            self._cname,
+            wall_s=self._clock.wall(),
+            rtp_timestamp=sender.timestamp_at(self._at_samples),
+            packets=sender.packets,
+            octets=sender.octets,
+        )
+
+    def _send_rtcp(self, data: bytes) -> None:
+        if self._rtcp is not None:
+            host, port = self._remote
+            self._rtcp.sendto(data, (host, port + 1))

@@ -1,0 +1,560 @@
+"""The SIP ingress driver: UDP and TCP on one port, the UAS core's timers, and one task per answered call.
+
+Wire bytes go through ``message`` into ``core.UserAgentCore``; what comes out is sent, and its events drive
+calls. An INVITE is decided here, cheapest refusals first and before anything is allocated (spec §7, §8):
+source allow-list or digest (``403``/``401``), draining (``503``), session interval (``422``), codecs
+(``488``), RTP ports (``503``), then admission on the shared device pool (``486`` busy, ``503`` when the AI
+cannot be reached). An admitted call is answered (``180``, ``200`` + SDP) and handed to the ingress-neutral
+call core (``bridge.Call``) through a ``SipLeg``: its identity for accounting and logs is the SIP Call-ID.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ipaddress
+import itertools
+import logging
+import secrets
+import wave
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from telephony_bridge.audio.codec import pcm16_to_ulaw
+from telephony_bridge.bridge import Call, CallDeps
+from telephony_bridge.errors import AdmissionError, ConfigError, SavantsError
+from telephony_bridge.ops import logging as oplog
+from telephony_bridge.settings import Settings
+from telephony_bridge.sip import sdp
+from telephony_bridge.sip.address import parse_name_addr, parse_uri
+from telephony_bridge.sip.auth import DigestAuthenticator
+from telephony_bridge.sip.core import (
+    AckTimeout,
+    CallCancelled,
+    CallConfirmed,
+    CallEnded,
+    IncomingCall,
+    InfoDigit,
+    Output,
+    ReOffer,
+    Send,
+    UserAgentCore,
+)
+from telephony_bridge.sip.dialog import Peer, build_response
+from telephony_bridge.sip.leg import Networks, RtpProtocol, SipLeg, source_allowed
+from telephony_bridge.sip.message import Malformed, Request, StreamParser, parse_datagram
+from telephony_bridge.sip.timers import SessionTimer, TooSmall, negotiate_session_timer
+from telephony_bridge.sip.transaction import Timers
+from telephony_bridge.store import StoreUnavailable
+
+log = logging.getLogger(__name__)
+
+DEV_SOURCES = ("127.0.0.0/8",)
+# Media of a call whose INVITE had no SDP, until the ACK brings the answer: nothing is sent anywhere.
+LATE_OFFER_PENDING = sdp.Negotiated(0, "0.0.0.0", 9, sdp.PCMU, 0, None, sdp.Direction.INACTIVE, None)
+
+
+def require_sip_security(settings: Settings) -> None:
+    """Production with SIP on: a trunk must be secured, and peers must be told a reachable address."""
+    sip = settings.sip
+    if sip.port is None:
+        return
+    if settings.server.workers > 1:
+        raise ConfigError(
+            f"config key 'sip.port' (environment variable SIP_PORT) cannot be used with server.workers = "
+            f"{settings.server.workers}: the SIP ingress keeps its transactions in one process; run one worker per "
+            "replica and spread calls with a SIP proxy (deploy/kamailio)"
+        )
+    if settings.dev_mode:
+        return
+    if not sip.allowed_sources and not sip.users:
+        raise ConfigError(
+            "config key 'sip.allowed_sources' (environment variable SIP_ALLOWED_SOURCES) or 'sip.users' must be "
+            "set when SIP is on in production: otherwise anyone who finds the port can call the AI"
+        )
+    host = sip.host or settings.listen_host
+    if host in ("0.0.0.0", "::", "") and not sip.advertised_host:
+        raise ConfigError(
+            "config key 'sip.advertised_host' (environment variable SIP_ADVERTISED_HOST) must be set when SIP "
+            f"listens on the wildcard address {host!r}: peers need the address to send ACK, BYE and RTP to"
+        )
+
+
+class RtpPorts:
+    """Even RTP ports with the odd RTCP port after each (RFC 3550 §11), handed out round robin."""
+
+    def __init__(self, first: int, last: int) -> None:
+        self._ports = list(range(first + first % 2, last, 2))
+        self._next = itertools.cycle(range(len(self._ports))) if self._ports else iter(())
+        self.in_use: set[int] = set()
+
+    async def bind(
+        self, host: str, on_rtp: Callable[[bytes, tuple[str, int]], None]
+    ) -> tuple[int, asyncio.DatagramTransport, asyncio.DatagramTransport] | None:
+        """Bind a free pair (another process may hold some ports: those are skipped), or None."""
+        loop = asyncio.get_running_loop()
+        for _ in range(len(self._ports)):
+            port = self._ports[next(self._next)]
+            if port in self.in_use:
+                continue
+            try:
+                rtp, _ = await loop.create_datagram_endpoint(lambda: RtpProtocol(on_rtp), local_addr=(host, port))
+            except OSError:
+                continue
+            try:
+                rtcp, _ = await loop.create_datagram_endpoint(
+                    lambda: RtpProtocol(lambda d, a: None), local_addr=(host, port + 1)
+                )
+            except OSError:
+                rtp.close()
+                continue
+            self.in_use.add(port)
+            return port, rtp, rtcp  # type: ignore[return-value]
+        return None
+
+    def release(self, port: int) -> None:
+        self.in_use.discard(port)
+
+
+@dataclass
+class _Live:
+    """One INVITE from admission to cleanup."""
+
+    call_id: str
+    invite: Request
+    peer: Peer
+    cancelled: asyncio.Event = field(default_factory=asyncio.Event)
+    leg: SipLeg | None = None
+    session_id: int = field(default_factory=lambda: secrets.randbelow(2**31))
+    version: int = 1
+    port: int = 0
+    timer: SessionTimer | None = None
+    refreshed_at: float = 0.0
+    answer_sdp: bytes = b""
+    received_at: float = 0.0
+
+
+class SipServer:
+    """UDP + TCP listener on ``sip.port`` feeding the UAS core; one task per INVITE."""
+
+    def __init__(self, deps: CallDeps, *, draining: Callable[[], bool], timers: Timers | None = None) -> None:
+        require_sip_security(deps.settings)
+        self._deps = deps
+        sip = deps.settings.sip
+        self._settings = sip
+        self._clock = deps.clock
+        self._draining = draining
+        self.host = sip.host or deps.settings.listen_host
+        sources = sip.allowed_sources or (DEV_SOURCES if deps.settings.dev_mode and not sip.users else ())
+        self._sources: Networks = [ipaddress.ip_network(s, strict=False) for s in sources]
+        media = sip.media_sources or ("0.0.0.0/0", "::/0")  # latched once either way (spec §11.4)
+        self._media_sources: Networks = [ipaddress.ip_network(s, strict=False) for s in media]
+        self._auth = DigestAuthenticator(sip.realm, sip.users, nonce_ttl_s=sip.nonce_ttl_s) if sip.users else None
+        self._ports = RtpPorts(*sip.rtp_range)
+        self._timers = timers or Timers(t1_s=sip.t1_ms / 1000)
+        self.core: UserAgentCore | None = None
+        self.port = 0
+        self._udp: asyncio.DatagramTransport | None = None
+        self._tcp: asyncio.Server | None = None
+        self._connections: dict[int, asyncio.StreamWriter] = {}
+        self._conn_ids = itertools.count(1)
+        self._live: dict[str, _Live] = {}
+        self._wake = asyncio.Event()
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._fallback = _load_fallback(sip.fallback_wav)
+        self.refused = 0
+
+    # --- lifecycle -----------------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        for attempt in range(20):  # port 0: UDP picks a free port, which TCP may find taken; try another
+            transport, _ = await loop.create_datagram_endpoint(
+                lambda: _UdpProtocol(self), local_addr=(self.host, self._settings.port or 0)
+            )
+            port = transport.get_extra_info("sockname")[1]
+            try:
+                self._tcp = await asyncio.start_server(self._serve_tcp, self.host, port)
+            except OSError:
+                transport.close()
+                if self._settings.port or attempt == 19:
+                    raise
+                continue
+            self._udp, self.port = transport, port  # type: ignore[assignment]
+            break
+        advertised = self._settings.advertised_host or ("127.0.0.1" if self.host in ("0.0.0.0", "::") else self.host)
+        self.core = UserAgentCore(advertised, self.port, timers=self._timers)
+        self._spawn(self._timer_loop(), "sip-timers")
+        log.info("SIP ingress listening on %s:%d (UDP and TCP), advertised as %s", self.host, self.port, advertised)
+
+    async def stop(self) -> None:
+        """Hang up what is still live (BYE), then close the sockets."""
+        for live in list(self._live.values()):
+            if live.leg is not None:
+                live.leg.end("bridge shutting down")
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(2.0):
+                while self._live:  # noqa: ASYNC110 — calls end on their own tasks
+                    await asyncio.sleep(0.02)
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._udp is not None:
+            self._udp.close()
+        if self._tcp is not None:
+            self._tcp.close()
+            for writer in self._connections.values():
+                writer.close()
+            await self._tcp.wait_closed()
+
+    def status(self) -> dict[str, Any]:
+        return {
+            "port": self.port,
+            "calls": len(self._live),
+            "rtp_ports_in_use": len(self._ports.in_use),
+            "refused": self.refused,
+        }
+
+    def _spawn(self, coro: Any, name: str) -> None:
+        task = asyncio.get_running_loop().create_task(coro, name=name)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    # --- wire in -------------------------------------------------------------------------------------------
+
+    def datagram(self, data: bytes, addr: tuple[str, int]) -> None:
+        self._input(parse_datagram(data), Peer("udp", addr[0], addr[1]))
+
+    async def _serve_tcp(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        conn = next(self._conn_ids)
+        self._connections[conn] = writer
+        host, port = writer.get_extra_info("peername")[:2]
+        peer = Peer("tcp", host, port, conn)
+        parser = StreamParser()
+        try:
+            while data := await reader.read(65536):
+                for item in parser.feed(data):
+                    if isinstance(item, Malformed) and item.fatal:
+                        log.info("closing SIP TCP connection from %s: %s", host, item.reason)
+                        return
+                    if getattr(item, "pong", False):
+                        writer.write(b"\r\n")  # RFC 5626 keep-alive pong
+                        continue
+                    self._input(item, peer)
+        except (ConnectionError, OSError):
+            pass
+        finally:
+            self._connections.pop(conn, None)
+            writer.close()
+
+    def _input(self, parsed: Any, peer: Peer) -> None:
+        assert self.core is not None
+        self.core.options_status = 503 if self._draining() else 200  # what a dispatcher's OPTIONS ping hears
+        if isinstance(parsed, Request) and not self._trusted(peer) and self._auth is None:
+            self._refuse_source(parsed, peer)
+            return
+        self._dispatch(self.core.receive(parsed, peer, self._clock.monotonic()))
+
+    def _trusted(self, peer: Peer) -> bool:
+        return source_allowed(peer.host, self._sources)
+
+    def _refuse_source(self, request: Request, peer: Peer) -> None:
+        """A source outside the allow-list: 403 at once, nothing allocated, a DEBUG line (scanners, §8.5)."""
+        self.refused += 1
+        self._deps.metrics.sip_refused.labels(code="403").inc()
+        log.debug("SIP %s from %s refused: source not allowed", request.method, peer.host)
+        if request.method != "ACK":
+            response = build_response(request, 403, "Forbidden", peer=peer, to_tag="refused")
+            self._send(Send(response.to_bytes(), peer))
+
+    # --- wire out ------------------------------------------------------------------------------------------
+
+    def _dispatch(self, outputs: list[Output]) -> None:
+        for out in outputs:
+            if isinstance(out, Send):
+                self._send(out)
+            else:
+                self._event(out)
+        self._wake.set()
+
+    def _send(self, send: Send) -> None:
+        to = send.to
+        if to.reliable:
+            writer = self._connections.get(to.connection or -1)
+            if writer is not None and not writer.is_closing():
+                writer.write(send.data)
+            else:
+                log.debug("SIP TCP connection %s is gone; dropping a message for %s", to.connection, to.host)
+        elif self._udp is not None:
+            self._udp.sendto(send.data, (to.host, to.port))
+
+    async def _timer_loop(self) -> None:
+        assert self.core is not None
+        while True:
+            deadline = self.core.deadline
+            self._wake.clear()
+            await self._clock.wait_until(self._wake, deadline if deadline is not None else self._clock.monotonic() + 1)
+            self._dispatch(self.core.poll(self._clock.monotonic()))
+
+    # --- events --------------------------------------------------------------------------------------------
+
+    def _event(self, event: Output) -> None:
+        if isinstance(event, IncomingCall):
+            live = _Live(event.call_id, event.invite, event.peer, received_at=self._clock.monotonic())
+            self._live[event.call_id] = live
+            self._spawn(self._run_call(live), f"sip-call-{event.call_id[:16]}")
+            return
+        live = self._live.get(event.call_id)  # type: ignore[union-attr]
+        if live is None:
+            return
+        if isinstance(event, CallCancelled):
+            live.cancelled.set()
+            if live.leg is not None:
+                live.leg.peer_hung_up("caller cancelled")
+        elif isinstance(event, CallEnded) and live.leg is not None:
+            live.leg.peer_hung_up("caller hung up")
+        elif isinstance(event, AckTimeout) and live.leg is not None:
+            log.warning("no ACK for our 200 OK within 64*T1 (%.0f s): ending the call", self._timers.give_up_s)
+            live.leg.end("no ACK")
+        elif isinstance(event, InfoDigit) and live.leg is not None:
+            live.leg.digit(event.digit)
+        elif isinstance(event, ReOffer):
+            self._reoffer(live, event.request)
+        elif isinstance(event, CallConfirmed) and live.leg is not None and live.leg.media is LATE_OFFER_PENDING:
+            self._late_answer(live, event.ack.body)
+
+    def _late_answer(self, live: _Live, body: bytes) -> None:
+        """The ACK's SDP answers the offer our 200 carried; without a usable one there is no session: BYE."""
+        assert live.leg is not None
+        answer = sdp.parse_sdp(body)
+        chosen = sdp.negotiate(answer, allow_pcma=self._settings.allow_pcma) if body else sdp.SdpError("empty")
+        if isinstance(answer, sdp.SdpError) or isinstance(chosen, sdp.SdpError):
+            log.warning("SIP late offer: the ACK carries no usable SDP answer; ending the call")
+            live.leg.end("no SDP answer in the ACK")
+            return
+        live.leg.update_media(chosen)
+
+    def _reoffer(self, live: _Live, request: Request) -> None:
+        """re-INVITE/UPDATE: hold, resume, a media move, or a session refresh (§9, §10.5)."""
+        assert self.core is not None
+        now = self._clock.monotonic()
+        live.refreshed_at = now
+        if not request.body:
+            body = live.answer_sdp if request.method == "INVITE" else b""
+            self._dispatch(self.core.answer_reoffer(live.call_id, 200, now, sdp=body, rows=self._timer_rows(live)))
+            return
+        offer, chosen = self._negotiate(request.body)
+        if chosen is None or live.leg is None:
+            self._dispatch(self.core.answer_reoffer(live.call_id, 488, now))
+            return
+        body = self._answer(live, offer, chosen)
+        if body != live.answer_sdp:  # RFC 3264 §8: the version goes up only when our SDP changes
+            live.version += 1
+            body = self._answer(live, offer, chosen)
+        live.answer_sdp = body
+        live.leg.update_media(chosen)
+        self._dispatch(self.core.answer_reoffer(live.call_id, 200, now, sdp=body, rows=self._timer_rows(live)))
+
+    def _negotiate(self, body: bytes) -> tuple[sdp.SessionDescription, sdp.Negotiated | None] | tuple[None, None]:
+        """The offer and what we take from it; ``None`` for a ``488`` (the reason is logged)."""
+        offer = sdp.parse_sdp(body)
+        if isinstance(offer, sdp.SdpError):
+            log.info("SIP offer refused with 488: %s", offer.reason)
+            return None, None
+        chosen = sdp.negotiate(offer, allow_pcma=self._settings.allow_pcma)
+        if isinstance(chosen, sdp.SdpError):
+            log.info("SIP offer refused with 488: %s", chosen.reason)
+            return offer, None
+        return offer, chosen
+
+    def _answer(self, live: _Live, offer: sdp.SessionDescription, chosen: sdp.Negotiated) -> bytes:
+        assert self.core is not None
+        host = self.core.advertised_host
+        return sdp.build_answer(
+            offer, chosen, host=host, port=live.port, session_id=live.session_id, version=live.version
+        )
+
+    def _timer_rows(self, live: _Live) -> list[tuple[str, str]]:
+        if live.timer is None:
+            return []
+        rows = [("Session-Expires", live.timer.header())]
+        return [*rows, ("Require", "timer")] if live.timer.require else rows
+
+    # --- one call ------------------------------------------------------------------------------------------
+
+    async def _run_call(self, live: _Live) -> None:
+        with oplog.call_context(call_sid=live.call_id):
+            try:
+                await self._admit_and_bridge(live)
+            except Exception:  # a bug of ours: this call ends, every other call goes on
+                log.exception("SIP call failed on an internal error")
+                self._reject(live, 500)
+            finally:
+                self._live.pop(live.call_id, None)
+                assert self.core is not None
+                self.core.forget(live.call_id)
+
+    def _reject(self, live: _Live, status: int, rows: list[tuple[str, str]] | None = None) -> None:
+        assert self.core is not None
+        self._deps.metrics.sip_refused.labels(code=str(status)).inc()
+        self._dispatch(self.core.reject(live.call_id, status, self._clock.monotonic(), rows=rows))
+
+    async def _admit_and_bridge(self, live: _Live) -> None:
+        assert self.core is not None
+        invite, settings = live.invite, self._settings
+        now_wall = self._clock.wall()
+        if not self._trusted(live.peer):
+            assert self._auth is not None
+            verdict = self._auth.verify(
+                invite.headers.values("Authorization"), method="INVITE", uri=invite.uri, now_wall=now_wall
+            )
+            if not verdict.ok:
+                log.info("SIP INVITE from %s challenged: %s", live.peer.host, verdict.reason)
+                challenges = self._auth.challenges(now_wall, stale=verdict.stale)
+                self._reject(live, 401, [("WWW-Authenticate", c) for c in challenges])
+                return
+        retry = [("Retry-After", str(settings.retry_after_s))]
+        if self._draining():
+            log.info("SIP INVITE refused: draining")
+            self._reject(live, 503, retry)
+            return
+        timer = negotiate_session_timer(invite.headers, min_se_s=settings.min_session_expires_s)
+        if isinstance(timer, TooSmall):
+            self._reject(live, 422, [("Min-SE", str(timer.min_se_s))])
+            return
+        live.timer = timer
+        if invite.body:
+            offer, chosen = self._negotiate(invite.body)
+            if offer is None or chosen is None:
+                self._reject(live, 488, [("Warning", f'305 {self.core.advertised_host} "no usable PCMU/PCMA audio"')])
+                return
+        else:  # late offer (spec §10.4): our 200 carries the offer, the ACK the answer; no media until then
+            offer, chosen = None, LATE_OFFER_PENDING
+        caller = _caller_number(invite)
+        try:
+            await self._deps.admission.admit(live.call_id, caller)
+        except AdmissionError as exc:
+            log.info("SIP INVITE refused with 486: %s", exc)
+            self._reject(live, 486)
+            return
+        except (SavantsError, StoreUnavailable) as exc:
+            log.warning("SIP INVITE refused with 503, the AI cannot be reached: %s", exc)
+            self._reject(live, 503, retry)
+            return
+        bound = None
+        try:
+            bound = await self._ports.bind(self.host, lambda d, a: live.leg.datagram(d, a) if live.leg else None)
+            if bound is None or live.cancelled.is_set():
+                if bound is None:
+                    log.warning("SIP INVITE refused with 503: no free RTP port in %s", settings.rtp_ports)
+                    self._reject(live, 503, retry)
+                await self._deps.admission.forget(live.call_id)  # the reservation and the warm token go back
+                return
+            live.port, rtp, rtcp_transport = bound
+            await self._bridge(live, chosen, offer, rtp, rtcp_transport)
+        finally:
+            if bound is not None:
+                bound[1].close()
+                bound[2].close()
+                self._ports.release(bound[0])
+
+    async def _bridge(
+        self,
+        live: _Live,
+        chosen: sdp.Negotiated,
+        offer: sdp.SessionDescription | None,
+        rtp: asyncio.DatagramTransport,
+        rtcp_transport: asyncio.DatagramTransport,
+    ) -> None:
+        assert self.core is not None
+        core = self.core
+
+        async def hang_up(outcome: str) -> None:
+            self._dispatch(core.hangup(live.call_id, self._clock.monotonic()))
+
+        leg = SipLeg(
+            live.call_id,
+            chosen,
+            rtp,
+            self._clock,
+            media_timeout_s=self._settings.media_timeout_s,
+            media_sources=self._media_sources,
+            on_hang_up=hang_up,
+            fallback_ulaw=self._fallback,
+            cname=f"bridge@{core.advertised_host}",
+        )
+        leg.attach_rtcp(rtcp_transport)
+        live.leg = leg
+        if offer is None:
+            host = core.advertised_host
+            live.answer_sdp = sdp.build_offer(host=host, port=live.port, session_id=live.session_id, version=1)
+        else:
+            live.answer_sdp = self._answer(live, offer, chosen)
+        now = self._clock.monotonic()
+        self._dispatch(core.ring(live.call_id, now))
+        self._dispatch(core.answer(live.call_id, live.answer_sdp, now, rows=self._timer_rows(live)))
+        self._deps.metrics.sip_setup.observe(now - live.received_at)
+        live.refreshed_at = now
+        media = asyncio.get_running_loop().create_task(leg.run_media(), name="sip-media")
+        expiry = asyncio.get_running_loop().create_task(self._session_expiry(live), name="sip-session-expiry")
+        try:
+            await Call(leg, self._deps, caller=_caller_number(live.invite)).run()
+        finally:
+            expiry.cancel()
+            await leg.hang_up("completed")  # no-op when the core already hung the leg up
+            with contextlib.suppress(asyncio.CancelledError):
+                await media
+            with contextlib.suppress(asyncio.CancelledError):
+                await expiry
+            self._count_media(leg)
+
+    def _count_media(self, leg: SipLeg) -> None:
+        figures, metrics = leg.figures(), self._deps.metrics
+        metrics.sip_rtp_packets.labels(fate="received").inc(figures["rtp_packets_in"])
+        metrics.sip_rtp_packets.labels(fate="lost").inc(figures["rtp_lost"])
+        metrics.sip_rtp_packets.labels(fate="late").inc(figures["rtp_late"])
+        metrics.sip_jitter.observe(figures["jitter_ms"] / 1000)
+
+    async def _session_expiry(self, live: _Live) -> None:
+        """RFC 4028: without a refresh within the interval, the non-refresher ends the call (G7). When we are the
+        refresher (a proxy inserted Session-Expires without ``Supported: timer``) we do not send refreshes yet,
+        so we do not expire the call either."""
+        if live.timer is None or live.timer.refresher == "uas":
+            return
+        while True:
+            due = live.refreshed_at + live.timer.expiry_s
+            if self._clock.monotonic() >= due:
+                if live.leg is not None:
+                    live.leg.end("session timer expired")
+                return
+            await self._clock.sleep_until(due)
+
+
+class _UdpProtocol(asyncio.DatagramProtocol):
+    def __init__(self, server: SipServer) -> None:
+        self._server = server
+
+    def datagram_received(self, data: bytes, addr: tuple[str, Any]) -> None:
+        self._server.datagram(data, (addr[0], addr[1]))
+
+    def error_received(self, exc: Exception) -> None:
+        log.debug("SIP UDP socket error: %s", exc)
+
+
+def _caller_number(invite: Request) -> str | None:
+    from_ = parse_name_addr(invite.headers.get("From") or "")
+    uri = parse_uri(from_.uri) if from_ is not None else None
+    return uri.user or None if uri is not None else None
+
+
+def _load_fallback(path: str) -> bytes:
+    """``sip.fallback_wav`` as μ-law at 8 kHz, read once at start-up; a bad file is a configuration error."""
+    if not path:
+        return b""
+    from telephony_bridge.tools.commands import read_wav  # the simulated callers' reader: 8 or 16 kHz mono
+
+    try:
+        return pcm16_to_ulaw(read_wav(path))
+    except (OSError, EOFError, wave.Error, ValueError) as exc:
+        raise ConfigError(f"config key 'sip.fallback_wav' has value {path!r}, which is not usable: {exc}") from exc

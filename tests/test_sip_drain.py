@@ -1,0 +1,49 @@
+"""SIGTERM with a SIP call live, on a real `telephony-bridge serve --sip-port` process: the live call finishes,
+new INVITEs hear 503 + Retry-After meanwhile (carriers fail over), then the process exits cleanly."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from telephony_bridge.serving import ServerThread
+from telephony_bridge.tools.sip_caller import SipCallConfig, place_sip_call
+from tests.support import BridgeProcess, wait_until
+
+
+@pytest.fixture
+def sip_process(emulator: ServerThread, tmp_path: Path) -> Iterator[BridgeProcess]:
+    config = tmp_path / "config.yaml"
+    config.write_text("server:\n  drain_timeout_s: 30\n")
+    env = {"BRIDGE_CONFIG": str(config), "SIP_PORT": "0", "SIP_ALLOWED_SOURCES": "127.0.0.0/8"}
+    process = BridgeProcess(emulator, {**env, "RTP_PORTS": "39200-39299"})
+    yield process
+    process.kill()
+
+
+async def test_sip_drain_lets_the_live_call_finish_and_refuses_new_ones(sip_process: BridgeProcess) -> None:
+    bridge = sip_process
+    port = httpx.get(bridge.http_url + "/status", timeout=5).json()["sip"]["port"]
+    target = f"sip:ai@127.0.0.1:{port}"
+    live = asyncio.create_task(place_sip_call(SipCallConfig(target, seconds=4.0)))
+    await asyncio.to_thread(
+        wait_until, lambda: len(httpx.get(bridge.http_url + "/status", timeout=5).json()["calls"]) == 1, 10.0
+    )
+    bridge.proc.send_signal(signal.SIGTERM)
+    await asyncio.to_thread(
+        wait_until, lambda: httpx.get(bridge.http_url + "/readyz", timeout=5).status_code == 503, 5.0, "readyz"
+    )
+    refused = await place_sip_call(SipCallConfig(target, seconds=1.0))
+    assert refused.status == 503
+    result = await live
+    assert result.answered and result.ended_by == "caller", result.summary()  # not cut by the shutdown
+    assert await asyncio.to_thread(bridge.finish, 15.0) == 0
+    messages = [str(line["msg"]) for line in bridge.lines]
+    assert "drained: no calls left" in messages
+    ended = [line for line in bridge.lines if line["msg"] == "call ended"]
+    assert [(e["ingress"], e["outcome"]) for e in ended] == [("sip", "completed")]
