@@ -14,8 +14,10 @@ within the call's deadline (``token_deadline_s``: Twilio waits for the webhook's
 exhausted for ``retryAfter`` and an ``AUTHENTICATION_FAILED``/``DEVICE_INACTIVE`` takes it out of the pool
 for ``device_suspend_s``; either way the call moves to another device.
 
-Reservations go as soon as their call cannot use them: a failed admission, a stream refused at ``start``, a
-``/stream-ended`` or ``stream-error`` callback (``forget``); the rest lapse after ``reservation_ttl_s``.
+Reservations go as soon as their call cannot use them: a failed admission, the call's stream (its token
+proved it) refused at ``start``, a ``/stream-ended`` or ``stream-error`` callback (``forget``); the rest lapse
+after ``reservation_ttl_s``. A stream without the right token never gives back a reservation: it is not the
+call's, and the real stream may still come.
 
 JWTs stay in this process's memory for at most their life and are never logged; the shared store holds only
 a hash of each stream token and how each call ended.
@@ -272,13 +274,10 @@ class Admission:
         """The token minted for this CallSid, presented once, before it expired.
 
         Compared before it is consumed (one atomic step in the store), so a wrong token spoils nothing: the
-        right one still admits the call. A refused stream gives its call's reservation back at once (the
-        right stream, if it still comes, takes a slot afresh at ``start``).
+        right one still admits the call, with its reservation and whatever was warmed for it. A refused stream
+        is not the call's, so it gives nothing back (the reservation lapses if the right stream never comes).
         """
-        if presented and await self._store.take_if_equal(f"stream-token:{call_sid}", _digest(presented)):
-            return True
-        await self.forget(call_sid)
-        return False
+        return bool(presented) and await self._store.take_if_equal(f"stream-token:{call_sid}", _digest(presented))
 
     async def forget(self, call_sid: str) -> None:
         """This call can no longer use what its webhook prepared: its reservation (not a lease: a call in

@@ -18,6 +18,10 @@ log line is enough to act on. Secrets never appear in them.
 
 from __future__ import annotations
 
+from typing import TypeVar
+
+E = TypeVar("E", bound=BaseException)
+
 
 class BridgeError(Exception):
     """Root of every error this package raises on purpose."""
@@ -59,3 +63,12 @@ class AdmissionError(BridgeError):
 
 class CallerGone(BridgeError):
     """The caller's leg is closed (the peer hung up or vanished): nothing more can be sent to the caller."""
+
+
+def first_of(group: BaseExceptionGroup[E], kind: type[E]) -> E:
+    """The first leaf of an ``except*`` group (a ``TaskGroup`` may nest them): the failure a call reports."""
+    leaf: BaseException = group
+    while isinstance(leaf, BaseExceptionGroup):
+        leaf = leaf.exceptions[0]
+    assert isinstance(leaf, kind)
+    return leaf

@@ -208,39 +208,66 @@ def test_a_refused_device_leaves_the_pool_logged_once(
 # --- stream tokens and reservations ------------------------------------------------------------------------
 
 
-async def test_a_wrong_stream_token_spoils_nothing_and_gives_the_reservation_back(
-    emulator: ServerThread, bridge: ServerThread
-) -> None:
+def wrong_and_right_streams(bridge: ServerThread, **right: Any) -> tuple[CallConfig, CallConfig]:
+    """A ringing call's stream with a wrong token, and its real one (with the token the webhook minted)."""
     form = call_form()
     parameters = stream_parameters(post_voice(bridge, form))
-    assert leases(bridge) == 1
-    url = bridge.ws_url + "/media-stream"
+    url, call_sid = bridge.ws_url + "/media-stream", form["CallSid"]
     wrong = CallConfig(
         url=url,
-        call_sid=form["CallSid"],
+        call_sid=call_sid,
         custom_parameters={**parameters, "token": "not-the-token"},
         headers=upgrade_signature(),
         seconds=2.0,
     )
-    refused = await run_call(wrong)
-    assert (refused.ended_by, refused.close_code) == ("bridge", 1008)
-    await asyncio.to_thread(wait_until, lambda: leases(bridge) == 0, 5.0, "the reservation back")
-    right = CallConfig(
+    real = CallConfig(
         url=url,
-        call_sid=form["CallSid"],
+        call_sid=call_sid,
         custom_parameters=parameters,
         headers=upgrade_signature(),
         audio_in=VOICE,
         seconds=2.0,
+        **right,
     )
+    return wrong, real
+
+
+async def test_a_wrong_stream_token_spoils_nothing_and_leaves_the_reservation_to_the_right_stream(
+    emulator: ServerThread, bridge: ServerThread
+) -> None:
+    wrong, right = wrong_and_right_streams(bridge)
+    assert leases(bridge) == 1
+    refused = await run_call(wrong)
+    assert (refused.ended_by, refused.close_code) == ("bridge", 1008)
+    assert leases(bridge) == 1  # not the call's stream: it gave back nothing of the call's
     result = await run_call(right)
     assert result.heard_s > 1.0  # the right token still admits the call: the AI answers
+    assert token_requests(emulator) == 1  # on its reservation's warm token
     await asyncio.to_thread(wait_until, lambda: leases(bridge) == 0, 5.0, "every slot back")
 
 
-async def test_a_stream_without_a_token_gives_the_reservation_back(
-    emulator: ServerThread, bridge: ServerThread
+@pytest.mark.parametrize("right_after_s", [0.0, 0.05, 0.3])
+async def test_a_wrong_token_stream_racing_the_right_one_never_harms_it(
+    emulator: ServerThread, bridge: ServerThread, right_after_s: float
 ) -> None:
+    """A stream with a wrong token for a ringing call, just before (or with) the real one: it is refused
+    before it claims anything, so the real stream is never taken for a duplicate and finds its reservation
+    and warm token intact."""
+    wrong, right = wrong_and_right_streams(bridge, start_delay_s=right_after_s)
+    refused, result = await asyncio.gather(run_call(wrong), run_call(right))
+    assert (refused.ended_by, refused.close_code) == ("bridge", 1008)
+    assert (result.ended_by, result.violations) == ("caller", []) and result.heard_s > 1.0
+    stats = emulator_stats(emulator)
+    assert (token_requests(emulator), stats["sessions_opened"]) == (1, 1)  # the warm token, not a cold start
+    assert not metric(bridge, 'bridge_streams_refused_total{reason="duplicate_call_sid"} 1.0')
+    assert metric(bridge, "bridge_stream_token_refused_total 1.0")
+    await asyncio.to_thread(wait_until, lambda: leases(bridge) == 0, 5.0, "every slot back")
+
+
+async def test_a_stream_without_a_token_takes_nothing_and_the_reservation_lapses(
+    emulator: ServerThread, start_bridge: Callable[..., ServerThread]
+) -> None:
+    bridge = start_bridge(bridge_settings(emulator, **{"accounting.reservation_ttl_s": 1.0}))
     form = call_form()
     post_voice(bridge, form)
     config = CallConfig(
@@ -248,8 +275,8 @@ async def test_a_stream_without_a_token_gives_the_reservation_back(
     )
     refused = await run_call(config)
     assert refused.close_code == 1008
-    await asyncio.to_thread(wait_until, lambda: leases(bridge) == 0, 5.0, "the reservation back")
     assert emulator_stats(emulator)["sessions_opened"] == 0
+    await asyncio.to_thread(wait_until, lambda: leases(bridge) == 0, 5.0, "the reservation to lapse")
 
 
 @pytest.mark.parametrize("callback", ["stream-ended", "stream-error"])

@@ -53,8 +53,8 @@ class TwilioSocket(Protocol):
 
 
 async def handle_media_stream(ws: TwilioSocket, deps: CallDeps) -> None:
-    """One accepted /media-stream socket: ``start``, then the call core, which first takes the CallSid (one live
-    stream per call), then lets ``authorise`` check the media format and the stream token."""
+    """One accepted /media-stream socket: ``start``, then the call core, which first lets ``authorise`` check the
+    stream token and the media format, and only then takes the CallSid (one live stream per call)."""
     leg = TwilioLeg(ws, deps.settings.twilio, deps.metrics, deps.clock)
     start = await leg.wait_for_start()
     if start is None:
@@ -64,19 +64,21 @@ async def handle_media_stream(ws: TwilioSocket, deps: CallDeps) -> None:
         token = start.custom_parameters.get("token")
 
         async def authorise() -> bool:
-            """Audio we can carry, and the stream token the webhook minted for this CallSid, presented once
-            (spec §5.3). Runs while this stream holds the CallSid, so giving its reservation back is safe."""
+            """The stream token the webhook minted for this CallSid, presented once (spec §5.3), then audio we
+            can carry. A stream without the token is not the call's: it leaves the call's reservation alone
+            (the real stream may still come; else it lapses). A stream that proved it is the call's but cannot
+            carry its audio gives the reservation back at once."""
+            if not await deps.admission.stream_token_ok(start.call_sid, token):  # or none needed: see there
+                deps.metrics.stream_token_refused.inc()
+                log.warning("closing stream: its start carries no valid stream token (missing, foreign or replayed)")
+                return False
             if problem := tw.media_format_problem(start):
                 deps.metrics.streams_refused.labels(reason="unsupported_media_format").inc()
                 log.warning("closing stream: %s", problem)
                 await leg.close(CloseCode.UNSUPPORTED_DATA, problem[:MAX_CLOSE_REASON])
                 await deps.admission.forget(start.call_sid)
                 return False
-            if await deps.admission.stream_token_ok(start.call_sid, token):  # or none needed: see there
-                return True
-            deps.metrics.stream_token_refused.inc()
-            log.warning("closing stream: its start carries no valid stream token (missing, foreign or replayed)")
-            return False
+            return True
 
         await Call(leg, deps, caller=start.custom_parameters.get("from"), authorise=authorise).run()
 
