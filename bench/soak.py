@@ -94,7 +94,9 @@ def wait_for(url: str, timeout_s: float = 30.0) -> None:
     raise SystemExit(f"soak: {url} did not answer within {timeout_s} s")
 
 
-def start_processes(devices: int, seed: int) -> tuple[subprocess.Popen[bytes], subprocess.Popen[bytes], str, str]:
+def start_processes(
+    devices: int, seed: int, tracemalloc_frames: int
+) -> tuple[subprocess.Popen[bytes], subprocess.Popen[bytes], str, str]:
     emulator_port, bridge_port = free_port(), free_port()
     python = [sys.executable, "-m", "telephony_bridge"]
     faults = [a for spec in SESSION_FAULTS for a in ("--session-fault", spec)]
@@ -117,6 +119,8 @@ def start_processes(devices: int, seed: int) -> tuple[subprocess.Popen[bytes], s
         "PORT": str(bridge_port),
         "LOG_LEVEL": "ERROR",
     }
+    if tracemalloc_frames:
+        env["PYTHONTRACEMALLOC"] = str(tracemalloc_frames)
     bridge = subprocess.Popen([*python, "serve"], env=env, stderr=subprocess.DEVNULL)
     bridge_url = f"http://127.0.0.1:{bridge_port}"
     wait_for(bridge_url + "/healthz")
@@ -130,25 +134,54 @@ def held(bridge_url: str) -> dict[str, Any]:
     status = httpx.get(bridge_url + "/status", timeout=10).json()
     devices = status["accounting"]["devices"].values()
     process = status["process"]
+    traced = process["python_traced_bytes"]
     return {
         "calls": len(status["calls"]),
         "leases": sum(d["leases"] for d in devices),
         "reservations": sum(d["reservations"] for d in devices),
+        "pid": process["pid"],
         "asyncio_tasks": process["asyncio_tasks"],
         "open_fds": process["open_fds"],
         "rss_mb": round(process["rss_bytes"] / 2**20, 1),
+        "py_blocks_k": round(process["python_allocated_blocks"] / 1000),
+        "traced_mb": None if traced is None else round(traced / 2**20, 1),
     }
 
 
-def settle(bridge_url: str, timeout_s: float) -> dict[str, Any]:
-    """What the bridge holds once nothing is left to end (or ``timeout_s`` has passed)."""
+def heap(bridge_url: str, by: str = "lineno") -> dict[str, Any]:
+    """``/debug/heap``: gc objects after a full collection and, under tracemalloc, the traced heap and what grew
+    since the previous call."""
+    return httpx.get(bridge_url + "/debug/heap", params={"by": by}, timeout=120).json()
+
+
+def settle(bridge_url: str, emulator_url: str, timeout_s: float) -> dict[str, Any]:
+    """What the bridge holds once nothing is left to end (or ``timeout_s`` has passed), with its sockets to
+    the emulator (``savants_fds``) and the emulator's sessions still open (``ai_sessions``)."""
     deadline = time.monotonic() + timeout_s
     while True:
         now = held(bridge_url)
         if (now["calls"], now["leases"], now["reservations"]) == (0, 0, 0) or time.monotonic() > deadline:
             time.sleep(1.0)  # sockets finish closing
-            return held(bridge_url)
+            now = held(bridge_url)
+            emulated = httpx.get(emulator_url + "/_emulator/stats", timeout=10).json()
+            now["ai_sessions"] = emulated["sessions_active"]
+            now["savants_fds"] = sockets_to(now["pid"], int(emulator_url.rsplit(":", 1)[1]))
+            return now
         time.sleep(0.5)
+
+
+def sockets_to(pid: int, port: int) -> int:
+    """How many of ``pid``'s descriptors are TCP connections to 127.0.0.1:``port`` (Linux /proc). With no AI
+    session open, those are the token client's idle keep-alive connections (httpx keeps up to 20)."""
+    inodes = set()
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        with contextlib.suppress(OSError):
+            target = os.readlink(fd)
+            if target.startswith("socket:["):
+                inodes.add(target[8:-1])
+    remote = f"0100007F:{port:04X}"
+    lines = Path(f"/proc/{pid}/net/tcp").read_text().splitlines()[1:]
+    return sum(1 for line in lines if line.split()[2] == remote and line.split()[9] in inodes)
 
 
 def calls_by_outcome(bridge_url: str) -> Counter[str]:
@@ -274,22 +307,31 @@ class Soak:
             return f"ended by the bridge ({ws.close_code})"
 
 
-async def run_calls(soak: Soak, calls: int, concurrency: int, deadline_s: float) -> float:
+async def run_calls(
+    soak: Soak, calls: int, concurrency: int, deadline_s: float, sample_every: int = 0
+) -> tuple[float, list[tuple[int, float, dict[str, Any]]]]:
+    """Run the calls; every ``sample_every`` calls ended, note what the bridge holds (calls still in progress)."""
     names, weights = zip(*SCENARIOS.items(), strict=True)
     plan = soak.rng.choices(names, weights, k=calls)
     gate = asyncio.Semaphore(concurrency)
     started = time.monotonic()
+    samples: list[tuple[int, float, dict[str, Any]]] = []
+    ended = 0
     async with httpx.AsyncClient(trust_env=False, timeout=20) as http:
 
         async def one(scenario: str) -> None:
+            nonlocal ended
             async with gate:
                 if time.monotonic() - started < deadline_s:
                     await soak.call(http, scenario)
                 else:
                     soak.outcomes[(scenario, "not run: deadline")] += 1
+            ended += 1
+            if sample_every and ended % sample_every == 0:
+                samples.append((ended, time.monotonic() - started, await asyncio.to_thread(held, soak.bridge_url)))
 
         await asyncio.gather(*(one(s) for s in plan))
-    return time.monotonic() - started
+    return time.monotonic() - started, samples
 
 
 def table(rows: list[tuple[str, ...]]) -> str:
@@ -305,18 +347,26 @@ def main() -> int:
     parser.add_argument("--devices", type=int, default=20, help="device pool (60 tokens a minute each)")
     parser.add_argument("--deadline", type=float, default=1800.0, help="stop starting calls after this long")
     parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--sample-every", type=int, default=250, help="note the bridge's memory every N calls")
+    parser.add_argument(
+        "--tracemalloc", type=int, default=0, metavar="FRAMES",
+        help="run the bridge under tracemalloc with this many frames per site (slower) and print what grew",
+    )  # fmt: skip
+    parser.add_argument("--heap-by", choices=["lineno", "traceback"], default="lineno", help="group growth by")
     args = parser.parse_args()
 
-    emulator, bridge, bridge_url, emulator_url = start_processes(args.devices, args.seed)
+    emulator, bridge, bridge_url, emulator_url = start_processes(args.devices, args.seed, args.tracemalloc)
     try:
         audio = read_wav(WAV)
         soak = Soak(bridge_url, args.seconds, audio, random.Random(args.seed))
-        idle = held(bridge_url)
+        idle, idle_heap = held(bridge_url), heap(bridge_url, args.heap_by)
         asyncio.run(run_calls(Soak(bridge_url, args.seconds, audio, random.Random(0)), WARM_UP_CALLS, 4, 120))
-        warm = settle(bridge_url, SETTLE_S)
+        warm, warm_heap = settle(bridge_url, emulator_url, SETTLE_S), heap(bridge_url, args.heap_by)
         outcomes_before = calls_by_outcome(bridge_url)
-        elapsed_s = asyncio.run(run_calls(soak, args.calls, args.concurrency, args.deadline))
-        end = settle(bridge_url, SETTLE_S)
+        elapsed_s, samples = asyncio.run(
+            run_calls(soak, args.calls, args.concurrency, args.deadline, args.sample_every)
+        )
+        end, end_heap = settle(bridge_url, emulator_url, SETTLE_S), heap(bridge_url, args.heap_by)
         outcomes = calls_by_outcome(bridge_url) - outcomes_before
         emulated = httpx.get(emulator_url + "/_emulator/stats", timeout=10).json()
     finally:
@@ -327,11 +377,31 @@ def main() -> int:
             if process.poll() is None:
                 process.kill()
 
-    keys = ["calls", "leases", "reservations", "asyncio_tasks", "open_fds", "rss_mb"]
+    for moment, figures in ((idle, idle_heap), (warm, warm_heap), (end, end_heap)):
+        moment["gc_objects_k"] = round(figures["gc_objects"] / 1000)
+    keys = ["calls", "leases", "reservations", "ai_sessions", "asyncio_tasks", "open_fds", "savants_fds", "rss_mb"]
+    keys += ["py_blocks_k", "gc_objects_k"]
+    keys += ["traced_mb"] if args.tracemalloc else []
     print(f"soak: {args.calls} calls, {args.concurrency} at a time, {args.seconds:g} s each, in {elapsed_s:.0f} s")
     print()
     moments = (("idle", idle), (f"after {WARM_UP_CALLS} warm-up calls", warm), ("end", end))
-    print(table([("", *keys), *[(name, *(str(s[k]) for k in keys)) for name, s in moments]]))
+    print(table([("", *keys), *[(name, *(str(s.get(k, "-")) for k in keys)) for name, s in moments]]))
+    if samples:
+        print()
+        print(f"during the run (every {args.sample_every} calls, {args.concurrency} calls in progress):")
+        trend = ["calls", "rss_mb", "py_blocks_k"] + (["traced_mb"] if args.tracemalloc else [])
+        rows = [("calls ended", "s", *trend[1:])]
+        rows += [(str(n), f"{t:.0f}", *(str(s[k]) for k in trend[1:])) for n, t, s in samples]
+        print(table(rows))
+    if end_heap.get("growth"):
+        print()
+        print("Python heap growth from the warm-up to the end, by allocation site (after a full gc):")
+        rows = [("site", "bytes", "+bytes", "blocks", "+blocks")]
+        rows += [
+            (g["site"], str(g["bytes"]), f"{g['bytes_diff']:+d}", str(g["blocks"]), f"{g['blocks_diff']:+d}")
+            for g in end_heap["growth"]
+        ]
+        print(table(rows))
     print()
     rows = [("scenario", "outcome (caller's view)", "calls")]
     rows += [(s, o, str(n)) for (s, o), n in sorted(soak.outcomes.items())]
@@ -340,8 +410,11 @@ def main() -> int:
     print("bridge_calls_total by outcome:", dict(sorted(outcomes.items())))
     print("emulator: faults injected", emulated["faults"]["injected"])
     print(f"emulator: {emulated['sessions_opened']} sessions, limit violations {len(emulated['violations'])}")
-    leaked = [k for k in ("calls", "leases", "reservations") if end[k]]
-    leaked += [k for k in ("asyncio_tasks", "open_fds") if end[k] > warm[k] + 2]
+    leaked = [k for k in ("calls", "leases", "reservations", "ai_sessions") if end[k]]
+    leaked += ["asyncio_tasks"] if end["asyncio_tasks"] > warm["asyncio_tasks"] + 2 else []
+    # Idle keep-alive connections to the token endpoint are the HTTP client's pool, not a leak (none are AI
+    # sessions: the emulator has none open); any other descriptor is.
+    leaked += ["open_fds"] if end["open_fds"] - end["savants_fds"] > warm["open_fds"] - warm["savants_fds"] + 2 else []
     if leaked:
         print(f"soak: FAILED: still held at the end: {', '.join(leaked)}")
         return 1

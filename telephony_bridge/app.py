@@ -34,6 +34,7 @@ from telephony_bridge.drain import Drain
 from telephony_bridge.errors import ConfigError
 from telephony_bridge.ops import logging as oplog
 from telephony_bridge.ops.access import OpsAccess
+from telephony_bridge.ops.heap import HeapProbe
 from telephony_bridge.ops.metrics import Metrics
 from telephony_bridge.ops.readiness import Readiness
 from telephony_bridge.ops.runtime import process_figures
@@ -198,6 +199,14 @@ def create_app(
             body["sip"] = request.app.state.sip.status()
         return JSONResponse(body)
 
+    heap_probe = HeapProbe()
+
+    async def debug_heap(request: Request) -> Response:
+        try:
+            return JSONResponse(heap_probe.report(by=request.query_params.get("by", "lineno")))
+        except ValueError as exc:
+            return JSONResponse({"error": str(exc)}, status_code=400)
+
     return Starlette(
         routes=[
             Route("/voice", voice, methods=["GET", "POST"]),
@@ -208,6 +217,7 @@ def create_app(
             Route("/readyz", readyz),
             Route("/metrics", metrics_endpoint),
             Route("/status", status),
+            Route("/debug/heap", debug_heap),
         ],
         middleware=[
             Middleware(

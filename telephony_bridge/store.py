@@ -42,10 +42,22 @@ class Store(Protocol):
     async def close(self) -> None: ...
 
 
+SWEEP_EVERY_S = 10.0  # how often a put drops the expired entries nobody asked for again
+
+
 class MemoryStore:
+    """One replica's store. An entry nobody reads again (a call's outcome, a stream that never came) is
+    dropped by a sweep on a later put, at most ``SWEEP_EVERY_S`` after it expired: the store holds what the
+    last TTL's calls left, not what every call since start-up left."""
+
     def __init__(self, clock: Clock | None = None) -> None:
         self._clock = clock or SystemClock()
         self._items: dict[str, tuple[str, float]] = {}
+        self._next_sweep = self._clock.monotonic() + SWEEP_EVERY_S
+
+    def __len__(self) -> int:
+        """Entries held, expired ones not yet swept included."""
+        return len(self._items)
 
     def _live(self, key: str) -> str | None:
         item = self._items.get(key)
@@ -59,8 +71,9 @@ class MemoryStore:
 
     async def put(self, key: str, value: str, ttl_s: float) -> None:
         now = self._clock.monotonic()
-        if len(self._items) > 10_000:  # bound the memory of webhooks whose streams never came
+        if now >= self._next_sweep:  # one pass over the entries every SWEEP_EVERY_S, not one per put
             self._items = {k: v for k, v in self._items.items() if v[1] > now}
+            self._next_sweep = now + SWEEP_EVERY_S
         self._items[key] = (value, now + ttl_s)
 
     async def get(self, key: str) -> str | None:

@@ -3,6 +3,7 @@ probes stay open everywhere."""
 
 from __future__ import annotations
 
+import re
 import signal
 from collections.abc import Callable, Iterator
 
@@ -86,3 +87,29 @@ def test_workers_share_the_ops_listener_like_the_public_one(emulator: ServerThre
         assert bridge.finish(timeout_s=40) == 0
     finally:
         bridge.kill()
+
+
+async def test_debug_heap_is_an_ops_path_and_names_allocation_sites_only(emulator: ServerThread) -> None:
+    """``/debug/heap`` under ``PYTHONTRACEMALLOC``: on the ops listener with the token only; file:line sites and
+    sizes (what grew since the previous answer), never a value from the heap."""
+    bridge = BridgeProcess(emulator, {"OPS_PORT": "0", "OPS_TOKEN": OPS_TOKEN, "PYTHONTRACEMALLOC": "1"})
+    try:
+        ops = f"http://127.0.0.1:{bridge.ops_port}/debug/heap"
+        async with httpx.AsyncClient(trust_env=False, timeout=30) as http:
+            assert (await http.get(bridge.http_url + "/debug/heap", headers=BEARER)).status_code == 404
+            assert (await http.get(ops)).status_code == 401
+            assert (await http.get(ops, params={"by": "size"}, headers=BEARER)).status_code == 400
+            first = (await http.get(ops, headers=BEARER)).json()
+            flow = await run_flow(bridge.http_url, http=http, seconds=1.0, auth_token=AUTH_TOKEN, public_url=PUBLIC_URL)
+            assert flow.outcome == "served"
+            second = await http.get(ops, params={"by": "traceback"}, headers=BEARER)
+            third = (await http.get(ops, params={"by": "traceback"}, headers=BEARER)).json()
+            status = (await http.get(f"http://127.0.0.1:{bridge.ops_port}/status", headers=BEARER)).json()
+    finally:
+        bridge.kill()
+    assert (first["tracing"], first["traced_bytes"] > 0, first["gc_objects"] > 0) == (True, True, True)
+    assert len(first["growth"]) == 15 and all(site["bytes_diff"] == site["bytes"] for site in first["growth"])
+    assert all(re.fullmatch(r"[^ ]+:\d+( <- [^ ]+:\d+)*", site["site"]) for site in third["growth"])
+    assert status["process"]["python_traced_bytes"] > 0 and status["process"]["python_allocated_blocks"] > 0
+    for secret in (AUTH_TOKEN, OPS_TOKEN, "test-key", flow.call_sid):
+        assert secret not in second.text

@@ -8,7 +8,7 @@ import pytest
 import redis.asyncio as aioredis
 
 from telephony_bridge.clock import FakeClock
-from telephony_bridge.store import MemoryStore, RedisStore, Store
+from telephony_bridge.store import SWEEP_EVERY_S, MemoryStore, RedisStore, Store
 from tests.redis_server import RedisServer
 
 
@@ -50,3 +50,17 @@ async def test_memory_store_claim_lapses_after_its_ttl() -> None:
     clock.advance(30.0)
     assert not await store.refresh("live-stream:CA1", "first", 30)
     assert await store.add("live-stream:CA1", "second", 30)
+
+
+async def test_memory_store_drops_expired_entries_nobody_reads_again() -> None:
+    """A call's outcome or an unused stream token is never read after it expires: the store must not keep one
+    per call since start-up (it held up to 10,000 of them before the sweep)."""
+    clock = FakeClock()
+    store = MemoryStore(clock)
+    for i in range(500):
+        await store.put(f"outcome:CA{i}", "completed", 600)
+        clock.advance(0.2)  # 5 calls a second, as in bench/soak.py
+    assert len(store) == 500  # all still wanted: a <Connect action> may ask for any of them
+    clock.advance(600 + SWEEP_EVERY_S)
+    await store.put("outcome:CA-last", "completed", 600)
+    assert (len(store), await store.get("outcome:CA-last"), await store.get("outcome:CA1")) == (1, "completed", None)

@@ -1,0 +1,92 @@
+"""Where the Python heap grows, for ``GET /debug/heap`` (an ops path): the tool that tells a leak from an
+allocator's high-water mark when RSS climbs over thousands of calls (``bench/soak.py`` reads it).
+
+Allocation sites are known only when the process runs under tracemalloc, which costs CPU and memory, so the
+bridge never starts it itself: run it with Python's own switch, ``PYTHONTRACEMALLOC=1`` (or ``-X
+tracemalloc``; a larger number keeps more frames per site). Without it the endpoint still gives the cheap
+figures (allocated blocks, gc objects). The answer holds source file names, line numbers and sizes, never a
+value from the heap, so no secret or audio can reach it.
+"""
+
+from __future__ import annotations
+
+import gc
+import linecache
+import sys
+import sysconfig
+import tracemalloc
+from typing import Any
+
+TOP_SITES = 15  # allocation sites listed per answer
+GROUPINGS = ("lineno", "traceback")
+_STDLIB = sysconfig.get_paths()["stdlib"]
+
+
+Sizes = dict[tracemalloc.Traceback, tuple[int, int]]  # site -> (bytes, blocks)
+
+
+class HeapProbe:
+    """Keeps the previous report's sizes per site (not the snapshot: its traces would be a heap of their own)
+    so each answer says what grew since the last one."""
+
+    def __init__(self) -> None:
+        self._previous: dict[str, Sizes] = {}
+
+    def report(self, top: int = TOP_SITES, by: str = "lineno") -> dict[str, Any]:
+        """Heap figures now and, under tracemalloc, the ``top`` sites by growth since the previous report
+        grouped the same way (the first compares with an empty heap, so it lists the largest sites). ``by`` is
+        ``lineno`` (the allocating line) or ``traceback`` (every frame tracemalloc kept: who called it)."""
+        if by not in GROUPINGS:
+            raise ValueError(f"expected 'by' to be one of {', '.join(GROUPINGS)}, got {by!r}")
+        gc.collect()  # cyclic garbage is not a leak: count what survives a full collection
+        body: dict[str, Any] = {
+            "allocated_blocks": sys.getallocatedblocks(),
+            "gc_objects": len(gc.get_objects()),
+            "gc_frozen_objects": gc.get_freeze_count(),
+            "tracing": tracemalloc.is_tracing(),
+        }
+        if not tracemalloc.is_tracing():
+            body["hint"] = "start the process with PYTHONTRACEMALLOC=1 to see allocation sites"
+            return body
+        current, peak = tracemalloc.get_traced_memory()
+        snapshot = tracemalloc.take_snapshot().filter_traces(
+            [tracemalloc.Filter(False, path) for path in (tracemalloc.__file__, linecache.__file__, __file__)]
+        )
+        now: Sizes = {stat.traceback: (stat.size, stat.count) for stat in snapshot.statistics(by)}
+        del snapshot
+        before = self._previous.get(by, {})
+        self._previous[by] = now
+        growth = [(site, *now.get(site, (0, 0)), *before.get(site, (0, 0))) for site in now.keys() | before.keys()]
+        growth.sort(key=lambda g: (abs(g[1] - g[3]), abs(g[2] - g[4])), reverse=True)
+        body.update(
+            traced_bytes=current,
+            traced_peak_bytes=peak,
+            tracemalloc_overhead_bytes=tracemalloc.get_tracemalloc_memory(),
+            growth=[
+                _site(site, size, size - size0, count, count - count0)
+                for site, size, count, size0, count0 in growth[:top]
+            ],
+        )
+        return body
+
+
+def _site(traceback: tracemalloc.Traceback, size: int, size_diff: int, count: int, count_diff: int) -> dict[str, Any]:
+    return {
+        "site": " <- ".join(f"{_short(frame.filename)}:{frame.lineno}" for frame in reversed(traceback)),
+        "bytes": size,
+        "bytes_diff": size_diff,
+        "blocks": count,
+        "blocks_diff": count_diff,
+    }
+
+
+def _short(filename: str) -> str:
+    """The path from the package, site-packages or the standard library on: enough to find the line, without
+    the machine's layout."""
+    _, sep, tail = filename.rpartition("site-packages/")
+    if sep:
+        return tail
+    _, sep, tail = filename.rpartition("/telephony_bridge/")
+    if sep:
+        return "telephony_bridge/" + tail
+    return filename.removeprefix(_STDLIB + "/")
