@@ -144,6 +144,8 @@ def held(bridge_url: str) -> dict[str, Any]:
         "open_fds": process["open_fds"],
         "rss_mb": round(process["rss_bytes"] / 2**20, 1),
         "py_blocks_k": round(process["python_allocated_blocks"] / 1000),
+        "malloc_used_mb": round(process["malloc"]["in_use_bytes"] / 2**20, 1) if process["malloc"] else None,
+        "malloc_free_mb": round(process["malloc"]["free_bytes"] / 2**20, 1) if process["malloc"] else None,
         "traced_mb": None if traced is None else round(traced / 2**20, 1),
     }
 
@@ -379,9 +381,12 @@ def main() -> int:
 
     for moment, figures in ((idle, idle_heap), (warm, warm_heap), (end, end_heap)):
         moment["gc_objects_k"] = round(figures["gc_objects"] / 1000)
+        moment["py_blocks_after_gc_k"] = round(figures["allocated_blocks"] / 1000)
+        if figures["tracing"]:
+            moment["heap_after_gc_mb"] = round(figures["traced_bytes"] / 2**20, 2)
     keys = ["calls", "leases", "reservations", "ai_sessions", "asyncio_tasks", "open_fds", "savants_fds", "rss_mb"]
-    keys += ["py_blocks_k", "gc_objects_k"]
-    keys += ["traced_mb"] if args.tracemalloc else []
+    keys += ["py_blocks_k", "py_blocks_after_gc_k", "gc_objects_k", "malloc_used_mb", "malloc_free_mb"]
+    keys += ["traced_mb", "heap_after_gc_mb"] if args.tracemalloc else []
     print(f"soak: {args.calls} calls, {args.concurrency} at a time, {args.seconds:g} s each, in {elapsed_s:.0f} s")
     print()
     moments = (("idle", idle), (f"after {WARM_UP_CALLS} warm-up calls", warm), ("end", end))
@@ -389,7 +394,8 @@ def main() -> int:
     if samples:
         print()
         print(f"during the run (every {args.sample_every} calls, {args.concurrency} calls in progress):")
-        trend = ["calls", "rss_mb", "py_blocks_k"] + (["traced_mb"] if args.tracemalloc else [])
+        trend = ["calls", "rss_mb", "py_blocks_k", "malloc_used_mb", "malloc_free_mb"]
+        trend += ["traced_mb"] if args.tracemalloc else []
         rows = [("calls ended", "s", *trend[1:])]
         rows += [(str(n), f"{t:.0f}", *(str(s[k]) for k in trend[1:])) for n, t, s in samples]
         print(table(rows))

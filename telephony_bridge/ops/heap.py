@@ -10,6 +10,8 @@ value from the heap, so no secret or audio can reach it.
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import gc
 import linecache
 import sys
@@ -45,10 +47,11 @@ class HeapProbe:
             "gc_frozen_objects": gc.get_freeze_count(),
             "tracing": tracemalloc.is_tracing(),
         }
+        body["malloc"] = malloc_figures()
         if not tracemalloc.is_tracing():
             body["hint"] = "start the process with PYTHONTRACEMALLOC=1 to see allocation sites"
             return body
-        current, peak = tracemalloc.get_traced_memory()
+        peak = tracemalloc.get_traced_memory()[1]
         snapshot = tracemalloc.take_snapshot().filter_traces(
             [tracemalloc.Filter(False, path) for path in (tracemalloc.__file__, linecache.__file__, __file__)]
         )
@@ -59,7 +62,7 @@ class HeapProbe:
         growth = [(site, *now.get(site, (0, 0)), *before.get(site, (0, 0))) for site in now.keys() | before.keys()]
         growth.sort(key=lambda g: (abs(g[1] - g[3]), abs(g[2] - g[4])), reverse=True)
         body.update(
-            traced_bytes=current,
+            traced_bytes=sum(size for size, _ in now.values()),  # the program's: not this probe's own sizes
             traced_peak_bytes=peak,
             tracemalloc_overhead_bytes=tracemalloc.get_tracemalloc_memory(),
             growth=[
@@ -68,6 +71,33 @@ class HeapProbe:
             ],
         )
         return body
+
+
+class _Mallinfo2(ctypes.Structure):
+    _fields_ = [
+        (name, ctypes.c_size_t)
+        for name in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks")
+    ] + [("keepcost", ctypes.c_size_t)]
+
+
+def malloc_figures() -> dict[str, int] | None:
+    """glibc's view of the C heap (``mallinfo2``; None elsewhere): bytes in use by C allocations (numpy
+    buffers, large bytes objects, the event loop's and parsers' own), bytes free but kept in its arenas
+    (fragmentation), and bytes in separate mmaps. Python's small objects live in pymalloc's own arenas."""
+    libc_name = ctypes.util.find_library("c")
+    if libc_name is None:
+        return None
+    mallinfo2 = getattr(ctypes.CDLL(libc_name), "mallinfo2", None)
+    if mallinfo2 is None:
+        return None
+    mallinfo2.restype = _Mallinfo2
+    info = mallinfo2()
+    return {
+        "in_use_bytes": info.uordblks + info.hblkhd,
+        "free_bytes": info.fordblks,
+        "arena_bytes": info.arena,
+        "mmap_bytes": info.hblkhd,
+    }
 
 
 def _site(traceback: tracemalloc.Traceback, size: int, size_diff: int, count: int, count_diff: int) -> dict[str, Any]:

@@ -10,13 +10,16 @@ import tracemalloc
 from pathlib import Path
 from typing import Any
 
+from telephony_bridge.ops.heap import malloc_figures
+
 _PAGE_BYTES = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 
 
 def process_figures() -> dict[str, Any]:
     """``asyncio_tasks`` on this event loop, ``open_fds``, ``rss_bytes`` (None where the OS does not say), and
     ``python_allocated_blocks``: live blocks of Python's own allocator, which rise with a leak of Python objects
-    but not with the allocator's high-water mark, as RSS does; ``python_traced_bytes`` under tracemalloc."""
+    but not with the allocator's high-water mark, as RSS does; ``python_traced_bytes`` under tracemalloc;
+    ``malloc``: the C heap in use and free (``heap.malloc_figures``)."""
     return {
         "pid": os.getpid(),
         "asyncio_tasks": len(asyncio.all_tasks()),
@@ -24,6 +27,7 @@ def process_figures() -> dict[str, Any]:
         "rss_bytes": _rss_bytes(),
         "python_allocated_blocks": sys.getallocatedblocks(),
         "python_traced_bytes": tracemalloc.get_traced_memory()[0] if tracemalloc.is_tracing() else None,
+        "malloc": malloc_figures(),
     }
 
 
