@@ -9,10 +9,17 @@ bridge (``telephony-bridge serve``, production mode: signed webhooks, stream tok
 Twilio: each call is one scenario (mostly a normal call; some hang up by dropping TCP, send garbage, present
 a wrong stream token, never open their stream, or go silent), ``--concurrency`` at a time.
 
-Printed: the bridge's asyncio tasks, open file descriptors, leases, reservations and resident memory when
-idle, after a warm-up, and at the end (once its calls and reservations have settled), and the calls by
-scenario and outcome. The run fails (exit 1) if anything is still held at the end: a call, a lease, a
-reservation, or more tasks or descriptors than after the warm-up.
+Printed: what the bridge holds when idle, after a warm-up, and at the end (once its calls and reservations
+have settled): calls, leases, reservations, AI sessions open at the emulator, asyncio tasks, open file
+descriptors (and how many are idle keep-alive connections to the token endpoint), resident memory, Python's
+allocated blocks (before and after a full collection), gc objects, and glibc's C heap in use and free; the
+same memory figures every ``--sample-every`` calls during the run, so a level is told from a slope; and the
+calls by scenario and outcome. ``--tracemalloc N`` runs the bridge under tracemalloc (much more memory and
+CPU) and adds the traced heap and the allocation sites that grew from the warm-up to the end
+(``GET /debug/heap``). The run fails (exit 1) if anything is still held at the end: a call, a lease, a
+reservation, an AI session, more tasks than after the warm-up, or descriptors other than the token client's
+keep-alive pool; or if resident memory ends more than MAX_RSS_GROWTH_MB above the warm-up, or (in a run
+longer than LEVEL_AFTER_S) has not levelled off after it.
 """
 
 from __future__ import annotations
@@ -40,6 +47,7 @@ import numpy.typing as npt
 from websockets.asyncio.client import connect
 from websockets.exceptions import WebSocketException
 
+from telephony_bridge.admission import OUTCOME_TTL_S
 from telephony_bridge.tools.caller import new_sid
 from telephony_bridge.tools.commands import read_wav
 from telephony_bridge.tools.twilio_flow import FlowError, place_call, run_flow, sign
@@ -52,6 +60,12 @@ PUBLIC_URL = "https://bridge.soak.test"
 API_KEY = "soak-key"
 SETTLE_S = 30.0  # after the last call: reservations lapse (10 s), stalled sessions end, calls close
 WARM_UP_CALLS = 16
+# Memory: each call's outcome is kept OUTCOME_TTL_S (600 s) for Twilio's <Connect action> request, so resident
+# memory climbs for that long, then levels off once outcomes expire as fast as calls end (bench figures in the
+# README). Runs longer than LEVEL_AFTER_S must show that level; every run must stay within the bound.
+LEVEL_AFTER_S = OUTCOME_TTL_S + 60.0
+MAX_LEVEL_GROWTH_MB = 2.0  # RSS growth allowed across the samples after LEVEL_AFTER_S
+MAX_RSS_GROWTH_MB = 32.0  # end less after the warm-up, whatever the length of the run
 
 # Each AI session and token request meets at most one fault: the first armed one whose draw hits.
 SESSION_FAULTS = [
@@ -336,6 +350,25 @@ async def run_calls(
     return time.monotonic() - started, samples
 
 
+def memory_verdict(
+    warm: dict[str, Any], end: dict[str, Any], samples: list[tuple[int, float, dict[str, Any]]]
+) -> tuple[bool, str]:
+    """Within MAX_RSS_GROWTH_MB of the warm-up at the end and, when the run outlasted LEVEL_AFTER_S, level
+    (within MAX_LEVEL_GROWTH_MB) across the samples taken after it."""
+    growth = end["rss_mb"] - warm["rss_mb"]
+    ok = growth <= MAX_RSS_GROWTH_MB
+    verdict = f"RSS {growth:+.1f} MB since the warm-up (bound {MAX_RSS_GROWTH_MB:g} MB)"
+    late = [s["rss_mb"] for _, t, s in samples if t >= LEVEL_AFTER_S]
+    if len(late) >= 2:
+        slope = max(late) - late[0]
+        ok = ok and slope <= MAX_LEVEL_GROWTH_MB
+        verdict += f"; {slope:+.1f} MB across the {len(late)} samples after {LEVEL_AFTER_S:.0f} s"
+        verdict += f" (bound {MAX_LEVEL_GROWTH_MB:g} MB)"
+    else:
+        verdict += f"; the run was too short to show the level (it comes after {LEVEL_AFTER_S:.0f} s of calls)"
+    return ok, verdict
+
+
 def table(rows: list[tuple[str, ...]]) -> str:
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)) for row in rows)
@@ -416,6 +449,8 @@ def main() -> int:
     print("bridge_calls_total by outcome:", dict(sorted(outcomes.items())))
     print("emulator: faults injected", emulated["faults"]["injected"])
     print(f"emulator: {emulated['sessions_opened']} sessions, limit violations {len(emulated['violations'])}")
+    memory = memory_verdict(warm, end, samples)
+    print(f"soak: memory: {memory[1]}")
     leaked = [k for k in ("calls", "leases", "reservations", "ai_sessions") if end[k]]
     leaked += ["asyncio_tasks"] if end["asyncio_tasks"] > warm["asyncio_tasks"] + 2 else []
     # Idle keep-alive connections to the token endpoint are the HTTP client's pool, not a leak (none are AI
@@ -424,7 +459,10 @@ def main() -> int:
     if leaked:
         print(f"soak: FAILED: still held at the end: {', '.join(leaked)}")
         return 1
-    print(f"soak: nothing held at the end; RSS {end['rss_mb'] - warm['rss_mb']:+.1f} MB since the warm-up")
+    if not memory[0]:
+        print("soak: FAILED: memory")
+        return 1
+    print("soak: nothing held at the end, memory within its bounds")
     return 0
 
 

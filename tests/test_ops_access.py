@@ -111,5 +111,6 @@ async def test_debug_heap_is_an_ops_path_and_names_allocation_sites_only(emulato
     assert len(first["growth"]) == 15 and all(site["bytes_diff"] == site["bytes"] for site in first["growth"])
     assert all(re.fullmatch(r"[^ ]+:\d+( <- [^ ]+:\d+)*", site["site"]) for site in third["growth"])
     assert status["process"]["python_traced_bytes"] > 0 and status["process"]["python_allocated_blocks"] > 0
+    assert first["malloc"]["in_use_bytes"] > 0 and status["process"]["malloc"]["in_use_bytes"] > 0  # glibc
     for secret in (AUTH_TOKEN, OPS_TOKEN, "test-key", flow.call_sid):
         assert secret not in second.text

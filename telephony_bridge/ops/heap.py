@@ -11,12 +11,13 @@ value from the heap, so no secret or audio can reach it.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
+import functools
 import gc
 import linecache
 import sys
 import sysconfig
 import tracemalloc
+from collections.abc import Callable
 from typing import Any
 
 TOP_SITES = 15  # allocation sites listed per answer
@@ -84,13 +85,9 @@ def malloc_figures() -> dict[str, int] | None:
     """glibc's view of the C heap (``mallinfo2``; None elsewhere): bytes in use by C allocations (numpy
     buffers, large bytes objects, the event loop's and parsers' own), bytes free but kept in its arenas
     (fragmentation), and bytes in separate mmaps. Python's small objects live in pymalloc's own arenas."""
-    libc_name = ctypes.util.find_library("c")
-    if libc_name is None:
-        return None
-    mallinfo2 = getattr(ctypes.CDLL(libc_name), "mallinfo2", None)
+    mallinfo2 = _mallinfo2()
     if mallinfo2 is None:
         return None
-    mallinfo2.restype = _Mallinfo2
     info = mallinfo2()
     return {
         "in_use_bytes": info.uordblks + info.hblkhd,
@@ -98,6 +95,16 @@ def malloc_figures() -> dict[str, int] | None:
         "arena_bytes": info.arena,
         "mmap_bytes": info.hblkhd,
     }
+
+
+@functools.cache
+def _mallinfo2() -> Callable[[], _Mallinfo2] | None:
+    try:
+        function = ctypes.CDLL(None).mallinfo2  # the process's own symbols: glibc's, where it is the C library
+    except (AttributeError, OSError):
+        return None
+    function.restype = _Mallinfo2
+    return function  # type: ignore[no-any-return]
 
 
 def _site(traceback: tracemalloc.Traceback, size: int, size_diff: int, count: int, count_diff: int) -> dict[str, Any]:
