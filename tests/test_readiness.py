@@ -76,7 +76,12 @@ def test_readyz_turns_503_once_no_device_has_budget_and_200_again_when_a_slot_fr
 
 
 def test_status_reports_what_the_process_holds(emulator: ServerThread, bridge: ServerThread) -> None:
-    """What bench/soak.py watches for leaks: asyncio tasks, open file descriptors, resident memory."""
+    """What bench/soak.py watches for leaks: asyncio tasks, open file descriptors, resident memory, Python's
+    allocated blocks, the C heap (traced bytes only under tracemalloc, which this process is not)."""
     process = httpx.get(bridge.http_url + "/status", timeout=5).json()["process"]
-    assert set(process) == {"pid", "asyncio_tasks", "open_fds", "rss_bytes"}
+    assert set(process) == {
+        "pid", "asyncio_tasks", "open_fds", "rss_bytes", "python_allocated_blocks", "python_traced_bytes", "malloc"
+    }  # fmt: skip
     assert process["asyncio_tasks"] >= 1 and process["open_fds"] > 3 and process["rss_bytes"] > 10 * 2**20
+    assert process["python_allocated_blocks"] > 10_000 and process["python_traced_bytes"] is None
+    assert set(process["malloc"]) == {"in_use_bytes", "free_bytes", "arena_bytes", "mmap_bytes"}
