@@ -29,6 +29,8 @@ from telephony_bridge.settings import AudioSettings, BargeInSettings
 log = logging.getLogger(__name__)
 
 CATCH_UP_RATE = 2.0  # a backlog goes to the AI at most this many times faster than real time
+# A joined message's first frame waits for the rest until they are due, plus this much for arrival jitter.
+MESSAGE_WAIT_MARGIN_S = 0.005
 CALLER_IDLE_S = 0.1  # no caller frame for this long (Twilio sends one every 20 ms): the caller counts as silent
 
 
@@ -39,6 +41,8 @@ class Inbound:
         self._pipeline = CallerToAi()
         self._queue: deque[bytes] = deque()
         self._max_frames = max(1, audio.pre_connect_buffer_ms // FRAME_MS)
+        self._frames_per_message = max(1, audio.upstream_message_ms // FRAME_MS)
+        self._oldest_at = 0.0  # when the frame at the head of the queue was queued
         self._ready = asyncio.Event()
         self.detector = _detector(barge_in)
         self.frames_in = 0
@@ -70,6 +74,8 @@ class Inbound:
         timeline = self._pipeline.timeline
         dropped_before, filled_before = timeline.dropped_frames, timeline.filled_bytes
         pcm_8k, frames = self._pipeline.push(timestamp_ms, ulaw)
+        if frames and not self._queue:
+            self._oldest_at = now
         for frame in frames:
             if len(self._queue) >= self._max_frames:
                 self._queue.popleft()  # the AI is not taking audio: keep the newest, count the loss
@@ -129,8 +135,10 @@ class Inbound:
             await self._clock.sleep_until(now + CALLER_IDLE_S)
 
     async def run(self, conn: SavantsConnection) -> None:
-        """Send the queued frames to the AI (640 bytes, 20 ms each): as they come, or, for a backlog, at most
+        """Send the queued frames to the AI (640 bytes, 20 ms each; ``audio.upstream_message_ms`` joins that
+        many ms per message, the first frame waiting for the rest): as they come, or, for a backlog, at most
         ``CATCH_UP_RATE`` times real time."""
+        per = self._frames_per_message
         next_at = self._clock.monotonic()
         while True:
             if not self._queue:
@@ -138,11 +146,19 @@ class Inbound:
                 await self._ready.wait()
                 next_at = max(next_at, self._clock.monotonic())
                 continue
+            complete_by = self._oldest_at + (per - 1) * FRAME_S + MESSAGE_WAIT_MARGIN_S
+            if len(self._queue) < per and self._clock.monotonic() < complete_by:
+                self._ready.clear()
+                await self._clock.wait_until(self._ready, complete_by)
+                continue
             if next_at > self._clock.monotonic():
                 await self._clock.sleep_until(next_at)
-            if await conn.send_audio(self._queue.popleft()):
-                self.frames_to_ai += 1
-            next_at += FRAME_S / CATCH_UP_RATE
+            n = min(per, len(self._queue))
+            pcm = self._queue.popleft() if n == 1 else b"".join(self._queue.popleft() for _ in range(n))
+            self._oldest_at = self._clock.monotonic()  # what is left is backlog: it goes as soon as pacing allows
+            if await conn.send_audio(pcm):
+                self.frames_to_ai += n
+            next_at += n * FRAME_S / CATCH_UP_RATE
 
 
 def _detector(settings: BargeInSettings) -> BargeInDetector | None:

@@ -81,3 +81,39 @@ async def test_inbound_counts_a_sender_that_stops_sending_as_silent_so_the_hold_
     assert [type(e) for e in events] == [BargeIn, CallerStopped]
     assert last_frame_at < events[1].at_s <= last_frame_at + 0.5 + 0.1 + 0.02  # type: ignore[union-attr]
     assert inbound.quirks == {"no_timestamps"}
+
+
+class SizedSavants(FakeSavants):
+    """Also accepts joined messages, recording their sizes."""
+
+    def __init__(self, clock: FakeClock) -> None:
+        super().__init__(clock)
+        self.sizes: list[int] = []
+
+    async def send_audio(self, pcm: bytes) -> bool:
+        self.sizes.append(len(pcm))
+        self.sent_at.append(round(self.clock.monotonic() - 1000.0, 3))
+        return True
+
+
+async def test_inbound_joins_two_frames_a_message_when_asked_and_sends_a_lone_one_after_its_wait() -> None:
+    clock = FakeClock(start=1000.0)
+    inbound = Inbound(AudioSettings(upstream_message_ms=40), BargeInSettings(enabled=False), Metrics(), clock)
+    savants = SizedSavants(clock)
+    async with asyncio.timeout(5):
+        task = asyncio.create_task(inbound.run(savants))  # type: ignore[arg-type]
+        try:
+            for step in range(1, 41):  # 200 ms in 5 ms steps; caller frames every 20 ms for 100 ms, then none
+                await settle()
+                if step % 4 == 1 and step <= 20:
+                    inbound.push((step // 4) * 20, SILENCE, clock.monotonic(), None)
+                await settle()
+                clock.advance(0.005)
+        finally:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+    # Frames at 0, 20, 40, 60, 80 ms: two joined messages as each second frame arrives, then the fifth alone
+    # once it has waited a frame and the margin for company that never came.
+    assert savants.sizes == [1280, 1280, 640]
+    assert savants.sent_at == [0.02, 0.06, 0.105]
+    assert inbound.frames_to_ai == 5
