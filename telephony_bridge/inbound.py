@@ -43,7 +43,8 @@ class Inbound:
         self._max_frames = max(1, audio.pre_connect_buffer_ms // FRAME_MS)
         self._frames_per_message = max(1, audio.upstream_message_ms // FRAME_MS)
         self._oldest_at = 0.0  # when the frame at the head of the queue was queued
-        self._ready = asyncio.Event()
+        self._ready = asyncio.Event()  # set by ``push`` when ``run`` has something to do
+        self._idle = True  # ``run`` waits for audio with no deadline of its own: the next frame must wake it
         self.detector = _detector(barge_in)
         self.frames_in = 0
         self.frames_to_ai = 0
@@ -82,7 +83,9 @@ class Inbound:
                 self.dropped_overflow += 1
                 self._metrics.inbound_dropped.labels(reason="overflow").inc()
             self._queue.append(frame)
-        if frames:
+        # ``run`` is woken when a whole message is queued; a first frame wakes it only if it sleeps with no
+        # deadline (it normally waits for the next message with one): one wake-up per message, not per frame.
+        if frames and (self._idle or len(self._queue) >= self._frames_per_message):
             self._ready.set()
         if timeline.dropped_frames != dropped_before:
             self._metrics.inbound_dropped.labels(reason="late").inc()
@@ -139,26 +142,38 @@ class Inbound:
         many ms per message, the first frame waiting for the rest): as they come, or, for a backlog, at most
         ``CATCH_UP_RATE`` times real time."""
         per = self._frames_per_message
+        message_s = per * FRAME_S
         next_at = self._clock.monotonic()
-        while True:
-            if not self._queue:
-                self._ready.clear()
-                await self._ready.wait()
-                next_at = max(next_at, self._clock.monotonic())
-                continue
-            complete_by = self._oldest_at + (per - 1) * FRAME_S + MESSAGE_WAIT_MARGIN_S
-            if len(self._queue) < per and self._clock.monotonic() < complete_by:
-                self._ready.clear()
-                await self._clock.wait_until(self._ready, complete_by)
-                continue
-            if next_at > self._clock.monotonic():
-                await self._clock.sleep_until(next_at)
-            n = min(per, len(self._queue))
-            pcm = self._queue.popleft() if n == 1 else b"".join(self._queue.popleft() for _ in range(n))
-            self._oldest_at = self._clock.monotonic()  # what is left is backlog: it goes as soon as pacing allows
-            if await conn.send_audio(pcm):
-                self.frames_to_ai += n
-            next_at += n * FRAME_S / CATCH_UP_RATE
+        try:
+            while True:
+                now = self._clock.monotonic()
+                if not self._queue:
+                    self._ready.clear()
+                    if per > 1 and not self._idle:
+                        # The next message is due within its own length; its first frame does not wake us.
+                        await self._clock.wait_until(self._ready, now + message_s + MESSAGE_WAIT_MARGIN_S)
+                        self._idle = not self._queue  # none begun by then: the caller went quiet
+                        continue
+                    self._idle = True
+                    await self._ready.wait()
+                    self._idle = False
+                    next_at = max(next_at, self._clock.monotonic())
+                    continue
+                complete_by = self._oldest_at + message_s - FRAME_S + MESSAGE_WAIT_MARGIN_S
+                if len(self._queue) < per and now < complete_by:
+                    self._ready.clear()
+                    await self._clock.wait_until(self._ready, complete_by)
+                    continue
+                if next_at > now:
+                    await self._clock.sleep_until(next_at)
+                n = min(per, len(self._queue))
+                pcm = self._queue.popleft() if n == 1 else b"".join(self._queue.popleft() for _ in range(n))
+                self._oldest_at = self._clock.monotonic()  # what is left is backlog: it goes when pacing allows
+                if await conn.send_audio(pcm):
+                    self.frames_to_ai += n
+                next_at += n * FRAME_S / CATCH_UP_RATE
+        finally:
+            self._idle = True  # no session: frames queue up, and the next ``run`` finds them at once
 
 
 def _detector(settings: BargeInSettings) -> BargeInDetector | None:

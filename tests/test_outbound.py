@@ -44,7 +44,11 @@ EPS = 1e-6
 TIMEOUT_S = 5
 # One message per frame and a fixed prebuffer: the pacing these tests pin down frame by frame. Batching and
 # the adaptive prebuffer build on it and have their own tests below.
-UNBATCHED = AudioSettings(outbound_batch_ms=20, adaptive_prebuffer=False)
+UNBATCHED = AudioSettings(
+    outbound_batch_ms=20, adaptive_prebuffer=False, mark_interval_ms=100, playout_prebuffer_ms=40
+)
+# Three frames a message from a 40 ms prebuffer: the batching tests below pin down this shape.
+BATCHED = AudioSettings(outbound_batch_ms=60, playout_prebuffer_ms=40)
 
 
 def tone(ms: int, *, dbfs: float = -20.0, freq_hz: float = 1000.0) -> bytes:
@@ -326,6 +330,19 @@ async def test_outbound_marks_every_100_ms_of_audio_and_when_the_queue_empties()
         assert line.outbound.playback.pending_marks == 10
 
 
+async def test_outbound_by_default_sends_40_ms_a_message_and_a_mark_every_500_ms() -> None:
+    """The defaults keep the sends to Twilio few: a message per 40 ms batch, a mark per 500 ms of audio and
+    one when the queue empties."""
+    async with asyncio.timeout(TIMEOUT_S), running(AudioSettings()) as line:
+        line.outbound.push(tone(1200))
+        await advance(line.clock, 2.0)
+        media = [e for _, e in line.events() if isinstance(e, OutMedia)]
+        marks = [e for _, e in line.events() if isinstance(e, OutMark)]
+        assert b"".join(m.payload for m in media) == tone(1200)
+        assert len(media) <= 1200 // 40 + 1  # the first message carries the prebuffer, then whole batches
+        assert len(marks) == 3  # after 500 and 1000 ms of audio, and when the queue emptied
+
+
 async def test_outbound_marks_a_queue_that_empties_mid_interval() -> None:
     async with asyncio.timeout(TIMEOUT_S), running() as line:
         line.outbound.push(tone(60))
@@ -493,7 +510,7 @@ async def test_outbound_interrupt_makes_the_ai_inaudible() -> None:
 async def test_outbound_batches_queued_audio_three_frames_a_message_within_the_lead() -> None:
     # Twilio's buffer is refilled a batch (60 ms) at a time, so while a batch is queued it holds at least the
     # lead less a batch; a last part batch goes once Twilio is down to 20 ms, never later.
-    sizes, done_s = await bulk_push_within_the_lead(AudioSettings(), batch_frames=3)
+    sizes, done_s = await bulk_push_within_the_lead(BATCHED, batch_frames=3)
     assert 1.94 - EPS <= done_s <= 1.94 + STEP_S + EPS  # the last part batch went with 20 ms left to play
     assert sizes == [5 * FRAME] + [3 * FRAME] * 31 + [2 * FRAME]
 
@@ -501,7 +518,7 @@ async def test_outbound_batches_queued_audio_three_frames_a_message_within_the_l
 async def test_outbound_real_time_ai_with_a_100_ms_prebuffer_goes_three_frames_a_message_without_a_gap() -> None:
     # A real-time AI keeps the lead the prebuffer gave it; a frame is held only while Twilio has more than
     # 20 ms left, so whole 60 ms batches need a lead of 60 ms above that.
-    settings = AudioSettings(playout_prebuffer_ms=100)
+    settings = AudioSettings(playout_prebuffer_ms=100, outbound_batch_ms=60)
     async with asyncio.timeout(TIMEOUT_S), running(settings) as line:
         for _ in range(100):  # the AI speaks in real time: a frame every 20 ms
             line.outbound.push(tone(20))
@@ -515,7 +532,7 @@ async def test_outbound_real_time_ai_with_a_100_ms_prebuffer_goes_three_frames_a
 
 
 async def test_outbound_counts_an_ai_late_underrun_grows_the_prebuffer_and_shrinks_it_when_calm() -> None:
-    async with asyncio.timeout(TIMEOUT_S), running(AudioSettings()) as line:
+    async with asyncio.timeout(TIMEOUT_S), running(BATCHED) as line:
         for i in range(60):
             if i == 30:
                 await advance(line.clock, 0.120)  # the AI's next frame is 120 ms late: playback runs dry
