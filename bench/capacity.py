@@ -198,7 +198,8 @@ def measure(
     steady_rss = rss_kb(pid)
     time.sleep(window_s / 2)
     steady_used = cpu_s(pid) - steady_before
-    per_call_s = [(after - before) / window_s / calls for after, before in zip(activity(pid), activity_before)]
+    activity_after = activity(pid)
+    per_call_s = [(activity_after[i] - activity_before[i]) / window_s / calls for i in range(3)]
     if spy is not None:
         spy.wait()
     parts = [future.result() for future in futures]

@@ -35,7 +35,7 @@ async def settle() -> None:
 
 async def test_inbound_backlog_is_caught_up_at_twice_real_time_then_frames_flow_as_they_come() -> None:
     clock = FakeClock(start=1000.0)
-    inbound = Inbound(AudioSettings(), BargeInSettings(enabled=False), Metrics(), clock)
+    inbound = Inbound(AudioSettings(upstream_message_ms=20), BargeInSettings(enabled=False), Metrics(), clock)
     for i in range(5):  # 100 ms said before the AI was connected
         inbound.push(i * 20, SILENCE, clock.monotonic(), None)
     savants = FakeSavants(clock)

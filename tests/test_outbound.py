@@ -44,9 +44,7 @@ EPS = 1e-6
 TIMEOUT_S = 5
 # One message per frame and a fixed prebuffer: the pacing these tests pin down frame by frame. Batching and
 # the adaptive prebuffer build on it and have their own tests below.
-UNBATCHED = AudioSettings(
-    outbound_batch_ms=20, adaptive_prebuffer=False, mark_interval_ms=100, playout_prebuffer_ms=40
-)
+UNBATCHED = AudioSettings(outbound_batch_ms=20, adaptive_prebuffer=False, mark_interval_ms=100, playout_prebuffer_ms=40)
 # Three frames a message from a 40 ms prebuffer: the batching tests below pin down this shape.
 BATCHED = AudioSettings(outbound_batch_ms=60, playout_prebuffer_ms=40)
 
