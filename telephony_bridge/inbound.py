@@ -153,6 +153,9 @@ class Inbound:
                         # The next message is due within its own length; its first frame does not wake us.
                         await self._clock.wait_until(self._ready, now + message_s + MESSAGE_WAIT_MARGIN_S)
                         self._idle = not self._queue  # none begun by then: the caller went quiet
+                        # No backlog was waiting: pacing starts afresh, or the time messages spent 40 ms apart
+                        # would be credit a later burst spends at once.
+                        next_at = max(next_at, self._clock.monotonic())
                         continue
                     self._idle = True
                     await self._ready.wait()

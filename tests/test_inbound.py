@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 
 from telephony_bridge.audio.barge_in import BargeIn, CallerStopped, Event
 from telephony_bridge.audio.codec import TWILIO_FRAME_BYTES, pcm16_to_ulaw
@@ -117,3 +118,39 @@ async def test_inbound_joins_two_frames_a_message_when_asked_and_sends_a_lone_on
     assert savants.sizes == [1280, 1280, 640]
     assert savants.sent_at == [0.02, 0.06, 0.105]
     assert inbound.frames_to_ai == 5
+
+
+async def test_inbound_a_burst_after_steady_talk_still_goes_at_most_twice_real_time() -> None:
+    """Twilio sends a frame every 20 ms for the whole call, so ``run`` never idles: a burst late in the call (the
+    caller's network stalled, then delivered 400 ms at once) must still be paced, not sent on credit saved up
+    while messages went every 40 ms."""
+    clock = FakeClock(start=1000.0)
+    inbound = Inbound(AudioSettings(upstream_message_ms=40), BargeInSettings(enabled=False), Metrics(), clock)
+    savants = SizedSavants(clock)
+    async with asyncio.timeout(5):
+        task = asyncio.create_task(inbound.run(savants))  # type: ignore[arg-type]
+        try:
+            ts = 0
+            for step in range(1, 401):  # 2 s of steady talk in 5 ms steps
+                await settle()
+                if step % 4 == 1:
+                    inbound.push(ts, SILENCE, clock.monotonic(), None)
+                    ts += 20
+                await settle()
+                clock.advance(0.005)
+            burst_at = round(clock.monotonic() - 1000.0, 3)
+            for _ in range(20):  # 400 ms at once
+                inbound.push(ts, SILENCE, clock.monotonic(), None)
+                ts += 20
+            for _ in range(80):  # 400 ms with nothing more from the caller
+                await settle()
+                clock.advance(0.005)
+                await settle()
+        finally:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+    burst = [at for at in savants.sent_at if at >= burst_at]
+    gaps = [round(b - a, 3) for a, b in itertools.pairwise(burst)]
+    assert sum(n for n, at in zip(savants.sizes, savants.sent_at, strict=True) if at >= burst_at) == 20 * 640
+    assert min(gaps) >= 0.02  # 40 ms messages, never faster than twice real time
+    assert inbound.frames_to_ai == 100 + 20
