@@ -154,3 +154,27 @@ async def test_inbound_a_burst_after_steady_talk_still_goes_at_most_twice_real_t
     assert sum(n for n, at in zip(savants.sizes, savants.sent_at, strict=True) if at >= burst_at) == 20 * 640
     assert min(gaps) >= 0.02  # 40 ms messages, never faster than twice real time
     assert inbound.frames_to_ai == 100 + 20
+
+
+async def test_inbound_with_no_reconnect_buffer_still_sends_every_frame_in_40_ms_messages() -> None:
+    """``audio.reconnect_buffer_ms: 0`` keeps no audio for a reconnect, but a message is two frames: the first
+    must wait for the second rather than be dropped as overflow when it comes."""
+    clock = FakeClock(start=1000.0)
+    audio = AudioSettings(upstream_message_ms=40, reconnect_buffer_ms=0)
+    inbound = Inbound(audio, BargeInSettings(enabled=False), Metrics(), clock)
+    inbound.limit_backlog(audio.reconnect_buffer_ms)  # as ``AiSide`` does once connected
+    savants = SizedSavants(clock)
+    async with asyncio.timeout(5):
+        task = asyncio.create_task(inbound.run(savants))  # type: ignore[arg-type]
+        try:
+            for step in range(1, 81):  # 400 ms in 5 ms steps, a caller frame every 20 ms for 200 ms
+                await settle()
+                if step % 4 == 1 and step <= 40:
+                    inbound.push((step // 4) * 20, SILENCE, clock.monotonic(), None)
+                await settle()
+                clock.advance(0.005)
+        finally:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+    assert inbound.dropped_overflow == 0
+    assert inbound.frames_to_ai == 10 and savants.sizes == [1280] * 5
