@@ -242,8 +242,11 @@ class Outbound:
     def _low_water_s(self) -> float:
         """How low Twilio's buffer may run while a part batch waits for company: the playout delay the prebuffer
         keeps, less the batch being gathered, and never under a frame. What is left is the margin for a late
-        wake-up (a busy event loop, a busy machine), so it grows with the prebuffer after an underrun."""
-        return max(LOW_WATER_S, self.prebuffer.value_s - self._batch_frames * FRAME_S)
+        wake-up (a busy event loop, a busy machine), so it grows with the prebuffer after an underrun. Never
+        above the lead less a frame either: above that no frame fits when the hold ends, and the pacer would
+        spin on a deadline already passed (a prebuffer longer than the lead allows that)."""
+        low_water_s = max(LOW_WATER_S, self.prebuffer.value_s - self._batch_frames * FRAME_S)
+        return min(low_water_s, self._pacer.lead_s - FRAME_S)
 
     def _note_playout(self, now: float, dry_at: float | None) -> None:
         """Audio is about to go out: if Twilio's buffer ran dry before it (a hole the caller hears), say whose
