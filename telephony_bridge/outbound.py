@@ -46,7 +46,10 @@ class Outbound:
         self.prebuffer = AdaptivePrebuffer(
             base_s, settings.outbound_lead_ms / 1000 if settings.adaptive_prebuffer else base_s
         )
-        self._batch_frames = max(1, settings.outbound_batch_ms // FRAME_MS)
+        # Up to a batch a message, and never more than the lead less a frame: a batch waits for room under the
+        # lead, so a longer one would let Twilio's buffer run dry (or to nothing) before every message.
+        max_batch_ms = max(FRAME_MS, settings.outbound_lead_ms - FRAME_MS)
+        self._batch_frames = max(1, min(settings.outbound_batch_ms, max_batch_ms) // FRAME_MS)
         self._spurt_live = False  # audio has gone out since the last clear: a hole in it would be an underrun
         self.underruns_ai_late = 0  # Twilio ran dry waiting for the AI's next frame
         self.underruns_scheduling = 0  # Twilio ran dry while audio waited here: we sent it late

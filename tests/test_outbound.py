@@ -558,6 +558,20 @@ async def test_outbound_counts_a_stall_of_ours_as_a_scheduling_underrun_and_grow
         assert (out.underruns_scheduling, out.underruns_ai_late, out.prebuffer.grows) == (1, 0, 1)
 
 
+async def test_outbound_a_batch_longer_than_the_lead_never_lets_twilio_run_dry() -> None:
+    """``outbound_batch_ms`` may be set above ``outbound_lead_ms``; such a batch never fits under the lead, so
+    waiting for room for it let Twilio's buffer run dry for the difference before every message."""
+    settings = AudioSettings(outbound_lead_ms=100, outbound_batch_ms=140)
+    async with asyncio.timeout(TIMEOUT_S), running(settings) as line:
+        line.outbound.push(tone(1000))
+        await settle()
+        while line.sent_s() < 1.0 - EPS:
+            if line.sent_s():
+                assert line.outbound.lead(line.clock.monotonic()) > 0  # Twilio never ran dry
+            await advance(line.clock, STEP_S)
+        assert line.outbound.underruns_scheduling == 0
+
+
 class IdleWaitCountingClock(FakeClock):
     """Counts waits whose deadline had already passed: a pacer asking to wait for nothing is spinning (on the
     real clock such a wait returns without yielding, and the spin holds the event loop and every call on it)."""
