@@ -16,6 +16,8 @@ Per server and load level:
 - whole-call CPU: the server's CPU time (from /proc) from the first call's webhook until the last call has
   closed, per call-minute served: set-up, tear-down and idle cost included;
 - steady CPU: over the middle of the run, when every call is up, per call per 20 ms;
+- activity: over the same window, per call-second, the server's read and write system calls and its wake-ups
+  (voluntary context switches): exact counts that show what a change saves even when CPU figures are noisy;
 - memory: resident set at steady state less the idle process's, per call;
 - added latency p50/p99: each echoed frame's round trip less its call's quickest (what load added), and
   underruns per call (holes in the caller's playback), first AI audio p99.
@@ -93,6 +95,24 @@ def rss_kb(pid: int) -> int:
             if line.startswith("VmRSS:"):
                 total += int(line.split()[1])
     return total
+
+
+def activity(pid: int) -> tuple[int, int, int]:
+    """System calls that read and that wrote, and voluntary context switches (each one an event loop that
+    went to sleep and was woken), summed over the server's processes and threads: what CPU figures blur,
+    these count exactly, so a change that saves sends or wake-ups shows even on a busy machine."""
+    reads = writes = switches = 0
+    for member in family(pid):
+        with contextlib.suppress(OSError):
+            for row in Path(f"/proc/{member}/io").read_text().splitlines():
+                key, _, value = row.partition(": ")
+                reads += int(value) if key == "syscr" else 0
+                writes += int(value) if key == "syscw" else 0
+            for tid in os.listdir(f"/proc/{member}/task"):
+                for row in Path(f"/proc/{member}/task/{tid}/status").read_text().splitlines():
+                    if row.startswith("voluntary_ctxt_switches:"):
+                        switches += int(row.split()[1])
+    return reads, writes, switches
 
 
 def wait_for(url: str, timeout_s: float = 20.0) -> None:
@@ -173,11 +193,13 @@ def measure(
         spy_bin = Path(sys.executable).parent / "py-spy"
         command[0] = str(spy_bin) if spy_bin.exists() else "py-spy"
         spy = subprocess.Popen([*command, "--nonblocking", "-o", profile], stdout=subprocess.DEVNULL)
-    steady_before = cpu_s(pid)
+    steady_before, activity_before = cpu_s(pid), activity(pid)
     time.sleep(window_s / 2)
     steady_rss = rss_kb(pid)
     time.sleep(window_s / 2)
     steady_used = cpu_s(pid) - steady_before
+    activity_after = activity(pid)
+    per_call_s = [(activity_after[i] - activity_before[i]) / window_s / calls for i in range(3)]
     if spy is not None:
         spy.wait()
     parts = [future.result() for future in futures]
@@ -189,6 +211,9 @@ def measure(
         "steady_cpu_pct": 100 * steady_used / window_s,
         "steady_us_per_call_per_20ms": 1e6 * steady_used / window_s / calls * 0.020,
         "kb_per_call": (steady_rss - idle_rss) / calls,
+        "reads_per_call_s": per_call_s[0],
+        "writes_per_call_s": per_call_s[1],
+        "wakeups_per_call_s": per_call_s[2],
         "bridge_underruns_by_cause": causes,
     }
     if sip_target:
@@ -311,6 +336,8 @@ def line(label: str, f: dict) -> str:
         f"steady {f['steady_cpu_pct']:5.1f} % = {f['steady_us_per_call_per_20ms']:5.1f} µs/call/20ms  "
         f"whole {f['whole_cpu_s_per_call_minute']:.3f} CPU-s/call-min ({f['whole_us_per_call_per_20ms']:5.1f} µs)  "
         f"{f['kb_per_call']:6.0f} KB/call  "
+        f"per call-s: {f['reads_per_call_s']:.0f} reads {f['writes_per_call_s']:.0f} writes "
+        f"{f['wakeups_per_call_s']:.0f} wake-ups  "
     )
     if "setup_p99_ms" in f:
         return head + (

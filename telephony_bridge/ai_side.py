@@ -14,7 +14,6 @@ import logging
 
 from telephony_bridge.admission import Admission, CallSlot
 from telephony_bridge.audio.comfort import ComfortFill
-from telephony_bridge.audio.pipeline import AiToCaller
 from telephony_bridge.clock import Clock
 from telephony_bridge.errors import SavantsError, SessionError, first_of
 from telephony_bridge.inbound import Inbound
@@ -56,7 +55,6 @@ class AiSide:
         self._clock = clock
         self._session: SavantsConnection | None = None
         self._fill: ComfortFill | None = None  # made at the first drop: most calls never need it
-        self._to_caller = AiToCaller()
         self.connected = False
         self.connected_at: float | None = None
 
@@ -114,4 +112,4 @@ class AiSide:
                     log.warning("the AI's last words were not confirmed heard (no mark echo) before hanging up")
                 raise AiHungUp
             if isinstance(event, Audio):
-                self._outbound.push(self._to_caller.push(event.pcm))
+                self._outbound.push_pcm(event.pcm)

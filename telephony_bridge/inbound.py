@@ -29,6 +29,8 @@ from telephony_bridge.settings import AudioSettings, BargeInSettings
 log = logging.getLogger(__name__)
 
 CATCH_UP_RATE = 2.0  # a backlog goes to the AI at most this many times faster than real time
+# A joined message's first frame waits for the rest until they are due, plus this much for arrival jitter.
+MESSAGE_WAIT_MARGIN_S = 0.005
 CALLER_IDLE_S = 0.1  # no caller frame for this long (Twilio sends one every 20 ms): the caller counts as silent
 
 
@@ -38,8 +40,11 @@ class Inbound:
         self._clock = clock
         self._pipeline = CallerToAi()
         self._queue: deque[bytes] = deque()
-        self._max_frames = max(1, audio.pre_connect_buffer_ms // FRAME_MS)
-        self._ready = asyncio.Event()
+        self._frames_per_message = max(1, audio.upstream_message_ms // FRAME_MS)
+        self._max_frames = self._backlog_frames(audio.pre_connect_buffer_ms)
+        self._oldest_at = 0.0  # when the frame at the head of the queue was queued
+        self._ready = asyncio.Event()  # set by ``push`` when ``run`` has something to do
+        self._idle = True  # ``run`` waits for audio with no deadline of its own: the next frame must wake it
         self.detector = _detector(barge_in)
         self.frames_in = 0
         self.frames_to_ai = 0
@@ -50,7 +55,11 @@ class Inbound:
 
     def limit_backlog(self, max_ms: int) -> None:
         """How much caller audio may wait for the AI from now on (the reconnect buffer once it has connected)."""
-        self._max_frames = max(1, max_ms // FRAME_MS)
+        self._max_frames = self._backlog_frames(max_ms)
+
+    def _backlog_frames(self, max_ms: int) -> int:
+        """Never under one message: its first frame waits for the rest, and must not be dropped for them."""
+        return max(self._frames_per_message, max_ms // FRAME_MS)
 
     @property
     def late_frames_dropped(self) -> int:
@@ -70,13 +79,17 @@ class Inbound:
         timeline = self._pipeline.timeline
         dropped_before, filled_before = timeline.dropped_frames, timeline.filled_bytes
         pcm_8k, frames = self._pipeline.push(timestamp_ms, ulaw)
+        if frames and not self._queue:
+            self._oldest_at = now
         for frame in frames:
             if len(self._queue) >= self._max_frames:
                 self._queue.popleft()  # the AI is not taking audio: keep the newest, count the loss
                 self.dropped_overflow += 1
                 self._metrics.inbound_dropped.labels(reason="overflow").inc()
             self._queue.append(frame)
-        if frames:
+        # ``run`` is woken when a whole message is queued; a first frame wakes it only if it sleeps with no
+        # deadline (it normally waits for the next message with one): one wake-up per message, not per frame.
+        if frames and (self._idle or len(self._queue) >= self._frames_per_message):
             self._ready.set()
         if timeline.dropped_frames != dropped_before:
             self._metrics.inbound_dropped.labels(reason="late").inc()
@@ -129,20 +142,45 @@ class Inbound:
             await self._clock.sleep_until(now + CALLER_IDLE_S)
 
     async def run(self, conn: SavantsConnection) -> None:
-        """Send the queued frames to the AI (640 bytes, 20 ms each): as they come, or, for a backlog, at most
+        """Send the queued frames to the AI (640 bytes, 20 ms each; ``audio.upstream_message_ms`` joins that
+        many ms per message, the first frame waiting for the rest): as they come, or, for a backlog, at most
         ``CATCH_UP_RATE`` times real time."""
+        per = self._frames_per_message
+        message_s = per * FRAME_S
         next_at = self._clock.monotonic()
-        while True:
-            if not self._queue:
-                self._ready.clear()
-                await self._ready.wait()
-                next_at = max(next_at, self._clock.monotonic())
-                continue
-            if next_at > self._clock.monotonic():
-                await self._clock.sleep_until(next_at)
-            if await conn.send_audio(self._queue.popleft()):
-                self.frames_to_ai += 1
-            next_at += FRAME_S / CATCH_UP_RATE
+        try:
+            while True:
+                now = self._clock.monotonic()
+                if not self._queue:
+                    self._ready.clear()
+                    if per > 1 and not self._idle:
+                        # The next message is due within its own length; its first frame does not wake us.
+                        await self._clock.wait_until(self._ready, now + message_s + MESSAGE_WAIT_MARGIN_S)
+                        self._idle = not self._queue  # none begun by then: the caller went quiet
+                        # No backlog was waiting: pacing starts afresh, or the time messages spent 40 ms apart
+                        # would be credit a later burst spends at once.
+                        next_at = max(next_at, self._clock.monotonic())
+                        continue
+                    self._idle = True
+                    await self._ready.wait()
+                    self._idle = False
+                    next_at = max(next_at, self._clock.monotonic())
+                    continue
+                complete_by = self._oldest_at + message_s - FRAME_S + MESSAGE_WAIT_MARGIN_S
+                if len(self._queue) < per and now < complete_by:
+                    self._ready.clear()
+                    await self._clock.wait_until(self._ready, complete_by)
+                    continue
+                if next_at > now:
+                    await self._clock.sleep_until(next_at)
+                n = min(per, len(self._queue))
+                pcm = self._queue.popleft() if n == 1 else b"".join(self._queue.popleft() for _ in range(n))
+                self._oldest_at = self._clock.monotonic()  # what is left is backlog: it goes when pacing allows
+                if await conn.send_audio(pcm):
+                    self.frames_to_ai += n
+                next_at += n * FRAME_S / CATCH_UP_RATE
+        finally:
+            self._idle = True  # no session: frames queue up, and the next ``run`` finds them at once
 
 
 def _detector(settings: BargeInSettings) -> BargeInDetector | None:

@@ -13,6 +13,7 @@ instead) and carries no marks.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 
 from telephony_bridge.audio.codec import FRAME_MS, FRAME_S, TWILIO_BYTES_PER_MS, TWILIO_FRAME_BYTES, ulaw_to_pcm16
 from telephony_bridge.audio.comfort import ComfortFill
@@ -25,7 +26,8 @@ from telephony_bridge.settings import AudioSettings
 
 AUDIBLE_PEAK = 200  # about -44 dBFS: quieter AI frames are silence to the caller, not speech
 SPURT_GAP_S = 0.3  # AI silence longer than this ends a talk spurt
-# Twilio's buffer is never let fall below this to make a batch: a held frame goes when only this much is left.
+# Twilio's buffer is never let fall below this to make a batch: a held frame goes when only this much is left
+# (more when the prebuffer leaves room for it: see ``_low_water_s``).
 LOW_WATER_S = FRAME_S
 UNDERRUN_GAP_S = 0.25  # a hole in playback shorter than this, with audio after it, is an underrun (not a pause)
 _EPS = 1e-6
@@ -44,7 +46,10 @@ class Outbound:
         self.prebuffer = AdaptivePrebuffer(
             base_s, settings.outbound_lead_ms / 1000 if settings.adaptive_prebuffer else base_s
         )
-        self._batch_frames = max(1, settings.outbound_batch_ms // FRAME_MS)
+        # Up to a batch a message, and never more than the lead less a frame: a batch waits for room under the
+        # lead, so a longer one would let Twilio's buffer run dry (or to nothing) before every message.
+        max_batch_ms = max(FRAME_MS, settings.outbound_lead_ms - FRAME_MS)
+        self._batch_frames = max(1, min(settings.outbound_batch_ms, max_batch_ms) // FRAME_MS)
         self._spurt_live = False  # audio has gone out since the last clear: a hole in it would be an underrun
         self.underruns_ai_late = 0  # Twilio ran dry waiting for the AI's next frame
         self.underruns_scheduling = 0  # Twilio ran dry while audio waited here: we sent it late
@@ -82,19 +87,39 @@ class Outbound:
         if self.holding:
             self._held_bytes += len(ulaw)
             return
-        self._append(ulaw)
-        excess = len(self._buffer) - self._max_queued_bytes
-        if excess > 0:
-            frames = -(-excess // TWILIO_FRAME_BYTES)
-            self._overflow_bytes += len(self._buffer.take(frames))
+        self._append(ulaw, self._buffer.append)
 
-    def _append(self, ulaw: bytes) -> None:
+    def push_pcm(self, pcm: bytes) -> None:
+        """Like ``push``, for the AI's own 16 kHz PCM: converted to μ-law only when it goes out (in batches)."""
+        if not pcm or self._finishing:
+            return
+        if self.holding:
+            self._held_bytes += self._buffer.drop_pcm(pcm)
+            return
+        self._append(pcm, self._buffer.append_pcm)
+
+    def _append(self, audio: bytes, append: Callable[[bytes], None]) -> None:
         now = self._clock.monotonic()
-        if not len(self._buffer):
+        was_empty = not len(self._buffer)
+        if was_empty:
             self._queued_since = now
         self._last_push_at = now
-        self._buffer.append(ulaw)
-        self._ready.set()
+        before = self._buffer.frames
+        append(audio)
+        excess = len(self._buffer) - self._max_queued_bytes
+        if excess > 0:
+            self._overflow_bytes += len(self._buffer.take(-(-excess // TWILIO_FRAME_BYTES)))
+        # The pacer sleeps until its own next deadline; it is woken only when this audio changes what it would
+        # do there: the first audio after none, a first whole frame, or enough frames for a batch or the
+        # prebuffer. An AI sending 20 ms frames into 60 ms batches wakes it twice a batch, not three times.
+        after = self._buffer.frames
+        if (
+            was_empty
+            or before == 0 < after
+            or before < self._batch_frames <= after
+            or before < self.prebuffer.frames <= after
+        ):
+            self._ready.set()
 
     def fill(self, source: ComfortFill | None) -> None:
         """While the AI is away (reconnecting), keep the caller's line alive: whenever nothing is queued, a
@@ -204,7 +229,7 @@ class Outbound:
                 continue
             batch = 1 if self._finishing else self._batch_frames
             dry_at = self._pacer.play_end
-            due = self._pacer.batch_due(now, frames, batch, LOW_WATER_S)
+            due = self._pacer.batch_due(now, frames, batch, self._low_water_s())
             if due:
                 self._note_playout(now, dry_at)
                 play_at = now + self._pacer.lead(now) - due * FRAME_S
@@ -215,7 +240,16 @@ class Outbound:
                 if left >= batch:
                     await self._wait(self._pacer.room_for(at, batch))
                 else:  # a part batch: it goes when more audio makes it whole, or when Twilio runs low
-                    await self._wait(self._pacer.hold_until(at, LOW_WATER_S))
+                    await self._wait(self._pacer.hold_until(at, self._low_water_s()))
+
+    def _low_water_s(self) -> float:
+        """How low Twilio's buffer may run while a part batch waits for company: the playout delay the prebuffer
+        keeps, less the batch being gathered, and never under a frame. What is left is the margin for a late
+        wake-up (a busy event loop, a busy machine), so it grows with the prebuffer after an underrun. Never
+        above the lead less a frame either: above that no frame fits when the hold ends, and the pacer would
+        spin on a deadline already passed (a prebuffer longer than the lead allows that)."""
+        low_water_s = max(LOW_WATER_S, self.prebuffer.value_s - self._batch_frames * FRAME_S)
+        return min(low_water_s, self._pacer.lead_s - FRAME_S)
 
     def _note_playout(self, now: float, dry_at: float | None) -> None:
         """Audio is about to go out: if Twilio's buffer ran dry before it (a hole the caller hears), say whose
@@ -232,7 +266,7 @@ class Outbound:
 
     async def _send_fill(self, now: float, fill: ComfortFill) -> None:
         """A batch of comfort fill when the lead has room for it (the AI's audio, if any comes, goes next)."""
-        due = self._pacer.batch_due(now, self._batch_frames, self._batch_frames, LOW_WATER_S)
+        due = self._pacer.batch_due(now, self._batch_frames, self._batch_frames, self._low_water_s())
         if not due:
             await self._wait(self._pacer.room_for(now, self._batch_frames))
             return

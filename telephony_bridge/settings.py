@@ -142,10 +142,11 @@ class AccountingSettings(_Frozen):
 class AudioSettings(_Frozen):
     pre_connect_buffer_ms: int = Field(2000, ge=0, le=10_000)
     outbound_lead_ms: int = Field(100, ge=20, le=2000)
-    playout_prebuffer_ms: int = Field(40, ge=0, le=500)
+    playout_prebuffer_ms: int = Field(60, ge=0, le=500)
     adaptive_prebuffer: bool = True
-    outbound_batch_ms: int = Field(60, ge=20, le=200)
-    mark_interval_ms: int = Field(100, ge=20, le=2000)
+    outbound_batch_ms: int = Field(40, ge=20, le=200)
+    upstream_message_ms: int = Field(40, ge=20, le=40, multiple_of=20)
+    mark_interval_ms: int = Field(500, ge=20, le=5000)
     reconnect_buffer_ms: int = Field(5000, ge=0, le=30_000)
     max_ai_ahead_s: float = Field(10.0, ge=1, le=120)
 

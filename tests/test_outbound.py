@@ -44,7 +44,9 @@ EPS = 1e-6
 TIMEOUT_S = 5
 # One message per frame and a fixed prebuffer: the pacing these tests pin down frame by frame. Batching and
 # the adaptive prebuffer build on it and have their own tests below.
-UNBATCHED = AudioSettings(outbound_batch_ms=20, adaptive_prebuffer=False)
+UNBATCHED = AudioSettings(outbound_batch_ms=20, adaptive_prebuffer=False, mark_interval_ms=100, playout_prebuffer_ms=40)
+# Three frames a message from a 40 ms prebuffer: the batching tests below pin down this shape.
+BATCHED = AudioSettings(outbound_batch_ms=60, playout_prebuffer_ms=40)
 
 
 def tone(ms: int, *, dbfs: float = -20.0, freq_hz: float = 1000.0) -> bytes:
@@ -129,9 +131,11 @@ class TwilioJson:
 
 
 @contextlib.asynccontextmanager
-async def running(settings: AudioSettings | None = None, *, yield_in_send: bool = False) -> AsyncIterator[Line]:
+async def running(
+    settings: AudioSettings | None = None, *, yield_in_send: bool = False, clock: FakeClock | None = None
+) -> AsyncIterator[Line]:
     """Start ``Outbound.run()`` on a fake clock; cancel and await it on the way out (a crash in it surfaces)."""
-    clock = FakeClock()
+    clock = clock or FakeClock()
     sent: list[tuple[float, str]] = []
 
     outbound = Outbound(settings or UNBATCHED, clock, TwilioJson(clock, sent, yield_in_send))
@@ -326,6 +330,19 @@ async def test_outbound_marks_every_100_ms_of_audio_and_when_the_queue_empties()
         assert line.outbound.playback.pending_marks == 10
 
 
+async def test_outbound_by_default_sends_40_ms_a_message_and_a_mark_every_500_ms() -> None:
+    """The defaults keep the sends to Twilio few: a message per 40 ms batch, a mark per 500 ms of audio and
+    one when the queue empties."""
+    async with asyncio.timeout(TIMEOUT_S), running(AudioSettings()) as line:
+        line.outbound.push(tone(1200))
+        await advance(line.clock, 2.0)
+        media = [e for _, e in line.events() if isinstance(e, OutMedia)]
+        marks = [e for _, e in line.events() if isinstance(e, OutMark)]
+        assert b"".join(m.payload for m in media) == tone(1200)
+        assert len(media) <= 1200 // 40 + 1  # the first message carries the prebuffer, then whole batches
+        assert len(marks) == 3  # after 500 and 1000 ms of audio, and when the queue emptied
+
+
 async def test_outbound_marks_a_queue_that_empties_mid_interval() -> None:
     async with asyncio.timeout(TIMEOUT_S), running() as line:
         line.outbound.push(tone(60))
@@ -493,7 +510,7 @@ async def test_outbound_interrupt_makes_the_ai_inaudible() -> None:
 async def test_outbound_batches_queued_audio_three_frames_a_message_within_the_lead() -> None:
     # Twilio's buffer is refilled a batch (60 ms) at a time, so while a batch is queued it holds at least the
     # lead less a batch; a last part batch goes once Twilio is down to 20 ms, never later.
-    sizes, done_s = await bulk_push_within_the_lead(AudioSettings(), batch_frames=3)
+    sizes, done_s = await bulk_push_within_the_lead(BATCHED, batch_frames=3)
     assert 1.94 - EPS <= done_s <= 1.94 + STEP_S + EPS  # the last part batch went with 20 ms left to play
     assert sizes == [5 * FRAME] + [3 * FRAME] * 31 + [2 * FRAME]
 
@@ -501,7 +518,7 @@ async def test_outbound_batches_queued_audio_three_frames_a_message_within_the_l
 async def test_outbound_real_time_ai_with_a_100_ms_prebuffer_goes_three_frames_a_message_without_a_gap() -> None:
     # A real-time AI keeps the lead the prebuffer gave it; a frame is held only while Twilio has more than
     # 20 ms left, so whole 60 ms batches need a lead of 60 ms above that.
-    settings = AudioSettings(playout_prebuffer_ms=100)
+    settings = AudioSettings(playout_prebuffer_ms=100, outbound_batch_ms=60)
     async with asyncio.timeout(TIMEOUT_S), running(settings) as line:
         for _ in range(100):  # the AI speaks in real time: a frame every 20 ms
             line.outbound.push(tone(20))
@@ -515,7 +532,7 @@ async def test_outbound_real_time_ai_with_a_100_ms_prebuffer_goes_three_frames_a
 
 
 async def test_outbound_counts_an_ai_late_underrun_grows_the_prebuffer_and_shrinks_it_when_calm() -> None:
-    async with asyncio.timeout(TIMEOUT_S), running(AudioSettings()) as line:
+    async with asyncio.timeout(TIMEOUT_S), running(BATCHED) as line:
         for i in range(60):
             if i == 30:
                 await advance(line.clock, 0.120)  # the AI's next frame is 120 ms late: playback runs dry
@@ -539,6 +556,46 @@ async def test_outbound_counts_a_stall_of_ours_as_a_scheduling_underrun_and_grow
         await advance(line.clock, 0.2)
         out = line.outbound
         assert (out.underruns_scheduling, out.underruns_ai_late, out.prebuffer.grows) == (1, 0, 1)
+
+
+async def test_outbound_a_batch_longer_than_the_lead_never_lets_twilio_run_dry() -> None:
+    """``outbound_batch_ms`` may be set above ``outbound_lead_ms``; such a batch never fits under the lead, so
+    waiting for room for it let Twilio's buffer run dry for the difference before every message."""
+    settings = AudioSettings(outbound_lead_ms=100, outbound_batch_ms=140)
+    async with asyncio.timeout(TIMEOUT_S), running(settings) as line:
+        line.outbound.push(tone(1000))
+        await settle()
+        while line.sent_s() < 1.0 - EPS:
+            if line.sent_s():
+                assert line.outbound.lead(line.clock.monotonic()) > 0  # Twilio never ran dry
+            await advance(line.clock, STEP_S)
+        assert line.outbound.underruns_scheduling == 0
+
+
+class IdleWaitCountingClock(FakeClock):
+    """Counts waits whose deadline had already passed: a pacer asking to wait for nothing is spinning (on the
+    real clock such a wait returns without yielding, and the spin holds the event loop and every call on it)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.waits_for_nothing = 0
+
+    async def wait_until(self, event: asyncio.Event, deadline: float) -> None:
+        self.waits_for_nothing += not event.is_set() and deadline <= self.monotonic()
+        await super().wait_until(event, deadline)
+
+
+async def test_outbound_a_prebuffer_above_the_lead_holds_a_last_odd_frame_without_spinning() -> None:
+    """A prebuffer longer than the lead (allowed; a user curing underruns may set one) once made the part-batch
+    low water higher than the level at which a frame fits, so the pacer held a lone frame by waiting for a
+    deadline already passed, over and over, until a frame's room opened."""
+    clock = IdleWaitCountingClock()
+    settings = AudioSettings(outbound_lead_ms=100, playout_prebuffer_ms=200, outbound_batch_ms=40)
+    async with asyncio.timeout(TIMEOUT_S), running(settings, clock=clock) as line:
+        line.outbound.push(tone(520))  # 26 frames: 5 fill the lead, 2-frame batches leave a lone last one
+        await advance(line.clock, 1.0)
+        assert line.sent_s() == pytest.approx(0.52)
+        assert clock.waits_for_nothing <= 5
 
 
 # --- comfort fill while the AI is away -----------------------------------------------------------------------

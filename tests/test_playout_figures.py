@@ -1,17 +1,19 @@
-"""Playback holes are counted by cause, and the adaptive prebuffer's steps, on a real call: the call-ended line
-and /metrics carry them (the pacing itself is tested on a fake clock in test_outbound.py)."""
+"""On real calls: playback holes counted by cause and the adaptive prebuffer's steps in the call-ended line and
+/metrics (the pacing itself is tested on a fake clock in test_outbound.py); joined upstream messages."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 
 import httpx
+import numpy as np
 import pytest
 
 from telephony_bridge.serving import ServerThread
 from telephony_bridge.tools.caller import run_call
-from tests.support import signed_call, wait_until
+from tests.support import bridge_settings, emulator_stats, signed_call, wait_until
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -34,3 +36,17 @@ async def test_call_ended_line_and_metrics_count_underruns_by_cause(
         count = figures[f"underruns_{cause}"]
         assert f'bridge_playout_underruns_total{{cause="{cause}"}} {float(count)}' in metrics
     assert f'bridge_playout_prebuffer_changes_total{{direction="up"}} {float(figures["prebuffer_grows"])}' in metrics
+
+
+async def test_forty_ms_upstream_messages_reach_the_ai_and_come_back(
+    emulator: ServerThread, start_bridge: Callable[..., ServerThread]
+) -> None:
+    bridge = start_bridge(bridge_settings(emulator, **{"audio.upstream_message_ms": 40}))
+    said = (np.sin(np.arange(16000) * 2 * np.pi * 440 / 8000) * 8000).astype(np.int16)
+    result = await run_call(signed_call(bridge, audio_in=said, seconds=2.5))
+    assert result.violations == [] and result.heard_s > 1.0  # the echo of the tone, through joined messages
+    stats = emulator_stats(emulator)
+    assert stats["violations"] == []
+    # Joined for real: the AI got 1,280-byte messages (a lone 640 only where the caller paused or at the end).
+    [session] = [s for s in stats["sessions"] if s["frames_in"]]
+    assert session["bytes_in"] / session["frames_in"] >= 1200, session

@@ -53,19 +53,37 @@ class AiToCaller:
 
 
 class FrameBuffer:
-    """μ-law waiting to be paced out to Twilio, handed out in whole 20 ms frames."""
+    """μ-law waiting to be paced out to Twilio, handed out in whole 20 ms frames.
+
+    The AI's 16 kHz PCM may be queued as it came (``append_pcm``): it is converted only when audio is taken, in
+    one go, so a 60 ms batch costs one resampler call rather than three (numpy's per-call overhead, not the
+    arithmetic, is the cost). Lengths count the μ-law it will become: the resampler gives exactly one sample
+    out per two in, so that is known without converting.
+    """
 
     def __init__(self) -> None:
         self._data = bytearray()
+        self._to_caller = AiToCaller()
+        self._pcm = bytearray()  # AI audio not yet converted
+        self._pcm_samples_in = 0  # whole samples of AI audio ever queued (odd bytes carry over)
+        self._pcm_bytes_in = 0
+        self._ulaw_out = 0  # μ-law the converter has made of them
 
     def append(self, ulaw: bytes) -> None:
+        self._convert()  # anything the AI sent earlier goes first
         self._data += ulaw
+
+    def append_pcm(self, pcm: bytes) -> None:
+        self._pcm += pcm
+        self._pcm_bytes_in += len(pcm)
+        self._pcm_samples_in = self._pcm_bytes_in // 2
 
     @property
     def frames(self) -> int:
-        return len(self._data) // TWILIO_FRAME_BYTES
+        return len(self) // TWILIO_FRAME_BYTES
 
     def take(self, frames: int) -> bytes:
+        self._convert()
         n = frames * TWILIO_FRAME_BYTES
         out = bytes(self._data[:n])
         del self._data[:n]
@@ -73,18 +91,36 @@ class FrameBuffer:
 
     def pad_to_frame(self) -> None:
         """Complete a trailing partial frame with μ-law silence, so it can be sent."""
+        self._convert()
         partial = len(self._data) % TWILIO_FRAME_BYTES
         if partial:
             self._data += bytes([ULAW_SILENCE]) * (TWILIO_FRAME_BYTES - partial)
 
     def clear(self) -> int:
         """Drop everything queued; returns the bytes dropped."""
+        self._convert()  # through the converter all the same: its state and the byte alignment carry on
         dropped = len(self._data)
         self._data.clear()
         return dropped
 
+    def drop_pcm(self, pcm: bytes) -> int:
+        """AI audio nobody will hear (the caller holds the floor): through the converter all the same, so its
+        state and the byte alignment carry on; returns the μ-law bytes it made."""
+        self.append_pcm(pcm)
+        self._convert()
+        dropped = len(self._data)
+        self._data.clear()
+        return dropped
+
+    def _convert(self) -> None:
+        if self._pcm:
+            ulaw = self._to_caller.push(bytes(self._pcm))
+            self._pcm.clear()
+            self._ulaw_out += len(ulaw)
+            self._data += ulaw
+
     def __len__(self) -> int:
-        return len(self._data)
+        return len(self._data) + self._pcm_samples_in // 2 - self._ulaw_out
 
 
 def _take_frames(buf: bytearray, size: int) -> list[bytes]:
