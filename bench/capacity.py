@@ -18,6 +18,7 @@ Per server and load level:
 - steady CPU: over the middle of the run, when every call is up, per call per 20 ms;
 - activity: over the same window, per call-second, the server's read and write system calls and its wake-ups
   (voluntary context switches): exact counts that show what a change saves even when CPU figures are noisy;
+  and how many of the machine's cores were busy (every process: callers and emulator too);
 - memory: resident set at steady state less the idle process's, per call;
 - added latency p50/p99: each echoed frame's round trip less its call's quickest (what load added), and
   underruns per call (holes in the caller's playback), first AI audio p99.
@@ -115,6 +116,15 @@ def activity(pid: int) -> tuple[int, int, int]:
     return reads, writes, switches
 
 
+def machine_busy_s() -> tuple[float, float]:
+    """Seconds every CPU of the machine has spent busy and in all, from /proc/stat: the share of the whole
+    machine in use, callers and emulator included, which decides whether any server can keep real time."""
+    fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    idle = fields[3] + fields[4]  # idle + iowait
+    tick = os.sysconf("SC_CLK_TCK")
+    return (sum(fields) - idle) / tick, sum(fields) / tick
+
+
 def wait_for(url: str, timeout_s: float = 20.0) -> None:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
@@ -193,12 +203,14 @@ def measure(
         spy_bin = Path(sys.executable).parent / "py-spy"
         command[0] = str(spy_bin) if spy_bin.exists() else "py-spy"
         spy = subprocess.Popen([*command, "--nonblocking", "-o", profile], stdout=subprocess.DEVNULL)
-    steady_before, activity_before = cpu_s(pid), activity(pid)
+    steady_before, activity_before, machine_before = cpu_s(pid), activity(pid), machine_busy_s()
     time.sleep(window_s / 2)
     steady_rss = rss_kb(pid)
     time.sleep(window_s / 2)
     steady_used = cpu_s(pid) - steady_before
     activity_after = activity(pid)
+    machine_after = machine_busy_s()
+    machine_busy = (machine_after[0] - machine_before[0]) / max(1e-9, machine_after[1] - machine_before[1])
     per_call_s = [(activity_after[i] - activity_before[i]) / window_s / calls for i in range(3)]
     if spy is not None:
         spy.wait()
@@ -214,6 +226,7 @@ def measure(
         "reads_per_call_s": per_call_s[0],
         "writes_per_call_s": per_call_s[1],
         "wakeups_per_call_s": per_call_s[2],
+        "machine_busy_cores": machine_busy * (os.cpu_count() or 1),
         "bridge_underruns_by_cause": causes,
     }
     if sip_target:
@@ -338,6 +351,7 @@ def line(label: str, f: dict) -> str:
         f"{f['kb_per_call']:6.0f} KB/call  "
         f"per call-s: {f['reads_per_call_s']:.0f} reads {f['writes_per_call_s']:.0f} writes "
         f"{f['wakeups_per_call_s']:.0f} wake-ups  "
+        f"machine {f['machine_busy_cores']:.1f} of {os.cpu_count()} cores busy  "
     )
     if "setup_p99_ms" in f:
         return head + (
