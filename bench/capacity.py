@@ -19,6 +19,8 @@ Per server and load level:
 - activity: over the same window, per call-second, the server's read and write system calls and its wake-ups
   (voluntary context switches): exact counts that show what a change saves even when CPU figures are noisy;
   and how many of the machine's cores were busy (every process: callers and emulator too);
+- the bridge's event loop lag (sampled every 50 ms) and garbage collections over the run, with those over
+  20 ms: whether a late send was our loop or collector (the bridge's ``scheduling`` underruns) or the AI;
 - memory: resident set at steady state less the idle process's, per call;
 - added latency p50/p99: each echoed frame's round trip less its call's quickest (what load added), and
   underruns per call (holes in the caller's playback), first AI audio p99.
@@ -186,7 +188,7 @@ def measure(
     the calls are SIP calls to it instead of Twilio calls to ``url``."""
     idle_rss = rss_kb(pid)
     http_url = url.replace("ws://", "http://").removesuffix("/media-stream")
-    causes_before = underrun_causes(http_url)
+    causes_before, health_before = underrun_causes(http_url), loop_health(http_url)
     start_at = time.monotonic() + 1.5  # the load processes are up and waiting by then
     shares = [calls // procs + (i < calls % procs) for i in range(procs)]
     if sip_target:
@@ -218,6 +220,7 @@ def measure(
     time.sleep(0.5)  # the server closes its side
     whole_used = cpu_s(pid) - whole_before
     causes = {k: v - causes_before.get(k, 0.0) for k, v in underrun_causes(http_url).items()}
+    health = {k: v - health_before.get(k, 0.0) for k, v in loop_health(http_url).items()}
     cpu = {
         "calls": calls,
         "steady_cpu_pct": 100 * steady_used / window_s,
@@ -228,6 +231,10 @@ def measure(
         "wakeups_per_call_s": per_call_s[2],
         "machine_busy_cores": machine_busy * (os.cpu_count() or 1),
         "bridge_underruns_by_cause": causes,
+        "loop_lag_samples": health.get("lag"),
+        "loop_lag_over_20ms": health["lag"] - health["lag_within_20ms"] if "lag" in health else None,
+        "gc_pauses": health.get("gc", 0.0),
+        "gc_pauses_over_20ms": health.get("gc", 0.0) - health.get("gc_within_20ms", 0.0),
     }
     if sip_target:
         return {**cpu, **sip_figures([r for part in parts for r in part], whole_used, seconds)}
@@ -330,6 +337,24 @@ def underrun_causes(http_url: str) -> dict[str, float]:
     return counts
 
 
+def loop_health(http_url: str) -> dict[str, float]:
+    """The bridge's event loop lag samples and garbage collections so far, all and those within 20 ms
+    (``ops/loop_health.py``; empty for servers without the metrics)."""
+    try:
+        text = httpx.get(http_url + "/metrics", timeout=5).text
+    except httpx.HTTPError:
+        return {}
+    figures: dict[str, float] = {}
+    for row in text.splitlines():
+        name, _, value = row.rpartition(" ")
+        for metric, key in (("bridge_event_loop_lag_seconds", "lag"), ("bridge_gc_pause_seconds", "gc")):
+            if name.startswith(metric + "_count"):
+                figures[key] = figures.get(key, 0.0) + float(value)
+            elif name.startswith(metric + "_bucket") and 'le="0.02"' in name:
+                figures[key + "_within_20ms"] = figures.get(key + "_within_20ms", 0.0) + float(value)
+    return figures
+
+
 def passed(figures: dict) -> bool:
     p99 = figures["added_p99_ms"]
     return (
@@ -353,6 +378,11 @@ def line(label: str, f: dict) -> str:
         f"{f['wakeups_per_call_s']:.0f} wake-ups  "
         f"machine {f['machine_busy_cores']:.1f} of {os.cpu_count()} cores busy  "
     )
+    if f.get("loop_lag_samples") is not None:
+        head += (
+            f"loop lag > 20 ms: {f['loop_lag_over_20ms']:.0f} of {f['loop_lag_samples']:.0f} samples, "
+            f"GC pauses > 20 ms: {f['gc_pauses_over_20ms']:.0f} of {f['gc_pauses']:.0f}  "
+        )
     if "setup_p99_ms" in f:
         return head + (
             f"set-up p50 {ms(f['setup_p50_ms'])} p99 {ms(f['setup_p99_ms'])} ms  RTP jitter p50 "
