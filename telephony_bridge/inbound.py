@@ -40,8 +40,8 @@ class Inbound:
         self._clock = clock
         self._pipeline = CallerToAi()
         self._queue: deque[bytes] = deque()
-        self._max_frames = max(1, audio.pre_connect_buffer_ms // FRAME_MS)
         self._frames_per_message = max(1, audio.upstream_message_ms // FRAME_MS)
+        self._max_frames = self._backlog_frames(audio.pre_connect_buffer_ms)
         self._oldest_at = 0.0  # when the frame at the head of the queue was queued
         self._ready = asyncio.Event()  # set by ``push`` when ``run`` has something to do
         self._idle = True  # ``run`` waits for audio with no deadline of its own: the next frame must wake it
@@ -55,7 +55,11 @@ class Inbound:
 
     def limit_backlog(self, max_ms: int) -> None:
         """How much caller audio may wait for the AI from now on (the reconnect buffer once it has connected)."""
-        self._max_frames = max(1, max_ms // FRAME_MS)
+        self._max_frames = self._backlog_frames(max_ms)
+
+    def _backlog_frames(self, max_ms: int) -> int:
+        """Never under one message: its first frame waits for the rest, and must not be dropped for them."""
+        return max(self._frames_per_message, max_ms // FRAME_MS)
 
     @property
     def late_frames_dropped(self) -> int:
@@ -153,6 +157,9 @@ class Inbound:
                         # The next message is due within its own length; its first frame does not wake us.
                         await self._clock.wait_until(self._ready, now + message_s + MESSAGE_WAIT_MARGIN_S)
                         self._idle = not self._queue  # none begun by then: the caller went quiet
+                        # No backlog was waiting: pacing starts afresh, or the time messages spent 40 ms apart
+                        # would be credit a later burst spends at once.
+                        next_at = max(next_at, self._clock.monotonic())
                         continue
                     self._idle = True
                     await self._ready.wait()

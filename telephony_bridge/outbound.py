@@ -46,7 +46,10 @@ class Outbound:
         self.prebuffer = AdaptivePrebuffer(
             base_s, settings.outbound_lead_ms / 1000 if settings.adaptive_prebuffer else base_s
         )
-        self._batch_frames = max(1, settings.outbound_batch_ms // FRAME_MS)
+        # Up to a batch a message, and never more than the lead less a frame: a batch waits for room under the
+        # lead, so a longer one would let Twilio's buffer run dry (or to nothing) before every message.
+        max_batch_ms = max(FRAME_MS, settings.outbound_lead_ms - FRAME_MS)
+        self._batch_frames = max(1, min(settings.outbound_batch_ms, max_batch_ms) // FRAME_MS)
         self._spurt_live = False  # audio has gone out since the last clear: a hole in it would be an underrun
         self.underruns_ai_late = 0  # Twilio ran dry waiting for the AI's next frame
         self.underruns_scheduling = 0  # Twilio ran dry while audio waited here: we sent it late
@@ -242,8 +245,11 @@ class Outbound:
     def _low_water_s(self) -> float:
         """How low Twilio's buffer may run while a part batch waits for company: the playout delay the prebuffer
         keeps, less the batch being gathered, and never under a frame. What is left is the margin for a late
-        wake-up (a busy event loop, a busy machine), so it grows with the prebuffer after an underrun."""
-        return max(LOW_WATER_S, self.prebuffer.value_s - self._batch_frames * FRAME_S)
+        wake-up (a busy event loop, a busy machine), so it grows with the prebuffer after an underrun. Never
+        above the lead less a frame either: above that no frame fits when the hold ends, and the pacer would
+        spin on a deadline already passed (a prebuffer longer than the lead allows that)."""
+        low_water_s = max(LOW_WATER_S, self.prebuffer.value_s - self._batch_frames * FRAME_S)
+        return min(low_water_s, self._pacer.lead_s - FRAME_S)
 
     def _note_playout(self, now: float, dry_at: float | None) -> None:
         """Audio is about to go out: if Twilio's buffer ran dry before it (a hole the caller hears), say whose

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import itertools
+from collections.abc import AsyncIterator
 
 from telephony_bridge.audio.barge_in import BargeIn, CallerStopped, Event
 from telephony_bridge.audio.codec import TWILIO_FRAME_BYTES, pcm16_to_ulaw
@@ -26,6 +29,30 @@ class FakeSavants:
         assert len(pcm) == 640
         self.sent_at.append(round(self.clock.monotonic() - 1000.0, 3))
         return True
+
+
+@contextlib.asynccontextmanager
+async def sending(inbound: Inbound, savants: FakeSavants) -> AsyncIterator[None]:
+    """``inbound.run`` to ``savants`` for the block's length."""
+    async with asyncio.timeout(5):
+        task = asyncio.create_task(inbound.run(savants))  # type: ignore[arg-type]
+        try:
+            yield
+        finally:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+
+
+async def talk(inbound: Inbound, clock: FakeClock, *, frames: int, quiet_ms: int, first_ts: int = 0) -> int:
+    """A caller frame every 20 ms, ``frames`` of them, then ``quiet_ms`` of nothing, the clock moved 5 ms a step;
+    returns the next frame's timestamp."""
+    for step in range(frames * 4 + quiet_ms // 5):
+        await settle()
+        if step % 4 == 0 and step < frames * 4:
+            inbound.push(first_ts + step // 4 * 20, SILENCE, clock.monotonic(), None)
+        await settle()
+        clock.advance(0.005)
+    return first_ts + frames * 20
 
 
 async def settle() -> None:
@@ -100,20 +127,44 @@ async def test_inbound_joins_two_frames_a_message_when_asked_and_sends_a_lone_on
     clock = FakeClock(start=1000.0)
     inbound = Inbound(AudioSettings(upstream_message_ms=40), BargeInSettings(enabled=False), Metrics(), clock)
     savants = SizedSavants(clock)
-    async with asyncio.timeout(5):
-        task = asyncio.create_task(inbound.run(savants))  # type: ignore[arg-type]
-        try:
-            for step in range(1, 41):  # 200 ms in 5 ms steps; caller frames every 20 ms for 100 ms, then none
-                await settle()
-                if step % 4 == 1 and step <= 20:
-                    inbound.push((step // 4) * 20, SILENCE, clock.monotonic(), None)
-                await settle()
-                clock.advance(0.005)
-        finally:
-            task.cancel()
-            await asyncio.gather(task, return_exceptions=True)
+    async with sending(inbound, savants):
+        await talk(inbound, clock, frames=5, quiet_ms=100)
     # Frames at 0, 20, 40, 60, 80 ms: two joined messages as each second frame arrives, then the fifth alone
     # once it has waited a frame and the margin for company that never came.
     assert savants.sizes == [1280, 1280, 640]
     assert savants.sent_at == [0.02, 0.06, 0.105]
     assert inbound.frames_to_ai == 5
+
+
+async def test_inbound_a_burst_after_steady_talk_still_goes_at_most_twice_real_time() -> None:
+    """Twilio sends a frame every 20 ms for the whole call, so ``run`` never idles: a burst late in the call (the
+    caller's network stalled, then delivered 400 ms at once) must still be paced, not sent on credit saved up
+    while messages went every 40 ms."""
+    clock = FakeClock(start=1000.0)
+    inbound = Inbound(AudioSettings(upstream_message_ms=40), BargeInSettings(enabled=False), Metrics(), clock)
+    savants = SizedSavants(clock)
+    async with sending(inbound, savants):
+        ts = await talk(inbound, clock, frames=100, quiet_ms=0)  # 2 s of steady talk
+        burst_at = round(clock.monotonic() - 1000.0, 3)
+        for i in range(20):  # 400 ms at once
+            inbound.push(ts + i * 20, SILENCE, clock.monotonic(), None)
+        await talk(inbound, clock, frames=0, quiet_ms=400)
+    burst = [at for at in savants.sent_at if at >= burst_at]
+    gaps = [round(b - a, 3) for a, b in itertools.pairwise(burst)]
+    assert sum(n for n, at in zip(savants.sizes, savants.sent_at, strict=True) if at >= burst_at) == 20 * 640
+    assert min(gaps) >= 0.02  # 40 ms messages, never faster than twice real time
+    assert inbound.frames_to_ai == 100 + 20
+
+
+async def test_inbound_with_no_reconnect_buffer_still_sends_every_frame_in_40_ms_messages() -> None:
+    """``audio.reconnect_buffer_ms: 0`` keeps no audio for a reconnect, but a message is two frames: the first
+    must wait for the second rather than be dropped as overflow when it comes."""
+    clock = FakeClock(start=1000.0)
+    audio = AudioSettings(upstream_message_ms=40, reconnect_buffer_ms=0)
+    inbound = Inbound(audio, BargeInSettings(enabled=False), Metrics(), clock)
+    inbound.limit_backlog(audio.reconnect_buffer_ms)  # as ``AiSide`` does once connected
+    savants = SizedSavants(clock)
+    async with sending(inbound, savants):
+        await talk(inbound, clock, frames=10, quiet_ms=200)
+    assert inbound.dropped_overflow == 0
+    assert inbound.frames_to_ai == 10 and savants.sizes == [1280] * 5

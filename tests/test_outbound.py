@@ -131,9 +131,11 @@ class TwilioJson:
 
 
 @contextlib.asynccontextmanager
-async def running(settings: AudioSettings | None = None, *, yield_in_send: bool = False) -> AsyncIterator[Line]:
+async def running(
+    settings: AudioSettings | None = None, *, yield_in_send: bool = False, clock: FakeClock | None = None
+) -> AsyncIterator[Line]:
     """Start ``Outbound.run()`` on a fake clock; cancel and await it on the way out (a crash in it surfaces)."""
-    clock = FakeClock()
+    clock = clock or FakeClock()
     sent: list[tuple[float, str]] = []
 
     outbound = Outbound(settings or UNBATCHED, clock, TwilioJson(clock, sent, yield_in_send))
@@ -554,6 +556,46 @@ async def test_outbound_counts_a_stall_of_ours_as_a_scheduling_underrun_and_grow
         await advance(line.clock, 0.2)
         out = line.outbound
         assert (out.underruns_scheduling, out.underruns_ai_late, out.prebuffer.grows) == (1, 0, 1)
+
+
+async def test_outbound_a_batch_longer_than_the_lead_never_lets_twilio_run_dry() -> None:
+    """``outbound_batch_ms`` may be set above ``outbound_lead_ms``; such a batch never fits under the lead, so
+    waiting for room for it let Twilio's buffer run dry for the difference before every message."""
+    settings = AudioSettings(outbound_lead_ms=100, outbound_batch_ms=140)
+    async with asyncio.timeout(TIMEOUT_S), running(settings) as line:
+        line.outbound.push(tone(1000))
+        await settle()
+        while line.sent_s() < 1.0 - EPS:
+            if line.sent_s():
+                assert line.outbound.lead(line.clock.monotonic()) > 0  # Twilio never ran dry
+            await advance(line.clock, STEP_S)
+        assert line.outbound.underruns_scheduling == 0
+
+
+class IdleWaitCountingClock(FakeClock):
+    """Counts waits whose deadline had already passed: a pacer asking to wait for nothing is spinning (on the
+    real clock such a wait returns without yielding, and the spin holds the event loop and every call on it)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.waits_for_nothing = 0
+
+    async def wait_until(self, event: asyncio.Event, deadline: float) -> None:
+        self.waits_for_nothing += not event.is_set() and deadline <= self.monotonic()
+        await super().wait_until(event, deadline)
+
+
+async def test_outbound_a_prebuffer_above_the_lead_holds_a_last_odd_frame_without_spinning() -> None:
+    """A prebuffer longer than the lead (allowed; a user curing underruns may set one) once made the part-batch
+    low water higher than the level at which a frame fits, so the pacer held a lone frame by waiting for a
+    deadline already passed, over and over, until a frame's room opened."""
+    clock = IdleWaitCountingClock()
+    settings = AudioSettings(outbound_lead_ms=100, playout_prebuffer_ms=200, outbound_batch_ms=40)
+    async with asyncio.timeout(TIMEOUT_S), running(settings, clock=clock) as line:
+        line.outbound.push(tone(520))  # 26 frames: 5 fill the lead, 2-frame batches leave a lone last one
+        await advance(line.clock, 1.0)
+        assert line.sent_s() == pytest.approx(0.52)
+        assert clock.waits_for_nothing <= 5
 
 
 # --- comfort fill while the AI is away -----------------------------------------------------------------------

@@ -47,3 +47,6 @@ async def test_forty_ms_upstream_messages_reach_the_ai_and_come_back(
     assert result.violations == [] and result.heard_s > 1.0  # the echo of the tone, through joined messages
     stats = emulator_stats(emulator)
     assert stats["violations"] == []
+    # Joined for real: the AI got 1,280-byte messages (a lone 640 only where the caller paused or at the end).
+    [session] = [s for s in stats["sessions"] if s["frames_in"]]
+    assert session["bytes_in"] / session["frames_in"] >= 1200, session
