@@ -104,7 +104,7 @@ def main() -> int:
             connect = [r.ai_connect_s for r in handler.records]  # type: ignore[attr-defined]
             first = [r.first_ai_audio_s for r in handler.records]  # type: ignore[attr-defined]
             print(f"{mode:32} {percentiles(connect):>20}   {percentiles(first):>20}", flush=True)
-    print("first_ai_audio includes the 40 ms playout prebuffer (audio.playout_prebuffer_ms).")
+    print("first_ai_audio includes the playout prebuffer (audio.playout_prebuffer_ms, 60 ms by default).")
     return 0
 
 

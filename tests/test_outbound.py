@@ -18,6 +18,7 @@ import pytest
 
 from telephony_bridge.audio.codec import TWILIO_BYTES_PER_MS, TWILIO_FRAME_BYTES, ULAW_SILENCE, pcm16_to_ulaw
 from telephony_bridge.audio.comfort import ComfortFill
+from telephony_bridge.audio.pipeline import AiToCaller
 from telephony_bridge.clock import FakeClock
 from telephony_bridge.outbound import Outbound
 from telephony_bridge.settings import AudioSettings
@@ -36,7 +37,7 @@ from telephony_bridge.twilio.protocol import (
 STREAM_SID = "MZ00000000000000000000000000000001"
 FRAME = TWILIO_FRAME_BYTES
 FRAME_S = 0.020
-LEAD_S = 0.100  # AudioSettings defaults
+LEAD_S = 0.100  # the default lead; the prebuffer and mark interval below are UNBATCHED's, not the defaults
 PREBUFFER_S = 0.040
 MARK_EVERY_MS = 100
 STEP_S = 0.001
@@ -570,6 +571,42 @@ async def test_outbound_a_batch_longer_than_the_lead_never_lets_twilio_run_dry()
                 assert line.outbound.lead(line.clock.monotonic()) > 0  # Twilio never ran dry
             await advance(line.clock, STEP_S)
         assert line.outbound.underruns_scheduling == 0
+
+
+async def test_outbound_the_ais_pcm_in_real_time_is_never_dry_and_a_hold_drops_it_in_step() -> None:
+    """The production path with the defaults: the AI's 16 kHz PCM (``push_pcm``, converted lazily) a 20 ms chunk
+    every 20 ms goes out with Twilio never dry, at most a batch a message; held after a barge-in it is dropped
+    and counted, and what follows the hold is the converter's output in step, as if nothing had been skipped.
+    (Whether a batch's second frame beats the hold's end is a tie for a real-time AI: both fall when Twilio is
+    down to the prebuffer less the batch; here the clock decides it, so message sizes are not pinned.)"""
+    rng = np.random.default_rng(5)
+    pcm = (8000 * np.sin(np.arange(32000) * 2 * np.pi * 300 / 16000) + rng.normal(0, 500, 32000)).astype("<i2")
+    chunks = [pcm[i : i + 320].tobytes() for i in range(0, len(pcm), 320)]  # 100 chunks of 20 ms
+    reference = AiToCaller().push(pcm.tobytes())
+    async with asyncio.timeout(TIMEOUT_S), running(AudioSettings()) as line:
+        out = line.outbound
+        for chunk in chunks[:50]:
+            out.push_pcm(chunk)
+            await advance(line.clock, FRAME_S)
+            if line.sent_s():
+                assert out.lead(line.clock.monotonic()) > 0  # Twilio never ran dry
+        sizes = [len(p) for _, p in line.media()]
+        assert sizes[0] == 3 * FRAME and set(sizes[1:]) <= {FRAME, 2 * FRAME}
+        assert b"".join(p for _, p in line.media()) == reference[: sum(sizes)]
+        out.interrupt()
+        for chunk in chunks[50:60]:  # the caller holds the floor: 200 ms dropped unheard
+            out.push_pcm(chunk)
+            await advance(line.clock, FRAME_S)
+        sent_before = len(line.media())
+        out.resume()
+        for chunk in chunks[60:]:
+            out.push_pcm(chunk)
+            await advance(line.clock, FRAME_S)
+        await advance(line.clock, 0.5)
+        after = b"".join(p for _, p in line.media()[sent_before:])
+        assert after == reference[60 * FRAME :]  # in step: the held audio went through the converter
+        assert out.held_ms == 200
+        assert (out.underruns_ai_late, out.underruns_scheduling) == (0, 0)
 
 
 class IdleWaitCountingClock(FakeClock):

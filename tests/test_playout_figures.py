@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 from collections.abc import Callable
 
 import httpx
@@ -50,3 +51,19 @@ async def test_forty_ms_upstream_messages_reach_the_ai_and_come_back(
     # Joined for real: the AI got 1,280-byte messages (a lone 640 only where the caller paused or at the end).
     [session] = [s for s in stats["sessions"] if s["frames_in"]]
     assert session["bytes_in"] / session["frames_in"] >= 1200, session
+
+
+async def test_with_no_reconnect_buffer_the_ai_still_gets_all_the_callers_audio(
+    emulator: ServerThread, start_bridge: Callable[..., ServerThread]
+) -> None:
+    """``audio.reconnect_buffer_ms: 0`` (keep nothing while reconnecting) once left room for one 20 ms frame, so
+    with 40 ms messages each first frame was dropped when its second came: the AI heard half the caller."""
+    settings = bridge_settings(emulator, **{"audio.upstream_message_ms": 40, "audio.reconnect_buffer_ms": 0})
+    bridge = start_bridge(settings)
+    result = await run_call(signed_call(bridge, seconds=2.5))
+    assert result.violations == []
+    [session] = [s for s in emulator_stats(emulator)["sessions"] if s["frames_in"]]
+    # 2.5 s of the caller at 16 kHz is 80,000 bytes; what the AI got before it connected is also in there.
+    assert session["bytes_in"] >= 0.9 * 2.5 * 32000, session
+    metrics = httpx.get(bridge.http_url + "/metrics", timeout=5).text
+    assert not re.search(r'bridge_inbound_frames_dropped_total\{reason="overflow"\} [1-9]', metrics)
