@@ -18,6 +18,9 @@ Per server and load level:
 - steady CPU: over the middle of the run, when every call is up, per call per 20 ms;
 - activity: over the same window, per call-second, the server's read and write system calls and its wake-ups
   (voluntary context switches): exact counts that show what a change saves even when CPU figures are noisy;
+  and how many of the machine's cores were busy (every process: callers and emulator too);
+- the bridge's event loop lag (sampled every 50 ms) and garbage collections over the run, with those over
+  20 ms: whether a late send was our loop or collector (the bridge's ``scheduling`` underruns) or the AI;
 - memory: resident set at steady state less the idle process's, per call;
 - added latency p50/p99: each echoed frame's round trip less its call's quickest (what load added), and
   underruns per call (holes in the caller's playback), first AI audio p99.
@@ -115,6 +118,15 @@ def activity(pid: int) -> tuple[int, int, int]:
     return reads, writes, switches
 
 
+def machine_busy_s() -> tuple[float, float]:
+    """Seconds every CPU of the machine has spent busy and in all, from /proc/stat: the share of the whole
+    machine in use, callers and emulator included, which decides whether any server can keep real time."""
+    fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    idle = fields[3] + fields[4]  # idle + iowait
+    tick = os.sysconf("SC_CLK_TCK")
+    return (sum(fields) - idle) / tick, sum(fields) / tick
+
+
 def wait_for(url: str, timeout_s: float = 20.0) -> None:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
@@ -176,7 +188,7 @@ def measure(
     the calls are SIP calls to it instead of Twilio calls to ``url``."""
     idle_rss = rss_kb(pid)
     http_url = url.replace("ws://", "http://").removesuffix("/media-stream")
-    causes_before = underrun_causes(http_url)
+    causes_before, health_before = underrun_causes(http_url), loop_health(http_url)
     start_at = time.monotonic() + 1.5  # the load processes are up and waiting by then
     shares = [calls // procs + (i < calls % procs) for i in range(procs)]
     if sip_target:
@@ -193,12 +205,14 @@ def measure(
         spy_bin = Path(sys.executable).parent / "py-spy"
         command[0] = str(spy_bin) if spy_bin.exists() else "py-spy"
         spy = subprocess.Popen([*command, "--nonblocking", "-o", profile], stdout=subprocess.DEVNULL)
-    steady_before, activity_before = cpu_s(pid), activity(pid)
+    steady_before, activity_before, machine_before = cpu_s(pid), activity(pid), machine_busy_s()
     time.sleep(window_s / 2)
     steady_rss = rss_kb(pid)
     time.sleep(window_s / 2)
     steady_used = cpu_s(pid) - steady_before
     activity_after = activity(pid)
+    machine_after = machine_busy_s()
+    machine_busy = (machine_after[0] - machine_before[0]) / max(1e-9, machine_after[1] - machine_before[1])
     per_call_s = [(activity_after[i] - activity_before[i]) / window_s / calls for i in range(3)]
     if spy is not None:
         spy.wait()
@@ -206,6 +220,7 @@ def measure(
     time.sleep(0.5)  # the server closes its side
     whole_used = cpu_s(pid) - whole_before
     causes = {k: v - causes_before.get(k, 0.0) for k, v in underrun_causes(http_url).items()}
+    health = {k: v - health_before.get(k, 0.0) for k, v in loop_health(http_url).items()}
     cpu = {
         "calls": calls,
         "steady_cpu_pct": 100 * steady_used / window_s,
@@ -214,7 +229,12 @@ def measure(
         "reads_per_call_s": per_call_s[0],
         "writes_per_call_s": per_call_s[1],
         "wakeups_per_call_s": per_call_s[2],
+        "machine_busy_cores": machine_busy * (os.cpu_count() or 1),
         "bridge_underruns_by_cause": causes,
+        "loop_lag_samples": health.get("lag"),
+        "loop_lag_over_20ms": health["lag"] - health["lag_within_20ms"] if "lag" in health else None,
+        "gc_pauses": health.get("gc", 0.0),
+        "gc_pauses_over_20ms": health.get("gc", 0.0) - health.get("gc_within_20ms", 0.0),
     }
     if sip_target:
         return {**cpu, **sip_figures([r for part in parts for r in part], whole_used, seconds)}
@@ -317,6 +337,24 @@ def underrun_causes(http_url: str) -> dict[str, float]:
     return counts
 
 
+def loop_health(http_url: str) -> dict[str, float]:
+    """The bridge's event loop lag samples and garbage collections so far, all and those within 20 ms
+    (``ops/loop_health.py``; empty for servers without the metrics)."""
+    try:
+        text = httpx.get(http_url + "/metrics", timeout=5).text
+    except httpx.HTTPError:
+        return {}
+    figures: dict[str, float] = {}
+    for row in text.splitlines():
+        name, _, value = row.rpartition(" ")
+        for metric, key in (("bridge_event_loop_lag_seconds", "lag"), ("bridge_gc_pause_seconds", "gc")):
+            if name.startswith(metric + "_count"):
+                figures[key] = figures.get(key, 0.0) + float(value)
+            elif name.startswith(metric + "_bucket") and 'le="0.02"' in name:
+                figures[key + "_within_20ms"] = figures.get(key + "_within_20ms", 0.0) + float(value)
+    return figures
+
+
 def passed(figures: dict) -> bool:
     p99 = figures["added_p99_ms"]
     return (
@@ -338,7 +376,13 @@ def line(label: str, f: dict) -> str:
         f"{f['kb_per_call']:6.0f} KB/call  "
         f"per call-s: {f['reads_per_call_s']:.0f} reads {f['writes_per_call_s']:.0f} writes "
         f"{f['wakeups_per_call_s']:.0f} wake-ups  "
+        f"machine {f['machine_busy_cores']:.1f} of {os.cpu_count()} cores busy  "
     )
+    if f.get("loop_lag_samples") is not None:
+        head += (
+            f"loop lag > 20 ms: {f['loop_lag_over_20ms']:.0f} of {f['loop_lag_samples']:.0f} samples, "
+            f"GC pauses > 20 ms: {f['gc_pauses_over_20ms']:.0f} of {f['gc_pauses']:.0f}  "
+        )
     if "setup_p99_ms" in f:
         return head + (
             f"set-up p50 {ms(f['setup_p50_ms'])} p99 {ms(f['setup_p99_ms'])} ms  RTP jitter p50 "

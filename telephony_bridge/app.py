@@ -7,6 +7,7 @@ Dependencies are built at the edge: pass ``accounting``, ``store``, ``http_clien
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import functools
 import logging
@@ -35,6 +36,7 @@ from telephony_bridge.errors import ConfigError
 from telephony_bridge.ops import logging as oplog
 from telephony_bridge.ops.access import OpsAccess
 from telephony_bridge.ops.heap import HeapProbe
+from telephony_bridge.ops.loop_health import watch_gc, watch_loop_lag
 from telephony_bridge.ops.metrics import Metrics
 from telephony_bridge.ops.readiness import Readiness
 from telephony_bridge.ops.runtime import process_figures
@@ -150,6 +152,9 @@ def create_app(
                 await sip.start()
                 stack.push_async_callback(sip.stop)
                 app.state.sip = sip
+            lag = asyncio.create_task(watch_loop_lag(clock, metrics), name="loop-lag")
+            stack.push_async_callback(_cancel, lag)
+            stack.callback(watch_gc(metrics))
             yield
             drain.draining = True
             if len(registry):
@@ -228,6 +233,12 @@ def create_app(
         ],
         lifespan=lifespan,
     )
+
+
+async def _cancel(task: asyncio.Task[None]) -> None:
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
 
 
 async def drain(app: Starlette) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import re
 import signal
+import time
 from collections.abc import Callable, Iterator
 
 import httpx
@@ -72,6 +73,18 @@ def test_ops_token_alone_guards_status_and_metrics_on_the_public_port(
 def test_without_ops_settings_everything_is_on_one_open_port(bridge: ServerThread) -> None:
     for path in ("/status", "/metrics", "/healthz", "/readyz"):
         assert httpx.get(bridge.http_url + path).status_code == 200
+
+
+def test_a_running_bridge_reports_its_event_loop_lag(bridge: ServerThread) -> None:
+    """The lag probe runs from start-up: a scrape a moment later has samples (ops/loop_health.py)."""
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        text = httpx.get(bridge.http_url + "/metrics").text
+        count = [row for row in text.splitlines() if row.startswith("bridge_event_loop_lag_seconds_count ")]
+        if count and float(count[0].split()[1]) >= 2:
+            return
+        time.sleep(0.05)
+    raise AssertionError("no event loop lag samples within 5 s")
 
 
 def test_workers_share_the_ops_listener_like_the_public_one(emulator: ServerThread, redis_server: RedisServer) -> None:

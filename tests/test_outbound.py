@@ -37,7 +37,7 @@ from telephony_bridge.twilio.protocol import (
 STREAM_SID = "MZ00000000000000000000000000000001"
 FRAME = TWILIO_FRAME_BYTES
 FRAME_S = 0.020
-LEAD_S = 0.100  # AudioSettings defaults
+LEAD_S = 0.100  # the default lead; the prebuffer and mark interval below are UNBATCHED's, not the defaults
 PREBUFFER_S = 0.040
 MARK_EVERY_MS = 100
 STEP_S = 0.001

@@ -58,6 +58,8 @@ class VoiceActivityDetector:
         """
         if samples.dtype != np.int16:
             raise ValueError(f"expected int16 samples, got {samples.dtype}")
+        if len(samples) == VAD_FRAME_SAMPLES and not len(self._pending):  # Twilio's 20 ms: nothing to re-cut
+            return [self.is_speech(samples)]
         data = np.concatenate((self._pending, samples)) if len(self._pending) else samples
         whole = len(data) - len(data) % VAD_FRAME_SAMPLES
         self._pending = data[whole:].copy()

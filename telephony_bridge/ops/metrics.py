@@ -12,6 +12,7 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 _LATENCY_BUCKETS = (0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0)
+_LOOP_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.1, 0.25, 1.0)
 
 
 class Metrics:
@@ -76,6 +77,19 @@ class Metrics:
         self.ai_audio_overflow = Counter(
             "bridge_ai_audio_overflow_seconds_total",
             "AI audio dropped because more than audio.max_ai_ahead_s was queued for the caller",
+            registry=r,
+        )
+        self.loop_lag = Histogram(
+            "bridge_event_loop_lag_seconds",
+            "How late the event loop woke a timer (sampled every 50 ms): beyond a frame, paced audio goes late",
+            buckets=_LOOP_BUCKETS,
+            registry=r,
+        )
+        self.gc_pause = Histogram(
+            "bridge_gc_pause_seconds",
+            "How long each garbage collection stopped the process, by generation",
+            ["generation"],
+            buckets=_LOOP_BUCKETS,
             registry=r,
         )
         self.playout_underruns = Counter(

@@ -1,0 +1,147 @@
+"""What our own code costs per 20 ms of a call, each way, against the naive bridge's per-frame work.
+
+    .venv/bin/python bench/frame_path.py [--frames 3000] [--repeat 5]
+
+No sockets: the per-frame work between them, on speech-like audio, best of ``--repeat`` runs. Caller → AI: a
+Twilio media message parsed, placed on the timeline, decoded, resampled and queued for the AI (``Inbound.push``,
+with and without the barge-in detector's VAD). AI → caller: a 20 ms PCM frame from the AI converted to μ-law,
+either as each frame comes (how the bridge did it before) or per batch when it goes out (``FrameBuffer``'s
+lazy conversion, two frames a message by default), and the outbound media message built. The naive rows are
+``bench/naive_bridge.py``'s steps (stdlib ``json``, ``audioop`` μ-law and ``ratecv``). The WebSocket and event
+loop costs that dominate a call are not here: ``bench/capacity.py`` measures the whole.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import json
+import sys
+import time
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+with warnings.catch_warnings():
+    warnings.simplefilter("ignore", DeprecationWarning)
+    import audioop  # the stdlib module up to 3.12; the audioop-lts package on 3.13+
+
+from telephony_bridge.audio.codec import pcm16_to_ulaw
+from telephony_bridge.audio.pipeline import AiToCaller, FrameBuffer
+from telephony_bridge.clock import SystemClock
+from telephony_bridge.inbound import Inbound
+from telephony_bridge.ops.metrics import Metrics
+from telephony_bridge.settings import AudioSettings, BargeInSettings
+from telephony_bridge.twilio import protocol as tw
+
+STREAM_SID = "MZ" + "0" * 32
+
+
+def speech_like(samples: int, seed: int = 1) -> np.ndarray:
+    """A tone under noise with a syllable-rate envelope: enough like speech for the VAD to say yes and no."""
+    rng = np.random.default_rng(seed)
+    t = np.arange(samples)
+    envelope = 0.5 + 0.5 * np.sin(2 * np.pi * 4 * t / 8000)
+    return np.clip(envelope * 6000 * np.sin(2 * np.pi * 300 * t / 8000) + rng.normal(0, 800, samples), -32768, 32767)
+
+
+def best_us(run: Callable[[], None], frames: int, repeat: int) -> float:
+    times = []
+    for _ in range(repeat):
+        start = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - start)
+    return min(times) / frames * 1e6
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--frames", type=int, default=3000)
+    parser.add_argument("--repeat", type=int, default=5)
+    args = parser.parse_args()
+    n = args.frames
+    ulaw = pcm16_to_ulaw(speech_like(160 * n).astype(np.int16))
+    messages = [
+        json.dumps(
+            {
+                "event": "media",
+                "sequenceNumber": str(i + 2),
+                "streamSid": STREAM_SID,
+                "media": {
+                    "track": "inbound",
+                    "chunk": str(i + 1),
+                    "timestamp": str(i * 20),
+                    "payload": base64.b64encode(ulaw[i * 160 : (i + 1) * 160]).decode(),
+                },
+            }
+        )
+        for i in range(n)
+    ]
+    ai_pcm = (speech_like(320 * n, seed=2)).astype("<i2").tobytes()
+    ai_frames = [ai_pcm[i * 640 : (i + 1) * 640] for i in range(n)]
+
+    def caller_to_ai(barge_in: bool) -> Callable[[], None]:
+        def run() -> None:
+            inbound = Inbound(AudioSettings(), BargeInSettings(enabled=barge_in), Metrics(), SystemClock())
+            queue = inbound._queue  # emptied as the AI side would, without a socket
+            for i, text in enumerate(messages):
+                event = tw.parse_message(text)
+                assert isinstance(event, tw.Media)
+                inbound.push(event.timestamp_ms, event.payload, 1000.0 + i * 0.02, None)
+                queue.clear()
+
+        return run
+
+    def naive_caller_to_ai() -> None:
+        state = None
+        for text in messages:
+            data = json.loads(text)
+            pcm8k = audioop.ulaw2lin(base64.b64decode(data["media"]["payload"]), 2)
+            _, state = audioop.ratecv(pcm8k, 2, 1, 8000, 16000, state)
+
+    def ai_to_caller(batch: int) -> Callable[[], None]:
+        def run() -> None:
+            buffer = FrameBuffer()
+            for i, frame in enumerate(ai_frames):
+                buffer.append_pcm(frame)
+                if (i + 1) % batch == 0:
+                    tw.media_message(STREAM_SID, buffer.take(batch))
+
+        return run
+
+    def per_frame_ai_to_caller() -> None:
+        convert = AiToCaller()
+        pending = bytearray()
+        for i, frame in enumerate(ai_frames):
+            pending += convert.push(frame)
+            if (i + 1) % 2 == 0:
+                tw.media_message(STREAM_SID, bytes(pending))
+                pending.clear()
+
+    def naive_ai_to_caller() -> None:
+        state = None
+        for frame in ai_frames:
+            pcm8k, state = audioop.ratecv(frame, 2, 1, 16000, 8000, state)
+            payload = base64.b64encode(audioop.lin2ulaw(pcm8k, 2)).decode()
+            json.dumps({"event": "media", "streamSid": STREAM_SID, "media": {"payload": payload}})
+
+    rows = [
+        ("caller → AI, ours (parse, timeline, decode, 75-tap FIR up, queue, VAD)", caller_to_ai(True)),
+        ("caller → AI, ours without barge-in (no VAD)", caller_to_ai(False)),
+        ("caller → AI, naive (json, ulaw2lin, ratecv; no timeline, no VAD)", naive_caller_to_ai),
+        ("AI → caller, ours, converted per 40 ms batch (FIR down, μ-law, message)", ai_to_caller(2)),
+        ("AI → caller, ours, converted as each frame comes (before)", per_frame_ai_to_caller),
+        ("AI → caller, naive (ratecv, lin2ulaw, base64, json per frame)", naive_ai_to_caller),
+    ]
+    print(f"per 20 ms frame, best of {args.repeat} runs of {n} frames")
+    for label, run in rows:
+        print(f"{best_us(run, n, args.repeat):6.1f} µs  {label}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
