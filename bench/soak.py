@@ -60,7 +60,7 @@ PUBLIC_URL = "https://bridge.soak.test"
 API_KEY = "soak-key"
 SETTLE_S = 30.0  # after the last call: reservations lapse (10 s), stalled sessions end, calls close
 WARM_UP_CALLS = 16
-# Memory: each call's outcome is kept OUTCOME_TTL_S (600 s) for Twilio's <Connect action> request, so resident
+# Memory: each call's outcome is kept OUTCOME_TTL_S (120 s) for Twilio's <Connect action> request, so resident
 # memory climbs for that long, then levels off once outcomes expire as fast as calls end (bench figures in the
 # README). Runs longer than LEVEL_AFTER_S must show that level; every run must stay within the bound.
 LEVEL_AFTER_S = OUTCOME_TTL_S + 60.0
