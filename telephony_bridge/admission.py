@@ -46,8 +46,7 @@ TOKEN_LIFETIME_S = 60.0  # spec §4
 WARM_TOKEN_USE_BY_S = 45.0  # leave a warm token time to reach Savants before it expires
 MAX_TOKEN_WAIT_S = 2.0  # a caller can afford a short wait for token budget, not a long one
 # Twilio requests the <Connect action> as soon as the stream has closed; two minutes covers a slow or retried
-# request. Every call ended in that window holds its outcome (and keeps a little memory resident), so longer
-# would only make a busy bridge hold more (bench/soak.py: RSS levels off once outcomes expire as fast as calls end).
+# request, and a busy bridge holds the outcomes of its last two minutes of calls, not ten.
 OUTCOME_TTL_S = 120.0
 RETRY_FIRST_S, RETRY_MAX_S = 0.2, 2.0  # backoff between token requests that failed on the endpoint's side
 MIN_ATTEMPT_S = 0.3  # a retry with less time than this left before the deadline is not worth sending
