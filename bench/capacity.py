@@ -53,7 +53,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import httpx
 
 from telephony_bridge.tools.commands import load_caller_audio
-from telephony_bridge.tools.loadtest import LoadResult, percentile, process_cpu_s, run_load
+from telephony_bridge.tools.loadtest import TICKS_PER_S, LoadResult, percentile, process_cpu_s, run_load
 from telephony_bridge.tools.sip_caller import SipCallResult, sip_load
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -106,15 +106,14 @@ def activity(pid: int) -> tuple[int, int, int]:
     these count exactly, so a change that saves sends or wake-ups shows even on a busy machine."""
     reads = writes = switches = 0
     for member in family(pid):
+        with contextlib.suppress(OSError):  # exited between listing and reading
+            io = dict(row.split(": ", 1) for row in Path(f"/proc/{member}/io").read_text().splitlines())
+            reads, writes = reads + int(io["syscr"]), writes + int(io["syscw"])
         with contextlib.suppress(OSError):
-            for row in Path(f"/proc/{member}/io").read_text().splitlines():
-                key, _, value = row.partition(": ")
-                reads += int(value) if key == "syscr" else 0
-                writes += int(value) if key == "syscw" else 0
             for tid in os.listdir(f"/proc/{member}/task"):
-                for row in Path(f"/proc/{member}/task/{tid}/status").read_text().splitlines():
-                    if row.startswith("voluntary_ctxt_switches:"):
-                        switches += int(row.split()[1])
+                with contextlib.suppress(OSError):  # a thread that ended: the others still count
+                    status = Path(f"/proc/{member}/task/{tid}/status").read_text()
+                    switches += int(status.split("voluntary_ctxt_switches:", 1)[1].split()[0])
     return reads, writes, switches
 
 
@@ -123,8 +122,7 @@ def machine_busy_s() -> tuple[float, float]:
     machine in use, callers and emulator included, which decides whether any server can keep real time."""
     fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
     idle = fields[3] + fields[4]  # idle + iowait
-    tick = os.sysconf("SC_CLK_TCK")
-    return (sum(fields) - idle) / tick, sum(fields) / tick
+    return (sum(fields) - idle) / TICKS_PER_S, sum(fields) / TICKS_PER_S
 
 
 def wait_for(url: str, timeout_s: float = 20.0) -> None:
@@ -188,7 +186,7 @@ def measure(
     the calls are SIP calls to it instead of Twilio calls to ``url``."""
     idle_rss = rss_kb(pid)
     http_url = url.replace("ws://", "http://").removesuffix("/media-stream")
-    causes_before, health_before = underrun_causes(http_url), loop_health(http_url)
+    counters_before = bridge_counters(http_url)
     start_at = time.monotonic() + 1.5  # the load processes are up and waiting by then
     shares = [calls // procs + (i < calls % procs) for i in range(procs)]
     if sip_target:
@@ -219,8 +217,9 @@ def measure(
     parts = [future.result() for future in futures]
     time.sleep(0.5)  # the server closes its side
     whole_used = cpu_s(pid) - whole_before
-    causes = {k: v - causes_before.get(k, 0.0) for k, v in underrun_causes(http_url).items()}
-    health = {k: v - health_before.get(k, 0.0) for k, v in loop_health(http_url).items()}
+    counters = {k: v - counters_before.get(k, 0.0) for k, v in bridge_counters(http_url).items()}
+    causes = {k: counters[k] for k in ("ai_late", "scheduling") if k in counters}
+    health = {k: v for k, v in counters.items() if k.startswith(("lag", "gc"))}
     cpu = {
         "calls": calls,
         "steady_cpu_pct": 100 * steady_used / window_s,
@@ -323,36 +322,29 @@ def _function(frame: str) -> str:
     return f"{name} ({path})"
 
 
-def underrun_causes(http_url: str) -> dict[str, float]:
-    """The bridge's own count of playback holes by cause (0 for servers without the metric)."""
+def bridge_counters(http_url: str) -> dict[str, float]:
+    """From one scrape of the bridge's /metrics: its own count of playback holes by cause (``ai_late``,
+    ``scheduling``), and its event loop lag samples and garbage collections so far, all (``lag``, ``gc``) and
+    those within 20 ms (``ops/loop_health.py``). Empty for servers without the metrics."""
     try:
         text = httpx.get(http_url + "/metrics", timeout=5).text
     except httpx.HTTPError:
         return {}
-    counts = {}
-    for row in text.splitlines():
-        if row.startswith("bridge_playout_underruns_total{"):
-            cause = row.split('cause="', 1)[1].split('"', 1)[0]
-            counts[cause] = float(row.rsplit(" ", 1)[1])
-    return counts
-
-
-def loop_health(http_url: str) -> dict[str, float]:
-    """The bridge's event loop lag samples and garbage collections so far, all and those within 20 ms
-    (``ops/loop_health.py``; empty for servers without the metrics)."""
-    try:
-        text = httpx.get(http_url + "/metrics", timeout=5).text
-    except httpx.HTTPError:
-        return {}
-    figures: dict[str, float] = {}
+    counts: dict[str, float] = {}
     for row in text.splitlines():
         name, _, value = row.rpartition(" ")
-        for metric, key in (("bridge_event_loop_lag_seconds", "lag"), ("bridge_gc_pause_seconds", "gc")):
-            if name.startswith(metric + "_count"):
-                figures[key] = figures.get(key, 0.0) + float(value)
-            elif name.startswith(metric + "_bucket") and 'le="0.02"' in name:
-                figures[key + "_within_20ms"] = figures.get(key + "_within_20ms", 0.0) + float(value)
-    return figures
+        if name.startswith("bridge_playout_underruns_total{"):
+            key = name.split('cause="', 1)[1].split('"', 1)[0]
+        elif name.startswith(("bridge_event_loop_lag_seconds_count", "bridge_gc_pause_seconds_count")):
+            key = "lag" if "loop_lag" in name else "gc"
+        elif name.startswith(("bridge_event_loop_lag_seconds_bucket", "bridge_gc_pause_seconds_bucket")):
+            if 'le="0.02"' not in name:
+                continue
+            key = ("lag" if "loop_lag" in name else "gc") + "_within_20ms"
+        else:
+            continue
+        counts[key] = counts.get(key, 0.0) + float(value)
+    return counts
 
 
 def passed(figures: dict) -> bool:

@@ -66,19 +66,7 @@ def main() -> int:
     n = args.frames
     ulaw = pcm16_to_ulaw(speech_like(160 * n).astype(np.int16))
     messages = [
-        json.dumps(
-            {
-                "event": "media",
-                "sequenceNumber": str(i + 2),
-                "streamSid": STREAM_SID,
-                "media": {
-                    "track": "inbound",
-                    "chunk": str(i + 1),
-                    "timestamp": str(i * 20),
-                    "payload": base64.b64encode(ulaw[i * 160 : (i + 1) * 160]).decode(),
-                },
-            }
-        )
+        tw.Media(STREAM_SID, ulaw[i * 160 : (i + 1) * 160], i * 20, chunk=i + 1, sequence_number=i + 2).to_json()
         for i in range(n)
     ]
     ai_pcm = (speech_like(320 * n, seed=2)).astype("<i2").tobytes()

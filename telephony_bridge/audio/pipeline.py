@@ -65,9 +65,8 @@ class FrameBuffer:
         self._data = bytearray()
         self._to_caller = AiToCaller()
         self._pcm = bytearray()  # AI audio not yet converted
-        self._pcm_samples_in = 0  # whole samples of AI audio ever queued (odd bytes carry over)
-        self._pcm_bytes_in = 0
-        self._ulaw_out = 0  # μ-law the converter has made of them
+        self._pcm_bytes_in = 0  # AI audio ever queued (a sample split across chunks counts once whole)
+        self._ulaw_out = 0  # μ-law the converter has made of it: one byte per two samples in
 
     def append(self, ulaw: bytes) -> None:
         self._convert()  # anything the AI sent earlier goes first
@@ -76,7 +75,6 @@ class FrameBuffer:
     def append_pcm(self, pcm: bytes) -> None:
         self._pcm += pcm
         self._pcm_bytes_in += len(pcm)
-        self._pcm_samples_in = self._pcm_bytes_in // 2
 
     @property
     def frames(self) -> int:
@@ -120,7 +118,7 @@ class FrameBuffer:
             self._data += ulaw
 
     def __len__(self) -> int:
-        return len(self._data) + self._pcm_samples_in // 2 - self._ulaw_out
+        return len(self._data) + self._pcm_bytes_in // 2 // 2 - self._ulaw_out
 
 
 def _take_frames(buf: bytearray, size: int) -> list[bytes]:
