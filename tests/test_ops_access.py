@@ -125,5 +125,7 @@ async def test_debug_heap_is_an_ops_path_and_names_allocation_sites_only(emulato
     assert all(re.fullmatch(r"[^ ]+:\d+( <- [^ ]+:\d+)*", site["site"]) for site in third["growth"])
     assert status["process"]["python_traced_bytes"] > 0 and status["process"]["python_allocated_blocks"] > 0
     assert first["malloc"]["in_use_bytes"] > 0 and status["process"]["malloc"]["in_use_bytes"] > 0  # glibc
+    garbage = second.json()["cyclic_garbage"]
+    assert garbage["objects"] >= 0 and all(isinstance(n, str) and c > 0 for n, c in garbage["top_types"])
     for secret in (AUTH_TOKEN, OPS_TOKEN, "test-key", flow.call_sid):
         assert secret not in second.text
