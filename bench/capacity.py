@@ -41,6 +41,7 @@ import contextlib
 import dataclasses
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -430,6 +431,9 @@ def main() -> int:
     parser.add_argument("--profile", metavar="OUT", help="py-spy the bridge's steady window (first level) to OUT")
     parser.add_argument("--sip", action="store_true", help="also run each level over SIP against the bridge")
     args = parser.parse_args()
+    spy_bin = Path(sys.executable).parent / "py-spy"
+    if args.profile and not spy_bin.exists() and shutil.which("py-spy") is None:
+        parser.error("--profile needs py-spy (not found next to this Python or on PATH): pip install py-spy")
     python = sys.executable
     emulator_port = free_port()
     emulator = start(
