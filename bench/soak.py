@@ -1,25 +1,28 @@
 """Soak: thousands of short calls with a mix of faults, and whether the bridge holds on to anything afterwards.
 
     .venv/bin/python bench/soak.py [--calls 2000] [--concurrency 8] [--seconds 1.5] [--deadline 1800]
+        [--scenario NAME ...] [--no-faults] [--tracemalloc N]
 
 Two processes on 127.0.0.1: the Savants emulator (``telephony-bridge emulator``, voice ``echo``) with fault
 switches armed at random per session and per token request (closes with 1000/1001/1011/1012, ``error``
-messages, TCP resets, stalls, handshakes never confirmed, garbage; token 503s and slow answers), and the
-bridge (``telephony-bridge serve``, production mode: signed webhooks, stream tokens). This process plays
-Twilio: each call is one scenario (mostly a normal call; some hang up by dropping TCP, send garbage, present
-a wrong stream token, never open their stream, or go silent), ``--concurrency`` at a time.
+messages, TCP resets, stalls, handshakes never confirmed, garbage; token 503s and slow answers; none with
+``--no-faults``), and the bridge (``telephony-bridge serve``, production mode: signed webhooks, stream
+tokens). This process plays Twilio: each call is one scenario (mostly a normal call; some hang up by
+dropping TCP, send garbage, present a wrong stream token, never open their stream, or go silent;
+``--scenario`` keeps only the named ones), ``--concurrency`` at a time. The 16 warm-up calls always run the
+whole mix.
 
 Printed: what the bridge holds when idle, after a warm-up, and at the end (once its calls and reservations
 have settled): calls, leases, reservations, AI sessions open at the emulator, asyncio tasks, open file
 descriptors (and how many are idle keep-alive connections to the token endpoint), resident memory, Python's
 allocated blocks (before and after a full collection), gc objects, and glibc's C heap in use and free; the
-same memory figures every ``--sample-every`` calls during the run, so a level is told from a slope; and the
-calls by scenario and outcome. ``--tracemalloc N`` runs the bridge under tracemalloc (much more memory and
-CPU) and adds the traced heap and the allocation sites that grew from the warm-up to the end
-(``GET /debug/heap``). The run fails (exit 1) if anything is still held at the end: a call, a lease, a
-reservation, an AI session, more tasks than after the warm-up, or descriptors other than the token client's
-keep-alive pool; or if resident memory ends more than MAX_RSS_GROWTH_MB above the warm-up, or (in a run
-longer than LEVEL_AFTER_S) has not levelled off after it.
+same memory figures every ``--sample-every`` calls during the run, so a level is told from a slope; the
+cyclic garbage waiting for the collector at the end, by type; and the calls by scenario and outcome.
+``--tracemalloc N`` runs the bridge under tracemalloc (much more memory and CPU) and adds the traced heap and
+the allocation sites that grew from the warm-up to the end (``GET /debug/heap``). The run fails (exit 1) if
+anything is still held at the end: a call, a lease, a reservation, an AI session, more tasks than after the
+warm-up, or descriptors other than the token client's keep-alive pool; or if resident memory ends more than
+MAX_RSS_GROWTH_MB above the warm-up, or (in a run longer than LEVEL_AFTER_CALLS) has not levelled off after it.
 """
 
 from __future__ import annotations
@@ -62,10 +65,10 @@ WARM_UP_CALLS = 16
 # Memory: resident memory climbs over the first ~750 calls (the working set of --concurrency calls in flight
 # and the allocators' high water), then stays level (README, Operations: soak). With the collector's young
 # threshold at 50,000 it climbed for ~12 minutes and 20 MB, each call's cyclic garbage piling up between
-# collections; ops/gc_tuning.py says why it is CPython's 700 now. Runs longer than LEVEL_AFTER_S must show the
-# level; every run must stay within MAX_RSS_GROWTH_MB of the warm-up.
-LEVEL_AFTER_S = 180.0
-MAX_LEVEL_GROWTH_MB = 2.0  # RSS growth allowed across the samples after LEVEL_AFTER_S
+# collections; ops/gc_tuning.py says why it is CPython's 700 now. Runs longer than LEVEL_AFTER_CALLS must show
+# the level; every run must stay within MAX_RSS_GROWTH_MB of the warm-up.
+LEVEL_AFTER_CALLS = 1000
+MAX_LEVEL_GROWTH_MB = 2.0  # RSS growth allowed across the samples after LEVEL_AFTER_CALLS
 MAX_RSS_GROWTH_MB = 10.0  # end less after the warm-up, whatever the length of the run
 
 # Each AI session and token request meets at most one fault: the first armed one whose draw hits.
@@ -359,19 +362,19 @@ async def run_calls(
 def memory_verdict(
     warm: dict[str, Any], end: dict[str, Any], samples: list[tuple[int, float, dict[str, Any]]]
 ) -> tuple[bool, str]:
-    """Within MAX_RSS_GROWTH_MB of the warm-up at the end and, when the run outlasted LEVEL_AFTER_S, level
-    (within MAX_LEVEL_GROWTH_MB) across the samples taken after it."""
+    """Within MAX_RSS_GROWTH_MB of the warm-up at the end and, when the run outlasted LEVEL_AFTER_CALLS, level
+    (within MAX_LEVEL_GROWTH_MB) across the samples taken from it on."""
     growth = end["rss_mb"] - warm["rss_mb"]
     ok = growth <= MAX_RSS_GROWTH_MB
     verdict = f"RSS {growth:+.1f} MB since the warm-up (bound {MAX_RSS_GROWTH_MB:g} MB)"
-    late = [s["rss_mb"] for _, t, s in samples if t >= LEVEL_AFTER_S]
+    late = [s["rss_mb"] for n, _, s in samples if n >= LEVEL_AFTER_CALLS]
     if len(late) >= 2:
         slope = max(late) - late[0]
         ok = ok and slope <= MAX_LEVEL_GROWTH_MB
-        verdict += f"; {slope:+.1f} MB across the {len(late)} samples after {LEVEL_AFTER_S:.0f} s"
+        verdict += f"; {slope:+.1f} MB across the {len(late)} samples from call {LEVEL_AFTER_CALLS} on"
         verdict += f" (bound {MAX_LEVEL_GROWTH_MB:g} MB)"
     else:
-        verdict += f"; the run was too short to show the level (it comes after {LEVEL_AFTER_S:.0f} s of calls)"
+        verdict += f"; the run was too short to show the level (it comes after {LEVEL_AFTER_CALLS} calls)"
     return ok, verdict
 
 

@@ -234,8 +234,7 @@ async def _serve_bridge(
 
     app = create_app(settings, ops_port=ops_sock.getsockname()[1] if ops_sock is not None else None)
     server = DrainingServer(uvicorn_config(app), lambda: drain(app))
-    if settings.server.gc_tuning:
-        tune_gc(settings.server.gc_young_threshold)
+    tune_gc(settings.server.gc_young_threshold, freeze=settings.server.gc_tuning)
     host = settings.listen_host
     if worker is None:
         log.info("bridge listening on %s:%d", host, sock.getsockname()[1])

@@ -27,6 +27,7 @@ from pydantic import (
 )
 
 from telephony_bridge.errors import ConfigError
+from telephony_bridge.ops.gc_tuning import YOUNG_THRESHOLD
 
 
 class _Frozen(BaseModel):
@@ -51,7 +52,7 @@ class ServerSettings(_Frozen):
     drain_pending_streams_s: float = Field(10.0, ge=0)
     workers: int = Field(1, ge=1, le=64)
     gc_tuning: bool = True
-    gc_young_threshold: int = Field(700, ge=100, le=1_000_000)
+    gc_young_threshold: int = Field(YOUNG_THRESHOLD, ge=100, le=1_000_000)
 
     @field_validator("public_url")
     @classmethod

@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import gc
-import weakref
+from collections import Counter
 
 import pytest
 
 from telephony_bridge.errors import ConfigError
+from telephony_bridge.ops import heap
 from telephony_bridge.ops.gc_tuning import OLDER_THRESHOLDS, tune_gc
 from telephony_bridge.ops.heap import cyclic_garbage
 from telephony_bridge.settings import load_settings
+
+KNOT = f"{__name__}._Knot"
 
 
 class _Knot:
@@ -20,14 +23,42 @@ class _Knot:
         self.me = self
 
 
+def _knots_alive() -> int:
+    return sum(1 for obj in gc.get_objects() if type(obj) is _Knot)
+
+
 def test_cyclic_garbage_counts_what_only_the_collector_frees_and_frees_it() -> None:
+    gc.collect()
     knots = [_Knot() for _ in range(25)]
-    alive = [weakref.ref(k) for k in knots]
     debug = gc.get_debug()
     del knots
+    assert _knots_alive() == 25  # cycles: refcounting alone does not free them
     found = cyclic_garbage(top=50)
-    assert dict(found["top_types"])["_Knot"] == 25 and found["objects"] >= 25
-    assert [ref() for ref in alive] == [None] * 25  # kept only to be counted, then freed
+    assert dict(found["top_types"])[KNOT] == 25 and found["objects"] >= 25
+    assert _knots_alive() == 0  # kept only to be counted, then freed
+    assert gc.garbage == [] and gc.get_debug() == debug
+
+
+def test_cyclic_garbage_leaves_what_was_already_in_gc_garbage() -> None:
+    mine = object()
+    gc.garbage.append(mine)
+    try:
+        _Knot()
+        found = cyclic_garbage(top=50)
+        assert gc.garbage == [mine] and dict(found["top_types"]).get("builtins.object") is None
+    finally:
+        gc.garbage.remove(mine)
+
+
+def test_cyclic_garbage_restores_the_collector_when_counting_fails(monkeypatch: pytest.MonkeyPatch) -> None:
+    def broken(*_: object) -> Counter[str]:
+        raise RuntimeError("counting failed")
+
+    monkeypatch.setattr(heap, "Counter", broken)
+    debug = gc.get_debug()
+    _Knot()
+    with pytest.raises(RuntimeError, match="counting failed"):
+        cyclic_garbage()
     assert gc.garbage == [] and gc.get_debug() == debug
 
 
@@ -39,12 +70,14 @@ def test_cyclic_garbage_names_types_only() -> None:
     assert secret not in repr(cyclic_garbage())
 
 
-def test_tune_gc_freezes_start_up_and_sets_the_thresholds() -> None:
+def test_tune_gc_sets_the_thresholds_and_freezes_only_when_asked() -> None:
     before = gc.get_threshold()
+    assert gc.get_freeze_count() == 0
     try:
-        tune_gc(2_000)
-        assert gc.get_threshold() == (2_000, *OLDER_THRESHOLDS)
-        assert gc.get_freeze_count() > 0
+        tune_gc(2_000, freeze=False)
+        assert gc.get_threshold() == (2_000, *OLDER_THRESHOLDS) and gc.get_freeze_count() == 0
+        tune_gc(3_000)
+        assert gc.get_threshold() == (3_000, *OLDER_THRESHOLDS) and gc.get_freeze_count() > 0
     finally:
         gc.unfreeze()
         gc.set_threshold(*before)

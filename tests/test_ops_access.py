@@ -105,7 +105,13 @@ def test_workers_share_the_ops_listener_like_the_public_one(emulator: ServerThre
 async def test_debug_heap_is_an_ops_path_and_names_allocation_sites_only(emulator: ServerThread) -> None:
     """``/debug/heap`` under ``PYTHONTRACEMALLOC``: on the ops listener with the token only; file:line sites and
     sizes (what grew since the previous answer), never a value from the heap."""
-    bridge = BridgeProcess(emulator, {"OPS_PORT": "0", "OPS_TOKEN": OPS_TOKEN, "PYTHONTRACEMALLOC": "1"})
+    env = {
+        "OPS_PORT": "0",
+        "OPS_TOKEN": OPS_TOKEN,
+        "PYTHONTRACEMALLOC": "1",
+        "BRIDGE__SERVER__GC_YOUNG_THRESHOLD": "1000000",
+    }
+    bridge = BridgeProcess(emulator, env)
     try:
         ops = f"http://127.0.0.1:{bridge.ops_port}/debug/heap"
         async with httpx.AsyncClient(trust_env=False, timeout=30) as http:
@@ -125,7 +131,10 @@ async def test_debug_heap_is_an_ops_path_and_names_allocation_sites_only(emulato
     assert all(re.fullmatch(r"[^ ]+:\d+( <- [^ ]+:\d+)*", site["site"]) for site in third["growth"])
     assert status["process"]["python_traced_bytes"] > 0 and status["process"]["python_allocated_blocks"] > 0
     assert first["malloc"]["in_use_bytes"] > 0 and status["process"]["malloc"]["in_use_bytes"] > 0  # glibc
+    assert first["gc_thresholds"] == [1_000_000, 10, 10] and first["gc_frozen_objects"] > 0  # serve applied it
+    # With that threshold nothing collects during the test, so the cycles the call left wait for this count.
     garbage = second.json()["cyclic_garbage"]
-    assert garbage["objects"] >= 0 and all(isinstance(n, str) and c > 0 for n, c in garbage["top_types"])
+    assert garbage["objects"] > 0 and garbage["objects"] >= sum(count for _, count in garbage["top_types"])
+    assert all(re.fullmatch(r"[\w.]+", name) and count > 0 for name, count in garbage["top_types"])
     for secret in (AUTH_TOKEN, OPS_TOKEN, "test-key", flow.call_sid):
         assert secret not in second.text

@@ -1,27 +1,30 @@
 """Garbage collection settings for a serving process.
 
-Freezing what start-up built (modules, the app, settings: ~320,000 of the process's blocks) moves it out of
-the collector's sight for good, so a full collection walks only what calls made and costs a few milliseconds
-rather than the 20–28 ms pauses measured at load without it.
+Freezing what start-up built (modules, the app, settings: ~65,000 objects the collector tracks) moves it out
+of the collector's sight for good, so a full collection walks only what calls made: shorter pauses under load.
 
-The thresholds stay at CPython's (700, 10, 10) unless ``server.gc_young_threshold`` says otherwise. A call
-leaves ~140 objects that only the cycle collector frees (exceptions' tracebacks and frames, websockets'
-handshake and close objects, events, deques: ``GET /debug/heap`` counts them by type), and larger thresholds
-let them pile up between collections: with (50,000, 20, 100) resident memory grew 14 MB over 1,000 calls
-and levelled only after ~12 minutes, against 6 MB and a level after ~750 calls with CPython's thresholds
-(``bench/soak.py --scenario normal --no-faults --calls 1000``). The CPU they saved was within the noise.
+The thresholds are CPython's (700, 10, 10) unless ``server.gc_young_threshold`` says otherwise. A call's whole
+object graph (~290 objects: the call, its legs and buffers, its tasks, tracebacks and frames, and uvicorn's and
+websockets' protocol objects, which sit in cycles of their own) is freed only by the cycle collector
+(``GET /debug/heap`` counts it by type). The young threshold counts tracked objects allocated less those
+freed, and that garbage is never freed until a collection, so a larger threshold lets more of it pile up
+between collections and memory climbs higher before it levels: with 50,000, resident memory grew 14 MB over
+1,000 calls against 6 MB with 700 (``BRIDGE__SERVER__GC_YOUNG_THRESHOLD=50000 python bench/soak.py --scenario
+normal --no-faults --calls 1000``), and the CPU it saved was within the run-to-run noise (README, Performance).
 """
 
 from __future__ import annotations
 
 import gc
 
-YOUNG_THRESHOLD = 700  # CPython's: allocations, less deallocations, between young collections
+YOUNG_THRESHOLD = 700  # CPython's: tracked objects allocated, less those freed, between young collections
 OLDER_THRESHOLDS = (10, 10)  # CPython's: young collections per middle one, middle ones per full
 
 
-def tune_gc(young_threshold: int = YOUNG_THRESHOLD) -> None:
-    """Call once, after start-up and before serving: collects, freezes what exists and sets the thresholds."""
-    gc.collect()
-    gc.freeze()
+def tune_gc(young_threshold: int = YOUNG_THRESHOLD, *, freeze: bool = True) -> None:
+    """Call once, after start-up and before serving: sets the thresholds and, with ``freeze``, collects and
+    freezes what exists."""
+    if freeze:
+        gc.collect()
+        gc.freeze()
     gc.set_threshold(young_threshold, *OLDER_THRESHOLDS)

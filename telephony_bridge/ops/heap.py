@@ -4,8 +4,9 @@ allocator's high-water mark when RSS climbs over thousands of calls (``bench/soa
 Allocation sites are known only when the process runs under tracemalloc, which costs CPU and memory, so the
 bridge never starts it itself: run it with Python's own switch, ``PYTHONTRACEMALLOC=1`` (or ``-X
 tracemalloc``; a larger number keeps more frames per site). Without it the endpoint still gives the cheap
-figures (allocated blocks, gc objects). The answer holds source file names, line numbers and sizes, never a
-value from the heap, so no secret or audio can reach it.
+figures (allocated blocks, gc objects, the cyclic garbage by type). The answer holds type names, source file
+names, line numbers and sizes, never a value from the heap, so no secret or audio can reach it. Each answer
+runs two full collections, which ``bridge_gc_pause_seconds{generation="2"}`` counts like any other.
 """
 
 from __future__ import annotations
@@ -42,10 +43,12 @@ class HeapProbe:
         ``lineno`` (the allocating line) or ``traceback`` (every frame tracemalloc kept: who called it)."""
         if by not in GROUPINGS:
             raise ValueError(f"expected 'by' to be one of {', '.join(GROUPINGS)}, got {by!r}")
-        garbage = cyclic_garbage(top)  # what refcounting could not free since the last collection, by type
-        gc.collect()  # cyclic garbage is not a leak: count what survives a full collection
+        # What refcounting could not free since the last collection, by type; its second collection leaves
+        # what survives one, which is what the figures below count (cyclic garbage is not a leak).
+        garbage = cyclic_garbage(top)
         body: dict[str, Any] = {
             "cyclic_garbage": garbage,
+            "gc_thresholds": list(gc.get_threshold()),
             "allocated_blocks": sys.getallocatedblocks(),
             "gc_objects": len(gc.get_objects()),
             "gc_frozen_objects": gc.get_freeze_count(),
@@ -79,18 +82,22 @@ class HeapProbe:
 
 def cyclic_garbage(top: int = TOP_SITES) -> dict[str, Any]:
     """A full collection that keeps what it finds unreachable (``DEBUG_SAVEALL``), counted by type and then
-    freed: the objects that only the cycle collector frees. They wait for a collection, so the more of them a
-    call leaves, the higher the heap's high water between collections. Type names only, never a value."""
+    freed by a second collection: the objects only the cycle collector frees. They wait for a collection, so
+    the more of them a call leaves, the higher memory climbs between collections. Type names only, never a
+    value; entries already in ``gc.garbage`` (someone's own debugging) are left as they were."""
     debug = gc.get_debug()
+    before = len(gc.garbage)
     gc.set_debug(debug | gc.DEBUG_SAVEALL)
     try:
         gc.collect()
-        types = Counter(type(obj).__qualname__ for obj in gc.garbage)
-        found = len(gc.garbage)
+        found = gc.garbage[before:]
+        types = Counter(f"{type(obj).__module__}.{type(obj).__qualname__}" for obj in found)
+        del found
     finally:
-        gc.garbage.clear()
+        del gc.garbage[before:]
         gc.set_debug(debug)
-    return {"objects": found, "top_types": types.most_common(top)}
+        gc.collect()  # kept alive only to be counted: free them now
+    return {"objects": sum(types.values()), "top_types": types.most_common(top)}
 
 
 class _Mallinfo2(ctypes.Structure):
