@@ -52,6 +52,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import httpx
+from prometheus_client.parser import text_string_to_metric_families
 
 from telephony_bridge.tools.commands import load_caller_audio
 from telephony_bridge.tools.loadtest import TICKS_PER_S, LoadResult, percentile, process_cpu_s, run_load
@@ -200,9 +201,7 @@ def measure(
     window_s = max(1.0, seconds - 3.0)
     spy = None
     if profile:
-        command = ["py-spy", "record", "--pid", str(pid), "--duration", str(int(window_s)), "--format", "raw"]
-        spy_bin = Path(sys.executable).parent / "py-spy"
-        command[0] = str(spy_bin) if spy_bin.exists() else "py-spy"
+        command = [str(py_spy()), "record", "--pid", str(pid), "--duration", str(int(window_s)), "--format", "raw"]
         spy = subprocess.Popen([*command, "--nonblocking", "-o", profile], stdout=subprocess.DEVNULL)
     steady_before, activity_before, machine_before = cpu_s(pid), activity(pid), machine_busy_s()
     time.sleep(window_s / 2)
@@ -323,28 +322,37 @@ def _function(frame: str) -> str:
     return f"{name} ({path})"
 
 
+def py_spy() -> Path | None:
+    """py-spy beside this Python (the venv's) or else on PATH."""
+    beside = Path(sys.executable).parent / "py-spy"
+    found = str(beside) if beside.exists() else shutil.which("py-spy")
+    return Path(found) if found else None
+
+
 def bridge_counters(http_url: str) -> dict[str, float]:
     """From one scrape of the bridge's /metrics: its own count of playback holes by cause (``ai_late``,
     ``scheduling``), and its event loop lag samples and garbage collections so far, all (``lag``, ``gc``) and
     those within 20 ms (``ops/loop_health.py``). Empty for servers without the metrics."""
     try:
-        text = httpx.get(http_url + "/metrics", timeout=5).text
+        response = httpx.get(http_url + "/metrics", timeout=5)
     except httpx.HTTPError:
         return {}
+    if response.status_code != 200:
+        return {}
+    histograms = {"bridge_event_loop_lag_seconds": "lag", "bridge_gc_pause_seconds": "gc"}
     counts: dict[str, float] = {}
-    for row in text.splitlines():
-        name, _, value = row.rpartition(" ")
-        if name.startswith("bridge_playout_underruns_total{"):
-            key = name.split('cause="', 1)[1].split('"', 1)[0]
-        elif name.startswith(("bridge_event_loop_lag_seconds_count", "bridge_gc_pause_seconds_count")):
-            key = "lag" if "loop_lag" in name else "gc"
-        elif name.startswith(("bridge_event_loop_lag_seconds_bucket", "bridge_gc_pause_seconds_bucket")):
-            if 'le="0.02"' not in name:
+    for family in text_string_to_metric_families(response.text):
+        short = histograms.get(family.name)
+        for sample in family.samples:
+            if sample.name == "bridge_playout_underruns_total":
+                key = sample.labels["cause"]
+            elif short and sample.name.endswith("_count"):
+                key = short
+            elif short and sample.name.endswith("_bucket") and float(sample.labels["le"]) == 0.02:
+                key = short + "_within_20ms"
+            else:
                 continue
-            key = ("lag" if "loop_lag" in name else "gc") + "_within_20ms"
-        else:
-            continue
-        counts[key] = counts.get(key, 0.0) + float(value)
+            counts[key] = counts.get(key, 0.0) + sample.value
     return counts
 
 
@@ -431,8 +439,7 @@ def main() -> int:
     parser.add_argument("--profile", metavar="OUT", help="py-spy the bridge's steady window (first level) to OUT")
     parser.add_argument("--sip", action="store_true", help="also run each level over SIP against the bridge")
     args = parser.parse_args()
-    spy_bin = Path(sys.executable).parent / "py-spy"
-    if args.profile and not spy_bin.exists() and shutil.which("py-spy") is None:
+    if args.profile and py_spy() is None:
         parser.error("--profile needs py-spy (not found next to this Python or on PATH): pip install py-spy")
     python = sys.executable
     emulator_port = free_port()

@@ -117,8 +117,10 @@ def start_processes(
 ) -> tuple[subprocess.Popen[bytes], subprocess.Popen[bytes], str, str]:
     emulator_port, bridge_port = free_port(), free_port()
     python = [sys.executable, "-m", "telephony_bridge"]
-    faults = [a for spec in SESSION_FAULTS for a in ("--session-fault", spec)] if inject_faults else []
-    faults += [a for spec in TOKEN_FAULTS for a in ("--token-fault", spec)] if inject_faults else []
+    faults: list[str] = []
+    if inject_faults:
+        faults += [a for spec in SESSION_FAULTS for a in ("--session-fault", spec)]
+        faults += [a for spec in TOKEN_FAULTS for a in ("--token-fault", spec)]
     emulator = subprocess.Popen(
         [*python, "emulator", "--port", str(emulator_port), "--api-key", API_KEY, "--voice", "echo", "--log-level",
          "WARNING", "--fault-seed", str(seed), *faults],

@@ -56,7 +56,7 @@ class FrameBuffer:
     """μ-law waiting to be paced out to Twilio, handed out in whole 20 ms frames.
 
     The AI's 16 kHz PCM may be queued as it came (``append_pcm``): it is converted only when audio is taken, in
-    one go, so a 60 ms batch costs one resampler call rather than three (numpy's per-call overhead, not the
+    one go, so a batch costs one resampler call rather than one per frame (numpy's per-call overhead, not the
     arithmetic, is the cost). Lengths count the μ-law it will become: the resampler gives exactly one sample
     out per two in, so that is known without converting.
     """
