@@ -89,6 +89,8 @@ async def raw_peer(peer: Peer, **server: int) -> AsyncIterator[str]:
         ended.append(asyncio.current_task())  # type: ignore[arg-type]
         try:
             await peer(reader, writer)
+        except asyncio.IncompleteReadError:
+            pass  # the client went away: the end of any conversation
         finally:
             writer.close()
 

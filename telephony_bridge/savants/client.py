@@ -74,7 +74,7 @@ class SavantsConnection(WSListener):
         self._fragmented_text = False
         self._ended = False  # no frame will arrive any more
         self._close_code: int | None = None  # the code of the close frame Savants sent, if it sent one
-        self._stalled = False  # no pong to our ping, or the peer stopped reading what we send
+        self._stall: str | None = None  # why the connection counts as stalled, if it does
         self._closing = False  # close() was called
 
     @property
@@ -173,8 +173,9 @@ class SavantsConnection(WSListener):
             # picows' keepalive ends a connection whose pong is overdue by sending close 1001 and aborting: the
             # only 1001 we ever send (ours is 1000, picows' own errors are 1002/1007/1009/1011).
             handshake = transport.close_handshake
-            if handshake is not None and handshake.recv is None and handshake.sent is not None:
-                self._stalled = self._stalled or handshake.sent.code == WSCloseCode.GOING_AWAY
+            sent = handshake.sent if handshake is not None and handshake.recv is None else None
+            if sent is not None and sent.code == WSCloseCode.GOING_AWAY and self._stall is None:
+                self._stall = "no pong to our ping"
         self._end()
 
     def pause_writing(self) -> None:
@@ -203,12 +204,10 @@ class SavantsConnection(WSListener):
         except TimeoutError:
             if self._ended:
                 return
-            self._stalled = True
+            self._stall = f"Savants read nothing we sent for {self._stall_timeout_s} s"
             assert self._transport is not None
             self._transport.disconnect(graceful=False)
-            raise SessionError(
-                f"voice stream stalled: Savants read nothing we sent for {self._stall_timeout_s} s", code="STALLED"
-            ) from None
+            raise self._dropped("while sending") from None
 
     def _peer_closed(self, transport: WSTransport, frame: WSFrame) -> None:
         code = frame.get_close_code()
@@ -258,8 +257,8 @@ class SavantsConnection(WSListener):
         return Failed("PROTOCOL", f"expected RFC 6455 framing, got {message}", by_peer_error=False)
 
     def _dropped(self, when: str = "") -> SessionError:
-        if self._stalled:
-            return SessionError(f"voice stream stalled: no pong to our ping {when}".rstrip(), code="STALLED")
+        if self._stall is not None:
+            return SessionError(f"voice stream stalled: {self._stall} {when}".rstrip(), code="STALLED")
         where = f" {when}" if when else ""
         code = self._close_code
         return SessionError(f"voice stream dropped{where} (close code {code})", code="DROPPED", close_code=code)
