@@ -15,9 +15,11 @@ runs against every server in turn, so the ratio compares figures taken minutes a
 Per server and load level:
 - whole-call CPU: the server's CPU time (from /proc) from the first call's webhook until the last call has
   closed, per call-minute served: set-up, tear-down and idle cost included;
-- steady CPU: over the middle of the run, when every call is up, per call per 20 ms;
+- steady CPU: over the middle of the run, when every call is up, per call per 20 ms, and the kernel's share
+  of it (system time: on loopback each send also runs the receiver's TCP stack);
 - activity: over the same window, per call-second, the server's read and write system calls and its wake-ups
-  (voluntary context switches): exact counts that show what a change saves even when CPU figures are noisy;
+  (voluntary context switches): exact counts that show what a change saves even when CPU figures are noisy.
+  /proc counts ``read``/``write``-family calls only: picows sends with ``send()``, which it does not count;
   and how many of the machine's cores were busy (every process: callers and emulator too);
 - the bridge's event loop lag (sampled every 50 ms) and garbage collections over the run, with those over
   20 ms: whether a late send was our loop or collector (the bridge's ``scheduling`` underruns) or the AI;
@@ -90,6 +92,16 @@ def cpu_s(pid: int) -> float:
     for member in family(pid):
         with contextlib.suppress(OSError):  # exited between listing and reading
             total += process_cpu_s(member)
+    return total
+
+
+def kernel_cpu_s(pid: int) -> float:
+    """The system (kernel) part of ``cpu_s``: on loopback a send also runs the receiving side's TCP stack,
+    so this is what sockets cost whatever the Python above them does."""
+    total = 0.0
+    for member in family(pid):
+        with contextlib.suppress(OSError):
+            total += int(Path(f"/proc/{member}/stat").read_text().rsplit(")", 1)[1].split()[12]) / TICKS_PER_S
     return total
 
 
@@ -204,10 +216,12 @@ def measure(
         command = [str(py_spy()), "record", "--pid", str(pid), "--duration", str(int(window_s)), "--format", "raw"]
         spy = subprocess.Popen([*command, "--nonblocking", "-o", profile], stdout=subprocess.DEVNULL)
     steady_before, activity_before, machine_before = cpu_s(pid), activity(pid), machine_busy_s()
+    kernel_before = kernel_cpu_s(pid)
     time.sleep(window_s / 2)
     steady_rss = rss_kb(pid)
     time.sleep(window_s / 2)
     steady_used = cpu_s(pid) - steady_before
+    kernel_used = kernel_cpu_s(pid) - kernel_before
     activity_after = activity(pid)
     machine_after = machine_busy_s()
     machine_busy = (machine_after[0] - machine_before[0]) / max(1e-9, machine_after[1] - machine_before[1])
@@ -224,6 +238,7 @@ def measure(
         "calls": calls,
         "steady_cpu_pct": 100 * steady_used / window_s,
         "steady_us_per_call_per_20ms": 1e6 * steady_used / window_s / calls * 0.020,
+        "steady_kernel_pct": 100 * kernel_used / max(1e-9, steady_used),
         "kb_per_call": (steady_rss - idle_rss) / calls,
         "reads_per_call_s": per_call_s[0],
         "writes_per_call_s": per_call_s[1],
@@ -372,7 +387,8 @@ def line(label: str, f: dict) -> str:
 
     head = (
         f"{label:10} {f['calls']:4} calls  {f['served']:4} served  "
-        f"steady {f['steady_cpu_pct']:5.1f} % = {f['steady_us_per_call_per_20ms']:5.1f} µs/call/20ms  "
+        f"steady {f['steady_cpu_pct']:5.1f} % = {f['steady_us_per_call_per_20ms']:5.1f} µs/call/20ms "
+        f"({f['steady_kernel_pct']:.0f} % kernel)  "
         f"whole {f['whole_cpu_s_per_call_minute']:.3f} CPU-s/call-min ({f['whole_us_per_call_per_20ms']:5.1f} µs)  "
         f"{f['kb_per_call']:6.0f} KB/call  "
         f"per call-s: {f['reads_per_call_s']:.0f} reads {f['writes_per_call_s']:.0f} writes "
