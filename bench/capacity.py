@@ -194,6 +194,7 @@ def measure(
     seconds: float,
     profile: str | None = None,
     sip_target: str | None = None,
+    perf: str | None = None,
 ) -> dict:
     """Run ``calls`` calls of ``seconds`` against the server ``pid`` and return its figures; with ``profile``,
     py-spy records the server over the steady window into that file (collapsed stacks); with ``sip_target``,
@@ -215,6 +216,9 @@ def measure(
     if profile:
         command = [str(py_spy()), "record", "--pid", str(pid), "--duration", str(int(window_s)), "--format", "raw"]
         spy = subprocess.Popen([*command, "--nonblocking", "-o", profile], stdout=subprocess.DEVNULL)
+    if perf:
+        command = ["perf", "record", "-q", "-F", "499", "-o", perf, "-p", ",".join(map(str, family(pid)))]
+        spy = subprocess.Popen([*command, "--", "sleep", str(window_s)], stderr=subprocess.DEVNULL)
     steady_before, activity_before, machine_before = cpu_s(pid), activity(pid), machine_busy_s()
     kernel_before = kernel_cpu_s(pid)
     time.sleep(window_s / 2)
@@ -325,6 +329,37 @@ def top_functions(collapsed: str, n: int = 25) -> str:
     for name, count in sorted(own.items(), key=lambda kv: -kv[1])[:n]:
         lines.append(f"{100 * count / samples:5.1f} / {100 * total[name] / samples:5.1f}  {name}")
     return "\n".join(lines)
+
+
+# perf's shared objects, grouped by what they are
+_LIBRARIES = (
+    ("kernel", ("[kernel",)),
+    ("python interpreter", ("libpython", "python3")),
+    ("numpy", ("_multiarray", "openblas", "libm.")),
+    ("uvloop", ("loop.cpython",)),
+    ("picows", ("picows",)),
+    ("libc", ("libc.",)),
+)
+
+
+def by_library(perf_data: str) -> str:
+    """A ``perf record`` of the server as shares of its CPU by library: what no Python profiler sees (the
+    interpreter itself, the kernel's socket work, numpy, uvloop), robust on a shared machine."""
+    report = subprocess.run(
+        ["perf", "report", "-i", perf_data, "--sort", "dso", "--stdio", "-g", "none"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    shares: dict[str, float] = {}
+    for row in report.splitlines():
+        fields = row.split()
+        if len(fields) < 2 or not fields[0].endswith("%") or row.lstrip().startswith("#"):
+            continue
+        group = next((name for name, marks in _LIBRARIES if any(m in fields[1] for m in marks)), "other")
+        shares[group] = shares.get(group, 0.0) + float(fields[0].rstrip("%"))
+    ranked = sorted(shares.items(), key=lambda kv: -kv[1])
+    return "CPU by library (perf): " + ", ".join(f"{name} {share:.1f} %" for name, share in ranked)
 
 
 def _function(frame: str) -> str:
@@ -453,10 +488,15 @@ def main() -> int:
     parser.add_argument("--redis-url", help="REDIS_URL for the bridge (default with --workers > 1: a redis-server)")
     parser.add_argument("--json", metavar="OUT", help="also write every figure to this JSON file")
     parser.add_argument("--profile", metavar="OUT", help="py-spy the bridge's steady window (first level) to OUT")
+    parser.add_argument("--perf", metavar="OUT", help="perf record the bridge's steady window (first level) to OUT")
     parser.add_argument("--sip", action="store_true", help="also run each level over SIP against the bridge")
     args = parser.parse_args()
     if args.profile and py_spy() is None:
         parser.error("--profile needs py-spy (not found next to this Python or on PATH): pip install py-spy")
+    if args.profile and args.perf:
+        parser.error("--profile and --perf each record the same window: choose one")
+    if args.perf and shutil.which("perf") is None:
+        parser.error("--perf needs perf (Debian: linux-perf)")
     python = sys.executable
     emulator_port = free_port()
     emulator = start(
@@ -499,12 +539,15 @@ def main() -> int:
                     if name not in live:
                         continue
                     process, url = running[name]
-                    profile = args.profile if name == "bridge" and calls == levels[0] else None
-                    figures = measure(pool, args.load_procs, process.pid, url, calls, args.seconds, profile)
+                    first = name == "bridge" and calls == levels[0]
+                    profile, perf = (args.profile, args.perf) if first else (None, None)
+                    figures = measure(pool, args.load_procs, process.pid, url, calls, args.seconds, profile, perf=perf)
                     results[name].append(figures)
                     print(line(name, figures), flush=True)
                     if profile:
                         print(top_functions(profile), flush=True)
+                    if perf:
+                        print(by_library(perf), flush=True)
                     if sip_port is not None and name == "bridge":
                         time.sleep(3.0)
                         target = f"sip:ai@127.0.0.1:{sip_port}"
