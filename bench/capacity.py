@@ -15,9 +15,11 @@ runs against every server in turn, so the ratio compares figures taken minutes a
 Per server and load level:
 - whole-call CPU: the server's CPU time (from /proc) from the first call's webhook until the last call has
   closed, per call-minute served: set-up, tear-down and idle cost included;
-- steady CPU: over the middle of the run, when every call is up, per call per 20 ms;
+- steady CPU: over the middle of the run, when every call is up, per call per 20 ms, and the kernel's share
+  of it (system time: on loopback each send also runs the receiver's TCP stack);
 - activity: over the same window, per call-second, the server's read and write system calls and its wake-ups
-  (voluntary context switches): exact counts that show what a change saves even when CPU figures are noisy;
+  (voluntary context switches): exact counts that show what a change saves even when CPU figures are noisy.
+  /proc counts ``read``/``write``-family calls only: picows sends with ``send()``, which it does not count;
   and how many of the machine's cores were busy (every process: callers and emulator too);
 - the bridge's event loop lag (sampled every 50 ms) and garbage collections over the run, with those over
   20 ms: whether a late send was our loop or collector (the bridge's ``scheduling`` underruns) or the AI;
@@ -90,6 +92,16 @@ def cpu_s(pid: int) -> float:
     for member in family(pid):
         with contextlib.suppress(OSError):  # exited between listing and reading
             total += process_cpu_s(member)
+    return total
+
+
+def kernel_cpu_s(pid: int) -> float:
+    """The system (kernel) part of ``cpu_s``: on loopback a send also runs the receiving side's TCP stack,
+    so this is what sockets cost whatever the Python above them does."""
+    total = 0.0
+    for member in family(pid):
+        with contextlib.suppress(OSError):
+            total += int(Path(f"/proc/{member}/stat").read_text().rsplit(")", 1)[1].split()[12]) / TICKS_PER_S
     return total
 
 
@@ -182,6 +194,7 @@ def measure(
     seconds: float,
     profile: str | None = None,
     sip_target: str | None = None,
+    perf: str | None = None,
 ) -> dict:
     """Run ``calls`` calls of ``seconds`` against the server ``pid`` and return its figures; with ``profile``,
     py-spy records the server over the steady window into that file (collapsed stacks); with ``sip_target``,
@@ -203,11 +216,16 @@ def measure(
     if profile:
         command = [str(py_spy()), "record", "--pid", str(pid), "--duration", str(int(window_s)), "--format", "raw"]
         spy = subprocess.Popen([*command, "--nonblocking", "-o", profile], stdout=subprocess.DEVNULL)
+    if perf:
+        command = ["perf", "record", "-q", "-F", "499", "-o", perf, "-p", ",".join(map(str, family(pid)))]
+        spy = subprocess.Popen([*command, "--", "sleep", str(window_s)], stderr=subprocess.DEVNULL)
     steady_before, activity_before, machine_before = cpu_s(pid), activity(pid), machine_busy_s()
+    kernel_before = kernel_cpu_s(pid)
     time.sleep(window_s / 2)
     steady_rss = rss_kb(pid)
     time.sleep(window_s / 2)
     steady_used = cpu_s(pid) - steady_before
+    kernel_used = kernel_cpu_s(pid) - kernel_before
     activity_after = activity(pid)
     machine_after = machine_busy_s()
     machine_busy = (machine_after[0] - machine_before[0]) / max(1e-9, machine_after[1] - machine_before[1])
@@ -224,6 +242,7 @@ def measure(
         "calls": calls,
         "steady_cpu_pct": 100 * steady_used / window_s,
         "steady_us_per_call_per_20ms": 1e6 * steady_used / window_s / calls * 0.020,
+        "steady_kernel_pct": 100 * kernel_used / max(1e-9, steady_used),
         "kb_per_call": (steady_rss - idle_rss) / calls,
         "reads_per_call_s": per_call_s[0],
         "writes_per_call_s": per_call_s[1],
@@ -312,6 +331,37 @@ def top_functions(collapsed: str, n: int = 25) -> str:
     return "\n".join(lines)
 
 
+# perf's shared objects, grouped by what they are
+_LIBRARIES = (
+    ("kernel", ("[kernel",)),
+    ("python interpreter", ("libpython", "python3")),
+    ("numpy", ("_multiarray", "openblas", "libm.")),
+    ("uvloop", ("loop.cpython",)),
+    ("picows", ("picows",)),
+    ("libc", ("libc.",)),
+)
+
+
+def by_library(perf_data: str) -> str:
+    """A ``perf record`` of the server as shares of its CPU by library: what no Python profiler sees (the
+    interpreter itself, the kernel's socket work, numpy, uvloop), robust on a shared machine."""
+    report = subprocess.run(
+        ["perf", "report", "-i", perf_data, "--sort", "dso", "--stdio", "-g", "none"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    shares: dict[str, float] = {}
+    for row in report.splitlines():
+        fields = row.split()
+        if len(fields) < 2 or not fields[0].endswith("%") or row.lstrip().startswith("#"):
+            continue
+        group = next((name for name, marks in _LIBRARIES if any(m in fields[1] for m in marks)), "other")
+        shares[group] = shares.get(group, 0.0) + float(fields[0].rstrip("%"))
+    ranked = sorted(shares.items(), key=lambda kv: -kv[1])
+    return "CPU by library (perf): " + ", ".join(f"{name} {share:.1f} %" for name, share in ranked)
+
+
 def _function(frame: str) -> str:
     """``send (websockets/protocol.py:123)`` -> ``send (websockets/protocol.py)``: lines apart, one function."""
     name, _, where = frame.partition(" (")
@@ -372,7 +422,8 @@ def line(label: str, f: dict) -> str:
 
     head = (
         f"{label:10} {f['calls']:4} calls  {f['served']:4} served  "
-        f"steady {f['steady_cpu_pct']:5.1f} % = {f['steady_us_per_call_per_20ms']:5.1f} µs/call/20ms  "
+        f"steady {f['steady_cpu_pct']:5.1f} % = {f['steady_us_per_call_per_20ms']:5.1f} µs/call/20ms "
+        f"({f['steady_kernel_pct']:.0f} % kernel)  "
         f"whole {f['whole_cpu_s_per_call_minute']:.3f} CPU-s/call-min ({f['whole_us_per_call_per_20ms']:5.1f} µs)  "
         f"{f['kb_per_call']:6.0f} KB/call  "
         f"per call-s: {f['reads_per_call_s']:.0f} reads {f['writes_per_call_s']:.0f} writes "
@@ -437,10 +488,15 @@ def main() -> int:
     parser.add_argument("--redis-url", help="REDIS_URL for the bridge (default with --workers > 1: a redis-server)")
     parser.add_argument("--json", metavar="OUT", help="also write every figure to this JSON file")
     parser.add_argument("--profile", metavar="OUT", help="py-spy the bridge's steady window (first level) to OUT")
+    parser.add_argument("--perf", metavar="OUT", help="perf record the bridge's steady window (first level) to OUT")
     parser.add_argument("--sip", action="store_true", help="also run each level over SIP against the bridge")
     args = parser.parse_args()
     if args.profile and py_spy() is None:
         parser.error("--profile needs py-spy (not found next to this Python or on PATH): pip install py-spy")
+    if args.profile and args.perf:
+        parser.error("--profile and --perf each record the same window: choose one")
+    if args.perf and shutil.which("perf") is None:
+        parser.error("--perf needs perf (Debian: linux-perf)")
     python = sys.executable
     emulator_port = free_port()
     emulator = start(
@@ -483,12 +539,15 @@ def main() -> int:
                     if name not in live:
                         continue
                     process, url = running[name]
-                    profile = args.profile if name == "bridge" and calls == levels[0] else None
-                    figures = measure(pool, args.load_procs, process.pid, url, calls, args.seconds, profile)
+                    first = name == "bridge" and calls == levels[0]
+                    profile, perf = (args.profile, args.perf) if first else (None, None)
+                    figures = measure(pool, args.load_procs, process.pid, url, calls, args.seconds, profile, perf=perf)
                     results[name].append(figures)
                     print(line(name, figures), flush=True)
                     if profile:
                         print(top_functions(profile), flush=True)
+                    if perf:
+                        print(by_library(perf), flush=True)
                     if sip_port is not None and name == "bridge":
                         time.sleep(3.0)
                         target = f"sip:ai@127.0.0.1:{sip_port}"

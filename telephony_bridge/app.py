@@ -48,6 +48,7 @@ from telephony_bridge.settings import Settings
 from telephony_bridge.sip.server import SipServer
 from telephony_bridge.store import MemoryStore, RedisStore, Store
 from telephony_bridge.twilio.leg import handle_media_stream
+from telephony_bridge.twilio.media_route import MediaStreamRoute
 from telephony_bridge.twilio.signatures import SignatureChecker
 from telephony_bridge.twilio.webhooks import (
     MEDIA_STREAM_PATH,
@@ -159,6 +160,8 @@ def create_app(
             drain.draining = True
             if len(registry):
                 log.info("shutting down with %d calls still up", len(registry))
+            if media_route is not None:
+                await media_route.close()
 
     async def voice(request: Request) -> Response:
         return await request.app.state.webhooks.voice(request)
@@ -212,7 +215,7 @@ def create_app(
         except ValueError as exc:
             return JSONResponse({"error": str(exc)}, status_code=400)
 
-    return Starlette(
+    app = Starlette(
         routes=[
             Route("/voice", voice, methods=["GET", "POST"]),
             Route(STREAM_STATUS_PATH, stream_status, methods=["GET", "POST"]),
@@ -227,12 +230,23 @@ def create_app(
         middleware=[
             Middleware(
                 OpsAccess,
-                ops_port=(settings.server.ops_port or None) if ops_port is None else ops_port,
+                ops_port=_ops_port(settings, ops_port),
                 token=settings.ops.token.get_secret_value(),
             )
         ],
         lifespan=lifespan,
     )
+    media_route: MediaStreamRoute | None = None
+    if settings.server.websocket == "picows":
+        # uvicorn hands the media-stream upgrade to picows (ws_handoff); the Starlette route above is then unused.
+        media_route = MediaStreamRoute(app.state, ops_port=_ops_port(settings, ops_port))
+        app.state.websocket_router = media_route
+    return app
+
+
+def _ops_port(settings: Settings, bound: int | None) -> int | None:
+    """The ops listener's port: the one bound for it, else the configured one (0 or unset: none)."""
+    return (settings.server.ops_port or None) if bound is None else bound
 
 
 async def _cancel(task: asyncio.Task[None]) -> None:

@@ -21,7 +21,7 @@ from telephony_bridge.audio.codec import FRAME_MS, FRAME_S, TWILIO_BYTES_PER_MS,
 from telephony_bridge.audio.pipeline import CallerToAi
 from telephony_bridge.audio.timeline import NO_TIMESTAMP
 from telephony_bridge.audio.vad import VoiceActivityDetector
-from telephony_bridge.clock import Clock
+from telephony_bridge.clock import Clock, Flag
 from telephony_bridge.ops.metrics import Metrics
 from telephony_bridge.savants.client import SavantsConnection
 from telephony_bridge.settings import AudioSettings, BargeInSettings
@@ -43,7 +43,7 @@ class Inbound:
         self._frames_per_message = max(1, audio.upstream_message_ms // FRAME_MS)
         self._max_frames = self._backlog_frames(audio.pre_connect_buffer_ms)
         self._oldest_at = 0.0  # when the frame at the head of the queue was queued
-        self._ready = asyncio.Event()  # set by ``push`` when ``run`` has something to do
+        self._ready = Flag()  # set by ``push`` when ``run`` has something to do
         self._idle = True  # ``run`` waits for audio with no deadline of its own: the next frame must wake it
         self.detector = _detector(barge_in)
         self.frames_in = 0

@@ -12,7 +12,6 @@ instead) and carries no marks.
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Callable
 
 from telephony_bridge.audio.codec import FRAME_MS, FRAME_S, TWILIO_BYTES_PER_MS, TWILIO_FRAME_BYTES, ulaw_to_pcm16
@@ -20,7 +19,7 @@ from telephony_bridge.audio.comfort import ComfortFill
 from telephony_bridge.audio.pacing import AdaptivePrebuffer, OutboundPacer
 from telephony_bridge.audio.pipeline import FrameBuffer
 from telephony_bridge.audio.playback import PlaybackTracker
-from telephony_bridge.clock import Clock
+from telephony_bridge.clock import Clock, Flag
 from telephony_bridge.leg import AudioSink
 from telephony_bridge.settings import AudioSettings
 
@@ -40,7 +39,7 @@ class Outbound:
         self._clock = clock
         self._sink = sink
         self._buffer = FrameBuffer()
-        self._ready = asyncio.Event()
+        self._ready = Flag()
         self._pacer = OutboundPacer(settings.outbound_lead_ms / 1000, FRAME_S)
         base_s = settings.playout_prebuffer_ms / 1000
         self.prebuffer = AdaptivePrebuffer(
@@ -66,7 +65,7 @@ class Outbound:
         self._held_bytes = 0
         self._cut_bytes = 0
         self._finishing = False
-        self._progress = asyncio.Event()  # audio or a mark went out, or a mark came back
+        self._progress = Flag()  # audio or a mark went out, or a mark came back
         self.clears = 0
         self._fill: ComfortFill | None = None
         self._fill_bytes = 0

@@ -16,6 +16,8 @@ from typing import Any
 
 import uvicorn
 
+from telephony_bridge.ws_handoff import WebSocketHandoff
+
 
 def bind_socket(host: str, port: int, *, reuse_port: bool = False) -> socket.socket:
     """A listening socket; ``reuse_port``: one of several on the same port (``serve --workers``)."""
@@ -34,12 +36,13 @@ def bind_socket(host: str, port: int, *, reuse_port: bool = False) -> socket.soc
 
 
 def uvicorn_config(app: Any, **overrides: Any) -> uvicorn.Config:
-    """Our uvicorn settings: no access log (our own logging covers calls), sansio websockets."""
+    """Our uvicorn settings: no access log (our own logging covers calls); WebSockets to picows for an app
+    that routes its own (``ws_handoff``), else to uvicorn's sansio websockets."""
     options: dict[str, Any] = {
         "log_config": None,
         "access_log": False,
         "lifespan": "on",
-        "ws": "websockets-sansio",
+        "ws": WebSocketHandoff,
         "ws_ping_interval": None,
     }
     options.update(overrides)

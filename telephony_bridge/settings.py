@@ -53,6 +53,7 @@ class ServerSettings(_Frozen):
     workers: int = Field(1, ge=1, le=64)
     gc_tuning: bool = True
     gc_young_threshold: int = Field(YOUNG_THRESHOLD, ge=100, le=1_000_000)
+    websocket: Literal["picows", "uvicorn"] = "picows"
 
     @field_validator("public_url")
     @classmethod

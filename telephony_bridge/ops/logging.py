@@ -65,14 +65,20 @@ class Throttled:
 
 # Loggers that, at DEBUG, print the first bytes of every WebSocket frame: Savants JWTs and call audio. They
 # are held at INFO whatever LOG_LEVEL says (uvicorn passes "uvicorn.error" to the websockets protocol).
-WIRE_LOGGERS = ("websockets", "uvicorn.error", "httpcore")
+# picows logs a line per connection at INFO (our own lines cover calls): held at WARNING.
+WIRE_LOGGERS = {
+    "websockets": logging.INFO,
+    "uvicorn.error": logging.INFO,
+    "httpcore": logging.INFO,
+    "picows": logging.WARNING,
+}
 
 
 def guard_wire_loggers() -> None:
-    for name in WIRE_LOGGERS:
+    for name, floor in WIRE_LOGGERS.items():
         logger = logging.getLogger(name)
-        if logger.level == logging.NOTSET or logger.level < logging.INFO:
-            logger.setLevel(logging.INFO)
+        if logger.level == logging.NOTSET or logger.level < floor:
+            logger.setLevel(floor)
 
 
 def install_context() -> None:

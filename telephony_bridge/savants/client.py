@@ -40,9 +40,8 @@ STALL_TIMEOUT_S = 5.0
 CLOSE_TIMEOUT_S = 1.0
 MAX_MESSAGE_BYTES = 2**20
 
-# picows logs every connection and disconnection at INFO (and, below DEBUG, frames): not ours to print per call.
-_picows_log = logging.getLogger(__name__ + ".picows")
-_picows_log.setLevel(logging.WARNING)
+# picows' client logger: a line per connection at INFO, frames below DEBUG; ops/logging holds "picows" at WARNING.
+_picows_log = logging.getLogger("picows.client")
 
 _BINARY, _TEXT, _CLOSE, _PONG, _CONTINUATION = (
     WSMsgType.BINARY,

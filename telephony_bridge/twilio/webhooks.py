@@ -103,18 +103,24 @@ class TwilioWebhooks:
 
     def upgrade_signed(self, conn: HTTPConnection) -> bool:
         """The media-stream upgrade, signed over the wss:// URL (§5.2); checked before ``accept``."""
+        remote = conn.client.host if conn.client else None
+        return self.stream_signed(conn.url.path, conn.headers.get("x-twilio-signature"), remote)
+
+    def stream_signed(self, path: str, signature: str | None, remote: str | None) -> bool:
+        """``upgrade_signed`` for a server that is not Starlette's (``twilio.media_route``)."""
         if self._checker is None:
             return True
-        signature = conn.headers.get("x-twilio-signature")
-        if self._checker.check_upgrade(conn.url.path, signature):
+        if self._checker.check_upgrade(path, signature):
             return True
-        self._refused(conn, "missing" if not signature else "wrong")
+        self._log_refusal(path, remote, "missing" if not signature else "wrong")
         return False
 
     def _refused(self, conn: HTTPConnection, why: str) -> None:
-        self._metrics.signature_failures.labels(path=conn.url.path).inc()
-        remote = conn.client.host if conn.client else "unknown"
-        log.warning("refused %s from %s: %s X-Twilio-Signature", conn.url.path, remote, why)
+        self._log_refusal(conn.url.path, conn.client.host if conn.client else None, why)
+
+    def _log_refusal(self, path: str, remote: str | None, why: str) -> None:
+        self._metrics.signature_failures.labels(path=path).inc()
+        log.warning("refused %s from %s: %s X-Twilio-Signature", path, remote or "unknown", why)
 
     # --- /voice ------------------------------------------------------------------------------------------
 

@@ -1,0 +1,75 @@
+"""The ``/media-stream`` upgrade when picows carries it (``server.websocket: picows``, see ``ws_handoff``).
+
+It does what Starlette's route and ``OpsAccess`` do for the same request: not on the ops listener, the
+signature checked before the upgrade is answered (403 otherwise), then one task per stream running
+``handle_media_stream``, exactly as under Starlette. The tasks are the app's: ``close`` ends those still
+running when the app stops (after the drain has had its chance).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+from picows import WSUpgradeRequest, WSUpgradeResponse, WSUpgradeResponseWithListener
+
+from telephony_bridge.twilio.leg import CloseCode, handle_media_stream
+from telephony_bridge.twilio.stream_socket import StreamSocket
+from telephony_bridge.twilio.webhooks import MEDIA_STREAM_PATH
+from telephony_bridge.ws_handoff import Connection, ListenerOrResponse
+
+log = logging.getLogger(__name__)
+
+SERVICE_RESTART = 1012
+STOP_TIMEOUT_S = 5.0  # for calls still up when the app stops to hang up and release what they hold
+
+
+class MediaStreamRoute:
+    """A ``ws_handoff.WebSocketRouter``. ``state`` is the app's (``webhooks`` and ``deps`` are read per
+    request: they exist once the lifespan has started, which is before uvicorn accepts a connection)."""
+
+    def __init__(self, state: Any, *, ops_port: int | None) -> None:
+        self._state = state
+        self._ops_port = ops_port
+        self._streams: dict[asyncio.Task[None], StreamSocket] = {}
+
+    def __call__(self, request: WSUpgradeRequest, connection: Connection) -> ListenerOrResponse:
+        path = request.path.partition(b"?")[0].decode("latin-1")
+        if path != MEDIA_STREAM_PATH or (self._ops_port is not None and connection.local_port == self._ops_port):
+            return None  # 404
+        if not self._state.webhooks.stream_signed(path, request.headers.get("x-twilio-signature"), connection.remote):
+            forbidden = WSUpgradeResponse.create_error_response(403, b"invalid signature")
+            return WSUpgradeResponseWithListener(forbidden, None)
+        return StreamSocket(self._start)
+
+    def __len__(self) -> int:
+        return len(self._streams)
+
+    def _start(self, socket: StreamSocket) -> None:
+        task = asyncio.get_running_loop().create_task(self._run(socket), name="media-stream")
+        self._streams[task] = socket
+        task.add_done_callback(self._streams.pop)
+
+    async def _run(self, socket: StreamSocket) -> None:
+        try:
+            await handle_media_stream(socket, self._state.deps)
+        except Exception:
+            log.exception("media stream handler failed; closing the stream")
+            await socket.close(CloseCode.INTERNAL_ERROR)
+        else:
+            await socket.close(CloseCode.NORMAL)
+
+    async def close(self) -> None:
+        """Hang up on streams still open (close code 1012, service restart) and wait, bounded, for their calls."""
+        if not self._streams:
+            return
+        log.info("closing %d media streams still open", len(self._streams))
+        closing = (socket.close(SERVICE_RESTART) for socket in self._streams.values())
+        await asyncio.gather(*closing, return_exceptions=True)
+        tasks = list(self._streams)
+        _, pending = await asyncio.wait(tasks, timeout=STOP_TIMEOUT_S)
+        for task in pending:
+            task.cancel()
+        if pending:
+            await asyncio.wait(pending)

@@ -1,0 +1,141 @@
+"""A Twilio media stream on a picows connection, shaped like the part of Starlette's ``WebSocket`` that
+``TwilioLeg`` uses (``twilio.leg.TwilioSocket``).
+
+picows calls ``on_ws_frame`` from the socket's read callback; a frame becomes one small ASGI-shaped message
+in a deque, and the leg's pending ``receive()`` is woken through one future. Nothing is read ahead of the
+leg except what the kernel already delivered, and pings are answered by picows itself.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections import deque
+from collections.abc import Callable
+from typing import Any
+
+from picows import WSFrame, WSListener, WSMsgType, WSTransport
+
+CLOSE_TIMEOUT_S = 2.0  # for Twilio's answer to our close frame; then the TCP connection is dropped
+NO_STATUS = 1005  # a close frame without a code (RFC 6455 §7.1.5)
+ABNORMAL_CLOSURE = 1006  # no close frame at all
+
+Message = dict[str, Any]
+
+
+class SocketClosed(ConnectionError):
+    """A send on a stream that has closed (the leg turns this into ``CallerGone``)."""
+
+
+class StreamSocket(WSListener):  # type: ignore[misc]
+    """One media-stream connection. ``on_open`` runs once the upgrade is answered (start the call there)."""
+
+    def __init__(self, on_open: Callable[[StreamSocket], None]) -> None:
+        self._on_open = on_open
+        self._transport: WSTransport | None = None
+        self._inbox: deque[Message] = deque()
+        self._waiter: asyncio.Future[None] | None = None
+        self._fragments: list[bytes] = []
+        self._fragment_type: WSMsgType | None = None
+        self._writable: asyncio.Future[None] | None = None  # set while picows has paused writing
+        self._disconnected = False
+        self.close_code: int | None = None  # the peer's, once it has sent a close frame
+
+    # --- picows callbacks ------------------------------------------------------------------------------------
+
+    def on_ws_connected(self, transport: WSTransport) -> None:
+        self._transport = transport
+        self._on_open(self)
+
+    def on_ws_frame(self, transport: WSTransport, frame: WSFrame) -> None:
+        kind = frame.msg_type
+        if kind == WSMsgType.TEXT and frame.fin:
+            self._deliver_text(frame.get_payload_as_bytes())
+        elif kind == WSMsgType.CLOSE:
+            self.close_code = int(frame.get_close_code()) or NO_STATUS
+            if not transport.is_close_frame_sent:
+                transport.send_close(self.close_code)  # the echo RFC 6455 §5.5.1 asks for
+            transport.disconnect()
+        elif kind in (WSMsgType.TEXT, WSMsgType.BINARY, WSMsgType.CONTINUATION):
+            self._assemble(kind, frame)
+        # PING is answered by picows; PONG is not asked for.
+
+    def on_ws_disconnected(self, transport: WSTransport) -> None:
+        self._disconnected = True
+        self._deliver({"type": "websocket.disconnect", "code": self.close_code or ABNORMAL_CLOSURE})
+        if self._writable is not None and not self._writable.done():
+            self._writable.set_result(None)
+
+    def pause_writing(self) -> None:
+        if self._writable is None or self._writable.done():
+            self._writable = asyncio.get_running_loop().create_future()
+
+    def resume_writing(self) -> None:
+        if self._writable is not None and not self._writable.done():
+            self._writable.set_result(None)
+
+    # --- what the leg calls ----------------------------------------------------------------------------------
+
+    async def receive(self) -> Message:
+        """The next message; ``websocket.disconnect`` once the connection is gone (then again on every call)."""
+        while not self._inbox:
+            if self._disconnected:
+                return {"type": "websocket.disconnect", "code": self.close_code or ABNORMAL_CLOSURE}
+            self._waiter = asyncio.get_running_loop().create_future()
+            try:
+                await self._waiter
+            finally:
+                self._waiter = None
+        return self._inbox.popleft()
+
+    async def send_text(self, data: str) -> None:
+        """Queue a text frame; waits while the kernel's send buffer is full (a caller that stopped reading)."""
+        if self._writable is not None and not self._writable.done():
+            await self._writable
+        transport = self._transport
+        if transport is None or self._disconnected or transport.is_close_frame_sent:
+            raise SocketClosed("the media stream is closed")
+        transport.send(WSMsgType.TEXT, data.encode())
+
+    async def close(self, code: int = 1000, reason: str | None = None) -> None:
+        """Send our close frame and wait (bounded) for Twilio's; safe to call more than once."""
+        transport = self._transport
+        if transport is None or self._disconnected:
+            return
+        if not transport.is_close_frame_sent:
+            transport.send_close(code, reason.encode() if reason else None)
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(CLOSE_TIMEOUT_S):
+                await transport.wait_disconnected()
+                return
+        transport.disconnect(graceful=False)
+
+    # --- internals -------------------------------------------------------------------------------------------
+
+    def _deliver(self, message: Message) -> None:
+        self._inbox.append(message)
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
+
+    def _assemble(self, kind: WSMsgType, frame: WSFrame) -> None:
+        """A message split over frames (Twilio does not split, but RFC 6455 lets any peer)."""
+        if kind != WSMsgType.CONTINUATION:
+            self._fragment_type, self._fragments = kind, []
+        elif self._fragment_type is None:
+            return  # a continuation of nothing: dropped, as the leg would drop a malformed message
+        self._fragments.append(frame.get_payload_as_bytes())
+        if not frame.fin:
+            return
+        payload, kind = b"".join(self._fragments), self._fragment_type
+        self._fragment_type, self._fragments = None, []
+        if kind == WSMsgType.TEXT:
+            self._deliver_text(payload)
+        else:
+            self._deliver({"type": "websocket.receive", "bytes": payload})
+
+    def _deliver_text(self, payload: bytes) -> None:
+        """Text, or, if it is not UTF-8, the bytes: the leg counts and logs them as a malformed message."""
+        try:
+            self._deliver({"type": "websocket.receive", "text": payload.decode()})
+        except UnicodeDecodeError:
+            self._deliver({"type": "websocket.receive", "bytes": payload})

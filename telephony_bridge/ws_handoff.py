@@ -1,0 +1,96 @@
+"""uvicorn's WebSocket upgrades handed to picows, on the same port as the app's HTTP routes.
+
+A call's two WebSocket legs are most of its CPU (README, Performance). uvicorn parses the upgrade request and
+then hands the socket to its ``ws`` protocol class; ``WebSocketHandoff`` is that class. For an app that routes
+its own WebSockets (``app.state.websocket_router``, see ``WebSocketRouter``) the socket goes to a picows
+protocol: frames are parsed and built in C and delivered by callback, with no ASGI messages and no task per
+socket. Any other app gets uvicorn's own websockets-sansio protocol, exactly as ``ws="websockets-sansio"``.
+
+picows' server protocol is built the way ``picows.ws_create_server`` builds it; the request uvicorn has already
+read is replayed into it through the buffered-protocol interface (``get_buffer``/``buffer_updated``), since
+picows reads no other way. ``tests/test_ws_handoff.py`` pins both ends of this seam.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, NamedTuple, Protocol
+
+from picows import WSAutoPingStrategy, WSListener, WSUpgradeRequest, WSUpgradeResponseWithListener
+from picows.picows import WSProtocol
+from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
+
+MAX_FRAME_BYTES = 2**20  # a Twilio media message is ~250 bytes; nothing legitimate comes near this
+READ_BUFFER_BYTES = 4096
+# picows logs every accepted connection at INFO and frames at its own level below DEBUG: held at WARNING.
+PICOWS_LOGGER = logging.getLogger("picows.server")
+
+ListenerOrResponse = WSListener | WSUpgradeResponseWithListener | None
+
+
+class Connection(NamedTuple):
+    """Where an upgrade came from: ``local_port`` is the listener's (the ops listener is a separate one)."""
+
+    local_port: int | None
+    remote: str | None
+
+
+class WebSocketRouter(Protocol):
+    """Picks the listener for one upgrade request, or refuses it (a response, or ``None`` for 404)."""
+
+    def __call__(self, request: WSUpgradeRequest, connection: Connection) -> ListenerOrResponse: ...
+
+
+def WebSocketHandoff(config: Any, server_state: Any, app_state: dict[str, Any], **kwargs: Any) -> Any:
+    """uvicorn's ``ws`` protocol class (called once per upgrade, like a class): picows when the app routes its
+    own WebSockets, else uvicorn's websockets-sansio protocol."""
+    state = getattr(config.app, "state", None)
+    router: WebSocketRouter | None = getattr(state, "websocket_router", None) if state is not None else None
+    if router is None:
+        return WebSocketsSansIOProtocol(config=config, server_state=server_state, app_state=app_state, **kwargs)
+    return _PicowsUpgrade(router)
+
+
+class _PicowsUpgrade(WSProtocol):  # type: ignore[misc]
+    """A picows server protocol that takes the upgrade request from uvicorn rather than from the socket."""
+
+    def __init__(self, router: WebSocketRouter) -> None:
+        self._connection = Connection(None, None)
+
+        def route(request: WSUpgradeRequest) -> ListenerOrResponse:
+            return router(request, self._connection)
+
+        super().__init__(
+            None,  # host and port: a client's
+            None,  # path: a client's
+            False,  # server side
+            route,
+            PICOWS_LOGGER,
+            True,  # disconnect when a listener callback raises
+            None,  # handshake timeout: uvicorn has read the request already
+            False,  # auto ping: Twilio sends media every 20 ms, and the leg's watchdog notices silence
+            20.0,
+            20.0,
+            WSAutoPingStrategy.PING_WHEN_IDLE,
+            True,  # answer pings
+            MAX_FRAME_BYTES,
+            None,  # extra response headers
+            READ_BUFFER_BYTES,
+        )
+
+    def connection_made(self, transport: Any) -> None:
+        local, remote = transport.get_extra_info("sockname"), transport.get_extra_info("peername")
+        self._connection = Connection(
+            local[1] if isinstance(local, tuple) else None, remote[0] if isinstance(remote, tuple) else None
+        )
+        super().connection_made(transport)
+
+    def data_received(self, data: bytes) -> None:
+        """The request uvicorn already read, fed in as if picows had read it from the socket."""
+        view = memoryview(data)
+        while view:
+            buffer = self.get_buffer(len(view))
+            n = min(len(buffer), len(view))
+            buffer[:n] = view[:n]
+            self.buffer_updated(n)
+            view = view[n:]

@@ -1,0 +1,46 @@
+"""``SystemClock.wait_until`` on a ``Flag`` (its cheap path) keeps ``asyncio.Event``'s meaning, on the real loop."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+
+from telephony_bridge.clock import Flag, SystemClock
+
+
+@pytest.mark.parametrize("signal", [Flag, asyncio.Event])
+async def test_wait_until_returns_when_set_or_at_the_deadline(signal: type) -> None:
+    clock, flag = SystemClock(), signal()
+    started = time.monotonic()
+    await clock.wait_until(flag, started + 0.05)
+    assert time.monotonic() - started >= 0.04, "nothing set it: it waited for the deadline"
+    asyncio.get_running_loop().call_later(0.02, flag.set)
+    started = time.monotonic()
+    await clock.wait_until(flag, started + 10)
+    assert time.monotonic() - started < 5, "set: it returned long before the deadline"
+    await asyncio.wait_for(clock.wait_until(flag, time.monotonic() + 10), 1)  # still set: at once
+    flag.clear()
+    assert not flag.is_set()
+
+
+async def test_a_flag_wakes_every_waiter_and_forgets_them() -> None:
+    flag, clock = Flag(), SystemClock()
+    waiters = [asyncio.create_task(flag.wait()), asyncio.create_task(clock.wait_until(flag, time.monotonic() + 10))]
+    await asyncio.sleep(0.01)
+    assert len(flag._waiters) == 2
+    flag.set()
+    assert await asyncio.wait_for(asyncio.gather(*waiters), 1) == [True, None]
+    assert flag._waiters == []
+
+
+async def test_a_cancelled_wait_leaves_no_waiter_or_timer_behind() -> None:
+    flag, clock = Flag(), SystemClock()
+    task = asyncio.create_task(clock.wait_until(flag, time.monotonic() + 0.05))
+    await asyncio.sleep(0.01)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert flag._waiters == []
+    await asyncio.sleep(0.08)  # the timer, had it stayed, would now resolve a cancelled future: no error
