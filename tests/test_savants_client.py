@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import gc
 import hashlib
 import struct
 import time
@@ -303,3 +304,25 @@ async def test_client_upgrade_answered_after_the_opener_gave_up_is_closed_at_onc
             await opening
         answer.set()
         assert await outcome == b""
+
+
+async def test_client_frame_over_the_size_limit_is_a_drop_and_leaves_nothing_unretrieved(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    async def oversized(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await confirm(reader, writer)
+        assert (await read_frame(reader))[0] == BINARY  # once the client is confirmed and talking
+        writer.write(frame(BINARY, b"\x00" * (2**20 + 2)))
+        assert (await read_frame(reader))[0] == CLOSE  # picows' 1009
+        await asyncio.Event().wait()
+
+    async with raw_peer(oversized) as url, asyncio.timeout(20):
+        connection = await open_voice_session(url, "a.b.c", 5.0)
+        assert await connection.send_audio(b"\x00" * 640) is True
+        with pytest.raises(SessionError) as raised:
+            await connection.receive()  # the frame's rest, parsed by picows after its 1009, is not audio
+        assert (raised.value.code, raised.value.close_code) == ("DROPPED", None)
+        await connection.close()
+    del connection, raised  # the traceback holds the connection too
+    gc.collect()
+    assert not [r for r in caplog.records if "never retrieved" in r.getMessage()]

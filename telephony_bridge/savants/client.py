@@ -34,8 +34,9 @@ from telephony_bridge.savants.protocol import Audio, Confirmed, Failed, Notice, 
 NORMAL_CLOSURE = 1000
 NO_STATUS = 1005  # a close frame without a code (RFC 6455 §7.1.5), as the websockets library reported it
 # Savants documents no keepalive (spec §6.6); a WebSocket ping is answered by any RFC 6455 server and finds a
-# half-open or hung connection (a stall) in seconds rather than minutes of dead air: no pong within the stall
-# timeout after a ping ends the session as STALLED, which the call treats as a drop.
+# half-open or hung connection (a stall) in seconds rather than minutes of dead air: once Savants has sent
+# nothing for half the stall timeout a ping goes out, and no pong in the other half ends the session as
+# STALLED, which the call treats as a drop.
 STALL_TIMEOUT_S = 5.0
 CLOSE_TIMEOUT_S = 1.0
 MAX_MESSAGE_BYTES = 2**20
@@ -123,11 +124,11 @@ class SavantsConnection(WSListener):
         self.session.closed()
         self._closing = True
         transport = self._transport
-        if transport is None or transport.is_disconnected:
+        if transport is None:
             return
-        if not transport.is_close_frame_sent:
+        if not transport.is_disconnected and not transport.is_close_frame_sent:
             transport.send_close(WSCloseCode.OK)
-        try:
+        try:  # awaited even when already disconnected: it collects picows' reason, if it had one
             if await _disconnected(transport, CLOSE_TIMEOUT_S):
                 return
         except asyncio.CancelledError:
@@ -145,6 +146,10 @@ class SavantsConnection(WSListener):
             transport.disconnect(graceful=False)
 
     def on_ws_frame(self, transport: WSTransport, frame: WSFrame) -> None:
+        if transport.is_close_frame_sent:
+            # After a close we sent, nothing more counts; after one picows sent for a framing error it goes on
+            # parsing what follows (the rest of an oversized frame, as frames) until it disconnects.
+            return
         kind = frame.msg_type
         if kind is _BINARY and frame.fin:
             event = self.session.receive_binary(frame.get_payload_as_bytes())
