@@ -5,6 +5,7 @@
     .venv/bin/python bench/capacity.py --variant nogc:BRIDGE__SERVER__GC_TUNING=false   # A/B a setting
     .venv/bin/python bench/capacity.py --workers 2 --servers bridge         # serve --workers 2 (own redis)
     .venv/bin/python bench/capacity.py --calls 20 --seconds 12 --sip --servers bridge   # + a SIP row
+    .venv/bin/python bench/capacity.py --calls 50 --servers bridge --perf perf.data  # CPU by library (perf)
 
 Three kinds of process on 127.0.0.1: the Savants emulator (voice ``echo``), the servers under test (``bridge``:
 ``telephony-bridge serve``, the real thing; ``naive``: ``bench/naive_bridge.py``, written like the public
@@ -488,7 +489,11 @@ def main() -> int:
     parser.add_argument("--redis-url", help="REDIS_URL for the bridge (default with --workers > 1: a redis-server)")
     parser.add_argument("--json", metavar="OUT", help="also write every figure to this JSON file")
     parser.add_argument("--profile", metavar="OUT", help="py-spy the bridge's steady window (first level) to OUT")
-    parser.add_argument("--perf", metavar="OUT", help="perf record the bridge's steady window (first level) to OUT")
+    parser.add_argument(
+        "--perf",
+        metavar="OUT",
+        help="perf record the bridge's steady window (first level) to OUT; perturbs that run's latency",
+    )
     parser.add_argument("--sip", action="store_true", help="also run each level over SIP against the bridge")
     args = parser.parse_args()
     if args.profile and py_spy() is None:
