@@ -9,7 +9,8 @@
 
 Three kinds of process on 127.0.0.1: the Savants emulator (voice ``echo``), the servers under test (``bridge``:
 ``telephony-bridge serve``, the real thing; ``naive``: ``bench/naive_bridge.py``, written like the public
-samples; ``echo``: ``bench/echo_server.py``, a bare WebSocket echo, the floor), and the simulated callers
+samples; ``echo``: ``bench/echo_server.py``, a bare WebSocket echo, the floor; ``echo-picows``: the same echo
+on picows, the floor of the bridge's own media-stream WebSocket), and the simulated callers
 (``loadtest``'s Twilio flow with speech both ways, spread over ``--load-procs`` processes). Each load level
 runs against every server in turn, so the ratio compares figures taken minutes apart on the same machine.
 
@@ -468,6 +469,7 @@ def servers(
         "bridge": (serve, bridge_env),
         "naive": ([python, str(BENCH / "naive_bridge.py")], savants),
         "echo": ([python, str(BENCH / "echo_server.py")], {}),
+        "echo-picows": ([python, str(BENCH / "echo_server.py")], {"ECHO_WEBSOCKET": "picows"}),
     }
 
 
@@ -476,7 +478,9 @@ def main() -> int:
     parser.add_argument("--calls", type=int, nargs="+", default=[50, 100], help="load levels")
     parser.add_argument("--knee", type=int, nargs=3, metavar=("FROM", "TO", "STEP"), help="ramp instead")
     parser.add_argument("--seconds", type=float, default=20.0, help="length of each call")
-    parser.add_argument("--servers", nargs="+", default=["bridge", "naive"], choices=["bridge", "naive", "echo"])
+    parser.add_argument(
+        "--servers", nargs="+", default=["bridge", "naive"], choices=["bridge", "naive", "echo", "echo-picows"]
+    )
     parser.add_argument(
         "--variant",
         action="append",
