@@ -91,3 +91,16 @@ def test_session_authenticate_twice_is_our_bug() -> None:
     session = authenticated()
     with pytest.raises(RuntimeError):
         session.authenticate("x.y.z")
+
+
+def test_session_reads_text_given_as_its_utf8_bytes() -> None:
+    session = authenticated()
+    assert session.receive_text(b'{"type":"vapi_connected","sessionId":"s\xc3\xa9"}') == Confirmed("sé")
+    assert session.receive_text(b'{"type":"status"}') == Notice("status")
+
+
+def test_session_invalid_utf8_text_is_a_protocol_failure() -> None:
+    session = authenticated()
+    event = session.receive_text(b'{"type":"\xff"}')
+    assert isinstance(event, Failed) and event.code == "PROTOCOL" and not event.by_peer_error
+    assert session.state is State.CLOSED

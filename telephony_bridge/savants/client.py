@@ -1,29 +1,80 @@
-"""The /voice-stream driver: a thin asyncio shell around ``VoiceSession`` (spec §6).
+"""The /voice-stream driver: a thin shell around ``VoiceSession`` (spec §6) on picows.
 
-All protocol decisions are the session's; this module only moves frames and translates the websockets
-library's exceptions into ``SessionError`` at the boundary.
+All protocol decisions are the session's; this module only moves frames and translates picows' callbacks and
+exceptions into ``SessionError`` at the boundary. picows (Cython) is used for its lower CPU per frame than the
+websockets library's (issue #10): this leg carries every frame of every call both ways.
+
+picows calls us back for each frame (``on_ws_frame``) as it is read, whether or not anyone is waiting: frames
+are always read, pongs included, even while a session opened at the webhook waits unread for its stream. Each
+frame is decoded there and its event queued for ``receive`` (a deque and one waiter: no task per frame).
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
+from collections import deque
 from collections.abc import Awaitable, Callable
 
-from websockets.asyncio.client import ClientConnection, connect
-from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus, InvalidURI
+from picows import (
+    WSAutoPingStrategy,
+    WSCloseCode,
+    WSError,
+    WSFrame,
+    WSInvalidStatusError,
+    WSListener,
+    WSMsgType,
+    WSTransport,
+    ws_connect,
+)
 
 from telephony_bridge.errors import SessionError
-from telephony_bridge.savants.protocol import Audio, Confirmed, Failed, Notice, VoiceSession
+from telephony_bridge.savants.protocol import Audio, Confirmed, Failed, Notice, SessionEvent, VoiceSession
+
+NORMAL_CLOSURE = 1000
+NO_STATUS = 1005  # a close frame without a code (RFC 6455 §7.1.5), as the websockets library reported it
+# Savants documents no keepalive (spec §6.6); a WebSocket ping is answered by any RFC 6455 server and finds a
+# half-open or hung connection (a stall) in seconds rather than minutes of dead air: no pong within the stall
+# timeout after a ping ends the session as STALLED, which the call treats as a drop.
+STALL_TIMEOUT_S = 5.0
+CLOSE_TIMEOUT_S = 1.0
+MAX_MESSAGE_BYTES = 2**20
+
+# picows' client logger: a line per connection at INFO, frames below DEBUG; ops/logging holds "picows" at WARNING.
+_picows_log = logging.getLogger("picows.client")
+
+_BINARY, _TEXT, _CLOSE, _PONG, _CONTINUATION = (
+    WSMsgType.BINARY,
+    WSMsgType.TEXT,
+    WSMsgType.CLOSE,
+    WSMsgType.PONG,
+    WSMsgType.CONTINUATION,
+)
 
 
-class SavantsConnection:
+class SavantsConnection(WSListener):
     """An authenticated voice session. ``receive()`` yields audio and notices; ``None`` once Savants closed it
     with 1000, the AI's goodbye. Any other end is a ``SessionError`` with the close code: 1001 ("going away",
-    a Savants restart) is a drop like 1011, not a goodbye, so the call can reconnect."""
+    a Savants restart) is a drop like 1011, not a goodbye, so the call can reconnect.
 
-    def __init__(self, ws: ClientConnection, session: VoiceSession) -> None:
-        self._ws = ws
+    It is also the picows listener of its connection (the ``on_ws_*`` and ``*_writing`` callbacks)."""
+
+    def __init__(self, session: VoiceSession, stall_timeout_s: float, *, abandoned: bool = False) -> None:
+        super().__init__()
         self.session = session
+        self._abandoned = abandoned  # its opener gave up before the upgrade was answered: nobody will close it
+        self._stall_timeout_s = stall_timeout_s
+        self._loop = asyncio.get_running_loop()
+        self._transport: WSTransport | None = None
+        self._events: deque[SessionEvent] = deque()
+        self._waiter: asyncio.Future[None] | None = None  # receive() waiting for the next event or the end
+        self._writable: asyncio.Future[None] | None = None  # set while the socket's send buffer is over its mark
+        self._fragments: bytearray | None = None  # a fragmented message being put together
+        self._fragmented_text = False
+        self._ended = False  # no frame will arrive any more
+        self._close_code: int | None = None  # the code of the close frame Savants sent, if it sent one
+        self._stall: str | None = None  # why the connection counts as stalled, if it does
+        self._closing = False  # close() was called
 
     @property
     def session_id(self) -> str | None:
@@ -34,116 +85,281 @@ class SavantsConnection:
 
         A close that Savants sent is left for ``receive`` to report: an ``error`` message that came just before
         it is the real cause, and only the receiving side reads it (a send racing the close must not report a
-        plain drop instead). A connection that died without a close frame is a drop either way."""
-        try:
-            await self._ws.send(pcm)
-        except ConnectionClosed as exc:
-            if _code(exc) == NORMAL_CLOSURE or exc.rcvd is not None:
+        plain drop instead). A connection that died without a close frame is a drop either way.
+
+        While the socket's send buffer is over its high-water mark (Savants reads slower than we send) this
+        waits for it to drain, up to the stall timeout: a peer that stops reading cannot grow it without bound."""
+        if self._writable is not None:
+            await self._drained()
+        if self._ended or self._closing:
+            if self._close_code is not None or self._closing:
                 return False
-            raise _dropped(exc, "while sending") from None
+            raise self._dropped("while sending")
+        assert self._transport is not None
+        self._transport.send(_BINARY, pcm)
         return True
 
     async def receive(self) -> Audio | Notice | None:
+        events = self._events
         while True:
-            try:
-                frame = await self._ws.recv()
-            except ConnectionClosed as exc:
+            if events:
+                event = events.popleft()
+                if isinstance(event, (Audio, Notice)):  # a tuple: faster than a union
+                    return event
+                if isinstance(event, Failed):
+                    await self.close()
+                    raise SessionError(f"voice stream failed: {event.code} {event.message}".rstrip(), code=event.code)
+            elif self._ended:
                 self.session.closed()
-                if _code(exc) == NORMAL_CLOSURE:
+                if self._close_code == NORMAL_CLOSURE:
                     return None
-                raise _dropped(exc) from None
-            event = self.session.receive_binary(frame) if isinstance(frame, bytes) else self.session.receive_text(frame)
-            if isinstance(event, Failed):
-                await self.close()
-                raise SessionError(f"voice stream failed: {event.code} {event.message}".rstrip(), code=event.code)
-            if isinstance(event, Audio | Notice):
-                return event
+                raise self._dropped()
+            else:
+                await self._next()
 
     async def close(self) -> None:
+        """Send close 1000 and wait up to ``CLOSE_TIMEOUT_S`` for Savants to answer and disconnect, then cut
+        the connection. Idempotent; safe after the peer is gone and from several tasks at once."""
         self.session.closed()
-        await self._ws.close()
+        self._closing = True
+        transport = self._transport
+        if transport is None or transport.is_disconnected:
+            return
+        if not transport.is_close_frame_sent:
+            transport.send_close(WSCloseCode.OK)
+        try:
+            if await _disconnected(transport, CLOSE_TIMEOUT_S):
+                return
+        except asyncio.CancelledError:
+            transport.disconnect(graceful=False)  # cancelled while closing: still never leave the socket open
+            raise
+        transport.disconnect(graceful=False)  # a stalled peer never answers, nor drains a full buffer
+        await _disconnected(transport, CLOSE_TIMEOUT_S)
+
+    # --- picows callbacks: run by the event loop as data arrives; never raise ------------------------------
+
+    def on_ws_connected(self, transport: WSTransport) -> None:
+        self._transport = transport
+        if self._abandoned:
+            self._closing = True
+            transport.disconnect(graceful=False)
+
+    def on_ws_frame(self, transport: WSTransport, frame: WSFrame) -> None:
+        kind = frame.msg_type
+        if kind is _BINARY and frame.fin:
+            event = self.session.receive_binary(frame.get_payload_as_bytes())
+        elif kind is _TEXT and frame.fin:
+            event = self.session.receive_text(frame.get_payload_as_bytes())
+        elif kind is _CLOSE:
+            self._peer_closed(transport, frame)
+            return
+        elif kind is _PONG:
+            return  # unsolicited (picows takes the pongs its keepalive waits for; it answers pings itself)
+        else:
+            assembled = self._assemble(transport, frame)
+            if assembled is None:
+                return
+            event = assembled
+        self._events.append(event)
+        waiter = self._waiter
+        if waiter is not None:
+            self._waiter = None
+            if not waiter.done():
+                waiter.set_result(None)
+
+    def on_ws_disconnected(self, transport: WSTransport) -> None:
+        if self._close_code is None:
+            # picows' keepalive ends a connection whose pong is overdue by sending close 1001 and aborting: the
+            # only 1001 we ever send (ours is 1000, picows' own errors are 1002/1007/1009/1011).
+            handshake = transport.close_handshake
+            sent = handshake.sent if handshake is not None and handshake.recv is None else None
+            if sent is not None and sent.code == WSCloseCode.GOING_AWAY and self._stall is None:
+                self._stall = "no pong to our ping"
+        self._end()
+
+    def pause_writing(self) -> None:
+        if self._writable is None:
+            self._writable = self._loop.create_future()
+
+    def resume_writing(self) -> None:
+        writable, self._writable = self._writable, None
+        if writable is not None and not writable.done():
+            writable.set_result(None)
+
+    # --- internals -------------------------------------------------------------------------------------------
+
+    async def _next(self) -> None:
+        """Wait until an event is queued or the connection has ended."""
+        waiter = self._waiter = self._loop.create_future()
+        await waiter
+
+    async def _drained(self) -> None:
+        writable = self._writable
+        if writable is None:
+            return
+        try:
+            async with asyncio.timeout(self._stall_timeout_s):
+                await asyncio.shield(writable)
+        except TimeoutError:
+            if self._ended:
+                return
+            self._stall = f"Savants read nothing we sent for {self._stall_timeout_s} s"
+            assert self._transport is not None
+            self._transport.disconnect(graceful=False)
+            raise self._dropped("while sending") from None
+
+    def _peer_closed(self, transport: WSTransport, frame: WSFrame) -> None:
+        code = frame.get_close_code()
+        self._close_code = int(code) or NO_STATUS
+        if not transport.is_close_frame_sent:
+            transport.send_close(code if int(code) else WSCloseCode.OK)  # echoed, as RFC 6455 §5.5.1 asks
+        transport.disconnect()
+        self._end()
+
+    def _end(self) -> None:
+        self._ended = True
+        self.resume_writing()
+        waiter = self._waiter
+        if waiter is not None:
+            self._waiter = None
+            if not waiter.done():
+                waiter.set_result(None)
+
+    def _assemble(self, transport: WSTransport, frame: WSFrame) -> SessionEvent | None:
+        """A fragmented message (RFC 6455 §5.4), rare: its event once its last fragment is in."""
+        kind = frame.msg_type
+        if kind is _CONTINUATION:
+            if self._fragments is None:
+                return self._protocol_failure("a continuation frame without a message to continue")
+            self._fragments += frame.get_payload_as_memoryview()
+        elif kind is _BINARY or kind is _TEXT:
+            if self._fragments is not None:
+                return self._protocol_failure("a new message before the last one's final fragment")
+            self._fragments = bytearray(frame.get_payload_as_memoryview())
+            self._fragmented_text = kind is _TEXT
+        else:
+            return None
+        if len(self._fragments) > MAX_MESSAGE_BYTES:
+            self._fragments = None
+            transport.send_close(WSCloseCode.MESSAGE_TOO_BIG)
+            transport.disconnect()
+            return None
+        if not frame.fin:
+            return None
+        message, self._fragments = bytes(self._fragments), None
+        if self._fragmented_text:
+            return self.session.receive_text(message)
+        return self.session.receive_binary(message)
+
+    def _protocol_failure(self, message: str) -> Failed:
+        self.session.closed()
+        return Failed("PROTOCOL", f"expected RFC 6455 framing, got {message}", by_peer_error=False)
+
+    def _dropped(self, when: str = "") -> SessionError:
+        if self._stall is not None:
+            return SessionError(f"voice stream stalled: {self._stall} {when}".rstrip(), code="STALLED")
+        where = f" {when}" if when else ""
+        code = self._close_code
+        return SessionError(f"voice stream dropped{where} (close code {code})", code="DROPPED", close_code=code)
+
+
+async def _disconnected(transport: WSTransport, timeout_s: float) -> bool:
+    """Whether the connection is gone within ``timeout_s``."""
+    try:
+        async with asyncio.timeout(timeout_s):
+            await transport.wait_disconnected()
+    except TimeoutError:
+        return False
+    except WSError:
+        pass  # picows' own reason for disconnecting (e.g. the peer broke framing): the end is reported already
+    return True
 
 
 Connector = Callable[[str, str, float], Awaitable[SavantsConnection]]
-
-NORMAL_CLOSURE = 1000
-# Savants documents no keepalive (spec §6.6); a WebSocket ping is answered by any RFC 6455 server and finds a
-# half-open or hung connection (a stall) in seconds rather than minutes of dead air: no pong within the stall
-# timeout after a ping ends the session as STALLED, which the call treats as a drop.
-STALL_TIMEOUT_S = 5.0
-CLOSE_TIMEOUT_S = 1.0
-_KEEPALIVE_TIMEOUT_REASON = "keepalive ping timeout"  # what websockets sends when a pong is overdue
-
-
-def _dropped(exc: ConnectionClosed, when: str = "") -> SessionError:
-    code = _code(exc)
-    if exc.rcvd is None and exc.sent is not None and exc.sent.reason == _KEEPALIVE_TIMEOUT_REASON:
-        return SessionError(f"voice stream stalled: no pong to our ping {when}".rstrip(), code="STALLED")
-    where = f" {when}" if when else ""
-    return SessionError(f"voice stream dropped{where} (close code {code})", code="DROPPED", close_code=code)
 
 
 async def open_voice_session(
     url: str, token: str, timeout_s: float, *, stall_timeout_s: float = STALL_TIMEOUT_S
 ) -> SavantsConnection:
     """Connect, send the JWT as the first text frame, and wait for the confirmation (§6.2), all within
-    ``timeout_s``. A ping goes out every ``stall_timeout_s / 2`` and must be answered within as long again: a
-    stall is reported within about ``stall_timeout_s`` + 1 s."""
+    ``timeout_s``. A ping goes out once Savants has been quiet for ``stall_timeout_s / 2`` and must be answered
+    within as long again: a stall is reported about ``stall_timeout_s`` after the last frame that came."""
     session = VoiceSession()
-    connection: SavantsConnection | None = None
+    opening = _Opening()
+
+    def listener(*_: object) -> SavantsConnection:  # picows passes the upgrade request and response
+        opening.connection = SavantsConnection(session, stall_timeout_s, abandoned=opening.abandoned)
+        return opening.connection
+
+    connected = False
     try:
         async with asyncio.timeout(timeout_s):
-            ws = await connect(
+            transport, _ = await ws_connect(
+                listener,
                 url,
-                open_timeout=None,
-                ping_interval=stall_timeout_s / 2,
-                ping_timeout=stall_timeout_s / 2,
-                # A stalled peer never completes the close handshake either: the stall is reported once this
-                # has passed too, so it must be short (and a healthy Savants answers a close in milliseconds).
-                close_timeout=min(CLOSE_TIMEOUT_S, stall_timeout_s / 2),
-                compression=None,
-                max_size=2**20,
-                # Unbounded: a session opened at the webhook waits unread until its stream starts, and a
-                # bounded queue would stop reading the socket, pongs included, and let the keepalive kill it.
-                max_queue=None,
+                # Also picows' own deadline for the upgrade: if we give up (time out, or are cancelled) while it
+                # is in flight, picows closes the socket by then; an answer after that finds ``abandoned``.
+                websocket_handshake_timeout=timeout_s,
+                logger_name=_picows_log,
+                enable_auto_ping=True,
+                auto_ping_idle_timeout=stall_timeout_s / 2,
+                auto_ping_reply_timeout=stall_timeout_s / 2,
+                auto_ping_strategy=WSAutoPingStrategy.PING_WHEN_IDLE,
+                max_frame_size=MAX_MESSAGE_BYTES,
                 proxy=None,
+                use_aiofastnet=False,
             )
-            connection = SavantsConnection(ws, session)
-            await ws.send(session.authenticate(token))
-            while True:
-                frame = await ws.recv()
-                event = session.receive_binary(frame) if isinstance(frame, bytes) else session.receive_text(frame)
-                if isinstance(event, Confirmed):
-                    return connection
-                if isinstance(event, Failed):
-                    raise SessionError(f"voice stream refused: {event.code} {event.message}".rstrip(), code=event.code)
+            connection = opening.connection
+            if connection is None:  # the server hung up without answering the upgrade
+                raise ConnectionError("the connection closed before the upgrade response")
+            connected = True
+            transport.send(_TEXT, session.authenticate(token))
+            await _confirmation(connection)
+            return connection
     except BaseException as exc:
-        if connection is not None:
-            await connection.close()
-        translated = _translate(exc, timeout_s, handshake=connection is not None)
+        opening.abandoned = True
+        if opening.connection is not None:
+            await opening.connection.close()
+        translated = _translate(exc, timeout_s, handshake=connected)
         if translated is exc:
             raise
         raise translated from None
 
 
+class _Opening:
+    """What ``open_voice_session`` shares with the listener factory picows calls once the upgrade is answered."""
+
+    abandoned = False
+    connection: SavantsConnection | None = None
+
+
+async def _confirmation(connection: SavantsConnection) -> None:
+    events = connection._events
+    while True:
+        if events:
+            event = events.popleft()
+            if isinstance(event, Confirmed):
+                return
+            if isinstance(event, Failed):
+                raise SessionError(f"voice stream refused: {event.code} {event.message}".rstrip(), code=event.code)
+        elif connection._ended:
+            code = connection._close_code
+            raise SessionError(
+                f"voice stream closed during the handshake (close code {code})", code="CLOSED", close_code=code
+            )
+        else:
+            await connection._next()
+
+
 def _translate(exc: BaseException, timeout_s: float, *, handshake: bool) -> BaseException:
-    """The websockets library's failures as our ``SessionError``; anything else unchanged."""
+    """picows' failures as our ``SessionError``; anything else unchanged."""
     if isinstance(exc, TimeoutError):
         if handshake:
             return SessionError(f"no confirmation within {timeout_s} s of connecting", code="AUTH_TIMEOUT")
         return SessionError(f"voice stream did not open within {timeout_s} s", code="CONNECT_TIMEOUT")
-    if isinstance(exc, InvalidStatus):
-        status = exc.response.status_code
+    if isinstance(exc, WSInvalidStatusError) and exc.response is not None:
+        status = int(exc.response.status)
         return SessionError(f"voice stream upgrade refused with HTTP {status}", code=f"HTTP_{status}")
-    if isinstance(exc, ConnectionClosed):
-        code = _code(exc)
-        return SessionError(
-            f"voice stream closed during the handshake (close code {code})", code="CLOSED", close_code=code
-        )
-    if isinstance(exc, OSError | InvalidHandshake | InvalidURI):
+    if isinstance(exc, OSError | WSError):
         return SessionError(f"voice stream unreachable: {type(exc).__name__}: {exc}", code="CONNECT_FAILED")
     return exc
-
-
-def _code(exc: ConnectionClosed) -> int | None:
-    return exc.rcvd.code if exc.rcvd else None

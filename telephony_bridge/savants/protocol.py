@@ -66,7 +66,8 @@ class VoiceSession:
         self.state = State.AUTHENTICATING
         return token
 
-    def receive_text(self, text: str) -> SessionEvent:
+    def receive_text(self, text: str | bytes) -> SessionEvent:
+        """A text message, decoded or as its UTF-8 bytes (orjson validates them: invalid UTF-8 is garbage too)."""
         if self.state is State.CLOSED:
             return Notice("after-close")
         try:

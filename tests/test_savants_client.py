@@ -1,0 +1,305 @@
+"""The picows voice-stream client against a raw WebSocket peer on a real 127.0.0.1 socket: what the emulator
+cannot be made to do. A peer that never answers our close, one that stops answering pings or reading, a
+fragmented message, an upgrade answered after the opener gave up. (The emulator-driven faults, closes and
+refusals are in test_reconnect_call.py, test_call_faults.py, test_admission.py and the end-to-end tests.)"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hashlib
+import struct
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+
+import pytest
+
+from telephony_bridge.errors import SessionError
+from telephony_bridge.savants.client import CLOSE_TIMEOUT_S, SavantsConnection, open_voice_session
+from telephony_bridge.savants.protocol import Audio, Notice
+
+CONFIRMED = b'{"type":"savant_voice_connected","sessionId":"sess_raw"}'
+TEXT, BINARY, CLOSE, PING, PONG, CONTINUATION = 0x1, 0x2, 0x8, 0x9, 0xA, 0x0
+
+
+def frame(opcode: int, payload: bytes, *, fin: bool = True) -> bytes:
+    """A server-to-client frame (unmasked, RFC 6455 §5.2)."""
+    head = bytes([(0x80 if fin else 0) | opcode])
+    if len(payload) < 126:
+        return head + bytes([len(payload)]) + payload
+    if len(payload) < 65536:
+        return head + bytes([126]) + struct.pack("!H", len(payload)) + payload
+    return head + bytes([127]) + struct.pack("!Q", len(payload)) + payload
+
+
+async def read_frame(reader: asyncio.StreamReader) -> tuple[int, bytes]:
+    """One client-to-server frame, unmasked: (opcode, payload)."""
+    first, second = await reader.readexactly(2)
+    length = second & 0x7F
+    if length == 126:
+        (length,) = struct.unpack("!H", await reader.readexactly(2))
+    elif length == 127:
+        (length,) = struct.unpack("!Q", await reader.readexactly(8))
+    mask = await reader.readexactly(4)
+    data = await reader.readexactly(length)
+    return first & 0x0F, bytes(b ^ mask[i % 4] for i, b in enumerate(data))
+
+
+async def upgrade(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    answer_upgrade(writer, await read_upgrade(reader))
+
+
+async def read_upgrade(reader: asyncio.StreamReader) -> str:
+    """The client's upgrade request: its Sec-WebSocket-Key."""
+    request = (await reader.readuntil(b"\r\n\r\n")).decode()
+    return next(
+        v.strip()
+        for k, v in (line.split(":", 1) for line in request.split("\r\n")[1:] if ":" in line)
+        if k.strip().lower() == "sec-websocket-key"
+    )
+
+
+def answer_upgrade(writer: asyncio.StreamWriter, key: str) -> None:
+    accept = base64.b64encode(hashlib.sha1((key + "258EAFA5-E914-47DA-95CA-C5AB0DC85B11").encode()).digest())
+    writer.write(
+        b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+        b"Sec-WebSocket-Accept: " + accept + b"\r\n\r\n"
+    )
+
+
+async def confirm(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bytes:
+    """The upgrade, the JWT frame (returned), the confirmation."""
+    await upgrade(reader, writer)
+    opcode, token = await read_frame(reader)
+    assert opcode == TEXT
+    writer.write(frame(TEXT, CONFIRMED))
+    return token
+
+
+Peer = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
+
+
+@asynccontextmanager
+async def raw_peer(peer: Peer, **server: int) -> AsyncIterator[str]:
+    """A WebSocket server of our own on 127.0.0.1: ``peer`` plays it out; yields its ws:// URL."""
+    ended: list[asyncio.Task[None]] = []
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        ended.append(asyncio.current_task())  # type: ignore[arg-type]
+        try:
+            await peer(reader, writer)
+        except asyncio.IncompleteReadError:
+            pass  # the client went away: the end of any conversation
+        finally:
+            writer.close()
+
+    listener = await asyncio.start_server(handle, "127.0.0.1", 0, **server)
+    port = listener.sockets[0].getsockname()[1]
+    try:
+        yield f"ws://127.0.0.1:{port}/voice-stream"
+    finally:
+        listener.close()
+        for task in ended:
+            task.cancel()
+        await asyncio.gather(*ended, return_exceptions=True)
+        await listener.wait_closed()
+
+
+async def test_client_close_returns_within_the_close_timeout_when_the_peer_never_answers() -> None:
+    seen_eof = asyncio.Event()
+    close_frames: list[bytes] = []
+
+    async def deaf(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await confirm(reader, writer)
+        opcode, payload = await read_frame(reader)  # our close 1000, never answered
+        close_frames.append(bytes([opcode]) + payload)
+        assert await reader.read() == b""  # then we cut the connection
+        seen_eof.set()
+
+    async with raw_peer(deaf) as url, asyncio.timeout(20):
+        connection = await open_voice_session(url, "a.b.c", 5.0)
+        assert connection.session_id == "sess_raw"
+        started = time.monotonic()
+        await connection.close()
+        took = time.monotonic() - started
+        await seen_eof.wait()
+        await connection.close()  # idempotent, the peer gone
+        assert close_frames == [bytes([CLOSE]) + struct.pack("!H", 1000)]
+        assert CLOSE_TIMEOUT_S * 0.9 <= took < CLOSE_TIMEOUT_S + 2.0
+        assert await connection.send_audio(b"\x00" * 640) is False  # closed by us: nothing more goes out
+
+
+async def test_client_stalled_peer_is_reported_as_stalled_after_the_stall_timeout() -> None:
+    pings: list[int] = []
+
+    async def hung(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await confirm(reader, writer)
+        writer.write(frame(BINARY, b"\x01\x00" * 320))
+        pings.append((await read_frame(reader))[0])  # read our ping, never answer it; then read nothing
+        await asyncio.Event().wait()
+
+    async with raw_peer(hung) as url, asyncio.timeout(20):
+        connection = await open_voice_session(url, "a.b.c", 5.0, stall_timeout_s=1.0)
+        assert await connection.receive() == Audio(b"\x01\x00" * 320)
+        started = time.monotonic()
+        with pytest.raises(SessionError) as raised:
+            await connection.receive()
+        took = time.monotonic() - started
+        assert (raised.value.code, raised.value.close_code) == ("STALLED", None)
+        assert pings == [PING]
+        assert 0.5 <= took < 1.0 + 2.0  # a ping after 0.5 s quiet, 0.5 s for its pong; the bound is generous
+        with pytest.raises(SessionError, match="stalled"):
+            await connection.send_audio(b"\x00" * 640)  # no close frame came: a send reports it too
+        await connection.close()
+
+
+async def test_client_peer_answering_pings_is_kept_however_long_it_is_quiet() -> None:
+    async def quiet(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await confirm(reader, writer)
+        while True:
+            opcode, payload = await read_frame(reader)
+            if opcode == PING:
+                writer.write(frame(PONG, payload))
+            if opcode == CLOSE:
+                writer.write(frame(CLOSE, payload))
+                return
+
+    async with raw_peer(quiet) as url, asyncio.timeout(20):
+        connection = await open_voice_session(url, "a.b.c", 5.0, stall_timeout_s=1.0)
+        receiving = asyncio.create_task(connection.receive())
+        await asyncio.sleep(3.0)  # three stall timeouts of silence, each ended by a ping and its pong
+        assert not receiving.done()
+        assert await connection.send_audio(b"\x00" * 640) is True
+        receiving.cancel()
+        await connection.close()
+
+
+async def test_client_send_waits_while_the_peer_reads_slowly_and_resumes_when_it_drains() -> None:
+    drain = asyncio.Event()
+    received: asyncio.Queue[int] = asyncio.Queue()
+
+    async def slow_reader(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await confirm(reader, writer)
+        await drain.wait()
+        while True:
+            opcode, payload = await read_frame(reader)
+            if opcode == PING:
+                writer.write(frame(PONG, payload))
+            elif opcode == BINARY:
+                received.put_nowait(len(payload))
+
+    async with raw_peer(slow_reader, limit=2**16) as url, asyncio.timeout(30):
+        connection = await open_voice_session(url, "a.b.c", 5.0, stall_timeout_s=10.0)
+        sent = 0
+        while not sending_blocked(connection):  # fill the socket buffers until picows pauses writing
+            assert await connection.send_audio(b"\x00" * 8192) is True
+            sent += 1
+            assert sent < 100_000, "writing never paused"
+        blocked = asyncio.create_task(connection.send_audio(b"\x00" * 8192))
+        await asyncio.sleep(0.2)
+        assert not blocked.done()  # waits for the buffer to drain rather than grow it
+        drain.set()
+        assert await blocked is True
+        assert [await received.get() for _ in range(sent + 1)] == [8192] * (sent + 1)  # every frame, whole
+        await connection.close()
+
+
+async def test_client_peer_that_stops_reading_what_we_send_is_stalled() -> None:
+    async def never_reads(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await confirm(reader, writer)
+        while True:  # keeps talking, so no keepalive ping is due; reads nothing
+            writer.write(frame(BINARY, b"\x00\x00" * 320))
+            await asyncio.sleep(0.02)
+
+    async with raw_peer(never_reads, limit=2**16) as url, asyncio.timeout(30):
+        connection = await open_voice_session(url, "a.b.c", 5.0, stall_timeout_s=1.0)
+        with pytest.raises(SessionError) as raised:
+            for _ in range(100_000):
+                await connection.send_audio(b"\x00" * 8192)
+        assert raised.value.code == "STALLED"
+        with pytest.raises(SessionError, match="stalled"):
+            while True:
+                await connection.receive()  # the audio that came first, then the same end
+        await connection.close()
+
+
+def sending_blocked(connection: SavantsConnection) -> bool:
+    return connection._writable is not None
+
+
+async def test_client_fragmented_messages_are_put_together() -> None:
+    async def fragmenting(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await confirm(reader, writer)
+        writer.write(frame(BINARY, b"\x01" * 300, fin=False))
+        writer.write(frame(PING, b"p"))  # a control frame may come between fragments
+        writer.write(frame(CONTINUATION, b"\x02" * 340))
+        writer.write(frame(TEXT, b'{"type":"sta', fin=False) + frame(CONTINUATION, b'tus"}'))
+        writer.write(frame(CLOSE, struct.pack("!H", 1000)))
+        await read_frame(reader)  # the pong
+        assert (await read_frame(reader))[0] == CLOSE  # our echo of the close
+
+    async with raw_peer(fragmenting) as url, asyncio.timeout(20):
+        connection = await open_voice_session(url, "a.b.c", 5.0)
+        assert await connection.receive() == Audio(b"\x01" * 300 + b"\x02" * 340)
+        assert await connection.receive() == Notice("status")
+        assert await connection.receive() is None  # 1000: the AI's goodbye
+        assert await connection.send_audio(b"\x00" * 640) is False
+        await connection.close()
+
+
+@pytest.mark.parametrize(
+    "garbage",
+    [frame(CONTINUATION, b"\x01\x02"), frame(TEXT, b'{"type":"\xff"}')],
+    ids=["continuation-without-a-message", "invalid-utf8-text"],
+)
+async def test_client_broken_framing_is_a_protocol_failure(garbage: bytes) -> None:
+    async def broken(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await confirm(reader, writer)
+        writer.write(garbage)
+        await asyncio.Event().wait()
+
+    async with raw_peer(broken) as url, asyncio.timeout(20):
+        connection = await open_voice_session(url, "a.b.c", 5.0)
+        with pytest.raises(SessionError) as raised:
+            await connection.receive()
+        assert raised.value.code == "PROTOCOL"
+        await connection.close()
+
+
+@pytest.mark.parametrize(("code", "expected"), [(1001, 1001), (4500, 4500), (None, 1005)])
+async def test_client_close_other_than_1000_is_a_drop_with_its_code(code: int | None, expected: int) -> None:
+    async def closing(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await confirm(reader, writer)
+        writer.write(frame(CLOSE, b"" if code is None else struct.pack("!H", code)))
+        assert (await read_frame(reader))[0] == CLOSE
+
+    async with raw_peer(closing) as url, asyncio.timeout(20):
+        connection = await open_voice_session(url, "a.b.c", 5.0)
+        with pytest.raises(SessionError) as raised:
+            await connection.receive()
+        assert (raised.value.code, raised.value.close_code) == ("DROPPED", expected)
+        assert await connection.send_audio(b"\x00" * 640) is False  # a close frame came: receive reports it
+        await connection.close()  # safe with the peer gone
+
+
+async def test_client_upgrade_answered_after_the_opener_gave_up_is_closed_at_once() -> None:
+    asked = asyncio.Event()
+    answer = asyncio.Event()
+    outcome: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
+
+    async def late(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        key = await read_upgrade(reader)
+        asked.set()
+        await answer.wait()
+        answer_upgrade(writer, key)
+        outcome.set_result(await reader.read())  # no JWT, no frames: the connection is simply cut
+
+    async with raw_peer(late) as url, asyncio.timeout(20):
+        opening = asyncio.create_task(open_voice_session(url, "a.b.c", 5.0))
+        await asked.wait()
+        opening.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await opening
+        answer.set()
+        assert await outcome == b""
