@@ -5,10 +5,12 @@
     .venv/bin/python bench/capacity.py --variant nogc:BRIDGE__SERVER__GC_TUNING=false   # A/B a setting
     .venv/bin/python bench/capacity.py --workers 2 --servers bridge         # serve --workers 2 (own redis)
     .venv/bin/python bench/capacity.py --calls 20 --seconds 12 --sip --servers bridge   # + a SIP row
+    .venv/bin/python bench/capacity.py --calls 50 --servers bridge --perf perf.data  # CPU by library (perf)
 
 Three kinds of process on 127.0.0.1: the Savants emulator (voice ``echo``), the servers under test (``bridge``:
 ``telephony-bridge serve``, the real thing; ``naive``: ``bench/naive_bridge.py``, written like the public
-samples; ``echo``: ``bench/echo_server.py``, a bare WebSocket echo, the floor), and the simulated callers
+samples; ``echo``: ``bench/echo_server.py``, a bare WebSocket echo, the floor; ``echo-picows``: the same echo
+on picows, the floor of the bridge's own media-stream WebSocket), and the simulated callers
 (``loadtest``'s Twilio flow with speech both ways, spread over ``--load-procs`` processes). Each load level
 runs against every server in turn, so the ratio compares figures taken minutes apart on the same machine.
 
@@ -467,6 +469,7 @@ def servers(
         "bridge": (serve, bridge_env),
         "naive": ([python, str(BENCH / "naive_bridge.py")], savants),
         "echo": ([python, str(BENCH / "echo_server.py")], {}),
+        "echo-picows": ([python, str(BENCH / "echo_server.py")], {"ECHO_WEBSOCKET": "picows"}),
     }
 
 
@@ -475,7 +478,9 @@ def main() -> int:
     parser.add_argument("--calls", type=int, nargs="+", default=[50, 100], help="load levels")
     parser.add_argument("--knee", type=int, nargs=3, metavar=("FROM", "TO", "STEP"), help="ramp instead")
     parser.add_argument("--seconds", type=float, default=20.0, help="length of each call")
-    parser.add_argument("--servers", nargs="+", default=["bridge", "naive"], choices=["bridge", "naive", "echo"])
+    parser.add_argument(
+        "--servers", nargs="+", default=["bridge", "naive"], choices=["bridge", "naive", "echo", "echo-picows"]
+    )
     parser.add_argument(
         "--variant",
         action="append",
@@ -488,7 +493,11 @@ def main() -> int:
     parser.add_argument("--redis-url", help="REDIS_URL for the bridge (default with --workers > 1: a redis-server)")
     parser.add_argument("--json", metavar="OUT", help="also write every figure to this JSON file")
     parser.add_argument("--profile", metavar="OUT", help="py-spy the bridge's steady window (first level) to OUT")
-    parser.add_argument("--perf", metavar="OUT", help="perf record the bridge's steady window (first level) to OUT")
+    parser.add_argument(
+        "--perf",
+        metavar="OUT",
+        help="perf record the bridge's steady window (first level) to OUT; perturbs that run's latency",
+    )
     parser.add_argument("--sip", action="store_true", help="also run each level over SIP against the bridge")
     args = parser.parse_args()
     if args.profile and py_spy() is None:
