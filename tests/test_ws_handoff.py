@@ -149,3 +149,16 @@ async def test_apps_that_route_no_websockets_get_uvicorns_protocol(emulator: Ser
     config = emulator.server.config
     protocol = WebSocketHandoff(config=config, server_state=emulator.server.server_state, app_state={})
     assert type(protocol).__name__ == "WebSocketsSansIOProtocol"
+
+
+async def test_a_close_without_a_code_is_answered_with_1000(bridge: ServerThread) -> None:
+    """RFC 6455: 1005 means "no code" and is never sent; an empty close frame is echoed as 1000 (picows' default
+    would put 0 on the wire, which a strict peer rejects as a protocol error)."""
+    ws, _, _ = await open_stream(bridge)
+    wait_until(lambda: live_calls(bridge) == 1, what="the call to start")
+    async with ws.send_context():
+        ws.protocol.send_close()  # a close frame with no status code
+    await asyncio.wait_for(ws.wait_closed(), 10)
+    assert ws.protocol.close_rcvd is not None and ws.protocol.close_rcvd.code == 1000
+    wait_until(lambda: live_calls(bridge) == 0, what="the call end")
+    assert leases(bridge) == 0

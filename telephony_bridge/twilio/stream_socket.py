@@ -17,6 +17,7 @@ from typing import Any
 from picows import WSFrame, WSListener, WSMsgType, WSTransport
 
 CLOSE_TIMEOUT_S = 2.0  # for Twilio's answer to our close frame; then the TCP connection is dropped
+NORMAL_CLOSURE = 1000
 NO_STATUS = 1005  # a close frame without a code (RFC 6455 §7.1.5)
 ABNORMAL_CLOSURE = 1006  # no close frame at all
 
@@ -53,8 +54,8 @@ class StreamSocket(WSListener):  # type: ignore[misc]
             self._deliver_text(frame.get_payload_as_bytes())
         elif kind == WSMsgType.CLOSE:
             self.close_code = int(frame.get_close_code()) or NO_STATUS
-            if not transport.is_close_frame_sent:
-                transport.send_close(self.close_code)  # the echo RFC 6455 §5.5.1 asks for
+            if not transport.is_close_frame_sent:  # the echo RFC 6455 §5.5.1 asks for; 1005 is never sent
+                transport.send_close(NORMAL_CLOSURE if self.close_code == NO_STATUS else self.close_code)
             transport.disconnect()
         elif kind in (WSMsgType.TEXT, WSMsgType.BINARY, WSMsgType.CONTINUATION):
             self._assemble(kind, frame)
