@@ -21,6 +21,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route, WebSocketRoute
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
+from telephony_bridge.close_codes import echo_code
 from telephony_bridge.serving import uvicorn_config
 from telephony_bridge.twilio.twiml import connect_document
 from telephony_bridge.ws_handoff import Connection
@@ -55,7 +56,7 @@ class PicowsEcho(WSListener):  # type: ignore[misc]
 
     def on_ws_frame(self, transport: WSTransport, frame: WSFrame) -> None:
         if frame.msg_type == WSMsgType.CLOSE:
-            transport.send_close(frame.get_close_code())
+            transport.send_close(echo_code(int(frame.get_close_code())))
             transport.disconnect()
         elif frame.msg_type == WSMsgType.TEXT:
             message = orjson.loads(frame.get_payload_as_bytes())

@@ -22,7 +22,7 @@ class Signal(Protocol):
 class Flag:
     """``asyncio.Event``'s interface, for the per-call loops that wait on one with a deadline many times a
     second: ``SystemClock.wait_until`` waits on a Flag with one future and one timer handle, where
-    ``asyncio.timeout`` (pure Python before 3.12) costs several times as much per wait."""
+    ``asyncio.timeout`` (pure Python) costs several times as much per wait."""
 
     __slots__ = ("_value", "_waiters")
 

@@ -23,6 +23,7 @@ from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIO
 
 MAX_FRAME_BYTES = 2**20  # a Twilio media message is ~250 bytes; nothing legitimate comes near this
 READ_BUFFER_BYTES = 4096
+SERVICE_RESTART = 1012
 # picows logs every accepted connection at INFO and frames at its own level below DEBUG: held at WARNING.
 PICOWS_LOGGER = logging.getLogger("picows.server")
 
@@ -49,14 +50,15 @@ def WebSocketHandoff(config: Any, server_state: Any, app_state: dict[str, Any], 
     router: WebSocketRouter | None = getattr(state, "websocket_router", None) if state is not None else None
     if router is None:
         return WebSocketsSansIOProtocol(config=config, server_state=server_state, app_state=app_state, **kwargs)
-    return _PicowsUpgrade(router)
+    return _PicowsUpgrade(router, server_state.connections)
 
 
 class _PicowsUpgrade(WSProtocol):  # type: ignore[misc]
     """A picows server protocol that takes the upgrade request from uvicorn rather than from the socket."""
 
-    def __init__(self, router: WebSocketRouter) -> None:
+    def __init__(self, router: WebSocketRouter, connections: set[Any]) -> None:
         self._connection = Connection(None, None)
+        self._connections = connections  # uvicorn's: it shuts down, and waits for, what is in it
 
         def route(request: WSUpgradeRequest) -> ListenerOrResponse:
             return router(request, self._connection)
@@ -84,7 +86,22 @@ class _PicowsUpgrade(WSProtocol):  # type: ignore[misc]
         self._connection = Connection(
             local[1] if isinstance(local, tuple) else None, remote[0] if isinstance(remote, tuple) else None
         )
+        self._connections.add(self)
         super().connection_made(transport)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._connections.discard(self)
+        super().connection_lost(exc)
+
+    def shutdown(self) -> None:
+        """uvicorn is stopping (after the drain, when there is one): close with 1012, service restart, as its own
+        WebSocket protocols do; the call then ends and releases what it holds."""
+        transport = self.transport
+        if transport is None or transport.is_disconnected:
+            return
+        if not transport.is_close_frame_sent:
+            transport.send_close(SERVICE_RESTART)
+        transport.disconnect()
 
     def data_received(self, data: bytes) -> None:
         """The request uvicorn already read, fed in as if picows had read it from the socket."""

@@ -85,6 +85,7 @@ Peer = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
 async def raw_peer(peer: Peer, **server: int) -> AsyncIterator[str]:
     """A WebSocket server of our own on 127.0.0.1: ``peer`` plays it out; yields its ws:// URL."""
     ended: list[asyncio.Task[None]] = []
+    failures: list[BaseException] = []
 
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         ended.append(asyncio.current_task())  # type: ignore[arg-type]
@@ -92,6 +93,8 @@ async def raw_peer(peer: Peer, **server: int) -> AsyncIterator[str]:
             await peer(reader, writer)
         except (asyncio.IncompleteReadError, asyncio.CancelledError):
             pass  # the client went away, or the test is over (a cancelled handler makes asyncio log an error)
+        except Exception as exc:  # an assertion of the peer's: the test fails with it (below)
+            failures.append(exc)
         finally:
             writer.close()
 
@@ -105,6 +108,8 @@ async def raw_peer(peer: Peer, **server: int) -> AsyncIterator[str]:
             task.cancel()
         await asyncio.gather(*ended, return_exceptions=True)
         await listener.wait_closed()
+    if failures:
+        raise failures[0]
 
 
 async def test_client_close_returns_within_the_close_timeout_when_the_peer_never_answers() -> None:
@@ -238,7 +243,7 @@ async def test_client_fragmented_messages_are_put_together() -> None:
         writer.write(frame(TEXT, b'{"type":"sta', fin=False) + frame(CONTINUATION, b'tus"}'))
         writer.write(frame(CLOSE, struct.pack("!H", 1000)))
         await read_frame(reader)  # the pong
-        assert (await read_frame(reader))[0] == CLOSE  # our echo of the close
+        assert await read_frame(reader) == (CLOSE, struct.pack("!H", 1000))  # our echo of the close
 
     async with raw_peer(fragmenting) as url, asyncio.timeout(20):
         connection = await open_voice_session(url, "a.b.c", 5.0)
@@ -268,12 +273,16 @@ async def test_client_broken_framing_is_a_protocol_failure(garbage: bytes) -> No
         await connection.close()
 
 
-@pytest.mark.parametrize(("code", "expected"), [(1001, 1001), (4500, 4500), (None, 1005)])
-async def test_client_close_other_than_1000_is_a_drop_with_its_code(code: int | None, expected: int) -> None:
+@pytest.mark.parametrize(
+    ("code", "expected", "echo"), [(1001, 1001, 1001), (4500, 4500, 4500), (None, 1005, 1000), (1006, 1006, 1000)]
+)
+async def test_client_close_other_than_1000_is_a_drop_with_its_code(code: int | None, expected: int, echo: int) -> None:
+    """... and the close is echoed with the peer's code when that may be sent, else 1000 (never 1005, 1006, 0)."""
+
     async def closing(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         await confirm(reader, writer)
         writer.write(frame(CLOSE, b"" if code is None else struct.pack("!H", code)))
-        assert (await read_frame(reader))[0] == CLOSE
+        assert await read_frame(reader) == (CLOSE, struct.pack("!H", echo))
 
     async with raw_peer(closing) as url, asyncio.timeout(20):
         connection = await open_voice_session(url, "a.b.c", 5.0)

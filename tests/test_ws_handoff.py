@@ -8,6 +8,7 @@ split over frames, garbage, and streams still open when the server stops.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 from collections.abc import Callable
 from typing import Any
@@ -128,8 +129,8 @@ async def test_a_message_split_over_frames_counts_and_garbage_is_only_counted(br
 async def test_streams_still_open_when_the_server_stops_are_hung_up_and_released(
     emulator: ServerThread, start_bridge: Callable[..., ServerThread]
 ) -> None:
-    """Without a drain (ServerThread.stop is not SIGTERM), the app's stop closes open streams with 1012 and
-    waits for their calls to release the AI session."""
+    """Without a drain (ServerThread.stop is not SIGTERM), uvicorn's shutdown closes open streams with 1012 (the
+    handoff's protocols are among its connections) and the calls release the AI session."""
     bridge = start_bridge(bridge_settings(emulator))
     ws, _, _ = await open_stream(bridge)
     wait_until(lambda: live_calls(bridge) == 1, what="the call to start")
@@ -141,6 +142,7 @@ async def test_streams_still_open_when_the_server_stops_are_hung_up_and_released
                 await ws.recv()
     assert ws.close_code == 1012
     await asyncio.to_thread(stopping.join, 15)
+    assert not stopping.is_alive(), "the server stopped"
     wait_until(lambda: emulator_stats(emulator)["sessions_active"] == 0, what="the AI session to close")
 
 
@@ -160,5 +162,22 @@ async def test_a_close_without_a_code_is_answered_with_1000(bridge: ServerThread
         ws.protocol.send_close()  # a close frame with no status code
     await asyncio.wait_for(ws.wait_closed(), 10)
     assert ws.protocol.close_rcvd is not None and ws.protocol.close_rcvd.code == 1000
+    wait_until(lambda: live_calls(bridge) == 0, what="the call end")
+    assert leases(bridge) == 0
+
+
+async def test_a_message_over_the_size_limit_across_frames_ends_the_stream_with_1009(bridge: ServerThread) -> None:
+    """picows bounds each frame; the whole of a fragmented message is bounded too (1 MiB), or a peer could grow
+    our memory without end one frame at a time."""
+    ws, _, _ = await open_stream(bridge)
+    wait_until(lambda: live_calls(bridge) == 1, what="the call to start")
+    chunk = "x" * 400_000
+    with contextlib.suppress(ConnectionClosed):
+        await ws.send([chunk, chunk, chunk, chunk])  # 1.6 MB in four frames
+    with pytest.raises(ConnectionClosed):
+        async with asyncio.timeout(10):
+            while True:
+                await ws.recv()
+    assert ws.close_code == 1009
     wait_until(lambda: live_calls(bridge) == 0, what="the call end")
     assert leases(bridge) == 0

@@ -28,6 +28,7 @@ from picows import (
     ws_connect,
 )
 
+from telephony_bridge.close_codes import echo_code
 from telephony_bridge.errors import SessionError
 from telephony_bridge.savants.protocol import Audio, Confirmed, Failed, Notice, SessionEvent, VoiceSession
 
@@ -217,7 +218,7 @@ class SavantsConnection(WSListener):
         code = frame.get_close_code()
         self._close_code = int(code) or NO_STATUS
         if not transport.is_close_frame_sent:
-            transport.send_close(code if int(code) else WSCloseCode.OK)  # echoed, as RFC 6455 §5.5.1 asks
+            transport.send_close(echo_code(int(code)))  # echoed, as RFC 6455 §5.5.1 asks
         transport.disconnect()
         self._end()
 

@@ -2,8 +2,9 @@
 ``TwilioLeg`` uses (``twilio.leg.TwilioSocket``).
 
 picows calls ``on_ws_frame`` from the socket's read callback; a frame becomes one small ASGI-shaped message
-in a deque, and the leg's pending ``receive()`` is woken through one future. Nothing is read ahead of the
-leg except what the kernel already delivered, and pings are answered by picows itself.
+in a deque, and the leg's pending ``receive()`` is woken through one future. picows reads whenever data
+arrives (it never pauses reading); Twilio sends 50 small messages a second and the leg takes them as they come,
+so the deque stays short, and a message is at most ``MAX_MESSAGE_BYTES``. Pings are answered by picows.
 """
 
 from __future__ import annotations
@@ -16,8 +17,14 @@ from typing import Any
 
 from picows import WSFrame, WSListener, WSMsgType, WSTransport
 
+from telephony_bridge.close_codes import echo_code
+
 CLOSE_TIMEOUT_S = 2.0  # for Twilio's answer to our close frame; then the TCP connection is dropped
-NORMAL_CLOSURE = 1000
+# A caller whose socket takes nothing for this long has gone (Twilio reads continuously): the send fails and
+# the connection is dropped, rather than the pacer waiting on it for the rest of the call.
+SEND_STALL_S = 5.0
+MAX_MESSAGE_BYTES = 2**20  # a message split over frames, whole: picows' own limit is per frame
+MESSAGE_TOO_BIG = 1009
 NO_STATUS = 1005  # a close frame without a code (RFC 6455 §7.1.5)
 ABNORMAL_CLOSURE = 1006  # no close frame at all
 
@@ -38,6 +45,7 @@ class StreamSocket(WSListener):  # type: ignore[misc]
         self._waiter: asyncio.Future[None] | None = None
         self._fragments: list[bytes] = []
         self._fragment_type: WSMsgType | None = None
+        self._fragment_bytes = 0
         self._writable: asyncio.Future[None] | None = None  # set while picows has paused writing
         self._disconnected = False
         self.close_code: int | None = None  # the peer's, once it has sent a close frame
@@ -53,9 +61,10 @@ class StreamSocket(WSListener):  # type: ignore[misc]
         if kind == WSMsgType.TEXT and frame.fin:
             self._deliver_text(frame.get_payload_as_bytes())
         elif kind == WSMsgType.CLOSE:
-            self.close_code = int(frame.get_close_code()) or NO_STATUS
-            if not transport.is_close_frame_sent:  # the echo RFC 6455 §5.5.1 asks for; 1005 is never sent
-                transport.send_close(NORMAL_CLOSURE if self.close_code == NO_STATUS else self.close_code)
+            received = int(frame.get_close_code())
+            self.close_code = received or NO_STATUS
+            if not transport.is_close_frame_sent:
+                transport.send_close(echo_code(received))  # the echo RFC 6455 §5.5.1 asks for
             transport.disconnect()
         elif kind in (WSMsgType.TEXT, WSMsgType.BINARY, WSMsgType.CONTINUATION):
             self._assemble(kind, frame)
@@ -90,9 +99,16 @@ class StreamSocket(WSListener):  # type: ignore[misc]
         return self._inbox.popleft()
 
     async def send_text(self, data: str) -> None:
-        """Queue a text frame; waits while the kernel's send buffer is full (a caller that stopped reading)."""
+        """Queue a text frame; waits while the kernel's send buffer is full, at most ``SEND_STALL_S``."""
         if self._writable is not None and not self._writable.done():
-            await self._writable
+            try:
+                # Shielded: a cancelled send must not resolve the shared future and so end the backpressure.
+                async with asyncio.timeout(SEND_STALL_S):
+                    await asyncio.shield(self._writable)
+            except TimeoutError:
+                if self._transport is not None:
+                    self._transport.disconnect(graceful=False)
+                raise SocketClosed(f"the caller took nothing we sent for {SEND_STALL_S} s") from None
         transport = self._transport
         if transport is None or self._disconnected or transport.is_close_frame_sent:
             raise SocketClosed("the media stream is closed")
@@ -121,14 +137,22 @@ class StreamSocket(WSListener):  # type: ignore[misc]
     def _assemble(self, kind: WSMsgType, frame: WSFrame) -> None:
         """A message split over frames (Twilio does not split, but RFC 6455 lets any peer)."""
         if kind != WSMsgType.CONTINUATION:
-            self._fragment_type, self._fragments = kind, []
+            self._fragment_type, self._fragments, self._fragment_bytes = kind, [], 0
         elif self._fragment_type is None:
             return  # a continuation of nothing: dropped, as the leg would drop a malformed message
+        self._fragment_bytes += frame.payload_size
+        if self._fragment_bytes > MAX_MESSAGE_BYTES:
+            self._fragment_type, self._fragments, self._fragment_bytes = None, [], 0
+            if self._transport is not None and not self._transport.is_close_frame_sent:
+                self._transport.send_close(MESSAGE_TOO_BIG)
+            if self._transport is not None:
+                self._transport.disconnect()
+            return
         self._fragments.append(frame.get_payload_as_bytes())
         if not frame.fin:
             return
         payload, kind = b"".join(self._fragments), self._fragment_type
-        self._fragment_type, self._fragments = None, []
+        self._fragment_type, self._fragments, self._fragment_bytes = None, [], 0
         if kind == WSMsgType.TEXT:
             self._deliver_text(payload)
         else:
