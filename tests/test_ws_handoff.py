@@ -58,6 +58,14 @@ async def open_stream(bridge: ServerThread) -> tuple[Any, str, str]:
     return ws, form["CallSid"], stream_sid
 
 
+async def until_closed(ws: Any) -> None:
+    """Read (and drop) what the bridge sends until it closes the stream."""
+    with pytest.raises(ConnectionClosed):
+        async with asyncio.timeout(15):
+            while True:
+                await ws.recv()
+
+
 def live_calls(bridge: ServerThread) -> int:
     return len(httpx.get(bridge.http_url + "/status", timeout=5).json()["calls"])
 
@@ -117,10 +125,7 @@ async def test_a_message_split_over_frames_counts_and_garbage_is_only_counted(br
     assert live_calls(bridge) == 1, "the call is still up"
     stop = tw.Stop(stream_sid, call_sid, new_sid("AC"), sequence_number=99).to_json()
     await ws.send([stop[:10], stop[10:25], stop[25:]])
-    with pytest.raises(ConnectionClosed):
-        async with asyncio.timeout(10):
-            while True:
-                await ws.recv()
+    await until_closed(ws)
     assert ws.close_code == 1000
     wait_until(lambda: live_calls(bridge) == 0, what="the call end")
     assert leases(bridge) == 0
@@ -136,10 +141,7 @@ async def test_streams_still_open_when_the_server_stops_are_hung_up_and_released
     wait_until(lambda: live_calls(bridge) == 1, what="the call to start")
     stopping = threading.Thread(target=bridge.stop)
     stopping.start()
-    with pytest.raises(ConnectionClosed):
-        async with asyncio.timeout(15):
-            while True:
-                await ws.recv()
+    await until_closed(ws)
     assert ws.close_code == 1012
     await asyncio.to_thread(stopping.join, 15)
     assert not stopping.is_alive(), "the server stopped"
@@ -174,10 +176,7 @@ async def test_a_message_over_the_size_limit_across_frames_ends_the_stream_with_
     chunk = "x" * 400_000
     with contextlib.suppress(ConnectionClosed):
         await ws.send([chunk, chunk, chunk, chunk])  # 1.6 MB in four frames
-    with pytest.raises(ConnectionClosed):
-        async with asyncio.timeout(10):
-            while True:
-                await ws.recv()
+    await until_closed(ws)
     assert ws.close_code == 1009
     wait_until(lambda: live_calls(bridge) == 0, what="the call end")
     assert leases(bridge) == 0
