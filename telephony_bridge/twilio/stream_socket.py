@@ -58,6 +58,8 @@ class StreamSocket(WSListener):  # type: ignore[misc]
 
     def on_ws_frame(self, transport: WSTransport, frame: WSFrame) -> None:
         kind = frame.msg_type
+        if transport.is_close_frame_sent and kind != WSMsgType.CLOSE:
+            return  # we are closing: only the peer's answer matters now
         if kind == WSMsgType.TEXT and frame.fin:
             self._deliver_text(frame.get_payload_as_bytes())
         elif kind == WSMsgType.CLOSE:
@@ -129,6 +131,16 @@ class StreamSocket(WSListener):  # type: ignore[misc]
 
     # --- internals -------------------------------------------------------------------------------------------
 
+    def _close_soon(self, code: int) -> None:
+        """Our close frame now, the TCP connection once the peer answers it (``on_ws_frame``) or after
+        ``CLOSE_TIMEOUT_S``: dropping it at once would reset a peer that is still sending (unread data makes the
+        kernel answer with RST), and the peer would never see why."""
+        transport = self._transport
+        if transport is None or transport.is_close_frame_sent:
+            return
+        transport.send_close(code)
+        asyncio.get_running_loop().call_later(CLOSE_TIMEOUT_S, transport.disconnect)
+
     def _deliver(self, message: Message) -> None:
         self._inbox.append(message)
         if self._waiter is not None and not self._waiter.done():
@@ -143,10 +155,7 @@ class StreamSocket(WSListener):  # type: ignore[misc]
         self._fragment_bytes += frame.payload_size
         if self._fragment_bytes > MAX_MESSAGE_BYTES:
             self._fragment_type, self._fragments, self._fragment_bytes = None, [], 0
-            if self._transport is not None and not self._transport.is_close_frame_sent:
-                self._transport.send_close(MESSAGE_TOO_BIG)
-            if self._transport is not None:
-                self._transport.disconnect()
+            self._close_soon(MESSAGE_TOO_BIG)
             return
         self._fragments.append(frame.get_payload_as_bytes())
         if not frame.fin:
