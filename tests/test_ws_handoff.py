@@ -15,6 +15,7 @@ from typing import Any
 
 import httpx
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
@@ -41,10 +42,9 @@ def media_route(bridge: ServerThread) -> MediaStreamRoute | None:
 
 
 def twilio_errors(bridge: ServerThread) -> float:
-    for line in httpx.get(bridge.http_url + "/metrics", timeout=5).text.splitlines():
-        if line.startswith('bridge_protocol_errors_total{peer="twilio"}'):
-            return float(line.rsplit(" ", 1)[1])
-    return 0.0
+    text = httpx.get(bridge.http_url + "/metrics", timeout=5).text
+    (family,) = [f for f in text_string_to_metric_families(text) if f.name == "bridge_protocol_errors"]
+    return sum(s.value for s in family.samples if s.name.endswith("_total") and s.labels.get("peer") == "twilio")
 
 
 async def open_stream(bridge: ServerThread) -> tuple[Any, str, str]:

@@ -2,8 +2,8 @@
 
 It does what Starlette's route and ``OpsAccess`` do for the same request: not on the ops listener, the
 signature checked before the upgrade is answered (403 otherwise), then one task per stream running
-``handle_media_stream``, exactly as under Starlette. The tasks are the app's: ``close`` ends those still
-running when the app stops (after the drain has had its chance).
+``handle_media_stream``, exactly as under Starlette. The tasks are the app's: ``close`` waits for those still
+running when the app stops (after the drain has had its chance, and uvicorn has closed their sockets).
 """
 
 from __future__ import annotations
@@ -21,7 +21,6 @@ from telephony_bridge.ws_handoff import Connection, ListenerOrResponse
 
 log = logging.getLogger(__name__)
 
-SERVICE_RESTART = 1012
 STOP_TIMEOUT_S = 5.0  # for calls still up when the app stops to hang up and release what they hold
 
 
@@ -61,14 +60,13 @@ class MediaStreamRoute:
             await socket.close(CloseCode.NORMAL)
 
     async def close(self) -> None:
-        """Hang up on streams still open (close code 1012, service restart) and wait, bounded, for their calls."""
+        """Wait, bounded, for the calls of streams still running to release what they hold. uvicorn's shutdown has
+        closed their sockets already (1012: ``ws_handoff``), so each call is ending; one that does not is
+        cancelled."""
         if not self._streams:
             return
-        log.info("closing %d media streams still open", len(self._streams))
-        closing = (socket.close(SERVICE_RESTART) for socket in self._streams.values())
-        await asyncio.gather(*closing, return_exceptions=True)
-        tasks = list(self._streams)
-        _, pending = await asyncio.wait(tasks, timeout=STOP_TIMEOUT_S)
+        log.info("waiting for %d media streams to end", len(self._streams))
+        _, pending = await asyncio.wait(list(self._streams), timeout=STOP_TIMEOUT_S)
         for task in pending:
             task.cancel()
         if pending:
