@@ -88,6 +88,7 @@ class AiSide:
     async def _converse(self, session: SavantsConnection) -> SavantsError:
         """Caller audio to the session and its audio back, until it fails (returned) or says goodbye (raised)."""
         failure: SessionError | None = None
+        session.deliver_audio_to(self._outbound.push_pcm)  # the AI's audio, as it is read: no task switch
         try:
             async with asyncio.TaskGroup() as tg:
                 tg.create_task(self._inbound.run(session), name="to-ai")
@@ -111,5 +112,5 @@ class AiSide:
                 if not await self._outbound.finish(self._outbound.pending_s(now) + GOODBYE_MARGIN_S):
                     log.warning("the AI's last words were not confirmed heard (no mark echo) before hanging up")
                 raise AiHungUp
-            if isinstance(event, Audio):
+            if isinstance(event, Audio):  # one that queued behind a notice
                 self._outbound.push_pcm(event.pcm)

@@ -315,10 +315,11 @@ class Call:
     # --- caller side -------------------------------------------------------------------------------------
 
     async def _caller_pump(self) -> None:
+        self._leg.deliver_audio_to(self._caller_audio)  # most audio then skips ``receive``
         while True:
             event = await self._leg.receive()
             if isinstance(event, CallerAudio):
-                self._caller_audio(event)
+                self._caller_audio(event.ulaw, event.timestamp_ms)
             elif isinstance(event, PlayedUpTo):
                 self.outbound.mark_echoed(event.name)
             elif isinstance(event, Digit):
@@ -333,9 +334,11 @@ class Call:
         log.warning("ending call: %s", reason)
         raise _CallEnded(reason)
 
-    def _caller_audio(self, audio: CallerAudio) -> None:
+    def _caller_audio(self, ulaw: bytes, timestamp_ms: int | None) -> None:
         now = self._clock.monotonic()
-        self._caller_events(self._inbound.push(audio.timestamp_ms, audio.ulaw, now, self.outbound.audible_since(now)))
+        events = self._inbound.push(timestamp_ms, ulaw, now, self.outbound.audible_since(now))
+        if events:
+            self._caller_events(events)
 
     def _caller_events(self, events: list[Event]) -> None:
         """What the barge-in detector made of the caller's audio, or of the caller sending none."""

@@ -14,6 +14,12 @@ What a leg delivers, from ``receive()``, in arrival order:
 - ``HungUp(reason)``: the caller's side is over (hung up, disconnected, went silent); always the last event.
   ``receive()`` never raises for anything the peer sends: garbage is the leg's to count and log.
 
+Caller audio is most of what a leg delivers (50 messages a second), so the core also offers a direct path:
+after ``deliver_audio_to(handler)`` a leg may call ``handler(ulaw, timestamp_ms)`` from its transport's
+callback as audio is read, with no task switch per frame; it does so only while nothing waits unread in
+``receive`` (so events stay in order), and what the handler raises, ``receive`` raises (``DirectAudio``).
+A leg that has no such callback ignores it, and its audio comes through ``receive`` as ``CallerAudio``.
+
 What the core asks of a leg (only ever from one task at a time, so messages never interleave):
 
 - ``send_audio(ulaw)``: whole 20 ms frames of 8 kHz μ-law, already paced by ``Outbound`` at most
@@ -40,6 +46,7 @@ Sending to a leg whose peer has gone raises ``CallerGone``.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol
 
@@ -70,6 +77,7 @@ class HungUp:
 
 
 LegEvent = CallerAudio | PlayedUpTo | Digit | HungUp
+AudioHandler = Callable[[bytes, int | None], None]  # the core's: (ulaw, timestamp_ms), as ``CallerAudio``
 
 
 class AudioSink(Protocol):
@@ -96,9 +104,37 @@ class CallerLeg(AudioSink, Protocol):
         ...
 
     async def receive(self) -> LegEvent: ...
+    def deliver_audio_to(self, handler: AudioHandler) -> None: ...
     async def hang_up(self, outcome: str) -> None: ...
     async def inactive(self) -> str: ...
     def figures(self) -> dict[str, Any]: ...
+
+
+class DirectAudio:
+    """A leg's direct audio path to the core (``deliver_audio_to``): ``deliver`` from the transport's callback;
+    ``check`` at the top of ``receive``, which then raises whatever the handler raised (a callback has nobody
+    to raise it to)."""
+
+    def __init__(self) -> None:
+        self.handler: AudioHandler | None = None
+        self._error: Exception | None = None
+
+    def deliver(self, ulaw: bytes, timestamp_ms: int | None) -> bool:
+        """True if the core took the audio; False if it is the leg's to queue for ``receive`` (no handler, or
+        the handler raised: the queued audio then wakes ``receive``, and ``check`` raises)."""
+        handler = self.handler
+        if handler is None:
+            return False
+        try:
+            handler(ulaw, timestamp_ms)
+        except Exception as exc:
+            self._error, self.handler = exc, None
+            return False
+        return True
+
+    def check(self) -> None:
+        if self._error is not None:
+            raise self._error
 
 
 class Watchdog:

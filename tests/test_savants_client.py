@@ -335,3 +335,60 @@ async def test_client_frame_over_the_size_limit_is_a_drop_and_leaves_nothing_unr
     del connection, raised  # the traceback holds the connection too
     gc.collect()
     assert not [r for r in caplog.records if "never retrieved" in r.getMessage()]
+
+
+async def test_client_hands_audio_to_its_handler_as_it_is_read_and_keeps_it_behind_an_unread_notice() -> None:
+    """``deliver_audio_to``: the AI's audio goes to the handler from picows' callback (outside any task: no task
+    switch per frame), except while a notice waits unread, when it queues behind it for ``receive``."""
+    handler_set, go_on = asyncio.Event(), asyncio.Event()
+
+    async def speaking(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await confirm(reader, writer)
+        await handler_set.wait()
+        writer.write(frame(BINARY, b"\x01" * 640) + frame(BINARY, b"\x02" * 640))
+        await go_on.wait()
+        writer.write(frame(TEXT, b'{"type":"status"}') + frame(BINARY, b"\x03" * 640))
+        writer.write(frame(CLOSE, struct.pack("!H", 1000)))
+        assert await read_frame(reader) == (CLOSE, struct.pack("!H", 1000))
+
+    handed: list[tuple[bytes, bool]] = []
+
+    def handler(pcm: bytes) -> None:
+        handed.append((pcm, asyncio.current_task() is None))
+
+    async with raw_peer(speaking) as url, asyncio.timeout(20):
+        connection = await open_voice_session(url, "a.b.c", 5.0)
+        connection.deliver_audio_to(handler)
+        handler_set.set()
+        while len(handed) < 2:
+            await asyncio.sleep(0.01)
+        assert handed == [(b"\x01" * 640, True), (b"\x02" * 640, True)]
+        go_on.set()
+        assert await connection.receive() == Notice("status")
+        assert await connection.receive() == Audio(b"\x03" * 640)  # read while the notice was unread
+        assert await connection.receive() is None
+        assert len(handed) == 2
+        await connection.close()
+
+
+async def test_client_an_audio_handler_that_raises_makes_receive_raise_it() -> None:
+    """A callback has nobody to raise to: what the handler raised comes out of ``receive`` (the call then ends
+    with an error, rather than its audio silently stopping)."""
+    handler_set = asyncio.Event()
+
+    async def speaking(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await confirm(reader, writer)
+        await handler_set.wait()
+        writer.write(frame(BINARY, b"\x01" * 640))
+        await read_frame(reader)  # our close
+
+    def broken(pcm: bytes) -> None:
+        raise RuntimeError("a bug in the call core")
+
+    async with raw_peer(speaking) as url, asyncio.timeout(20):
+        connection = await open_voice_session(url, "a.b.c", 5.0)
+        connection.deliver_audio_to(broken)
+        handler_set.set()
+        with pytest.raises(RuntimeError, match="a bug in the call core"):
+            await connection.receive()
+        await connection.close()

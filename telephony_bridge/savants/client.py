@@ -6,7 +6,8 @@ websockets library's (issue #10): this leg carries every frame of every call bot
 
 picows calls us back for each frame (``on_ws_frame``) as it is read, whether or not anyone is waiting: frames
 are always read, pongs included, even while a session opened at the webhook waits unread for its stream. Each
-frame is decoded there and its event queued for ``receive`` (a deque and one waiter: no task per frame).
+frame is decoded there and its event queued for ``receive`` (a deque and one waiter), or, for the AI's audio
+once the call has said where it goes (``deliver_audio_to``), handed there at once: no task switch per frame.
 """
 
 from __future__ import annotations
@@ -77,6 +78,8 @@ class SavantsConnection(WSListener):
         self._close_code: int | None = None  # the code of the close frame Savants sent, if it sent one
         self._stall: str | None = None  # why the connection counts as stalled, if it does
         self._closing = False  # close() was called
+        self._audio_handler: Callable[[bytes], None] | None = None
+        self._handler_error: Exception | None = None  # what the audio handler raised, for ``receive`` to raise
 
     @property
     def session_id(self) -> str | None:
@@ -101,9 +104,17 @@ class SavantsConnection(WSListener):
         self._transport.send(_BINARY, pcm)
         return True
 
+    def deliver_audio_to(self, handler: Callable[[bytes], None] | None) -> None:
+        """From now on the AI's audio goes to ``handler`` as it is read, from picows' callback, rather than
+        through ``receive`` (which still reports notices and the end). Audio read while events wait unread
+        still queues behind them, so nothing is reordered; and what the handler raises, ``receive`` raises."""
+        self._audio_handler = handler
+
     async def receive(self) -> Audio | Notice | None:
         events = self._events
         while True:
+            if self._handler_error is not None:
+                raise self._handler_error
             if events:
                 event = events.popleft()
                 if isinstance(event, (Audio, Notice)):  # a tuple: faster than a union
@@ -154,6 +165,9 @@ class SavantsConnection(WSListener):
         kind = frame.msg_type
         if kind is _BINARY and frame.fin:
             event = self.session.receive_binary(frame.get_payload_as_bytes())
+            if self._audio_handler is not None and not self._events and type(event) is Audio:
+                self._hand_over(event.pcm)
+                return
         elif kind is _TEXT and frame.fin:
             event = self.session.receive_text(frame.get_payload_as_bytes())
         elif kind is _CLOSE:
@@ -167,11 +181,7 @@ class SavantsConnection(WSListener):
                 return
             event = assembled
         self._events.append(event)
-        waiter = self._waiter
-        if waiter is not None:
-            self._waiter = None
-            if not waiter.done():
-                waiter.set_result(None)
+        self._wake()
 
     def on_ws_disconnected(self, transport: WSTransport) -> None:
         if self._close_code is None:
@@ -193,6 +203,17 @@ class SavantsConnection(WSListener):
             writable.set_result(None)
 
     # --- internals -------------------------------------------------------------------------------------------
+
+    def _hand_over(self, pcm: bytes) -> None:
+        """Audio to the handler; if it raises (a bug of ours: picows would only log it), the session's reader
+        gets the exception and the audio after it is left in the queue."""
+        assert self._audio_handler is not None
+        try:
+            self._audio_handler(pcm)
+        except Exception as exc:
+            self._handler_error = exc
+            self._audio_handler = None
+            self._wake()
 
     async def _next(self) -> None:
         """Wait until an event is queued or the connection has ended."""
@@ -225,6 +246,9 @@ class SavantsConnection(WSListener):
     def _end(self) -> None:
         self._ended = True
         self.resume_writing()
+        self._wake()
+
+    def _wake(self) -> None:
         waiter = self._waiter
         if waiter is not None:
             self._waiter = None

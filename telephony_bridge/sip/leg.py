@@ -28,7 +28,7 @@ from telephony_bridge.audio.alaw import ALAW_SILENCE, alaw_to_ulaw, ulaw_to_alaw
 from telephony_bridge.audio.codec import TWILIO_FRAME_BYTES, ULAW_SILENCE
 from telephony_bridge.clock import Clock
 from telephony_bridge.errors import CallerGone
-from telephony_bridge.leg import CallerAudio, Digit, HungUp, LegEvent, PlayedUpTo, Watchdog
+from telephony_bridge.leg import AudioHandler, CallerAudio, Digit, DirectAudio, HungUp, LegEvent, PlayedUpTo, Watchdog
 from telephony_bridge.sip import rtcp
 from telephony_bridge.sip.dtmf import DtmfReceiver
 from telephony_bridge.sip.rtp import CLOCK_HZ, FRAME_SAMPLES, RtpReceiver, RtpSender, parse_rtp
@@ -96,6 +96,7 @@ class SipLeg:
         self._fallback = fallback_ulaw
         self._cname = cname
         self._events: asyncio.Queue[LegEvent] = asyncio.Queue()
+        self._direct = DirectAudio()
         self._queue: deque[bytes | str] = deque()  # 160-byte μ-law frames and mark names, in order
         self._drained = asyncio.Event()
         self._sender = RtpSender()
@@ -180,12 +181,19 @@ class SipLeg:
         if payload:
             at_ms = self._rx_samples // (CLOCK_HZ // 1000)
             self._rx_samples += len(payload)
-            self._events.put_nowait(CallerAudio(alaw_to_ulaw(payload) if self._pcma else payload, at_ms))
+            ulaw = alaw_to_ulaw(payload) if self._pcma else payload
+            if not self._events.empty() or not self._direct.deliver(ulaw, at_ms):
+                self._events.put_nowait(CallerAudio(ulaw, at_ms))
 
     # --- leg.CallerLeg -------------------------------------------------------------------------------------
 
+    def deliver_audio_to(self, handler: AudioHandler) -> None:
+        self._direct.handler = handler
+
     async def receive(self) -> LegEvent:
-        return await self._events.get()
+        event = await self._events.get()
+        self._direct.check()  # what the core's audio handler raised (the audio it failed on was queued)
+        return event
 
     async def send_audio(self, ulaw: bytes) -> None:
         if self._gone:

@@ -16,7 +16,7 @@ from typing import Any, Literal, Protocol
 from telephony_bridge.bridge import Call, CallDeps
 from telephony_bridge.clock import Clock
 from telephony_bridge.errors import CallerGone
-from telephony_bridge.leg import CallerAudio, Digit, HungUp, LegEvent, PlayedUpTo, Watchdog
+from telephony_bridge.leg import AudioHandler, CallerAudio, Digit, DirectAudio, HungUp, LegEvent, PlayedUpTo, Watchdog
 from telephony_bridge.ops import logging as oplog
 from telephony_bridge.ops.metrics import Metrics
 from telephony_bridge.settings import TwilioSettings
@@ -45,7 +45,8 @@ _CLOSE_FOR_OUTCOME = {
 
 
 class TwilioSocket(Protocol):
-    """The part of Starlette's ``WebSocket`` a call uses (tests may pass anything shaped like it)."""
+    """The part of Starlette's ``WebSocket`` a call uses (tests may pass anything shaped like it). A socket that
+    can also hand text over as it is read has ``tap_text`` (``stream_socket.StreamSocket``)."""
 
     async def receive(self) -> Any: ...
     async def send_text(self, data: str) -> None: ...
@@ -99,6 +100,7 @@ class TwilioLeg:
         self.protocol_errors = 0
         # Twilio sends media every 20 ms, even in silence (spec §3): a quiet socket is a dead one.
         self.watchdog = Watchdog(clock, settings.inactivity_timeout_s or None)
+        self._direct = DirectAudio()
 
     # --- before the call -----------------------------------------------------------------------------------
 
@@ -126,9 +128,27 @@ class TwilioLeg:
 
     # --- caller -> core ------------------------------------------------------------------------------------
 
+    def deliver_audio_to(self, handler: AudioHandler) -> None:
+        tap_text = getattr(self._ws, "tap_text", None)
+        if tap_text is not None:
+            self._direct.handler = handler
+            tap_text(self._tapped)
+
+    def _tapped(self, text: bytes) -> bool:
+        """A text message as the socket reads it: media goes to the core at once (the fast path, parsed once);
+        anything else is left for ``receive``, which parses it again (a mark every half second)."""
+        if not self._open:
+            return False
+        event = tw.parse_message(text)
+        if type(event) is not tw.Media:
+            return False
+        self.watchdog.alive()
+        return self._direct.deliver(event.payload, event.timestamp_ms)
+
     async def receive(self) -> LegEvent:
         while True:
             frame = await self._receive_frame()
+            self._direct.check()  # what the core's audio handler raised (the frame it failed on was queued)
             if frame is None:
                 return HungUp("twilio disconnected")
             event = tw.parse_message(frame)

@@ -2,9 +2,11 @@
 ``TwilioLeg`` uses (``twilio.leg.TwilioSocket``).
 
 picows calls ``on_ws_frame`` from the socket's read callback; a frame becomes one small ASGI-shaped message
-in a deque, and the leg's pending ``receive()`` is woken through one future. picows reads whenever data
-arrives (it never pauses reading); Twilio sends 50 small messages a second and the leg takes them as they come,
-so the deque stays short, and a message is at most ``MAX_MESSAGE_BYTES``. Pings are answered by picows.
+in a deque, and the leg's pending ``receive()`` is woken through one future; or a text message goes straight
+to the leg's tap (``tap_text``), which takes the caller's audio without a task switch per frame. picows reads
+whenever data arrives (it never pauses reading); Twilio sends 50 small messages a second and the leg takes
+them as they come, so the deque stays short, and a message is at most ``MAX_MESSAGE_BYTES``. Pings are
+answered by picows.
 """
 
 from __future__ import annotations
@@ -48,6 +50,7 @@ class StreamSocket(WSListener):  # type: ignore[misc]
         self._fragment_bytes = 0
         self._writable: asyncio.Future[None] | None = None  # set while picows has paused writing
         self._disconnected = False
+        self._tap: Callable[[bytes], bool] | None = None
         self.close_code: int | None = None  # the peer's, once it has sent a close frame
 
     # --- picows callbacks ------------------------------------------------------------------------------------
@@ -61,7 +64,10 @@ class StreamSocket(WSListener):  # type: ignore[misc]
         if transport.is_close_frame_sent and kind != WSMsgType.CLOSE:
             return  # we are closing: only the peer's answer matters now
         if kind == WSMsgType.TEXT and frame.fin:
-            self._deliver_text(frame.get_payload_as_bytes())
+            payload = frame.get_payload_as_bytes()
+            tap = self._tap
+            if tap is None or self._inbox or not tap(payload):
+                self._deliver_text(payload)
         elif kind == WSMsgType.CLOSE:
             received = int(frame.get_close_code())
             self.close_code = received or NO_STATUS
@@ -87,6 +93,11 @@ class StreamSocket(WSListener):  # type: ignore[misc]
             self._writable.set_result(None)
 
     # --- what the leg calls ----------------------------------------------------------------------------------
+
+    def tap_text(self, tap: Callable[[bytes], bool] | None) -> None:
+        """Offer each whole text message to ``tap`` (its UTF-8 bytes) as it is read, while none waits unread in
+        front of it; one the tap returns False for is queued for ``receive`` as usual."""
+        self._tap = tap
 
     async def receive(self) -> Message:
         """The next message; ``websocket.disconnect`` once the connection is gone (then again on every call)."""

@@ -1,0 +1,130 @@
+"""Caller audio handed straight to the call core (``leg.CallerLeg.deliver_audio_to``): a Twilio leg on a real
+picows stream socket (``StreamSocket``) and a ``websockets`` client on 127.0.0.1. Audio goes to the core from
+the socket's read callback, outside any task (no task switch per frame); anything queued for ``receive`` keeps
+the audio after it in order; what the core's handler raises comes out of ``receive``. (Whole calls over this
+path run throughout the suite: it is the default.)"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import pytest
+from picows import ws_create_server
+from websockets.asyncio.client import ClientConnection, connect
+
+from telephony_bridge.clock import SystemClock
+from telephony_bridge.leg import CallerAudio, DirectAudio, PlayedUpTo
+from telephony_bridge.ops.metrics import Metrics
+from telephony_bridge.settings import TwilioSettings
+from telephony_bridge.twilio import protocol as tw
+from telephony_bridge.twilio.leg import TwilioLeg
+from telephony_bridge.twilio.stream_socket import StreamSocket
+
+STREAM_SID = "MZ00000000000000000000000000000001"
+CALL_SID = "CA00000000000000000000000000000001"
+
+
+def media(chunk: int) -> str:
+    return tw.Media(STREAM_SID, bytes([chunk]) * 160, chunk * 20, chunk, chunk + 2).to_json()
+
+
+def mark(name: str) -> str:
+    return tw.Mark(STREAM_SID, name, sequence_number=99).to_json()
+
+
+@asynccontextmanager
+async def leg_and_caller() -> AsyncIterator[tuple[TwilioLeg, ClientConnection]]:
+    """A ``TwilioLeg`` on the server side of a picows stream, and the client (Twilio's side) connected to it."""
+    opened: asyncio.Future[StreamSocket] = asyncio.get_running_loop().create_future()
+    server = await ws_create_server(lambda _request: StreamSocket(opened.set_result), "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        async with connect(f"ws://127.0.0.1:{port}/media-stream", proxy=None) as caller:
+            socket = await asyncio.wait_for(opened, 5)
+            leg = TwilioLeg(socket, TwilioSettings(), Metrics(), SystemClock())
+            leg.stream_id = STREAM_SID
+            yield leg, caller
+    finally:
+        server.close()
+
+
+async def until(predicate: object, what: str) -> None:
+    async with asyncio.timeout(5):
+        while not predicate():  # type: ignore[operator]
+            await asyncio.sleep(0.005)
+
+
+async def test_audio_goes_to_the_core_from_the_read_callback_and_stays_in_order_behind_a_queued_mark() -> None:
+    handed: list[tuple[bytes, int | None, bool]] = []
+
+    def handler(ulaw: bytes, timestamp_ms: int | None) -> None:
+        handed.append((ulaw, timestamp_ms, asyncio.current_task() is None))
+
+    async with leg_and_caller() as (leg, caller), asyncio.timeout(10):
+        leg.deliver_audio_to(handler)
+        await caller.send(media(1))
+        await caller.send(media(2))
+        await until(lambda: len(handed) == 2, "two frames handed over")
+        assert handed == [(b"\x01" * 160, 20, True), (b"\x02" * 160, 40, True)]  # from the callback, no task
+        # Nobody reads the mark yet: the media after it waits behind it, for ``receive``.
+        await caller.send(mark("m1"))
+        await caller.send(media(3))
+        await asyncio.sleep(0.1)
+        assert len(handed) == 2
+        assert await leg.receive() == PlayedUpTo("m1")
+        assert await leg.receive() == CallerAudio(b"\x03" * 160, 60)
+        await caller.send(media(4))  # the queue is empty again: straight to the core
+        await until(lambda: len(handed) == 3, "the next frame handed over")
+        assert handed[2] == (b"\x04" * 160, 80, True)
+
+
+async def test_what_the_cores_handler_raises_comes_out_of_receive() -> None:
+    def broken(ulaw: bytes, timestamp_ms: int | None) -> None:
+        raise RuntimeError("a bug in the call core")
+
+    async with leg_and_caller() as (leg, caller), asyncio.timeout(10):
+        leg.deliver_audio_to(broken)
+        await caller.send(media(1))
+        with pytest.raises(RuntimeError, match="a bug in the call core"):
+            await leg.receive()
+
+
+async def test_a_leg_without_a_read_callback_delivers_audio_through_receive() -> None:
+    """Without ``tap_text`` (a Starlette WebSocket under ``server.websocket: uvicorn``) the handler is never
+    called: everything comes through ``receive``."""
+
+    class Queued:
+        def __init__(self, frames: list[str]) -> None:
+            self.frames = frames
+
+        async def receive(self) -> dict[str, str]:
+            return {"type": "websocket.receive", "text": self.frames.pop(0)}
+
+        async def send_text(self, data: str) -> None: ...
+        async def close(self, code: int = 1000, reason: str | None = None) -> None: ...
+
+    leg = TwilioLeg(Queued([media(1)]), TwilioSettings(), Metrics(), SystemClock())
+    called: list[bytes] = []
+    leg.deliver_audio_to(lambda ulaw, _ts: called.append(ulaw))
+    assert await leg.receive() == CallerAudio(b"\x01" * 160, 20)
+    assert called == []
+
+
+def test_direct_audio_reports_what_the_handler_raised_once_it_is_checked() -> None:
+    direct = DirectAudio()
+    assert direct.deliver(b"\x00", 0) is False  # no handler: the leg queues it
+    taken: list[bytes] = []
+    direct.handler = lambda ulaw, _ts: taken.append(ulaw)
+    assert direct.deliver(b"\x01", 20) is True and taken == [b"\x01"]
+    direct.check()  # nothing raised: nothing to report
+
+    def broken(ulaw: bytes, timestamp_ms: int | None) -> None:
+        raise ValueError("boom")
+
+    direct.handler = broken
+    assert direct.deliver(b"\x02", 40) is False  # queued: it wakes ``receive``...
+    with pytest.raises(ValueError, match="boom"):
+        direct.check()  # ...which raises it
+    assert direct.deliver(b"\x03", 60) is False  # and from then on everything goes through ``receive``
