@@ -50,34 +50,27 @@ async def leg_and_caller() -> AsyncIterator[tuple[TwilioLeg, ClientConnection]]:
         server.close()
 
 
-async def until(predicate: object, what: str) -> None:
-    async with asyncio.timeout(5):
-        while not predicate():  # type: ignore[operator]
-            await asyncio.sleep(0.005)
-
-
 async def test_audio_goes_to_the_core_from_the_read_callback_and_stays_in_order_behind_a_queued_mark() -> None:
-    handed: list[tuple[bytes, int | None, bool]] = []
+    handed: asyncio.Queue[tuple[bytes, int | None, bool]] = asyncio.Queue()
 
     def handler(ulaw: bytes, timestamp_ms: int | None) -> None:
-        handed.append((ulaw, timestamp_ms, asyncio.current_task() is None))
+        handed.put_nowait((ulaw, timestamp_ms, asyncio.current_task() is None))
 
     async with leg_and_caller() as (leg, caller), asyncio.timeout(10):
         leg.deliver_audio_to(handler)
         await caller.send(media(1))
         await caller.send(media(2))
-        await until(lambda: len(handed) == 2, "two frames handed over")
-        assert handed == [(b"\x01" * 160, 20, True), (b"\x02" * 160, 40, True)]  # from the callback, no task
+        assert await handed.get() == (b"\x01" * 160, 20, True)  # from the read callback: no task
+        assert await handed.get() == (b"\x02" * 160, 40, True)
         # Nobody reads the mark yet: the media after it waits behind it, for ``receive``.
         await caller.send(mark("m1"))
         await caller.send(media(3))
         await asyncio.sleep(0.1)
-        assert len(handed) == 2
+        assert handed.empty()
         assert await leg.receive() == PlayedUpTo("m1")
         assert await leg.receive() == CallerAudio(b"\x03" * 160, 60)
         await caller.send(media(4))  # the queue is empty again: straight to the core
-        await until(lambda: len(handed) == 3, "the next frame handed over")
-        assert handed[2] == (b"\x04" * 160, 80, True)
+        assert await handed.get() == (b"\x04" * 160, 80, True)
 
 
 async def test_what_the_cores_handler_raises_comes_out_of_receive() -> None:
