@@ -46,6 +46,7 @@ Sending to a leg whose peer has gone raises ``CallerGone``.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol
@@ -111,13 +112,21 @@ class CallerLeg(AudioSink, Protocol):
 
 
 class DirectAudio:
-    """A leg's direct audio path to the core (``deliver_audio_to``): ``deliver`` from the transport's callback;
-    ``check`` at the top of ``receive``, which then raises whatever the handler raised (a callback has nobody
-    to raise it to)."""
+    """A leg's direct audio path to the core (``deliver_audio_to``): ``attach`` from the core's task,
+    ``deliver`` from the transport's callback, ``check`` in ``receive``, which then raises whatever the handler
+    raised (a callback has nobody to raise it to).
+
+    The handler runs in the context of the task that attached it, so what it logs carries the call's IDs
+    (``ops.logging.call_context``) although the transport's callback belongs to no call."""
 
     def __init__(self) -> None:
         self.handler: AudioHandler | None = None
+        self._context = contextvars.Context()
         self._error: Exception | None = None
+
+    def attach(self, handler: AudioHandler) -> None:
+        self.handler = handler
+        self._context = contextvars.copy_context()
 
     def deliver(self, ulaw: bytes, timestamp_ms: int | None) -> bool:
         """True if the core took the audio; False if it is the leg's to queue for ``receive`` (no handler, or
@@ -126,7 +135,7 @@ class DirectAudio:
         if handler is None:
             return False
         try:
-            handler(ulaw, timestamp_ms)
+            self._context.run(handler, ulaw, timestamp_ms)
         except Exception as exc:
             self._error, self.handler = exc, None
             return False

@@ -7,6 +7,7 @@ path run throughout the suite: it is the default.)"""
 from __future__ import annotations
 
 import asyncio
+import contextvars
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -22,6 +23,7 @@ from telephony_bridge.twilio import protocol as tw
 from telephony_bridge.twilio.leg import TwilioLeg
 from telephony_bridge.twilio.stream_socket import StreamSocket
 
+CALL = contextvars.ContextVar("CALL", default="")
 STREAM_SID = "MZ00000000000000000000000000000001"
 CALL_SID = "CA00000000000000000000000000000001"
 
@@ -51,17 +53,20 @@ async def leg_and_caller() -> AsyncIterator[tuple[TwilioLeg, ClientConnection]]:
 
 
 async def test_audio_goes_to_the_core_from_the_read_callback_and_stays_in_order_behind_a_queued_mark() -> None:
-    handed: asyncio.Queue[tuple[bytes, int | None, bool]] = asyncio.Queue()
+    """...and in the context of the task that attached the handler: what the core logs there names the call."""
+    handed: asyncio.Queue[tuple[bytes, int | None, bool, str]] = asyncio.Queue()
 
     def handler(ulaw: bytes, timestamp_ms: int | None) -> None:
-        handed.put_nowait((ulaw, timestamp_ms, asyncio.current_task() is None))
+        handed.put_nowait((ulaw, timestamp_ms, asyncio.current_task() is None, CALL.get()))
 
     async with leg_and_caller() as (leg, caller), asyncio.timeout(10):
+        token = CALL.set(CALL_SID)
         leg.deliver_audio_to(handler)
+        CALL.reset(token)
         await caller.send(media(1))
         await caller.send(media(2))
-        assert await handed.get() == (b"\x01" * 160, 20, True)  # from the read callback: no task
-        assert await handed.get() == (b"\x02" * 160, 40, True)
+        assert await handed.get() == (b"\x01" * 160, 20, True, CALL_SID)  # from the read callback: no task
+        assert await handed.get() == (b"\x02" * 160, 40, True, CALL_SID)
         # Nobody reads the mark yet: the media after it waits behind it, for ``receive``.
         await caller.send(mark("m1"))
         await caller.send(media(3))
@@ -70,7 +75,7 @@ async def test_audio_goes_to_the_core_from_the_read_callback_and_stays_in_order_
         assert await leg.receive() == PlayedUpTo("m1")
         assert await leg.receive() == CallerAudio(b"\x03" * 160, 60)
         await caller.send(media(4))  # the queue is empty again: straight to the core
-        assert await handed.get() == (b"\x04" * 160, 80, True)
+        assert await handed.get() == (b"\x04" * 160, 80, True, CALL_SID)
 
 
 async def test_what_the_cores_handler_raises_comes_out_of_receive() -> None:
@@ -109,14 +114,14 @@ def test_direct_audio_reports_what_the_handler_raised_once_it_is_checked() -> No
     direct = DirectAudio()
     assert direct.deliver(b"\x00", 0) is False  # no handler: the leg queues it
     taken: list[bytes] = []
-    direct.handler = lambda ulaw, _ts: taken.append(ulaw)
+    direct.attach(lambda ulaw, _ts: taken.append(ulaw))
     assert direct.deliver(b"\x01", 20) is True and taken == [b"\x01"]
     direct.check()  # nothing raised: nothing to report
 
     def broken(ulaw: bytes, timestamp_ms: int | None) -> None:
         raise ValueError("boom")
 
-    direct.handler = broken
+    direct.attach(broken)
     assert direct.deliver(b"\x02", 40) is False  # queued: it wakes ``receive``...
     with pytest.raises(ValueError, match="boom"):
         direct.check()  # ...which raises it

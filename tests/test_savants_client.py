@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextvars
 import gc
 import hashlib
 import struct
@@ -351,17 +352,20 @@ async def test_client_hands_audio_to_its_handler_as_it_is_read_and_keeps_it_behi
         writer.write(frame(CLOSE, struct.pack("!H", 1000)))
         assert await read_frame(reader) == (CLOSE, struct.pack("!H", 1000))
 
-    handed: asyncio.Queue[tuple[bytes, bool]] = asyncio.Queue()
+    handed: asyncio.Queue[tuple[bytes, bool, str]] = asyncio.Queue()
+    call = contextvars.ContextVar("call", default="")
 
-    def handler(pcm: bytes) -> None:
-        handed.put_nowait((pcm, asyncio.current_task() is None))
+    def handler(pcm: bytes) -> None:  # in the context it was attached in, so its log lines name the call
+        handed.put_nowait((pcm, asyncio.current_task() is None, call.get()))
 
     async with raw_peer(speaking) as url, asyncio.timeout(20):
         connection = await open_voice_session(url, "a.b.c", 5.0)
+        token = call.set("CA1")
         connection.deliver_audio_to(handler)
+        call.reset(token)
         handler_set.set()
-        assert await handed.get() == (b"\x01" * 640, True)  # from picows' read callback: no task
-        assert await handed.get() == (b"\x02" * 640, True)
+        assert await handed.get() == (b"\x01" * 640, True, "CA1")  # from picows' read callback: no task
+        assert await handed.get() == (b"\x02" * 640, True, "CA1")
         go_on.set()
         assert await connection.receive() == Notice("status")
         assert await connection.receive() == Audio(b"\x03" * 640)  # read while the notice was unread

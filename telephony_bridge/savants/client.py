@@ -13,6 +13,7 @@ once the call has said where it goes (``deliver_audio_to``), handed there at onc
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
 from collections import deque
 from collections.abc import Awaitable, Callable
@@ -79,6 +80,7 @@ class SavantsConnection(WSListener):
         self._stall: str | None = None  # why the connection counts as stalled, if it does
         self._closing = False  # close() was called
         self._audio_handler: Callable[[bytes], None] | None = None
+        self._handler_context = contextvars.Context()
         self._handler_error: Exception | None = None  # what the audio handler raised, for ``receive`` to raise
 
     @property
@@ -107,8 +109,10 @@ class SavantsConnection(WSListener):
     def deliver_audio_to(self, handler: Callable[[bytes], None] | None) -> None:
         """From now on the AI's audio goes to ``handler`` as it is read, from picows' callback, rather than
         through ``receive`` (which still reports notices and the end). Audio read while events wait unread
-        still queues behind them, so nothing is reordered; and what the handler raises, ``receive`` raises."""
+        still queues behind them, so nothing is reordered; and what the handler raises, ``receive`` raises.
+        The handler runs in the caller's context (what it logs carries the call's IDs)."""
         self._audio_handler = handler
+        self._handler_context = contextvars.copy_context()
 
     async def receive(self) -> Audio | Notice | None:
         events = self._events
@@ -209,7 +213,7 @@ class SavantsConnection(WSListener):
         gets the exception and the audio after it is left in the queue."""
         assert self._audio_handler is not None
         try:
-            self._audio_handler(pcm)
+            self._handler_context.run(self._audio_handler, pcm)
         except Exception as exc:
             self._handler_error = exc
             self._audio_handler = None

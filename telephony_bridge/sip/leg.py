@@ -188,7 +188,7 @@ class SipLeg:
     # --- leg.CallerLeg -------------------------------------------------------------------------------------
 
     def deliver_audio_to(self, handler: AudioHandler) -> None:
-        self._direct.handler = handler
+        self._direct.attach(handler)
 
     async def receive(self) -> LegEvent:
         event = await self._events.get()

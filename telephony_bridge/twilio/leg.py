@@ -131,7 +131,7 @@ class TwilioLeg:
     def deliver_audio_to(self, handler: AudioHandler) -> None:
         tap_text = getattr(self._ws, "tap_text", None)
         if tap_text is not None:
-            self._direct.handler = handler
+            self._direct.attach(handler)
             tap_text(self._tapped)
 
     def _tapped(self, text: bytes) -> bool:
