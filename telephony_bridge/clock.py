@@ -89,8 +89,12 @@ class Clock(Protocol):
         ...
 
 
+# uvloop's timers count whole milliseconds on libuv's clock (see ``timer_delay``).
+TIMER_GRANULARITY_S = 0.001
+
+
 class SystemClock:
-    """The real clock."""
+    """The real clock. A wait returns no earlier than its deadline by ``time.monotonic()``."""
 
     def monotonic(self) -> float:
         return time.monotonic()
@@ -101,7 +105,7 @@ class SystemClock:
     async def sleep_until(self, deadline: float) -> None:
         delay = deadline - time.monotonic()
         if delay > 0:
-            await asyncio.sleep(delay)
+            await asyncio.sleep(timer_delay(delay))
 
     async def wait_until(self, event: Signal, deadline: float) -> None:
         # No task per wait, which matters 50 times a second a call: a Flag's own timer, else asyncio.timeout.
@@ -109,13 +113,26 @@ class SystemClock:
         if event.is_set() or delay <= 0:
             return
         if isinstance(event, Flag):
-            await event.wait_for(delay)
+            await event.wait_for(timer_delay(delay))
             return
         try:
-            async with asyncio.timeout(delay):
+            async with asyncio.timeout(timer_delay(delay)):
                 await event.wait()
         except TimeoutError:
             pass
+
+
+def timer_delay(delay: float) -> float:
+    """The delay to give the event loop for a timer that must not fire before ``delay`` seconds from now.
+
+    uvloop runs timers on libuv's clock, in whole milliseconds and read once per loop iteration: a timer set
+    late in a busy iteration, or for under a millisecond, fired before its deadline (199 of 200 in a busy
+    loop), and the pacer, waking early, waited again for what was left, a loop turn or more each time (a
+    tenth of its wake-ups at 10 calls). So the delay is counted from the loop's own clock and rounded up by
+    a timer tick. On asyncio's own loop, whose clock is ``time.monotonic()``, that is a millisecond late at
+    most."""
+    lag = time.monotonic() - asyncio.get_running_loop().time()
+    return delay + max(0.0, lag) + TIMER_GRANULARITY_S
 
 
 class FakeClock:

@@ -6,6 +6,7 @@ import asyncio
 import time
 
 import pytest
+import uvloop  # uvicorn[standard]'s loop, which the bridge serves on
 
 from telephony_bridge.clock import Flag, SystemClock
 
@@ -43,3 +44,25 @@ async def test_a_cancelled_wait_leaves_no_waiter_behind() -> None:
     with pytest.raises(asyncio.CancelledError):
         await task
     assert flag._waiters == []
+
+
+@pytest.mark.parametrize("signal", [Flag, asyncio.Event, None], ids=["flag", "event", "sleep"])
+def test_waits_never_return_before_their_deadline_on_uvloop_after_a_busy_loop_turn(signal: type | None) -> None:
+    """uvloop reads its millisecond clock once per loop turn: a timer set late in a busy turn, or for under a
+    millisecond, fired early, and a pacer that woke early waited again, a loop turn each time."""
+
+    async def waits() -> int:
+        clock, early = SystemClock(), 0
+        for i in range(40):
+            busy_until = time.monotonic() + 0.003
+            while time.monotonic() < busy_until:  # a busy turn of the loop: its cached clock falls behind
+                pass
+            deadline = time.monotonic() + 0.0005 + (i % 4) * 0.001
+            if signal is None:
+                await clock.sleep_until(deadline)
+            else:
+                await clock.wait_until(signal(), deadline)
+            early += time.monotonic() < deadline
+        return early
+
+    assert uvloop.run(waits()) == 0
