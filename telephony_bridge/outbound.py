@@ -27,9 +27,7 @@ AUDIBLE_PEAK = 200  # about -44 dBFS: quieter AI frames are silence to the calle
 SPURT_GAP_S = 0.3  # AI silence longer than this ends a talk spurt
 # Twilio's buffer is never let fall below this to make a batch: a held frame goes when only this much is left
 # (more when the prebuffer leaves room for it: see ``_low_water_s``).
-LOW_WATER_S = FRAME_S / 2
-# A held frame's partner from a real-time AI may come this much later than due and still join its batch.
-ARRIVAL_SLACK_S = FRAME_S / 2
+LOW_WATER_S = FRAME_S
 UNDERRUN_GAP_S = 0.25  # a hole in playback shorter than this, with audio after it, is an underrun (not a pause)
 _EPS = 1e-6
 # μ-law code -> 1 if it decodes to |sample| >= AUDIBLE_PEAK: audibility read straight off the bytes we send.
@@ -244,19 +242,12 @@ class Outbound:
                     await self._wait(self._pacer.hold_until(at, self._low_water_s()))
 
     def _low_water_s(self) -> float:
-        """How low Twilio's buffer may run while a part batch waits for company.
-
-        A spurt's first frames go out when the prebuffer's last frame arrives, a frame before the prebuffer's
-        length, so a real-time AI's frames play that much after they arrive, and a held frame's partner arrives
-        when Twilio is down to the prebuffer less the batch (and a frame). Holding until exactly then made
-        every batch a race the partner lost to any arrival jitter, and a real-time AI went out a frame a
-        message; so the hold lasts ``ARRIVAL_SLACK_S`` longer. What is left is the margin for a late wake-up
-        (a busy event loop, a busy machine): never under ``LOW_WATER_S``, and it grows with the prebuffer
-        after an underrun. Never above the lead less a frame either: above that no frame fits when the hold
-        ends, and the pacer would spin on a deadline already passed (a prebuffer longer than the lead allows
-        that)."""
-        partner_due_s = self.prebuffer.value_s - self._batch_frames * FRAME_S
-        low_water_s = max(LOW_WATER_S, partner_due_s - ARRIVAL_SLACK_S)
+        """How low Twilio's buffer may run while a part batch waits for company: the playout delay the prebuffer
+        keeps, less the batch being gathered, and never under a frame. What is left is the margin for a late
+        wake-up (a busy event loop, a busy machine), so it grows with the prebuffer after an underrun. Never
+        above the lead less a frame either: above that no frame fits when the hold ends, and the pacer would
+        spin on a deadline already passed (a prebuffer longer than the lead allows that)."""
+        low_water_s = max(LOW_WATER_S, self.prebuffer.value_s - self._batch_frames * FRAME_S)
         return min(low_water_s, self._pacer.lead_s - FRAME_S)
 
     def _note_playout(self, now: float, dry_at: float | None) -> None:

