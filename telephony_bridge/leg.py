@@ -25,6 +25,10 @@ What the core asks of a leg (only ever from one task at a time, so messages neve
 - ``send_audio(ulaw)``: whole 20 ms frames of 8 kHz μ-law, already paced by ``Outbound`` at most
   ``audio.outbound_lead_ms`` ahead of real time. A leg with a fixed clock (SIP sends RTP at exactly 20 ms,
   and keeps sending comfort silence when nothing is queued) may hold that lead in a small queue of its own.
+- ``can_send_now()`` / ``send_audio_nowait(ulaw)``: the same send, synchronously, when the leg can take it
+  without waiting (its socket is not applying backpressure). ``Outbound`` sends a frame that is due the moment
+  it arrives this way, from the AI leg's read callback, without waking its pacer task (``can_send_now()``
+  False: it wakes the pacer, which awaits ``send_audio``).
 - ``send_mark(name)``: a marker behind the audio sent so far; the leg answers with ``PlayedUpTo(name)`` once
   the caller has heard it. A leg whose protocol has no marks (SIP) confirms a mark as soon as the audio before
   it has gone onto the wire: the core then sees playback as "sent", which is what barge-in accounting and
@@ -85,6 +89,8 @@ class AudioSink(Protocol):
     """Where paced AI audio goes: the sending half of a caller leg (``Outbound`` writes only to this)."""
 
     async def send_audio(self, ulaw: bytes) -> None: ...
+    def can_send_now(self) -> bool: ...
+    def send_audio_nowait(self, ulaw: bytes) -> None: ...
     async def send_mark(self, name: str) -> None: ...
     async def clear(self) -> None: ...
 

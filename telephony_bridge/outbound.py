@@ -1,9 +1,15 @@
 """AI audio on its way to the caller: queued, paced from the clock, marked, and cut on barge-in.
 
-The one task that writes to the caller's leg during a call runs here (``run``), so audio, marks and clears
-never interleave mid-message. The leg (``leg.AudioSink``) serialises them for its ingress. Twilio plays what it
-has buffered until told to ``clear`` (spec §4, G6), so audio goes out at most ``outbound_lead_ms`` ahead of
-real time, in whole 20 ms frames.
+The one task that writes to the caller's leg during a call runs here (``run``), and the only other send (see
+below) happens while it sleeps, so audio, marks and clears never interleave mid-message. The leg
+(``leg.AudioSink``) serialises them for its ingress. Twilio plays what it has buffered until told to
+``clear`` (spec §4, G6), so audio goes out at most ``outbound_lead_ms`` ahead of real time, in whole 20 ms
+frames.
+
+Mid-spurt, a frame that is due the moment it arrives (the common case for a real-time AI) is sent there and
+then (``_send_inline``), from the AI leg's read callback, when the leg can take it without waiting: the pacer
+task is not woken for it. Everything else (a spurt's start, holds, marks, clears, fill, backpressure) is
+the pacer's.
 
 Comfort fill (while the AI is away) goes out on its own path, paced the same way but never queued with the AI's
 audio: it is no AI audio, so it sets no first-audio time, counts in none of the AI audio figures (``fill_ms``
@@ -40,6 +46,8 @@ class Outbound:
         self._sink = sink
         self._buffer = FrameBuffer()
         self._ready = Flag()
+        self._parked = False  # ``run`` sleeps in ``_wait`` (not mid-send)
+        self._parked_until: float | None = None  # ...until this deadline (None: until woken)
         self._pacer = OutboundPacer(settings.outbound_lead_ms / 1000, FRAME_S)
         base_s = settings.playout_prebuffer_ms / 1000
         self.prebuffer = AdaptivePrebuffer(
@@ -50,6 +58,8 @@ class Outbound:
         max_batch_ms = max(FRAME_MS, settings.outbound_lead_ms - FRAME_MS)
         self._batch_frames = max(1, min(settings.outbound_batch_ms, max_batch_ms) // FRAME_MS)
         self._spurt_live = False  # audio has gone out since the last clear: a hole in it would be an underrun
+        self._holds_pay = True  # holding a part batch for company made whole batches in this talk spurt
+        self._held_part = False  # the pacer is holding a part batch, or its hold just ended
         self.underruns_ai_late = 0  # Twilio ran dry waiting for the AI's next frame
         self.underruns_scheduling = 0  # Twilio ran dry while audio waited here: we sent it late
         self._mark_every_ms = settings.mark_interval_ms
@@ -117,8 +127,38 @@ class Outbound:
             or before == 0 < after
             or before < self._batch_frames <= after
             or before < self.prebuffer.frames <= after
-        ):
+        ) and not self._send_inline(now):
             self._ready.set()
+
+    def _send_inline(self, now: float) -> bool:
+        """Do what the pacer would do now, if it is only this: send the frames due, mid-spurt, to a leg that
+        takes them without waiting, with no mark owed. True if done (the pacer sleeps on: its deadline still
+        comes, and it looks again then); False if the pacer must look (nothing was done)."""
+        if (
+            not self._parked  # busy: a send may be in flight
+            or self._clear_pending
+            or self._finishing
+            or self._fill is not None
+            or not self._pacer.lead(now)  # a spurt's start: the prebuffer is the pacer's
+            or not self._sink.can_send_now()
+        ):
+            return False
+        frames = self._buffer.frames
+        if not frames or self._unmarked_ms + frames * FRAME_MS >= self._mark_every_ms:
+            return False
+        dry_at = self._pacer.play_end
+        due = self._pacer.batch_due(now, frames, self._batch_frames, self._hold_low_water_s())
+        if not due:
+            return False  # held for a batch: the pacer sets the hold's deadline
+        self._held_part = False  # a hold this completed paid; nothing else was held
+        self._note_playout(now, dry_at)
+        play_at = now + self._pacer.lead(now) - due * FRAME_S
+        ulaw = self._buffer.take(due)
+        self._sink.send_audio_nowait(ulaw)
+        self._audio_sent(ulaw, play_at)
+        if self._buffer.frames or self._parked_until is None:
+            self._ready.set()  # more is queued, or the pacer has no deadline for the spurt's closing mark
+        return True
 
     def fill(self, source: ComfortFill | None) -> None:
         """While the AI is away (reconnecting), keep the caller's line alive: whenever nothing is queued, a
@@ -228,8 +268,13 @@ class Outbound:
                 continue
             batch = 1 if self._finishing else self._batch_frames
             dry_at = self._pacer.play_end
-            due = self._pacer.batch_due(now, frames, batch, self._low_water_s())
+            if dry_at is None or dry_at <= now:
+                self._holds_pay = True  # Twilio's buffer is empty: a new talk spurt, whose AI may send in bursts
+            due = self._pacer.batch_due(now, frames, batch, self._hold_low_water_s())
             if due:
+                if self._held_part and due < batch:
+                    self._holds_pay = False  # the hold ended with no company: see ``_hold_low_water_s``
+                self._held_part = False
                 self._note_playout(now, dry_at)
                 play_at = now + self._pacer.lead(now) - due * FRAME_S
                 await self._send_audio(self._buffer.take(due), play_at)
@@ -239,7 +284,19 @@ class Outbound:
                 if left >= batch:
                     await self._wait(self._pacer.room_for(at, batch))
                 else:  # a part batch: it goes when more audio makes it whole, or when Twilio runs low
+                    self._held_part = True
                     await self._wait(self._pacer.hold_until(at, self._low_water_s()))
+
+    def _hold_low_water_s(self) -> float:
+        """``_low_water_s`` while holding part batches pays; once a hold has ended with its frames going out
+        alone, the lead itself (no hold: a lone frame goes at once) for the rest of the talk spurt.
+
+        A real-time AI's frame that would complete a batch arrives just as the hold for it ends (the prebuffer
+        sets that: see ``_low_water_s``), so holding mostly delayed each frame by a frame's length and cost
+        the pacer a wake-up for the hold's end, for no batch; an AI that sends faster than real time fills
+        its batches without any hold. Sending a lone frame at once keeps Twilio's buffer a frame fuller
+        than the hold did, and the caller hears it when it would have anyway (playback is continuous)."""
+        return self._low_water_s() if self._holds_pay else self._pacer.lead_s
 
     def _low_water_s(self) -> float:
         """How low Twilio's buffer may run while a part batch waits for company: the playout delay the prebuffer
@@ -288,12 +345,18 @@ class Outbound:
         self.playback.cleared(unplayed_ms=max(0, round(unplayed_ai_s * 1000)))
         self._pacer.cleared(now)
         self._spurt_live = False
+        self._held_part = False
         self._audible_since, self._audible_until = None, float("-inf")
         self._unmarked_ms = 0
         self._progress.set()
 
     async def _send_audio(self, ulaw: bytes, play_at: float) -> None:
         await self._sink.send_audio(ulaw)
+        self._audio_sent(ulaw, play_at)
+        if self._unmarked_ms >= self._mark_every_ms:
+            await self._send_mark()
+
+    def _audio_sent(self, ulaw: bytes, play_at: float) -> None:
         self._progress.set()
         ms = len(ulaw) // TWILIO_FRAME_BYTES * FRAME_MS
         self.playback.audio_sent(ms)
@@ -301,8 +364,6 @@ class Outbound:
             self.first_audio_at = self._clock.monotonic()
         self._track_audibility(ulaw, play_at)
         self._unmarked_ms += ms
-        if self._unmarked_ms >= self._mark_every_ms:
-            await self._send_mark()
 
     async def _send_mark(self) -> None:
         """A mark behind everything sent so far; its echo says the caller has heard it (spec §4)."""
@@ -324,7 +385,11 @@ class Outbound:
     async def _wait(self, deadline: float | None) -> None:
         """Until more audio or a barge-in arrives, or the clock reaches ``deadline``."""
         self._ready.clear()
-        if deadline is None:
-            await self._ready.wait()
-        else:
-            await self._clock.wait_until(self._ready, deadline)
+        self._parked, self._parked_until = True, deadline
+        try:
+            if deadline is None:
+                await self._ready.wait()
+            else:
+                await self._clock.wait_until(self._ready, deadline)
+        finally:
+            self._parked, self._parked_until = False, None

@@ -124,6 +124,12 @@ class TwilioJson:
     async def send_audio(self, ulaw: bytes) -> None:
         await self._send(media_message(STREAM_SID, ulaw))
 
+    def can_send_now(self) -> bool:
+        return not self.yield_in_send  # a socket that may suspend mid-send takes nothing synchronously
+
+    def send_audio_nowait(self, ulaw: bytes) -> None:
+        self.sent.append((self.clock.monotonic(), media_message(STREAM_SID, ulaw)))
+
     async def send_mark(self, name: str) -> None:
         await self._send(mark_message(STREAM_SID, name))
 
@@ -606,6 +612,52 @@ async def test_outbound_the_ais_pcm_in_real_time_is_never_dry_and_a_hold_drops_i
         after = b"".join(p for _, p in line.media()[sent_before:])
         assert after == reference[60 * FRAME :]  # in step: the held audio went through the converter
         assert out.held_ms == 200
+        assert (out.underruns_ai_late, out.underruns_scheduling) == (0, 0)
+
+
+@pytest.mark.parametrize("takes_now", [True, False], ids=["inline", "via-the-pacer"])
+async def test_outbound_a_real_time_frame_due_on_arrival_goes_out_as_it_is_pushed(takes_now: bool) -> None:
+    """A real-time AI's frame that would complete a batch arrives just as the hold for it ends, so once a hold
+    has ended with no company, lone frames are not held for the rest of the spurt: each is due the moment it
+    arrives. A leg that takes it without waiting gets it inside ``push`` (no task switch: from the AI leg's
+    read callback); otherwise the pacer task sends it when it next runs. Either way the same messages, and
+    Twilio never runs dry."""
+    async with asyncio.timeout(TIMEOUT_S), running(AudioSettings(), yield_in_send=not takes_now) as line:
+        for i in range(50):
+            before, marks = len(line.media()), len(line.events()) - len(line.media())
+            line.outbound.push(tone(20))
+            on_the_wire_at_once = len(line.media()) > before
+            await advance(line.clock, FRAME_S)
+            marked = len(line.events()) - len(line.media()) > marks  # a mark is the pacer's to send
+            if i >= 4 and not marked:  # past the prebuffer and the first hold
+                assert on_the_wire_at_once == takes_now, i
+            if i >= 3:
+                assert line.outbound.lead(line.clock.monotonic()) > 0  # Twilio never ran dry
+        sizes = [len(p) for _, p in line.media()]
+        assert sizes[0] == 3 * FRAME and set(sizes[1:]) == {FRAME}
+        assert (line.outbound.underruns_ai_late, line.outbound.underruns_scheduling) == (0, 0)
+
+
+async def test_outbound_stops_holding_for_the_spurt_once_a_hold_ends_alone_and_holds_again_in_the_next() -> None:
+    """With a 100 ms prebuffer a real-time AI's batches fill while held (three frames a message); a hold that
+    ends with its frame alone (the AI paused 60 ms) stops holding for the rest of that spurt, and the next
+    spurt, after Twilio's buffer has run out, holds again."""
+    settings = AudioSettings(playout_prebuffer_ms=100, outbound_batch_ms=60)
+    async with asyncio.timeout(TIMEOUT_S), running(settings) as line:
+
+        async def speak(frames: int) -> list[int]:
+            sent_before = len(line.media())
+            for _ in range(frames):
+                line.outbound.push(tone(20))
+                await advance(line.clock, FRAME_S)
+            return [len(p) // FRAME for _, p in line.media()[sent_before:]]
+
+        assert set((await speak(20))[1:]) == {3}  # after the prebuffer's message: whole batches
+        await advance(line.clock, 0.060)  # the AI pauses: the held part batch goes out alone
+        assert set((await speak(20))[1:]) == {1}  # no more holds this spurt: each frame as it comes
+        await advance(line.clock, 1.0)  # the spurt ends; Twilio's buffer runs out
+        assert set((await speak(20))[1:]) == {3}  # a new spurt holds again
+        out = line.outbound
         assert (out.underruns_ai_late, out.underruns_scheduling) == (0, 0)
 
 

@@ -196,6 +196,12 @@ class SipLeg:
         return event
 
     async def send_audio(self, ulaw: bytes) -> None:
+        self.send_audio_nowait(ulaw)
+
+    def can_send_now(self) -> bool:
+        return not self._gone  # queued for the RTP clock: never a wait
+
+    def send_audio_nowait(self, ulaw: bytes) -> None:
         if self._gone:
             raise CallerGone("the SIP dialog has ended")
         for start in range(0, len(ulaw), TWILIO_FRAME_BYTES):

@@ -197,6 +197,17 @@ class TwilioLeg:
     async def send_audio(self, ulaw: bytes) -> None:
         await self._send(tw.media_message(self.stream_id, ulaw))
 
+    def can_send_now(self) -> bool:
+        writable = getattr(self._ws, "writable", None)  # a picows ``StreamSocket``; Starlette's has none
+        return self._open and writable is not None and writable()
+
+    def send_audio_nowait(self, ulaw: bytes) -> None:
+        try:
+            self._ws.send_text_nowait(tw.media_message(self.stream_id, ulaw))  # type: ignore[attr-defined]
+        except Exception as exc:
+            self._open = False
+            raise CallerGone("the twilio stream closed while sending") from exc
+
     async def send_mark(self, name: str) -> None:
         await self._send(tw.mark_message(self.stream_id, name))
 

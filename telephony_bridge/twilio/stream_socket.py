@@ -111,6 +111,23 @@ class StreamSocket(WSListener):  # type: ignore[misc]
                 self._waiter = None
         return self._inbox.popleft()
 
+    def writable(self) -> bool:
+        """Whether ``send_text_nowait`` may send now: connected, not closing, and not applying backpressure."""
+        transport = self._transport
+        return (
+            transport is not None
+            and not self._disconnected
+            and not transport.is_close_frame_sent
+            and (self._writable is None or self._writable.done())
+        )
+
+    def send_text_nowait(self, data: str) -> None:
+        """``send_text`` when ``writable()``; raises ``SocketClosed`` otherwise."""
+        if not self.writable():
+            raise SocketClosed("the media stream is closed or not taking data")
+        assert self._transport is not None
+        self._transport.send(WSMsgType.TEXT, data.encode())
+
     async def send_text(self, data: str) -> None:
         """Queue a text frame; waits while the kernel's send buffer is full, at most ``SEND_STALL_S``."""
         if self._writable is not None and not self._writable.done():
