@@ -150,7 +150,9 @@ class Outbound:
         due = self._pacer.batch_due(now, frames, self._batch_frames, self._hold_low_water_s())
         if not due:
             return False  # held for a batch: the pacer sets the hold's deadline
-        self._held_part = False  # a hold this completed paid; nothing else was held
+        if self._held_part and due < self._batch_frames:
+            self._holds_pay = False  # as in ``run``: the hold ended with no company
+        self._held_part = False
         self._note_playout(now, dry_at)
         play_at = now + self._pacer.lead(now) - due * FRAME_S
         ulaw = self._buffer.take(due)

@@ -36,6 +36,19 @@ def mark(name: str) -> str:
     return tw.Mark(STREAM_SID, name, sequence_number=99).to_json()
 
 
+class Queued:
+    """A socket with no read callback or synchronous send (Starlette's, under ``server.websocket: uvicorn``)."""
+
+    def __init__(self, frames: list[str]) -> None:
+        self.frames = frames
+
+    async def receive(self) -> dict[str, str]:
+        return {"type": "websocket.receive", "text": self.frames.pop(0)}
+
+    async def send_text(self, data: str) -> None: ...
+    async def close(self, code: int = 1000, reason: str | None = None) -> None: ...
+
+
 @asynccontextmanager
 async def leg_and_caller() -> AsyncIterator[tuple[TwilioLeg, ClientConnection]]:
     """A ``TwilioLeg`` on the server side of a picows stream, and the client (Twilio's side) connected to it."""
@@ -93,16 +106,6 @@ async def test_a_leg_without_a_read_callback_delivers_audio_through_receive() ->
     """Without ``tap_text`` (a Starlette WebSocket under ``server.websocket: uvicorn``) the handler is never
     called: everything comes through ``receive``."""
 
-    class Queued:
-        def __init__(self, frames: list[str]) -> None:
-            self.frames = frames
-
-        async def receive(self) -> dict[str, str]:
-            return {"type": "websocket.receive", "text": self.frames.pop(0)}
-
-        async def send_text(self, data: str) -> None: ...
-        async def close(self, code: int = 1000, reason: str | None = None) -> None: ...
-
     leg = TwilioLeg(Queued([media(1)]), TwilioSettings(), Metrics(), SystemClock())
     called: list[bytes] = []
     leg.deliver_audio_to(lambda ulaw, _ts: called.append(ulaw))
@@ -126,3 +129,16 @@ def test_direct_audio_reports_what_the_handler_raised_once_it_is_checked() -> No
     with pytest.raises(ValueError, match="boom"):
         direct.check()  # ...which raises it
     assert direct.deliver(b"\x03", 60) is False  # and from then on everything goes through ``receive``
+
+
+async def test_the_leg_sends_audio_synchronously_while_its_socket_takes_it() -> None:
+    """``can_send_now``/``send_audio_nowait``: what ``Outbound`` uses to send a frame due on arrival from the AI
+    leg's read callback. True on an open picows stream (the message reaches Twilio's side); False once the
+    stream is closing, and on a socket with no such path (Starlette's, under ``server.websocket: uvicorn``)."""
+    async with leg_and_caller() as (leg, caller), asyncio.timeout(10):
+        assert leg.can_send_now()
+        leg.send_audio_nowait(b"\x7f" * 320)
+        assert tw.parse_outbound(await caller.recv(), STREAM_SID) == tw.OutMedia(b"\x7f" * 320)
+        await leg.hang_up("completed")
+        assert not leg.can_send_now()
+    assert not TwilioLeg(Queued([]), TwilioSettings(), Metrics(), SystemClock()).can_send_now()
