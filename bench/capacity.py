@@ -26,8 +26,10 @@ Per server and load level:
 - the bridge's event loop lag (sampled every 50 ms) and garbage collections over the run, with those over
   20 ms: whether a late send was our loop or collector (the bridge's ``scheduling`` underruns) or the AI;
 - memory: resident set at steady state less the idle process's, per call;
-- added latency p50/p99: each echoed frame's round trip less its call's quickest (what load added), and
-  underruns per call (holes in the caller's playback), first AI audio p99.
+- added latency p50/p99: each echoed frame's round trip less its call's quickest (what load added); the
+  round trip itself p50/p99 (the emulator's 200 ms echo delay included: a pacing change that sends some frames
+  sooner lowers a call's quickest and so raises "added" while the round trip falls); underruns per call (holes
+  in the caller's playback), first AI audio p99.
 ``--knee`` ramps the calls until p99 added latency passes 20 ms, an underrun appears or a call fails, and
 reports the last level that passed. ``--sip`` starts the bridge with its SIP ingress on too (same ``serve``
 otherwise) and, after each bridge run, runs the same load level as SIP calls (``loadtest --sip``'s caller,
@@ -274,6 +276,7 @@ def measure(
     )
     served = len(result.of("served"))
     added = [t * 1000 for t in result.added_s]
+    trips = [t * 1000 for t in result.round_trips_s]
     underruns = result.underruns_per_call
     first = [t * 1000 for t in result.first_audio_s]
     return {
@@ -285,6 +288,8 @@ def measure(
         **whole_cpu(whole_used, served, seconds),
         "added_p50_ms": percentile(added, 50) if added else None,
         "added_p99_ms": percentile(added, 99) if added else None,
+        "round_trip_p50_ms": percentile(trips, 50) if trips else None,
+        "round_trip_p99_ms": percentile(trips, 99) if trips else None,
         "underruns_per_call_p50": percentile(underruns, 50) if underruns else None,
         "underruns_per_call_max": underruns[-1] if underruns else None,
         "calls_with_underruns": sum(1 for u in underruns if u),
@@ -451,6 +456,7 @@ def line(label: str, f: dict) -> str:
         )
     return head + (
         f"added p50 {ms(f['added_p50_ms'])} p99 {ms(f['added_p99_ms'])} ms  "
+        f"round trip p50 {ms(f['round_trip_p50_ms'])} p99 {ms(f['round_trip_p99_ms'])} ms  "
         f"underruns/call p50 {f['underruns_per_call_p50']} max {f['underruns_per_call_max']} "
         f"({f['calls_with_underruns']} calls)  first audio p99 {ms(f['first_audio_p99_ms'])} ms"
         + (f"  bridge's count: {f['bridge_underruns_by_cause']}" if f["bridge_underruns_by_cause"] else "")
