@@ -95,6 +95,8 @@ class AiSide:
                 tg.create_task(self._receive(session), name="from-ai")
         except* SessionError as group:
             failure = first_of(group, SessionError)
+        finally:
+            session.deliver_audio_to(None)  # a session that failed, or a call that ended, feeds nothing more
         assert failure is not None, "the AI tasks end only by raising"
         return failure
 

@@ -5,7 +5,10 @@ protocol. Five tasks run in one ``TaskGroup`` per call: the caller pump (the leg
 ``Inbound``, played-up-to echoes, DTMF, hang-up), the caller watchdog (the leg went silent), the AI side
 (``ai_side.AiSide``: the Savants session and its reconnects, ``Inbound`` → Savants and Savants → ``Outbound``;
 the AI's goodbye ends the call with ``AiHungUp``), the outbound pump (``Outbound`` → the
-leg in real time) and the lease heartbeat. The first to finish ends the call: it raises ``_CallEnded`` and the
+leg in real time) and the lease heartbeat. Most audio skips the tasks: the caller's reaches ``Inbound`` from
+the leg's read callback (``CallerLeg.deliver_audio_to``), and the AI's reaches ``Outbound``, and often the
+caller, from the Savants socket's (``SavantsConnection.deliver_audio_to``, ``Outbound._send_inline``); the
+pump and the pacer handle the rest. The first to finish ends the call: it raises ``_CallEnded`` and the
 group cancels the rest. Whatever happens, the Savants socket is closed, the outcome is recorded, the leg is
 hung up (Twilio then runs the TwiML after ``<Connect>``) and the device lease is released, exactly once, in
 ``run``'s ``finally``; its figures and metrics go out once, through ``call_report.CallReport``.
@@ -316,16 +319,19 @@ class Call:
 
     async def _caller_pump(self) -> None:
         self._leg.deliver_audio_to(self._caller_audio)  # most audio then skips ``receive``
-        while True:
-            event = await self._leg.receive()
-            if isinstance(event, CallerAudio):
-                self._caller_audio(event.ulaw, event.timestamp_ms)
-            elif isinstance(event, PlayedUpTo):
-                self.outbound.mark_echoed(event.name)
-            elif isinstance(event, Digit):
-                self._dtmf.record(event.digit)
-            else:
-                raise _CallEnded(event.reason)
+        try:
+            while True:
+                event = await self._leg.receive()
+                if isinstance(event, CallerAudio):
+                    self._caller_audio(event.ulaw, event.timestamp_ms)
+                elif isinstance(event, PlayedUpTo):
+                    self.outbound.mark_echoed(event.name)
+                elif isinstance(event, Digit):
+                    self._dtmf.record(event.digit)
+                else:
+                    raise _CallEnded(event.reason)
+        finally:
+            self._leg.deliver_audio_to(None)  # the call is over: no more audio into it
 
     async def _watch_caller(self) -> None:
         """The leg went silent (its peer vanished without a close): end the call and free its slot."""

@@ -91,6 +91,8 @@ class Clock(Protocol):
 
 # uvloop's timers count whole milliseconds on libuv's clock (see ``timer_delay``).
 TIMER_GRANULARITY_S = 0.001
+# A loop whose clock is not CLOCK_MONOTONIC (a test's virtual time) must not stretch every wait without bound.
+MAX_LOOP_CLOCK_LAG_S = 0.05
 
 
 class SystemClock:
@@ -129,10 +131,10 @@ def timer_delay(delay: float) -> float:
     late in a busy iteration, or for under a millisecond, fired before its deadline (199 of 200 in a busy
     loop), and the pacer, waking early, waited again for what was left, a loop turn or more each time (a
     tenth of its wake-ups at 10 calls). So the delay is counted from the loop's own clock and rounded up by
-    a timer tick. On asyncio's own loop, whose clock is ``time.monotonic()``, that is a millisecond late at
-    most."""
+    a timer tick. On asyncio's own loop, whose clock is ``time.monotonic()``, every wait is thus about a
+    millisecond late."""
     lag = time.monotonic() - asyncio.get_running_loop().time()
-    return delay + max(0.0, lag) + TIMER_GRANULARITY_S
+    return delay + min(max(0.0, lag), MAX_LOOP_CLOCK_LAG_S) + TIMER_GRANULARITY_S
 
 
 class FakeClock:

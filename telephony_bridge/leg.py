@@ -18,9 +18,11 @@ Caller audio is most of what a leg delivers (50 messages a second), so the core 
 after ``deliver_audio_to(handler)`` a leg may call ``handler(ulaw, timestamp_ms)`` from its transport's
 callback as audio is read, with no task switch per frame; it does so only while nothing waits unread in
 ``receive`` (so events stay in order), and what the handler raises, ``receive`` raises (``DirectAudio``).
-A leg that has no such callback ignores it, and its audio comes through ``receive`` as ``CallerAudio``.
+``deliver_audio_to(None)`` (the core's, when its pump ends) stops it: a call that has ended handles no more
+audio. A leg that has no such callback ignores all this, and its audio comes through ``receive``.
 
-What the core asks of a leg (only ever from one task at a time, so messages never interleave):
+What the core asks of a leg (from one task at a time, or synchronously from a read callback while that task
+sleeps, so messages never interleave):
 
 - ``send_audio(ulaw)``: whole 20 ms frames of 8 kHz μ-law, already paced by ``Outbound`` at most
   ``audio.outbound_lead_ms`` ahead of real time. A leg with a fixed clock (SIP sends RTP at exactly 20 ms,
@@ -111,7 +113,7 @@ class CallerLeg(AudioSink, Protocol):
         ...
 
     async def receive(self) -> LegEvent: ...
-    def deliver_audio_to(self, handler: AudioHandler) -> None: ...
+    def deliver_audio_to(self, handler: AudioHandler | None) -> None: ...
     async def hang_up(self, outcome: str) -> None: ...
     async def inactive(self) -> str: ...
     def figures(self) -> dict[str, Any]: ...
@@ -130,7 +132,9 @@ class DirectAudio:
         self._context = contextvars.Context()
         self._error: Exception | None = None
 
-    def attach(self, handler: AudioHandler) -> None:
+    def attach(self, handler: AudioHandler | None) -> None:
+        """``None`` detaches: the leg queues its audio for ``receive`` again (nobody reads it once the call
+        has ended)."""
         self.handler = handler
         self._context = contextvars.copy_context()
 

@@ -257,6 +257,7 @@ class Outbound:
                 if now >= paused_at and len(self._buffer):
                     self._buffer.pad_to_frame()
                 elif now >= paused_at and self._unmarked_ms:
+                    self._holds_pay = True  # the spurt ends here: the next may come in bursts
                     await self._send_mark()
                 elif self._fill is not None and not len(self._buffer) and not self.holding:
                     await self._send_fill(now, self._fill)
@@ -347,7 +348,7 @@ class Outbound:
         self.playback.cleared(unplayed_ms=max(0, round(unplayed_ai_s * 1000)))
         self._pacer.cleared(now)
         self._spurt_live = False
-        self._held_part = False
+        self._holds_pay, self._held_part = True, False
         self._audible_since, self._audible_until = None, float("-inf")
         self._unmarked_ms = 0
         self._progress.set()

@@ -66,3 +66,23 @@ def test_waits_never_return_before_their_deadline_on_uvloop_after_a_busy_loop_tu
         return early
 
     assert uvloop.run(waits()) == 0
+
+
+def test_a_loop_whose_clock_is_not_monotonic_does_not_stretch_waits() -> None:
+    """``timer_delay`` corrects for the loop's clock falling behind ``time.monotonic()``, but never by more than
+    ``MAX_LOOP_CLOCK_LAG_S``: a loop on another clock (virtual time) still wakes a 10 ms wait within a second."""
+
+    class BehindLoop(asyncio.SelectorEventLoop):
+        def time(self) -> float:
+            return super().time() - 5.0  # seconds behind CLOCK_MONOTONIC
+
+    async def wait() -> float:
+        started = time.monotonic()
+        await SystemClock().wait_until(Flag(), started + 0.01)  # uncapped, it would wait 5 s
+        return time.monotonic() - started
+
+    loop = BehindLoop()
+    try:
+        assert loop.run_until_complete(wait()) < 1.0
+    finally:
+        loop.close()

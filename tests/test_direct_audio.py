@@ -83,12 +83,24 @@ async def test_audio_goes_to_the_core_from_the_read_callback_and_stays_in_order_
         # Nobody reads the mark yet: the media after it waits behind it, for ``receive``.
         await caller.send(mark("m1"))
         await caller.send(media(3))
-        await asyncio.sleep(0.1)
+        await (await caller.ping())  # the server read both before it answered (picows reads in order)
         assert handed.empty()
         assert await leg.receive() == PlayedUpTo("m1")
         assert await leg.receive() == CallerAudio(b"\x03" * 160, 60)
         await caller.send(media(4))  # the queue is empty again: straight to the core
         assert await handed.get() == (b"\x04" * 160, 80, True, CALL_SID)
+
+
+async def test_a_detached_handler_gets_nothing_more() -> None:
+    """The core detaches its handler when its pump ends (``deliver_audio_to(None)``): a call that has ended
+    handles no more audio; what comes after is queued for a ``receive`` nobody makes."""
+    handed: list[bytes] = []
+    async with leg_and_caller() as (leg, caller), asyncio.timeout(10):
+        leg.deliver_audio_to(lambda ulaw, _ts: handed.append(ulaw))
+        leg.deliver_audio_to(None)
+        await caller.send(media(1))
+        assert await leg.receive() == CallerAudio(b"\x01" * 160, 20)
+        assert handed == []
 
 
 async def test_what_the_cores_handler_raises_comes_out_of_receive() -> None:

@@ -636,6 +636,35 @@ async def test_outbound_a_real_time_frame_due_on_arrival_goes_out_as_it_is_pushe
         sizes = [len(p) for _, p in line.media()]
         assert sizes[0] == 3 * FRAME and set(sizes[1:]) == {FRAME}
         assert (line.outbound.underruns_ai_late, line.outbound.underruns_scheduling) == (0, 0)
+        await advance(line.clock, 0.2)  # the AI paused: the pacer still closes the spurt with a mark
+        assert isinstance(line.events()[-1][1], OutMark) and line.outbound._unmarked_ms == 0
+
+
+async def test_outbound_sends_nothing_from_push_while_the_pacer_is_mid_send() -> None:
+    """The pacer's mark is in flight (the leg suspended it) while the next frame arrives, due, and the leg
+    would take it at once: it waits for the mark, so messages never interleave or overtake."""
+    release = asyncio.Event()
+    async with asyncio.timeout(TIMEOUT_S), running(AudioSettings(mark_interval_ms=100)) as line:
+        sink = line.outbound._sink
+        real_send_mark = sink.send_mark
+        in_flight: list[str] = []
+
+        async def slow_mark(name: str) -> None:
+            in_flight.append(name)
+            await release.wait()
+            await real_send_mark(name)
+
+        sink.send_mark = slow_mark  # type: ignore[method-assign]
+        while not in_flight:
+            line.outbound.push(tone(20))
+            await advance(line.clock, FRAME_S)
+        sent = len(line.events())
+        line.outbound.push(tone(20))  # due (Twilio is low), but the pacer is inside send_mark
+        assert len(line.events()) == sent
+        release.set()
+        await advance(line.clock, FRAME_S)
+        names = [type(e).__name__ for _, e in line.events()[sent:]]
+        assert names[0] == "OutMark" and "OutMedia" in names[1:]  # the mark first, then the frame
 
 
 async def test_outbound_stops_holding_for_the_spurt_once_a_hold_ends_alone_and_holds_again_in_the_next() -> None:

@@ -187,7 +187,7 @@ class SipLeg:
 
     # --- leg.CallerLeg -------------------------------------------------------------------------------------
 
-    def deliver_audio_to(self, handler: AudioHandler) -> None:
+    def deliver_audio_to(self, handler: AudioHandler | None) -> None:
         self._direct.attach(handler)
 
     async def receive(self) -> LegEvent:

@@ -128,11 +128,11 @@ class TwilioLeg:
 
     # --- caller -> core ------------------------------------------------------------------------------------
 
-    def deliver_audio_to(self, handler: AudioHandler) -> None:
+    def deliver_audio_to(self, handler: AudioHandler | None) -> None:
         tap_text = getattr(self._ws, "tap_text", None)
         if tap_text is not None:
             self._direct.attach(handler)
-            tap_text(self._tapped)
+            tap_text(self._tapped if handler is not None else None)
 
     def _tapped(self, text: bytes) -> bool:
         """A text message as the socket reads it: media goes to the core at once (the fast path, parsed once);
