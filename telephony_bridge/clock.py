@@ -128,11 +128,10 @@ def timer_delay(delay: float) -> float:
     """The delay to give the event loop for a timer that must not fire before ``delay`` seconds from now.
 
     uvloop runs timers on libuv's clock, in whole milliseconds and read once per loop iteration: a timer set
-    late in a busy iteration, or for under a millisecond, fired before its deadline (199 of 200 in a busy
-    loop), and the pacer, waking early, waited again for what was left, a loop turn or more each time (a
-    tenth of its wake-ups at 10 calls). So the delay is counted from the loop's own clock and rounded up by
-    a timer tick. On asyncio's own loop, whose clock is ``time.monotonic()``, every wait is thus about a
-    millisecond late."""
+    late in a busy iteration, or for under a millisecond, fired before its deadline (``tests/test_clock.py``),
+    and the pacer, waking early, waited again for what was left, a loop turn or more each time. So the delay
+    is counted from the loop's own clock and rounded up by a timer tick. On asyncio's own loop, whose clock
+    is ``time.monotonic()``, every wait is thus about a millisecond late."""
     lag = time.monotonic() - asyncio.get_running_loop().time()
     return delay + min(max(0.0, lag), MAX_LOOP_CLOCK_LAG_S) + TIMER_GRANULARITY_S
 

@@ -146,16 +146,10 @@ class Outbound:
         frames = self._buffer.frames
         if not frames or self._unmarked_ms + frames * FRAME_MS >= self._mark_every_ms:
             return False
-        dry_at = self._pacer.play_end
-        due = self._pacer.batch_due(now, frames, self._batch_frames, self._hold_low_water_s())
-        if not due:
+        taken = self._take_due(now, frames, self._batch_frames)
+        if taken is None:
             return False  # held for a batch: the pacer sets the hold's deadline
-        if self._held_part and due < self._batch_frames:
-            self._holds_pay = False  # as in ``run``: the hold ended with no company
-        self._held_part = False
-        self._note_playout(now, dry_at)
-        play_at = now + self._pacer.lead(now) - due * FRAME_S
-        ulaw = self._buffer.take(due)
+        ulaw, play_at = taken
         self._sink.send_audio_nowait(ulaw)
         self._audio_sent(ulaw, play_at)
         if self._buffer.frames or self._parked_until is None:
@@ -270,17 +264,12 @@ class Outbound:
                 await self._wait(gathering_until)
                 continue
             batch = 1 if self._finishing else self._batch_frames
-            dry_at = self._pacer.play_end
-            if dry_at is None or dry_at <= now:
+            play_end = self._pacer.play_end
+            if play_end is None or play_end <= now:
                 self._holds_pay = True  # Twilio's buffer is empty: a new talk spurt, whose AI may send in bursts
-            due = self._pacer.batch_due(now, frames, batch, self._hold_low_water_s())
-            if due:
-                if self._held_part and due < batch:
-                    self._holds_pay = False  # the hold ended with no company: see ``_hold_low_water_s``
-                self._held_part = False
-                self._note_playout(now, dry_at)
-                play_at = now + self._pacer.lead(now) - due * FRAME_S
-                await self._send_audio(self._buffer.take(due), play_at)
+            taken = self._take_due(now, frames, batch)
+            if taken is not None:
+                await self._send_audio(*taken)
             left = self._buffer.frames
             if left and not self._clear_pending:
                 at = self._clock.monotonic()
@@ -289,6 +278,20 @@ class Outbound:
                 else:  # a part batch: it goes when more audio makes it whole, or when Twilio runs low
                     self._held_part = True
                     await self._wait(self._pacer.hold_until(at, self._low_water_s()))
+
+    def _take_due(self, now: float, frames: int, batch: int) -> tuple[bytes, float] | None:
+        """The frames due now (recorded as sent, with when the first plays at the caller), or None while a part
+        batch is held; the one decision ``run`` and ``_send_inline`` share."""
+        dry_at = self._pacer.play_end
+        due = self._pacer.batch_due(now, frames, batch, self._hold_low_water_s())
+        if not due:
+            return None
+        if self._held_part and due < batch:
+            self._holds_pay = False  # the hold ended with no company: see ``_hold_low_water_s``
+        self._held_part = False
+        self._note_playout(now, dry_at)
+        play_at = now + self._pacer.lead(now) - due * FRAME_S
+        return self._buffer.take(due), play_at
 
     def _hold_low_water_s(self) -> float:
         """``_low_water_s`` while holding part batches pays; once a hold has ended with its frames going out

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import enum
 import logging
+from collections.abc import Callable
 from typing import Any, Literal, Protocol
 
 from telephony_bridge.bridge import Call, CallDeps
@@ -101,6 +102,8 @@ class TwilioLeg:
         # Twilio sends media every 20 ms, even in silence (spec §3): a quiet socket is a dead one.
         self.watchdog = Watchdog(clock, settings.inactivity_timeout_s or None)
         self._direct = DirectAudio()
+        # A picows ``StreamSocket`` can send without waiting (``writable``/``send_text_nowait``); Starlette's cannot.
+        self._writable: Callable[[], bool] | None = getattr(ws, "writable", None)
 
     # --- before the call -----------------------------------------------------------------------------------
 
@@ -198,8 +201,7 @@ class TwilioLeg:
         await self._send(tw.media_message(self.stream_id, ulaw))
 
     def can_send_now(self) -> bool:
-        writable = getattr(self._ws, "writable", None)  # a picows ``StreamSocket``; Starlette's has none
-        return self._open and writable is not None and writable()
+        return self._open and self._writable is not None and self._writable()
 
     def send_audio_nowait(self, ulaw: bytes) -> None:
         try:

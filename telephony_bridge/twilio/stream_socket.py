@@ -139,10 +139,7 @@ class StreamSocket(WSListener):  # type: ignore[misc]
                 if self._transport is not None:
                     self._transport.disconnect(graceful=False)
                 raise SocketClosed(f"the caller took nothing we sent for {SEND_STALL_S} s") from None
-        transport = self._transport
-        if transport is None or self._disconnected or transport.is_close_frame_sent:
-            raise SocketClosed("the media stream is closed")
-        transport.send(WSMsgType.TEXT, data.encode())
+        self.send_text_nowait(data)
 
     async def close(self, code: int = 1000, reason: str | None = None) -> None:
         """Send our close frame and wait (bounded) for Twilio's; safe to call more than once."""
