@@ -1,12 +1,13 @@
 #!/usr/bin/env python3
 """One-step set-up and run: ``python3 dev.py serve`` or ``python3 dev.py test``.
 
-On first use (and whenever pyproject.toml or constraints.txt changes) it creates ``.venv`` beside this file and
-installs the package with its test extras into it, at the versions constraints.txt pins (the ones CI and the
-Docker image use); then it becomes the bridge's CLI or pytest inside that environment (``os.execv``: same
-process, so SIGTERM and Ctrl-C reach the bridge itself). ``serve`` runs with ``--dev``: with no
-SAVANTS_BASE_URL it uses the embedded Savants emulator, on 127.0.0.1 unless HOST is given.
-Needs nothing but Python 3.11 or newer.
+On first use (and whenever pyproject.toml, constraints.txt or the C extension's source changes) it creates
+``.venv`` beside this file and installs the package with its test extras into it, at the versions
+constraints.txt pins (the ones CI and the Docker image use); where a C compiler is at hand that builds the
+optional audio kernels too (telephony_bridge/audio/kernels.py). Then it becomes the bridge's CLI or pytest
+inside that environment (``os.execv``: same process, so SIGTERM and Ctrl-C reach the bridge itself).
+``serve`` runs with ``--dev``: with no SAVANTS_BASE_URL it uses the embedded Savants emulator, on 127.0.0.1
+unless HOST is given. Needs nothing but Python 3.11 or newer.
 """
 
 from __future__ import annotations
@@ -23,12 +24,14 @@ VENV = ROOT / ".venv"
 BIN = VENV / ("Scripts" if os.name == "nt" else "bin")
 STAMP = VENV / ".installed-from"
 CONSTRAINTS = ROOT / "constraints.txt"
+# What the install depends on: a change to any of these reinstalls (and so rebuilds the C extension).
+INSTALL_INPUTS = (ROOT / "pyproject.toml", CONSTRAINTS, ROOT / "setup.py", ROOT / "telephony_bridge/audio/_kernels.c")
 
 
 def ensure_environment() -> None:
     if sys.version_info < (3, 11):  # noqa: UP036 - this script is what tells an older Python so
         sys.exit(f"telephony-bridge needs Python 3.11 or newer; this is {sys.version.split()[0]}")
-    wanted = hashlib.sha256((ROOT / "pyproject.toml").read_bytes() + CONSTRAINTS.read_bytes()).hexdigest()
+    wanted = hashlib.sha256(b"".join(path.read_bytes() for path in INSTALL_INPUTS)).hexdigest()
     if STAMP.exists() and STAMP.read_text() == wanted:
         return
     if not (BIN / "python").exists():

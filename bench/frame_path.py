@@ -9,6 +9,9 @@ either as each frame comes (how the bridge did it before) or per batch when it g
 lazy conversion, two frames a message by default), and the outbound media message built. The naive rows are
 ``bench/naive_bridge.py``'s steps (stdlib ``json``, ``audioop`` μ-law and ``ratecv``). The WebSocket and event
 loop costs that dominate a call are not here: ``bench/capacity.py`` measures the whole.
+
+The "ours" rows run the configured audio kernels (``BRIDGE_AUDIO_KERNELS``: the compiled extension if built);
+the "conversion alone" rows run each kind of kernel in turn, so the two are compared in the same run.
 """
 
 from __future__ import annotations
@@ -31,7 +34,8 @@ with warnings.catch_warnings():
     import audioop  # the stdlib module up to 3.12; the audioop-lts package on 3.13+
 
 from telephony_bridge.audio.codec import pcm16_to_ulaw
-from telephony_bridge.audio.pipeline import AiToCaller, FrameBuffer
+from telephony_bridge.audio.kernels import BACKEND, ENV_VAR, EXTENSION
+from telephony_bridge.audio.pipeline import AiToCaller, CallerToAi, FrameBuffer
 from telephony_bridge.clock import SystemClock
 from telephony_bridge.inbound import Inbound
 from telephony_bridge.ops.metrics import Metrics
@@ -91,9 +95,19 @@ def main() -> int:
             pcm8k = audioop.ulaw2lin(base64.b64decode(data["media"]["payload"]), 2)
             _, state = audioop.ratecv(pcm8k, 2, 1, 8000, 16000, state)
 
-    def ai_to_caller(batch: int) -> Callable[[], None]:
+    def conversion_only(compiled: bool) -> Callable[[], None]:
+        payloads = [ulaw[i * 160 : (i + 1) * 160] for i in range(n)]
+
         def run() -> None:
-            buffer = FrameBuffer()
+            pipeline = CallerToAi(compiled=compiled)
+            for i, payload in enumerate(payloads):
+                pipeline.push(i * 20, payload)
+
+        return run
+
+    def ai_to_caller(batch: int, compiled: bool | None = None) -> Callable[[], None]:
+        def run() -> None:
+            buffer = FrameBuffer(compiled=compiled)
             for i, frame in enumerate(ai_frames):
                 buffer.append_pcm(frame)
                 if (i + 1) % batch == 0:
@@ -110,6 +124,16 @@ def main() -> int:
                 tw.media_message(STREAM_SID, bytes(pending))
                 pending.clear()
 
+    def convert_only(compiled: bool) -> Callable[[], None]:
+        def run() -> None:
+            buffer = FrameBuffer(compiled=compiled)
+            for i, frame in enumerate(ai_frames):
+                buffer.append_pcm(frame)
+                if i % 2:
+                    buffer.take(2)
+
+        return run
+
     def naive_ai_to_caller() -> None:
         state = None
         for frame in ai_frames:
@@ -118,14 +142,25 @@ def main() -> int:
             json.dumps({"event": "media", "streamSid": STREAM_SID, "media": {"payload": payload}})
 
     rows = [
-        ("caller → AI, ours (parse, timeline, decode, 75-tap FIR up, queue, VAD)", caller_to_ai(True)),
+        (f"caller → AI, ours (parse, timeline, decode, 75-tap FIR up, queue, VAD; {BACKEND})", caller_to_ai(True)),
         ("caller → AI, ours without barge-in (no VAD)", caller_to_ai(False)),
         ("caller → AI, naive (json, ulaw2lin, ratecv; no timeline, no VAD)", naive_caller_to_ai),
-        ("AI → caller, ours, converted per 40 ms batch (FIR down, μ-law, message)", ai_to_caller(2)),
+        (f"AI → caller, ours, converted per 40 ms batch (FIR down, μ-law, message; {BACKEND})", ai_to_caller(2)),
         ("AI → caller, ours, converted as each frame comes (before)", per_frame_ai_to_caller),
         ("AI → caller, naive (ratecv, lin2ulaw, base64, json per frame)", naive_ai_to_caller),
     ]
-    print(f"per 20 ms frame, best of {args.repeat} runs of {n} frames")
+    # The audio kernels alone, each way, compiled (if built) and numpy: the same bytes, at what cost.
+    for compiled in (True, False) if EXTENSION is not None else (False,):
+        kind = "compiled" if compiled else "numpy"
+        rows.append(
+            (f"caller → AI conversion alone (timeline, decode, FIR up, frames; {kind})", conversion_only(compiled))
+        )
+        rows.append(
+            (f"AI → caller conversion alone, per 40 ms batch (FIR down, μ-law; {kind})", convert_only(compiled))
+        )
+    print(f"per 20 ms frame, best of {args.repeat} runs of {n} frames; audio kernels: {BACKEND} ({ENV_VAR})")
+    if EXTENSION is None:
+        print("(the compiled kernels are not built here: numpy rows only)")
     for label, run in rows:
         print(f"{best_us(run, n, args.repeat):6.1f} µs  {label}")
     return 0

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 import uvicorn
 
 from telephony_bridge import __version__
+from telephony_bridge.audio import kernels
 from telephony_bridge.errors import BridgeError, ConfigError
 from telephony_bridge.ops import logging as oplog
 from telephony_bridge.ops.gc_tuning import tune_gc
@@ -174,6 +175,7 @@ def run_serve(args: argparse.Namespace) -> int:
         overrides["dev"] = True
     settings = load_settings(args.config, **overrides)
     _require_production_settings(settings)  # before anything starts: a missing setting is one sentence
+    kernels.check()
     if settings.sip.port is not None:
         from telephony_bridge.sip.server import require_sip_security
 
@@ -237,9 +239,16 @@ async def _serve_bridge(
     tune_gc(settings.server.gc_young_threshold, freeze=settings.server.gc_tuning)
     host = settings.listen_host
     if worker is None:
-        log.info("bridge listening on %s:%d", host, sock.getsockname()[1])
+        log.info("bridge listening on %s:%d (audio kernels: %s)", host, sock.getsockname()[1], kernels.BACKEND)
     else:
-        log.info("worker %d (pid %d) serving on %s:%d", worker, os.getpid(), host, sock.getsockname()[1])
+        log.info(
+            "worker %d (pid %d) serving on %s:%d (audio kernels: %s)",
+            worker,
+            os.getpid(),
+            host,
+            sock.getsockname()[1],
+            kernels.BACKEND,
+        )
     sockets = [sock]
     if ops_sock is not None:  # one server, two listeners: the app tells them apart by port
         sockets.append(ops_sock)

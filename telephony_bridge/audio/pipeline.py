@@ -9,35 +9,32 @@ from __future__ import annotations
 import numpy as np
 import numpy.typing as npt
 
-from telephony_bridge.audio.codec import (
-    SAVANTS_FRAME_BYTES,
-    TWILIO_FRAME_BYTES,
-    ULAW_SILENCE,
-    pcm16_to_ulaw,
-    ulaw_to_pcm16,
-)
-from telephony_bridge.audio.resample import Downsampler2x, Upsampler2x
+from telephony_bridge.audio.codec import SAVANTS_FRAME_BYTES, TWILIO_FRAME_BYTES, ULAW_SILENCE
+from telephony_bridge.audio.kernels import DownsamplerToUlaw, UlawUpsampler
 from telephony_bridge.audio.timeline import InboundTimeline
 
 
 class CallerToAi:
-    def __init__(self) -> None:
+    """``compiled``: None for the configured kernels (see ``kernels``), True or False to choose (benches, tests)."""
+
+    def __init__(self, *, compiled: bool | None = None) -> None:
         self.timeline = InboundTimeline()
-        self._upsampler = Upsampler2x()
+        self._upsampler = UlawUpsampler(compiled=compiled)
         self._pending = bytearray()
 
     def push(self, timestamp_ms: int | None, ulaw: bytes) -> tuple[npt.NDArray[np.int16], list[bytes]]:
         """One media payload in (``timestamp_ms`` None: unstamped): the caller's audio as placed on the timeline
         (8 kHz PCM, for the voice activity detector) and the whole 640-byte frames now due to the AI."""
-        placed = ulaw_to_pcm16(self.timeline.place(timestamp_ms, ulaw))
-        if len(placed):
-            self._pending += self._upsampler.process(placed).astype("<i2", copy=False).tobytes()
+        placed, pcm_16k = self._upsampler.process(self.timeline.place(timestamp_ms, ulaw))
+        self._pending += pcm_16k
         return placed, _take_frames(self._pending, SAVANTS_FRAME_BYTES)
 
 
 class AiToCaller:
-    def __init__(self) -> None:
-        self._downsampler = Downsampler2x()
+    """``compiled``: as for ``CallerToAi``."""
+
+    def __init__(self, *, compiled: bool | None = None) -> None:
+        self._downsampler = DownsamplerToUlaw(compiled=compiled)
         self._odd_byte = b""
         self._pending = bytearray()
 
@@ -48,8 +45,7 @@ class AiToCaller:
         self._odd_byte = data[whole:]
         if not whole:
             return b""
-        samples = np.frombuffer(data[:whole], dtype="<i2")
-        return pcm16_to_ulaw(self._downsampler.process(samples))
+        return self._downsampler.process(data[:whole] if whole < len(data) else data)
 
 
 class FrameBuffer:
@@ -61,9 +57,9 @@ class FrameBuffer:
     out per two in, so that is known without converting.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, *, compiled: bool | None = None) -> None:
         self._data = bytearray()
-        self._to_caller = AiToCaller()
+        self._to_caller = AiToCaller(compiled=compiled)
         self._pcm = bytearray()  # AI audio not yet converted
         self._pcm_bytes_in = 0  # AI audio ever queued (a sample split across chunks counts once whole)
         self._ulaw_out = 0  # μ-law the converter has made of it: one byte per two samples in

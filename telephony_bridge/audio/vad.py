@@ -15,6 +15,7 @@ import numpy.typing as npt
 import webrtcvad
 
 from telephony_bridge.audio.codec import TWILIO_RATE_HZ
+from telephony_bridge.audio.kernels import mean_square
 
 VAD_FRAME_SAMPLES = 160  # 20 ms at 8 kHz: webrtcvad takes only 10, 20 or 30 ms frames
 VAD_FRAME_S = VAD_FRAME_SAMPLES / TWILIO_RATE_HZ
@@ -46,8 +47,7 @@ class VoiceActivityDetector:
         if frame.dtype != np.int16 or frame.shape != (VAD_FRAME_SAMPLES,):
             raise ValueError(f"expected {VAD_FRAME_SAMPLES} int16 samples, got {frame.shape} {frame.dtype}")
         voiced = self._vad.is_speech(frame.astype("<i2", copy=False).tobytes(), TWILIO_RATE_HZ)
-        samples = frame.astype(np.float64)
-        loud = float(np.dot(samples, samples)) / VAD_FRAME_SAMPLES >= self._min_mean_square
+        loud = mean_square(frame) >= self._min_mean_square
         return bool(voiced and loud)
 
     def process(self, samples: npt.NDArray[np.int16]) -> list[bool]:

@@ -1,0 +1,120 @@
+"""A call's per-frame audio conversions, one call each way: compiled when the optional C extension is built.
+
+Converting a 20 ms frame with numpy is a dozen numpy calls on 160–320 samples, and their per-call overhead,
+not the arithmetic, is what it costs (~10 µs a frame each way). ``_kernels.c`` does the same sums in one C call
+(~1 µs), with the tables and taps handed over from ``codec`` and ``resample`` at import, so both paths give
+the same bytes: ``tests/test_kernels.py`` checks that bit for bit. The numpy path stays as the reference and as
+the fallback where no compiler was at hand when the package was installed.
+
+``BRIDGE_AUDIO_KERNELS`` chooses, read once at import: ``auto`` (the default: compiled if built), ``numpy`` (the
+reference path), ``compiled`` (refuse to start without the extension: CI sets it, so a failed build fails).
+"""
+
+from __future__ import annotations
+
+import os
+from types import ModuleType
+
+import numpy as np
+import numpy.typing as npt
+
+from telephony_bridge.audio import codec, resample
+from telephony_bridge.errors import ConfigError
+
+ENV_VAR = "BRIDGE_AUDIO_KERNELS"
+CHOICES = ("auto", "numpy", "compiled")
+
+
+def _import_extension() -> ModuleType | None:
+    """The extension, configured, or None if it was not built."""
+    try:
+        from telephony_bridge.audio import _kernels  # type: ignore[attr-defined]
+    except ImportError:
+        return None
+    _kernels.configure(
+        (2.0 * resample._SINC_TAPS).tobytes(),  # the upsampler's gain of 2 (see resample.Upsampler2x)
+        resample._SINC_TAPS.tobytes(),
+        codec._DECODE.tobytes(),
+        codec._ENCODE.tobytes(),
+    )
+    return _kernels
+
+
+def _choose(choice: str) -> tuple[ModuleType | None, str]:
+    """The kernels ``choice`` names, and what is wrong with the choice ("" if nothing)."""
+    if choice not in CHOICES:
+        return None, f"{ENV_VAR}={choice!r}: expected one of {', '.join(CHOICES)}"
+    if choice == "compiled" and EXTENSION is None:
+        return None, (
+            f"{ENV_VAR}=compiled, but the C extension telephony_bridge.audio._kernels is not built; reinstall the "
+            "package where a C compiler and Python's headers are installed (on Debian: gcc python3-dev)"
+        )
+    return (None if choice == "numpy" else EXTENSION), ""
+
+
+EXTENSION = _import_extension()
+_default, _problem = _choose(os.environ.get(ENV_VAR, "auto").strip().lower() or "auto")
+BACKEND = "compiled" if _default is not None else "numpy"
+
+
+def check() -> None:
+    """Raise ``ConfigError`` if ``BRIDGE_AUDIO_KERNELS`` asks for what cannot be had: ``serve`` calls it first,
+    so the answer is one sentence at start-up rather than a failure in the first call."""
+    if _problem:
+        raise ConfigError(_problem)
+
+
+def _pick(compiled: bool | None) -> ModuleType | None:
+    """None: the configured default; True: the extension (it must be built); False: numpy."""
+    if compiled is None:
+        check()
+        return _default
+    if compiled and EXTENSION is None:
+        raise ConfigError("the compiled audio kernels (telephony_bridge.audio._kernels) are not built")
+    return EXTENSION if compiled else None
+
+
+class UlawUpsampler:
+    """Caller → AI: μ-law at 8 kHz in; the same audio as int16 samples (for the VAD) and as little-endian PCM16 at
+    16 kHz, two samples per sample in. One per call: the filter's state lives as long as the call."""
+
+    def __init__(self, *, compiled: bool | None = None) -> None:
+        self._compiled = _pick(compiled)
+        if self._compiled is not None:
+            self._state = bytearray(self._compiled.UP_STATE_BYTES)
+        else:
+            self._upsampler = resample.Upsampler2x()
+
+    def process(self, ulaw: bytes) -> tuple[npt.NDArray[np.int16], bytes]:
+        if self._compiled is not None:
+            pcm_8k, pcm_16k = self._compiled.ulaw_up(self._state, ulaw)
+            return np.frombuffer(pcm_8k, dtype=np.int16), pcm_16k
+        samples = codec.ulaw_to_pcm16(ulaw)
+        if not len(samples):
+            return samples, b""
+        return samples, self._upsampler.process(samples).astype("<i2", copy=False).tobytes()
+
+
+class DownsamplerToUlaw:
+    """AI → caller: little-endian PCM16 at 16 kHz in (an even byte count), μ-law at 8 kHz out, one byte per two
+    samples as ``resample.Downsampler2x`` releases them. One per call."""
+
+    def __init__(self, *, compiled: bool | None = None) -> None:
+        self._compiled = _pick(compiled)
+        if self._compiled is not None:
+            self._state = bytearray(self._compiled.DOWN_STATE_BYTES)
+        else:
+            self._downsampler = resample.Downsampler2x()
+
+    def process(self, pcm: bytes) -> bytes:
+        if self._compiled is not None:
+            return self._compiled.down_ulaw(self._state, pcm)
+        return codec.pcm16_to_ulaw(self._downsampler.process(codec.pcm16_bytes_to_array(pcm)))
+
+
+def mean_square(samples: npt.NDArray[np.int16]) -> float:
+    """The mean of the squared samples (0.0 for none): exact, as both paths sum in integers or exact floats."""
+    if _default is not None and samples.flags.c_contiguous:
+        return _default.mean_square(samples)
+    wide = samples.astype(np.float64)
+    return float(np.dot(wide, wide)) / len(samples) if len(samples) else 0.0

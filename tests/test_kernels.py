@@ -1,0 +1,140 @@
+"""The compiled audio kernels give the numpy reference's bytes exactly, and the choice between them is explicit."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from types import ModuleType
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from telephony_bridge.audio import kernels
+from telephony_bridge.audio.kernels import DownsamplerToUlaw, UlawUpsampler
+from telephony_bridge.errors import ConfigError
+
+
+@pytest.fixture(scope="module")
+def extension() -> ModuleType:
+    """The built extension; without one, skip locally but fail under CI (the fast path must be tested)."""
+    if kernels.EXTENSION is None:
+        if os.environ.get("CI"):
+            pytest.fail("CI must build and test telephony_bridge.audio._kernels (is a C compiler installed?)")
+        pytest.skip("telephony_bridge.audio._kernels is not built here (no C compiler at install time)")
+    return kernels.EXTENSION
+
+
+@st.composite
+def chunked(draw: st.DrawFn, bytes_per_sample: int) -> list[bytes]:
+    """Random audio in chunks of any size, 0 included: μ-law codes (1 byte a sample) or little-endian PCM16 (2).
+    Half the examples are full-scale square-ish waves, which overshoot int16 after filtering (Gibbs ringing), so
+    saturation is exercised too."""
+    rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
+    loud = draw(st.booleans())
+    chunks = []
+    for size in draw(st.lists(st.integers(0, 400), max_size=12)):
+        if bytes_per_sample == 1:  # μ-law 0x00 and 0x80 are the loudest codes, of either sign
+            codes = np.where(rng.random(size) < 0.5, 0x00, 0x80) if loud else rng.integers(0, 256, size)
+            chunks.append(codes.astype(np.uint8).tobytes())
+        else:
+            pcm = np.where(rng.random(size) < 0.5, -32768, 32767) if loud else rng.integers(-32768, 32768, size)
+            chunks.append(pcm.astype("<i2").tobytes())
+    return chunks
+
+
+@settings(max_examples=200, deadline=None)
+@given(chunks=chunked(bytes_per_sample=1))
+def test_compiled_upsampler_matches_the_numpy_reference(extension: ModuleType, chunks: list[bytes]) -> None:
+    compiled, reference = UlawUpsampler(compiled=True), UlawUpsampler(compiled=False)
+    for ulaw in chunks:
+        pcm_8k, pcm_16k = compiled.process(ulaw)
+        want_8k, want_16k = reference.process(ulaw)
+        assert pcm_16k == want_16k
+        assert len(pcm_16k) == 4 * len(ulaw)
+        np.testing.assert_array_equal(pcm_8k, want_8k)
+
+
+@settings(max_examples=200, deadline=None)
+@given(chunks=chunked(bytes_per_sample=2))
+def test_compiled_downsampler_matches_the_numpy_reference(extension: ModuleType, chunks: list[bytes]) -> None:
+    compiled, reference = DownsamplerToUlaw(compiled=True), DownsamplerToUlaw(compiled=False)
+    total = 0
+    for pcm in chunks:
+        ulaw = compiled.process(pcm)
+        assert ulaw == reference.process(pcm)
+        total += len(ulaw)
+    assert total == sum(len(pcm) for pcm in chunks) // 4  # one byte per two samples
+
+
+def test_mean_square_matches_numpy(extension: ModuleType) -> None:
+    samples = np.random.default_rng(7).integers(-32768, 32768, 160).astype(np.int16)
+    wide = samples.astype(np.float64)
+    assert extension.mean_square(samples) == float(np.dot(wide, wide)) / 160
+    assert extension.mean_square(np.full(160, -32768, dtype=np.int16)) == 32768.0**2
+    assert extension.mean_square(b"") == 0.0
+
+
+def test_bad_arguments_are_refused_with_a_reason(extension: ModuleType) -> None:
+    with pytest.raises(ValueError, match="74-byte upsampler state"):
+        extension.ulaw_up(bytearray(10), b"\xff" * 160)
+    with pytest.raises(ValueError, match="even number of PCM16 bytes"):
+        extension.down_ulaw(bytearray(extension.DOWN_STATE_BYTES), b"\x00" * 3)
+    with pytest.raises(TypeError):
+        extension.ulaw_up(bytes(extension.UP_STATE_BYTES), b"\xff")  # state must be writable
+    taps = np.arange(38, dtype=np.float64)  # not symmetric
+    try:
+        with pytest.raises(ValueError, match="symmetric"):
+            extension.configure(taps.tobytes(), taps.tobytes(), bytes(512), bytes(65536))
+        with pytest.raises(RuntimeError, match="before configure"):  # a failed configure leaves it unusable
+            extension.ulaw_up(bytearray(extension.UP_STATE_BYTES), b"\xff")
+    finally:
+        kernels._import_extension()  # configured again as the package sets it up
+
+
+def test_a_forced_backend_that_is_missing_is_a_configuration_error() -> None:
+    if kernels.EXTENSION is None:
+        with pytest.raises(ConfigError, match="not built"):
+            UlawUpsampler(compiled=True)
+
+
+def _serve_with(env_value: str, block_extension: bool) -> subprocess.CompletedProcess[str]:
+    """``telephony-bridge serve --dev`` in a child whose kernels choice is ``env_value``; it must stop at once."""
+    code = (
+        "import sys\n"
+        + ("sys.modules['telephony_bridge.audio._kernels'] = None\n" if block_extension else "")
+        + "from telephony_bridge.cli import main\n"
+        + "sys.exit(main(['serve', '--dev', '--port', '0']))\n"
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith("BRIDGE_")}
+    env[kernels.ENV_VAR] = env_value
+    return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60)
+
+
+@pytest.mark.parametrize(
+    ("value", "block", "reason"),
+    [
+        ("compiled", True, "BRIDGE_AUDIO_KERNELS=compiled, but the C extension"),
+        ("fastest", False, "BRIDGE_AUDIO_KERNELS='fastest': expected one of auto, numpy, compiled"),
+    ],
+)
+def test_serve_refuses_kernels_it_cannot_have(value: str, block: bool, reason: str) -> None:
+    result = _serve_with(value, block)
+    assert result.returncode == 2, result.stderr
+    assert reason in result.stderr
+
+
+def test_the_numpy_backend_can_be_chosen() -> None:
+    code = (
+        "from telephony_bridge.audio import kernels\n"
+        "from telephony_bridge.audio.pipeline import CallerToAi, FrameBuffer\n"
+        "placed, frames = CallerToAi().push(0, b'\\x7f' * 320)\n"
+        "buffer = FrameBuffer(); buffer.append_pcm(b'\\x00\\x10' * 640)\n"
+        "print(kernels.BACKEND, len(placed), len(frames), len(buffer.take(2)))\n"
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith("BRIDGE_")}
+    env[kernels.ENV_VAR] = "numpy"
+    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60)
+    assert result.stdout.split() == ["numpy", "320", "2", "320"], result.stderr
