@@ -10,8 +10,8 @@ lazy conversion, two frames a message by default), and the outbound media messag
 ``bench/naive_bridge.py``'s steps (stdlib ``json``, ``audioop`` μ-law and ``ratecv``). The WebSocket and event
 loop costs that dominate a call are not here: ``bench/capacity.py`` measures the whole.
 
-The "ours" rows run the configured audio kernels (``BRIDGE_AUDIO_KERNELS``: the compiled extension if built);
-the "conversion alone" rows run each kind of kernel in turn, so the two are compared in the same run.
+The "ours" rows run the audio kernels ``--kernels`` names (``audio.kernels``: auto is the compiled extension if
+built); the "conversion alone" rows run each kind in turn, so the two are compared in the same run.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ with warnings.catch_warnings():
     import audioop  # the stdlib module up to 3.12; the audioop-lts package on 3.13+
 
 from telephony_bridge.audio.codec import pcm16_to_ulaw
-from telephony_bridge.audio.kernels import BACKEND, ENV_VAR, EXTENSION
+from telephony_bridge.audio.kernels import CHOICES, EXTENSION, use_compiled
 from telephony_bridge.audio.pipeline import AiToCaller, CallerToAi, FrameBuffer
 from telephony_bridge.clock import SystemClock
 from telephony_bridge.inbound import Inbound
@@ -66,7 +66,11 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--frames", type=int, default=3000)
     parser.add_argument("--repeat", type=int, default=5)
+    parser.add_argument("--kernels", choices=CHOICES, default="auto", help="audio.kernels for the 'ours' rows")
     args = parser.parse_args()
+    ours_compiled = use_compiled(args.kernels)
+    kernels = "compiled" if ours_compiled else "numpy"
+    audio = AudioSettings(kernels=args.kernels)
     n = args.frames
     ulaw = pcm16_to_ulaw(speech_like(160 * n).astype(np.int16))
     messages = [
@@ -78,7 +82,7 @@ def main() -> int:
 
     def caller_to_ai(barge_in: bool) -> Callable[[], None]:
         def run() -> None:
-            inbound = Inbound(AudioSettings(), BargeInSettings(enabled=barge_in), Metrics(), SystemClock())
+            inbound = Inbound(audio, BargeInSettings(enabled=barge_in), Metrics(), SystemClock())
             queue = inbound._queue  # emptied as the AI side would, without a socket
             for i, text in enumerate(messages):
                 event = tw.parse_message(text)
@@ -105,9 +109,9 @@ def main() -> int:
 
         return run
 
-    def ai_to_caller(batch: int, compiled: bool | None = None) -> Callable[[], None]:
+    def ai_to_caller(batch: int) -> Callable[[], None]:
         def run() -> None:
-            buffer = FrameBuffer(compiled=compiled)
+            buffer = FrameBuffer(compiled=ours_compiled)
             for i, frame in enumerate(ai_frames):
                 buffer.append_pcm(frame)
                 if (i + 1) % batch == 0:
@@ -116,7 +120,7 @@ def main() -> int:
         return run
 
     def per_frame_ai_to_caller() -> None:
-        convert = AiToCaller()
+        convert = AiToCaller(compiled=ours_compiled)
         pending = bytearray()
         for i, frame in enumerate(ai_frames):
             pending += convert.push(frame)
@@ -142,10 +146,10 @@ def main() -> int:
             json.dumps({"event": "media", "streamSid": STREAM_SID, "media": {"payload": payload}})
 
     rows = [
-        (f"caller → AI, ours (parse, timeline, decode, 75-tap FIR up, queue, VAD; {BACKEND})", caller_to_ai(True)),
+        (f"caller → AI, ours (parse, timeline, decode, 75-tap FIR up, queue, VAD; {kernels})", caller_to_ai(True)),
         ("caller → AI, ours without barge-in (no VAD)", caller_to_ai(False)),
         ("caller → AI, naive (json, ulaw2lin, ratecv; no timeline, no VAD)", naive_caller_to_ai),
-        (f"AI → caller, ours, converted per 40 ms batch (FIR down, μ-law, message; {BACKEND})", ai_to_caller(2)),
+        (f"AI → caller, ours, converted per 40 ms batch (FIR down, μ-law, message; {kernels})", ai_to_caller(2)),
         ("AI → caller, ours, converted as each frame comes (before)", per_frame_ai_to_caller),
         ("AI → caller, naive (ratecv, lin2ulaw, base64, json per frame)", naive_ai_to_caller),
     ]
@@ -158,7 +162,7 @@ def main() -> int:
         rows.append(
             (f"AI → caller conversion alone, per 40 ms batch (FIR down, μ-law; {kind})", convert_only(compiled))
         )
-    print(f"per 20 ms frame, best of {args.repeat} runs of {n} frames; audio kernels: {BACKEND} ({ENV_VAR})")
+    print(f"per 20 ms frame, best of {args.repeat} runs of {n} frames; audio kernels: {kernels}")
     if EXTENSION is None:
         print("(the compiled kernels are not built here: numpy rows only)")
     for label, run in rows:

@@ -16,6 +16,7 @@ import logging
 from collections import deque
 from collections.abc import Callable
 
+from telephony_bridge.audio import kernels
 from telephony_bridge.audio.barge_in import BargeInDetector, CallerStopped, Event
 from telephony_bridge.audio.codec import FRAME_MS, FRAME_S, TWILIO_BYTES_PER_MS, TWILIO_FRAME_BYTES, TWILIO_RATE_HZ
 from telephony_bridge.audio.pipeline import CallerToAi
@@ -38,7 +39,7 @@ class Inbound:
     def __init__(self, audio: AudioSettings, barge_in: BargeInSettings, metrics: Metrics, clock: Clock) -> None:
         self._metrics = metrics
         self._clock = clock
-        self._pipeline = CallerToAi()
+        self._pipeline = CallerToAi(compiled=kernels.use_compiled(audio.kernels))
         self._queue: deque[bytes] = deque()
         self._frames_per_message = max(1, audio.upstream_message_ms // FRAME_MS)
         self._max_frames = self._backlog_frames(audio.pre_connect_buffer_ms)

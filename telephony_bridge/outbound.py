@@ -20,6 +20,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+from telephony_bridge.audio import kernels
 from telephony_bridge.audio.codec import FRAME_MS, FRAME_S, TWILIO_BYTES_PER_MS, TWILIO_FRAME_BYTES, ulaw_to_pcm16
 from telephony_bridge.audio.comfort import ComfortFill
 from telephony_bridge.audio.pacing import AdaptivePrebuffer, OutboundPacer
@@ -44,7 +45,7 @@ class Outbound:
     def __init__(self, settings: AudioSettings, clock: Clock, sink: AudioSink) -> None:
         self._clock = clock
         self._sink = sink
-        self._buffer = FrameBuffer()
+        self._buffer = FrameBuffer(compiled=kernels.use_compiled(settings.kernels))
         self._ready = Flag()
         self._parked = False  # ``run`` sleeps in ``_wait`` (not mid-send)
         self._parked_until: float | None = None  # ...until this deadline (None: until woken)

@@ -152,6 +152,7 @@ class AudioSettings(_Frozen):
     mark_interval_ms: int = Field(500, ge=20, le=5000)
     reconnect_buffer_ms: int = Field(5000, ge=0, le=30_000)
     max_ai_ahead_s: float = Field(10.0, ge=1, le=120)
+    kernels: Literal["auto", "compiled", "numpy"] = "auto"
 
 
 class BargeInSettings(_Frozen):

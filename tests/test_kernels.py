@@ -5,8 +5,10 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from collections.abc import Callable
 from types import ModuleType
 
+import httpx
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -15,6 +17,10 @@ from hypothesis import strategies as st
 from telephony_bridge.audio import kernels
 from telephony_bridge.audio.kernels import DownsamplerToUlaw, UlawUpsampler
 from telephony_bridge.errors import ConfigError
+from telephony_bridge.serving import ServerThread
+from telephony_bridge.tools.caller import run_call
+from tests.support import BridgeProcess, bridge_settings, signed_call, wait_until
+from tests.test_end_to_end import speech_band_noise
 
 
 @pytest.fixture(scope="module")
@@ -94,14 +100,19 @@ def test_bad_arguments_are_refused_with_a_reason(extension: ModuleType) -> None:
         kernels._import_extension()  # configured again as the package sets it up
 
 
-def test_a_forced_backend_that_is_missing_is_a_configuration_error() -> None:
+def test_a_choice_that_cannot_be_had_is_a_configuration_error() -> None:
+    with pytest.raises(ConfigError, match="expected one of auto, compiled, numpy"):
+        kernels.use_compiled("fastest")
+    assert kernels.use_compiled("numpy") is False
+    assert kernels.use_compiled("auto") is (kernels.EXTENSION is not None)
     if kernels.EXTENSION is None:
         with pytest.raises(ConfigError, match="not built"):
             UlawUpsampler(compiled=True)
 
 
-def _serve_with(env_value: str, block_extension: bool) -> subprocess.CompletedProcess[str]:
-    """``telephony-bridge serve --dev`` in a child whose kernels choice is ``env_value``; it must stop at once."""
+def _serve(env_value: str, block_extension: bool) -> subprocess.CompletedProcess[str]:
+    """``telephony-bridge serve --dev`` in a child with ``audio.kernels`` from the environment; it must refuse
+    before it starts anything."""
     code = (
         "import sys\n"
         + ("sys.modules['telephony_bridge.audio._kernels'] = None\n" if block_extension else "")
@@ -109,32 +120,48 @@ def _serve_with(env_value: str, block_extension: bool) -> subprocess.CompletedPr
         + "sys.exit(main(['serve', '--dev', '--port', '0']))\n"
     )
     env = {k: v for k, v in os.environ.items() if not k.startswith("BRIDGE_")}
-    env[kernels.ENV_VAR] = env_value
+    env["BRIDGE__AUDIO__KERNELS"] = env_value
     return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60)
 
 
 @pytest.mark.parametrize(
     ("value", "block", "reason"),
     [
-        ("compiled", True, "BRIDGE_AUDIO_KERNELS=compiled, but the C extension"),
-        ("fastest", False, "BRIDGE_AUDIO_KERNELS='fastest': expected one of auto, numpy, compiled"),
+        ("compiled", True, "audio.kernels is 'compiled', but the C extension"),
+        ("fastest", False, "audio.kernels"),
     ],
 )
 def test_serve_refuses_kernels_it_cannot_have(value: str, block: bool, reason: str) -> None:
-    result = _serve_with(value, block)
+    result = _serve(value, block)
     assert result.returncode == 2, result.stderr
-    assert reason in result.stderr
+    assert "configuration error" in result.stderr and reason in result.stderr
 
 
-def test_the_numpy_backend_can_be_chosen() -> None:
-    code = (
-        "from telephony_bridge.audio import kernels\n"
-        "from telephony_bridge.audio.pipeline import CallerToAi, FrameBuffer\n"
-        "placed, frames = CallerToAi().push(0, b'\\x7f' * 320)\n"
-        "buffer = FrameBuffer(); buffer.append_pcm(b'\\x00\\x10' * 640)\n"
-        "print(kernels.BACKEND, len(placed), len(frames), len(buffer.take(2)))\n"
-    )
-    env = {k: v for k, v in os.environ.items() if not k.startswith("BRIDGE_")}
-    env[kernels.ENV_VAR] = "numpy"
-    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60)
-    assert result.stdout.split() == ["numpy", "320", "2", "320"], result.stderr
+@pytest.mark.parametrize("choice", ["compiled", "numpy"])
+async def test_a_call_on_either_kernels_echoes_what_was_said(
+    choice: str, emulator: ServerThread, start_bridge: Callable[..., ServerThread]
+) -> None:
+    if choice == "compiled" and kernels.EXTENSION is None:
+        if os.environ.get("CI"):
+            pytest.fail("CI must build and test telephony_bridge.audio._kernels (is a C compiler installed?)")
+        pytest.skip("telephony_bridge.audio._kernels is not built here")
+    bridge = start_bridge(bridge_settings(emulator, **{"audio.kernels": choice}))
+    said = speech_band_noise()
+    result = await run_call(signed_call(bridge, audio_in=said, seconds=3.5))
+    assert result.violations == [] and result.ended_by == "caller"
+    heard = result.heard.astype(float)
+    corr = np.correlate(heard, said.astype(float), mode="valid")
+    lag = int(np.argmax(corr))
+    aligned = heard[lag : lag + said.size]
+    assert corr[lag] / (np.linalg.norm(said) * np.linalg.norm(aligned)) > 0.9
+    wait_until(lambda: httpx.get(bridge.http_url + "/status", timeout=5).json()["calls"] == [], what="the call to end")
+
+
+@pytest.mark.parametrize(("env", "said"), [({}, "auto"), ({"BRIDGE__AUDIO__KERNELS": "numpy"}, "numpy")])
+def test_serve_says_which_kernels_it_runs(env: dict[str, str], said: str) -> None:
+    want = "compiled" if kernels.use_compiled(said) else "numpy"
+    bridge = BridgeProcess(None, env, args=("serve", "--dev"))
+    try:
+        assert f"audio kernels: {want}" in [str(line["msg"]) for line in bridge.lines]
+    finally:
+        bridge.kill()

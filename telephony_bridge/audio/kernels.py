@@ -6,13 +6,12 @@ not the arithmetic, is what it costs (~10 µs a frame each way). ``_kernels.c`` 
 the same bytes: ``tests/test_kernels.py`` checks that bit for bit. The numpy path stays as the reference and as
 the fallback where no compiler was at hand when the package was installed.
 
-``BRIDGE_AUDIO_KERNELS`` chooses, read once at import: ``auto`` (the default: compiled if built), ``numpy`` (the
-reference path), ``compiled`` (refuse to start without the extension: CI sets it, so a failed build fails).
+The setting ``audio.kernels`` chooses per bridge: ``auto`` (the default: compiled if built), ``numpy`` (the
+reference path), ``compiled`` (refuse to start without the extension).
 """
 
 from __future__ import annotations
 
-import os
 from types import ModuleType
 
 import numpy as np
@@ -21,8 +20,7 @@ import numpy.typing as npt
 from telephony_bridge.audio import codec, resample
 from telephony_bridge.errors import ConfigError
 
-ENV_VAR = "BRIDGE_AUDIO_KERNELS"
-CHOICES = ("auto", "numpy", "compiled")
+CHOICES = ("auto", "compiled", "numpy")
 
 
 def _import_extension() -> ModuleType | None:
@@ -40,38 +38,28 @@ def _import_extension() -> ModuleType | None:
     return _kernels
 
 
-def _choose(choice: str) -> tuple[ModuleType | None, str]:
-    """The kernels ``choice`` names, and what is wrong with the choice ("" if nothing)."""
-    if choice not in CHOICES:
-        return None, f"{ENV_VAR}={choice!r}: expected one of {', '.join(CHOICES)}"
-    if choice == "compiled" and EXTENSION is None:
-        return None, (
-            f"{ENV_VAR}=compiled, but the C extension telephony_bridge.audio._kernels is not built; reinstall the "
-            "package where a C compiler and Python's headers are installed (on Debian: gcc python3-dev)"
-        )
-    return (None if choice == "numpy" else EXTENSION), ""
-
-
 EXTENSION = _import_extension()
-_default, _problem = _choose(os.environ.get(ENV_VAR, "auto").strip().lower() or "auto")
-BACKEND = "compiled" if _default is not None else "numpy"
 
 
-def check() -> None:
-    """Raise ``ConfigError`` if ``BRIDGE_AUDIO_KERNELS`` asks for what cannot be had: ``serve`` calls it first,
-    so the answer is one sentence at start-up rather than a failure in the first call."""
-    if _problem:
-        raise ConfigError(_problem)
+def use_compiled(choice: str) -> bool:
+    """Whether ``audio.kernels`` = ``choice`` runs the compiled kernels. Raises ``ConfigError`` if it asks for
+    them and they are not built: ``serve`` asks first, so that is one sentence at start-up."""
+    if choice not in CHOICES:
+        raise ConfigError(f"audio.kernels={choice!r}: expected one of {', '.join(CHOICES)}")
+    if choice == "compiled" and EXTENSION is None:
+        raise ConfigError(
+            "audio.kernels is 'compiled', but the C extension telephony_bridge.audio._kernels is not built: "
+            "reinstall the package where a C compiler and Python's headers are installed (Debian: gcc python3-dev), "
+            "or set audio.kernels to auto"
+        )
+    return EXTENSION is not None and choice != "numpy"
 
 
 def _pick(compiled: bool | None) -> ModuleType | None:
-    """None: the configured default; True: the extension (it must be built); False: numpy."""
+    """None: the extension if built; True: the extension (it must be built); False: numpy."""
     if compiled is None:
-        check()
-        return _default
-    if compiled and EXTENSION is None:
-        raise ConfigError("the compiled audio kernels (telephony_bridge.audio._kernels) are not built")
-    return EXTENSION if compiled else None
+        return EXTENSION
+    return EXTENSION if use_compiled("compiled" if compiled else "numpy") else None
 
 
 class UlawUpsampler:
@@ -114,7 +102,7 @@ class DownsamplerToUlaw:
 
 def mean_square(samples: npt.NDArray[np.int16]) -> float:
     """The mean of the squared samples (0.0 for none): exact, as both paths sum in integers or exact floats."""
-    if _default is not None and samples.flags.c_contiguous:
-        return _default.mean_square(samples)
+    if EXTENSION is not None and samples.flags.c_contiguous:
+        return EXTENSION.mean_square(samples)
     wide = samples.astype(np.float64)
     return float(np.dot(wide, wide)) / len(samples) if len(samples) else 0.0
