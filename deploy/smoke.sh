@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# Smoke-test a built image the way a user runs it: without SAVANTS_BASE_URL it refuses to start; the emulator
-# (Savants stand-in) and the bridge in production mode as two containers, /healthz 200, one simulated call
-# through the bridge, then SIGTERM and exit 0.
+# Smoke-test a built image the way a user runs it: without SAVANTS_BASE_URL it refuses to start; it carries the
+# compiled audio kernels and no C compiler; the emulator (Savants stand-in) and the bridge in production mode as
+# two containers, /healthz 200 and "audio kernels: compiled" in its log, one simulated call through the bridge,
+# then SIGTERM and exit 0.
 #   deploy/smoke.sh [IMAGE]          (default telephony-bridge:dev)
 # The call is placed from the host with `telephony-bridge call` ($TELEPHONY_BRIDGE, default .venv's).
 set -euo pipefail
@@ -30,6 +31,17 @@ if ! grep -q SAVANTS_BASE_URL <<<"$refused"; then
 fi
 echo "smoke: refuses to start without SAVANTS_BASE_URL"
 
+# The compiled audio kernels rather than the numpy fallback, and no compiler: that stays in the build stage.
+found=$(timeout 60 docker run --rm --entrypoint python3 "$image" -c "
+import shutil
+from telephony_bridge.audio import kernels
+print(kernels.BACKEND, *(c for c in ('gcc', 'cc', 'x86_64-linux-gnu-gcc', 'clang') if shutil.which(c)))" 2>&1) || true
+if [ "$found" != "compiled" ]; then
+  echo "smoke: expected the compiled audio kernels and no C compiler in the image; found: $found" >&2
+  exit 1
+fi
+echo "smoke: compiled audio kernels, no C compiler"
+
 docker network create "$run" >/dev/null
 docker run -d --name "$run-emulator" --network "$run" --network-alias savants "$image" \
   emulator --host 0.0.0.0 --port 9100 --api-key smoke-key >/dev/null
@@ -51,6 +63,12 @@ if ! wait_http "http://127.0.0.1:$port/healthz" 60; then
   exit 1
 fi
 echo "smoke: /healthz 200"
+if ! grep -qF "audio kernels: compiled" <<<"$(docker logs "$run-bridge" 2>&1)"; then
+  echo "smoke: the bridge does not log \"audio kernels: compiled\"; its log:" >&2
+  docker logs "$run-bridge" >&2
+  exit 1
+fi
+echo "smoke: serving with the compiled audio kernels"
 
 if ! "$cli" call --url "ws://127.0.0.1:$port/media-stream" --auth-token $token --public-url $public \
   --wav tests/data/speech_8k.wav --seconds 3; then
