@@ -35,7 +35,7 @@ RUN --mount=type=secret,id=pip_ca \
 # setup.py builds the extension with optional=True, so pip succeeds without a compiler: stop here instead.
 # (From /, so Python imports the installed package rather than the source tree in /src.)
 RUN cd / && /opt/venv/bin/python -c "import sys; from telephony_bridge.audio import kernels; \
-sys.exit(0 if kernels.BACKEND == 'compiled' else 'build: the C extension telephony_bridge.audio._kernels was not \
+sys.exit(0 if kernels.EXTENSION is not None else 'build: the C extension telephony_bridge.audio._kernels was not \
 built, so the image would run the slower numpy audio path; BUILD_IMAGE needs a C compiler and Python headers')"
 
 FROM ${RUNTIME_IMAGE}
@@ -46,7 +46,7 @@ ENV PATH=/opt/venv/bin:$PATH \
     PORT=8080 \
     BRIDGE_CONFIG=/app/config.yaml
 COPY --from=build /opt/venv /opt/venv
-RUN python3 -c "from telephony_bridge.audio import kernels; assert kernels.BACKEND == 'compiled'" || { \
+RUN python3 -c "from telephony_bridge.audio import kernels; assert kernels.EXTENSION is not None" || { \
     echo "build: the venv built on BUILD_IMAGE does not run on BASE_IMAGE with its compiled audio kernels;" \
     "give both bases the same Python (version and path)" >&2; exit 1; }
 WORKDIR /app

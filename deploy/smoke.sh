@@ -35,7 +35,8 @@ echo "smoke: refuses to start without SAVANTS_BASE_URL"
 found=$(timeout 60 docker run --rm --entrypoint python3 "$image" -c "
 import shutil
 from telephony_bridge.audio import kernels
-print(kernels.BACKEND, *(c for c in ('gcc', 'cc', 'x86_64-linux-gnu-gcc', 'clang') if shutil.which(c)))" 2>&1) || true
+compilers = [c for c in ('gcc', 'cc', 'x86_64-linux-gnu-gcc', 'clang') if shutil.which(c)]
+print('compiled' if kernels.EXTENSION else 'numpy', *compilers)" 2>&1) || true
 if [ "$found" != "compiled" ]; then
   echo "smoke: expected the compiled audio kernels and no C compiler in the image; found: $found" >&2
   exit 1
