@@ -28,15 +28,17 @@ Per server and load level:
 - memory: resident set at steady state less the idle process's, per call;
 - added latency p50/p99: each echoed frame's round trip less its call's quickest (what load added); the
   round trip itself p50/p99 (the emulator's 200 ms echo delay included: a pacing change that sends some frames
-  sooner lowers a call's quickest and so raises "added" while the round trip falls); underruns per call (holes
-  in the caller's playback), first AI audio p99.
-``--knee`` ramps the calls until p99 added latency passes 20 ms, an underrun appears or a call fails, and
-reports the last level that passed. ``--sip`` starts the bridge with its SIP ingress on too (same ``serve``
-otherwise) and, after each bridge run, runs the same load level as SIP calls (``loadtest --sip``'s caller,
-the same speech, RTP both ways) to print a ``bridge-sip`` row beside it: CPU and memory figures as above,
-set-up p99 and the bridge's RTP jitter in place of the Twilio-only latency figures. Every process shares this
-machine's cores: on a 2-core VM the callers and the emulator take a core's worth or more, so a knee here is
-the machine's, not the bridge's alone.
+  sooner lowers a call's quickest and so raises "added" while the round trip falls); "heard added" p50/p99:
+  the same from when each message was played (the simulated caller's playback, on its 20 ms beat: arrival
+  jitter its buffer absorbed is not there, a hole or a late spurt start is); underruns per call (holes in the
+  caller's playback), first AI audio p99.
+``--knee`` ramps the calls until p99 added latency passes 20 ms, an underrun appears or a call fails, and reports
+the last level that passed (``--knee-latency heard``: p99 heard added latency instead). ``--sip`` starts the
+bridge with its SIP ingress on too (same ``serve`` otherwise) and, after each bridge run, runs the same load
+level as SIP calls (``loadtest --sip``'s caller, the same speech, RTP both ways) to print a ``bridge-sip`` row
+beside it: CPU and memory figures as above, set-up p99 and the bridge's RTP jitter in place of the Twilio-only
+latency figures. Every process shares this machine's cores: on a 2-core VM the callers and the emulator take a
+core's worth or more, so a knee here is the machine's, not the bridge's alone.
 """
 
 from __future__ import annotations
@@ -276,6 +278,7 @@ def measure(
     )
     served = len(result.of("served"))
     added = [t * 1000 for t in result.added_s]
+    heard = [t * 1000 for t in result.heard_added_s]
     trips = [t * 1000 for t in result.round_trips_s]
     underruns = result.underruns_per_call
     first = [t * 1000 for t in result.first_audio_s]
@@ -288,6 +291,8 @@ def measure(
         **whole_cpu(whole_used, served, seconds),
         "added_p50_ms": percentile(added, 50) if added else None,
         "added_p99_ms": percentile(added, 99) if added else None,
+        "heard_added_p50_ms": percentile(heard, 50) if heard else None,
+        "heard_added_p99_ms": percentile(heard, 99) if heard else None,
         "round_trip_p50_ms": percentile(trips, 50) if trips else None,
         "round_trip_p99_ms": percentile(trips, 99) if trips else None,
         "underruns_per_call_p50": percentile(underruns, 50) if underruns else None,
@@ -419,8 +424,10 @@ def bridge_counters(http_url: str) -> dict[str, float]:
     return counts
 
 
-def passed(figures: dict) -> bool:
-    p99 = figures["added_p99_ms"]
+def passed(figures: dict, latency: str = "arrival") -> bool:
+    """Whether a level passes the knee's test; ``latency`` says which added latency: "arrival" (each message's
+    arrival less the call's quickest) or "heard" (when it was played, less the call's quickest)."""
+    p99 = figures["added_p99_ms" if latency == "arrival" else "heard_added_p99_ms"]
     return (
         figures["served"] == figures["calls"]
         and not figures["calls_with_underruns"]
@@ -456,6 +463,7 @@ def line(label: str, f: dict) -> str:
         )
     return head + (
         f"added p50 {ms(f['added_p50_ms'])} p99 {ms(f['added_p99_ms'])} ms  "
+        f"heard added p50 {ms(f['heard_added_p50_ms'])} p99 {ms(f['heard_added_p99_ms'])} ms  "
         f"round trip p50 {ms(f['round_trip_p50_ms'])} p99 {ms(f['round_trip_p99_ms'])} ms  "
         f"underruns/call p50 {f['underruns_per_call_p50']} max {f['underruns_per_call_max']} "
         f"({f['calls_with_underruns']} calls)  first audio p99 {ms(f['first_audio_p99_ms'])} ms"
@@ -489,6 +497,9 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--calls", type=int, nargs="+", default=[50, 100], help="load levels")
     parser.add_argument("--knee", type=int, nargs=3, metavar=("FROM", "TO", "STEP"), help="ramp instead")
+    parser.add_argument(
+        "--knee-latency", choices=["arrival", "heard"], default="arrival", help="which added latency the knee tests"
+    )
     parser.add_argument("--seconds", type=float, default=20.0, help="length of each call")
     parser.add_argument(
         "--servers", nargs="+", default=["bridge", "naive"], choices=["bridge", "naive", "echo", "echo-picows"]
@@ -580,14 +591,14 @@ def main() -> int:
                         results["bridge-sip"].append(sip)
                         print(line("bridge-sip", sip), flush=True)
                     if args.knee:
-                        if passed(figures):
+                        if passed(figures, args.knee_latency):
                             knee[name] = calls
                         else:
                             live.discard(name)
                     time.sleep(3.0)  # let the emulator and the server settle between runs
                 if not live:
                     break
-        summary(results, knee if args.knee else None)
+        summary(results, knee if args.knee else None, args.knee_latency)
         if args.json:
             Path(args.json).write_text(json.dumps({"runs": results, "knee": knee}, indent=2) + "\n")
     finally:
@@ -602,7 +613,7 @@ def main() -> int:
     return 0
 
 
-def summary(results: dict[str, list[dict]], knee: dict[str, int | None] | None) -> None:
+def summary(results: dict[str, list[dict]], knee: dict[str, int | None] | None, latency: str) -> None:
     if "bridge" in results and "naive" in results:
         for ours, naive in zip(results["bridge"], results["naive"], strict=False):
             print(
@@ -620,7 +631,8 @@ def summary(results: dict[str, list[dict]], knee: dict[str, int | None] | None) 
         for name, calls in knee.items():
             print(
                 f"knee {name}: {calls if calls is not None else 'below the first level'} calls passed "
-                f"(p99 added <= {KNEE_P99_MS:g} ms, no underrun, every call served)"
+                f"(p99 {'heard ' if latency == 'heard' else ''}added <= {KNEE_P99_MS:g} ms, no underrun, "
+                "every call served)"
             )
         if knee.get("bridge") and knee.get("naive"):
             print(f"capacity ratio bridge / naive: {knee['bridge'] / knee['naive']:.2f}x")

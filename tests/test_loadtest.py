@@ -48,6 +48,11 @@ async def test_run_load_serves_every_call_without_violations(signed_bridge: Serv
     # with the byte count mapping frames a round trip is never a whole second.
     assert result.round_trips_s and 0.2 <= result.round_trips_s[0] <= result.round_trips_s[-1] < 1.0
     assert result.added_s[0] == 0.0 and len(result.added_s) == len(result.round_trips_s)
+    # When each message was played: on the caller's 20 ms beat, so whole frames, and never before it arrived.
+    heard = sorted(t for flow in result.of("served") for t in flow.call.heard_round_trips_s)
+    assert heard and heard[0] >= 0.2 and len(heard) <= len(result.round_trips_s)
+    assert all(abs(t / 0.02 - round(t / 0.02)) < 1e-9 for t in heard)
+    assert result.heard_added_s[0] == 0.0 and len(result.heard_added_s) == len(heard)
 
 
 async def test_loadtest_command_prints_the_table(
@@ -60,7 +65,7 @@ async def test_loadtest_command_prints_the_table(
     out, err = capsys.readouterr()
     assert (code, err) == (0, ""), out
     rows = [line.split()[0] for line in out.splitlines()]
-    assert rows == ["calls", "served", "busy", "failed", "first", "round", "added", "underruns", "violations"]
+    assert rows == ["calls", "served", "busy", "failed", "first", "round", "added", "heard", "underruns", "violations"]
     assert "served         1\n" in out and "violations     0\n" in out
 
 

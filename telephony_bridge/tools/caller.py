@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import secrets
+from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import partial
@@ -110,6 +111,10 @@ class CallResult:
     max_lead_ms: float  # most audio the bridge had queued ahead of playback
     underruns: int  # short holes in playback: the bridge fell behind real time (see ``Playout``)
     round_trips_s: list[float]  # per AI media message: arrival minus when the caller sent its first sample
+    # Per AI media message: when its first sample was played, less when the caller sent it, both on the caller's
+    # 20 ms beat (so multiples of 20 ms): the delay the caller hears, after the playback buffer has smoothed out
+    # arrival jitter and including every hole it could not (see ``_heard_round_trips``).
+    heard_round_trips_s: list[float]
     underrun_ms: float
     cut_off_ms: float  # audio still buffered when the call ended: sent, never heard (G8)
     received_ms: float  # all the audio the bridge sent, heard or cut off
@@ -159,6 +164,8 @@ class SimulatedCall:
         self._media_sent = 0
         self._sent_at: list[float] = []  # when caller frame i went out
         self._round_trips: list[float] = []
+        self._awaiting_play: deque[tuple[int, int]] = deque()  # (first byte's index in the AI audio, caller frame)
+        self._heard_round_trips: list[float] = []
         self._late_messages = 0
         self._ended_by: Literal["caller", "bridge"] = "caller"
         self._ended_at: float | None = None
@@ -202,7 +209,7 @@ class SimulatedCall:
             for i in range(n_frames + 1):
                 await self._clock.sleep_until(t0 + i * FRAME_S)
                 # The last tick plays nothing: it only releases marks whose audio finished with the call.
-                await self._play(ws, 0 if i == n_frames else TWILIO_FRAME_BYTES)
+                await self._play(ws, 0 if i == n_frames else TWILIO_FRAME_BYTES, i)
                 if i == n_frames:
                     break
                 while dtmf and dtmf[0][0] <= i * FRAME_S + 1e-9:
@@ -258,15 +265,26 @@ class SimulatedCall:
         frame = self._playout.bytes_received // TWILIO_FRAME_BYTES
         if not self._playout.clears and frame < len(self._sent_at) and payload:
             self._round_trips.append(self._clock.monotonic() - self._sent_at[frame])
+            self._awaiting_play.append((self._playout.bytes_received, frame))
 
-    async def _play(self, ws: ClientConnection, n_bytes: int) -> None:
+    async def _play(self, ws: ClientConnection, n_bytes: int, tick: int) -> None:
         audio, due = self._playout.tick(n_bytes)
+        self._heard_round_trips_at(tick)
         if n_bytes:
             self._heard += audio
             if self._first_heard_s is None and self._started_at is not None and _audible(ulaw_to_pcm16(audio)):
                 self._first_heard_s = self._clock.monotonic() - self._started_at
         for name in due:
             await self._echo(ws, name)
+
+    def _heard_round_trips_at(self, tick: int) -> None:
+        """The messages whose first sample this tick played: sent at tick ``frame``, heard at ``tick``. Counted
+        on the beat, not the clock, so the caller's own scheduling adds nothing; until the first ``clear``."""
+        if self._playout.clears:
+            self._awaiting_play.clear()
+        while self._awaiting_play and self._awaiting_play[0][0] < self._playout.bytes_played:
+            _, frame = self._awaiting_play.popleft()
+            self._heard_round_trips.append((tick - frame) * FRAME_S)
 
     async def _echo(self, ws: ClientConnection, name: str) -> None:
         if await self._send(ws, partial(Mark, self.stream_sid, name)):
@@ -314,6 +332,7 @@ class SimulatedCall:
             max_lead_ms=self._playout.max_lead_ms,
             underruns=self._playout.underruns,
             round_trips_s=list(self._round_trips),
+            heard_round_trips_s=list(self._heard_round_trips),
             underrun_ms=self._playout.underrun_ms,
             cut_off_ms=self._playout.buffered_bytes / TWILIO_BYTES_PER_MS,
             received_ms=self._playout.bytes_received / TWILIO_BYTES_PER_MS,

@@ -15,7 +15,7 @@ import math
 import os
 import sys
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -23,7 +23,7 @@ from urllib.parse import urlsplit
 import httpx
 
 from telephony_bridge.clock import Clock, SystemClock
-from telephony_bridge.tools.caller import new_sid
+from telephony_bridge.tools.caller import CallResult, new_sid
 from telephony_bridge.tools.commands import HTTP_TIMEOUT_S, auth_token_or_env, load_caller_audio
 from telephony_bridge.tools.twilio_flow import FlowResult, Outcome, http_base, run_flow
 
@@ -60,11 +60,20 @@ class LoadResult:
     def added_s(self) -> list[float]:
         """Each round trip less its call's quickest: what load and scheduling added to the call's fixed path
         (the AI's own delay, resampler delay, the emulator's tick phase and set-up backlog cancel out)."""
+        return self._less_quickest(lambda call: call.round_trips_s)
+
+    @property
+    def heard_added_s(self) -> list[float]:
+        """The same for when each message was played: what the caller hears added, in whole 20 ms frames. Arrival
+        jitter the playback buffer absorbs is not there; a hole, or a spurt that starts late, is."""
+        return self._less_quickest(lambda call: call.heard_round_trips_s)
+
+    def _less_quickest(self, times: Callable[[CallResult], list[float]]) -> list[float]:
         added = []
         for f in self.of("served"):
-            if f.call is not None and f.call.round_trips_s:
-                fastest = min(f.call.round_trips_s)
-                added += [t - fastest for t in f.call.round_trips_s]
+            if f.call is not None and times(f.call):
+                fastest = min(times(f.call))
+                added += [t - fastest for t in times(f.call)]
         return sorted(added)
 
     @property
@@ -96,6 +105,7 @@ class LoadResult:
             "first_audio_ms": stats(ms),
             "round_trip_ms": stats([v * 1000 for v in self.round_trips_s]),
             "added_latency_ms": stats([v * 1000 for v in self.added_s]),
+            "heard_added_latency_ms": stats([v * 1000 for v in self.heard_added_s]),
             "underruns_per_call": stats(self.underruns_per_call),
         }
         if cpu is not None:
@@ -120,6 +130,7 @@ class LoadResult:
         lines += [
             f"round trip     {_shown(stats([t * 1000 for t in self.round_trips_s]), 'ms')} (echo AI delay included)",
             f"added latency  {_shown(stats([t * 1000 for t in self.added_s]), 'ms')} (round trip less the call's best)",
+            f"heard added    {_shown(stats([t * 1000 for t in self.heard_added_s]), 'ms')} (the same, when played)",
             f"underruns      {self.underruns} in all; per call {_shown(stats(self.underruns_per_call), '', 0)}",
             f"violations     {self.violations}",
         ]
