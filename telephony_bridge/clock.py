@@ -9,6 +9,7 @@ import asyncio
 import heapq
 import itertools
 import time
+from collections.abc import Callable
 from typing import Protocol
 
 
@@ -88,6 +89,15 @@ class Clock(Protocol):
         """Return once ``event`` is set or ``monotonic()`` has reached ``deadline``, whichever comes first."""
         ...
 
+    def call_at(self, deadline: float, callback: Callable[[], None]) -> Timer:
+        """Run ``callback`` from the event loop once ``monotonic()`` has reached ``deadline``, unless cancelled
+        first: a deadline that is usually called off costs no task switch either way."""
+        ...
+
+
+class Timer(Protocol):
+    def cancel(self) -> None: ...
+
 
 # uvloop's timers count whole milliseconds on libuv's clock (see ``timer_delay``).
 TIMER_GRANULARITY_S = 0.001
@@ -123,6 +133,9 @@ class SystemClock:
         except TimeoutError:
             pass
 
+    def call_at(self, deadline: float, callback: Callable[[], None]) -> Timer:
+        return asyncio.get_running_loop().call_later(timer_delay(max(0.0, deadline - time.monotonic())), callback)
+
 
 def timer_delay(delay: float) -> float:
     """The delay to give the event loop for a timer that must not fire before ``delay`` seconds from now.
@@ -142,7 +155,7 @@ class FakeClock:
     def __init__(self, start: float = 1000.0, wall_offset: float = 1_700_000_000.0) -> None:
         self._now = start
         self._wall_offset = wall_offset
-        self._sleepers: list[tuple[float, int, asyncio.Future[None]]] = []
+        self._sleepers: list[tuple[float, int, asyncio.Future[None] | _FakeTimer]] = []
         self._seq = itertools.count()
 
     def monotonic(self) -> float:
@@ -171,10 +184,32 @@ class FakeClock:
             waiter.cancel()
             sleeper.cancel()
 
+    def call_at(self, deadline: float, callback: Callable[[], None]) -> Timer:
+        timer = _FakeTimer(callback)
+        heapq.heappush(self._sleepers, (deadline, next(self._seq), timer))
+        return timer
+
     def advance(self, seconds: float) -> None:
-        """Move time forward and wake every sleeper whose deadline has passed."""
+        """Move time forward and wake every sleeper (and run every timer) whose deadline has passed, in order."""
         self._now += seconds
         while self._sleepers and self._sleepers[0][0] <= self._now:
-            _, _, fut = heapq.heappop(self._sleepers)
-            if not fut.done():
-                fut.set_result(None)
+            _, _, due = heapq.heappop(self._sleepers)
+            if isinstance(due, _FakeTimer):
+                due.fire()
+            elif not due.done():
+                due.set_result(None)
+
+
+class _FakeTimer:
+    __slots__ = ("_callback",)
+
+    def __init__(self, callback: Callable[[], None]) -> None:
+        self._callback: Callable[[], None] | None = callback
+
+    def cancel(self) -> None:
+        self._callback = None
+
+    def fire(self) -> None:
+        if self._callback is not None:
+            callback, self._callback = self._callback, None
+            callback()

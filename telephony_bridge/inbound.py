@@ -22,7 +22,7 @@ from telephony_bridge.audio.codec import FRAME_MS, FRAME_S, TWILIO_BYTES_PER_MS,
 from telephony_bridge.audio.pipeline import CallerToAi
 from telephony_bridge.audio.timeline import NO_TIMESTAMP
 from telephony_bridge.audio.vad import VoiceActivityDetector
-from telephony_bridge.clock import Clock, Flag
+from telephony_bridge.clock import Clock, Flag, Timer
 from telephony_bridge.ops.metrics import Metrics
 from telephony_bridge.savants.client import SavantsConnection
 from telephony_bridge.settings import AudioSettings, BargeInSettings
@@ -44,8 +44,11 @@ class Inbound:
         self._frames_per_message = max(1, audio.upstream_message_ms // FRAME_MS)
         self._max_frames = self._backlog_frames(audio.pre_connect_buffer_ms)
         self._oldest_at = 0.0  # when the frame at the head of the queue was queued
-        self._ready = Flag()  # set by ``push`` when ``run`` has something to do
-        self._idle = True  # ``run`` waits for audio with no deadline of its own: the next frame must wake it
+        self._ready = Flag()  # set when ``run`` has something to do
+        self._conn: SavantsConnection | None = None  # the session ``run`` sends to, while it runs
+        self._parked = False  # ``run`` waits on ``_ready`` (not mid-send, not pacing a backlog)
+        self._next_at = 0.0  # a backlog's pacing: the next message may go no earlier
+        self._lone_timer: Timer | None = None  # wakes ``run`` for a message's first frame that waits alone
         self.detector = _detector(barge_in)
         self.frames_in = 0
         self.frames_to_ai = 0
@@ -88,10 +91,8 @@ class Inbound:
                 self.dropped_overflow += 1
                 self._metrics.inbound_dropped.labels(reason="overflow").inc()
             self._queue.append(frame)
-        # ``run`` is woken when a whole message is queued; a first frame wakes it only if it sleeps with no
-        # deadline (it normally waits for the next message with one): one wake-up per message, not per frame.
-        if frames and (self._idle or len(self._queue) >= self._frames_per_message):
-            self._ready.set()
+        if frames and self._parked:
+            self._send_or_wake(now)
         if timeline.dropped_frames != dropped_before:
             self._metrics.inbound_dropped.labels(reason="late").inc()
         if timeline.filled_bytes != filled_before:
@@ -142,46 +143,71 @@ class Inbound:
                 on_events(events)
             await self._clock.sleep_until(now + CALLER_IDLE_S)
 
+    def _send_or_wake(self, now: float) -> None:
+        """While ``run`` is parked, do what it would do now: send a whole message that pacing allows, from the
+        socket callback that brought its last frame, when the session takes it without waiting (no task to
+        wake, 25 times a second a call); otherwise wake ``run``. A first frame waiting alone gets a timer
+        instead, which its partner's arrival calls off: it goes alone only if no partner comes in time."""
+        per = self._frames_per_message
+        if self._lone_timer is not None:
+            self._lone_timer.cancel()
+            self._lone_timer = None
+        conn = self._conn
+        if len(self._queue) >= per and conn is not None and self._next_at <= now and conn.can_send_now():
+            pcm = self._queue.popleft() if per == 1 else b"".join(self._queue.popleft() for _ in range(per))
+            conn.send_audio_nowait(pcm)
+            self.frames_to_ai += per
+            self._oldest_at = now
+            self._next_at = now + per * FRAME_S / CATCH_UP_RATE
+        if len(self._queue) >= per:
+            self._ready.set()  # a backlog to pace, or a send buffer to wait for: ``run``'s work
+        elif self._queue:
+            self._lone_timer = self._clock.call_at(self._complete_by(), self._ready.set)
+
+    def _complete_by(self) -> float:
+        """When the first frame of a message stops waiting for the rest and goes as it is."""
+        return self._oldest_at + (self._frames_per_message - 1) * FRAME_S + MESSAGE_WAIT_MARGIN_S
+
     async def run(self, conn: SavantsConnection) -> None:
         """Send the queued frames to the AI (640 bytes, 20 ms each; ``audio.upstream_message_ms`` joins that
         many ms per message, the first frame waiting for the rest): as they come, or, for a backlog, at most
-        ``CATCH_UP_RATE`` times real time."""
+        ``CATCH_UP_RATE`` times real time. While frames come in real time it is parked and ``push`` sends them
+        (``_send_or_wake``); it sends a backlog, a lone frame whose wait is over, and whatever must wait for the
+        session's send buffer."""
         per = self._frames_per_message
-        message_s = per * FRAME_S
-        next_at = self._clock.monotonic()
+        self._conn = conn
+        self._next_at = self._clock.monotonic()
         try:
             while True:
                 now = self._clock.monotonic()
-                if not self._queue:
+                if not self._queue or (len(self._queue) < per and now < self._complete_by()):
+                    was_empty = not self._queue
                     self._ready.clear()
-                    if per > 1 and not self._idle:
-                        # The next message is due within its own length; its first frame does not wake us.
-                        await self._clock.wait_until(self._ready, now + message_s + MESSAGE_WAIT_MARGIN_S)
-                        self._idle = not self._queue  # none begun by then: the caller went quiet
-                        # No backlog was waiting: pacing starts afresh, or the time messages spent 40 ms apart
-                        # would be credit a later burst spends at once.
-                        next_at = max(next_at, self._clock.monotonic())
-                        continue
-                    self._idle = True
-                    await self._ready.wait()
-                    self._idle = False
-                    next_at = max(next_at, self._clock.monotonic())
+                    if self._queue:  # a first frame waits for the rest, until its time is up
+                        self._lone_timer = self._clock.call_at(self._complete_by(), self._ready.set)
+                    self._parked = True
+                    try:
+                        await self._ready.wait()
+                    finally:
+                        self._parked = False
+                        if self._lone_timer is not None:
+                            self._lone_timer.cancel()
+                            self._lone_timer = None
+                    if was_empty:
+                        # No backlog was waiting: pacing starts afresh, or the time messages spent apart would be
+                        # credit a later burst spends at once.
+                        self._next_at = max(self._next_at, self._clock.monotonic())
                     continue
-                complete_by = self._oldest_at + message_s - FRAME_S + MESSAGE_WAIT_MARGIN_S
-                if len(self._queue) < per and now < complete_by:
-                    self._ready.clear()
-                    await self._clock.wait_until(self._ready, complete_by)
-                    continue
-                if next_at > now:
-                    await self._clock.sleep_until(next_at)
+                if self._next_at > now:
+                    await self._clock.sleep_until(self._next_at)
                 n = min(per, len(self._queue))
                 pcm = self._queue.popleft() if n == 1 else b"".join(self._queue.popleft() for _ in range(n))
                 self._oldest_at = self._clock.monotonic()  # what is left is backlog: it goes when pacing allows
                 if await conn.send_audio(pcm):
                     self.frames_to_ai += n
-                next_at += n * FRAME_S / CATCH_UP_RATE
+                self._next_at += n * FRAME_S / CATCH_UP_RATE
         finally:
-            self._idle = True  # no session: frames queue up, and the next ``run`` finds them at once
+            self._conn = None  # no session: frames queue up, and the next ``run`` finds them at once
 
 
 def _detector(settings: BargeInSettings) -> BargeInDetector | None:

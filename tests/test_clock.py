@@ -8,7 +8,7 @@ import time
 import pytest
 import uvloop  # uvicorn[standard]'s loop, which the bridge serves on
 
-from telephony_bridge.clock import Flag, SystemClock
+from telephony_bridge.clock import FakeClock, Flag, SystemClock
 
 
 @pytest.mark.parametrize("signal", [Flag, asyncio.Event])
@@ -86,3 +86,36 @@ def test_a_loop_whose_clock_is_not_monotonic_does_not_stretch_waits() -> None:
         assert loop.run_until_complete(wait()) < 1.0
     finally:
         loop.close()
+
+
+def test_a_timer_runs_its_callback_not_before_its_deadline_unless_called_off() -> None:
+    """``call_at``: what ``Inbound`` arms for a frame waiting for its partner, and calls off when it comes."""
+
+    async def timers() -> tuple[list[float], list[str]]:
+        clock, late_by, fired = SystemClock(), [], []
+        for i in range(20):
+            busy_until = time.monotonic() + 0.003
+            while time.monotonic() < busy_until:
+                pass
+            deadline = time.monotonic() + 0.0005 + (i % 4) * 0.001
+            done = asyncio.get_running_loop().create_future()
+            clock.call_at(deadline, lambda d=deadline, f=done: (late_by.append(time.monotonic() - d), f.set_result(0)))
+            clock.call_at(deadline, lambda: fired.append("cancelled one")).cancel()
+            await done
+        await asyncio.sleep(0.01)
+        return late_by, fired
+
+    late_by, fired = uvloop.run(timers())
+    assert len(late_by) == 20 and min(late_by) >= 0
+    assert fired == []
+
+
+def test_a_fake_clock_runs_timers_as_it_passes_their_deadlines_in_order() -> None:
+    clock, seen = FakeClock(start=0.0), []
+    clock.call_at(0.03, lambda: seen.append("30 ms"))
+    clock.call_at(0.01, lambda: seen.append("called off")).cancel()
+    clock.call_at(0.02, lambda: seen.append("20 ms"))
+    clock.advance(0.025)
+    assert seen == ["20 ms"]
+    clock.advance(0.01)
+    assert seen == ["20 ms", "30 ms"]

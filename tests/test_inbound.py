@@ -7,9 +7,11 @@ import contextlib
 import itertools
 from collections.abc import AsyncIterator
 
+import pytest
+
 from telephony_bridge.audio.barge_in import BargeIn, CallerStopped, Event
 from telephony_bridge.audio.codec import TWILIO_FRAME_BYTES, pcm16_to_ulaw
-from telephony_bridge.clock import FakeClock
+from telephony_bridge.clock import FakeClock, Flag
 from telephony_bridge.inbound import Inbound
 from telephony_bridge.ops.metrics import Metrics
 from telephony_bridge.settings import AudioSettings, BargeInSettings
@@ -19,16 +21,30 @@ SILENCE = bytes([0xFF]) * TWILIO_FRAME_BYTES
 
 
 class FakeSavants:
-    """Records when each frame was sent (a fake peer, shaped like ``SavantsConnection.send_audio``)."""
+    """Records when each frame was sent (a fake peer, shaped like ``SavantsConnection``'s sends). ``takes_now``:
+    whether a send can go without waiting (``can_send_now``); ``inline``: how many went that way."""
 
-    def __init__(self, clock: FakeClock) -> None:
+    def __init__(self, clock: FakeClock, *, takes_now: bool = True) -> None:
         self.clock = clock
         self.sent_at: list[float] = []
+        self.takes_now = takes_now
+        self.inline = 0
 
     async def send_audio(self, pcm: bytes) -> bool:
+        self.record(pcm)
+        return True
+
+    def can_send_now(self) -> bool:
+        return self.takes_now
+
+    def send_audio_nowait(self, pcm: bytes) -> None:
+        assert self.takes_now
+        self.inline += 1
+        self.record(pcm)
+
+    def record(self, pcm: bytes) -> None:
         assert len(pcm) == 640
         self.sent_at.append(round(self.clock.monotonic() - 1000.0, 3))
-        return True
 
 
 @contextlib.asynccontextmanager
@@ -113,27 +129,57 @@ async def test_inbound_counts_a_sender_that_stops_sending_as_silent_so_the_hold_
 class SizedSavants(FakeSavants):
     """Also accepts joined messages, recording their sizes."""
 
-    def __init__(self, clock: FakeClock) -> None:
-        super().__init__(clock)
+    def __init__(self, clock: FakeClock, *, takes_now: bool = True) -> None:
+        super().__init__(clock, takes_now=takes_now)
         self.sizes: list[int] = []
 
-    async def send_audio(self, pcm: bytes) -> bool:
+    def record(self, pcm: bytes) -> None:
         self.sizes.append(len(pcm))
         self.sent_at.append(round(self.clock.monotonic() - 1000.0, 3))
-        return True
 
 
-async def test_inbound_joins_two_frames_a_message_when_asked_and_sends_a_lone_one_after_its_wait() -> None:
+@pytest.mark.parametrize("takes_now", [True, False])
+async def test_inbound_joins_two_frames_a_message_when_asked_and_sends_a_lone_one_after_its_wait(
+    takes_now: bool,
+) -> None:
     clock = FakeClock(start=1000.0)
     inbound = Inbound(AudioSettings(upstream_message_ms=40), BargeInSettings(enabled=False), Metrics(), clock)
-    savants = SizedSavants(clock)
+    savants = SizedSavants(clock, takes_now=takes_now)
     async with sending(inbound, savants):
         await talk(inbound, clock, frames=5, quiet_ms=100)
     # Frames at 0, 20, 40, 60, 80 ms: two joined messages as each second frame arrives, then the fifth alone
-    # once it has waited a frame and the margin for company that never came.
+    # once it has waited a frame and the margin for company that never came. The same whether the joined ones
+    # go from the frame's arrival (a session that takes them at once) or from ``run``.
     assert savants.sizes == [1280, 1280, 640]
     assert savants.sent_at == [0.02, 0.06, 0.105]
     assert inbound.frames_to_ai == 5
+    assert savants.inline == (2 if takes_now else 0)  # the lone one is ``run``'s: its timer woke it
+
+
+async def test_inbound_steady_talk_goes_from_the_frames_arrival_with_run_asleep() -> None:
+    """A caller talking in real time: every message is sent by ``push`` as its second frame arrives, and
+    ``run`` is not woken once after its first wait (no task switch per message)."""
+    clock = FakeClock(start=1000.0)
+    inbound = Inbound(AudioSettings(upstream_message_ms=40), BargeInSettings(enabled=False), Metrics(), clock)
+    savants = SizedSavants(clock)
+    inbound._ready = ready = CountedFlag()
+    async with sending(inbound, savants):
+        await talk(inbound, clock, frames=50, quiet_ms=0)
+    assert savants.sizes == [1280] * 25 and savants.inline == 25
+    # Parked once and never woken: each message's first frame armed a timer that its partner called off.
+    assert ready.waits == 1
+
+
+class CountedFlag(Flag):
+    """Counts the waits on it: each is a park of ``run``, and a wake-up when it ends."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.waits = 0
+
+    async def wait(self) -> bool:
+        self.waits += 1
+        return await super().wait()
 
 
 async def test_inbound_a_burst_after_steady_talk_still_goes_at_most_twice_real_time() -> None:

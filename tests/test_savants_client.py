@@ -198,18 +198,23 @@ async def test_client_send_waits_while_the_peer_reads_slowly_and_resumes_when_it
 
     async with raw_peer(slow_reader, limit=2**16) as url, asyncio.timeout(30):
         connection = await open_voice_session(url, "a.b.c", 5.0, stall_timeout_s=10.0)
+        assert connection.can_send_now()
         sent = 0
         while not sending_blocked(connection):  # fill the socket buffers until picows pauses writing
             assert await connection.send_audio(b"\x00" * 8192) is True
             sent += 1
             assert sent < 100_000, "writing never paused"
+        assert not connection.can_send_now()  # so Inbound leaves this send to ``run``, which waits
         blocked = asyncio.create_task(connection.send_audio(b"\x00" * 8192))
         await asyncio.sleep(0.2)
         assert not blocked.done()  # waits for the buffer to drain rather than grow it
         drain.set()
         assert await blocked is True
-        assert [await received.get() for _ in range(sent + 1)] == [8192] * (sent + 1)  # every frame, whole
+        assert connection.can_send_now()
+        connection.send_audio_nowait(b"\x00" * 1280)  # from a callback: no wait, no task
+        assert [await received.get() for _ in range(sent + 2)] == [8192] * (sent + 1) + [1280]  # every frame, whole
         await connection.close()
+        assert not connection.can_send_now()
 
 
 async def test_client_peer_that_stops_reading_what_we_send_is_stalled() -> None:

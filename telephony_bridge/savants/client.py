@@ -106,6 +106,16 @@ class SavantsConnection(WSListener):
         self._transport.send(_BINARY, pcm)
         return True
 
+    def can_send_now(self) -> bool:
+        """Whether ``send_audio_nowait`` may send: open, and the send buffer under its mark (nothing to wait
+        for). Otherwise ``send_audio`` waits, or reports the end."""
+        return self._writable is None and not self._ended and not self._closing
+
+    def send_audio_nowait(self, pcm: bytes) -> None:
+        """``send_audio`` when ``can_send_now()`` has just said yes: from a callback, with no task to wake."""
+        assert self._transport is not None and self.can_send_now()
+        self._transport.send(_BINARY, pcm)
+
     def deliver_audio_to(self, handler: Callable[[bytes], None] | None) -> None:
         """From now on the AI's audio goes to ``handler`` as it is read, from picows' callback, rather than
         through ``receive`` (which still reports notices and the end). Audio read while events wait unread
