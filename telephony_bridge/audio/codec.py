@@ -46,22 +46,22 @@ def _build_encode_table() -> npt.NDArray[np.uint8]:
     return (code ^ mask).astype(np.uint8)
 
 
-_DECODE = _build_decode_table()
-_ENCODE = _build_encode_table()
-_DECODE.flags.writeable = False
-_ENCODE.flags.writeable = False
+ULAW_DECODE = _build_decode_table()  # read-only: also what the compiled kernels decode with (``kernels``)
+ULAW_ENCODE = _build_encode_table()
+ULAW_DECODE.flags.writeable = False
+ULAW_ENCODE.flags.writeable = False
 
 
 def ulaw_to_pcm16(data: bytes) -> npt.NDArray[np.int16]:
     """Decode μ-law bytes to int16 samples (same rate, one sample per byte)."""
-    return _DECODE.take(np.frombuffer(data, dtype=np.uint8))
+    return ULAW_DECODE.take(np.frombuffer(data, dtype=np.uint8))
 
 
 def pcm16_to_ulaw(samples: npt.NDArray[np.int16]) -> bytes:
     """Encode int16 samples to μ-law bytes. Raises ``TypeError`` for any other dtype (a bug of ours)."""
     if samples.dtype != np.int16:
         raise TypeError(f"expected int16 samples, got {samples.dtype}")
-    return _ENCODE.take(samples.view(np.uint16)).tobytes()
+    return ULAW_ENCODE.take(samples.view(np.uint16)).tobytes()
 
 
 def pcm16_bytes_to_array(data: bytes) -> npt.NDArray[np.int16]:

@@ -69,12 +69,13 @@ def half_band_taps(num_taps: int = HALF_BAND_TAPS, beta: float = KAISER_BETA) ->
 
 
 _TAPS = half_band_taps()
-_SINC_TAPS = _TAPS[0::2].copy()  # the odd-offset taps: 38 of them, symmetric, so correlate == convolve
+# The odd-offset taps: 38 of them, symmetric, so correlate == convolve. Also the compiled kernels' (``kernels``).
+SINC_TAPS = _TAPS[0::2].copy()
 _EMPTY = np.zeros(0, dtype=np.int16)
 _EMPTY.flags.writeable = False
 _INT16_MIN = np.float64(-32768)
 _INT16_MAX = np.float64(32767)
-_COPY_FROM = len(_SINC_TAPS) - 1 - (_CENTRE - 1) // 2  # upsampler buffer index holding input m - 18 for m = 0
+_COPY_FROM = len(SINC_TAPS) - 1 - (_CENTRE - 1) // 2  # upsampler buffer index holding input m - 18 for m = 0
 
 
 def _saturate(values: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
@@ -95,8 +96,8 @@ class Upsampler2x:
     """
 
     def __init__(self) -> None:
-        self._history = np.zeros(len(_SINC_TAPS) - 1, dtype=np.float64)  # last 37 inputs
-        self._taps = 2.0 * _SINC_TAPS  # zero-stuffing halves the level; the factor 2 restores it, exactly
+        self._history = np.zeros(len(SINC_TAPS) - 1, dtype=np.float64)  # last 37 inputs
+        self._taps = 2.0 * SINC_TAPS  # zero-stuffing halves the level; the factor 2 restores it, exactly
 
     def process(self, samples: npt.NDArray[np.int16]) -> npt.NDArray[np.int16]:
         """Feed N int16 samples at 8 kHz, get 2N int16 samples at 16 kHz."""
@@ -146,7 +147,7 @@ class Downsampler2x:
             return _EMPTY
         # For the odd-index sample at buffer[p]: even-index inputs buffer[p - 75 : p : 2] meet the sinc taps
         # and the odd-index input buffer[p - 38] the centre tap 1/2; the first p is HALF_BAND_TAPS + first.
-        out = np.correlate(buffer[first : first + 2 * (count + _CENTRE) : 2], _SINC_TAPS, mode="valid")
+        out = np.correlate(buffer[first : first + 2 * (count + _CENTRE) : 2], SINC_TAPS, mode="valid")
         out += buffer[_CENTRE + first :: 2][:count] * 0.5
         return _saturate(out).astype(np.int16)
 
