@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 import subprocess
 import sys
 import venv
@@ -31,7 +32,9 @@ INSTALL_INPUTS = (ROOT / "pyproject.toml", CONSTRAINTS, ROOT / "setup.py", ROOT 
 def ensure_environment() -> None:
     if sys.version_info < (3, 11):  # noqa: UP036 - this script is what tells an older Python so
         sys.exit(f"telephony-bridge needs Python 3.11 or newer; this is {sys.version.split()[0]}")
-    wanted = hashlib.sha256(b"".join(path.read_bytes() for path in INSTALL_INPUTS)).hexdigest()
+    # A C compiler that appeared since (or went) changes what the install builds: that counts as a change too.
+    compiler = b"cc" if shutil.which("cc") or shutil.which("gcc") else b"no cc"
+    wanted = hashlib.sha256(b"".join(path.read_bytes() for path in INSTALL_INPUTS) + compiler).hexdigest()
     if STAMP.exists() and STAMP.read_text() == wanted:
         return
     if not (BIN / "python").exists():

@@ -185,6 +185,8 @@ class FakeClock:
             sleeper.cancel()
 
     def call_at(self, deadline: float, callback: Callable[[], None]) -> Timer:
+        if deadline <= self._now:  # as the real clock: on the loop's next turn, not at the next ``advance``
+            return asyncio.get_running_loop().call_soon(callback)
         timer = _FakeTimer(callback)
         heapq.heappush(self._sleepers, (deadline, next(self._seq), timer))
         return timer

@@ -39,7 +39,8 @@ class Inbound:
     def __init__(self, audio: AudioSettings, barge_in: BargeInSettings, metrics: Metrics, clock: Clock) -> None:
         self._metrics = metrics
         self._clock = clock
-        self._pipeline = CallerToAi(compiled=kernels.use_compiled(audio.kernels))
+        compiled = kernels.use_compiled(audio.kernels)
+        self._pipeline = CallerToAi(compiled=compiled)
         self._queue: deque[bytes] = deque()
         self._frames_per_message = max(1, audio.upstream_message_ms // FRAME_MS)
         self._max_frames = self._backlog_frames(audio.pre_connect_buffer_ms)
@@ -49,7 +50,7 @@ class Inbound:
         self._parked = False  # ``run`` waits on ``_ready`` (not mid-send, not pacing a backlog)
         self._next_at = 0.0  # a backlog's pacing: the next message may go no earlier
         self._lone_timer: Timer | None = None  # wakes ``run`` for a message's first frame that waits alone
-        self.detector = _detector(barge_in)
+        self.detector = _detector(barge_in, compiled)
         self.frames_in = 0
         self.frames_to_ai = 0
         self.dropped_overflow = 0
@@ -181,7 +182,6 @@ class Inbound:
             while True:
                 now = self._clock.monotonic()
                 if not self._queue or (len(self._queue) < per and now < self._complete_by()):
-                    was_empty = not self._queue
                     self._ready.clear()
                     if self._queue:  # a first frame waits for the rest, until its time is up
                         self._lone_timer = self._clock.call_at(self._complete_by(), self._ready.set)
@@ -193,10 +193,9 @@ class Inbound:
                         if self._lone_timer is not None:
                             self._lone_timer.cancel()
                             self._lone_timer = None
-                    if was_empty:
-                        # No backlog was waiting: pacing starts afresh, or the time messages spent apart would be
-                        # credit a later burst spends at once.
-                        self._next_at = max(self._next_at, self._clock.monotonic())
+                    # Less than a message was waiting: pacing starts afresh, or the time spent parked (while
+                    # ``push`` sent, or the caller was quiet) would be credit a later burst spends at once.
+                    self._next_at = max(self._next_at, self._clock.monotonic())
                     continue
                 if self._next_at > now:
                     await self._clock.sleep_until(self._next_at)
@@ -210,7 +209,7 @@ class Inbound:
             self._conn = None  # no session: frames queue up, and the next ``run`` finds them at once
 
 
-def _detector(settings: BargeInSettings) -> BargeInDetector | None:
+def _detector(settings: BargeInSettings, compiled: bool) -> BargeInDetector | None:
     if not settings.enabled:
         return None
     return BargeInDetector(
@@ -218,5 +217,5 @@ def _detector(settings: BargeInSettings) -> BargeInDetector | None:
         utterance_end_ms=settings.utterance_end_ms,
         min_ai_audible_ms=settings.min_ai_audible_ms,
         max_hold_ms=round(settings.max_hold_s * 1000),
-        vad=VoiceActivityDetector(settings.sensitivity, settings.min_level_dbfs),
+        vad=VoiceActivityDetector(settings.sensitivity, settings.min_level_dbfs, compiled=compiled),
     )

@@ -7,10 +7,11 @@ import contextlib
 import itertools
 from collections.abc import AsyncIterator
 
+import numpy as np
 import pytest
 
 from telephony_bridge.audio.barge_in import BargeIn, CallerStopped, Event
-from telephony_bridge.audio.codec import TWILIO_FRAME_BYTES, pcm16_to_ulaw
+from telephony_bridge.audio.codec import TWILIO_FRAME_BYTES, pcm16_to_ulaw, ulaw_to_pcm16
 from telephony_bridge.clock import FakeClock, Flag
 from telephony_bridge.inbound import Inbound
 from telephony_bridge.ops.metrics import Metrics
@@ -214,3 +215,70 @@ async def test_inbound_with_no_reconnect_buffer_still_sends_every_frame_in_40_ms
         await talk(inbound, clock, frames=10, quiet_ms=200)
     assert inbound.dropped_overflow == 0
     assert inbound.frames_to_ai == 10 and savants.sizes == [1280] * 5
+
+
+class RecordingSavants(SizedSavants):
+    """Also keeps what was sent, to read the frames back in order."""
+
+    def __init__(self, clock: FakeClock) -> None:
+        super().__init__(clock)
+        self.audio = bytearray()
+
+    def record(self, pcm: bytes) -> None:
+        super().record(pcm)
+        self.audio += pcm
+
+
+def frame_marks(audio: bytes) -> list[int]:
+    """Each 20 ms frame's value mid-frame: frames of one repeated μ-law code come back as that code's level
+    there (the filter passes a constant exactly, and its reach, 37 samples, stays inside the frame)."""
+    samples = np.frombuffer(bytes(audio), dtype="<i2")
+    return [int(samples[i + 200]) for i in range(0, len(samples) - 319, 320)]
+
+
+async def test_inbound_keeps_frame_order_through_bursts_stalls_quiet_and_a_restart() -> None:
+    """Numbered frames (a distinct μ-law code each) through every path: before the session (a backlog), steady
+    talk sent from ``push``, a send buffer that will not take more (``run`` waits), a burst, a quiet spell and
+    ``run`` restarted with a lone frame waiting (a reconnect): every frame arrives once, in order, and no burst
+    ever goes faster than twice real time."""
+    clock = FakeClock(start=1000.0)
+    inbound = Inbound(AudioSettings(upstream_message_ms=40), BargeInSettings(enabled=False), Metrics(), clock)
+    savants = RecordingSavants(clock)
+    codes = [c for c in range(1, 120) if c != 0x7F]  # 0x7F and 0xFF both decode to 0
+    pushed = 0
+
+    def push(count: int) -> None:
+        nonlocal pushed
+        for _ in range(count):
+            inbound.push(pushed * 20, bytes([codes[pushed]]) * TWILIO_FRAME_BYTES, clock.monotonic(), None)
+            pushed += 1
+
+    async def steady(frames: int, quiet_ms: int = 0) -> None:
+        for step in range(frames * 4 + quiet_ms // 5):
+            await settle()
+            if step % 4 == 0 and step < frames * 4:
+                push(1)
+            await settle()
+            clock.advance(0.005)
+
+    push(5)  # before the AI connected: an odd backlog, so ``run`` parks with a first frame waiting alone
+    async with sending(inbound, savants):
+        await steady(10)
+        savants.takes_now = False  # Savants reads slowly: ``run`` must send, waiting its turn
+        await steady(6)
+        savants.takes_now = True
+        await steady(0, quiet_ms=3000)  # the caller sends nothing for 3 s
+        savants.takes_now = False
+        burst_at = round(clock.monotonic() - 1000.0, 3)
+        push(20)  # then 400 ms at once, to a send buffer that is full
+        await steady(0, quiet_ms=20)
+        savants.takes_now = True
+        await steady(0, quiet_ms=600)
+        push(1)  # a first frame, then the session drops before its partner comes
+    async with sending(inbound, savants):  # a reconnect: the waiting frame goes first
+        await steady(7, quiet_ms=200)
+    want = [int(ulaw_to_pcm16(bytes([code]))[0]) for code in codes[:pushed]]
+    assert frame_marks(savants.audio) == want
+    assert inbound.frames_to_ai == pushed == 49
+    burst = [at for at in savants.sent_at if at >= burst_at]
+    assert len(burst) >= 10 and min(round(b - a, 3) for a, b in itertools.pairwise(burst)) >= 0.02

@@ -92,6 +92,15 @@ static PyObject *configure(PyObject *self, PyObject *args) {
             goto done;
         }
     }
+    /* What makes every sum exact, whatever the order of the additions: taps under 1 (2 for the upsampler's
+     * doubled ones) in multiples of 2**-32. */
+    for (int k = 0; k < UP_TAPS; k++) {
+        double up = up_taps[k] * 4294967296.0, down = down_taps[k] * 4294967296.0;
+        if (up != nearbyint(up) || down != nearbyint(down) || fabs(up_taps[k]) >= 2.0 || fabs(down_taps[k]) >= 1.0) {
+            PyErr_SetString(PyExc_ValueError, "expected taps under 1 in multiples of 2**-32 (see resample.py)");
+            goto done;
+        }
+    }
     memcpy(ulaw_decode, decode.buf, sizeof(ulaw_decode));
     memcpy(ulaw_encode, encode.buf, sizeof(ulaw_encode));
     configured = 1;

@@ -1,11 +1,11 @@
 """A call's per-frame audio conversions, one call each way: compiled when the optional C extension is built.
 
 Converting a 20 ms frame with numpy is a dozen numpy calls on 160–320 samples, and their per-call overhead,
-not the arithmetic, is what it costs (~8–10 µs a frame each way). ``_kernels.c`` does the same sums in one C
-call (~2 µs with the call itself: ``bench/frame_path.py``), with the tables and taps handed over from
-``codec`` and ``resample`` at import, so both paths give the same bytes: ``tests/test_kernels.py`` checks that
-bit for bit. The numpy path stays as the reference and as the fallback where no compiler was at hand when the
-package was installed.
+not the arithmetic, is what it costs (7–9 µs a frame each way). ``_kernels.c`` does the same sums in one C
+call (2–3 µs, the call included; ``bench/frame_path.py``'s "conversion alone" rows), with the tables and taps
+handed over from ``codec`` and ``resample`` at import, so both paths give the same bytes:
+``tests/test_kernels.py`` checks that bit for bit. The numpy path stays as the reference and as the fallback
+where no compiler was at hand when the package was installed.
 
 The setting ``audio.kernels`` chooses per bridge: ``auto`` (the default: compiled if built), ``numpy`` (the
 reference path), ``compiled`` (refuse to start without the extension).
@@ -13,6 +13,7 @@ reference path), ``compiled`` (refuse to start without the extension).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from types import ModuleType
 
 import numpy as np
@@ -24,22 +25,26 @@ from telephony_bridge.errors import ConfigError
 CHOICES = ("auto", "compiled", "numpy")
 
 
-def _import_extension() -> ModuleType | None:
-    """The extension, configured, or None if it was not built."""
+def _import_extension() -> tuple[ModuleType | None, str]:
+    """The extension, configured; or None and why not (not built, or built for other tables or taps: then the
+    numpy path runs, rather than the bridge failing to start)."""
     try:
         from telephony_bridge.audio import _kernels  # type: ignore[attr-defined]
     except ImportError:
-        return None
-    _kernels.configure(
-        (2.0 * resample.SINC_TAPS).tobytes(),  # the upsampler's gain of 2 (see resample.Upsampler2x)
-        resample.SINC_TAPS.tobytes(),
-        codec.ULAW_DECODE.tobytes(),
-        codec.ULAW_ENCODE.tobytes(),
-    )
-    return _kernels
+        return None, "is not built"
+    try:
+        _kernels.configure(
+            (2.0 * resample.SINC_TAPS).tobytes(),  # the upsampler's gain of 2 (see resample.Upsampler2x)
+            resample.SINC_TAPS.tobytes(),
+            codec.ULAW_DECODE.tobytes(),
+            codec.ULAW_ENCODE.tobytes(),
+        )
+    except (ValueError, RuntimeError) as exc:
+        return None, f"refused this package's tables or taps ({exc})"
+    return _kernels, ""
 
 
-EXTENSION = _import_extension()
+EXTENSION, _UNAVAILABLE = _import_extension()
 
 
 def use_compiled(choice: str) -> bool:
@@ -49,7 +54,7 @@ def use_compiled(choice: str) -> bool:
         raise ConfigError(f"audio.kernels={choice!r}: expected one of {', '.join(CHOICES)}")
     if choice == "compiled" and EXTENSION is None:
         raise ConfigError(
-            "audio.kernels is 'compiled', but the C extension telephony_bridge.audio._kernels is not built: "
+            f"audio.kernels is 'compiled', but the C extension telephony_bridge.audio._kernels {_UNAVAILABLE}: "
             "reinstall the package where a C compiler and Python's headers are installed (Debian: gcc python3-dev), "
             "or set audio.kernels to auto"
         )
@@ -101,9 +106,14 @@ class DownsamplerToUlaw:
         return codec.pcm16_to_ulaw(self._downsampler.process(codec.pcm16_bytes_to_array(pcm)))
 
 
-def mean_square(samples: npt.NDArray[np.int16]) -> float:
-    """The mean of the squared samples (0.0 for none): exact, as both paths sum in integers or exact floats."""
-    if EXTENSION is not None and samples.flags.c_contiguous:
-        return EXTENSION.mean_square(samples)
+def mean_square_function(*, compiled: bool | None = None) -> Callable[[npt.NDArray[np.int16]], float]:
+    """The mean of the squared samples of a contiguous int16 frame (0.0 for none), for the VAD's level gate:
+    exact either way (the compiled one sums in integers, numpy in exact floats). ``compiled`` as for the
+    resamplers."""
+    extension = _pick(compiled)
+    return extension.mean_square if extension is not None else _numpy_mean_square
+
+
+def _numpy_mean_square(samples: npt.NDArray[np.int16]) -> float:
     wide = samples.astype(np.float64)
     return float(np.dot(wide, wide)) / len(samples) if len(samples) else 0.0

@@ -15,7 +15,7 @@ import numpy.typing as npt
 import webrtcvad
 
 from telephony_bridge.audio.codec import TWILIO_RATE_HZ
-from telephony_bridge.audio.kernels import mean_square
+from telephony_bridge.audio.kernels import mean_square_function
 
 VAD_FRAME_SAMPLES = 160  # 20 ms at 8 kHz: webrtcvad takes only 10, 20 or 30 ms frames
 VAD_FRAME_S = VAD_FRAME_SAMPLES / TWILIO_RATE_HZ
@@ -30,13 +30,14 @@ class VoiceActivityDetector:
     ``process`` keeps the part-frame left over for the next call, so any chunking gives the same decisions.
     """
 
-    def __init__(self, sensitivity: int = 2, min_level_dbfs: float = -45.0) -> None:
+    def __init__(self, sensitivity: int = 2, min_level_dbfs: float = -45.0, *, compiled: bool | None = None) -> None:
         if sensitivity not in (0, 1, 2, 3):
             raise ValueError(f"expected sensitivity 0, 1, 2 or 3, got {sensitivity!r}")
         self.sensitivity = sensitivity
         self.min_level_dbfs = min_level_dbfs
         self._vad = webrtcvad.Vad(sensitivity)
         self._min_mean_square = (_FULL_SCALE * 10.0 ** (min_level_dbfs / 20.0)) ** 2
+        self._mean_square = mean_square_function(compiled=compiled)  # ``compiled``: see ``kernels``
         self._pending = np.zeros(0, dtype=np.int16)
 
     def is_speech(self, frame: npt.NDArray[np.int16]) -> bool:
@@ -47,7 +48,7 @@ class VoiceActivityDetector:
         if frame.dtype != np.int16 or frame.shape != (VAD_FRAME_SAMPLES,):
             raise ValueError(f"expected {VAD_FRAME_SAMPLES} int16 samples, got {frame.shape} {frame.dtype}")
         voiced = self._vad.is_speech(frame.astype("<i2", copy=False).tobytes(), TWILIO_RATE_HZ)
-        loud = mean_square(frame) >= self._min_mean_square
+        loud = self._mean_square(frame) >= self._min_mean_square
         return bool(voiced and loud)
 
     def process(self, samples: npt.NDArray[np.int16]) -> list[bool]:

@@ -113,7 +113,8 @@ class SavantsConnection(WSListener):
 
     def send_audio_nowait(self, pcm: bytes) -> None:
         """``send_audio`` when ``can_send_now()`` has just said yes: from a callback, with no task to wake."""
-        assert self._transport is not None and self.can_send_now()
+        if self._transport is None or not self.can_send_now():
+            raise RuntimeError("send_audio_nowait without can_send_now(): a bug of ours, not a Savants failure")
         self._transport.send(_BINARY, pcm)
 
     def deliver_audio_to(self, handler: Callable[[bytes], None] | None) -> None:
