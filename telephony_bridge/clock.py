@@ -10,6 +10,7 @@ import heapq
 import itertools
 import time
 from collections.abc import Callable
+from functools import partial
 from typing import Protocol
 
 
@@ -155,7 +156,7 @@ class FakeClock:
     def __init__(self, start: float = 1000.0, wall_offset: float = 1_700_000_000.0) -> None:
         self._now = start
         self._wall_offset = wall_offset
-        self._sleepers: list[tuple[float, int, asyncio.Future[None] | _FakeTimer]] = []
+        self._timers: list[tuple[float, int, _FakeTimer]] = []  # sleepers are timers that resolve their future
         self._seq = itertools.count()
 
     def monotonic(self) -> float:
@@ -169,7 +170,7 @@ class FakeClock:
             await asyncio.sleep(0)
             return
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        heapq.heappush(self._sleepers, (deadline, next(self._seq), fut))
+        self.call_at(deadline, partial(_resolve, fut))
         await fut
 
     async def wait_until(self, event: Signal, deadline: float) -> None:
@@ -188,18 +189,14 @@ class FakeClock:
         if deadline <= self._now:  # as the real clock: on the loop's next turn, not at the next ``advance``
             return asyncio.get_running_loop().call_soon(callback)
         timer = _FakeTimer(callback)
-        heapq.heappush(self._sleepers, (deadline, next(self._seq), timer))
+        heapq.heappush(self._timers, (deadline, next(self._seq), timer))
         return timer
 
     def advance(self, seconds: float) -> None:
         """Move time forward and wake every sleeper (and run every timer) whose deadline has passed, in order."""
         self._now += seconds
-        while self._sleepers and self._sleepers[0][0] <= self._now:
-            _, _, due = heapq.heappop(self._sleepers)
-            if isinstance(due, _FakeTimer):
-                due.fire()
-            elif not due.done():
-                due.set_result(None)
+        while self._timers and self._timers[0][0] <= self._now:
+            heapq.heappop(self._timers)[2].fire()
 
 
 class _FakeTimer:

@@ -150,20 +150,30 @@ class Inbound:
         wake, 25 times a second a call); otherwise wake ``run``. A first frame waiting alone gets a timer
         instead, which its partner's arrival calls off: it goes alone only if no partner comes in time."""
         per = self._frames_per_message
-        if self._lone_timer is not None:
-            self._lone_timer.cancel()
-            self._lone_timer = None
+        self._call_off_lone_timer()
         conn = self._conn
         if len(self._queue) >= per and conn is not None and self._next_at <= now and conn.can_send_now():
-            pcm = self._queue.popleft() if per == 1 else b"".join(self._queue.popleft() for _ in range(per))
-            conn.send_audio_nowait(pcm)
+            conn.send_audio_nowait(self._take(per))
             self.frames_to_ai += per
             self._oldest_at = now
             self._next_at = now + per * FRAME_S / CATCH_UP_RATE
         if len(self._queue) >= per:
             self._ready.set()  # a backlog to pace, or a send buffer to wait for: ``run``'s work
         elif self._queue:
-            self._lone_timer = self._clock.call_at(self._complete_by(), self._ready.set)
+            self._arm_lone_timer()
+
+    def _take(self, n: int) -> bytes:
+        """The next ``n`` queued frames, as one message."""
+        return self._queue.popleft() if n == 1 else b"".join(self._queue.popleft() for _ in range(n))
+
+    def _arm_lone_timer(self) -> None:
+        """Wake ``run`` when the frame waiting alone has waited long enough (``_complete_by``)."""
+        self._lone_timer = self._clock.call_at(self._complete_by(), self._ready.set)
+
+    def _call_off_lone_timer(self) -> None:
+        if self._lone_timer is not None:
+            self._lone_timer.cancel()
+            self._lone_timer = None
 
     def _complete_by(self) -> float:
         """When the first frame of a message stops waiting for the rest and goes as it is."""
@@ -184,15 +194,13 @@ class Inbound:
                 if not self._queue or (len(self._queue) < per and now < self._complete_by()):
                     self._ready.clear()
                     if self._queue:  # a first frame waits for the rest, until its time is up
-                        self._lone_timer = self._clock.call_at(self._complete_by(), self._ready.set)
+                        self._arm_lone_timer()
                     self._parked = True
                     try:
                         await self._ready.wait()
                     finally:
                         self._parked = False
-                        if self._lone_timer is not None:
-                            self._lone_timer.cancel()
-                            self._lone_timer = None
+                        self._call_off_lone_timer()
                     # Less than a message was waiting: pacing starts afresh, or the time spent parked (while
                     # ``push`` sent, or the caller was quiet) would be credit a later burst spends at once.
                     self._next_at = max(self._next_at, self._clock.monotonic())
@@ -200,7 +208,7 @@ class Inbound:
                 if self._next_at > now:
                     await self._clock.sleep_until(self._next_at)
                 n = min(per, len(self._queue))
-                pcm = self._queue.popleft() if n == 1 else b"".join(self._queue.popleft() for _ in range(n))
+                pcm = self._take(n)
                 self._oldest_at = self._clock.monotonic()  # what is left is backlog: it goes when pacing allows
                 if await conn.send_audio(pcm):
                     self.frames_to_ai += n

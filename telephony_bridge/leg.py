@@ -55,9 +55,11 @@ import asyncio
 import contextvars
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Literal, Protocol
+from typing import Any, Generic, Literal, ParamSpec, Protocol
 
 from telephony_bridge.clock import Clock
+
+P = ParamSpec("P")
 
 Ingress = Literal["twilio", "sip"]
 
@@ -119,33 +121,33 @@ class CallerLeg(AudioSink, Protocol):
     def figures(self) -> dict[str, Any]: ...
 
 
-class DirectAudio:
-    """A leg's direct audio path to the core (``deliver_audio_to``): ``attach`` from the core's task,
-    ``deliver`` from the transport's callback, ``check`` in ``receive``, which then raises whatever the handler
-    raised (a callback has nobody to raise it to).
+class DirectAudio(Generic[P]):
+    """A connection's direct audio path to the core (a leg's ``deliver_audio_to``, and the Savants
+    connection's): ``attach`` from the core's task, ``deliver`` from the transport's callback, ``check`` in
+    ``receive``, which then raises whatever the handler raised (a callback has nobody to raise it to).
 
     The handler runs in the context of the task that attached it, so what it logs carries the call's IDs
     (``ops.logging.call_context``) although the transport's callback belongs to no call."""
 
     def __init__(self) -> None:
-        self.handler: AudioHandler | None = None
+        self.handler: Callable[P, None] | None = None
         self._context = contextvars.Context()
         self._error: Exception | None = None
 
-    def attach(self, handler: AudioHandler | None) -> None:
-        """``None`` detaches: the leg queues its audio for ``receive`` again (nobody reads it once the call
-        has ended)."""
+    def attach(self, handler: Callable[P, None] | None) -> None:
+        """``None`` detaches: the connection queues its audio for ``receive`` again (nobody reads it once the
+        call has ended)."""
         self.handler = handler
         self._context = contextvars.copy_context()
 
-    def deliver(self, ulaw: bytes, timestamp_ms: int | None) -> bool:
-        """True if the core took the audio; False if it is the leg's to queue for ``receive`` (no handler, or
-        the handler raised: the queued audio then wakes ``receive``, and ``check`` raises)."""
+    def deliver(self, *args: P.args, **kwargs: P.kwargs) -> bool:
+        """True if the core took the audio; False if it is the connection's to queue for ``receive`` (no
+        handler, or the handler raised: the queued audio then wakes ``receive``, and ``check`` raises)."""
         handler = self.handler
         if handler is None:
             return False
         try:
-            self._context.run(handler, ulaw, timestamp_ms)
+            self._context.run(handler, *args, **kwargs)
         except Exception as exc:
             self._error, self.handler = exc, None
             return False

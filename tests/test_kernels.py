@@ -178,7 +178,7 @@ def test_serve_says_which_kernels_it_runs(env: dict[str, str], said: str) -> Non
 @pytest.mark.parametrize("choice", ["compiled", "numpy"])
 def test_inbound_outbound_and_the_vad_run_the_kernels_the_setting_names(choice: str) -> None:
     if choice == "compiled" and kernels.EXTENSION is None:
-        pytest.skip("telephony_bridge.audio._kernels is not built here")  # the fixture above fails this under CI
+        pytest.skip("telephony_bridge.audio._kernels is not built here")  # under CI the ``extension`` tests fail
     audio = AudioSettings(kernels=choice)
     inbound = Inbound(audio, BargeInSettings(enabled=True), Metrics(), SystemClock())
     outbound = Outbound(audio, SystemClock(), NoSink())

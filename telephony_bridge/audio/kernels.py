@@ -63,9 +63,9 @@ def use_compiled(choice: str) -> bool:
 
 def _pick(compiled: bool | None) -> ModuleType | None:
     """None: the extension if built; True: the extension (it must be built); False: numpy."""
-    if compiled is None:
-        return EXTENSION
-    return EXTENSION if use_compiled("compiled" if compiled else "numpy") else None
+    if compiled and EXTENSION is None:
+        use_compiled("compiled")  # raises, saying why
+    return None if compiled is False else EXTENSION
 
 
 class UlawUpsampler:

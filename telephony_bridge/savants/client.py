@@ -13,7 +13,6 @@ once the call has said where it goes (``deliver_audio_to``), handed there at onc
 from __future__ import annotations
 
 import asyncio
-import contextvars
 import logging
 from collections import deque
 from collections.abc import Awaitable, Callable
@@ -32,6 +31,7 @@ from picows import (
 
 from telephony_bridge.close_codes import echo_code
 from telephony_bridge.errors import SessionError
+from telephony_bridge.leg import DirectAudio
 from telephony_bridge.savants.protocol import Audio, Confirmed, Failed, Notice, SessionEvent, VoiceSession
 
 NORMAL_CLOSURE = 1000
@@ -79,9 +79,7 @@ class SavantsConnection(WSListener):
         self._close_code: int | None = None  # the code of the close frame Savants sent, if it sent one
         self._stall: str | None = None  # why the connection counts as stalled, if it does
         self._closing = False  # close() was called
-        self._audio_handler: Callable[[bytes], None] | None = None
-        self._handler_context = contextvars.Context()
-        self._handler_error: Exception | None = None  # what the audio handler raised, for ``receive`` to raise
+        self._direct: DirectAudio[[bytes]] = DirectAudio()  # the AI's audio straight to the call core
 
     @property
     def session_id(self) -> str | None:
@@ -103,7 +101,7 @@ class SavantsConnection(WSListener):
                 return False
             raise self._dropped("while sending")
         assert self._transport is not None
-        self._transport.send(_BINARY, pcm)
+        self._transport.send(_BINARY, pcm)  # unchecked: a keepalive ping may have paused writing again since
         return True
 
     def can_send_now(self) -> bool:
@@ -122,14 +120,12 @@ class SavantsConnection(WSListener):
         through ``receive`` (which still reports notices and the end). Audio read while events wait unread
         still queues behind them, so nothing is reordered; and what the handler raises, ``receive`` raises.
         The handler runs in the caller's context (what it logs carries the call's IDs)."""
-        self._audio_handler = handler
-        self._handler_context = contextvars.copy_context()
+        self._direct.attach(handler)
 
     async def receive(self) -> Audio | Notice | None:
         events = self._events
         while True:
-            if self._handler_error is not None:
-                raise self._handler_error
+            self._direct.check()  # what the audio handler raised (the audio it failed on was queued)
             if events:
                 event = events.popleft()
                 if isinstance(event, (Audio, Notice)):  # a tuple: faster than a union
@@ -180,8 +176,7 @@ class SavantsConnection(WSListener):
         kind = frame.msg_type
         if kind is _BINARY and frame.fin:
             event = self.session.receive_binary(frame.get_payload_as_bytes())
-            if self._audio_handler is not None and not self._events and type(event) is Audio:
-                self._hand_over(event.pcm)
+            if not self._events and type(event) is Audio and self._direct.deliver(event.pcm):
                 return
         elif kind is _TEXT and frame.fin:
             event = self.session.receive_text(frame.get_payload_as_bytes())
@@ -218,17 +213,6 @@ class SavantsConnection(WSListener):
             writable.set_result(None)
 
     # --- internals -------------------------------------------------------------------------------------------
-
-    def _hand_over(self, pcm: bytes) -> None:
-        """Audio to the handler; if it raises (a bug of ours: picows would only log it), the session's reader
-        gets the exception and the audio after it is left in the queue."""
-        assert self._audio_handler is not None
-        try:
-            self._handler_context.run(self._audio_handler, pcm)
-        except Exception as exc:
-            self._handler_error = exc
-            self._audio_handler = None
-            self._wake()
 
     async def _next(self) -> None:
         """Wait until an event is queued or the connection has ended."""

@@ -96,7 +96,7 @@ class SipLeg:
         self._fallback = fallback_ulaw
         self._cname = cname
         self._events: asyncio.Queue[LegEvent] = asyncio.Queue()
-        self._direct = DirectAudio()
+        self._direct: DirectAudio[[bytes, int | None]] = DirectAudio()
         self._queue: deque[bytes | str] = deque()  # 160-byte μ-law frames and mark names, in order
         self._drained = asyncio.Event()
         self._sender = RtpSender()

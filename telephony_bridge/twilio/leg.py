@@ -101,7 +101,7 @@ class TwilioLeg:
         self.protocol_errors = 0
         # Twilio sends media every 20 ms, even in silence (spec §3): a quiet socket is a dead one.
         self.watchdog = Watchdog(clock, settings.inactivity_timeout_s or None)
-        self._direct = DirectAudio()
+        self._direct: DirectAudio[[bytes, int | None]] = DirectAudio()
         # A picows ``StreamSocket`` can send without waiting (``writable``/``send_text_nowait``); Starlette's cannot.
         self._writable: Callable[[], bool] | None = getattr(ws, "writable", None)
 
