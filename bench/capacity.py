@@ -10,7 +10,9 @@
 Three kinds of process on 127.0.0.1: the Savants emulator (voice ``echo``), the servers under test (``bridge``:
 ``telephony-bridge serve``, the real thing; ``naive``: ``bench/naive_bridge.py``, written like the public
 samples; ``echo``: ``bench/echo_server.py``, a bare WebSocket echo, the floor; ``echo-picows``: the same echo
-on picows, the floor of the bridge's own media-stream WebSocket), and the simulated callers
+on picows, the floor of the bridge's own media-stream WebSocket; ``relay-picows``: ``bench/relay_floor.py``,
+both legs on the bridge's stack with its message counts and conversions and nothing else, the floor of a
+call), and the simulated callers
 (``loadtest``'s Twilio flow with speech both ways, spread over ``--load-procs`` processes). Each load level
 runs against every server in turn, so the ratio compares figures taken minutes apart on the same machine.
 
@@ -490,6 +492,7 @@ def servers(
         "naive": ([python, str(BENCH / "naive_bridge.py")], savants),
         "echo": ([python, str(BENCH / "echo_server.py")], {}),
         "echo-picows": ([python, str(BENCH / "echo_server.py")], {"ECHO_WEBSOCKET": "picows"}),
+        "relay-picows": ([python, str(BENCH / "relay_floor.py")], savants),
     }
 
 
@@ -502,7 +505,10 @@ def main() -> int:
     )
     parser.add_argument("--seconds", type=float, default=20.0, help="length of each call")
     parser.add_argument(
-        "--servers", nargs="+", default=["bridge", "naive"], choices=["bridge", "naive", "echo", "echo-picows"]
+        "--servers",
+        nargs="+",
+        default=["bridge", "naive"],
+        choices=["bridge", "naive", "echo", "echo-picows", "relay-picows"],
     )
     parser.add_argument(
         "--variant",

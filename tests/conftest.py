@@ -1,4 +1,5 @@
-"""Real servers on 127.0.0.1 free ports: the Savants emulator and the bridge, each under uvicorn."""
+"""Real servers on 127.0.0.1 free ports: the Savants emulator and the bridge, each under uvicorn; the bench's
+baselines in child processes."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from telephony_bridge.app import create_app
 from telephony_bridge.serving import ServerThread
 from telephony_bridge.tools.emulator import EmulatorConfig, create_emulator_app
 from tests.redis_server import RedisServer, RedisServerMissing, running_redis
-from tests.support import bridge_settings
+from tests.support import bench_server, bridge_settings
 
 
 @contextlib.contextmanager
@@ -56,6 +57,14 @@ def start_bridge() -> Iterator[Callable[..., ServerThread]]:
     """``start_bridge(settings, **create_app dependencies)``."""
     with _servers(create_app) as start:
         yield start
+
+
+@pytest.fixture
+def start_bench_server(emulator: ServerThread) -> Iterator[Callable[[str, str], str]]:
+    """``start_bench_server(script, device_ids)``: ``bench/<script>`` against ``emulator``, up; its media-stream
+    URL. Stopped when the test ends."""
+    with contextlib.ExitStack() as stack:
+        yield lambda script, device_ids: stack.enter_context(bench_server(script, emulator, device_ids))
 
 
 @pytest.fixture

@@ -1,14 +1,17 @@
-"""Helpers the tests share: settings for a bridge under test, and what Twilio would send it."""
+"""Helpers the tests share: settings for a bridge under test, what Twilio would send it, and the bench's servers."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import os
 import subprocess
 import sys
 import time
 import xml.etree.ElementTree as ET
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any, Protocol
 
 import httpx
@@ -18,6 +21,8 @@ from telephony_bridge.serving import ServerThread
 from telephony_bridge.settings import Settings, load_settings
 from telephony_bridge.tools.caller import CallConfig, new_sid
 from telephony_bridge.tools.emulator import STATS_PATH
+from telephony_bridge.tools.loadtest import run_load
+from tests.redis_server import free_port
 
 DEVICE_IDS = ["device-a", "device-b"]
 AUTH_TOKEN = "test-auth-token-0123456789abcdef"
@@ -194,3 +199,48 @@ class BridgeProcess:
         _, rest = self.proc.communicate(timeout=timeout_s)
         self.lines += [json.loads(line) for line in rest.splitlines() if line.startswith("{")]
         return self.proc.returncode
+
+
+BENCH = Path(__file__).resolve().parent.parent / "bench"
+SPEECH_WAV = str(Path(__file__).resolve().parent / "data" / "speech_8k.wav")
+
+
+@contextlib.contextmanager
+def bench_server(script: str, emulator: ServerThread, device_ids: str) -> Iterator[str]:
+    """``bench/<script>`` (a baseline of bench/capacity.py) in a child process against ``emulator``, with the
+    environment capacity.py gives it; yields its media-stream URL once its ``/healthz`` answers."""
+    port = free_port()
+    env = {
+        **os.environ,
+        "PORT": str(port),
+        "SAVANTS_BASE_URL": emulator.http_url,
+        "SAVANTS_API_KEY": "test-key",  # the emulator fixture's key
+        "SAVANTS_DEVICE_IDS": device_ids,
+    }
+    process = subprocess.Popen([sys.executable, str(BENCH / script)], env=env, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 15
+        while True:
+            try:
+                httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=1)
+                break
+            except httpx.HTTPError:
+                assert process.poll() is None, process.stderr.read() if process.stderr else ""
+                assert time.monotonic() < deadline, f"bench/{script} did not come up"
+                time.sleep(0.1)
+        yield f"ws://127.0.0.1:{port}/media-stream"
+    finally:
+        process.terminate()
+        process.wait(timeout=10)
+        if process.stderr is not None:
+            process.stderr.close()
+
+
+async def assert_two_calls_echoed(media_stream_url: str) -> None:
+    """Two 2 s calls through a bench server against the emulator's echo voice: both served with no protocol
+    violation, both heard the AI, and every round trip holds the echo's 0.2 s delay and nothing absurd."""
+    async with asyncio.timeout(20):
+        result = await run_load(media_stream_url, 2, 2, 2.0, 0.1, None, None, SPEECH_WAV, deadline_s=15)
+    assert (len(result.of("served")), result.violations) == (2, 0), [f.reason for f in result.flows]
+    assert len(result.first_audio_s) == 2
+    assert result.round_trips_s and result.round_trips_s[0] >= 0.2 and result.round_trips_s[-1] < 1.0
