@@ -110,19 +110,20 @@ class Outbound:
 
     def _append(self, audio: bytes, append: Callable[[bytes], None]) -> None:
         now = self._clock.monotonic()
-        was_empty = not len(self._buffer)
+        buffer = self._buffer
+        was_empty = not buffer.size
         if was_empty:
             self._queued_since = now
         self._last_push_at = now
-        before = self._buffer.frames
+        before = buffer.size // TWILIO_FRAME_BYTES
         append(audio)
-        excess = len(self._buffer) - self._max_queued_bytes
+        excess = buffer.size - self._max_queued_bytes
         if excess > 0:
-            self._overflow_bytes += len(self._buffer.take(-(-excess // TWILIO_FRAME_BYTES)))
+            self._overflow_bytes += len(buffer.take(-(-excess // TWILIO_FRAME_BYTES)))
         # The pacer sleeps until its own next deadline; it is woken only when this audio changes what it would
         # do there: the first audio after none, a first whole frame, or enough frames for a batch or the
         # prebuffer. An AI sending 20 ms frames into 60 ms batches wakes it twice a batch, not three times.
-        after = self._buffer.frames
+        after = buffer.size // TWILIO_FRAME_BYTES
         if (
             was_empty
             or before == 0 < after

@@ -60,32 +60,83 @@ def test_parse_accepts_numbers_where_twilio_sends_strings() -> None:
     assert tw.parse_message(orjson.dumps(msg)) == tw.parse_message(sample("media"))
 
 
-@pytest.mark.parametrize(
-    ("text", "reason_part"),
-    [
-        ("not json", "expected a JSON object"),
-        ("[1, 2]", "expected a JSON object, got list"),
-        ('{"no": "event"}', "string 'event'"),
-        ('{"event": "media", "streamSid": "MZ", "media": {"payload": "@@@"}}', "not valid base64"),
-        ('{"event": "media", "streamSid": "MZ", "media": {"payload": "\\u0080", "timestamp": "0"}}', "base64"),
-        ('{"event": "media", "streamSid": "MZ"}', "expected an object 'media'"),
-        ('{"event": "start", "start": {"streamSid": "MZ"}}', "'callSid'"),
-        ('{"event": "media", "streamSid": "MZ", "media": {"payload": "", "timestamp": "x"}}', "'timestamp'"),
-        ('{"event": "mark", "streamSid": "MZ", "mark": {}}', "'name'"),
-        # str.isdigit() accepts these, int() does not: the fast path must not let them through (found in review)
-        ('{"event": "media", "streamSid": "MZ", "media": {"payload": "", "timestamp": "\u00b2"}}', "'timestamp'"),
-        ('{"event": "media", "streamSid": "MZ", "media": {"payload": "", "chunk": "1\u00b9"}}', "'chunk'"),
-        (
-            '{"event": "media", "streamSid": "MZ", "sequenceNumber": "' + "9" * 5000 + '", "media": {"payload": ""}}',
-            "'sequenceNumber'",
-        ),
-        ('{"event": "start", "start": {"streamSid": "MZ", "callSid": ""}}', "non-empty 'callSid'"),
-    ],
-)
+GARBAGE = [
+    ("not json", "expected a JSON object"),
+    ("[1, 2]", "expected a JSON object, got list"),
+    ('{"no": "event"}', "string 'event'"),
+    ('{"event": "media", "streamSid": "MZ", "media": {"payload": "@@@"}}', "not valid base64"),
+    ('{"event": "media", "streamSid": "MZ", "media": {"payload": "\\u0080", "timestamp": "0"}}', "base64"),
+    ('{"event": "media", "streamSid": "MZ"}', "expected an object 'media'"),
+    ('{"event": "start", "start": {"streamSid": "MZ"}}', "'callSid'"),
+    ('{"event": "media", "streamSid": "MZ", "media": {"payload": "", "timestamp": "x"}}', "'timestamp'"),
+    ('{"event": "mark", "streamSid": "MZ", "mark": {}}', "'name'"),
+    # str.isdigit() accepts these, int() does not: the fast path must not let them through (found in review)
+    ('{"event": "media", "streamSid": "MZ", "media": {"payload": "", "timestamp": "\u00b2"}}', "'timestamp'"),
+    ('{"event": "media", "streamSid": "MZ", "media": {"payload": "", "chunk": "1\u00b9"}}', "'chunk'"),
+    (
+        '{"event": "media", "streamSid": "MZ", "sequenceNumber": "' + "9" * 5000 + '", "media": {"payload": ""}}',
+        "'sequenceNumber'",
+    ),
+    ('{"event": "start", "start": {"streamSid": "MZ", "callSid": ""}}', "non-empty 'callSid'"),
+]
+
+
+@pytest.mark.parametrize(("text", "reason_part"), GARBAGE)
 def test_parse_garbage_is_a_value_not_an_exception(text: str, reason_part: str) -> None:
     event = tw.parse_message(text)
     assert isinstance(event, tw.Malformed)
     assert reason_part in event.reason
+
+
+@pytest.mark.parametrize("text", [text for text, _ in GARBAGE])
+def test_the_fast_media_path_takes_no_garbage(text: str) -> None:
+    """``media_audio`` (the leg's direct path) says None to all of it: ``parse_message`` then reports it."""
+    assert tw.media_audio(text) is None
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        sample("media"),
+        tw.Media(SID, bytes(range(256)) * 2, 123456789, 6172, 6173).to_json(),
+        tw.Media(SID, b"", 0, 0, 0).to_json(),
+    ],
+)
+def test_the_fast_media_path_reads_twilios_media_as_parse_message_does(text: str) -> None:
+    event = tw.parse_message(text)
+    assert isinstance(event, tw.Media)
+    assert tw.media_audio(text) == tw.media_audio(text.encode()) == (event.payload, event.timestamp_ms)
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        tw.Media(SID, b"\x01", None, 1, 2).to_json(),  # no timestamp (simulators)
+        orjson.dumps(
+            {"event": "media", "streamSid": SID, "sequenceNumber": 3, "media": {"payload": "AQ==", "timestamp": 20}}
+        ),
+        sample("mark"),
+        sample("start"),
+    ],
+)
+def test_the_fast_media_path_leaves_other_shapes_to_parse_message(text: str | bytes) -> None:
+    """Media that is not in Twilio's exact shape is still media (``parse_message`` reads it); it only takes
+    the general path."""
+    assert tw.media_audio(text) is None
+
+
+@pytest.mark.parametrize("stream_sid", [SID, "", 'MZ"quoted\\back\u2028slash', "MZé中"])
+def test_a_streams_media_messages_are_exactly_the_documented_fields(stream_sid: str) -> None:
+    """``MediaMessages`` serialises the JSON around the payload once per stream: any streamSid escapes right."""
+    messages = tw.MediaMessages(stream_sid)
+    for ulaw in (b"", b"\xff" * 160, bytes(range(256))):
+        data = messages.encode(ulaw)
+        assert orjson.loads(data) == {
+            "event": "media",
+            "streamSid": stream_sid,
+            "media": {"payload": base64.b64encode(ulaw).decode()},
+        }
+        assert tw.parse_outbound(data.decode(), stream_sid) == tw.OutMedia(ulaw)
 
 
 def test_parse_dtmf_with_a_non_string_digit_never_echoes_the_digit() -> None:

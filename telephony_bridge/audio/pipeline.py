@@ -63,24 +63,30 @@ class FrameBuffer:
         self._pcm = bytearray()  # AI audio not yet converted
         self._pcm_bytes_in = 0  # AI audio ever queued (a sample split across chunks counts once whole)
         self._ulaw_out = 0  # μ-law the converter has made of it: one byte per two samples in
+        # μ-law bytes queued, counting unconverted PCM as what it will become: ``len()``, kept as a plain
+        # attribute because the pacer reads it several times a frame.
+        self.size = 0
 
     def append(self, ulaw: bytes) -> None:
         self._convert()  # anything the AI sent earlier goes first
         self._data += ulaw
+        self._resize()
 
     def append_pcm(self, pcm: bytes) -> None:
         self._pcm += pcm
         self._pcm_bytes_in += len(pcm)
+        self._resize()
 
     @property
     def frames(self) -> int:
-        return len(self) // TWILIO_FRAME_BYTES
+        return self.size // TWILIO_FRAME_BYTES
 
     def take(self, frames: int) -> bytes:
         self._convert()
         n = frames * TWILIO_FRAME_BYTES
         out = bytes(self._data[:n])
         del self._data[:n]
+        self._resize()
         return out
 
     def pad_to_frame(self) -> None:
@@ -89,12 +95,14 @@ class FrameBuffer:
         partial = len(self._data) % TWILIO_FRAME_BYTES
         if partial:
             self._data += bytes([ULAW_SILENCE]) * (TWILIO_FRAME_BYTES - partial)
+            self._resize()
 
     def clear(self) -> int:
         """Drop everything queued; returns the bytes dropped."""
         self._convert()  # through the converter all the same: its state and the byte alignment carry on
         dropped = len(self._data)
         self._data.clear()
+        self._resize()
         return dropped
 
     def drop_pcm(self, pcm: bytes) -> int:
@@ -104,6 +112,7 @@ class FrameBuffer:
         self._convert()
         dropped = len(self._data)
         self._data.clear()
+        self._resize()
         return dropped
 
     def _convert(self) -> None:
@@ -113,8 +122,11 @@ class FrameBuffer:
             self._ulaw_out += len(ulaw)
             self._data += ulaw
 
+    def _resize(self) -> None:
+        self.size = len(self._data) + self._pcm_bytes_in // 2 // 2 - self._ulaw_out
+
     def __len__(self) -> int:
-        return len(self._data) + self._pcm_bytes_in // 2 // 2 - self._ulaw_out
+        return self.size
 
 
 def _take_frames(buf: bytearray, size: int) -> list[bytes]:

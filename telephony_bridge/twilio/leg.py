@@ -97,13 +97,21 @@ class TwilioLeg:
         self._clock = clock
         self._open = True
         self.call_id = ""
-        self.stream_id = ""
+        self._media = tw.MediaMessages("")  # this stream's media messages (``stream_id``), once ``start`` names it
         self.protocol_errors = 0
         # Twilio sends media every 20 ms, even in silence (spec §3): a quiet socket is a dead one.
         self.watchdog = Watchdog(clock, settings.inactivity_timeout_s or None)
         self._direct: DirectAudio[[bytes, int | None]] = DirectAudio()
         # A picows ``StreamSocket`` can send without waiting (``writable``/``send_text_nowait``); Starlette's cannot.
         self._writable: Callable[[], bool] | None = getattr(ws, "writable", None)
+
+    @property
+    def stream_id(self) -> str:
+        return self._media.stream_sid
+
+    @stream_id.setter
+    def stream_id(self, stream_sid: str) -> None:
+        self._media = tw.MediaMessages(stream_sid)
 
     # --- before the call -----------------------------------------------------------------------------------
 
@@ -142,11 +150,14 @@ class TwilioLeg:
         anything else is left for ``receive``, which parses it again (a mark every half second)."""
         if not self._open:
             return False
-        event = tw.parse_message(text)
-        if type(event) is not tw.Media:
-            return False
+        audio = tw.media_audio(text)
+        if audio is None:  # not Twilio's own shape: a third-party sender's media, or another event
+            event = tw.parse_message(text)
+            if type(event) is not tw.Media:
+                return False
+            audio = event.payload, event.timestamp_ms
         self.watchdog.alive()
-        return self._direct.deliver(event.payload, event.timestamp_ms)
+        return self._direct.deliver(*audio)
 
     async def receive(self) -> LegEvent:
         while True:
@@ -205,7 +216,7 @@ class TwilioLeg:
 
     def send_audio_nowait(self, ulaw: bytes) -> None:
         try:
-            self._ws.send_text_nowait(tw.media_message(self.stream_id, ulaw))  # type: ignore[attr-defined]
+            self._ws.send_text_nowait(self._media.encode(ulaw))  # type: ignore[attr-defined]
         except Exception as exc:
             self._open = False
             raise CallerGone("the twilio stream closed while sending") from exc

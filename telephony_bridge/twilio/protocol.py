@@ -264,27 +264,51 @@ def _parse_start(msg: dict[str, Any]) -> Start:
 def _parse_media(msg: dict[str, Any]) -> Media:
     """Fast path for what Twilio sends 50 times a second (every field a string, numbers as digits); anything
     else takes the checked path below, which reports exactly what is wrong."""
+    fields = _media_fields(msg)
+    if fields is None:
+        return _parse_media_checked(msg)
+    return Media(*fields)
+
+
+def media_audio(text: str | bytes) -> tuple[bytes, int] | None:
+    """The caller's audio and its timestamp (ms) from a ``media`` message in exactly Twilio's shape, without
+    building a ``Media`` (the leg's direct path, 50 times a second a call: half the cost of ``parse_message``).
+    None for anything else, which ``parse_message`` then reads, and reports if it is wrong."""
+    try:
+        msg = orjson.loads(text)
+        if msg["event"] != "media":
+            return None
+        fields = _media_fields(msg)
+    except (orjson.JSONDecodeError, _Invalid, KeyError, TypeError):
+        return None
+    return None if fields is None else (fields[1], fields[2])
+
+
+def _media_fields(msg: dict[str, Any]) -> tuple[str, bytes, int, int, int, str] | None:
+    """``Media``'s fields if the message has Twilio's own shape, None if not; ``_Invalid`` for a payload that
+    is not base64."""
     media = msg.get("media")
-    if type(media) is dict:
-        sid, encoded, seq = msg.get("streamSid"), media.get("payload"), msg.get("sequenceNumber", "0")
-        timestamp, chunk, track = media.get("timestamp"), media.get("chunk", "0"), media.get("track", "inbound")
-        if (
-            type(sid) is str
-            and type(encoded) is str
-            and type(track) is str
-            and type(timestamp) is str
-            and type(chunk) is str
-            and type(seq) is str
-            and _is_number(timestamp)
-            and _is_number(chunk)
-            and _is_number(seq)
-        ):
-            try:
-                payload = binascii.a2b_base64(encoded, strict_mode=True)  # strict (G5): garbage is not audio
-            except (binascii.Error, ValueError):  # ValueError: a str with non-ASCII characters
-                raise _Invalid(f"payload is not valid base64 ({len(encoded)} characters)") from None
-            return Media(sid, payload, int(timestamp), int(chunk), int(seq), track)
-    return _parse_media_checked(msg)
+    if type(media) is not dict:
+        return None
+    sid, encoded, seq = msg.get("streamSid"), media.get("payload"), msg.get("sequenceNumber", "0")
+    timestamp, chunk, track = media.get("timestamp"), media.get("chunk", "0"), media.get("track", "inbound")
+    if not (
+        type(sid) is str
+        and type(encoded) is str
+        and type(track) is str
+        and type(timestamp) is str
+        and type(chunk) is str
+        and type(seq) is str
+        and _is_number(timestamp)
+        and _is_number(chunk)
+        and _is_number(seq)
+    ):
+        return None
+    try:
+        payload = binascii.a2b_base64(encoded, strict_mode=True)  # strict (G5): garbage is not audio
+    except (binascii.Error, ValueError):  # ValueError: a str with non-ASCII characters
+        raise _Invalid(f"payload is not valid base64 ({len(encoded)} characters)") from None
+    return sid, payload, int(timestamp), int(chunk), int(seq), track
 
 
 def _is_number(text: str) -> bool:
@@ -357,8 +381,21 @@ _PARSERS = {
 
 
 def media_message(stream_sid: str, ulaw: bytes) -> str:
-    payload = base64.b64encode(ulaw).decode("ascii")
-    return _dumps({"event": "media", "streamSid": stream_sid, "media": {"payload": payload}})
+    return MediaMessages(stream_sid).encode(ulaw).decode("ascii")
+
+
+class MediaMessages:
+    """One stream's outbound ``media`` messages as UTF-8 bytes, ready for the socket: the JSON around the
+    payload is serialised once (orjson escapes the streamSid), so a message costs one base64 encoding and one
+    concatenation, 50 times a second a call."""
+
+    def __init__(self, stream_sid: str) -> None:
+        self.stream_sid = stream_sid
+        empty = orjson.dumps({"event": "media", "streamSid": stream_sid, "media": {"payload": ""}})
+        self._head, self._tail = empty[:-3], empty[-3:]  # ... "payload":"  |  "}}
+
+    def encode(self, ulaw: bytes) -> bytes:
+        return self._head + binascii.b2a_base64(ulaw, newline=False) + self._tail
 
 
 def mark_message(stream_sid: str, name: str) -> str:

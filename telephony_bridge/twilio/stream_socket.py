@@ -121,12 +121,12 @@ class StreamSocket(WSListener):  # type: ignore[misc]
             and (self._writable is None or self._writable.done())
         )
 
-    def send_text_nowait(self, data: str) -> None:
-        """``send_text`` when ``writable()``; raises ``SocketClosed`` otherwise."""
+    def send_text_nowait(self, data: str | bytes) -> None:
+        """``send_text`` when ``writable()`` (text as ``str``, or already UTF-8); raises ``SocketClosed`` otherwise."""
         if not self.writable():
             raise SocketClosed("the media stream is closed or not taking data")
         assert self._transport is not None
-        self._transport.send(WSMsgType.TEXT, data.encode())
+        self._transport.send(WSMsgType.TEXT, data if isinstance(data, bytes) else data.encode())
 
     async def send_text(self, data: str) -> None:
         """Queue a text frame; waits while the kernel's send buffer is full, at most ``SEND_STALL_S``."""
