@@ -23,7 +23,8 @@ Per server and load level:
   of it (system time: on loopback each send also runs the receiver's TCP stack);
 - activity: over the same window, per call-second, the server's read and write system calls and its wake-ups
   (voluntary context switches): exact counts that show what a change saves even when CPU figures are noisy.
-  /proc counts ``read``/``write``-family calls only: picows sends with ``send()``, which it does not count;
+  /proc counts ``read``/``write``-family calls only: picows sends with ``send()``, which it does not count,
+  so where perf's syscall tracepoints answer (root) ``sends`` counts ``send``/``sendmsg``/``write``/``writev``;
   and how many of the machine's cores were busy (every process: callers and emulator too);
 - the bridge's event loop lag (sampled every 50 ms) and garbage collections over the run, with those over
   20 ms: whether a late send was our loop or collector (the bridge's ``scheduling`` underruns) or the AI;
@@ -145,6 +146,31 @@ def activity(pid: int) -> tuple[int, int, int]:
     return reads, writes, switches
 
 
+SEND_SYSCALLS = ("sendto", "sendmsg", "write", "writev")  # picows and uvloop send with send(); others write
+
+
+def count_sends(pids: list[int], window_s: float) -> subprocess.Popen[str] | None:
+    """Start counting the send and write system calls of ``pids`` for ``window_s`` with perf's syscall
+    tracepoints (``sends_counted`` reads the result): exact, unlike ``/proc``'s ``syscw``, which misses
+    ``send()``. None where perf or its tracepoints are missing (not root, no tracefs)."""
+    if shutil.which("perf") is None:
+        return None
+    events = ",".join(f"syscalls:sys_enter_{name}" for name in SEND_SYSCALLS)
+    command = ["perf", "stat", "-x", ",", "-e", events, "-p", ",".join(map(str, pids)), "--", "sleep", str(window_s)]
+    return subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+
+def sends_counted(counter: subprocess.Popen[str] | None) -> int | None:
+    """The total ``count_sends`` counted, or None if it could not count."""
+    if counter is None:
+        return None
+    _, output = counter.communicate()
+    counts = [row.split(",", 1)[0] for row in output.splitlines() if "sys_enter_" in row]
+    if counter.returncode != 0 or len(counts) != len(SEND_SYSCALLS) or not all(c.isdigit() for c in counts):
+        return None  # "<not supported>": no tracepoints here
+    return sum(int(c) for c in counts)
+
+
 def machine_busy_s() -> tuple[float, float]:
     """Seconds every CPU of the machine has spent busy and in all, from /proc/stat: the share of the whole
     machine in use, callers and emulator included, which decides whether any server can keep real time."""
@@ -233,6 +259,7 @@ def measure(
     if perf:
         command = ["perf", "record", "-q", "-F", "499", "-o", perf, "-p", ",".join(map(str, family(pid)))]
         spy = subprocess.Popen([*command, "--", "sleep", str(window_s)], stderr=subprocess.DEVNULL)
+    sends = count_sends(family(pid), window_s)
     steady_before, activity_before, machine_before = cpu_s(pid), activity(pid), machine_busy_s()
     kernel_before = kernel_cpu_s(pid)
     time.sleep(window_s / 2)
@@ -244,6 +271,7 @@ def measure(
     machine_after = machine_busy_s()
     machine_busy = (machine_after[0] - machine_before[0]) / max(1e-9, machine_after[1] - machine_before[1])
     per_call_s = [(activity_after[i] - activity_before[i]) / window_s / calls for i in range(3)]
+    sent = sends_counted(sends)
     if spy is not None:
         spy.wait()
     parts = [future.result() for future in futures]
@@ -261,6 +289,7 @@ def measure(
         "reads_per_call_s": per_call_s[0],
         "writes_per_call_s": per_call_s[1],
         "wakeups_per_call_s": per_call_s[2],
+        "sends_per_call_s": None if sent is None else sent / window_s / calls,
         "machine_busy_cores": machine_busy * (os.cpu_count() or 1),
         "bridge_underruns_by_cause": causes,
         "loop_lag_samples": health.get("lag"),
@@ -449,7 +478,8 @@ def line(label: str, f: dict) -> str:
         f"whole {f['whole_cpu_s_per_call_minute']:.3f} CPU-s/call-min ({f['whole_us_per_call_per_20ms']:5.1f} µs)  "
         f"{f['kb_per_call']:6.0f} KB/call  "
         f"per call-s: {f['reads_per_call_s']:.0f} reads {f['writes_per_call_s']:.0f} writes "
-        f"{f['wakeups_per_call_s']:.0f} wake-ups  "
+        + ("" if f.get("sends_per_call_s") is None else f"{f['sends_per_call_s']:.0f} sends ")
+        + f"{f['wakeups_per_call_s']:.0f} wake-ups  "
         f"machine {f['machine_busy_cores']:.1f} of {os.cpu_count()} cores busy  "
     )
     if f.get("loop_lag_samples") is not None:
