@@ -18,7 +18,14 @@ from collections.abc import Callable
 
 from telephony_bridge.audio import kernels
 from telephony_bridge.audio.barge_in import BargeInDetector, CallerStopped, Event
-from telephony_bridge.audio.codec import FRAME_MS, FRAME_S, TWILIO_BYTES_PER_MS, TWILIO_FRAME_BYTES, TWILIO_RATE_HZ
+from telephony_bridge.audio.codec import (
+    FRAME_MS,
+    FRAME_S,
+    SAVANTS_FRAME_BYTES,
+    TWILIO_BYTES_PER_MS,
+    TWILIO_FRAME_BYTES,
+    TWILIO_RATE_HZ,
+)
 from telephony_bridge.audio.pipeline import CallerToAi
 from telephony_bridge.audio.timeline import NO_TIMESTAMP
 from telephony_bridge.audio.vad import VoiceActivityDetector
@@ -88,9 +95,7 @@ class Inbound:
             self._oldest_at = now
         for frame in frames:
             if len(self._queue) >= self._max_frames:
-                self._queue.popleft()  # the AI is not taking audio: keep the newest, count the loss
-                self.dropped_overflow += 1
-                self._metrics.inbound_dropped.labels(reason="overflow").inc()
+                self._drop_oldest()
             self._queue.append(frame)
         if frames and self._parked:
             self._send_or_wake(now)
@@ -104,6 +109,11 @@ class Inbound:
         if self.detector is None or not len(pcm_8k):
             return []
         return self._heard(self.detector.caller_audio(pcm_8k, now, ai_audible_since))
+
+    def _drop_oldest(self) -> None:
+        self._queue.popleft()  # the AI is not taking audio: keep the newest, count the loss
+        self.dropped_overflow += 1
+        self._metrics.inbound_dropped.labels(reason="overflow").inc()
 
     def _heard(self, events: list[Event]) -> list[Event]:
         assert self.detector is not None
@@ -166,6 +176,13 @@ class Inbound:
         """The next ``n`` queued frames, as one message."""
         return self._queue.popleft() if n == 1 else b"".join(self._queue.popleft() for _ in range(n))
 
+    def _put_back(self, pcm: bytes) -> None:
+        """A message ``_take`` made that was not sent goes back to the head of the queue as its frames, for the
+        next ``run`` to send first; past the queue's bound the oldest go, as in ``push``."""
+        self._queue.extendleft(pcm[i - SAVANTS_FRAME_BYTES : i] for i in range(len(pcm), 0, -SAVANTS_FRAME_BYTES))
+        while len(self._queue) > self._max_frames:
+            self._drop_oldest()
+
     def _arm_lone_timer(self) -> None:
         """Wake ``run`` when the frame waiting alone has waited long enough (``_complete_by``)."""
         self._lone_timer = self._clock.call_at(self._complete_by(), self._ready.set)
@@ -210,8 +227,17 @@ class Inbound:
                 n = min(per, len(self._queue))
                 pcm = self._take(n)
                 self._oldest_at = self._clock.monotonic()  # what is left is backlog: it goes when pacing allows
-                if await conn.send_audio(pcm):
-                    self.frames_to_ai += n
+                # Cancelled while it waits for the send buffer, False or raising, ``send_audio`` has sent nothing
+                # (its send follows the wait, synchronously): the message waits for the next session, first.
+                sent = False
+                try:
+                    sent = await conn.send_audio(pcm)
+                finally:
+                    if not sent:
+                        self._put_back(pcm)
+                if not sent:
+                    return  # the session is closing: the call's receiving side reports why, and reconnects
+                self.frames_to_ai += n
                 self._next_at += n * FRAME_S / CATCH_UP_RATE
         finally:
             self._conn = None  # no session: frames queue up, and the next ``run`` finds them at once
