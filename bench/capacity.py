@@ -503,6 +503,13 @@ def line(label: str, f: dict) -> str:
     )
 
 
+def interpreter(python: str) -> str:
+    """Which interpreter that is: the same Python version runs the bridge a quarter slower or faster depending
+    on how it was built (README, Performance: pyenv's default build against Debian's)."""
+    probe = "import os, sys; print(os.path.realpath(sys._base_executable), sys.version.replace(chr(10), ' '))"
+    return subprocess.run([python, "-c", probe], capture_output=True, text=True, check=True).stdout.strip()
+
+
 def servers(
     python: str, emulator_port: int, workers: int, sip_port: int | None = None
 ) -> dict[str, tuple[list[str], dict[str, str]]]:
@@ -558,6 +565,13 @@ def main() -> int:
         help="perf record the bridge's steady window (first level) to OUT; perturbs that run's latency",
     )
     parser.add_argument("--sip", action="store_true", help="also run each level over SIP against the bridge")
+    parser.add_argument(
+        "--server-python",
+        metavar="PYTHON",
+        default=sys.executable,
+        help="the interpreter the servers under test run on (a venv's python with the package installed, e.g. "
+        "on an optimised build); the emulator and the callers stay on this one",
+    )
     args = parser.parse_args()
     if args.profile and py_spy() is None:
         parser.error("--profile needs py-spy (not found next to this Python or on PATH): pip install py-spy")
@@ -583,7 +597,8 @@ def main() -> int:
         args.redis_url = f"redis://127.0.0.1:{redis_port}/0"
         time.sleep(0.5)
     sip_port = free_port() if args.sip else None
-    catalogue = servers(python, emulator_port, args.workers, sip_port)
+    catalogue = servers(args.server_python, emulator_port, args.workers, sip_port)
+    print(f"servers run on {args.server_python}: {interpreter(args.server_python)}")
     for variant in args.variant:
         name, _, assignments = variant.partition(":")
         command, env = catalogue["bridge"]

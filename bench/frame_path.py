@@ -3,12 +3,13 @@
     .venv/bin/python bench/frame_path.py [--frames 3000] [--repeat 5]
 
 No sockets: the per-frame work between them, on speech-like audio, best of ``--repeat`` runs. Caller → AI: a
-Twilio media message parsed, placed on the timeline, decoded, resampled and queued for the AI (``Inbound.push``,
-with and without the barge-in detector's VAD). AI → caller: a 20 ms PCM frame from the AI converted to μ-law,
-either as each frame comes (how the bridge did it before) or per batch when it goes out (``FrameBuffer``'s
-lazy conversion, two frames a message by default), and the outbound media message built. The naive rows are
-``bench/naive_bridge.py``'s steps (stdlib ``json``, ``audioop`` μ-law and ``ratecv``). The WebSocket and event
-loop costs that dominate a call are not here: ``bench/capacity.py`` measures the whole.
+Twilio media message read (``tw.media_audio``, the leg's direct path), placed on the timeline, decoded,
+resampled and queued for the AI (``Inbound.push``, with and without the barge-in detector's VAD). AI → caller:
+a 20 ms PCM frame from the AI converted to μ-law, either as each frame comes (how the bridge did it before) or
+per batch when it goes out (``FrameBuffer``'s lazy conversion, two frames a message by default), and the
+outbound media message built. The naive rows are ``bench/naive_bridge.py``'s steps (stdlib ``json``,
+``audioop`` μ-law and ``ratecv``). The WebSocket and event loop costs that dominate a call are not here:
+``bench/capacity.py`` measures the whole.
 
 The "ours" rows run the audio kernels ``--kernels`` names (``audio.kernels``: auto is the compiled extension if
 built); the "conversion alone" rows run each kind in turn, so the two are compared in the same run.
@@ -85,9 +86,9 @@ def main() -> int:
             inbound = Inbound(audio, BargeInSettings(enabled=barge_in), Metrics(), SystemClock())
             queue = inbound._queue  # emptied as the AI side would, without a socket
             for i, text in enumerate(messages):
-                event = tw.parse_message(text)
-                assert isinstance(event, tw.Media)
-                inbound.push(event.timestamp_ms, event.payload, 1000.0 + i * 0.02, None)
+                read = tw.media_audio(text)  # what the Twilio leg's direct path reads
+                assert read is not None
+                inbound.push(read[1], read[0], 1000.0 + i * 0.02, None)
                 queue.clear()
 
         return run
@@ -112,20 +113,22 @@ def main() -> int:
     def ai_to_caller(batch: int) -> Callable[[], None]:
         def run() -> None:
             buffer = FrameBuffer(compiled=ours_compiled)
+            media = tw.MediaMessages(STREAM_SID)  # the leg's, built once a stream
             for i, frame in enumerate(ai_frames):
                 buffer.append_pcm(frame)
                 if (i + 1) % batch == 0:
-                    tw.media_message(STREAM_SID, buffer.take(batch))
+                    media.encode(buffer.take(batch))
 
         return run
 
     def per_frame_ai_to_caller() -> None:
         convert = AiToCaller(compiled=ours_compiled)
+        media = tw.MediaMessages(STREAM_SID)
         pending = bytearray()
         for i, frame in enumerate(ai_frames):
             pending += convert.push(frame)
             if (i + 1) % 2 == 0:
-                tw.media_message(STREAM_SID, bytes(pending))
+                media.encode(bytes(pending))
                 pending.clear()
 
     def convert_only(compiled: bool) -> Callable[[], None]:
