@@ -24,7 +24,8 @@ Per server and load level:
 - activity: over the same window, per call-second, the server's read and write system calls and its wake-ups
   (voluntary context switches): exact counts that show what a change saves even when CPU figures are noisy.
   /proc counts ``read``/``write``-family calls only: picows sends with ``send()``, which it does not count,
-  so where perf's syscall tracepoints answer (root) ``sends`` counts ``send``/``sendmsg``/``write``/``writev``;
+  so where perf's syscall tracepoints answer (root) ``send/write calls`` counts ``sendto``, ``sendmsg``,
+  ``write`` and ``writev`` (log lines and the event loop's own wake-up writes included);
   and how many of the machine's cores were busy (every process: callers and emulator too);
 - the bridge's event loop lag (sampled every 50 ms) and garbage collections over the run, with those over
   20 ms: whether a late send was our loop or collector (the bridge's ``scheduling`` underruns) or the AI;
@@ -478,7 +479,7 @@ def line(label: str, f: dict) -> str:
         f"whole {f['whole_cpu_s_per_call_minute']:.3f} CPU-s/call-min ({f['whole_us_per_call_per_20ms']:5.1f} µs)  "
         f"{f['kb_per_call']:6.0f} KB/call  "
         f"per call-s: {f['reads_per_call_s']:.0f} reads {f['writes_per_call_s']:.0f} writes "
-        + ("" if f.get("sends_per_call_s") is None else f"{f['sends_per_call_s']:.0f} sends ")
+        + ("" if f.get("sends_per_call_s") is None else f"{f['sends_per_call_s']:.0f} send/write calls ")
         + f"{f['wakeups_per_call_s']:.0f} wake-ups  "
         f"machine {f['machine_busy_cores']:.1f} of {os.cpu_count()} cores busy  "
     )
@@ -504,8 +505,8 @@ def line(label: str, f: dict) -> str:
 
 
 def interpreter(python: str) -> str:
-    """Which interpreter that is: the same Python version runs the bridge a quarter slower or faster depending
-    on how it was built (README, Performance: pyenv's default build against Debian's)."""
+    """Which interpreter that is, and its version: how it was built matters as much as the version (README,
+    Performance: the bridge on pyenv's default build and on Debian's)."""
     probe = "import os, sys; print(os.path.realpath(sys._base_executable), sys.version.replace(chr(10), ' '))"
     return subprocess.run([python, "-c", probe], capture_output=True, text=True, check=True).stdout.strip()
 
@@ -579,6 +580,10 @@ def main() -> int:
         parser.error("--profile and --perf each record the same window: choose one")
     if args.perf and shutil.which("perf") is None:
         parser.error("--perf needs perf (Debian: linux-perf)")
+    try:
+        print(f"servers run on {interpreter(args.server_python)}")
+    except (OSError, subprocess.CalledProcessError) as exc:
+        parser.error(f"--server-python {args.server_python} does not run: {exc}")
     python = sys.executable
     emulator_port = free_port()
     emulator = start(
@@ -598,7 +603,6 @@ def main() -> int:
         time.sleep(0.5)
     sip_port = free_port() if args.sip else None
     catalogue = servers(args.server_python, emulator_port, args.workers, sip_port)
-    print(f"servers run on {args.server_python}: {interpreter(args.server_python)}")
     for variant in args.variant:
         name, _, assignments = variant.partition(":")
         command, env = catalogue["bridge"]

@@ -42,7 +42,7 @@ from telephony_bridge.audio.kernels import UlawUpsampler
 from telephony_bridge.audio.pipeline import AiToCaller
 from telephony_bridge.close_codes import echo_code
 from telephony_bridge.serving import uvicorn_config
-from telephony_bridge.twilio.protocol import media_message
+from telephony_bridge.twilio.protocol import MediaMessages
 from telephony_bridge.twilio.twiml import connect_document
 from telephony_bridge.ws_handoff import Connection
 
@@ -153,6 +153,7 @@ class SavantsLeg(WSListener):  # type: ignore[misc]
         self.confirmed: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
         self.downstream: WSTransport | None = None  # the Twilio stream's, once confirmed
         self._to_caller = AiToCaller(compiled=True)
+        self._media = MediaMessages(stream_sid)  # as the bridge's leg builds them: once a stream
 
     def on_ws_connected(self, transport: WSTransport) -> None:
         self.transport = transport
@@ -166,7 +167,7 @@ class SavantsLeg(WSListener):  # type: ignore[misc]
             if downstream is not None:
                 ulaw = self._to_caller.push(frame.get_payload_as_bytes())
                 if ulaw:
-                    downstream.send(_TEXT, media_message(self.stream_sid, ulaw).encode())
+                    downstream.send(_TEXT, self._media.encode(ulaw))
         elif kind is _TEXT:
             if not self.confirmed.done():
                 sort = orjson.loads(frame.get_payload_as_bytes()).get("type")

@@ -97,7 +97,7 @@ class AiSide:
             failure = first_of(group, SessionError)
         finally:
             session.deliver_audio_to(None)  # a session that failed, or a call that ended, feeds nothing more
-        assert failure is not None, "the AI tasks end only by raising"
+        assert failure is not None, "the receiving task ends only by raising"
         return failure
 
     async def _receive(self, session: SavantsConnection) -> None:

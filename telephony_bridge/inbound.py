@@ -179,6 +179,7 @@ class Inbound:
     def _put_back(self, pcm: bytes) -> None:
         """A message ``_take`` made that was not sent goes back to the head of the queue as its frames, for the
         next ``run`` to send first; past the queue's bound the oldest go, as in ``push``."""
+        assert len(pcm) % SAVANTS_FRAME_BYTES == 0, "queued frames are whole 20 ms frames"
         self._queue.extendleft(pcm[i - SAVANTS_FRAME_BYTES : i] for i in range(len(pcm), 0, -SAVANTS_FRAME_BYTES))
         while len(self._queue) > self._max_frames:
             self._drop_oldest()
@@ -201,7 +202,8 @@ class Inbound:
         many ms per message, the first frame waiting for the rest): as they come, or, for a backlog, at most
         ``CATCH_UP_RATE`` times real time. While frames come in real time it is parked and ``push`` sends them
         (``_send_or_wake``); it sends a backlog, a lone frame whose wait is over, and whatever must wait for the
-        session's send buffer."""
+        session's send buffer. It returns when the session says it is closing (the receiving side reports why);
+        a message it took but did not send waits at the head of the queue for the next session."""
         per = self._frames_per_message
         self._conn = conn
         self._next_at = self._clock.monotonic()

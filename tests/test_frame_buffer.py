@@ -61,3 +61,39 @@ def test_cleared_and_dropped_audio_keep_the_converter_in_step() -> None:
     buffer.append_pcm(pcm[3001:])
     tail = buffer.take(buffer.frames)
     assert tail == reference[750 : 750 + len(tail)]
+
+
+def test_size_is_what_is_queued_after_any_mix_of_operations() -> None:
+    """``size`` (what the pacer reads several times a frame) is kept by every method rather than computed on
+    demand: after any sequence of operations it is exactly what converting and padding the queue hands out."""
+    pcm = speech_like_pcm(1.0)
+    rng = random.Random(11)
+    for compiled in (True, False):
+        buffer, offset = FrameBuffer(compiled=compiled), 0
+        for _ in range(400):
+            op = rng.choice(["pcm", "pcm", "pcm", "ulaw", "take", "pad", "clear", "drop", "drain"])
+            chunk = pcm[offset % len(pcm) :][: rng.randint(1, 900)]  # odd sizes too
+            offset += len(chunk)
+            if op == "pcm":
+                buffer.append_pcm(chunk)
+            elif op == "ulaw":
+                buffer.append(b"\x42" * rng.randint(1, 300))
+            elif op == "take" and buffer.frames:
+                before, n = buffer.size, rng.randint(1, buffer.frames)
+                assert len(buffer.take(n)) == n * TWILIO_FRAME_BYTES
+                assert buffer.size == before - n * TWILIO_FRAME_BYTES
+            elif op == "pad":
+                before = buffer.size
+                buffer.pad_to_frame()
+                assert buffer.size == -(-before // TWILIO_FRAME_BYTES) * TWILIO_FRAME_BYTES
+            elif op == "clear":
+                buffer.clear()
+            elif op == "drop":
+                buffer.drop_pcm(chunk)
+            elif op == "drain":  # everything the size promised is there: converted, padded and taken
+                promised = -(-buffer.size // TWILIO_FRAME_BYTES) * TWILIO_FRAME_BYTES
+                buffer.pad_to_frame()
+                assert len(buffer.take(buffer.frames)) == promised
+            if op in ("clear", "drop", "drain"):
+                assert buffer.size == 0
+            assert len(buffer) == buffer.size and buffer.frames == buffer.size // TWILIO_FRAME_BYTES

@@ -123,6 +123,8 @@ def test_the_fast_media_path_leaves_other_shapes_to_parse_message(text: str | by
     """Media that is not in Twilio's exact shape is still media (``parse_message`` reads it); it only takes
     the general path."""
     assert tw.media_audio(text) is None
+    if orjson.loads(text)["event"] == "media":
+        assert isinstance(tw.parse_message(text), tw.Media)
 
 
 @pytest.mark.parametrize("stream_sid", [SID, "", 'MZ"quoted\\back\u2028slash', "MZé中"])
@@ -137,6 +139,7 @@ def test_a_streams_media_messages_are_exactly_the_documented_fields(stream_sid: 
             "media": {"payload": base64.b64encode(ulaw).decode()},
         }
         assert tw.parse_outbound(data.decode(), stream_sid) == tw.OutMedia(ulaw)
+        assert tw.media_message(stream_sid, ulaw) == data.decode()  # the same message as text (any streamSid)
 
 
 def test_parse_dtmf_with_a_non_string_digit_never_echoes_the_digit() -> None:

@@ -209,7 +209,7 @@ class TwilioLeg:
     # --- core -> caller ------------------------------------------------------------------------------------
 
     async def send_audio(self, ulaw: bytes) -> None:
-        await self._send(tw.media_message(self.stream_id, ulaw))
+        await self._send(self._media.encode(ulaw).decode())
 
     def can_send_now(self) -> bool:
         return self._open and self._writable is not None and self._writable()

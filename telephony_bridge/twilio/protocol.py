@@ -381,7 +381,7 @@ _PARSERS = {
 
 
 def media_message(stream_sid: str, ulaw: bytes) -> str:
-    return MediaMessages(stream_sid).encode(ulaw).decode("ascii")
+    return MediaMessages(stream_sid).encode(ulaw).decode()
 
 
 class MediaMessages:
