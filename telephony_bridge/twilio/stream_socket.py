@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 from collections import deque
 from collections.abc import Callable
 from typing import Any
@@ -20,6 +21,8 @@ from typing import Any
 from picows import WSFrame, WSListener, WSMsgType, WSTransport
 
 from telephony_bridge.close_codes import echo_code
+
+log = logging.getLogger(__name__)
 
 CLOSE_TIMEOUT_S = 2.0  # for Twilio's answer to our close frame; then the TCP connection is dropped
 # A caller whose socket takes nothing for this long has gone (Twilio reads continuously): the send fails and
@@ -136,7 +139,8 @@ class StreamSocket(WSListener):  # type: ignore[misc]
                 async with asyncio.timeout(SEND_STALL_S):
                     await asyncio.shield(self._writable)
             except TimeoutError:
-                if self._transport is not None:
+                if self._transport is not None and not self._disconnected:
+                    log.warning("the caller took nothing we sent for %s s; dropping its connection", SEND_STALL_S)
                     self._transport.disconnect(graceful=False)
                 raise SocketClosed(f"the caller took nothing we sent for {SEND_STALL_S} s") from None
         self.send_text_nowait(data)
