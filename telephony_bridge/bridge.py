@@ -32,7 +32,7 @@ from telephony_bridge.audio.barge_in import BargeIn, Event
 from telephony_bridge.call_report import CallReport
 from telephony_bridge.clock import Clock
 from telephony_bridge.dtmf import DtmfLog
-from telephony_bridge.errors import AdmissionError, CallerGone, SavantsError, first_of
+from telephony_bridge.errors import AdmissionError, CallerGone, CallerStalled, SavantsError, first_of
 from telephony_bridge.inbound import Inbound
 from telephony_bridge.leg import CallerAudio, CallerLeg, Digit, PlayedUpTo
 from telephony_bridge.ops import logging as oplog
@@ -211,6 +211,9 @@ class Call:
             self._end(first_of(group, _CallEnded).reason)
         except* AiHungUp:
             self._end("AI closed the session")
+        except* CallerStalled as group:
+            self.outcome = "caller_lost"
+            self._end(str(first_of(group, CallerStalled)))
         except* CallerGone:
             self._end(f"{self._leg.ingress} disconnected")
         except* SavantsError as group:

@@ -8,6 +8,7 @@
     ├── AdmissionError             no device can take this call now
     │   └── AccountingUnavailable  (accounting/base.py) Redis did not answer: fail closed
     ├── CallerGone                 (leg.py) the caller's leg is closed: nothing more can be sent to the caller
+    │   └── CallerStalled          its connection is open but takes nothing: the call's outcome is caller_lost
     ├── StoreUnavailable           (store.py) the shared store of stream tokens and outcomes did not answer
     └── FlowError                  (tools/twilio_flow.py) the simulated Twilio got an answer it cannot follow
 
@@ -63,6 +64,11 @@ class AdmissionError(BridgeError):
 
 class CallerGone(BridgeError):
     """The caller's leg is closed (the peer hung up or vanished): nothing more can be sent to the caller."""
+
+
+class CallerStalled(CallerGone):
+    """The caller's side stopped taking what we send, its connection still open: lost, not hung up (the call's
+    outcome is ``caller_lost``, as for a caller gone silent)."""
 
 
 def first_of(group: BaseExceptionGroup[E], kind: type[E]) -> E:

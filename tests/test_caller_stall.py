@@ -184,7 +184,10 @@ async def test_caller_that_stops_reading_is_dropped_after_the_send_stall_and_its
     assert stalled.getMessage() == f"the caller took nothing we sent for {SEND_STALL_S} s; dropping its connection"
     assert getattr(stalled, "call_sid", None) == form["CallSid"]
     # What the core records for CallerGone (bridge.Call._bridge).
-    assert (ended().outcome, ended().reason) == ("completed", "twilio disconnected")  # type: ignore[union-attr]
+    assert (ended().outcome, ended().reason) == (  # type: ignore[union-attr]
+        "caller_lost",
+        "the caller took nothing we sent for 5.0 s",
+    )
     assert healthy.ended_by == "caller" and healthy.violations == [] and healthy.heard_s > OTHER_CALL_S - 1.5
     wait_until(lambda: calls_up(bridge) == 0 and leases(bridge) == 0, what="both calls to be released")
     wait_until(lambda: emulator_stats(emulator)["sessions_active"] == 0, what="the Savants sockets to close")

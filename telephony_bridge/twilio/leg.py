@@ -16,12 +16,13 @@ from typing import Any, Literal, Protocol
 
 from telephony_bridge.bridge import Call, CallDeps
 from telephony_bridge.clock import Clock
-from telephony_bridge.errors import CallerGone
+from telephony_bridge.errors import CallerGone, CallerStalled
 from telephony_bridge.leg import AudioHandler, CallerAudio, Digit, DirectAudio, HungUp, LegEvent, PlayedUpTo, Watchdog
 from telephony_bridge.ops import logging as oplog
 from telephony_bridge.ops.metrics import Metrics
 from telephony_bridge.settings import TwilioSettings
 from telephony_bridge.twilio import protocol as tw
+from telephony_bridge.twilio.stream_socket import SendStalled
 
 log = logging.getLogger(__name__)
 
@@ -236,6 +237,9 @@ class TwilioLeg:
             raise CallerGone("the twilio stream is closed")
         try:
             await self._ws.send_text(text)
+        except SendStalled as exc:
+            self._open = False
+            raise CallerStalled(str(exc)) from exc
         except Exception as exc:  # starlette raises several types once the peer is gone
             self._open = False
             raise CallerGone("the twilio stream closed while sending") from exc

@@ -40,6 +40,10 @@ class SocketClosed(ConnectionError):
     """A send on a stream that has closed (the leg turns this into ``CallerGone``)."""
 
 
+class SendStalled(SocketClosed):
+    """The peer took nothing for ``SEND_STALL_S``: the connection is dropped (the leg: ``CallerStalled``)."""
+
+
 class StreamSocket(WSListener):  # type: ignore[misc]
     """One media-stream connection. ``on_open`` runs once the upgrade is answered (start the call there)."""
 
@@ -142,7 +146,7 @@ class StreamSocket(WSListener):  # type: ignore[misc]
                 if self._transport is not None and not self._disconnected:
                     log.warning("the caller took nothing we sent for %s s; dropping its connection", SEND_STALL_S)
                     self._transport.disconnect(graceful=False)
-                raise SocketClosed(f"the caller took nothing we sent for {SEND_STALL_S} s") from None
+                raise SendStalled(f"the caller took nothing we sent for {SEND_STALL_S} s") from None
         self.send_text_nowait(data)
 
     async def close(self, code: int = 1000, reason: str | None = None) -> None:
