@@ -272,7 +272,7 @@ def _parse_media(msg: dict[str, Any]) -> Media:
 
 def media_audio(text: str | bytes) -> tuple[bytes, int] | None:
     """The caller's audio and its timestamp (ms) from a ``media`` message in exactly Twilio's shape, without
-    building a ``Media`` (the leg's direct path, 50 times a second a call: half the cost of ``parse_message``).
+    building a ``Media`` (the leg's direct path, 50 times a second a call: a fifth cheaper than ``parse_message``).
     None for anything else, which ``parse_message`` then reads, and reports if it is wrong."""
     try:
         msg = orjson.loads(text)
