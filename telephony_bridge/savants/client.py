@@ -33,6 +33,7 @@ from telephony_bridge.close_codes import echo_code
 from telephony_bridge.errors import SessionError
 from telephony_bridge.leg import DirectAudio
 from telephony_bridge.savants.protocol import Audio, Confirmed, Failed, Notice, SessionEvent, VoiceSession
+from telephony_bridge.ws_fragments import Fault, Reassembler
 
 NORMAL_CLOSURE = 1000
 NO_STATUS = 1005  # a close frame without a code (RFC 6455 §7.1.5), as the websockets library reported it
@@ -47,12 +48,12 @@ MAX_MESSAGE_BYTES = 2**20
 # picows' client logger: a line per connection at INFO, frames below DEBUG; ops/logging holds "picows" at WARNING.
 _picows_log = logging.getLogger("picows.client")
 
-_BINARY, _TEXT, _CLOSE, _PONG, _CONTINUATION = (
+_BINARY, _TEXT, _CLOSE, _PING, _PONG = (
     WSMsgType.BINARY,
     WSMsgType.TEXT,
     WSMsgType.CLOSE,
+    WSMsgType.PING,
     WSMsgType.PONG,
-    WSMsgType.CONTINUATION,
 )
 
 
@@ -73,8 +74,7 @@ class SavantsConnection(WSListener):
         self._events: deque[SessionEvent] = deque()
         self._waiter: asyncio.Future[None] | None = None  # receive() waiting for the next event or the end
         self._writable: asyncio.Future[None] | None = None  # set while the socket's send buffer is over its mark
-        self._fragments: bytearray | None = None  # a fragmented message being put together
-        self._fragmented_text = False
+        self._fragments = Reassembler(MAX_MESSAGE_BYTES)  # a fragmented message being put together
         self._ended = False  # no frame will arrive any more
         self._close_code: int | None = None  # the code of the close frame Savants sent, if it sent one
         self._stall: str | None = None  # why the connection counts as stalled, if it does
@@ -183,8 +183,8 @@ class SavantsConnection(WSListener):
         elif kind is _CLOSE:
             self._peer_closed(transport, frame)
             return
-        elif kind is _PONG:
-            return  # unsolicited (picows takes the pongs its keepalive waits for; it answers pings itself)
+        elif kind is _PONG or kind is _PING:
+            return  # pongs unsolicited (picows takes the ones its keepalive waits for); pings picows answers
         else:
             assembled = self._assemble(transport, frame)
             if assembled is None:
@@ -255,30 +255,20 @@ class SavantsConnection(WSListener):
                 waiter.set_result(None)
 
     def _assemble(self, transport: WSTransport, frame: WSFrame) -> SessionEvent | None:
-        """A fragmented message (RFC 6455 §5.4), rare: its event once its last fragment is in."""
-        kind = frame.msg_type
-        if kind is _CONTINUATION:
-            if self._fragments is None:
-                return self._protocol_failure("a continuation frame without a message to continue")
-            self._fragments += frame.get_payload_as_memoryview()
-        elif kind is _BINARY or kind is _TEXT:
-            if self._fragments is not None:
-                return self._protocol_failure("a new message before the last one's final fragment")
-            self._fragments = bytearray(frame.get_payload_as_memoryview())
-            self._fragmented_text = kind is _TEXT
-        else:
+        """A fragmented message (RFC 6455 §5.4), rare: its event once its last fragment is in. Broken framing
+        fails the session; a message over ``MAX_MESSAGE_BYTES`` ends the connection at once."""
+        result = self._fragments.feed(frame.msg_type.value, frame.get_payload_as_memoryview(), frame.fin)
+        if result is None:
             return None
-        if len(self._fragments) > MAX_MESSAGE_BYTES:
-            self._fragments = None
+        if result is Fault.TOO_BIG:
             transport.send_close(WSCloseCode.MESSAGE_TOO_BIG)
             transport.disconnect()
             return None
-        if not frame.fin:
-            return None
-        message, self._fragments = bytes(self._fragments), None
-        if self._fragmented_text:
-            return self.session.receive_text(message)
-        return self.session.receive_binary(message)
+        if isinstance(result, Fault):
+            return self._protocol_failure(result.value)
+        if result.is_text:
+            return self.session.receive_text(result.payload)
+        return self.session.receive_binary(result.payload)
 
     def _protocol_failure(self, message: str) -> Failed:
         self.session.closed()

@@ -21,6 +21,7 @@ from typing import Any
 from picows import WSFrame, WSListener, WSMsgType, WSTransport
 
 from telephony_bridge.close_codes import echo_code
+from telephony_bridge.ws_fragments import Assembled, Fault, Reassembler
 
 log = logging.getLogger(__name__)
 
@@ -52,9 +53,7 @@ class StreamSocket(WSListener):  # type: ignore[misc]
         self._transport: WSTransport | None = None
         self._inbox: deque[Message] = deque()
         self._waiter: asyncio.Future[None] | None = None
-        self._fragments: list[bytes] = []
-        self._fragment_type: WSMsgType | None = None
-        self._fragment_bytes = 0
+        self._fragments = Reassembler(MAX_MESSAGE_BYTES)
         self._writable: asyncio.Future[None] | None = None  # set while picows has paused writing
         self._disconnected = False
         self._tap: Callable[[bytes], bool] | None = None
@@ -180,25 +179,19 @@ class StreamSocket(WSListener):  # type: ignore[misc]
             self._waiter.set_result(None)
 
     def _assemble(self, kind: WSMsgType, frame: WSFrame) -> None:
-        """A message split over frames (Twilio does not split, but RFC 6455 lets any peer)."""
+        """A message split over frames (Twilio does not split, but RFC 6455 lets any peer). Lenient, as the leg
+        is with a malformed message: a new message replaces an unfinished one, a continuation of nothing is
+        dropped; one over ``MAX_MESSAGE_BYTES`` closes the stream."""
         if kind != WSMsgType.CONTINUATION:
-            self._fragment_type, self._fragments, self._fragment_bytes = kind, [], 0
-        elif self._fragment_type is None:
-            return  # a continuation of nothing: dropped, as the leg would drop a malformed message
-        self._fragment_bytes += frame.payload_size
-        if self._fragment_bytes > MAX_MESSAGE_BYTES:
-            self._fragment_type, self._fragments, self._fragment_bytes = None, [], 0
+            self._fragments.reset()
+        result = self._fragments.feed(kind.value, frame.get_payload_as_memoryview(), frame.fin)
+        if isinstance(result, Assembled):
+            if result.is_text:
+                self._deliver_text(result.payload)
+            else:
+                self._deliver({"type": "websocket.receive", "bytes": result.payload})
+        elif result is Fault.TOO_BIG:
             self._close_soon(MESSAGE_TOO_BIG)
-            return
-        self._fragments.append(frame.get_payload_as_bytes())
-        if not frame.fin:
-            return
-        payload, kind = b"".join(self._fragments), self._fragment_type
-        self._fragment_type, self._fragments, self._fragment_bytes = None, [], 0
-        if kind == WSMsgType.TEXT:
-            self._deliver_text(payload)
-        else:
-            self._deliver({"type": "websocket.receive", "bytes": payload})
 
     def _deliver_text(self, payload: bytes) -> None:
         """Text, or, if it is not UTF-8, the bytes: the leg counts and logs them as a malformed message."""
