@@ -34,6 +34,7 @@ from tests.support import (
     wait_until,
 )
 from tests.test_call_faults import calls_up
+from tests.test_savants_client import frame
 
 TEXT = 0x1
 # Both ends' kernel buffers kept small (Linux doubles each), so that what the bridge sends fills them in
@@ -82,13 +83,7 @@ class RawCaller:
         return caller
 
     async def send(self, text: str) -> None:
-        """A masked text frame (RFC 6455 §5.3); the all-zero mask leaves the payload as it is."""
-        payload = text.encode()
-        if len(payload) < 126:
-            head = bytes([0x80 | TEXT, 0x80 | len(payload)])
-        else:
-            head = bytes([0x80 | TEXT, 0x80 | 126]) + struct.pack("!H", len(payload))
-        await self._loop.sock_sendall(self._sock, head + b"\0\0\0\0" + payload)
+        await self._loop.sock_sendall(self._sock, frame(TEXT, text.encode(), masked=True))
 
     async def talk(self, stream_sid: str) -> OSError:
         """Media every 20 ms, as Twilio sends even in silence, until the bridge drops the connection: how the

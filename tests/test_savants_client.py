@@ -25,14 +25,16 @@ CONFIRMED = b'{"type":"savant_voice_connected","sessionId":"sess_raw"}'
 TEXT, BINARY, CLOSE, PING, PONG, CONTINUATION = 0x1, 0x2, 0x8, 0x9, 0xA, 0x0
 
 
-def frame(opcode: int, payload: bytes, *, fin: bool = True) -> bytes:
-    """A server-to-client frame (unmasked, RFC 6455 §5.2)."""
+def frame(opcode: int, payload: bytes, *, fin: bool = True, masked: bool = False) -> bytes:
+    """A server-to-client frame (unmasked, RFC 6455 §5.2); ``masked``: a client's, under the all-zero mask,
+    which leaves the payload as it is (§5.3)."""
     head = bytes([(0x80 if fin else 0) | opcode])
+    mask_bit, mask = (0x80, bytes(4)) if masked else (0, b"")
     if len(payload) < 126:
-        return head + bytes([len(payload)]) + payload
+        return head + bytes([mask_bit | len(payload)]) + mask + payload
     if len(payload) < 65536:
-        return head + bytes([126]) + struct.pack("!H", len(payload)) + payload
-    return head + bytes([127]) + struct.pack("!Q", len(payload)) + payload
+        return head + bytes([mask_bit | 126]) + struct.pack("!H", len(payload)) + mask + payload
+    return head + bytes([mask_bit | 127]) + struct.pack("!Q", len(payload)) + mask + payload
 
 
 async def read_frame(reader: asyncio.StreamReader) -> tuple[int, bytes]:
