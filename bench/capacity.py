@@ -64,6 +64,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import httpx
+import perf_stacks  # bench/, beside this script
 from prometheus_client.parser import text_string_to_metric_families
 
 from telephony_bridge.tools.commands import load_caller_audio
@@ -236,10 +237,12 @@ def measure(
     profile: str | None = None,
     sip_target: str | None = None,
     perf: str | None = None,
+    stacks: str | None = None,
 ) -> dict:
     """Run ``calls`` calls of ``seconds`` against the server ``pid`` and return its figures; with ``profile``,
-    py-spy records the server over the steady window into that file (collapsed stacks); with ``sip_target``,
-    the calls are SIP calls to it instead of Twilio calls to ``url``."""
+    py-spy records the server over the steady window into that file (collapsed stacks), with ``perf`` perf
+    does, with ``stacks`` perf does with Python stacks (``perf_stacks``: its summary goes to that file); with
+    ``sip_target``, the calls are SIP calls to it instead of Twilio calls to ``url``."""
     idle_rss = rss_kb(pid)
     http_url = url.replace("ws://", "http://").removesuffix("/media-stream")
     counters_before = bridge_counters(http_url)
@@ -260,6 +263,10 @@ def measure(
     if perf:
         command = ["perf", "record", "-q", "-F", "499", "-o", perf, "-p", ",".join(map(str, family(pid)))]
         spy = subprocess.Popen([*command, "--", "sleep", str(window_s)], stderr=subprocess.DEVNULL)
+    recorded = family(pid)
+    if stacks:
+        command = perf_stacks.record_command(f"{stacks}.raw", recorded, window_s)
+        spy = subprocess.Popen(command, stderr=subprocess.DEVNULL)
     sends = count_sends(family(pid), window_s)
     steady_before, activity_before, machine_before = cpu_s(pid), activity(pid), machine_busy_s()
     kernel_before = kernel_cpu_s(pid)
@@ -275,6 +282,8 @@ def measure(
     sent = sends_counted(sends)
     if spy is not None:
         spy.wait()
+    if stacks:
+        Path(stacks).write_text(perf_stacks.collect(f"{stacks}.raw", recorded) + "\n")
     parts = [future.result() for future in futures]
     time.sleep(0.5)  # the server closes its side
     whole_used = cpu_s(pid) - whole_before
@@ -511,6 +520,12 @@ def interpreter(python: str) -> str:
     return subprocess.run([python, "-c", probe], capture_output=True, text=True, check=True).stdout.strip()
 
 
+def python_version(python: str) -> tuple[int, int]:
+    probe = "import sys; print(*sys.version_info[:2])"
+    major, minor = subprocess.run([python, "-c", probe], capture_output=True, text=True, check=True).stdout.split()
+    return int(major), int(minor)
+
+
 def servers(
     python: str, emulator_port: int, workers: int, sip_port: int | None = None
 ) -> dict[str, tuple[list[str], dict[str, str]]]:
@@ -559,11 +574,17 @@ def main() -> int:
     parser.add_argument("--workers", type=int, default=1, help="serve --workers N for the bridge")
     parser.add_argument("--redis-url", help="REDIS_URL for the bridge (default with --workers > 1: a redis-server)")
     parser.add_argument("--json", metavar="OUT", help="also write every figure to this JSON file")
-    parser.add_argument("--profile", metavar="OUT", help="py-spy the bridge's steady window (first level) to OUT")
+    parser.add_argument("--profile", metavar="OUT", help="py-spy the first server's steady window (first level) to OUT")
     parser.add_argument(
         "--perf",
         metavar="OUT",
-        help="perf record the bridge's steady window (first level) to OUT; perturbs that run's latency",
+        help="perf record the first server's steady window (first level) to OUT; perturbs that run's latency",
+    )
+    parser.add_argument(
+        "--perf-stacks",
+        metavar="OUT",
+        help="perf with whole Python stacks over the first server's steady window (first level), its summary to "
+        "OUT: needs --server-python on Python 3.13+ (bench/perf_stacks.py); perturbs that run",
     )
     parser.add_argument("--sip", action="store_true", help="also run each level over SIP against the bridge")
     parser.add_argument(
@@ -576,14 +597,16 @@ def main() -> int:
     args = parser.parse_args()
     if args.profile and py_spy() is None:
         parser.error("--profile needs py-spy (not found next to this Python or on PATH): pip install py-spy")
-    if args.profile and args.perf:
-        parser.error("--profile and --perf each record the same window: choose one")
+    if sum(map(bool, (args.profile, args.perf, args.perf_stacks))) > 1:
+        parser.error("--profile, --perf and --perf-stacks each record the same window: choose one")
     if args.perf and shutil.which("perf") is None:
         parser.error("--perf needs perf (Debian: linux-perf)")
     try:
         print(f"servers run on {interpreter(args.server_python)}")
     except (OSError, subprocess.CalledProcessError) as exc:
         parser.error(f"--server-python {args.server_python} does not run: {exc}")
+    if args.perf_stacks and (why := perf_stacks.available(python_version(args.server_python))):
+        parser.error(why)
     python = sys.executable
     emulator_port = free_port()
     emulator = start(
@@ -614,6 +637,8 @@ def main() -> int:
             command, env = catalogue[name]
             if "TWILIO_AUTH_TOKEN" in env and args.redis_url:  # the bridge and its variants
                 env = {**env, "REDIS_URL": args.redis_url}
+            if args.perf_stacks and name == args.servers[0]:  # the one recorded
+                env = {**env, **perf_stacks.ENV}
             port = free_port()
             process = start(command, {**env, "PORT": str(port)}, f"http://127.0.0.1:{port}/healthz")
             running[name] = (process, f"ws://127.0.0.1:{port}/media-stream")
@@ -630,15 +655,19 @@ def main() -> int:
                     if name not in live:
                         continue
                     process, url = running[name]
-                    first = name == "bridge" and calls == levels[0]
-                    profile, perf = (args.profile, args.perf) if first else (None, None)
-                    figures = measure(pool, args.load_procs, process.pid, url, calls, args.seconds, profile, perf=perf)
+                    first = name == args.servers[0] and calls == levels[0]
+                    profile, perf, stacks = (args.profile, args.perf, args.perf_stacks) if first else (None,) * 3
+                    figures = measure(
+                        pool, args.load_procs, process.pid, url, calls, args.seconds, profile, perf=perf, stacks=stacks
+                    )
                     results[name].append(figures)
                     print(line(name, figures), flush=True)
                     if profile:
                         print(top_functions(profile), flush=True)
                     if perf:
                         print(by_library(perf), flush=True)
+                    if stacks:
+                        print(Path(stacks).read_text(), end="", flush=True)
                     if sip_port is not None and name == "bridge":
                         time.sleep(3.0)
                         target = f"sip:ai@127.0.0.1:{sip_port}"
