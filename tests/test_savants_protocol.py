@@ -104,3 +104,14 @@ def test_session_invalid_utf8_text_is_a_protocol_failure() -> None:
     event = session.receive_text(b'{"type":"\xff"}')
     assert isinstance(event, Failed) and event.code == "PROTOCOL" and not event.by_peer_error
     assert session.state is State.CLOSED
+
+
+@pytest.mark.parametrize("state", list(State))
+@pytest.mark.parametrize("size", [0, 1, 640, 8192, 8193])
+def test_session_is_audio_exactly_when_receive_binary_is_audio_and_leaves_the_state(state: State, size: int) -> None:
+    session = VoiceSession()
+    session.state = state
+    data = b"\x01" * size
+    is_audio = session.is_audio(data)
+    assert session.state is state
+    assert is_audio == (session.receive_binary(data) == Audio(data))

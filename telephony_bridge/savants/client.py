@@ -175,9 +175,10 @@ class SavantsConnection(WSListener):
             return
         kind = frame.msg_type
         if kind is _BINARY and frame.fin:
-            event = self.session.receive_binary(frame.get_payload_as_bytes())
-            if not self._events and type(event) is Audio and self._direct.deliver(event.pcm):
-                return
+            data = frame.get_payload_as_bytes()
+            if not self._events and self.session.is_audio(data) and self._direct.deliver(data):
+                return  # the AI's audio, straight to the call: no ``Audio`` event built for it
+            event = self.session.receive_binary(data)
         elif kind is _TEXT and frame.fin:
             event = self.session.receive_text(frame.get_payload_as_bytes())
         elif kind is _CLOSE:

@@ -23,6 +23,9 @@ class State(enum.Enum):
     CLOSED = "closed"
 
 
+_CONNECTED = State.CONNECTED  # a global, not an attribute of the enum class: read per audio frame
+
+
 @dataclass(frozen=True, slots=True)
 class Confirmed:
     session_id: str | None
@@ -90,6 +93,11 @@ class VoiceSession:
             self.session_id = sid if isinstance(sid, str) else None
             return Confirmed(self.session_id)
         return Notice(kind)
+
+    def is_audio(self, data: bytes) -> bool:
+        """Whether ``receive_binary(data)`` is ``Audio(data)`` (and changes nothing): lets the driver hand the AI's
+        audio on without building an event per frame (50 a second a call)."""
+        return self.state is _CONNECTED and 0 < len(data) <= MAX_FRAME_BYTES
 
     def receive_binary(self, data: bytes) -> SessionEvent:
         if self.state is State.CLOSED:
