@@ -97,3 +97,18 @@ def test_size_is_what_is_queued_after_any_mix_of_operations() -> None:
             if op in ("clear", "drop", "drain"):
                 assert buffer.size == 0
             assert len(buffer) == buffer.size and buffer.frames == buffer.size // TWILIO_FRAME_BYTES
+
+
+def test_taking_each_frame_as_it_comes_matches_converting_the_whole() -> None:
+    """A real-time AI's frame taken whole as it arrives (the converter's output handed straight out), with a
+    split sample and a part frame now and then (through the queue): the same bytes as one conversion."""
+    pcm = speech_like_pcm(1.0)
+    sizes = [640] * 20 + [641, 639, 640, 320, 960] + [640] * 20
+    buffer, got = FrameBuffer(), bytearray()
+    offset = 0
+    for size in sizes:
+        buffer.append_pcm(pcm[offset : offset + size])
+        offset += size
+        got += buffer.take(buffer.frames)
+        assert len(buffer) == len(pcm[:offset]) // 4 - len(got)
+    assert bytes(got) == AiToCaller().push(pcm[:offset])[: len(got)]

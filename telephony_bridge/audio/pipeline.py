@@ -40,6 +40,8 @@ class AiToCaller:
 
     def push(self, pcm: bytes) -> bytes:
         """AI PCM in (any length; a split sample is carried over); the μ-law bytes now due out."""
+        if not self._odd_byte and not len(pcm) & 1:  # whole samples, none carried: the AI's usual frame
+            return self._downsampler.process(pcm) if pcm else b""
         data = self._odd_byte + pcm
         whole = len(data) & ~1
         self._odd_byte = data[whole:]
@@ -54,13 +56,15 @@ class FrameBuffer:
     The AI's 16 kHz PCM may be queued as it came (``append_pcm``): it is converted only when audio is taken, in
     one go, so a batch costs one resampler call rather than one per frame (numpy's per-call overhead, not the
     arithmetic, is the cost). Lengths count the μ-law it will become: the resampler gives exactly one sample
-    out per two in, so that is known without converting.
+    out per two in, so that is known without converting. The PCM is kept as the chunks that came, and a take of
+    everything queued (a real-time AI's frame, due as it arrives) hands the converter's output straight out:
+    the AI's bytes are not copied on the way.
     """
 
     def __init__(self, *, compiled: bool | None = None) -> None:
         self._data = bytearray()
         self._to_caller = AiToCaller(compiled=compiled)
-        self._pcm = bytearray()  # AI audio not yet converted
+        self._pcm: list[bytes] = []  # AI audio not yet converted, as it came
         self._pcm_bytes_in = 0  # AI audio ever queued (a sample split across chunks counts once whole)
         self._ulaw_out = 0  # μ-law the converter has made of it: one byte per two samples in
         # μ-law bytes queued, counting unconverted PCM as what it will become: ``len()``, kept as a plain
@@ -73,17 +77,24 @@ class FrameBuffer:
         self._resize()
 
     def append_pcm(self, pcm: bytes) -> None:
-        self._pcm += pcm
+        self._pcm.append(pcm)
         self._pcm_bytes_in += len(pcm)
-        self._resize()
+        self.size = len(self._data) + self._pcm_bytes_in // 2 // 2 - self._ulaw_out  # ``_resize``, inline
 
     @property
     def frames(self) -> int:
         return self.size // TWILIO_FRAME_BYTES
 
     def take(self, frames: int) -> bytes:
-        self._convert()
         n = frames * TWILIO_FRAME_BYTES
+        if self._pcm and not self._data:
+            ulaw = self._converted()
+            if len(ulaw) == n:  # all that is queued, whole frames: no copy through ``_data``
+                self._resize()
+                return ulaw
+            self._data += ulaw
+        else:
+            self._convert()
         out = bytes(self._data[:n])
         del self._data[:n]
         self._resize()
@@ -117,10 +128,14 @@ class FrameBuffer:
 
     def _convert(self) -> None:
         if self._pcm:
-            ulaw = self._to_caller.push(bytes(self._pcm))
-            self._pcm.clear()
-            self._ulaw_out += len(ulaw)
-            self._data += ulaw
+            self._data += self._converted()
+
+    def _converted(self) -> bytes:
+        """The queued PCM as μ-law, in one resampler call (a lone chunk is not copied first)."""
+        ulaw = self._to_caller.push(b"".join(self._pcm))
+        self._pcm.clear()
+        self._ulaw_out += len(ulaw)
+        return ulaw
 
     def _resize(self) -> None:
         self.size = len(self._data) + self._pcm_bytes_in // 2 // 2 - self._ulaw_out
