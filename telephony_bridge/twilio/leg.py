@@ -103,7 +103,7 @@ class TwilioLeg:
         # Twilio sends media every 20 ms, even in silence (spec §3): a quiet socket is a dead one.
         self.watchdog = Watchdog(clock, settings.inactivity_timeout_s or None)
         self._direct: DirectAudio[[bytes, int | None]] = DirectAudio()
-        # A picows ``StreamSocket`` can send without waiting (``writable``/``send_text_nowait``); Starlette's cannot.
+        # A picows ``StreamSocket`` can send without waiting (``writable``/``send_utf8_now``); Starlette's cannot.
         self._writable: Callable[[], bool] | None = getattr(ws, "writable", None)
 
     @property
@@ -216,8 +216,9 @@ class TwilioLeg:
         return self._open and self._writable is not None and self._writable()
 
     def send_audio_nowait(self, ulaw: bytes) -> None:
+        """Only right after ``can_send_now()`` said yes (as ``Outbound`` does): the socket does not check again."""
         try:
-            self._ws.send_text_nowait(self._media.encode(ulaw))  # type: ignore[attr-defined]
+            self._ws.send_utf8_now(self._media.encode(ulaw))  # type: ignore[attr-defined]
         except Exception as exc:
             self._open = False
             raise CallerGone("the twilio stream closed while sending") from exc

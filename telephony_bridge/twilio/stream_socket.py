@@ -31,6 +31,7 @@ CLOSE_TIMEOUT_S = 2.0  # for Twilio's answer to our close frame; then the TCP co
 SEND_STALL_S = 5.0
 MAX_MESSAGE_BYTES = 2**20  # a message split over frames, whole: picows' own limit is per frame
 MESSAGE_TOO_BIG = 1009
+_TEXT = WSMsgType.TEXT
 NO_STATUS = 1005  # a close frame without a code (RFC 6455 §7.1.5)
 ABNORMAL_CLOSURE = 1006  # no close frame at all
 
@@ -133,6 +134,12 @@ class StreamSocket(WSListener):  # type: ignore[misc]
             raise SocketClosed("the media stream is closed or not taking data")
         assert self._transport is not None
         self._transport.send(WSMsgType.TEXT, data if isinstance(data, bytes) else data.encode())
+
+    def send_utf8_now(self, data: bytes) -> None:
+        """``send_text_nowait`` for a caller that has just had ``writable()`` say yes, with nothing sent or closed
+        since (``TwilioLeg.send_audio_nowait`` after ``can_send_now``): not checked twice (the AI's audio, 50
+        messages a second a call)."""
+        self._transport.send(_TEXT, data)  # type: ignore[union-attr]
 
     async def send_text(self, data: str) -> None:
         """Queue a text frame; waits while the kernel's send buffer is full, at most ``SEND_STALL_S``."""
