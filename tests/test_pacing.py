@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import random
+
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -69,3 +71,37 @@ def test_adaptive_prebuffer_grows_a_frame_per_underrun_up_to_its_bound_and_shrin
     for at in (14.0, 24.0, 34.0, 44.0):
         prebuffer.steady(at)
     assert (round(prebuffer.value_s, 3), prebuffer.shrinks) == (0.04, 3)  # back to the base, never below
+
+
+class _SeparateSteps:
+    """The pacer's decision as it was written before ``batch_due`` computed the lead once: ``lead``, then
+    ``frames_due``, each from the play end; the reference the one-pass version must match bit for bit."""
+
+    def __init__(self, lead_s: float, frame_s: float = 0.02) -> None:
+        self.lead_s, self.frame_s, self.play_end = lead_s, frame_s, None
+
+    def batch_due(self, now: float, available: int, batch: int, low_water_s: float) -> int:
+        lead = max(0.0, (self.play_end or now) - now)
+        room = int((self.lead_s - lead) / self.frame_s + 1e-9)
+        if min(available, room) < batch and lead > low_water_s + 1e-9:
+            return 0
+        play_end = max(self.play_end or now, now)
+        n = max(0, min(available, int((self.lead_s - (play_end - now)) / self.frame_s + 1e-9)))
+        self.play_end = play_end + n * self.frame_s
+        return n
+
+
+def test_pacer_batch_due_and_frames_due_match_their_separate_steps_exactly() -> None:
+    rng = random.Random(5)
+    for lead_s in (0.02, 0.1, 0.14, 1.0):
+        pacer, reference = OutboundPacer(lead_s), _SeparateSteps(lead_s)
+        now = 0.0
+        for _ in range(2000):
+            now += rng.choice([0.0, 0.001, 0.0199, 0.02, 0.02, 0.0201, 0.05, 0.4])
+            if rng.random() < 0.02:
+                pacer.cleared(now)
+                reference.play_end = now
+            args = (now, rng.randint(0, 8), rng.randint(0, 4), rng.choice([0.0, 0.02, 0.04, lead_s]))
+            due = pacer.frames_due(now, args[1]) if args[2] == 0 else pacer.batch_due(*args)
+            assert due == reference.batch_due(*args)  # a batch of 0: frames_due's decision
+            assert pacer.play_end == reference.play_end

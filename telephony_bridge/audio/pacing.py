@@ -27,10 +27,13 @@ class OutboundPacer:
         After a late tick the buffer at Twilio may have run dry: we refill it up to the lead, never beyond,
         so catching up never bursts.
         """
-        play_end = max(self._play_end or now, now)
-        room = int((self.lead_s - (play_end - now)) / self.frame_s + _EPS)
+        end = self._play_end or now
+        return self._send(now, end, available, int((self.lead_s - max(0.0, end - now)) / self.frame_s + _EPS))
+
+    def _send(self, now: float, end: float, available: int, room: int) -> int:
+        """Record up to ``room`` of ``available`` frames as sent after ``end`` (the play end, or ``now``)."""
         n = max(0, min(available, room))
-        self._play_end = play_end + n * self.frame_s
+        self._play_end = max(end, now) + n * self.frame_s
         return n
 
     def lead(self, now: float) -> float:
@@ -50,11 +53,12 @@ class OutboundPacer:
     def batch_due(self, now: float, available: int, batch: int, low_water_s: float) -> int:
         """Like ``frames_due``, but a lone frame waits while Twilio still holds more than ``low_water_s``, so
         audio goes out ``batch`` frames per message when the lead allows (fewer sends, same playback)."""
-        lead = self.lead(now)
+        end = self._play_end or now
+        lead = max(0.0, end - now)  # ``lead(now)``, inline: this runs for every frame the AI sends
         room = int((self.lead_s - lead) / self.frame_s + _EPS)
         if min(available, room) < batch and lead > low_water_s + _EPS:
             return 0
-        return self.frames_due(now, available)
+        return self._send(now, end, available, room)
 
     def room_for(self, now: float, frames: int) -> float:
         """The earliest time at which ``frames`` more frames fit under the lead."""
