@@ -26,7 +26,7 @@ from telephony_bridge.audio.comfort import ComfortFill
 from telephony_bridge.audio.pacing import AdaptivePrebuffer, OutboundPacer
 from telephony_bridge.audio.pipeline import FrameBuffer
 from telephony_bridge.audio.playback import PlaybackTracker
-from telephony_bridge.clock import Clock, Flag
+from telephony_bridge.clock import Clock, Flag, Timer
 from telephony_bridge.leg import AudioSink
 from telephony_bridge.settings import AudioSettings
 
@@ -49,6 +49,7 @@ class Outbound:
         self._ready = Flag()
         self._parked = False  # ``run`` sleeps in ``_wait`` (not mid-send)
         self._parked_until: float | None = None  # ...until this deadline (None: until woken)
+        self._pause_timer: Timer | None = None  # ``_wait_for_pause``'s
         self._pacer = OutboundPacer(settings.outbound_lead_ms / 1000, FRAME_S)
         base_s = settings.playout_prebuffer_ms / 1000
         self.prebuffer = AdaptivePrebuffer(
@@ -247,8 +248,7 @@ class Outbound:
                 continue
             frames = self._buffer.frames
             # The AI has paused (or finished): a trailing partial frame and the closing mark can go.
-            prebuffer_s = self.prebuffer.value_s
-            paused_at = float("-inf") if self._finishing else self._last_push_at + max(prebuffer_s, FRAME_S)
+            paused_at = self._paused_at()
             if frames == 0:
                 if now >= paused_at and len(self._buffer):
                     self._buffer.pad_to_frame()
@@ -257,9 +257,12 @@ class Outbound:
                     await self._send_mark()
                 elif self._fill is not None and not len(self._buffer) and not self.holding:
                     await self._send_fill(now, self._fill)
+                elif len(self._buffer) or self._unmarked_ms:
+                    await self._wait_for_pause()
                 else:
-                    await self._wait(paused_at if len(self._buffer) or self._unmarked_ms else None)
+                    await self._wait(None)
                 continue
+            prebuffer_s = self.prebuffer.value_s
             gathering_until = self._queued_since + prebuffer_s
             gathering = not self._finishing and now < gathering_until
             if self._pacer.lead(now) == 0 and frames < self.prebuffer.frames and gathering:
@@ -389,6 +392,36 @@ class Outbound:
             if self._audible_since is None or starts > self._audible_until + SPURT_GAP_S:
                 self._audible_since = starts
             self._audible_until = starts + FRAME_S
+
+    def _paused_at(self) -> float:
+        """When the AI will have paused, if it sends nothing more: each push moves it later."""
+        if self._finishing:
+            return float("-inf")
+        return self._last_push_at + max(self.prebuffer.value_s, FRAME_S)
+
+    async def _wait_for_pause(self) -> None:
+        """``_wait`` until ``_paused_at``, which the AI's pushes keep moving later while it talks: the timer
+        sets itself again from its own callback until the pause has come, rather than waking this task each
+        time to find it has not (for a real-time AI, whose frames go out from ``_send_inline``, that was
+        most of the pacer's ~20 wake-ups a call-second)."""
+        self._ready.clear()
+        self._parked, self._parked_until = True, self._paused_at()
+        self._pause_timer = self._clock.call_at(self._parked_until, self._check_pause)
+        try:
+            await self._ready.wait()
+        finally:
+            if self._pause_timer is not None:
+                self._pause_timer.cancel()
+                self._pause_timer = None
+            self._parked, self._parked_until = False, None
+
+    def _check_pause(self) -> None:
+        paused_at = self._paused_at()
+        if self._clock.monotonic() >= paused_at:
+            self._ready.set()
+        else:
+            self._parked_until = paused_at
+            self._pause_timer = self._clock.call_at(paused_at, self._check_pause)
 
     async def _wait(self, deadline: float | None) -> None:
         """Until more audio or a barge-in arrives, or the clock reaches ``deadline``."""

@@ -1,0 +1,47 @@
+"""The pacer and a real-time AI: its frames go out from the push (``Outbound._send_inline``) while the pacer
+sleeps until the AI pauses, a deadline every push moves later; the pause is still marked on time."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+
+from telephony_bridge.settings import AudioSettings
+from telephony_bridge.twilio.protocol import OutMark
+from tests.test_outbound import EPS, FRAME_S, STEP_S, TIMEOUT_S, advance, running, tone
+
+PREBUFFER_S = 0.040
+# one frame a message (so each frame can go at once) and no mark due within the second of audio below
+REAL_TIME = AudioSettings(
+    outbound_batch_ms=20,
+    adaptive_prebuffer=False,
+    mark_interval_ms=2000,
+    playout_prebuffer_ms=round(1000 * PREBUFFER_S),
+)
+
+
+def counting(wait: Callable[..., Awaitable[None]], count: list[int]) -> Callable[..., Awaitable[None]]:
+    async def counted(*args: object) -> None:
+        count[0] += 1
+        await wait(*args)
+
+    return counted
+
+
+async def test_a_real_time_ais_frames_do_not_wake_the_pacer_and_its_pause_is_marked_on_time() -> None:
+    async with asyncio.timeout(TIMEOUT_S), running(REAL_TIME) as line:
+        outbound, sleeps = line.outbound, [0]
+        outbound._wait = counting(outbound._wait, sleeps)  # type: ignore[method-assign]
+        outbound._wait_for_pause = counting(outbound._wait_for_pause, sleeps)  # type: ignore[method-assign]
+        audio = tone(20)
+        for _ in range(50):  # a second of a real-time AI
+            outbound.push(audio)
+            await advance(line.clock, FRAME_S)
+        last_push_at = line.clock.monotonic() - FRAME_S
+        assert sum(len(payload) for _, payload in line.media()) == 50 * len(audio)  # every frame out
+        # the pacer slept through the second: once for the spurt's start, then until the pause (was: 25 times,
+        # woken at each pause deadline to find that the AI had pushed since)
+        assert sleeps[0] <= 3
+        await advance(line.clock, 0.100)
+        [mark_at] = [at for at, event in line.events() if isinstance(event, OutMark)]
+        assert last_push_at + PREBUFFER_S - EPS <= mark_at <= last_push_at + PREBUFFER_S + 2 * STEP_S + EPS
