@@ -257,7 +257,7 @@ class Outbound:
                     await self._send_mark()
                 elif self._fill is not None and not len(self._buffer) and not self.holding:
                     await self._send_fill(now, self._fill)
-                elif len(self._buffer) or self._unmarked_ms:
+                elif now < paused_at:  # the AI is talking: the pause will want a pad or a mark
                     await self._wait_for_pause()
                 else:
                     await self._wait(None)
