@@ -39,7 +39,7 @@ async def test_a_real_time_ais_frames_do_not_wake_the_pacer_and_its_pause_is_mar
             await advance(line.clock, FRAME_S)
         last_push_at = line.clock.monotonic() - FRAME_S
         assert sum(len(payload) for _, payload in line.media()) == 50 * len(audio)  # every frame out
-        # the pacer slept through the second: once for the spurt's start, then until the pause (was: 25 times,
+        # the pacer slept through the second: once for the spurt's start, then until the pause (was: 50 times,
         # woken at each pause deadline to find that the AI had pushed since)
         assert sleeps[0] <= 3
         await advance(line.clock, 0.100)
