@@ -198,3 +198,29 @@ def test_vad_is_speech_rejects_anything_but_one_int16_frame() -> None:
 def test_vad_sensitivity_must_be_webrtcvad_aggressiveness() -> None:
     with pytest.raises(ValueError, match="expected sensitivity 0, 1, 2 or 3, got 4"):
         VoiceActivityDetector(sensitivity=4)
+
+
+@pytest.mark.parametrize("compiled", [None, False])
+def test_vad_decides_as_webrtcvads_own_wrapper_gated_by_level(compiled: bool | None) -> None:
+    """``process`` calls webrtcvad's C function on the array itself: the same decisions as its ``Vad.is_speech``
+    on each frame's bytes, ANDed with the level gate, with either mean-square kernel (None: compiled if built)."""
+    audio = chunking_audio()
+    whole = len(audio) // VAD_FRAME_SAMPLES * VAD_FRAME_SAMPLES
+    gate = (FULL_SCALE * 10 ** (-45.0 / 20)) ** 2
+    loud = [float(np.mean(f.astype(np.float64) ** 2)) >= gate for f in audio[:whole].reshape(-1, VAD_FRAME_SAMPLES)]
+    want = [voiced and level for voiced, level in zip(webrtcvad_alone(audio, 2), loud, strict=True)]
+    assert True in want and False in want
+    vad = VoiceActivityDetector(2, -45.0, compiled=compiled)
+    assert [vad.process(audio[i : i + VAD_FRAME_SAMPLES])[0] for i in range(0, whole, VAD_FRAME_SAMPLES)] == want
+
+
+def test_vad_takes_strided_samples_as_their_values() -> None:
+    """A strided view (every other sample) decides as a contiguous copy of it, one frame or many at a time."""
+    doubled = np.repeat(chunking_audio(), 2)
+    strided, copy = doubled[::2], doubled[::2].copy()
+    assert not strided.flags.c_contiguous
+    for size in (VAD_FRAME_SAMPLES, 1000):
+        got, want = VoiceActivityDetector(2), VoiceActivityDetector(2)
+        for i in range(0, len(copy), size):
+            assert got.process(strided[i : i + size]) == want.process(copy[i : i + size])
+        assert got.is_speech(strided[:VAD_FRAME_SAMPLES]) == want.is_speech(copy[:VAD_FRAME_SAMPLES])

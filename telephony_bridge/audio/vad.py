@@ -10,6 +10,7 @@ the emulator's voices measure them.
 
 from __future__ import annotations
 
+import _webrtcvad  # webrtcvad's C module: ``_decide`` calls it without the checks of its ``Vad`` wrapper
 import numpy as np
 import numpy.typing as npt
 import webrtcvad
@@ -36,6 +37,7 @@ class VoiceActivityDetector:
         self.sensitivity = sensitivity
         self.min_level_dbfs = min_level_dbfs
         self._vad = webrtcvad.Vad(sensitivity)
+        self._vad_handle = self._vad._vad  # what its C functions take
         self._min_mean_square = (_FULL_SCALE * 10.0 ** (min_level_dbfs / 20.0)) ** 2
         self._mean_square = mean_square_function(compiled=compiled)  # ``compiled``: see ``kernels``
         self._pending = np.zeros(0, dtype=np.int16)
@@ -47,9 +49,22 @@ class VoiceActivityDetector:
         """
         if frame.dtype != np.int16 or frame.shape != (VAD_FRAME_SAMPLES,):
             raise ValueError(f"expected {VAD_FRAME_SAMPLES} int16 samples, got {frame.shape} {frame.dtype}")
-        voiced = self._vad.is_speech(frame.astype("<i2", copy=False).tobytes(), TWILIO_RATE_HZ)
-        loud = self._mean_square(frame) >= self._min_mean_square
-        return bool(voiced and loud)
+        return self._decide(np.ascontiguousarray(frame))
+
+    def _decide(self, frame: npt.NDArray[np.int16]) -> bool:
+        """``is_speech`` for a frame known to be ``VAD_FRAME_SAMPLES`` contiguous int16 samples, 50 times a
+        second a call: straight to webrtcvad's C function, which reads the array's buffer (native int16, what
+        it takes), skipping the checks made already and the copy to bytes (~0.6 µs a frame by timeit)."""
+        voiced: bool = _webrtcvad.process(self._vad_handle, TWILIO_RATE_HZ, frame, VAD_FRAME_SAMPLES)
+        return voiced and self._mean_square(frame) >= self._min_mean_square
+
+    _decide_frame = _decide  # what ``process`` decides each frame with
+
+    def __init_subclass__(cls, **kwargs: object) -> None:
+        """A subclass's own ``is_speech`` (a test's stand-in VAD) is what its ``process`` asks."""
+        super().__init_subclass__(**kwargs)
+        if "is_speech" in cls.__dict__:
+            cls._decide_frame = cls.is_speech
 
     def process(self, samples: npt.NDArray[np.int16]) -> list[bool]:
         """Feed int16 samples of any length; get one decision per 20 ms frame they complete, oldest first.
@@ -59,12 +74,14 @@ class VoiceActivityDetector:
         """
         if samples.dtype != np.int16:
             raise ValueError(f"expected int16 samples, got {samples.dtype}")
-        if len(samples) == VAD_FRAME_SAMPLES and not len(self._pending):  # Twilio's 20 ms: nothing to re-cut
-            return [self.is_speech(samples)]
-        data = np.concatenate((self._pending, samples)) if len(self._pending) else samples
+        pending = self._pending
+        if len(samples) == VAD_FRAME_SAMPLES and not len(pending) and samples.flags.c_contiguous:
+            return [self._decide_frame(samples)]  # Twilio's 20 ms: nothing to re-cut
+        data = np.concatenate((pending, samples)) if len(pending) else samples
         whole = len(data) - len(data) % VAD_FRAME_SAMPLES
         self._pending = data[whole:].copy()
-        return [self.is_speech(frame) for frame in data[:whole].reshape(-1, VAD_FRAME_SAMPLES)]
+        frames = np.ascontiguousarray(data[:whole]).reshape(-1, VAD_FRAME_SAMPLES)  # a strided view's rows are not
+        return [self._decide_frame(frame) for frame in frames]
 
     @property
     def pending_samples(self) -> int:
