@@ -135,6 +135,9 @@ class BargeInDetector:
         AI is silent; it applies to every frame this chunk completes (exact for Twilio's 20 ms chunks).
         """
         pending = self._vad.pending_samples
+        if not pending and len(samples_8k) == VAD_FRAME_SAMPLES:  # Twilio's 20 ms: one frame, ending at ``now_s``
+            event = self._frame(self._vad.process(samples_8k)[0], now_s, ai_audible_since_s)
+            return [] if event is None else [event]
         decisions = self._vad.process(samples_8k)
         events: list[Event] = []
         # Frame i ends (i + 1) * 160 - pending samples into this chunk.
