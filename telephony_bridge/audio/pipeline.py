@@ -26,6 +26,8 @@ class CallerToAi:
         """One media payload in (``timestamp_ms`` None: unstamped): the caller's audio as placed on the timeline
         (8 kHz PCM, for the voice activity detector) and the whole 640-byte frames now due to the AI."""
         placed, pcm_16k = self._upsampler.process(self.timeline.place(timestamp_ms, ulaw))
+        if len(pcm_16k) == SAVANTS_FRAME_BYTES and not self._pending:
+            return placed, [pcm_16k]  # Twilio's 20 ms with nothing carried over: the frame as it came
         self._pending += pcm_16k
         return placed, _take_frames(self._pending, SAVANTS_FRAME_BYTES)
 
