@@ -135,7 +135,11 @@ class SystemClock:
             pass
 
     def call_at(self, deadline: float, callback: Callable[[], None]) -> Timer:
-        return asyncio.get_running_loop().call_later(timer_delay(max(0.0, deadline - time.monotonic())), callback)
+        # 25 times a second a call (``Inbound``'s lone-frame timer): one loop lookup and one clock read.
+        loop = asyncio.get_running_loop()
+        now = time.monotonic()
+        delay = deadline - now if deadline > now else 0.0
+        return loop.call_later(_loop_delay(loop, now, delay), callback)
 
 
 def timer_delay(delay: float) -> float:
@@ -146,8 +150,19 @@ def timer_delay(delay: float) -> float:
     and the pacer, waking early, waited again for what was left, a loop turn or more each time. So the delay
     is counted from the loop's own clock and rounded up by a timer tick. On asyncio's own loop, whose clock
     is ``time.monotonic()``, every wait is thus about a millisecond late."""
-    lag = time.monotonic() - asyncio.get_running_loop().time()
-    return delay + min(max(0.0, lag), MAX_LOOP_CLOCK_LAG_S) + TIMER_GRANULARITY_S
+    return _loop_delay(asyncio.get_running_loop(), time.monotonic(), delay)
+
+
+def _loop_delay(loop: asyncio.AbstractEventLoop, now: float, delay: float) -> float:
+    """``timer_delay`` for ``delay`` counted from ``now``, a ``time.monotonic()`` read before the loop's clock:
+    then delay plus lag is the deadline on the loop's clock, and no time read in between can move it earlier.
+    Conditions rather than ``min``/``max``: this runs for every timer."""
+    lag = now - loop.time()
+    if lag < 0.0:
+        lag = 0.0
+    elif lag > MAX_LOOP_CLOCK_LAG_S:
+        lag = MAX_LOOP_CLOCK_LAG_S
+    return delay + lag + TIMER_GRANULARITY_S
 
 
 class FakeClock:

@@ -88,6 +88,28 @@ def test_a_loop_whose_clock_is_not_monotonic_does_not_stretch_waits() -> None:
         loop.close()
 
 
+@pytest.mark.parametrize("offset_s", [-5.0, 5.0])
+def test_a_timer_on_a_loop_on_another_clock_fires_after_its_deadline_and_within_a_second(offset_s: float) -> None:
+    """``call_at`` counts the deadline from the loop's clock as ``timer_delay`` does: a loop clock behind
+    ``time.monotonic()`` adds at most ``MAX_LOOP_CLOCK_LAG_S``, one ahead of it takes nothing off."""
+
+    class OtherClockLoop(asyncio.SelectorEventLoop):
+        def time(self) -> float:
+            return super().time() + offset_s
+
+    async def timer() -> float:
+        started = time.monotonic()
+        fired = asyncio.get_running_loop().create_future()
+        SystemClock().call_at(started + 0.01, lambda: fired.set_result(time.monotonic()))
+        return await fired - started
+
+    loop = OtherClockLoop()
+    try:
+        assert 0.01 <= loop.run_until_complete(timer()) < 1.0
+    finally:
+        loop.close()
+
+
 def test_a_timer_runs_its_callback_not_before_its_deadline_unless_called_off() -> None:
     """``call_at``: what ``Inbound`` arms for a frame waiting for its partner, and calls off when it comes."""
 
