@@ -173,8 +173,14 @@ class Inbound:
             self._arm_lone_timer()
 
     def _take(self, n: int) -> bytes:
-        """The next ``n`` queued frames, as one message."""
-        return self._queue.popleft() if n == 1 else b"".join(self._queue.popleft() for _ in range(n))
+        """The next ``n`` queued frames, as one message (two, by default: one concatenation, no generator)."""
+        popleft = self._queue.popleft
+        if n == 1:
+            return popleft()
+        if n == 2:
+            first = popleft()
+            return first + popleft()
+        return b"".join([popleft() for _ in range(n)])
 
     def _put_back(self, pcm: bytes) -> None:
         """A message ``_take`` made that was not sent goes back to the head of the queue as its frames, for the
