@@ -61,6 +61,20 @@ class InboundTimeline:
         possibly silence then the payload, the payload's tail, the payload as is, or nothing."""
         if not payload:
             return b""
+        last = self._last_stamp
+        if (
+            timestamp_ms is not None
+            and last is not None
+            and timestamp_ms > last
+            and timestamp_ms * TWILIO_BYTES_PER_MS == self._position
+            and not self.untimed_reason
+        ):
+            # Most frames: the next, stamped exactly where the last one ended. What ``_check_stamp`` and the
+            # code below conclude for it (the clock advances; on time, taken whole), in fewer steps.
+            self._last_stamp = timestamp_ms
+            self._stale_run = 0
+            self._position += len(payload)
+            return payload
         if not self.untimed_reason:
             self._check_stamp(timestamp_ms, len(payload))
         if self.untimed_reason or timestamp_ms is None:
