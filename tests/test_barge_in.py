@@ -136,7 +136,7 @@ def test_barge_in_any_chunking_gives_the_same_events(sizes: list[int]) -> None:
 
 
 class MarkerVad(VoiceActivityDetector):
-    def is_speech(self, frame: npt.NDArray[np.int16]) -> bool:
+    def _decide(self, frame: npt.NDArray[np.int16]) -> bool:  # what ``process`` and ``is_speech`` ask per frame
         return bool(frame.any())
 
 

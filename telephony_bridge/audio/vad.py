@@ -58,14 +58,6 @@ class VoiceActivityDetector:
         voiced: bool = _webrtcvad.process(self._vad_handle, TWILIO_RATE_HZ, frame, VAD_FRAME_SAMPLES)
         return voiced and self._mean_square(frame) >= self._min_mean_square
 
-    _decide_frame = _decide  # what ``process`` decides each frame with
-
-    def __init_subclass__(cls, **kwargs: object) -> None:
-        """A subclass's own ``is_speech`` (a test's stand-in VAD) is what its ``process`` asks."""
-        super().__init_subclass__(**kwargs)
-        if "is_speech" in cls.__dict__:
-            cls._decide_frame = cls.is_speech
-
     def process(self, samples: npt.NDArray[np.int16]) -> list[bool]:
         """Feed int16 samples of any length; get one decision per 20 ms frame they complete, oldest first.
 
@@ -76,12 +68,12 @@ class VoiceActivityDetector:
             raise ValueError(f"expected int16 samples, got {samples.dtype}")
         pending = self._pending
         if len(samples) == VAD_FRAME_SAMPLES and not len(pending) and samples.flags.c_contiguous:
-            return [self._decide_frame(samples)]  # Twilio's 20 ms: nothing to re-cut
+            return [self._decide(samples)]  # Twilio's 20 ms: nothing to re-cut
         data = np.concatenate((pending, samples)) if len(pending) else samples
         whole = len(data) - len(data) % VAD_FRAME_SAMPLES
         self._pending = data[whole:].copy()
         frames = np.ascontiguousarray(data[:whole]).reshape(-1, VAD_FRAME_SAMPLES)  # a strided view's rows are not
-        return [self._decide_frame(frame) for frame in frames]
+        return [self._decide(frame) for frame in frames]
 
     @property
     def pending_samples(self) -> int:
