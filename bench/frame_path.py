@@ -12,7 +12,8 @@ outbound media message built. The naive rows are ``bench/naive_bridge.py``'s ste
 ``bench/capacity.py`` measures the whole.
 
 The "ours" rows run the audio kernels ``--kernels`` names (``audio.kernels``: auto is the compiled extension if
-built); the "conversion alone" rows run each kind in turn, so the two are compared in the same run.
+built); the "conversion alone" rows run each kind in turn, so the two are compared in the same run. The "read
+alone" rows compare the media message read (msgspec) with the orjson path it replaced, on the same messages.
 """
 
 from __future__ import annotations
@@ -78,6 +79,7 @@ def main() -> int:
         tw.Media(STREAM_SID, ulaw[i * 160 : (i + 1) * 160], i * 20, chunk=i + 1, sequence_number=i + 2).to_json()
         for i in range(n)
     ]
+    frames = [text.encode() for text in messages]  # as the leg's socket hands them over
     ai_pcm = (speech_like(320 * n, seed=2)).astype("<i2").tobytes()
     ai_frames = [ai_pcm[i * 640 : (i + 1) * 640] for i in range(n)]
 
@@ -99,6 +101,13 @@ def main() -> int:
             data = json.loads(text)
             pcm8k = audioop.ulaw2lin(base64.b64decode(data["media"]["payload"]), 2)
             _, state = audioop.ratecv(pcm8k, 2, 1, 8000, 16000, state)
+
+    def media_read(read: Callable[[bytes], tuple[bytes, int] | None]) -> Callable[[], None]:
+        def run() -> None:
+            for data in frames:
+                read(data)
+
+        return run
 
     def conversion_only(compiled: bool) -> Callable[[], None]:
         payloads = [ulaw[i * 160 : (i + 1) * 160] for i in range(n)]
@@ -152,6 +161,8 @@ def main() -> int:
         (f"caller → AI, ours (parse, timeline, decode, 75-tap FIR up, queue, VAD; {kernels})", caller_to_ai(True)),
         ("caller → AI, ours without barge-in (no VAD)", caller_to_ai(False)),
         ("caller → AI, naive (json, ulaw2lin, ratecv; no timeline, no VAD)", naive_caller_to_ai),
+        ("caller → AI, media message read alone (tw.media_audio: msgspec)", media_read(tw.media_audio)),
+        ("caller → AI, media message read alone, orjson and dict checks (before)", media_read(tw._media_audio_general)),
         (f"AI → caller, ours, converted per 40 ms batch (FIR down, μ-law, message; {kernels})", ai_to_caller(2)),
         ("AI → caller, ours, converted as each frame comes (before)", per_frame_ai_to_caller),
         ("AI → caller, naive (ratecv, lin2ulaw, base64, json per frame)", naive_ai_to_caller),

@@ -14,8 +14,9 @@ from __future__ import annotations
 import base64
 import binascii
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Annotated, Any, Literal
 
+import msgspec
 import orjson
 
 
@@ -272,8 +273,51 @@ def _parse_media(msg: dict[str, Any]) -> Media:
 
 def media_audio(text: str | bytes) -> tuple[bytes, int] | None:
     """The caller's audio and its timestamp (ms) from a ``media`` message in exactly Twilio's shape, without
-    building a ``Media`` (the leg's direct path, 50 times a second a call: a fifth cheaper than ``parse_message``).
-    None for anything else, which ``parse_message`` then reads, and reports if it is wrong."""
+    building a ``Media`` (the leg's direct path, 50 times a second a call). None for anything else, which
+    ``parse_message`` then reads, and reports if it is wrong.
+
+    One typed msgspec pass reads Twilio's shape (a quarter of the cost of orjson's dict and ``_media_fields``);
+    what msgspec refuses goes the general way, so every input gets the answer the orjson path gave."""
+    try:
+        msg = _read_twilio_media(text)
+    except (msgspec.MsgspecError, UnicodeEncodeError):  # UnicodeEncodeError: a str holding a lone surrogate
+        return _media_audio_general(text)
+    media = msg.media
+    numbers = media.timestamp + media.chunk + msg.sequence_number  # each 1 to MAX_NUMBER_DIGITS characters
+    if not (numbers.isascii() and numbers.isdigit()):  # as ``_is_number``, for the three at once
+        return None
+    return media.payload, int(media.timestamp)
+
+
+_Number = Annotated[str, msgspec.Meta(min_length=1, max_length=MAX_NUMBER_DIGITS)]  # and ASCII digits: see above
+
+
+class _TwilioAudio(msgspec.Struct, forbid_unknown_fields=True):
+    """A ``media`` message's ``media`` as Twilio writes it (§3). msgspec decodes ``payload`` as strictly as
+    ``a2b_base64(strict_mode=True)``: padding required, no whitespace or other characters (G5)."""
+
+    payload: bytes
+    timestamp: _Number
+    chunk: _Number = "0"
+    track: str = "inbound"
+
+
+class _TwilioMedia(msgspec.Struct, forbid_unknown_fields=True, rename="camel"):
+    """Twilio's ``media`` message (§3), key for key. An unknown key is refused so that all msgspec accepts went
+    through a typed decoder (no skipped JSON to judge unlike orjson); a repeated key whose earlier value is wrong
+    is refused too (orjson keeps the last). Both then go the general way."""
+
+    event: Literal["media"]
+    stream_sid: str
+    media: _TwilioAudio
+    sequence_number: _Number = "0"
+
+
+_read_twilio_media = msgspec.json.Decoder(_TwilioMedia).decode
+
+
+def _media_audio_general(text: str | bytes) -> tuple[bytes, int] | None:
+    """``media_audio`` for what msgspec refused: orjson (the last of repeated keys wins) and ``_media_fields``."""
     try:
         msg = orjson.loads(text)
         if msg["event"] != "media":
