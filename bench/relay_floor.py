@@ -21,7 +21,6 @@ import itertools
 import logging
 import os
 import sys
-from binascii import a2b_base64
 from collections.abc import AsyncIterator, Coroutine
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -42,7 +41,7 @@ from telephony_bridge.audio.kernels import UlawUpsampler
 from telephony_bridge.audio.pipeline import AiToCaller
 from telephony_bridge.close_codes import echo_code
 from telephony_bridge.serving import uvicorn_config
-from telephony_bridge.twilio.protocol import MediaMessages
+from telephony_bridge.twilio.protocol import MediaMessages, media_audio
 from telephony_bridge.twilio.twiml import connect_document
 from telephony_bridge.ws_handoff import Connection
 
@@ -79,19 +78,22 @@ class RelayCall(WSListener):  # type: ignore[misc]
     def on_ws_frame(self, transport: WSTransport, frame: WSFrame) -> None:
         kind = frame.msg_type
         if kind is _TEXT:
-            message = orjson.loads(frame.get_payload_as_bytes())
-            event = message["event"]
-            if event == "media":
+            data = frame.get_payload_as_bytes()
+            audio = media_audio(data)  # the bridge's own read of a media message (msgspec)
+            if audio is not None:
                 upstream = self._upstream
                 if upstream is not None:
-                    _, pcm = self._upsampler.process(a2b_base64(message["media"]["payload"]))
+                    _, pcm = self._upsampler.process(audio[0])
                     held = self._held
                     if held is None:
                         self._held = pcm
                     else:
                         self._held = None
                         upstream.send(_BINARY, held + pcm)
-            elif event == "start" and self._leg is None:
+                return
+            message = orjson.loads(data)
+            event = message["event"]
+            if event == "start" and self._leg is None:
                 self._leg = SavantsLeg(self, message["start"]["streamSid"])
                 self._opening = self._relay.spawn(self._open(self._leg))
             elif event == "stop":
