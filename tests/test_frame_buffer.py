@@ -112,3 +112,12 @@ def test_taking_each_frame_as_it_comes_matches_converting_the_whole() -> None:
         got += buffer.take(buffer.frames)
         assert len(buffer) == len(pcm[:offset]) // 4 - len(got)
     assert bytes(got) == AiToCaller().push(pcm[:offset])[: len(got)]
+
+
+def test_pcm_queued_from_a_reused_buffer_is_what_it_held_when_queued() -> None:
+    """The queue keeps the AI's ``bytes`` without copying them; a ``bytearray`` its owner refills is copied."""
+    pcm = speech_like_pcm(0.04)
+    reused, buffer = bytearray(pcm), FrameBuffer()
+    buffer.append_pcm(reused)
+    reused[:] = bytes(len(reused))  # the owner reads the next frame into the same buffer
+    assert buffer.take(buffer.frames) == AiToCaller().push(pcm)

@@ -79,7 +79,9 @@ class FrameBuffer:
         self._resize()
 
     def append_pcm(self, pcm: bytes) -> None:
-        self._pcm.append(pcm)
+        """Queue ``pcm`` as it is: ``bytes`` are kept, not copied; a buffer its owner may reuse (a ``bytearray``,
+        a ``memoryview``) is copied, as the queue did before it kept chunks."""
+        self._pcm.append(pcm if type(pcm) is bytes else bytes(pcm))
         self._pcm_bytes_in += len(pcm)
         self.size = len(self._data) + self._pcm_bytes_in // 2 // 2 - self._ulaw_out  # ``_resize``, inline
 
