@@ -135,7 +135,8 @@ class SystemClock:
             pass
 
     def call_at(self, deadline: float, callback: Callable[[], None]) -> Timer:
-        # 25 times a second a call (``Inbound``'s lone-frame timer): one loop lookup and one clock read.
+        # 25 times a second a call (``Inbound``'s lone-frame timer; ``Outbound``'s pause timer too): one loop
+        # lookup and one clock read.
         loop = asyncio.get_running_loop()
         now = time.monotonic()
         delay = deadline - now if deadline > now else 0.0

@@ -47,8 +47,8 @@ class Outbound:
         self._sink = sink
         self._buffer = FrameBuffer(compiled=kernels.use_compiled(settings.kernels))
         self._ready = Flag()
-        self._parked = False  # ``run`` sleeps in ``_wait`` (not mid-send)
-        self._parked_until: float | None = None  # ...until this deadline (None: until woken)
+        self._parked = False  # ``run`` sleeps in ``_wait`` or ``_wait_for_pause`` (not mid-send)
+        self._parked_until: float | None = None  # ...until this deadline (None: until woken; the pause as last armed)
         self._pause_timer: Timer | None = None  # ``_wait_for_pause``'s
         self._pacer = OutboundPacer(settings.outbound_lead_ms / 1000, FRAME_S)
         base_s = settings.playout_prebuffer_ms / 1000
@@ -416,6 +416,7 @@ class Outbound:
             self._parked, self._parked_until = False, None
 
     def _check_pause(self) -> None:
+        """The pause timer's callback: wake the pacer if the AI has paused, else re-arm for the pause as it is now."""
         paused_at = self._paused_at()
         if self._clock.monotonic() >= paused_at:
             self._ready.set()

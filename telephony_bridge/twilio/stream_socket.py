@@ -119,7 +119,7 @@ class StreamSocket(WSListener):  # type: ignore[misc]
         return self._inbox.popleft()
 
     def writable(self) -> bool:
-        """Whether ``send_text_nowait`` may send now: connected, not closing, and not applying backpressure."""
+        """Whether ``send_text_nowait`` (or ``send_utf8_now``) may send now: connected, not closing, no backpressure."""
         transport = self._transport
         return (
             transport is not None
