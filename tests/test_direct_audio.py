@@ -16,6 +16,7 @@ from picows import ws_create_server
 from websockets.asyncio.client import ClientConnection, connect
 
 from telephony_bridge.clock import SystemClock
+from telephony_bridge.errors import CallerGone
 from telephony_bridge.leg import CallerAudio, DirectAudio, PlayedUpTo
 from telephony_bridge.ops.metrics import Metrics
 from telephony_bridge.settings import TwilioSettings
@@ -146,11 +147,14 @@ def test_direct_audio_reports_what_the_handler_raised_once_it_is_checked() -> No
 async def test_the_leg_sends_audio_synchronously_while_its_socket_takes_it() -> None:
     """``can_send_now``/``send_audio_nowait``: what ``Outbound`` uses to send a frame due on arrival from the AI
     leg's read callback. True on an open picows stream (the message reaches Twilio's side); False once the
-    stream is closing, and on a socket with no such path (Starlette's, under ``server.websocket: uvicorn``)."""
+    stream is closing (a send then raises ``CallerGone``), and on a socket with no such path (Starlette's, under
+    ``server.websocket: uvicorn``)."""
     async with leg_and_caller() as (leg, caller), asyncio.timeout(10):
         assert leg.can_send_now()
         leg.send_audio_nowait(b"\x7f" * 320)
         assert tw.parse_outbound(await caller.recv(), STREAM_SID) == tw.OutMedia(b"\x7f" * 320)
         await leg.hang_up("completed")
         assert not leg.can_send_now()
+        with pytest.raises(CallerGone):  # sent anyway: refused, no data frame after our close frame
+            leg.send_audio_nowait(b"\x7f" * 160)
     assert not TwilioLeg(Queued([]), TwilioSettings(), Metrics(), SystemClock()).can_send_now()

@@ -136,10 +136,14 @@ class StreamSocket(WSListener):  # type: ignore[misc]
         self._transport.send(WSMsgType.TEXT, data if isinstance(data, bytes) else data.encode())
 
     def send_utf8_now(self, data: bytes) -> None:
-        """``send_text_nowait`` for a caller that has just had ``writable()`` say yes, with nothing sent or closed
-        since (``TwilioLeg.send_audio_nowait`` after ``can_send_now``): not checked twice (the AI's audio, 50
-        messages a second a call)."""
-        self._transport.send(_TEXT, data)  # type: ignore[union-attr]
+        """``send_text_nowait`` for a caller that has just had ``writable()`` say yes (``TwilioLeg.send_audio_nowait``
+        after ``can_send_now``; the AI's audio, 50 messages a second a call): the backpressure is not checked
+        twice, but a closed stream still raises ``SocketClosed``, since no data frame may follow our close
+        frame (RFC 6455 §5.5.1)."""
+        transport = self._transport
+        if transport is None or self._disconnected or transport.is_close_frame_sent:
+            raise SocketClosed("the media stream is closed")
+        transport.send(_TEXT, data)
 
     async def send_text(self, data: str) -> None:
         """Queue a text frame; waits while the kernel's send buffer is full, at most ``SEND_STALL_S``."""
