@@ -184,3 +184,32 @@ def test_timeline_falls_back_to_arrival_order(stamps: list[int | None], length: 
             expected.append(payload)
     assert after == expected
     assert (None in stamps) <= bool(timeline.untimed_reason)
+
+
+# Mostly Twilio's own stream (each frame stamped where the last ended), with every kind of exception mixed in:
+# gaps, repeats, overlaps, jitter, no stamp, empty and odd payloads.
+_step = st.one_of(
+    st.just(("next", 160)),
+    st.tuples(st.sampled_from(["next", "jump", "none"]), st.integers(0, 480)),
+    st.tuples(st.just("at"), st.integers(0, 2000)),
+)
+
+
+@given(st.lists(_step, min_size=1, max_size=60), st.sampled_from([0.0, JITTER_TOLERANCE_S]))
+def test_timeline_shortcut_for_the_next_frame_agrees_with_the_general_rules(
+    steps: list[tuple[str, int]], tolerance_s: float
+) -> None:
+    """``place`` takes a frame stamped where the last one ended by a shortcut; ``_place`` is every rule. Both
+    must give the same bytes and leave the same state, frame after frame."""
+    fast, general = (InboundTimeline(jitter_tolerance_s=tolerance_s) for _ in range(2))
+    stamp = 0
+    for kind, n in steps:
+        if kind == "at":
+            stamp, length = n, TWILIO_FRAME_BYTES
+        else:
+            length = n
+            stamp = round(fast.position_s * 1000) if kind == "next" else stamp + n // TWILIO_BYTES_PER_MS
+        timestamp_ms = None if kind == "none" else stamp
+        payload = bytes([len(steps) % 256]) * length
+        assert fast.place(timestamp_ms, payload) == general._place(timestamp_ms, payload)
+        assert vars(fast) == vars(general)

@@ -59,22 +59,28 @@ class InboundTimeline:
     def place(self, timestamp_ms: int | None, payload: bytes) -> bytes:
         """Return the μ-law bytes to pass downstream for the frame stamped ``timestamp_ms`` (None: no stamp):
         possibly silence then the payload, the payload's tail, the payload as is, or nothing."""
-        if not payload:
-            return b""
         last = self._last_stamp
         if (
-            timestamp_ms is not None
+            payload
+            and timestamp_ms is not None
             and last is not None
             and timestamp_ms > last
             and timestamp_ms * TWILIO_BYTES_PER_MS == self._position
             and not self.untimed_reason
         ):
-            # Most frames: the next, stamped exactly where the last one ended. What ``_check_stamp`` and the
-            # code below conclude for it (the clock advances; on time, taken whole), in fewer steps.
+            # Most frames: the next, stamped exactly where the last one ended. What ``_place`` concludes for it
+            # (the clock advances; on time, taken whole), in fewer steps; tests/test_timeline.py holds the two
+            # to the same bytes and state over random streams.
             self._last_stamp = timestamp_ms
             self._stale_run = 0
             self._position += len(payload)
             return payload
+        return self._place(timestamp_ms, payload)
+
+    def _place(self, timestamp_ms: int | None, payload: bytes) -> bytes:
+        """``place`` by the general rules, for any frame."""
+        if not payload:
+            return b""
         if not self.untimed_reason:
             self._check_stamp(timestamp_ms, len(payload))
         if self.untimed_reason or timestamp_ms is None:
