@@ -43,6 +43,7 @@ from telephony_bridge.inbound import Inbound
 from telephony_bridge.ops.metrics import Metrics
 from telephony_bridge.settings import AudioSettings, BargeInSettings
 from telephony_bridge.twilio import protocol as tw
+from telephony_bridge.twilio.outbound_messages import MediaMessages
 
 STREAM_SID = "MZ" + "0" * 32
 
@@ -122,7 +123,7 @@ def main() -> int:
     def ai_to_caller(batch: int) -> Callable[[], None]:
         def run() -> None:
             buffer = FrameBuffer(compiled=ours_compiled)
-            media = tw.MediaMessages(STREAM_SID)  # the leg's, built once a stream
+            media = MediaMessages(STREAM_SID)  # the leg's, built once a stream
             for i, frame in enumerate(ai_frames):
                 buffer.append_pcm(frame)
                 if (i + 1) % batch == 0:
@@ -132,7 +133,7 @@ def main() -> int:
 
     def per_frame_ai_to_caller() -> None:
         convert = AiToCaller(compiled=ours_compiled)
-        media = tw.MediaMessages(STREAM_SID)
+        media = MediaMessages(STREAM_SID)
         pending = bytearray()
         for i, frame in enumerate(ai_frames):
             pending += convert.push(frame)

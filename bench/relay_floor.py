@@ -41,7 +41,8 @@ from telephony_bridge.audio.kernels import UlawUpsampler
 from telephony_bridge.audio.pipeline import AiToCaller
 from telephony_bridge.close_codes import echo_code
 from telephony_bridge.serving import uvicorn_config
-from telephony_bridge.twilio.protocol import MediaMessages, media_audio
+from telephony_bridge.twilio.outbound_messages import MediaMessages
+from telephony_bridge.twilio.protocol import media_audio
 from telephony_bridge.twilio.twiml import connect_document
 from telephony_bridge.ws_handoff import Connection
 

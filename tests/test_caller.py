@@ -20,6 +20,7 @@ from telephony_bridge.audio.codec import pcm16_to_ulaw, ulaw_to_pcm16
 from telephony_bridge.serving import running
 from telephony_bridge.tools.caller import CallConfig, call_command, read_wav, run_call, write_wav
 from telephony_bridge.tools.twilio_playout import Playout
+from telephony_bridge.twilio.outbound_messages import mark_message, media_message
 from telephony_bridge.twilio.protocol import (
     Connected,
     Dtmf,
@@ -28,8 +29,6 @@ from telephony_bridge.twilio.protocol import (
     Media,
     Start,
     Stop,
-    mark_message,
-    media_message,
     parse_message,
 )
 

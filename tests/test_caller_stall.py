@@ -21,6 +21,7 @@ import pytest
 from telephony_bridge.serving import ServerThread
 from telephony_bridge.tools.caller import new_sid, run_call
 from telephony_bridge.twilio import protocol as tw
+from telephony_bridge.twilio.outbound_messages import OutMedia, parse_outbound
 from telephony_bridge.twilio.stream_socket import SEND_STALL_S
 from tests.support import (
     bridge_settings,
@@ -160,8 +161,8 @@ async def test_caller_that_stops_reading_is_dropped_after_the_send_stall_and_its
                 start = tw.Start(stream_sid, form["CallSid"], form["AccountSid"], custom_parameters=params)
                 await caller.send(start.to_json())
                 talking = tg.create_task(caller.talk(stream_sid))
-                heard = [tw.parse_outbound(await caller.receive_text(), stream_sid) for _ in range(10)]
-                assert any(isinstance(event, tw.OutMedia) for event in heard), heard  # the AI is talking to us
+                heard = [parse_outbound(await caller.receive_text(), stream_sid) for _ in range(10)]
+                assert any(isinstance(event, OutMedia) for event in heard), heard  # the AI is talking to us
                 other = tg.create_task(run_call(signed_call(bridge, seconds=OTHER_CALL_S)))
                 stopped_at = time.monotonic()  # from here on nothing is read
                 bound_s = SEND_STALL_S + FILL_BOUND_S

@@ -22,6 +22,7 @@ from telephony_bridge.ops.metrics import Metrics
 from telephony_bridge.settings import TwilioSettings
 from telephony_bridge.twilio import protocol as tw
 from telephony_bridge.twilio.leg import TwilioLeg
+from telephony_bridge.twilio.outbound_messages import OutMedia, parse_outbound
 from telephony_bridge.twilio.stream_socket import StreamSocket
 
 CALL = contextvars.ContextVar("CALL", default="")
@@ -152,7 +153,7 @@ async def test_the_leg_sends_audio_synchronously_while_its_socket_takes_it() -> 
     async with leg_and_caller() as (leg, caller), asyncio.timeout(10):
         assert leg.can_send_now()
         leg.send_audio_nowait(b"\x7f" * 320)
-        assert tw.parse_outbound(await caller.recv(), STREAM_SID) == tw.OutMedia(b"\x7f" * 320)
+        assert parse_outbound(await caller.recv(), STREAM_SID) == OutMedia(b"\x7f" * 320)
         await leg.hang_up("completed")
         assert not leg.can_send_now()
         with pytest.raises(CallerGone):  # sent anyway: refused, no data frame after our close frame

@@ -22,8 +22,7 @@ from telephony_bridge.audio.pipeline import AiToCaller
 from telephony_bridge.clock import FakeClock
 from telephony_bridge.outbound import Outbound
 from telephony_bridge.settings import AudioSettings
-from telephony_bridge.twilio.protocol import (
-    Malformed,
+from telephony_bridge.twilio.outbound_messages import (
     OutboundEvent,
     OutClear,
     OutMark,
@@ -33,6 +32,7 @@ from telephony_bridge.twilio.protocol import (
     media_message,
     parse_outbound,
 )
+from telephony_bridge.twilio.protocol import Malformed
 
 STREAM_SID = "MZ00000000000000000000000000000001"
 FRAME = TWILIO_FRAME_BYTES

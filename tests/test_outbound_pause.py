@@ -12,7 +12,7 @@ import pytest
 from telephony_bridge.clock import FakeClock
 from telephony_bridge.outbound import Outbound
 from telephony_bridge.settings import AudioSettings
-from telephony_bridge.twilio.protocol import OutMark
+from telephony_bridge.twilio.outbound_messages import OutMark
 from tests.test_outbound import EPS, FRAME_S, STEP_S, TIMEOUT_S, TwilioJson, advance, running, tone
 
 PREBUFFER_S = 0.040

@@ -36,18 +36,15 @@ from telephony_bridge.audio.codec import (
 )
 from telephony_bridge.clock import Clock, SystemClock
 from telephony_bridge.tools.twilio_playout import Playout
+from telephony_bridge.twilio.outbound_messages import OutClear, OutMark, OutMedia, parse_outbound
 from telephony_bridge.twilio.protocol import (
     Connected,
     Dtmf,
     Malformed,
     Mark,
     Media,
-    OutClear,
-    OutMark,
-    OutMedia,
     Start,
     Stop,
-    parse_outbound,
 )
 
 logger = logging.getLogger(__name__)

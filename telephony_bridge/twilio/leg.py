@@ -1,4 +1,5 @@
-"""The Twilio Media Streams caller leg: the thin driver between Starlette's WebSocket and ``twilio.protocol``.
+"""The Twilio Media Streams caller leg: the thin driver between Starlette's WebSocket and ``twilio.protocol``
+(what Twilio sends) and ``twilio.outbound_messages`` (what we send).
 
 It waits for ``start``, checks the stream token the webhook minted, then hands itself to the call core as a
 ``leg.CallerLeg``: Twilio's messages become leg events, and the core's audio, marks and clears become Twilio
@@ -22,6 +23,7 @@ from telephony_bridge.ops import logging as oplog
 from telephony_bridge.ops.metrics import Metrics
 from telephony_bridge.settings import TwilioSettings
 from telephony_bridge.twilio import protocol as tw
+from telephony_bridge.twilio.outbound_messages import MediaMessages, clear_message, mark_message
 from telephony_bridge.twilio.stream_socket import SendStalled
 
 log = logging.getLogger(__name__)
@@ -98,7 +100,7 @@ class TwilioLeg:
         self._clock = clock
         self._open = True
         self.call_id = ""
-        self._media = tw.MediaMessages("")  # this stream's media messages (``stream_id``), once ``start`` names it
+        self._media = MediaMessages("")  # this stream's media messages (``stream_id``), once ``start`` names it
         self.protocol_errors = 0
         # Twilio sends media every 20 ms, even in silence (spec §3): a quiet socket is a dead one.
         self.watchdog = Watchdog(clock, settings.inactivity_timeout_s or None)
@@ -112,7 +114,7 @@ class TwilioLeg:
 
     @stream_id.setter
     def stream_id(self, stream_sid: str) -> None:
-        self._media = tw.MediaMessages(stream_sid)
+        self._media = MediaMessages(stream_sid)
 
     # --- before the call -----------------------------------------------------------------------------------
 
@@ -224,10 +226,10 @@ class TwilioLeg:
             raise CallerGone("the twilio stream closed while sending") from exc
 
     async def send_mark(self, name: str) -> None:
-        await self._send(tw.mark_message(self.stream_id, name))
+        await self._send(mark_message(self.stream_id, name))
 
     async def clear(self) -> None:
-        await self._send(tw.clear_message(self.stream_id))
+        await self._send(clear_message(self.stream_id))
 
     async def hang_up(self, outcome: str) -> None:
         code, reason = _CLOSE_FOR_OUTCOME.get(outcome, (CloseCode.NORMAL, ""))

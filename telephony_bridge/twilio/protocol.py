@@ -1,12 +1,11 @@
-"""Twilio Media Streams messages, without I/O (spec: twilio-media-streams.md §3, §4).
+"""Twilio Media Streams messages from Twilio, without I/O (spec: twilio-media-streams.md §3).
 
 ``parse_message`` turns one text frame from Twilio into a frozen event; it never raises for anything a peer
 can send: garbage becomes ``Malformed(reason)``, an unknown event becomes ``Unknown(name)``. Numeric fields
-arrive as strings (§3) and are accepted as strings or numbers. The messages we send serialise themselves
-with exactly the documented fields (G3: an extra field is error 31951).
+arrive as strings (§3) and are accepted as strings or numbers.
 
-The simulated caller plays Twilio, so the other direction lives here too: ``parse_outbound`` reads what a
-bridge sends, strictly, and the inbound events serialise themselves the way Twilio writes them.
+The simulated caller plays Twilio, so the inbound events also serialise themselves the way Twilio writes
+them. What the bridge sends Twilio (§4), and the strict reader of it, is ``outbound_messages``.
 """
 
 from __future__ import annotations
@@ -26,7 +25,7 @@ class Connected:
     version: str = "1.0.0"
 
     def to_json(self) -> str:
-        return _dumps({"event": "connected", "protocol": self.protocol, "version": self.version})
+        return json_text({"event": "connected", "protocol": self.protocol, "version": self.version})
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,7 +41,7 @@ class Start:
     channels: int = 1
 
     def to_json(self) -> str:
-        return _dumps(
+        return json_text(
             {
                 "event": "start",
                 "sequenceNumber": str(self.sequence_number),
@@ -84,7 +83,7 @@ class Media:
         media["payload"] = base64.b64encode(self.payload).decode("ascii")
         message = {"event": "media", "sequenceNumber": str(self.sequence_number), "media": media}
         message["streamSid"] = self.stream_sid
-        return _dumps(message)
+        return json_text(message)
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,7 +94,7 @@ class Dtmf:
     track: str = "inbound_track"
 
     def to_json(self) -> str:
-        return _dumps(
+        return json_text(
             {
                 "event": "dtmf",
                 "streamSid": self.stream_sid,
@@ -114,7 +113,7 @@ class Mark:
     sequence_number: int
 
     def to_json(self) -> str:
-        return _dumps(
+        return json_text(
             {
                 "event": "mark",
                 "sequenceNumber": str(self.sequence_number),
@@ -132,7 +131,7 @@ class Stop:
     sequence_number: int
 
     def to_json(self) -> str:
-        return _dumps(
+        return json_text(
             {
                 "event": "stop",
                 "sequenceNumber": str(self.sequence_number),
@@ -179,7 +178,7 @@ def parse_message(text: str | bytes) -> InboundEvent:
     try:
         msg = orjson.loads(text)
     except orjson.JSONDecodeError:
-        return Malformed(f"expected a JSON object, got {_preview(text)}")
+        return Malformed(f"expected a JSON object, got {preview(text)}")
     if not isinstance(msg, dict):
         return Malformed(f"expected a JSON object, got {type(msg).__name__}")
     event = msg.get("event")
@@ -421,94 +420,12 @@ _PARSERS = {
 }
 
 
-# --- what the bridge sends (§4), exactly the documented fields ------------------------------------------
-
-
-def media_message(stream_sid: str, ulaw: bytes) -> str:
-    return MediaMessages(stream_sid).encode(ulaw).decode()
-
-
-class MediaMessages:
-    """One stream's outbound ``media`` messages as UTF-8 bytes, ready for the socket: the JSON around the
-    payload is serialised once (orjson escapes the streamSid), so a message costs one base64 encoding and one
-    concatenation, 50 times a second a call."""
-
-    def __init__(self, stream_sid: str) -> None:
-        self.stream_sid = stream_sid
-        empty = orjson.dumps({"event": "media", "streamSid": stream_sid, "media": {"payload": ""}})
-        self._head, self._tail = empty[:-3], empty[-3:]  # ... "payload":"  |  "}}
-
-    def encode(self, ulaw: bytes) -> bytes:
-        return self._head + binascii.b2a_base64(ulaw, newline=False) + self._tail
-
-
-def mark_message(stream_sid: str, name: str) -> str:
-    return _dumps({"event": "mark", "streamSid": stream_sid, "mark": {"name": name}})
-
-
-def clear_message(stream_sid: str) -> str:
-    return _dumps({"event": "clear", "streamSid": stream_sid})
-
-
-@dataclass(frozen=True, slots=True)
-class OutMedia:
-    payload: bytes
-
-
-@dataclass(frozen=True, slots=True)
-class OutMark:
-    name: str
-
-
-@dataclass(frozen=True, slots=True)
-class OutClear:
-    pass
-
-
-OutboundEvent = OutMedia | OutMark | OutClear
-
-_OUTBOUND_SHAPES: dict[str, dict[str, frozenset[str] | None]] = {
-    "media": {"event": None, "streamSid": None, "media": frozenset({"payload"})},
-    "mark": {"event": None, "streamSid": None, "mark": frozenset({"name"})},
-    "clear": {"event": None, "streamSid": None},
-}
-
-
-def parse_outbound(text: str | bytes, stream_sid: str) -> OutboundEvent | Malformed:
-    """Read a bridge's message as Twilio would: any missing or extra field or wrong streamSid is 31951."""
-    if isinstance(text, bytes):
-        return Malformed("binary frame (Twilio error 31950)")
-    try:
-        msg = orjson.loads(text)
-    except orjson.JSONDecodeError:
-        return Malformed(f"not JSON (31951): {_preview(text)}")
-    if not isinstance(msg, dict) or not isinstance(msg.get("event"), str):
-        return Malformed("no 'event' (31951)")
-    shape = _OUTBOUND_SHAPES.get(msg["event"])
-    if shape is None:
-        return Malformed(f"unknown event {msg['event']!r} (31951)")
-    if set(msg) != set(shape):
-        return Malformed(f"{msg['event']}: fields {sorted(msg)}, expected {sorted(shape)} (31951)")
-    for key, inner in shape.items():
-        if inner is not None and (not isinstance(msg[key], dict) or set(msg[key]) != inner):
-            return Malformed(f"{msg['event']}.{key}: expected exactly {sorted(inner)} (31951)")
-    if msg["streamSid"] != stream_sid:
-        return Malformed(f"{msg['event']}: streamSid {msg['streamSid']!r:.40} is not this stream's (31951)")
-    if msg["event"] == "media":
-        try:
-            return OutMedia(base64.b64decode(msg["media"]["payload"], validate=True))
-        except (binascii.Error, ValueError, TypeError):
-            return Malformed("media: payload is not valid base64 (31951)")
-    if msg["event"] == "mark":
-        name = msg["mark"]["name"]
-        return OutMark(name) if isinstance(name, str) else Malformed("mark.name is not a string (31951)")
-    return OutClear()
-
-
-def _dumps(obj: dict[str, Any]) -> str:
+def json_text(obj: dict[str, Any]) -> str:
+    """``obj`` as compact JSON text, the way Twilio writes it and the way we send it."""
     return orjson.dumps(obj).decode("utf-8")
 
 
-def _preview(text: str | bytes) -> str:
+def preview(text: str | bytes) -> str:
+    """The start of a frame that is not JSON, quoted, for a ``Malformed`` reason."""
     s = text if isinstance(text, str) else repr(text)
     return repr(s[:40]) + ("…" if len(s) > 40 else "")
