@@ -32,6 +32,17 @@ static int16_t ulaw_decode[256];
 static uint8_t ulaw_encode[65536];
 static int configured = 0;
 
+/* A native int16 at any address: the buffers callers hand us (a state bytearray, a numpy view made with an
+ * odd byte offset) need not be 2-byte aligned, and a cast pointer would let the compiler assume they are.
+ * memcpy of two bytes compiles to a plain load or store. */
+static inline int16_t load_i16(const void *p) {
+    int16_t v;
+    memcpy(&v, p, sizeof v);
+    return v;
+}
+
+static inline void store_i16(void *p, int16_t v) { memcpy(p, &v, sizeof v); }
+
 static inline int16_t saturate(double v) {
     v = nearbyint(v); /* half to even, as numpy's rint */
     if (v > 32767.0) return 32767;
@@ -130,8 +141,8 @@ static PyObject *ulaw_up(PyObject *self, PyObject *args) {
     const uint8_t *in = data.buf;
     int16_t *s8 = (int16_t *)PyBytes_AS_STRING(pcm8);
     uint8_t *out = (uint8_t *)PyBytes_AS_STRING(pcm16);
-    const int16_t *history = state.buf;
-    for (int i = 0; i < UP_HISTORY; i++) buf[i] = history[i];
+    const uint8_t *history = state.buf;
+    for (int i = 0; i < UP_HISTORY; i++) buf[i] = load_i16(history + 2 * i);
     for (Py_ssize_t i = 0; i < n; i++) buf[UP_HISTORY + i] = s8[i] = ulaw_decode[in[i]];
     double acc[BLOCK];
     for (Py_ssize_t start = 0; start < n; start += BLOCK) {
@@ -150,8 +161,8 @@ static PyObject *ulaw_up(PyObject *self, PyObject *args) {
             o[3] = copied >> 8;
         }
     }
-    int16_t *keep = state.buf;
-    for (int i = 0; i < UP_HISTORY; i++) keep[i] = (int16_t)buf[n + i];
+    uint8_t *keep = state.buf;
+    for (int i = 0; i < UP_HISTORY; i++) store_i16(keep + 2 * i, (int16_t)buf[n + i]);
     result = PyTuple_Pack(2, pcm8, pcm16);
 done:
     PyMem_Free(buf);
@@ -186,8 +197,7 @@ static PyObject *down_ulaw(PyObject *self, PyObject *args) {
         Py_CLEAR(result);
         goto done;
     }
-    const int16_t *history = (const int16_t *)st;
-    for (int i = 0; i < DOWN_HISTORY; i++) buf[i] = history[i];
+    for (int i = 0; i < DOWN_HISTORY; i++) buf[i] = load_i16(st + 2 * i);
     const uint8_t *in = data.buf;
     for (Py_ssize_t i = 0; i < n; i++) buf[DOWN_HISTORY + i] = (int16_t)(uint16_t)(in[2 * i] | (in[2 * i + 1] << 8));
     /* Output i is the sinc taps over buf[first + 2i + 2k] (k < DOWN_TAPS) plus half of buf[first + 2i + 37]: the
@@ -203,8 +213,7 @@ static PyObject *down_ulaw(PyObject *self, PyObject *args) {
         fir_symmetric(even + start, c, down_taps, acc);
         for (Py_ssize_t j = 0; j < c; j++) out[start + j] = ulaw_encode[(uint16_t)saturate(acc[j])];
     }
-    int16_t *keep = (int16_t *)st;
-    for (int i = 0; i < DOWN_HISTORY; i++) keep[i] = (int16_t)buf[n + i];
+    for (int i = 0; i < DOWN_HISTORY; i++) store_i16(st + 2 * i, (int16_t)buf[n + i]);
     st[DOWN_HISTORY * 2] = odd_next ^ (n & 1);
 done:
     PyMem_Free(buf);
@@ -218,9 +227,12 @@ static PyObject *mean_square(PyObject *self, PyObject *arg) {
     Py_buffer data;
     if (PyObject_GetBuffer(arg, &data, PyBUF_SIMPLE) < 0) return NULL;
     Py_ssize_t n = data.len / 2;
-    const int16_t *s = data.buf;
+    const uint8_t *s = data.buf;
     int64_t sum = 0; /* exact: 2**30 per sample, so up to 2**33 samples */
-    for (Py_ssize_t i = 0; i < n; i++) sum += (int32_t)s[i] * (int32_t)s[i];
+    for (Py_ssize_t i = 0; i < n; i++) {
+        int32_t v = load_i16(s + 2 * i);
+        sum += v * v;
+    }
     PyBuffer_Release(&data);
     return PyFloat_FromDouble(n ? (double)sum / (double)n : 0.0);
 }
