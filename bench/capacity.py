@@ -267,7 +267,7 @@ def measure(
     if stacks:
         command = perf_stacks.record_command(f"{stacks}.raw", recorded, window_s)
         spy = subprocess.Popen(command, stderr=subprocess.DEVNULL)
-    sends = count_sends(family(pid), window_s)
+    sends = count_sends(recorded, window_s)
     steady_before, activity_before, machine_before = cpu_s(pid), activity(pid), machine_busy_s()
     kernel_before = kernel_cpu_s(pid)
     time.sleep(window_s / 2)

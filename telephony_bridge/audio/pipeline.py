@@ -83,7 +83,7 @@ class FrameBuffer:
         a ``memoryview``) is copied, as the queue did before it kept chunks."""
         self._pcm.append(pcm if type(pcm) is bytes else bytes(pcm))
         self._pcm_bytes_in += len(pcm)
-        self.size = len(self._data) + self._pcm_bytes_in // 2 // 2 - self._ulaw_out  # ``_resize``, inline
+        self._resize()
 
     @property
     def frames(self) -> int:

@@ -218,7 +218,8 @@ class TwilioLeg:
         return self._open and self._writable is not None and self._writable()
 
     def send_audio_nowait(self, ulaw: bytes) -> None:
-        """Only right after ``can_send_now()`` said yes (as ``Outbound`` does): the socket does not check again."""
+        """Only right after ``can_send_now()`` said yes (as ``Outbound`` does): the socket checks again only that
+        the stream is open (``CallerGone`` if not), not the backpressure."""
         try:
             self._ws.send_utf8_now(self._media.encode(ulaw))  # type: ignore[attr-defined]
         except Exception as exc:
