@@ -1,0 +1,158 @@
+"""The bridge's CPU per call spent once (set-up and tear-down), apart from what each second of a call costs.
+
+    .venv/bin/python bench/setup_cost.py                     # 100 calls of 0.5 s and of 2.5 s, twice: ~50 s
+    .venv/bin/python bench/setup_cost.py --profile prof.txt  # also py-spy 300 calls of 0.2 s, top functions
+    .venv/bin/python bench/setup_cost.py --server-python /tmp/v/bin/python   # the bridge on another interpreter
+
+Starts the Savants emulator and ``telephony-bridge serve`` with ``capacity.py``'s settings, then runs rounds of
+``--calls`` calls of each ``--lengths`` (alternating), at most ``--concurrency`` at once, each call Twilio's whole
+flow (``loadtest``: the signed ``/voice`` webhook, the media stream with speech both ways, ``/stream-ended``); the
+callers run in this process. Around each run it reads the bridge's CPU time from /proc: from before the first
+webhook until the last call's ``/stream-ended`` was answered and the bridge had 0.5 s to close, so every figure
+printed per run is the whole run's, set-up, tear-down and the idle loop included.
+
+How the per-call figure is derived: a call of length T costs the bridge ``a + b·T`` CPU-s; the line through each
+round's mean CPU per served call at the two lengths gives ``b`` (the steady cost per call-second, its slope) and
+``a`` (its intercept: what a call costs once, whatever its length: the webhook and its signature, admission, the
+token request, the stream's accept and hand-off, opening the Savants session, the call's objects, the "call ended"
+line, metrics and the release). Each round gives its own ``a``; their mean and range are printed. Call lengths
+count from the stream's ``start`` to the caller's hang-up, so the first audio's wait is in ``a``. The bridge's
+idle CPU over the run (measured before the first round) is counted in the runs and is not subtracted: it is
+printed so it can be judged. On this 2-core machine the callers share the cores with the bridge: compare
+figures from the same half-hour, alternating old and new code.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import capacity  # bench/, beside this script
+
+from telephony_bridge.tools.loadtest import run_load
+
+SETTLE_S = 0.5  # after the last call, for the bridge to close its side (as capacity.py)
+IDLE_S = 2.0
+PROFILE_LENGTH_S = 0.2  # the profiled run's calls: mostly set-up and tear-down
+RAMP_S = 1.0
+
+
+def one_run(pid: int, url: str, calls: int, concurrency: int, seconds: float) -> tuple[float, int, float]:
+    """``calls`` calls of ``seconds``; the bridge's CPU-s over the run, the calls served, the run's wall time."""
+    before, t0 = capacity.cpu_s(pid), time.monotonic()
+    result = asyncio.run(
+        run_load(url, calls, concurrency, seconds, RAMP_S, capacity.AUTH_TOKEN, capacity.PUBLIC_URL, capacity.WAV)
+    )
+    time.sleep(SETTLE_S)
+    return capacity.cpu_s(pid) - before, len(result.of("served")), time.monotonic() - t0
+
+
+def thread_cpu_s(pid: int) -> float:
+    """CPU-s the live threads of ``pid`` have run, from the scheduler's nanosecond counts: /proc's stat counts
+    10 ms ticks, too coarse for an idle process over a few seconds (a thread that has exited is not counted)."""
+    total_ns = 0
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        with contextlib.suppress(OSError):
+            total_ns += int(Path(f"/proc/{pid}/task/{tid}/schedstat").read_text().split()[0])
+    return total_ns / 1e9
+
+
+def intercept(short: tuple[float, float], long: tuple[float, float]) -> tuple[float, float]:
+    """``(a, b)`` of the line through two (length s, CPU-s per call) points: CPU once per call, CPU per call-second."""
+    slope = (long[1] - short[1]) / (long[0] - short[0])
+    return short[1] - slope * short[0], slope
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--calls", type=int, default=100, help="calls in each run")
+    parser.add_argument("--concurrency", type=int, default=20, help="calls at once (keep it well below 50 here)")
+    parser.add_argument("--lengths", type=float, nargs=2, default=[0.5, 2.5], metavar=("SHORT", "LONG"))
+    parser.add_argument("--rounds", type=int, default=2, help="pairs of runs, one of each length")
+    parser.add_argument("--profile", metavar="OUT", help="py-spy a further run of 0.2 s calls into OUT (raw)")
+    parser.add_argument("--profile-calls", type=int, default=300, help="calls in the profiled run")
+    parser.add_argument("--server-python", metavar="PYTHON", default=sys.executable, help="the bridge's interpreter")
+    args = parser.parse_args()
+    short_s, long_s = args.lengths
+    if not 0 < short_s < long_s:
+        parser.error(f"expected two lengths, the shorter first, both above 0, got {short_s:g} and {long_s:g}")
+    if args.profile and capacity.py_spy() is None:
+        parser.error("--profile needs py-spy (not found next to this Python or on PATH): pip install py-spy")
+    print(f"bridge runs on {capacity.interpreter(args.server_python)}")
+    python = sys.executable
+    emulator_port = capacity.free_port()
+    emulator = capacity.start(
+        [python, "-m", "telephony_bridge", "emulator", "--port", str(emulator_port), "--api-key", "bench-key"],
+        {},
+        f"http://127.0.0.1:{emulator_port}/_emulator/stats",
+    )
+    bridge = None
+    try:
+        command, env = capacity.servers(args.server_python, emulator_port, 1)["bridge"]
+        port = capacity.free_port()
+        bridge = capacity.start(command, {**env, "PORT": str(port)}, f"http://127.0.0.1:{port}/healthz")
+        url = f"ws://127.0.0.1:{port}/media-stream"
+        one_run(bridge.pid, url, args.concurrency, args.concurrency, short_s)  # warm-up, not reported
+        before = thread_cpu_s(bridge.pid)
+        time.sleep(IDLE_S)
+        idle = (thread_cpu_s(bridge.pid) - before) / IDLE_S
+        print(f"idle bridge: {1000 * idle:.1f} ms CPU per second (in every run below, not subtracted)")
+        fits = []
+        for r in range(args.rounds):
+            points = {}
+            order = (short_s, long_s) if r % 2 == 0 else (long_s, short_s)
+            for seconds in order:
+                used, served, wall = one_run(bridge.pid, url, args.calls, args.concurrency, seconds)
+                per_call = used / max(1, served)
+                points[seconds] = (seconds, per_call)
+                print(
+                    f"round {r + 1}: {served:4} of {args.calls} calls of {seconds:g} s served in {wall:5.1f} s: "
+                    f"bridge {used:5.2f} CPU-s = {1000 * per_call:5.2f} ms per call, "
+                    f"{used / max(1e-9, served * seconds / 60):.3f} CPU-s per call-minute",
+                    flush=True,
+                )
+                if served < args.calls:
+                    print(f"  {args.calls - served} calls not served: this round's figures are suspect")
+            fits.append(intercept(points[short_s], points[long_s]))
+        once = [a for a, _ in fits]
+        a, b = statistics.mean(once), statistics.mean(slope for _, slope in fits)
+        print(
+            f"once per call (set-up + tear-down, the intercept): {1000 * a:.2f} ms "
+            f"(rounds: {', '.join(f'{1000 * x:.2f}' for x in once)}), for a 20 s call {a * 3:.4f} CPU-s per "
+            f"call-minute (issue 10's goal: 0.25 in all); per call-second (the slope, {args.concurrency} calls at "
+            f"once): {1000 * b:.2f} ms"
+        )
+        if args.profile:
+            command = [str(capacity.py_spy()), "record", "--pid", str(bridge.pid), "--rate", "400", "--format", "raw"]
+            spy = subprocess.Popen(
+                [*command, "--nonblocking", "-o", args.profile],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
+            time.sleep(1.0)  # py-spy attached
+            used, served, wall = one_run(bridge.pid, url, args.profile_calls, args.concurrency, PROFILE_LENGTH_S)
+            spy.send_signal(signal.SIGINT)  # py-spy writes its profile on SIGINT
+            spy.wait()
+            print(f"profiled: {served} calls of {PROFILE_LENGTH_S:g} s, {1000 * used / max(1, served):.2f} ms each")
+            print(capacity.top_functions(args.profile, 30))
+    finally:
+        if bridge is not None:
+            bridge.terminate()
+            bridge.wait()
+        emulator.terminate()
+        emulator.wait()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
