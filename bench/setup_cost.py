@@ -3,6 +3,7 @@
     .venv/bin/python bench/setup_cost.py                     # 100 calls of 0.5 s and of 2.5 s, twice: ~50 s
     .venv/bin/python bench/setup_cost.py --profile prof.txt  # also py-spy 300 calls of 0.2 s, top functions
     .venv/bin/python bench/setup_cost.py --server-python /tmp/v/bin/python   # the bridge on another interpreter
+    .venv/bin/python bench/setup_cost.py --rounds 0 --token-requests 2000   # one part alone: the token request
 
 Starts the Savants emulator and ``telephony-bridge serve`` with ``capacity.py``'s settings, then runs rounds of
 ``--calls`` calls of each ``--lengths`` (alternating), at most ``--concurrency`` at once, each call Twilio's whole
@@ -19,7 +20,10 @@ line, metrics and the release). Each round gives its own ``a``; their mean and r
 count from the stream's ``start`` to the caller's hang-up, so the first audio's wait is in ``a``. The bridge's
 idle CPU over the run (measured before the first round) is counted in the runs and is not subtracted: it is
 printed so it can be judged. On this 2-core machine the callers share the cores with the bridge: compare
-figures from the same half-hour, alternating old and new code.
+figures from the same half-hour, alternating old and new code; even so the intercept moved by ±0.5 ms between
+invocations of the same code (5 Dec), so a part that costs a few hundred µs is better timed alone:
+``--token-requests N`` times N requests of the bridge's own ``TokenClient`` (the warm token each call fetches)
+against the same emulator, on the bridge's event loop (uvloop), in this process: its CPU per request, client side.
 """
 
 from __future__ import annotations
@@ -38,7 +42,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import capacity  # bench/, beside this script
+import httpx
+import uvloop
 
+from telephony_bridge.savants.tokens import TokenClient
 from telephony_bridge.tools.loadtest import run_load
 
 SETTLE_S = 0.5  # after the last call, for the bridge to close its side (as capacity.py)
@@ -55,6 +62,25 @@ def one_run(pid: int, url: str, calls: int, concurrency: int, seconds: float) ->
     )
     time.sleep(SETTLE_S)
     return capacity.cpu_s(pid) - before, len(result.of("served")), time.monotonic() - t0
+
+
+def token_cpu_s(base_url: str, requests: int) -> float:
+    """CPU-s of this process per ``TokenClient.fetch``, over ``requests`` of them on one kept-alive connection,
+    as the bridge makes them (its client, on uvloop as ``serve`` runs); the first 20 are a warm-up. Devices rotate
+    over the bench's 100, within the emulator's 60 requests per device-minute for up to 6,000 requests a minute."""
+
+    async def fetch_all() -> float:
+        async with httpx.AsyncClient(trust_env=False) as http:
+            tokens = TokenClient(http, base_url, "bench-key")
+            for i in range(20):
+                await tokens.fetch(f"bench-{i}")
+            before = time.process_time()
+            for i in range(requests):
+                await tokens.fetch(f"bench-{i % capacity.DEVICES}")
+            return (time.process_time() - before) / requests
+
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        return runner.run(fetch_all())
 
 
 def thread_cpu_s(pid: int) -> float:
@@ -81,6 +107,9 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=2, help="pairs of runs, one of each length")
     parser.add_argument("--profile", metavar="OUT", help="py-spy a further run of 0.2 s calls into OUT (raw)")
     parser.add_argument("--profile-calls", type=int, default=300, help="calls in the profiled run")
+    parser.add_argument(
+        "--token-requests", type=int, default=0, metavar="N", help="also time N token requests alone (see above)"
+    )
     parser.add_argument("--server-python", metavar="PYTHON", default=sys.executable, help="the bridge's interpreter")
     args = parser.parse_args()
     short_s, long_s = args.lengths
@@ -125,13 +154,17 @@ def main() -> int:
                     print(f"  {args.calls - served} calls not served: this round's figures are suspect")
             fits.append(intercept(points[short_s], points[long_s]))
         once = [a for a, _ in fits]
-        a, b = statistics.mean(once), statistics.mean(slope for _, slope in fits)
-        print(
-            f"once per call (set-up + tear-down, the intercept): {1000 * a:.2f} ms "
-            f"(rounds: {', '.join(f'{1000 * x:.2f}' for x in once)}), for a 20 s call {a * 3:.4f} CPU-s per "
-            f"call-minute (issue 10's goal: 0.25 in all); per call-second (the slope, {args.concurrency} calls at "
-            f"once): {1000 * b:.2f} ms"
-        )
+        if fits:
+            a, b = statistics.mean(once), statistics.mean(slope for _, slope in fits)
+            print(
+                f"once per call (set-up + tear-down, the intercept): {1000 * a:.2f} ms "
+                f"(rounds: {', '.join(f'{1000 * x:.2f}' for x in once)}), for a 20 s call {a * 3:.4f} CPU-s per "
+                f"call-minute (issue 10's goal: 0.25 in all); per call-second (the slope, {args.concurrency} calls at "
+                f"once): {1000 * b:.2f} ms"
+            )
+        if args.token_requests:
+            per_request = token_cpu_s(f"http://127.0.0.1:{emulator_port}", args.token_requests)
+            print(f"token request alone: {1e6 * per_request:.0f} µs CPU each, client side, over {args.token_requests}")
         if args.profile:
             command = [str(capacity.py_spy()), "record", "--pid", str(bridge.pid), "--rate", "400", "--format", "raw"]
             spy = subprocess.Popen(
