@@ -3,7 +3,7 @@
     .venv/bin/python bench/setup_cost.py                     # 100 calls of 0.5 s and of 2.5 s, twice: ~50 s
     .venv/bin/python bench/setup_cost.py --profile prof.txt  # also py-spy 300 calls of 0.2 s, top functions
     .venv/bin/python bench/setup_cost.py --server-python /tmp/v/bin/python   # the bridge on another interpreter
-    .venv/bin/python bench/setup_cost.py --rounds 0 --token-requests 2000   # one part alone: the token request
+    .venv/bin/python bench/setup_cost.py --rounds 0 --parts 2000   # some parts alone: token request, accounting...
 
 Starts the Savants emulator and ``telephony-bridge serve`` with ``capacity.py``'s settings, then runs rounds of
 ``--calls`` calls of each ``--lengths`` (alternating), at most ``--concurrency`` at once, each call Twilio's whole
@@ -21,9 +21,11 @@ count from the stream's ``start`` to the caller's hang-up, so the first audio's 
 idle CPU over the run (measured before the first round) is counted in the runs and is not subtracted: it is
 printed so it can be judged. On this 2-core machine the callers share the cores with the bridge: compare
 figures from the same half-hour, alternating old and new code; even so the intercept moved by ±0.5 ms between
-invocations of the same code (5 Dec), so a part that costs a few hundred µs is better timed alone:
-``--token-requests N`` times N requests of the bridge's own ``TokenClient`` (the warm token each call fetches)
-against the same emulator, on the bridge's event loop (uvloop), in this process: its CPU per request, client side.
+invocations of the same code (5 Dec), so a part that costs a few hundred µs or less is better timed alone:
+``--parts N`` times N runs of each of these, on the bridge's event loop (uvloop), in this process, as CPU per run:
+a request of the bridge's own ``TokenClient`` to the same emulator (the warm token each call fetches; client side),
+the memory accounting's reserve, claim and release on the bench's 100 devices with 20 calls up, the ``/voice``
+signature check (Twilio's 13 parameters) and the ``<Connect><Stream>`` TwiML.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -44,9 +47,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import capacity  # bench/, beside this script
 import httpx
 import uvloop
+from starlette.datastructures import FormData
 
+from telephony_bridge.accounting.base import Lease, Limits
+from telephony_bridge.accounting.memory import MemoryAccounting
+from telephony_bridge.clock import SystemClock
 from telephony_bridge.savants.tokens import TokenClient
 from telephony_bridge.tools.loadtest import run_load
+from telephony_bridge.tools.twilio_flow import call_params, sign
+from telephony_bridge.twilio import twiml
+from telephony_bridge.twilio.signatures import SignatureChecker
 
 SETTLE_S = 0.5  # after the last call, for the bridge to close its side (as capacity.py)
 IDLE_S = 2.0
@@ -83,6 +93,50 @@ def token_cpu_s(base_url: str, requests: int) -> float:
         return runner.run(fetch_all())
 
 
+def parts_cpu_s(base_url: str, runs: int) -> dict[str, float]:
+    """``--parts``: CPU-s of this process per run of each part alone (see the module's docstring)."""
+    accounting = MemoryAccounting(
+        [f"bench-{i}" for i in range(capacity.DEVICES)], Limits(max_token_requests=10**9), SystemClock()
+    )
+
+    async def reserve_claim_release() -> float:
+        for i in range(20):  # calls up
+            await accounting.acquire(f"CA-up-{i}")
+        before = time.process_time()
+        for i in range(runs):
+            await accounting.reserve(f"CA{i}", 10.0, token="take")
+            await accounting.release(await accounting.claim(f"CA{i}") or Lease(f"CA{i}", "none"))
+        return (time.process_time() - before) / runs
+
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        accounting_s = runner.run(reserve_claim_release())
+    checker = SignatureChecker(capacity.AUTH_TOKEN, capacity.PUBLIC_URL)
+    params = FormData(call_params("CA" + "0" * 32, "AC" + "1" * 32, "+15550001111", "+15550002222", "ringing"))
+    signature = sign(capacity.AUTH_TOKEN, capacity.PUBLIC_URL + "/voice", params)
+    assert checker.check_http("/voice", "", params, signature)
+    return {
+        "token request (client side)": token_cpu_s(base_url, runs),
+        "accounting reserve + claim + release": accounting_s,
+        "/voice signature check": _per_run(lambda: checker.check_http("/voice", "", params, signature), runs),
+        "<Connect><Stream> TwiML": _per_run(
+            lambda: twiml.connect_document(
+                "wss://bridge.bench.test/media-stream",
+                {"token": "t" * 32, "from": "+15550001111", "to": "+15550002222"},
+                status_callback=capacity.PUBLIC_URL + "/stream-status",
+                action=capacity.PUBLIC_URL + "/stream-ended",
+            ),
+            runs,
+        ),
+    }
+
+
+def _per_run(part: Callable[[], object], runs: int) -> float:
+    before = time.process_time()
+    for _ in range(runs):
+        part()
+    return (time.process_time() - before) / runs
+
+
 def thread_cpu_s(pid: int) -> float:
     """CPU-s the live threads of ``pid`` have run, from the scheduler's nanosecond counts: /proc's stat counts
     10 ms ticks, too coarse for an idle process over a few seconds (a thread that has exited is not counted)."""
@@ -107,9 +161,7 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=2, help="pairs of runs, one of each length")
     parser.add_argument("--profile", metavar="OUT", help="py-spy a further run of 0.2 s calls into OUT (raw)")
     parser.add_argument("--profile-calls", type=int, default=300, help="calls in the profiled run")
-    parser.add_argument(
-        "--token-requests", type=int, default=0, metavar="N", help="also time N token requests alone (see above)"
-    )
+    parser.add_argument("--parts", type=int, default=0, metavar="N", help="also time some parts alone, N runs each")
     parser.add_argument("--server-python", metavar="PYTHON", default=sys.executable, help="the bridge's interpreter")
     args = parser.parse_args()
     short_s, long_s = args.lengths
@@ -162,9 +214,9 @@ def main() -> int:
                 f"call-minute (issue 10's goal: 0.25 in all); per call-second (the slope, {args.concurrency} calls at "
                 f"once): {1000 * b:.2f} ms"
             )
-        if args.token_requests:
-            per_request = token_cpu_s(f"http://127.0.0.1:{emulator_port}", args.token_requests)
-            print(f"token request alone: {1e6 * per_request:.0f} µs CPU each, client side, over {args.token_requests}")
+        if args.parts:
+            for part, cpu_s in parts_cpu_s(f"http://127.0.0.1:{emulator_port}", args.parts).items():
+                print(f"alone, {args.parts} runs: {part}: {1e6 * cpu_s:.1f} µs CPU a run")
         if args.profile:
             command = [str(capacity.py_spy()), "record", "--pid", str(bridge.pid), "--rate", "400", "--format", "raw"]
             spy = subprocess.Popen(
