@@ -483,6 +483,31 @@ class MemoryAccountingModel(RuleBasedStateMachine):
                 assert len(in_window) <= MODEL_LIMITS.max_token_requests
 
 
+async def test_memory_reservations_expire_on_time_whichever_was_made_or_claimed_first() -> None:
+    """Reservations are only looked at once the earliest could have expired: a shorter one made after a longer
+    one, and a longer one left when the earliest was claimed, each still goes at its own time."""
+    clock = FakeClock()
+    acct = MemoryAccounting(DEVICES, Limits(), clock)
+
+    async def reserved() -> list[str]:
+        devices = (await acct.snapshot())["devices"].values()
+        return sorted(sid for device in devices for sid in device["reserved_calls"])
+
+    await acct.reserve("CA-long", ttl_s=20.0)
+    await acct.reserve("CA-short", ttl_s=2.0)
+    await acct.reserve("CA-claimed", ttl_s=1.0)
+    assert await acct.claim("CA-claimed") == Lease("CA-claimed", "dev-c")
+    clock.advance(1.5)
+    assert (await reserved(), await acct.claim("CA-claimed")) == (["CA-long", "CA-short"], Lease("CA-claimed", "dev-c"))
+    clock.advance(1.0)
+    assert (await reserved(), await acct.claim("CA-short")) == (["CA-long"], None)
+    clock.advance(17.0)
+    await acct.reserve("CA-later", ttl_s=5.0)
+    assert await reserved() == ["CA-later", "CA-long"]
+    clock.advance(0.5)
+    assert await reserved() == ["CA-later"]
+
+
 MemoryAccountingModel.TestCase.settings = settings(
     max_examples=150, stateful_step_count=40, deadline=None, suppress_health_check=[HealthCheck.too_slow]
 )

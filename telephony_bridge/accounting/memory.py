@@ -7,6 +7,7 @@ lease is held; reservations expire after their ``ttl_s`` like in Redis.
 
 from __future__ import annotations
 
+import math
 from collections import OrderedDict, deque
 from collections.abc import Sequence
 from typing import Any
@@ -45,6 +46,9 @@ class MemoryAccounting:
         self.unavailable_total = 0  # same attribute as RedisAccounting; memory is never unavailable
         self._clock = clock or SystemClock()
         self._devices = {device_id: _Device() for device_id in device_ids}
+        # No reservation expires before this (a lower bound: one claimed or released early may leave it low), so
+        # until then no device's reservations need looking at: what each call's reserve and claim would scan.
+        self._expiry_bound = math.inf
         self._sticky: OrderedDict[str, tuple[str, float]] = OrderedDict()  # key -> (device_id, expires at)
         self._sticky_ttl_s = sticky_ttl_s
 
@@ -153,9 +157,15 @@ class MemoryAccounting:
     def _expire_reservations(self) -> float:
         """The current time, with every expired reservation dropped."""
         now = self._clock.monotonic()
+        if now < self._expiry_bound:
+            return now
+        bound = math.inf
         for device in self._devices.values():
             for call_sid in [sid for sid, expires in device.reserved.items() if expires <= now]:
                 del device.reserved[call_sid]
+            if device.reserved:
+                bound = min(bound, *device.reserved.values())
+        self._expiry_bound = bound
         return now
 
     def _find(self, call_sid: str) -> tuple[str, _Device] | None:
@@ -190,6 +200,7 @@ class MemoryAccounting:
             device.leases.add(call_sid)
         else:
             device.reserved[call_sid] = now + ttl_s
+            self._expiry_bound = min(self._expiry_bound, now + ttl_s)
         if sticky_key is not None:
             self._remember_sticky(sticky_key, device_id, now)
         return Lease(call_sid, device_id, token_taken=token == "take" and self._take(device, now))
