@@ -4,6 +4,7 @@
     .venv/bin/python bench/setup_cost.py --profile prof.txt  # also py-spy 300 calls of 0.2 s, top functions
     .venv/bin/python bench/setup_cost.py --server-python /tmp/v/bin/python   # the bridge on another interpreter
     .venv/bin/python bench/setup_cost.py --rounds 0 --parts 2000   # some parts alone: token request, accounting...
+    .venv/bin/python bench/setup_cost.py --tls       # the voice stream over wss://, as to Savants (needs openssl)
 
 Starts the Savants emulator and ``telephony-bridge serve`` with ``capacity.py``'s settings, then runs rounds of
 ``--calls`` calls of each ``--lengths`` (alternating), at most ``--concurrency`` at once, each call Twilio's whole
@@ -26,6 +27,11 @@ invocations of the same code (5 Dec), so a part that costs a few hundred µs or 
 a request of the bridge's own ``TokenClient`` to the same emulator (the warm token each call fetches; client side),
 the memory accounting's reserve, claim and release on the bench's 100 devices with 20 calls up, the ``/voice``
 signature check (Twilio's 13 parameters) and the ``<Connect><Stream>`` TwiML.
+
+``--tls``: the bridge reaches the emulator's voice stream over ``wss://``, as it reaches Savants: a TLS relay in
+this process (its own thread) sits in front of the emulator, with a certificate made for the run by openssl's
+command line, which the bridge trusts through ``SSL_CERT_FILE``: the system's CA bundle with it appended, so that
+building a default TLS context costs the bridge what it costs in production. The token endpoint stays http.
 """
 
 from __future__ import annotations
@@ -35,9 +41,12 @@ import asyncio
 import contextlib
 import os
 import signal
+import ssl
 import statistics
 import subprocess
 import sys
+import tempfile
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -62,6 +71,51 @@ SETTLE_S = 0.5  # after the last call, for the bridge to close its side (as capa
 IDLE_S = 2.0
 PROFILE_LENGTH_S = 0.2  # the profiled run's calls: mostly set-up and tear-down
 RAMP_S = 1.0
+
+
+class TlsRelay:
+    """``--tls``: a TLS-terminating TCP relay on 127.0.0.1 in front of ``target_port``, on its own event loop in a
+    daemon thread (its CPU is this process's, not the bridge's)."""
+
+    def __init__(self, target_port: int, folder: Path) -> None:
+        self.cert, key = folder / "cert.pem", folder / "key.pem"
+        request = ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
+        names = ["-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1"]
+        subprocess.run(
+            [*request, "-keyout", str(key), "-out", str(self.cert), "-days", "1", *names],
+            check=True,
+            capture_output=True,
+        )
+        self.bundle = folder / "bundle.pem"  # the system's CAs and ours, so a default context costs what it costs
+        system = Path(ssl.get_default_verify_paths().cafile or "/etc/ssl/certs/ca-certificates.crt")
+        self.bundle.write_bytes(system.read_bytes() + b"\n" + self.cert.read_bytes())
+        self._context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        self._context.load_cert_chain(self.cert, key)
+        self._target_port = target_port
+        self._started = threading.Event()
+        self.port = 0
+        threading.Thread(target=asyncio.run, args=(self._serve(),), daemon=True, name="tls-relay").start()
+        if not self._started.wait(10):
+            raise SystemExit("the TLS relay did not start")
+
+    async def _serve(self) -> None:
+        server = await asyncio.start_server(self._relay, "127.0.0.1", 0, ssl=self._context)
+        self.port = server.sockets[0].getsockname()[1]
+        self._started.set()
+        await server.serve_forever()
+
+    async def _relay(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        target_reader, target_writer = await asyncio.open_connection("127.0.0.1", self._target_port)
+        await asyncio.gather(_pump(reader, target_writer), _pump(target_reader, writer), return_exceptions=True)
+
+
+async def _pump(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    try:
+        while data := await reader.read(65536):
+            writer.write(data)
+            await writer.drain()
+    finally:
+        writer.close()
 
 
 def one_run(pid: int, url: str, calls: int, concurrency: int, seconds: float) -> tuple[float, int, float]:
@@ -162,6 +216,7 @@ def main() -> int:
     parser.add_argument("--profile", metavar="OUT", help="py-spy a further run of 0.2 s calls into OUT (raw)")
     parser.add_argument("--profile-calls", type=int, default=300, help="calls in the profiled run")
     parser.add_argument("--parts", type=int, default=0, metavar="N", help="also time some parts alone, N runs each")
+    parser.add_argument("--tls", action="store_true", help="the voice stream over wss:// (see above)")
     parser.add_argument("--server-python", metavar="PYTHON", default=sys.executable, help="the bridge's interpreter")
     args = parser.parse_args()
     short_s, long_s = args.lengths
@@ -178,8 +233,17 @@ def main() -> int:
         f"http://127.0.0.1:{emulator_port}/_emulator/stats",
     )
     bridge = None
+    stack = contextlib.ExitStack()  # the --tls certificate's folder
     try:
         command, env = capacity.servers(args.server_python, emulator_port, 1)["bridge"]
+        if args.tls:
+            relay = TlsRelay(emulator_port, Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="tls-"))))
+            env = {
+                **env,
+                "SAVANTS_WS_URL": f"wss://127.0.0.1:{relay.port}/voice-stream",
+                "SSL_CERT_FILE": str(relay.bundle),
+            }
+            print(f"voice stream over wss:// (a TLS relay on port {relay.port}); the bridge trusts {relay.bundle}")
         port = capacity.free_port()
         bridge = capacity.start(command, {**env, "PORT": str(port)}, f"http://127.0.0.1:{port}/healthz")
         url = f"ws://127.0.0.1:{port}/media-stream"
@@ -236,6 +300,7 @@ def main() -> int:
             bridge.wait()
         emulator.terminate()
         emulator.wait()
+        stack.close()
     return 0
 
 
