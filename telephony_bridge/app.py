@@ -41,7 +41,7 @@ from telephony_bridge.ops.metrics import Metrics
 from telephony_bridge.ops.readiness import Readiness
 from telephony_bridge.ops.runtime import process_figures
 from telephony_bridge.registry import CallRegistry
-from telephony_bridge.savants.client import Connector, open_voice_session
+from telephony_bridge.savants.client import Connector, open_voice_session, tls_context
 from telephony_bridge.savants.health import TokenEndpointHealth
 from telephony_bridge.savants.tokens import TokenClient
 from telephony_bridge.settings import Settings
@@ -100,7 +100,11 @@ def create_app(
             )
             voice = VoiceEndpoint(
                 connect=connect
-                or functools.partial(open_voice_session, stall_timeout_s=settings.savants.stall_timeout_s),
+                or functools.partial(
+                    open_voice_session,
+                    stall_timeout_s=settings.savants.stall_timeout_s,
+                    ssl_context=tls_context(settings.savants.voice_stream_url),  # built once, not per connection
+                ),
                 url=settings.savants.voice_stream_url,
                 timeout_s=settings.savants.connect_timeout_s,
                 warm_token=settings.savants.warm_token,

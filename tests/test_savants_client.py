@@ -10,15 +10,20 @@ import base64
 import contextvars
 import gc
 import hashlib
+import shutil
+import ssl
 import struct
+import subprocess
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
 
 import pytest
 
 from telephony_bridge.errors import SessionError
-from telephony_bridge.savants.client import CLOSE_TIMEOUT_S, SavantsConnection, open_voice_session
+from telephony_bridge.savants.client import CLOSE_TIMEOUT_S, SavantsConnection, open_voice_session, tls_context
 from telephony_bridge.savants.protocol import Audio, Notice
 
 CONFIRMED = b'{"type":"savant_voice_connected","sessionId":"sess_raw"}'
@@ -85,7 +90,7 @@ Peer = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
 
 
 @asynccontextmanager
-async def raw_peer(peer: Peer, **server: int) -> AsyncIterator[str]:
+async def raw_peer(peer: Peer, **server: Any) -> AsyncIterator[str]:
     """A WebSocket server of our own on 127.0.0.1: ``peer`` plays it out; yields its ws:// URL."""
     ended: list[asyncio.Task[None]] = []
     failures: list[BaseException] = []
@@ -402,3 +407,49 @@ async def test_client_an_audio_handler_that_raises_makes_receive_raise_it() -> N
         with pytest.raises(RuntimeError, match="a bug in the call core"):
             await connection.receive()
         await connection.close()
+
+
+# --- wss://: one TLS context for every connection ------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def certificate(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """A self-signed certificate for 127.0.0.1 (openssl's command line): (certificate, key)."""
+    if shutil.which("openssl") is None:
+        pytest.skip("needs the openssl command to make a test certificate")
+    folder = tmp_path_factory.mktemp("tls")
+    cert, key = folder / "cert.pem", folder / "key.pem"
+    request = ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
+    where = ["-keyout", str(key), "-out", str(cert), "-days", "1", "-subj", "/CN=127.0.0.1"]
+    subprocess.run([*request, *where, "-addext", "subjectAltName=IP:127.0.0.1"], check=True, capture_output=True)
+    return cert, key
+
+
+def test_client_tls_context_is_the_default_one_and_only_for_wss() -> None:
+    context = tls_context("wss://api.savants.example/voice-stream")
+    assert context is not None
+    assert (context.verify_mode, context.check_hostname) == (ssl.CERT_REQUIRED, True)
+    assert tls_context("ws://127.0.0.1:8000/voice-stream") is None
+
+
+async def test_client_wss_connects_with_the_context_it_is_given(certificate: tuple[Path, Path]) -> None:
+    """Given a context that trusts the peer, the session opens; without one, a default context is built for the
+    connection, which does not trust the test's certificate: so the context given is the one used."""
+    cert, key = certificate
+    server = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    server.load_cert_chain(cert, key)
+    trusting = ssl.create_default_context(cafile=str(cert))
+    tokens: list[bytes] = []
+
+    async def peer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        tokens.append(await confirm(reader, writer))
+        await reader.read()
+
+    async with raw_peer(peer, ssl=server) as url, asyncio.timeout(10):
+        secure = url.replace("ws://", "wss://")
+        connection = await open_voice_session(secure, "a.b.c", 5.0, ssl_context=trusting)
+        await connection.close()
+        with pytest.raises(SessionError) as refused:
+            await open_voice_session(secure, "a.b.c", 5.0)
+    assert (tokens, refused.value.code) == ([b"a.b.c"], "CONNECT_FAILED")
+    assert "CERTIFICATE_VERIFY_FAILED" in str(refused.value)
