@@ -8,10 +8,10 @@
 
 Starts the Savants emulator and ``telephony-bridge serve`` with ``capacity.py``'s settings, then runs rounds of
 ``--calls`` calls of each ``--lengths`` (alternating), at most ``--concurrency`` at once, each call Twilio's whole
-flow (``loadtest``: the signed ``/voice`` webhook, the media stream with speech both ways, ``/stream-ended``); the
-callers run in this process. Around each run it reads the bridge's CPU time from /proc: from before the first
-webhook until the last call's ``/stream-ended`` was answered and the bridge had 0.5 s to close, so every figure
-printed per run is the whole run's, set-up, tear-down and the idle loop included.
+flow (``loadtest``: the signed ``/voice`` webhook, the media stream with speech both ways, the caller's hang-up);
+the callers run in this process. Around each run it reads the bridge's CPU time from /proc: from before the first
+webhook until the last call was over and the bridge had had 0.5 s more to close it, so every figure printed per
+run is the whole run's, set-up, tear-down and the idle loop included.
 
 How the per-call figure is derived: a call of length T costs the bridge ``a + b·T`` CPU-s; the line through each
 round's mean CPU per served call at the two lengths gives ``b`` (the steady cost per call-second, its slope) and
@@ -21,7 +21,7 @@ line, metrics and the release). Each round gives its own ``a``; their mean and r
 count from the stream's ``start`` to the caller's hang-up, so the first audio's wait is in ``a``. The bridge's
 idle CPU over the run (measured before the first round) is counted in the runs and is not subtracted: it is
 printed so it can be judged. On this 2-core machine the callers share the cores with the bridge: compare
-figures from the same half-hour, alternating old and new code; even so the intercept moved by ±0.5 ms between
+figures from the same half-hour, alternating old and new code; even so the intercept moved by up to ±1 ms between
 invocations of the same code (5 Dec), so a part that costs a few hundred µs or less is better timed alone:
 ``--parts N`` times N runs of each of these, on the bridge's event loop (uvloop), in this process, as CPU per run:
 a request of the bridge's own ``TokenClient`` to the same emulator (the warm token each call fetches; client side),
