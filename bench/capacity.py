@@ -51,6 +51,7 @@ import argparse
 import asyncio
 import contextlib
 import dataclasses
+import functools
 import json
 import os
 import shutil
@@ -173,12 +174,49 @@ def sends_counted(counter: subprocess.Popen[str] | None) -> int | None:
     return sum(int(c) for c in counts)
 
 
-def machine_busy_s() -> tuple[float, float]:
-    """Seconds every CPU of the machine has spent busy and in all, from /proc/stat: the share of the whole
-    machine in use, callers and emulator included, which decides whether any server can keep real time."""
-    fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
-    idle = fields[3] + fields[4]  # idle + iowait
-    return (sum(fields) - idle) / TICKS_PER_S, sum(fields) / TICKS_PER_S
+def machine_busy_s(cpus: frozenset[int] | None = None) -> tuple[float, float]:
+    """Seconds the CPUs have spent busy and in all, from /proc/stat (every CPU of the machine, or those in
+    ``cpus``): the share in use, callers and emulator included, which decides whether any server can keep real
+    time."""
+    busy = total = 0
+    for row in Path("/proc/stat").read_text().splitlines():
+        name, *values = row.split()
+        if name == "cpu" if cpus is None else (name[3:].isdigit() and name.startswith("cpu") and int(name[3:]) in cpus):
+            fields = [int(v) for v in values]
+            idle = fields[3] + fields[4]  # idle + iowait
+            busy, total = busy + sum(fields) - idle, total + sum(fields)
+    return busy / TICKS_PER_S, total / TICKS_PER_S
+
+
+@dataclasses.dataclass(frozen=True)
+class Pinning:
+    """``--server-cpus``: the servers under test (and redis) on these CPUs, the emulator and the callers on the
+    rest, so a server's figures are its own cores' and a saturated load shows as such."""
+
+    server: frozenset[int]
+    load: frozenset[int]
+
+    @classmethod
+    def parse(cls, text: str) -> Pinning:
+        available = frozenset(os.sched_getaffinity(0))
+        server = frozenset(int(cpu) for cpu in text.split(","))
+        if not server <= available or not available - server:
+            raise ValueError(
+                f"expected some of CPUs {sorted(available)}, leaving at least one for the load, got {text!r}"
+            )
+        return cls(server, available - server)
+
+    def busy_cores(self, before: dict[str, tuple[float, float]], after: dict[str, tuple[float, float]]) -> dict:
+        """Each side's busy cores between two ``snapshot()``s."""
+        return {
+            f"{side}_cores_busy": (after[side][0] - before[side][0])
+            / max(1e-9, after[side][1] - before[side][1])
+            * len(getattr(self, side))
+            for side in ("server", "load")
+        }
+
+    def snapshot(self) -> dict[str, tuple[float, float]]:
+        return {"server": machine_busy_s(self.server), "load": machine_busy_s(self.load)}
 
 
 def wait_for(url: str, timeout_s: float = 20.0) -> None:
@@ -192,8 +230,12 @@ def wait_for(url: str, timeout_s: float = 20.0) -> None:
     raise SystemExit(f"{url} did not come up")
 
 
-def start(args: list[str], env: dict[str, str], health: str) -> subprocess.Popen[bytes]:
-    process = subprocess.Popen(args, env={**os.environ, **env}, stderr=subprocess.DEVNULL)
+def start(
+    args: list[str], env: dict[str, str], health: str, cpus: frozenset[int] | None = None
+) -> subprocess.Popen[bytes]:
+    """``cpus``: the process (and what it starts: ``serve --workers``) runs on these CPUs only."""
+    pin = None if cpus is None else functools.partial(os.sched_setaffinity, 0, cpus)
+    process = subprocess.Popen(args, env={**os.environ, **env}, stderr=subprocess.DEVNULL, preexec_fn=pin)
     wait_for(health)
     return process
 
@@ -238,11 +280,13 @@ def measure(
     sip_target: str | None = None,
     perf: str | None = None,
     stacks: str | None = None,
+    pinning: Pinning | None = None,
 ) -> dict:
     """Run ``calls`` calls of ``seconds`` against the server ``pid`` and return its figures; with ``profile``,
     py-spy records the server over the steady window into that file (collapsed stacks), with ``perf`` perf
     does, with ``stacks`` perf does with Python stacks (``perf_stacks``: its summary goes to that file); with
-    ``sip_target``, the calls are SIP calls to it instead of Twilio calls to ``url``."""
+    ``sip_target``, the calls are SIP calls to it instead of Twilio calls to ``url``; with ``pinning``, each
+    side's busy cores too."""
     idle_rss = rss_kb(pid)
     http_url = url.replace("ws://", "http://").removesuffix("/media-stream")
     counters_before = bridge_counters(http_url)
@@ -269,6 +313,7 @@ def measure(
         spy = subprocess.Popen(command, stderr=subprocess.DEVNULL)
     sends = count_sends(recorded, window_s)
     steady_before, activity_before, machine_before = cpu_s(pid), activity(pid), machine_busy_s()
+    sides_before = pinning.snapshot() if pinning else None
     kernel_before = kernel_cpu_s(pid)
     time.sleep(window_s / 2)
     steady_rss = rss_kb(pid)
@@ -277,6 +322,9 @@ def measure(
     kernel_used = kernel_cpu_s(pid) - kernel_before
     activity_after = activity(pid)
     machine_after = machine_busy_s()
+    sides = pinning.busy_cores(sides_before, pinning.snapshot()) if pinning and sides_before else {}
+    if pinning:
+        sides["load_cores"] = len(pinning.load)
     machine_busy = (machine_after[0] - machine_before[0]) / max(1e-9, machine_after[1] - machine_before[1])
     per_call_s = [(activity_after[i] - activity_before[i]) / window_s / calls for i in range(3)]
     sent = sends_counted(sends)
@@ -301,6 +349,7 @@ def measure(
         "wakeups_per_call_s": per_call_s[2],
         "sends_per_call_s": None if sent is None else sent / window_s / calls,
         "machine_busy_cores": machine_busy * (os.cpu_count() or 1),
+        **sides,
         "bridge_underruns_by_cause": causes,
         "loop_lag_samples": health.get("lag"),
         "loop_lag_over_20ms": health["lag"] - health["lag_within_20ms"] if "lag" in health else None,
@@ -492,6 +541,8 @@ def line(label: str, f: dict) -> str:
         + f"{f['wakeups_per_call_s']:.0f} wake-ups  "
         f"machine {f['machine_busy_cores']:.1f} of {os.cpu_count()} cores busy  "
     )
+    if "server_cores_busy" in f:
+        head += f"(server's {f['server_cores_busy']:.2f}, load's {f['load_cores_busy']:.2f})  "
     if f.get("loop_lag_samples") is not None:
         head += (
             f"loop lag > 20 ms: {f['loop_lag_over_20ms']:.0f} of {f['loop_lag_samples']:.0f} samples, "
@@ -571,6 +622,12 @@ def main() -> int:
         help="also run the bridge with these environment settings, e.g. unbatched:BRIDGE__AUDIO__OUTBOUND_BATCH_MS=20",
     )
     parser.add_argument("--load-procs", type=int, default=2, help="processes the simulated callers run in")
+    parser.add_argument(
+        "--server-cpus",
+        metavar="CPUS",
+        help="run the servers under test (and redis) on these CPUs only, e.g. 0, and the emulator and callers on the "
+        "others: a server's knee per core, as long as the load's cores keep up (each line says how busy each side was)",
+    )
     parser.add_argument("--workers", type=int, default=1, help="serve --workers N for the bridge")
     parser.add_argument("--redis-url", help="REDIS_URL for the bridge (default with --workers > 1: a redis-server)")
     parser.add_argument("--json", metavar="OUT", help="also write every figure to this JSON file")
@@ -607,12 +664,20 @@ def main() -> int:
         parser.error(f"--server-python {args.server_python} does not run: {exc}")
     if args.perf_stacks and (why := perf_stacks.available(python_version(args.server_python))):
         parser.error(why)
+    try:
+        pinning = Pinning.parse(args.server_cpus) if args.server_cpus else None
+    except ValueError as exc:
+        parser.error(f"--server-cpus: {exc}")
+    server_cpus, load_cpus = (pinning.server, pinning.load) if pinning else (None, None)
+    if pinning:
+        print(f"servers on CPUs {sorted(pinning.server)}; emulator and callers on CPUs {sorted(pinning.load)}")
     python = sys.executable
     emulator_port = free_port()
     emulator = start(
         [python, "-m", "telephony_bridge", "emulator", "--port", str(emulator_port), "--api-key", "bench-key"],
         {},
         f"http://127.0.0.1:{emulator_port}/_emulator/stats",
+        load_cpus,
     )
     running: dict[str, tuple[subprocess.Popen[bytes], str]] = {}
     redis = None
@@ -621,6 +686,7 @@ def main() -> int:
         redis = subprocess.Popen(
             ["redis-server", "--port", str(redis_port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
             stdout=subprocess.DEVNULL,
+            preexec_fn=None if server_cpus is None else functools.partial(os.sched_setaffinity, 0, server_cpus),
         )
         args.redis_url = f"redis://127.0.0.1:{redis_port}/0"
         time.sleep(0.5)
@@ -640,12 +706,13 @@ def main() -> int:
             if args.perf_stacks and name == args.servers[0]:  # the one recorded
                 env = {**env, **perf_stacks.ENV}
             port = free_port()
-            process = start(command, {**env, "PORT": str(port)}, f"http://127.0.0.1:{port}/healthz")
+            process = start(command, {**env, "PORT": str(port)}, f"http://127.0.0.1:{port}/healthz", server_cpus)
             running[name] = (process, f"ws://127.0.0.1:{port}/media-stream")
         levels = list(range(args.knee[0], args.knee[1] + 1, args.knee[2])) if args.knee else args.calls
         knee: dict[str, int | None] = {name: None for name in args.servers}
         live = set(args.servers)
-        with ProcessPoolExecutor(max_workers=args.load_procs) as pool:
+        pin_load = {} if load_cpus is None else {"initializer": os.sched_setaffinity, "initargs": (0, load_cpus)}
+        with ProcessPoolExecutor(max_workers=args.load_procs, **pin_load) as pool:
             for name in args.servers:  # a warm-up, not reported: see WARM_UP_S
                 process, url = running[name]
                 measure(pool, args.load_procs, process.pid, url, levels[0], WARM_UP_S)
@@ -658,7 +725,16 @@ def main() -> int:
                     first = name == args.servers[0] and calls == levels[0]
                     profile, perf, stacks = (args.profile, args.perf, args.perf_stacks) if first else (None,) * 3
                     figures = measure(
-                        pool, args.load_procs, process.pid, url, calls, args.seconds, profile, perf=perf, stacks=stacks
+                        pool,
+                        args.load_procs,
+                        process.pid,
+                        url,
+                        calls,
+                        args.seconds,
+                        profile,
+                        perf=perf,
+                        stacks=stacks,
+                        pinning=pinning,
                     )
                     results[name].append(figures)
                     print(line(name, figures), flush=True)
@@ -671,7 +747,16 @@ def main() -> int:
                     if sip_port is not None and name == "bridge":
                         time.sleep(3.0)
                         target = f"sip:ai@127.0.0.1:{sip_port}"
-                        sip = measure(pool, args.load_procs, process.pid, url, calls, args.seconds, sip_target=target)
+                        sip = measure(
+                            pool,
+                            args.load_procs,
+                            process.pid,
+                            url,
+                            calls,
+                            args.seconds,
+                            sip_target=target,
+                            pinning=pinning,
+                        )
                         results["bridge-sip"].append(sip)
                         print(line("bridge-sip", sip), flush=True)
                     if args.knee:
@@ -718,6 +803,13 @@ def summary(results: dict[str, list[dict]], knee: dict[str, int | None] | None, 
                 f"(p99 {'heard ' if latency == 'heard' else ''}added <= {KNEE_P99_MS:g} ms, no underrun, "
                 "every call served)"
             )
+            last = results[name][-1] if results[name] else None
+            if last is not None and "server_cores_busy" in last and last["calls"] != calls:
+                print(
+                    f"  at {last['calls']} calls, the first level that failed: the server's cores "
+                    f"{last['server_cores_busy']:.2f} busy, the load's {last['load_cores_busy']:.2f} of "
+                    f"{last['load_cores']} (a saturated load's knee is the load's, not the server's)"
+                )
         if knee.get("bridge") and knee.get("naive"):
             print(f"capacity ratio bridge / naive: {knee['bridge'] / knee['naive']:.2f}x")
 
