@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/capacity.py [--calls 50 100] [--seconds 20] [--servers bridge naive]
     .venv/bin/python bench/capacity.py --knee 50 400 50 --seconds 12       # ramp until latency or underruns
+    .venv/bin/python bench/capacity.py --knee 50 200 25 --seconds 12 --servers bridge --server-cpus 0  # one core
     .venv/bin/python bench/capacity.py --variant nogc:BRIDGE__SERVER__GC_TUNING=false   # A/B a setting
     .venv/bin/python bench/capacity.py --workers 2 --servers bridge         # serve --workers 2 (own redis)
     .venv/bin/python bench/capacity.py --calls 20 --seconds 12 --sip --servers bridge   # + a SIP row
@@ -42,7 +43,10 @@ bridge with its SIP ingress on too (same ``serve`` otherwise) and, after each br
 level as SIP calls (``loadtest --sip``'s caller, the same speech, RTP both ways) to print a ``bridge-sip`` row
 beside it: CPU and memory figures as above, set-up p99 and the bridge's RTP jitter in place of the Twilio-only
 latency figures. Every process shares this machine's cores: on a 2-core VM the callers and the emulator take a
-core's worth or more, so a knee here is the machine's, not the bridge's alone.
+core's worth or more, so a knee here is the machine's, not the bridge's alone. ``--server-cpus 0`` separates them:
+the servers under test (and redis) run on CPU 0 only, the emulator and the callers on the others, each line says how
+busy each side's cores were, and the knee says whether the load's were saturated where it failed (the bridge's
+count of underruns by cause tells the AI's late frames, the emulator's, from its own late sends).
 """
 
 from __future__ import annotations
@@ -172,6 +176,9 @@ def sends_counted(counter: subprocess.Popen[str] | None) -> int | None:
     if counter.returncode != 0 or len(counts) != len(SEND_SYSCALLS) or not all(c.isdigit() for c in counts):
         return None  # "<not supported>": no tracepoints here
     return sum(int(c) for c in counts)
+
+
+LOAD_SATURATED = 0.9  # the load's cores this busy (a share of them): its callers and emulator fall behind
 
 
 def machine_busy_s(cpus: frozenset[int] | None = None) -> tuple[float, float]:
@@ -805,10 +812,16 @@ def summary(results: dict[str, list[dict]], knee: dict[str, int | None] | None, 
             )
             last = results[name][-1] if results[name] else None
             if last is not None and "server_cores_busy" in last and last["calls"] != calls:
+                saturated = last["load_cores_busy"] >= LOAD_SATURATED * last["load_cores"]
                 print(
                     f"  at {last['calls']} calls, the first level that failed: the server's cores "
                     f"{last['server_cores_busy']:.2f} busy, the load's {last['load_cores_busy']:.2f} of "
-                    f"{last['load_cores']} (a saturated load's knee is the load's, not the server's)"
+                    f"{last['load_cores']}"
+                    + (
+                        ": the load's cores were saturated, so this knee is the load's, not the server's"
+                        if saturated
+                        else ""
+                    )
                 )
         if knee.get("bridge") and knee.get("naive"):
             print(f"capacity ratio bridge / naive: {knee['bridge'] / knee['naive']:.2f}x")
