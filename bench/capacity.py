@@ -47,6 +47,9 @@ core's worth or more, so a knee here is the machine's, not the bridge's alone. `
 the servers under test (and redis) run on CPU 0 only, the emulator and the callers on the others, each line says how
 busy each side's cores were, and the knee says whether the load's were saturated where it failed (the bridge's
 count of underruns by cause tells the AI's late frames, the emulator's, from its own late sends).
+``--savants-tls``: the servers reach the emulator's voice stream over ``wss://``, as the bridge reaches Savants in
+production (``bench/tls_relay.py``, in a process of its own on the load's CPUs); without it that leg is plain ws://
+on loopback and its encryption is in no figure.
 """
 
 from __future__ import annotations
@@ -62,6 +65,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
@@ -71,6 +75,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import httpx
 import perf_stacks  # bench/, beside this script
 from prometheus_client.parser import text_string_to_metric_families
+from tls_relay import TlsRelay  # bench/, beside this script
 
 from telephony_bridge.tools.commands import load_caller_audio
 from telephony_bridge.tools.loadtest import TICKS_PER_S, LoadResult, percentile, process_cpu_s, run_load
@@ -652,6 +657,12 @@ def main() -> int:
     )
     parser.add_argument("--sip", action="store_true", help="also run each level over SIP against the bridge")
     parser.add_argument(
+        "--savants-tls",
+        action="store_true",
+        help="the servers reach the emulator's voice stream over wss://, as the bridge reaches Savants: a TLS relay "
+        "in a process of its own (on the load's CPUs with --server-cpus; bench/tls_relay.py, needs openssl)",
+    )
+    parser.add_argument(
         "--server-python",
         metavar="PYTHON",
         default=sys.executable,
@@ -687,6 +698,13 @@ def main() -> int:
         load_cpus,
     )
     running: dict[str, tuple[subprocess.Popen[bytes], str]] = {}
+    folders = contextlib.ExitStack()  # the --savants-tls certificate's
+    relay, tls_env = None, {}
+    if args.savants_tls:
+        folder = Path(folders.enter_context(tempfile.TemporaryDirectory(prefix="tls-")))
+        relay = TlsRelay(emulator_port, folder, process=True, cpus=load_cpus)
+        tls_env = {"SAVANTS_WS_URL": f"wss://127.0.0.1:{relay.port}/voice-stream", "SSL_CERT_FILE": str(relay.bundle)}
+        print(f"the servers' voice streams over wss:// (a TLS relay on port {relay.port}); tokens stay on http")
     redis = None
     if args.workers > 1 and not args.redis_url:
         redis_port = free_port()
@@ -713,6 +731,7 @@ def main() -> int:
             if args.perf_stacks and name == args.servers[0]:  # the one recorded
                 env = {**env, **perf_stacks.ENV}
             port = free_port()
+            env = {**env, **tls_env}
             process = start(command, {**env, "PORT": str(port)}, f"http://127.0.0.1:{port}/healthz", server_cpus)
             running[name] = (process, f"ws://127.0.0.1:{port}/media-stream")
         levels = list(range(args.knee[0], args.knee[1] + 1, args.knee[2])) if args.knee else args.calls
@@ -783,6 +802,9 @@ def main() -> int:
             process.wait()
         emulator.terminate()
         emulator.wait()
+        if relay is not None:
+            relay.close()
+        folders.close()
         if redis is not None:
             redis.terminate()
             redis.wait()

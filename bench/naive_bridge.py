@@ -36,7 +36,7 @@ from starlette.routing import Route, WebSocketRoute
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
 BASE_URL = os.environ.get("SAVANTS_BASE_URL", "http://127.0.0.1:8081").rstrip("/")
-WS_URL = BASE_URL.replace("http", "ws", 1) + "/voice-stream"
+WS_URL = os.environ.get("SAVANTS_WS_URL") or BASE_URL.replace("http", "ws", 1) + "/voice-stream"  # as the bridge
 API_KEY = os.environ.get("SAVANTS_API_KEY", "")
 DEVICES = itertools.cycle(os.environ.get("SAVANTS_DEVICE_IDS", "device").split(","))
 

@@ -48,7 +48,7 @@ from telephony_bridge.ws_handoff import Connection
 
 BASE_URL = os.environ.get("SAVANTS_BASE_URL", "http://127.0.0.1:8081").rstrip("/")
 TOKEN_URL = BASE_URL + "/api/websocket-voice/token"
-WS_URL = BASE_URL.replace("http", "ws", 1) + "/voice-stream"
+WS_URL = os.environ.get("SAVANTS_WS_URL") or BASE_URL.replace("http", "ws", 1) + "/voice-stream"  # as the bridge
 API_KEY = os.environ.get("SAVANTS_API_KEY", "")
 DEVICES = itertools.cycle(os.environ.get("SAVANTS_DEVICE_IDS", "device").split(","))
 CONFIRMATIONS = ("savant_voice_connected", "vapi_connected")  # the docs use both (spec §6.4)

@@ -41,12 +41,10 @@ import asyncio
 import contextlib
 import os
 import signal
-import ssl
 import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -57,6 +55,7 @@ import capacity  # bench/, beside this script
 import httpx
 import uvloop
 from starlette.datastructures import FormData
+from tls_relay import TlsRelay  # bench/, beside this script
 
 from telephony_bridge.accounting.base import Lease, Limits
 from telephony_bridge.accounting.memory import MemoryAccounting
@@ -71,51 +70,6 @@ SETTLE_S = 0.5  # after the last call, for the bridge to close its side (as capa
 IDLE_S = 2.0
 PROFILE_LENGTH_S = 0.2  # the profiled run's calls: mostly set-up and tear-down
 RAMP_S = 1.0
-
-
-class TlsRelay:
-    """``--tls``: a TLS-terminating TCP relay on 127.0.0.1 in front of ``target_port``, on its own event loop in a
-    daemon thread (its CPU is this process's, not the bridge's)."""
-
-    def __init__(self, target_port: int, folder: Path) -> None:
-        self.cert, key = folder / "cert.pem", folder / "key.pem"
-        request = ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
-        names = ["-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1"]
-        subprocess.run(
-            [*request, "-keyout", str(key), "-out", str(self.cert), "-days", "1", *names],
-            check=True,
-            capture_output=True,
-        )
-        self.bundle = folder / "bundle.pem"  # the system's CAs and ours, so a default context costs what it costs
-        system = Path(ssl.get_default_verify_paths().cafile or "/etc/ssl/certs/ca-certificates.crt")
-        self.bundle.write_bytes(system.read_bytes() + b"\n" + self.cert.read_bytes())
-        self._context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-        self._context.load_cert_chain(self.cert, key)
-        self._target_port = target_port
-        self._started = threading.Event()
-        self.port = 0
-        threading.Thread(target=asyncio.run, args=(self._serve(),), daemon=True, name="tls-relay").start()
-        if not self._started.wait(10):
-            raise SystemExit("the TLS relay did not start")
-
-    async def _serve(self) -> None:
-        server = await asyncio.start_server(self._relay, "127.0.0.1", 0, ssl=self._context)
-        self.port = server.sockets[0].getsockname()[1]
-        self._started.set()
-        await server.serve_forever()
-
-    async def _relay(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        target_reader, target_writer = await asyncio.open_connection("127.0.0.1", self._target_port)
-        await asyncio.gather(_pump(reader, target_writer), _pump(target_reader, writer), return_exceptions=True)
-
-
-async def _pump(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-    try:
-        while data := await reader.read(65536):
-            writer.write(data)
-            await writer.drain()
-    finally:
-        writer.close()
 
 
 def one_run(pid: int, url: str, calls: int, concurrency: int, seconds: float) -> tuple[float, int, float]:
