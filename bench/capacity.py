@@ -190,11 +190,22 @@ def machine_busy_s(cpus: frozenset[int] | None = None) -> tuple[float, float]:
     """Seconds the CPUs have spent busy and in all, from /proc/stat (every CPU of the machine, or those in
     ``cpus``): the share in use, callers and emulator included, which decides whether any server can keep real
     time."""
+    return cpu_busy_s(Path("/proc/stat").read_text(), cpus)
+
+
+def cpu_busy_s(stat: str, cpus: frozenset[int] | None = None) -> tuple[float, float]:
+    """``machine_busy_s`` from /proc/stat's text: the ``cpu`` row (the machine), or the ``cpuN`` rows of ``cpus``.
+
+    Only the first eight columns count (user, nice, system, idle, iowait, irq, softirq, steal): the kernel counts
+    guest time in user and nice already, so adding the guest columns would count it twice (proc(5))."""
     busy = total = 0
-    for row in Path("/proc/stat").read_text().splitlines():
-        name, *values = row.split()
-        if name == "cpu" if cpus is None else (name[3:].isdigit() and name.startswith("cpu") and int(name[3:]) in cpus):
-            fields = [int(v) for v in values]
+    for row in stat.splitlines():
+        name, *values = row.split() or [""]
+        number = name.removeprefix("cpu")
+        if name == number:  # not a CPU's row: intr, ctxt, btime, processes, softirq...
+            continue
+        if (number == "") if cpus is None else (number.isdigit() and int(number) in cpus):
+            fields = [int(v) for v in values[:8]]
             idle = fields[3] + fields[4]  # idle + iowait
             busy, total = busy + sum(fields) - idle, total + sum(fields)
     return busy / TICKS_PER_S, total / TICKS_PER_S
@@ -218,7 +229,9 @@ class Pinning:
             )
         return cls(server, available - server)
 
-    def busy_cores(self, before: dict[str, tuple[float, float]], after: dict[str, tuple[float, float]]) -> dict:
+    def busy_cores(
+        self, before: dict[str, tuple[float, float]], after: dict[str, tuple[float, float]]
+    ) -> dict[str, float]:
         """Each side's busy cores between two ``snapshot()``s."""
         return {
             f"{side}_cores_busy": (after[side][0] - before[side][0])

@@ -39,8 +39,30 @@ def test_capacity_pinning_counts_each_sides_busy_cores() -> None:
     }
 
 
-def test_capacity_busy_time_of_some_cpus_is_part_of_the_machines() -> None:
-    busy_all, total_all = capacity.machine_busy_s()
-    busy_one, total_one = capacity.machine_busy_s(frozenset({min(CPUS)}))
-    assert 0 < total_one <= total_all
-    assert 0 <= busy_one <= busy_all
+# /proc/stat as a 2-CPU machine shows it: cpu0 ran a guest for 40 ticks, which the kernel counts in its user 100.
+STAT = """\
+cpu  300 10 100 1000 50 5 5 0 40 0
+cpu0 100 5 50 500 25 2 3 0 40 0
+cpu1 200 5 50 500 25 3 2 0 0 0
+intr 12345 0 1
+ctxt 999
+btime 1700000000
+processes 42
+procs_running 2
+procs_blocked 0
+softirq 100 1 2
+"""
+
+
+def test_capacity_cpu_busy_counts_the_machine_or_the_cpus_asked_for_each_tick_once() -> None:
+    ticks = capacity.TICKS_PER_S
+    assert capacity.cpu_busy_s(STAT) == (pytest.approx(420 / ticks), pytest.approx(1470 / ticks))
+    assert capacity.cpu_busy_s(STAT, frozenset({0})) == (pytest.approx(160 / ticks), pytest.approx(685 / ticks))
+    assert capacity.cpu_busy_s(STAT, frozenset({1})) == (pytest.approx(260 / ticks), pytest.approx(785 / ticks))
+    assert capacity.cpu_busy_s(STAT, frozenset({0, 1})) == capacity.cpu_busy_s(STAT)
+    assert capacity.cpu_busy_s(STAT, frozenset({7})) == (0, 0)
+
+
+def test_capacity_machine_busy_reads_this_machines_cpus() -> None:
+    busy, total = capacity.machine_busy_s(frozenset({min(CPUS)}))
+    assert 0 <= busy <= total and total > 0
