@@ -256,12 +256,19 @@ def wait_for(url: str, timeout_s: float = 20.0) -> None:
 
 
 def start(
-    args: list[str], env: dict[str, str], health: str, cpus: frozenset[int] | None = None
+    args: list[str], env: dict[str, str], health: str, cpus: frozenset[int] | None = None, timeout_s: float = 20.0
 ) -> subprocess.Popen[bytes]:
-    """``cpus``: the process (and what it starts: ``serve --workers``) runs on these CPUs only."""
+    """The process, once ``health`` answers; if it never does (or this one is interrupted), it is killed before
+    the error goes on: the caller has no handle to stop it with. ``cpus``: the process (and what it starts:
+    ``serve --workers``) runs on these CPUs only."""
     pin = None if cpus is None else functools.partial(os.sched_setaffinity, 0, cpus)
     process = subprocess.Popen(args, env={**os.environ, **env}, stderr=subprocess.DEVNULL, preexec_fn=pin)
-    wait_for(health)
+    try:
+        wait_for(health, timeout_s)
+    except BaseException:
+        process.kill()
+        process.wait()
+        raise
     return process
 
 
@@ -710,33 +717,38 @@ def main() -> int:
         f"http://127.0.0.1:{emulator_port}/_emulator/stats",
         load_cpus,
     )
+    # From here on, whatever is started is stopped in the ``finally`` below, however this run ends.
     running: dict[str, tuple[subprocess.Popen[bytes], str]] = {}
     folders = contextlib.ExitStack()  # the --savants-tls certificate's
-    relay, tls_env = None, {}
-    if args.savants_tls:
-        folder = Path(folders.enter_context(tempfile.TemporaryDirectory(prefix="tls-")))
-        relay = TlsRelay(emulator_port, folder, process=True, cpus=load_cpus)
-        tls_env = {"SAVANTS_WS_URL": f"wss://127.0.0.1:{relay.port}/voice-stream", "SSL_CERT_FILE": str(relay.bundle)}
-        print(f"the servers' voice streams over wss:// (a TLS relay on port {relay.port}); tokens stay on http")
-    redis = None
-    if args.workers > 1 and not args.redis_url:
-        redis_port = free_port()
-        redis = subprocess.Popen(
-            ["redis-server", "--port", str(redis_port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
-            stdout=subprocess.DEVNULL,
-            preexec_fn=None if server_cpus is None else functools.partial(os.sched_setaffinity, 0, server_cpus),
-        )
-        args.redis_url = f"redis://127.0.0.1:{redis_port}/0"
-        time.sleep(0.5)
-    sip_port = free_port() if args.sip else None
-    catalogue = servers(args.server_python, emulator_port, args.workers, sip_port)
-    for variant in args.variant:
-        name, _, assignments = variant.partition(":")
-        command, env = catalogue["bridge"]
-        catalogue[name] = (command, {**env, **dict(a.split("=", 1) for a in assignments.split(",") if a)})
-        args.servers.append(name)
-    results: dict[str, list[dict]] = {name: [] for name in args.servers + ["bridge-sip"] * args.sip}
+    relay: TlsRelay | None = None
+    redis: subprocess.Popen[bytes] | None = None
     try:
+        tls_env: dict[str, str] = {}
+        if args.savants_tls:
+            folder = Path(folders.enter_context(tempfile.TemporaryDirectory(prefix="tls-")))
+            relay = TlsRelay(emulator_port, folder, process=True, cpus=load_cpus)
+            tls_env = {
+                "SAVANTS_WS_URL": f"wss://127.0.0.1:{relay.port}/voice-stream",
+                "SSL_CERT_FILE": str(relay.bundle),
+            }
+            print(f"the servers' voice streams over wss:// (a TLS relay on port {relay.port}); tokens stay on http")
+        if args.workers > 1 and not args.redis_url:
+            redis_port = free_port()
+            redis = subprocess.Popen(
+                ["redis-server", "--port", str(redis_port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
+                stdout=subprocess.DEVNULL,
+                preexec_fn=None if server_cpus is None else functools.partial(os.sched_setaffinity, 0, server_cpus),
+            )
+            args.redis_url = f"redis://127.0.0.1:{redis_port}/0"
+            time.sleep(0.5)
+        sip_port = free_port() if args.sip else None
+        catalogue = servers(args.server_python, emulator_port, args.workers, sip_port)
+        for variant in args.variant:
+            name, _, assignments = variant.partition(":")
+            command, env = catalogue["bridge"]
+            catalogue[name] = (command, {**env, **dict(a.split("=", 1) for a in assignments.split(",") if a)})
+            args.servers.append(name)
+        results: dict[str, list[dict]] = {name: [] for name in args.servers + ["bridge-sip"] * args.sip}
         for name in args.servers:
             command, env = catalogue[name]
             if "TWILIO_AUTH_TOKEN" in env and args.redis_url:  # the bridge and its variants

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
+from pathlib import Path
 
 import pytest
 
+from tests.redis_server import free_port
 from tests.support import BENCH
 
 sys.path.insert(0, str(BENCH))  # capacity imports perf_stacks, beside it
@@ -66,3 +69,25 @@ def test_capacity_cpu_busy_counts_the_machine_or_the_cpus_asked_for_each_tick_on
 def test_capacity_machine_busy_reads_this_machines_cpus() -> None:
     busy, total = capacity.machine_busy_s(frozenset({min(CPUS)}))
     assert 0 <= busy <= total and total > 0
+
+
+def _children() -> set[int]:
+    """This process's children, running or not yet reaped, from /proc."""
+    pids = set()
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError):
+            if int(stat.read_text().rsplit(")", 1)[1].split()[1]) == os.getpid():
+                pids.add(int(stat.parent.name))
+    return pids
+
+
+def test_capacity_start_kills_a_process_whose_health_never_answers() -> None:
+    before = _children()
+    with pytest.raises(SystemExit, match="did not come up"):
+        capacity.start(
+            [sys.executable, "-c", "import time; time.sleep(60)"],
+            {},
+            f"http://127.0.0.1:{free_port()}/healthz",
+            timeout_s=0.3,
+        )
+    assert _children() - before == set()
