@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -15,6 +16,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import httpx
+import pytest
 from twilio.request_validator import RequestValidator
 
 from telephony_bridge.serving import ServerThread
@@ -199,6 +201,16 @@ class BridgeProcess:
         _, rest = self.proc.communicate(timeout=timeout_s)
         self.lines += [json.loads(line) for line in rest.splitlines() if line.startswith("{")]
         return self.proc.returncode
+
+
+def tool(name: str) -> str:
+    """A command-line tool the test needs: skipped where it is missing, but under CI its absence fails."""
+    path = shutil.which(name)
+    if path is None:
+        if os.environ.get("CI"):
+            pytest.fail(f"CI must run this check, but {name!r} is not installed (.ci/run installs it)")
+        pytest.skip(f"{name} is not installed")
+    return path
 
 
 BENCH = Path(__file__).resolve().parent.parent / "bench"

@@ -5,14 +5,13 @@ from __future__ import annotations
 
 import asyncio
 import os
-import shutil
 import ssl
 import sys
 from pathlib import Path
 
 import pytest
 
-from tests.support import BENCH
+from tests.support import BENCH, tool
 
 sys.path.insert(0, str(BENCH))
 from tls_relay import TlsRelay  # bench/ is no package: imported from its folder
@@ -22,10 +21,7 @@ TIMEOUT_S = 10
 
 @pytest.fixture(autouse=True)
 def _openssl() -> None:
-    if shutil.which("openssl") is None:
-        if os.environ.get("CI"):
-            pytest.fail("CI must have the openssl command to test the benches' TLS relay")
-        pytest.skip("needs the openssl command to make a test certificate")
+    tool("openssl")  # the relay's certificate
 
 
 async def _echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:

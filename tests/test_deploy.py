@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import re
 import shutil
 import signal
@@ -27,23 +26,13 @@ from telephony_bridge.serving import ServerThread
 from telephony_bridge.settings import ServerSettings
 from telephony_bridge.tools.caller import run_call
 from telephony_bridge.tools.emulator import EmulatorConfig, create_emulator_app
-from tests.support import DEVICE_IDS, BridgeProcess, signed_call, wait_until
+from tests.support import DEVICE_IDS, BridgeProcess, signed_call, tool, wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "deploy"
 KUBERNETES_VERSION = "1.30.0"  # the oldest Kubernetes the manifests are meant for
 # Grafana's interval variables, replaced by a duration so the expression parses as plain PromQL.
 GRAFANA_VARIABLES = re.compile(r"\$__(rate_interval|interval|range)\b")
-
-
-def tool(name: str) -> str:
-    """A command-line tool the check needs: skipped where it is missing, but under CI its absence fails."""
-    path = shutil.which(name)
-    if path is None:
-        if os.environ.get("CI"):
-            pytest.fail(f"CI must run this check, but {name!r} is not installed (.ci/run installs it)")
-        pytest.skip(f"{name} is not installed")
-    return path
 
 
 # --- Kubernetes ----------------------------------------------------------------------------------------------

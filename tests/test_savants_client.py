@@ -10,8 +10,6 @@ import base64
 import contextvars
 import gc
 import hashlib
-import os
-import shutil
 import ssl
 import struct
 import subprocess
@@ -26,6 +24,7 @@ import pytest
 from telephony_bridge.errors import SessionError
 from telephony_bridge.savants.client import CLOSE_TIMEOUT_S, SavantsConnection, open_voice_session, tls_context
 from telephony_bridge.savants.protocol import Audio, Notice
+from tests.support import tool
 
 CONFIRMED = b'{"type":"savant_voice_connected","sessionId":"sess_raw"}'
 TEXT, BINARY, CLOSE, PING, PONG, CONTINUATION = 0x1, 0x2, 0x8, 0x9, 0xA, 0x0
@@ -417,13 +416,10 @@ async def test_client_an_audio_handler_that_raises_makes_receive_raise_it() -> N
 def certificate(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     """A self-signed certificate for 127.0.0.1 (openssl's command line): (certificate, key). Without openssl, skip
     locally but fail under CI (the wss:// path must be tested)."""
-    if shutil.which("openssl") is None:
-        if os.environ.get("CI"):
-            pytest.fail("CI must have the openssl command to test the Savants client over wss://")
-        pytest.skip("needs the openssl command to make a test certificate")
+    openssl = tool("openssl")
     folder = tmp_path_factory.mktemp("tls")
     cert, key = folder / "cert.pem", folder / "key.pem"
-    request = ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
+    request = [openssl, "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
     where = ["-keyout", str(key), "-out", str(cert), "-days", "1", "-subj", "/CN=127.0.0.1"]
     subprocess.run([*request, *where, "-addext", "subjectAltName=IP:127.0.0.1"], check=True, capture_output=True)
     return cert, key
