@@ -2,15 +2,21 @@
 
 from __future__ import annotations
 
+import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import httpx
 import numpy as np
+import pytest
 
 from telephony_bridge.audio.codec import pcm16_to_ulaw, ulaw_to_pcm16
 from telephony_bridge.serving import ServerThread
 from telephony_bridge.tools.caller import read_wav, run_call
-from tests.support import emulator_stats, signed_call, wait_until
+from tests.support import BENCH, bridge_settings, emulator_stats, signed_call, tool, wait_until
+
+sys.path.insert(0, str(BENCH))
+from tls_relay import TlsRelay  # bench/ is no package: imported from its folder
 
 DATA = Path(__file__).parent / "data"
 
@@ -77,3 +83,32 @@ async def test_end_to_end_speech_quality_matches_the_mulaw_floor(emulator: Serve
     ours_mos = pesq(8000, speech.astype(float), aligned, "nb")
     floor_mos = pesq(8000, speech.astype(float), floor, "nb")
     assert ours_mos >= floor_mos - 0.1, f"PESQ {ours_mos:.2f} vs the μ-law floor {floor_mos:.2f}"
+
+
+# --- Savants over wss:// ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("preconnect", [False, True], ids=["at-stream-start", "preconnected"])
+async def test_end_to_end_over_wss_every_connection_uses_the_tls_context_built_at_start_up(
+    preconnect: bool,
+    emulator: ServerThread,
+    start_bridge: Callable[..., ServerThread],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The emulator's voice stream behind a TLS relay whose certificate only SSL_CERT_FILE trusts, and only while
+    the bridge starts: a context built later, for a connection (the loop's default), would not trust it, so a
+    call that is heard shows the connection used the one context app.py built at start-up."""
+    tool("openssl")  # the relay's certificate
+    relay = TlsRelay(emulator.port, tmp_path, process=True)
+    try:
+        monkeypatch.setenv("SSL_CERT_FILE", str(relay.bundle))
+        url = f"wss://127.0.0.1:{relay.port}/voice-stream"
+        bridge = start_bridge(bridge_settings(emulator, **{"savants.ws_url": url, "savants.preconnect": preconnect}))
+        monkeypatch.delenv("SSL_CERT_FILE")
+        result = await run_call(signed_call(bridge, audio_in=speech_band_noise(), seconds=2.5))
+        stats = emulator_stats(emulator)
+        assert (result.ended_by, result.violations, stats["sessions_opened"]) == ("caller", [], 1)
+        assert result.heard_s > 1.0
+    finally:
+        relay.close()
