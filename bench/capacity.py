@@ -222,7 +222,10 @@ class Pinning:
     @classmethod
     def parse(cls, text: str) -> Pinning:
         available = frozenset(os.sched_getaffinity(0))
-        server = frozenset(int(cpu) for cpu in text.split(","))
+        try:
+            server = frozenset(int(cpu) for cpu in text.split(","))
+        except ValueError:
+            raise ValueError(f"expected CPU numbers separated by commas (e.g. 0 or 0,1), got {text!r}") from None
         if not server <= available or not available - server:
             raise ValueError(
                 f"expected some of CPUs {sorted(available)}, leaving at least one for the load, got {text!r}"
@@ -694,6 +697,8 @@ def main() -> int:
         parser.error("--profile needs py-spy (not found next to this Python or on PATH): pip install py-spy")
     if sum(map(bool, (args.profile, args.perf, args.perf_stacks))) > 1:
         parser.error("--profile, --perf and --perf-stacks each record the same window: choose one")
+    if args.savants_tls and shutil.which("openssl") is None:
+        parser.error("--savants-tls needs the openssl command, to make the relay's certificate")
     if args.perf and shutil.which("perf") is None:
         parser.error("--perf needs perf (Debian: linux-perf)")
     try:

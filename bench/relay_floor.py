@@ -40,6 +40,7 @@ from starlette.routing import Route
 from telephony_bridge.audio.kernels import UlawUpsampler
 from telephony_bridge.audio.pipeline import AiToCaller
 from telephony_bridge.close_codes import echo_code
+from telephony_bridge.savants.client import tls_context
 from telephony_bridge.serving import uvicorn_config
 from telephony_bridge.twilio.outbound_messages import MediaMessages
 from telephony_bridge.twilio.protocol import media_audio
@@ -49,6 +50,7 @@ from telephony_bridge.ws_handoff import Connection
 BASE_URL = os.environ.get("SAVANTS_BASE_URL", "http://127.0.0.1:8081").rstrip("/")
 TOKEN_URL = BASE_URL + "/api/websocket-voice/token"
 WS_URL = os.environ.get("SAVANTS_WS_URL") or BASE_URL.replace("http", "ws", 1) + "/voice-stream"  # as the bridge
+TLS_CONTEXT = tls_context(WS_URL)  # for wss:// (capacity.py --savants-tls): built once, as the bridge does
 API_KEY = os.environ.get("SAVANTS_API_KEY", "")
 DEVICES = itertools.cycle(os.environ.get("SAVANTS_DEVICE_IDS", "device").split(","))
 CONFIRMATIONS = ("savant_voice_connected", "vapi_connected")  # the docs use both (spec §6.4)
@@ -127,7 +129,12 @@ class RelayCall(WSListener):  # type: ignore[misc]
             async with asyncio.timeout(OPEN_TIMEOUT_S):
                 token = await self._relay.token()
                 transport, _ = await ws_connect(
-                    lambda: leg, WS_URL, websocket_handshake_timeout=OPEN_TIMEOUT_S, proxy=None, use_aiofastnet=False
+                    lambda: leg,
+                    WS_URL,
+                    websocket_handshake_timeout=OPEN_TIMEOUT_S,
+                    proxy=None,
+                    use_aiofastnet=False,
+                    ssl_context=TLS_CONTEXT,
                 )
                 transport.send(_TEXT, token.encode())
                 confirmed = await leg.confirmed

@@ -45,11 +45,12 @@ class TlsRelay:
         else:
             threading.Thread(target=_run, args=args, daemon=True, name="tls-relay").start()
         if not receiving.poll(10):
+            self.close()
             raise SystemExit("the TLS relay did not start")
         self.port: int = receiving.recv()
 
     def close(self) -> None:
-        """Stop the relay's process (a thread ends with this process)."""
+        """Stop the relay's process (a thread, a daemon, ends with this process: tests and setup_cost.py)."""
         if self._process is not None:
             self._process.terminate()
             self._process.join()
@@ -67,7 +68,11 @@ async def _serve(cert: Path, key: Path, target_port: int, started: Connection) -
     context.load_cert_chain(cert, key)
 
     async def relay(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        target_reader, target_writer = await asyncio.open_connection("127.0.0.1", target_port)
+        try:
+            target_reader, target_writer = await asyncio.open_connection("127.0.0.1", target_port)
+        except OSError:
+            writer.close()  # the emulator is gone: so is this client's connection
+            return
         await asyncio.gather(_pump(reader, target_writer), _pump(target_reader, writer), return_exceptions=True)
 
     server = await asyncio.start_server(relay, "127.0.0.1", 0, ssl=context)

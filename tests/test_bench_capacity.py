@@ -30,6 +30,8 @@ def test_capacity_pinning_refuses_cpus_it_cannot_have_or_leaving_none_for_the_lo
         capacity.Pinning.parse(",".join(map(str, sorted(CPUS))))
     with pytest.raises(ValueError, match="leaving at least one for the load"):
         capacity.Pinning.parse(str(max(CPUS) + 1000))
+    with pytest.raises(ValueError, match="CPU numbers separated by commas"):
+        capacity.Pinning.parse("0-1")  # a range, as taskset takes: not this option's form
 
 
 def test_capacity_pinning_counts_each_sides_busy_cores() -> None:
