@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import importlib.util
-import os
+import subprocess
 import sys
 
 import pytest
 
-from tests.support import BENCH
+from tests.support import BENCH, wait_until
 
 sys.path.insert(0, str(BENCH))  # setup_cost imports capacity, beside it
 _spec = importlib.util.spec_from_file_location("setup_cost", BENCH / "setup_cost.py")
@@ -23,7 +23,14 @@ def test_intercept_splits_cost_once_from_cost_per_second() -> None:
     assert (once, per_second) == (pytest.approx(0.003), pytest.approx(0.008))
 
 
-def test_thread_cpu_s_counts_this_process() -> None:
-    before = setup_cost.thread_cpu_s(os.getpid())
-    sum(i * i for i in range(200_000))  # some CPU
-    assert setup_cost.thread_cpu_s(os.getpid()) > before
+def test_thread_cpu_s_counts_a_processs_cpu() -> None:
+    """A child that burns 0.2 s of CPU, then sleeps: its threads' count reaches that (a process of one thread,
+    since a thread that exits leaves the count: this test process's threads come and go with other tests)."""
+    burn = "import time\nt = time.process_time()\nwhile time.process_time() - t < 0.2: pass\ntime.sleep(30)"
+    child = subprocess.Popen([sys.executable, "-c", burn])
+    try:
+        wait_until(lambda: setup_cost.thread_cpu_s(child.pid) >= 0.2, 10, "the child's 0.2 CPU-s")
+        assert setup_cost.thread_cpu_s(child.pid) < 1.0  # and not much more: it sleeps after
+    finally:
+        child.kill()
+        child.wait()
