@@ -714,6 +714,7 @@ def main() -> int:
     server_cpus, load_cpus = (pinning.server, pinning.load) if pinning else (None, None)
     if pinning:
         print(f"servers on CPUs {sorted(pinning.server)}; emulator and callers on CPUs {sorted(pinning.load)}")
+        os.sched_setaffinity(0, pinning.load)  # this process too, and what it starts unpinned (perf, py-spy)
     python = sys.executable
     emulator_port = free_port()
     emulator = start(

@@ -19,20 +19,24 @@ from multiprocessing.connection import Connection
 from pathlib import Path
 
 
+def make_certificate(folder: Path, openssl: str = "openssl") -> tuple[Path, Path]:
+    """A self-signed certificate for 127.0.0.1, valid for a day, made by openssl's command line in ``folder``:
+    (certificate, key)."""
+    cert, key = folder / "cert.pem", folder / "key.pem"
+    request = [openssl, "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
+    names = ["-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1"]
+    where = ["-keyout", str(key), "-out", str(cert), "-days", "1"]
+    subprocess.run([*request, *where, *names], check=True, capture_output=True)
+    return cert, key
+
+
 class TlsRelay:
     """One relay, up once constructed: clients connect to ``port`` and trust ``bundle``; ``close()`` stops it."""
 
     def __init__(
         self, target_port: int, folder: Path, *, process: bool = False, cpus: frozenset[int] | None = None
     ) -> None:
-        self.cert, self._key = folder / "cert.pem", folder / "key.pem"
-        request = ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
-        names = ["-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1"]
-        subprocess.run(
-            [*request, "-keyout", str(self._key), "-out", str(self.cert), "-days", "1", *names],
-            check=True,
-            capture_output=True,
-        )
+        self.cert, self._key = make_certificate(folder)
         self.bundle = folder / "bundle.pem"  # the system's CAs and ours, so a default context costs what it costs
         system = Path(ssl.get_default_verify_paths().cafile or "/etc/ssl/certs/ca-certificates.crt")
         self.bundle.write_bytes(system.read_bytes() + b"\n" + self.cert.read_bytes())

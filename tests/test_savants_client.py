@@ -12,7 +12,7 @@ import gc
 import hashlib
 import ssl
 import struct
-import subprocess
+import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
@@ -24,7 +24,10 @@ import pytest
 from telephony_bridge.errors import SessionError
 from telephony_bridge.savants.client import CLOSE_TIMEOUT_S, SavantsConnection, open_voice_session, tls_context
 from telephony_bridge.savants.protocol import Audio, Notice
-from tests.support import tool
+from tests.support import BENCH, tool
+
+sys.path.insert(0, str(BENCH))
+from tls_relay import make_certificate  # bench/ is no package: imported from its folder
 
 CONFIRMED = b'{"type":"savant_voice_connected","sessionId":"sess_raw"}'
 TEXT, BINARY, CLOSE, PING, PONG, CONTINUATION = 0x1, 0x2, 0x8, 0x9, 0xA, 0x0
@@ -416,13 +419,7 @@ async def test_client_an_audio_handler_that_raises_makes_receive_raise_it() -> N
 def certificate(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     """A self-signed certificate for 127.0.0.1 (openssl's command line): (certificate, key). Without openssl, skip
     locally but fail under CI (the wss:// path must be tested)."""
-    openssl = tool("openssl")
-    folder = tmp_path_factory.mktemp("tls")
-    cert, key = folder / "cert.pem", folder / "key.pem"
-    request = [openssl, "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
-    where = ["-keyout", str(key), "-out", str(cert), "-days", "1", "-subj", "/CN=127.0.0.1"]
-    subprocess.run([*request, *where, "-addext", "subjectAltName=IP:127.0.0.1"], check=True, capture_output=True)
-    return cert, key
+    return make_certificate(tmp_path_factory.mktemp("tls"), tool("openssl"))
 
 
 def test_client_tls_context_is_the_default_one_and_only_for_wss() -> None:
