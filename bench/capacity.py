@@ -733,10 +733,7 @@ def main() -> int:
         if args.savants_tls:
             folder = Path(folders.enter_context(tempfile.TemporaryDirectory(prefix="tls-")))
             relay = TlsRelay(emulator_port, folder, process=True, cpus=load_cpus)
-            tls_env = {
-                "SAVANTS_WS_URL": f"wss://127.0.0.1:{relay.port}/voice-stream",
-                "SSL_CERT_FILE": str(relay.bundle),
-            }
+            tls_env = relay.env()
             print(f"the servers' voice streams over wss:// (a TLS relay on port {relay.port}); tokens stay on http")
         if args.workers > 1 and not args.redis_url:
             redis_port = free_port()
@@ -781,18 +778,10 @@ def main() -> int:
                     process, url = running[name]
                     first = name == args.servers[0] and calls == levels[0]
                     profile, perf, stacks = (args.profile, args.perf, args.perf_stacks) if first else (None,) * 3
-                    figures = measure(
-                        pool,
-                        args.load_procs,
-                        process.pid,
-                        url,
-                        calls,
-                        args.seconds,
-                        profile,
-                        perf=perf,
-                        stacks=stacks,
-                        pinning=pinning,
-                    )
+                    level = functools.partial(
+                        measure, pool, args.load_procs, process.pid, url, calls, args.seconds, pinning=pinning
+                    )  # this server at this level: over Twilio, and over SIP below
+                    figures = level(profile, perf=perf, stacks=stacks)
                     results[name].append(figures)
                     print(line(name, figures), flush=True)
                     if profile:
@@ -804,16 +793,7 @@ def main() -> int:
                     if sip_port is not None and name == "bridge":
                         time.sleep(3.0)
                         target = f"sip:ai@127.0.0.1:{sip_port}"
-                        sip = measure(
-                            pool,
-                            args.load_procs,
-                            process.pid,
-                            url,
-                            calls,
-                            args.seconds,
-                            sip_target=target,
-                            pinning=pinning,
-                        )
+                        sip = level(sip_target=target)
                         results["bridge-sip"].append(sip)
                         print(line("bridge-sip", sip), flush=True)
                     if args.knee:

@@ -192,11 +192,7 @@ def main() -> int:
         command, env = capacity.servers(args.server_python, emulator_port, 1)["bridge"]
         if args.tls:
             relay = TlsRelay(emulator_port, Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="tls-"))))
-            env = {
-                **env,
-                "SAVANTS_WS_URL": f"wss://127.0.0.1:{relay.port}/voice-stream",
-                "SSL_CERT_FILE": str(relay.bundle),
-            }
+            env = {**env, **relay.env()}
             print(f"voice stream over wss:// (a TLS relay on port {relay.port}); the bridge trusts {relay.bundle}")
         port = capacity.free_port()
         bridge = capacity.start(command, {**env, "PORT": str(port)}, f"http://127.0.0.1:{port}/healthz")

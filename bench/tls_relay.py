@@ -53,6 +53,10 @@ class TlsRelay:
             raise SystemExit("the TLS relay did not start")
         self.port: int = receiving.recv()
 
+    def env(self) -> dict[str, str]:
+        """What a server's environment needs to reach the emulator's voice stream through the relay, trusting it."""
+        return {"SAVANTS_WS_URL": f"wss://127.0.0.1:{self.port}/voice-stream", "SSL_CERT_FILE": str(self.bundle)}
+
     def close(self) -> None:
         """Stop the relay's process (a thread, a daemon, ends with this process: tests and setup_cost.py)."""
         if self._process is not None:
