@@ -23,9 +23,9 @@ from urllib.parse import urlsplit
 import httpx
 
 from telephony_bridge.clock import Clock, SystemClock
-from telephony_bridge.tools.caller import CallResult, new_sid
+from telephony_bridge.tools.caller import CallResult, new_sid, run_call
 from telephony_bridge.tools.commands import HTTP_TIMEOUT_S, auth_token_or_env, load_caller_audio
-from telephony_bridge.tools.twilio_flow import FlowResult, Outcome, http_base, run_flow
+from telephony_bridge.tools.twilio_flow import FlowResult, Outcome, StreamRunner, http_base, run_flow
 
 # Beyond its ``seconds``, a call may spend this long on the webhook, the handshake, the close and the action.
 CALL_OVERHEAD_S = 30.0
@@ -226,10 +226,12 @@ async def run_load(
     *,
     deadline_s: float | None = None,
     clock: Clock | None = None,
+    run_stream: StreamRunner = run_call,
 ) -> LoadResult:
     """Place ``calls`` calls through ``bridge_ws_url`` (``ws://127.0.0.1:PORT/media-stream``).
 
     ``deadline_s`` bounds the whole run (default: the ramp plus every wave of calls with generous overhead).
+    ``run_stream`` plays each call's media stream (``twilio_flow.run_flow``).
     Raises ``ValueError`` for arguments out of range, a non-loopback bridge or an unusable WAV.
     """
     if calls < 1 or concurrency < 1 or not seconds > 0 or ramp_s < 0:
@@ -267,6 +269,7 @@ async def run_load(
                             public_url=public_url,
                             call_sid=call_sid,
                             clock=clock,
+                            run_stream=run_stream,
                         )
             except TimeoutError:
                 flows[i] = FlowResult(call_sid, None, None, None, f"cut off by the run's {deadline_s:g} s deadline")

@@ -10,7 +10,7 @@ same path, but signatures cover the public URL exactly as given. A bridge behind
 from __future__ import annotations
 
 import xml.etree.ElementTree as ET
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Literal
 from urllib.parse import urlencode, urljoin, urlsplit, urlunsplit
@@ -31,6 +31,8 @@ API_VERSION = "2010-04-01"
 SAY_SHOWN_CHARS = 40  # a summary shows the start of each <Say>
 
 Outcome = Literal["served", "busy", "failed"]
+# Plays one media stream: ``caller.run_call`` by default; bench/lean_callers.py passes its cheaper callers.
+StreamRunner = Callable[[CallConfig], Awaitable[CallResult]]
 
 
 class FlowError(BridgeError):
@@ -321,8 +323,11 @@ async def run_flow(
     call_sid: str | None = None,
     clock: Clock | None = None,
     open_timeout_s: float = 10.0,
+    run_stream: StreamRunner = run_call,
 ) -> FlowResult:
-    """One whole call: webhook, stream, and what follows it. Failures of the bridge are in the result."""
+    """One whole call: webhook, stream, and what follows it. Failures of the bridge are in the result.
+
+    ``run_stream`` plays the stream; it raises what ``run_call`` raises when the stream cannot be opened."""
     call_sid, account_sid = call_sid or new_sid("CA"), new_sid("AC")
     try:
         placed = await place_call(
@@ -357,7 +362,7 @@ async def run_flow(
     call: CallResult | None = None
     errors: list[str] = []
     try:
-        call = await run_call(config)
+        call = await run_stream(config)
     except (OSError, TimeoutError, WebSocketException) as exc:
         errors.append(f"stream {config.url}: {exc or type(exc).__name__}")
     if call is not None and call.ended_by == "caller":
