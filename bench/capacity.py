@@ -3,6 +3,7 @@
     .venv/bin/python bench/capacity.py [--calls 50 100] [--seconds 20] [--servers bridge naive]
     .venv/bin/python bench/capacity.py --knee 50 400 50 --seconds 12       # ramp until latency or underruns
     .venv/bin/python bench/capacity.py --knee 50 200 25 --seconds 12 --servers bridge --server-cpus 0  # one core
+    .venv/bin/python bench/capacity.py --knee 50 300 25 --seconds 12 --servers bridge --server-cpus 0 --callers lean
     .venv/bin/python bench/capacity.py --variant nogc:BRIDGE__SERVER__GC_TUNING=false   # A/B a setting
     .venv/bin/python bench/capacity.py --workers 2 --servers bridge         # serve --workers 2 (own redis)
     .venv/bin/python bench/capacity.py --calls 20 --seconds 12 --sip --servers bridge   # + a SIP row
@@ -14,7 +15,8 @@ samples; ``echo``: ``bench/echo_server.py``, a bare WebSocket echo, the floor; `
 on picows, the floor of the bridge's own media-stream WebSocket; ``relay-picows``: ``bench/relay_floor.py``,
 both legs on the bridge's stack with its message counts and conversions and nothing else, the floor of a
 call), and the simulated callers
-(``loadtest``'s Twilio flow with speech both ways, spread over ``--load-procs`` processes). Each load level
+(``loadtest``'s Twilio flow with speech both ways, spread over ``--load-procs`` processes; ``--callers lean``:
+bench/lean_callers.py's, the same calls and figures for a fraction of the load's CPU). Each load level
 runs against every server in turn, so the ratio compares figures taken minutes apart on the same machine.
 
 Per server and load level:
@@ -73,6 +75,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import httpx
+import lean_callers  # bench/, beside this script
 import perf_stacks  # bench/, beside this script
 from prometheus_client.parser import text_string_to_metric_families
 from tls_relay import TlsRelay  # bench/, beside this script
@@ -275,12 +278,14 @@ def start(
     return process
 
 
-def _load_part(url: str, calls: int, seconds: float, start_at: float) -> LoadResult:
-    """One load process's share of the calls; what the callers heard is dropped (only the figures travel)."""
+def _load_part(url: str, calls: int, seconds: float, start_at: float, callers: str = "full") -> LoadResult:
+    """One load process's share of the calls; what the callers heard is dropped (only the figures travel).
+    ``callers``: ``full`` (``tools.caller``) or ``lean`` (bench/lean_callers.py, the same calls for less CPU)."""
+    load = lean_callers.run_load if callers == "lean" else run_load
 
     async def run() -> LoadResult:
         await asyncio.sleep(max(0.0, start_at - time.monotonic()))  # CLOCK_MONOTONIC is system-wide on Linux
-        return await run_load(url, calls, calls, seconds, RAMP_S, AUTH_TOKEN, PUBLIC_URL, wav=WAV)
+        return await load(url, calls, calls, seconds, RAMP_S, AUTH_TOKEN, PUBLIC_URL, wav=WAV)
 
     result = asyncio.run(run())
     flows = tuple(
@@ -316,12 +321,13 @@ def measure(
     perf: str | None = None,
     stacks: str | None = None,
     pinning: Pinning | None = None,
+    callers: str = "full",
 ) -> dict:
     """Run ``calls`` calls of ``seconds`` against the server ``pid`` and return its figures; with ``profile``,
     py-spy records the server over the steady window into that file (collapsed stacks), with ``perf`` perf
     does, with ``stacks`` perf does with Python stacks (``perf_stacks``: its summary goes to that file); with
     ``sip_target``, the calls are SIP calls to it instead of Twilio calls to ``url``; with ``pinning``, each
-    side's busy cores too."""
+    side's busy cores too; ``callers``: which simulated callers place the Twilio calls (``_load_part``)."""
     idle_rss = rss_kb(pid)
     http_url = url.replace("ws://", "http://").removesuffix("/media-stream")
     counters_before = bridge_counters(http_url)
@@ -330,7 +336,7 @@ def measure(
     if sip_target:
         futures = [pool.submit(_sip_part, sip_target, n, seconds, start_at) for n in shares if n]
     else:
-        futures = [pool.submit(_load_part, url, n, seconds, start_at) for n in shares if n]
+        futures = [pool.submit(_load_part, url, n, seconds, start_at, callers) for n in shares if n]
     time.sleep(max(0.0, start_at - time.monotonic()))
     whole_before = cpu_s(pid)
     time.sleep(RAMP_S + 1.5)  # every call is up and talking
@@ -658,6 +664,13 @@ def main() -> int:
     )
     parser.add_argument("--load-procs", type=int, default=2, help="processes the simulated callers run in")
     parser.add_argument(
+        "--callers",
+        choices=["full", "lean"],
+        default="full",
+        help="the simulated Twilio callers: full (tools.caller) or lean (bench/lean_callers.py: the same calls and "
+        "figures for a fraction of the load's CPU)",
+    )
+    parser.add_argument(
         "--server-cpus",
         metavar="CPUS",
         help="run the servers under test (and redis) on these CPUs only, e.g. 0, and the emulator and callers on the "
@@ -769,7 +782,7 @@ def main() -> int:
         with ProcessPoolExecutor(max_workers=args.load_procs, **pin_load) as pool:
             for name in args.servers:  # a warm-up, not reported: see WARM_UP_S
                 process, url = running[name]
-                measure(pool, args.load_procs, process.pid, url, levels[0], WARM_UP_S)
+                measure(pool, args.load_procs, process.pid, url, levels[0], WARM_UP_S, callers=args.callers)
                 time.sleep(1.0)
             for calls in levels:
                 for name in args.servers:
@@ -779,7 +792,15 @@ def main() -> int:
                     first = name == args.servers[0] and calls == levels[0]
                     profile, perf, stacks = (args.profile, args.perf, args.perf_stacks) if first else (None,) * 3
                     level = functools.partial(
-                        measure, pool, args.load_procs, process.pid, url, calls, args.seconds, pinning=pinning
+                        measure,
+                        pool,
+                        args.load_procs,
+                        process.pid,
+                        url,
+                        calls,
+                        args.seconds,
+                        pinning=pinning,
+                        callers=args.callers,
                     )  # this server at this level: over Twilio, and over SIP below
                     figures = level(profile, perf=perf, stacks=stacks)
                     results[name].append(figures)

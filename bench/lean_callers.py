@@ -1,0 +1,672 @@
+"""Lean simulated Twilio callers for bench/capacity.py (``--callers lean``): the same calls as
+``tools.caller.SimulatedCall``, at a fraction of its CPU, so the load's core stops being the limit of a
+one-core knee (``--server-cpus 0``).
+
+    .venv/bin/python bench/lean_callers.py --compare --calls 20 --seconds 8 [--server relay-picows]
+
+Each call is Twilio's whole flow (``twilio_flow.run_flow``: the signed ``/voice`` webhook, the stream URL and
+``<Parameter>``s from its TwiML, the ``<Connect action>`` afterwards); only the media stream is played here:
+``connected``, ``start``, a ``media`` every 20 ms on an absolute schedule with ``timestamp``, ``chunk`` and a
+``sequenceNumber`` counting every message sent, marks echoed when ``Playout`` has played their audio, ``stop``
+after ``seconds``, then close (spec: twilio-media-streams.md §3, §4). What makes it cheap:
+
+- one process-wide timer (``Beat``) drives every call: no task per call, no wake-up per call per frame;
+- the socket is picows (as the bridge's legs are), its frames read in its callback;
+- a ``media`` message is one ``bytes %`` of a per-call template with the frame's base64, encoded once per run;
+- what the bridge sends is read with one typed msgspec pass, not ``parse_outbound``'s exact field check.
+
+The figures keep ``SimulatedCall``'s meaning (``CallResult``, so ``LoadResult`` and capacity.py read them
+unchanged), with these simplifications:
+
+- ``heard`` is empty: nothing keeps what was played (``heard_s`` and ``first_heard_s`` are still counted);
+- a call's frames go out on its phase of the beat: ``PHASES`` phases 5 ms apart, each call on the least
+  used one, its ``start`` on its first tick with frame 0 (so up to 20 ms after ``connected``) and every time in
+  the result counted from there, as ``SimulatedCall`` counts from its ``start``;
+- a message the bridge sends is a violation when it is not JSON, not ``media``/``mark``/``clear``, lacks the
+  field its event needs, carries an invalid base64 payload or another stream's ``streamSid``, or comes in a
+  binary or fragmented frame; extra or missing other fields (31951 for Twilio) are not checked;
+- no DTMF, no ``start_delay_s``, no backpressure (the bridge reads all the time); time is the event loop's clock
+  (``CallConfig.clock`` is not used).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import binascii
+import functools
+import logging
+import os
+import resource
+import sys
+import time
+from collections import deque
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+from typing import Any, Literal
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import msgspec
+import numpy as np
+import numpy.typing as npt
+import orjson
+from picows import WSCloseCode, WSError, WSFrame, WSListener, WSMsgType, WSTransport, ws_connect
+
+from telephony_bridge.audio.codec import (
+    TWILIO_BYTES_PER_MS,
+    TWILIO_FRAME_BYTES,
+    ULAW_SILENCE,
+    pcm16_to_ulaw,
+    ulaw_to_pcm16,
+)
+from telephony_bridge.clock import Clock
+from telephony_bridge.close_codes import echo_code
+from telephony_bridge.tools.caller import AUDIBLE_PEAK, FRAME_S, CallConfig, CallResult, new_sid
+from telephony_bridge.tools.loadtest import LoadResult, percentile
+from telephony_bridge.tools.loadtest import run_load as run_full_load
+from telephony_bridge.tools.twilio_playout import Playout
+from telephony_bridge.twilio.outbound_messages import OutClear, OutMark, OutMedia
+from telephony_bridge.twilio.protocol import Connected, Malformed, Start, Stop, preview
+
+PHASES = 4  # a call's frames go out on one of these evenly spaced points of the 20 ms beat
+NO_STATUS = 1005  # a close frame without a code (RFC 6455 §7.1.5)
+ABNORMAL_CLOSURE = 1006  # no close frame at all, as the websockets library reports it
+_TEXT, _BINARY, _CLOSE, _PING, _PONG = WSMsgType.TEXT, WSMsgType.BINARY, WSMsgType.CLOSE, WSMsgType.PING, WSMsgType.PONG
+_picows_log = logging.getLogger("picows.client")
+
+# μ-law bytes that decode within ±AUDIBLE_PEAK: a frame is audible when anything is left once they are deleted,
+# the test ``caller._audible`` makes on the decoded samples, without decoding.
+QUIET_ULAW = bytes(b for b in range(256) if abs(int(ulaw_to_pcm16(bytes([b]))[0])) <= AUDIBLE_PEAK)
+
+
+def audible(ulaw: bytes) -> bool:
+    return bool(ulaw.translate(None, QUIET_ULAW))
+
+
+# --- messages as bytes ---------------------------------------------------------------------------------------
+
+
+def _sid_json(stream_sid: str) -> bytes:
+    """The streamSid as a JSON string, safe inside a ``%`` template."""
+    return orjson.dumps(stream_sid).replace(b"%", b"%%")
+
+
+def media_template(stream_sid: str) -> bytes:
+    """``Media.to_json()`` as a ``bytes %`` template: ``% (sequence_number, chunk, timestamp_ms, base64)``."""
+    return (
+        b'{"event":"media","sequenceNumber":"%d","media":{"track":"inbound","chunk":"%d","timestamp":"%d",'
+        b'"payload":"%b"},"streamSid":' + _sid_json(stream_sid) + b"}"
+    )
+
+
+def mark_template(stream_sid: str) -> bytes:
+    """``Mark.to_json()`` as a template: ``% (sequence_number, JSON name)``."""
+    return b'{"event":"mark","sequenceNumber":"%d","streamSid":' + _sid_json(stream_sid) + b',"mark":{"name":%b}}'
+
+
+def encode_frames(audio: npt.NDArray[np.int16] | None) -> list[bytes]:
+    """The caller's speech as the base64 payload of each 20 ms frame, the last one padded with silence; after
+    it, every frame is ``SILENCE_B64``."""
+    ulaw = pcm16_to_ulaw(audio) if audio is not None else b""
+    padded = ulaw + bytes([ULAW_SILENCE]) * (-len(ulaw) % TWILIO_FRAME_BYTES)
+    return [
+        binascii.b2a_base64(padded[i : i + TWILIO_FRAME_BYTES], newline=False)
+        for i in range(0, len(padded), TWILIO_FRAME_BYTES)
+    ]
+
+
+SILENCE_B64 = binascii.b2a_base64(bytes([ULAW_SILENCE]) * TWILIO_FRAME_BYTES, newline=False)
+
+
+# --- what the bridge sends, read once --------------------------------------------------------------------------
+
+
+class _Payload(msgspec.Struct):
+    payload: bytes  # msgspec decodes base64 strictly: a bad payload is a ValidationError
+
+
+class _Name(msgspec.Struct):
+    name: str
+
+
+class _Media(msgspec.Struct, tag_field="event", tag="media", rename={"stream_sid": "streamSid"}):
+    stream_sid: str
+    media: _Payload
+
+
+class _Mark(msgspec.Struct, tag_field="event", tag="mark", rename={"stream_sid": "streamSid"}):
+    stream_sid: str
+    mark: _Name
+
+
+class _Clear(msgspec.Struct, tag_field="event", tag="clear", rename={"stream_sid": "streamSid"}):
+    stream_sid: str
+
+
+_decode = msgspec.json.Decoder(_Media | _Mark | _Clear).decode
+
+
+def read_outbound(data: bytes, stream_sid: str) -> OutMedia | OutMark | OutClear | Malformed:
+    """One text message from the bridge: what Twilio would act on, or why it is a violation (see the module's
+    docstring for what is not checked). The reason names the event when there is one."""
+    try:
+        message = _decode(data)
+    except msgspec.DecodeError as exc:
+        try:
+            event = orjson.loads(data).get("event")
+        except (orjson.JSONDecodeError, AttributeError):
+            return Malformed(f"not a JSON object (31951): {preview(data)}")
+        return Malformed(f"event {event!r} unreadable (31951/31924): {exc}")
+    if message.stream_sid != stream_sid:
+        return Malformed(f"streamSid {message.stream_sid!r:.40} is not this stream's (31951)")
+    if type(message) is _Media:
+        return OutMedia(message.media.payload)
+    if type(message) is _Mark:
+        return OutMark(message.mark.name)
+    return OutClear()
+
+
+# --- one call, and the beat that drives them all -----------------------------------------------------------------
+
+
+class LeanCall(WSListener):  # type: ignore[misc]
+    """One call's media stream and its figures; the picows listener of its connection. ``Beat`` calls
+    ``tick`` on its phase; ``result()`` once the connection is gone."""
+
+    def __init__(self, config: CallConfig, frames: list[bytes], beat: Beat) -> None:
+        self.config = config
+        self.account_sid = config.account_sid or new_sid("AC")
+        self.call_sid = config.call_sid or new_sid("CA")
+        self.stream_sid = config.stream_sid or new_sid("MZ")
+        self._beat = beat
+        self._time = time.monotonic  # the figures' clock, as ``SystemClock``'s; the schedule is the loop's
+        self._frames = frames
+        self._media = media_template(self.stream_sid)
+        self._mark = mark_template(self.stream_sid)
+        self._n_frames = round(config.seconds / FRAME_S)
+        self._transport: WSTransport | None = None
+        self._playout = Playout()
+        self._seq = 0
+        self._t0 = 0.0  # the beat's time of frame 0; frame i is due at t0 + i * FRAME_S
+        self._next = 0  # the next frame to play and send
+        self._started_at: float | None = None
+        self._stopped = False  # ``stop`` sent: nothing more goes out
+        self._gone = False  # the bridge's close frame came, or the connection is gone
+        self._close_timer: asyncio.TimerHandle | None = None
+        self.disconnected: asyncio.Future[None] = beat.loop.create_future()
+        self._audible_frames = 0
+        self._first_audio_s: float | None = None
+        self._first_heard_s: float | None = None
+        self._violations: list[str] = []
+        self._marks_echoed: list[str] = []
+        self._sent_at: list[float] = []  # when caller frame i went out
+        self._round_trips: list[float] = []
+        self._awaiting_play: deque[tuple[int, int]] = deque()  # (first byte's index in the AI audio, caller frame)
+        self._heard_round_trips: list[float] = []
+        self._late_messages = 0
+        self._ended_by: Literal["caller", "bridge"] = "caller"
+        self._ended_at: float | None = None
+        self._close_code: int | None = None
+
+    # --- the beat ------------------------------------------------------------------------------------------
+
+    def tick(self, due: float, now: float) -> bool:
+        """Play and send every frame due by ``now`` (more than one only when the loop ran late: the schedule is
+        absolute), ``start`` with the first, which is due at ``due``; both on the loop's clock. Returns False
+        once the call needs no more ticks."""
+        transport = self._transport
+        if self._gone or transport is None:
+            return False
+        if self._started_at is None:
+            start = Start(
+                self.stream_sid, self.call_sid, self.account_sid, custom_parameters=dict(self.config.custom_parameters)
+            )
+            self._seq = 1
+            transport.send(_TEXT, start.to_json().encode())
+            self._t0, self._started_at = due, self._time()
+        playout, frames, media, sent_at = self._playout, self._frames, self._media, self._sent_at
+        i, last = self._next, self._n_frames
+        while i <= last and self._t0 + i * FRAME_S <= now + 1e-6:
+            # The last tick plays nothing: it only releases marks whose audio finished with the call.
+            n_bytes = 0 if i == last else TWILIO_FRAME_BYTES
+            audio, marks = playout.tick(n_bytes)
+            self._heard_round_trips_at(i)
+            if n_bytes and audible(audio):
+                self._audible_frames += 1
+                if self._first_heard_s is None:
+                    self._first_heard_s = self._time() - self._started_at
+            for name in marks:
+                self._echo(name)
+            if i == last:
+                self._stop(transport)
+                return False
+            self._seq += 1
+            # timestamp: ms since the stream started; chunk counts from 1 (§3)
+            transport.send(_TEXT, media % (self._seq, i + 1, i * 20, frames[i] if i < len(frames) else SILENCE_B64))
+            sent_at.append(self._time())
+            i += 1
+        self._next = i
+        return True
+
+    def _heard_round_trips_at(self, tick: int) -> None:
+        """As ``SimulatedCall._heard_round_trips_at``: messages whose first sample this tick played, on the beat;
+        until the first ``clear``."""
+        if self._playout.clears:
+            self._awaiting_play.clear()
+        awaiting, played = self._awaiting_play, self._playout.bytes_played
+        while awaiting and awaiting[0][0] < played:
+            _, frame = awaiting.popleft()
+            self._heard_round_trips.append((tick - frame) * FRAME_S)
+
+    def _echo(self, name: str) -> None:
+        if self._stopped or self._gone or self._transport is None:
+            return
+        self._seq += 1
+        self._transport.send(_TEXT, self._mark % (self._seq, orjson.dumps(name)))
+        self._marks_echoed.append(name)
+
+    def _stop(self, transport: WSTransport) -> None:
+        """``stop``, then our close frame; the connection goes when the bridge answers or after the close
+        timeout, as ``websockets``' ``close()`` does for ``SimulatedCall``."""
+        self._seq += 1
+        transport.send(_TEXT, Stop(self.stream_sid, self.call_sid, self.account_sid, self._seq).to_json().encode())
+        self._stopped = True
+        self._ended_at = self._time()
+        transport.send_close(WSCloseCode.OK)
+        self._close_timer = self._beat.loop.call_later(self.config.close_timeout_s, transport.disconnect, False)
+
+    # --- picows callbacks: run as data arrives; never raise -------------------------------------------------
+
+    def on_ws_connected(self, transport: WSTransport) -> None:
+        self._transport = transport
+
+    def on_ws_frame(self, transport: WSTransport, frame: WSFrame) -> None:
+        kind = frame.msg_type
+        if kind is _TEXT and frame.fin:
+            self._receive(frame.get_payload_as_bytes())
+        elif kind is _CLOSE:
+            self._close_code = int(frame.get_close_code()) or NO_STATUS
+            self._bridge_ended()
+            self._gone = True
+            if not transport.is_close_frame_sent:
+                transport.send_close(echo_code(self._close_code))  # RFC 6455 §5.5.1
+            transport.disconnect()
+        elif kind is not _PING and kind is not _PONG:  # pings: picows answers
+            self._unreadable("binary frame (Twilio error 31950)" if kind is _BINARY else "fragmented message")
+
+    def on_ws_disconnected(self, transport: WSTransport) -> None:
+        self._bridge_ended()
+        self._gone = True
+        if self._close_code is None:
+            self._close_code = ABNORMAL_CLOSURE
+        if self._close_timer is not None:
+            self._close_timer.cancel()
+        if not self.disconnected.done():
+            self.disconnected.set_result(None)
+
+    # --- what the bridge sends -----------------------------------------------------------------------------
+
+    def _receive(self, data: bytes) -> None:
+        """One text message, as ``SimulatedCall._receive`` handles it."""
+        if self._stopped:
+            self._late_messages += 1
+            return
+        if self._started_at is None:
+            self._violation(f"message before 'start' (31951): {data[:60]!r}")
+            return
+        event = read_outbound(data, self.stream_sid)
+        playout = self._playout
+        if type(event) is OutMedia:
+            payload = event.payload
+            # As ``SimulatedCall._round_trip``: byte n of an echo AI's audio is byte n of the caller's, so a
+            # message's first byte dates from when the caller sent that frame (until the first ``clear``).
+            frame = playout.bytes_received // TWILIO_FRAME_BYTES
+            if not playout.clears and frame < len(self._sent_at) and payload:
+                self._round_trips.append(self._time() - self._sent_at[frame])
+                self._awaiting_play.append((playout.bytes_received, frame))
+            playout.push_media(payload)
+            if self._first_audio_s is None and audible(payload):
+                self._first_audio_s = self._time() - self._started_at
+        elif type(event) is OutMark:
+            for name in playout.push_mark(event.name):
+                self._echo(name)
+        elif type(event) is OutClear:
+            for name in playout.clear():
+                self._echo(name)
+        else:
+            self._violation(event.reason)
+
+    def _unreadable(self, reason: str) -> None:
+        if self._stopped:
+            self._late_messages += 1
+        else:
+            self._violation(reason)
+
+    def _violation(self, reason: str) -> None:
+        self._violations.append(reason)
+
+    def _bridge_ended(self) -> None:
+        if not self._stopped and not self._gone:
+            self._ended_by = "bridge"
+            self._ended_at = self._time()
+
+    def result(self) -> CallResult:
+        started, ended = self._started_at, self._ended_at
+        return CallResult(
+            call_sid=self.call_sid,
+            stream_sid=self.stream_sid,
+            heard=np.empty(0, dtype=np.int16),
+            first_audio_s=self._first_audio_s,
+            first_heard_s=self._first_heard_s,
+            heard_s=self._audible_frames * FRAME_S,
+            violations=list(self._violations),
+            marks_echoed=list(self._marks_echoed),
+            clears=self._playout.clears,
+            max_lead_ms=self._playout.max_lead_ms,
+            underruns=self._playout.underruns,
+            round_trips_s=self._round_trips,
+            heard_round_trips_s=self._heard_round_trips,
+            underrun_ms=self._playout.underrun_ms,
+            cut_off_ms=self._playout.buffered_bytes / TWILIO_BYTES_PER_MS,
+            received_ms=self._playout.bytes_received / TWILIO_BYTES_PER_MS,
+            media_sent=len(self._sent_at),
+            late_messages=self._late_messages,
+            ended_by=self._ended_by,
+            close_code=self._close_code,
+            duration_s=(ended - started) if started is not None and ended is not None else 0.0,
+        )
+
+
+class Beat:
+    """The process's one timer: every ``FRAME_S / phases`` it ticks the calls on that phase of the 20 ms beat,
+    on an absolute schedule; it stops while no call is up. A new call joins the least used phase."""
+
+    def __init__(self, phases: int = PHASES) -> None:
+        self.loop = asyncio.get_running_loop()
+        self._phases: list[list[LeanCall]] = [[] for _ in range(phases)]
+        self._step_s = FRAME_S / phases
+        self._base = self.loop.time()
+        self._k = 0  # the next tick: at base + k * step, for phase k % phases
+        self._handle: asyncio.TimerHandle | None = None
+
+    def add(self, call: LeanCall) -> None:
+        min(self._phases, key=len).append(call)
+        if self._handle is None:
+            self._k = int((self.loop.time() - self._base) / self._step_s) + 1
+            self._handle = self.loop.call_at(self._base + self._k * self._step_s, self._tick)
+
+    def discard(self, call: LeanCall) -> None:
+        for phase in self._phases:
+            if call in phase:
+                phase.remove(call)
+
+    def _tick(self) -> None:
+        k = self._k
+        due = self._base + k * self._step_s
+        phase = self._phases[k % len(self._phases)]
+        if phase:
+            now = max(due, self.loop.time())
+            phase[:] = [call for call in phase if call.tick(due, now)]
+        if any(self._phases):
+            self._k = k + 1
+            self._handle = self.loop.call_at(due + self._step_s, self._tick)
+        else:
+            self._handle = None
+
+
+class LeanCallers:
+    """The lean callers of one event loop: ``run_call`` is a ``twilio_flow.StreamRunner``."""
+
+    def __init__(self, phases: int = PHASES) -> None:
+        self._phases = phases
+        self._beat: Beat | None = None
+        self._frames: dict[int, tuple[npt.NDArray[np.int16] | None, list[bytes]]] = {}
+
+    def frames(self, audio: npt.NDArray[np.int16] | None) -> list[bytes]:
+        """``encode_frames(audio)``, once per audio array (a load passes every call the same one)."""
+        cached = self._frames.get(id(audio))
+        if cached is None or cached[0] is not audio:
+            cached = self._frames[id(audio)] = (audio, encode_frames(audio))
+        return cached[1]
+
+    async def run_call(self, config: CallConfig) -> CallResult:
+        """Play one call's stream; raises ``OSError`` or ``TimeoutError`` when it cannot be opened, as
+        ``caller.run_call`` does (``twilio_flow.run_flow`` reports them)."""
+        if self._beat is None:
+            self._beat = Beat(self._phases)
+        beat = self._beat
+        call = LeanCall(config, self.frames(config.audio_in), beat)
+        try:
+            transport, _ = await ws_connect(
+                lambda: call,
+                config.url,
+                extra_headers=dict(config.headers) or None,
+                websocket_handshake_timeout=config.open_timeout_s,
+                logger_name=_picows_log,
+                proxy=None,
+                use_aiofastnet=False,
+            )
+        except WSError as exc:
+            raise ConnectionError(f"{type(exc).__name__}: {exc}") from exc
+        transport.send(_TEXT, CONNECTED)
+        beat.add(call)
+        try:
+            await asyncio.shield(call.disconnected)
+        except asyncio.CancelledError:  # the run's deadline: never leave the socket open
+            transport.disconnect(graceful=False)
+            raise
+        finally:
+            beat.discard(call)
+        return call.result()
+
+
+CONNECTED = Connected().to_json().encode()
+
+
+async def run_load(
+    bridge_ws_url: str,
+    calls: int,
+    concurrency: int,
+    seconds: float,
+    ramp_s: float,
+    auth_token: str | None,
+    public_url: str | None,
+    wav: str | None = None,
+    *,
+    deadline_s: float | None = None,
+    clock: Clock | None = None,
+    phases: int = PHASES,
+) -> LoadResult:
+    """``loadtest.run_load`` with lean callers: the same flows and figures, at the lean callers' cost."""
+    return await run_full_load(
+        bridge_ws_url,
+        calls,
+        concurrency,
+        seconds,
+        ramp_s,
+        auth_token,
+        public_url,
+        wav,
+        deadline_s=deadline_s,
+        clock=clock,
+        run_stream=LeanCallers(phases).run_call,
+    )
+
+
+# --- --compare: the full and the lean callers against the same server, each load's own CPU ----------------------
+
+Figures = dict[str, Any]  # one load's figures, by ``ROWS``' keys
+
+
+def _measured_load(callers: str, url: str, calls: int, seconds: float, start_at: float, phases: int) -> Figures:
+    """In a load process of its own: ``calls`` calls by ``callers``, and this process's CPU over the whole run
+    and over its steady window (every call up); the figures only (``heard`` dropped)."""
+    import capacity  # bench/, beside this script; imported here since it imports this module
+
+    load = functools.partial(run_load, phases=phases) if callers == "lean" else run_full_load
+    window = (start_at + capacity.RAMP_S + 1.0, start_at + seconds - 0.5)
+
+    async def steady() -> tuple[float, float]:
+        await asyncio.sleep(max(0.0, window[0] - time.monotonic()))
+        before = resource.getrusage(resource.RUSAGE_SELF)
+        await asyncio.sleep(max(0.0, window[1] - time.monotonic()))
+        after = resource.getrusage(resource.RUSAGE_SELF)
+        return after.ru_utime - before.ru_utime + after.ru_stime - before.ru_stime, after.ru_stime - before.ru_stime
+
+    async def run() -> tuple[LoadResult, tuple[float, float]]:
+        await asyncio.sleep(max(0.0, start_at - time.monotonic()))
+        steady_task = asyncio.create_task(steady())
+        result = await load(
+            url, calls, calls, seconds, capacity.RAMP_S, capacity.AUTH_TOKEN, capacity.PUBLIC_URL, capacity.WAV
+        )
+        return result, await steady_task
+
+    before = time.process_time()
+    result, (steady_s, kernel_s) = asyncio.run(run())
+    whole_s = time.process_time() - before
+    served = len(result.of("served"))
+    calls_s = [f.call for f in result.flows if f.call is not None]
+    return {
+        "served": served,
+        "failed": len(result.of("failed")),
+        "violations": result.violations,
+        "underruns": result.underruns,
+        "round_trip_ms": _p50_p99(result.round_trips_s),
+        "added_ms": _p50_p99(result.added_s),
+        "heard_added_ms": _p50_p99(result.heard_added_s),
+        "first_audio_p99_ms": _p50_p99(result.first_audio_s)[1],
+        "marks_echoed": sum(len(c.marks_echoed) for c in calls_s),
+        "clears": sum(c.clears for c in calls_s),
+        "media_sent": sum(c.media_sent for c in calls_s),
+        "load_whole_us": 1e6 * whole_s / max(1e-9, served * seconds / FRAME_S),
+        "load_steady_us": 1e6 * steady_s / (window[1] - window[0]) / calls * FRAME_S,
+        "load_kernel_pct": 100 * kernel_s / max(1e-9, steady_s),
+    }
+
+
+def _p50_p99(values_s: list[float]) -> tuple[float | None, float | None]:
+    ms = sorted(v * 1000 for v in values_s)
+    return (percentile(ms, 50), percentile(ms, 99)) if ms else (None, None)
+
+
+def compare(
+    server: str, calls: int, seconds: float, phases: int = PHASES, rounds: int = 2, server_cpus: str | None = None
+) -> int:
+    """Start the emulator and ``server`` as capacity.py does; ``rounds`` times, run the calls with the full
+    callers and then the lean ones, each in a fresh process; print each round's figures side by side, then the
+    ratio of the loads' CPU per round (alternating, since this machine's speed drifts between runs).
+    ``server_cpus``: as capacity.py's ``--server-cpus`` (the server there, the emulator and the loads elsewhere)."""
+    import capacity
+
+    pinning = capacity.Pinning.parse(server_cpus) if server_cpus else None
+    if pinning:
+        os.sched_setaffinity(0, pinning.load)  # and so every process started from here but the server
+    python = sys.executable
+    emulator_port = capacity.free_port()
+    emulator = capacity.start(
+        [python, "-m", "telephony_bridge", "emulator", "--port", str(emulator_port), "--api-key", "bench-key"],
+        {},
+        f"http://127.0.0.1:{emulator_port}/_emulator/stats",
+    )
+    process = None
+    ratios: list[tuple[float, float]] = []
+    try:
+        command, env = capacity.servers(python, emulator_port, 1)[server]
+        port = capacity.free_port()
+        health = f"http://127.0.0.1:{port}/healthz"
+        process = capacity.start(command, {**env, "PORT": str(port)}, health, pinning.server if pinning else None)
+        url = f"ws://127.0.0.1:{port}/media-stream"
+        print(
+            f"{calls} calls of {seconds:g} s against {server} (speech both ways, the emulator's echo voice); the lean "
+            f"calls on {phases} phases of the 20 ms beat"
+            + (f"; the server on CPUs {sorted(pinning.server)}, the rest on {sorted(pinning.load)}" if pinning else "")
+        )
+        for round_ in range(1, rounds + 1):
+            figures = {
+                callers: _round(callers, url, calls, seconds, phases, process.pid) for callers in ("full", "lean")
+            }
+            full, lean = figures["full"], figures["lean"]
+            ratios.append(
+                (lean["load_whole_us"] / full["load_whole_us"], lean["load_steady_us"] / full["load_steady_us"])
+            )
+            print(f"round {round_}\n{_table(figures)}", flush=True)
+    finally:
+        for running in (process, emulator):
+            if running is not None:
+                running.terminate()
+                running.wait()
+    shown = ", ".join(f"{whole:.2f}/{steady:.2f}" for whole, steady in ratios)
+    print(f"lean / full load CPU, whole run/steady, per round: {shown}")
+    return 0
+
+
+def _round(callers: str, url: str, calls: int, seconds: float, phases: int, server_pid: int) -> Figures:
+    """One load in a process of its own, with the server's CPU over the same steady window."""
+    import capacity
+
+    with ProcessPoolExecutor(max_workers=1) as pool:
+        start_at = time.monotonic() + 1.5  # the load process is up and waiting by then
+        future = pool.submit(_measured_load, callers, url, calls, seconds, start_at, phases)
+        window = (start_at + capacity.RAMP_S + 1.0, start_at + seconds - 0.5)
+        time.sleep(max(0.0, window[0] - time.monotonic()))
+        server_before = capacity.cpu_s(server_pid)
+        time.sleep(max(0.0, window[1] - time.monotonic()))
+        server_used = capacity.cpu_s(server_pid) - server_before
+        figures = future.result()
+    time.sleep(2.0)  # the server closes its side and settles
+    return {**figures, "server_steady_us": 1e6 * server_used / (window[1] - window[0]) / calls * FRAME_S}
+
+
+ROWS = {
+    "served": "served",
+    "failed": "failed",
+    "violations": "violations",
+    "underruns": "underruns",
+    "round_trip_ms": "round trip p50/p99 ms",
+    "added_ms": "added p50/p99 ms",
+    "heard_added_ms": "heard added p50/p99 ms",
+    "first_audio_p99_ms": "first audio p99 ms",
+    "marks_echoed": "marks echoed",
+    "clears": "clears",
+    "media_sent": "media sent",
+    "load_whole_us": "load CPU, whole run, µs per call per 20 ms",
+    "load_steady_us": "load CPU, steady, µs per call per 20 ms",
+    "load_kernel_pct": "  of which the kernel's, %",
+    "server_steady_us": "server CPU, steady, µs per call per 20 ms",
+}
+
+
+def _table(figures: dict[str, Figures]) -> str:
+    def shown(value: object) -> str:
+        if isinstance(value, tuple):
+            return "/".join(shown(v) for v in value)
+        return "-" if value is None else f"{value:.1f}" if isinstance(value, float) else str(value)
+
+    lines = [f"{'':44}{'full':>16}{'lean':>16}"]
+    lines += [f"{label:44}" + "".join(f"{shown(f[key]):>16}" for f in figures.values()) for key, label in ROWS.items()]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--compare", action="store_true", help="run the full and the lean callers and compare")
+    parser.add_argument("--calls", type=int, default=20, help="calls in each run (small: the lead measures at scale)")
+    parser.add_argument("--seconds", type=float, default=8.0, help="length of each call (at least 5)")
+    parser.add_argument("--rounds", type=int, default=2, help="full then lean, this many times")
+    parser.add_argument("--phases", type=int, default=PHASES, help="points of the 20 ms beat the lean calls send on")
+    parser.add_argument("--server-cpus", metavar="CPUS", help="as capacity.py's: the server on these CPUs only")
+    parser.add_argument("--server", choices=["bridge", "relay-picows"], default="bridge", help="the server under test")
+    args = parser.parse_args(argv)
+    if not args.compare:
+        parser.error("nothing to do: --compare runs the comparison (capacity.py --callers lean uses these callers)")
+    if args.seconds < 5 or min(args.calls, args.phases, args.rounds) < 1:
+        parser.error("expected --seconds >= 5 (a steady window after the ramp) and --calls, --phases, --rounds >= 1")
+    try:
+        return compare(args.server, args.calls, args.seconds, args.phases, args.rounds, args.server_cpus)
+    except ValueError as exc:
+        parser.error(str(exc))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
