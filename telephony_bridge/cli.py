@@ -8,7 +8,7 @@ import logging
 import os
 import socket
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING
 
 import uvicorn
@@ -27,6 +27,9 @@ if TYPE_CHECKING:
 log = logging.getLogger("telephony_bridge")
 
 DEV_API_KEY = "dev-key"
+# The emulator's HS256 key, when set: another process that checks its tokens (bench/lean_ai.py) shares it.
+# Read from the environment, not a flag, so it is never in a process listing.
+EMULATOR_JWT_SECRET_ENV = "EMULATOR_JWT_SECRET"
 DEV_DEVICE_IDS = ("emulator-device-1", "emulator-device-2")
 
 
@@ -72,7 +75,12 @@ def _parser() -> argparse.ArgumentParser:
     )
     serve.set_defaults(run=run_serve)
 
-    emulator = sub.add_parser("emulator", help="run a local Savants Voice API emulator", formatter_class=fmt)
+    emulator = sub.add_parser(
+        "emulator",
+        help="run a local Savants Voice API emulator",
+        formatter_class=fmt,
+        epilog=f"{EMULATOR_JWT_SECRET_ENV}: the tokens' HS256 key, at least 32 bytes (default: random at start-up)",
+    )
     emulator.add_argument("--host", default="127.0.0.1")
     emulator.add_argument("--port", type=int, default=9100)
     emulator.add_argument("--voice", default="echo", choices=["echo", "tone", "file", "talker"])
@@ -322,12 +330,15 @@ def run_emulator(args: argparse.Namespace) -> int:
     return 0
 
 
-def emulator_config(args: argparse.Namespace) -> EmulatorConfig:
-    """The emulator's flags as a checked ``EmulatorConfig`` (a wrong fault spec raises ``ConfigError``)."""
+def emulator_config(args: argparse.Namespace, env: Mapping[str, str] | None = None) -> EmulatorConfig:
+    """The emulator's flags (and its key from ``env``, the process's environment by default) as a checked
+    ``EmulatorConfig``: a wrong fault spec or a short key raises ``ConfigError``."""
     from telephony_bridge.tools.emulator import EmulatorConfig
     from telephony_bridge.tools.emulator.faults import parse_spec, session_fault_from_mapping, token_fault_from_mapping
 
+    secret = (os.environ if env is None else env).get(EMULATOR_JWT_SECRET_ENV)
     return EmulatorConfig(
+        **({"jwt_secret": secret} if secret else {}),
         api_key=args.api_key,
         voice=args.voice,
         tone_hz=args.tone_hz,

@@ -7,7 +7,7 @@ import logging
 import pytest
 
 from telephony_bridge.app import create_app
-from telephony_bridge.cli import main
+from telephony_bridge.cli import EMULATOR_JWT_SECRET_ENV, _parser, emulator_config, main
 from telephony_bridge.errors import ConfigError
 from telephony_bridge.settings import load_settings
 
@@ -70,3 +70,12 @@ def test_cli_emulator_rejects_a_bad_option_in_one_sentence(capsys: pytest.Captur
     assert main(["emulator", "--voice", "file"]) == 2  # the file voice needs --wav
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "wav_path" in err
+
+
+def test_cli_emulator_takes_its_token_key_from_the_environment_so_another_process_can_share_it() -> None:
+    args = _parser().parse_args(["emulator"])
+    shared = "k" * 32
+    assert emulator_config(args, {EMULATOR_JWT_SECRET_ENV: shared}).jwt_secret == shared
+    assert emulator_config(args, {}).jwt_secret != emulator_config(args, {}).jwt_secret  # random when unset
+    with pytest.raises(ConfigError, match="jwt_secret"):
+        emulator_config(args, {EMULATOR_JWT_SECRET_ENV: "short"})
