@@ -8,6 +8,7 @@
     .venv/bin/python bench/capacity.py --workers 2 --servers bridge         # serve --workers 2 (own redis)
     .venv/bin/python bench/capacity.py --calls 20 --seconds 12 --sip --servers bridge   # + a SIP row
     .venv/bin/python bench/capacity.py --calls 50 --servers bridge --perf perf.data  # CPU by library (perf)
+    .venv/bin/python bench/capacity.py --knee 50 400 50 --servers bridge --server-cpus 0 --ai lean  # lean AI
 
 Three kinds of process on 127.0.0.1: the Savants emulator (voice ``echo``), the servers under test (``bridge``:
 ``telephony-bridge serve``, the real thing; ``naive``: ``bench/naive_bridge.py``, written like the public
@@ -52,6 +53,9 @@ count of underruns by cause tells the AI's late frames, the emulator's, from its
 ``--savants-tls``: the servers reach the emulator's voice stream over ``wss://``, as the bridge reaches Savants in
 production (``bench/tls_relay.py``, in a process of its own on the load's CPUs); without it that leg is plain ws://
 on loopback and its encryption is in no figure.
+``--ai lean``: the servers' voice streams go to ``bench/lean_ai.py`` (on the load's CPUs), an echo that behaves as
+the emulator's for what a server sees at a fraction of its CPU, so the load's cores carry more calls; tokens stay
+with the emulator, which shares its token key with the echo.
 """
 
 from __future__ import annotations
@@ -63,6 +67,7 @@ import dataclasses
 import functools
 import json
 import os
+import secrets
 import shutil
 import socket
 import subprocess
@@ -80,6 +85,7 @@ import perf_stacks  # bench/, beside this script
 from prometheus_client.parser import text_string_to_metric_families
 from tls_relay import TlsRelay  # bench/, beside this script
 
+from telephony_bridge.cli import EMULATOR_JWT_SECRET_ENV
 from telephony_bridge.tools.commands import load_caller_audio
 from telephony_bridge.tools.loadtest import TICKS_PER_S, LoadResult, percentile, process_cpu_s, run_load
 from telephony_bridge.tools.sip_caller import SipCallResult, sip_load
@@ -691,6 +697,13 @@ def main() -> int:
         help="perf with whole Python stacks over the first server's steady window (first level), its summary to "
         "OUT: needs --server-python on Python 3.13+ (bench/perf_stacks.py); perturbs that run",
     )
+    parser.add_argument(
+        "--ai",
+        choices=["emulator", "lean"],
+        default="emulator",
+        help="what the servers' voice streams reach: the emulator, or bench/lean_ai.py (the same echo as the "
+        "bridge sees it, for a fraction of the CPU; tokens stay with the emulator)",
+    )
     parser.add_argument("--sip", action="store_true", help="also run each level over SIP against the bridge")
     parser.add_argument(
         "--savants-tls",
@@ -730,9 +743,10 @@ def main() -> int:
         os.sched_setaffinity(0, pinning.load)  # this process too, and what it starts unpinned (perf, py-spy)
     python = sys.executable
     emulator_port = free_port()
+    token_key = {EMULATOR_JWT_SECRET_ENV: secrets.token_urlsafe(32)}  # the lean echo checks the emulator's tokens
     emulator = start(
         [python, "-m", "telephony_bridge", "emulator", "--port", str(emulator_port), "--api-key", "bench-key"],
-        {},
+        token_key,
         f"http://127.0.0.1:{emulator_port}/_emulator/stats",
         load_cpus,
     )
@@ -741,12 +755,20 @@ def main() -> int:
     folders = contextlib.ExitStack()  # the --savants-tls certificate's
     relay: TlsRelay | None = None
     redis: subprocess.Popen[bytes] | None = None
+    lean: subprocess.Popen[bytes] | None = None
     try:
-        tls_env: dict[str, str] = {}
+        voice_port = emulator_port  # where the servers' voice streams go: the emulator, the lean echo, a relay
+        voice_env: dict[str, str] = {}
+        if args.ai == "lean":
+            voice_port = free_port()
+            command = [python, str(BENCH / "lean_ai.py"), "--port", str(voice_port)]
+            lean = start(command, token_key, f"http://127.0.0.1:{voice_port}/healthz", load_cpus)
+            voice_env = {"SAVANTS_WS_URL": f"ws://127.0.0.1:{voice_port}/voice-stream"}
+            print(f"the servers' voice streams on bench/lean_ai.py (port {voice_port}); tokens from the emulator")
         if args.savants_tls:
             folder = Path(folders.enter_context(tempfile.TemporaryDirectory(prefix="tls-")))
-            relay = TlsRelay(emulator_port, folder, process=True, cpus=load_cpus)
-            tls_env = relay.env()
+            relay = TlsRelay(voice_port, folder, process=True, cpus=load_cpus)
+            voice_env = relay.env()
             print(f"the servers' voice streams over wss:// (a TLS relay on port {relay.port}); tokens stay on http")
         if args.workers > 1 and not args.redis_url:
             redis_port = free_port()
@@ -772,7 +794,7 @@ def main() -> int:
             if args.perf_stacks and name == args.servers[0]:  # the one recorded
                 env = {**env, **perf_stacks.ENV}
             port = free_port()
-            env = {**env, **tls_env}
+            env = {**env, **voice_env}
             process = start(command, {**env, "PORT": str(port)}, f"http://127.0.0.1:{port}/healthz", server_cpus)
             running[name] = (process, f"ws://127.0.0.1:{port}/media-stream")
         levels = list(range(args.knee[0], args.knee[1] + 1, args.knee[2])) if args.knee else args.calls
@@ -834,6 +856,9 @@ def main() -> int:
             process.wait()
         emulator.terminate()
         emulator.wait()
+        if lean is not None:
+            lean.terminate()
+            lean.wait()
         if relay is not None:
             relay.close()
         folders.close()

@@ -20,7 +20,7 @@ byte counts; a text message that is not valid UTF-8 is refused as one that is no
 own: what one timer per slot costs instead of a task per session. Sending never waits for a slow reader.
 
     EMULATOR_JWT_SECRET=... python bench/lean_ai.py --port 9200          # the echo alone
-    python bench/lean_ai.py --compare --calls 20 --seconds 8               # emulator vs lean, same calls
+    python bench/lean_ai.py --compare --calls 20 --seconds 8 [--rounds 3]  # emulator vs lean, same calls
 """
 
 from __future__ import annotations
@@ -387,11 +387,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--calls", type=int, default=20, help="--compare: calls at once (small: the lead measures)")
     parser.add_argument("--seconds", type=float, default=8.0, help="--compare: length of each call")
     parser.add_argument("--load-procs", type=int, default=2, help="--compare: processes the callers run in")
+    parser.add_argument("--rounds", type=int, default=1, help="--compare: alternating runs of each")
     args = parser.parse_args(argv)
     if args.compare:
-        import lean_compare  # bench/, beside this script
+        import lean_compare  # bench/, beside this script: only --compare needs capacity.py and its imports
 
-        return lean_compare.compare(args.calls, args.seconds, args.load_procs)
+        return lean_compare.compare(args.calls, args.seconds, args.load_procs, args.rounds)
     secret = os.environ.get(EMULATOR_JWT_SECRET_ENV)
     if not secret:
         parser.error(f"{EMULATOR_JWT_SECRET_ENV} must hold the emulator's token key (the same for both processes)")
