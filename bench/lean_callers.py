@@ -69,11 +69,11 @@ from telephony_bridge.tools.twilio_playout import Playout
 from telephony_bridge.twilio.outbound_messages import OutClear, OutMark, OutMedia
 from telephony_bridge.twilio.protocol import Connected, Malformed, Start, Stop, preview
 
-# A call's frames go out on one of these evenly spaced points of the 20 ms beat: 1 ms apart, as finely as
-# uvloop's timers fire (Twilio's calls start at any moment, so their frames reach the bridge spread over the beat).
-# Fewer phases cost this load less but hand the bridge each group's frames at once, saving it wake-ups it would
-# not save in production: with 4, the bridge woke 8 times a call-second at 100 calls against 23 under the full
-# callers.
+# A call's frames go out on one of these evenly spaced points of the 20 ms beat: 1 ms apart, as finely as the
+# emulator's and bench/lean_ai.py's timers fire (Twilio's calls start at any moment, so their frames reach the
+# bridge spread over the beat). What bunches the bridge's arrivals more is the number of load processes: at 100
+# calls on a core of its own the bridge woke 8 times a call-second with 2 (4 phases or 20 alike), 17 with 4, and
+# 19-23 under the full callers, so capacity.py's one-core knee runs these with ``--load-procs 4``.
 PHASES = 20
 NO_STATUS = 1005  # a close frame without a code (RFC 6455 §7.1.5)
 ABNORMAL_CLOSURE = 1006  # no close frame at all, as the websockets library reports it
