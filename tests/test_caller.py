@@ -1,10 +1,9 @@
-"""The simulated caller: its playout model (data in, data out) and whole calls against a fake bridge."""
+"""The simulated caller: its playout model (data in, data out) and whole calls against a scripted bridge."""
 
 from __future__ import annotations
 
 import asyncio
 import re
-import threading
 import wave
 from collections.abc import Iterator
 from pathlib import Path
@@ -12,25 +11,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 from starlette.applications import Starlette
-from starlette.routing import WebSocketRoute
-from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from telephony_bridge.audio.analysis import delay_s
 from telephony_bridge.audio.codec import pcm16_to_ulaw, ulaw_to_pcm16
 from telephony_bridge.serving import running
 from telephony_bridge.tools.caller import CallConfig, call_command, read_wav, run_call, write_wav
 from telephony_bridge.tools.twilio_playout import Playout
-from telephony_bridge.twilio.outbound_messages import mark_message, media_message
-from telephony_bridge.twilio.protocol import (
-    Connected,
-    Dtmf,
-    InboundEvent,
-    Mark,
-    Media,
-    Start,
-    Stop,
-    parse_message,
-)
+from telephony_bridge.twilio.protocol import Connected, Dtmf, Mark, Media, Start, Stop
+from tests.scripted_bridge import ScriptedBridge, noise, served
 
 pytestmark = pytest.mark.timeout(10)
 
@@ -123,79 +111,17 @@ def test_playout_heard_length_is_ticks_times_bytes() -> None:
     assert heard == bytes(range(256)) * 3 + b"\xff" * (1001 - 768)
 
 
-# --- whole calls against a fake bridge ---------------------------------------------------------------
-
-
-class FakeBridge:
-    """Waits for ``start``, then echoes each media frame and a mark after it. Paths pick a variant:
-    ``/echo``; ``/malformed`` (the first reply carries an extra ``track`` field, G3); ``/hangup`` (closes
-    after five frames); ``/eager`` (sends a mark as soon as ``connected`` arrives, before ``start``)."""
-
-    def __init__(self) -> None:
-        self.received: dict[str, list[InboundEvent]] = {}  # by call SID, every message the caller sent
-        self.finished: dict[str, threading.Event] = {}
-        self._lock = threading.Lock()
-        self.app = Starlette(routes=[WebSocketRoute("/{variant}", self.endpoint)])
-        self.ws_url = ""  # set once served
-
-    def url(self, variant: str) -> str:
-        return f"{self.ws_url}/{variant}"
-
-    def finished_event(self, call_sid: str) -> threading.Event:
-        with self._lock:
-            return self.finished.setdefault(call_sid, threading.Event())
-
-    async def endpoint(self, ws: WebSocket) -> None:
-        variant = ws.path_params["variant"]
-        await ws.accept()
-        events: list[InboundEvent] = []
-        stream_sid, call_sid = "", ""
-        try:
-            async for text in ws.iter_text():
-                event = parse_message(text)
-                events.append(event)
-                if isinstance(event, Connected) and variant == "eager":
-                    await ws.send_text(mark_message("MZ" + "0" * 32, "too-early"))
-                elif isinstance(event, Start):
-                    stream_sid, call_sid = event.stream_sid, event.call_sid
-                elif isinstance(event, Media):
-                    if variant == "malformed" and event.chunk == 1:
-                        await ws.send_text(media_message(stream_sid, event.payload)[:-2] + ',"track":"x"}}')
-                    else:
-                        await ws.send_text(media_message(stream_sid, event.payload))
-                    await ws.send_text(mark_message(stream_sid, f"m{event.chunk}"))
-                    if variant == "hangup" and event.chunk == 5:
-                        await ws.close(1000)
-                        break
-        except WebSocketDisconnect:
-            pass
-        finally:
-            with self._lock:
-                self.received[call_sid] = events
-            self.finished_event(call_sid).set()
-
-    async def events_of(self, call_sid: str) -> list[InboundEvent]:
-        """What the bridge received on that call, once its handler has finished."""
-        assert await asyncio.to_thread(self.finished_event(call_sid).wait, 5.0)
-        return self.received[call_sid]
+# --- whole calls against a scripted bridge ---------------------------------------------------------------
 
 
 @pytest.fixture(scope="module")
-def bridge() -> Iterator[FakeBridge]:
-    fake = FakeBridge()
-    with running(fake.app) as server:
-        fake.ws_url = server.ws_url
+def bridge() -> Iterator[ScriptedBridge]:
+    with served() as fake:
         yield fake
 
 
-def _voice(seconds: float) -> np.ndarray:
-    """Noise at about -20 dBFS: no silent frame, and one clear cross-correlation peak."""
-    rng = np.random.default_rng(7)
-    return np.clip(rng.normal(0, 3000, round(seconds * 8000)), -32768, 32767).astype(np.int16)
-
-
-async def test_call_hears_its_own_voice_echoed_back(bridge: FakeBridge) -> None:
-    voice = _voice(0.4)
+async def test_call_hears_its_own_voice_echoed_back(bridge: ScriptedBridge) -> None:
+    voice = noise(0.4)
     async with asyncio.timeout(5):
         result = await run_call(CallConfig(bridge.url("echo"), audio_in=voice, seconds=0.6))
     said = ulaw_to_pcm16(pcm16_to_ulaw(voice))
@@ -213,7 +139,7 @@ async def test_call_hears_its_own_voice_echoed_back(bridge: FakeBridge) -> None:
 
 
 async def test_call_echoes_marks_in_order_and_numbers_messages_like_twilio(
-    bridge: FakeBridge,
+    bridge: ScriptedBridge,
 ) -> None:
     config = CallConfig(
         bridge.url("echo"),
@@ -240,23 +166,23 @@ async def test_call_echoes_marks_in_order_and_numbers_messages_like_twilio(
     assert {e.stream_sid for e in events[1:]} == {result.stream_sid}  # type: ignore[union-attr]
 
 
-async def test_call_counts_a_malformed_message_as_a_violation(bridge: FakeBridge) -> None:
+async def test_call_counts_a_malformed_message_as_a_violation(bridge: ScriptedBridge) -> None:
     async with asyncio.timeout(5):
-        result = await run_call(CallConfig(bridge.url("malformed"), audio_in=_voice(0.2), seconds=0.3))
+        result = await run_call(CallConfig(bridge.url("malformed"), audio_in=noise(0.2), seconds=0.3))
     assert len(result.violations) == 1 and "31951" in result.violations[0]
     assert "1 protocol violations (first: " in result.summary()
     assert result.heard_s == pytest.approx(0.18)  # the malformed first frame was never played
 
 
-async def test_call_counts_a_message_before_start_as_a_violation(bridge: FakeBridge) -> None:
+async def test_call_counts_a_message_before_start_as_a_violation(bridge: ScriptedBridge) -> None:
     async with asyncio.timeout(5):
         result = await run_call(CallConfig(bridge.url("eager"), seconds=0.1, start_delay_s=0.2))
     assert len(result.violations) == 1 and "before 'start'" in result.violations[0]
 
 
-async def test_call_ended_by_the_bridge(bridge: FakeBridge) -> None:
+async def test_call_ended_by_the_bridge(bridge: ScriptedBridge) -> None:
     async with asyncio.timeout(5):
-        result = await run_call(CallConfig(bridge.url("hangup"), audio_in=_voice(1.0), seconds=3.0))
+        result = await run_call(CallConfig(bridge.url("hangup"), audio_in=noise(1.0), seconds=3.0))
     assert (result.ended_by, result.close_code, result.violations) == ("bridge", 1000, [])
     assert 5 <= result.media_sent < 20 and result.duration_s < 1.0
     events = await bridge.events_of(result.call_sid)
@@ -275,9 +201,9 @@ def _write(path: Path, samples: np.ndarray, rate: int, channels: int = 1) -> Non
 
 
 async def test_call_command_writes_what_was_heard(
-    bridge: FakeBridge, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    bridge: ScriptedBridge, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    _write(tmp_path / "in.wav", _voice(0.2), 8000)
+    _write(tmp_path / "in.wav", noise(0.2), 8000)
     async with asyncio.timeout(5):
         code = await call_command(
             bridge.url("echo"), str(tmp_path / "in.wav"), str(tmp_path / "out.wav"), 0.3, webhook=False
@@ -300,7 +226,7 @@ async def test_call_command_fails_in_one_sentence_when_it_cannot_connect(
     assert err.startswith(f"could not connect to {url}: ") and err.count("\n") == 1
 
 
-async def test_call_command_exits_1_on_violations(bridge: FakeBridge, capsys: pytest.CaptureFixture[str]) -> None:
+async def test_call_command_exits_1_on_violations(bridge: ScriptedBridge, capsys: pytest.CaptureFixture[str]) -> None:
     async with asyncio.timeout(5):
         code = await call_command(bridge.url("malformed"), None, None, 0.1, webhook=False)
     assert code == 1
