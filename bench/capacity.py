@@ -86,9 +86,11 @@ from prometheus_client.parser import text_string_to_metric_families
 from tls_relay import TlsRelay  # bench/, beside this script
 
 from telephony_bridge.cli import EMULATOR_JWT_SECRET_ENV
+from telephony_bridge.tools.caller import run_call
 from telephony_bridge.tools.commands import load_caller_audio
 from telephony_bridge.tools.loadtest import TICKS_PER_S, LoadResult, percentile, process_cpu_s, run_load
 from telephony_bridge.tools.sip_caller import SipCallResult, sip_load
+from telephony_bridge.tools.twilio_flow import StreamRunner
 
 ROOT = Path(__file__).resolve().parent.parent
 BENCH = Path(__file__).resolve().parent
@@ -284,14 +286,38 @@ def start(
     return process
 
 
+def start_emulator(
+    env: dict[str, str] | None = None, cpus: frozenset[int] | None = None
+) -> tuple[subprocess.Popen[bytes], int]:
+    """The Savants emulator (echo voice, the bench's API key) on a free port, once it answers: its process and
+    port. ``env``: e.g. its token key (``EMULATOR_JWT_SECRET_ENV``), for bench/lean_ai.py to check its tokens."""
+    port = free_port()
+    command = [sys.executable, "-m", "telephony_bridge", "emulator", "--port", str(port), "--api-key", "bench-key"]
+    return start(command, env or {}, f"http://127.0.0.1:{port}/_emulator/stats", cpus), port
+
+
+def start_lean_ai(env: dict[str, str], cpus: frozenset[int] | None = None) -> tuple[subprocess.Popen[bytes], int]:
+    """bench/lean_ai.py on a free port, once it answers: its process and port. ``env`` holds the emulator's token
+    key (``EMULATOR_JWT_SECRET_ENV``), which the echo needs to check the emulator's tokens."""
+    port = free_port()
+    command = [sys.executable, str(BENCH / "lean_ai.py"), "--port", str(port)]
+    return start(command, env, f"http://127.0.0.1:{port}/healthz", cpus), port
+
+
+def stream_runner(callers: str, phases: int = lean_callers.PHASES) -> StreamRunner:
+    """What plays each call's media stream: ``full``, ``tools.caller``; ``lean``, bench/lean_callers.py on
+    ``phases`` phases of its beat (the same calls and figures for less CPU). One per load's event loop."""
+    return lean_callers.LeanCallers(phases).run_call if callers == "lean" else run_call
+
+
 def _load_part(url: str, calls: int, seconds: float, start_at: float, callers: str = "full") -> LoadResult:
     """One load process's share of the calls; what the callers heard is dropped (only the figures travel).
-    ``callers``: ``full`` (``tools.caller``) or ``lean`` (bench/lean_callers.py, the same calls for less CPU)."""
-    load = lean_callers.run_load if callers == "lean" else run_load
+    ``callers``: ``full`` or ``lean`` (``stream_runner``)."""
 
     async def run() -> LoadResult:
         await asyncio.sleep(max(0.0, start_at - time.monotonic()))  # CLOCK_MONOTONIC is system-wide on Linux
-        return await load(url, calls, calls, seconds, RAMP_S, AUTH_TOKEN, PUBLIC_URL, wav=WAV)
+        stream = stream_runner(callers)
+        return await run_load(url, calls, calls, seconds, RAMP_S, AUTH_TOKEN, PUBLIC_URL, wav=WAV, run_stream=stream)
 
     result = asyncio.run(run())
     flows = tuple(
@@ -668,7 +694,12 @@ def main() -> int:
         metavar="NAME:VAR=VALUE[,VAR=VALUE]",
         help="also run the bridge with these environment settings, e.g. unbatched:BRIDGE__AUDIO__OUTBOUND_BATCH_MS=20",
     )
-    parser.add_argument("--load-procs", type=int, default=2, help="processes the simulated callers run in")
+    parser.add_argument(
+        "--load-procs",
+        type=int,
+        help=f"processes the simulated callers run in (default: 2; {lean_callers.LOAD_PROCS} with --callers lean, "
+        "whose fewer processes would bunch the servers' arrivals: see bench/lean_callers.py)",
+    )
     parser.add_argument(
         "--callers",
         choices=["full", "lean"],
@@ -719,6 +750,8 @@ def main() -> int:
         "on an optimised build); the emulator and the callers stay on this one",
     )
     args = parser.parse_args()
+    if args.load_procs is None:
+        args.load_procs = lean_callers.LOAD_PROCS if args.callers == "lean" else 2
     if args.profile and py_spy() is None:
         parser.error("--profile needs py-spy (not found next to this Python or on PATH): pip install py-spy")
     if sum(map(bool, (args.profile, args.perf, args.perf_stacks))) > 1:
@@ -741,15 +774,8 @@ def main() -> int:
     if pinning:
         print(f"servers on CPUs {sorted(pinning.server)}; emulator and callers on CPUs {sorted(pinning.load)}")
         os.sched_setaffinity(0, pinning.load)  # this process too, and what it starts unpinned (perf, py-spy)
-    python = sys.executable
-    emulator_port = free_port()
     token_key = {EMULATOR_JWT_SECRET_ENV: secrets.token_urlsafe(32)}  # the lean echo checks the emulator's tokens
-    emulator = start(
-        [python, "-m", "telephony_bridge", "emulator", "--port", str(emulator_port), "--api-key", "bench-key"],
-        token_key,
-        f"http://127.0.0.1:{emulator_port}/_emulator/stats",
-        load_cpus,
-    )
+    emulator, emulator_port = start_emulator(token_key, load_cpus)
     # From here on, whatever is started is stopped in the ``finally`` below, however this run ends.
     running: dict[str, tuple[subprocess.Popen[bytes], str]] = {}
     folders = contextlib.ExitStack()  # the --savants-tls certificate's
@@ -760,9 +786,7 @@ def main() -> int:
         voice_port = emulator_port  # where the servers' voice streams go: the emulator, the lean echo, a relay
         voice_env: dict[str, str] = {}
         if args.ai == "lean":
-            voice_port = free_port()
-            command = [python, str(BENCH / "lean_ai.py"), "--port", str(voice_port)]
-            lean = start(command, token_key, f"http://127.0.0.1:{voice_port}/healthz", load_cpus)
+            lean, voice_port = start_lean_ai(token_key, load_cpus)
             voice_env = {"SAVANTS_WS_URL": f"ws://127.0.0.1:{voice_port}/voice-stream"}
             print(f"the servers' voice streams on bench/lean_ai.py (port {voice_port}); tokens from the emulator")
         if args.savants_tls:

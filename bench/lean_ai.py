@@ -397,7 +397,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.compare:
         import lean_compare  # bench/, beside this script: only --compare needs capacity.py and its imports
 
-        return lean_compare.compare(args.calls, args.seconds, args.load_procs, args.rounds)
+        return lean_compare.compare_ai(args.calls, args.seconds, args.load_procs, args.rounds)
     secret = os.environ.get(EMULATOR_JWT_SECRET_ENV)
     if not secret:
         parser.error(f"{EMULATOR_JWT_SECRET_ENV} must hold the emulator's token key (the same for both processes)")

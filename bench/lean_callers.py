@@ -13,7 +13,8 @@ after ``seconds``, then close (spec: twilio-media-streams.md §3, §4). What mak
 - one process-wide timer (``Beat``) drives every call: no task per call, no wake-up per call per frame;
 - the socket is picows (as the bridge's legs are), its frames read in its callback;
 - a ``media`` message is one ``bytes %`` of a per-call template with the frame's base64, encoded once per run;
-- what the bridge sends is read with one typed msgspec pass, not ``parse_outbound``'s exact field check.
+- what the bridge sends is read with one typed msgspec pass, as strictly as ``parse_outbound`` reads it (exactly
+  the documented fields, valid base64, this stream's ``streamSid``: tests hold the two readers equal).
 
 The figures keep ``SimulatedCall``'s meaning (``CallResult``, so ``LoadResult`` and capacity.py read them
 unchanged), with these simplifications:
@@ -22,9 +23,7 @@ unchanged), with these simplifications:
 - a call's frames go out on its phase of the beat: ``PHASES`` phases 1 ms apart, each call on the least
   used one, its ``start`` on its first tick with frame 0 (so up to 20 ms after ``connected``) and every time in
   the result counted from there, as ``SimulatedCall`` counts from its ``start``;
-- a message the bridge sends is a violation when it is not JSON, not ``media``/``mark``/``clear``, lacks the
-  field its event needs, carries an invalid base64 payload or another stream's ``streamSid``, or comes in a
-  binary or fragmented frame; extra or missing other fields (31951 for Twilio) are not checked;
+- a message split over frames is a violation (Twilio would join it; the bridge never splits one);
 - no DTMF, no ``start_delay_s``, no backpressure (the bridge reads all the time); time is the event loop's clock
   (``CallConfig.clock`` is not used).
 """
@@ -34,16 +33,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import binascii
-import functools
 import logging
-import os
-import resource
 import sys
 import time
 from collections import deque
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -60,21 +55,20 @@ from telephony_bridge.audio.codec import (
     pcm16_to_ulaw,
     ulaw_to_pcm16,
 )
-from telephony_bridge.clock import Clock
 from telephony_bridge.close_codes import echo_code
 from telephony_bridge.tools.caller import AUDIBLE_PEAK, FRAME_S, CallConfig, CallResult, new_sid
-from telephony_bridge.tools.loadtest import LoadResult, percentile
-from telephony_bridge.tools.loadtest import run_load as run_full_load
 from telephony_bridge.tools.twilio_playout import Playout
 from telephony_bridge.twilio.outbound_messages import OutClear, OutMark, OutMedia
 from telephony_bridge.twilio.protocol import Connected, Malformed, Start, Stop, preview
 
 # A call's frames go out on one of these evenly spaced points of the 20 ms beat: 1 ms apart, as finely as the
 # emulator's and bench/lean_ai.py's timers fire (Twilio's calls start at any moment, so their frames reach the
-# bridge spread over the beat). What bunches the bridge's arrivals more is the number of load processes: at 100
-# calls on a core of its own the bridge woke 8 times a call-second with 2 (4 phases or 20 alike), 17 with 4, and
-# 19-23 under the full callers, so capacity.py's one-core knee runs these with ``--load-procs 4``.
+# bridge spread over the beat).
 PHASES = 20
+# What bunches the bridge's arrivals more is the number of load processes: at 100 calls on a core of its own the
+# bridge woke 8 times a call-second with 2 (4 phases or 20 alike), 17 with 4, and 19-23 under the full callers.
+# Fewer wake-ups would flatter the bridge, so capacity.py runs these callers in this many processes by default.
+LOAD_PROCS = 4
 NO_STATUS = 1005  # a close frame without a code (RFC 6455 §7.1.5)
 ABNORMAL_CLOSURE = 1006  # no close frame at all, as the websockets library reports it
 _TEXT, _BINARY, _CLOSE, _PING, _PONG = WSMsgType.TEXT, WSMsgType.BINARY, WSMsgType.CLOSE, WSMsgType.PING, WSMsgType.PONG
@@ -127,34 +121,40 @@ SILENCE_B64 = binascii.b2a_base64(bytes([ULAW_SILENCE]) * TWILIO_FRAME_BYTES, ne
 # --- what the bridge sends, read once --------------------------------------------------------------------------
 
 
-class _Payload(msgspec.Struct):
+class _Exact(msgspec.Struct, forbid_unknown_fields=True):
+    """A field missing or one too many is a violation, as ``parse_outbound`` has it (G3; 31951 for Twilio)."""
+
+
+class _Payload(_Exact):
     payload: bytes  # msgspec decodes base64 strictly: a bad payload is a ValidationError
 
 
-class _Name(msgspec.Struct):
+class _Name(_Exact):
     name: str
 
 
-class _Media(msgspec.Struct, tag_field="event", tag="media", rename={"stream_sid": "streamSid"}):
+class _Event(_Exact, tag_field="event", rename={"stream_sid": "streamSid"}):
     stream_sid: str
+
+
+class _Media(_Event, tag="media"):
     media: _Payload
 
 
-class _Mark(msgspec.Struct, tag_field="event", tag="mark", rename={"stream_sid": "streamSid"}):
-    stream_sid: str
+class _Mark(_Event, tag="mark"):
     mark: _Name
 
 
-class _Clear(msgspec.Struct, tag_field="event", tag="clear", rename={"stream_sid": "streamSid"}):
-    stream_sid: str
+class _Clear(_Event, tag="clear"):
+    pass
 
 
 _decode = msgspec.json.Decoder(_Media | _Mark | _Clear).decode
 
 
 def read_outbound(data: bytes, stream_sid: str) -> OutMedia | OutMark | OutClear | Malformed:
-    """One text message from the bridge: what Twilio would act on, or why it is a violation (see the module's
-    docstring for what is not checked). The reason names the event when there is one."""
+    """One text message from the bridge: what Twilio would act on, or why it is a violation (31951), as
+    ``parse_outbound`` has it. The reason names the event when there is one."""
     try:
         message = _decode(data)
     except msgspec.DecodeError as exc:
@@ -469,190 +469,6 @@ class LeanCallers:
 CONNECTED = Connected().to_json().encode()
 
 
-async def run_load(
-    bridge_ws_url: str,
-    calls: int,
-    concurrency: int,
-    seconds: float,
-    ramp_s: float,
-    auth_token: str | None,
-    public_url: str | None,
-    wav: str | None = None,
-    *,
-    deadline_s: float | None = None,
-    clock: Clock | None = None,
-    phases: int = PHASES,
-) -> LoadResult:
-    """``loadtest.run_load`` with lean callers: the same flows and figures, at the lean callers' cost."""
-    return await run_full_load(
-        bridge_ws_url,
-        calls,
-        concurrency,
-        seconds,
-        ramp_s,
-        auth_token,
-        public_url,
-        wav,
-        deadline_s=deadline_s,
-        clock=clock,
-        run_stream=LeanCallers(phases).run_call,
-    )
-
-
-# --- --compare: the full and the lean callers against the same server, each load's own CPU ----------------------
-
-Figures = dict[str, Any]  # one load's figures, by ``ROWS``' keys
-
-
-def _measured_load(callers: str, url: str, calls: int, seconds: float, start_at: float, phases: int) -> Figures:
-    """In a load process of its own: ``calls`` calls by ``callers``, and this process's CPU over the whole run
-    and over its steady window (every call up); the figures only (``heard`` dropped)."""
-    import capacity  # bench/, beside this script; imported here since it imports this module
-
-    load = functools.partial(run_load, phases=phases) if callers == "lean" else run_full_load
-    window = (start_at + capacity.RAMP_S + 1.0, start_at + seconds - 0.5)
-
-    async def steady() -> tuple[float, float]:
-        await asyncio.sleep(max(0.0, window[0] - time.monotonic()))
-        before = resource.getrusage(resource.RUSAGE_SELF)
-        await asyncio.sleep(max(0.0, window[1] - time.monotonic()))
-        after = resource.getrusage(resource.RUSAGE_SELF)
-        return after.ru_utime - before.ru_utime + after.ru_stime - before.ru_stime, after.ru_stime - before.ru_stime
-
-    async def run() -> tuple[LoadResult, tuple[float, float]]:
-        await asyncio.sleep(max(0.0, start_at - time.monotonic()))
-        steady_task = asyncio.create_task(steady())
-        result = await load(
-            url, calls, calls, seconds, capacity.RAMP_S, capacity.AUTH_TOKEN, capacity.PUBLIC_URL, capacity.WAV
-        )
-        return result, await steady_task
-
-    before = time.process_time()
-    result, (steady_s, kernel_s) = asyncio.run(run())
-    whole_s = time.process_time() - before
-    served = len(result.of("served"))
-    calls_s = [f.call for f in result.flows if f.call is not None]
-    return {
-        "served": served,
-        "failed": len(result.of("failed")),
-        "violations": result.violations,
-        "underruns": result.underruns,
-        "round_trip_ms": _p50_p99(result.round_trips_s),
-        "added_ms": _p50_p99(result.added_s),
-        "heard_added_ms": _p50_p99(result.heard_added_s),
-        "first_audio_p99_ms": _p50_p99(result.first_audio_s)[1],
-        "marks_echoed": sum(len(c.marks_echoed) for c in calls_s),
-        "clears": sum(c.clears for c in calls_s),
-        "media_sent": sum(c.media_sent for c in calls_s),
-        "load_whole_us": 1e6 * whole_s / max(1e-9, served * seconds / FRAME_S),
-        "load_steady_us": 1e6 * steady_s / (window[1] - window[0]) / calls * FRAME_S,
-        "load_kernel_pct": 100 * kernel_s / max(1e-9, steady_s),
-    }
-
-
-def _p50_p99(values_s: list[float]) -> tuple[float | None, float | None]:
-    ms = sorted(v * 1000 for v in values_s)
-    return (percentile(ms, 50), percentile(ms, 99)) if ms else (None, None)
-
-
-def compare(
-    server: str, calls: int, seconds: float, phases: int = PHASES, rounds: int = 2, server_cpus: str | None = None
-) -> int:
-    """Start the emulator and ``server`` as capacity.py does; ``rounds`` times, run the calls with the full
-    callers and then the lean ones, each in a fresh process; print each round's figures side by side, then the
-    ratio of the loads' CPU per round (alternating, since this machine's speed drifts between runs).
-    ``server_cpus``: as capacity.py's ``--server-cpus`` (the server there, the emulator and the loads elsewhere)."""
-    import capacity
-
-    pinning = capacity.Pinning.parse(server_cpus) if server_cpus else None
-    if pinning:
-        os.sched_setaffinity(0, pinning.load)  # and so every process started from here but the server
-    python = sys.executable
-    emulator_port = capacity.free_port()
-    emulator = capacity.start(
-        [python, "-m", "telephony_bridge", "emulator", "--port", str(emulator_port), "--api-key", "bench-key"],
-        {},
-        f"http://127.0.0.1:{emulator_port}/_emulator/stats",
-    )
-    process = None
-    ratios: list[tuple[float, float]] = []
-    try:
-        command, env = capacity.servers(python, emulator_port, 1)[server]
-        port = capacity.free_port()
-        health = f"http://127.0.0.1:{port}/healthz"
-        process = capacity.start(command, {**env, "PORT": str(port)}, health, pinning.server if pinning else None)
-        url = f"ws://127.0.0.1:{port}/media-stream"
-        print(
-            f"{calls} calls of {seconds:g} s against {server} (speech both ways, the emulator's echo voice); the lean "
-            f"calls on {phases} phases of the 20 ms beat"
-            + (f"; the server on CPUs {sorted(pinning.server)}, the rest on {sorted(pinning.load)}" if pinning else "")
-        )
-        for round_ in range(1, rounds + 1):
-            figures = {
-                callers: _round(callers, url, calls, seconds, phases, process.pid) for callers in ("full", "lean")
-            }
-            full, lean = figures["full"], figures["lean"]
-            ratios.append(
-                (lean["load_whole_us"] / full["load_whole_us"], lean["load_steady_us"] / full["load_steady_us"])
-            )
-            print(f"round {round_}\n{_table(figures)}", flush=True)
-    finally:
-        for running in (process, emulator):
-            if running is not None:
-                running.terminate()
-                running.wait()
-    shown = ", ".join(f"{whole:.2f}/{steady:.2f}" for whole, steady in ratios)
-    print(f"lean / full load CPU, whole run/steady, per round: {shown}")
-    return 0
-
-
-def _round(callers: str, url: str, calls: int, seconds: float, phases: int, server_pid: int) -> Figures:
-    """One load in a process of its own, with the server's CPU over the same steady window."""
-    import capacity
-
-    with ProcessPoolExecutor(max_workers=1) as pool:
-        start_at = time.monotonic() + 1.5  # the load process is up and waiting by then
-        future = pool.submit(_measured_load, callers, url, calls, seconds, start_at, phases)
-        window = (start_at + capacity.RAMP_S + 1.0, start_at + seconds - 0.5)
-        time.sleep(max(0.0, window[0] - time.monotonic()))
-        server_before = capacity.cpu_s(server_pid)
-        time.sleep(max(0.0, window[1] - time.monotonic()))
-        server_used = capacity.cpu_s(server_pid) - server_before
-        figures = future.result()
-    time.sleep(2.0)  # the server closes its side and settles
-    return {**figures, "server_steady_us": 1e6 * server_used / (window[1] - window[0]) / calls * FRAME_S}
-
-
-ROWS = {
-    "served": "served",
-    "failed": "failed",
-    "violations": "violations",
-    "underruns": "underruns",
-    "round_trip_ms": "round trip p50/p99 ms",
-    "added_ms": "added p50/p99 ms",
-    "heard_added_ms": "heard added p50/p99 ms",
-    "first_audio_p99_ms": "first audio p99 ms",
-    "marks_echoed": "marks echoed",
-    "clears": "clears",
-    "media_sent": "media sent",
-    "load_whole_us": "load CPU, whole run, µs per call per 20 ms",
-    "load_steady_us": "load CPU, steady, µs per call per 20 ms",
-    "load_kernel_pct": "  of which the kernel's, %",
-    "server_steady_us": "server CPU, steady, µs per call per 20 ms",
-}
-
-
-def _table(figures: dict[str, Figures]) -> str:
-    def shown(value: object) -> str:
-        if isinstance(value, tuple):
-            return "/".join(shown(v) for v in value)
-        return "-" if value is None else f"{value:.1f}" if isinstance(value, float) else str(value)
-
-    lines = [f"{'':44}{'full':>16}{'lean':>16}"]
-    lines += [f"{label:44}" + "".join(f"{shown(f[key]):>16}" for f in figures.values()) for key, label in ROWS.items()]
-    return "\n".join(lines)
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--compare", action="store_true", help="run the full and the lean callers and compare")
@@ -667,8 +483,12 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("nothing to do: --compare runs the comparison (capacity.py --callers lean uses these callers)")
     if args.seconds < 5 or min(args.calls, args.phases, args.rounds) < 1:
         parser.error("expected --seconds >= 5 (a steady window after the ramp) and --calls, --phases, --rounds >= 1")
+    import lean_compare  # bench/, beside this script: only --compare needs capacity.py and its imports
+
     try:
-        return compare(args.server, args.calls, args.seconds, args.phases, args.rounds, args.server_cpus)
+        return lean_compare.compare_callers(
+            args.server, args.calls, args.seconds, args.phases, args.rounds, args.server_cpus
+        )
     except ValueError as exc:
         parser.error(str(exc))
 

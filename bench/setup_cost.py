@@ -179,13 +179,7 @@ def main() -> int:
     if args.profile and capacity.py_spy() is None:
         parser.error("--profile needs py-spy (not found next to this Python or on PATH): pip install py-spy")
     print(f"bridge runs on {capacity.interpreter(args.server_python)}")
-    python = sys.executable
-    emulator_port = capacity.free_port()
-    emulator = capacity.start(
-        [python, "-m", "telephony_bridge", "emulator", "--port", str(emulator_port), "--api-key", "bench-key"],
-        {},
-        f"http://127.0.0.1:{emulator_port}/_emulator/stats",
-    )
+    emulator, emulator_port = capacity.start_emulator()
     bridge = None
     stack = contextlib.ExitStack()  # the --tls certificate's folder
     try:

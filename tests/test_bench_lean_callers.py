@@ -1,20 +1,32 @@
-"""bench/lean_callers.py: its messages as bytes, its reader of the bridge's, and a few lean calls against the real
-bridge and the emulator's echo voice."""
+"""bench/lean_callers.py: its messages as bytes, its reader of the bridge's (as strict as the full callers'), the
+same scripted calls placed by the full and the lean callers with the same figures, and a few lean calls against
+the real bridge and the emulator's echo voice."""
 
 from __future__ import annotations
 
 import asyncio
 import base64
+import json
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import numpy as np
 import pytest
 
 from telephony_bridge.serving import ServerThread
-from telephony_bridge.twilio.outbound_messages import OutClear, OutMark, OutMedia, clear_message, mark_message
-from telephony_bridge.twilio.protocol import Malformed, Media
+from telephony_bridge.tools.caller import CallConfig, CallResult, run_call
+from telephony_bridge.tools.loadtest import run_load
+from telephony_bridge.twilio.outbound_messages import (
+    OutClear,
+    OutMark,
+    OutMedia,
+    clear_message,
+    mark_message,
+    parse_outbound,
+)
+from telephony_bridge.twilio.protocol import Malformed, Mark, Media, Stop
+from tests.scripted_bridge import ScriptedBridge, noise, served
 from tests.support import AUTH_TOKEN, BENCH, PUBLIC_URL, SPEECH_WAV, bridge_settings
 
 sys.path.insert(0, str(BENCH))
@@ -59,23 +71,120 @@ def test_lean_reader_reads_media_marks_and_clears_and_counts_anything_else_as_a_
     assert read(media, SID) == OutMedia(b"\x00\x01\x02")
     assert read(mark_message(SID, "m-1").encode(), SID) == OutMark("m-1")
     assert read(clear_message(SID).encode(), SID) == OutClear()
-    wrong = [
-        b'{"event":"start","streamSid":"' + SID.encode() + b'"}',  # not one a bridge may send
-        b'{"event":"media","streamSid":"' + SID.encode() + b'","media":{"payload":"not base64!"}}',
-        b'{"event":"mark","streamSid":"' + SID.encode() + b'"}',  # no mark.name
-        b'{"event":"clear","streamSid":"MZother"}',
-        b"[1, 2]",
-        b"not json",
+    assert "'start'" in read(b'{"event":"start","streamSid":"' + SID.encode() + b'"}', SID).reason  # type: ignore[union-attr]
+
+
+def _message(event: str, **fields: object) -> str:
+    return json.dumps({"event": event, "streamSid": SID, **fields})
+
+
+OUTBOUND = [
+    _message("media", media={"payload": "AAEC"}),
+    _message("media", media={"payload": ""}),
+    _message("media", media={"payload": "AAEC", "track": "outbound"}),  # an extra field (G3)
+    _message("media", media={"payload": "AAEC"}, sequenceNumber="3"),
+    _message("media", media={"payload": "not base64!"}),
+    _message("media", media={"payload": "AAE"}),
+    _message("media", media={"payload": None}),
+    _message("media"),
+    _message("mark", mark={"name": "m-1"}),
+    _message("mark", mark={"name": 5}),
+    _message("mark", mark={"name": "m-1", "extra": 1}),
+    _message("mark", mark={}),
+    _message("clear"),
+    _message("clear", extra=1),
+    json.dumps({"event": "clear", "streamSid": "MZother"}),
+    json.dumps({"event": "clear"}),
+    _message("start"),
+    json.dumps({"streamSid": SID, "media": {"payload": "AAEC"}, "event": "media"}),  # the event last
+    "[1, 2]",
+    "not json",
+]
+
+
+@pytest.mark.parametrize("text", OUTBOUND, ids=[str(i) for i in range(len(OUTBOUND))])
+def test_lean_reader_reads_the_bridges_messages_as_the_full_callers_strict_reader_does(text: str) -> None:
+    """A message the full callers count as a violation the lean ones count too, or the bridge would look better."""
+    lean, full = lean_callers.read_outbound(text.encode(), SID), parse_outbound(text, SID)
+    assert type(lean) is type(full)
+    assert isinstance(full, Malformed) or lean == full
+
+
+# --- the same scripted calls, placed by the full callers and by the lean ones: the same figures ------------------
+
+
+@pytest.fixture(scope="module")
+def scripted() -> Iterator[ScriptedBridge]:
+    with served() as fake:
+        yield fake
+
+
+async def _call(callers: str, config: CallConfig) -> CallResult:
+    """One call by ``callers``: ``full`` (``tools.caller``) or ``lean`` (a beat of its own in this test's loop)."""
+    play = lean_callers.LeanCallers().run_call if callers == "lean" else run_call
+    async with asyncio.timeout(5):
+        return await play(config)
+
+
+@pytest.mark.parametrize("callers", ["full", "lean"])
+async def test_callers_number_every_message_echo_marks_once_played_and_count_what_they_heard(
+    scripted: ScriptedBridge, callers: str
+) -> None:
+    result = await _call(callers, CallConfig(scripted.url("echo"), audio_in=noise(0.4), seconds=0.6))
+    assert (result.ended_by, result.close_code, result.violations, result.media_sent) == ("caller", 1000, [], 30)
+    assert (result.heard_s, result.clears) == (pytest.approx(0.4), 0)
+    # Each echo is played at the tick after it came and its mark echoed at the next: the last frame's is cut off.
+    assert len(result.marks_echoed) >= 27 and result.marks_echoed == [
+        f"m{i + 1}" for i in range(len(result.marks_echoed))
     ]
-    assert [type(read(message, SID)) for message in wrong] == [Malformed] * len(wrong)
-    assert "'start'" in read(wrong[0], SID).reason  # type: ignore[union-attr]
+    assert len(result.round_trips_s) >= 27 and all(0 < t < 0.5 for t in result.round_trips_s)
+    assert result.heard_round_trips_s and all(
+        t >= 0.02 and abs(t / 0.02 - round(t / 0.02)) < 1e-9 for t in result.heard_round_trips_s
+    )  # on the beat
+    assert result.first_audio_s is not None and result.first_heard_s is not None
+    assert 0 < result.first_audio_s <= result.first_heard_s < 0.5
+    events = await scripted.events_of(result.call_sid)
+    numbered = events[1:]  # after ``connected``
+    assert [e.sequence_number for e in numbered] == list(range(1, len(numbered) + 1))  # type: ignore[union-attr]
+    media = [e for e in numbered if isinstance(e, Media)]
+    assert [(m.chunk, m.timestamp_ms, len(m.payload)) for m in media] == [(i + 1, 20 * i, 160) for i in range(30)]
+    assert [e.name for e in numbered if isinstance(e, Mark)] == result.marks_echoed
+    assert isinstance(numbered[-1], Stop)
+
+
+@pytest.mark.parametrize("callers", ["full", "lean"])
+async def test_callers_count_a_clear_date_round_trips_only_before_it_and_echo_its_marks(
+    scripted: ScriptedBridge, callers: str
+) -> None:
+    result = await _call(callers, CallConfig(scripted.url("clear"), audio_in=noise(0.4), seconds=0.3))
+    assert (result.clears, len(result.round_trips_s), result.violations) == (1, 5, [])
+    assert result.marks_echoed[:5] == ["m1", "m2", "m3", "m4", "m5"]  # m5 at the latest when the clear came
+
+
+@pytest.mark.parametrize("callers", ["full", "lean"])
+async def test_callers_count_a_media_message_with_an_extra_field_as_a_violation(
+    scripted: ScriptedBridge, callers: str
+) -> None:
+    result = await _call(callers, CallConfig(scripted.url("malformed"), audio_in=noise(0.2), seconds=0.3))
+    assert len(result.violations) == 1 and "31951" in result.violations[0]
+    assert result.heard_s == pytest.approx(0.18)  # the malformed first frame was never played
+
+
+@pytest.mark.parametrize("callers", ["full", "lean"])
+async def test_callers_see_the_bridge_end_the_call_and_send_no_stop(scripted: ScriptedBridge, callers: str) -> None:
+    result = await _call(callers, CallConfig(scripted.url("hangup"), audio_in=noise(1.0), seconds=3.0))
+    assert (result.ended_by, result.close_code, result.violations) == ("bridge", 1000, [])
+    assert 5 <= result.media_sent < 20 and result.duration_s < 1.0
+    assert not any(isinstance(e, Stop) for e in await scripted.events_of(result.call_sid))
+
+
+# --- lean calls through the real bridge -----------------------------------------------------------------------
 
 
 async def test_lean_calls_are_served_and_hear_their_own_speech_echoed(bridge: ServerThread) -> None:
     async with asyncio.timeout(20):
-        result = await lean_callers.run_load(
-            bridge.ws_url + "/media-stream", 3, 3, 2.0, 0.2, AUTH_TOKEN, PUBLIC_URL, SPEECH_WAV, deadline_s=15
-        )
+        url, lean = bridge.ws_url + "/media-stream", lean_callers.LeanCallers().run_call
+        result = await run_load(url, 3, 3, 2.0, 0.2, AUTH_TOKEN, PUBLIC_URL, SPEECH_WAV, deadline_s=15, run_stream=lean)
     reasons = [flow.reason for flow in result.flows]
     assert (len(result.of("served")), len(result.of("failed")), result.violations) == (3, 0, 0), reasons
     assert len(result.first_audio_s) == 3 and result.underruns == 0
