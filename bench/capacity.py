@@ -588,11 +588,13 @@ def bridge_counters(http_url: str) -> dict[str, float]:
 
 
 def passed(figures: dict, latency: str = "arrival") -> bool:
-    """Whether a level passes the knee's test; ``latency`` says which added latency: "arrival" (each message's
+    """Whether a level passes the knee's test: every call served, none with a protocol violation or an underrun,
+    and p99 added latency within ``KNEE_P99_MS``; ``latency`` says which added latency: "arrival" (each message's
     arrival less the call's quickest) or "heard" (when it was played, less the call's quickest)."""
     p99 = figures["added_p99_ms" if latency == "arrival" else "heard_added_p99_ms"]
     return (
         figures["served"] == figures["calls"]
+        and not figures["violations"]  # a protocol violation fails a level as a hole does
         and not figures["calls_with_underruns"]
         and p99 is not None
         and p99 <= KNEE_P99_MS
@@ -911,7 +913,7 @@ def summary(results: dict[str, list[dict]], knee: dict[str, int | None] | None, 
             print(
                 f"knee {name}: {calls if calls is not None else 'below the first level'} calls passed "
                 f"(p99 {'heard ' if latency == 'heard' else ''}added <= {KNEE_P99_MS:g} ms, no underrun, "
-                "every call served)"
+                "no protocol violation, every call served)"
             )
             last = results[name][-1] if results[name] else None
             if last is not None and "server_cores_busy" in last and last["calls"] != calls:

@@ -1,4 +1,5 @@
-"""bench/capacity.py's ``--server-cpus``: which CPUs each side gets, and each side's busy cores."""
+"""bench/capacity.py: ``--server-cpus`` (which CPUs each side gets, and each side's busy cores), starting servers,
+and the knee's test of a level."""
 
 from __future__ import annotations
 
@@ -93,3 +94,13 @@ def test_capacity_start_kills_a_process_whose_health_never_answers() -> None:
             timeout_s=0.3,
         )
     assert _children() - before == set()
+
+
+def test_capacity_knee_fails_a_level_on_a_violation_an_underrun_a_refusal_or_latency() -> None:
+    level = {"calls": 10, "served": 10, "violations": 0, "calls_with_underruns": 0, "heard_added_p99_ms": 20.0}
+    assert capacity.passed(level, "heard")
+    assert not capacity.passed({**level, "violations": 1}, "heard")
+    assert not capacity.passed({**level, "calls_with_underruns": 1}, "heard")
+    assert not capacity.passed({**level, "served": 9}, "heard")
+    assert not capacity.passed({**level, "heard_added_p99_ms": 40.0}, "heard")
+    assert not capacity.passed({**level, "heard_added_p99_ms": None}, "heard")
