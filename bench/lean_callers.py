@@ -12,7 +12,8 @@ after ``seconds``, then close (spec: twilio-media-streams.md §3, §4). What mak
 
 - one process-wide timer (``Beat``) drives every call: no task per call, no wake-up per call per frame;
 - the socket is picows (as the bridge's legs are), its frames read in its callback;
-- a ``media`` message is one ``bytes %`` of a per-call template with the frame's base64, encoded once per run;
+- a ``media`` message is one ``bytes %`` of a per-call template with the frame's base64, encoded once per run
+  (bench/lean_wire.py, like the reader below);
 - what the bridge sends is read with one typed msgspec pass, as strictly as ``parse_outbound`` reads it (exactly
   the documented fields, valid base64, this stream's ``streamSid``: tests hold the two readers equal).
 
@@ -32,7 +33,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import binascii
 import logging
 import sys
 import time
@@ -42,24 +42,25 @@ from typing import Literal
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import msgspec
 import numpy as np
 import numpy.typing as npt
 import orjson
+from lean_wire import (  # bench/, beside this script
+    SILENCE_B64,
+    audible,
+    encode_frames,
+    mark_template,
+    media_template,
+    read_outbound,
+)
 from picows import WSCloseCode, WSError, WSFrame, WSListener, WSMsgType, WSTransport, ws_connect
 
-from telephony_bridge.audio.codec import (
-    TWILIO_BYTES_PER_MS,
-    TWILIO_FRAME_BYTES,
-    ULAW_SILENCE,
-    pcm16_to_ulaw,
-    ulaw_to_pcm16,
-)
+from telephony_bridge.audio.codec import TWILIO_BYTES_PER_MS, TWILIO_FRAME_BYTES
 from telephony_bridge.close_codes import echo_code
-from telephony_bridge.tools.caller import AUDIBLE_PEAK, FRAME_S, CallConfig, CallResult, new_sid
+from telephony_bridge.tools.caller import FRAME_S, CallConfig, CallResult, new_sid
 from telephony_bridge.tools.twilio_playout import Playout
 from telephony_bridge.twilio.outbound_messages import OutClear, OutMark, OutMedia
-from telephony_bridge.twilio.protocol import Connected, Malformed, Start, Stop, preview
+from telephony_bridge.twilio.protocol import Connected, Start, Stop
 
 # A call's frames go out on one of these evenly spaced points of the 20 ms beat: 1 ms apart, as finely as the
 # emulator's and bench/lean_ai.py's timers fire (Twilio's calls start at any moment, so their frames reach the
@@ -73,104 +74,6 @@ NO_STATUS = 1005  # a close frame without a code (RFC 6455 §7.1.5)
 ABNORMAL_CLOSURE = 1006  # no close frame at all, as the websockets library reports it
 _TEXT, _BINARY, _CLOSE, _PING, _PONG = WSMsgType.TEXT, WSMsgType.BINARY, WSMsgType.CLOSE, WSMsgType.PING, WSMsgType.PONG
 _picows_log = logging.getLogger("picows.client")
-
-# μ-law bytes that decode within ±AUDIBLE_PEAK: a frame is audible when anything is left once they are deleted,
-# the test ``caller._audible`` makes on the decoded samples, without decoding.
-QUIET_ULAW = bytes(b for b in range(256) if abs(int(ulaw_to_pcm16(bytes([b]))[0])) <= AUDIBLE_PEAK)
-
-
-def audible(ulaw: bytes) -> bool:
-    return bool(ulaw.translate(None, QUIET_ULAW))
-
-
-# --- messages as bytes ---------------------------------------------------------------------------------------
-
-
-def _sid_json(stream_sid: str) -> bytes:
-    """The streamSid as a JSON string, safe inside a ``%`` template."""
-    return orjson.dumps(stream_sid).replace(b"%", b"%%")
-
-
-def media_template(stream_sid: str) -> bytes:
-    """``Media.to_json()`` as a ``bytes %`` template: ``% (sequence_number, chunk, timestamp_ms, base64)``."""
-    return (
-        b'{"event":"media","sequenceNumber":"%d","media":{"track":"inbound","chunk":"%d","timestamp":"%d",'
-        b'"payload":"%b"},"streamSid":' + _sid_json(stream_sid) + b"}"
-    )
-
-
-def mark_template(stream_sid: str) -> bytes:
-    """``Mark.to_json()`` as a template: ``% (sequence_number, JSON name)``."""
-    return b'{"event":"mark","sequenceNumber":"%d","streamSid":' + _sid_json(stream_sid) + b',"mark":{"name":%b}}'
-
-
-def encode_frames(audio: npt.NDArray[np.int16] | None) -> list[bytes]:
-    """The caller's speech as the base64 payload of each 20 ms frame, the last one padded with silence; after
-    it, every frame is ``SILENCE_B64``."""
-    ulaw = pcm16_to_ulaw(audio) if audio is not None else b""
-    padded = ulaw + bytes([ULAW_SILENCE]) * (-len(ulaw) % TWILIO_FRAME_BYTES)
-    return [
-        binascii.b2a_base64(padded[i : i + TWILIO_FRAME_BYTES], newline=False)
-        for i in range(0, len(padded), TWILIO_FRAME_BYTES)
-    ]
-
-
-SILENCE_B64 = binascii.b2a_base64(bytes([ULAW_SILENCE]) * TWILIO_FRAME_BYTES, newline=False)
-
-
-# --- what the bridge sends, read once --------------------------------------------------------------------------
-
-
-class _Exact(msgspec.Struct, forbid_unknown_fields=True):
-    """A field missing or one too many is a violation, as ``parse_outbound`` has it (G3; 31951 for Twilio)."""
-
-
-class _Payload(_Exact):
-    payload: bytes  # msgspec decodes base64 strictly: a bad payload is a ValidationError
-
-
-class _Name(_Exact):
-    name: str
-
-
-class _Event(_Exact, tag_field="event", rename={"stream_sid": "streamSid"}):
-    stream_sid: str
-
-
-class _Media(_Event, tag="media"):
-    media: _Payload
-
-
-class _Mark(_Event, tag="mark"):
-    mark: _Name
-
-
-class _Clear(_Event, tag="clear"):
-    pass
-
-
-_decode = msgspec.json.Decoder(_Media | _Mark | _Clear).decode
-
-
-def read_outbound(data: bytes, stream_sid: str) -> OutMedia | OutMark | OutClear | Malformed:
-    """One text message from the bridge: what Twilio would act on, or why it is a violation (31951), as
-    ``parse_outbound`` has it. The reason names the event when there is one."""
-    try:
-        message = _decode(data)
-    except msgspec.DecodeError as exc:
-        try:
-            event = orjson.loads(data).get("event")
-        except (orjson.JSONDecodeError, AttributeError):
-            return Malformed(f"not a JSON object (31951): {preview(data)}")
-        return Malformed(f"event {event!r} unreadable (31951/31924): {exc}")
-    if message.stream_sid != stream_sid:
-        return Malformed(f"streamSid {message.stream_sid!r:.40} is not this stream's (31951)")
-    if type(message) is _Media:
-        return OutMedia(message.media.payload)
-    if type(message) is _Mark:
-        return OutMark(message.mark.name)
-    return OutClear()
-
 
 # --- one call, and the beat that drives them all -----------------------------------------------------------------
 

@@ -1,6 +1,6 @@
-"""bench/lean_callers.py: its messages as bytes, its reader of the bridge's (as strict as the full callers'), the
-same scripted calls placed by the full and the lean callers with the same figures, and a few lean calls against
-the real bridge and the emulator's echo voice."""
+"""bench/lean_callers.py and bench/lean_wire.py: the messages as bytes, the reader of the bridge's messages (as
+strict as the full callers'), the same scripted calls placed by the full and the lean callers with the same
+figures, and a few lean calls against the real bridge and the emulator's echo voice."""
 
 from __future__ import annotations
 
@@ -32,6 +32,7 @@ from tests.support import AUTH_TOKEN, BENCH, PUBLIC_URL, SPEECH_WAV, bridge_sett
 sys.path.insert(0, str(BENCH))
 import capacity  # bench/ is no package: imported from its folder
 import lean_callers
+import lean_wire
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -39,7 +40,7 @@ SID = "MZ" + "0" * 32
 
 
 def test_lean_media_message_is_twilios_media_message_from_a_template() -> None:
-    template = lean_callers.media_template(SID)
+    template = lean_wire.media_template(SID)
     payload = bytes(range(160))
     encoded = base64.b64encode(payload)
     assert template % (7, 3, 40, encoded) == (
@@ -50,23 +51,23 @@ def test_lean_media_message_is_twilios_media_message_from_a_template() -> None:
 
 
 def test_lean_mark_echo_is_twilios_mark_message() -> None:
-    assert lean_callers.mark_template(SID) % (12, b'"m-1"') == (
+    assert lean_wire.mark_template(SID) % (12, b'"m-1"') == (
         b'{"event":"mark","sequenceNumber":"12","streamSid":"' + SID.encode() + b'","mark":{"name":"m-1"}}'
     )
 
 
 def test_lean_frames_are_the_speech_in_20ms_base64_frames_padded_with_silence() -> None:
     audio = np.full(170, 4000, dtype=np.int16)  # one whole frame and 10 samples
-    frames = lean_callers.encode_frames(audio)
+    frames = lean_wire.encode_frames(audio)
     decoded = [base64.b64decode(frame) for frame in frames]
     assert [len(d) for d in decoded] == [160, 160]
-    assert decoded[1][10:] == b"\xff" * 150 and lean_callers.audible(decoded[1]) and lean_callers.audible(decoded[0])
-    assert not lean_callers.audible(base64.b64decode(lean_callers.SILENCE_B64))
-    assert lean_callers.encode_frames(None) == []
+    assert decoded[1][10:] == b"\xff" * 150 and lean_wire.audible(decoded[1]) and lean_wire.audible(decoded[0])
+    assert not lean_wire.audible(base64.b64decode(lean_wire.SILENCE_B64))
+    assert lean_wire.encode_frames(None) == []
 
 
 def test_lean_reader_reads_media_marks_and_clears_and_counts_anything_else_as_a_violation() -> None:
-    read = lean_callers.read_outbound
+    read = lean_wire.read_outbound
     media = b'{"event":"media","streamSid":"' + SID.encode() + b'","media":{"payload":"AAEC"}}'
     assert read(media, SID) == OutMedia(b"\x00\x01\x02")
     assert read(mark_message(SID, "m-1").encode(), SID) == OutMark("m-1")
@@ -105,7 +106,7 @@ OUTBOUND = [
 @pytest.mark.parametrize("text", OUTBOUND, ids=[str(i) for i in range(len(OUTBOUND))])
 def test_lean_reader_reads_the_bridges_messages_as_the_full_callers_strict_reader_does(text: str) -> None:
     """A message the full callers count as a violation the lean ones count too, or the bridge would look better."""
-    lean, full = lean_callers.read_outbound(text.encode(), SID), parse_outbound(text, SID)
+    lean, full = lean_wire.read_outbound(text.encode(), SID), parse_outbound(text, SID)
     assert type(lean) is type(full)
     assert isinstance(full, Malformed) or lean == full
 
