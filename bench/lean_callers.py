@@ -36,7 +36,6 @@ import asyncio
 import logging
 import sys
 import time
-from collections import deque
 from pathlib import Path
 from typing import Literal
 
@@ -58,6 +57,7 @@ from picows import WSCloseCode, WSError, WSFrame, WSListener, WSMsgType, WSTrans
 from telephony_bridge.audio.codec import TWILIO_BYTES_PER_MS, TWILIO_FRAME_BYTES
 from telephony_bridge.close_codes import echo_code
 from telephony_bridge.tools.caller import FRAME_S, CallConfig, CallResult, new_sid
+from telephony_bridge.tools.round_trips import RoundTrips
 from telephony_bridge.tools.twilio_playout import Playout
 from telephony_bridge.twilio.outbound_messages import OutClear, OutMark, OutMedia
 from telephony_bridge.twilio.protocol import Connected, Start, Stop
@@ -108,10 +108,7 @@ class LeanCall(WSListener):  # type: ignore[misc]
         self._first_heard_s: float | None = None
         self._violations: list[str] = []
         self._marks_echoed: list[str] = []
-        self._sent_at: list[float] = []  # when caller frame i went out
-        self._round_trips: list[float] = []
-        self._awaiting_play: deque[tuple[int, int]] = deque()  # (first byte's index in the AI audio, caller frame)
-        self._heard_round_trips: list[float] = []
+        self._round_trips = RoundTrips(self._playout)
         self._late_messages = 0
         self._ended_by: Literal["caller", "bridge"] = "caller"
         self._ended_at: float | None = None
@@ -133,13 +130,13 @@ class LeanCall(WSListener):  # type: ignore[misc]
             self._seq = 1
             transport.send(_TEXT, start.to_json().encode())
             self._t0, self._started_at = due, self._time()
-        playout, frames, media, sent_at = self._playout, self._frames, self._media, self._sent_at
+        playout, frames, media, sent_at = self._playout, self._frames, self._media, self._round_trips.sent_at
         i, last = self._next, self._n_frames
         while i <= last and self._t0 + i * FRAME_S <= now + 1e-6:
             # The last tick plays nothing: it only releases marks whose audio finished with the call.
             n_bytes = 0 if i == last else TWILIO_FRAME_BYTES
             audio, marks = playout.tick(n_bytes)
-            self._heard_round_trips_at(i)
+            self._round_trips.played(i)
             if n_bytes and audible(audio):
                 self._audible_frames += 1
                 if self._first_heard_s is None:
@@ -156,16 +153,6 @@ class LeanCall(WSListener):  # type: ignore[misc]
             i += 1
         self._next = i
         return True
-
-    def _heard_round_trips_at(self, tick: int) -> None:
-        """As ``SimulatedCall._heard_round_trips_at``: messages whose first sample this tick played, on the beat;
-        until the first ``clear``."""
-        if self._playout.clears:
-            self._awaiting_play.clear()
-        awaiting, played = self._awaiting_play, self._playout.bytes_played
-        while awaiting and awaiting[0][0] < played:
-            _, frame = awaiting.popleft()
-            self._heard_round_trips.append((tick - frame) * FRAME_S)
 
     def _echo(self, name: str) -> None:
         if self._stopped or self._gone or self._transport is None:
@@ -227,12 +214,7 @@ class LeanCall(WSListener):  # type: ignore[misc]
         playout = self._playout
         if type(event) is OutMedia:
             payload = event.payload
-            # As ``SimulatedCall._round_trip``: byte n of an echo AI's audio is byte n of the caller's, so a
-            # message's first byte dates from when the caller sent that frame (until the first ``clear``).
-            frame = playout.bytes_received // TWILIO_FRAME_BYTES
-            if not playout.clears and frame < len(self._sent_at) and payload:
-                self._round_trips.append(self._time() - self._sent_at[frame])
-                self._awaiting_play.append((playout.bytes_received, frame))
+            self._round_trips.received(payload, self._time())
             playout.push_media(payload)
             if self._first_audio_s is None and audible(payload):
                 self._first_audio_s = self._time() - self._started_at
@@ -273,12 +255,12 @@ class LeanCall(WSListener):  # type: ignore[misc]
             clears=self._playout.clears,
             max_lead_ms=self._playout.max_lead_ms,
             underruns=self._playout.underruns,
-            round_trips_s=self._round_trips,
-            heard_round_trips_s=self._heard_round_trips,
+            round_trips_s=self._round_trips.arrivals_s,
+            heard_round_trips_s=self._round_trips.heard_s,
             underrun_ms=self._playout.underrun_ms,
             cut_off_ms=self._playout.buffered_bytes / TWILIO_BYTES_PER_MS,
             received_ms=self._playout.bytes_received / TWILIO_BYTES_PER_MS,
-            media_sent=len(self._sent_at),
+            media_sent=len(self._round_trips.sent_at),
             late_messages=self._late_messages,
             ended_by=self._ended_by,
             close_code=self._close_code,

@@ -16,7 +16,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import secrets
-from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import partial
@@ -35,6 +34,7 @@ from telephony_bridge.audio.codec import (
     ulaw_to_pcm16,
 )
 from telephony_bridge.clock import Clock, SystemClock
+from telephony_bridge.tools.round_trips import RoundTrips
 from telephony_bridge.tools.twilio_playout import Playout
 from telephony_bridge.twilio.outbound_messages import OutClear, OutMark, OutMedia, parse_outbound
 from telephony_bridge.twilio.protocol import (
@@ -110,7 +110,7 @@ class CallResult:
     round_trips_s: list[float]  # per AI media message: arrival minus when the caller sent its first sample
     # Per AI media message: when its first sample was played, less when the caller sent it, both on the caller's
     # 20 ms beat (so multiples of 20 ms): the delay the caller hears, after the playback buffer has smoothed out
-    # arrival jitter and including every hole it could not (see ``_heard_round_trips``).
+    # arrival jitter and including every hole it could not (see ``tools.round_trips``).
     heard_round_trips_s: list[float]
     underrun_ms: float
     cut_off_ms: float  # audio still buffered when the call ended: sent, never heard (G8)
@@ -159,10 +159,7 @@ class SimulatedCall:
         self._violations: list[str] = []
         self._marks_echoed: list[str] = []
         self._media_sent = 0
-        self._sent_at: list[float] = []  # when caller frame i went out
-        self._round_trips: list[float] = []
-        self._awaiting_play: deque[tuple[int, int]] = deque()  # (first byte's index in the AI audio, caller frame)
-        self._heard_round_trips: list[float] = []
+        self._round_trips = RoundTrips(self._playout)
         self._late_messages = 0
         self._ended_by: Literal["caller", "bridge"] = "caller"
         self._ended_at: float | None = None
@@ -213,7 +210,7 @@ class SimulatedCall:
                     await self._send(ws, partial(Dtmf, self.stream_sid, dtmf.pop(0)[1]))
                 # timestamp: ms since the stream started; chunk counts from 1 (§3)
                 await self._send(ws, partial(Media, self.stream_sid, self._frame(i), i * 20, i + 1))
-                self._sent_at.append(self._clock.monotonic())
+                self._round_trips.sent_at.append(self._clock.monotonic())
                 self._media_sent += 1
             await self._send(ws, partial(Stop, self.stream_sid, self.call_sid, self.account_sid), stop=True)
             self._ended_at = self._clock.monotonic()
@@ -244,7 +241,7 @@ class SimulatedCall:
         if isinstance(event, Malformed):
             self._violation(event.reason)
         elif isinstance(event, OutMedia):
-            self._round_trip(event.payload)
+            self._round_trips.received(event.payload, self._clock.monotonic())
             self._playout.push_media(event.payload)
             if self._first_audio_s is None and _audible(ulaw_to_pcm16(event.payload)):
                 self._first_audio_s = self._clock.monotonic() - self._started_at
@@ -255,33 +252,15 @@ class SimulatedCall:
             for name in self._playout.clear():
                 await self._echo(ws, name)
 
-    def _round_trip(self, payload: bytes) -> None:
-        """Against an echo AI, byte n of the AI's audio is byte n of the caller's (the resamplers keep the
-        count exactly), so a message's first byte dates from when the caller sent that frame. The figure holds
-        until the first ``clear``, which drops audio and breaks the count."""
-        frame = self._playout.bytes_received // TWILIO_FRAME_BYTES
-        if not self._playout.clears and frame < len(self._sent_at) and payload:
-            self._round_trips.append(self._clock.monotonic() - self._sent_at[frame])
-            self._awaiting_play.append((self._playout.bytes_received, frame))
-
     async def _play(self, ws: ClientConnection, n_bytes: int, tick: int) -> None:
         audio, due = self._playout.tick(n_bytes)
-        self._heard_round_trips_at(tick)
+        self._round_trips.played(tick)
         if n_bytes:
             self._heard += audio
             if self._first_heard_s is None and self._started_at is not None and _audible(ulaw_to_pcm16(audio)):
                 self._first_heard_s = self._clock.monotonic() - self._started_at
         for name in due:
             await self._echo(ws, name)
-
-    def _heard_round_trips_at(self, tick: int) -> None:
-        """The messages whose first sample this tick played: sent at tick ``frame``, heard at ``tick``. Counted
-        on the beat, not the clock, so the caller's own scheduling adds nothing; until the first ``clear``."""
-        if self._playout.clears:
-            self._awaiting_play.clear()
-        while self._awaiting_play and self._awaiting_play[0][0] < self._playout.bytes_played:
-            _, frame = self._awaiting_play.popleft()
-            self._heard_round_trips.append((tick - frame) * FRAME_S)
 
     async def _echo(self, ws: ClientConnection, name: str) -> None:
         if await self._send(ws, partial(Mark, self.stream_sid, name)):
@@ -328,8 +307,8 @@ class SimulatedCall:
             clears=self._playout.clears,
             max_lead_ms=self._playout.max_lead_ms,
             underruns=self._playout.underruns,
-            round_trips_s=list(self._round_trips),
-            heard_round_trips_s=list(self._heard_round_trips),
+            round_trips_s=list(self._round_trips.arrivals_s),
+            heard_round_trips_s=list(self._round_trips.heard_s),
             underrun_ms=self._playout.underrun_ms,
             cut_off_ms=self._playout.buffered_bytes / TWILIO_BYTES_PER_MS,
             received_ms=self._playout.bytes_received / TWILIO_BYTES_PER_MS,
