@@ -44,22 +44,32 @@ class ScriptedBridge:
         await ws.accept()
         events: list[InboundEvent] = []
         stream_sid, call_sid = "", ""
+        closing = False  # the caller's close came while we sent: read on, send nothing more
+
+        async def send(text: str) -> None:
+            nonlocal closing
+            if not closing:
+                try:
+                    await ws.send_text(text)
+                except WebSocketDisconnect:
+                    closing = True  # what the caller sent before its close is still to be read
+
         try:
             async for text in ws.iter_text():
                 event = parse_message(text)
                 events.append(event)
                 if isinstance(event, Connected) and variant == "eager":
-                    await ws.send_text(mark_message("MZ" + "0" * 32, "too-early"))
+                    await send(mark_message("MZ" + "0" * 32, "too-early"))
                 elif isinstance(event, Start):
                     stream_sid, call_sid = event.stream_sid, event.call_sid
                 elif isinstance(event, Media):
                     if variant == "malformed" and event.chunk == 1:
-                        await ws.send_text(media_message(stream_sid, event.payload)[:-2] + ',"track":"x"}}')
+                        await send(media_message(stream_sid, event.payload)[:-2] + ',"track":"x"}}')
                     else:
-                        await ws.send_text(media_message(stream_sid, event.payload))
-                    await ws.send_text(mark_message(stream_sid, f"m{event.chunk}"))
+                        await send(media_message(stream_sid, event.payload))
+                    await send(mark_message(stream_sid, f"m{event.chunk}"))
                     if variant == "clear" and event.chunk == 5:
-                        await ws.send_text(clear_message(stream_sid))
+                        await send(clear_message(stream_sid))
                     if variant == "hangup" and event.chunk == 5:
                         await ws.close(1000)
                         break
