@@ -9,7 +9,6 @@ call. ``bridge.Call`` runs ``run`` as one task of its call and closes the sessio
 
 from __future__ import annotations
 
-import asyncio
 import logging
 
 from telephony_bridge.admission import Admission, CallSlot
@@ -23,6 +22,7 @@ from telephony_bridge.reconnect import Reconnector
 from telephony_bridge.savants.client import SavantsConnection
 from telephony_bridge.savants.protocol import Audio
 from telephony_bridge.settings import Settings
+from telephony_bridge.task_group import TaskGroup
 
 log = logging.getLogger(__name__)
 
@@ -90,7 +90,7 @@ class AiSide:
         failure: SessionError | None = None
         session.deliver_audio_to(self._outbound.push_pcm)  # the AI's audio, as it is read: no task switch
         try:
-            async with asyncio.TaskGroup() as tg:
+            async with TaskGroup() as tg:
                 tg.create_task(self._inbound.run(session), name="to-ai")
                 tg.create_task(self._receive(session), name="from-ai")
         except* SessionError as group:

@@ -42,6 +42,7 @@ from telephony_bridge.reconnect import Reconnector
 from telephony_bridge.registry import CallRegistry
 from telephony_bridge.settings import Settings
 from telephony_bridge.store import StoreUnavailable
+from telephony_bridge.task_group import TaskGroup
 
 log = logging.getLogger(__name__)
 
@@ -197,7 +198,7 @@ class Call:
 
     async def _bridge(self) -> None:
         try:
-            async with asyncio.TaskGroup() as tg:
+            async with TaskGroup() as tg:
                 tg.create_task(self._caller_pump(), name="caller-pump")
                 tg.create_task(self._watch_caller(), name="caller-watchdog")
                 tg.create_task(self._ai.run(self._started_at), name="ai-side")

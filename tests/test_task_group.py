@@ -1,0 +1,118 @@
+"""``task_group.TaskGroup``: a call's tasks end by raising, and nothing they held may wait for the cycle collector.
+
+Each test runs with the collector off: what is freed is freed by reference counting alone, at once, as a call's
+objects must be (``task_group``'s docstring says why). The end-to-end test places a real call through the bridge.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import traceback
+import weakref
+from collections.abc import Callable, Iterator
+
+import pytest
+
+from telephony_bridge.bridge import Call
+from telephony_bridge.serving import ServerThread
+from telephony_bridge.task_group import TaskGroup
+from telephony_bridge.tools.caller import run_call
+from tests.support import bridge_settings, signed_call, wait_until
+
+
+class Held:
+    """Something a task's frame holds, as a call's tasks hold the call."""
+
+
+class Boom(Exception):
+    pass
+
+
+@pytest.fixture
+def collector_off() -> Iterator[None]:
+    gc.collect()
+    gc.disable()
+    try:
+        yield
+    finally:
+        gc.enable()
+
+
+async def _hold_until_cancelled(held: Held) -> None:
+    await asyncio.sleep(3600)
+
+
+async def _hold_and_fail(held: Held) -> None:
+    await asyncio.sleep(0)
+    raise Boom("the call's failure")
+
+
+async def test_a_cancelled_group_frees_what_its_tasks_held(collector_off: None) -> None:
+    """A call ending: the task that runs the group is cancelled while its children wait."""
+    held = Held()
+    gone = weakref.ref(held)
+
+    async def parent(held: Held) -> None:
+        async with TaskGroup() as tg:
+            tg.create_task(_hold_until_cancelled(held))
+            tg.create_task(_hold_until_cancelled(held))
+            await asyncio.sleep(3600)
+
+    task = asyncio.create_task(parent(held))
+    del held
+    await asyncio.sleep(0.01)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    del task
+    assert await _freed(gone), "the group's exit left a reference cycle: the tasks' objects wait for a collection"
+
+
+async def test_a_failing_group_frees_what_its_tasks_held_and_keeps_the_traceback(collector_off: None) -> None:
+    held = Held()
+    gone = weakref.ref(held)
+    caught: list[BaseException] = []
+
+    async def parent(held: Held) -> None:
+        try:
+            async with TaskGroup() as tg:
+                tg.create_task(_hold_and_fail(held))
+                tg.create_task(_hold_until_cancelled(held))
+        except* Boom as group:
+            caught.append(group.exceptions[0])
+
+    await parent(held)
+    del held
+    assert await _freed(gone), "the group's exit left a reference cycle: the tasks' objects wait for a collection"
+    [failure] = caught
+    assert "_hold_and_fail" in "".join(traceback.format_exception(failure))  # still there for the logs
+
+
+async def test_an_ended_call_is_freed_without_the_cycle_collector(
+    emulator: ServerThread, start_bridge: Callable[..., ServerThread], collector_off: None
+) -> None:
+    """The whole call (legs, buffers, tasks, transports) goes when the call does: with 250 calls on a core, a full
+    collection that had ended calls to free stalled every call's audio (README, Performance)."""
+    bridge = start_bridge(bridge_settings(emulator))
+    placed = asyncio.create_task(run_call(signed_call(bridge, seconds=1.0)))
+    await asyncio.to_thread(wait_until, lambda: _calls() != [], 5.0, "the call to start")
+    [call] = _calls()
+    gone = weakref.ref(call)
+    del call
+    result = await placed
+    assert result.received_ms > 0 and not result.violations
+    await asyncio.to_thread(wait_until, lambda: gone() is None, 5.0, "the ended call's objects to be freed")
+
+
+async def _freed(ref: weakref.ref[Held]) -> bool:
+    """Whether what ``ref`` names is freed within a few turns of the loop (callbacks already queued may hold it)."""
+    for _ in range(10):
+        if ref() is None:
+            return True
+        await asyncio.sleep(0)
+    return False
+
+
+def _calls() -> list[Call]:
+    return [obj for obj in gc.get_objects() if type(obj) is Call]
