@@ -244,7 +244,7 @@ async def _serve_bridge(
 
     app = create_app(settings, ops_port=ops_sock.getsockname()[1] if ops_sock is not None else None)
     server = DrainingServer(uvicorn_config(app), lambda: drain(app))
-    tune_gc(settings.server.gc_young_threshold, freeze=settings.server.gc_tuning)
+    tune_gc(settings.server.gc_young_threshold, tuned=settings.server.gc_tuning)
     host = settings.listen_host
     # A line of its own: the listening lines keep the shape that scripts read (tests/support.py).
     log.info("audio kernels: %s", "compiled" if kernels.use_compiled(settings.audio.kernels) else "numpy")

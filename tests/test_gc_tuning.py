@@ -9,7 +9,7 @@ import pytest
 
 from telephony_bridge.errors import ConfigError
 from telephony_bridge.ops import heap
-from telephony_bridge.ops.gc_tuning import OLDER_THRESHOLDS, tune_gc
+from telephony_bridge.ops.gc_tuning import CPYTHON_OLDER_THRESHOLDS, OLDER_THRESHOLDS, tune_gc
 from telephony_bridge.ops.heap import cyclic_garbage
 from telephony_bridge.settings import load_settings
 
@@ -74,10 +74,11 @@ def test_tune_gc_sets_the_thresholds_and_freezes_only_when_asked() -> None:
     before = gc.get_threshold()
     assert gc.get_freeze_count() == 0
     try:
-        tune_gc(2_000, freeze=False)
-        assert gc.get_threshold() == (2_000, *OLDER_THRESHOLDS) and gc.get_freeze_count() == 0
+        tune_gc(2_000, tuned=False)
+        assert gc.get_threshold() == (2_000, *CPYTHON_OLDER_THRESHOLDS) and gc.get_freeze_count() == 0
         tune_gc(3_000)
         assert gc.get_threshold() == (3_000, *OLDER_THRESHOLDS) and gc.get_freeze_count() > 0
+        assert OLDER_THRESHOLDS[1] > 10 * CPYTHON_OLDER_THRESHOLDS[1]  # full collections rare
     finally:
         gc.unfreeze()
         gc.set_threshold(*before)

@@ -1,16 +1,23 @@
 """Garbage collection settings for a serving process.
 
-Freezing what start-up built (modules, the app, settings: ~65,000 objects the collector tracks) moves it out
-of the collector's sight for good, so a full collection walks only what calls made: shorter pauses under load.
+Freezing what start-up built (modules, the app, settings: ~71,000 objects the collector tracks) moves it out
+of the collector's sight for good, so a full collection walks only what calls made.
 
-The thresholds are CPython's (700, 10, 10) unless ``server.gc_young_threshold`` says otherwise. A call's whole
-object graph (~290 objects: the call, its legs and buffers, its tasks, tracebacks and frames, and uvicorn's and
-websockets' protocol objects, which sit in cycles of their own) is freed only by the cycle collector
-(``GET /debug/heap`` counts it by type). The young threshold counts tracked objects allocated less those
-freed, and that garbage is never freed until a collection, so a larger threshold lets more of it pile up
-between collections and memory climbs higher before it levels: with 50,000, resident memory grew 14 MB over
-1,000 calls against 6 MB with 700 (``BRIDGE__SERVER__GC_YOUNG_THRESHOLD=50000 python bench/soak.py --scenario
-normal --no-faults --calls 1000``), and the CPU it saved was within the run-to-run noise (README, Performance).
+Full collections are also made rare: one after 1,000 middle collections, not CPython's 10. A full collection
+walks every object the live calls hold (~340 a call: their tasks, futures, contexts, legs and buffers) and
+stalls the event loop meanwhile: ~36 ms at 250 calls on one core of the benchmark machine, longer than the
+playout lead, so every call heard a hole. Under call churn CPython ran one every few dozen calls set up. It
+found next to nothing to free: an ended call's objects go by reference counting when the call does
+(``task_group``), and what cyclic garbage is left (an HTTP request's objects, at set-up) dies young, where the
+young and middle collections free it. At 1,000, a process carrying 250 calls runs a full collection about
+every 20 minutes (README, Performance). ``server.gc_tuning: false`` leaves all of it as CPython has it.
+
+The young threshold is CPython's 700 unless ``server.gc_young_threshold`` says otherwise. It counts tracked
+objects allocated less those freed, and cyclic garbage is never freed until a collection, so a larger
+threshold lets more of it pile up between collections and memory climbs higher before it levels: with 50,000,
+resident memory grew 14 MB over 1,000 calls against 6 MB with 700 (``BRIDGE__SERVER__GC_YOUNG_THRESHOLD=50000
+python bench/soak.py --scenario normal --no-faults --calls 1000``), and the CPU it saved was within the
+run-to-run noise (README, Performance).
 """
 
 from __future__ import annotations
@@ -18,13 +25,14 @@ from __future__ import annotations
 import gc
 
 YOUNG_THRESHOLD = 700  # CPython's: tracked objects allocated, less those freed, between young collections
-OLDER_THRESHOLDS = (10, 10)  # CPython's: young collections per middle one, middle ones per full
+CPYTHON_OLDER_THRESHOLDS = (10, 10)  # young collections per middle one, middle ones per full
+OLDER_THRESHOLDS = (10, 1000)  # tuned: full collections rare (see above)
 
 
-def tune_gc(young_threshold: int = YOUNG_THRESHOLD, *, freeze: bool = True) -> None:
-    """Call once, after start-up and before serving: sets the thresholds and, with ``freeze``, collects and
-    freezes what exists."""
-    if freeze:
+def tune_gc(young_threshold: int = YOUNG_THRESHOLD, *, tuned: bool = True) -> None:
+    """Call once, after start-up and before serving: sets the thresholds and, if ``tuned``, collects and freezes
+    what exists and makes full collections rare."""
+    if tuned:
         gc.collect()
         gc.freeze()
-    gc.set_threshold(young_threshold, *OLDER_THRESHOLDS)
+    gc.set_threshold(young_threshold, *(OLDER_THRESHOLDS if tuned else CPYTHON_OLDER_THRESHOLDS))
