@@ -72,12 +72,12 @@ def test_cyclic_garbage_names_types_only() -> None:
 
 def test_tune_gc_sets_the_thresholds_and_freezes_only_when_asked() -> None:
     before = gc.get_threshold()
-    assert gc.get_freeze_count() == 0
+    frozen = gc.get_freeze_count()  # 0 on 3.11; 3.12 starts with some frozen already
     try:
         tune_gc(2_000, tuned=False)
-        assert gc.get_threshold() == (2_000, *CPYTHON_OLDER_THRESHOLDS) and gc.get_freeze_count() == 0
+        assert gc.get_threshold() == (2_000, *CPYTHON_OLDER_THRESHOLDS) and gc.get_freeze_count() == frozen
         tune_gc(3_000)
-        assert gc.get_threshold() == (3_000, *OLDER_THRESHOLDS) and gc.get_freeze_count() > 0
+        assert gc.get_threshold() == (3_000, *OLDER_THRESHOLDS) and gc.get_freeze_count() > frozen
         assert OLDER_THRESHOLDS[1] > 10 * CPYTHON_OLDER_THRESHOLDS[1]  # full collections rare
     finally:
         gc.unfreeze()
