@@ -7,7 +7,8 @@ other ("old"), alternating (the first of each pair changes from pair to pair, so
 series weighs on both), each run from its own checkout so that its servers import that checkout's code, all on this
 interpreter. The other checkout needs its compiled kernels: ``cp telephony_bridge/audio/*.so <other>/...`` or an
 install there. Then, per server and load level, steady CPU (µs per call per 20 ms) and whole-call CPU (CPU-s per
-call-minute): each side's mean and range, in how many pairs the new one was lower, and the mean difference.
+call-minute), calls with a hole in playback and the bridge's collections over 20 ms: each side's mean and range,
+in how many pairs the new one was lower, and the mean difference.
 
 Why: single runs of capacity.py move by ±10 % or more here (a "high mode" of this VM at 50 calls among it), so a
 change is judged only over alternating pairs, and by how often it wins as well as by how much.
@@ -27,6 +28,8 @@ HERE = Path(__file__).resolve().parent.parent
 FIGURES = {  # capacity.py's key: what it is called here, its unit
     "steady_us_per_call_per_20ms": ("steady", "µs/call/20ms"),
     "whole_cpu_s_per_call_minute": ("whole", "CPU-s/call-min"),
+    "calls_with_underruns": ("holes", "calls with a hole"),
+    "gc_pauses_over_20ms": ("GC>20", "collections over 20 ms"),
 }
 
 
@@ -46,15 +49,18 @@ def compare(new: list[dict[str, list[dict]]], old: list[dict[str, list[dict]]]) 
     for server in new[0]:
         for level, first in enumerate(new[0][server]):
             for key, (name, unit) in FIGURES.items():
+                if any(pair[server][level].get(key) is None for pair in (*new, *old)):
+                    continue  # a figure this server's rows do not have (a SIP row's holes)
                 ours = [pair[server][level][key] for pair in new]
                 theirs = [pair[server][level][key] for pair in old]
                 wins = sum(a < b for a, b in zip(ours, theirs, strict=True))
-                change = 100 * (statistics.mean(ours) / statistics.mean(theirs) - 1)
+                before = statistics.mean(theirs)
+                change = f"{100 * (statistics.mean(ours) / before - 1):+.1f} %" if before else "-"
                 lines.append(
                     f"{server:12} {first['calls']:4} calls  {name:6} new {statistics.mean(ours):7.3g} "
-                    f"({min(ours):.3g}–{max(ours):.3g})  old {statistics.mean(theirs):7.3g} "
+                    f"({min(ours):.3g}–{max(ours):.3g})  old {before:7.3g} "
                     f"({min(theirs):.3g}–{max(theirs):.3g}) {unit}  new lower in {wins} of {len(ours)} pairs, "
-                    f"mean {change:+.1f} %"
+                    f"mean {change}"
                 )
     return lines
 

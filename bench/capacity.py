@@ -428,6 +428,7 @@ def measure(
         "loop_lag_over_20ms": health["lag"] - health["lag_within_20ms"] if "lag" in health else None,
         "gc_pauses": health.get("gc", 0.0),
         "gc_pauses_over_20ms": health.get("gc", 0.0) - health.get("gc_within_20ms", 0.0),
+        "gc_full_collections": health.get("gc_full", 0.0),
     }
     if sip_target:
         return {**cpu, **sip_figures([r for part in parts for r in part], whole_used, seconds)}
@@ -561,24 +562,31 @@ def py_spy() -> Path | None:
 
 
 def bridge_counters(http_url: str) -> dict[str, float]:
-    """From one scrape of the bridge's /metrics: its own count of playback holes by cause (``ai_late``,
-    ``scheduling``), and its event loop lag samples and garbage collections so far, all (``lag``, ``gc``) and
-    those within 20 ms (``ops/loop_health.py``). Empty for servers without the metrics."""
+    """``counters_from_metrics`` of one scrape of the bridge's /metrics; empty for servers without them."""
     try:
         response = httpx.get(http_url + "/metrics", timeout=5)
     except httpx.HTTPError:
         return {}
     if response.status_code != 200:
         return {}
+    return counters_from_metrics(response.text)
+
+
+def counters_from_metrics(text: str) -> dict[str, float]:
+    """From the bridge's /metrics text: its own count of playback holes by cause (``ai_late``, ``scheduling``),
+    its event loop lag samples and garbage collections so far, all (``lag``, ``gc``) and those within 20 ms
+    (``ops/loop_health.py``), and its full collections (``gc_full``)."""
     histograms = {"bridge_event_loop_lag_seconds": "lag", "bridge_gc_pause_seconds": "gc"}
     counts: dict[str, float] = {}
-    for family in text_string_to_metric_families(response.text):
+    for family in text_string_to_metric_families(text):
         short = histograms.get(family.name)
         for sample in family.samples:
             if sample.name == "bridge_playout_underruns_total":
                 key = sample.labels["cause"]
             elif short and sample.name.endswith("_count"):
                 key = short
+                if short == "gc" and sample.labels.get("generation") == "2":  # full collections
+                    counts["gc_full"] = counts.get("gc_full", 0.0) + sample.value
             elif short and sample.name.endswith("_bucket") and float(sample.labels["le"]) == 0.02:
                 key = short + "_within_20ms"
             else:
@@ -621,7 +629,8 @@ def line(label: str, f: dict) -> str:
     if f.get("loop_lag_samples") is not None:
         head += (
             f"loop lag > 20 ms: {f['loop_lag_over_20ms']:.0f} of {f['loop_lag_samples']:.0f} samples, "
-            f"GC pauses > 20 ms: {f['gc_pauses_over_20ms']:.0f} of {f['gc_pauses']:.0f}  "
+            f"GC pauses > 20 ms: {f['gc_pauses_over_20ms']:.0f} of {f['gc_pauses']:.0f} "
+            f"({f.get('gc_full_collections', 0):.0f} full)  "
         )
     if "setup_p99_ms" in f:
         return head + (

@@ -32,3 +32,26 @@ def test_ab_counts_wins_pair_by_pair_and_the_mean_difference() -> None:
 def _words(line: str) -> str:
     """The line with its column padding squeezed out."""
     return " ".join(line.split())
+
+
+def test_ab_compares_holes_and_long_collections_and_skips_a_figure_a_row_lacks() -> None:
+    def run(holes: int, long_gcs: int) -> dict[str, list[dict]]:
+        figures = {"calls": 250, "steady_us_per_call_per_20ms": 65.0, "whole_cpu_s_per_call_minute": 0.2}
+        sip = {"calls": 20, "steady_us_per_call_per_20ms": 90.0, "whole_cpu_s_per_call_minute": 0.3}
+        twilio = {**figures, "calls_with_underruns": holes, "gc_pauses_over_20ms": long_gcs}
+        return {"bridge": [twilio], "bridge-sip": [{**sip, "gc_pauses_over_20ms": 0}]}
+
+    lines = [_words(line) for line in ab.compare([run(37, 0), run(4, 0)], [run(208, 1), run(196, 1)])]
+    assert (
+        "bridge 250 calls holes new 20.5 (4–37) old 202 (196–208) calls with a hole new lower in 2 of 2 pairs, "
+        "mean -89.9 %" in lines
+    )
+    assert (
+        "bridge 250 calls GC>20 new 0 (0–0) old 1 (1–1) collections over 20 ms new lower in 2 of 2 pairs, "
+        "mean -100.0 %" in lines
+    )
+    assert (
+        "bridge-sip 20 calls GC>20 new 0 (0–0) old 0 (0–0) collections over 20 ms new lower in 0 of 2 pairs, "
+        "mean -" in lines
+    )
+    assert not any(line.startswith("bridge-sip 20 calls holes") for line in lines)  # SIP rows count no holes

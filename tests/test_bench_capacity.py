@@ -104,3 +104,23 @@ def test_capacity_knee_fails_a_level_on_a_violation_an_underrun_a_refusal_or_lat
     assert not capacity.passed({**level, "served": 9}, "heard")
     assert not capacity.passed({**level, "heard_added_p99_ms": 40.0}, "heard")
     assert not capacity.passed({**level, "heard_added_p99_ms": None}, "heard")
+
+
+def test_capacity_reads_the_bridges_collections_lag_and_holes_from_its_own_metrics() -> None:
+    from telephony_bridge.ops.metrics import Metrics
+
+    metrics = Metrics()
+    for generation, pause_s in (("0", 0.001), ("0", 0.003), ("1", 0.004), ("2", 0.036), ("2", 0.002)):
+        metrics.gc_pause.labels(generation=generation).observe(pause_s)
+    for lag_s in (0.0005, 0.03):
+        metrics.loop_lag.observe(lag_s)
+    metrics.playout_underruns.labels(cause="ai_late").inc(3)
+    counters = capacity.counters_from_metrics(metrics.render().decode())
+    assert counters == {
+        "gc": 5,
+        "gc_within_20ms": 4,
+        "gc_full": 2,
+        "lag": 2,
+        "lag_within_20ms": 1,
+        "ai_late": 3,
+    }
