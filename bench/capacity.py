@@ -80,7 +80,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import httpx
-import lean_callers  # bench/, beside this script
+import lean_ai  # bench/, beside this script
+import lean_callers
 import perf_stacks  # bench/, beside this script
 from prometheus_client.parser import text_string_to_metric_families
 from tls_relay import TlsRelay  # bench/, beside this script
@@ -572,6 +573,15 @@ def bridge_counters(http_url: str) -> dict[str, float]:
     return counters_from_metrics(response.text)
 
 
+def echo_late(stats_url: str | None) -> int | None:
+    """bench/lean_ai.py's count so far of its ticks more than a frame late (None without the lean echo): the
+    load's own lateness, which the bridge counts among the AI's frames coming late (``ai_late``)."""
+    if stats_url is None:
+        return None
+    late: int = httpx.get(stats_url, timeout=5).json()["ticks_late_over_a_frame"]
+    return late
+
+
 def counters_from_metrics(text: str) -> dict[str, float]:
     """From the bridge's /metrics text: its own count of playback holes by cause (``ai_late``, ``scheduling``),
     its event loop lag samples and garbage collections so far, all (``lag``, ``gc``) and those within 20 ms
@@ -632,6 +642,8 @@ def line(label: str, f: dict) -> str:
             f"GC pauses > 20 ms: {f['gc_pauses_over_20ms']:.0f} of {f['gc_pauses']:.0f} "
             f"({f.get('gc_full_collections', 0):.0f} full)  "
         )
+    if f.get("echo_ticks_late") is not None:
+        head += f"echo's ticks > 20 ms late: {f['echo_ticks_late']}  "
     if "setup_p99_ms" in f:
         return head + (
             f"set-up p50 {ms(f['setup_p50_ms'])} p99 {ms(f['setup_p99_ms'])} ms  RTP jitter p50 "
@@ -793,11 +805,13 @@ def main() -> int:
     relay: TlsRelay | None = None
     redis: subprocess.Popen[bytes] | None = None
     lean: subprocess.Popen[bytes] | None = None
+    lean_stats: str | None = None  # the lean echo's /_lean/stats
     try:
         voice_port = emulator_port  # where the servers' voice streams go: the emulator, the lean echo, a relay
         voice_env: dict[str, str] = {}
         if args.ai == "lean":
             lean, voice_port = start_lean_ai(token_key, load_cpus)
+            lean_stats = f"http://127.0.0.1:{voice_port}{lean_ai.STATS_PATH}"
             voice_env = {"SAVANTS_WS_URL": f"ws://127.0.0.1:{voice_port}/voice-stream"}
             print(f"the servers' voice streams on bench/lean_ai.py (port {voice_port}); tokens from the emulator")
         if args.savants_tls:
@@ -859,7 +873,10 @@ def main() -> int:
                         pinning=pinning,
                         callers=args.callers,
                     )  # this server at this level: over Twilio, and over SIP below
+                    late_before = echo_late(lean_stats)
                     figures = level(profile, perf=perf, stacks=stacks)
+                    if late_before is not None:
+                        figures["echo_ticks_late"] = (echo_late(lean_stats) or 0) - late_before
                     results[name].append(figures)
                     print(line(name, figures), flush=True)
                     if profile:

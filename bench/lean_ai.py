@@ -150,9 +150,12 @@ class Wheel:
     """Every session's 20 ms grid, without I/O: ``slots`` phases of one process-wide grid, a tick every
     ``FRAME_S / slots`` serving one phase's sessions. A session joins the phase of the next tick (its grid
     starts when it is confirmed, as the emulator's speaker's does); an empty wheel starts a fresh grid. A tick
-    more than a frame late moves the grid rather than catch up in a burst (the emulator's ``MAX_LAG_S``)."""
+    more than a frame late moves the grid rather than catch up in a burst (the emulator's ``MAX_LAG_S``).
+    ``late`` counts the calls to ``tick`` more than a frame after the tick due: the echo's own lateness, which a
+    bridge in front of it would count as the AI's frames coming late."""
 
     def __init__(self, slots: int = SLOTS) -> None:
+        self.late = 0
         self.step_s = FRAME_S / slots
         self._slots: list[dict[Speaker, None]] = [{} for _ in range(slots)]
         self._where: dict[Speaker, int] = {}
@@ -181,6 +184,7 @@ class Wheel:
     def tick(self, now_s: float) -> float | None:
         """Serve every tick due by ``now_s``; the time of the next one, or None once no session is left."""
         if now_s - self.next_s > FRAME_S:
+            self.late += 1
             self._origin_s = now_s - self._ticks * self.step_s
         while self._where and self.next_s <= now_s:
             at_s = self.next_s
@@ -219,7 +223,12 @@ class LeanAi:
         self._timer = None if next_s is None else self.clock.call_at(next_s, self._tick)
 
     def stats(self) -> dict[str, object]:
-        return {"sessions_opened": self.sessions_opened, "sessions_active": len(self.wheel), "refused": self.refused}
+        return {
+            "sessions_opened": self.sessions_opened,
+            "sessions_active": len(self.wheel),
+            "refused": self.refused,
+            "ticks_late_over_a_frame": self.wheel.late,
+        }
 
 
 class EchoSession(WSListener):  # type: ignore[misc]
