@@ -40,22 +40,24 @@ Per server and load level:
   the same from when each message was played (the simulated caller's playback, on its 20 ms beat: arrival
   jitter its buffer absorbed is not there, a hole or a late spurt start is); underruns per call (holes in the
   caller's playback), first AI audio p99.
-``--knee`` ramps the calls until p99 added latency passes 20 ms, an underrun appears or a call fails, and reports
-the last level that passed (``--knee-latency heard``: p99 heard added latency instead). ``--sip`` starts the
-bridge with its SIP ingress on too (same ``serve`` otherwise) and, after each bridge run, runs the same load
-level as SIP calls (``loadtest --sip``'s caller, the same speech, RTP both ways) to print a ``bridge-sip`` row
-beside it: CPU and memory figures as above, set-up p99 and the bridge's RTP jitter in place of the Twilio-only
-latency figures. Every process shares this machine's cores: on a 2-core VM the callers and the emulator take a
-core's worth or more, so a knee here is the machine's, not the bridge's alone. ``--server-cpus 0`` separates them:
-the servers under test (and redis) run on CPU 0 only, the emulator and the callers on the others, each line says how
-busy each side's cores were, and the knee says whether the load's were saturated where it failed (the bridge's
-count of underruns by cause tells the AI's late frames, the emulator's, from its own late sends).
+Each level's calls start evenly over ``--ramp`` seconds (2 by default, however many: 250 calls arrive at 125 a
+second, and their set-up work delays the calls already up); whole-call figures count the ramp, the steady window
+starts after it. ``--knee`` ramps the calls until p99 added latency passes 20 ms, an underrun appears or a call
+fails, and reports the last level that passed (``--knee-latency heard``: p99 heard added latency instead).
+``--sip`` starts the bridge with its SIP ingress on too (same ``serve`` otherwise) and, after each bridge run, runs
+the same load level as SIP calls (``loadtest --sip``'s caller, the same speech, RTP both ways) to print a
+``bridge-sip`` row beside it: CPU and memory figures as above, set-up p99 and the bridge's RTP jitter in place of
+the Twilio-only latency figures. Every process shares this machine's cores: on a 2-core VM the callers and the
+emulator take a core's worth or more, so a knee here is the machine's, not the bridge's alone. ``--server-cpus 0``
+separates them: the servers under test (and redis) run on CPU 0 only, the emulator and the callers on the others,
+each line says how busy each side's cores were, and the knee says whether the load's were saturated where it failed
+(the bridge's count of underruns by cause tells the AI's late frames, the emulator's, from its own late sends).
 ``--savants-tls``: the servers reach the emulator's voice stream over ``wss://``, as the bridge reaches Savants in
 production (``bench/tls_relay.py``, in a process of its own on the load's CPUs); without it that leg is plain ws://
-on loopback and its encryption is in no figure.
-``--ai lean``: the servers' voice streams go to ``bench/lean_ai.py`` (on the load's CPUs), an echo that behaves as
-the emulator's for what a server sees at a fraction of its CPU, so the load's cores carry more calls; tokens stay
-with the emulator, which shares its token key with the echo.
+on loopback and its encryption is in no figure. ``--ai lean``: the servers' voice streams go to
+``bench/lean_ai.py`` (on the load's CPUs), an echo that behaves as the emulator's for what a server sees at a
+fraction of its CPU, so the load's cores carry more calls; tokens stay with the emulator, which shares its token
+key with the echo.
 """
 
 from __future__ import annotations
@@ -311,14 +313,16 @@ def stream_runner(callers: str, phases: int = lean_callers.PHASES) -> StreamRunn
     return lean_callers.LeanCallers(phases).run_call if callers == "lean" else run_call
 
 
-def _load_part(url: str, calls: int, seconds: float, start_at: float, callers: str = "full") -> LoadResult:
-    """One load process's share of the calls; what the callers heard is dropped (only the figures travel).
-    ``callers``: ``full`` or ``lean`` (``stream_runner``)."""
+def _load_part(
+    url: str, calls: int, seconds: float, start_at: float, callers: str = "full", ramp_s: float = RAMP_S
+) -> LoadResult:
+    """One load process's share of the calls, started over ``ramp_s``; what the callers heard is dropped (only the
+    figures travel). ``callers``: ``full`` or ``lean`` (``stream_runner``)."""
 
     async def run() -> LoadResult:
         await asyncio.sleep(max(0.0, start_at - time.monotonic()))  # CLOCK_MONOTONIC is system-wide on Linux
         stream = stream_runner(callers)
-        return await run_load(url, calls, calls, seconds, RAMP_S, AUTH_TOKEN, PUBLIC_URL, wav=WAV, run_stream=stream)
+        return await run_load(url, calls, calls, seconds, ramp_s, AUTH_TOKEN, PUBLIC_URL, wav=WAV, run_stream=stream)
 
     result = asyncio.run(run())
     flows = tuple(
@@ -328,12 +332,12 @@ def _load_part(url: str, calls: int, seconds: float, start_at: float, callers: s
     return dataclasses.replace(result, flows=flows)
 
 
-def _sip_part(target: str, calls: int, seconds: float, start_at: float) -> list[SipCallResult]:
+def _sip_part(target: str, calls: int, seconds: float, start_at: float, ramp_s: float = RAMP_S) -> list[SipCallResult]:
     """One load process's share of the SIP calls, all at once after the same ramp; what was heard is dropped."""
 
     async def run() -> list[SipCallResult]:
         await asyncio.sleep(max(0.0, start_at - time.monotonic()))
-        return await sip_load(target, calls, calls, seconds, RAMP_S, load_caller_audio(WAV))
+        return await sip_load(target, calls, calls, seconds, ramp_s, load_caller_audio(WAV))
 
     results = asyncio.run(run())
     for result in results:
@@ -355,6 +359,7 @@ def measure(
     stacks: str | None = None,
     pinning: Pinning | None = None,
     callers: str = "full",
+    ramp_s: float = RAMP_S,
 ) -> dict:
     """Run ``calls`` calls of ``seconds`` against the server ``pid`` and return its figures; with ``profile``,
     py-spy records the server over the steady window into that file (collapsed stacks), with ``perf`` perf
@@ -367,13 +372,13 @@ def measure(
     start_at = time.monotonic() + 1.5  # the load processes are up and waiting by then
     shares = [calls // procs + (i < calls % procs) for i in range(procs)]
     if sip_target:
-        futures = [pool.submit(_sip_part, sip_target, n, seconds, start_at) for n in shares if n]
+        futures = [pool.submit(_sip_part, sip_target, n, seconds, start_at, ramp_s) for n in shares if n]
     else:
-        futures = [pool.submit(_load_part, url, n, seconds, start_at, callers) for n in shares if n]
+        futures = [pool.submit(_load_part, url, n, seconds, start_at, callers, ramp_s) for n in shares if n]
     time.sleep(max(0.0, start_at - time.monotonic()))
     whole_before = cpu_s(pid)
-    time.sleep(RAMP_S + 1.5)  # every call is up and talking
-    window_s = max(1.0, seconds - 3.0)
+    time.sleep(ramp_s + 1.5)  # every call is up and talking
+    window_s = max(1.0, seconds - ramp_s - 1.0)  # until the first calls end (half a second into their ends)
     spy = None
     if profile:
         command = [str(py_spy()), "record", "--pid", str(pid), "--duration", str(int(window_s)), "--format", "raw"]
@@ -439,7 +444,7 @@ def measure(
         calls,
         calls,
         seconds,
-        RAMP_S,
+        ramp_s,
     )
     served = len(result.of("served"))
     added = [t * 1000 for t in result.added_s]
@@ -705,6 +710,14 @@ def main() -> int:
     )
     parser.add_argument("--seconds", type=float, default=20.0, help="length of each call")
     parser.add_argument(
+        "--ramp",
+        type=float,
+        default=RAMP_S,
+        help=f"start each level's calls evenly over this many seconds (default {RAMP_S:g}: 250 calls arrive at 125 a "
+        "second, a burst whose set-up work delays the calls already up); the steady window starts after it, so "
+        "--seconds must exceed it by 2 or more",
+    )
+    parser.add_argument(
         "--servers",
         nargs="+",
         default=["bridge", "naive"],
@@ -773,6 +786,8 @@ def main() -> int:
         "on an optimised build); the emulator and the callers stay on this one",
     )
     args = parser.parse_args()
+    if not 0 <= args.ramp <= args.seconds - 2:
+        parser.error(f"--ramp {args.ramp:g} must be 0 or more and at least 2 s under --seconds {args.seconds:g}")
     if args.load_procs is None:
         args.load_procs = lean_callers.LOAD_PROCS if args.callers == "lean" else 2
     if args.profile and py_spy() is None:
@@ -853,7 +868,7 @@ def main() -> int:
         with ProcessPoolExecutor(max_workers=args.load_procs, **pin_load) as pool:
             for name in args.servers:  # a warm-up, not reported: see WARM_UP_S
                 process, url = running[name]
-                measure(pool, args.load_procs, process.pid, url, levels[0], WARM_UP_S, callers=args.callers)
+                measure(pool, args.load_procs, process.pid, url, levels[0], WARM_UP_S, callers=args.callers)  # 2 s ramp
                 time.sleep(1.0)
             for calls in levels:
                 for name in args.servers:
@@ -872,6 +887,7 @@ def main() -> int:
                         args.seconds,
                         pinning=pinning,
                         callers=args.callers,
+                        ramp_s=args.ramp,
                     )  # this server at this level: over Twilio, and over SIP below
                     late_before = echo_late(lean_stats)
                     figures = level(profile, perf=perf, stacks=stacks)
