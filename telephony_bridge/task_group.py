@@ -1,22 +1,26 @@
 """``asyncio.TaskGroup`` whose exit leaves no reference cycle behind, so a call's objects go when the call does.
 
-When a call ends, its tasks end by raising (cancelled, or the exception that ended the call). Each exception's
-traceback holds the frames it passed through, and those frames hold their locals: the call, its legs, buffers
-and transports, and (through the task group) the task that holds the exception: a cycle. Python 3.11's and
-3.12's ``TaskGroup.__aexit__`` adds one of its own (it keeps the exception it raises in its locals). Refcounting
-cannot free a cycle, so each ended call's ~100 objects waited for a full collection; with 250 calls on a core,
-one such collection (the garbage of 250 ended calls, beside the live calls' objects) stalled the event loop for
-~40 ms: a hole in every call's audio.
+When a call ends, its tasks end by raising: one with the exception that ended the call, the others cancelled.
+Each exception's traceback holds the frames it passed through, and those frames hold their locals: the call, its
+legs, buffers and transports. Two cycles closed through them on Python 3.11 and 3.12:
+- a cancelled child keeps its ``CancelledError``, whose traceback's frames hold (through the child's own task
+  group, in ``AiSide._converse``) that very task;
+- ``TaskGroup.__aexit__`` keeps the exception it raises in its own locals, and the exception's traceback holds
+  that frame.
+Reference counting cannot free a cycle, so each ended call's ~100 objects waited for a full collection; with
+250 calls on a core, one such collection (250 ended calls' garbage beside the live calls' objects) stalled the
+event loop ~40 ms: a hole in every call's audio.
 
-On exit this group clears the locals of the finished frames in its children's exceptions and in the one it
-raises (``traceback.clear_frames``: the tracebacks themselves, files and lines, stay for the logs), so nothing
-of a call outlives it but what is still in use.
+On exit this group breaks both: it takes each cancelled child's ``CancelledError`` (nobody else reads it) and drops
+its traceback, and it clears the locals of ``TaskGroup.__aexit__``'s own frame, which has returned by raising,
+in the exception it raises. It clears no other frame: ``frame.clear()`` on 3.11 and 3.12 closes a coroutine
+that is suspended in that frame (3.13 refuses instead), and an exception that one task caught and kept can carry
+such a frame in its traceback. A child's own failure keeps its traceback whole, for the logs.
 """
 
 from __future__ import annotations
 
 import asyncio
-import traceback
 from collections.abc import Coroutine
 from contextvars import Context
 from types import TracebackType
@@ -40,26 +44,31 @@ class TaskGroup(asyncio.TaskGroup):
     async def __aexit__(
         self, et: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> bool | None:
+        # No local of this frame may outlive the call below but ``self``: what this frame raises holds it.
         try:
             return await super().__aexit__(et, exc, tb)
         except BaseException as raised:
-            exc = tb = None  # this frame would hold what it raises: the same cycle again
-            traceback.clear_frames(raised.__traceback__)  # this frame is still running: it is skipped
+            exc = tb = None  # what it raises, or what it was given: the same cycle again
+            _clear_returned_aexit(raised)
             raise
         finally:
-            for task in self._children:
-                _clear_outcome_frames(task)
-            self._children.clear()
+            _drop_cancellations(self._children)
 
 
-def _clear_outcome_frames(task: asyncio.Task[Any]) -> None:
-    """Clear the locals of the frames a finished task's exception passed through (all finished: the task is)."""
-    if not task.done():
-        return
-    try:
-        failure = task.exception()  # the cancellation itself, for a cancelled task
-    except asyncio.CancelledError as cancelled:
-        failure = cancelled
-    if failure is not None:
-        traceback.clear_frames(failure.__traceback__)
-        del failure  # its traceback now holds this frame too
+def _clear_returned_aexit(raised: BaseException) -> None:
+    """Clear asyncio's ``__aexit__`` frame in ``raised``'s traceback: the entry after the one of our ``__aexit__``
+    (still running), a frame that has returned, by raising ``raised``."""
+    ours = raised.__traceback__
+    if ours is not None and ours.tb_next is not None:
+        ours.tb_next.tb_frame.clear()
+
+
+def _drop_cancellations(children: list[asyncio.Task[Any]]) -> None:
+    """Take each cancelled task's ``CancelledError`` (the task keeps it until someone asks) and its traceback."""
+    for task in children:
+        if task.cancelled():
+            try:
+                task.result()
+            except asyncio.CancelledError as cancelled:
+                cancelled.__traceback__ = None  # its frames (all returned: the task is done) go now, and their locals
+    children.clear()

@@ -70,9 +70,10 @@ async def test_a_cancelled_group_frees_what_its_tasks_held(collector_off: None) 
 
 
 async def test_a_failing_group_frees_what_its_tasks_held_and_keeps_the_traceback(collector_off: None) -> None:
+    """A call ending on an error: one child fails, the other is cancelled, the caller handles the group."""
     held = Held()
     gone = weakref.ref(held)
-    caught: list[BaseException] = []
+    logged: list[str] = []
 
     async def parent(held: Held) -> None:
         try:
@@ -80,28 +81,68 @@ async def test_a_failing_group_frees_what_its_tasks_held_and_keeps_the_traceback
                 tg.create_task(_hold_and_fail(held))
                 tg.create_task(_hold_until_cancelled(held))
         except* Boom as group:
-            caught.append(group.exceptions[0])
+            logged.append("".join(traceback.format_exception(group.exceptions[0])))  # as bridge.py logs one
 
     await parent(held)
     del held
     assert await _freed(gone), "the group's exit left a reference cycle: the tasks' objects wait for a collection"
-    [failure] = caught
-    assert "_hold_and_fail" in "".join(traceback.format_exception(failure))  # still there for the logs
+    assert "_hold_and_fail" in logged[0]  # the failure's traceback was whole when it was handled
 
 
+async def test_a_caught_and_kept_exception_raised_again_in_a_child_leaves_its_keeper_running() -> None:
+    """An exception that one task caught and keeps carries that task's suspended frame in its traceback; when a
+    child raises it again, leaving the group must not close the keeper (3.11's ``frame.clear()`` would)."""
+    kept: list[ValueError] = []
+    resumed = asyncio.Event()
+
+    async def keeper() -> None:
+        try:
+            raise ValueError("kept")
+        except ValueError as exc:
+            kept.append(exc)
+        await resumed.wait()  # suspended here while the group exits
+
+    async def raise_kept() -> None:
+        raise kept[0]
+
+    keeping = asyncio.create_task(keeper())
+    await asyncio.sleep(0)
+    with pytest.raises(ExceptionGroup):
+        async with TaskGroup() as tg:
+            tg.create_task(raise_kept())
+    resumed.set()
+    await asyncio.wait_for(keeping, 1.0)  # it ran to its end, not closed under it
+
+
+@pytest.mark.parametrize(
+    ("fault", "settings", "ended_by"),
+    [
+        (None, {}, "caller"),  # the caller hangs up
+        ("drop", {"savants.reconnect_deadline_s": 0}, "bridge"),  # the AI's socket drops: the call ends at once
+        ("error", {"savants.reconnect_deadline_s": 2.0}, "caller"),  # the AI fails, the bridge reconnects, and on
+    ],
+)
 async def test_an_ended_call_is_freed_without_the_cycle_collector(
-    emulator: ServerThread, start_bridge: Callable[..., ServerThread], collector_off: None
+    start_emulator: Callable[..., ServerThread],
+    start_bridge: Callable[..., ServerThread],
+    collector_off: None,
+    fault: str | None,
+    settings: dict[str, object],
+    ended_by: str,
 ) -> None:
-    """The whole call (legs, buffers, tasks, transports) goes when the call does: with 250 calls on a core, a full
-    collection that had ended calls to free stalled every call's audio (README, Performance)."""
-    bridge = start_bridge(bridge_settings(emulator))
-    placed = asyncio.create_task(run_call(signed_call(bridge, seconds=1.0)))
+    """The whole call (legs, buffers, tasks, transports) goes when the call does, however it ends: with 250 calls
+    on a core, a full collection that had ended calls to free stalled every call's audio (README, Performance),
+    and full collections are rare now (``ops/gc_tuning.py``)."""
+    emulator = start_emulator(voice="echo", **({"fault": fault, "fault_after_s": 0.3} if fault else {}))
+    bridge = start_bridge(bridge_settings(emulator, **settings))
+    placed = asyncio.create_task(run_call(signed_call(bridge, seconds=1.0 if fault is None else 6.0)))
     await asyncio.to_thread(wait_until, lambda: _calls() != [], 5.0, "the call to start")
     [call] = _calls()
     gone = weakref.ref(call)
     del call
     result = await placed
     assert result.received_ms > 0 and not result.violations
+    assert result.ended_by == ended_by
     await asyncio.to_thread(wait_until, lambda: gone() is None, 5.0, "the ended call's objects to be freed")
 
 

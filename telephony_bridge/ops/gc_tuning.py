@@ -9,8 +9,12 @@ stalls the event loop meanwhile: ~36 ms at 250 calls on one core of the benchmar
 playout lead, so every call heard a hole. Under call churn CPython ran one every few dozen calls set up. It
 found next to nothing to free: an ended call's objects go by reference counting when the call does
 (``task_group``), and what cyclic garbage is left (an HTTP request's objects, at set-up) dies young, where the
-young and middle collections free it. At 1,000, a process carrying 250 calls runs a full collection about
-every 20 minutes (README, Performance). ``server.gc_tuning: false`` leaves all of it as CPython has it.
+young and middle collections free it. At 1,000, a process carrying 250 calls runs a full collection at most
+about every 20 minutes (README, Performance); CPython also waits until the objects promoted since the last one
+are a quarter of those it kept, and middle collections come with allocation, so a lightly loaded process runs
+one far more rarely still. Cyclic garbage that reaches the oldest generation waits that long: a change that
+made a call leave a cycle again would hold its memory for hours, which ``tests/test_task_group.py`` guards
+against. ``server.gc_tuning: false`` leaves all of it as CPython has it.
 
 The young threshold is CPython's 700 unless ``server.gc_young_threshold`` says otherwise. It counts tracked
 objects allocated less those freed, and cyclic garbage is never freed until a collection, so a larger
