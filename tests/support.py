@@ -7,6 +7,7 @@ import contextlib
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -139,6 +140,13 @@ def stream_ended(bridge: ServerThread, call_sid: str) -> ET.Element:
 BRIDGE_VARIABLES = ("SAVANTS_", "TWILIO_", "PUBLIC_URL", "REDIS_URL", "HOST", "PORT", "OPS_", "BRIDGE_", "LOG_")
 
 
+def _default_sigint() -> None:
+    """In the child, before it runs: SIGINT as a terminal would send it. A test run started in the background by a
+    non-interactive shell (``cmd &``) inherits SIGINT ignored, and so would the bridge, whose second Ctrl-C
+    then does nothing (``tests/test_drain.py`` failed that way in a backgrounded CI run)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 class BridgeProcess:
     """``telephony-bridge serve`` in a child process, as production runs it; logs read back as JSON lines.
 
@@ -168,7 +176,9 @@ class BridgeProcess:
             else {}
         )
         env = {**inherited, **production, "PORT": "0", **(env or {})}
-        self.proc = subprocess.Popen([*command, *args], env=env, stderr=subprocess.PIPE, text=True)
+        self.proc = subprocess.Popen(
+            [*command, *args], env=env, stderr=subprocess.PIPE, text=True, preexec_fn=_default_sigint
+        )
         self.lines: list[dict[str, object]] = []
         self.port = 0
         self.ops_port = 0
