@@ -578,11 +578,9 @@ def bridge_counters(http_url: str) -> dict[str, float]:
     return counters_from_metrics(response.text)
 
 
-def echo_late(stats_url: str | None) -> int | None:
-    """bench/lean_ai.py's count so far of its ticks more than a frame late (None without the lean echo): the
-    load's own lateness, which the bridge counts among the AI's frames coming late (``ai_late``)."""
-    if stats_url is None:
-        return None
+def echo_late(stats_url: str) -> int:
+    """bench/lean_ai.py's count so far of its ticks more than a frame late: the load's own lateness, which the
+    bridge counts among the AI's frames coming late (``ai_late``)."""
     late: int = httpx.get(stats_url, timeout=5).json()["ticks_late_over_a_frame"]
     return late
 
@@ -889,10 +887,10 @@ def main() -> int:
                         callers=args.callers,
                         ramp_s=args.ramp,
                     )  # this server at this level: over Twilio, and over SIP below
-                    late_before = echo_late(lean_stats)
+                    late_before = None if lean_stats is None else echo_late(lean_stats)
                     figures = level(profile, perf=perf, stacks=stacks)
-                    if late_before is not None:
-                        figures["echo_ticks_late"] = (echo_late(lean_stats) or 0) - late_before
+                    if lean_stats is not None and late_before is not None:
+                        figures["echo_ticks_late"] = echo_late(lean_stats) - late_before
                     results[name].append(figures)
                     print(line(name, figures), flush=True)
                     if profile:
