@@ -201,7 +201,7 @@ def test_grafana_dashboard_queries_only_metrics_the_bridge_exposes(exposed_metri
             used |= check_expression(f"panel {panel['title']!r}", target["expr"], exposed_metrics)
     titles = " ".join(panel["title"].lower() for panel in dashboard["panels"])
     for subject in ("outcome", "capacity per device", "token budget", "ai connect", "first ai audio", "underrun",
-                    "barge-in", "errors by code"):  # fmt: skip
+                    "barge-in", "errors by code", "core busy", "cpu per call"):  # fmt: skip
         assert subject in titles, f"the dashboard has no panel on {subject}"
     assert {"bridge_calls_total", "bridge_device_calls", "bridge_token_requests_total"} <= used
 
@@ -212,7 +212,7 @@ def test_alert_rules_use_only_metrics_the_bridge_exposes(exposed_metrics: dict[s
     for rule in alerts:
         check_expression(f"alert {rule['alert']}", rule["expr"], exposed_metrics)
     names = " ".join(rule["alert"] for rule in alerts)
-    for subject in ("PoolExhausted", "TokenEndpointFailing", "RedisDown", "FailingByAIError", "DrainStuck"):
+    for subject in ("PoolExhausted", "TokenEndpointFailing", "RedisDown", "FailingByAIError", "DrainStuck", "CoreBusy"):
         assert subject in names
 
 

@@ -1,5 +1,7 @@
 """Prometheus metrics: one registry per app (no module-level singletons), ``bridge_`` prefix, base units,
-low-cardinality labels only (never a call SID)."""
+low-cardinality labels only (never a call SID). The registry also carries the standard ``process_*`` metrics
+(``ProcessCollector``): ``process_cpu_seconds_total`` is how busy this process's one event loop keeps its core,
+the figure that says when callers start to hear holes (README, Performance)."""
 
 from __future__ import annotations
 
@@ -7,7 +9,7 @@ import collections
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector, generate_latest
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
@@ -18,6 +20,7 @@ _LOOP_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.1, 0.25, 1.0)
 class Metrics:
     def __init__(self) -> None:
         self.registry = r = CollectorRegistry()
+        ProcessCollector(registry=r)  # reads /proc/self at each scrape; nothing where there is no /proc
         self.calls_active = Gauge("bridge_calls_active", "Calls currently bridged", registry=r)
         self.draining = Gauge("bridge_draining", "1 from SIGTERM until the process exits", registry=r)
         self.calls = Counter(
