@@ -2,7 +2,8 @@
 
 Dependencies are built at the edge: pass ``accounting``, ``store``, ``http_client``, ``clock``, ``connect`` or
 ``metrics`` to use your own (tests do); the lifespan creates what is missing and closes only what it created.
-``ops_port`` is the bound port of a separate ops listener, when the server has one (``server.ops_port``).
+``ops_ports`` are the bound ports of the separate ops listeners, when the server has any (``server.ops_port``,
+and a worker's own with ``server.worker_ops_port``); unset, they are read from the settings.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import asyncio
 import contextlib
 import functools
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Collection
 from typing import Any
 
 import httpx
@@ -71,7 +72,7 @@ def create_app(
     clock: Clock | None = None,
     connect: Connector | None = None,
     metrics: Metrics | None = None,
-    ops_port: int | None = None,
+    ops_ports: Collection[int] | None = None,
 ) -> Starlette:
     clock = clock or SystemClock()
     metrics = metrics or Metrics()
@@ -234,7 +235,7 @@ def create_app(
         middleware=[
             Middleware(
                 OpsAccess,
-                ops_port=_ops_port(settings, ops_port),
+                ops_ports=_ops_ports(settings, ops_ports),
                 token=settings.ops.token.get_secret_value(),
             )
         ],
@@ -243,14 +244,18 @@ def create_app(
     media_route: MediaStreamRoute | None = None
     if settings.server.websocket == "picows":
         # uvicorn hands the media-stream upgrade to picows (ws_handoff); the Starlette route above is then unused.
-        media_route = MediaStreamRoute(app.state, ops_port=_ops_port(settings, ops_port))
+        media_route = MediaStreamRoute(app.state, ops_ports=_ops_ports(settings, ops_ports))
         app.state.websocket_router = media_route
     return app
 
 
-def _ops_port(settings: Settings, bound: int | None) -> int | None:
-    """The ops listener's port: the one bound for it, else the configured one (0 or unset: none)."""
-    return (settings.server.ops_port or None) if bound is None else bound
+def _ops_ports(settings: Settings, bound: Collection[int] | None) -> frozenset[int]:
+    """The ops listeners' ports: those bound for them, else the configured ones (``server.ops_port``, 0 or
+    unset: none; ``server.worker_ops_port``: the one process's own, as a worker 0's)."""
+    if bound is not None:
+        return frozenset(bound)
+    server = settings.server
+    return frozenset([server.ops_port] if server.ops_port else []) | frozenset(server.worker_ops_ports()[:1])
 
 
 async def _cancel(task: asyncio.Task[None]) -> None:

@@ -207,24 +207,32 @@ def run_serve(args: argparse.Namespace) -> int:
             "" if settings.server.host else " only (HOST not given)",
         )
     host = settings.listen_host
-    ops_sock = bind_socket(host, settings.server.ops_port) if settings.server.ops_port is not None else None
+    ops_socks = [bind_socket(host, port) for port in ops_ports(settings, worker=0)]
     try:
-        serve_on(settings, bind_socket(host, settings.server.port), ops_sock=ops_sock)
+        serve_on(settings, bind_socket(host, settings.server.port), ops_socks=ops_socks)
     finally:
         if emulator is not None:
             emulator.stop()
     return 0
 
 
+def ops_ports(settings: Settings, worker: int) -> list[int]:
+    """The ops listeners a process binds besides the public one: the shared ``server.ops_port``, and its own
+    ``server.worker_ops_port + worker``."""
+    own = settings.server.worker_ops_ports()
+    shared = [] if settings.server.ops_port is None else [settings.server.ops_port]
+    return shared + ([own[worker]] if own else [])
+
+
 def serve_on(
-    settings: Settings, sock: socket.socket, worker: int | None = None, ops_sock: socket.socket | None = None
+    settings: Settings, sock: socket.socket, worker: int | None = None, ops_socks: Sequence[socket.socket] = ()
 ) -> None:
-    """Serve the bridge on ``sock`` (and /status, /metrics on ``ops_sock``, when there is one) until a signal
+    """Serve the bridge on ``sock`` (and /status, /metrics on ``ops_socks``, when there are any) until a signal
     stops it (``worker``: this process is one of several)."""
     if worker is not None:
         oplog.configure(settings.logging.level, settings.logging.format)
     with asyncio.Runner(loop_factory=_fast_loop_factory()) as runner:
-        runner.run(_serve_bridge(settings, sock, worker, ops_sock))
+        runner.run(_serve_bridge(settings, sock, worker, ops_socks))
 
 
 def _fast_loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
@@ -238,11 +246,11 @@ def _fast_loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
 
 
 async def _serve_bridge(
-    settings: Settings, sock: socket.socket, worker: int | None, ops_sock: socket.socket | None
+    settings: Settings, sock: socket.socket, worker: int | None, ops_socks: Sequence[socket.socket]
 ) -> None:
     from telephony_bridge.app import create_app, drain
 
-    app = create_app(settings, ops_port=ops_sock.getsockname()[1] if ops_sock is not None else None)
+    app = create_app(settings, ops_ports=[ops.getsockname()[1] for ops in ops_socks])
     server = DrainingServer(uvicorn_config(app), lambda: drain(app))
     tune_gc(settings.server.gc_young_threshold, tuned=settings.server.gc_tuning)
     host = settings.listen_host
@@ -252,11 +260,9 @@ async def _serve_bridge(
         log.info("bridge listening on %s:%d", host, sock.getsockname()[1])
     else:
         log.info("worker %d (pid %d) serving on %s:%d", worker, os.getpid(), host, sock.getsockname()[1])
-    sockets = [sock]
-    if ops_sock is not None:  # one server, two listeners: the app tells them apart by port
-        sockets.append(ops_sock)
-        log.info("ops listening on %s:%d (/status, /metrics, /healthz, /readyz)", host, ops_sock.getsockname()[1])
-    await server.serve(sockets=sockets)
+    for ops in ops_socks:  # one server, several listeners: the app tells them apart by port
+        log.info("ops listening on %s:%d (/status, /metrics, /healthz, /readyz)", host, ops.getsockname()[1])
+    await server.serve(sockets=[sock, *ops_socks])
 
 
 def _start_dev_emulator(voice: str) -> ServerThread:

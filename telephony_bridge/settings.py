@@ -51,6 +51,8 @@ class ServerSettings(_Frozen):
     drain_timeout_s: float = Field(30.0, ge=0)
     drain_pending_streams_s: float = Field(10.0, ge=0)
     workers: int = Field(1, ge=1, le=64)
+    # Worker k's own ops listener is worker_ops_port + k (``serve --workers``: the shared ops port reaches any).
+    worker_ops_port: int | None = Field(None, ge=1, le=65535)
     gc_tuning: bool = True
     gc_young_threshold: int = Field(YOUNG_THRESHOLD, ge=100, le=1_000_000)
     websocket: Literal["picows", "uvicorn"] = "picows"
@@ -66,6 +68,26 @@ class ServerSettings(_Frozen):
         if v and v == info.data.get("port"):
             raise ValueError("expected a port other than server.port (the ops listener is a separate one)")
         return v
+
+    @field_validator("worker_ops_port")
+    @classmethod
+    def _worker_ops_port(cls, v: int | None, info: ValidationInfo) -> int | None:
+        if v is None:
+            return v
+        last = v + info.data.get("workers", 1) - 1
+        if last > 65535:
+            raise ValueError(f"expected a first port that leaves one for each worker (the last would be {last})")
+        taken = [p for p in (info.data.get("port"), info.data.get("ops_port")) if p and v <= p <= last]
+        if taken:
+            raise ValueError(
+                f"expected the workers' ports ({v}-{last}) apart from server.port and server.ops_port ({taken[0]})"
+            )
+        return v
+
+    def worker_ops_ports(self) -> range:
+        """Each worker's own ops port, worker k's at index k (empty without ``worker_ops_port``)."""
+        first = self.worker_ops_port
+        return range(0) if first is None else range(first, first + self.workers)
 
 
 class SavantsSettings(_Frozen):
@@ -298,6 +320,7 @@ ENVIRONMENT: dict[str, str] = {
     "HOST": "server.host",
     "PORT": "server.port",
     "OPS_PORT": "server.ops_port",
+    "WORKER_OPS_PORT": "server.worker_ops_port",
     "OPS_TOKEN": "ops.token",
     "BRIDGE_DEV": "dev",
     "LOG_LEVEL": "logging.level",

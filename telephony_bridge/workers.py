@@ -6,6 +6,8 @@ SO_REUSEPORT, so the kernel spreads new connections across them and no accept lo
 holds the port bound (not listening) for the whole run, so a worker restarting cannot lose it to another
 program. Workers share device accounting and stream tokens through Redis, exactly like replicas on separate
 machines (a webhook and its stream may reach different workers), which is why N > 1 requires ``redis_url``.
+The shared ops port, like the public one, reaches any worker; ``server.worker_ops_port`` gives each worker an ops
+listener of its own as well (port + index), held by the supervisor too, so each can be scraped as one target.
 
 Signals: SIGTERM or SIGINT to the supervisor is passed on once to every worker, each drains its calls
 (``server.drain_timeout_s``) and exits; the supervisor exits when they all have. A worker that dies otherwise
@@ -48,6 +50,9 @@ def supervise(settings: Settings) -> int:
     if settings.server.ops_port is not None:  # the ops listener is shared the same way
         ops_holder = _reserve_port(host, settings.server.ops_port)
         ports["ops_port"] = ops_holder.getsockname()[1]
+    # Each worker's own ops port too (``server.worker_ops_port``): taken now, so a port in use is one clear error
+    # and a worker started again finds its port free.
+    own_holders = [_reserve_port(host, own) for own in settings.server.worker_ops_ports()]
     settings = settings.model_copy(update={"server": settings.server.model_copy(update=ports)})
     context = multiprocessing.get_context("spawn")  # no fork: the parent may hold threads and locks
     stopping = threading.Event()
@@ -91,6 +96,8 @@ def supervise(settings: Settings) -> int:
         holder.close()
         if ops_holder is not None:
             ops_holder.close()
+        for own_holder in own_holders:
+            own_holder.close()
 
 
 def _reserve_port(host: str, port: int) -> socket.socket:
@@ -110,8 +117,9 @@ def _run_worker(settings: Settings, index: int) -> None:
     """One worker: its own process group (a terminal's Ctrl-C reaches the supervisor alone, which passes it on
     once), its own event loop, its own listening socket on the shared port."""
     os.setpgid(0, 0)
-    from telephony_bridge.cli import serve_on
+    from telephony_bridge.cli import ops_ports, serve_on
 
-    host, ops_port = settings.listen_host, settings.server.ops_port
-    ops = bind_socket(host, ops_port, reuse_port=True) if ops_port is not None else None
-    serve_on(settings, bind_socket(host, settings.server.port, reuse_port=True), worker=index, ops_sock=ops)
+    host = settings.listen_host
+    # The shared ops port and this worker's own: both beside the supervisor's reservation, hence SO_REUSEPORT.
+    ops = [bind_socket(host, port, reuse_port=True) for port in ops_ports(settings, index)]
+    serve_on(settings, bind_socket(host, settings.server.port, reuse_port=True), worker=index, ops_socks=ops)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import re
 import signal
+import socket
 import time
 from collections.abc import Callable, Iterator
 
@@ -57,6 +58,28 @@ async def test_ops_port_serves_status_and_metrics_the_public_port_does_not(
         async with connect(f"ws://127.0.0.1:{bridge.ops_port}/media-stream"):
             pass
     assert all(OPS_TOKEN not in str(line) for line in bridge.lines)
+
+
+async def test_a_lone_process_serves_ops_on_its_worker_ops_port_too_and_no_media_stream_there(
+    emulator: ServerThread,
+) -> None:
+    """``WORKER_OPS_PORT`` without ``--workers``: the one process is worker 0, with its own ops listener beside
+    ``OPS_PORT``; both are ops listeners (no calls, no media stream), and the public port serves no ops path."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        own = probe.getsockname()[1]
+    bridge = BridgeProcess(emulator, {"OPS_PORT": "0", "WORKER_OPS_PORT": str(own)})
+    try:
+        async with httpx.AsyncClient(trust_env=False, timeout=15) as http:
+            for port in (bridge.ops_port, own):
+                assert (await http.get(f"http://127.0.0.1:{port}/status")).status_code == 200
+                assert (await http.post(f"http://127.0.0.1:{port}/voice", data={"CallSid": "CA1"})).status_code == 404
+            assert (await http.get(bridge.http_url + "/metrics")).status_code == 404
+        with pytest.raises(InvalidStatus):
+            async with connect(f"ws://127.0.0.1:{own}/media-stream"):
+                pass
+    finally:
+        bridge.kill()
 
 
 def test_ops_token_alone_guards_status_and_metrics_on_the_public_port(

@@ -129,6 +129,22 @@ def test_settings_ops_port_must_differ_from_the_public_port() -> None:
     assert load_settings(env={"OPS_PORT": "9090"}).server.ops_port == 9090
 
 
+def test_settings_worker_ops_ports_are_one_a_worker_apart_from_the_other_ports() -> None:
+    redis = {"REDIS_URL": "redis://127.0.0.1:6379/0", "BRIDGE__SERVER__WORKERS": "3"}
+    assert load_settings(env={**redis, "WORKER_OPS_PORT": "9100"}).server.worker_ops_ports() == range(9100, 9103)
+    assert load_settings(env={}).server.worker_ops_ports() == range(0)
+    for env, why in (
+        ({"WORKER_OPS_PORT": "9100", "PORT": "9102"}, "apart from server.port and server.ops_port (9102)"),
+        ({"WORKER_OPS_PORT": "9100", "OPS_PORT": "9101"}, "apart from server.port and server.ops_port (9101)"),
+        ({"WORKER_OPS_PORT": "65534"}, "leaves one for each worker (the last would be 65536)"),
+    ):
+        with pytest.raises(ConfigError) as info:
+            load_settings(env={**redis, **env})
+        message = str(info.value)
+        assert "config key 'server.worker_ops_port' (environment variable WORKER_OPS_PORT)" in message, message
+        assert why in message, message
+
+
 def test_settings_the_ops_token_is_a_secret() -> None:
     settings = load_settings(env={"OPS_TOKEN": "ops_secret_123"})
     assert "ops_secret_123" not in repr(settings)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import socket
 from pathlib import Path
 
 import httpx
@@ -83,5 +84,59 @@ async def test_workers_share_the_port_and_redis_restart_when_killed_and_drain_on
         assert bridge.finish(timeout_s=40) == 0
         assert any("exited with code" in str(line["msg"]) for line in bridge.lines)
         wait_until(lambda: not any(_alive(pid) for pid in workers), 10.0, "the workers to exit")
+    finally:
+        bridge.kill()
+
+
+def _two_free_ports() -> int:
+    """The first of two consecutive free ports on 127.0.0.1 (free when looked at: a test's small race)."""
+    for _ in range(50):
+        with socket.socket() as first, socket.socket() as second:
+            first.bind(("127.0.0.1", 0))
+            port = first.getsockname()[1]
+            try:
+                second.bind(("127.0.0.1", port + 1))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError("no two consecutive free ports")
+
+
+def _pid_on(port: int) -> int | None:
+    """The pid of the process whose /status answers on ``port``; None while nothing answers there."""
+    try:
+        response = httpx.get(f"http://127.0.0.1:{port}/status", timeout=5)
+    except httpx.TransportError:
+        return None
+    return int(response.json()["process"]["pid"]) if response.status_code == 200 else None
+
+
+def test_each_worker_answers_alone_on_its_own_ops_port_and_gets_it_back_when_started_again(
+    emulator: ServerThread, redis_server: RedisServer
+) -> None:
+    """``WORKER_OPS_PORT``: worker k's /status and /metrics on that port + k, always that worker (the shared
+    ports reach whichever the kernel picks), so a scrape can follow each worker's counters and its CPU."""
+    first = _two_free_ports()
+    env = {"REDIS_URL": redis_server.url, "BRIDGE__SERVER__WORKERS": "2", "WORKER_OPS_PORT": str(first)}
+    bridge = BridgeProcess(emulator, env)
+    try:
+        wait_until(lambda: len(_workers(bridge.proc.pid)) == 2, 20.0, "two workers")
+        wait_until(lambda: None not in (_pid_on(first), _pid_on(first + 1)), 20.0, "both workers' ops ports")
+        owners = [_pid_on(first), _pid_on(first + 1)]
+        assert sorted(owners) == sorted(_workers(bridge.proc.pid)), owners  # one worker a port, both workers
+        assert [_pid_on(first) for _ in range(10)] == [owners[0]] * 10  # always the same one
+        metrics = httpx.get(f"http://127.0.0.1:{first + 1}/metrics", timeout=5).text
+        assert "\nprocess_cpu_seconds_total " in metrics and "\nbridge_calls_active " in metrics
+        # Ops endpoints are for ops listeners only; the probes stay on the public port too.
+        assert httpx.get(bridge.http_url + "/status", timeout=5).status_code == 404
+        httpx.get(bridge.http_url + "/healthz", timeout=5).raise_for_status()
+        assert httpx.get(f"http://127.0.0.1:{first}/voice", timeout=5).status_code == 404
+
+        assert owners[0] is not None
+        os.kill(owners[0], signal.SIGKILL)  # the supervisor starts it again, on the same port
+        wait_until(lambda: _pid_on(first) not in (None, owners[0]), 20.0, "worker 0 back on its port")
+        assert _pid_on(first) in _workers(bridge.proc.pid)
+        bridge.proc.send_signal(signal.SIGTERM)
+        assert bridge.finish(timeout_s=40) == 0
     finally:
         bridge.kill()

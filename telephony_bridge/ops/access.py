@@ -3,7 +3,8 @@
 ``/status`` lists live CallSids, ``/metrics`` the device pool and ``/debug/heap`` the code's allocation sites
 (and blocks the event loop while it counts), so none belongs on the port the internet reaches. With
 ``server.ops_port`` set, they are served on that listener only (the public one answers 404), and the ops
-listener serves nothing but them and the health probes. With ``ops.token`` set, they also need
+listener serves nothing but them and the health probes; ``server.worker_ops_port`` adds a listener of the same
+kind per worker, so there may be several. With ``ops.token`` set, they also need
 ``Authorization: Bearer <token>``. The health probes (``/healthz``, ``/readyz``) stay open on both listeners:
 load balancers and kubelets probe without credentials.
 """
@@ -21,11 +22,11 @@ PROBE_PATHS = frozenset({"/healthz", "/readyz"})
 
 
 class OpsAccess:
-    """Pure ASGI middleware; ``ops_port`` is the ops listener's bound port (``None``: one listener)."""
+    """Pure ASGI middleware; ``ops_ports`` are the ops listeners' bound ports (empty: one listener for all)."""
 
-    def __init__(self, app: ASGIApp, *, ops_port: int | None, token: str) -> None:
+    def __init__(self, app: ASGIApp, *, ops_ports: frozenset[int], token: str) -> None:
         self._app = app
-        self._ops_port = ops_port
+        self._ops_ports = ops_ports
         self._token = token.encode()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -33,9 +34,9 @@ class OpsAccess:
             await self._app(scope, receive, send)
             return
         path = scope["path"]
-        on_ops_listener = self._ops_port is not None and (scope.get("server") or ("", None))[1] == self._ops_port
+        on_ops_listener = (scope.get("server") or ("", None))[1] in self._ops_ports
         if path in OPS_PATHS:
-            if self._ops_port is not None and not on_ops_listener:
+            if self._ops_ports and not on_ops_listener:
                 await _refuse(scope, receive, send, 404, "not found")
                 return
             if self._token and not self._authorized(scope):

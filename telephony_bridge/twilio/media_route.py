@@ -28,14 +28,14 @@ class MediaStreamRoute:
     """A ``ws_handoff.WebSocketRouter``. ``state`` is the app's (``webhooks`` and ``deps`` are read per
     request: they exist once the lifespan has started, which is before uvicorn accepts a connection)."""
 
-    def __init__(self, state: Any, *, ops_port: int | None) -> None:
+    def __init__(self, state: Any, *, ops_ports: frozenset[int]) -> None:
         self._state = state
-        self._ops_port = ops_port
+        self._ops_ports = ops_ports  # listeners that serve no media stream
         self._streams: dict[asyncio.Task[None], StreamSocket] = {}
 
     def __call__(self, request: WSUpgradeRequest, connection: Connection) -> ListenerOrResponse:
         path = request.path.partition(b"?")[0].decode("latin-1")
-        if path != MEDIA_STREAM_PATH or (self._ops_port is not None and connection.local_port == self._ops_port):
+        if path != MEDIA_STREAM_PATH or connection.local_port in self._ops_ports:
             return None  # 404
         if not self._state.webhooks.stream_signed(path, request.headers.get("x-twilio-signature"), connection.remote):
             forbidden = WSUpgradeResponse.create_error_response(403, b"invalid signature")
