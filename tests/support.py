@@ -193,7 +193,7 @@ class BridgeProcess:
             if "bridge listening on" in message:  # one process, or the supervisor of several workers
                 address = message.split("bridge listening on ", 1)[1]
                 self.host, self.port = address.rsplit(":", 1)[0], int(address.rsplit(":", 1)[1])
-            if message.startswith("ops listening on"):
+            if message.startswith("ops listening on") and not self.ops_port:  # the shared one comes first
                 self.ops_port = int(message.split()[3].rsplit(":", 1)[1])
             if message == "Application startup complete." and self.port:  # the bridge's, not dev mode's emulator
                 break

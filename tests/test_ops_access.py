@@ -70,6 +70,7 @@ async def test_a_lone_process_serves_ops_on_its_worker_ops_port_too_and_no_media
         own = probe.getsockname()[1]
     bridge = BridgeProcess(emulator, {"OPS_PORT": "0", "WORKER_OPS_PORT": str(own)})
     try:
+        assert bridge.ops_port not in (0, own, bridge.port)
         async with httpx.AsyncClient(trust_env=False, timeout=15) as http:
             for port in (bridge.ops_port, own):
                 assert (await http.get(f"http://127.0.0.1:{port}/status")).status_code == 200
