@@ -887,9 +887,11 @@ def main() -> int:
                         callers=args.callers,
                         ramp_s=args.ramp,
                     )  # this server at this level: over Twilio, and over SIP below
-                    late_before = None if lean_stats is None else echo_late(lean_stats)
-                    figures = level(profile, perf=perf, stacks=stacks)
-                    if lean_stats is not None and late_before is not None:
+                    if lean_stats is None:
+                        figures = level(profile, perf=perf, stacks=stacks)
+                    else:
+                        late_before = echo_late(lean_stats)
+                        figures = level(profile, perf=perf, stacks=stacks)
                         figures["echo_ticks_late"] = echo_late(lean_stats) - late_before
                     results[name].append(figures)
                     print(line(name, figures), flush=True)

@@ -72,6 +72,8 @@ class ServerSettings(_Frozen):
     @field_validator("worker_ops_port")
     @classmethod
     def _worker_ops_port(cls, v: int | None, info: ValidationInfo) -> int | None:
+        # A field validator (not a model one) so the error names the key; it reads port, ops_port and workers,
+        # which are declared above it.
         if v is None:
             return v
         last = v + info.data.get("workers", 1) - 1

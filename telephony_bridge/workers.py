@@ -50,9 +50,17 @@ def supervise(settings: Settings) -> int:
     if settings.server.ops_port is not None:  # the ops listener is shared the same way
         ops_holder = _reserve_port(host, settings.server.ops_port)
         ports["ops_port"] = ops_holder.getsockname()[1]
-    # Each worker's own ops port too (``server.worker_ops_port``): taken now, so a port in use is one clear error
-    # and a worker started again finds its port free.
-    own_holders = [_reserve_port(host, own) for own in settings.server.worker_ops_ports()]
+    # Each worker's own ops port too (``server.worker_ops_port``): taken now, so a worker started again finds its
+    # port free. SO_REUSEPORT lets one user bind a port twice without a word, so a port 0 above that came out in
+    # their range must be refused here (the settings could not know it).
+    own_ports = settings.server.worker_ops_ports()
+    clash = [p for p in ports.values() if p in own_ports]
+    if clash:
+        raise ConfigError(
+            f"server.worker_ops_port {own_ports.start} gives the workers ports {own_ports.start}-{own_ports[-1]}, "
+            f"and the port chosen for port 0 ({clash[0]}) is among them: choose fixed ports, or another range"
+        )
+    own_holders = [_reserve_port(host, own) for own in own_ports]
     settings = settings.model_copy(update={"server": settings.server.model_copy(update=ports)})
     context = multiprocessing.get_context("spawn")  # no fork: the parent may hold threads and locks
     stopping = threading.Event()
@@ -78,6 +86,8 @@ def supervise(settings: Settings) -> int:
         log.info("started %d workers; bridge listening on %s:%d", len(workers), host, port)
         if ops_holder is not None:
             log.info("ops listening on %s:%d (each worker's /status, /metrics)", host, ports["ops_port"])
+        if own_ports:
+            log.info("worker k's own ops port is %d + k (%d-%d)", own_ports.start, own_ports.start, own_ports[-1])
         while not (stopping.is_set() and all(p.exitcode is not None for p in workers)):
             stopping.wait(POLL_S)
             for i, process in enumerate(workers):
@@ -101,7 +111,8 @@ def supervise(settings: Settings) -> int:
 
 
 def _reserve_port(host: str, port: int) -> socket.socket:
-    """Bind (without listening) so port 0 becomes one real port every worker joins, and nobody else takes it."""
+    """Bind (without listening) so port 0 becomes one real port every worker joins, and no other user's process
+    takes it (SO_REUSEPORT lets this user's own bind it again: ``supervise`` checks its own ports)."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     holder = socket.socket(family, socket.SOCK_STREAM)
     holder.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)

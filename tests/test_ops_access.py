@@ -54,9 +54,10 @@ async def test_ops_port_serves_status_and_metrics_the_public_port_does_not(
         metrics = await http.get(ops + "/metrics", headers=BEARER)
         assert 'bridge_webhook_answers_total{document="connect"} 1.0' in metrics.text
         assert (await http.post(ops + "/voice", data={"CallSid": "CA1"})).status_code == 404  # calls: public only
-    with pytest.raises(InvalidStatus):
+    with pytest.raises(InvalidStatus) as refused:  # 404 on the ops listener (unsigned, the public port says 403)
         async with connect(f"ws://127.0.0.1:{bridge.ops_port}/media-stream"):
             pass
+    assert refused.value.response.status_code == 404
     assert all(OPS_TOKEN not in str(line) for line in bridge.lines)
 
 
@@ -76,9 +77,10 @@ async def test_a_lone_process_serves_ops_on_its_worker_ops_port_too_and_no_media
                 assert (await http.get(f"http://127.0.0.1:{port}/status")).status_code == 200
                 assert (await http.post(f"http://127.0.0.1:{port}/voice", data={"CallSid": "CA1"})).status_code == 404
             assert (await http.get(bridge.http_url + "/metrics")).status_code == 404
-        with pytest.raises(InvalidStatus):
+        with pytest.raises(InvalidStatus) as refused:  # 404: no media stream here (unsigned, the public port says 403)
             async with connect(f"ws://127.0.0.1:{own}/media-stream"):
                 pass
+        assert refused.value.response.status_code == 404
     finally:
         bridge.kill()
 
