@@ -91,9 +91,10 @@ async def test_workers_share_the_port_and_redis_restart_when_killed_and_drain_on
 
 def _two_free_ports() -> int:
     """The first of two consecutive free ports on 127.0.0.1, below Linux's ephemeral range (32768 up), so that
-    the bridge's PORT=0 cannot land on them (free when looked at: a test's small race)."""
+    the bridge's PORT=0 cannot land on them, and above the default RTP ports (free when looked at: a test's
+    small race)."""
     for _ in range(200):
-        port = random.randrange(20000, 32000)
+        port = random.randrange(21000, 32000)
         with socket.socket() as first, socket.socket() as second:
             try:
                 first.bind(("127.0.0.1", port))
