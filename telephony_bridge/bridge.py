@@ -99,7 +99,9 @@ class Call:
             deadline_s=savants.reconnect_deadline_s,
             rng=random.Random(leg.call_id),  # jitter differs from call to call
         )
-        self._inbound = Inbound(settings.audio, settings.barge_in, deps.metrics, deps.clock)
+        self._inbound = Inbound(
+            settings.audio, settings.barge_in, deps.metrics, deps.clock, frame_bytes=leg.frame_bytes
+        )
         self.outbound = Outbound(settings.audio, deps.clock, leg)
         self._ai = AiSide(
             settings,

@@ -43,9 +43,20 @@ CALLER_IDLE_S = 0.1  # no caller frame for this long (Twilio sends one every 20 
 
 
 class Inbound:
-    def __init__(self, audio: AudioSettings, barge_in: BargeInSettings, metrics: Metrics, clock: Clock) -> None:
+    def __init__(
+        self,
+        audio: AudioSettings,
+        barge_in: BargeInSettings,
+        metrics: Metrics,
+        clock: Clock,
+        *,
+        frame_bytes: int | None = TWILIO_FRAME_BYTES,
+    ) -> None:
+        """``frame_bytes``: the payload size the caller's leg promises (``CallerLeg.frame_bytes``), another being
+        a quirk to log; None: any size is as expected."""
         self._metrics = metrics
         self._clock = clock
+        self._frame_bytes = frame_bytes
         compiled = kernels.use_compiled(audio.kernels)
         self._pipeline = CallerToAi(compiled=compiled)
         self._queue: deque[bytes] = deque()
@@ -86,8 +97,10 @@ class Inbound:
         the AI; what the barge-in detector made of it."""
         self.frames_in += 1
         self._last_frame_at = now
-        if len(ulaw) != TWILIO_FRAME_BYTES and ulaw:
-            self._quirk("frame_size", "the client sends %d-byte media payloads, not 160 (20 ms); re-framed", len(ulaw))
+        if len(ulaw) != self._frame_bytes and ulaw and self._frame_bytes is not None:
+            self._quirk(
+                "frame_size", "the client sends %d-byte media payloads, not %d; re-framed", len(ulaw), self._frame_bytes
+            )
         timeline = self._pipeline.timeline
         dropped_before, filled_before = timeline.dropped_frames, timeline.filled_bytes
         pcm_8k, frames = self._pipeline.push(timestamp_ms, ulaw)

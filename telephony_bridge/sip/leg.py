@@ -72,6 +72,7 @@ class SipLeg:
     """One SIP call's RTP as a caller leg."""
 
     ingress: Literal["sip"] = "sip"
+    frame_bytes: int | None = None  # the jitter buffer's output: any length (packet times, gaps, DTMF events)
 
     def __init__(
         self,

@@ -15,6 +15,7 @@ import logging
 from collections.abc import Callable
 from typing import Any, Literal, Protocol
 
+from telephony_bridge.audio.codec import TWILIO_FRAME_BYTES
 from telephony_bridge.bridge import Call, CallDeps
 from telephony_bridge.clock import Clock
 from telephony_bridge.errors import CallerGone, CallerStalled
@@ -92,6 +93,7 @@ class TwilioLeg:
     """A Media Streams WebSocket as a caller leg (``leg.CallerLeg``)."""
 
     ingress: Literal["twilio"] = "twilio"
+    frame_bytes: int | None = TWILIO_FRAME_BYTES  # Twilio's media payload: 20 ms of μ-law (spec §3)
 
     def __init__(self, ws: TwilioSocket, settings: TwilioSettings, metrics: Metrics, clock: Clock) -> None:
         self._ws = ws
