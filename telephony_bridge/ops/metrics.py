@@ -149,7 +149,7 @@ class Metrics:
         )
         self.sip_refused = Counter(
             "bridge_sip_refused_total",
-            "SIP requests refused (INVITE answers 4xx/5xx, 403 to sources)",
+            "SIP INVITEs the server refused (403 to sources among them), by code; not the core's 400/405/420/501",
             ["code"],
             registry=r,
         )

@@ -2,7 +2,8 @@
 
 ``negotiate_session_timer`` reads an INVITE's ``Session-Expires``/``Min-SE``/``Supported`` and says either
 ``TooSmall`` (answer ``422`` with our ``Min-SE``) or what to put in the ``200``. We prefer ``refresher=uac``;
-when a proxy inserted the header (no ``Supported: timer``) the UAS must refresh, which we do by re-INVITE.
+when a proxy inserted the header (no ``Supported: timer``), or the UAC asks for ``refresher=uas``, the UAS must
+refresh: we do not send refreshes yet, and so do not end such a call on the timer (``sip/server.py``).
 ``expiry_s`` is when the non-refresher sends BYE without a refresh: the interval minus min(32 s, interval/3).
 """
 
