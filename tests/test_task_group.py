@@ -133,7 +133,9 @@ async def test_an_ended_call_is_freed_without_the_cycle_collector(
     """The whole call (legs, buffers, tasks, transports) goes when the call does, however it ends: with 250 calls
     on a core, a full collection that had ended calls to free stalled every call's audio (README, Performance),
     and full collections are rare now (``ops/gc_tuning.py``)."""
-    emulator = start_emulator(voice="echo", **({"fault": fault, "fault_after_s": 0.3} if fault else {}))
+    # The fault comes after the echo's first audio has reached the caller (0.2 s echo delay, a 60 ms prebuffer,
+    # set-up): at 0.3 s a slow run had heard none yet, and the check below that audio flowed failed.
+    emulator = start_emulator(voice="echo", **({"fault": fault, "fault_after_s": 1.0} if fault else {}))
     bridge = start_bridge(bridge_settings(emulator, **settings))
     placed = asyncio.create_task(run_call(signed_call(bridge, seconds=1.0 if fault is None else 6.0)))
     await asyncio.to_thread(wait_until, lambda: _calls() != [], 5.0, "the call to start")
