@@ -335,6 +335,8 @@ class Call:
                 elif isinstance(event, Digit):
                     self._dtmf.record(event.digit)
                 else:
+                    if event.lost:
+                        self.outcome = "caller_lost"
                     raise _CallEnded(event.reason)
         finally:
             self._leg.deliver_audio_to(None)  # the call is over: no more audio into it

@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import secrets
+import socket
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -135,11 +138,21 @@ async def test_sip_digest_right_and_wrong_password(
 
 
 async def test_sip_never_acked_call_is_torn_down_after_64_t1(
-    start_bridge: Callable[..., ServerThread], emulator: ServerThread
+    start_bridge: Callable[..., ServerThread], emulator: ServerThread, caplog: pytest.LogCaptureFixture
 ) -> None:
     bridge = start_sip_bridge(start_bridge, emulator)  # T1 = 50 ms: 64*T1 = 3.2 s
-    result = await place_sip_call(SipCallConfig(target(bridge), seconds=8, never_ack=True))
-    assert result.answered and result.ended_by == "bridge", result.summary()
+    with caplog.at_level(logging.INFO):
+        result = await place_sip_call(SipCallConfig(target(bridge), seconds=8, never_ack=True))
+        assert result.answered and result.ended_by == "bridge", result.summary()
+        wait_until(lambda: any(r.getMessage() == "call ended" for r in caplog.records), 5.0, "the call ended line")
+    # A dialog that was never confirmed is a lost caller, not a completed call; the warning names the call
+    # although it comes from the signalling, outside the call's task (both found by a fault-injection pass).
+    [warning] = [r for r in caplog.records if r.getMessage().startswith("no ACK for our 200 OK")]
+    assert getattr(warning, "call_sid", None) == result.call_id
+    [ended] = [r for r in caplog.records if r.getMessage() == "call ended"]
+    assert ended.outcome == "caller_lost", (ended.reason, ended.outcome)  # type: ignore[attr-defined]
+    metrics = httpx.get(bridge.http_url + "/metrics", timeout=5).text
+    assert 'bridge_calls_total{ingress="sip",outcome="caller_lost"} 1.0' in metrics
     assert_all_released(bridge, emulator)
 
 
@@ -276,3 +289,79 @@ async def test_sip_late_offer_answer_in_the_ack(
         correlation, _, _ = echo_quality(said, result)
         assert correlation > 0.9, f"no echo after a late offer (correlation {correlation:.3f})"
         assert_all_released(bridge, emulator)
+
+
+def _invite_then_cancel(port: int, cancel_after_s: float, listen_s: float) -> list[str]:
+    """A raw UDP INVITE, CANCEL after ``cancel_after_s``, then the first lines of what the bridge sends (the
+    487 is ACKed, as a UAC must)."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sock.bind(("127.0.0.1", 0))
+    local = sock.getsockname()[1]
+    call_id, branch, tag = secrets.token_hex(8) + "@127.0.0.1", "z9hG4bK" + secrets.token_hex(6), secrets.token_hex(4)
+    sdp = (
+        "v=0\r\no=- 1 1 IN IP4 127.0.0.1\r\ns=-\r\nc=IN IP4 127.0.0.1\r\nt=0 0\r\n"
+        "m=audio 40000 RTP/AVP 0\r\na=rtpmap:0 PCMU/8000\r\na=sendrecv\r\n"
+    )
+
+    def request(method: str, to: str = f"<sip:ai@127.0.0.1:{port}>", body: str = "") -> bytes:
+        rows = [
+            f"{method} sip:ai@127.0.0.1:{port} SIP/2.0",
+            f"Via: SIP/2.0/UDP 127.0.0.1:{local};branch={branch};rport",
+            "Max-Forwards: 70",
+            f"From: <sip:caller@127.0.0.1>;tag={tag}",
+            f"To: {to}",
+            f"Call-ID: {call_id}",
+            f"CSeq: 1 {method}",
+            f"Contact: <sip:caller@127.0.0.1:{local}>",
+            *(["Content-Type: application/sdp"] if body else []),
+            f"Content-Length: {len(body)}",
+        ]
+        return ("\r\n".join(rows) + "\r\n\r\n" + body).encode()
+
+    seen: list[str] = []
+    sock.settimeout(0.2)
+    try:
+        sock.sendto(request("INVITE", body=sdp), ("127.0.0.1", port))
+        time.sleep(cancel_after_s)
+        sock.sendto(request("CANCEL"), ("127.0.0.1", port))
+        end = time.monotonic() + listen_s
+        while time.monotonic() < end:
+            try:
+                data = sock.recv(65535)
+            except TimeoutError:
+                continue
+            lines = data.decode(errors="replace").split("\r\n")
+            seen.append(lines[0])
+            if lines[0].startswith("SIP/2.0 487"):
+                to = next(x for x in lines if x.lower().startswith("to:")).split(":", 1)[1].strip()
+                sock.sendto(request("ACK", to=to), ("127.0.0.1", port))
+    finally:
+        sock.close()
+    return seen
+
+
+async def test_sip_invite_cancelled_while_admission_runs_is_not_refused_as_well(
+    start_emulator: Callable[..., ServerThread],
+    start_bridge: Callable[..., ServerThread],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The caller cancels while the token endpoint is failing slowly: it gets its 487, and when admission gives
+    up no 503 is counted or logged for an INVITE that is already over (found by a fault-injection pass)."""
+    emulator = start_emulator(voice="echo")
+    faults = f"{emulator.http_url}/_emulator/faults/token"
+    httpx.post(faults, json={"status": 503, "delay_s": 0.5}, timeout=5).raise_for_status()
+    bridge = start_sip_bridge(start_bridge, emulator)
+    port = status(bridge)["sip"]["port"]
+    with caplog.at_level(logging.INFO):
+        seen = await asyncio.to_thread(_invite_then_cancel, port, 0.2, 4.0)
+        assert any(line.startswith("SIP/2.0 487") for line in seen), seen
+        wait_until(lambda: status(bridge)["accounting"]["devices"] != {} and _nothing_held(bridge), 10.0, "release")
+    assert not any(line.startswith("SIP/2.0 503") for line in seen), seen
+    assert not any("refused with 503" in r.getMessage() for r in caplog.records)
+    metrics = httpx.get(bridge.http_url + "/metrics", timeout=5).text
+    assert "bridge_sip_refused_total{" not in metrics
+
+
+def _nothing_held(bridge: ServerThread) -> bool:
+    devices = status(bridge)["accounting"]["devices"].values()
+    return all(device["leases"] == 0 and device.get("reservations", 0) == 0 for device in devices)

@@ -136,10 +136,10 @@ class SipLeg:
         self._gone = True
         self._events.put_nowait(HungUp(reason))
 
-    def end(self, reason: str) -> None:
+    def end(self, reason: str, *, lost: bool = False) -> None:
         """The dialog must end from our side (no ACK, session expired, shutting down): the core winds the call
-        down and ``hang_up`` sends our BYE."""
-        self._events.put_nowait(HungUp(reason))
+        down and ``hang_up`` sends our BYE. ``lost``: the dialog failed (the caller's side is lost, not done)."""
+        self._events.put_nowait(HungUp(reason, lost=lost))
 
     def digit(self, digit: str) -> None:
         self._events.put_nowait(Digit(digit))

@@ -308,6 +308,10 @@ class SipServer:
         live = self._live.get(event.call_id)  # type: ignore[union-attr]
         if live is None:
             return
+        with oplog.call_context(call_sid=live.call_id):  # signalling runs outside the call's task: name it
+            self._call_event(live, event)
+
+    def _call_event(self, live: _Live, event: Output) -> None:
         if isinstance(event, CallCancelled):
             live.cancelled.set()
             if live.leg is not None:
@@ -316,7 +320,7 @@ class SipServer:
             live.leg.peer_hung_up("caller hung up")
         elif isinstance(event, AckTimeout) and live.leg is not None:
             log.warning("no ACK for our 200 OK within 64*T1 (%.0f s): ending the call", self._timers.give_up_s)
-            live.leg.end("no ACK")
+            live.leg.end("no ACK", lost=True)
         elif isinstance(event, InfoDigit) and live.leg is not None:
             live.leg.digit(event.digit)
         elif isinstance(event, ReOffer):
@@ -331,7 +335,7 @@ class SipServer:
         chosen = sdp.negotiate(answer, allow_pcma=self._settings.allow_pcma) if body else sdp.SdpError("empty")
         if isinstance(answer, sdp.SdpError) or isinstance(chosen, sdp.SdpError):
             log.warning("SIP late offer: the ACK carries no usable SDP answer; ending the call")
-            live.leg.end("no SDP answer in the ACK")
+            live.leg.end("no SDP answer in the ACK", lost=True)
             return
         live.leg.update_media(chosen)
 
@@ -396,7 +400,10 @@ class SipServer:
                 self.core.forget(live.call_id)
 
     def _reject(self, live: _Live, status: int, rows: list[tuple[str, str]] | None = None) -> None:
+        """Answer the INVITE ``status``, counted; not once the caller has cancelled it (it has had its 487)."""
         assert self.core is not None
+        if live.cancelled.is_set():
+            return
         self._deps.metrics.sip_refused.labels(code=str(status)).inc()
         self._dispatch(self.core.reject(live.call_id, status, self._clock.monotonic(), rows=rows))
 
@@ -435,11 +442,13 @@ class SipServer:
         try:
             await self._deps.admission.admit(live.call_id, caller)
         except AdmissionError as exc:
-            log.info("SIP INVITE refused with 486: %s", exc)
+            if not live.cancelled.is_set():  # else the caller has its 487: nothing was refused
+                log.info("SIP INVITE refused with 486: %s", exc)
             self._reject(live, 486)
             return
         except (SavantsError, StoreUnavailable) as exc:
-            log.warning("SIP INVITE refused with 503, the AI cannot be reached: %s", exc)
+            if not live.cancelled.is_set():
+                log.warning("SIP INVITE refused with 503, the AI cannot be reached: %s", exc)
             self._reject(live, 503, retry)
             return
         bound = None
@@ -526,7 +535,7 @@ class SipServer:
             due = live.refreshed_at + live.timer.expiry_s
             if self._clock.monotonic() >= due:
                 if live.leg is not None:
-                    live.leg.end("session timer expired")
+                    live.leg.end("session timer expired", lost=True)
                 return
             await self._clock.sleep_until(due)
 
