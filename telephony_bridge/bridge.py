@@ -236,7 +236,8 @@ class Call:
     def end(self, outcome: str, reason: str) -> None:
         """End the call from outside (the drain deadline): hung up normally, so Twilio's ``<Connect action>`` runs."""
         if not self._ended.is_set():
-            self.outcome = outcome
+            if self.outcome == "completed":  # one already decided (the caller lost, the AI failed) stands
+                self.outcome = outcome
             self._end(reason)
             self._ended.set()
 

@@ -53,7 +53,8 @@ class Inbound:
         frame_bytes: int | None = TWILIO_FRAME_BYTES,
     ) -> None:
         """``frame_bytes``: the payload size the caller's leg promises (``CallerLeg.frame_bytes``), another being
-        a quirk to log; None: any size is as expected."""
+        a quirk to log; None: any size is as expected. The call core always passes the leg's; the default is
+        for tests that build an ``Inbound`` alone."""
         self._metrics = metrics
         self._clock = clock
         self._frame_bytes = frame_bytes
@@ -97,7 +98,7 @@ class Inbound:
         the AI; what the barge-in detector made of it."""
         self.frames_in += 1
         self._last_frame_at = now
-        if len(ulaw) != self._frame_bytes and ulaw and self._frame_bytes is not None:
+        if self._frame_bytes is not None and len(ulaw) != self._frame_bytes and ulaw:
             self._quirk(
                 "frame_size", "the client sends %d-byte media payloads, not %d; re-framed", len(ulaw), self._frame_bytes
             )

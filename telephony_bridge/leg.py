@@ -12,7 +12,8 @@ What a leg delivers, from ``receive()``, in arrival order:
 - ``PlayedUpTo(name)``: the caller has heard everything sent before the mark ``name`` (a Twilio mark echo).
 - ``Digit(digit)``: one DTMF key (Twilio's ``dtmf`` event, RFC 4733 on SIP). Never logged by the leg.
 - ``HungUp(reason, lost)``: the caller's side is over (hung up, disconnected, went silent); always the last event.
-  ``lost``: it failed rather than ended (SIP: no ACK, the session timer ran out), so the call is ``caller_lost``.
+  ``lost``: it failed rather than ended (SIP: no ACK, no SDP answer in the ACK, the session timer ran out), so
+  the call is ``caller_lost``.
   ``receive()`` never raises for anything the peer sends: garbage is the leg's to count and log.
 
 Caller audio is most of what a leg delivers (50 messages a second), so the core also offers a direct path:
