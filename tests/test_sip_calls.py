@@ -355,13 +355,8 @@ async def test_sip_invite_cancelled_while_admission_runs_is_not_refused_as_well(
     with caplog.at_level(logging.INFO):
         seen = await asyncio.to_thread(_invite_then_cancel, port, 0.2, 4.0)
         assert any(line.startswith("SIP/2.0 487") for line in seen), seen
-        wait_until(lambda: status(bridge)["accounting"]["devices"] != {} and _nothing_held(bridge), 10.0, "release")
+        assert_all_released(bridge, emulator)
     assert not any(line.startswith("SIP/2.0 503") for line in seen), seen  # the SIP core's part: no answer after 487
     assert not any("refused with" in r.getMessage() for r in caplog.records)
     metrics = httpx.get(bridge.http_url + "/metrics", timeout=5).text
     assert "bridge_sip_refused_total{" not in metrics
-
-
-def _nothing_held(bridge: ServerThread) -> bool:
-    devices = status(bridge)["accounting"]["devices"].values()
-    return all(device["leases"] == 0 and device.get("reservations", 0) == 0 for device in devices)
