@@ -90,6 +90,7 @@ def create_app(
             if acct is None or kv is None:
                 made_acct, made_kv = _backends(settings, clock, stack)
                 acct, kv = acct or made_acct, kv or made_kv
+            metrics.count_outages(lambda: acct.unavailable_total + kv.unavailable_total)
             token_health = TokenEndpointHealth(clock, probe_interval_s=settings.savants.token_probe_interval_s)
             stack.push_async_callback(token_health.close)
             tokens = TokenClient(

@@ -25,7 +25,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
-from telephony_bridge.accounting.base import AccountingUnavailable, Lease
+from telephony_bridge.accounting.base import Lease
 from telephony_bridge.admission import Admission, CallSlot
 from telephony_bridge.ai_side import GOODBYE_MARGIN_S, AiHungUp, AiSide
 from telephony_bridge.audio.barge_in import BargeIn, Event
@@ -192,8 +192,6 @@ class Call:
 
     async def _no_capacity(self, exc: AdmissionError | StoreUnavailable) -> None:
         self._metrics.admission_refused.labels(where="stream").inc()
-        if isinstance(exc, AccountingUnavailable | StoreUnavailable):
-            self._metrics.accounting_errors.inc()
         log.warning("closing stream: no device can take the call: %s", exc)
         await self._record_outcome("no_capacity")
         await self._leg.hang_up("no_capacity")

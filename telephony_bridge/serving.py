@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import socket
 import threading
 from collections.abc import Awaitable, Callable, Iterator
@@ -126,8 +127,9 @@ class DrainingServer(uvicorn.Server):
             super().handle_exit(sig, frame)
             return
         self._signalled = True
-        # A signal handler runs between two bytecodes of the loop's thread: schedule, and wake the selector.
-        self._loop.call_soon_threadsafe(self._start_drain)
+        # A signal handler runs between two bytecodes of the loop's thread: schedule, and wake the selector. In a
+        # context of its own: the one current here is whatever the signal interrupted, often a call's task.
+        self._loop.call_soon_threadsafe(self._start_drain, context=contextvars.Context())
 
     def _start_drain(self) -> None:
         if not self.should_exit:

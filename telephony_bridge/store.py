@@ -24,6 +24,8 @@ class StoreUnavailable(BridgeError):
 
 
 class Store(Protocol):
+    unavailable_total: int  # requests the store did not answer (Redis); exported as a metric by the app
+
     async def put(self, key: str, value: str, ttl_s: float) -> None: ...
     async def get(self, key: str) -> str | None: ...
     async def take(self, key: str) -> str | None: ...
@@ -52,6 +54,7 @@ class MemoryStore:
 
     def __init__(self, clock: Clock | None = None) -> None:
         self._clock = clock or SystemClock()
+        self.unavailable_total = 0  # never unavailable
         self._items: dict[str, tuple[str, float]] = {}
         self._next_sweep = self._clock.monotonic() + SWEEP_EVERY_S
 
@@ -123,6 +126,7 @@ class RedisStore:
     def __init__(self, client: aioredis.Redis, prefix: str = "tb:kv:") -> None:
         self._redis = client
         self._prefix = prefix
+        self.unavailable_total = 0
         self._refresh = client.register_script(_REFRESH_IF_HELD)
         self._take_if_equal = client.register_script(TAKE_IF_EQUAL)
 
@@ -130,43 +134,47 @@ class RedisStore:
         try:
             await self._redis.set(self._prefix + key, value, px=_ms(ttl_s))
         except RedisError as exc:
-            raise StoreUnavailable(f"redis did not store {key.split(':')[0]}: {type(exc).__name__}") from None
+            raise self._unavailable(f"redis did not store {key.split(':')[0]}", exc) from None
 
     async def get(self, key: str) -> str | None:
         try:
             value = await self._redis.get(self._prefix + key)
         except RedisError as exc:
-            raise StoreUnavailable(f"redis did not answer: {type(exc).__name__}") from None
+            raise self._unavailable("redis did not answer", exc) from None
         return _text(value)
 
     async def take(self, key: str) -> str | None:
         try:
             value = await self._redis.getdel(self._prefix + key)
         except RedisError as exc:
-            raise StoreUnavailable(f"redis did not answer: {type(exc).__name__}") from None
+            raise self._unavailable("redis did not answer", exc) from None
         return _text(value)
 
     async def add(self, key: str, value: str, ttl_s: float) -> bool:
         try:
             return bool(await self._redis.set(self._prefix + key, value, px=_ms(ttl_s), nx=True))
         except RedisError as exc:
-            raise StoreUnavailable(f"redis did not store {key.split(':')[0]}: {type(exc).__name__}") from None
+            raise self._unavailable(f"redis did not store {key.split(':')[0]}", exc) from None
 
     async def refresh(self, key: str, value: str, ttl_s: float) -> bool:
         try:
             return bool(await self._refresh(keys=[self._prefix + key], args=[value, _ms(ttl_s)]))
         except RedisError as exc:
-            raise StoreUnavailable(f"redis did not answer: {type(exc).__name__}") from None
+            raise self._unavailable("redis did not answer", exc) from None
 
     async def take_if_equal(self, key: str, value: str) -> bool:
         try:
             taken = await self._take_if_equal(keys=[self._prefix + key], args=[value])
         except RedisError as exc:
-            raise StoreUnavailable(f"redis did not answer: {type(exc).__name__}") from None
+            raise self._unavailable("redis did not answer", exc) from None
         return bool(taken)
 
     async def close(self) -> None:
         return None
+
+    def _unavailable(self, what: str, exc: RedisError) -> StoreUnavailable:
+        self.unavailable_total += 1
+        return StoreUnavailable(f"{what}: {type(exc).__name__}")
 
 
 _REFRESH_IF_HELD = """

@@ -53,6 +53,28 @@ def WebSocketHandoff(config: Any, server_state: Any, app_state: dict[str, Any], 
     return _PicowsUpgrade(router, server_state.connections)
 
 
+class _WireLog(logging.LoggerAdapter):  # type: ignore[type-arg]
+    """picows' logger for one connection. Its parser refusing a frame (over ``MAX_FRAME_BYTES``, malformed) is
+    the peer's fault: it goes to the listener's ``on_protocol_error``, which names the call (the media stream's
+    leg logs it), rather than an ERROR line naming none. A listener without one gets a WARNING here."""
+
+    def __init__(self, protocol: WSProtocol) -> None:
+        super().__init__(PICOWS_LOGGER, {})
+        self._protocol = protocol
+
+    def error(self, msg: object, *args: object, **kwargs: Any) -> None:
+        refusal = args[0] if args and isinstance(args[0], tuple) and len(args[0]) == 2 else None
+        if not (isinstance(msg, str) and msg.startswith("WS parser error") and refusal is not None):
+            super().error(msg, *args, **kwargs)
+            return
+        code, detail = int(refusal[0]), str(refusal[1])
+        report = getattr(self._protocol.listener, "on_protocol_error", None)
+        if report is not None:
+            report(code, detail)
+        else:
+            self.logger.warning("closing a WebSocket with %d: %s", code, detail)
+
+
 class _PicowsUpgrade(WSProtocol):  # type: ignore[misc]
     """A picows server protocol that takes the upgrade request from uvicorn rather than from the socket."""
 
@@ -68,7 +90,7 @@ class _PicowsUpgrade(WSProtocol):  # type: ignore[misc]
             None,  # path: a client's
             False,  # server side
             route,
-            PICOWS_LOGGER,
+            _WireLog(self),
             True,  # disconnect when a listener callback raises
             None,  # handshake timeout: uvicorn has read the request already
             False,  # auto ping: Twilio sends media every 20 ms, and the leg's watchdog notices silence

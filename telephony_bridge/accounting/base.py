@@ -75,6 +75,8 @@ def refusal_message(devices: int, with_free_slot: int, limits: Limits) -> str:
 
 
 class Accounting(Protocol):
+    unavailable_total: int  # requests the backend did not answer (Redis); exported as a metric by the app
+
     async def reserve(
         self,
         call_sid: str,

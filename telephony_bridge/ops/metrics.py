@@ -10,7 +10,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector, generate_latest
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 _LATENCY_BUCKETS = (0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0)
@@ -144,9 +144,8 @@ class Metrics:
             ["reason"],
             registry=r,
         )
-        self.accounting_errors = Counter(
-            "bridge_accounting_unavailable_total", "Times the shared accounting store did not answer", registry=r
-        )
+        self._outages: Callable[[], int] = lambda: 0
+        r.register(_Outages(lambda: self._outages()))
         self.sip_refused = Counter(
             "bridge_sip_refused_total",
             "SIP INVITEs the server refused (403 to sources among them), by code; not the core's 400/405/420/501",
@@ -178,6 +177,12 @@ class Metrics:
         limit.set(max_calls)
         self.registry.register(_DeviceCalls(tuple(device_ids), calls))
 
+    def count_outages(self, outages: Callable[[], int]) -> None:
+        """``bridge_accounting_unavailable_total`` reads ``outages`` at scrape time: the backends count every
+        request Redis did not answer (a heartbeat, a release, a status read), so an outage shows while calls go
+        on, not only once a new call is refused for it."""
+        self._outages = outages
+
     def render(self) -> bytes:
         return generate_latest(self.registry)
 
@@ -195,3 +200,15 @@ class _DeviceCalls(Collector):
         for device in self._device_ids:
             family.add_metric([device], counts.get(device, 0))
         yield family
+
+
+class _Outages(Collector):
+    def __init__(self, outages: Callable[[], int]) -> None:
+        self._outages = outages
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        yield CounterMetricFamily(
+            "bridge_accounting_unavailable_total",
+            "Requests to the shared accounting store (Redis) that it did not answer",
+            value=self._outages(),
+        )

@@ -101,6 +101,7 @@ class TwilioLeg:
         self._metrics = metrics
         self._clock = clock
         self._open = True
+        self._fault: str | None = None  # why our side closed the stream on Twilio, if it did (``StreamSocket.fault``)
         self.call_id = ""
         self._media = MediaMessages("")  # this stream's media messages (``stream_id``), once ``start`` names it
         self.protocol_errors = 0
@@ -128,7 +129,10 @@ class TwilioLeg:
                 while True:
                     frame = await self._receive_frame()
                     if frame is None:
-                        log.info("twilio stream closed before 'start'")
+                        if self._fault is not None:
+                            log.warning("twilio stream closed before 'start': %s", self._fault)
+                        else:
+                            log.info("twilio stream closed before 'start'")
                         return None
                     event = tw.parse_message(frame)
                     if isinstance(event, tw.Start):
@@ -169,6 +173,9 @@ class TwilioLeg:
             frame = await self._receive_frame()
             self._direct.check()  # what the core's audio handler raised (the frame it failed on was queued)
             if frame is None:
+                if self._fault is not None:  # the caller is gone: we closed its stream
+                    log.warning("twilio stream closed: %s", self._fault)
+                    return HungUp(f"twilio stream closed: {self._fault}", lost=True)
                 return HungUp("twilio disconnected")
             event = tw.parse_message(frame)
             if isinstance(event, tw.Media):
@@ -201,6 +208,7 @@ class TwilioLeg:
         self.watchdog.alive()
         if message["type"] == "websocket.disconnect":
             self._open = False
+            self._fault = message.get("fault")
             return None
         text = message.get("text")
         return text if text is not None else message.get("bytes") or b""

@@ -59,6 +59,7 @@ class StreamSocket(WSListener):  # type: ignore[misc]
         self._disconnected = False
         self._tap: Callable[[bytes], bool] | None = None
         self.close_code: int | None = None  # the peer's, once it has sent a close frame
+        self.fault: str | None = None  # why we closed the stream on the peer (it broke the protocol), if we did
 
     # --- picows callbacks ------------------------------------------------------------------------------------
 
@@ -85,9 +86,13 @@ class StreamSocket(WSListener):  # type: ignore[misc]
             self._assemble(kind, frame)
         # PING is answered by picows; PONG is not asked for.
 
+    def on_protocol_error(self, code: int, detail: str) -> None:
+        """picows' parser refused a frame and is closing with ``code`` (``ws_handoff._WireLog``)."""
+        self.fault = f"it broke the WebSocket protocol, closed with {code}: {detail}"
+
     def on_ws_disconnected(self, transport: WSTransport) -> None:
         self._disconnected = True
-        self._deliver({"type": "websocket.disconnect", "code": self.close_code or ABNORMAL_CLOSURE})
+        self._deliver(self._disconnect_message())
         if self._writable is not None and not self._writable.done():
             self._writable.set_result(None)
 
@@ -110,7 +115,7 @@ class StreamSocket(WSListener):  # type: ignore[misc]
         """The next message; ``websocket.disconnect`` once the connection is gone (then again on every call)."""
         while not self._inbox:
             if self._disconnected:
-                return {"type": "websocket.disconnect", "code": self.close_code or ABNORMAL_CLOSURE}
+                return self._disconnect_message()
             self._waiter = asyncio.get_running_loop().create_future()
             try:
                 await self._waiter
@@ -184,6 +189,13 @@ class StreamSocket(WSListener):  # type: ignore[misc]
         transport.send_close(code)
         asyncio.get_running_loop().call_later(CLOSE_TIMEOUT_S, transport.disconnect)
 
+    def _disconnect_message(self) -> Message:
+        """ASGI's ``websocket.disconnect``, with ``fault`` when we closed the stream for the peer's fault."""
+        message: Message = {"type": "websocket.disconnect", "code": self.close_code or ABNORMAL_CLOSURE}
+        if self.fault is not None:
+            message["fault"] = self.fault
+        return message
+
     def _deliver(self, message: Message) -> None:
         self._inbox.append(message)
         if self._waiter is not None and not self._waiter.done():
@@ -202,6 +214,7 @@ class StreamSocket(WSListener):  # type: ignore[misc]
             else:
                 self._deliver({"type": "websocket.receive", "bytes": result.payload})
         elif result is Fault.TOO_BIG:
+            self.fault = f"it sent a message over {MAX_MESSAGE_BYTES} bytes, closed with {MESSAGE_TOO_BIG}"
             self._close_soon(MESSAGE_TOO_BIG)
 
     def _deliver_text(self, payload: bytes) -> None:

@@ -17,7 +17,6 @@ from starlette.datastructures import FormData
 from starlette.requests import HTTPConnection, Request
 from starlette.responses import PlainTextResponse, Response
 
-from telephony_bridge.accounting.base import AccountingUnavailable
 from telephony_bridge.admission import Admission
 from telephony_bridge.clock import Clock, SystemClock
 from telephony_bridge.drain import DRAINED, Drain
@@ -140,20 +139,19 @@ class TwilioWebhooks:
     async def _answer(self, request: Request, call_sid: str, caller: str | None, params: Mapping[str, Any]) -> Response:
         tw = self._settings.twilio
         if self._drain.draining:  # this replica is shutting down: the caller is told to call again
-            self._metrics.admission_refused.labels(where="draining").inc()
-            log.warning("call refused: this replica is draining")
-            return self._busy()
+            return self._refuse_draining()
         try:
             admitted = await self._admission.admit(call_sid, caller)
         except AdmissionError as exc:
             self._metrics.admission_refused.labels(where="webhook").inc()
-            if isinstance(exc, AccountingUnavailable):
-                self._metrics.accounting_errors.inc()  # the backend logs the outage itself, once
             log.warning("call refused, busy: %s", exc)
             return self._busy()
         except (SavantsError, StoreUnavailable) as exc:
             log.error("call not connected, the AI is unavailable: %s", exc)
             return self._document("unavailable", twiml.message_document(tw.unavailable_message, self._voice))
+        if self._drain.draining:  # began while this call was admitted: its drain did not wait for its stream
+            await self._admission.forget(call_sid)
+            return self._refuse_draining()
         log.info("call admitted", extra={"device_id": admitted.lease.device_id, "warm_token": admitted.warm})
         parameters = {"token": admitted.stream_token}
         parameters.update({k.lower(): str(params[k]) for k in ("From", "To") if params.get(k)})
@@ -165,6 +163,11 @@ class TwilioWebhooks:
             action=base + STREAM_ENDED_PATH,
         )
         return self._document("connect", document)
+
+    def _refuse_draining(self) -> Response:
+        self._metrics.admission_refused.labels(where="draining").inc()
+        log.warning("call refused: this replica is draining")
+        return self._busy()
 
     def _busy(self) -> Response:
         tw = self._settings.twilio
