@@ -98,6 +98,7 @@ class Call:
             deps.metrics,
             deadline_s=savants.reconnect_deadline_s,
             rng=random.Random(leg.call_id),  # jitter differs from call to call
+            max_per_minute=savants.max_reconnects_per_minute,
         )
         self._inbound = Inbound(
             settings.audio, settings.barge_in, deps.metrics, deps.clock, frame_bytes=leg.frame_bytes

@@ -7,12 +7,17 @@ moves to another device when this one has none or is out of the pool), then a ne
 starts with less than ``admission.MIN_ATTEMPT_S`` left, and none is given longer than what is left). What
 is worth an attempt is ``retry.classify``'s call; a device Savants refuses outright is suspended. A new
 session is a new conversation for the AI: nothing is resumed.
+
+A call whose AI keeps dropping is not reconnected for ever: past ``max_per_minute`` drops retried within a
+minute the call ends (result ``limited``). Every reconnect takes a token from the device's budget (60 a
+minute, shared by its 10 calls), so one flapping session must not spend what the device's other callers need.
 """
 
 from __future__ import annotations
 
 import logging
 import random
+from collections import deque
 from dataclasses import dataclass
 
 from telephony_bridge.admission import MIN_ATTEMPT_S, Admission, CallSlot
@@ -24,6 +29,8 @@ from telephony_bridge.savants.retry import Verdict, backoff_s, classify
 
 log = logging.getLogger(__name__)
 
+LIMIT_WINDOW_S = 60.0  # ``max_per_minute`` counts the drops retried within this long
+
 
 @dataclass
 class ReconnectFigures:
@@ -31,19 +38,28 @@ class ReconnectFigures:
 
     drops: int = 0  # sessions that ended on a failure mid-call
     attempts: int = 0  # reconnect attempts made
-    outcome: str = "none"  # none | resumed | failed | not_retried (the last drop's)
+    outcome: str = "none"  # none | resumed | failed | not_retried | limited (the last drop's)
     gap_s: float = 0.0  # time without an AI session, summed over the drops that were retried
 
 
 class Reconnector:
     def __init__(
-        self, admission: Admission, clock: Clock, metrics: Metrics, *, deadline_s: float, rng: random.Random
+        self,
+        admission: Admission,
+        clock: Clock,
+        metrics: Metrics,
+        *,
+        deadline_s: float,
+        rng: random.Random,
+        max_per_minute: int = 3,
     ) -> None:
         self._admission = admission
         self._clock = clock
         self._metrics = metrics
         self._deadline_s = deadline_s
         self._rng = rng
+        self._max_per_minute = max_per_minute
+        self._retried_at: deque[float] = deque()  # when the drops retried within the last minute came
         self.figures = ReconnectFigures()
 
     async def recover(self, failure: SavantsError, slot: CallSlot) -> SavantsConnection:
@@ -56,6 +72,16 @@ class Reconnector:
         if verdict is not Verdict.RETRY or self._deadline_s == 0:
             figures.outcome = "not_retried"
             self._metrics.ai_reconnects.labels(result="not_retried").inc()
+            raise failure
+        if self._over_limit():
+            figures.outcome = "limited"
+            self._metrics.ai_reconnects.labels(result="limited").inc()
+            log.warning(
+                "AI session dropped (%s), its %s retried drop within a minute: not reconnecting again "
+                "(savants.max_reconnects_per_minute); the call ends",
+                failure,
+                _ordinal(self._max_per_minute + 1),
+            )
             raise failure
         started = self._clock.monotonic()
         deadline = started + self._deadline_s
@@ -103,8 +129,23 @@ class Reconnector:
                     raise
                 failure = exc
 
+    def _over_limit(self) -> bool:
+        """Whether this drop is one more than ``max_per_minute`` within a minute; if not, it is counted."""
+        now = self._clock.monotonic()
+        while self._retried_at and self._retried_at[0] <= now - LIMIT_WINDOW_S:
+            self._retried_at.popleft()
+        if len(self._retried_at) >= self._max_per_minute:
+            return True
+        self._retried_at.append(now)
+        return False
+
     async def _judge(self, failure: SavantsError, slot: CallSlot) -> Verdict:
         verdict = classify(failure)
         if verdict is Verdict.QUARANTINE:  # (admission has already suspended a device its token endpoint refused)
             await self._admission.suspend_device(slot.lease.device_id, getattr(failure, "code", "refused"))
         return verdict
+
+
+def _ordinal(n: int) -> str:
+    suffix = "th" if 10 <= n % 100 <= 20 else {1: "st", 2: "nd", 3: "rd"}.get(n % 10, "th")
+    return f"{n}{suffix}"

@@ -102,6 +102,7 @@ class SavantsSettings(_Frozen):
     warm_token: bool = True
     preconnect: bool = False
     reconnect_deadline_s: float = Field(10.0, ge=0, le=120)
+    max_reconnects_per_minute: int = Field(3, ge=1, le=60)
     reconnect_fill: Literal["comfort_noise", "silence"] = "comfort_noise"
     stall_timeout_s: float = Field(5.0, ge=1, le=120)
     token_deadline_s: float = Field(2.5, gt=0, le=14)

@@ -1,5 +1,5 @@
 """Failures found by a fault-injection pass on the Twilio ingress, the Savants leg, accounting and ops
-(helper fault-pass-2), each on real sockets: what the caller hears, the log lines, and nothing held after."""
+(stop 25), each on real sockets: what the caller hears, the log lines, and nothing held after."""
 
 from __future__ import annotations
 

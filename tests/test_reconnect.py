@@ -116,6 +116,25 @@ async def test_a_device_savants_refuses_is_suspended_and_not_retried() -> None:
     assert (admission.attempted_at, figures.outcome) == ([], "not_retried")
 
 
+async def test_drops_past_the_limit_within_a_minute_are_not_retried_and_the_window_rolls() -> None:
+    """Two drops a minute are retried; a third within the minute is not (``limited``); one a minute after the
+    first is again."""
+    clock = FakeClock()
+    admission = FakeAdmission(clock, [FakeSession() for _ in range(4)])
+    reconnector = Reconnector(admission, clock, Metrics(), deadline_s=10.0, rng=random.Random(1), max_per_minute=2)  # type: ignore[arg-type]
+    slot = CallSlot(Lease("CA1", "device-a"))
+    first = clock.monotonic()
+    outcomes = []
+    for wait_s in (0.0, 20.0, 20.0, 25.0):  # drops at ~0, ~20, ~40 and ~65 s after the first
+        clock.advance(wait_s)
+        task = await on_clock(clock, reconnector.recover(DROP, slot))
+        outcomes.append(
+            reconnector.figures.outcome if task.exception() is None else f"raised {reconnector.figures.outcome}"
+        )
+    assert outcomes == ["resumed", "resumed", "raised limited", "resumed"]
+    assert len(admission.attempted_at) == 3 and admission.attempted_at[-1] >= first + 60.0
+
+
 class SlowTokens:
     """A token endpoint answering after ``takes_s`` of fake time (``TIMEOUT`` past the timeout it is given)."""
 

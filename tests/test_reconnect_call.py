@@ -193,3 +193,37 @@ async def test_reconnect_moves_to_another_device_when_this_one_has_no_token_budg
     devices = emulator_stats(emulator)["devices"]
     assert [devices[d]["token_requests_in_window"] for d in ("device-a", "device-b")] == [1, 1]
     released(bridge, emulator)
+
+
+async def test_an_ai_that_keeps_dropping_is_not_reconnected_past_the_limit_and_spends_no_more_tokens(
+    start_emulator: Callable[..., ServerThread],
+    start_bridge: Callable[..., ServerThread],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Every session closes 1011 after 0.5 s. Each reconnect takes a token from the device's budget, so without
+    a limit one call reconnected a dozen times in 8 s; with two a minute allowed, the third drop ends the
+    call with the fallback message."""
+    flapping = SessionFault(kind="close", close_code=1011, after_s=0.5)
+    emulator = start_emulator(voice="echo", session_faults=(flapping,))
+    bridge = start_bridge(settings(emulator, **{"savants.max_reconnects_per_minute": 2}))
+    with caplog.at_level(logging.INFO):
+        result = await run_call(signed_call(bridge, audio_in=VOICE, seconds=8.0))
+        ended = call_ended(caplog)
+    assert result.ended_by == "bridge" and result.duration_s < 6.0
+    assert [child.tag for child in stream_ended(bridge, result.call_sid)] == ["Say", "Hangup"]
+    figures = {k: getattr(ended, k) for k in ("outcome", "ai_drops", "ai_reconnect", "ai_reconnect_attempts")}
+    assert figures == {
+        "outcome": "ai_unavailable",
+        "ai_drops": 3,
+        "ai_reconnect": "limited",
+        "ai_reconnect_attempts": 2,
+    }
+    limited = [r for r in caplog.records if "max_reconnects_per_minute" in r.getMessage()]
+    assert [(r.levelno, getattr(r, "call_sid", None)) for r in limited] == [(logging.WARNING, result.call_sid)]
+    metrics = httpx.get(bridge.http_url + "/metrics", timeout=5).text
+    assert 'bridge_ai_reconnects_total{result="resumed"} 2.0' in metrics
+    assert 'bridge_ai_reconnects_total{result="limited"} 1.0' in metrics
+    stats = emulator_stats(emulator)
+    assert stats["sessions_opened"] == 3
+    assert sum(d["token_requests_in_window"] for d in stats["devices"].values()) == 3  # the first, two reconnects
+    released(bridge, emulator)

@@ -70,7 +70,7 @@ class Metrics:
         self.dtmf = Counter("bridge_dtmf_total", "DTMF digits received", registry=r)
         self.ai_reconnects = Counter(
             "bridge_ai_reconnects_total",
-            "Mid-call AI session drops, by what came of them: resumed, failed (deadline), not_retried",
+            "Mid-call AI session drops, by what came of them: resumed, failed (deadline), not_retried, limited",
             ["result"],
             registry=r,
         )
