@@ -48,6 +48,9 @@ MAX_TOKEN_WAIT_S = 2.0  # a caller can afford a short wait for token budget, not
 # Twilio requests the <Connect action> as soon as the stream has closed; two minutes covers a slow or retried
 # request, and a busy bridge holds the outcomes of its last two minutes of calls, not ten.
 OUTCOME_TTL_S = 120.0
+# How long a call whose stream started is remembered, so that its /voice webhook replayed (Twilio signs no
+# timestamp) is not answered <Connect> again: Twilio's longest call, 4 h.
+STREAMED_TTL_S = 4 * 3600.0
 RETRY_FIRST_S, RETRY_MAX_S = 0.2, 2.0  # backoff between token requests that failed on the endpoint's side
 MIN_ATTEMPT_S = 0.3  # a retry with less time than this left before the deadline is not worth sending
 DEVICE_REFUSALS = frozenset({"AUTHENTICATION_FAILED", "DEVICE_INACTIVE"})  # the device, not the call, is refused
@@ -299,8 +302,17 @@ class Admission:
 
     async def claim_stream(self, call_sid: str, owner: str, ttl_s: float) -> bool:
         """Make ``owner`` (one stream) the call's only live stream on every replica; False if another holds it.
-        Kept by ``keep_stream`` (the lease heartbeat), lapses ``ttl_s`` after a replica dies."""
-        return await self._store.add(f"live-stream:{call_sid}", owner, ttl_s)
+        Kept by ``keep_stream`` (the lease heartbeat), lapses ``ttl_s`` after a replica dies. The call is
+        remembered as streamed for ``STREAMED_TTL_S`` (``streamed``)."""
+        if not await self._store.add(f"live-stream:{call_sid}", owner, ttl_s):
+            return False
+        await self._store.put(f"streamed:{call_sid}", "1", STREAMED_TTL_S)
+        return True
+
+    async def streamed(self, call_sid: str) -> bool:
+        """Whether a stream of this call has started (within ``STREAMED_TTL_S``): its webhook was answered and
+        used, so another /voice for it is a replay, not Twilio retrying an answer it never got."""
+        return await self._store.get(f"streamed:{call_sid}") is not None
 
     async def keep_stream(self, call_sid: str, owner: str, ttl_s: float) -> bool:
         return await self._store.refresh(f"live-stream:{call_sid}", owner, ttl_s)

@@ -32,6 +32,7 @@ from tests.support import (
     post_voice,
     signed_call,
     stream_parameters,
+    token_requests,
     upgrade_signature,
     wait_until,
 )
@@ -171,3 +172,25 @@ async def test_a_redis_outage_during_calls_is_counted_in_the_metric_even_when_no
     metrics = httpx.get(bridge.http_url + "/metrics", timeout=10).text
     counted = [line for line in metrics.splitlines() if line.startswith("bridge_accounting_unavailable_total ")]
     assert counted and float(counted[0].split()[1]) >= 1, counted
+
+
+async def test_a_replayed_voice_webhook_for_a_call_that_had_its_stream_is_hung_up_and_spends_nothing(
+    emulator: ServerThread, bridge: ServerThread
+) -> None:
+    """Twilio signs no timestamp, so a captured /voice request stays valid: each replay was answered <Connect>,
+    fetched a real Savants token and held a slot for the reservation's TTL. A call whose stream has started is
+    remembered; a retry before its stream starts (Twilio retrying an answer it never got) is still answered."""
+    form = call_form()
+    retried = post_voice(bridge, form)  # a first answer lost on the way: Twilio asks again
+    assert parse_twiml(retried.text).connect is not None
+    result = await run_call(signed_call(bridge, form, audio_in=VOICE, seconds=1.0))
+    assert result.ended_by == "caller" and result.heard_s > 0.3
+    await asyncio.to_thread(wait_until, lambda: calls_up(bridge) == 0 and leases(bridge) == 0, 5.0, "release")
+    tokens = token_requests(emulator)
+    for _ in range(3):
+        replay = post_voice(bridge, form)
+        assert replay.status_code == 200
+        assert [type(v) for v in parse_twiml(replay.text).verbs] == [Hangup]
+    assert token_requests(emulator) == tokens and leases(bridge) == 0
+    metrics = httpx.get(bridge.http_url + "/metrics", timeout=5).text
+    assert 'bridge_admission_refused_total{where="replay"} 3.0' in metrics

@@ -141,6 +141,8 @@ class TwilioWebhooks:
         if self._drain.draining:  # this replica is shutting down: the caller is told to call again
             return self._refuse_draining()
         try:
+            if await self._admission.streamed(call_sid):
+                return self._refuse_replay()
             admitted = await self._admission.admit(call_sid, caller)
         except AdmissionError as exc:
             self._metrics.admission_refused.labels(where="webhook").inc()
@@ -163,6 +165,13 @@ class TwilioWebhooks:
             action=base + STREAM_ENDED_PATH,
         )
         return self._document("connect", document)
+
+    def _refuse_replay(self) -> Response:
+        """A signed request can be replayed (Twilio signs no timestamp): each replay answered <Connect> would
+        spend a token of the pool's budget and hold a slot. The call it names has had its stream: hang up."""
+        self._metrics.admission_refused.labels(where="replay").inc()
+        log.warning("call refused: its stream has already started, so this /voice request is a replay")
+        return self._document("replay", twiml.hangup_document())
 
     def _refuse_draining(self) -> Response:
         self._metrics.admission_refused.labels(where="draining").inc()
