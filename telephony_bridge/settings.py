@@ -207,6 +207,7 @@ class SipSettings(_Frozen):
     min_session_expires_s: int = Field(90, ge=90)
     retry_after_s: int = Field(30, ge=0, le=3600)
     fallback_wav: str = ""
+    drain_wav: str = ""  # empty: fallback_wav
     t1_ms: int = Field(500, ge=10, le=5000)
 
     @field_validator("rtp_ports")
@@ -244,7 +245,7 @@ class SipSettings(_Frozen):
                     raise ValueError(f"user {user!r}: expected a {size}-digit hex {alg} HA1")
         return v
 
-    @field_validator("fallback_wav")
+    @field_validator("fallback_wav", "drain_wav")
     @classmethod
     def _wav(cls, v: str) -> str:
         if v and not Path(v).is_file():

@@ -83,6 +83,20 @@ def echo_quality(said: np.ndarray, result: SipCallResult) -> tuple[float, float,
     return worst_corr, worst_level, first_lag / 8000
 
 
+def recording_heard(path: Path, result: SipCallResult) -> tuple[float, float]:
+    """How closely what the caller heard matches the first 2 s of the recording at ``path`` (1.0: exactly), and
+    when (monotonic) the RTP packet where the best match starts arrived."""
+    from telephony_bridge.tools.commands import read_wav
+
+    recording = read_wav(str(path)).astype(float)[: 8000 * 2]
+    heard = result.heard_pcm.astype(float)
+    corr = np.correlate(heard, recording, mode="valid")
+    at = int(np.argmax(corr))
+    norms = np.linalg.norm(recording) * np.linalg.norm(heard[at : at + recording.size])
+    similarity = corr[at] / norms if norms else 0.0  # heard only silence: nothing like it
+    return float(similarity), result.arrivals[at // 160]  # no hold: the bridge's packet k is heard[160 k:]
+
+
 @pytest.mark.parametrize("transport", ["udp", "tcp"])
 async def test_sip_echo_comes_back_recognisably(
     start_bridge: Callable[..., ServerThread], emulator: ServerThread, transport: str, caplog: pytest.LogCaptureFixture
@@ -230,13 +244,7 @@ async def test_sip_ai_failure_plays_the_fallback_then_byes(
     bridge = start_sip_bridge(start_bridge, emulator, **{"sip.fallback_wav": str(fallback)})
     result = await place_sip_call(SipCallConfig(target(bridge), seconds=20.0))
     assert result.answered and result.ended_by == "bridge", result.summary()  # a BYE, never dead air
-    from telephony_bridge.tools.commands import read_wav
-
-    recording = read_wav(str(fallback)).astype(float)[: 8000 * 2]
-    heard = result.heard_pcm.astype(float)
-    corr = np.correlate(heard, recording, mode="valid")
-    at = int(np.argmax(corr))
-    similarity = corr[at] / (np.linalg.norm(recording) * np.linalg.norm(heard[at : at + recording.size]))
+    similarity, _ = recording_heard(fallback, result)
     assert similarity > 0.9, f"the fallback recording was not heard before the BYE ({similarity:.2f})"
     assert_all_released(bridge, emulator)
 

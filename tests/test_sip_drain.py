@@ -1,19 +1,24 @@
 """SIGTERM with a SIP call live, on a real `telephony-bridge serve --sip-port` process: the live call finishes,
-new INVITEs hear 503 + Retry-After meanwhile (carriers fail over), then the process exits cleanly."""
+new INVITEs hear 503 + Retry-After meanwhile (carriers fail over), then the process exits cleanly. And a SIP call
+the drain deadline cuts hears the drain recording before our BYE."""
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import signal
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import httpx
 import pytest
 
+from telephony_bridge.app import drain
 from telephony_bridge.serving import ServerThread
 from telephony_bridge.tools.sip_caller import SipCallConfig, place_sip_call
-from tests.support import BridgeProcess, wait_until
+from tests.support import SPEECH_WAV, BridgeProcess, wait_until
+from tests.test_sip_calls import assert_all_released, recording_heard, start_sip_bridge, status, target
 
 
 @pytest.fixture
@@ -47,3 +52,30 @@ async def test_sip_drain_lets_the_live_call_finish_and_refuses_new_ones(sip_proc
     assert "drained: no calls left" in messages
     ended = [line for line in bridge.lines if line["msg"] == "call ended"]
     assert [(e["ingress"], e["outcome"]) for e in ended] == [("sip", "completed")]
+
+
+def start_drain(bridge: ServerThread) -> asyncio.Future[None]:
+    """What the first SIGTERM starts (``app.drain``), on the in-process bridge's own loop."""
+    assert bridge.loop is not None
+    return asyncio.wrap_future(asyncio.run_coroutine_threadsafe(drain(bridge.server.config.app), bridge.loop))
+
+
+async def test_sip_call_cut_by_the_drain_hears_the_drain_recording_then_bye(
+    start_bridge: Callable[..., ServerThread], emulator: ServerThread, caplog: pytest.LogCaptureFixture
+) -> None:
+    overrides = {"server.drain_timeout_s": 0.5, "sip.drain_wav": SPEECH_WAV}
+    bridge = start_sip_bridge(start_bridge, emulator, **overrides)
+    with caplog.at_level(logging.INFO):
+        call = asyncio.create_task(place_sip_call(SipCallConfig(target(bridge), seconds=20.0)))  # says nothing
+        await asyncio.to_thread(wait_until, lambda: len(status(bridge)["calls"]) == 1, 10.0, "the call")
+        drain_began = time.monotonic()
+        drained = start_drain(bridge)
+        result = await call
+        await drained
+        assert result.answered and result.ended_by == "bridge", result.summary()  # our BYE, after the recording
+        similarity, heard_at = recording_heard(Path(SPEECH_WAV), result)
+        assert similarity > 0.9, f"the drain recording was not heard before the BYE ({similarity:.2f})"
+        assert heard_at >= drain_began  # the echo of a silent caller is silence: this is the drain's doing
+        assert_all_released(bridge, emulator)
+    [ended] = [r for r in caplog.records if r.getMessage() == "call ended"]
+    assert (ended.ingress, ended.outcome, ended.reason) == ("sip", "drained", "drain timeout")  # type: ignore[attr-defined]

@@ -5,7 +5,8 @@ comes out of ``receive()`` as 8 kHz μ-law and digits. Outbound, ``run_media`` o
 20 ms packet per tick on the monotonic clock, from the frames the core queued (``Outbound`` keeps that queue
 within its lead) or comfort silence, with one SSRC and continuous sequence/timestamp for the whole call (G6).
 A mark is confirmed once the audio before it has gone onto the wire (SIP has no playback echo). RTCP SR+SDES
-every 5 s and a BYE at the end.
+every 5 s and a BYE at the end. SIP has no ``<Connect action>``: when the call ends on our side with a failure
+or at the drain deadline, the leg itself plays what the caller hears (``outcome_recordings``) before the BYE.
 
 Symmetric RTP (§11.4): we send to the SDP address until the first valid packet arrives from an allowed
 media source, then latch to that source once; later sources are ignored (RTP Bleed, G12). The signalling side
@@ -20,13 +21,14 @@ import ipaddress
 import logging
 import secrets
 from collections import deque
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import replace
 from typing import Any, Literal
 
 from telephony_bridge.audio.alaw import ALAW_SILENCE, alaw_to_ulaw, ulaw_to_alaw
 from telephony_bridge.audio.codec import TWILIO_FRAME_BYTES, ULAW_SILENCE
 from telephony_bridge.clock import Clock
+from telephony_bridge.drain import DRAINED
 from telephony_bridge.errors import CallerGone
 from telephony_bridge.leg import AudioHandler, CallerAudio, Digit, DirectAudio, HungUp, LegEvent, PlayedUpTo, Watchdog
 from telephony_bridge.sip import rtcp
@@ -44,6 +46,13 @@ MAX_LATE_TICKS = 25
 SPURT_PREBUFFER_S = 0.06
 FAILED_OUTCOMES = frozenset({"ai_unavailable", "error", "no_capacity"})
 Networks = Sequence[ipaddress.IPv4Network | ipaddress.IPv6Network]
+
+
+def outcome_recordings(fallback_ulaw: bytes, drain_ulaw: bytes) -> dict[str, bytes]:
+    """What a caller hears before our BYE, by the call's outcome (what Twilio's ``/stream-ended`` answers on that
+    ingress): the fallback when the call failed on our side; at the drain deadline the drain recording, else the
+    fallback (a "please call again" beats a bare BYE); nothing after a call that ended normally."""
+    return {**dict.fromkeys(FAILED_OUTCOMES, fallback_ulaw), DRAINED: drain_ulaw or fallback_ulaw}
 
 
 def source_allowed(host: str, networks: Networks) -> bool:
@@ -84,7 +93,7 @@ class SipLeg:
         media_timeout_s: float,
         media_sources: Networks,
         on_hang_up: Callable[[str], Awaitable[None]],
-        fallback_ulaw: bytes = b"",
+        recordings: Mapping[str, bytes] | None = None,
         cname: str = "telephony-bridge",
     ) -> None:
         self.call_id = call_id
@@ -94,7 +103,7 @@ class SipLeg:
         self._clock = clock
         self._media_sources = media_sources
         self._on_hang_up = on_hang_up
-        self._fallback = fallback_ulaw
+        self._recordings = recordings or {}  # outcome -> μ-law (``outcome_recordings``)
         self._cname = cname
         self._events: asyncio.Queue[LegEvent] = asyncio.Queue()
         self._direct: DirectAudio[[bytes, int | None]] = DirectAudio()
@@ -229,19 +238,25 @@ class SipLeg:
         if self._hung_up:
             return
         self._hung_up = True
-        if outcome in FAILED_OUTCOMES and self._fallback and not self._gone:
-            await self.clear()
-            await self.send_audio(self._fallback)
-            self._drained.clear()
-            try:
-                async with asyncio.timeout(len(self._fallback) / CLOCK_HZ + 2.0):
-                    await self._drained.wait()
-            except TimeoutError:
-                log.warning("the fallback recording did not finish playing before the BYE")
+        recording = self._recordings.get(outcome, b"")
+        if recording and not self._gone:
+            await self._play(recording, outcome)
         self._stopped.set()
         if not self._gone:
             self._gone = True
             await self._on_hang_up(outcome)
+
+    async def _play(self, recording: bytes, outcome: str) -> None:
+        """Play ``recording`` instead of whatever was queued, and wait (a little longer than it lasts) until it
+        has gone onto the wire."""
+        await self.clear()
+        await self.send_audio(recording)
+        self._drained.clear()
+        try:
+            async with asyncio.timeout(len(recording) / CLOCK_HZ + 2.0):
+                await self._drained.wait()
+        except TimeoutError:
+            log.warning("the recording for outcome %s did not finish playing before the BYE", outcome)
 
     async def inactive(self) -> str:
         while True:

@@ -42,7 +42,7 @@ from telephony_bridge.sip.core import (
     UserAgentCore,
 )
 from telephony_bridge.sip.dialog import Peer, build_response
-from telephony_bridge.sip.leg import Networks, RtpProtocol, SipLeg, source_allowed
+from telephony_bridge.sip.leg import Networks, RtpProtocol, SipLeg, outcome_recordings, source_allowed
 from telephony_bridge.sip.message import Malformed, Request, StreamParser, parse_datagram
 from telephony_bridge.sip.timers import SessionTimer, TooSmall, negotiate_session_timer
 from telephony_bridge.sip.transaction import Timers
@@ -162,7 +162,9 @@ class SipServer:
         self._live: dict[str, _Live] = {}
         self._wake = asyncio.Event()
         self._tasks: set[asyncio.Task[None]] = set()
-        self._fallback = _load_fallback(sip.fallback_wav)
+        self._recordings = outcome_recordings(
+            _load_recording("sip.fallback_wav", sip.fallback_wav), _load_recording("sip.drain_wav", sip.drain_wav)
+        )
         self.refused = 0
 
     # --- lifecycle -----------------------------------------------------------------------------------------
@@ -490,7 +492,7 @@ class SipServer:
             media_timeout_s=self._settings.media_timeout_s,
             media_sources=self._media_sources,
             on_hang_up=hang_up,
-            fallback_ulaw=self._fallback,
+            recordings=self._recordings,
             cname=f"bridge@{core.advertised_host}",
         )
         leg.attach_rtcp(rtcp_transport)
@@ -557,8 +559,9 @@ def _caller_number(invite: Request) -> str | None:
     return uri.user or None if uri is not None else None
 
 
-def _load_fallback(path: str) -> bytes:
-    """``sip.fallback_wav`` as μ-law at 8 kHz, read once at start-up; a bad file is a configuration error."""
+def _load_recording(key: str, path: str) -> bytes:
+    """A recording (``sip.fallback_wav``, ``sip.drain_wav``) as μ-law at 8 kHz, read once at start-up; a bad file
+    is a configuration error naming ``key``."""
     if not path:
         return b""
     from telephony_bridge.tools.commands import read_wav  # the simulated callers' reader: 8 or 16 kHz mono
@@ -566,4 +569,4 @@ def _load_fallback(path: str) -> bytes:
     try:
         return pcm16_to_ulaw(read_wav(path))
     except (OSError, EOFError, wave.Error, ValueError) as exc:
-        raise ConfigError(f"config key 'sip.fallback_wav' has value {path!r}, which is not usable: {exc}") from exc
+        raise ConfigError(f"config key {key!r} has value {path!r}, which is not usable: {exc}") from exc
