@@ -303,6 +303,10 @@ class Call:
         return self._slot.lease.device_id
 
     @property
+    def requests_after_end(self) -> bool:
+        return self._leg.requests_after_end
+
+    @property
     def ai_connected(self) -> bool:
         return self._ai.connected
 

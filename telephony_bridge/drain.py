@@ -6,7 +6,8 @@ then each is ended politely (outcome ``drained``, so ``/stream-ended`` speaks th
 admitted before the drain whose stream has not started yet still get it (Twilio is already connecting), but
 the drain waits for them at most ``pending_streams_s``, not the reservation's TTL. Once the last call has
 ended, the drain waits a moment for Twilio's ``<Connect action>`` requests of the calls it cut (their answer
-is the spoken drain message) and then lets the server stop.
+is the spoken drain message) and then lets the server stop; calls whose ingress asks nothing after the end (SIP:
+the leg plays the drain recording itself, before its BYE) are not waited for.
 """
 
 from __future__ import annotations
@@ -75,11 +76,17 @@ class Drain:
                 registry.end_all(DRAINED, "drain timeout")
                 cut_at = now
             if cut_at is not None:  # a stream that starts after the cut is ended at once, and asks too
-                self._awaiting_action.update(current)
+                self._awaiting_action.update(registry.requesting_after_end())
             if cut_at is not None and now - cut_at >= CUT_GRACE_S:
                 log.error("drain: %d calls did not end within %s s of being told to", len(current), CUT_GRACE_S)
                 break
             await asyncio.sleep(POLL_S)
+        if self._awaiting_action:
+            log.info(
+                "drain: waiting up to %s s for %d calls' <Connect action> requests",
+                ACTION_GRACE_S,
+                len(self._awaiting_action),
+            )
         action_deadline = self._clock.monotonic() + ACTION_GRACE_S
         while self._awaiting_action and self._clock.monotonic() < action_deadline:  # noqa: ASYNC110
             await asyncio.sleep(POLL_S / 2)

@@ -47,6 +47,9 @@ sleeps, so messages never interleave):
   Twilio sends media every 20 ms even in silence; RTP likewise), so a peer that vanished without a close
   does not hold a device lease forever. ``Watchdog`` below is the shared implementation.
 - ``figures()``: the leg's own figures for the "call ended" line (protocol errors, jitter, loss...).
+- ``requests_after_end``: whether the ingress asks us something once the leg has ended (Twilio's ``<Connect
+  action>`` request, whose answer is what the caller hears next); the drain waits a moment for it only then.
+  SIP asks nothing: its leg plays what the caller hears itself, before the BYE.
 
 Sending to a leg whose peer has gone raises ``CallerGone``.
 """
@@ -117,6 +120,8 @@ class CallerLeg(AudioSink, Protocol):
         """A second identity for logs (Twilio's streamSid); may be empty."""
         ...
 
+    @property
+    def requests_after_end(self) -> bool: ...
     @property
     def frame_bytes(self) -> int | None:
         """The caller-audio payload size the ingress promises (Twilio: 160 bytes, 20 ms), so that another is a

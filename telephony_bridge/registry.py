@@ -18,6 +18,11 @@ class CallView(Protocol):
     def end(self, outcome: str, reason: str) -> None:
         """Ask the call to end soon, politely, with this outcome (it closes its own sockets)."""
 
+    @property
+    def requests_after_end(self) -> bool:
+        """Its ingress asks us something after the call has ended (``leg.CallerLeg.requests_after_end``)."""
+        ...
+
 
 class CallRegistry:
     def __init__(self) -> None:
@@ -46,6 +51,10 @@ class CallRegistry:
 
     def call_sids(self) -> list[str]:
         return list(self._calls)
+
+    def requesting_after_end(self) -> list[str]:
+        """The calls whose ingress will ask us something once they have ended (Twilio's, not SIP's)."""
+        return [sid for sid, call in self._calls.items() if call.requests_after_end]
 
     def __len__(self) -> int:
         return len(self._calls)

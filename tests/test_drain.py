@@ -4,6 +4,7 @@ it already took finish (or hear the drain message at the deadline), then the pro
 from __future__ import annotations
 
 import asyncio
+import logging
 import signal
 import time
 from collections.abc import Callable, Iterator
@@ -162,3 +163,19 @@ async def test_drain_in_process_counts_cut_calls_by_outcome_and_answers_reject_w
     assert 'bridge_calls_total{ingress="twilio",outcome="drained"} 1.0' in metrics
     assert 'bridge_admission_refused_total{where="draining"} 1.0' in metrics
     assert calls_up(bridge) == 0
+
+
+async def test_drain_waits_for_the_connect_action_request_of_a_cut_twilio_call(
+    emulator: ServerThread, start_bridge: Callable[..., ServerThread], caplog: pytest.LogCaptureFixture
+) -> None:
+    """A cut Twilio call's ``<Connect action>`` request is waited for (its caller never sends one here); a SIP
+    call's is not (tests/test_sip_drain.py)."""
+    bridge = start_bridge(bridge_settings(emulator, **{"server.drain_timeout_s": 0.5}))
+    call = asyncio.create_task(run_call(signed_call(bridge, seconds=20.0)))
+    await asyncio.to_thread(wait_until, lambda: calls_up(bridge) == 1, 10.0, "the call")
+    assert bridge.loop is not None
+    with caplog.at_level(logging.INFO):
+        await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(drain(bridge.server.config.app), bridge.loop))
+    assert (await call).ended_by == "bridge"
+    said = [r.getMessage() for r in caplog.records if r.name == "telephony_bridge.drain"]
+    assert said[-2:] == ["drain: waiting up to 0.5 s for 1 calls' <Connect action> requests", "drained: no calls left"]

@@ -79,3 +79,21 @@ async def test_sip_call_cut_by_the_drain_hears_the_drain_recording_then_bye(
         assert_all_released(bridge, emulator)
     [ended] = [r for r in caplog.records if r.getMessage() == "call ended"]
     assert (ended.ingress, ended.outcome, ended.reason) == ("sip", "drained", "drain timeout")  # type: ignore[attr-defined]
+
+
+async def test_sip_only_drain_does_not_wait_for_connect_action_requests(
+    start_bridge: Callable[..., ServerThread], emulator: ServerThread, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The grace for Twilio's after-call requests (``drain.ACTION_GRACE_S``) is not spent on SIP calls, which
+    send none: the drain is over as soon as the cut SIP call has ended."""
+    bridge = start_sip_bridge(start_bridge, emulator, **{"server.drain_timeout_s": 0.5})
+    with caplog.at_level(logging.INFO):
+        call = asyncio.create_task(place_sip_call(SipCallConfig(target(bridge), seconds=20.0)))
+        await asyncio.to_thread(wait_until, lambda: len(status(bridge)["calls"]) == 1, 10.0, "the call")
+        await start_drain(bridge)
+        result = await call
+    assert result.answered and result.ended_by == "bridge", result.summary()
+    said = [r.getMessage() for r in caplog.records if r.name == "telephony_bridge.drain"]
+    assert said[-1] == "drained: no calls left", said
+    assert not [m for m in said if m.startswith("drain: waiting")], said
+    assert_all_released(bridge, emulator)

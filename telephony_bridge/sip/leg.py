@@ -82,6 +82,7 @@ class SipLeg:
 
     ingress: Literal["sip"] = "sip"
     frame_bytes: int | None = None  # the jitter buffer's output: any length (packet times, gaps, DTMF events)
+    requests_after_end = False  # what the caller hears last, this leg plays before its BYE
 
     def __init__(
         self,

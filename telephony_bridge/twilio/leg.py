@@ -94,6 +94,7 @@ class TwilioLeg:
 
     ingress: Literal["twilio"] = "twilio"
     frame_bytes: int | None = TWILIO_FRAME_BYTES  # Twilio's media payload: 20 ms of μ-law (spec §3)
+    requests_after_end = True  # the <Connect action> request: /stream-ended
 
     def __init__(self, ws: TwilioSocket, settings: TwilioSettings, metrics: Metrics, clock: Clock) -> None:
         self._ws = ws
