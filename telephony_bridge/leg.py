@@ -29,6 +29,8 @@ sleeps, so messages never interleave):
 - ``send_audio(ulaw)``: whole 20 ms frames of 8 kHz μ-law, already paced by ``Outbound`` at most
   ``audio.outbound_lead_ms`` ahead of real time. A leg with a fixed clock (SIP sends RTP at exactly 20 ms,
   and keeps sending comfort silence when nothing is queued) may hold that lead in a small queue of its own.
+  While its caller cannot hear it (SIP hold), a leg sends nothing and takes nothing: ``send_audio`` waits and
+  ``can_send_now()`` is False until the caller listens again, so the core counts only audible audio as sent.
 - ``can_send_now()`` / ``send_audio_nowait(ulaw)``: the same send, synchronously, when the leg can take it
   without waiting (its socket is not applying backpressure). ``Outbound`` sends a frame that is due the moment
   it arrives this way, from the AI leg's read callback, without waking its pacer task (``can_send_now()``

@@ -263,6 +263,29 @@ async def test_sip_hold_and_resume_by_reinvite(
     assert_all_released(bridge, emulator)
 
 
+async def test_sip_ai_audio_during_a_hold_is_neither_sent_nor_played(
+    start_emulator: Callable[..., ServerThread],
+    start_bridge: Callable[..., ServerThread],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The AI talks throughout (a tone); the caller holds us for 2 s of it. What the core counts as sent and as
+    played (marks confirmed) must be what the caller heard, not also the 2 s it could not hear."""
+    emulator = start_emulator(voice="tone")
+    bridge = start_sip_bridge(start_bridge, emulator)
+    config = SipCallConfig(target(bridge), seconds=5.0, hold_at_s=1.0, resume_at_s=3.0)
+    with caplog.at_level(logging.INFO):
+        result = await place_sip_call(config)
+        assert result.answered and result.ended_by == "caller" and result.reinvites == [200, 200], result.summary()
+        assert_all_released(bridge, emulator)
+    frames = result.heard_pcm.reshape(-1, 160)
+    heard_ms = 20 * int(np.count_nonzero(np.abs(frames).max(axis=1) >= 200))  # the tone, as Outbound counts audible
+    [ended] = [r for r in caplog.records if r.getMessage() == "call ended"]
+    sent_ms, played_ms = ended.ai_audio_sent_ms, ended.ai_audio_played_ms  # type: ignore[attr-defined]
+    assert heard_ms > 1500, result.summary()  # heard before the hold and after the resume
+    # Sent but not yet heard when the caller hung up: at most the leg's queue (the lead and the spurt prebuffer).
+    assert played_ms <= sent_ms <= heard_ms + 500, (sent_ms, played_ms, heard_ms)
+
+
 async def test_sip_refusals_488_and_422(start_bridge: Callable[..., ServerThread], emulator: ServerThread) -> None:
     bridge = start_sip_bridge(start_bridge, emulator)
     g729 = b"v=0\r\no=- 1 1 IN IP4 127.0.0.1\r\ns=-\r\nc=IN IP4 127.0.0.1\r\nt=0 0\r\nm=audio 4000 RTP/AVP 18\r\n"

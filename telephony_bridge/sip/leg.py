@@ -4,7 +4,11 @@ Inbound RTP goes through ``RtpReceiver`` (reorder, loss fill by timestamp, reset
 comes out of ``receive()`` as 8 kHz μ-law and digits. Outbound, ``run_media`` owns the wire clock: exactly one
 20 ms packet per tick on the monotonic clock, from the frames the core queued (``Outbound`` keeps that queue
 within its lead) or comfort silence, with one SSRC and continuous sequence/timestamp for the whole call (G6).
-A mark is confirmed once the audio before it has gone onto the wire (SIP has no playback echo). RTCP SR+SDES
+A mark is confirmed once the audio before it has gone onto the wire (SIP has no playback echo). While the caller
+holds us (a=sendonly/inactive, §10.5) nothing goes onto the wire, so nothing is taken off the queue either: the
+queued audio and its marks wait for the resume, and ``send_audio`` waits too (backpressure), so the core counts
+as sent and played only what the caller could hear, and keeps the AI's audio meanwhile within its own bound
+(``audio.max_ai_ahead_s``). RTCP SR+SDES
 every 5 s and a BYE at the end. SIP has no ``<Connect action>``: when the call ends on our side with a failure
 or at the drain deadline, the leg itself plays what the caller hears (``outcome_recordings``) before the BYE.
 
@@ -110,6 +114,7 @@ class SipLeg:
         self._direct: DirectAudio[[bytes, int | None]] = DirectAudio()
         self._queue: deque[bytes | str] = deque()  # 160-byte μ-law frames and mark names, in order
         self._drained = asyncio.Event()
+        self._listening = asyncio.Event()  # the caller hears what we send (not on hold): ``update_media`` sets it
         self._sender = RtpSender()
         self._dtmf = DtmfReceiver()
         self.watchdog = Watchdog(clock, media_timeout_s)
@@ -140,6 +145,10 @@ class SipLeg:
             self.latched_from = None  # a new SSRC from the new place resets the receiver itself
         if not media.direction.we_receive:
             self.watchdog.alive()
+        if media.direction.we_send:
+            self._listening.set()
+        else:  # held (or a late offer not yet answered): sends wait, the queue stays as it is
+            self._listening.clear()
 
     def peer_hung_up(self, reason: str) -> None:
         """The peer ended the dialog (BYE, CANCEL): nothing more goes to it, no BYE from us."""
@@ -207,10 +216,13 @@ class SipLeg:
         return event
 
     async def send_audio(self, ulaw: bytes) -> None:
+        """Queued for the RTP clock; while the caller holds us, it waits for the resume (a hang-up meanwhile ends
+        the call, which cancels the wait)."""
+        await self._listening.wait()
         self.send_audio_nowait(ulaw)
 
     def can_send_now(self) -> bool:
-        return not self._gone  # queued for the RTP clock: never a wait
+        return self._listening.is_set() and not self._gone
 
     def send_audio_nowait(self, ulaw: bytes) -> None:
         if self._gone:
@@ -240,7 +252,7 @@ class SipLeg:
             return
         self._hung_up = True
         recording = self._recordings.get(outcome, b"")
-        if recording and not self._gone:
+        if recording and not self._gone and self._listening.is_set():  # a caller holding us would not hear it
             await self._play(recording, outcome)
         self._stopped.set()
         if not self._gone:
@@ -324,22 +336,15 @@ class SipLeg:
 
     def _send_tick(self, at_samples: int) -> None:
         self._at_samples = at_samples
-        frame: bytes | None = None
         while self._queue and isinstance(self._queue[0], str):  # marks behind audio already on the wire
             self._events.put_nowait(PlayedUpTo(self._queue.popleft()))  # type: ignore[arg-type]
-        ready = self._spurt_ready(self._clock.monotonic())
-        while self._queue and ready:
-            item = self._queue.popleft()
-            if isinstance(item, str):
-                self._events.put_nowait(PlayedUpTo(item))
-                continue
-            frame = item
-            break
+        held = not self.media.direction.we_send or self._gone
+        frame = None if held else self._next_frame()
         self._idle = frame is None
         if not self._queue:
             self._drained.set()
-        if not self.media.direction.we_send or self._gone:
-            return  # held: the timestamp keeps advancing, the next packet after resume carries the marker
+        if held:
+            return  # the timestamp keeps advancing, the next packet after resume carries the marker
         if frame is None:
             frame = bytes([ULAW_SILENCE]) * TWILIO_FRAME_BYTES
         else:
@@ -347,6 +352,17 @@ class SipLeg:
         payload = ulaw_to_alaw(frame) if self._pcma else frame
         packet = self._sender.packet(payload, self.media.codec_pt, at_samples)
         self._rtp.sendto(packet.to_bytes(), self._remote)
+
+    def _next_frame(self) -> bytes | None:
+        """The queued frame this tick sends (confirming the marks before it), or None: comfort silence."""
+        if not self._spurt_ready(self._clock.monotonic()):
+            return None
+        while self._queue:
+            item = self._queue.popleft()
+            if isinstance(item, bytes):
+                return item
+            self._events.put_nowait(PlayedUpTo(item))
+        return None
 
     def _report(self, now: float) -> bytes:
         sender = self._sender
