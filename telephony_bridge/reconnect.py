@@ -6,7 +6,8 @@ moves to another device when this one has none or is out of the pool), then a ne
 ``retry.backoff_s`` passes before each attempt, all within ``savants.reconnect_deadline_s`` of the drop (none
 starts with less than ``admission.MIN_ATTEMPT_S`` left, and none is given longer than what is left). What
 is worth an attempt is ``retry.classify``'s call; a device Savants refuses outright is suspended. A new
-session is a new conversation for the AI: nothing is resumed.
+session is a new conversation for the AI: nothing is resumed. A call that ends while it reconnects (the caller
+hung up, the drain or the time limit) cancels it: ``abandoned``.
 
 A call whose AI keeps dropping is not reconnected for ever: past ``max_per_minute`` drops retried within a
 minute the call ends (result ``limited``). Every reconnect takes a token from the device's budget (60 a
@@ -15,6 +16,7 @@ minute, shared by its 10 calls), so one flapping session must not spend what the
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import random
 from collections import deque
@@ -38,7 +40,7 @@ class ReconnectFigures:
 
     drops: int = 0  # sessions that ended on a failure mid-call
     attempts: int = 0  # reconnect attempts made
-    outcome: str = "none"  # none | resumed | failed | not_retried | limited (the last drop's)
+    outcome: str = "none"  # none | resumed | failed | not_retried | limited | abandoned (the last drop's)
     gap_s: float = 0.0  # time without an AI session, summed over the drops that were retried
 
 
@@ -93,6 +95,11 @@ class Reconnector:
         except SavantsError:
             figures.outcome = "failed"
             self._metrics.ai_reconnects.labels(result="failed").inc()
+            raise
+        except asyncio.CancelledError:  # the call ended first: its cleanup closes what an attempt held
+            figures.outcome = "abandoned"
+            self._metrics.ai_reconnects.labels(result="abandoned").inc()
+            log.info("reconnect abandoned: the call ended %.2f s into it", self._clock.monotonic() - started)
             raise
         finally:
             figures.gap_s += self._clock.monotonic() - started

@@ -143,6 +143,28 @@ async def test_ai_that_cannot_be_reached_again_ends_the_stream_with_the_fallback
     released(bridge, emulator)
 
 
+async def test_caller_hanging_up_during_the_reconnect_records_it_abandoned(
+    start_emulator: Callable[..., ServerThread],
+    start_bridge: Callable[..., ServerThread],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The first session drops; later ones are never confirmed, so the reconnect is still trying when the caller
+    hangs up: the drop is counted (``abandoned``) and the attempt's socket is closed with the call."""
+    never_confirmed = SessionFault(kind="no_confirm")
+    emulator = start_emulator(voice="echo", session_faults=(once("close", close_code=1011), never_confirmed))
+    bridge = start_bridge(settings(emulator))  # reconnect_deadline_s 10: far longer than the call
+    with caplog.at_level(logging.INFO):
+        result = await run_call(signed_call(bridge, audio_in=VOICE, seconds=DROP_AFTER_S + 2.5))
+        ended = call_ended(caplog)
+    assert result.ended_by == "caller"
+    figures = {k: getattr(ended, k) for k in ("outcome", "ai_drops", "ai_reconnect")}
+    assert figures == {"outcome": "completed", "ai_drops": 1, "ai_reconnect": "abandoned"}
+    assert any(r.getMessage().startswith("reconnect abandoned: the call ended") for r in caplog.records)
+    metrics = httpx.get(bridge.http_url + "/metrics", timeout=5).text
+    assert 'bridge_ai_reconnects_total{result="abandoned"} 1.0' in metrics
+    released(bridge, emulator)
+
+
 async def test_a_device_savants_refuses_is_not_retried_and_leaves_the_pool(
     start_emulator: Callable[..., ServerThread],
     start_bridge: Callable[..., ServerThread],

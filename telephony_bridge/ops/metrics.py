@@ -70,7 +70,8 @@ class Metrics:
         self.dtmf = Counter("bridge_dtmf_total", "DTMF digits received", registry=r)
         self.ai_reconnects = Counter(
             "bridge_ai_reconnects_total",
-            "Mid-call AI session drops, by what came of them: resumed, failed (deadline), not_retried, limited",
+            "Mid-call AI session drops, by what came of them: resumed, failed (deadline), not_retried, limited, "
+            "abandoned (the call ended while reconnecting)",
             ["result"],
             registry=r,
         )
