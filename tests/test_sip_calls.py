@@ -127,6 +127,11 @@ async def test_sip_echo_comes_back_recognisably(
     metrics = httpx.get(bridge.http_url + "/metrics", timeout=5).text
     assert 'bridge_calls_total{ingress="sip",outcome="completed"} 1.0' in metrics
     assert "bridge_client_quirks_total{" not in metrics
+    # The SIP call fed the latency histograms, whose help names its start too (not Twilio's alone).
+    for name in ("bridge_ai_connect_seconds", "bridge_first_ai_audio_seconds"):
+        assert f"{name}_count 1.0" in metrics
+        [help_line] = [line for line in metrics.splitlines() if line.startswith(f"# HELP {name} ")]
+        assert "SIP: our 200 OK" in help_line, help_line
 
 
 async def test_sip_source_outside_allow_list_is_403_and_nothing_allocated(

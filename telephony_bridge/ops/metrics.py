@@ -34,13 +34,13 @@ class Metrics:
         )
         self.ai_connect_latency = Histogram(
             "bridge_ai_connect_seconds",
-            "From Twilio 'start' to the Savants session confirmed",
+            "From the call's start (Twilio's 'start'; SIP: our 200 OK) to the Savants session confirmed",
             buckets=_LATENCY_BUCKETS,
             registry=r,
         )
         self.first_audio_latency = Histogram(
             "bridge_first_ai_audio_seconds",
-            "From Twilio 'start' to the first AI audio sent to Twilio",
+            "From the call's start (Twilio's 'start'; SIP: our 200 OK) to the first AI audio sent to the caller",
             buckets=_LATENCY_BUCKETS,
             registry=r,
         )
