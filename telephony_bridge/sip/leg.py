@@ -4,13 +4,13 @@ Inbound RTP goes through ``RtpReceiver`` (reorder, loss fill by timestamp, reset
 comes out of ``receive()`` as 8 kHz μ-law and digits. Outbound, ``run_media`` owns the wire clock: exactly one
 20 ms packet per tick on the monotonic clock, from the frames the core queued (``Outbound`` keeps that queue
 within its lead) or comfort silence, with one SSRC and continuous sequence/timestamp for the whole call (G6).
-A mark is confirmed once the audio before it has gone onto the wire (SIP has no playback echo). While the caller
-holds us (a=sendonly/inactive, §10.5) nothing goes onto the wire, so nothing is taken off the queue either: the
-queued audio and its marks wait for the resume, and ``send_audio`` waits too (backpressure), so the core counts
-as sent and played only what the caller could hear, and keeps the AI's audio meanwhile within its own bound
-(``audio.max_ai_ahead_s``). RTCP SR+SDES
-every 5 s and a BYE at the end. SIP has no ``<Connect action>``: when the call ends on our side with a failure
-or at the drain deadline, the leg itself plays what the caller hears (``outcome_recordings``) before the BYE.
+A mark is confirmed once the audio before it has gone onto the wire (SIP has no playback echo). RTCP SR+SDES
+every 5 s and a BYE at the end. While the caller holds us (a=sendonly/inactive, §10.5) nothing goes onto the
+wire, so nothing is taken off the queue either: the queued audio and its marks wait for the resume, and
+``send_audio`` waits too (backpressure), so the core counts as sent and played only what the caller could hear,
+and keeps the AI's audio meanwhile within its own bound (``audio.max_ai_ahead_s``). SIP has no ``<Connect
+action>``: when the call ends on our side with a failure or at the drain deadline, the leg itself plays what the
+caller hears (``outcome_recordings``) before the BYE.
 
 Symmetric RTP (§11.4): we send to the SDP address until the first valid packet arrives from an allowed
 media source, then latch to that source once; later sources are ignored (RTP Bleed, G12). The signalling side
@@ -263,8 +263,7 @@ class SipLeg:
         """Play ``recording`` instead of whatever was queued, and wait (a little longer than it lasts) until it
         has gone onto the wire."""
         await self.clear()
-        await self.send_audio(recording)
-        self._drained.clear()
+        self.send_audio_nowait(recording)  # the caller listens (``hang_up`` looked): no wait for a resume
         try:
             async with asyncio.timeout(len(recording) / CLOCK_HZ + 2.0):
                 await self._drained.wait()
