@@ -1,0 +1,111 @@
+"""SIP faults on the raw wire, end to end on real sockets: requests our simulated caller never sends (a CANCEL
+racing admission), hand-written by a ``RawUac``. Accounting must return to zero, and only answers really sent
+are logged and counted."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+import socket
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import httpx
+import pytest
+
+from telephony_bridge.serving import ServerThread
+from tests.test_sip_calls import assert_all_released, start_sip_bridge, status
+
+OFFER = (
+    "v=0\r\no=- 1 1 IN IP4 127.0.0.1\r\ns=-\r\nc=IN IP4 127.0.0.1\r\nt=0 0\r\n"
+    "m=audio 40000 RTP/AVP 0\r\na=rtpmap:0 PCMU/8000\r\na=sendrecv\r\n"
+)
+
+
+@dataclass
+class RawUac:
+    """One UAC's requests, written by hand: its own Call-ID, branch and From tag unless given."""
+
+    port: int  # the bridge's SIP port
+    local: int  # ours
+    call_id: str = field(default_factory=lambda: secrets.token_hex(8) + "@127.0.0.1")
+    branch: str = field(default_factory=lambda: "z9hG4bK" + secrets.token_hex(6))
+    tag: str = field(default_factory=lambda: secrets.token_hex(4))
+
+    def request(self, method: str, *, to: str = "", body: str = "") -> bytes:
+        rows = [
+            f"{method} sip:ai@127.0.0.1:{self.port} SIP/2.0",
+            f"Via: SIP/2.0/UDP 127.0.0.1:{self.local};branch={self.branch};rport",
+            "Max-Forwards: 70",
+            f"From: <sip:caller@127.0.0.1>;tag={self.tag}",
+            f"To: {to or f'<sip:ai@127.0.0.1:{self.port}>'}",
+            f"Call-ID: {self.call_id}",
+            f"CSeq: 1 {method}",
+            f"Contact: <sip:caller@127.0.0.1:{self.local}>",
+            *(["Content-Type: application/sdp"] if body else []),
+            f"Content-Length: {len(body)}",
+        ]
+        return ("\r\n".join(rows) + "\r\n\r\n" + body).encode()
+
+
+def udp_socket() -> socket.socket:
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sock.bind(("127.0.0.1", 0))
+    return sock
+
+
+def converse(sock: socket.socket, uac: RawUac, listen_s: float) -> list[str]:
+    """The first lines of what the bridge sends for ``listen_s``, answered as a UAC must: a final answer to the
+    INVITE is ACKed (the 2xx's ACK on the same branch too: the core matches that one by dialog)."""
+    seen: list[str] = []
+    end = time.monotonic() + listen_s
+    while (left_s := end - time.monotonic()) > 0:
+        sock.settimeout(min(left_s, 0.2))
+        try:
+            data = sock.recv(65535)
+        except TimeoutError:
+            continue
+        lines = data.decode(errors="replace").split("\r\n")
+        seen.append(lines[0])
+        final = lines[0].startswith("SIP/2.0 ") and not lines[0].startswith("SIP/2.0 1")
+        if final and any(x.startswith("CSeq:") and x.endswith("INVITE") for x in lines):
+            to = next(x for x in lines if x.lower().startswith("to:")).split(":", 1)[1].strip()
+            sock.sendto(uac.request("ACK", to=to), ("127.0.0.1", uac.port))
+    return seen
+
+
+def _invite_then_cancel(port: int, cancel_after_s: float, listen_s: float) -> list[str]:
+    """A raw UDP INVITE, CANCEL after ``cancel_after_s``, then the first lines of what the bridge sends."""
+    sock = udp_socket()
+    uac = RawUac(port, sock.getsockname()[1])
+    try:
+        sock.sendto(uac.request("INVITE", body=OFFER), ("127.0.0.1", port))
+        time.sleep(cancel_after_s)
+        sock.sendto(uac.request("CANCEL"), ("127.0.0.1", port))
+        return converse(sock, uac, listen_s)
+    finally:
+        sock.close()
+
+
+async def test_sip_invite_cancelled_while_admission_runs_is_not_refused_as_well(
+    start_emulator: Callable[..., ServerThread],
+    start_bridge: Callable[..., ServerThread],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The caller cancels while the token endpoint is failing slowly: it gets its 487, and when admission gives
+    up no 503 is counted or logged for an INVITE that is already over (found by a fault-injection pass)."""
+    emulator = start_emulator(voice="echo")
+    faults = f"{emulator.http_url}/_emulator/faults/token"
+    httpx.post(faults, json={"status": 503, "delay_s": 0.5}, timeout=5).raise_for_status()
+    bridge = start_sip_bridge(start_bridge, emulator)
+    port = status(bridge)["sip"]["port"]
+    with caplog.at_level(logging.INFO):
+        seen = await asyncio.to_thread(_invite_then_cancel, port, 0.2, 4.0)
+        assert any(line.startswith("SIP/2.0 487") for line in seen), seen
+        assert_all_released(bridge, emulator)
+    assert not any(line.startswith("SIP/2.0 503") for line in seen), seen  # the SIP core's part: no answer after 487
+    assert not any("refused with" in r.getMessage() for r in caplog.records)
+    metrics = httpx.get(bridge.http_url + "/metrics", timeout=5).text
+    assert "bridge_sip_refused_total{" not in metrics
