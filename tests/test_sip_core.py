@@ -10,6 +10,7 @@ from telephony_bridge.sip.core import (
     CallCancelled,
     CallConfirmed,
     CallEnded,
+    CallIdInUse,
     IncomingCall,
     InfoDigit,
     Output,
@@ -59,6 +60,17 @@ def statuses(outputs: list[Output]) -> list[int]:
     return [m.status for m in sent(outputs) if isinstance(m, Response)]
 
 
+def another_invite(branch: str) -> Request:
+    """A new INVITE under the same Call-ID: its own branch and From tag, no To tag (a forking proxy's second
+    copy, a PBX that reuses Call-IDs)."""
+    inv = invite()
+    via = f"SIP/2.0/UDP 198.51.100.7:5060;branch={branch};rport"
+    headers = inv.headers.without("Via", "From").with_rows(("Via", via), ("From", "<sip:other@example.net>;tag=t2"))
+    again = parse_datagram(Request("INVITE", inv.uri, headers, inv.body).to_bytes())
+    assert isinstance(again, Request)
+    return again
+
+
 def in_dialog(method: str, ok: Response, cseq: int, *, branch: str, body: bytes = b"", rows: str = "") -> Request:
     to = ok.headers.get("To")
     text = (
@@ -103,6 +115,28 @@ def test_retransmitted_invite_is_absorbed_never_a_second_call() -> None:
     assert statuses(ok) == [200]
     assert core.receive(invite(), PEER, T0 + 1.2) == []  # Accepted: the core resends the 2xx, not the txn
     assert core.active_calls == 1
+
+
+def test_new_branch_while_the_first_invite_is_undecided_is_absorbed() -> None:
+    core = UserAgentCore("203.0.113.5", 5060)
+    core.receive(invite(), PEER, T0)
+    assert core.receive(another_invite("z9hG4bK-second"), PEER, T0 + 0.1) == []
+    assert core.active_calls == 1
+
+
+def test_new_invite_under_a_held_call_id_is_482_until_the_driver_forgets_it() -> None:
+    core = UserAgentCore("203.0.113.5", 5060)
+    ok = answered(core)
+    out = core.receive(another_invite("z9hG4bK-second"), PEER, T0 + 1)
+    assert statuses(out) == [482] and events(out) == [CallIdInUse("3c2a7b1e@198.51.100.7", PEER)]
+    again = core.receive(another_invite("z9hG4bK-second"), PEER, T0 + 1.01)
+    assert statuses(again) == [482] and events(again) == []  # its retransmission: same answer, reported once
+    bye = core.receive(in_dialog("BYE", ok, 102, branch="z9hG4bK-bye-1"), PEER, T0 + 2)
+    assert statuses(bye) == [200] and events(bye) == [CallEnded("3c2a7b1e@198.51.100.7")]  # the call untouched
+    assert statuses(core.receive(another_invite("z9hG4bK-third"), PEER, T0 + 2.1)) == [482]  # still held
+    core.forget("3c2a7b1e@198.51.100.7")
+    out = core.receive(another_invite("z9hG4bK-fourth"), PEER, T0 + 3)
+    assert statuses(out) == [100] and [type(e) for e in events(out)] == [IncomingCall]
 
 
 def test_answer_has_tag_contact_record_route_in_order() -> None:

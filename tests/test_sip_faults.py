@@ -1,6 +1,6 @@
-"""SIP faults on the raw wire, end to end on real sockets: requests our simulated caller never sends (a CANCEL
-racing admission), hand-written by a ``RawUac``. Accounting must return to zero, and only answers really sent
-are logged and counted."""
+"""SIP faults on the raw wire, end to end on real sockets: requests our simulated caller never sends (a second
+INVITE reusing a live call's Call-ID, a CANCEL racing admission), hand-written by a ``RawUac``. Accounting must
+return to zero, and only answers really sent are logged and counted."""
 
 from __future__ import annotations
 
@@ -16,7 +16,10 @@ import httpx
 import pytest
 
 from telephony_bridge.serving import ServerThread
-from tests.test_sip_calls import assert_all_released, start_sip_bridge, status
+from telephony_bridge.tools.sip_caller import SipCallConfig, place_sip_call
+from tests.support import wait_until
+from tests.test_end_to_end import speech_band_noise
+from tests.test_sip_calls import assert_all_released, start_sip_bridge, status, target
 
 OFFER = (
     "v=0\r\no=- 1 1 IN IP4 127.0.0.1\r\ns=-\r\nc=IN IP4 127.0.0.1\r\nt=0 0\r\n"
@@ -74,6 +77,50 @@ def converse(sock: socket.socket, uac: RawUac, listen_s: float) -> list[str]:
             to = next(x for x in lines if x.lower().startswith("to:")).split(":", 1)[1].strip()
             sock.sendto(uac.request("ACK", to=to), ("127.0.0.1", uac.port))
     return seen
+
+
+def _invite_reusing(port: int, call_id: str, listen_s: float) -> list[str]:
+    """A new INVITE (own From tag and branch, no To tag) under ``call_id``, as a forking proxy's second copy or a
+    PBX that reuses Call-IDs sends it, sent twice (a retransmission); the first lines of what comes back."""
+    sock = udp_socket()
+    uac = RawUac(port, sock.getsockname()[1], call_id=call_id)
+    try:
+        for _ in range(2):
+            sock.sendto(uac.request("INVITE", body=OFFER), ("127.0.0.1", port))
+        return converse(sock, uac, listen_s)
+    finally:
+        sock.close()
+
+
+async def test_sip_second_invite_reusing_a_live_call_id_is_482_and_the_call_goes_on(
+    start_bridge: Callable[..., ServerThread], emulator: ServerThread, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Found by a fault-injection pass: the second INVITE was answered 200 and took the call's records over (its
+    caller's BYE then went unanswered, and the call ended caller_lost on the media timeout)."""
+    bridge = start_sip_bridge(start_bridge, emulator, **{"sip.media_timeout_s": 3.0})
+    port = status(bridge)["sip"]["port"]
+    with caplog.at_level(logging.INFO):
+        first = asyncio.create_task(
+            place_sip_call(SipCallConfig(target(bridge), audio_in=speech_band_noise(), seconds=6))
+        )
+        await asyncio.to_thread(wait_until, lambda: len(status(bridge)["calls"]) == 1, 10.0, "the first call")
+        call_id = status(bridge)["calls"][0]["call_sid"]
+        seen = await asyncio.to_thread(_invite_reusing, port, call_id, 1.5)
+        # Refused before any other answer, the retransmission by its transaction with the same answer ...
+        assert len(seen) >= 2 and set(seen) == {"SIP/2.0 482 Loop Detected"}, seen
+        assert status(bridge)["sip"]["calls"] == 1, status(bridge)["sip"]
+        result = await first
+        # ... while the live call's BYE is answered 200 (not 481), so it ends when its caller hangs up ...
+        assert result.ended_by == "caller" and result.violations == [], result.summary()
+        assert_all_released(bridge, emulator)
+        wait_until(lambda: any(r.getMessage() == "call ended" for r in caplog.records), 5.0, "the call ended line")
+    ended = [r for r in caplog.records if r.getMessage() == "call ended"]
+    # ... with outcome completed, not caller_lost by a media timeout after the 481.
+    assert [r.outcome for r in ended] == ["completed"], [(r.reason, r.outcome) for r in ended]  # type: ignore[attr-defined]
+    [warning] = [r for r in caplog.records if "refused with 482" in r.getMessage()]
+    assert (warning.levelno, getattr(warning, "call_sid", None)) == (logging.WARNING, call_id)
+    metrics = httpx.get(bridge.http_url + "/metrics", timeout=5).text
+    assert 'bridge_sip_refused_total{code="482"} 1.0' in metrics
 
 
 def _invite_then_cancel(port: int, cancel_after_s: float, listen_s: float) -> list[str]:

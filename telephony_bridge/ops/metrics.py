@@ -149,7 +149,8 @@ class Metrics:
         r.register(_Outages(lambda: self._outages()))
         self.sip_refused = Counter(
             "bridge_sip_refused_total",
-            "SIP INVITEs the server refused (403 to sources among them), by code; not the core's 400/405/420/501",
+            "SIP INVITEs refused, by code (403 to sources and 482 to a reused Call-ID among them); not the core's "
+            "400/405/420/501",
             ["code"],
             registry=r,
         )

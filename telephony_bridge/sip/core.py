@@ -2,14 +2,15 @@
 
 The driver feeds ``receive(parsed, peer, now)`` and ``poll(now)`` and gets back a list of ``Send`` actions and
 events (``IncomingCall``, ``CallConfirmed``, ``CallCancelled``, ``CallEnded``, ``AckTimeout``, ``ReOffer``,
-``InfoDigit``). It decides admission itself and answers with ``ring``/``answer``/``reject``; ``hangup`` sends
-our BYE, held back until the ACK (or its timeout), since a BYE must not precede the ACK (§4).
+``InfoDigit``, ``CallIdInUse``). It decides admission itself and answers with ``ring``/``answer``/``reject``;
+``hangup`` sends our BYE, held back until the ACK (or its timeout), since a BYE must not precede the ACK (§4).
 
 What the core answers by itself: ``100 Trying`` at once; retransmissions (never a second call, G11); CANCEL
 (``200`` + ``487``, or ``481``); BYE (``200``); OPTIONS (``options_status``); in-dialog requests for an unknown
 dialog (``481``) or with a CSeq that went down (``500``); a second re-INVITE while one is open (``500`` +
 ``Retry-After``); unsupported ``Require`` (``420``); methods we do not take (``405``/``501``); malformed
-requests (``400``). Calls are keyed by Call-ID: a UAS sees one dialog per Call-ID in practice.
+requests (``400``). Calls are keyed by Call-ID: a UAS sees one dialog per Call-ID in practice, and a new INVITE
+naming a Call-ID still held here is refused ``482`` (``CallIdInUse``) rather than allowed to take the call over.
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ REASONS = {
     420: "Bad Extension",
     422: "Session Interval Too Small",
     481: "Call/Transaction Does Not Exist",
+    482: "Loop Detected",
     486: "Busy Here",
     487: "Request Terminated",
     488: "Not Acceptable Here",
@@ -106,7 +108,17 @@ class InfoDigit:
     digit: str
 
 
-Event = IncomingCall | CallConfirmed | CallCancelled | CallEnded | AckTimeout | ReOffer | InfoDigit
+@dataclass(frozen=True, slots=True)
+class CallIdInUse:
+    """A new INVITE (no To tag, its own branch) named the Call-ID of a call still held here, such as a forking
+    proxy's second copy or a PBX that reuses Call-IDs: already answered ``482`` (RFC 3261 §8.2.2.2), the held
+    call untouched. The driver logs and counts it."""
+
+    call_id: str
+    peer: Peer
+
+
+Event = IncomingCall | CallConfirmed | CallCancelled | CallEnded | AckTimeout | ReOffer | InfoDigit | CallIdInUse
 Output = Send | Event
 _Txn = InviteServerTransaction | NonInviteServerTransaction
 
@@ -199,6 +211,9 @@ class UserAgentCore:
         existing = self._calls.get(request.call_id)
         if existing is not None and not existing.ended and existing.txn.state is State.PROCEEDING:
             return []  # same call, new branch while the first is undecided (a broken retransmission): absorb
+        if existing is not None:  # until the driver forgets it, a new call under this Call-ID would replace it
+            refused = self._stateless(request, peer, now, key, 482, invite=True)
+            return [*refused, CallIdInUse(request.call_id, peer)]
         txn = InviteServerTransaction(request, reliable=peer.reliable, now=now, timers=self.timers)
         if key is not None:
             self._txns[key] = (txn, peer)
@@ -367,7 +382,8 @@ class UserAgentCore:
         return self._send_bye(call, now)
 
     def forget(self, call_id: str) -> None:
-        """The driver is done with the call (its media stopped); transactions still absorb retransmissions."""
+        """The driver is done with the call (its media stopped), so its Call-ID may name a new call; transactions
+        still absorb retransmissions."""
         call = self._calls.get(call_id)
         if call is not None and call.ended:
             del self._calls[call_id]

@@ -34,6 +34,7 @@ from telephony_bridge.sip.core import (
     CallCancelled,
     CallConfirmed,
     CallEnded,
+    CallIdInUse,
     IncomingCall,
     InfoDigit,
     Output,
@@ -307,11 +308,20 @@ class SipServer:
             self._live[event.call_id] = live
             self._spawn(self._run_call(live), f"sip-call-{event.call_id[:16]}")
             return
+        if isinstance(event, CallIdInUse):
+            self._refused_call_id_in_use(event)
+            return
         live = self._live.get(event.call_id)  # type: ignore[union-attr]
         if live is None:
             return
         with oplog.call_context(call_sid=live.call_id):  # signalling runs outside the call's task: name it
             self._call_event(live, event)
+
+    def _refused_call_id_in_use(self, event: CallIdInUse) -> None:
+        """The core answered ``482`` and left the call alone: say so under that call's name, and count it."""
+        self._deps.metrics.sip_refused.labels(code="482").inc()
+        with oplog.call_context(call_sid=event.call_id):
+            log.warning("SIP INVITE from %s reuses the Call-ID of a live call: refused with 482", event.peer.host)
 
     def _call_event(self, live: _Live, event: Output) -> None:
         if isinstance(event, CallCancelled):
