@@ -5,6 +5,7 @@ return to zero, and only answers really sent are logged and counted."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import secrets
 import socket
@@ -25,6 +26,7 @@ OFFER = (
     "v=0\r\no=- 1 1 IN IP4 127.0.0.1\r\ns=-\r\nc=IN IP4 127.0.0.1\r\nt=0 0\r\n"
     "m=audio 40000 RTP/AVP 0\r\na=rtpmap:0 PCMU/8000\r\na=sendrecv\r\n"
 )
+G729_OFFER = "v=0\r\no=- 1 1 IN IP4 127.0.0.1\r\ns=-\r\nc=IN IP4 127.0.0.1\r\nt=0 0\r\nm=audio 4000 RTP/AVP 18\r\n"
 
 
 @dataclass
@@ -36,11 +38,12 @@ class RawUac:
     call_id: str = field(default_factory=lambda: secrets.token_hex(8) + "@127.0.0.1")
     branch: str = field(default_factory=lambda: "z9hG4bK" + secrets.token_hex(6))
     tag: str = field(default_factory=lambda: secrets.token_hex(4))
+    transport: str = "UDP"
 
     def request(self, method: str, *, to: str = "", body: str = "") -> bytes:
         rows = [
             f"{method} sip:ai@127.0.0.1:{self.port} SIP/2.0",
-            f"Via: SIP/2.0/UDP 127.0.0.1:{self.local};branch={self.branch};rport",
+            f"Via: SIP/2.0/{self.transport} 127.0.0.1:{self.local};branch={self.branch};rport",
             "Max-Forwards: 70",
             f"From: <sip:caller@127.0.0.1>;tag={self.tag}",
             f"To: {to or f'<sip:ai@127.0.0.1:{self.port}>'}",
@@ -154,5 +157,39 @@ async def test_sip_invite_cancelled_while_admission_runs_is_not_refused_as_well(
         assert_all_released(bridge, emulator)
     assert not any(line.startswith("SIP/2.0 503") for line in seen), seen  # the SIP core's part: no answer after 487
     assert not any("refused with" in r.getMessage() for r in caplog.records)
+    metrics = httpx.get(bridge.http_url + "/metrics", timeout=5).text
+    assert "bridge_sip_refused_total{" not in metrics
+
+
+def _invite_and_cancel_in_one_tcp_segment(port: int, offer: str, listen_s: float) -> list[str]:
+    """An INVITE and its CANCEL in one TCP write: the bridge reads both before the call's task first runs, so
+    the CANCEL is in before any decision. The status lines of what comes back."""
+    with socket.create_connection(("127.0.0.1", port)) as sock:
+        uac = RawUac(port, sock.getsockname()[1], transport="TCP")
+        sock.sendall(uac.request("INVITE", body=offer) + uac.request("CANCEL"))
+        received = b""
+        end = time.monotonic() + listen_s
+        while (left_s := end - time.monotonic()) > 0:
+            sock.settimeout(left_s)
+            with contextlib.suppress(TimeoutError):
+                received += sock.recv(65535)
+    return [line for line in received.decode(errors="replace").split("\r\n") if line.startswith("SIP/2.0 ")]
+
+
+async def test_sip_invite_cancelled_before_its_refusal_is_not_logged_as_refused(
+    start_bridge: Callable[..., ServerThread], emulator: ServerThread, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A G.729-only offer would be refused 488, but the caller cancelled first: its 487 is the only final
+    answer, and no "refused with 488" line is logged for an answer never sent (each refusal shares that path)."""
+    bridge = start_sip_bridge(start_bridge, emulator)
+    port = status(bridge)["sip"]["port"]
+    with caplog.at_level(logging.INFO):
+        seen = await asyncio.to_thread(_invite_and_cancel_in_one_tcp_segment, port, G729_OFFER, 1.0)
+        assert_all_released(bridge, emulator)
+    assert [line for line in seen if not line.startswith("SIP/2.0 1")] == [
+        "SIP/2.0 200 OK",  # to the CANCEL
+        "SIP/2.0 487 Request Terminated",
+    ], seen
+    assert [r.getMessage() for r in caplog.records if "refused with" in r.getMessage()] == []
     metrics = httpx.get(bridge.http_url + "/metrics", timeout=5).text
     assert "bridge_sip_refused_total{" not in metrics

@@ -321,7 +321,7 @@ class SipServer:
         """The core answered ``482`` and left the call alone: say so under that call's name, and count it."""
         self._deps.metrics.sip_refused.labels(code="482").inc()
         with oplog.call_context(call_sid=event.call_id):
-            log.warning("SIP INVITE from %s reuses the Call-ID of a live call: refused with 482", event.peer.host)
+            log.warning("SIP INVITE from %s refused with 482: it reuses the Call-ID of a live call", event.peer.host)
 
     def _call_event(self, live: _Live, event: Output) -> None:
         if isinstance(event, CallCancelled):
@@ -360,10 +360,13 @@ class SipServer:
             body = live.answer_sdp if request.method == "INVITE" else b""
             self._dispatch(self.core.answer_reoffer(live.call_id, 200, now, sdp=body, rows=self._timer_rows(live)))
             return
-        offer, chosen = self._negotiate(request.body)
-        if chosen is None or live.leg is None:
+        negotiated = self._negotiate(request.body)
+        if isinstance(negotiated, str):
+            log.info("SIP %s offer refused with 488: %s", request.method, negotiated)
+        if isinstance(negotiated, str) or live.leg is None:
             self._dispatch(self.core.answer_reoffer(live.call_id, 488, now))
             return
+        offer, chosen = negotiated
         body = self._answer(live, offer, chosen)
         if body != live.answer_sdp:  # RFC 3264 §8: the version goes up only when our SDP changes
             live.version += 1
@@ -372,16 +375,14 @@ class SipServer:
         live.leg.update_media(chosen)
         self._dispatch(self.core.answer_reoffer(live.call_id, 200, now, sdp=body, rows=self._timer_rows(live)))
 
-    def _negotiate(self, body: bytes) -> tuple[sdp.SessionDescription, sdp.Negotiated | None] | tuple[None, None]:
-        """The offer and what we take from it; ``None`` for a ``488`` (the reason is logged)."""
+    def _negotiate(self, body: bytes) -> tuple[sdp.SessionDescription, sdp.Negotiated] | str:
+        """The offer and what we take from it, or why it gets a ``488``."""
         offer = sdp.parse_sdp(body)
         if isinstance(offer, sdp.SdpError):
-            log.info("SIP offer refused with 488: %s", offer.reason)
-            return None, None
+            return offer.reason
         chosen = sdp.negotiate(offer, allow_pcma=self._settings.allow_pcma)
         if isinstance(chosen, sdp.SdpError):
-            log.info("SIP offer refused with 488: %s", chosen.reason)
-            return offer, None
+            return chosen.reason
         return offer, chosen
 
     def _answer(self, live: _Live, offer: sdp.SessionDescription, chosen: sdp.Negotiated) -> bytes:
@@ -405,17 +406,27 @@ class SipServer:
                 await self._admit_and_bridge(live)
             except Exception:  # a bug of ours: this call ends, every other call goes on
                 log.exception("SIP call failed on an internal error")
-                self._reject(live, 500)
+                self._reject(live, 500, "internal error")
             finally:
                 self._live.pop(live.call_id, None)
                 assert self.core is not None
                 self.core.forget(live.call_id)
 
-    def _reject(self, live: _Live, status: int, rows: list[tuple[str, str]] | None = None) -> None:
-        """Answer the INVITE ``status``, counted; not once the caller has cancelled it (it has had its 487)."""
+    def _reject(
+        self,
+        live: _Live,
+        status: int,
+        why: str,
+        rows: list[tuple[str, str]] | None = None,
+        *,
+        level: int = logging.INFO,
+    ) -> None:
+        """Answer the INVITE ``status``, logged with ``why`` and counted; not once the caller has cancelled it (it
+        has had its 487, so nothing was refused), however late the decision came."""
         assert self.core is not None
         if live.cancelled.is_set():
             return
+        log.log(level, "SIP INVITE from %s refused with %d: %s", live.peer.host, status, why)
         self._deps.metrics.sip_refused.labels(code=str(status)).inc()
         self._dispatch(self.core.reject(live.call_id, status, self._clock.monotonic(), rows=rows))
 
@@ -429,47 +440,44 @@ class SipServer:
                 invite.headers.values("Authorization"), method="INVITE", uri=invite.uri, now_wall=now_wall
             )
             if not verdict.ok:
-                log.info("SIP INVITE from %s challenged: %s", live.peer.host, verdict.reason)
                 challenges = self._auth.challenges(now_wall, stale=verdict.stale)
-                self._reject(live, 401, [("WWW-Authenticate", c) for c in challenges])
+                challenge = [("WWW-Authenticate", c) for c in challenges]
+                self._reject(live, 401, f"digest challenge, {verdict.reason}", challenge)
                 return
         retry = [("Retry-After", str(settings.retry_after_s))]
         if self._draining():
-            log.info("SIP INVITE refused: draining")
-            self._reject(live, 503, retry)
+            self._reject(live, 503, "draining", retry)
             return
         timer = negotiate_session_timer(invite.headers, min_se_s=settings.min_session_expires_s)
         if isinstance(timer, TooSmall):
-            self._reject(live, 422, [("Min-SE", str(timer.min_se_s))])
+            self._reject(live, 422, f"Session-Expires below {timer.min_se_s} s", [("Min-SE", str(timer.min_se_s))])
             return
         live.timer = timer
+        offer: sdp.SessionDescription | None
         if invite.body:
-            offer, chosen = self._negotiate(invite.body)
-            if offer is None or chosen is None:
-                self._reject(live, 488, [("Warning", f'305 {self.core.advertised_host} "no usable PCMU/PCMA audio"')])
+            negotiated = self._negotiate(invite.body)
+            if isinstance(negotiated, str):
+                warning = f'305 {self.core.advertised_host} "no usable PCMU/PCMA audio"'
+                self._reject(live, 488, negotiated, [("Warning", warning)])
                 return
+            offer, chosen = negotiated
         else:  # late offer (spec §10.4): our 200 carries the offer, the ACK the answer; no media until then
             offer, chosen = None, LATE_OFFER_PENDING
         caller = _caller_number(invite)
         try:
             await self._deps.admission.admit(live.call_id, caller)
         except AdmissionError as exc:
-            if not live.cancelled.is_set():  # else the caller has its 487: nothing was refused
-                log.info("SIP INVITE refused with 486: %s", exc)
-            self._reject(live, 486)
+            self._reject(live, 486, str(exc))
             return
         except (SavantsError, StoreUnavailable) as exc:
-            if not live.cancelled.is_set():
-                log.warning("SIP INVITE refused with 503, the AI cannot be reached: %s", exc)
-            self._reject(live, 503, retry)
+            self._reject(live, 503, f"the AI cannot be reached: {exc}", retry, level=logging.WARNING)
             return
         bound = None
         try:
             bound = await self._ports.bind(self.host, lambda d, a: live.leg.datagram(d, a) if live.leg else None)
             if bound is None or live.cancelled.is_set():
                 if bound is None:
-                    log.warning("SIP INVITE refused with 503: no free RTP port in %s", settings.rtp_ports)
-                    self._reject(live, 503, retry)
+                    self._reject(live, 503, f"no free RTP port in {settings.rtp_ports}", retry, level=logging.WARNING)
                 await self._deps.admission.forget(live.call_id)  # the reservation and the warm token go back
                 return
             live.port, rtp, rtcp_transport = bound
