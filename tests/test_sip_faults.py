@@ -18,7 +18,7 @@ import pytest
 
 from telephony_bridge.serving import ServerThread
 from telephony_bridge.tools.sip_caller import SipCallConfig, place_sip_call
-from tests.support import wait_until
+from tests.support import leases, wait_until
 from tests.test_end_to_end import speech_band_noise
 from tests.test_sip_calls import assert_all_released, start_sip_bridge, status, target
 
@@ -126,13 +126,15 @@ async def test_sip_second_invite_reusing_a_live_call_id_is_482_and_the_call_goes
     assert 'bridge_sip_refused_total{code="482"} 1.0' in metrics
 
 
-def _invite_then_cancel(port: int, cancel_after_s: float, listen_s: float) -> list[str]:
-    """A raw UDP INVITE, CANCEL after ``cancel_after_s``, then the first lines of what the bridge sends."""
+def _cancel_during_admission(bridge: ServerThread, listen_s: float) -> list[str]:
+    """A raw UDP INVITE, its CANCEL once admission holds a device for it, then the first lines of what the bridge
+    sends."""
+    port = status(bridge)["sip"]["port"]
     sock = udp_socket()
     uac = RawUac(port, sock.getsockname()[1])
     try:
         sock.sendto(uac.request("INVITE", body=OFFER), ("127.0.0.1", port))
-        time.sleep(cancel_after_s)
+        wait_until(lambda: leases(bridge) == 1, 5.0, "admission to reserve a device")
         sock.sendto(uac.request("CANCEL"), ("127.0.0.1", port))
         return converse(sock, uac, listen_s)
     finally:
@@ -150,15 +152,34 @@ async def test_sip_invite_cancelled_while_admission_runs_is_not_refused_as_well(
     faults = f"{emulator.http_url}/_emulator/faults/token"
     httpx.post(faults, json={"status": 503, "delay_s": 0.5}, timeout=5).raise_for_status()
     bridge = start_sip_bridge(start_bridge, emulator)
-    port = status(bridge)["sip"]["port"]
     with caplog.at_level(logging.INFO):
-        seen = await asyncio.to_thread(_invite_then_cancel, port, 0.2, 4.0)
+        seen = await asyncio.to_thread(_cancel_during_admission, bridge, 4.0)
         assert any(line.startswith("SIP/2.0 487") for line in seen), seen
         assert_all_released(bridge, emulator)
     assert not any(line.startswith("SIP/2.0 503") for line in seen), seen  # the SIP core's part: no answer after 487
     assert not any("refused with" in r.getMessage() for r in caplog.records)
     metrics = httpx.get(bridge.http_url + "/metrics", timeout=5).text
     assert "bridge_sip_refused_total{" not in metrics
+
+
+async def test_sip_cancel_cuts_admission_short_and_the_device_goes_back_at_once(
+    start_emulator: Callable[..., ServerThread],
+    start_bridge: Callable[..., ServerThread],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The token endpoint hangs and admission may take 6 s: the caller's CANCEL ends admission, and the device it
+    had reserved is free at once, not when admission would have given up."""
+    emulator = start_emulator(voice="echo")
+    faults = f"{emulator.http_url}/_emulator/faults/token"
+    httpx.post(faults, json={"status": 503, "delay_s": 4.0}, timeout=5).raise_for_status()
+    bridge = start_sip_bridge(start_bridge, emulator, **{"savants.token_deadline_s": 6.0})
+    with caplog.at_level(logging.INFO):
+        seen = await asyncio.to_thread(_cancel_during_admission, bridge, 0.3)
+        assert "SIP/2.0 487 Request Terminated" in seen, seen
+        wait_until(lambda: (leases(bridge), status(bridge)["sip"]["calls"]) == (0, 0), 1.0, "the device to go back")
+        assert_all_released(bridge, emulator)
+    assert not any(line.startswith("SIP/2.0 503") for line in seen), seen
+    assert not any("refused with" in r.getMessage() for r in caplog.records)
 
 
 def _invite_and_cancel_in_one_tcp_segment(port: int, offer: str, listen_s: float) -> list[str]:

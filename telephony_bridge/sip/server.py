@@ -126,6 +126,7 @@ class _Live:
     invite: Request
     peer: Peer
     cancelled: asyncio.Event = field(default_factory=asyncio.Event)
+    admission: asyncio.Timeout | None = None  # while admission runs; the caller's CANCEL expires it at once
     leg: SipLeg | None = None
     session_id: int = field(default_factory=lambda: secrets.randbelow(2**31))
     version: int = 1
@@ -326,6 +327,8 @@ class SipServer:
     def _call_event(self, live: _Live, event: Output) -> None:
         if isinstance(event, CallCancelled):
             live.cancelled.set()
+            if live.admission is not None:
+                live.admission.reschedule(asyncio.get_running_loop().time())
             if live.leg is not None:
                 live.leg.peer_hung_up("caller cancelled")
         elif isinstance(event, CallEnded) and live.leg is not None:
@@ -463,9 +466,9 @@ class SipServer:
             offer, chosen = negotiated
         else:  # late offer (spec §10.4): our 200 carries the offer, the ACK the answer; no media until then
             offer, chosen = None, LATE_OFFER_PENDING
-        caller = _caller_number(invite)
         try:
-            await self._deps.admission.admit(live.call_id, caller)
+            if not await self._admit(live):
+                return
         except AdmissionError as exc:
             self._reject(live, 486, str(exc))
             return
@@ -487,6 +490,23 @@ class SipServer:
                 bound[1].close()
                 bound[2].close()
                 self._ports.release(bound[0])
+
+    async def _admit(self, live: _Live) -> bool:
+        """Admission on the shared device pool; False if the caller cancelled meanwhile. The CANCEL cuts it short
+        (``_call_event`` expires its scope), so a slow token endpoint does not hold the device until the token
+        deadline: what admission had reserved goes back at once."""
+        try:
+            async with asyncio.timeout(None) as live.admission:
+                await self._deps.admission.admit(live.call_id, _caller_number(live.invite))
+        except TimeoutError:
+            if not live.cancelled.is_set():
+                raise
+        finally:
+            live.admission = None
+        if live.cancelled.is_set():
+            await self._deps.admission.forget(live.call_id)  # admitted as the CANCEL came, or cut short
+            return False
+        return True
 
     async def _bridge(
         self,
