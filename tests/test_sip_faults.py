@@ -126,9 +126,9 @@ async def test_sip_second_invite_reusing_a_live_call_id_is_482_and_the_call_goes
     assert 'bridge_sip_refused_total{code="482"} 1.0' in metrics
 
 
-def _cancel_during_admission(bridge: ServerThread, listen_s: float) -> list[str]:
-    """A raw UDP INVITE, its CANCEL once admission holds a device for it, then the first lines of what the bridge
-    sends."""
+def _cancel_during_admission(bridge: ServerThread, listen_s: float) -> tuple[str, list[str]]:
+    """A raw UDP INVITE, its CANCEL once admission holds a device for it; its Call-ID and the first lines of what
+    the bridge sends."""
     port = status(bridge)["sip"]["port"]
     sock = udp_socket()
     uac = RawUac(port, sock.getsockname()[1])
@@ -136,27 +136,32 @@ def _cancel_during_admission(bridge: ServerThread, listen_s: float) -> list[str]
         sock.sendto(uac.request("INVITE", body=OFFER), ("127.0.0.1", port))
         wait_until(lambda: leases(bridge) == 1, 5.0, "admission to reserve a device")
         sock.sendto(uac.request("CANCEL"), ("127.0.0.1", port))
-        return converse(sock, uac, listen_s)
+        return uac.call_id, converse(sock, uac, listen_s)
     finally:
         sock.close()
 
 
-async def test_sip_invite_cancelled_while_admission_runs_is_not_refused_as_well(
+async def test_sip_invite_cancelled_while_admission_runs_is_logged_as_cancelled_not_refused(
     start_emulator: Callable[..., ServerThread],
     start_bridge: Callable[..., ServerThread],
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    """The caller cancels while the token endpoint is failing slowly: it gets its 487, and when admission gives
-    up no 503 is counted or logged for an INVITE that is already over (found by a fault-injection pass)."""
+    """The caller cancels while the token endpoint is failing slowly: it gets its 487 and one INFO line says so
+    under its Call-ID; no 503 is sent, counted or logged for an INVITE that is already over (found by a
+    fault-injection pass)."""
     emulator = start_emulator(voice="echo")
     faults = f"{emulator.http_url}/_emulator/faults/token"
     httpx.post(faults, json={"status": 503, "delay_s": 0.5}, timeout=5).raise_for_status()
     bridge = start_sip_bridge(start_bridge, emulator)
     with caplog.at_level(logging.INFO):
-        seen = await asyncio.to_thread(_cancel_during_admission, bridge, 4.0)
+        call_id, seen = await asyncio.to_thread(_cancel_during_admission, bridge, 4.0)
         assert any(line.startswith("SIP/2.0 487") for line in seen), seen
         assert_all_released(bridge, emulator)
     assert not any(line.startswith("SIP/2.0 503") for line in seen), seen  # the SIP core's part: no answer after 487
+    cancelled = [r for r in caplog.records if "cancelled by the caller" in r.getMessage()]
+    assert [(r.levelno, r.getMessage(), getattr(r, "call_sid", None)) for r in cancelled] == [
+        (logging.INFO, "SIP INVITE from 127.0.0.1 cancelled by the caller before the answer", call_id)
+    ]
     assert not any("refused with" in r.getMessage() for r in caplog.records)
     metrics = httpx.get(bridge.http_url + "/metrics", timeout=5).text
     assert "bridge_sip_refused_total{" not in metrics
@@ -174,7 +179,7 @@ async def test_sip_cancel_cuts_admission_short_and_the_device_goes_back_at_once(
     httpx.post(faults, json={"status": 503, "delay_s": 4.0}, timeout=5).raise_for_status()
     bridge = start_sip_bridge(start_bridge, emulator, **{"savants.token_deadline_s": 6.0})
     with caplog.at_level(logging.INFO):
-        seen = await asyncio.to_thread(_cancel_during_admission, bridge, 0.3)
+        _, seen = await asyncio.to_thread(_cancel_during_admission, bridge, 0.3)
         assert "SIP/2.0 487 Request Terminated" in seen, seen
         wait_until(lambda: (leases(bridge), status(bridge)["sip"]["calls"]) == (0, 0), 1.0, "the device to go back")
         assert_all_released(bridge, emulator)

@@ -326,6 +326,7 @@ class SipServer:
 
     def _call_event(self, live: _Live, event: Output) -> None:
         if isinstance(event, CallCancelled):
+            log.info("SIP INVITE from %s cancelled by the caller before the answer", live.peer.host)
             live.cancelled.set()
             if live.admission is not None:
                 live.admission.reschedule(asyncio.get_running_loop().time())
