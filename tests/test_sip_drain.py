@@ -17,7 +17,7 @@ import pytest
 from telephony_bridge.app import drain
 from telephony_bridge.serving import ServerThread
 from telephony_bridge.tools.sip_caller import SipCallConfig, place_sip_call
-from tests.support import SPEECH_WAV, BridgeProcess, wait_until
+from tests.support import SPEECH_WAV, BridgeProcess, leases, wait_until
 from tests.test_sip_calls import assert_all_released, recording_heard, start_sip_bridge, status, target
 
 
@@ -97,3 +97,22 @@ async def test_sip_only_drain_does_not_wait_for_connect_action_requests(
     assert said[-1] == "drained: no calls left", said
     assert not [m for m in said if m.startswith("drain: waiting")], said
     assert_all_released(bridge, emulator)
+
+
+async def test_sip_invite_still_in_admission_when_the_drain_begins_is_refused_503_and_holds_nothing(
+    start_emulator: Callable[..., ServerThread], start_bridge: Callable[..., ServerThread]
+) -> None:
+    """The drain counts calls up and streams admitted, not an INVITE whose admission is in flight (a slow token
+    endpoint): answered 200 once admission ended, it was a call the drain did not know of. It hears 503 +
+    Retry-After instead (carriers fail over), as a new INVITE during the drain does."""
+    emulator = start_emulator(voice="echo")
+    faults = f"{emulator.http_url}/_emulator/faults/token"
+    httpx.post(faults, json={"delay_s": 1.5}, timeout=5).raise_for_status()  # slow, then a token
+    bridge = start_sip_bridge(start_bridge, emulator)
+    call = asyncio.create_task(place_sip_call(SipCallConfig(target(bridge), seconds=2.0)))
+    await asyncio.to_thread(wait_until, lambda: leases(bridge) == 1, 5.0, "admission to reserve a device")
+    await start_drain(bridge)
+    result = await call
+    assert result.status == 503 and not result.answered, result.summary()
+    assert_all_released(bridge, emulator)
+    assert leases(bridge) == 0

@@ -476,6 +476,10 @@ class SipServer:
         except (SavantsError, StoreUnavailable) as exc:
             self._reject(live, 503, f"the AI cannot be reached: {exc}", retry, level=logging.WARNING)
             return
+        if self._draining():  # began while admission ran: the drain did not count this call, so it must not start
+            await self._deps.admission.forget(live.call_id)
+            self._reject(live, 503, "draining (since the INVITE came)", retry)
+            return
         bound = None
         try:
             bound = await self._ports.bind(self.host, lambda d, a: live.leg.datagram(d, a) if live.leg else None)
