@@ -205,6 +205,21 @@ def test_never_acked_gives_up_after_64_t1_and_bye_goes_then() -> None:
     assert [type(e) for e in events(core.poll(T0 + 40))] == []  # reported once
 
 
+def test_a_call_forgotten_while_its_bye_waits_for_the_ack_is_dropped_once_the_bye_goes() -> None:
+    """We hung up before the caller's ACK, and the driver forgot the call at once: the record stayed for ever (a
+    leak per such call) and its Call-ID was refused 482 for ever. It goes when our BYE does."""
+    timers = Timers(t1_s=0.5)
+    core = UserAgentCore("203.0.113.5", 5060, timers=timers)
+    answered(core)
+    assert core.hangup("3c2a7b1e@198.51.100.7", T0 + 1) == []  # the BYE waits for the ACK
+    core.forget("3c2a7b1e@198.51.100.7")
+    assert statuses(core.receive(another_invite("z9hG4bK-second"), PEER, T0 + 2)) == [482]  # still held
+    byes = [m for m in sent(core.poll(T0 + 0.1 + 32.0)) if isinstance(m, Request)]
+    assert [b.method for b in byes] == ["BYE"]
+    out = core.receive(another_invite("z9hG4bK-third"), PEER, T0 + 40)
+    assert statuses(out) == [100] and [type(e) for e in events(out)] == [IncomingCall]
+
+
 def test_bye_before_ack_ends_the_call() -> None:
     core = UserAgentCore("203.0.113.5", 5060)
     ok = answered(core)

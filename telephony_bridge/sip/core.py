@@ -135,6 +135,7 @@ class _Call:
     reoffer_answer: AnswerRetransmit | None = None
     bye_pending: bool = False
     ended: bool = False
+    forgotten: bool = False  # the driver is done with it: dropped as soon as it has ended
 
 
 @dataclass
@@ -255,7 +256,7 @@ class UserAgentCore:
         if invite_txn.state is State.PROCEEDING and call is not None:
             terminated = build_response(invite_txn.request, 487, REASONS[487], peer=call.peer, to_tag=call.to_tag)
             out += self._respond(call, terminated, now)
-            call.ended = True
+            self._end(call)
             out.append(CallCancelled(call.invite.call_id))
         return out
 
@@ -267,7 +268,7 @@ class UserAgentCore:
         if not dialog.accept_cseq(request):
             return self._stateless(request, peer, now, key, 500, invite=request.method == "INVITE")
         if request.method == "BYE":
-            call.ended = True
+            self._end(call)
             out = self._stateless(request, peer, now, key, 200)
             if call.reoffer is not None and call.reoffer.state is State.PROCEEDING:
                 pending = build_response(call.reoffer.request, 487, REASONS[487], peer=call.peer)
@@ -349,7 +350,7 @@ class UserAgentCore:
         response = build_response(
             call.invite, status, REASONS.get(status, "Refused"), peer=call.peer, to_tag=call.to_tag, rows=rows or []
         )
-        call.ended = True
+        self._end(call)
         return self._respond(call, response, now)
 
     def answer_reoffer(
@@ -385,7 +386,10 @@ class UserAgentCore:
         """The driver is done with the call (its media stopped), so its Call-ID may name a new call; transactions
         still absorb retransmissions."""
         call = self._calls.get(call_id)
-        if call is not None and call.ended:
+        if call is None:
+            return
+        call.forgotten = True
+        if call.ended:
             del self._calls[call_id]
 
     # --- time ------------------------------------------------------------------------------------------------
@@ -454,9 +458,16 @@ class UserAgentCore:
             self._txns[key] = (txn, peer)
         return [Send(r.to_bytes(), response_target(request, peer)) for r in txn.respond(response, now)]
 
+    def _end(self, call: _Call) -> None:
+        """The call is over. One the driver has forgotten already (we hung up before the caller's ACK, so our BYE
+        waited for it) goes now: nothing else would remove it, and its Call-ID would be refused for ever."""
+        call.ended = True
+        if call.forgotten:
+            self._calls.pop(call.invite.call_id, None)
+
     def _send_bye(self, call: _Call, now: float) -> list[Output]:
         assert call.dialog is not None
-        call.ended = True
+        self._end(call)
         call.bye_pending = False
         bye = call.dialog.request("BYE", via_host=self.advertised_host, via_port=self.port)
         to = call.dialog.destination()
