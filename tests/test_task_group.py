@@ -119,7 +119,8 @@ async def test_a_caught_and_kept_exception_raised_again_in_a_child_leaves_its_ke
     [
         (None, {}, "caller"),  # the caller hangs up
         ("drop", {"savants.reconnect_deadline_s": 0}, "bridge"),  # the AI's socket drops: the call ends at once
-        ("error", {"savants.reconnect_deadline_s": 2.0}, "caller"),  # the AI fails, the bridge reconnects, and on
+        # the AI fails, the bridge reconnects, and on (every session fails a second in: no limit on reconnects)
+        ("error", {"savants.reconnect_deadline_s": 2.0, "savants.max_reconnects_per_minute": 60}, "caller"),
     ],
 )
 async def test_an_ended_call_is_freed_without_the_cycle_collector(
