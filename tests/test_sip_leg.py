@@ -1,0 +1,62 @@
+"""The SIP caller leg on its own (no server, no core): what ``hang_up`` guarantees however it ends."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from typing import Any, cast
+
+from telephony_bridge.audio.codec import ULAW_SILENCE
+from telephony_bridge.clock import SystemClock
+from telephony_bridge.sip.leg import SipLeg
+from telephony_bridge.sip.sdp import Direction, Negotiated
+
+MEDIA = Negotiated(0, "127.0.0.1", 40000, "PCMU", 0, None, Direction.SENDRECV, None)
+
+
+class _Wire:
+    """A datagram transport that keeps what it was given."""
+
+    def __init__(self) -> None:
+        self.sent: list[bytes] = []
+
+    def sendto(self, data: bytes, addr: Any = None) -> None:
+        self.sent.append(data)
+
+    def close(self) -> None:
+        return None
+
+
+async def test_sip_leg_hang_up_cancelled_while_its_recording_plays_still_stops_media_and_sends_bye() -> None:
+    """The drain recording (or the fallback) is playing when the call's task is cancelled: the server's stop
+    cancels what is still live 2 s after the drain gave up (``drain.CUT_GRACE_S``), and ``sip.drain_wav`` falls
+    back to ``sip.fallback_wav``, whose length nothing bounds. The media task must still stop (``_bridge``
+    awaits it, unbounded, in its ``finally``) and the BYE must still go (else the caller is left on a dead line)."""
+    byes: list[str] = []
+
+    async def on_hang_up(outcome: str) -> None:
+        byes.append(outcome)
+
+    recording = bytes([ULAW_SILENCE ^ 0x55]) * 8000 * 10  # 10 s
+    leg = SipLeg(
+        "call-1",
+        MEDIA,
+        cast(asyncio.DatagramTransport, _Wire()),
+        SystemClock(),
+        media_timeout_s=5.0,
+        media_sources=[],
+        on_hang_up=on_hang_up,
+        recordings={"drained": recording},
+    )
+    async with asyncio.timeout(5):
+        media = asyncio.create_task(leg.run_media())
+        hang_up = asyncio.create_task(leg.hang_up("drained"))
+        await asyncio.sleep(0)  # hang_up is now waiting for its recording to go onto the wire
+        hang_up.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await hang_up
+        done, _ = await asyncio.wait([media], timeout=1.0)
+        media.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await media
+    assert (bool(done), byes) == (True, ["drained"])
