@@ -252,12 +252,14 @@ class SipLeg:
             return
         self._hung_up = True
         recording = self._recordings.get(outcome, b"")
-        if recording and not self._gone and self._listening.is_set():  # a caller holding us would not hear it
-            await self._play(recording, outcome)
-        self._stopped.set()
-        if not self._gone:
-            self._gone = True
-            await self._on_hang_up(outcome)
+        try:
+            if recording and not self._gone and self._listening.is_set():  # a caller holding us would not hear it
+                await self._play(recording, outcome)
+        finally:  # cancelled mid-recording too (the server's stop): the media stops and the BYE goes
+            self._stopped.set()
+            if not self._gone:
+                self._gone = True
+                await self._on_hang_up(outcome)
 
     async def _play(self, recording: bytes, outcome: str) -> None:
         """Play ``recording`` instead of whatever was queued, and wait (a little longer than it lasts) until it
