@@ -18,7 +18,7 @@ import pytest
 
 from telephony_bridge.serving import ServerThread
 from telephony_bridge.tools.sip_caller import SipCallConfig, place_sip_call
-from tests.support import leases, wait_until
+from tests.support import leases, token_requests, wait_until
 from tests.test_end_to_end import speech_band_noise
 from tests.test_sip_calls import assert_all_released, start_sip_bridge, status, target
 
@@ -220,3 +220,18 @@ async def test_sip_invite_cancelled_before_its_refusal_is_not_logged_as_refused(
     assert [r.getMessage() for r in caplog.records if "refused with" in r.getMessage()] == []
     metrics = httpx.get(bridge.http_url + "/metrics", timeout=5).text
     assert "bridge_sip_refused_total{" not in metrics
+
+
+async def test_sip_invite_cancelled_before_admission_starts_spends_no_token(
+    start_bridge: Callable[..., ServerThread], emulator: ServerThread
+) -> None:
+    """review-45: the CANCEL is in before the call's task first runs (both in one TCP segment), so
+    ``live.admission`` is still None when ``_call_event`` looks and nothing cuts admission short: it runs to the
+    end for an INVITE already answered 487, spending a token request of the device's budget (60 a minute)."""
+    bridge = start_sip_bridge(start_bridge, emulator)
+    port = status(bridge)["sip"]["port"]
+    before = token_requests(emulator)
+    seen = await asyncio.to_thread(_invite_and_cancel_in_one_tcp_segment, port, OFFER, 1.0)
+    assert "SIP/2.0 487 Request Terminated" in seen, seen
+    assert_all_released(bridge, emulator)
+    assert token_requests(emulator) - before == 0
