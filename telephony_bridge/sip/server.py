@@ -500,6 +500,8 @@ class SipServer:
         """Admission on the shared device pool; False if the caller cancelled meanwhile. The CANCEL cuts it short
         (``_call_event`` expires its scope), so a slow token endpoint does not hold the device until the token
         deadline: what admission had reserved goes back at once."""
+        if live.cancelled.is_set():  # before this task first ran (the CANCEL read with its INVITE): spend nothing
+            return False
         try:
             async with asyncio.timeout(None) as live.admission:
                 await self._deps.admission.admit(live.call_id, _caller_number(live.invite))
