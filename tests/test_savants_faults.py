@@ -1,0 +1,237 @@
+"""Failures found by a fault-injection pass on the Savants side (helper-44), each on real sockets: a scriptable fake
+Savants (token endpoint and /voice-stream, Starlette under uvicorn on 127.0.0.1) where the emulator cannot make
+the fault, the bridge in-process, a simulated Twilio caller; what the caller hears, the log lines, /readyz, and
+nothing held after."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable, Iterator
+
+import httpx
+import numpy as np
+import orjson
+import pytest
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, PlainTextResponse, Response
+from starlette.routing import Route, WebSocketRoute
+from starlette.websockets import WebSocket, WebSocketDisconnect
+from websockets.asyncio.client import connect
+
+from telephony_bridge.serving import ServerThread
+from telephony_bridge.tools.caller import CallConfig, new_sid, run_call
+from telephony_bridge.twilio import protocol as tw
+from tests.support import (
+    bridge_settings,
+    call_form,
+    leases,
+    post_voice,
+    stream_ended,
+    stream_parameters,
+    upgrade_signature,
+    wait_until,
+)
+
+JWT = "eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiJkZXZpY2UtYSJ9.ZmFrZS1zaWduYXR1cmU"  # opaque to the bridge: three parts
+VOICE = (np.sin(2 * np.pi * 440 * np.arange(8000 * 6) / 8000) * 3000).astype(np.int16)
+
+TokenAnswer = Callable[[dict[str, object]], Response]
+Session = Callable[["FakeSavants", WebSocket], Awaitable[None]]
+
+
+def token_or_400(body: dict[str, object]) -> Response:
+    """Savants' answer (spec §3): a token, or 400 to a request without apiKey/deviceId (the readiness probe)."""
+    if not body:
+        return JSONResponse({"error": {"code": "INVALID_REQUEST", "message": "apiKey required"}}, status_code=400)
+    return JSONResponse({"token": JWT, "expiresIn": 60})
+
+
+async def echo(fake: FakeSavants, ws: WebSocket) -> None:
+    """Confirm, then say back every frame of caller audio at once."""
+    await ws.send_json({"type": "savant_voice_connected", "sessionId": f"sess_{fake.sessions_opened}"})
+    while True:
+        message = await ws.receive()
+        if message["type"] == "websocket.disconnect":
+            return
+        if message.get("bytes"):
+            await ws.send_bytes(message["bytes"])
+
+
+class FakeSavants:
+    """A throwaway Savants whose token answer and voice session each test scripts; counts what the bridge did."""
+
+    def __init__(self, token: TokenAnswer = token_or_400, session: Session = echo) -> None:
+        self.token = token
+        self.session = session
+        self.token_requests = 0  # real ones, with a body (not the readiness probe's empty one)
+        self.sessions_opened = 0
+        self.sessions_active = 0
+
+        async def token_route(request: Request) -> Response:
+            body = orjson.loads(await request.body() or b"{}")
+            self.token_requests += bool(body)
+            return self.token(body)
+
+        async def voice_route(ws: WebSocket) -> None:
+            await ws.accept()
+            self.sessions_opened += 1
+            self.sessions_active += 1
+            try:
+                await ws.receive()  # the JWT, as the first text frame
+                await self.session(self, ws)
+            except WebSocketDisconnect:
+                pass
+            finally:
+                self.sessions_active -= 1
+
+        routes = [
+            Route("/api/websocket-voice/token", token_route, methods=["POST"]),
+            WebSocketRoute("/voice-stream", voice_route),
+        ]
+        self.server = ServerThread(Starlette(routes=routes))
+
+
+@pytest.fixture
+def start_fake() -> Iterator[Callable[..., FakeSavants]]:
+    started: list[FakeSavants] = []
+
+    def start(**kwargs: object) -> FakeSavants:
+        fake = FakeSavants(**kwargs)  # type: ignore[arg-type]
+        fake.server.start()
+        started.append(fake)
+        return fake
+
+    yield start
+    for fake in started:
+        fake.server.stop()
+
+
+def calls_up(bridge: ServerThread) -> int:
+    return len(httpx.get(bridge.http_url + "/status", timeout=5).json()["calls"])
+
+
+def released(bridge: ServerThread, fake: FakeSavants) -> None:
+    """Accounting back to zero: no call, no lease or reservation, no Savants socket."""
+    wait_until(lambda: calls_up(bridge) == 0 and leases(bridge) == 0, what="the call to be released")
+    wait_until(lambda: fake.sessions_active == 0, what="the Savants sockets to close")
+
+
+def readyz(bridge: ServerThread) -> tuple[int, str | None]:
+    answer = httpx.get(bridge.http_url + "/readyz", timeout=5)
+    return answer.status_code, answer.json().get("reason")
+
+
+async def test_readyz_stays_not_ready_while_the_token_endpoint_answers_200_without_a_token(
+    start_fake: Callable[..., FakeSavants], start_bridge: Callable[..., ServerThread]
+) -> None:
+    """A token endpoint that answers 200 with no JWT (a wrong base URL reaching a web server that answers any POST,
+    a proxy's error page) fails every token request (BAD_RESPONSE), and /readyz says so. But its probe, an empty
+    body that Savants refuses with 400, took any answer below 500 as "up": the 200 page made the replica ready
+    again a probe interval later ("Savants token endpoint answers again"), and the load balancer sent it calls
+    that could only be answered "unavailable", flapping for as long as the misconfiguration lasted."""
+    fake = start_fake(token=lambda body: PlainTextResponse("<html>Welcome</html>", status_code=200))
+    bridge = start_bridge(bridge_settings(fake.server, **{"savants.token_probe_interval_s": 1}))
+    webhook = post_voice(bridge, call_form())
+    assert "<Connect" not in webhook.text  # "unavailable": no token could be had
+    assert readyz(bridge) == (503, "token endpoint failing")
+    probes_due = time.monotonic() + 3.0  # three probe intervals
+    while time.monotonic() < probes_due:
+        assert readyz(bridge) == (503, "token endpoint failing")
+        await asyncio.sleep(0.1)
+
+
+async def test_readyz_comes_back_once_the_token_endpoint_answers_again(
+    start_fake: Callable[..., FakeSavants], start_bridge: Callable[..., ServerThread]
+) -> None:
+    """The other side of the test above (it passed before the fix, and must still): an outage (503) makes the
+    replica not ready, and the probe finds the recovery without any call."""
+    down = True
+
+    def answer(body: dict[str, object]) -> Response:
+        if down:
+            return JSONResponse({"error": {"code": "SERVICE_UNAVAILABLE", "message": "down"}}, status_code=503)
+        return token_or_400(body)
+
+    fake = start_fake(token=answer)
+    bridge = start_bridge(bridge_settings(fake.server, **{"savants.token_probe_interval_s": 1}))
+    post_voice(bridge, call_form())
+    assert readyz(bridge) == (503, "token endpoint failing")
+    down = False
+    await asyncio.to_thread(wait_until, lambda: readyz(bridge) == (200, None), 4.0, "ready again")
+
+
+async def test_a_preconnected_session_savants_closed_before_the_stream_started_is_not_taken_for_a_goodbye(
+    start_fake: Callable[..., FakeSavants],
+    start_bridge: Callable[..., ServerThread],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """With ``savants.preconnect`` the session opened at the webhook waits for the stream; Savants may close it
+    meanwhile (an idle session, a restart). Closed with 1000, the stream's ``start`` took that dead session,
+    logged "AI session connected", read its close as the AI's goodbye and hung up at once: the caller heard
+    nothing, no apology, and the call counted ``completed`` (reason "AI closed the session") with no line above
+    INFO. A session that ended before the call began said goodbye to nobody: the call needs a live one."""
+
+    async def first_closes_while_warm(fake: FakeSavants, ws: WebSocket) -> None:
+        if fake.sessions_opened > 1:
+            await echo(fake, ws)
+            return
+        await ws.send_json({"type": "savant_voice_connected", "sessionId": "sess_warm"})
+        await asyncio.sleep(0.2)
+        await ws.close(1000)
+
+    fake = start_fake(session=first_closes_while_warm)
+    bridge = start_bridge(bridge_settings(fake.server, **{"savants.preconnect": True, "barge_in.enabled": False}))
+    form = call_form()
+    params = stream_parameters(post_voice(bridge, form))
+    await asyncio.to_thread(wait_until, lambda: fake.sessions_opened == 1 and fake.sessions_active == 0, 5.0, "close")
+    config = CallConfig(
+        url=bridge.ws_url + "/media-stream",
+        call_sid=form["CallSid"],
+        custom_parameters=params,
+        headers=upgrade_signature(),
+        audio_in=VOICE,
+        seconds=3.0,
+    )
+    with caplog.at_level(logging.INFO):
+        result = await run_call(config)
+        await asyncio.to_thread(
+            wait_until, lambda: any(r.getMessage() == "call ended" for r in caplog.records), 5.0, "call ended"
+        )
+    assert result.ended_by == "caller", f"hung up on the caller after {result.duration_s:.2f} s"
+    assert result.heard_s > 1.5  # the AI (an echo) was heard
+    [ended] = [r for r in caplog.records if r.getMessage() == "call ended"]
+    assert getattr(ended, "reason", None) == "caller hung up"
+    assert [child.tag for child in stream_ended(bridge, result.call_sid)] == ["Hangup"]
+    released(bridge, fake)
+
+
+async def test_a_dtmf_message_that_is_not_json_never_puts_its_digit_in_a_log_line(
+    start_fake: Callable[..., FakeSavants],
+    start_bridge: Callable[..., ServerThread],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A frame that is not JSON is logged with its first 40 characters ("bad message from twilio: expected a
+    JSON object, got '...'"). A sender that writes the ``dtmf`` object first (Twilio-protocol senders other
+    than Twilio, README) and breaks the JSON after it put the caller's key press in that line, although digits
+    reach logs only with ``twilio.log_digits`` (off here): a PIN typed through such a sender ends up in the
+    logs key by key."""
+    fake = start_fake()
+    bridge = start_bridge(bridge_settings(fake.server))
+    form = call_form()
+    params = stream_parameters(post_voice(bridge, form))
+    sid = new_sid("MZ")
+    with caplog.at_level(logging.DEBUG):
+        async with connect(bridge.ws_url + "/media-stream", additional_headers=upgrade_signature(), proxy=None) as ws:
+            await ws.send(tw.Connected().to_json())
+            await ws.send(tw.Start(sid, form["CallSid"], form["AccountSid"], custom_parameters=params).to_json())
+            await asyncio.to_thread(wait_until, lambda: calls_up(bridge) == 1, 5.0, "the call")
+            await ws.send('{"event":"dtmf","dtmf":{"digit":"7"},"streamSid":"' + sid + '",}')  # a trailing comma
+            await ws.send(tw.Stop(sid, form["CallSid"], form["AccountSid"], 4).to_json())
+        await asyncio.to_thread(released, bridge, fake)
+    bad = [r for r in caplog.records if "bad message from twilio" in r.getMessage()]
+    assert len(bad) == 1 and getattr(bad[0], "call_sid", None) == form["CallSid"]  # still one line naming the call
+    leaks = [r.getMessage() for r in caplog.records if '"7"' in r.getMessage() or "'7'" in r.getMessage()]
+    assert leaks == []
