@@ -2,9 +2,10 @@
 it is failing, from a probe at most every ``probe_interval_s``.
 
 A probe is never a token request: it posts an empty JSON object, which a working endpoint refuses with 400
-``INVALID_REQUEST`` (spec §3.3) without counting it against any device. Any answer below 500 means the
-endpoint is up; a 5xx, a timeout or no connection means it is not. Without the probe a replica taken out of
-rotation for a token outage would never see another call, so never learn that the outage is over.
+``INVALID_REQUEST`` (spec §3.3) without counting it against any device. A 4xx means the endpoint is up; a 5xx,
+a timeout, no connection, or a 2xx/3xx (no Savants answers an empty body so: a wrong URL) means it is not.
+Without the probe a replica taken out of rotation for a token outage would never see another call, so never
+learn that the outage is over.
 """
 
 from __future__ import annotations

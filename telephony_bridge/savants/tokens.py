@@ -60,12 +60,14 @@ class TokenClient:
 
     async def probe(self) -> str | None:
         """Whether the endpoint answers, without a token request: an empty body (400 from a working endpoint,
-        counted against no device). None if it answered below 500, else what went wrong."""
+        counted against no device). None if it refused it (4xx), else what went wrong: a 5xx, or a 2xx/3xx,
+        which no Savants endpoint answers to an empty body (a wrong URL reaching a server that takes any POST
+        fails every token request with BAD_RESPONSE, and must not look healthy to the probe)."""
         try:
             response = await self._post({}, None)
         except TokenError as exc:
             return f"{exc.code}: {exc}"
-        return None if response.status_code < 500 else f"HTTP {response.status_code} to a probe"
+        return None if 400 <= response.status_code < 500 else f"HTTP {response.status_code} to a probe"
 
     async def _post(self, body: dict[str, str], timeout_s: float | None) -> httpx.Response:
         timeout_s = self._timeout_s if timeout_s is None else min(timeout_s, self._timeout_s)
