@@ -426,6 +426,10 @@ def json_text(obj: dict[str, Any]) -> str:
 
 
 def preview(text: str | bytes) -> str:
-    """The start of a frame that is not JSON, quoted, for a ``Malformed`` reason."""
+    """The start of a frame that is not JSON, quoted, for a ``Malformed`` reason; not quoted if it names a
+    ``digit``: a broken ``dtmf`` message may carry the caller's key press early in it, and digits reach a log
+    only with ``twilio.log_digits``."""
     s = text if isinstance(text, str) else repr(text)
+    if "digit" in s.lower():
+        return f"{len(s)} characters naming a 'digit' (not shown)"
     return repr(s[:40]) + ("…" if len(s) > 40 else "")
