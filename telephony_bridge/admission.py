@@ -327,7 +327,12 @@ class Admission:
         """
         warm = await self._warm.take(lease.call_sid, lease.device_id)
         if isinstance(warm, SavantsConnection):
-            return warm
+            if not warm.ended:
+                return warm
+            # Savants closed it while it waited (even with 1000: that was no goodbye to a caller not yet there).
+            log.info("the Savants session opened at the webhook ended before the stream started; opening another")
+            await warm.close()
+            warm = None
         token = warm if warm is not None else await self._fresh_token(lease)
         return await self._voice.connect(self._voice.url, token, self._voice.timeout_s)
 

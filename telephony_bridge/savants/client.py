@@ -87,6 +87,12 @@ class SavantsConnection(WSListener):
     def session_id(self) -> str | None:
         return self.session.session_id
 
+    @property
+    def ended(self) -> bool:
+        """Whether the connection is over (Savants closed it or it dropped, or ``close`` was called): a session
+        opened early and waiting for its call is of no use to it then."""
+        return self._ended or self._closing
+
     async def send_audio(self, pcm: bytes) -> bool:
         """Send caller audio; False once Savants has closed the socket (``receive`` reports the end and why).
 
