@@ -38,7 +38,7 @@ from telephony_bridge.errors import AdmissionError, SessionError, TokenError
 from telephony_bridge.ops.metrics import Metrics
 from telephony_bridge.savants.client import Connector, SavantsConnection
 from telephony_bridge.savants.tokens import TokenClient, endpoint_failed
-from telephony_bridge.store import Store
+from telephony_bridge.store import Store, StoreUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -190,8 +190,9 @@ class Admission:
 
     # --- at the webhook ----------------------------------------------------------------------------------
 
-    async def admit(self, call_sid: str, caller: str | None = None) -> Admitted:
+    async def admit(self, call_sid: str, caller: str | None = None, request: str | None = None) -> Admitted:
         """Reserve a device and warm a token. ``AdmissionError``: busy. ``SavantsError``: Savants is failing.
+        ``request`` (a webhook's digest) is remembered with the stream token, for ``replayed``.
 
         A 429 (another client shares the device) or a refused device moves the call to the device the pool
         now prefers, as long as the webhook's deadline allows; the pool runs out of such devices eventually.
@@ -213,6 +214,8 @@ class Admission:
                 warm = await self._warm_up(lease, deadline)
                 stream_token = secrets.token_urlsafe(24)
                 await self._store.put(f"stream-token:{call_sid}", _digest(stream_token), self._stream_token_ttl_s)
+                if request is not None:
+                    await self._store.put(f"answered:{call_sid}", request, self._stream_token_ttl_s)
                 self._note_admitted(call_sid)
                 return Admitted(lease, stream_token, warm)
             except TokenError as exc:
@@ -302,17 +305,24 @@ class Admission:
 
     async def claim_stream(self, call_sid: str, owner: str, ttl_s: float) -> bool:
         """Make ``owner`` (one stream) the call's only live stream on every replica; False if another holds it.
-        Kept by ``keep_stream`` (the lease heartbeat), lapses ``ttl_s`` after a replica dies. The call is
-        remembered as streamed for ``STREAMED_TTL_S`` (``streamed``)."""
+        Kept by ``keep_stream`` (the lease heartbeat), lapses ``ttl_s`` after a replica dies. The webhook request
+        whose answer this stream follows is remembered for ``STREAMED_TTL_S`` (``replayed``)."""
         if not await self._store.add(f"live-stream:{call_sid}", owner, ttl_s):
             return False
-        await self._store.put(f"streamed:{call_sid}", "1", STREAMED_TTL_S)
+        answered = await self._store.take(f"answered:{call_sid}")  # None for an ingress without webhooks (SIP)
+        if answered is not None:
+            await self._store.put(f"streamed:{call_sid}", answered, STREAMED_TTL_S)
         return True
 
-    async def streamed(self, call_sid: str) -> bool:
-        """Whether a stream of this call has started (within ``STREAMED_TTL_S``): its webhook was answered and
-        used, so another /voice for it is a replay, not Twilio retrying an answer it never got."""
-        return await self._store.get(f"streamed:{call_sid}") is not None
+    async def replayed(self, call_sid: str, request: str) -> bool:
+        """Whether ``request`` (a digest of a /voice request) was answered ``<Connect>`` and its stream has started:
+        sent again, it is a replay. The same request before its stream started is Twilio retrying an answer it
+        never got, and a different one for the call (a ``<Redirect>``, a call update) is a new instruction; both
+        are answered. A store that does not answer says no: admission, on the same store, then refuses busy."""
+        try:
+            return await self._store.get(f"streamed:{call_sid}") == request
+        except StoreUnavailable:
+            return False
 
     async def keep_stream(self, call_sid: str, owner: str, ttl_s: float) -> bool:
         return await self._store.refresh(f"live-stream:{call_sid}", owner, ttl_s)

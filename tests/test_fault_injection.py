@@ -179,7 +179,8 @@ async def test_a_replayed_voice_webhook_for_a_call_that_had_its_stream_is_hung_u
 ) -> None:
     """Twilio signs no timestamp, so a captured /voice request stays valid: each replay was answered <Connect>,
     fetched a real Savants token and held a slot for the reservation's TTL. A call whose stream has started is
-    remembered; a retry before its stream starts (Twilio retrying an answer it never got) is still answered."""
+    remembered; a retry before its stream starts (Twilio retrying an answer it never got) is still answered, and
+    so is another request for the call (a ``<Redirect>``, a call update: other parameters)."""
     form = call_form()
     retried = post_voice(bridge, form)  # a first answer lost on the way: Twilio asks again
     assert parse_twiml(retried.text).connect is not None
@@ -194,3 +195,5 @@ async def test_a_replayed_voice_webhook_for_a_call_that_had_its_stream_is_hung_u
     assert token_requests(emulator) == tokens and leases(bridge) == 0
     metrics = httpx.get(bridge.http_url + "/metrics", timeout=5).text
     assert 'bridge_admission_refused_total{where="replay"} 3.0' in metrics
+    redirected = post_voice(bridge, {**form, "CallStatus": "in-progress"})  # a <Redirect> back to /voice: answered
+    assert parse_twiml(redirected.text).connect is not None

@@ -106,9 +106,30 @@ def test_redis_unreachable_fails_closed_with_one_clear_line(
     assert [child.tag for child in root] == ["Say", "Hangup"]  # the busy answer: no dead air
     outage = [r for r in caplog.records if r.levelno == logging.ERROR and "did not answer" in r.getMessage()]
     assert len(outage) == 1  # the outage, said once; the refused call has its own WARNING line
-    assert "bridge_accounting_unavailable_total 1.0" in httpx.get(bridge.http_url + "/metrics").text
+    metrics = httpx.get(bridge.http_url + "/metrics").text
+    [unanswered] = [line for line in metrics.splitlines() if line.startswith("bridge_accounting_unavailable_total ")]
+    assert float(unanswered.split()[1]) >= 1  # each request Redis did not answer: the replay check's, admission's
     assert httpx.get(bridge.http_url + "/readyz").status_code == 503
     assert emulator_stats(emulator)["tokens_issued"] == 0
+
+
+def test_redis_unreachable_answers_voice_busy_not_ai_unavailable(
+    emulator: ServerThread, start_bridge: Callable[..., ServerThread], caplog: pytest.LogCaptureFixture
+) -> None:
+    """README says a Redis outage "answers new calls busy (fail closed)". The replay check (``Admission.replayed``)
+    reads the shared store before admission, and its ``StoreUnavailable`` was answered with the *unavailable*
+    document and an ERROR blaming the AI (found by a review). The test above cannot tell: both documents are
+    ``<Say/><Hangup/>`` and the store's message also says "did not answer"."""
+    bridge = start_bridge(bridge_settings(emulator, redis_url=f"redis://127.0.0.1:{free_port()}/0"))
+    with caplog.at_level(logging.WARNING):
+        post_voice(bridge, call_form())
+    metrics = httpx.get(bridge.http_url + "/metrics").text
+    blamed_ai = [r.getMessage() for r in caplog.records if "the AI is unavailable" in r.getMessage()]
+    assert (
+        'bridge_webhook_answers_total{document="busy"} 1.0' in metrics,
+        'bridge_admission_refused_total{where="webhook"} 1.0' in metrics,
+        blamed_ai,
+    ) == (True, True, [])
 
 
 async def test_calls_in_progress_continue_when_redis_goes_away(
