@@ -1,10 +1,11 @@
 """The AI side of one call: its Savants session for the call's life, between ``Inbound`` and ``Outbound``.
 
-Connected once (warm or fresh, ``Admission.session_for``), then, after each drop worth it, reconnected while the
-caller keeps the line (``reconnect.Reconnector``) and hears comfort fill instead of a dead line. Caller audio
-goes to the session (``Inbound.run``) and the AI's audio comes back to ``Outbound`` until the session fails
-(then the next reconnect) or the AI says goodbye: its last words are heard out, then ``AiHungUp`` ends the
-call. ``bridge.Call`` runs ``run`` as one task of its call and closes the session in its cleanup.
+Connected once (warm or fresh, ``Admission.session_for``; a first session that cannot be opened is retried as a
+drop is), then, after each drop worth it, reconnected while the caller keeps the line
+(``reconnect.Reconnector``) and hears comfort fill instead of a dead line. Caller audio goes to the session
+(``Inbound.run``) and the AI's audio comes back to ``Outbound`` until the session fails (then the next
+reconnect) or the AI says goodbye: its last words are heard out, then ``AiHungUp`` ends the call.
+``bridge.Call`` runs ``run`` as one task of its call and closes the session in its cleanup.
 """
 
 from __future__ import annotations
@@ -61,7 +62,7 @@ class AiSide:
     async def run(self, started_at: float) -> None:
         """The session for the call's life (``started_at``: the call's start, for the connect latency); ends
         only by raising: ``AiHungUp`` (goodbye) or ``SavantsError`` (no session could be had, or kept)."""
-        session = await self._admission.session_for(self._slot.lease)
+        session = await self._first_session()
         self.connected_at = self._clock.monotonic()
         self._metrics.ai_connect_latency.observe(self.connected_at - started_at)
         log.info("AI session connected", extra={"session_id": session.session_id})
@@ -72,14 +73,29 @@ class AiSide:
             failure = await self._converse(session)
             await session.close()
             self.connected = False
-            if self._fill is None:
-                self._fill = ComfortFill(noise=self._settings.savants.reconnect_fill == "comfort_noise")
-            self._outbound.fill(self._fill)  # the caller hears comfort noise, never a gap, while we reconnect
-            try:
-                session = await self._reconnector.recover(failure, self._slot)
-            finally:
-                self._outbound.fill(None)
+            session = await self._recover(failure)
             self.connected = True
+
+    async def _first_session(self) -> SavantsConnection:
+        """The call's first session. One that cannot be opened (a refused or timed-out upgrade, a token request
+        that failed) is retried as a drop is: the same fault a second later would be, and the caller keeps the
+        line meanwhile rather than hearing the fallback at once. Not a device out of token budget: its window
+        frees up within a minute, not within the reconnect deadline, so the caller hears the apology now."""
+        try:
+            return await self._admission.session_for(self._slot.lease)
+        except SavantsError as failure:
+            if getattr(failure, "code", None) == "NO_BUDGET":
+                raise
+            return await self._recover(failure, opening=True)
+
+    async def _recover(self, failure: SavantsError, *, opening: bool = False) -> SavantsConnection:
+        if self._fill is None:
+            self._fill = ComfortFill(noise=self._settings.savants.reconnect_fill == "comfort_noise")
+        self._outbound.fill(self._fill)  # the caller hears comfort noise, never a gap, while we reconnect
+        try:
+            return await self._reconnector.recover(failure, self._slot, opening=opening)
+        finally:
+            self._outbound.fill(None)
 
     async def close(self) -> None:
         if self._session is not None:

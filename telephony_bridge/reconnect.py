@@ -38,7 +38,7 @@ LIMIT_WINDOW_S = 60.0  # ``max_per_minute`` counts the drops retried within this
 class ReconnectFigures:
     """For the "call ended" line: how often the AI dropped, what it took, how it ended."""
 
-    drops: int = 0  # sessions that ended on a failure mid-call
+    drops: int = 0  # sessions that ended on a failure mid-call, or could not be opened at its start
     attempts: int = 0  # reconnect attempts made
     outcome: str = "none"  # none | resumed | failed | not_retried | limited | abandoned (the last drop's)
     gap_s: float = 0.0  # time without an AI session, summed over the drops that were retried
@@ -64,10 +64,11 @@ class Reconnector:
         self._retried_at: deque[float] = deque()  # when the drops retried within the last minute came
         self.figures = ReconnectFigures()
 
-    async def recover(self, failure: SavantsError, slot: CallSlot) -> SavantsConnection:
+    async def recover(self, failure: SavantsError, slot: CallSlot, *, opening: bool = False) -> SavantsConnection:
         """A new session for the call (``slot.lease`` says on which device it now is); raises a
         ``SavantsError`` (the call then ends with the fallback message) if the drop is not worth a retry or the
-        deadline passed."""
+        deadline passed. ``opening``: the call's first session could not be opened (counted as a drop)."""
+        lost = "AI session could not be opened" if opening else "AI session dropped"
         figures = self.figures
         figures.drops += 1
         verdict = await self._judge(failure, slot)
@@ -79,17 +80,16 @@ class Reconnector:
             figures.outcome = "limited"
             self._metrics.ai_reconnects.labels(result="limited").inc()
             log.warning(
-                "AI session dropped (%s), its %s retried drop within a minute: not reconnecting again "
+                "%s (%s), its %s retried drop within a minute: not reconnecting again "
                 "(savants.max_reconnects_per_minute); the call ends",
+                lost,
                 failure,
                 _ordinal(self._max_per_minute + 1),
             )
             raise failure
         started = self._clock.monotonic()
         deadline = started + self._deadline_s
-        log.warning(
-            "AI session dropped (%s): the caller keeps the line; reconnecting for up to %s s", failure, self._deadline_s
-        )
+        log.warning("%s (%s): the caller keeps the line; reconnecting for up to %s s", lost, failure, self._deadline_s)
         try:
             session = await self._attempts(failure, slot, started, deadline)
         except SavantsError:

@@ -249,3 +249,27 @@ async def test_an_ai_that_keeps_dropping_is_not_reconnected_past_the_limit_and_s
     assert stats["sessions_opened"] == 3
     assert sum(d["token_requests_in_window"] for d in stats["devices"].values()) == 3  # the first, two reconnects
     released(bridge, emulator)
+
+
+async def test_a_first_session_that_cannot_be_opened_is_retried_while_the_caller_hears_comfort_noise(
+    start_emulator: Callable[..., ServerThread],
+    start_bridge: Callable[..., ServerThread],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The call's first session is never confirmed (a connect timeout): it is retried as a drop is, rather than
+    the call ending at once with the fallback while the same fault a second later would have been survived."""
+    first_never_confirms = SessionFault(kind="no_confirm", select=Selector(count=1))
+    emulator = start_emulator(voice="echo", session_faults=(first_never_confirms,))
+    bridge = start_bridge(settings(emulator))
+    with caplog.at_level(logging.INFO):
+        result = await run_call(signed_call(bridge, audio_in=VOICE, seconds=6.0))
+        ended = call_ended(caplog)
+    assert result.ended_by == "caller" and result.violations == []
+    assert np.mean(np.abs(result.heard.astype(np.int32)[-2 * RATE_HZ :]) >= AUDIBLE) > 0.5  # the AI, at last
+    figures = {k: getattr(ended, k) for k in ("outcome", "ai_drops", "ai_reconnect", "ai_reconnect_attempts")}
+    assert figures == {"outcome": "completed", "ai_drops": 1, "ai_reconnect": "resumed", "ai_reconnect_attempts": 1}
+    assert ended.comfort_fill_ms > 0  # type: ignore[attr-defined]  # the caller heard the line alive meanwhile
+    opened = [r for r in caplog.records if r.getMessage().startswith("AI session could not be opened")]
+    assert [(r.levelno, getattr(r, "call_sid", None)) for r in opened] == [(logging.WARNING, result.call_sid)]
+    assert emulator_stats(emulator)["sessions_opened"] == 2
+    released(bridge, emulator)
