@@ -265,6 +265,29 @@ async def test_sip_hold_and_resume_by_reinvite(
     assert_all_released(bridge, emulator)
 
 
+async def test_sip_resume_by_a_reinvite_without_sdp_is_heard_again(
+    start_bridge: Callable[..., ServerThread], emulator: ServerThread
+) -> None:
+    """Some PBXs resume from a hold with a re-INVITE that carries no SDP: our 200 must offer sendrecv (our last
+    answer was recvonly) and the ACK's answer must be applied; else the call stays muted to the end."""
+    bridge = start_sip_bridge(start_bridge, emulator, **{"sip.media_timeout_s": 1.0})
+    config = SipCallConfig(
+        target(bridge),
+        audio_in=speech_band_noise(4.0),
+        seconds=5.0,
+        hold_at_s=1.0,
+        resume_at_s=3.0,
+        resume_without_sdp=True,
+    )
+    result = await place_sip_call(config)
+    assert result.answered and result.ended_by == "caller", result.summary()
+    assert result.reinvites == [200, 200]
+    assert result.packets_between(1.3, 2.9) == 0  # held
+    assert result.packets_between(3.3, 4.9) > 60  # resumed, though the re-INVITE said nothing of media
+    assert result.violations == []
+    assert_all_released(bridge, emulator)
+
+
 async def test_sip_ai_audio_during_a_hold_is_neither_sent_nor_played(
     start_emulator: Callable[..., ServerThread],
     start_bridge: Callable[..., ServerThread],

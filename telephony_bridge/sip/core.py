@@ -2,8 +2,9 @@
 
 The driver feeds ``receive(parsed, peer, now)`` and ``poll(now)`` and gets back a list of ``Send`` actions and
 events (``IncomingCall``, ``CallConfirmed``, ``CallCancelled``, ``CallEnded``, ``AckTimeout``, ``ReOffer``,
-``InfoDigit``, ``CallIdInUse``). It decides admission itself and answers with ``ring``/``answer``/``reject``;
-``hangup`` sends our BYE, held back until the ACK (or its timeout), since a BYE must not precede the ACK (§4).
+``ReOfferConfirmed``, ``InfoDigit``, ``CallIdInUse``). It decides admission itself and answers with
+``ring``/``answer``/``reject``; ``hangup`` sends our BYE, held back until the ACK (or its timeout), since a BYE
+must not precede the ACK (§4).
 
 What the core answers by itself: ``100 Trying`` at once; retransmissions (never a second call, G11); CANCEL
 (``200`` + ``487``, or ``481``); BYE (``200``); OPTIONS (``options_status``); in-dialog requests for an unknown
@@ -109,6 +110,15 @@ class InfoDigit:
 
 
 @dataclass(frozen=True, slots=True)
+class ReOfferConfirmed:
+    """The ACK to our ``200`` for a re-INVITE: it carries the answer when that ``200`` carried our offer (a
+    re-INVITE without SDP, §10.4)."""
+
+    call_id: str
+    ack: Request
+
+
+@dataclass(frozen=True, slots=True)
 class CallIdInUse:
     """A new INVITE (no To tag, its own branch) named the Call-ID of a call still held here, such as a forking
     proxy's second copy or a PBX that reuses Call-IDs: already answered ``482`` (RFC 3261 §8.2.2.2), the held
@@ -118,7 +128,17 @@ class CallIdInUse:
     peer: Peer
 
 
-Event = IncomingCall | CallConfirmed | CallCancelled | CallEnded | AckTimeout | ReOffer | InfoDigit | CallIdInUse
+Event = (
+    IncomingCall
+    | CallConfirmed
+    | CallCancelled
+    | CallEnded
+    | AckTimeout
+    | ReOffer
+    | ReOfferConfirmed
+    | InfoDigit
+    | CallIdInUse
+)
 Output = Send | Event
 _Txn = InviteServerTransaction | NonInviteServerTransaction
 
@@ -242,6 +262,8 @@ class UserAgentCore:
                     out.append(CallConfirmed(request.call_id, request))
                     if call.bye_pending:
                         out += self._send_bye(call, now)
+                else:
+                    out.append(ReOfferConfirmed(request.call_id, request))
         return out
 
     def _on_cancel(self, request: Request, peer: Peer, now: float, key: tuple[str, str, str] | None) -> list[Output]:

@@ -39,6 +39,7 @@ from telephony_bridge.sip.core import (
     InfoDigit,
     Output,
     ReOffer,
+    ReOfferConfirmed,
     Send,
     UserAgentCore,
 )
@@ -127,6 +128,7 @@ class _Live:
     peer: Peer
     cancelled: asyncio.Event = field(default_factory=asyncio.Event)
     admission: asyncio.Timeout | None = None  # while admission runs; the caller's CANCEL expires it at once
+    offered_in_reoffer: bool = False  # our 200 to a re-INVITE without SDP carried an offer: the ACK answers it
     leg: SipLeg | None = None
     session_id: int = field(default_factory=lambda: secrets.randbelow(2**31))
     version: int = 1
@@ -343,6 +345,9 @@ class SipServer:
             self._reoffer(live, event.request)
         elif isinstance(event, CallConfirmed) and live.leg is not None and live.leg.media is LATE_OFFER_PENDING:
             self._late_answer(live, event.ack.body)
+        elif isinstance(event, ReOfferConfirmed) and live.offered_in_reoffer and live.leg is not None:
+            live.offered_in_reoffer = False
+            self._reoffer_answer(live, event.ack.body)
 
     def _late_answer(self, live: _Live, body: bytes) -> None:
         """The ACK's SDP answers the offer our 200 carried; without a usable one there is no session: BYE."""
@@ -355,13 +360,25 @@ class SipServer:
             return
         live.leg.update_media(chosen)
 
+    def _reoffer_answer(self, live: _Live, body: bytes) -> None:
+        """The ACK's SDP answers the offer our 200 to a re-INVITE without SDP carried (a resume after a hold,
+        a media refresh); an unusable one leaves the media as it was."""
+        assert live.leg is not None
+        answer = sdp.parse_sdp(body)
+        chosen = sdp.negotiate(answer, allow_pcma=self._settings.allow_pcma) if body else sdp.SdpError("empty")
+        if isinstance(answer, sdp.SdpError) or isinstance(chosen, sdp.SdpError):
+            log.warning("SIP re-INVITE: the ACK carries no usable SDP answer to our offer; media unchanged")
+            return
+        live.leg.update_media(chosen)
+
     def _reoffer(self, live: _Live, request: Request) -> None:
         """re-INVITE/UPDATE: hold, resume, a media move, or a session refresh (§9, §10.5)."""
         assert self.core is not None
         now = self._clock.monotonic()
         live.refreshed_at = now
         if not request.body:
-            body = live.answer_sdp if request.method == "INVITE" else b""
+            body = self._fresh_offer(live) if request.method == "INVITE" else b""
+            live.offered_in_reoffer = bool(body)
             self._dispatch(self.core.answer_reoffer(live.call_id, 200, now, sdp=body, rows=self._timer_rows(live)))
             return
         negotiated = self._negotiate(request.body)
@@ -378,6 +395,19 @@ class SipServer:
         live.answer_sdp = body
         live.leg.update_media(chosen)
         self._dispatch(self.core.answer_reoffer(live.call_id, 200, now, sdp=body, rows=self._timer_rows(live)))
+
+    def _fresh_offer(self, live: _Live) -> bytes:
+        """Our offer for a re-INVITE without SDP: everything we can do, sendrecv, so that a caller resuming
+        from a hold this way is heard and hears us again (our last answer, ``recvonly`` after a hold, would keep
+        the call muted). The version goes up only when it differs from our last SDP (RFC 3264 §8)."""
+        assert self.core is not None
+        host = self.core.advertised_host
+        offer = sdp.build_offer(host=host, port=live.port, session_id=live.session_id, version=live.version)
+        if offer != live.answer_sdp:
+            live.version += 1
+            offer = sdp.build_offer(host=host, port=live.port, session_id=live.session_id, version=live.version)
+        live.answer_sdp = offer
+        return offer
 
     def _negotiate(self, body: bytes) -> tuple[sdp.SessionDescription, sdp.Negotiated] | str:
         """The offer and what we take from it, or why it gets a ``488``."""

@@ -61,6 +61,7 @@ class SipCallConfig:
     late_offer: bool = False  # INVITE without SDP: the 200 carries the bridge's offer, our ACK the answer
     hold_at_s: float | None = None  # re-INVITE with a=sendonly this long after answer (the caller holds)...
     resume_at_s: float | None = None  # ...and a=sendrecv again at this time
+    resume_without_sdp: bool = False  # the resume's re-INVITE carries no SDP: the 200 offers, our ACK answers
 
 
 @dataclass
@@ -310,14 +311,17 @@ async def _call(
     loop = asyncio.get_running_loop()
     responder = loop.create_task(_answer_requests(sig, final, ack, config, bye_from_bridge, pending))
 
-    async def reinvite(direction: Direction, at_s: float) -> None:
-        """A re-INVITE in the dialog (hold or resume), ACKed on its 200 (RFC 3264 §8.4)."""
+    async def reinvite(direction: Direction, at_s: float, *, with_sdp: bool = True) -> None:
+        """A re-INVITE in the dialog (hold or resume), ACKed on its 200 (RFC 3264 §8.4); without SDP, the 200
+        carries the bridge's offer and the ACK our answer (§13.2.2.4)."""
         nonlocal cseq
         await asyncio.sleep(at_s)
         cseq += 1
-        body = build_offer(
-            host=config.local_host, port=rtp_port, session_id=session_id, version=cseq, direction=direction
-        )
+        body = b""
+        if with_sdp:
+            body = build_offer(
+                host=config.local_host, port=rtp_port, session_id=session_id, version=cseq, direction=direction
+            )
         rows = [
             ("Via", f"SIP/2.0/{proto} {local_host}:{local_port};branch={new_branch()};rport"),
             ("Max-Forwards", "70"),
@@ -327,7 +331,7 @@ async def _call(
             ("Call-ID", result.call_id),
             ("CSeq", f"{cseq} INVITE"),
             ("Contact", contact),
-            ("Content-Type", "application/sdp"),
+            *([("Content-Type", "application/sdp")] if body else []),
         ]
         waiter = pending[cseq] = loop.create_future()
         sig.send(Request("INVITE", ack.uri, Headers.of(rows), body).to_bytes())
@@ -338,13 +342,24 @@ async def _call(
         result.reinvites.append(answer.status)
         ack_rows = [r for r in rows if r[0] not in ("CSeq", "Content-Type", "Contact")]
         ack_rows[0] = ("Via", f"SIP/2.0/{proto} {local_host}:{local_port};branch={new_branch()};rport")
-        sig.send(Request("ACK", ack.uri, Headers.of([*ack_rows, ("CSeq", f"{cseq} ACK")])).to_bytes())
+        ack_rows.append(("CSeq", f"{cseq} ACK"))
+        ack_body = b""
+        offered = parse_sdp(answer.body) if not with_sdp and answer.body else None
+        if isinstance(offered, SessionDescription):
+            picked = negotiate(offered)
+            if not isinstance(picked, SdpError):
+                ack_body = build_answer(
+                    offered, picked, host=config.local_host, port=rtp_port, session_id=session_id, version=cseq
+                )
+                ack_rows.append(("Content-Type", "application/sdp"))
+        sig.send(Request("ACK", ack.uri, Headers.of(ack_rows), ack_body).to_bytes())
 
     moves = []
     if config.hold_at_s is not None:
         moves.append(loop.create_task(reinvite(Direction.SENDONLY, config.hold_at_s)))
     if config.resume_at_s is not None:
-        moves.append(loop.create_task(reinvite(Direction.SENDRECV, config.resume_at_s)))
+        resume = reinvite(Direction.SENDRECV, config.resume_at_s, with_sdp=not config.resume_without_sdp)
+        moves.append(loop.create_task(resume))
     try:
         await _media_loop(config, media, rtp, remote, chosen.telephone_event_pt, bye_from_bridge, result)
         for move in moves:
