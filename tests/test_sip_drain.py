@@ -8,6 +8,7 @@ import asyncio
 import logging
 import signal
 import time
+import wave
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -116,3 +117,20 @@ async def test_sip_invite_still_in_admission_when_the_drain_begins_is_refused_50
     assert result.status == 503 and not result.answered, result.summary()
     assert_all_released(bridge, emulator)
     assert leases(bridge) == 0
+
+
+async def test_a_drain_recording_longer_than_the_drain_allows_is_warned_of_at_start(
+    start_bridge: Callable[..., ServerThread], emulator: ServerThread, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A call cut by the drain has ``CUT_GRACE_S`` (5 s) to end: a longer recording would be cut off before its
+    end, and with only ``sip.fallback_wav`` set, that is what drained calls hear. Say so at start-up."""
+    long_wav = tmp_path / "long.wav"
+    with wave.open(str(long_wav), "wb") as out:
+        out.setnchannels(1)
+        out.setsampwidth(2)
+        out.setframerate(8000)
+        out.writeframes(b"\x00\x10" * 8000 * 6)  # 6 s
+    with caplog.at_level(logging.WARNING):
+        start_sip_bridge(start_bridge, emulator, **{"sip.fallback_wav": str(long_wav)})
+    warned = [r.getMessage() for r in caplog.records if "cut by the drain" in r.getMessage()]
+    assert len(warned) == 1 and warned[0].startswith("sip.fallback_wav lasts 6.0 s"), warned

@@ -10,6 +10,7 @@ from telephony_bridge.audio.codec import ULAW_SILENCE
 from telephony_bridge.clock import SystemClock
 from telephony_bridge.sip.leg import SipLeg
 from telephony_bridge.sip.sdp import Direction, Negotiated
+from telephony_bridge.sip.server import MEDIA_STOP_S, _stopped
 
 MEDIA = Negotiated(0, "127.0.0.1", 40000, "PCMU", 0, None, Direction.SENDRECV, None)
 
@@ -60,3 +61,11 @@ async def test_sip_leg_hang_up_cancelled_while_its_recording_plays_still_stops_m
         with contextlib.suppress(asyncio.CancelledError):
             await media
     assert (bool(done), byes) == (True, ["drained"])
+
+
+async def test_a_media_task_that_does_not_stop_after_the_hang_up_is_cancelled_not_awaited_for_ever() -> None:
+    """The server's backstop: a call whose RTP task does not stop (a bug) must not hold the server's stop."""
+    stuck = asyncio.create_task(asyncio.sleep(3600))
+    async with asyncio.timeout(MEDIA_STOP_S + 3.0):
+        await _stopped(stuck)
+    assert stuck.cancelled()

@@ -484,8 +484,8 @@ class UserAgentCore:
         """The call is over. One the driver has forgotten already (we hung up before the caller's ACK, so our BYE
         waited for it) goes now: nothing else would remove it, and its Call-ID would be refused for ever."""
         call.ended = True
-        if call.forgotten:
-            self._calls.pop(call.invite.call_id, None)
+        if call.forgotten and self._calls.get(call.invite.call_id) is call:
+            del self._calls[call.invite.call_id]
 
     def _send_bye(self, call: _Call, now: float) -> list[Output]:
         assert call.dialog is not None

@@ -23,6 +23,7 @@ from typing import Any
 
 from telephony_bridge.audio.codec import pcm16_to_ulaw
 from telephony_bridge.bridge import Call, CallDeps
+from telephony_bridge.drain import CUT_GRACE_S, DRAINED
 from telephony_bridge.errors import AdmissionError, ConfigError, SavantsError
 from telephony_bridge.ops import logging as oplog
 from telephony_bridge.settings import Settings
@@ -54,6 +55,7 @@ log = logging.getLogger(__name__)
 
 DEV_SOURCES = ("127.0.0.0/8",)
 # Media of a call whose INVITE had no SDP, until the ACK brings the answer: nothing is sent anywhere.
+MEDIA_STOP_S = 2.0  # after our hang-up, how long the RTP task may take to stop before it is cancelled
 LATE_OFFER_PENDING = sdp.Negotiated(0, "0.0.0.0", 9, sdp.PCMU, 0, None, sdp.Direction.INACTIVE, None)
 
 
@@ -169,6 +171,7 @@ class SipServer:
         self._recordings = outcome_recordings(
             _load_recording("sip.fallback_wav", sip.fallback_wav), _load_recording("sip.drain_wav", sip.drain_wav)
         )
+        _warn_if_cut_short(self._recordings[DRAINED], "sip.drain_wav" if sip.drain_wav else "sip.fallback_wav")
         self.refused = 0
 
     # --- lifecycle -----------------------------------------------------------------------------------------
@@ -589,8 +592,7 @@ class SipServer:
         finally:
             expiry.cancel()
             await leg.hang_up("completed")  # no-op when the core already hung the leg up
-            with contextlib.suppress(asyncio.CancelledError):
-                await media
+            await _stopped(media)
             with contextlib.suppress(asyncio.CancelledError):
                 await expiry
             self._count_media(leg)
@@ -645,3 +647,26 @@ def _load_recording(key: str, path: str) -> bytes:
         return pcm16_to_ulaw(read_wav(path))
     except (OSError, EOFError, wave.Error, ValueError) as exc:
         raise ConfigError(f"config key {key!r} has value {path!r}, which is not usable: {exc}") from exc
+
+
+async def _stopped(media: asyncio.Task[None]) -> None:
+    """Wait for the RTP task after our hang-up, at most ``MEDIA_STOP_S``: a task that does not stop (a bug)
+    must not hold the call, and with it the server's stop, for ever."""
+    done, _ = await asyncio.wait({media}, timeout=MEDIA_STOP_S)
+    if not done:
+        log.error("the SIP media task did not stop within %s s of the hang-up; cancelling it", MEDIA_STOP_S)
+        media.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await media
+
+
+def _warn_if_cut_short(recording: bytes, key: str) -> None:
+    """The drain gives a call it cut ``CUT_GRACE_S`` to end; a longer recording before the BYE is cut off."""
+    seconds = len(recording) / 8000
+    if seconds > CUT_GRACE_S - 1.0:
+        log.warning(
+            "%s lasts %.1f s: a SIP call cut by the drain has %s s to end, so the caller would not hear it to the end",
+            key,
+            seconds,
+            CUT_GRACE_S,
+        )
