@@ -58,7 +58,9 @@ async def test_sigterm_while_a_webhook_is_admitting_its_call_never_answers_conne
     try:
         form = call_form()
         webhook = asyncio.create_task(asyncio.to_thread(post_voice, bridge, form))
-        await asyncio.sleep(TOKEN_DELAY_S / 3)  # the webhook waits on the token endpoint now
+        # admission has reserved a device and waits on the token endpoint now (not a sleep: a slow machine would
+        # let the signal come before the webhook, and test the early busy answer instead)
+        await asyncio.to_thread(wait_until, lambda: leases(bridge) == 1, 5.0, "admission to reserve a device")
         bridge.proc.send_signal(signal.SIGTERM)
         answer = await webhook
         document = parse_twiml(answer.text)
