@@ -117,11 +117,15 @@ def test_retransmitted_invite_is_absorbed_never_a_second_call() -> None:
     assert core.active_calls == 1
 
 
-def test_new_branch_while_the_first_invite_is_undecided_is_absorbed() -> None:
+def test_new_branch_while_the_first_invite_is_undecided_is_482_and_the_first_goes_on() -> None:
+    """A merged request (RFC 3261 §8.2.2.2: a forking proxy's second copy) was absorbed without an answer, so its
+    sender retransmitted it for 32 s; it is refused at once, and the first INVITE is still answered."""
     core = UserAgentCore("203.0.113.5", 5060)
     core.receive(invite(), PEER, T0)
-    assert core.receive(another_invite("z9hG4bK-second"), PEER, T0 + 0.1) == []
+    out = core.receive(another_invite("z9hG4bK-second"), PEER, T0 + 0.1)
+    assert statuses(out) == [482] and events(out) == [CallIdInUse("3c2a7b1e@198.51.100.7", PEER)]
     assert core.active_calls == 1
+    assert statuses(core.answer("3c2a7b1e@198.51.100.7", b"v=0\r\n", T0 + 0.2)) == [200]
 
 
 def test_new_invite_under_a_held_call_id_is_482_until_the_driver_forgets_it() -> None:

@@ -230,9 +230,10 @@ class UserAgentCore:
                 request, peer, now, key, 420, rows=[("Unsupported", ", ".join(sorted(unsupported)))], invite=True
             )
         existing = self._calls.get(request.call_id)
-        if existing is not None and not existing.ended and existing.txn.state is State.PROCEEDING:
-            return []  # same call, new branch while the first is undecided (a broken retransmission): absorb
-        if existing is not None:  # until the driver forgets it, a new call under this Call-ID would replace it
+        # A new INVITE (its own branch) under a Call-ID held here, answered or not: a forking proxy's second copy
+        # (RFC 3261 §8.2.2.2's merged request) or a PBX reusing Call-IDs. Until the driver forgets the held call,
+        # a new one under its Call-ID would replace it.
+        if existing is not None:
             refused = self._stateless(request, peer, now, key, 482, invite=True)
             return [*refused, CallIdInUse(request.call_id, peer)]
         txn = InviteServerTransaction(request, reliable=peer.reliable, now=now, timers=self.timers)
