@@ -235,3 +235,23 @@ async def test_a_dtmf_message_that_is_not_json_never_puts_its_digit_in_a_log_lin
     assert len(bad) == 1 and getattr(bad[0], "call_sid", None) == form["CallSid"]  # still one line naming the call
     leaks = [r.getMessage() for r in caplog.records if '"7"' in r.getMessage() or "'7'" in r.getMessage()]
     assert leaks == []
+
+
+async def test_a_bare_401_from_the_token_endpoint_takes_the_device_out_of_the_pool(
+    start_fake: Callable[..., FakeSavants], start_bridge: Callable[..., ServerThread], caplog: pytest.LogCaptureFixture
+) -> None:
+    """A 401 without Savants' error envelope (a gateway in front of it refusing the API key) was recorded as
+    ``HTTP_401``: no device left the pool, /readyz stayed 200, and every call asked again and heard "unavailable".
+    It is the API key refused, as ``AUTHENTICATION_FAILED`` is: each device is suspended, once, and /readyz says
+    so."""
+    fake = start_fake(
+        token=lambda body: PlainTextResponse("Unauthorized", status_code=401) if body else token_or_400(body)
+    )
+    bridge = start_bridge(bridge_settings(fake.server))
+    with caplog.at_level(logging.WARNING):
+        for _ in range(3):
+            assert "<Connect" not in post_voice(bridge, call_form()).text
+    assert readyz(bridge) == (503, "device pool full")
+    assert fake.token_requests == 2  # one per device (device-a, device-b), then none: both are out of the pool
+    suspended = [r for r in caplog.records if r.levelno == logging.ERROR and "leaves the pool" in r.getMessage()]
+    assert len(suspended) == 2, [r.getMessage() for r in suspended]

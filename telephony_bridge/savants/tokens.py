@@ -95,7 +95,7 @@ def _read_token(response: httpx.Response) -> str:
         return token
     # The envelope nests code and message under 'error' (§3.3, §11.17); tolerate anything missing.
     error = body.get("error") if isinstance(body, dict) and isinstance(body.get("error"), dict) else {}
-    code = error.get("code") if isinstance(error.get("code"), str) else f"HTTP_{response.status_code}"
+    code = error.get("code") if isinstance(error.get("code"), str) else _bare_code(response.status_code)
     message = error.get("message") if isinstance(error.get("message"), str) else ""
     details = error.get("details") if isinstance(error.get("details"), dict) else {}
     retry_after = _retry_after_s(details.get("retryAfter"), response.headers.get("retry-after"))
@@ -105,6 +105,13 @@ def _read_token(response: httpx.Response) -> str:
         status=response.status_code,
         retry_after_s=retry_after,
     )
+
+
+def _bare_code(status: int) -> str:
+    """The code of a refusal without Savants' envelope (a gateway's page, an empty body). A 401 says the API key
+    was not accepted, whatever wrote it: ``AUTHENTICATION_FAILED``, so the device leaves the pool (logged once)
+    and ``/readyz`` says so once none is left, rather than every call asking again and hearing "unavailable"."""
+    return "AUTHENTICATION_FAILED" if status == 401 else f"HTTP_{status}"
 
 
 def _retry_after_s(*candidates: object) -> float | None:
