@@ -69,3 +69,21 @@ async def test_a_media_task_that_does_not_stop_after_the_hang_up_is_cancelled_no
     async with asyncio.timeout(MEDIA_STOP_S + 3.0):
         await _stopped(stuck)
     assert stuck.cancelled()
+
+
+async def test_a_call_cancelled_while_the_backstop_waits_for_its_media_task_cancels_that_task_too() -> None:
+    """review-46: the server's stop cancels the call tasks 2 s after ending them, which is when ``_stopped`` still
+    waits for a media task that does not stop (its own 2 s started later, after the hang-up). ``asyncio.wait``
+    does not pass a cancellation on, so the media task was left running, orphaned: the old ``await media`` did
+    cancel it. The backstop must not leak the very task it exists to stop."""
+    stuck = asyncio.create_task(asyncio.sleep(3600))
+    waiter = asyncio.create_task(_stopped(stuck))
+    await asyncio.sleep(0)  # one step: the backstop now waits on the stuck task
+    waiter.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await waiter
+    await asyncio.sleep(0)  # a cancellation passed on is delivered at the task's next step
+    try:
+        assert stuck.cancelled() or stuck.cancelling(), "the media task is still running after its call was cancelled"
+    finally:
+        stuck.cancel()
