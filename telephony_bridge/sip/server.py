@@ -652,7 +652,11 @@ def _load_recording(key: str, path: str) -> bytes:
 async def _stopped(media: asyncio.Task[None]) -> None:
     """Wait for the RTP task after our hang-up, at most ``MEDIA_STOP_S``: a task that does not stop (a bug)
     must not hold the call, and with it the server's stop, for ever."""
-    done, _ = await asyncio.wait({media}, timeout=MEDIA_STOP_S)
+    try:
+        done, _ = await asyncio.wait({media}, timeout=MEDIA_STOP_S)
+    except asyncio.CancelledError:  # the call was cancelled (the server's stop): asyncio.wait does not pass it on
+        media.cancel()
+        raise
     if not done:
         log.error("the SIP media task did not stop within %s s of the hang-up; cancelling it", MEDIA_STOP_S)
         media.cancel()
