@@ -86,6 +86,7 @@ class AiSide:
         except SavantsError as failure:
             if getattr(failure, "code", None) == "NO_BUDGET":
                 raise
+            self._inbound.limit_backlog(self._settings.audio.reconnect_buffer_ms)  # as long a wait as a drop's
             return await self._recover(failure, opening=True)
 
     async def _recover(self, failure: SavantsError, *, opening: bool = False) -> SavantsConnection:

@@ -72,7 +72,10 @@ class Reconnector:
         figures = self.figures
         figures.drops += 1
         verdict = await self._judge(failure, slot)
-        if verdict is not Verdict.RETRY or self._deadline_s == 0:
+        # At the start a refused device is the device's fault, not the call's: an attempt moves the call off it,
+        # as the webhook's admission does (mid-call, the table's "no retry" stands).
+        worth_it = verdict is Verdict.RETRY or (opening and verdict is Verdict.QUARANTINE)
+        if not worth_it or self._deadline_s == 0:
             figures.outcome = "not_retried"
             self._metrics.ai_reconnects.labels(result="not_retried").inc()
             raise failure
@@ -106,7 +109,9 @@ class Reconnector:
         figures.outcome = "resumed"
         self._metrics.ai_reconnects.labels(result="resumed").inc()
         log.info(
-            "AI session reconnected after %.2f s; a new conversation for the AI",
+            "AI session opened after %.2f s of attempts"
+            if opening
+            else "AI session reconnected after %.2f s; a new conversation for the AI",
             self._clock.monotonic() - started,
             extra={"session_id": session.session_id, "to_device": slot.lease.device_id},
         )

@@ -16,7 +16,7 @@ import pytest
 
 from telephony_bridge.serving import ServerThread
 from telephony_bridge.tools.caller import CallResult, run_call
-from telephony_bridge.tools.emulator.faults import Selector, SessionFault
+from telephony_bridge.tools.emulator.faults import Selector, SessionFault, TokenFault
 from tests.support import bridge_settings, emulator_stats, leases, signed_call, stream_ended, wait_until
 
 RATE_HZ = 8000
@@ -272,4 +272,25 @@ async def test_a_first_session_that_cannot_be_opened_is_retried_while_the_caller
     opened = [r for r in caplog.records if r.getMessage().startswith("AI session could not be opened")]
     assert [(r.levelno, getattr(r, "call_sid", None)) for r in opened] == [(logging.WARNING, result.call_sid)]
     assert emulator_stats(emulator)["sessions_opened"] == 2
+    released(bridge, emulator)
+
+
+async def test_a_first_session_whose_device_savants_refuses_moves_to_another_device_rather_than_ending(
+    start_emulator: Callable[..., ServerThread],
+    start_bridge: Callable[..., ServerThread],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """review-46: a cold start (no warm token) whose token request finds the call's device refused
+    (DEVICE_INACTIVE) ends the call with the fallback at once, though the pool has another device with room:
+    ``_first_session`` hands the refusal to ``recover``, whose verdict for it is QUARANTINE, not retried. The
+    webhook's admission moves a call off a refused device, and so does a reconnect attempt
+    (``Admission.reconnect``); the stream's start is the one place that does not."""
+    refused = TokenFault(status=401, error_code="DEVICE_INACTIVE", select=Selector(count=1))
+    emulator = start_emulator(voice="echo", token_faults=(refused,))
+    bridge = start_bridge(settings(emulator, **{"savants.warm_token": False}))
+    with caplog.at_level(logging.INFO):
+        result = await run_call(signed_call(bridge, audio_in=VOICE, seconds=5.0))
+        ended = call_ended(caplog)
+    assert (ended.outcome, result.ended_by) == ("completed", "caller")  # type: ignore[attr-defined]
+    assert np.mean(np.abs(result.heard.astype(np.int32)[-2 * RATE_HZ :]) >= AUDIBLE) > 0.5  # the AI, on the other
     released(bridge, emulator)

@@ -11,7 +11,7 @@ import secrets
 import socket
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import httpx
 import pytest
@@ -235,3 +235,80 @@ async def test_sip_invite_cancelled_before_admission_starts_spends_no_token(
     assert "SIP/2.0 487 Request Terminated" in seen, seen
     assert_all_released(bridge, emulator)
     assert token_requests(emulator) - before == 0
+
+
+def _answers_to_a_refresh_without_sdp(port: int) -> tuple[str, str]:
+    """A raw call (early offer, PCMU only), then a session-refresh re-INVITE that carries no SDP, as RFC 4028
+    refreshers often send it; the SDP of our 200 to each. The refresh's offer is answered in the ACK with what
+    the call already has; then BYE."""
+    sock = udp_socket()
+    uac = RawUac(port, sock.getsockname()[1])
+    bodies: list[str] = []
+    to = ""
+
+    def final_for(cseq: str) -> str:
+        nonlocal to
+        deadline = time.monotonic() + 10.0
+        while time.monotonic() < deadline:
+            sock.settimeout(0.5)
+            with contextlib.suppress(TimeoutError):
+                head, _, body = sock.recv(65535).decode(errors="replace").partition("\r\n\r\n")
+                lines = head.split("\r\n")
+                if lines[0].startswith("SIP/2.0 2") and f"CSeq: {cseq}" in lines:
+                    to = next(x for x in lines if x.lower().startswith("to:")).split(":", 1)[1].strip()
+                    return body
+        raise AssertionError(f"no 2xx to CSeq {cseq}")
+
+    def send(method: str, cseq: int, body: str = "") -> None:
+        request = replace(uac, branch="z9hG4bK" + secrets.token_hex(6)).request(method, to=to, body=body)
+        sock.sendto(
+            request.replace(f"CSeq: 1 {method}".encode(), f"CSeq: {cseq} {method}".encode()), ("127.0.0.1", port)
+        )
+
+    try:
+        sock.sendto(uac.request("INVITE", body=OFFER), ("127.0.0.1", port))
+        bodies.append(final_for("1 INVITE"))
+        send("ACK", 1)
+        send("INVITE", 2)  # the refresh: no SDP
+        bodies.append(final_for("2 INVITE"))
+        send("ACK", 2, body=OFFER.replace("o=- 1 1", "o=- 1 2"))
+        send("BYE", 3)
+        final_for("3 BYE")
+        return bodies[0], bodies[1]
+    finally:
+        sock.close()
+
+
+def _sdp_lines(body: str, prefix: str) -> list[str]:
+    return [line for line in body.split("\r\n") if line.startswith(prefix)]
+
+
+async def test_sip_session_refresh_reinvite_without_sdp_offers_our_unchanged_sdp(
+    start_bridge: Callable[..., ServerThread], emulator: ServerThread
+) -> None:
+    """review-46: sip-rtp.md §9: 'always answer refresh re-INVITEs/UPDATEs with 200 and our unchanged SDP (same o=
+    version)'. Since c80dd52 a re-INVITE without SDP gets ``build_offer``: PCMU, PCMA and telephone-event 101,
+    version up by one. So the first refresh of every early-offer call (about 15 minutes in, with a 1800 s
+    interval) changes our SDP and renegotiates codec and event payload type mid-call, needlessly; the hold
+    fix needs only the direction to be sendrecv again."""
+    bridge = start_sip_bridge(start_bridge, emulator, **{"sip.media_timeout_s": 5.0})
+    first, refreshed = await asyncio.to_thread(_answers_to_a_refresh_without_sdp, status(bridge)["sip"]["port"])
+    assert (_sdp_lines(refreshed, "o="), _sdp_lines(refreshed, "m=")) == (
+        _sdp_lines(first, "o="),
+        _sdp_lines(first, "m="),
+    ), (first, refreshed)
+    assert_all_released(bridge, emulator)
+
+
+async def test_sip_offer_in_a_200_to_a_reinvite_without_sdp_leaves_out_pcma_when_it_is_not_allowed(
+    start_bridge: Callable[..., ServerThread], emulator: ServerThread
+) -> None:
+    """review-46: with ``sip.allow_pcma: false`` our offer (a re-INVITE without SDP; the late-offer 200 too) still
+    lists PCMA (``sdp.build_offer`` always does). A peer that prefers A-law answers PCMA; ``_reoffer_answer`` then
+    refuses that answer (negotiated with allow_pcma off) and keeps the old media, while the peer switches to PCMA:
+    its packets (PT 8) are ignored and our PCMU is played to it as A-law."""
+    bridge = start_sip_bridge(start_bridge, emulator, **{"sip.media_timeout_s": 5.0, "sip.allow_pcma": False})
+    _, refreshed = await asyncio.to_thread(_answers_to_a_refresh_without_sdp, status(bridge)["sip"]["port"])
+    [m_line] = _sdp_lines(refreshed, "m=audio")
+    assert "8" not in m_line.split()[3:] and not _sdp_lines(refreshed, "a=rtpmap:8 "), refreshed
+    assert_all_released(bridge, emulator)
