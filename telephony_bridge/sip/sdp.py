@@ -217,8 +217,31 @@ def build_answer(
 
 
 def build_offer(
-    *, host: str, port: int, session_id: int, version: int, direction: Direction = Direction.SENDRECV
+    *,
+    host: str,
+    port: int,
+    session_id: int,
+    version: int,
+    direction: Direction = Direction.SENDRECV,
+    allow_pcma: bool = True,
 ) -> bytes:
+    codecs = [(0, PCMU), (8, PCMA)] if allow_pcma else [(0, PCMU)]
     lines = _session_lines(session_id, version, host)
-    lines += _audio_lines(port, [(0, PCMU), (8, PCMA)], DEFAULT_TELEPHONE_EVENT_PT, direction)
+    lines += _audio_lines(port, codecs, DEFAULT_TELEPHONE_EVENT_PT, direction)
     return ("\r\n".join(lines) + "\r\n").encode()
+
+
+def sending_again(ours: bytes, version: int) -> bytes:
+    """Our own last SDP (``build_answer``/``build_offer``'s) offered again with its direction ``sendrecv`` and the
+    ``o=`` version ``version``: for a re-INVITE without SDP (a session refresh, a resume from hold), which gets
+    our unchanged SDP unless a hold left it ``recvonly``/``inactive`` (§9). Codecs and payload types stay."""
+    directions = {f"a={d.value}" for d in Direction}
+    lines = ours.decode().split("\r\n")
+    for i, line in enumerate(lines):
+        if line in directions:
+            lines[i] = f"a={Direction.SENDRECV.value}"
+        elif line.startswith("o="):
+            fields = line.split(" ")
+            fields[2] = str(version)
+            lines[i] = " ".join(fields)
+    return "\r\n".join(lines).encode()

@@ -400,15 +400,13 @@ class SipServer:
         self._dispatch(self.core.answer_reoffer(live.call_id, 200, now, sdp=body, rows=self._timer_rows(live)))
 
     def _fresh_offer(self, live: _Live) -> bytes:
-        """Our offer for a re-INVITE without SDP: everything we can do, sendrecv, so that a caller resuming
-        from a hold this way is heard and hears us again (our last answer, ``recvonly`` after a hold, would keep
-        the call muted). The version goes up only when it differs from our last SDP (RFC 3264 §8)."""
-        assert self.core is not None
-        host = self.core.advertised_host
-        offer = sdp.build_offer(host=host, port=live.port, session_id=live.session_id, version=live.version)
+        """Our offer for a re-INVITE without SDP (a session refresh, a resume from hold some PBXs send): our last
+        SDP, unchanged (§9), but ``sendrecv`` again if a hold left it ``recvonly``, so that the caller is heard and
+        hears us again; the version goes up only when it changes (RFC 3264 §8)."""
+        offer = sdp.sending_again(live.answer_sdp, live.version)
         if offer != live.answer_sdp:
             live.version += 1
-            offer = sdp.build_offer(host=host, port=live.port, session_id=live.session_id, version=live.version)
+            offer = sdp.sending_again(live.answer_sdp, live.version)
         live.answer_sdp = offer
         return offer
 
@@ -577,7 +575,9 @@ class SipServer:
         live.leg = leg
         if offer is None:
             host = core.advertised_host
-            live.answer_sdp = sdp.build_offer(host=host, port=live.port, session_id=live.session_id, version=1)
+            live.answer_sdp = sdp.build_offer(
+                host=host, port=live.port, session_id=live.session_id, version=1, allow_pcma=self._settings.allow_pcma
+            )
         else:
             live.answer_sdp = self._answer(live, offer, chosen)
         now = self._clock.monotonic()
