@@ -40,16 +40,19 @@ class RawUac:
     tag: str = field(default_factory=lambda: secrets.token_hex(4))
     transport: str = "UDP"
 
-    def request(self, method: str, *, to: str = "", body: str = "") -> bytes:
+    def request(
+        self, method: str, *, to: str = "", body: str = "", cseq: int = 1, branch: str = "", contact: str = ""
+    ) -> bytes:
+        """``cseq``, ``branch`` and ``contact`` (a URI) for in-dialog requests; the UAC's own by default."""
         rows = [
             f"{method} sip:ai@127.0.0.1:{self.port} SIP/2.0",
-            f"Via: SIP/2.0/{self.transport} 127.0.0.1:{self.local};branch={self.branch};rport",
+            f"Via: SIP/2.0/{self.transport} 127.0.0.1:{self.local};branch={branch or self.branch};rport",
             "Max-Forwards: 70",
             f"From: <sip:caller@127.0.0.1>;tag={self.tag}",
             f"To: {to or f'<sip:ai@127.0.0.1:{self.port}>'}",
             f"Call-ID: {self.call_id}",
-            f"CSeq: 1 {method}",
-            f"Contact: <sip:caller@127.0.0.1:{self.local}>",
+            f"CSeq: {cseq} {method}",
+            f"Contact: <{contact or f'sip:caller@127.0.0.1:{self.local}'}>",
             *(["Content-Type: application/sdp"] if body else []),
             f"Content-Length: {len(body)}",
         ]
