@@ -9,9 +9,10 @@ must not precede the ACK (§4).
 What the core answers by itself: ``100 Trying`` at once; retransmissions (never a second call, G11); CANCEL
 (``200`` + ``487``, or ``481``); BYE (``200``); OPTIONS (``options_status``); in-dialog requests for an unknown
 dialog (``481``) or with a CSeq that went down (``500``); a second re-INVITE while one is open (``500`` +
-``Retry-After``); unsupported ``Require`` (``420``); methods we do not take (``405``/``501``); malformed
-requests (``400``). Calls are keyed by Call-ID: a UAS sees one dialog per Call-ID in practice, and a new INVITE
-naming a Call-ID still held here is refused ``482`` (``CallIdInUse``) rather than allowed to take the call over.
+``Retry-After``); a new offer while ours awaits its ACK (``491``); unsupported ``Require`` (``420``); methods we
+do not take (``405``/``501``); malformed requests (``400``). Calls are keyed by Call-ID: a UAS sees one dialog
+per Call-ID in practice, and a new INVITE naming a Call-ID still held here is refused ``482`` (``CallIdInUse``)
+rather than allowed to take the call over.
 """
 
 from __future__ import annotations
@@ -48,6 +49,7 @@ REASONS = {
     486: "Busy Here",
     487: "Request Terminated",
     488: "Not Acceptable Here",
+    491: "Request Pending",
     500: "Server Internal Error",
     501: "Not Implemented",
     503: "Service Unavailable",
@@ -306,6 +308,8 @@ class UserAgentCore:
                 return self._stateless(
                     request, peer, now, key, 500, rows=[("Retry-After", "2")], invite=request.method == "INVITE"
                 )
+            if _offer_awaits_ack(call) and (request.body or request.method == "INVITE"):
+                return self._stateless(request, peer, now, key, 491, invite=request.method == "INVITE")
             txn_cls = InviteServerTransaction if request.method == "INVITE" else NonInviteServerTransaction
             txn = txn_cls(request, reliable=peer.reliable, now=now, timers=self.timers)
             if key is not None:
@@ -502,6 +506,20 @@ class UserAgentCore:
                 data, to, now + self.timers.t1_s, self.timers.t1_s, now + self.timers.give_up_s
             )
         return [Send(data, to)]
+
+
+def _offer_awaits_ack(call: _Call) -> bool:
+    """Our 200 to a re-INVITE without SDP carried an offer whose answer (the ACK) has not come: another offer now
+    (or a re-INVITE asking for one) is glare, answered ``491`` (RFC 3264 §4, RFC 3261 §14.2)."""
+    answer = call.reoffer_answer
+    return (
+        answer is not None
+        and not answer.acked
+        and not answer.gave_up
+        and bool(answer.response.body)
+        and call.reoffer is not None
+        and not call.reoffer.request.body
+    )
 
 
 def _to_tag(request: Request) -> str | None:
