@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import secrets
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from telephony_bridge.sip.address import NameAddr, Uri, Via, new_branch, parse_name_addr, parse_uri, parse_via
 from telephony_bridge.sip.message import Headers, Request, Response
@@ -172,14 +172,24 @@ class Dialog:
         return Request(method, uri, Headers.of(headers), body)
 
     def destination(self) -> Peer:
-        """Where our in-dialog requests go: the TCP connection the dialog lives on, else the first route's
-        address, else where the INVITE came from. Names are left to the driver to resolve."""
-        if self.peer.reliable or not self.route_set:
+        """Where our in-dialog requests go: the TCP connection the dialog lives on (with, should it have closed,
+        the first route's address, else the remote target's, for a new connection: RFC 3261 §18.1.1), else the
+        first route's address, else where the INVITE came from. Names are left to the driver to resolve."""
+        if self.peer.reliable:
+            hop = self._next_hop()
+            return replace(self.peer, host=hop[0], port=hop[1]) if hop is not None else self.peer
+        if not self.route_set:
             # Without a proxy in the path, the INVITE's source is reachable even when the Contact is a private
             # address behind NAT (what Asterisk's force_rport/rewrite_contact do, spec §13).
             return self.peer
-        first = parse_name_addr(self.route_set[0])
-        uri = parse_uri(first.uri) if first is not None else None
-        if uri is None:
-            return self.peer
-        return Peer("udp", uri.host, uri.port or 5060)
+        hop = self._next_hop()
+        return Peer("udp", hop[0], hop[1]) if hop is not None else self.peer
+
+    def _next_hop(self) -> tuple[str, int] | None:
+        """The first route's host and port, else the remote target's (the caller's Contact)."""
+        if self.route_set:
+            first = parse_name_addr(self.route_set[0])
+            uri = parse_uri(first.uri) if first is not None else None
+        else:
+            uri = parse_uri(self.remote_target)
+        return (uri.host, uri.port or 5060) if uri is not None else None

@@ -55,6 +55,7 @@ log = logging.getLogger(__name__)
 
 DEV_SOURCES = ("127.0.0.0/8",)
 # Media of a call whose INVITE had no SDP, until the ACK brings the answer: nothing is sent anywhere.
+DIAL_TIMEOUT_S = 5.0  # a new TCP connection for our request (the caller's closed): give up after this long
 MEDIA_STOP_S = 2.0  # after our hang-up, how long the RTP task may take to stop before it is cancelled
 LATE_OFFER_PENDING = sdp.Negotiated(0, "0.0.0.0", 9, sdp.PCMU, 0, None, sdp.Direction.INACTIVE, None)
 
@@ -236,7 +237,10 @@ class SipServer:
         self._input(parse_datagram(data), Peer("udp", addr[0], addr[1]))
 
     async def _serve_tcp(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        conn = next(self._conn_ids)
+        await self._read_connection(reader, writer, next(self._conn_ids))
+
+    async def _read_connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, conn: int) -> None:
+        """One TCP connection, accepted or opened by us, read until it closes."""
         self._connections[conn] = writer
         host, port = writer.get_extra_info("peername")[:2]
         peer = Peer("tcp", host, port, conn)
@@ -264,6 +268,20 @@ class SipServer:
             self._refuse_source(parsed, peer)
             return
         self._dispatch(self.core.receive(parsed, peer, self._clock.monotonic()))
+
+    async def _dial(self, send: Send) -> None:
+        """Send a request of ours over a new TCP connection, the caller's having closed (it may still be in the
+        call, its RTP flowing), and read the answer on it. One WARNING if the caller cannot be reached."""
+        to = send.to
+        try:
+            async with asyncio.timeout(DIAL_TIMEOUT_S):
+                reader, writer = await asyncio.open_connection(to.host, to.port)
+        except (OSError, TimeoutError) as exc:
+            log.warning("SIP TCP connection to %s:%d for our request failed (%s); it is lost", to.host, to.port, exc)
+            return
+        log.info("SIP TCP connection to %s:%d opened for our request (the caller's had closed)", to.host, to.port)
+        writer.write(send.data)
+        await self._read_connection(reader, writer, next(self._conn_ids))
 
     def _trusted(self, peer: Peer) -> bool:
         return source_allowed(peer.host, self._sources)
@@ -293,8 +311,10 @@ class SipServer:
             writer = self._connections.get(to.connection or -1)
             if writer is not None and not writer.is_closing():
                 writer.write(send.data)
-            else:
-                log.debug("SIP TCP connection %s is gone; dropping a message for %s", to.connection, to.host)
+            elif send.data[:4] != b"SIP/":  # a request of ours (a BYE): a new connection to the next hop (§18.1.1)
+                self._spawn(self._dial(send), f"sip-tcp-to-{to.host}:{to.port}")
+            else:  # a response goes back on the request's connection only (§18.2.2)
+                log.debug("SIP TCP connection %s is gone; dropping a response for %s", to.connection, to.host)
         elif self._udp is not None:
             self._udp.sendto(send.data, (to.host, to.port))
 
@@ -381,7 +401,8 @@ class SipServer:
         live.refreshed_at = now
         if not request.body:
             body = self._fresh_offer(live) if request.method == "INVITE" else b""
-            live.offered_in_reoffer = bool(body)
+            if body:  # (an UPDATE without SDP meanwhile, a refresh, leaves a pending offer pending)
+                live.offered_in_reoffer = True
             self._dispatch(self.core.answer_reoffer(live.call_id, 200, now, sdp=body, rows=self._timer_rows(live)))
             return
         negotiated = self._negotiate(request.body)

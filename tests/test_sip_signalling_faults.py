@@ -1,5 +1,5 @@
-"""Failure paths found by a fault-injection pass over two replicas on one Redis and SIP signalling edge cases
-(helper-47), end to end on real sockets. Each test failed when written.
+"""SIP signalling failure paths found by a fault-injection pass (helper-47), end to end on real sockets: a TCP
+caller whose connection dropped mid-call, and glare on a re-INVITE. Each test failed when written.
 
 The replica faults behaved (webhook on one replica, stream on the other; either killed or drained; Redis emptied
 mid-call; one CallSid streamed on both at once; replays to either): their tests are in tests/test_replicas.py.
