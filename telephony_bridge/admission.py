@@ -48,9 +48,8 @@ MAX_TOKEN_WAIT_S = 2.0  # a caller can afford a short wait for token budget, not
 # Twilio requests the <Connect action> as soon as the stream has closed; two minutes covers a slow or retried
 # request, and a busy bridge holds the outcomes of its last two minutes of calls, not ten.
 OUTCOME_TTL_S = 120.0
-# How long a call whose stream started is remembered, so that its /voice webhook replayed (Twilio signs no
-# timestamp) is not answered <Connect> again: Twilio's longest call, 4 h.
-STREAMED_TTL_S = 4 * 3600.0
+# How long a call's <Connect> answers are counted (``within_connect_limit``): Twilio's longest call, 4 h.
+ANSWERS_TTL_S = 4 * 3600.0
 RETRY_FIRST_S, RETRY_MAX_S = 0.2, 2.0  # backoff between token requests that failed on the endpoint's side
 MIN_ATTEMPT_S = 0.3  # a retry with less time than this left before the deadline is not worth sending
 DEVICE_REFUSALS = frozenset({"AUTHENTICATION_FAILED", "DEVICE_INACTIVE"})  # the device, not the call, is refused
@@ -190,9 +189,8 @@ class Admission:
 
     # --- at the webhook ----------------------------------------------------------------------------------
 
-    async def admit(self, call_sid: str, caller: str | None = None, request: str | None = None) -> Admitted:
+    async def admit(self, call_sid: str, caller: str | None = None) -> Admitted:
         """Reserve a device and warm a token. ``AdmissionError``: busy. ``SavantsError``: Savants is failing.
-        ``request`` (a webhook's digest) is remembered with the stream token, for ``replayed``.
 
         A 429 (another client shares the device) or a refused device moves the call to the device the pool
         now prefers, as long as the webhook's deadline allows; the pool runs out of such devices eventually.
@@ -214,8 +212,6 @@ class Admission:
                 warm = await self._warm_up(lease, deadline)
                 stream_token = secrets.token_urlsafe(24)
                 await self._store.put(f"stream-token:{call_sid}", _digest(stream_token), self._stream_token_ttl_s)
-                if request is not None:
-                    await self._store.put(f"answered:{call_sid}", request, self._stream_token_ttl_s)
                 self._note_admitted(call_sid)
                 return Admitted(lease, stream_token, warm)
             except TokenError as exc:
@@ -305,24 +301,24 @@ class Admission:
 
     async def claim_stream(self, call_sid: str, owner: str, ttl_s: float) -> bool:
         """Make ``owner`` (one stream) the call's only live stream on every replica; False if another holds it.
-        Kept by ``keep_stream`` (the lease heartbeat), lapses ``ttl_s`` after a replica dies. The webhook request
-        whose answer this stream follows is remembered for ``STREAMED_TTL_S`` (``replayed``)."""
-        if not await self._store.add(f"live-stream:{call_sid}", owner, ttl_s):
-            return False
-        answered = await self._store.take(f"answered:{call_sid}")  # None for an ingress without webhooks (SIP)
-        if answered is not None:
-            await self._store.put(f"streamed:{call_sid}", answered, STREAMED_TTL_S)
-        return True
+        Kept by ``keep_stream`` (the lease heartbeat), lapses ``ttl_s`` after a replica dies."""
+        return await self._store.add(f"live-stream:{call_sid}", owner, ttl_s)
 
-    async def replayed(self, call_sid: str, request: str) -> bool:
-        """Whether ``request`` (a digest of a /voice request) was answered ``<Connect>`` and its stream has started:
-        sent again, it is a replay. The same request before its stream started is Twilio retrying an answer it
-        never got, and a different one for the call (a ``<Redirect>``, a call update) is a new instruction; both
-        are answered. A store that does not answer says no: admission, on the same store, then refuses busy."""
+    async def within_connect_limit(self, call_sid: str, limit: int) -> bool:
+        """Count one more ``/voice`` answer for the call; False past ``limit`` within ``ANSWERS_TTL_S``.
+
+        Twilio signs no timestamp, so a captured request stays valid, and nothing in a replay tells it from
+        Twilio asking again (a retry, a ``<Redirect>`` or call update back to ``/voice``, which may repeat the
+        very same parameters). So the answers a call gets are bounded instead: a replayed request spends at most
+        ``limit`` tokens, and real flows stay well under it. Shared across replicas (one key per answer, set if
+        absent); a store that does not answer gives way: admission, on the same store, then refuses busy."""
         try:
-            return await self._store.get(f"streamed:{call_sid}") == request
+            for n in range(1, limit + 1):
+                if await self._store.add(f"voice-answer:{call_sid}:{n}", "1", ANSWERS_TTL_S):
+                    return True
         except StoreUnavailable:
-            return False
+            return True
+        return False
 
     async def keep_stream(self, call_sid: str, owner: str, ttl_s: float) -> bool:
         return await self._store.refresh(f"live-stream:{call_sid}", owner, ttl_s)

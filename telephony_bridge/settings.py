@@ -142,6 +142,7 @@ class TwilioSettings(_Frozen):
     start_timeout_s: float = Field(10.0, gt=0)
     require_stream_token: bool = True
     stream_token_ttl_s: float = Field(60.0, gt=0, le=600)
+    max_connects_per_call: int = Field(10, ge=1, le=1000)
     busy_response: Literal["say", "reject"] = "say"
     busy_message: str = "All of our assistants are busy right now. Please call again in a few minutes."
     unavailable_message: str = "Sorry, the assistant is not available right now. Please try again later."

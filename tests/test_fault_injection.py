@@ -176,26 +176,28 @@ async def test_a_redis_outage_during_calls_is_counted_in_the_metric_even_when_no
     assert counted and float(counted[0].split()[1]) >= 1, counted
 
 
-async def test_a_replayed_voice_webhook_for_a_call_that_had_its_stream_is_hung_up_and_spends_nothing(
-    emulator: ServerThread, bridge: ServerThread
+async def test_a_call_gets_at_most_max_connects_per_call_voice_answers_so_replays_spend_nothing(
+    emulator: ServerThread, start_bridge: Callable[..., ServerThread]
 ) -> None:
     """Twilio signs no timestamp, so a captured /voice request stays valid: each replay was answered <Connect>,
-    fetched a real Savants token and held a slot for the reservation's TTL. A call whose stream has started is
-    remembered; a retry before its stream starts (Twilio retrying an answer it never got) is still answered, and
-    so is another request for the call (a ``<Redirect>``, a call update: other parameters)."""
+    fetched a real Savants token and held a slot for the reservation's TTL, without end. Nothing in a replay tells
+    it from Twilio asking again (a retry, a call update back to /voice with the same parameters), so a call's
+    answers are bounded (``twilio.max_connects_per_call``): within it every request is answered, past it a bare
+    <Hangup/> that spends nothing."""
+    bridge = start_bridge(bridge_settings(emulator, **{"twilio.max_connects_per_call": 3}))
     form = call_form()
-    retried = post_voice(bridge, form)  # a first answer lost on the way: Twilio asks again
+    retried = post_voice(bridge, form)  # a first answer lost on the way: Twilio asks again (signed_call's)
     assert parse_twiml(retried.text).connect is not None
     result = await run_call(signed_call(bridge, form, audio_in=VOICE, seconds=1.0))
     assert result.ended_by == "caller" and result.heard_s > 0.3
     await asyncio.to_thread(wait_until, lambda: calls_up(bridge) == 0 and leases(bridge) == 0, 5.0, "release")
+    updated = post_voice(bridge, form)  # a call update back to /voice, the very same parameters: the third answer
+    assert parse_twiml(updated.text).connect is not None
     tokens = token_requests(emulator)
     for _ in range(3):
         replay = post_voice(bridge, form)
         assert replay.status_code == 200
         assert [type(v) for v in parse_twiml(replay.text).verbs] == [Hangup]
-    assert token_requests(emulator) == tokens and leases(bridge) == 0
+    assert token_requests(emulator) == tokens
     metrics = httpx.get(bridge.http_url + "/metrics", timeout=5).text
     assert 'bridge_admission_refused_total{where="replay"} 3.0' in metrics
-    redirected = post_voice(bridge, {**form, "CallStatus": "in-progress"})  # a <Redirect> back to /voice: answered
-    assert parse_twiml(redirected.text).connect is not None

@@ -8,11 +8,10 @@ such lines are throttled (one per reason a minute), since anyone can send them.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 from collections.abc import Mapping
 from typing import Any
-from urllib.parse import urlencode, urlsplit
+from urllib.parse import urlsplit
 
 from starlette.datastructures import FormData
 from starlette.requests import HTTPConnection, Request
@@ -142,10 +141,9 @@ class TwilioWebhooks:
         if self._drain.draining:  # this replica is shutting down: the caller is told to call again
             return self._refuse_draining()
         try:
-            request_digest = _digest(params)
-            if await self._admission.replayed(call_sid, request_digest):
+            if not await self._admission.within_connect_limit(call_sid, self._settings.twilio.max_connects_per_call):
                 return self._refuse_replay()
-            admitted = await self._admission.admit(call_sid, caller, request_digest)
+            admitted = await self._admission.admit(call_sid, caller)
         except AdmissionError as exc:
             self._metrics.admission_refused.labels(where="webhook").inc()
             log.warning("call refused, busy: %s", exc)
@@ -169,11 +167,13 @@ class TwilioWebhooks:
         return self._document("connect", document)
 
     def _refuse_replay(self) -> Response:
-        """A signed request can be replayed (Twilio signs no timestamp): each replay answered <Connect> would
-        spend a token of the pool's budget and hold a slot. This one was answered and its stream has started:
-        hang up."""
+        """The call has had ``twilio.max_connects_per_call`` answers: more is a replayed request (Twilio signs no
+        timestamp), each of which would spend a token of the pool's budget and hold a slot. Hang up."""
         self._metrics.admission_refused.labels(where="replay").inc()
-        log.warning("call refused: this /voice request was answered before and its stream has started (a replay)")
+        log.warning(
+            "call refused: it has had twilio.max_connects_per_call (%d) /voice answers, so this is a replay",
+            self._settings.twilio.max_connects_per_call,
+        )
         return self._document("replay", twiml.hangup_document())
 
     def _refuse_draining(self) -> Response:
@@ -254,9 +254,3 @@ def _ws_scheme(base: str) -> str:
     parts = urlsplit(base)
     scheme = "wss" if parts.scheme == "https" else "ws"
     return f"{scheme}://{parts.netloc}{parts.path.rstrip('/')}"
-
-
-def _digest(params: Mapping[str, Any]) -> str:
-    """One /voice request's parameters, hashed: the same for a replay (or Twilio's retry), not for a redirect."""
-    canonical = urlencode(sorted((str(k), str(v)) for k, v in params.items()))
-    return hashlib.sha256(canonical.encode()).hexdigest()[:32]
