@@ -107,7 +107,11 @@ class Metrics:
         )
         self.barge_ins = Counter("bridge_barge_in_total", "Caller interruptions of the AI", registry=r)
         self.admission_refused = Counter(
-            "bridge_admission_refused_total", "Calls refused because no device could take them", ["where"], registry=r
+            "bridge_admission_refused_total",
+            "Twilio calls refused: no device could take them (webhook, stream), the replica is draining, or a "
+            "replayed /voice (replay)",
+            ["where"],
+            registry=r,
         )
 
         self.signature_failures = Counter(
