@@ -1,5 +1,6 @@
 """SIP signalling failure paths found by a fault-injection pass (helper-47), end to end on real sockets: a TCP
-caller whose connection dropped mid-call, and glare on a re-INVITE. Each test failed when written.
+caller whose connection dropped mid-call, glare on a re-INVITE, and an UPDATE between our offer and its answer.
+Each test failed when written.
 
 The replica faults behaved (webhook on one replica, stream on the other; either killed or drained; Redis emptied
 mid-call; one CallSid streamed on both at once; replays to either): their tests are in tests/test_replicas.py.
@@ -181,3 +182,66 @@ async def test_sip_second_reinvite_while_our_offer_awaits_its_ack_is_491_request
         rtp.stop()
     blamed = [r.getMessage() for r in caplog.records if "no usable SDP answer" in r.getMessage()]
     assert (first, second, blamed) == ("SIP/2.0 200 OK", "SIP/2.0 491 Request Pending", [])
+
+
+def _resume_with_an_update_before_the_ack(sip_port: int, rtp: RtpStream) -> int:
+    """A call over UDP; a hold (re-INVITE, sendonly); a resume by a re-INVITE without SDP, whose 200 carries our
+    offer; an UPDATE without SDP (a session refresh) before the resume's ACK; then that ACK, with the answer. The
+    bridge's RTP packets in the second after the ACK."""
+    sock = udp_socket()
+    uac = RawUac(sip_port, sock.getsockname()[1])
+    sock.settimeout(0.2)
+    rtp.sock.settimeout(0.2)
+
+    def exchange(method: str, cseq: int, body: str = "") -> str:
+        sock.sendto(uac.request(method, to=to, body=body, cseq=cseq, branch=f"z9hG4bK{method}{cseq}"), target)
+        return final_answer(lambda: sock.recv(65535), method)
+
+    def ack(cseq: int, body: str = "") -> None:
+        sock.sendto(uac.request("ACK", to=to, body=body, cseq=cseq, branch=f"z9hG4bKack{cseq}"), target)
+
+    target = ("127.0.0.1", sip_port)
+    try:
+        sock.sendto(uac.request("INVITE", body=offer(rtp.port)), target)
+        ok = final_answer(lambda: sock.recv(65535), "INVITE")
+        to = header(ok, "To")
+        rtp.target = ("127.0.0.1", sdp_port(ok))
+        ack(1)
+        time.sleep(0.3)
+        assert exchange("INVITE", 2, offer(rtp.port).replace("a=sendrecv", "a=sendonly")).startswith("SIP/2.0 200")
+        ack(2)
+        time.sleep(0.3)
+        resumed = exchange("INVITE", 3)
+        assert resumed.startswith("SIP/2.0 200") and "a=sendrecv" in resumed, resumed  # our offer
+        assert exchange("UPDATE", 4).startswith("SIP/2.0 200")  # a refresh, no SDP, before the resume's ACK
+        rtp.sock.setblocking(False)
+        with contextlib.suppress(BlockingIOError):
+            while rtp.sock.recv(2048):  # what the bridge sent before the hold: not the resume's doing
+                pass
+        rtp.sock.settimeout(0.2)
+        ack(3, offer(rtp.port))  # the answer to our offer
+        packets, end = 0, time.monotonic() + 1.0
+        while time.monotonic() < end:
+            with contextlib.suppress(TimeoutError):
+                rtp.sock.recv(2048)
+                packets += 1
+        assert exchange("BYE", 5).startswith("SIP/2.0 200")
+        return packets
+    finally:
+        sock.close()
+
+
+async def test_sip_update_without_sdp_before_the_ack_of_our_offer_does_not_lose_the_answer(
+    start_bridge: Callable[..., ServerThread], emulator: ServerThread
+) -> None:
+    """Our 200 to a re-INVITE without SDP carries an offer, answered in its ACK. An UPDATE without SDP (a refresh)
+    in between cleared the server's note that an answer was due, so the ACK's answer was ignored and a caller
+    resuming from hold this way stayed muted (found by a review)."""
+    bridge = start_sip_bridge(start_bridge, emulator, **{"sip.media_timeout_s": 5.0})
+    rtp = RtpStream()
+    try:
+        packets = await asyncio.to_thread(_resume_with_an_update_before_the_ack, status(bridge)["sip"]["port"], rtp)
+    finally:
+        rtp.stop()
+    assert packets > 25, packets  # the bridge sends again (50 a second)
+    assert_all_released(bridge, emulator)
