@@ -85,14 +85,16 @@ def converse(sock: socket.socket, uac: RawUac, listen_s: float) -> list[str]:
     return seen
 
 
-def _invite_reusing(port: int, call_id: str, listen_s: float) -> list[str]:
+def _invite_reusing(port: int, call_id: str, listen_s: float, copies: int = 3) -> list[str]:
     """A new INVITE (own From tag and branch, no To tag) under ``call_id``, as a forking proxy's second copy or a
-    PBX that reuses Call-IDs sends it, sent twice (a retransmission); the first lines of what comes back."""
+    PBX that reuses Call-IDs sends it, sent twice (a retransmission), then ``copies - 1`` more on branches of their
+    own (new requests, as a flood would be); the first lines of what comes back."""
     sock = udp_socket()
     uac = RawUac(port, sock.getsockname()[1], call_id=call_id)
     try:
-        for _ in range(2):
-            sock.sendto(uac.request("INVITE", body=OFFER), ("127.0.0.1", port))
+        sock.sendto(uac.request("INVITE", body=OFFER), ("127.0.0.1", port))
+        for n in range(copies):
+            sock.sendto(uac.request("INVITE", body=OFFER, branch=f"z9hG4bKcopy{n}" if n else ""), ("127.0.0.1", port))
         return converse(sock, uac, listen_s)
     finally:
         sock.close()
@@ -123,10 +125,11 @@ async def test_sip_second_invite_reusing_a_live_call_id_is_482_and_the_call_goes
     ended = [r for r in caplog.records if r.getMessage() == "call ended"]
     # ... with outcome completed, not caller_lost by a media timeout after the 481.
     assert [r.outcome for r in ended] == ["completed"], [(r.reason, r.outcome) for r in ended]  # type: ignore[attr-defined]
+    # One WARNING for the call, however many such INVITEs (a flood would otherwise flood the log); each counted.
     [warning] = [r for r in caplog.records if "refused with 482" in r.getMessage()]
     assert (warning.levelno, getattr(warning, "call_sid", None)) == (logging.WARNING, call_id)
     metrics = httpx.get(bridge.http_url + "/metrics", timeout=5).text
-    assert 'bridge_sip_refused_total{code="482"} 1.0' in metrics
+    assert 'bridge_sip_refused_total{code="482"} 3.0' in metrics
 
 
 def _cancel_during_admission(bridge: ServerThread, listen_s: float) -> tuple[str, list[str]]:

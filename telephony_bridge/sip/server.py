@@ -132,6 +132,7 @@ class _Live:
     cancelled: asyncio.Event = field(default_factory=asyncio.Event)
     admission: asyncio.Timeout | None = None  # while admission runs; the caller's CANCEL expires it at once
     offered_in_reoffer: bool = False  # our 200 to a re-INVITE without SDP carried an offer: the ACK answers it
+    reused_call_id_logged: bool = False  # a new INVITE under this call's Call-ID got 482: said once per call
     leg: SipLeg | None = None
     session_id: int = field(default_factory=lambda: secrets.randbelow(2**31))
     version: int = 1
@@ -344,8 +345,14 @@ class SipServer:
             self._call_event(live, event)
 
     def _refused_call_id_in_use(self, event: CallIdInUse) -> None:
-        """The core answered ``482`` and left the call alone: say so under that call's name, and count it."""
+        """The core answered ``482`` and left the call alone: count it, and say so under that call's name, once
+        for the call (before any auth, a peer could send such INVITEs as fast as it likes)."""
         self._deps.metrics.sip_refused.labels(code="482").inc()
+        live = self._live.get(event.call_id)
+        if live is not None:
+            if live.reused_call_id_logged:
+                return
+            live.reused_call_id_logged = True
         with oplog.call_context(call_sid=event.call_id):
             log.warning("SIP INVITE from %s refused with 482: it reuses the Call-ID of a live call", event.peer.host)
 
