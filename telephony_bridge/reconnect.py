@@ -72,10 +72,7 @@ class Reconnector:
         figures = self.figures
         figures.drops += 1
         verdict = await self._judge(failure, slot)
-        # At the start a refused device is the device's fault, not the call's: an attempt moves the call off it,
-        # as the webhook's admission does (mid-call, the table's "no retry" stands).
-        worth_it = verdict is Verdict.RETRY or (opening and verdict is Verdict.QUARANTINE)
-        if not worth_it or self._deadline_s == 0:
+        if not _worth_it(verdict, opening) or self._deadline_s == 0:
             figures.outcome = "not_retried"
             self._metrics.ai_reconnects.labels(result="not_retried").inc()
             raise failure
@@ -94,7 +91,7 @@ class Reconnector:
         deadline = started + self._deadline_s
         log.warning("%s (%s): the caller keeps the line; reconnecting for up to %s s", lost, failure, self._deadline_s)
         try:
-            session = await self._attempts(failure, slot, started, deadline)
+            session = await self._attempts(failure, slot, started, deadline, opening=opening)
         except SavantsError:
             figures.outcome = "failed"
             self._metrics.ai_reconnects.labels(result="failed").inc()
@@ -118,7 +115,7 @@ class Reconnector:
         return session
 
     async def _attempts(
-        self, failure: SavantsError, slot: CallSlot, started: float, deadline: float
+        self, failure: SavantsError, slot: CallSlot, started: float, deadline: float, *, opening: bool
     ) -> SavantsConnection:
         attempt = 0
         while True:
@@ -137,7 +134,7 @@ class Reconnector:
                 return await self._admission.reconnect(slot, deadline=deadline)
             except SavantsError as exc:
                 log.info("reconnect attempt %d failed: %s", attempt, exc)
-                if await self._judge(exc, slot) is not Verdict.RETRY:
+                if not _worth_it(await self._judge(exc, slot), opening):
                     raise
                 failure = exc
 
@@ -156,6 +153,13 @@ class Reconnector:
         if verdict is Verdict.QUARANTINE:  # (admission has already suspended a device its token endpoint refused)
             await self._admission.suspend_device(slot.lease.device_id, getattr(failure, "code", "refused"))
         return verdict
+
+
+def _worth_it(verdict: Verdict, opening: bool) -> bool:
+    """Whether to try (again). When the first session opens, a refused device is the device's fault, not the
+    call's: the next attempt moves the call off it, as the webhook's admission does (mid-call the table's "no
+    retry" stands)."""
+    return verdict is Verdict.RETRY or (opening and verdict is Verdict.QUARANTINE)
 
 
 def _ordinal(n: int) -> str:

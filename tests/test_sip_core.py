@@ -379,3 +379,17 @@ def test_answer_retransmit_gives_up_at_64_t1() -> None:
         now = rt.deadline
         sends += len(rt.poll(now))
     assert rt.gave_up and abs(now - 0.64) < 1e-9 and sends == 6  # at 0.01, 0.03, 0.07, 0.15, 0.31, 0.63 s
+
+
+def test_a_retransmission_from_a_ua_without_rfc3261_branches_is_absorbed_not_refused_482() -> None:
+    """A branch without the ``z9hG4bK`` cookie (an RFC 2543 UA) gives no transaction key, so its retransmission of
+    the undecided INVITE reaches ``_on_invite``: it must be matched the old way (§17.2.3) and absorbed, not taken
+    for a merged request and answered 482, which the caller would take for its INVITE's final answer (review)."""
+    inv = invite()
+    headers = inv.headers.without("Via").with_rows(("Via", "SIP/2.0/UDP 198.51.100.7:5060;branch=1a2b3c"))
+    old_style = parse_datagram(Request("INVITE", inv.uri, headers, inv.body).to_bytes())
+    assert isinstance(old_style, Request)
+    core = UserAgentCore("203.0.113.5", 5060)
+    assert statuses(core.receive(old_style, PEER, T0)) == [100]
+    assert core.receive(old_style, PEER, T0 + 0.5) == []  # the same INVITE again
+    assert statuses(core.receive(another_invite("z9hG4bK-second"), PEER, T0 + 0.6)) == [482]  # a new one still is

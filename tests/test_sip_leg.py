@@ -4,13 +4,18 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 from typing import Any, cast
+
+import pytest
 
 from telephony_bridge.audio.codec import ULAW_SILENCE
 from telephony_bridge.clock import SystemClock
+from telephony_bridge.sip.core import Send
+from telephony_bridge.sip.dialog import Peer
 from telephony_bridge.sip.leg import SipLeg
 from telephony_bridge.sip.sdp import Direction, Negotiated
-from telephony_bridge.sip.server import MEDIA_STOP_S, _stopped
+from telephony_bridge.sip.server import MEDIA_STOP_S, SipServer, _stopped
 
 MEDIA = Negotiated(0, "127.0.0.1", 40000, "PCMU", 0, None, Direction.SENDRECV, None)
 
@@ -87,3 +92,14 @@ async def test_a_call_cancelled_while_the_backstop_waits_for_its_media_task_canc
         assert stuck.cancelled() or stuck.cancelling(), "the media task is still running after its call was cancelled"
     finally:
         stuck.cancel()
+
+
+async def test_a_bye_to_a_host_name_the_idna_codec_refuses_is_one_warning_not_a_dead_task(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """``SipServer._dial`` (a BYE over a new TCP connection): a Contact host the IDNA codec refuses (``a..b``)
+    raised UnicodeError out of the task, with no line naming what was lost (review)."""
+    send = Send(b"BYE sip:x@a..b SIP/2.0\r\n\r\n", Peer("tcp", "a..b", 5060, 7))
+    with caplog.at_level(logging.WARNING):
+        await SipServer._dial(cast(SipServer, object()), send)  # fails before it touches the server
+    assert any("for our request failed" in r.getMessage() for r in caplog.records)

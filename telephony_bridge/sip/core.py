@@ -236,6 +236,8 @@ class UserAgentCore:
         # (RFC 3261 §8.2.2.2's merged request) or a PBX reusing Call-IDs. Until the driver forgets the held call,
         # a new one under its Call-ID would replace it.
         if existing is not None:
+            if key is None and _same_request(request, existing.invite):
+                return []  # a retransmission from a UA without RFC 3261 branches (§17.2.3): no transaction matched it
             refused = self._stateless(request, peer, now, key, 482, invite=True)
             return [*refused, CallIdInUse(request.call_id, peer)]
         txn = InviteServerTransaction(request, reliable=peer.reliable, now=now, timers=self.timers)
@@ -519,6 +521,16 @@ def _offer_awaits_ack(call: _Call) -> bool:
         and bool(answer.response.body)
         and call.reoffer is not None
         and not call.reoffer.request.body
+    )
+
+
+def _same_request(request: Request, held: Request) -> bool:
+    """RFC 2543 matching (§17.2.3), for a request whose branch lacks the magic cookie: the same From, CSeq and top
+    Via as the held INVITE means a retransmission of it."""
+    return (
+        request.cseq == held.cseq
+        and request.headers.get("From") == held.headers.get("From")
+        and request.headers.values("Via")[:1] == held.headers.values("Via")[:1]
     )
 
 

@@ -277,12 +277,15 @@ class SipServer:
         try:
             async with asyncio.timeout(DIAL_TIMEOUT_S):
                 reader, writer = await asyncio.open_connection(to.host, to.port)
-        except (OSError, TimeoutError) as exc:
+        except (OSError, TimeoutError, ValueError) as exc:  # ValueError: a host name the IDNA codec refuses
             log.warning("SIP TCP connection to %s:%d for our request failed (%s); it is lost", to.host, to.port, exc)
             return
         log.info("SIP TCP connection to %s:%d opened for our request (the caller's had closed)", to.host, to.port)
         writer.write(send.data)
-        await self._read_connection(reader, writer, next(self._conn_ids))
+        with contextlib.suppress(TimeoutError):  # the answer comes within 64*T1; a peer may keep the socket open
+            async with asyncio.timeout(self._timers.give_up_s):
+                await self._read_connection(reader, writer, next(self._conn_ids))
+        writer.close()
 
     def _trusted(self, peer: Peer) -> bool:
         return source_allowed(peer.host, self._sources)
@@ -314,7 +317,7 @@ class SipServer:
                 writer.write(send.data)
             elif send.data[:4] != b"SIP/":  # a request of ours (a BYE): a new connection to the next hop (§18.1.1)
                 self._spawn(self._dial(send), f"sip-tcp-to-{to.host}:{to.port}")
-            else:  # a response goes back on the request's connection only (§18.2.2)
+            else:  # a response goes on the request's connection only (we do not reopen one: §18.2.2's SHOULD)
                 log.debug("SIP TCP connection %s is gone; dropping a response for %s", to.connection, to.host)
         elif self._udp is not None:
             self._udp.sendto(send.data, (to.host, to.port))
