@@ -245,3 +245,38 @@ async def test_sip_update_without_sdp_before_the_ack_of_our_offer_does_not_lose_
         rtp.stop()
     assert packets > 25, packets  # the bridge sends again (50 a second)
     assert_all_released(bridge, emulator)
+
+
+def _late_offer_answered_with_garbage(sip_port: int) -> str:
+    """An INVITE without SDP; our 200 carries the offer; the ACK answers it with a body that is no SDP. The first
+    request the bridge sends after that (its BYE, as for an ACK without an answer)."""
+    sock = udp_socket()
+    uac = RawUac(sip_port, sock.getsockname()[1])
+    sock.settimeout(0.2)
+    target = ("127.0.0.1", sip_port)
+    try:
+        sock.sendto(uac.request("INVITE"), target)
+        ok = final_answer(lambda: sock.recv(65535), "INVITE")
+        assert "m=audio" in ok, ok  # our offer
+        sock.sendto(uac.request("ACK", to=header(ok, "To"), body="garbage", branch="z9hG4bKack1"), target)
+        end = time.monotonic() + 5.0
+        while time.monotonic() < end:
+            with contextlib.suppress(TimeoutError):
+                message = sock.recv(65535).decode(errors="replace")
+                if not message.startswith("SIP/2.0"):
+                    return message
+        return ""
+    finally:
+        sock.close()
+
+
+async def test_sip_ack_answering_our_late_offer_with_no_sdp_at_all_ends_the_call_with_bye(
+    start_bridge: Callable[..., ServerThread], emulator: ServerThread
+) -> None:
+    """An ACK whose body does not parse as SDP was handed to ``sdp.negotiate`` as the parser's error, which raised
+    AttributeError in the signalling path: no BYE, and the call went on without media until its timeout (found by
+    the final review). It is an ACK without a usable answer: BYE."""
+    bridge = start_sip_bridge(start_bridge, emulator, **{"sip.media_timeout_s": 10.0})
+    request = await asyncio.to_thread(_late_offer_answered_with_garbage, status(bridge)["sip"]["port"])
+    assert request.startswith("BYE "), request[:200]
+    assert_all_released(bridge, emulator)

@@ -385,9 +385,8 @@ class SipServer:
     def _late_answer(self, live: _Live, body: bytes) -> None:
         """The ACK's SDP answers the offer our 200 carried; without a usable one there is no session: BYE."""
         assert live.leg is not None
-        answer = sdp.parse_sdp(body)
-        chosen = sdp.negotiate(answer, allow_pcma=self._settings.allow_pcma) if body else sdp.SdpError("empty")
-        if isinstance(answer, sdp.SdpError) or isinstance(chosen, sdp.SdpError):
+        chosen = self._answer_in_ack(body)
+        if chosen is None:
             log.warning("SIP late offer: the ACK carries no usable SDP answer; ending the call")
             live.leg.end("no SDP answer in the ACK", lost=True)
             return
@@ -397,12 +396,19 @@ class SipServer:
         """The ACK's SDP answers the offer our 200 to a re-INVITE without SDP carried (a resume after a hold,
         a media refresh); an unusable one leaves the media as it was."""
         assert live.leg is not None
-        answer = sdp.parse_sdp(body)
-        chosen = sdp.negotiate(answer, allow_pcma=self._settings.allow_pcma) if body else sdp.SdpError("empty")
-        if isinstance(answer, sdp.SdpError) or isinstance(chosen, sdp.SdpError):
+        chosen = self._answer_in_ack(body)
+        if chosen is None:
             log.warning("SIP re-INVITE: the ACK carries no usable SDP answer to our offer; media unchanged")
             return
         live.leg.update_media(chosen)
+
+    def _answer_in_ack(self, body: bytes) -> sdp.Negotiated | None:
+        """What an ACK's SDP answer gives us, or None: no body, one that does not parse, or nothing usable."""
+        answer = sdp.parse_sdp(body) if body else sdp.SdpError("empty")
+        if isinstance(answer, sdp.SdpError):
+            return None
+        chosen = sdp.negotiate(answer, allow_pcma=self._settings.allow_pcma)
+        return None if isinstance(chosen, sdp.SdpError) else chosen
 
     def _reoffer(self, live: _Live, request: Request) -> None:
         """re-INVITE/UPDATE: hold, resume, a media move, or a session refresh (§9, §10.5)."""
