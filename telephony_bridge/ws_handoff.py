@@ -1,7 +1,7 @@
 """uvicorn's WebSocket upgrades handed to picows, on the same port as the app's HTTP routes.
 
 Every frame of every call crosses the media stream, so its WebSocket stack's cost is paid 75 times a second a
-call (README, Performance). uvicorn parses the upgrade request and then hands the socket to its ``ws``
+call (docs/performance.md). uvicorn parses the upgrade request and then hands the socket to its ``ws``
 protocol class; ``WebSocketHandoff`` is that class. For an app that routes
 its own WebSockets (``app.state.websocket_router``, see ``WebSocketRouter``) the socket goes to a picows
 protocol: frames are parsed and built in C and delivered by callback, with no ASGI messages and no task per

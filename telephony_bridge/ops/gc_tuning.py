@@ -10,7 +10,7 @@ playout lead, so every call heard a hole. Under call churn CPython ran one every
 found next to nothing to free: an ended call's objects go by reference counting when the call does
 (``task_group``), and what cyclic garbage is left (an HTTP request's objects, at set-up) dies young, where the
 young and middle collections free it. At 1,000, a process carrying 250 calls runs a full collection at most
-about every 20 minutes (README, Performance); CPython also waits until the objects promoted since the last one
+about every 20 minutes (docs/performance.md); CPython also waits until the objects promoted since the last one
 are a quarter of those it kept, and middle collections come with allocation, so a lightly loaded process runs
 one far more rarely still. Cyclic garbage that reaches the oldest generation waits that long: a change that
 made a call leave a cycle again would hold its memory for hours, which ``tests/test_task_group.py`` guards
@@ -21,7 +21,7 @@ objects allocated less those freed, and cyclic garbage is never freed until a co
 threshold lets more of it pile up between collections and memory climbs higher before it levels: with 50,000,
 resident memory grew 14 MB over 1,000 calls against 6 MB with 700 (``BRIDGE__SERVER__GC_YOUNG_THRESHOLD=50000
 python bench/soak.py --scenario normal --no-faults --calls 1000``), and the CPU it saved was within the
-run-to-run noise (README, Performance).
+run-to-run noise (docs/performance.md).
 """
 
 from __future__ import annotations
