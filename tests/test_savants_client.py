@@ -10,6 +10,7 @@ import base64
 import contextvars
 import gc
 import hashlib
+import socket
 import ssl
 import struct
 import sys
@@ -196,8 +197,13 @@ async def test_client_send_waits_while_the_peer_reads_slowly_and_resumes_when_it
     drain = asyncio.Event()
     received: asyncio.Queue[int] = asyncio.Queue()
 
+    peer: list[asyncio.StreamWriter] = []
+
     async def slow_reader(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         await confirm(reader, writer)
+        peer.append(writer)
+        # A receive buffer of fixed size too: the kernel would otherwise grow it (autotuning) as data comes.
+        writer.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16384)
         await drain.wait()
         while True:
             opcode, payload = await read_frame(reader)
@@ -209,11 +215,19 @@ async def test_client_send_waits_while_the_peer_reads_slowly_and_resumes_when_it
     async with raw_peer(slow_reader, limit=2**16) as url, asyncio.timeout(30):
         connection = await open_voice_session(url, "a.b.c", 5.0, stall_timeout_s=10.0)
         assert connection.can_send_now()
+        fix_send_buffer(connection)
         sent = 0
-        while not sending_blocked(connection):  # fill the socket buffers until picows pauses writing
-            assert await connection.send_audio(b"\x00" * 8192) is True
-            sent += 1
-            assert sent < 100_000, "writing never paused"
+        # Fill every buffer on the way until writing pauses for good: the peer's reader takes data until its own
+        # buffer is full (2 * limit) and stops reading; then the two sockets' buffers (of fixed size) fill, and
+        # once writing has stayed paused for a while nothing is left to take what we send.
+        while True:
+            while not sending_blocked(connection):
+                assert await connection.send_audio(b"\x00" * 8192) is True
+                sent += 1
+                assert sent < 100_000, "writing never paused"
+            await asyncio.sleep(0.1)
+            if sending_blocked(connection) and not peer[0].transport.is_reading():
+                break
         assert not connection.can_send_now()  # so Inbound leaves this send to ``run``, which waits
         blocked = asyncio.create_task(connection.send_audio(b"\x00" * 8192))
         await asyncio.sleep(0.2)
@@ -248,6 +262,14 @@ async def test_client_peer_that_stops_reading_what_we_send_is_stalled() -> None:
 
 def sending_blocked(connection: SavantsConnection) -> bool:
     return connection._writable is not None
+
+
+def fix_send_buffer(connection: SavantsConnection) -> None:
+    """Give the client's socket a send buffer of fixed size: left to itself the kernel grows it while the peer
+    does not read (TCP autotuning), so writes paused once could drain into it a moment later and resume."""
+    assert connection._transport is not None
+    sock = connection._transport.underlying_transport.get_extra_info("socket")
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 16384)
 
 
 async def test_client_fragmented_messages_are_put_together() -> None:
