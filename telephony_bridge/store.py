@@ -6,6 +6,8 @@ a value can be used once only, and ``take_if_equal`` consumes it only when it ma
 leaves it for its rightful owner. ``add`` / ``refresh`` make an owned entry (a claim): set only if absent,
 kept alive only by whoever holds it (``take_if_equal`` removes it), so a claim's owner can die and its claim
 lapse.
+``count`` is a counter that lives ``ttl_s`` from its first count: one atomic step per count (one Lua script on
+Redis), however high it goes.
 """
 
 from __future__ import annotations
@@ -39,6 +41,11 @@ class Store(Protocol):
 
     async def take_if_equal(self, key: str, value: str) -> bool:
         """Delete the entry if it holds ``value`` (one atomic step); whether it did."""
+        ...
+
+    async def count(self, key: str, ttl_s: float) -> int:
+        """Add one to the counter at ``key`` (one atomic step) and return it: 1 when there was none, which then
+        expires ``ttl_s`` later; later counts do not extend that. ``key`` must hold nothing but counts."""
         ...
 
     async def close(self) -> None: ...
@@ -105,6 +112,15 @@ class MemoryStore:
         del self._items[key]
         return True
 
+    async def count(self, key: str, ttl_s: float) -> int:
+        value = self._live(key)
+        if value is None:
+            await self.put(key, "1", ttl_s)
+            return 1
+        counted = int(value) + 1
+        self._items[key] = (str(counted), self._items[key][1])  # the first count's expiry stands
+        return counted
+
     async def close(self) -> None:
         self._items.clear()
 
@@ -119,9 +135,17 @@ end
 return 0
 """
 
+# One more count; the counter's life is set when it is created and never extended (INCR keeps a key's TTL).
+COUNT = """
+local counted = redis.call('INCR', KEYS[1])
+if counted == 1 then redis.call('PEXPIRE', KEYS[1], ARGV[1]) end
+return counted
+"""
+
 
 class RedisStore:
-    """Over a client its creator owns and closes; it must not retry commands (``take`` is a GETDEL)."""
+    """Over a client its creator owns and closes; it must not retry commands (``take`` is a GETDEL, and a retried
+    ``count`` would count twice)."""
 
     def __init__(self, client: aioredis.Redis, prefix: str = "tb:kv:") -> None:
         self._redis = client
@@ -129,6 +153,7 @@ class RedisStore:
         self.unavailable_total = 0
         self._refresh = client.register_script(_REFRESH_IF_HELD)
         self._take_if_equal = client.register_script(TAKE_IF_EQUAL)
+        self._count = client.register_script(COUNT)
 
     async def put(self, key: str, value: str, ttl_s: float) -> None:
         try:
@@ -168,6 +193,12 @@ class RedisStore:
         except RedisError as exc:
             raise self._unavailable("redis did not answer", exc) from None
         return bool(taken)
+
+    async def count(self, key: str, ttl_s: float) -> int:
+        try:
+            return int(await self._count(keys=[self._prefix + key], args=[_ms(ttl_s)]))
+        except RedisError as exc:
+            raise self._unavailable(f"redis did not count {key.split(':')[0]}", exc) from None
 
     async def close(self) -> None:
         return None

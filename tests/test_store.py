@@ -1,4 +1,5 @@
-"""The shared store's owned entries (claims): set if absent, kept and removed only by their owner, lapsing."""
+"""The shared store's owned entries (claims): set if absent, kept and removed only by their owner, lapsing; its
+counters: one atomic count each, lapsing from the first."""
 
 from __future__ import annotations
 
@@ -64,3 +65,38 @@ async def test_memory_store_drops_expired_entries_nobody_reads_again() -> None:
     clock.advance(600 + SWEEP_EVERY_S)
     await store.put("outcome:CA-last", "completed", 600)
     assert (len(store), await store.get("outcome:CA-last"), await store.get("outcome:CA1")) == (1, "completed", None)
+
+
+async def test_store_count_counts_each_key_from_one(store: Store) -> None:
+    counts = [await store.count("voice-answers:CA1", 60) for _ in range(3)]
+    assert (counts, await store.count("voice-answers:CA2", 60), await store.get("voice-answers:CA1")) == (
+        [1, 2, 3],
+        1,
+        "3",
+    )
+
+
+async def test_memory_store_count_lapses_ttl_after_its_first_count_not_its_last() -> None:
+    clock = FakeClock()
+    store = MemoryStore(clock)
+    assert await store.count("voice-answers:CA1", 30) == 1
+    clock.advance(29.9)
+    assert await store.count("voice-answers:CA1", 30) == 2  # counted, but its life is not extended
+    clock.advance(0.1)
+    assert await store.count("voice-answers:CA1", 30) == 1
+
+
+async def test_redis_store_count_sets_the_ttl_when_it_creates_the_counter_only(redis_server: RedisServer) -> None:
+    """INCR keeps a key's TTL: the counter expires ``ttl_s`` after its first count, however often it counts."""
+    client = aioredis.Redis.from_url(redis_server.url, decode_responses=True)
+    try:
+        await client.flushdb()
+        store = RedisStore(client)
+        assert await store.count("voice-answers:CA1", 4 * 3600) == 1
+        first_ttl_ms = await client.pttl("tb:kv:voice-answers:CA1")
+        await client.pexpire("tb:kv:voice-answers:CA1", 5000)  # as if the first count were long ago
+        assert await store.count("voice-answers:CA1", 4 * 3600) == 2
+        assert 4 * 3600_000 - 60_000 < first_ttl_ms <= 4 * 3600_000
+        assert 0 < await client.pttl("tb:kv:voice-answers:CA1") <= 5000  # not set again by the second count
+    finally:
+        await client.aclose()
