@@ -48,7 +48,7 @@ MAX_TOKEN_WAIT_S = 2.0  # a caller can afford a short wait for token budget, not
 # Twilio requests the <Connect action> as soon as the stream has closed; two minutes covers a slow or retried
 # request, and a busy bridge holds the outcomes of its last two minutes of calls, not ten.
 OUTCOME_TTL_S = 120.0
-# How long a call's <Connect> answers are counted (``within_connect_limit``): Twilio's longest call, 4 h.
+# How long a call's /voice answers are counted (``within_connect_limit``), from its first: Twilio's longest call, 4 h.
 ANSWERS_TTL_S = 4 * 3600.0
 RETRY_FIRST_S, RETRY_MAX_S = 0.2, 2.0  # backoff between token requests that failed on the endpoint's side
 MIN_ATTEMPT_S = 0.3  # a retry with less time than this left before the deadline is not worth sending
@@ -310,15 +310,14 @@ class Admission:
         Twilio signs no timestamp, so a captured request stays valid, and nothing in a replay tells it from
         Twilio asking again (a retry, a ``<Redirect>`` or call update back to ``/voice``, which may repeat the
         very same parameters). So the answers a call gets are bounded instead: a replayed request spends at most
-        ``limit`` tokens, and real flows stay well under it. Shared across replicas (one key per answer, set if
-        absent); a store that does not answer gives way: admission, on the same store, then refuses busy."""
+        ``limit`` tokens, and real flows stay well under it. Shared across replicas: one counter per call, one
+        store round trip per answer whatever ``limit`` is, counted from the call's first answer (later answers,
+        refused ones included, do not extend its life). A store that does not answer gives way: admission, on
+        the same store, then refuses busy."""
         try:
-            for n in range(1, limit + 1):
-                if await self._store.add(f"voice-answer:{call_sid}:{n}", "1", ANSWERS_TTL_S):
-                    return True
+            return await self._store.count(f"voice-answers:{call_sid}", ANSWERS_TTL_S) <= limit
         except StoreUnavailable:
             return True
-        return False
 
     async def keep_stream(self, call_sid: str, owner: str, ttl_s: float) -> bool:
         return await self._store.refresh(f"live-stream:{call_sid}", owner, ttl_s)
