@@ -1,5 +1,5 @@
-"""Real servers on 127.0.0.1 free ports: the Savants emulator and the bridge, each under uvicorn; the bench's
-baselines in child processes."""
+"""Real servers on 127.0.0.1 free ports: the Savants emulator, the scripted fake Savants (tests/fake_savants.py)
+and the bridge, each under uvicorn; the bench's baselines in child processes."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ import pytest
 from telephony_bridge.app import create_app
 from telephony_bridge.serving import ServerThread
 from telephony_bridge.tools.emulator import EmulatorConfig, create_emulator_app
+from tests.fake_savants import FakeSavants
 from tests.redis_server import RedisServer, RedisServerMissing, running_redis
 from tests.support import bench_server, bridge_settings
 
@@ -92,3 +93,19 @@ def redis_server() -> Iterator[RedisServer]:
 def own_redis_server() -> Iterator[RedisServer]:
     """A server of this test's own, which it may stop."""
     yield from redis_or_skip()
+
+
+@pytest.fixture
+def start_fake() -> Iterator[Callable[..., FakeSavants]]:
+    """``start_fake(token=..., session=...)``: a scripted fake Savants (tests/fake_savants.py), up."""
+    started: list[FakeSavants] = []
+
+    def start(**kwargs: object) -> FakeSavants:
+        fake = FakeSavants(**kwargs)  # type: ignore[arg-type]
+        fake.server.start()
+        started.append(fake)
+        return fake
+
+    yield start
+    for fake in started:
+        fake.server.stop()
