@@ -11,6 +11,7 @@ A mid-call drop of the Savants session is retried with a fresh token while the c
                 voice stream unreachable, upgrade answered 5xx/429, handshake timeouts
     QUARANTINE  AUTHENTICATION_FAILED, DEVICE_INACTIVE (token endpoint or voice stream): the device itself is
                 refused, so it leaves the pool for a while (logged once at ERROR) and the call is not retried
+                (at its first session the call moves to another device instead: ``reconnect._worth_it``)
     GIVE_UP     the peer broke the protocol (PROTOCOL), or says we did: close 1002, 1003, 1007-1010, private
                 4400/4403/4409/4415, INVALID_TOKEN, TOKEN_REUSED, INVALID_AUDIO, INVALID_MESSAGE,
                 INVALID_REQUEST, a token answer without a JWT, other 4xx; retrying would fail the same way
