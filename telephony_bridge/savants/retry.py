@@ -7,14 +7,15 @@ A mid-call drop of the Savants session is retried with a fresh token while the c
                 reset, 1006); STALLED (no pong to our ping); private close codes 45xx and the other 4xxx
                 not listed below; error codes TOKEN_EXPIRED (the documented action, spec §6.4), SERVER_ERROR,
                 INTERNAL_ERROR, SERVICE_UNAVAILABLE, AUTH_TIMEOUT, CONCURRENCY_LIMIT and unknown ones;
-                token endpoint 5xx, 429 RATE_LIMITED, timeouts, unreachable, no budget on the device now;
+                token endpoint 5xx, 429 RATE_LIMITED, a 200 without a JWT (BAD_RESPONSE: a proxy's page, as
+                the webhook's token requests retry it too), timeouts, unreachable, no budget on the device now;
                 voice stream unreachable, upgrade answered 5xx/429, handshake timeouts
     QUARANTINE  AUTHENTICATION_FAILED, DEVICE_INACTIVE (token endpoint or voice stream): the device itself is
                 refused, so it leaves the pool for a while (logged once at ERROR) and the call is not retried
                 (at its first session the call moves to another device instead: ``reconnect._worth_it``)
     GIVE_UP     the peer broke the protocol (PROTOCOL), or says we did: close 1002, 1003, 1007-1010, private
                 4400/4403/4409/4415, INVALID_TOKEN, TOKEN_REUSED, INVALID_AUDIO, INVALID_MESSAGE,
-                INVALID_REQUEST, a token answer without a JWT, other 4xx; retrying would fail the same way
+                INVALID_REQUEST, other 4xx; retrying would fail the same way
 
 A normal close (1000) is the AI's goodbye and no failure at all. Retries are bounded by
 ``savants.reconnect_deadline_s``, so even a wrong RETRY costs at most that much time and a few tokens.
@@ -43,7 +44,6 @@ NOT_RETRIED = frozenset(
         "INVALID_AUDIO",
         "INVALID_MESSAGE",
         "INVALID_REQUEST",
-        "BAD_RESPONSE",
     }
 )
 # RFC 6455 §7.4.1: the peer says we broke something; a new session would break it again.
