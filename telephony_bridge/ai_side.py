@@ -71,9 +71,8 @@ class AiSide:
         while True:
             self._session = session
             failure = await self._converse(session)
-            await session.close()
             self.connected = False
-            session = await self._recover(failure)
+            session = await self._recover(failure, dropped=session)  # closes the dropped one first
             self.connected = True
 
     async def _first_session(self) -> SavantsConnection:
@@ -89,12 +88,14 @@ class AiSide:
             self._inbound.limit_backlog(self._settings.audio.reconnect_buffer_ms)  # as long a wait as a drop's
             return await self._recover(failure, opening=True)
 
-    async def _recover(self, failure: SavantsError, *, opening: bool = False) -> SavantsConnection:
+    async def _recover(
+        self, failure: SavantsError, *, opening: bool = False, dropped: SavantsConnection | None = None
+    ) -> SavantsConnection:
         if self._fill is None:
             self._fill = ComfortFill(noise=self._settings.savants.reconnect_fill == "comfort_noise")
         self._outbound.fill(self._fill)  # the caller hears comfort noise, never a gap, while we reconnect
         try:
-            return await self._reconnector.recover(failure, self._slot, opening=opening)
+            return await self._reconnector.recover(failure, self._slot, opening=opening, dropped=dropped)
         finally:
             self._outbound.fill(None)
 

@@ -7,7 +7,8 @@ moves to another device when this one has none or is out of the pool), then a ne
 starts with less than ``admission.MIN_ATTEMPT_S`` left, and none is given longer than what is left). What
 is worth an attempt is ``retry.classify``'s call; a device Savants refuses outright is suspended. A new
 session is a new conversation for the AI: nothing is resumed. A call that ends while it reconnects (the caller
-hung up, the drain or the time limit) cancels it: ``abandoned``.
+hung up, the drain or the time limit) cancels it: ``abandoned``, counted once, at whichever await the end finds
+it (closing the dropped session, suspending a refused device, waiting between attempts, an attempt).
 
 A call whose AI keeps dropping is not reconnected for ever: past ``max_per_minute`` drops retried within a
 minute the call ends (result ``limited``). Every reconnect takes a token from the device's budget (60 a
@@ -64,13 +65,34 @@ class Reconnector:
         self._retried_at: deque[float] = deque()  # when the drops retried within the last minute came
         self.figures = ReconnectFigures()
 
-    async def recover(self, failure: SavantsError, slot: CallSlot, *, opening: bool = False) -> SavantsConnection:
+    async def recover(
+        self,
+        failure: SavantsError,
+        slot: CallSlot,
+        *,
+        opening: bool = False,
+        dropped: SavantsConnection | None = None,
+    ) -> SavantsConnection:
         """A new session for the call (``slot.lease`` says on which device it now is); raises a
         ``SavantsError`` (the call then ends with the fallback message) if the drop is not worth a retry or the
-        deadline passed. ``opening``: the call's first session could not be opened (counted as a drop)."""
+        deadline passed. ``opening``: the call's first session could not be opened (counted as a drop).
+        ``dropped``: the session that failed, closed here first. However far this got when the call ended, it
+        counts ``abandoned`` once."""
+        self.figures.drops += 1
+        dropped_at = self._clock.monotonic()
+        try:
+            if dropped is not None:
+                await dropped.close()
+            return await self._recover(failure, slot, opening)
+        except asyncio.CancelledError:  # the call ended first: its cleanup closes what an attempt held
+            self.figures.outcome = "abandoned"
+            self._metrics.ai_reconnects.labels(result="abandoned").inc()
+            log.info("reconnect abandoned: the call ended %.2f s after the drop", self._clock.monotonic() - dropped_at)
+            raise
+
+    async def _recover(self, failure: SavantsError, slot: CallSlot, opening: bool) -> SavantsConnection:
         lost = "AI session could not be opened" if opening else "AI session dropped"
         figures = self.figures
-        figures.drops += 1
         verdict = await self._judge(failure, slot)
         if not _worth_it(verdict, opening) or self._deadline_s == 0:
             figures.outcome = "not_retried"
@@ -95,11 +117,6 @@ class Reconnector:
         except SavantsError:
             figures.outcome = "failed"
             self._metrics.ai_reconnects.labels(result="failed").inc()
-            raise
-        except asyncio.CancelledError:  # the call ended first: its cleanup closes what an attempt held
-            figures.outcome = "abandoned"
-            self._metrics.ai_reconnects.labels(result="abandoned").inc()
-            log.info("reconnect abandoned: the call ended %.2f s into it", self._clock.monotonic() - started)
             raise
         finally:
             figures.gap_s += self._clock.monotonic() - started

@@ -47,6 +47,21 @@ class FakeAdmission:
 class FakeSession:
     session_id = "sess_new"
 
+    async def close(self) -> None:
+        pass
+
+
+class Hang:
+    """An await that ends only when cancelled (a peer that never answers our close, a Redis that does not
+    answer), and says when it has begun."""
+
+    def __init__(self) -> None:
+        self.begun = asyncio.Event()
+
+    async def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        self.begun.set()
+        await asyncio.get_running_loop().create_future()
+
 
 async def on_clock(clock: FakeClock, coro: Any) -> asyncio.Task[Any]:
     """Run ``coro`` to its end, the fake clock moving 10 ms at a time."""
@@ -133,6 +148,38 @@ async def test_drops_past_the_limit_within_a_minute_are_not_retried_and_the_wind
         )
     assert outcomes == ["resumed", "resumed", "raised limited", "resumed"]
     assert len(admission.attempted_at) == 3 and admission.attempted_at[-1] >= first + 60.0
+
+
+@pytest.mark.parametrize("where", ["closing the dropped session", "suspending a refused device", "an attempt"])
+async def test_a_call_ending_anywhere_in_a_reconnect_counts_it_abandoned_once(where: str) -> None:
+    """The call's end cancels the reconnect at whichever await it is: that drop's result is ``abandoned``, counted
+    once. Closing the dropped session and the verdict's suspension of a refused device were counted nowhere."""
+    clock = FakeClock()
+    admission, dropped, hang = FakeAdmission(clock, []), FakeSession(), Hang()
+    failure: SavantsError = DROP
+    if where == "closing the dropped session":
+        dropped.close = hang  # type: ignore[method-assign]
+    elif where == "suspending a refused device":
+        admission.suspend_device = hang  # type: ignore[method-assign]
+        failure = SessionError("voice stream refused: DEVICE_INACTIVE", code="DEVICE_INACTIVE")
+    else:
+        admission.reconnect = hang  # type: ignore[method-assign]
+    metrics = Metrics()
+    reconnector = Reconnector(admission, clock, metrics, deadline_s=10.0, rng=random.Random(1))  # type: ignore[arg-type]
+    slot = CallSlot(Lease("CA1", "device-a"))
+    task = asyncio.create_task(reconnector.recover(failure, slot, dropped=dropped))  # type: ignore[arg-type]
+    async with asyncio.timeout(5):
+        while not hang.begun.is_set():
+            await asyncio.sleep(0)
+            clock.advance(0.01)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    figures = reconnector.figures
+    assert (figures.drops, figures.outcome) == (1, "abandoned")
+    results = ("resumed", "failed", "not_retried", "limited", "abandoned")
+    counted = {r: metrics.registry.get_sample_value("bridge_ai_reconnects_total", {"result": r}) for r in results}
+    assert counted == {r: 1.0 if r == "abandoned" else None for r in results}
 
 
 class SlowTokens:

@@ -1,13 +1,14 @@
 """Reconnect faults the emulator cannot make, on real sockets against the scripted fake Savants
-(tests/fake_savants.py): a token answer without a JWT, and devices refused one after another at the voice stream
-when the call's first session opens. What the caller hears, the call-ended line, /metrics, and nothing held
-after."""
+(tests/fake_savants.py): a token answer without a JWT, devices refused one after another at the voice stream
+when the call's first session opens, and a call that ends while a reconnect is under way. What the caller
+hears, the call-ended line, /metrics, and nothing held after."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import logging
+import threading
 import time
 from collections.abc import Callable
 
@@ -16,14 +17,21 @@ import numpy as np
 import pytest
 from starlette.responses import JSONResponse, Response
 from starlette.websockets import WebSocket
+from websockets.asyncio.client import connect
 
+from telephony_bridge.accounting.memory import MemoryAccounting
 from telephony_bridge.serving import ServerThread
 from telephony_bridge.settings import Settings
-from telephony_bridge.tools.caller import run_call
+from telephony_bridge.tools.caller import new_sid, run_call
+from telephony_bridge.twilio import protocol as tw
 from tests.fake_savants import FakeSavants, Session, TokenAnswer, echo, released, token_or_400
 from tests.support import (
     bridge_settings,
+    call_form,
+    post_voice,
     signed_call,
+    stream_parameters,
+    upgrade_signature,
     wait_until,
 )
 
@@ -185,4 +193,45 @@ async def test_two_devices_refused_in_a_row_at_the_start_move_the_call_to_a_thir
     accounting = httpx.get(bridge.http_url + "/status", timeout=5).json()["accounting"]["devices"]
     assert [accounting[d]["exhausted_for_s"] > 60 for d in devices] == [d in refused for d in devices]
     assert (fake.token_requests, fake.sessions_opened) == (3, 3)  # one token per session
+    await asyncio.to_thread(released, bridge, fake)
+
+
+class SlowToSuspend(MemoryAccounting):
+    """Memory accounting whose suspension of a device never finishes (a Redis slow to answer): ``begun`` is set
+    once one is under way."""
+
+    def __init__(self, device_ids: list[str]) -> None:
+        super().__init__(device_ids)
+        self.begun = threading.Event()
+
+    async def exhaust(self, device_id: str, for_s: float) -> None:
+        self.begun.set()
+        await asyncio.get_running_loop().create_future()  # until the call's end cancels it
+
+
+async def test_a_call_that_ends_while_a_refused_device_is_suspended_counts_its_reconnect_abandoned_once(
+    start_fake: Callable[..., FakeSavants],
+    start_bridge: Callable[..., ServerThread],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The first session is refused (DEVICE_INACTIVE); while the refused device is being suspended (the
+    reconnect's verdict, before any attempt) the caller hangs up. The drop is counted, and its reconnect
+    ``abandoned``, once; it was counted nowhere (``ai_reconnect`` stayed ``none``), as a call ending while the
+    dropped session closed was."""
+    fake = start_fake(session=refusing_first(1))
+    accounting = SlowToSuspend(["device-a", "device-b"])
+    bridge = start_bridge(settings(fake), accounting=accounting)
+    form = call_form()
+    params = stream_parameters(post_voice(bridge, form))
+    sid, call_sid, account_sid = new_sid("MZ"), form["CallSid"], form["AccountSid"]
+    with caplog.at_level(logging.INFO):
+        async with connect(bridge.ws_url + "/media-stream", additional_headers=upgrade_signature(), proxy=None) as ws:
+            await ws.send(tw.Connected().to_json())
+            await ws.send(tw.Start(sid, call_sid, account_sid, custom_parameters=params).to_json())
+            await asyncio.to_thread(wait_until, accounting.begun.is_set, 5.0, "the refused device's suspension")
+            await ws.send(tw.Stop(sid, call_sid, account_sid, 2).to_json())
+        ended = await asyncio.to_thread(call_ended, caplog)
+    assert {k: getattr(ended, k) for k in ("ai_drops", "ai_reconnect")} == {"ai_drops": 1, "ai_reconnect": "abandoned"}
+    assert metric_lines(bridge, "bridge_ai_reconnects_total") == ['bridge_ai_reconnects_total{result="abandoned"} 1.0']
+    assert any(r.getMessage().startswith("reconnect abandoned: the call ended") for r in caplog.records)
     await asyncio.to_thread(released, bridge, fake)
