@@ -35,6 +35,7 @@ from dataclasses import dataclass, field
 from telephony_bridge.accounting.base import Accounting, AccountingUnavailable, Lease
 from telephony_bridge.clock import Clock
 from telephony_bridge.errors import AdmissionError, SessionError, TokenError
+from telephony_bridge.ops import logging as oplog
 from telephony_bridge.ops.metrics import Metrics
 from telephony_bridge.savants.client import Connector, SavantsConnection
 from telephony_bridge.savants.tokens import TokenClient, endpoint_failed
@@ -391,6 +392,7 @@ class Admission:
                 return False
             log.info("call moves from device %s to %s for its reconnect", slot.lease.device_id, moved.device_id)
             slot.lease = moved
+            oplog.rebind(device_id=moved.device_id)  # the call's log lines name the device it is on
             return True
 
     async def suspend_device(self, device_id: str, code: str) -> None:

@@ -188,8 +188,9 @@ async def test_two_devices_refused_in_a_row_at_the_start_move_the_call_to_a_thir
     suspended = [r for r in caplog.records if r.levelno == logging.ERROR and "leaves the pool" in r.getMessage()]
     refused = [r.args[0] for r in suspended if isinstance(r.args, tuple)]
     [opened] = [r for r in caplog.records if r.getMessage().startswith("AI session opened after")]
-    serving = opened.to_device  # type: ignore[attr-defined]  # (the call-ended line names the call's first device)
+    serving = opened.to_device  # type: ignore[attr-defined]
     assert len(refused) == 2 and sorted([*refused, serving]) == devices, [r.getMessage() for r in suspended]
+    assert (opened.device_id, ended.device_id) == (serving, serving)  # the call's lines name the device it is on
     accounting = httpx.get(bridge.http_url + "/status", timeout=5).json()["accounting"]["devices"]
     assert [accounting[d]["exhausted_for_s"] > 60 for d in devices] == [d in refused for d in devices]
     assert (fake.token_requests, fake.sessions_opened) == (3, 3)  # one token per session

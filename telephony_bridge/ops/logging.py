@@ -31,6 +31,15 @@ def bind(**fields: str | None) -> None:
     _context.set(merged)
 
 
+def rebind(**fields: str | None) -> None:
+    """Change fields of the call context in place, for every task of the call (a call moved to another device
+    mid-call names it from then on, in the call's own task too): ``bind`` changes only the current task's and
+    its later children's. Outside any call context it does nothing."""
+    current = _context.get()
+    if isinstance(current, dict):  # the default, outside a call, is a read-only empty mapping
+        current.update({k: v for k, v in fields.items() if v})
+
+
 @contextlib.contextmanager
 def call_context(**fields: str | None) -> Iterator[None]:
     token = _context.set({k: v for k, v in fields.items() if v})
