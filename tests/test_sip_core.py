@@ -117,13 +117,20 @@ def test_retransmitted_invite_is_absorbed_never_a_second_call() -> None:
     assert core.active_calls == 1
 
 
+def refused(core: UserAgentCore, branch: str, now: float, status: int = 482, *, trying: bool = False) -> list[int]:
+    """A new INVITE under the held Call-ID: handed to the driver unanswered, then answered as the driver would."""
+    request = another_invite(branch)
+    out = core.receive(request, PEER, now)
+    assert out == [CallIdInUse("3c2a7b1e@198.51.100.7", PEER, request)], out
+    return statuses(core.refuse_invite(request, PEER, status, now, trying=trying))
+
+
 def test_new_branch_while_the_first_invite_is_undecided_is_482_and_the_first_goes_on() -> None:
     """A merged request (RFC 3261 §8.2.2.2: a forking proxy's second copy) was absorbed without an answer, so its
     sender retransmitted it for 32 s; it is refused at once, and the first INVITE is still answered."""
     core = UserAgentCore("203.0.113.5", 5060)
     core.receive(invite(), PEER, T0)
-    out = core.receive(another_invite("z9hG4bK-second"), PEER, T0 + 0.1)
-    assert statuses(out) == [482] and events(out) == [CallIdInUse("3c2a7b1e@198.51.100.7", PEER)]
+    assert refused(core, "z9hG4bK-second", T0 + 0.1) == [482]
     assert core.active_calls == 1
     assert statuses(core.answer("3c2a7b1e@198.51.100.7", b"v=0\r\n", T0 + 0.2)) == [200]
 
@@ -131,16 +138,25 @@ def test_new_branch_while_the_first_invite_is_undecided_is_482_and_the_first_goe
 def test_new_invite_under_a_held_call_id_is_482_until_the_driver_forgets_it() -> None:
     core = UserAgentCore("203.0.113.5", 5060)
     ok = answered(core)
-    out = core.receive(another_invite("z9hG4bK-second"), PEER, T0 + 1)
-    assert statuses(out) == [482] and events(out) == [CallIdInUse("3c2a7b1e@198.51.100.7", PEER)]
+    assert refused(core, "z9hG4bK-second", T0 + 1) == [482]
     again = core.receive(another_invite("z9hG4bK-second"), PEER, T0 + 1.01)
     assert statuses(again) == [482] and events(again) == []  # its retransmission: same answer, reported once
     bye = core.receive(in_dialog("BYE", ok, 102, branch="z9hG4bK-bye-1"), PEER, T0 + 2)
     assert statuses(bye) == [200] and events(bye) == [CallEnded("3c2a7b1e@198.51.100.7")]  # the call untouched
-    assert statuses(core.receive(another_invite("z9hG4bK-third"), PEER, T0 + 2.1)) == [482]  # still held
+    assert refused(core, "z9hG4bK-third", T0 + 2.1) == [482]  # still held
     core.forget("3c2a7b1e@198.51.100.7")
     out = core.receive(another_invite("z9hG4bK-fourth"), PEER, T0 + 3)
     assert statuses(out) == [100] and [type(e) for e in events(out)] == [IncomingCall]
+
+
+def test_a_challenge_to_an_invite_under_a_held_call_id_looks_like_any_challenge() -> None:
+    """The driver challenges such an INVITE from a sender that must authenticate: ``100 Trying`` then ``401``, as
+    a new call's INVITE gets them, and its retransmission is answered ``401`` again, not handed over twice."""
+    core = UserAgentCore("203.0.113.5", 5060)
+    answered(core)
+    assert refused(core, "z9hG4bK-second", T0 + 1, 401, trying=True) == [100, 401]
+    again = core.receive(another_invite("z9hG4bK-second"), PEER, T0 + 1.01)
+    assert statuses(again) == [401] and events(again) == []
 
 
 def test_answer_has_tag_contact_record_route_in_order() -> None:
@@ -217,7 +233,7 @@ def test_a_call_forgotten_while_its_bye_waits_for_the_ack_is_dropped_once_the_by
     answered(core)
     assert core.hangup("3c2a7b1e@198.51.100.7", T0 + 1) == []  # the BYE waits for the ACK
     core.forget("3c2a7b1e@198.51.100.7")
-    assert statuses(core.receive(another_invite("z9hG4bK-second"), PEER, T0 + 2)) == [482]  # still held
+    assert refused(core, "z9hG4bK-second", T0 + 2) == [482]  # still held
     byes = [m for m in sent(core.poll(T0 + 0.1 + 32.0)) if isinstance(m, Request)]
     assert [b.method for b in byes] == ["BYE"]
     out = core.receive(another_invite("z9hG4bK-third"), PEER, T0 + 40)
@@ -392,4 +408,4 @@ def test_a_retransmission_from_a_ua_without_rfc3261_branches_is_absorbed_not_ref
     core = UserAgentCore("203.0.113.5", 5060)
     assert statuses(core.receive(old_style, PEER, T0)) == [100]
     assert core.receive(old_style, PEER, T0 + 0.5) == []  # the same INVITE again
-    assert statuses(core.receive(another_invite("z9hG4bK-second"), PEER, T0 + 0.6)) == [482]  # a new one still is
+    assert refused(core, "z9hG4bK-second", T0 + 0.6) == [482]  # a new one still is

@@ -17,6 +17,7 @@ import httpx
 import pytest
 
 from telephony_bridge.serving import ServerThread
+from telephony_bridge.sip.auth import authorization_header, ha1
 from telephony_bridge.tools.sip_caller import SipCallConfig, place_sip_call
 from tests.support import leases, token_requests, wait_until
 from tests.test_end_to_end import speech_band_noise
@@ -41,9 +42,18 @@ class RawUac:
     transport: str = "UDP"
 
     def request(
-        self, method: str, *, to: str = "", body: str = "", cseq: int = 1, branch: str = "", contact: str = ""
+        self,
+        method: str,
+        *,
+        to: str = "",
+        body: str = "",
+        cseq: int = 1,
+        branch: str = "",
+        contact: str = "",
+        extra: tuple[str, ...] = (),
     ) -> bytes:
-        """``cseq``, ``branch`` and ``contact`` (a URI) for in-dialog requests; the UAC's own by default."""
+        """``cseq``, ``branch`` and ``contact`` (a URI) for in-dialog requests; the UAC's own by default. ``extra``:
+        more header rows, written as they go on the wire."""
         rows = [
             f"{method} sip:ai@127.0.0.1:{self.port} SIP/2.0",
             f"Via: SIP/2.0/{self.transport} 127.0.0.1:{self.local};branch={branch or self.branch};rport",
@@ -53,6 +63,7 @@ class RawUac:
             f"Call-ID: {self.call_id}",
             f"CSeq: {cseq} {method}",
             f"Contact: <{contact or f'sip:caller@127.0.0.1:{self.local}'}>",
+            *extra,
             *(["Content-Type: application/sdp"] if body else []),
             f"Content-Length: {len(body)}",
         ]
@@ -66,7 +77,12 @@ def udp_socket() -> socket.socket:
 
 
 def converse(sock: socket.socket, uac: RawUac, listen_s: float) -> list[str]:
-    """The first lines of what the bridge sends for ``listen_s``, answered as a UAC must: a final answer to the
+    """The first lines of what the bridge sends for ``listen_s``, answered as a UAC must (``exchange``)."""
+    return [message.split("\r\n", 1)[0] for message in exchange(sock, uac, listen_s)]
+
+
+def exchange(sock: socket.socket, uac: RawUac, listen_s: float) -> list[str]:
+    """What the bridge sends for ``listen_s``, whole messages, answered as a UAC must: a final answer to the
     INVITE is ACKed (the 2xx's ACK on the same branch too: the core matches that one by dialog)."""
     seen: list[str] = []
     end = time.monotonic() + listen_s
@@ -76,8 +92,8 @@ def converse(sock: socket.socket, uac: RawUac, listen_s: float) -> list[str]:
             data = sock.recv(65535)
         except TimeoutError:
             continue
-        lines = data.decode(errors="replace").split("\r\n")
-        seen.append(lines[0])
+        seen.append(data.decode(errors="replace"))
+        lines = seen[-1].split("\r\n")
         final = lines[0].startswith("SIP/2.0 ") and not lines[0].startswith("SIP/2.0 1")
         if final and any(x.startswith("CSeq:") and x.endswith("INVITE") for x in lines):
             to = next(x for x in lines if x.lower().startswith("to:")).split(":", 1)[1].strip()
@@ -130,6 +146,60 @@ async def test_sip_second_invite_reusing_a_live_call_id_is_482_and_the_call_goes
     assert (warning.levelno, getattr(warning, "call_sid", None)) == (logging.WARNING, call_id)
     metrics = httpx.get(bridge.http_url + "/metrics", timeout=5).text
     assert 'bridge_sip_refused_total{code="482"} 3.0' in metrics
+
+
+def _invite_reusing_without_then_with_credentials(port: int, call_id: str) -> tuple[list[str], list[str]]:
+    """A new INVITE under ``call_id`` without credentials, then on a branch of its own with the answer to the
+    challenge it got (as a UAC retries after a 401); the first lines of what comes back to each."""
+    sock = udp_socket()
+    uac = RawUac(port, sock.getsockname()[1], call_id=call_id)
+    try:
+        sock.sendto(uac.request("INVITE", body=OFFER), ("127.0.0.1", port))
+        first = exchange(sock, uac, 1.0)
+        rows = [row for m in first if m.startswith("SIP/2.0 401") for row in m.split("\r\n")]
+        challenge = next((row.split(":", 1)[1] for row in rows if row.lower().startswith("www-authenticate:")), "")
+        uri = f"sip:ai@127.0.0.1:{port}"
+        # nc=2: our nonces are the second's, so the live call may have used nc=1 with this very nonce already
+        answer = authorization_header(challenge.strip(), user="pbx", password="s3cret", method="INVITE", uri=uri, nc=2)
+        retry = replace(uac, branch="z9hG4bK" + secrets.token_hex(6))
+        credentials = (f"Authorization: {answer}",) if answer else ()
+        sock.sendto(retry.request("INVITE", body=OFFER, cseq=2, extra=credentials), ("127.0.0.1", port))
+        second = converse(sock, retry, 1.0)
+        return [m.split("\r\n", 1)[0] for m in first], second
+    finally:
+        sock.close()
+
+
+async def test_sip_invite_reusing_a_live_call_id_is_challenged_before_it_is_refused_482(
+    start_bridge: Callable[..., ServerThread], emulator: ServerThread, caplog: pytest.LogCaptureFixture
+) -> None:
+    """review: the 482 for a reused Call-ID came before digest auth, so a peer without credentials learnt which
+    Call-IDs were live (482) and which were not (401). With digest on, such an INVITE is challenged like any
+    other (100, then 401); only an authenticated one hears 482, counted and said once for the call as before."""
+    users = {"pbx": {"SHA-256": ha1("SHA-256", "pbx", "telephony-bridge", "s3cret")}}
+    overrides = {"sip.allowed_sources": ["192.0.2.0/24"], "sip.users": users, "sip.media_timeout_s": 3.0}
+    bridge = start_sip_bridge(start_bridge, emulator, **overrides)
+    port = status(bridge)["sip"]["port"]
+    with caplog.at_level(logging.INFO):
+        config = SipCallConfig(target(bridge), audio_in=speech_band_noise(), seconds=5, user="pbx", password="s3cret")
+        first = asyncio.create_task(place_sip_call(config))
+        await asyncio.to_thread(wait_until, lambda: len(status(bridge)["calls"]) == 1, 10.0, "the first call")
+        call_id = status(bridge)["calls"][0]["call_sid"]
+        unauthenticated, authenticated = await asyncio.to_thread(
+            _invite_reusing_without_then_with_credentials, port, call_id
+        )
+        result = await first
+        assert result.ended_by == "caller" and result.violations == [], result.summary()
+        assert_all_released(bridge, emulator)
+    # What any new INVITE without credentials gets (the 401 resent until our ACK reached it) ...
+    assert unauthenticated[:2] == ["SIP/2.0 100 Trying", "SIP/2.0 401 Unauthorized"], unauthenticated
+    assert set(unauthenticated) == {"SIP/2.0 100 Trying", "SIP/2.0 401 Unauthorized"}, unauthenticated
+    # ... and once authenticated, the refusal as before: 482, one WARNING naming the call, counted.
+    assert authenticated and set(authenticated) == {"SIP/2.0 482 Loop Detected"}, authenticated
+    [warning] = [r for r in caplog.records if "refused with 482" in r.getMessage()]
+    assert (warning.levelno, getattr(warning, "call_sid", None)) == (logging.WARNING, call_id)
+    metrics = httpx.get(bridge.http_url + "/metrics", timeout=5).text
+    assert 'bridge_sip_refused_total{code="482"} 1.0' in metrics
 
 
 def _cancel_during_admission(bridge: ServerThread, listen_s: float) -> tuple[str, list[str]]:

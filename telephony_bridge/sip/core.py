@@ -11,8 +11,9 @@ What the core answers by itself: ``100 Trying`` at once; retransmissions (never 
 dialog (``481``) or with a CSeq that went down (``500``); a second re-INVITE while one is open (``500`` +
 ``Retry-After``); a new offer while ours awaits its ACK (``491``); unsupported ``Require`` (``420``); methods we
 do not take (``405``/``501``); malformed requests (``400``). Calls are keyed by Call-ID: a UAS sees one dialog
-per Call-ID in practice, and a new INVITE naming a Call-ID still held here is refused ``482`` (``CallIdInUse``)
-rather than allowed to take the call over.
+per Call-ID in practice, and a new INVITE naming a Call-ID still held here is not allowed to take the call over:
+it is handed to the driver (``CallIdInUse``), which answers it with ``refuse_invite`` (``401`` first when the
+sender must authenticate, so that only an authenticated peer learns the Call-ID is live; then ``482``).
 """
 
 from __future__ import annotations
@@ -123,11 +124,13 @@ class ReOfferConfirmed:
 @dataclass(frozen=True, slots=True)
 class CallIdInUse:
     """A new INVITE (no To tag, its own branch) named the Call-ID of a call still held here, such as a forking
-    proxy's second copy or a PBX that reuses Call-IDs: already answered ``482`` (RFC 3261 §8.2.2.2), the held
-    call untouched. The driver logs and counts it."""
+    proxy's second copy or a PBX that reuses Call-IDs; the held call is untouched. Not answered yet: the driver
+    answers it with ``refuse_invite``, ``482`` (RFC 3261 §8.2.2.2) or, to a sender that must authenticate and
+    has not, ``401`` (a ``482`` would tell it which Call-IDs are live), and logs and counts it."""
 
     call_id: str
     peer: Peer
+    invite: Request
 
 
 Event = (
@@ -238,8 +241,7 @@ class UserAgentCore:
         if existing is not None:
             if key is None and _same_request(request, existing.invite):
                 return []  # a retransmission from a UA without RFC 3261 branches (§17.2.3): no transaction matched it
-            refused = self._stateless(request, peer, now, key, 482, invite=True)
-            return [*refused, CallIdInUse(request.call_id, peer)]
+            return [CallIdInUse(request.call_id, peer, request)]
         txn = InviteServerTransaction(request, reliable=peer.reliable, now=now, timers=self.timers)
         if key is not None:
             self._txns[key] = (txn, peer)
@@ -382,6 +384,22 @@ class UserAgentCore:
         self._end(call)
         return self._respond(call, response, now)
 
+    def refuse_invite(
+        self,
+        invite: Request,
+        peer: Peer,
+        status: int,
+        now: float,
+        *,
+        rows: list[tuple[str, str]] | None = None,
+        trying: bool = False,
+    ) -> list[Output]:
+        """Answer an INVITE handed over as ``CallIdInUse`` with a final ``status``, through a transaction of its
+        own that absorbs its retransmissions (and, on UDP, takes the ACK). ``trying`` sends ``100 Trying`` first,
+        so that a challenge looks like the one to any new INVITE (``100``, then ``401``)."""
+        key = transaction_key(invite)
+        return self._stateless(invite, peer, now, key, status, rows=rows, invite=True, trying=trying)
+
     def answer_reoffer(
         self, call_id: str, status: int, now: float, *, sdp: bytes = b"", rows: list[tuple[str, str]] | None = None
     ) -> list[Output]:
@@ -477,15 +495,19 @@ class UserAgentCore:
         rows: list[tuple[str, str]] | None = None,
         to_tag: str | None = None,
         invite: bool = False,
+        trying: bool = False,
     ) -> list[Output]:
-        """Answer a request with a final response through a fresh server transaction (absorbs retransmissions)."""
+        """Answer a request with a final response through a fresh server transaction (absorbs retransmissions),
+        after a ``100 Trying`` if ``trying`` (INVITE only)."""
         tag = to_tag if to_tag is not None else (None if _to_tag(request) else new_tag())
         response = build_response(request, status, REASONS.get(status, "Error"), peer=peer, to_tag=tag, rows=rows or [])
         txn_cls = InviteServerTransaction if invite else NonInviteServerTransaction
         txn = txn_cls(request, reliable=peer.reliable, now=now, timers=self.timers)
         if key is not None:
             self._txns[key] = (txn, peer)
-        return [Send(r.to_bytes(), response_target(request, peer)) for r in txn.respond(response, now)]
+        sent = txn.respond(build_response(request, 100, REASONS[100], peer=peer), now) if trying else []
+        sent += txn.respond(response, now)
+        return [Send(r.to_bytes(), response_target(request, peer)) for r in sent]
 
     def _end(self, call: _Call) -> None:
         """The call is over. One the driver has forgotten already (we hung up before the caller's ACK, so our BYE

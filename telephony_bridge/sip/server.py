@@ -290,6 +290,20 @@ class SipServer:
     def _trusted(self, peer: Peer) -> bool:
         return source_allowed(peer.host, self._sources)
 
+    def _challenge(self, invite: Request, peer: Peer) -> tuple[list[tuple[str, str]], str] | None:
+        """The ``WWW-Authenticate`` rows for an INVITE that must be challenged, and why: a source outside the
+        allow-list without valid digest credentials (without ``sip.users`` such sources never get this far)."""
+        if self._trusted(peer):
+            return None
+        assert self._auth is not None
+        now_wall = self._clock.wall()
+        authorizations = invite.headers.values("Authorization")
+        verdict = self._auth.verify(authorizations, method="INVITE", uri=invite.uri, now_wall=now_wall)
+        if verdict.ok:
+            return None
+        rows = [("WWW-Authenticate", c) for c in self._auth.challenges(now_wall, stale=verdict.stale)]
+        return rows, f"digest challenge, {verdict.reason}"
+
     def _refuse_source(self, request: Request, peer: Peer) -> None:
         """A source outside the allow-list: 403 at once, nothing allocated, a DEBUG line (scanners, §8.5)."""
         self.refused += 1
@@ -339,7 +353,7 @@ class SipServer:
             self._spawn(self._run_call(live), f"sip-call-{event.call_id[:16]}")
             return
         if isinstance(event, CallIdInUse):
-            self._refused_call_id_in_use(event)
+            self._call_id_in_use(event)
             return
         live = self._live.get(event.call_id)  # type: ignore[union-attr]
         if live is None:
@@ -347,9 +361,21 @@ class SipServer:
         with oplog.call_context(call_sid=live.call_id):  # signalling runs outside the call's task: name it
             self._call_event(live, event)
 
-    def _refused_call_id_in_use(self, event: CallIdInUse) -> None:
-        """The core answered ``482`` and left the call alone: count it, and say so under that call's name, once
-        for the call (before any auth, a peer could send such INVITEs as fast as it likes)."""
+    def _call_id_in_use(self, event: CallIdInUse) -> None:
+        """A new INVITE under a live call's Call-ID. A sender that must authenticate and has not is challenged,
+        as any INVITE would be (a ``482`` would tell it which Call-IDs are live); otherwise ``482``, the live call
+        left alone: counted, and said under that call's name once for the call (an authenticated peer, or one in
+        the allow-list, could still send such INVITEs as fast as it likes)."""
+        assert self.core is not None
+        now = self._clock.monotonic()
+        challenge = self._challenge(event.invite, event.peer)
+        if challenge is not None:
+            rows, why = challenge
+            with oplog.call_context(call_sid=event.call_id):
+                self._count_refusal(event.peer, 401, why)
+            self._dispatch(self.core.refuse_invite(event.invite, event.peer, 401, now, rows=rows, trying=True))
+            return
+        self._dispatch(self.core.refuse_invite(event.invite, event.peer, 482, now))
         self._deps.metrics.sip_refused.labels(code="482").inc()
         live = self._live.get(event.call_id)
         if live is not None:
@@ -498,24 +524,20 @@ class SipServer:
         assert self.core is not None
         if live.cancelled.is_set():
             return
-        log.log(level, "SIP INVITE from %s refused with %d: %s", live.peer.host, status, why)
-        self._deps.metrics.sip_refused.labels(code=str(status)).inc()
+        self._count_refusal(live.peer, status, why, level)
         self._dispatch(self.core.reject(live.call_id, status, self._clock.monotonic(), rows=rows))
+
+    def _count_refusal(self, peer: Peer, status: int, why: str, level: int = logging.INFO) -> None:
+        log.log(level, "SIP INVITE from %s refused with %d: %s", peer.host, status, why)
+        self._deps.metrics.sip_refused.labels(code=str(status)).inc()
 
     async def _admit_and_bridge(self, live: _Live) -> None:
         assert self.core is not None
         invite, settings = live.invite, self._settings
-        now_wall = self._clock.wall()
-        if not self._trusted(live.peer):
-            assert self._auth is not None
-            verdict = self._auth.verify(
-                invite.headers.values("Authorization"), method="INVITE", uri=invite.uri, now_wall=now_wall
-            )
-            if not verdict.ok:
-                challenges = self._auth.challenges(now_wall, stale=verdict.stale)
-                challenge = [("WWW-Authenticate", c) for c in challenges]
-                self._reject(live, 401, f"digest challenge, {verdict.reason}", challenge)
-                return
+        challenge = self._challenge(invite, live.peer)
+        if challenge is not None:
+            self._reject(live, 401, challenge[1], challenge[0])
+            return
         retry = [("Retry-After", str(settings.retry_after_s))]
         if self._draining():
             self._reject(live, 503, "draining", retry)
