@@ -15,6 +15,7 @@ from telephony_bridge.sip.core import (
     InfoDigit,
     Output,
     ReOffer,
+    RequestNotSent,
     Send,
     UserAgentCore,
 )
@@ -263,6 +264,43 @@ def test_bye_from_our_side_after_ack_carries_the_route_set() -> None:
     assert [m.method for m in resent if isinstance(m, Request)] == ["BYE"]  # Timer E on UDP
     core.receive(Response(200, "OK", bye.headers), PEER, T0 + 2)
     assert sent(core.poll(T0 + 5)) == []
+
+
+def tcp_dialog_whose_connection_closed(contact: str) -> list[Output]:
+    """A call over TCP (connection 7) from 198.51.100.7 with ``contact`` and no route set, answered and ACKed;
+    then the connection closes and we hang up: what the core sends."""
+    closed: set[int] = set()
+    core = UserAgentCore("203.0.113.5", 5060, connected=lambda connection: connection not in closed)
+    tcp = Peer("tcp", "198.51.100.7", 40000, connection=7)
+    text = (DATA / "invite.sip").read_bytes().replace(b"Record-Route: ", b"X-Was-Record-Route: ")
+    text = text.replace(b"<sip:+15551230000@198.51.100.7:5060>", contact.encode())
+    request = parse_datagram(text)
+    assert isinstance(request, Request)
+    core.receive(request, tcp, T0)
+    (ok,) = sent(core.answer("3c2a7b1e@198.51.100.7", b"v=0\r\n", T0 + 0.1))
+    assert isinstance(ok, Response)
+    core.receive(in_dialog("ACK", ok, 101, branch="z9hG4bK-ack-1"), tcp, T0 + 0.2)
+    closed.add(7)
+    return core.hangup("3c2a7b1e@198.51.100.7", T0 + 1)
+
+
+def test_our_bye_after_the_tcp_connection_closed_goes_the_way_the_contact_says() -> None:
+    """RFC 3261 §18.1.1 and RFC 3263 §4.1: a new TCP connection when the Contact names TCP or nothing (as before),
+    our UDP socket when it says ``;transport=udp``, with our Via saying which; nothing in plaintext to ``sips:``."""
+    for contact, transport in [
+        ("<sip:c@198.51.100.7:5070;transport=tcp>", "tcp"),
+        ("<sip:c@198.51.100.7:5070>", "tcp"),
+        ("<sip:c@198.51.100.7:5070;transport=UDP>", "udp"),
+    ]:
+        out = tcp_dialog_whose_connection_closed(contact)
+        (send,) = [o for o in out if isinstance(o, Send)]
+        assert send.to == Peer(transport, "198.51.100.7", 5070), (contact, send.to)  # no connection: a new one
+        (bye,) = sent(out)
+        assert bye.headers.values("Via")[0].startswith(f"SIP/2.0/{transport.upper()} 203.0.113.5:5060;"), contact
+    for contact in ("<sips:c@198.51.100.7:5071>", "<sip:c@198.51.100.7:5071;transport=tls>"):
+        out = tcp_dialog_whose_connection_closed(contact)
+        assert [type(o) for o in out] == [RequestNotSent], (contact, out)
+        assert "TLS" in out[0].reason  # type: ignore[union-attr]
 
 
 def test_cancel_before_answer_gives_200_and_487_with_the_same_tag() -> None:

@@ -2,9 +2,9 @@
 
 The driver feeds ``receive(parsed, peer, now)`` and ``poll(now)`` and gets back a list of ``Send`` actions and
 events (``IncomingCall``, ``CallConfirmed``, ``CallCancelled``, ``CallEnded``, ``AckTimeout``, ``ReOffer``,
-``ReOfferConfirmed``, ``InfoDigit``, ``CallIdInUse``). It decides admission itself and answers with
-``ring``/``answer``/``reject``; ``hangup`` sends our BYE, held back until the ACK (or its timeout), since a BYE
-must not precede the ACK (§4).
+``ReOfferConfirmed``, ``InfoDigit``, ``CallIdInUse``, ``RequestNotSent``). It decides admission itself and answers
+with ``ring``/``answer``/``reject``; ``hangup`` sends our BYE, held back until the ACK (or its timeout), since a
+BYE must not precede the ACK (§4), to where ``Dialog.destination`` says.
 
 What the core answers by itself: ``100 Trying`` at once; retransmissions (never a second call, G11); CANCEL
 (``200`` + ``487``, or ``481``); BYE (``200``); OPTIONS (``options_status``); in-dialog requests for an unknown
@@ -18,10 +18,12 @@ sender must authenticate, so that only an authenticated peer learns the Call-ID 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from telephony_bridge.sip.address import new_tag, parse_name_addr, parse_via
 from telephony_bridge.sip.dialog import ALLOW, SUPPORTED, Dialog, Peer, build_response, response_target
+from telephony_bridge.sip.hop import Refused
 from telephony_bridge.sip.message import Malformed, Parsed, Request, Response
 from telephony_bridge.sip.transaction import (
     AnswerRetransmit,
@@ -122,6 +124,17 @@ class ReOfferConfirmed:
 
 
 @dataclass(frozen=True, slots=True)
+class RequestNotSent:
+    """Our in-dialog request (a BYE) had nowhere it may go (``hop``): ``host`` and why. The call is over on our side
+    all the same; the driver logs it."""
+
+    call_id: str
+    method: str
+    host: str
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
 class CallIdInUse:
     """A new INVITE (no To tag, its own branch) named the Call-ID of a call still held here, such as a forking
     proxy's second copy or a PBX that reuses Call-IDs; the held call is untouched. Not answered yet: the driver
@@ -143,6 +156,7 @@ Event = (
     | ReOfferConfirmed
     | InfoDigit
     | CallIdInUse
+    | RequestNotSent
 )
 Output = Send | Event
 _Txn = InviteServerTransaction | NonInviteServerTransaction
@@ -174,12 +188,20 @@ class _ClientRetransmit:
     end_at: float
 
 
+def _open(connection: int) -> bool:
+    return True
+
+
 @dataclass
 class UserAgentCore:
+    """``connected`` tells whether a TCP connection (the driver's id) is still open, so that our requests go on it
+    or, once it has closed, to the next hop (``hop``)."""
+
     advertised_host: str
     port: int
     timers: Timers = field(default_factory=Timers)
     options_status: int = 200  # what OPTIONS (and a dispatcher's health check) hears; 503 while draining
+    connected: Callable[[int], bool] = _open
     _txns: dict[tuple[str, str, str], tuple[_Txn, Peer]] = field(default_factory=dict)
     _calls: dict[str, _Call] = field(default_factory=dict)
     _client: dict[str, _ClientRetransmit] = field(default_factory=dict)
@@ -517,11 +539,16 @@ class UserAgentCore:
             del self._calls[call.invite.call_id]
 
     def _send_bye(self, call: _Call, now: float) -> list[Output]:
-        assert call.dialog is not None
+        dialog = call.dialog
+        assert dialog is not None
         self._end(call)
         call.bye_pending = False
-        bye = call.dialog.request("BYE", via_host=self.advertised_host, via_port=self.port)
-        to = call.dialog.destination()
+        connection = dialog.peer.connection
+        connected = connection is not None and self.connected(connection)
+        to = dialog.destination(connected=connected)
+        if isinstance(to, Refused):
+            return [RequestNotSent(dialog.call_id, "BYE", to.host, to.reason)]
+        bye = dialog.request("BYE", via_host=self.advertised_host, via_port=self.port, to=to)
         data = bye.to_bytes()
         if not to.reliable:
             via = parse_via(bye.headers.values("Via")[0])

@@ -4,16 +4,18 @@
 ``Peer`` is where a message came from (transport, address, and an opaque connection id on TCP).
 ``build_response`` copies Via/From/To/Call-ID/CSeq, fills ``received``/``rport`` into the top Via, and adds our
 To tag. ``response_target`` applies the table of §1. ``Dialog`` keeps the UAS dialog state and builds our
-in-dialog requests (BYE, refresh re-INVITE) with the route set in the order received (G8).
+in-dialog requests (BYE, refresh re-INVITE) with the route set in the order received (G8), sent where
+``destination`` says (``hop`` when that is a next hop of the caller's naming).
 """
 
 from __future__ import annotations
 
 import secrets
 from collections.abc import Iterable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 from telephony_bridge.sip.address import NameAddr, Uri, Via, new_branch, parse_name_addr, parse_uri, parse_via
+from telephony_bridge.sip.hop import Hop, Refused, check_hop, next_hop
 from telephony_bridge.sip.message import Headers, Request, Response
 
 ALLOW = "INVITE, ACK, BYE, CANCEL, OPTIONS, UPDATE, INFO"
@@ -145,9 +147,17 @@ class Dialog:
         return True
 
     def request(
-        self, method: str, *, via_host: str, via_port: int, rows: Iterable[tuple[str, str]] = (), body: bytes = b""
+        self,
+        method: str,
+        *,
+        via_host: str,
+        via_port: int,
+        to: Peer,
+        rows: Iterable[tuple[str, str]] = (),
+        body: bytes = b"",
     ) -> Request:
-        """An in-dialog request of ours (§12.2.1.1), loose routing; a strict first route is honoured too."""
+        """An in-dialog request of ours (§12.2.1.1) going to ``to`` (``destination``), whose transport our Via
+        names; loose routing, a strict first route honoured too."""
         self.local_cseq += 1
         uri = self.remote_target
         routes = list(self.route_set)
@@ -156,9 +166,8 @@ class Dialog:
             if first is not None and "lr" not in (parse_uri(first.uri) or Uri("sip", "", "x")).params:
                 uri = first.uri
                 routes = [*routes[1:], f"<{self.remote_target}>"]
-        transport = "TCP" if self.peer.reliable else "UDP"
         headers = [
-            ("Via", f"SIP/2.0/{transport} {via_host}:{via_port};branch={new_branch()};rport"),
+            ("Via", f"SIP/2.0/{to.transport.upper()} {via_host}:{via_port};branch={new_branch()};rport"),
             ("Max-Forwards", "70"),
             *[("Route", r) for r in routes],
             ("From", f"<{self.local_uri}>;tag={self.local_tag}"),
@@ -171,25 +180,17 @@ class Dialog:
         ]
         return Request(method, uri, Headers.of(headers), body)
 
-    def destination(self) -> Peer:
-        """Where our in-dialog requests go: the TCP connection the dialog lives on (with, should it have closed,
-        the first route's address, else the remote target's, for a new connection: RFC 3261 §18.1.1), else the
-        first route's address, else where the INVITE came from. Names are left to the driver to resolve."""
-        if self.peer.reliable:
-            hop = self._next_hop()
-            return replace(self.peer, host=hop[0], port=hop[1]) if hop is not None else self.peer
-        if not self.route_set:
-            # Without a proxy in the path, the INVITE's source is reachable even when the Contact is a private
-            # address behind NAT (what Asterisk's force_rport/rewrite_contact do, spec §13).
+    def destination(self, *, connected: bool) -> Peer | Refused:
+        """Where our in-dialog requests go: the TCP connection the dialog lives on while it is ``connected``; on
+        UDP without a route set, where the INVITE came from (reachable even when the Contact is a private address
+        behind NAT, as Asterisk's force_rport/rewrite_contact do, spec §13); otherwise the next hop, a new TCP
+        connection (RFC 3261 §18.1.1) or a datagram as its URI says, if ``hop.check_hop`` lets us send there."""
+        if self.peer.reliable and connected:
             return self.peer
-        hop = self._next_hop()
-        return Peer("udp", hop[0], hop[1]) if hop is not None else self.peer
-
-    def _next_hop(self) -> tuple[str, int] | None:
-        """The first route's host and port, else the remote target's (the caller's Contact)."""
-        if self.route_set:
-            first = parse_name_addr(self.route_set[0])
-            uri = parse_uri(first.uri) if first is not None else None
-        else:
-            uri = parse_uri(self.remote_target)
-        return (uri.host, uri.port or 5060) if uri is not None else None
+        if not self.peer.reliable and not self.route_set:
+            return self.peer
+        hop = next_hop(self.route_set, self.remote_target, self.peer.transport)
+        if hop is None:  # on UDP, the INVITE's source is still worth a try
+            return self.peer if not self.peer.reliable else Refused("", "the next hop is not a SIP URI")
+        checked = check_hop(hop)
+        return Peer(checked.transport, checked.host, checked.port) if isinstance(checked, Hop) else checked

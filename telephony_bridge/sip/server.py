@@ -41,6 +41,7 @@ from telephony_bridge.sip.core import (
     Output,
     ReOffer,
     ReOfferConfirmed,
+    RequestNotSent,
     Send,
     UserAgentCore,
 )
@@ -195,7 +196,7 @@ class SipServer:
             self._udp, self.port = transport, port  # type: ignore[assignment]
             break
         advertised = self._settings.advertised_host or ("127.0.0.1" if self.host in ("0.0.0.0", "::") else self.host)
-        self.core = UserAgentCore(advertised, self.port, timers=self._timers)
+        self.core = UserAgentCore(advertised, self.port, timers=self._timers, connected=self._connected)
         self._spawn(self._timer_loop(), "sip-timers")
         log.info("SIP ingress listening on %s:%d (UDP and TCP), advertised as %s", self.host, self.port, advertised)
 
@@ -271,8 +272,9 @@ class SipServer:
         self._dispatch(self.core.receive(parsed, peer, self._clock.monotonic()))
 
     async def _dial(self, send: Send) -> None:
-        """Send a request of ours over a new TCP connection, the caller's having closed (it may still be in the
-        call, its RTP flowing), and read the answer on it. One WARNING if the caller cannot be reached."""
+        """Send a request of ours over a new TCP connection to the next hop the core chose (``hop``), the caller's
+        having closed (it may still be in the call, its RTP flowing), and read the answer on it; closed after
+        64*T1 however long the peer would keep it. One WARNING if the next hop cannot be reached."""
         to = send.to
         try:
             async with asyncio.timeout(DIAL_TIMEOUT_S):
@@ -289,6 +291,10 @@ class SipServer:
 
     def _trusted(self, peer: Peer) -> bool:
         return source_allowed(peer.host, self._sources)
+
+    def _connected(self, connection: int) -> bool:
+        writer = self._connections.get(connection)
+        return writer is not None and not writer.is_closing()
 
     def _challenge(self, invite: Request, peer: Peer) -> tuple[list[tuple[str, str]], str] | None:
         """The ``WWW-Authenticate`` rows for an INVITE that must be challenged, and why: a source outside the
@@ -325,16 +331,15 @@ class SipServer:
 
     def _send(self, send: Send) -> None:
         to = send.to
-        if to.reliable:
-            writer = self._connections.get(to.connection or -1)
-            if writer is not None and not writer.is_closing():
-                writer.write(send.data)
-            elif send.data[:4] != b"SIP/":  # a request of ours (a BYE): a new connection to the next hop (§18.1.1)
-                self._spawn(self._dial(send), f"sip-tcp-to-{to.host}:{to.port}")
-            else:  # a response goes on the request's connection only (we do not reopen one: §18.2.2's SHOULD)
-                log.debug("SIP TCP connection %s is gone; dropping a response for %s", to.connection, to.host)
-        elif self._udp is not None:
-            self._udp.sendto(send.data, (to.host, to.port))
+        if not to.reliable:
+            if self._udp is not None:
+                self._udp.sendto(send.data, (to.host, to.port))
+        elif to.connection is None:  # a request of ours (a BYE) to a next hop the core chose: a new connection
+            self._spawn(self._dial(send), f"sip-tcp-to-{to.host}:{to.port}")
+        elif self._connected(to.connection):
+            self._connections[to.connection].write(send.data)
+        else:  # a response goes on the request's connection only (we do not reopen one: §18.2.2's SHOULD)
+            log.debug("SIP TCP connection %s is gone; dropping a response for %s", to.connection, to.host)
 
     async def _timer_loop(self) -> None:
         assert self.core is not None
@@ -354,6 +359,10 @@ class SipServer:
             return
         if isinstance(event, CallIdInUse):
             self._call_id_in_use(event)
+            return
+        if isinstance(event, RequestNotSent):  # the call may be over here already (a BYE held for the ACK)
+            with oplog.call_context(call_sid=event.call_id):
+                log.warning("SIP %s for this call not sent to %r: %s", event.method, event.host, event.reason)
             return
         live = self._live.get(event.call_id)  # type: ignore[union-attr]
         if live is None:

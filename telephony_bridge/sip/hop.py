@@ -1,0 +1,56 @@
+"""Where our in-dialog requests (a BYE) go when not on the connection the dialog lives on, and whether we can send
+them there (RFC 3261 §12.2.1.1, §18.1.1; RFC 3263 §4.1 for the transport). Pure.
+
+The next hop is the first route (Record-Route, kept in the order received), else the remote target (the caller's
+Contact). Its transport is the URI's: ``sips:`` or ``;transport=tls`` means TLS, which we do not have, so nothing
+is sent (a BYE in plaintext to a peer that asked for TLS would leak the dialog); ``;transport=udp`` or ``tcp`` as
+written; no parameter, the dialog's own (RFC 3263 §4.1 would say UDP for a numeric host, but a caller that reached
+us over TCP is reached again over TCP, as the bridge always did).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from telephony_bridge.sip.address import parse_name_addr, parse_uri
+
+DEFAULT_PORT = {"udp": 5060, "tcp": 5060, "tls": 5061}
+
+
+@dataclass(frozen=True, slots=True)
+class Hop:
+    """A next hop as its URI names it: ``transport`` is ``udp``, ``tcp``, ``tls`` or another value as written."""
+
+    transport: str
+    host: str
+    port: int
+
+
+@dataclass(frozen=True, slots=True)
+class Refused:
+    """A next hop we do not send to, and why (for the driver's WARNING)."""
+
+    host: str
+    reason: str
+
+
+def next_hop(route_set: list[str], remote_target: str, default_transport: str) -> Hop | None:
+    """The first route's URI, else the remote target's, with its transport; None if it is not a SIP URI."""
+    if route_set:
+        first = parse_name_addr(route_set[0])
+        uri = parse_uri(first.uri) if first is not None else None
+    else:
+        uri = parse_uri(remote_target)
+    if uri is None:
+        return None
+    transport = "tls" if uri.scheme == "sips" else uri.params.get("transport", default_transport).lower()
+    return Hop(transport, uri.host, uri.port or DEFAULT_PORT.get(transport, 5060))
+
+
+def check_hop(hop: Hop) -> Hop | Refused:
+    """``hop`` if we can send there: over UDP or TCP."""
+    if hop.transport == "tls":
+        return Refused(hop.host, "it asks for TLS (sips: or ;transport=tls), which we do not have")
+    if hop.transport not in ("udp", "tcp"):
+        return Refused(hop.host, f"it asks for transport {hop.transport!r}, which we do not have")
+    return hop

@@ -1,0 +1,127 @@
+"""Where our BYE goes when the call's own way back is gone, end to end on real sockets: a TCP caller whose
+connection closed is reached again as its Contact says (a new TCP connection, a datagram for ``;transport=udp``,
+nothing in plaintext for ``sips:``). Each test failed when written (review).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import socket
+import time
+from collections.abc import Callable
+from functools import partial
+
+import pytest
+
+from telephony_bridge.serving import ServerThread
+from tests.test_sip_calls import assert_all_released, start_sip_bridge, status
+from tests.test_sip_faults import RawUac, udp_socket
+from tests.test_sip_signalling_faults import RtpStream, final_answer, header, offer, sdp_port
+
+
+def _tcp_call_then_drop(sip_port: int, rtp: RtpStream, contact: str) -> str:
+    """INVITE over TCP with ``contact`` (a URI), ACK, then the connection closes with no BYE, the RTP going on (a
+    NAT or a proxy dropped it, or a UA that used TCP only for a large INVITE, RFC 3261 §18.1.1). The Call-ID."""
+    with socket.create_connection(("127.0.0.1", sip_port)) as sock:
+        sock.settimeout(0.2)
+        uac = RawUac(sip_port, sock.getsockname()[1], transport="TCP")
+        sock.sendall(uac.request("INVITE", body=offer(rtp.port), contact=contact))
+        ok = final_answer(lambda: sock.recv(65535), "INVITE")
+        assert ok.startswith("SIP/2.0 200"), ok
+        rtp.target = ("127.0.0.1", sdp_port(ok))
+        sock.sendall(uac.request("ACK", to=header(ok, "To"), contact=contact))
+        time.sleep(0.5)  # the call is up; then the TCP connection goes
+    return uac.call_id
+
+
+def _accepted(listener: socket.socket, wait_s: float) -> str | None:
+    """What the first connection to ``listener`` within ``wait_s`` sends first; None if none came."""
+    listener.settimeout(wait_s)
+    try:
+        connection, _ = listener.accept()
+    except TimeoutError:
+        return None
+    with connection:
+        connection.settimeout(2.0)
+        with contextlib.suppress(TimeoutError):
+            return connection.recv(65535).decode(errors="replace")
+    return ""
+
+
+def _datagram(sock: socket.socket, wait_s: float) -> str | None:
+    sock.settimeout(wait_s)
+    try:
+        return sock.recv(65535).decode(errors="replace")
+    except TimeoutError:
+        return None
+
+
+def _not_sent(caplog: pytest.LogCaptureFixture) -> list[tuple[int, str | None, str]]:
+    return [
+        (r.levelno, getattr(r, "call_sid", None), r.getMessage())
+        for r in caplog.records
+        if "not sent to" in r.getMessage()
+    ]
+
+
+def _assert_not_sent(caplog: pytest.LogCaptureFixture, call_id: str, received: str | None, why: str) -> None:
+    """Nothing arrived; one WARNING naming the call says why."""
+    assert received is None, received
+    [(level, named, message)] = _not_sent(caplog)
+    assert (level, named) == (logging.WARNING, call_id) and why in message, message
+
+
+async def _bye_after(
+    start_bridge: Callable[..., ServerThread],
+    emulator: ServerThread,
+    place: Callable[[int, RtpStream], str],
+    receive: Callable[[], str | None],
+    **settings: object,
+) -> tuple[str, str | None]:
+    """A bridge whose calls end after 3 s; a call placed by ``place`` (the bridge's SIP port, the caller's RTP),
+    which the bridge ends; then ``receive`` where its BYE should, or should not, have arrived. The Call-ID and
+    what arrived."""
+    bridge = start_sip_bridge(start_bridge, emulator, **{"twilio.max_call_s": 3.0, **settings})
+    rtp = RtpStream()
+    try:
+        call_id = await asyncio.to_thread(place, status(bridge)["sip"]["port"], rtp)
+        assert_all_released(bridge, emulator)
+        return call_id, await asyncio.to_thread(receive)
+    finally:
+        rtp.stop()
+
+
+async def test_sip_bye_to_a_contact_saying_transport_udp_goes_as_a_datagram(
+    start_bridge: Callable[..., ServerThread], emulator: ServerThread
+) -> None:
+    """A UA that used TCP for its (large) INVITE only, its Contact saying ``;transport=udp``, closed that
+    connection: our BYE must go over UDP (RFC 3263 §4.1), with our Via saying so. We dialled TCP to the port,
+    where nothing listens, and the BYE was lost."""
+    with udp_socket() as target:
+        contact = f"sip:caller@127.0.0.1:{target.getsockname()[1]};transport=udp"
+        _, received = await _bye_after(
+            start_bridge,
+            emulator,
+            partial(_tcp_call_then_drop, contact=contact),
+            lambda: _datagram(target, 5.0),
+        )
+    assert received is not None and received.startswith("BYE sip:caller@127.0.0.1:"), received
+    assert header(received, "Via").startswith("SIP/2.0/UDP "), received
+
+
+async def test_sip_bye_to_a_sips_contact_is_not_sent_in_plaintext(
+    start_bridge: Callable[..., ServerThread], emulator: ServerThread, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A ``sips:`` Contact asks for TLS, which we do not have: we dialled plain TCP and sent the BYE (the dialog's
+    identifiers) in clear. Nothing is sent; one WARNING says why."""
+    with socket.create_server(("127.0.0.1", 0)) as listener, caplog.at_level(logging.INFO):
+        contact = f"sips:caller@127.0.0.1:{listener.getsockname()[1]}"
+        call_id, received = await _bye_after(
+            start_bridge,
+            emulator,
+            partial(_tcp_call_then_drop, contact=contact),
+            lambda: _accepted(listener, 1.0),
+        )
+    _assert_not_sent(caplog, call_id, received, "it asks for TLS")
