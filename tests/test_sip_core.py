@@ -86,8 +86,27 @@ def in_dialog(method: str, ok: Response, cseq: int, *, branch: str, body: bytes 
     return msg
 
 
-def answered(core: UserAgentCore) -> Response:
-    core.receive(invite(), PEER, T0)
+def routed_invite() -> Request:
+    """``invite()`` with its Record-Route naming the proxies by address, which our BYE may be sent to."""
+    text = (DATA / "invite.sip").read_bytes()
+    for n in (1, 2, 3):
+        text = text.replace(f"proxy{n}.example.net".encode(), f"192.0.2.{n}".encode())
+    msg = parse_datagram(text)
+    assert isinstance(msg, Request)
+    return msg
+
+
+def proxies(host: str) -> bool:
+    """``may_send_to`` of a bridge whose allow-list is the proxies' 192.0.2.0/24."""
+    return host.startswith("192.0.2.")
+
+
+def anything(host: str) -> bool:
+    return True
+
+
+def answered(core: UserAgentCore, request: Request | None = None) -> Response:
+    core.receive(request or invite(), PEER, T0)
     out = core.answer("3c2a7b1e@198.51.100.7", b"v=0\r\n", T0 + 0.1)
     (ok,) = sent(out)
     assert isinstance(ok, Response) and ok.status == 200
@@ -212,15 +231,15 @@ def test_2xx_resent_t1_doubling_capped_at_t2_until_ack() -> None:
 
 def test_never_acked_gives_up_after_64_t1_and_bye_goes_then() -> None:
     timers = Timers(t1_s=0.5)
-    core = UserAgentCore("203.0.113.5", 5060, timers=timers)
-    answered(core)
+    core = UserAgentCore("203.0.113.5", 5060, timers=timers, may_send_to=proxies)
+    answered(core, routed_invite())
     assert core.hangup("3c2a7b1e@198.51.100.7", T0 + 1) == []  # no BYE before the ACK (§4)
     out = core.poll(T0 + 0.1 + 32.0)
     assert [type(e) for e in events(out)] == [AckTimeout]
     byes = [m for m in sent(out) if isinstance(m, Request)]
     assert [b.method for b in byes] == ["BYE"]
     bye = byes[0]
-    assert bye.headers.values("Route") == invite().headers.values("Record-Route")  # not reversed (G8)
+    assert bye.headers.values("Route") == routed_invite().headers.values("Record-Route")  # not reversed (G8)
     assert bye.uri == "sip:+15551230000@198.51.100.7:5060"
     assert parse_name_addr(bye.headers.get("From") or "").tag  # type: ignore[union-attr]
     assert [type(e) for e in events(core.poll(T0 + 40))] == []  # reported once
@@ -230,8 +249,8 @@ def test_a_call_forgotten_while_its_bye_waits_for_the_ack_is_dropped_once_the_by
     """We hung up before the caller's ACK, and the driver forgot the call at once: the record stayed for ever (a
     leak per such call) and its Call-ID was refused 482 for ever. It goes when our BYE does."""
     timers = Timers(t1_s=0.5)
-    core = UserAgentCore("203.0.113.5", 5060, timers=timers)
-    answered(core)
+    core = UserAgentCore("203.0.113.5", 5060, timers=timers, may_send_to=proxies)
+    answered(core, routed_invite())
     assert core.hangup("3c2a7b1e@198.51.100.7", T0 + 1) == []  # the BYE waits for the ACK
     core.forget("3c2a7b1e@198.51.100.7")
     assert refused(core, "z9hG4bK-second", T0 + 2) == [482]  # still held
@@ -251,19 +270,36 @@ def test_bye_before_ack_ends_the_call() -> None:
 
 
 def test_bye_from_our_side_after_ack_carries_the_route_set() -> None:
-    core = UserAgentCore("203.0.113.5", 5060)
-    ok = answered(core)
+    core = UserAgentCore("203.0.113.5", 5060, may_send_to=proxies)
+    ok = answered(core, routed_invite())
     core.receive(in_dialog("ACK", ok, 101, branch="z9hG4bK-ack-1"), PEER, T0 + 0.2)
     out = core.hangup("3c2a7b1e@198.51.100.7", T0 + 1)
     (bye,) = sent(out)
     assert isinstance(bye, Request) and bye.method == "BYE"
     to = next(o.to for o in out if isinstance(o, Send))
-    assert (to.host, to.port) == ("proxy1.example.net", 5060)  # the first route, loose routing
+    assert to == Peer("udp", "192.0.2.1", 5060)  # the first route, loose routing
     assert bye.headers.get("To") == "<sip:+15551230000@carrier.example;user=phone>;tag=caller-tag"
     resent = sent(core.poll(T0 + 1 + 0.5))
     assert [m.method for m in resent if isinstance(m, Request)] == ["BYE"]  # Timer E on UDP
     core.receive(Response(200, "OK", bye.headers), PEER, T0 + 2)
     assert sent(core.poll(T0 + 5)) == []
+
+
+def test_our_bye_goes_nowhere_a_route_names_by_host_name_or_outside_the_allow_list() -> None:
+    """The route set is the caller's to write: a BYE to a name (which could point anywhere) or to an address that
+    is neither the INVITE's source nor allowed is not sent; the call is over on our side all the same."""
+    for request, allow_list, host in [
+        (invite(), anything, "proxy1.example.net"),  # a name, though the allow-list would take anything
+        (routed_invite(), None, "192.0.2.1"),  # an address, but no allow-list: only the INVITE's source
+    ]:
+        core = UserAgentCore("203.0.113.5", 5060)
+        if allow_list is not None:
+            core.may_send_to = allow_list
+        ok = answered(core, request)
+        core.receive(in_dialog("ACK", ok, 101, branch="z9hG4bK-ack-1"), PEER, T0 + 0.2)
+        out = core.hangup("3c2a7b1e@198.51.100.7", T0 + 1)
+        assert [(type(o), getattr(o, "host", None)) for o in out] == [(RequestNotSent, host)], out
+        assert sent(core.poll(T0 + 2)) == [] and core.active_calls == 0
 
 
 def tcp_dialog_whose_connection_closed(contact: str) -> list[Output]:

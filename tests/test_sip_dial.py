@@ -1,6 +1,10 @@
-"""Where our BYE goes when the call's own way back is gone, end to end on real sockets: a TCP caller whose
-connection closed is reached again as its Contact says (a new TCP connection, a datagram for ``;transport=udp``,
-nothing in plaintext for ``sips:``). Each test failed when written (review).
+"""Where our BYE goes when the call's own way back is gone or named by the caller, end to end on real sockets:
+a TCP caller whose connection closed is reached again as its Contact says (a new TCP connection, a datagram for
+``;transport=udp``, nothing in plaintext for ``sips:``), only at the INVITE's source or an allowed address (UDP
+routes too). Each test failed when written (review).
+
+The bridges here allow 127.0.0.1 only; 127.0.0.2 and 127.0.0.3 (loopback all the same) stand for an internal
+address a caller names and for another allowed one.
 """
 
 from __future__ import annotations
@@ -20,6 +24,8 @@ from tests.test_sip_calls import assert_all_released, start_sip_bridge, status
 from tests.test_sip_faults import RawUac, udp_socket
 from tests.test_sip_signalling_faults import RtpStream, final_answer, header, offer, sdp_port
 
+ALLOWED = ["127.0.0.1/32", "127.0.0.3/32"]
+
 
 def _tcp_call_then_drop(sip_port: int, rtp: RtpStream, contact: str) -> str:
     """INVITE over TCP with ``contact`` (a URI), ACK, then the connection closes with no BYE, the RTP going on (a
@@ -34,6 +40,24 @@ def _tcp_call_then_drop(sip_port: int, rtp: RtpStream, contact: str) -> str:
         sock.sendall(uac.request("ACK", to=header(ok, "To"), contact=contact))
         time.sleep(0.5)  # the call is up; then the TCP connection goes
     return uac.call_id
+
+
+def _udp_call_routed_by(sip_port: int, rtp: RtpStream, route: str) -> str:
+    """A call over UDP whose INVITE carries ``Record-Route: route`` (as a proxy in the path writes it); the
+    Call-ID. Our BYE goes to that route."""
+    sock = udp_socket()
+    uac = RawUac(sip_port, sock.getsockname()[1])
+    sock.settimeout(0.2)
+    try:
+        invite = uac.request("INVITE", body=offer(rtp.port), extra=(f"Record-Route: {route}",))
+        sock.sendto(invite, ("127.0.0.1", sip_port))
+        ok = final_answer(lambda: sock.recv(65535), "INVITE")
+        assert ok.startswith("SIP/2.0 200"), ok
+        rtp.target = ("127.0.0.1", sdp_port(ok))
+        sock.sendto(uac.request("ACK", to=header(ok, "To")), ("127.0.0.1", sip_port))
+        return uac.call_id
+    finally:
+        sock.close()
 
 
 def _accepted(listener: socket.socket, wait_s: float) -> str | None:
@@ -91,6 +115,44 @@ async def _bye_after(
         return call_id, await asyncio.to_thread(receive)
     finally:
         rtp.stop()
+
+
+@pytest.mark.parametrize("host", ["127.0.0.2", "127.0.0.3"])
+@pytest.mark.parametrize("transport", ["tcp", "udp"])
+async def test_sip_bye_goes_only_to_the_invites_source_or_an_allowed_address(
+    start_bridge: Callable[..., ServerThread],
+    emulator: ServerThread,
+    caplog: pytest.LogCaptureFixture,
+    transport: str,
+    host: str,
+) -> None:
+    """Where our BYE goes is the caller's to write, and digest auth lets any source in. TCP: the caller's
+    connection closed and its Contact names ``host``; we dialled whatever it named, so an authenticated peer could
+    make us open TCP connections to internal addresses and ports. UDP: a Record-Route names ``host``; we sent the
+    BYE there, and its retransmissions for 64*T1, partly in words the caller chose. Only the INVITE's source or an
+    allowed address gets it; otherwise one WARNING naming the call."""
+    tcp = transport == "tcp"
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM if tcp else socket.SOCK_DGRAM) as target:
+        target.bind((host, 0))
+        port = target.getsockname()[1]
+        if tcp:
+            target.listen()
+        dropped = partial(_tcp_call_then_drop, contact=f"sip:caller@{host}:{port};transport=tcp")
+        place = dropped if tcp else partial(_udp_call_routed_by, route=f"<sip:{host}:{port};lr>")
+        receive = _accepted if tcp else _datagram
+        with caplog.at_level(logging.INFO):
+            call_id, received = await _bye_after(
+                start_bridge,
+                emulator,
+                place,
+                lambda: receive(target, 1.0 if host == "127.0.0.2" else 5.0),
+                **{"sip.allowed_sources": ALLOWED},
+            )
+    if host == "127.0.0.2":  # neither the source (127.0.0.1) nor allowed
+        _assert_not_sent(caplog, call_id, received, "not sent to '127.0.0.2': it is neither where the INVITE came")
+    else:  # to the Contact on TCP (at 127.0.0.3), through the route on UDP (the Contact at 127.0.0.1)
+        assert received is not None and received.startswith(f"BYE sip:caller@{'127.0.0.3' if tcp else '127.0.0.1'}:")
+        assert _not_sent(caplog) == []
 
 
 async def test_sip_bye_to_a_contact_saying_transport_udp_goes_as_a_datagram(

@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
-from telephony_bridge.sip.hop import Hop, Refused, check_hop, next_hop
+from telephony_bridge.sip.hop import Hop, Refused, check_hop, next_hop, same_address
+
+SOURCE = "198.51.100.7"  # where the INVITE came from
+
+
+def nowhere(host: str) -> bool:
+    return False
 
 
 def test_next_hop_takes_the_first_route_else_the_contact_with_the_transport_its_uri_names() -> None:
@@ -27,10 +33,31 @@ def test_next_hop_takes_the_first_route_else_the_contact_with_the_transport_its_
 
 
 def test_check_hop_sends_only_over_udp_or_tcp() -> None:
-    hops = [Hop("tcp", "198.51.100.7", 5070), Hop("udp", "192.0.2.1", 5060), Hop("tls", "192.0.2.1", 5061)]
-    assert [check_hop(hop) for hop in [*hops, Hop("sctp", "192.0.2.1", 5060)]] == [
+    hops = [Hop("tcp", SOURCE, 5070), Hop("udp", SOURCE, 5060), Hop("tls", SOURCE, 5061)]
+    assert [check_hop(hop, SOURCE, nowhere) for hop in [*hops, Hop("sctp", SOURCE, 5060)]] == [
         hops[0],
         hops[1],
-        Refused("192.0.2.1", "it asks for TLS (sips: or ;transport=tls), which we do not have"),
-        Refused("192.0.2.1", "it asks for transport 'sctp', which we do not have"),
+        Refused(SOURCE, "it asks for TLS (sips: or ;transport=tls), which we do not have"),
+        Refused(SOURCE, "it asks for transport 'sctp', which we do not have"),
     ]
+
+
+def test_check_hop_sends_only_to_the_invites_source_or_an_allowed_address_never_to_a_name() -> None:
+    def proxy(host: str) -> bool:
+        return host == "192.0.2.1"
+
+    hosts = ["::ffff:198.51.100.7", "192.0.2.1", "10.0.0.5", "pbx.example.net"]
+    assert [check_hop(Hop("tcp", host, 5060), SOURCE, proxy) for host in hosts] == [
+        Hop("tcp", "::ffff:198.51.100.7", 5060),  # the source, however spelt
+        Hop("tcp", "192.0.2.1", 5060),
+        Refused("10.0.0.5", "it is neither where the INVITE came from nor inside sip.allowed_sources"),
+        Refused("pbx.example.net", "it is a host name, which we do not resolve to check where it points"),
+    ]
+    assert isinstance(check_hop(Hop("tcp", "pbx.example.net", 5060), SOURCE, lambda host: True), Refused)
+
+
+def test_same_address_compares_addresses_not_spellings() -> None:
+    assert same_address("::ffff:198.51.100.7", "198.51.100.7")
+    assert same_address("2001:db8::1", "2001:db8:0::1")
+    assert not same_address("198.51.100.7", "198.51.100.8")
+    assert not same_address("localhost", "localhost")

@@ -188,6 +188,10 @@ class _ClientRetransmit:
     end_at: float
 
 
+def _no_host(host: str) -> bool:
+    return False
+
+
 def _open(connection: int) -> bool:
     return True
 
@@ -195,13 +199,15 @@ def _open(connection: int) -> bool:
 @dataclass
 class UserAgentCore:
     """``connected`` tells whether a TCP connection (the driver's id) is still open, so that our requests go on it
-    or, once it has closed, to the next hop (``hop``)."""
+    or, once it has closed, to the next hop; ``may_send_to`` whether an address other than the INVITE's source may
+    be that next hop (``hop``: the allow-list; by default none)."""
 
     advertised_host: str
     port: int
     timers: Timers = field(default_factory=Timers)
     options_status: int = 200  # what OPTIONS (and a dispatcher's health check) hears; 503 while draining
     connected: Callable[[int], bool] = _open
+    may_send_to: Callable[[str], bool] = _no_host
     _txns: dict[tuple[str, str, str], tuple[_Txn, Peer]] = field(default_factory=dict)
     _calls: dict[str, _Call] = field(default_factory=dict)
     _client: dict[str, _ClientRetransmit] = field(default_factory=dict)
@@ -545,7 +551,7 @@ class UserAgentCore:
         call.bye_pending = False
         connection = dialog.peer.connection
         connected = connection is not None and self.connected(connection)
-        to = dialog.destination(connected=connected)
+        to = dialog.destination(connected=connected, may_send_to=self.may_send_to)
         if isinstance(to, Refused):
             return [RequestNotSent(dialog.call_id, "BYE", to.host, to.reason)]
         bye = dialog.request("BYE", via_host=self.advertised_host, via_port=self.port, to=to)

@@ -1,4 +1,4 @@
-"""Where our in-dialog requests (a BYE) go when not on the connection the dialog lives on, and whether we can send
+"""Where our in-dialog requests (a BYE) go when not on the connection the dialog lives on, and whether we may send
 them there (RFC 3261 §12.2.1.1, §18.1.1; RFC 3263 §4.1 for the transport). Pure.
 
 The next hop is the first route (Record-Route, kept in the order received), else the remote target (the caller's
@@ -6,10 +6,18 @@ Contact). Its transport is the URI's: ``sips:`` or ``;transport=tls`` means TLS,
 is sent (a BYE in plaintext to a peer that asked for TLS would leak the dialog); ``;transport=udp`` or ``tcp`` as
 written; no parameter, the dialog's own (RFC 3263 §4.1 would say UDP for a numeric host, but a caller that reached
 us over TCP is reached again over TCP, as the bridge always did).
+
+Those URIs are written by whoever sent the INVITE, and digest auth lets any source in: an authenticated peer could
+make us open TCP connections or send datagrams to internal addresses. So we send only to the address the INVITE
+came from or to one inside ``sip.allowed_sources`` (the driver's ``may_send_to``), and never to a host name: we do
+not resolve names for this check (a name can be made to point anywhere, and again between the check and the
+connection), so routes and Contacts must carry addresses to be used.
 """
 
 from __future__ import annotations
 
+import ipaddress
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from telephony_bridge.sip.address import parse_name_addr, parse_uri
@@ -47,10 +55,37 @@ def next_hop(route_set: list[str], remote_target: str, default_transport: str) -
     return Hop(transport, uri.host, uri.port or DEFAULT_PORT.get(transport, 5060))
 
 
-def check_hop(hop: Hop) -> Hop | Refused:
-    """``hop`` if we can send there: over UDP or TCP."""
+def check_hop(hop: Hop, origin: str, may_send_to: Callable[[str], bool]) -> Hop | Refused:
+    """``hop`` if we may send there: over UDP or TCP, to ``origin`` (where the INVITE came from) or an address
+    ``may_send_to`` allows."""
     if hop.transport == "tls":
         return Refused(hop.host, "it asks for TLS (sips: or ;transport=tls), which we do not have")
     if hop.transport not in ("udp", "tcp"):
         return Refused(hop.host, f"it asks for transport {hop.transport!r}, which we do not have")
+    if not _is_address(hop.host):
+        return Refused(hop.host, "it is a host name, which we do not resolve to check where it points")
+    if not (same_address(hop.host, origin) or may_send_to(hop.host)):
+        return Refused(hop.host, "it is neither where the INVITE came from nor inside sip.allowed_sources")
     return hop
+
+
+def _is_address(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
+
+
+def same_address(host: str, other: str) -> bool:
+    """Whether two hosts are the same IP address (an IPv4-mapped IPv6 address equals its IPv4 form); a name is
+    never the same as anything."""
+    try:
+        a, b = ipaddress.ip_address(host), ipaddress.ip_address(other)
+    except ValueError:
+        return False
+    if isinstance(a, ipaddress.IPv6Address) and a.ipv4_mapped is not None:
+        a = a.ipv4_mapped
+    if isinstance(b, ipaddress.IPv6Address) and b.ipv4_mapped is not None:
+        b = b.ipv4_mapped
+    return a == b

@@ -196,7 +196,9 @@ class SipServer:
             self._udp, self.port = transport, port  # type: ignore[assignment]
             break
         advertised = self._settings.advertised_host or ("127.0.0.1" if self.host in ("0.0.0.0", "::") else self.host)
-        self.core = UserAgentCore(advertised, self.port, timers=self._timers, connected=self._connected)
+        self.core = UserAgentCore(
+            advertised, self.port, timers=self._timers, connected=self._connected, may_send_to=self._trusted_host
+        )
         self._spawn(self._timer_loop(), "sip-timers")
         log.info("SIP ingress listening on %s:%d (UDP and TCP), advertised as %s", self.host, self.port, advertised)
 
@@ -290,7 +292,10 @@ class SipServer:
         writer.close()
 
     def _trusted(self, peer: Peer) -> bool:
-        return source_allowed(peer.host, self._sources)
+        return self._trusted_host(peer.host)
+
+    def _trusted_host(self, host: str) -> bool:
+        return source_allowed(host, self._sources)
 
     def _connected(self, connection: int) -> bool:
         writer = self._connections.get(connection)
