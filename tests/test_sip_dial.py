@@ -1,7 +1,7 @@
 """Where our BYE goes when the call's own way back is gone or named by the caller, end to end on real sockets:
 a TCP caller whose connection closed is reached again as its Contact says (a new TCP connection, a datagram for
 ``;transport=udp``, nothing in plaintext for ``sips:``), only at the INVITE's source or an allowed address (UDP
-routes too). Each test failed when written (review).
+routes too), and a connection we opened is closed after 64*T1. Each test failed when written (review).
 
 The bridges here allow 127.0.0.1 only; 127.0.0.2 and 127.0.0.3 (loopback all the same) stand for an internal
 address a caller names and for another allowed one.
@@ -24,6 +24,7 @@ from tests.test_sip_calls import assert_all_released, start_sip_bridge, status
 from tests.test_sip_faults import RawUac, udp_socket
 from tests.test_sip_signalling_faults import RtpStream, final_answer, header, offer, sdp_port
 
+T1_S = 0.05  # start_sip_bridge's sip.t1_ms
 ALLOWED = ["127.0.0.1/32", "127.0.0.3/32"]
 
 
@@ -187,3 +188,48 @@ async def test_sip_bye_to_a_sips_contact_is_not_sent_in_plaintext(
             lambda: _accepted(listener, 1.0),
         )
     _assert_not_sent(caplog, call_id, received, "it asks for TLS")
+
+
+def _held_open(listener: socket.socket) -> tuple[str, float | None]:
+    """Accept the bridge's connection, read its BYE, answer nothing and keep the connection open: the BYE and
+    how long the bridge kept it (None: still open after 10 s)."""
+    listener.settimeout(8.0)
+    connection, _ = listener.accept()
+    opened = time.monotonic()
+    with connection:
+        connection.settimeout(0.2)
+        received = b""
+        end = opened + 10.0
+        while time.monotonic() < end:
+            try:
+                data = connection.recv(65535)
+            except TimeoutError:
+                continue
+            except ConnectionError:
+                return received.decode(errors="replace"), time.monotonic() - opened
+            if not data:  # the bridge closed it
+                return received.decode(errors="replace"), time.monotonic() - opened
+            received += data
+    return received.decode(errors="replace"), None
+
+
+async def test_sip_connection_dialled_for_our_bye_is_closed_after_64_t1(
+    start_bridge: Callable[..., ServerThread], emulator: ServerThread
+) -> None:
+    """A peer that accepts the connection we opened for our BYE and keeps it open, answering nothing: the bridge
+    closes it after 64*T1 (3.2 s with these timers) rather than holding a socket and a task for as long as the
+    peer likes (the timeout in ``SipServer._dial`` had no test)."""
+    bridge = start_sip_bridge(start_bridge, emulator, **{"twilio.max_call_s": 3.0})
+    listener = socket.create_server(("127.0.0.1", 0))
+    contact = f"sip:caller@127.0.0.1:{listener.getsockname()[1]};transport=tcp"
+    rtp = RtpStream()
+    try:
+        held = asyncio.create_task(asyncio.to_thread(_held_open, listener))
+        await asyncio.to_thread(_tcp_call_then_drop, status(bridge)["sip"]["port"], rtp, contact)
+        received, kept_s = await asyncio.wait_for(held, 20.0)
+        assert_all_released(bridge, emulator)
+    finally:
+        rtp.stop()
+        listener.close()
+    assert received.startswith("BYE sip:caller@127.0.0.1:"), received[:200]
+    assert kept_s is not None and 64 * T1_S * 0.8 < kept_s < 64 * T1_S + 3.0, kept_s
