@@ -4,6 +4,7 @@ the emulator's echo voice -> back. Faults are injected on the wire; accounting m
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 from collections.abc import Callable
 from pathlib import Path
@@ -20,7 +21,9 @@ from tests.support import bridge_settings, emulator_stats, wait_until
 from tests.test_end_to_end import speech_band_noise
 
 DATA = Path(__file__).parent / "data"
-_next_rtp = iter(range(31000, 39000, 200))
+# 40 ranges of 200 RTP ports, round robin: a test's bridge is stopped before the next test starts, so a range can be
+# used again once the others have been (a whole-suite run starts more than 40 SIP bridges).
+_next_rtp = itertools.cycle(range(31000, 39000, 200))
 
 
 def start_sip_bridge(
