@@ -42,10 +42,22 @@ def test_wrong_password_unknown_user_wrong_uri_forged_nonce() -> None:
     assert not auth.verify([stranger or ""], method="INVITE", uri=URI, now_wall=NOW).ok
     other_uri = authorization_header(challenge, user="pbx", password="s3cret", method="INVITE", uri="sip:x@y")
     assert auth.verify([other_uri or ""], method="INVITE", uri=URI, now_wall=NOW).reason.startswith("digest uri")
-    forged = challenge.replace(auth.nonce(NOW), f"{int(NOW):x}.{'0' * 32}")
+    nonce = parse_digest(challenge)["nonce"]  # type: ignore[index]
+    forged = challenge.replace(nonce, f"{nonce.rpartition('.')[0]}.{'0' * 32}")
     value = authorization_header(forged, user="pbx", password="s3cret", method="INVITE", uri=URI)
     assert auth.verify([value or ""], method="INVITE", uri=URI, now_wall=NOW).reason == "nonce is not ours"
     assert not auth.verify([], method="INVITE", uri=URI, now_wall=NOW).ok
+
+
+def test_two_callers_challenged_in_the_same_second_each_get_a_nonce_of_their_own() -> None:
+    """Nonces were the second's alone: the second caller's first answer (nc=1) was refused as a replay of the
+    first caller's, and it took another 401."""
+    auth = authenticator("SHA-256")
+    first, second = auth.challenges(NOW)[0], auth.challenges(NOW)[0]
+    assert parse_digest(first)["nonce"] != parse_digest(second)["nonce"]  # type: ignore[index]
+    for challenge in (first, second):
+        value = authorization_header(challenge, user="pbx", password="s3cret", method="INVITE", uri=URI)
+        assert auth.verify([value or ""], method="INVITE", uri=URI, now_wall=NOW).ok
 
 
 def test_stale_nonce_asks_for_a_rechallenge() -> None:

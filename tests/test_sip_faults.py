@@ -159,8 +159,7 @@ def _invite_reusing_without_then_with_credentials(port: int, call_id: str) -> tu
         rows = [row for m in first if m.startswith("SIP/2.0 401") for row in m.split("\r\n")]
         challenge = next((row.split(":", 1)[1] for row in rows if row.lower().startswith("www-authenticate:")), "")
         uri = f"sip:ai@127.0.0.1:{port}"
-        # nc=2: our nonces are the second's, so the live call may have used nc=1 with this very nonce already
-        answer = authorization_header(challenge.strip(), user="pbx", password="s3cret", method="INVITE", uri=uri, nc=2)
+        answer = authorization_header(challenge.strip(), user="pbx", password="s3cret", method="INVITE", uri=uri)
         retry = replace(uac, branch="z9hG4bK" + secrets.token_hex(6))
         credentials = (f"Authorization: {answer}",) if answer else ()
         sock.sendto(retry.request("INVITE", body=OFFER, cseq=2, extra=credentials), ("127.0.0.1", port))

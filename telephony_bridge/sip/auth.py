@@ -1,9 +1,11 @@
 """Digest authentication for a UAS (spec §8.2; RFC 8760 on RFC 7616, RFC 3261 §22).
 
 We store HA1 = H(user:realm:password) per algorithm, never passwords. Nonces are stateless: wall-clock seconds
-plus an HMAC over them with a per-process secret, so any nonce we issued verifies without a table and a stale
-one is told apart from a forged one (``stale=true`` re-challenge). ``nc`` must grow per nonce (replay). The
-clock is injected. Authorization values are never logged or put in reasons.
+and a random part, with an HMAC over both under a per-process secret, so any nonce we issued verifies without a
+table and a stale one is told apart from a forged one (``stale=true`` re-challenge). ``nc`` must grow per nonce
+(replay); the random part gives every challenge a nonce of its own, so two callers challenged in the same second
+do not share one and refuse each other's first answer as a replay. The clock is injected. Authorization values
+are never logged or put in reasons.
 """
 
 from __future__ import annotations
@@ -79,8 +81,9 @@ class DigestAuthenticator:
         self._opaque = secrets.token_hex(8)
         self._last_nc: OrderedDict[tuple[str, str], int] = OrderedDict()  # (nonce, algorithm) -> nc
 
-    def nonce(self, now_wall: float) -> str:
-        stamp = f"{int(now_wall):x}"
+    def nonce(self, now_wall: float, salt: str | None = None) -> str:
+        """A fresh nonce (``salt`` None), or the one we would have issued at ``now_wall`` with ``salt``."""
+        stamp = f"{int(now_wall):x}.{salt if salt is not None else secrets.token_hex(4)}"
         mac = hmac.new(self._secret, stamp.encode(), hashlib.sha256).hexdigest()[:32]
         return f"{stamp}.{mac}"
 
@@ -118,12 +121,12 @@ class DigestAuthenticator:
         if p.get("uri") != uri:
             return Verdict(False, user, "digest uri differs from the Request-URI")
         nonce = p.get("nonce", "")
-        stamp = nonce.partition(".")[0]
+        stamp, _, rest = nonce.partition(".")
         try:
             issued = int(stamp, 16)
         except ValueError:
             return Verdict(False, user, "nonce is not ours")
-        if not hmac.compare_digest(self.nonce(issued), nonce):
+        if not hmac.compare_digest(self.nonce(issued, rest.partition(".")[0]), nonce):
             return Verdict(False, user, "nonce is not ours")
         qop = p.get("qop", "")
         nc = p.get("nc", "")
