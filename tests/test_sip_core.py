@@ -285,9 +285,10 @@ def test_bye_from_our_side_after_ack_carries_the_route_set() -> None:
     assert sent(core.poll(T0 + 5)) == []
 
 
-def test_our_bye_goes_nowhere_a_route_names_by_host_name_or_outside_the_allow_list() -> None:
+def test_our_bye_on_udp_goes_to_the_invites_source_for_a_route_we_may_not_send_to() -> None:
     """The route set is the caller's to write: a BYE to a name (which could point anywhere) or to an address that
-    is neither the INVITE's source nor allowed is not sent; the call is over on our side all the same."""
+    is neither the INVITE's source nor allowed does not go there. On UDP it goes where the INVITE came from
+    instead (in a proxy's path, the proxy, which may name itself by host name), with the reason for the log."""
     for request, allow_list, host in [
         (invite(), anything, "proxy1.example.net"),  # a name, though the allow-list would take anything
         (routed_invite(), None, "192.0.2.1"),  # an address, but no allow-list: only the INVITE's source
@@ -298,8 +299,19 @@ def test_our_bye_goes_nowhere_a_route_names_by_host_name_or_outside_the_allow_li
         ok = answered(core, request)
         core.receive(in_dialog("ACK", ok, 101, branch="z9hG4bK-ack-1"), PEER, T0 + 0.2)
         out = core.hangup("3c2a7b1e@198.51.100.7", T0 + 1)
-        assert [(type(o), getattr(o, "host", None)) for o in out] == [(RequestNotSent, host)], out
-        assert sent(core.poll(T0 + 2)) == [] and core.active_calls == 0
+        [refused] = [o for o in out if isinstance(o, RequestNotSent)]
+        assert (refused.host, refused.to_source) == (host, True), out
+        (send,) = [o for o in out if isinstance(o, Send)]
+        (bye,) = sent(out)
+        assert (send.to, bye.method) == (PEER, "BYE"), out
+        assert core.active_calls == 0
+
+
+def test_our_bye_on_tcp_goes_nowhere_a_closed_callers_contact_names_by_host_name() -> None:
+    """On TCP the INVITE's source is a connection that has closed (its port was the caller's own): nothing is
+    sent to a Contact named by host name."""
+    out = tcp_dialog_whose_connection_closed("<sip:c@pbx.example.net:5070;transport=tcp>")
+    assert [(type(o), getattr(o, "to_source", None)) for o in out] == [(RequestNotSent, False)], out
 
 
 def tcp_dialog_whose_connection_closed(contact: str) -> list[Output]:

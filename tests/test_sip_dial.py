@@ -43,10 +43,12 @@ def _tcp_call_then_drop(sip_port: int, rtp: RtpStream, contact: str) -> str:
     return uac.call_id
 
 
-def _udp_call_routed_by(sip_port: int, rtp: RtpStream, route: str) -> str:
-    """A call over UDP whose INVITE carries ``Record-Route: route`` (as a proxy in the path writes it); the
-    Call-ID. Our BYE goes to that route."""
-    sock = udp_socket()
+def _udp_call_routed_by(sip_port: int, rtp: RtpStream, route: str, sock: socket.socket | None = None) -> str:
+    """A call over UDP whose INVITE carries ``Record-Route: route`` (as a proxy in the path writes it), from
+    ``sock`` (left open) or a socket of its own (closed once the call is up); the Call-ID. Our BYE goes to that
+    route."""
+    own = sock is None
+    sock = udp_socket() if sock is None else sock
     uac = RawUac(sip_port, sock.getsockname()[1])
     sock.settimeout(0.2)
     try:
@@ -58,7 +60,8 @@ def _udp_call_routed_by(sip_port: int, rtp: RtpStream, route: str) -> str:
         sock.sendto(uac.request("ACK", to=header(ok, "To")), ("127.0.0.1", sip_port))
         return uac.call_id
     finally:
-        sock.close()
+        if own:
+            sock.close()
 
 
 def _accepted(listener: socket.socket, wait_s: float) -> str | None:
@@ -83,12 +86,28 @@ def _datagram(sock: socket.socket, wait_s: float) -> str | None:
         return None
 
 
-def _not_sent(caplog: pytest.LogCaptureFixture) -> list[tuple[int, str | None, str]]:
+def _bye(sock: socket.socket, wait_s: float) -> str | None:
+    """The first BYE to arrive at ``sock`` within ``wait_s``; None if none came."""
+    deadline = time.monotonic() + wait_s
+    while (left := deadline - time.monotonic()) > 0:
+        message = _datagram(sock, left)
+        if message is None or message.startswith("BYE "):
+            return message
+    return None
+
+
+def _logged(caplog: pytest.LogCaptureFixture, words: str) -> list[tuple[int, str | None, str]]:
     return [
-        (r.levelno, getattr(r, "call_sid", None), r.getMessage())
-        for r in caplog.records
-        if "not sent to" in r.getMessage()
+        (r.levelno, getattr(r, "call_sid", None), r.getMessage()) for r in caplog.records if words in r.getMessage()
     ]
+
+
+def _not_sent(caplog: pytest.LogCaptureFixture) -> list[tuple[int, str | None, str]]:
+    return _logged(caplog, "not sent to")
+
+
+def _to_source(caplog: pytest.LogCaptureFixture) -> list[tuple[int, str | None, str]]:
+    return _logged(caplog, "sent where the INVITE came from, not to")
 
 
 def _assert_not_sent(caplog: pytest.LogCaptureFixture, call_id: str, received: str | None, why: str) -> None:
@@ -149,11 +168,35 @@ async def test_sip_bye_goes_only_to_the_invites_source_or_an_allowed_address(
                 lambda: receive(target, 1.0 if host == "127.0.0.2" else 5.0),
                 **{"sip.allowed_sources": ALLOWED},
             )
-    if host == "127.0.0.2":  # neither the source (127.0.0.1) nor allowed
+    if host == "127.0.0.2" and tcp:  # neither the source (127.0.0.1) nor allowed
         _assert_not_sent(caplog, call_id, received, "not sent to '127.0.0.2': it is neither where the INVITE came")
+    elif host == "127.0.0.2":  # on UDP it goes to the INVITE's source instead (the next test)
+        assert received is None, received
+        [(level, named, message)] = _to_source(caplog)
+        assert (level, named) == (logging.INFO, call_id) and "'127.0.0.2': it is neither" in message, message
     else:  # to the Contact on TCP (at 127.0.0.3), through the route on UDP (the Contact at 127.0.0.1)
         assert received is not None and received.startswith(f"BYE sip:caller@{'127.0.0.3' if tcp else '127.0.0.1'}:")
         assert _not_sent(caplog) == []
+
+
+async def test_sip_bye_over_udp_through_a_proxy_named_by_host_name_goes_where_the_invite_came_from(
+    start_bridge: Callable[..., ServerThread], emulator: ServerThread, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A proxy that names itself by host name in Record-Route: we do not resolve the name (it could point
+    anywhere), and the BYE went nowhere, the caller's side of the call left up. On UDP it goes where the INVITE came
+    from, in a proxy's path the proxy itself, with its Route header as the route set says; one INFO line."""
+    with udp_socket() as caller, caplog.at_level(logging.INFO):
+        call_id, received = await _bye_after(
+            start_bridge,
+            emulator,
+            partial(_udp_call_routed_by, route="<sip:proxy.invalid;lr>", sock=caller),
+            lambda: _bye(caller, 5.0),
+        )
+    assert received is not None and header(received, "Route") == "<sip:proxy.invalid;lr>", received
+    assert header(received, "Call-ID") == call_id
+    [(level, named, message)] = _to_source(caplog)
+    assert (level, named) == (logging.INFO, call_id) and "'proxy.invalid': it is a host name" in message, message
+    assert _not_sent(caplog) == []
 
 
 async def test_sip_bye_to_a_contact_saying_transport_udp_goes_as_a_datagram(

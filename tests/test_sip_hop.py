@@ -50,8 +50,8 @@ def test_check_hop_sends_only_to_the_invites_source_or_an_allowed_address_never_
     assert [check_hop(Hop("tcp", host, 5060), SOURCE, proxy) for host in hosts] == [
         Hop("tcp", "::ffff:198.51.100.7", 5060),  # the source, however spelt
         Hop("tcp", "192.0.2.1", 5060),
-        Refused("10.0.0.5", "it is neither where the INVITE came from nor inside sip.allowed_sources"),
-        Refused("pbx.example.net", "it is a host name, which we do not resolve to check where it points"),
+        Refused("10.0.0.5", "it is neither where the INVITE came from nor inside sip.allowed_sources", where=True),
+        Refused("pbx.example.net", "it is a host name, which we do not resolve to check where it points", where=True),
     ]
     assert isinstance(check_hop(Hop("tcp", "pbx.example.net", 5060), SOURCE, lambda host: True), Refused)
 

@@ -125,13 +125,16 @@ class ReOfferConfirmed:
 
 @dataclass(frozen=True, slots=True)
 class RequestNotSent:
-    """Our in-dialog request (a BYE) had nowhere it may go (``hop``): ``host`` and why. The call is over on our side
-    all the same; the driver logs it."""
+    """Our in-dialog request (a BYE) may not go to its next hop (``hop``): ``host`` and why. On UDP, when that
+    hop was refused for where it is, the request goes to where the INVITE came from instead (``to_source``: in a
+    proxy's path that is the proxy, which may name itself by host name in Record-Route); otherwise nothing is sent.
+    The call is over on our side all the same; the driver logs it."""
 
     call_id: str
     method: str
     host: str
     reason: str
+    to_source: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -552,8 +555,11 @@ class UserAgentCore:
         connection = dialog.peer.connection
         connected = connection is not None and self.connected(connection)
         to = dialog.destination(connected=connected, may_send_to=self.may_send_to)
+        refused: list[Output] = []
         if isinstance(to, Refused):
-            return [RequestNotSent(dialog.call_id, "BYE", to.host, to.reason)]
+            if not (to.where and not dialog.peer.reliable):
+                return [RequestNotSent(dialog.call_id, "BYE", to.host, to.reason)]
+            refused, to = [RequestNotSent(dialog.call_id, "BYE", to.host, to.reason, to_source=True)], dialog.peer
         bye = dialog.request("BYE", via_host=self.advertised_host, via_port=self.port, to=to)
         data = bye.to_bytes()
         if not to.reliable:
@@ -562,7 +568,7 @@ class UserAgentCore:
             self._client[branch] = _ClientRetransmit(
                 data, to, now + self.timers.t1_s, self.timers.t1_s, now + self.timers.give_up_s
             )
-        return [Send(data, to)]
+        return [*refused, Send(data, to)]
 
 
 def _offer_awaits_ack(call: _Call) -> bool:

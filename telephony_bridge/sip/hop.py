@@ -11,7 +11,8 @@ Those URIs are written by whoever sent the INVITE, and digest auth lets any sour
 make us open TCP connections or send datagrams to internal addresses. So we send only to the address the INVITE
 came from or to one inside ``sip.allowed_sources`` (the driver's ``may_send_to``), and never to a host name: we do
 not resolve names for this check (a name can be made to point anywhere, and again between the check and the
-connection), so routes and Contacts must carry addresses to be used.
+connection), so routes and Contacts must carry addresses to be used. On UDP the core sends a request whose hop is
+refused for where it is (``Refused.where``) to the INVITE's source instead, which is safe to answer.
 """
 
 from __future__ import annotations
@@ -36,10 +37,13 @@ class Hop:
 
 @dataclass(frozen=True, slots=True)
 class Refused:
-    """A next hop we do not send to, and why (for the driver's WARNING)."""
+    """A next hop we do not send to, and why (for the driver's log line). ``where``: refused for where it is (a
+    host name, an address we may not send to) rather than for how (TLS): on UDP the INVITE's source, a hop we may
+    always answer, can take the request instead."""
 
     host: str
     reason: str
+    where: bool = False
 
 
 def next_hop(route_set: list[str], remote_target: str, default_transport: str) -> Hop | None:
@@ -63,9 +67,9 @@ def check_hop(hop: Hop, origin: str, may_send_to: Callable[[str], bool]) -> Hop 
     if hop.transport not in ("udp", "tcp"):
         return Refused(hop.host, f"it asks for transport {hop.transport!r}, which we do not have")
     if not _is_address(hop.host):
-        return Refused(hop.host, "it is a host name, which we do not resolve to check where it points")
+        return Refused(hop.host, "it is a host name, which we do not resolve to check where it points", where=True)
     if not (same_address(hop.host, origin) or may_send_to(hop.host)):
-        return Refused(hop.host, "it is neither where the INVITE came from nor inside sip.allowed_sources")
+        return Refused(hop.host, "it is neither where the INVITE came from nor inside sip.allowed_sources", where=True)
     return hop
 
 

@@ -367,7 +367,15 @@ class SipServer:
             return
         if isinstance(event, RequestNotSent):  # the call may be over here already (a BYE held for the ACK)
             with oplog.call_context(call_sid=event.call_id):
-                log.warning("SIP %s for this call not sent to %r: %s", event.method, event.host, event.reason)
+                if event.to_source:
+                    log.info(
+                        "SIP %s for this call sent where the INVITE came from, not to %r: %s",
+                        event.method,
+                        event.host,
+                        event.reason,
+                    )
+                else:
+                    log.warning("SIP %s for this call not sent to %r: %s", event.method, event.host, event.reason)
             return
         live = self._live.get(event.call_id)  # type: ignore[union-attr]
         if live is None:
