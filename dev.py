@@ -26,7 +26,13 @@ BIN = VENV / ("Scripts" if os.name == "nt" else "bin")
 STAMP = VENV / ".installed-from"
 CONSTRAINTS = ROOT / "constraints.txt"
 # What the install depends on: a change to any of these reinstalls (and so rebuilds the C extension).
-INSTALL_INPUTS = (ROOT / "pyproject.toml", CONSTRAINTS, ROOT / "setup.py", ROOT / "telephony_bridge/audio/_kernels.c")
+INSTALL_INPUTS = (
+    ROOT / "pyproject.toml",
+    CONSTRAINTS,
+    ROOT / "setup.py",
+    ROOT / "telephony_bridge/audio/_kernels.c",
+    ROOT / "telephony_bridge/audio/_kernels.h",
+)
 
 
 def ensure_environment() -> None:

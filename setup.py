@@ -20,6 +20,7 @@ setup(
         Extension(
             "telephony_bridge.audio._kernels",
             ["telephony_bridge/audio/_kernels.c"],
+            depends=["telephony_bridge/audio/_kernels.h"],  # the code it includes: a change rebuilds it
             extra_compile_args=OPTIMISE,
             optional=True,
         ),

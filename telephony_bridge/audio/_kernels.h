@@ -1,0 +1,152 @@
+/* The numbers of _kernels.c without its Python objects: the tables, the taps and the two filters, so that other C
+ * code (bench/relay_floor_c.pyx, which carries a call's frames in C) runs the very same sums. _kernels.c wraps
+ * them for Python; what it says about exactness holds here. Include <Python.h> first (for Py_ssize_t).
+ *
+ * Everything is static: each translation unit that includes this has its own tables, set by its own
+ * kernels_set() with the ones kernels.py hands _kernels.configure().
+ */
+#ifndef TELEPHONY_BRIDGE_KERNELS_H
+#define TELEPHONY_BRIDGE_KERNELS_H
+
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+
+#define UP_TAPS 38       /* the upsampler's odd-offset taps (doubled) */
+#define UP_HISTORY 37    /* its last inputs */
+#define UP_COPY_FROM 19  /* resample._COPY_FROM: where the centre-tap phase reads in hist ++ input */
+#define DOWN_TAPS 38     /* the downsampler's odd-offset taps */
+#define DOWN_HISTORY 75  /* its last inputs */
+#define DOWN_CENTRE 37
+#define BLOCK 64         /* outputs computed per pass over the taps: a stack buffer, and loops that vectorise */
+
+/* Upsampler state: int16 history[UP_HISTORY]. Downsampler state: int16 history[DOWN_HISTORY], then one byte:
+ * 1 when the next input sample has an odd index in the call's stream. */
+#define UP_STATE_BYTES (UP_HISTORY * 2)
+#define DOWN_STATE_BYTES (DOWN_HISTORY * 2 + 1)
+
+/* The doubles of scratch kernels_ulaw_up and kernels_down_ulaw need for n input samples. */
+#define UP_WORK_DOUBLES(n) (UP_HISTORY + (n) + 1)
+#define DOWN_WORK_DOUBLES(n, count) (DOWN_HISTORY + (n) + 1 + (count) + DOWN_TAPS)
+
+static double up_taps[UP_TAPS];
+static double down_taps[DOWN_TAPS];
+static int16_t ulaw_decode[256];
+static uint8_t ulaw_encode[65536];
+static int configured = 0;
+
+/* A native int16 at any address: the buffers callers hand us (a state bytearray, a numpy view made with an
+ * odd byte offset) need not be 2-byte aligned, and a cast pointer would let the compiler assume they are.
+ * memcpy of two bytes compiles to a plain load or store. */
+static inline int16_t load_i16(const void *p) {
+    int16_t v;
+    memcpy(&v, p, sizeof v);
+    return v;
+}
+
+static inline void store_i16(void *p, int16_t v) { memcpy(p, &v, sizeof v); }
+
+static inline int16_t saturate(double v) {
+    v = nearbyint(v); /* half to even, as numpy's rint */
+    if (v > 32767.0) return 32767;
+    if (v < -32768.0) return -32768;
+    return (int16_t)v;
+}
+
+/* acc[j] += the symmetric FIR taps[0..HALF) (mirrored) over x[j .. j + 2 * HALF - 1], for j < count. Taps are
+ * symmetric (kernels_set() checks), so each pair of samples shares one multiply; x is contiguous, so the loop
+ * over j vectorises. */
+#define HALF (UP_TAPS / 2)
+_Static_assert(UP_TAPS == DOWN_TAPS && UP_TAPS % 2 == 0, "both filters share fir_symmetric");
+static inline void fir_symmetric(const double *x, Py_ssize_t count, const double *taps, double *acc) {
+    for (int k = 0; k < HALF; k++) {
+        double t = taps[k];
+        const double *lo = x + k, *hi = x + 2 * HALF - 1 - k;
+        for (Py_ssize_t j = 0; j < count; j++) acc[j] += t * (lo[j] + hi[j]);
+    }
+}
+
+/* The taps (``up`` doubled: the upsampler's gain of 2) and the μ-law tables: NULL once set, or why they were
+ * refused (nothing is then configured). */
+static const char *kernels_set(const double *up, const double *down, const void *decode, const void *encode) {
+    configured = 0;
+    for (int k = 0; k < HALF; k++) {
+        if (up[k] != up[UP_TAPS - 1 - k] || down[k] != down[DOWN_TAPS - 1 - k])
+            return "expected symmetric (linear-phase) taps";
+    }
+    /* What makes every sum exact, whatever the order of the additions: taps under 1 (2 for the upsampler's
+     * doubled ones) in multiples of 2**-32. */
+    for (int k = 0; k < UP_TAPS; k++) {
+        double u = up[k] * 4294967296.0, d = down[k] * 4294967296.0;
+        if (u != nearbyint(u) || d != nearbyint(d) || fabs(up[k]) >= 2.0 || fabs(down[k]) >= 1.0)
+            return "expected taps under 1 in multiples of 2**-32 (see resample.py)";
+    }
+    memcpy(up_taps, up, sizeof(up_taps));
+    memcpy(down_taps, down, sizeof(down_taps));
+    memcpy(ulaw_decode, decode, sizeof(ulaw_decode));
+    memcpy(ulaw_encode, encode, sizeof(ulaw_encode));
+    configured = 1;
+    return NULL;
+}
+
+/* n μ-law bytes in; s8: n native int16 (decoded); out: 4n bytes, little-endian PCM16 upsampled 2x (exactly two
+ * samples out per sample in). state: UP_STATE_BYTES, updated; buf: UP_WORK_DOUBLES(n) of scratch. */
+static void kernels_ulaw_up(uint8_t *state, const uint8_t *in, Py_ssize_t n, int16_t *s8, uint8_t *out,
+                            double *buf /* history ++ input, as doubles: the inner loops then vectorise */) {
+    const uint8_t *history = state;
+    for (int i = 0; i < UP_HISTORY; i++) buf[i] = load_i16(history + 2 * i);
+    for (Py_ssize_t i = 0; i < n; i++) buf[UP_HISTORY + i] = s8[i] = ulaw_decode[in[i]];
+    double acc[BLOCK];
+    for (Py_ssize_t start = 0; start < n; start += BLOCK) {
+        Py_ssize_t count = n - start < BLOCK ? n - start : BLOCK;
+        const double *x = buf + start;
+        for (Py_ssize_t j = 0; j < count; j++) acc[j] = 0.0;
+        fir_symmetric(x, count, up_taps, acc);
+        for (Py_ssize_t j = 0; j < count; j++) {
+            Py_ssize_t m = start + j;
+            uint16_t filtered = (uint16_t)saturate(acc[j]);
+            uint16_t copied = (uint16_t)(int16_t)buf[UP_COPY_FROM + m];
+            uint8_t *o = out + 4 * m;
+            o[0] = filtered & 0xFF;
+            o[1] = filtered >> 8;
+            o[2] = copied & 0xFF;
+            o[3] = copied >> 8;
+        }
+    }
+    uint8_t *keep = state;
+    for (int i = 0; i < UP_HISTORY; i++) store_i16(keep + 2 * i, (int16_t)buf[n + i]);
+}
+
+/* The μ-law bytes kernels_down_ulaw makes of n samples, given its state: one per odd-index sample in. */
+static inline Py_ssize_t kernels_down_count(const uint8_t *state, Py_ssize_t n) {
+    Py_ssize_t first = state[DOWN_HISTORY * 2] ? 0 : 1;
+    return n >= first ? (n - first + 1) / 2 : 0;
+}
+
+/* n little-endian PCM16 samples at 16 kHz in (2n bytes), low-passed, halved and μ-law encoded into out
+ * (kernels_down_count(state, n) bytes). state: DOWN_STATE_BYTES, updated; buf: DOWN_WORK_DOUBLES(n, count). */
+static void kernels_down_ulaw(uint8_t *state, const uint8_t *in, Py_ssize_t n, uint8_t *out,
+                              double *buf /* history ++ input, as doubles; then its even-offset samples */) {
+    uint8_t *st = state;
+    int odd_next = st[DOWN_HISTORY * 2];
+    Py_ssize_t first = odd_next ? 0 : 1;
+    Py_ssize_t count = kernels_down_count(state, n);
+    for (int i = 0; i < DOWN_HISTORY; i++) buf[i] = load_i16(st + 2 * i);
+    for (Py_ssize_t i = 0; i < n; i++) buf[DOWN_HISTORY + i] = (int16_t)(uint16_t)(in[2 * i] | (in[2 * i + 1] << 8));
+    /* Output i is the sinc taps over buf[first + 2i + 2k] (k < DOWN_TAPS) plus half of buf[first + 2i + 37]: the
+     * even-offset samples are gathered first, so the filter reads them contiguously. */
+    double *even = buf + DOWN_HISTORY + n + 1;
+    for (Py_ssize_t i = 0; i < count + DOWN_TAPS - 1; i++) even[i] = buf[first + 2 * i];
+    double acc[BLOCK];
+    for (Py_ssize_t start = 0; start < count; start += BLOCK) {
+        Py_ssize_t c = count - start < BLOCK ? count - start : BLOCK;
+        const double *centre = buf + first + DOWN_CENTRE + 2 * start;
+        for (Py_ssize_t j = 0; j < c; j++) acc[j] = centre[2 * j] * 0.5;
+        fir_symmetric(even + start, c, down_taps, acc);
+        for (Py_ssize_t j = 0; j < c; j++) out[start + j] = ulaw_encode[(uint16_t)saturate(acc[j])];
+    }
+    for (int i = 0; i < DOWN_HISTORY; i++) store_i16(st + 2 * i, (int16_t)buf[n + i]);
+    st[DOWN_HISTORY * 2] = odd_next ^ (n & 1);
+}
+
+#endif
