@@ -21,7 +21,7 @@ import itertools
 import logging
 import os
 import sys
-from collections.abc import AsyncIterator, Coroutine
+from collections.abc import AsyncIterator, Callable, Coroutine
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -62,74 +62,58 @@ log = logging.getLogger("relay_floor")
 _TEXT, _BINARY, _CLOSE = WSMsgType.TEXT, WSMsgType.BINARY, WSMsgType.CLOSE
 
 
-class RelayCall(WSListener):  # type: ignore[misc]
-    """One call: the listener of its Twilio media stream, which opens the Savants leg at ``start``."""
+class CallSetup:
+    """One call apart from its audio: Twilio's ``start`` opens the Savants leg (token, upgrade, JWT,
+    confirmation); ``stop``, either side's close or a Savants leg that did not open ends both legs, once. The
+    audio is its listeners' (``RelayCall`` here; bench/relay_c.py's compiled ones), which ``_join`` connects
+    once the AI is up and disconnects at the end."""
 
     def __init__(self, relay: Relay) -> None:
         self._relay = relay
-        self._twilio: WSTransport | None = None
+        self.twilio: WSTransport | None = None  # the media stream's, set by its listener
         self._leg: SavantsLeg | None = None  # from ``start``
-        self._upstream: WSTransport | None = None  # the Savants leg's, once confirmed: caller audio goes there
         self._opening: asyncio.Task[None] | None = None
-        self._upsampler = UlawUpsampler(compiled=True)
-        self._held: bytes | None = None  # the first 20 ms of the next 40 ms message
         self.ended = False
 
-    def on_ws_connected(self, transport: WSTransport) -> None:
-        self._twilio = transport
-
-    def on_ws_frame(self, transport: WSTransport, frame: WSFrame) -> None:
-        kind = frame.msg_type
-        if kind is _TEXT:
-            data = frame.get_payload_as_bytes()
-            audio = media_audio(data)  # the bridge's own read of a media message (msgspec)
-            if audio is not None:
-                upstream = self._upstream
-                if upstream is not None:
-                    _, pcm = self._upsampler.process(audio[0])
-                    held = self._held
-                    if held is None:
-                        self._held = pcm
-                    else:
-                        self._held = None
-                        upstream.send(_BINARY, held + pcm)
-                return
-            message = orjson.loads(data)
-            event = message["event"]
-            if event == "start" and self._leg is None:
-                self._leg = SavantsLeg(self, message["start"]["streamSid"])
-                self._opening = self._relay.spawn(self._open(self._leg))
-            elif event == "stop":
-                self.end()
-        elif kind is _CLOSE:
-            _answer_close(transport, frame)
-
-    def on_ws_disconnected(self, transport: WSTransport) -> None:
-        self.end()
+    def on_event(self, message: dict[str, Any]) -> None:
+        """A Twilio message other than caller audio."""
+        event = message["event"]
+        if event == "start" and self._leg is None:
+            self._leg = SavantsLeg(self, message["start"]["streamSid"])
+            self._opening = self._relay.spawn(self._open(self._leg))
+        elif event == "stop":
+            self.end()
 
     def end(self) -> None:
         """Close both legs, once: Twilio's ``stop``, either side's close, or a Savants leg that did not open."""
         if self.ended:
             return
         self.ended = True
-        self._upstream = None
+        self._join(False)
         opening, self._opening = self._opening, None
         if opening is not None:
             opening.cancel()
-        if self._twilio is not None:
-            _close(self._twilio)
+        if self.twilio is not None:
+            _close(self.twilio)
         leg = self._leg
-        if leg is not None:
-            leg.downstream = None
-            if leg.transport is not None:
-                _close(leg.transport)
+        if leg is not None and leg.transport is not None:
+            _close(leg.transport)
+
+    def _join(self, joined: bool) -> None:
+        """Carry audio between the legs from now on (``joined``: the AI is up), or no more."""
+        raise NotImplementedError
+
+    def _listener(self, leg: SavantsLeg) -> WSListener:
+        """The listener of the Savants leg's connection: ``leg``, which carries the AI's audio itself."""
+        return leg
 
     async def _open(self, leg: SavantsLeg) -> None:
+        listener = self._listener(leg)
         try:
             async with asyncio.timeout(OPEN_TIMEOUT_S):
                 token = await self._relay.token()
                 transport, _ = await ws_connect(
-                    lambda: leg,
+                    lambda: listener,
                     WS_URL,
                     websocket_handshake_timeout=OPEN_TIMEOUT_S,
                     proxy=None,
@@ -149,14 +133,55 @@ class RelayCall(WSListener):  # type: ignore[misc]
         if not confirmed:
             self.end()
         elif not self.ended:
-            leg.downstream = self._twilio
-            self._upstream = leg.transport
+            self._join(True)
+
+
+class RelayCall(CallSetup, WSListener):  # type: ignore[misc]
+    """One call: the listener of its Twilio media stream, which opens the Savants leg at ``start``."""
+
+    def __init__(self, relay: Relay) -> None:
+        super().__init__(relay)
+        self._upstream: WSTransport | None = None  # the Savants leg's, once confirmed: caller audio goes there
+        self._upsampler = UlawUpsampler(compiled=True)
+        self._held: bytes | None = None  # the first 20 ms of the next 40 ms message
+
+    def on_ws_connected(self, transport: WSTransport) -> None:
+        self.twilio = transport
+
+    def on_ws_frame(self, transport: WSTransport, frame: WSFrame) -> None:
+        kind = frame.msg_type
+        if kind is _TEXT:
+            data = frame.get_payload_as_bytes()
+            audio = media_audio(data)  # the bridge's own read of a media message (msgspec)
+            if audio is not None:
+                upstream = self._upstream
+                if upstream is not None:
+                    _, pcm = self._upsampler.process(audio[0])
+                    held = self._held
+                    if held is None:
+                        self._held = pcm
+                    else:
+                        self._held = None
+                        upstream.send(_BINARY, held + pcm)
+                return
+            self.on_event(orjson.loads(data))
+        elif kind is _CLOSE:
+            answer_close(transport, frame)
+
+    def on_ws_disconnected(self, transport: WSTransport) -> None:
+        self.end()
+
+    def _join(self, joined: bool) -> None:
+        leg = self._leg
+        self._upstream = leg.transport if joined and leg is not None else None
+        if leg is not None:
+            leg.downstream = self.twilio if joined else None
 
 
 class SavantsLeg(WSListener):  # type: ignore[misc]
     """The Savants side of one call: its confirmation, then each AI frame to the caller as it is read."""
 
-    def __init__(self, call: RelayCall, stream_sid: str) -> None:
+    def __init__(self, call: CallSetup, stream_sid: str) -> None:
         self._call = call
         self.stream_sid = stream_sid
         self.transport: WSTransport | None = None
@@ -184,7 +209,7 @@ class SavantsLeg(WSListener):  # type: ignore[misc]
                 if sort in CONFIRMATIONS or sort == "error":
                     self.confirmed.set_result(sort != "error")
         elif kind is _CLOSE:
-            _answer_close(transport, frame)
+            answer_close(transport, frame)
 
     def on_ws_disconnected(self, transport: WSTransport) -> None:
         if not self.confirmed.done():
@@ -192,7 +217,7 @@ class SavantsLeg(WSListener):  # type: ignore[misc]
         self._call.end()
 
 
-def _answer_close(transport: WSTransport, frame: WSFrame) -> None:
+def answer_close(transport: WSTransport, frame: WSFrame) -> None:
     """The peer's close frame: echoed (RFC 6455 §5.5.1) unless ours went first, then the connection dropped."""
     if not transport.is_close_frame_sent:
         transport.send_close(echo_code(int(frame.get_close_code())))
@@ -200,7 +225,7 @@ def _answer_close(transport: WSTransport, frame: WSFrame) -> None:
 
 
 def _close(transport: WSTransport) -> None:
-    """Our close frame; the connection goes when the peer answers it (``_answer_close``) or after
+    """Our close frame; the connection goes when the peer answers it (``answer_close``) or after
     ``CLOSE_TIMEOUT_S``: dropping it at once would reset a peer that is still sending."""
     if transport.is_disconnected or transport.is_close_frame_sent:
         return
@@ -212,12 +237,13 @@ class Relay:
     """The media-stream router (a ``ws_handoff.WebSocketRouter``) and what its calls share: the HTTP client for
     tokens, and the tasks opening Savants legs (held until done, cancelled when the app stops)."""
 
-    def __init__(self) -> None:
+    def __init__(self, new_call: Callable[[Relay], WSListener] = RelayCall) -> None:
+        self._new_call = new_call  # a media stream's listener
         self._http: httpx.AsyncClient | None = None
         self._tasks: set[asyncio.Task[None]] = set()
 
-    def __call__(self, request: WSUpgradeRequest, connection: Connection) -> RelayCall | None:
-        return RelayCall(self) if request.path.startswith(b"/media-stream") else None
+    def __call__(self, request: WSUpgradeRequest, connection: Connection) -> WSListener | None:
+        return self._new_call(self) if request.path.startswith(b"/media-stream") else None
 
     def spawn(self, opening: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
         task = asyncio.get_running_loop().create_task(opening)
@@ -254,9 +280,14 @@ async def healthz(request: Request) -> Response:
     return JSONResponse({"status": "ok"})
 
 
-relay = Relay()
-app = Starlette(routes=[Route("/voice", voice, methods=["POST"]), Route("/healthz", healthz)], lifespan=relay.lifespan)
-app.state.websocket_router = relay
+def serve(relay: Relay) -> None:
+    """The webhook and the media streams on ``PORT`` (127.0.0.1), until interrupted."""
+    app = Starlette(
+        routes=[Route("/voice", voice, methods=["POST"]), Route("/healthz", healthz)], lifespan=relay.lifespan
+    )
+    app.state.websocket_router = relay
+    uvicorn.Server(uvicorn_config(app, host="127.0.0.1", port=int(os.environ["PORT"]))).run()
+
 
 if __name__ == "__main__":
-    uvicorn.Server(uvicorn_config(app, host="127.0.0.1", port=int(os.environ["PORT"]))).run()
+    serve(Relay())
