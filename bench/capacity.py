@@ -15,7 +15,9 @@ Three kinds of process on 127.0.0.1: the Savants emulator (voice ``echo``), the 
 samples; ``echo``: ``bench/echo_server.py``, a bare WebSocket echo, the floor; ``echo-picows``: the same echo
 on picows, the floor of the bridge's own media-stream WebSocket; ``relay-picows``: ``bench/relay_floor.py``,
 both legs on the bridge's stack with its message counts and conversions and nothing else, the floor of a
-call), and the simulated callers
+call; ``relay-c``: ``bench/relay_c.py``, that relay with its per-frame path compiled (bench/relay_floor_c.pyx:
+built with Cython on first use, and checked against relay_floor's bytes before each run), what a call would cost
+with the bridge's frames carried in C), and the simulated callers
 (``loadtest``'s Twilio flow with speech both ways, spread over ``--load-procs`` processes; ``--callers lean``:
 bench/lean_callers.py's, the same calls and figures for a fraction of the load's CPU). Each load level
 runs against every server in turn, so the ratio compares figures taken minutes apart on the same machine.
@@ -672,6 +674,16 @@ def interpreter(python: str) -> str:
     return subprocess.run([python, "-c", probe], capture_output=True, text=True, check=True).stdout.strip()
 
 
+def relay_c_ready(python: str) -> str | None:
+    """Builds relay-c's extension for ``python`` (once: it is cached) and checks its bytes against relay_floor's
+    (bench/relay_floor_c_check.py), before any server starts: what went wrong, or None."""
+    check = subprocess.run([python, str(BENCH / "relay_floor_c_check.py")], capture_output=True, text=True)
+    if check.returncode:
+        return (check.stderr or check.stdout).strip()[-3000:]
+    print(check.stdout.strip())
+    return None
+
+
 def python_version(python: str) -> tuple[int, int]:
     probe = "import sys; print(*sys.version_info[:2])"
     major, minor = subprocess.run([python, "-c", probe], capture_output=True, text=True, check=True).stdout.split()
@@ -698,6 +710,7 @@ def servers(
         "echo": ([python, str(BENCH / "echo_server.py")], {}),
         "echo-picows": ([python, str(BENCH / "echo_server.py")], {"ECHO_WEBSOCKET": "picows"}),
         "relay-picows": ([python, str(BENCH / "relay_floor.py")], savants),
+        "relay-c": ([python, str(BENCH / "relay_c.py")], savants),
     }
 
 
@@ -724,7 +737,7 @@ def main() -> int:
         "--servers",
         nargs="+",
         default=["bridge", "naive"],
-        choices=["bridge", "naive", "echo", "echo-picows", "relay-picows"],
+        choices=["bridge", "naive", "echo", "echo-picows", "relay-picows", "relay-c"],
     )
     parser.add_argument(
         "--variant",
@@ -806,6 +819,8 @@ def main() -> int:
     except (OSError, subprocess.CalledProcessError) as exc:
         parser.error(f"--server-python {args.server_python} does not run: {exc}")
     if args.perf_stacks and (why := perf_stacks.available(python_version(args.server_python))):
+        parser.error(why)
+    if "relay-c" in args.servers and (why := relay_c_ready(args.server_python)):
         parser.error(why)
     try:
         pinning = Pinning.parse(args.server_cpus) if args.server_cpus else None
