@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from telephony_bridge.sip.auth import DigestAuthenticator, authorization_header, ha1, parse_digest
+from telephony_bridge.sip.auth import _MAX_TRACKED_NONCES, DigestAuthenticator, authorization_header, ha1, parse_digest
 from telephony_bridge.sip.message import Headers
 from telephony_bridge.sip.timers import SessionTimer, TooSmall, negotiate_session_timer
 
@@ -58,6 +58,21 @@ def test_two_callers_challenged_in_the_same_second_each_get_a_nonce_of_their_own
     for challenge in (first, second):
         value = authorization_header(challenge, user="pbx", password="s3cret", method="INVITE", uri=URI)
         assert auth.verify([value or ""], method="INVITE", uri=URI, now_wall=NOW).ok
+
+
+def test_a_nonce_whose_counts_were_forgotten_is_rechallenged_not_taken_again() -> None:
+    """Every challenge has a nonce of its own, so the nonces whose counts are kept (4096) can be fewer than those
+    still within their lifetime: a replayed answer whose nonce had been forgotten passed as a first (nc=1)."""
+    auth = authenticator("SHA-256")
+    answers = [
+        authorization_header(auth.challenges(NOW)[0], user="pbx", password="s3cret", method="INVITE", uri=URI) or ""
+        for _ in range(_MAX_TRACKED_NONCES + 1)
+    ]
+    assert all(auth.verify([value], method="INVITE", uri=URI, now_wall=NOW + 1).ok for value in answers)
+    replay = auth.verify([answers[0]], method="INVITE", uri=URI, now_wall=NOW + 2)
+    assert (replay.ok, replay.stale) == (False, True)
+    later = authorization_header(auth.challenges(NOW + 2)[0], user="pbx", password="s3cret", method="INVITE", uri=URI)
+    assert auth.verify([later or ""], method="INVITE", uri=URI, now_wall=NOW + 2).ok  # a fresh one still passes
 
 
 def test_stale_nonce_asks_for_a_rechallenge() -> None:

@@ -80,6 +80,9 @@ class DigestAuthenticator:
         self._ttl_s = nonce_ttl_s
         self._opaque = secrets.token_hex(8)
         self._last_nc: OrderedDict[tuple[str, str], int] = OrderedDict()  # (nonce, algorithm) -> nc
+        # The latest issue time among nonces dropped from ``_last_nc``: a nonce issued no later that we no longer
+        # track may be one whose counts we forgot, so it is re-challenged (stale) rather than taken from nc=1.
+        self._forgotten_through = -1
 
     def nonce(self, now_wall: float, salt: str | None = None) -> str:
         """A fresh nonce (``salt`` None), or the one we would have issued at ``now_wall`` with ``salt``."""
@@ -143,12 +146,15 @@ class DigestAuthenticator:
             except ValueError:
                 return Verdict(False, user, "nc is not hexadecimal")
             used = (nonce, algorithm)
+            if used not in self._last_nc and issued <= self._forgotten_through:
+                return Verdict(False, user, "nonce count no longer tracked", stale=True)
             if count <= self._last_nc.get(used, 0):
                 return Verdict(False, user, "nonce count replayed")
             self._last_nc[used] = count
             self._last_nc.move_to_end(used)
             while len(self._last_nc) > _MAX_TRACKED_NONCES:
-                self._last_nc.popitem(last=False)
+                (forgotten, _), _ = self._last_nc.popitem(last=False)
+                self._forgotten_through = max(self._forgotten_through, int(forgotten.partition(".")[0], 16))
         return Verdict(True, user)
 
 
