@@ -97,7 +97,12 @@ def routed_invite() -> Request:
 
 
 def proxies(host: str) -> bool:
-    """``may_send_to`` of a bridge whose allow-list is the proxies' 192.0.2.0/24."""
+    """``may_send_to`` of a bridge whose allow-list is the proxies' 192.0.2.0/24 and the caller's address."""
+    return host.startswith("192.0.2.") or host == PEER.host
+
+
+def digest_only(host: str) -> bool:
+    """``may_send_to`` of a bridge whose allow-list holds the proxies but not the caller (let in by digest)."""
     return host.startswith("192.0.2.")
 
 
@@ -305,6 +310,19 @@ def test_our_bye_on_udp_goes_to_the_invites_source_for_a_route_we_may_not_send_t
         (bye,) = sent(out)
         assert (send.to, bye.method) == (PEER, "BYE"), out
         assert core.active_calls == 0
+
+
+def test_our_bye_for_a_digest_authenticated_caller_goes_to_its_source_not_into_the_allow_list() -> None:
+    """A caller outside the allow-list (let in by digest auth) Record-Routes an address inside it: the BYE went
+    there, so such a peer could aim our requests at the allowed, often internal, ranges. On UDP it goes to the
+    INVITE's source instead."""
+    core = UserAgentCore("203.0.113.5", 5060, may_send_to=digest_only)
+    ok = answered(core, routed_invite())
+    core.receive(in_dialog("ACK", ok, 101, branch="z9hG4bK-ack-1"), PEER, T0 + 0.2)
+    out = core.hangup("3c2a7b1e@198.51.100.7", T0 + 1)
+    [refused] = [o for o in out if isinstance(o, RequestNotSent)]
+    assert (refused.host, refused.to_source) == ("192.0.2.1", True), out
+    assert [o.to for o in out if isinstance(o, Send)] == [PEER]
 
 
 def test_our_bye_on_tcp_goes_nowhere_a_closed_callers_contact_names_by_host_name() -> None:

@@ -43,8 +43,8 @@ def test_check_hop_sends_only_over_udp_or_tcp() -> None:
 
 
 def test_check_hop_sends_only_to_the_invites_source_or_an_allowed_address_never_to_a_name() -> None:
-    def proxy(host: str) -> bool:
-        return host == "192.0.2.1"
+    def proxy(host: str) -> bool:  # an allow-list holding the proxy and the INVITE's source
+        return host in ("192.0.2.1", SOURCE)
 
     hosts = ["::ffff:198.51.100.7", "192.0.2.1", "10.0.0.5", "pbx.example.net"]
     assert [check_hop(Hop("tcp", host, 5060), SOURCE, proxy) for host in hosts] == [
@@ -61,3 +61,16 @@ def test_same_address_compares_addresses_not_spellings() -> None:
     assert same_address("2001:db8::1", "2001:db8:0::1")
     assert not same_address("198.51.100.7", "198.51.100.8")
     assert not same_address("localhost", "localhost")
+
+
+def test_check_hop_sends_into_the_allow_list_only_for_an_invite_from_inside_it() -> None:
+    """A peer let in by digest auth alone wrote a route to an address the allow-list holds (an internal PBX's, a
+    Redis port): we dialled it. Only an INVITE from inside the allow-list may name another address in it."""
+
+    def internal(host: str) -> bool:
+        return host.startswith("10.")
+
+    why = "it is inside sip.allowed_sources, but the INVITE came from outside it (let in by digest auth)"
+    assert check_hop(Hop("tcp", "10.0.0.5", 6379), SOURCE, internal) == Refused("10.0.0.5", why, where=True)
+    assert check_hop(Hop("tcp", "10.0.0.5", 5060), "10.0.0.9", internal) == Hop("tcp", "10.0.0.5", 5060)
+    assert check_hop(Hop("udp", SOURCE, 5070), SOURCE, internal) == Hop("udp", SOURCE, 5070)  # its own, always

@@ -203,7 +203,7 @@ def _open(connection: int) -> bool:
 class UserAgentCore:
     """``connected`` tells whether a TCP connection (the driver's id) is still open, so that our requests go on it
     or, once it has closed, to the next hop; ``may_send_to`` whether an address other than the INVITE's source may
-    be that next hop (``hop``: the allow-list; by default none)."""
+    be that next hop when the INVITE's source is one too (``hop``: the allow-list; by default none)."""
 
     advertised_host: str
     port: int

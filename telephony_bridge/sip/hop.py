@@ -9,10 +9,12 @@ us over TCP is reached again over TCP, as the bridge always did).
 
 Those URIs are written by whoever sent the INVITE, and digest auth lets any source in: an authenticated peer could
 make us open TCP connections or send datagrams to internal addresses. So we send only to the address the INVITE
-came from or to one inside ``sip.allowed_sources`` (the driver's ``may_send_to``), and never to a host name: we do
-not resolve names for this check (a name can be made to point anywhere, and again between the check and the
-connection), so routes and Contacts must carry addresses to be used. On UDP the core sends a request whose hop is
-refused for where it is (``Refused.where``) to the INVITE's source instead, which is safe to answer.
+came from or, when that source is itself inside ``sip.allowed_sources`` (the driver's ``may_send_to``), to another
+address inside it (a peer let in by digest auth alone must not steer us into the allowed ranges, often internal
+ones), and never to a host name: we do not resolve names for this check (a name can be made to point anywhere,
+and again between the check and the connection), so routes and Contacts must carry addresses to be used. On UDP
+the core sends a request whose hop is refused for where it is (``Refused.where``) to the INVITE's source instead,
+which is safe to answer.
 """
 
 from __future__ import annotations
@@ -60,16 +62,21 @@ def next_hop(route_set: list[str], remote_target: str, default_transport: str) -
 
 
 def check_hop(hop: Hop, origin: str, may_send_to: Callable[[str], bool]) -> Hop | Refused:
-    """``hop`` if we may send there: over UDP or TCP, to ``origin`` (where the INVITE came from) or an address
-    ``may_send_to`` allows."""
+    """``hop`` if we may send there: over UDP or TCP, to ``origin`` (where the INVITE came from) or, if
+    ``may_send_to`` allows ``origin`` too, an address it allows."""
     if hop.transport == "tls":
         return Refused(hop.host, "it asks for TLS (sips: or ;transport=tls), which we do not have")
     if hop.transport not in ("udp", "tcp"):
         return Refused(hop.host, f"it asks for transport {hop.transport!r}, which we do not have")
     if not _is_address(hop.host):
         return Refused(hop.host, "it is a host name, which we do not resolve to check where it points", where=True)
-    if not (same_address(hop.host, origin) or may_send_to(hop.host)):
+    if same_address(hop.host, origin):
+        return hop
+    if not may_send_to(hop.host):
         return Refused(hop.host, "it is neither where the INVITE came from nor inside sip.allowed_sources", where=True)
+    if not may_send_to(origin):
+        why = "it is inside sip.allowed_sources, but the INVITE came from outside it (let in by digest auth)"
+        return Refused(hop.host, why, where=True)
     return hop
 
 
