@@ -77,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     split = argv.index("--") if "--" in argv else len(argv)
     args = parser.parse_args(argv[:split])
     capacity_args = argv[split + 1 :]
-    if {"--json", "--knee", "--knee-at"} & set(capacity_args):
+    if any(arg.split("=")[0] in ("--json", "--knee", "--knee-at") for arg in capacity_args):
         parser.error("ab.py compares fixed load levels and writes capacity.py's --json itself")
     other = args.other.resolve()
     if not (other / "bench" / "capacity.py").exists():

@@ -717,8 +717,9 @@ def servers(
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--calls", type=int, nargs="+", default=[50, 100], help="load levels")
-    parser.add_argument("--knee", type=int, nargs=3, metavar=("FROM", "TO", "STEP"), help="ramp instead")
-    parser.add_argument(
+    ramp = parser.add_mutually_exclusive_group()
+    ramp.add_argument("--knee", type=int, nargs=3, metavar=("FROM", "TO", "STEP"), help="ramp instead")
+    ramp.add_argument(
         "--knee-at", type=int, nargs="+", metavar="CALLS", help="ramp through these levels (e.g. 1 5 9 25 50 250)"
     )
     parser.add_argument(
@@ -1000,7 +1001,7 @@ def summary(
                         else ""
                     )
                 )
-        if knee.get("bridge") and knee.get("naive"):
+        if knee.get("bridge") and knee.get("naive") and knee["naive"] != top:  # the naive one's knee is known
             at_least = ">= " if knee["bridge"] == top else ""  # the bridge never failed: its knee is higher
             print(f"capacity ratio bridge / naive: {at_least}{knee['bridge'] / knee['naive']:.2f}x")
 

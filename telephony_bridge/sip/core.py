@@ -142,7 +142,9 @@ class CallIdInUse:
     """A new INVITE (no To tag, its own branch) named the Call-ID of a call still held here, such as a forking
     proxy's second copy or a PBX that reuses Call-IDs; the held call is untouched. Not answered yet: the driver
     answers it with ``refuse_invite``, ``482`` (RFC 3261 §8.2.2.2) or, to a sender that must authenticate and
-    has not, ``401`` (a ``482`` would tell it which Call-IDs are live), and logs and counts it."""
+    has not, ``401`` (a ``482`` would tell it which Call-IDs are live), and logs and counts it. A forking proxy's
+    second copy from outside the allow-list carries the first's credentials, nc and all, so it is a replay and
+    gets the ``401``; the proxy takes the first branch's ``200`` either way."""
 
     call_id: str
     peer: Peer

@@ -274,9 +274,10 @@ class SipServer:
         self._dispatch(self.core.receive(parsed, peer, self._clock.monotonic()))
 
     async def _dial(self, send: Send) -> None:
-        """Send a request of ours over a new TCP connection to the next hop the core chose (``hop``), the caller's
-        having closed (it may still be in the call, its RTP flowing), and read the answer on it; closed after
-        64*T1 however long the peer would keep it. One WARNING if the next hop cannot be reached."""
+        """Send a request of ours over a new TCP connection to the next hop the core chose (``hop``): the caller's
+        connection closed (it may still be in the call, its RTP flowing), or a route of a UDP call says TCP. Read
+        the answer on it; closed after 64*T1 however long the peer would keep it. One WARNING if the next hop
+        cannot be reached."""
         to = send.to
         try:
             async with asyncio.timeout(DIAL_TIMEOUT_S):
@@ -284,7 +285,7 @@ class SipServer:
         except (OSError, TimeoutError, ValueError) as exc:  # ValueError: a host name the IDNA codec refuses
             log.warning("SIP TCP connection to %s:%d for our request failed (%s); it is lost", to.host, to.port, exc)
             return
-        log.info("SIP TCP connection to %s:%d opened for our request (the caller's had closed)", to.host, to.port)
+        log.info("SIP TCP connection to %s:%d opened for our request (to the next hop)", to.host, to.port)
         writer.write(send.data)
         with contextlib.suppress(TimeoutError):  # the answer comes within 64*T1; a peer may keep the socket open
             async with asyncio.timeout(self._timers.give_up_s):
