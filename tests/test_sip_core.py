@@ -350,6 +350,23 @@ def tcp_dialog_whose_connection_closed(contact: str) -> list[Output]:
     return core.hangup("3c2a7b1e@198.51.100.7", T0 + 1)
 
 
+def test_our_bye_when_the_next_hop_is_no_sip_uri() -> None:
+    """A first route that does not parse: on UDP the BYE goes where the INVITE came from. A ``tel:`` Contact on a
+    TCP call whose connection closed: nothing is sent, with the reason for the driver's WARNING."""
+    text = (DATA / "invite.sip").read_bytes().replace(b"<sip:proxy1.example.net;lr>", b"not a route")
+    request = parse_datagram(text)
+    assert isinstance(request, Request)
+    core = UserAgentCore("203.0.113.5", 5060, may_send_to=anything)
+    ok = answered(core, request)
+    core.receive(in_dialog("ACK", ok, 101, branch="z9hG4bK-ack-1"), PEER, T0 + 0.2)
+    out = core.hangup("3c2a7b1e@198.51.100.7", T0 + 1)
+    assert [(type(o), getattr(o, "to", None)) for o in out] == [(Send, PEER)], out
+    out = tcp_dialog_whose_connection_closed("<tel:+15551230000>")
+    assert [(type(o), getattr(o, "reason", None)) for o in out] == [
+        (RequestNotSent, "the next hop is not a SIP URI")
+    ], out
+
+
 def test_our_bye_after_the_tcp_connection_closed_goes_the_way_the_contact_says() -> None:
     """RFC 3261 §18.1.1 and RFC 3263 §4.1: a new TCP connection when the Contact names TCP or nothing (as before),
     our UDP socket when it says ``;transport=udp``, with our Via saying which; nothing in plaintext to ``sips:``."""
