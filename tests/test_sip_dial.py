@@ -137,6 +137,16 @@ async def _bye_after(
         rtp.stop()
 
 
+async def _bye_after_drop(
+    start_bridge: Callable[..., ServerThread],
+    emulator: ServerThread,
+    contact: str,
+    receive: Callable[[], str | None],
+) -> tuple[str, str | None]:
+    """``_bye_after`` for a TCP caller with ``contact`` whose connection drops once the call is up."""
+    return await _bye_after(start_bridge, emulator, partial(_tcp_call_then_drop, contact=contact), receive)
+
+
 @pytest.mark.parametrize("host", ["127.0.0.2", "127.0.0.3"])
 @pytest.mark.parametrize("transport", ["tcp", "udp"])
 async def test_sip_bye_goes_only_to_the_invites_source_or_an_allowed_address(
@@ -207,12 +217,7 @@ async def test_sip_bye_to_a_contact_saying_transport_udp_goes_as_a_datagram(
     where nothing listens, and the BYE was lost."""
     with udp_socket() as target:
         contact = f"sip:caller@127.0.0.1:{target.getsockname()[1]};transport=udp"
-        _, received = await _bye_after(
-            start_bridge,
-            emulator,
-            partial(_tcp_call_then_drop, contact=contact),
-            lambda: _datagram(target, 5.0),
-        )
+        _, received = await _bye_after_drop(start_bridge, emulator, contact, lambda: _datagram(target, 5.0))
     assert received is not None and received.startswith("BYE sip:caller@127.0.0.1:"), received
     assert header(received, "Via").startswith("SIP/2.0/UDP "), received
 
@@ -224,12 +229,7 @@ async def test_sip_bye_to_a_sips_contact_is_not_sent_in_plaintext(
     identifiers) in clear. Nothing is sent; one WARNING says why."""
     with socket.create_server(("127.0.0.1", 0)) as listener, caplog.at_level(logging.INFO):
         contact = f"sips:caller@127.0.0.1:{listener.getsockname()[1]}"
-        call_id, received = await _bye_after(
-            start_bridge,
-            emulator,
-            partial(_tcp_call_then_drop, contact=contact),
-            lambda: _accepted(listener, 1.0),
-        )
+        call_id, received = await _bye_after_drop(start_bridge, emulator, contact, lambda: _accepted(listener, 1.0))
     _assert_not_sent(caplog, call_id, received, "it asks for TLS")
 
 

@@ -559,9 +559,11 @@ class UserAgentCore:
         to = dialog.destination(connected=connected, may_send_to=self.may_send_to)
         refused: list[Output] = []
         if isinstance(to, Refused):
-            if not (to.where and not dialog.peer.reliable):
-                return [RequestNotSent(dialog.call_id, "BYE", to.host, to.reason)]
-            refused, to = [RequestNotSent(dialog.call_id, "BYE", to.host, to.reason, to_source=True)], dialog.peer
+            to_source = to.where and not dialog.peer.reliable  # on UDP the INVITE's source takes it instead
+            refused = [RequestNotSent(dialog.call_id, "BYE", to.host, to.reason, to_source=to_source)]
+            if not to_source:
+                return refused
+            to = dialog.peer
         bye = dialog.request("BYE", via_host=self.advertised_host, via_port=self.port, to=to)
         data = bye.to_bytes()
         if not to.reliable:
