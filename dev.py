@@ -32,6 +32,9 @@ INSTALL_INPUTS = (
     ROOT / "setup.py",
     ROOT / "telephony_bridge/audio/_kernels.c",
     ROOT / "telephony_bridge/audio/_kernels.h",
+    ROOT / "telephony_bridge/audio/_kernels_capi.h",
+    ROOT / "telephony_bridge/_caller_path.c",
+    ROOT / "telephony_bridge/twilio/_media_tap.c",
 )
 
 

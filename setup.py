@@ -1,7 +1,11 @@
-"""The optional C extension; everything else about the package is in pyproject.toml.
+"""The optional C extensions; everything else about the package is in pyproject.toml.
+
+- ``audio/_kernels.c``: the per-frame audio conversions (``audio/kernels.py``);
+- ``_caller_path.c``: the caller's frame through the call core, on the kernels (``inbound.Inbound.audio_handler``);
+- ``twilio/_media_tap.c``: Twilio's media message read and handed over (``twilio.leg.TwilioLeg``).
 
 ``optional=True``: where no C compiler (or no Python headers) is at hand the install still succeeds and the
-bridge runs its numpy path (``telephony_bridge/audio/kernels.py`` says which one it runs, and why).
+bridge runs its Python and numpy path (``telephony_bridge/audio/kernels.py`` says which one it runs, and why).
 
 ``-O3`` (as GCC and Clang spell it; not on Windows, where MSVC would not take it): the compiler otherwise takes
 the interpreter's own flags, which differ by build (pyenv's ``-O3``, Debian's ``-O2``), and GCC 12 vectorises
@@ -20,7 +24,21 @@ setup(
         Extension(
             "telephony_bridge.audio._kernels",
             ["telephony_bridge/audio/_kernels.c"],
-            depends=["telephony_bridge/audio/_kernels.h"],  # the code it includes: a change rebuilds it
+            # the code it includes: a change rebuilds it
+            depends=["telephony_bridge/audio/_kernels.h", "telephony_bridge/audio/_kernels_capi.h"],
+            extra_compile_args=OPTIMISE,
+            optional=True,
+        ),
+        Extension(
+            "telephony_bridge._caller_path",
+            ["telephony_bridge/_caller_path.c"],
+            depends=["telephony_bridge/audio/_kernels_capi.h"],
+            extra_compile_args=OPTIMISE,
+            optional=True,
+        ),
+        Extension(
+            "telephony_bridge.twilio._media_tap",
+            ["telephony_bridge/twilio/_media_tap.c"],
             extra_compile_args=OPTIMISE,
             optional=True,
         ),

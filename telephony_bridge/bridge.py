@@ -104,6 +104,10 @@ class Call:
             settings.audio, settings.barge_in, deps.metrics, deps.clock, frame_bytes=leg.frame_bytes
         )
         self.outbound = Outbound(settings.audio, deps.clock, leg)
+        # ``_caller_audio``, or its compiled twin (inbound.py): what the leg hands each frame of the caller's audio.
+        self._on_caller_audio = self._inbound.audio_handler(
+            self._caller_audio, deps.clock, self.outbound.audible_since, self._caller_events
+        )
         self._ai = AiSide(
             settings,
             deps.admission,
@@ -328,12 +332,12 @@ class Call:
     # --- caller side -------------------------------------------------------------------------------------
 
     async def _caller_pump(self) -> None:
-        self._leg.deliver_audio_to(self._caller_audio)  # most audio then skips ``receive``
+        self._leg.deliver_audio_to(self._on_caller_audio)  # most audio then skips ``receive``
         try:
             while True:
                 event = await self._leg.receive()
                 if isinstance(event, CallerAudio):
-                    self._caller_audio(event.ulaw, event.timestamp_ms)
+                    self._on_caller_audio(event.ulaw, event.timestamp_ms)
                 elif isinstance(event, PlayedUpTo):
                     self.outbound.mark_echoed(event.name)
                 elif isinstance(event, Digit):

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections import deque
 from collections.abc import Callable
 
@@ -29,10 +30,17 @@ from telephony_bridge.audio.codec import (
 from telephony_bridge.audio.pipeline import CallerToAi
 from telephony_bridge.audio.timeline import NO_TIMESTAMP
 from telephony_bridge.audio.vad import VoiceActivityDetector
-from telephony_bridge.clock import Clock, Flag, Timer
+from telephony_bridge.clock import Clock, Flag, SystemClock, Timer
+from telephony_bridge.errors import ConfigError
+from telephony_bridge.leg import AudioHandler
 from telephony_bridge.ops.metrics import Metrics
 from telephony_bridge.savants.client import SavantsConnection
 from telephony_bridge.settings import AudioSettings, BargeInSettings
+
+try:  # built with the audio kernels (setup.py), and only usable with them
+    from telephony_bridge._caller_path import CallerPath
+except ImportError:
+    CallerPath = None
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +67,7 @@ class Inbound:
         self._clock = clock
         self._frame_bytes = frame_bytes
         compiled = kernels.use_compiled(audio.kernels)
+        self._compiled = compiled
         self._pipeline = CallerToAi(compiled=compiled)
         self._queue: deque[bytes] = deque()
         self._frames_per_message = max(1, audio.upstream_message_ms // FRAME_MS)
@@ -123,6 +132,38 @@ class Inbound:
         if self.detector is None or not len(pcm_8k):
             return []
         return self._heard(self.detector.caller_audio(pcm_8k, now, ai_audible_since))
+
+    def audio_handler(
+        self,
+        fallback: AudioHandler,
+        clock: Clock,
+        audible_since: Callable[[float], float | None],
+        on_events: Callable[[list[Event]], None],
+        *,
+        compiled: bool | None = None,
+    ) -> AudioHandler:
+        """The call core's handler for the caller's audio: ``fallback`` (``Call._caller_audio``: ``push``, then
+        ``on_events`` for what it returns), or, with the compiled kernels, its compiled twin, which takes the
+        usual frame itself in one C call and hands any other to ``fallback`` (``_caller_path.c`` says which).
+        ``compiled``: None to follow ``audio.kernels``; False for ``fallback`` alone (tests compare the two).
+
+        The twin works on this object's own state, read and written by attribute name: ``_pipeline`` (its
+        ``timeline``, ``_pending`` and ``_upsampler._state``), ``_queue``, ``detector`` (its ``_vad``),
+        ``_frame_bytes``, ``_frames_per_message``, ``_max_frames``, ``_parked``, ``_conn``, ``_next_at``,
+        ``_oldest_at``, ``_lone_timer``, ``_ready``, ``frames_in``, ``frames_to_ai``, ``_last_frame_at``;
+        renaming one fails ``tests/test_caller_path.py``."""
+        if compiled is None:
+            compiled = self._compiled and CallerPath is not None
+        if not compiled:
+            return fallback
+        if CallerPath is None or not self._compiled:
+            kernels.use_compiled("compiled")  # raises, saying why the extension is missing
+            raise ConfigError("the compiled caller path needs the compiled kernels (audio.kernels)")
+        # The system clock's ``monotonic`` is ``time.monotonic``: called from C directly, it skips a Python frame.
+        monotonic = time.monotonic if type(clock) is SystemClock else clock.monotonic
+        return CallerPath(  # type: ignore[no-any-return]
+            self, fallback, monotonic, audible_since, on_events, catch_up_rate=CATCH_UP_RATE, frame_s=FRAME_S
+        )
 
     def _drop_oldest(self) -> None:
         self._queue.popleft()  # the AI is not taking audio: keep the newest, count the loss

@@ -143,13 +143,20 @@ static struct PyModuleDef module = {
     PyModuleDef_HEAD_INIT, "_kernels", "The compiled per-frame audio kernels (see kernels.py).", -1, methods,
 };
 
+/* For the other compiled modules (_kernels_capi.h): these functions, with the tables configure() sets here. */
+static const KernelsCAPI capi = {kernels_ulaw_up, kernels_down_ulaw, kernels_down_count, &configured};
+
 PyMODINIT_FUNC PyInit__kernels(void) {
     PyObject *m = PyModule_Create(&module);
     if (m == NULL) return NULL;
-    if (PyModule_AddIntConstant(m, "UP_STATE_BYTES", UP_STATE_BYTES) < 0 ||
-        PyModule_AddIntConstant(m, "DOWN_STATE_BYTES", DOWN_STATE_BYTES) < 0) {
+    PyObject *capsule = PyCapsule_New((void *)&capi, KERNELS_CAPSULE, NULL);
+    if (capsule == NULL || PyModule_AddIntConstant(m, "UP_STATE_BYTES", UP_STATE_BYTES) < 0 ||
+        PyModule_AddIntConstant(m, "DOWN_STATE_BYTES", DOWN_STATE_BYTES) < 0 ||
+        PyModule_AddObjectRef(m, "C_API", capsule) < 0) {
+        Py_XDECREF(capsule);
         Py_DECREF(m);
         return NULL;
     }
+    Py_DECREF(capsule);
     return m;
 }

@@ -12,22 +12,7 @@
 #include <stdint.h>
 #include <string.h>
 
-#define UP_TAPS 38       /* the upsampler's odd-offset taps (doubled) */
-#define UP_HISTORY 37    /* its last inputs */
-#define UP_COPY_FROM 19  /* resample._COPY_FROM: where the centre-tap phase reads in hist ++ input */
-#define DOWN_TAPS 38     /* the downsampler's odd-offset taps */
-#define DOWN_HISTORY 75  /* its last inputs */
-#define DOWN_CENTRE 37
-#define BLOCK 64         /* outputs computed per pass over the taps: a stack buffer, and loops that vectorise */
-
-/* Upsampler state: int16 history[UP_HISTORY]. Downsampler state: int16 history[DOWN_HISTORY], then one byte:
- * 1 when the next input sample has an odd index in the call's stream. */
-#define UP_STATE_BYTES (UP_HISTORY * 2)
-#define DOWN_STATE_BYTES (DOWN_HISTORY * 2 + 1)
-
-/* The doubles of scratch kernels_ulaw_up and kernels_down_ulaw need for n input samples. */
-#define UP_WORK_DOUBLES(n) (UP_HISTORY + (n) + 1)
-#define DOWN_WORK_DOUBLES(n, count) (DOWN_HISTORY + (n) + 1 + (count) + DOWN_TAPS)
+#include "_kernels_capi.h" /* the sizes, and what the module exports to other C */
 
 static double up_taps[UP_TAPS];
 static double down_taps[DOWN_TAPS];

@@ -12,12 +12,14 @@ from __future__ import annotations
 import asyncio
 import enum
 import logging
+import time
 from collections.abc import Callable
 from typing import Any, Literal, Protocol
 
+from telephony_bridge.audio import kernels
 from telephony_bridge.audio.codec import TWILIO_FRAME_BYTES
 from telephony_bridge.bridge import Call, CallDeps
-from telephony_bridge.clock import Clock
+from telephony_bridge.clock import Clock, SystemClock
 from telephony_bridge.errors import CallerGone, CallerStalled
 from telephony_bridge.leg import AudioHandler, CallerAudio, Digit, DirectAudio, HungUp, LegEvent, PlayedUpTo, Watchdog
 from telephony_bridge.ops import logging as oplog
@@ -26,6 +28,11 @@ from telephony_bridge.settings import TwilioSettings
 from telephony_bridge.twilio import protocol as tw
 from telephony_bridge.twilio.outbound_messages import MediaMessages, clear_message, mark_message
 from telephony_bridge.twilio.stream_socket import SendStalled
+
+try:  # built by setup.py where a C compiler is at hand
+    from telephony_bridge.twilio._media_tap import MediaTap
+except ImportError:
+    MediaTap = None
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +68,8 @@ class TwilioSocket(Protocol):
 async def handle_media_stream(ws: TwilioSocket, deps: CallDeps) -> None:
     """One accepted /media-stream socket: ``start``, then the call core, which first lets ``authorise`` check the
     stream token and the media format, and only then takes the CallSid (one live stream per call)."""
-    leg = TwilioLeg(ws, deps.settings.twilio, deps.metrics, deps.clock)
+    compiled = kernels.use_compiled(deps.settings.audio.kernels)  # audio.kernels: numpy is all Python
+    leg = TwilioLeg(ws, deps.settings.twilio, deps.metrics, deps.clock, compiled=compiled)
     start = await leg.wait_for_start()
     if start is None:
         await leg.close(CloseCode.NORMAL)
@@ -96,7 +104,10 @@ class TwilioLeg:
     frame_bytes: int | None = TWILIO_FRAME_BYTES  # Twilio's media payload: 20 ms of μ-law (spec §3)
     requests_after_end = True  # the <Connect action> request: /stream-ended
 
-    def __init__(self, ws: TwilioSocket, settings: TwilioSettings, metrics: Metrics, clock: Clock) -> None:
+    def __init__(
+        self, ws: TwilioSocket, settings: TwilioSettings, metrics: Metrics, clock: Clock, *, compiled: bool = True
+    ) -> None:
+        """``compiled``: read media messages with the compiled ``MediaTap`` where it is built (``_tap``)."""
         self._ws = ws
         self._settings = settings
         self._metrics = metrics
@@ -109,6 +120,7 @@ class TwilioLeg:
         # Twilio sends media every 20 ms, even in silence (spec §3): a quiet socket is a dead one.
         self.watchdog = Watchdog(clock, settings.inactivity_timeout_s or None)
         self._direct: DirectAudio[[bytes, int | None]] = DirectAudio()
+        self._tap = self._tapped if not compiled or MediaTap is None else self._compiled_tap(clock)
         # A picows ``StreamSocket`` can send without waiting (``writable``/``send_utf8_now``); Starlette's cannot.
         self._writable: Callable[[], bool] | None = getattr(ws, "writable", None)
 
@@ -153,7 +165,16 @@ class TwilioLeg:
         tap_text = getattr(self._ws, "tap_text", None)
         if tap_text is not None:
             self._direct.attach(handler)
-            tap_text(self._tapped if handler is not None else None)
+            tap_text(self._tap if handler is not None else None)
+
+    def _compiled_tap(self, clock: Clock) -> Callable[[bytes], bool]:
+        """``_tapped``'s compiled twin (``_media_tap.c``): a message in Twilio's exact shape is read and handed to
+        the core in one C call; any other goes to ``_tapped``. It reads and writes ``_open``, the watchdog's
+        ``_last`` and the ``DirectAudio``'s ``handler``, ``_context`` and ``_error`` by name."""
+        monotonic = time.monotonic if type(clock) is SystemClock else clock.monotonic
+        return MediaTap(  # type: ignore[no-any-return]
+            self, self.watchdog, self._direct, monotonic, self._tapped, max_number_digits=tw.MAX_NUMBER_DIGITS
+        )
 
     def _tapped(self, text: bytes) -> bool:
         """A text message as the socket reads it: media goes to the core at once (the fast path, parsed once);

@@ -1,0 +1,466 @@
+/* The caller's audio on its way into a call, in one C call per frame: the compiled twin of the Python path
+ * Call._caller_audio -> Inbound.push -> CallerToAi -> the barge-in detector's fast branches.
+ *
+ * Why: each of those steps is cheap, but there are ~20 Python calls per 20 ms frame per call, and at 250 calls
+ * a core their interpreter overhead was a fifth of the bridge's CPU (#10). Here they are one call.
+ *
+ * How, so that it cannot drift from the reference: the state stays where it is, in the Python objects (the
+ * Inbound, its timeline, pipeline, queue and detector); this code reads and writes their attributes, as the
+ * Python methods do, and only for the common frame: Twilio's 160 bytes, stamped exactly where the last one
+ * ended, with nothing carried over, and a VAD with no part frame waiting. It checks that before it changes
+ * anything; any other frame goes to the Python handler it was given, whole. Where the Python path would do
+ * more than update numbers (a barge-in candidate, an event, a lone frame's timer, a send), it calls the
+ * Python method that does it. tests/test_caller_path.py holds the two paths to the same state and the same
+ * sends over random streams; inbound.py's CallerPath says which attributes this reads.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+
+#include "audio/_kernels_capi.h" /* the kernels, through _kernels' capsule */
+
+#define FRAME_BYTES 160 /* Twilio's 20 ms of 8 kHz mu-law: the only frame taken here */
+#define BYTES_PER_MS 8  /* mu-law bytes (samples) per ms at 8 kHz */
+
+static const KernelsCAPI *kernels = NULL;
+
+/* Attribute names, interned once. */
+#define NAMES(X)                                                                                                 \
+    X(_pipeline) X(timeline) X(_upsampler) X(_state) X(_pending) X(_queue) X(detector) X(_vad) X(_vad_handle)  \
+    X(_min_mean_square) X(_frame_bytes) X(_frames_per_message) X(frames_in) X(_last_frame_at) X(untimed_reason) \
+    X(_last_stamp) X(_position) X(_stale_run) X(_oldest_at) X(_max_frames) X(_drop_oldest) X(_parked)           \
+    X(_lone_timer) X(cancel) X(_conn) X(_next_at) X(can_send_now) X(send_audio_nowait) X(frames_to_ai)        \
+    X(_ready) X(set) X(_arm_lone_timer) X(_speaking) X(_onset_s) X(_last_end_s) X(_frame) X(_heard) X(append)   \
+    X(popleft)
+#define DECLARE(name) static PyObject *str_##name;
+NAMES(DECLARE)
+#undef DECLARE
+
+typedef struct {
+    PyObject_HEAD
+    /* Given, and what they hold that stays the same object for the call's life. */
+    PyObject *inbound, *fallback, *monotonic, *audible_since, *on_events;
+    PyObject *timeline, *pipeline, *state, *queue, *append, *popleft;
+    PyObject *detector, *vad, *vad_handle, *vad_process; /* detector and the rest NULL when barge-in is off */
+    double min_mean_square;
+    Py_ssize_t per;      /* frames per upstream message */
+    double next_gap_s;   /* per * FRAME_S / CATCH_UP_RATE, as Python computes it */
+    PyObject *zero, *rate;
+    /* Frames taken here, and handed to the fallback: tests read them to see that both paths ran. */
+    Py_ssize_t fast, slow;
+} CallerPath;
+
+/* --- small helpers: attributes as C numbers ------------------------------------------------------------- */
+
+static int get_int64(PyObject *obj, PyObject *name, long long *out) {
+    PyObject *v = PyObject_GetAttr(obj, name);
+    if (v == NULL) return -1;
+    *out = PyLong_AsLongLong(v);
+    Py_DECREF(v);
+    return (*out == -1 && PyErr_Occurred()) ? -1 : 0;
+}
+
+static int get_double(PyObject *obj, PyObject *name, double *out) {
+    PyObject *v = PyObject_GetAttr(obj, name);
+    if (v == NULL) return -1;
+    *out = PyFloat_AsDouble(v);
+    Py_DECREF(v);
+    return (*out == -1.0 && PyErr_Occurred()) ? -1 : 0;
+}
+
+static int set_steal(PyObject *obj, PyObject *name, PyObject *value) {
+    if (value == NULL) return -1;
+    int rc = PyObject_SetAttr(obj, name, value);
+    Py_DECREF(value);
+    return rc;
+}
+
+static int add_int(PyObject *obj, PyObject *name, long long delta) {
+    long long v;
+    if (get_int64(obj, name, &v) < 0) return -1;
+    return set_steal(obj, name, PyLong_FromLongLong(v + delta));
+}
+
+static int truthy(PyObject *obj, PyObject *name) {
+    PyObject *v = PyObject_GetAttr(obj, name);
+    if (v == NULL) return -1;
+    int t = PyObject_IsTrue(v);
+    Py_DECREF(v);
+    return t;
+}
+
+static int call_method0(PyObject *obj, PyObject *name) {
+    PyObject *r = PyObject_CallMethodNoArgs(obj, name);
+    Py_XDECREF(r);
+    return r == NULL ? -1 : 0;
+}
+
+/* --- the object -------------------------------------------------------------------------------------------- */
+
+static int CallerPath_init(CallerPath *self, PyObject *args, PyObject *kwds) {
+    static char *kwlist[] = {"inbound", "fallback", "monotonic", "audible_since", "on_events", "catch_up_rate",
+                             "frame_s", NULL};
+    PyObject *inbound, *fallback, *monotonic, *audible_since, *on_events;
+    double catch_up_rate, frame_s;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OOOOOdd", kwlist, &inbound, &fallback, &monotonic,
+                                     &audible_since, &on_events, &catch_up_rate, &frame_s))
+        return -1;
+    if (kernels == NULL || !*kernels->configured) {
+        PyErr_SetString(PyExc_RuntimeError, "the compiled kernels are not configured (see audio/kernels.py)");
+        return -1;
+    }
+#define KEEP(field, value) Py_XSETREF(self->field, Py_NewRef(value))
+    KEEP(inbound, inbound);
+    KEEP(fallback, fallback);
+    KEEP(monotonic, monotonic);
+    KEEP(audible_since, audible_since);
+    KEEP(on_events, on_events);
+#undef KEEP
+#define FETCH(field, obj, name)                                                         \
+    do {                                                                                \
+        PyObject *v_ = PyObject_GetAttr(obj, str_##name);                               \
+        if (v_ == NULL) return -1;                                                      \
+        Py_XSETREF(self->field, v_);                                                    \
+    } while (0)
+    FETCH(pipeline, inbound, _pipeline);
+    FETCH(timeline, self->pipeline, timeline);
+    PyObject *upsampler = PyObject_GetAttr(self->pipeline, str__upsampler);
+    if (upsampler == NULL) return -1;
+    PyObject *state = PyObject_GetAttr(upsampler, str__state); /* only the compiled upsampler has one */
+    Py_DECREF(upsampler);
+    if (state == NULL) return -1;
+    Py_XSETREF(self->state, state);
+    if (!PyByteArray_CheckExact(state) || PyByteArray_GET_SIZE(state) != UP_STATE_BYTES) {
+        PyErr_SetString(PyExc_TypeError, "expected the compiled upsampler's state (a bytearray)");
+        return -1;
+    }
+    FETCH(queue, inbound, _queue);
+    FETCH(append, self->queue, append);
+    FETCH(popleft, self->queue, popleft);
+    FETCH(detector, inbound, detector);
+    if (self->detector == Py_None) {
+        Py_CLEAR(self->detector);
+    } else {
+        FETCH(vad, self->detector, _vad);
+        FETCH(vad_handle, self->vad, _vad_handle);
+        if (get_double(self->vad, str__min_mean_square, &self->min_mean_square) < 0) return -1;
+        PyObject *webrtcvad = PyImport_ImportModule("_webrtcvad");
+        if (webrtcvad == NULL) return -1;
+        PyObject *process = PyObject_GetAttrString(webrtcvad, "process");
+        Py_DECREF(webrtcvad);
+        if (process == NULL) return -1;
+        Py_XSETREF(self->vad_process, process);
+    }
+#undef FETCH
+    long long per;
+    if (get_int64(inbound, str__frames_per_message, &per) < 0) return -1;
+    self->per = (Py_ssize_t)per;
+    self->next_gap_s = (double)per * frame_s / catch_up_rate; /* Python: now + per * FRAME_S / CATCH_UP_RATE */
+    Py_XSETREF(self->zero, PyLong_FromLong(0));
+    Py_XSETREF(self->rate, PyLong_FromLong(FRAME_BYTES * 1000 / 20)); /* 8000 Hz, for webrtcvad */
+    return self->zero && self->rate ? 0 : -1;
+}
+
+static int CallerPath_traverse(CallerPath *self, visitproc visit, void *arg) {
+    Py_VISIT(self->inbound);
+    Py_VISIT(self->fallback);
+    Py_VISIT(self->monotonic);
+    Py_VISIT(self->audible_since);
+    Py_VISIT(self->on_events);
+    Py_VISIT(self->timeline);
+    Py_VISIT(self->pipeline);
+    Py_VISIT(self->state);
+    Py_VISIT(self->queue);
+    Py_VISIT(self->append);
+    Py_VISIT(self->popleft);
+    Py_VISIT(self->detector);
+    Py_VISIT(self->vad);
+    Py_VISIT(self->vad_handle);
+    Py_VISIT(self->vad_process);
+    return 0;
+}
+
+static int CallerPath_clear(CallerPath *self) {
+    Py_CLEAR(self->inbound);
+    Py_CLEAR(self->fallback);
+    Py_CLEAR(self->monotonic);
+    Py_CLEAR(self->audible_since);
+    Py_CLEAR(self->on_events);
+    Py_CLEAR(self->timeline);
+    Py_CLEAR(self->pipeline);
+    Py_CLEAR(self->state);
+    Py_CLEAR(self->queue);
+    Py_CLEAR(self->append);
+    Py_CLEAR(self->popleft);
+    Py_CLEAR(self->detector);
+    Py_CLEAR(self->vad);
+    Py_CLEAR(self->vad_handle);
+    Py_CLEAR(self->vad_process);
+    Py_CLEAR(self->zero);
+    Py_CLEAR(self->rate);
+    return 0;
+}
+
+static void CallerPath_dealloc(CallerPath *self) {
+    PyObject_GC_UnTrack(self);
+    CallerPath_clear(self);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+/* --- the frame ------------------------------------------------------------------------------------------- */
+
+/* Whether this frame is the common one (see the top): 1 yes, 0 no (the fallback takes it), -1 error. Changes
+ * nothing. On yes, *ts and *position are the frame's stamp and the timeline's position. */
+static int is_common(CallerPath *self, PyObject *ulaw, PyObject *stamp, long long *ts, long long *position) {
+    if (!PyBytes_CheckExact(ulaw) || PyBytes_GET_SIZE(ulaw) != FRAME_BYTES || !PyLong_CheckExact(stamp)) return 0;
+    int overflow;
+    *ts = PyLong_AsLongLongAndOverflow(stamp, &overflow);
+    if (overflow || *ts < 0 || *ts > (LLONG_MAX / BYTES_PER_MS)) return 0;
+    PyObject *frame_bytes = PyObject_GetAttr(self->inbound, str__frame_bytes);
+    if (frame_bytes == NULL) return -1;
+    long long expected = frame_bytes == Py_None ? FRAME_BYTES : PyLong_AsLongLong(frame_bytes);
+    Py_DECREF(frame_bytes);
+    if (expected == -1 && PyErr_Occurred()) return -1;
+    if (expected != FRAME_BYTES) return 0; /* another size is this sender's quirk: logged there */
+    /* InboundTimeline.place's fast branch: the next frame, stamped exactly where the last one ended. */
+    PyObject *reason = PyObject_GetAttr(self->timeline, str_untimed_reason);
+    if (reason == NULL) return -1;
+    int untimed = PyObject_IsTrue(reason);
+    Py_DECREF(reason);
+    if (untimed != 0) return untimed < 0 ? -1 : 0;
+    PyObject *last = PyObject_GetAttr(self->timeline, str__last_stamp);
+    if (last == NULL) return -1;
+    if (last == Py_None) {
+        Py_DECREF(last);
+        return 0;
+    }
+    long long last_ts = PyLong_AsLongLong(last);
+    Py_DECREF(last);
+    if (last_ts == -1 && PyErr_Occurred()) return -1;
+    if (get_int64(self->timeline, str__position, position) < 0) return -1;
+    if (!(*ts > last_ts && *ts * BYTES_PER_MS == *position)) return 0;
+    /* CallerToAi.push: nothing carried over; the VAD: no part frame waiting. */
+    PyObject *pending = PyObject_GetAttr(self->pipeline, str__pending);
+    if (pending == NULL) return -1;
+    Py_ssize_t carried = PyObject_Length(pending);
+    Py_DECREF(pending);
+    if (carried != 0) return carried < 0 ? -1 : 0;
+    if (self->detector != NULL) {
+        PyObject *vad_pending = PyObject_GetAttr(self->vad, str__pending);
+        if (vad_pending == NULL) return -1;
+        Py_ssize_t waiting = PyObject_Length(vad_pending);
+        Py_DECREF(vad_pending);
+        if (waiting != 0) return waiting < 0 ? -1 : 0;
+    }
+    return 1;
+}
+
+/* The next n queued frames as one message (Inbound._take). */
+static PyObject *take(CallerPath *self, Py_ssize_t n) {
+    PyObject *message = PyObject_CallNoArgs(self->popleft);
+    for (Py_ssize_t i = 1; i < n && message != NULL; i++) {
+        PyObject *next = PyObject_CallNoArgs(self->popleft);
+        if (next == NULL) {
+            Py_CLEAR(message);
+            break;
+        }
+        PyBytes_ConcatAndDel(&message, next);
+    }
+    return message;
+}
+
+/* Inbound._send_or_wake: while its sender is parked, send a whole message the pacing allows, or wake it. */
+static int send_or_wake(CallerPath *self, double now, PyObject *now_obj) {
+    PyObject *inbound = self->inbound;
+    PyObject *timer = PyObject_GetAttr(inbound, str__lone_timer); /* _call_off_lone_timer */
+    if (timer == NULL) return -1;
+    if (timer != Py_None) {
+        int rc = call_method0(timer, str_cancel);
+        Py_DECREF(timer);
+        if (rc < 0 || PyObject_SetAttr(inbound, str__lone_timer, Py_None) < 0) return -1;
+    } else {
+        Py_DECREF(timer);
+    }
+    Py_ssize_t queued = PyObject_Length(self->queue);
+    if (queued < 0) return -1;
+    if (queued >= self->per) {
+        PyObject *conn = PyObject_GetAttr(inbound, str__conn);
+        if (conn == NULL) return -1;
+        int ready = 0;
+        double next_at;
+        if (conn != Py_None && get_double(inbound, str__next_at, &next_at) == 0 && next_at <= now) {
+            PyObject *can = PyObject_CallMethodNoArgs(conn, str_can_send_now);
+            ready = can == NULL ? -1 : PyObject_IsTrue(can);
+            Py_XDECREF(can);
+        } else if (PyErr_Occurred()) {
+            ready = -1;
+        }
+        if (ready == 1) {
+            PyObject *message = take(self, self->per);
+            PyObject *sent = message == NULL ? NULL : PyObject_CallMethodOneArg(conn, str_send_audio_nowait, message);
+            Py_XDECREF(message);
+            if (sent == NULL) ready = -1;
+            Py_XDECREF(sent);
+            if (ready == 1 && (add_int(inbound, str_frames_to_ai, self->per) < 0 ||
+                               PyObject_SetAttr(inbound, str__oldest_at, now_obj) < 0 ||
+                               set_steal(inbound, str__next_at, PyFloat_FromDouble(now + self->next_gap_s)) < 0))
+                ready = -1;
+        }
+        Py_DECREF(conn);
+        if (ready < 0) return -1;
+        queued = PyObject_Length(self->queue);
+        if (queued < 0) return -1;
+    }
+    if (queued >= self->per) {
+        PyObject *flag = PyObject_GetAttr(inbound, str__ready);
+        if (flag == NULL) return -1;
+        int rc = call_method0(flag, str_set);
+        Py_DECREF(flag);
+        return rc;
+    }
+    return queued ? call_method0(inbound, str__arm_lone_timer) : 0;
+}
+
+/* The barge-in detector on this frame (BargeInDetector.caller_audio's one-frame branch): the VAD decides here;
+ * a quiet frame with nothing under way only moves the detector's clock, anything else is its ``_frame``'s. */
+static int detect(CallerPath *self, const int16_t *pcm8, PyObject *pcm8_obj, double now, PyObject *now_obj) {
+    PyObject *args[] = {self->vad_handle, self->rate, pcm8_obj, NULL};
+    args[3] = PyLong_FromLong(FRAME_BYTES);
+    if (args[3] == NULL) return -1;
+    PyObject *voiced = PyObject_Vectorcall(self->vad_process, args, 4, NULL);
+    Py_DECREF(args[3]);
+    if (voiced == NULL) return -1;
+    int speech = PyObject_IsTrue(voiced);
+    Py_DECREF(voiced);
+    if (speech < 0) return -1;
+    if (speech) { /* VoiceActivityDetector._decide's gate: quieter than min_level_dbfs is never speech */
+        int64_t sum = 0;
+        for (int i = 0; i < FRAME_BYTES; i++) sum += (int32_t)pcm8[i] * pcm8[i];
+        speech = (double)sum / (double)FRAME_BYTES >= self->min_mean_square;
+    }
+    PyObject *detector = self->detector;
+    int speaking = truthy(detector, str__speaking);
+    if (speaking < 0) return -1;
+    PyObject *onset = PyObject_GetAttr(detector, str__onset_s);
+    if (onset == NULL) return -1;
+    int idle = !speaking && !speech && onset == Py_None;
+    Py_DECREF(onset);
+    if (idle) return PyObject_SetAttr(detector, str__last_end_s, now_obj); /* what _frame does then; no events */
+    PyObject *since = PyObject_CallOneArg(self->audible_since, now_obj);
+    if (since == NULL) return -1;
+    PyObject *event = PyObject_CallMethodObjArgs(detector, str__frame, speech ? Py_True : Py_False, now_obj, since,
+                                                 NULL);
+    Py_DECREF(since);
+    if (event == NULL) return -1;
+    PyObject *events = event == Py_None ? PyList_New(0) : PyList_New(1);
+    if (events != NULL && event != Py_None) PyList_SET_ITEM(events, 0, Py_NewRef(event));
+    Py_DECREF(event);
+    if (events == NULL) return -1;
+    PyObject *heard = PyObject_CallMethodOneArg(self->inbound, str__heard, events);
+    int rc = heard == NULL ? -1 : 0;
+    if (rc == 0 && PyList_GET_SIZE(heard) > 0) {
+        PyObject *done = PyObject_CallOneArg(self->on_events, heard);
+        rc = done == NULL ? -1 : 0;
+        Py_XDECREF(done);
+    }
+    Py_XDECREF(heard);
+    Py_DECREF(events);
+    return rc;
+}
+
+/* __call__(ulaw, timestamp_ms): one frame of the caller's audio, as a leg delivers it (leg.AudioHandler). */
+static PyObject *CallerPath_call(CallerPath *self, PyObject *args, PyObject *kwds) {
+    PyObject *ulaw, *stamp;
+    if (!PyArg_ParseTuple(args, "OO", &ulaw, &stamp)) return NULL;
+    long long ts, position;
+    int common = is_common(self, ulaw, stamp, &ts, &position);
+    if (common < 0) return NULL;
+    if (!common) {
+        self->slow++;
+        return PyObject_Call(self->fallback, args, kwds);
+    }
+    self->fast++;
+    PyObject *inbound = self->inbound;
+    PyObject *now_obj = PyObject_CallNoArgs(self->monotonic); /* Call._caller_audio */
+    if (now_obj == NULL) return NULL;
+    double now = PyFloat_AsDouble(now_obj);
+    PyObject *pcm8 = NULL, *pcm16 = NULL, *result = NULL;
+    if (now == -1.0 && PyErr_Occurred()) goto done;
+    /* Inbound.push */
+    if (add_int(inbound, str_frames_in, 1) < 0 || PyObject_SetAttr(inbound, str__last_frame_at, now_obj) < 0)
+        goto done;
+    if (PyObject_SetAttr(self->timeline, str__last_stamp, stamp) < 0 ||
+        PyObject_SetAttr(self->timeline, str__stale_run, self->zero) < 0 ||
+        set_steal(self->timeline, str__position, PyLong_FromLongLong(position + FRAME_BYTES)) < 0)
+        goto done;
+    pcm8 = PyBytes_FromStringAndSize(NULL, FRAME_BYTES * 2);
+    pcm16 = PyBytes_FromStringAndSize(NULL, FRAME_BYTES * 4);
+    if (pcm8 == NULL || pcm16 == NULL) goto done;
+    double scratch[UP_WORK_DOUBLES(FRAME_BYTES)];
+    kernels->ulaw_up((uint8_t *)PyByteArray_AS_STRING(self->state), (const uint8_t *)PyBytes_AS_STRING(ulaw),
+                     FRAME_BYTES, (int16_t *)PyBytes_AS_STRING(pcm8), (uint8_t *)PyBytes_AS_STRING(pcm16), scratch);
+    Py_ssize_t queued = PyObject_Length(self->queue);
+    if (queued < 0) goto done;
+    if (queued == 0 && PyObject_SetAttr(inbound, str__oldest_at, now_obj) < 0) goto done;
+    long long max_frames;
+    if (get_int64(inbound, str__max_frames, &max_frames) < 0) goto done;
+    if (queued >= max_frames && call_method0(inbound, str__drop_oldest) < 0) goto done;
+    PyObject *appended = PyObject_CallOneArg(self->append, pcm16);
+    if (appended == NULL) goto done;
+    Py_DECREF(appended);
+    int parked = truthy(inbound, str__parked);
+    if (parked < 0 || (parked && send_or_wake(self, now, now_obj) < 0)) goto done;
+    if (self->detector != NULL &&
+        detect(self, (const int16_t *)PyBytes_AS_STRING(pcm8), pcm8, now, now_obj) < 0)
+        goto done;
+    result = Py_NewRef(Py_None);
+done:
+    Py_XDECREF(pcm8);
+    Py_XDECREF(pcm16);
+    Py_DECREF(now_obj);
+    return result;
+}
+
+static PyObject *CallerPath_counts(CallerPath *self, void *closure) {
+    return Py_BuildValue("(nn)", self->fast, self->slow);
+}
+
+static PyGetSetDef CallerPath_getset[] = {
+    {"counts", (getter)CallerPath_counts, NULL, "(frames taken here, frames handed to the fallback)", NULL},
+    {NULL},
+};
+
+static PyTypeObject CallerPathType = {
+    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "telephony_bridge._caller_path.CallerPath",
+    .tp_basicsize = sizeof(CallerPath),
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC,
+    .tp_doc = "CallerPath(inbound, fallback, monotonic, audible_since, on_events, catch_up_rate, frame_s): "
+              "a call's caller audio handler (see inbound.CallerPath)",
+    .tp_new = PyType_GenericNew,
+    .tp_init = (initproc)CallerPath_init,
+    .tp_dealloc = (destructor)CallerPath_dealloc,
+    .tp_traverse = (traverseproc)CallerPath_traverse,
+    .tp_clear = (inquiry)CallerPath_clear,
+    .tp_call = (ternaryfunc)CallerPath_call,
+    .tp_getset = CallerPath_getset,
+};
+
+static struct PyModuleDef module = {
+    PyModuleDef_HEAD_INIT, "_caller_path", "The compiled caller -> AI frame path (see inbound.CallerPath).", -1, NULL,
+};
+
+PyMODINIT_FUNC PyInit__caller_path(void) {
+#define INTERN(name) \
+    if ((str_##name = PyUnicode_InternFromString(#name)) == NULL) return NULL;
+    NAMES(INTERN)
+#undef INTERN
+    kernels = PyCapsule_Import(KERNELS_CAPSULE, 0);
+    if (kernels == NULL) return NULL;
+    if (PyType_Ready(&CallerPathType) < 0) return NULL;
+    PyObject *m = PyModule_Create(&module);
+    if (m == NULL) return NULL;
+    if (PyModule_AddObjectRef(m, "CallerPath", (PyObject *)&CallerPathType) < 0) {
+        Py_DECREF(m);
+        return NULL;
+    }
+    return m;
+}

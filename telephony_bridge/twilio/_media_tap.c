@@ -1,0 +1,279 @@
+/* Twilio's media message read and handed to the call in one C call: the compiled twin of TwilioLeg._tapped
+ * (protocol.media_audio, the watchdog, DirectAudio.deliver), for the 50 media messages a second of each call.
+ *
+ * It takes only a message in Twilio's exact shape (spec §3; the one Twilio sends) with canonical padded base64:
+ * what it reads from such a message is what media_audio reads, and it accepts nothing media_audio refuses.
+ * Any other message goes to the Python tap it was given, which is the reference. tests/test_media_tap.py holds
+ * the two to the same answers.
+ *
+ * {"event":"media","sequenceNumber":"N","media":{"track":"inbound","chunk":"N","timestamp":"N","payload":"B64"},
+ *  "streamSid":"SID"}: numbers of 1 to MAX_NUMBER_DIGITS ASCII digits; a SID of printable ASCII, none escaped.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+
+#include <string.h>
+
+#define MAX_NUMBER_DIGITS 18 /* protocol.MAX_NUMBER_DIGITS: MediaTap checks the two agree */
+#define MAX_PAYLOAD 4096     /* base64 characters taken here (3 KB of audio); a longer payload goes the Python way */
+
+static PyObject *str__open, *str__last, *str_handler, *str__context, *str__error;
+
+static const char OPENING[] = "{\"event\":\"media\",\"sequenceNumber\":\"";
+static const char AFTER_SEQUENCE[] = "\",\"media\":{\"track\":\"inbound\",\"chunk\":\"";
+static const char AFTER_CHUNK[] = "\",\"timestamp\":\"";
+static const char AFTER_TIMESTAMP[] = "\",\"payload\":\"";
+static const char AFTER_PAYLOAD[] = "\"},\"streamSid\":\"";
+static const char CLOSING[] = "\"}";
+
+static const char B64[] = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+static uint8_t b64_value[256]; /* 0..63, or 0x80 for any other byte ('=' included) */
+
+/* --- the scan ------------------------------------------------------------------------------------------ */
+
+static int literal(const char **at, const char *end, const char *text, size_t size) {
+    if ((size_t)(end - *at) < size || memcmp(*at, text, size) != 0) return 0;
+    *at += size;
+    return 1;
+}
+#define LITERAL(at, end, text) literal(at, end, text, sizeof(text) - 1)
+
+/* 1 to MAX_NUMBER_DIGITS ASCII digits; their value into *value when value is not NULL. */
+static int number(const char **at, const char *end, long long *value) {
+    const char *p = *at;
+    long long v = 0;
+    while (p < end && *p >= '0' && *p <= '9') v = v * 10 + (*p++ - '0'); /* 18 digits fit in int64 */
+    if (p == *at || p - *at > MAX_NUMBER_DIGITS) return 0;
+    *at = p;
+    if (value != NULL) *value = v;
+    return 1;
+}
+
+/* The bytes decoded into out (size / 4 * 3 at most), or -1 unless text is canonical padded base64, as msgspec
+ * and a2b_base64(strict_mode=True) read it; anything else goes the Python way, which decides. */
+static Py_ssize_t b64_decode(const uint8_t *text, Py_ssize_t size, uint8_t *out) {
+    if (size % 4) return -1;
+    if (size == 0) return 0;
+    int pad = text[size - 1] != '=' ? 0 : text[size - 2] == '=' ? 2 : 1;
+    Py_ssize_t groups = size / 4 - (pad ? 1 : 0), n = 0;
+    for (Py_ssize_t g = 0; g < groups; g++, text += 4) {
+        uint8_t s0 = b64_value[text[0]], s1 = b64_value[text[1]], s2 = b64_value[text[2]], s3 = b64_value[text[3]];
+        if ((s0 | s1 | s2 | s3) & 0x80) return -1;
+        out[n++] = (uint8_t)((s0 << 2) | (s1 >> 4));
+        out[n++] = (uint8_t)(((s1 & 0x0F) << 4) | (s2 >> 2));
+        out[n++] = (uint8_t)(((s2 & 0x03) << 6) | s3);
+    }
+    if (pad == 2) { /* xx==: one byte; its unused 4 bits must be 0 */
+        uint8_t s0 = b64_value[text[0]], s1 = b64_value[text[1]];
+        if ((s0 | s1) & 0x80 || s1 & 0x0F) return -1;
+        out[n++] = (uint8_t)((s0 << 2) | (s1 >> 4));
+    } else if (pad == 1) { /* xxx=: two bytes; their unused 2 bits must be 0 */
+        uint8_t s0 = b64_value[text[0]], s1 = b64_value[text[1]], s2 = b64_value[text[2]];
+        if ((s0 | s1 | s2) & 0x80 || s2 & 0x03) return -1;
+        out[n++] = (uint8_t)((s0 << 2) | (s1 >> 4));
+        out[n++] = (uint8_t)(((s1 & 0x0F) << 4) | (s2 >> 2));
+    }
+    return n;
+}
+
+/* The caller's audio and its timestamp from a message in Twilio's exact shape: the audio's length, decoded into
+ * out (MAX_PAYLOAD / 4 * 3 bytes), or -1 for any other message. */
+static Py_ssize_t media_audio(const char *text, Py_ssize_t size, uint8_t *out, long long *timestamp_ms) {
+    const char *p = text, *end = text + size;
+    if (!(LITERAL(&p, end, OPENING) && number(&p, end, NULL) && LITERAL(&p, end, AFTER_SEQUENCE) &&
+          number(&p, end, NULL) && LITERAL(&p, end, AFTER_CHUNK) && number(&p, end, timestamp_ms) &&
+          LITERAL(&p, end, AFTER_TIMESTAMP)))
+        return -1;
+    const char *payload = p, *quote = memchr(p, '"', end - p);
+    if (quote == NULL || quote - payload > MAX_PAYLOAD) return -1;
+    p = quote;
+    if (!LITERAL(&p, end, AFTER_PAYLOAD)) return -1;
+    for (; p < end && *p != '"'; p++) {
+        if (*p < 0x20 || *p > 0x7E || *p == '\\') return -1;
+    }
+    if (!LITERAL(&p, end, CLOSING) || p != end) return -1;
+    return b64_decode((const uint8_t *)payload, quote - payload, out);
+}
+
+/* The exception being raised, taken (PyErr_GetRaisedException from 3.12). */
+static PyObject *take_exception(void) {
+#if PY_VERSION_HEX >= 0x030C0000
+    return PyErr_GetRaisedException();
+#else
+    PyObject *type, *value, *traceback;
+    PyErr_Fetch(&type, &value, &traceback);
+    PyErr_NormalizeException(&type, &value, &traceback);
+    if (value != NULL && traceback != NULL) PyException_SetTraceback(value, traceback);
+    Py_XDECREF(type);
+    Py_XDECREF(traceback);
+    return value;
+#endif
+}
+
+/* --- the object -------------------------------------------------------------------------------------------- */
+
+typedef struct {
+    PyObject_HEAD
+    PyObject *leg, *watchdog, *direct, *monotonic, *fallback;
+} MediaTap;
+
+static int MediaTap_init(MediaTap *self, PyObject *args, PyObject *kwds) {
+    static char *kwlist[] = {"leg", "watchdog", "direct", "monotonic", "fallback", "max_number_digits", NULL};
+    PyObject *leg, *watchdog, *direct, *monotonic, *fallback;
+    int digits;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OOOOOi", kwlist, &leg, &watchdog, &direct, &monotonic, &fallback,
+                                     &digits))
+        return -1;
+    if (digits != MAX_NUMBER_DIGITS) {
+        PyErr_Format(PyExc_ValueError, "built for numbers of %d digits, not %d", MAX_NUMBER_DIGITS, digits);
+        return -1;
+    }
+    Py_XSETREF(self->leg, Py_NewRef(leg));
+    Py_XSETREF(self->watchdog, Py_NewRef(watchdog));
+    Py_XSETREF(self->direct, Py_NewRef(direct));
+    Py_XSETREF(self->monotonic, Py_NewRef(monotonic));
+    Py_XSETREF(self->fallback, Py_NewRef(fallback));
+    return 0;
+}
+
+static int MediaTap_traverse(MediaTap *self, visitproc visit, void *arg) {
+    Py_VISIT(self->leg);
+    Py_VISIT(self->watchdog);
+    Py_VISIT(self->direct);
+    Py_VISIT(self->monotonic);
+    Py_VISIT(self->fallback);
+    return 0;
+}
+
+static int MediaTap_clear(MediaTap *self) {
+    Py_CLEAR(self->leg);
+    Py_CLEAR(self->watchdog);
+    Py_CLEAR(self->direct);
+    Py_CLEAR(self->monotonic);
+    Py_CLEAR(self->fallback);
+    return 0;
+}
+
+static void MediaTap_dealloc(MediaTap *self) {
+    PyObject_GC_UnTrack(self);
+    MediaTap_clear(self);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+/* DirectAudio.deliver(ulaw, timestamp_ms): the handler, in the context it was attached in; what it raises is
+ * kept for ``check`` and the handler detached (False: the message is the socket's to queue). */
+static PyObject *deliver(MediaTap *self, PyObject *ulaw, PyObject *stamp) {
+    PyObject *direct = self->direct;
+    PyObject *handler = PyObject_GetAttr(direct, str_handler);
+    if (handler == NULL) return NULL;
+    if (handler == Py_None) {
+        Py_DECREF(handler);
+        Py_RETURN_FALSE;
+    }
+    PyObject *context = PyObject_GetAttr(direct, str__context);
+    if (context == NULL) {
+        Py_DECREF(handler);
+        return NULL;
+    }
+    PyObject *result = NULL;
+    if (PyContext_Enter(context) == 0) {
+        PyObject *args[] = {ulaw, stamp};
+        result = PyObject_Vectorcall(handler, args, 2, NULL);
+        if (PyContext_Exit(context) < 0) Py_CLEAR(result);
+    }
+    Py_DECREF(context);
+    Py_DECREF(handler);
+    if (result != NULL) {
+        Py_DECREF(result);
+        Py_RETURN_TRUE;
+    }
+    if (!PyErr_ExceptionMatches(PyExc_Exception)) return NULL; /* KeyboardInterrupt and the like go on up */
+    PyObject *exc = take_exception();
+    int rc = PyObject_SetAttr(direct, str__error, exc);
+    Py_DECREF(exc);
+    if (rc < 0 || PyObject_SetAttr(direct, str_handler, Py_None) < 0) return NULL;
+    Py_RETURN_FALSE;
+}
+
+/* __call__(text) -> bool: the socket's tap (StreamSocket.tap_text), as TwilioLeg._tapped. */
+static PyObject *MediaTap_call(MediaTap *self, PyObject *args, PyObject *kwds) {
+    PyObject *text;
+    if (!PyArg_ParseTuple(args, "O", &text)) return NULL;
+    PyObject *open = PyObject_GetAttr(self->leg, str__open);
+    if (open == NULL) return NULL;
+    int is_open = PyObject_IsTrue(open);
+    Py_DECREF(open);
+    if (is_open <= 0) return is_open < 0 ? NULL : Py_NewRef(Py_False);
+    uint8_t audio[MAX_PAYLOAD / 4 * 3];
+    long long timestamp_ms = 0;
+    Py_ssize_t n = PyBytes_CheckExact(text)
+                       ? media_audio(PyBytes_AS_STRING(text), PyBytes_GET_SIZE(text), audio, &timestamp_ms)
+                       : -1;
+    if (n < 0) return PyObject_Call(self->fallback, args, kwds); /* not Twilio's shape: the reference decides */
+    PyObject *now = PyObject_CallNoArgs(self->monotonic); /* Watchdog.alive */
+    if (now == NULL) return NULL;
+    int rc = PyObject_SetAttr(self->watchdog, str__last, now);
+    Py_DECREF(now);
+    if (rc < 0) return NULL;
+    PyObject *ulaw = PyBytes_FromStringAndSize((const char *)audio, n);
+    PyObject *stamp = PyLong_FromLongLong(timestamp_ms);
+    PyObject *result = ulaw && stamp ? deliver(self, ulaw, stamp) : NULL;
+    Py_XDECREF(ulaw);
+    Py_XDECREF(stamp);
+    return result;
+}
+
+static PyTypeObject MediaTapType = {
+    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "telephony_bridge.twilio._media_tap.MediaTap",
+    .tp_basicsize = sizeof(MediaTap),
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC,
+    .tp_doc = "MediaTap(leg, watchdog, direct, monotonic, fallback, max_number_digits): a Twilio leg's media tap "
+              "(see TwilioLeg.deliver_audio_to)",
+    .tp_new = PyType_GenericNew,
+    .tp_init = (initproc)MediaTap_init,
+    .tp_dealloc = (destructor)MediaTap_dealloc,
+    .tp_traverse = (traverseproc)MediaTap_traverse,
+    .tp_clear = (inquiry)MediaTap_clear,
+    .tp_call = (ternaryfunc)MediaTap_call,
+};
+
+/* For tests: what the scan reads from ``text``, (ulaw, timestamp_ms), or None where the Python path decides. */
+static PyObject *read_media(PyObject *module, PyObject *text) {
+    if (!PyBytes_Check(text)) {
+        PyErr_SetString(PyExc_TypeError, "expected bytes");
+        return NULL;
+    }
+    uint8_t audio[MAX_PAYLOAD / 4 * 3];
+    long long timestamp_ms = 0;
+    Py_ssize_t n = media_audio(PyBytes_AS_STRING(text), PyBytes_GET_SIZE(text), audio, &timestamp_ms);
+    if (n < 0) Py_RETURN_NONE;
+    return Py_BuildValue("(y#L)", (const char *)audio, n, timestamp_ms);
+}
+
+static PyMethodDef methods[] = {
+    {"read_media", read_media, METH_O, "read_media(text) -> (ulaw, timestamp_ms) | None: the scan alone (tests)"},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef module = {
+    PyModuleDef_HEAD_INIT, "_media_tap", "Twilio's media message in one C call (see TwilioLeg).", -1, methods,
+};
+
+PyMODINIT_FUNC PyInit__media_tap(void) {
+    for (int i = 0; i < 256; i++) b64_value[i] = 0x80;
+    for (int i = 0; i < 64; i++) b64_value[(uint8_t)B64[i]] = (uint8_t)i;
+    if ((str__open = PyUnicode_InternFromString("_open")) == NULL ||
+        (str__last = PyUnicode_InternFromString("_last")) == NULL ||
+        (str_handler = PyUnicode_InternFromString("handler")) == NULL ||
+        (str__context = PyUnicode_InternFromString("_context")) == NULL ||
+        (str__error = PyUnicode_InternFromString("_error")) == NULL)
+        return NULL;
+    if (PyType_Ready(&MediaTapType) < 0) return NULL;
+    PyObject *m = PyModule_Create(&module);
+    if (m == NULL) return NULL;
+    if (PyModule_AddObjectRef(m, "MediaTap", (PyObject *)&MediaTapType) < 0) {
+        Py_DECREF(m);
+        return NULL;
+    }
+    return m;
+}

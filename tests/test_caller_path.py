@@ -1,0 +1,191 @@
+"""The compiled caller path (``_caller_path.c``) against the Python path it stands in for.
+
+Two ``Inbound``s, one behind the compiled handler and one behind the Python handler, get the same random
+streams of caller frames (on time mostly; also gaps, late and repeated frames, odd sizes, no timestamps,
+speech that barges in), on the same fake clock schedule, with a sender that sometimes cannot take audio:
+after every frame, everything each has sent, every event and every piece of state must be the same. The
+compiled handler must also take most frames itself, or this would compare the Python path with itself.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+
+from telephony_bridge.audio import kernels
+from telephony_bridge.audio.barge_in import Event
+from telephony_bridge.audio.codec import pcm16_to_ulaw
+from telephony_bridge.clock import FakeClock
+from telephony_bridge.inbound import CallerPath, Inbound
+from telephony_bridge.ops.metrics import Metrics
+from telephony_bridge.settings import AudioSettings, BargeInSettings
+from tests.test_inbound import FakeSavants, settle
+from tests.test_vad import speech_8k
+
+SPEECH = pcm16_to_ulaw(speech_8k())  # the recorded sentence: loud enough to barge in
+
+
+@pytest.fixture(autouse=True)
+def built() -> None:
+    """Without the extension, skip locally but fail under CI (the compiled path must be tested)."""
+    if CallerPath is None or kernels.EXTENSION is None:
+        if os.environ.get("CI"):
+            pytest.fail("CI must build and test telephony_bridge._caller_path (is a C compiler installed?)")
+        pytest.skip("telephony_bridge._caller_path is not built here (no C compiler at install time)")
+
+
+QUIET = bytes([0xFF]) * 160
+
+
+class Twin:
+    """One ``Inbound`` behind one handler, as ``Call`` wires it (``_caller_audio``: push, then the events)."""
+
+    def __init__(self, audio: AudioSettings, barge_in: BargeInSettings, *, compiled: bool) -> None:
+        self.clock = FakeClock(start=1000.0)
+        self.inbound = Inbound(audio, barge_in, Metrics(), self.clock)
+        self.savants = FakeSavants(self.clock)
+        self.sent: list[bytes] = []
+        self.savants.record = self.sent.append  # type: ignore[method-assign]
+        self.events: list[tuple[str, Any]] = []
+        self.audible_from: float | None = None
+        self.handler = self.inbound.audio_handler(
+            self._caller_audio, self.clock, self.audible_since, self.on_events, compiled=compiled
+        )
+
+    def audible_since(self, now: float) -> float | None:
+        return self.audible_from
+
+    def on_events(self, events: list[Event]) -> None:
+        self.events.extend((type(event).__name__, event) for event in events)
+
+    def _caller_audio(self, ulaw: bytes, timestamp_ms: int | None) -> None:
+        now = self.clock.monotonic()
+        events = self.inbound.push(timestamp_ms, ulaw, now, self.audible_since(now))
+        if events:
+            self.on_events(events)
+
+    def state(self) -> dict[str, Any]:
+        inbound = self.inbound
+        pipeline = inbound._pipeline
+        detector = inbound.detector
+        out: dict[str, Any] = {
+            "queue": list(inbound._queue),
+            "sent": list(self.sent),
+            "events": list(self.events),
+            "timer": inbound._lone_timer is not None,
+            "ready": inbound._ready.is_set(),
+            "pending": bytes(pipeline._pending),
+            "up_state": bytes(pipeline._upsampler._state),
+        }
+        for name, obj in (("inbound", inbound), ("timeline", pipeline.timeline), ("detector", detector)):
+            for key, value in vars(obj).items() if hasattr(obj, "__dict__") else _slots(obj):
+                if isinstance(value, int | float | str | bool | set | type(None)):
+                    out[f"{name}.{key}"] = value
+        if detector is not None:
+            out["vad.pending"] = detector._vad._pending.tobytes()
+        return out
+
+
+def _slots(obj: object) -> list[tuple[str, Any]]:
+    return [(k, getattr(obj, k)) for cls in type(obj).__mro__ for k in getattr(cls, "__slots__", ())]
+
+
+def stream(rng: random.Random, frames: int) -> list[tuple[bytes, int | None, float, bool]]:
+    """(payload, timestamp_ms, ms to the next frame, whether the AI can take audio now): mostly Twilio's on-time
+    frames, with the faults the Python path handles on its own: gaps, late and repeated frames, jitter within
+    the tolerance, empty payloads, a pair of 10 ms payloads (a quirk; re-framed), and, near the end, a sender
+    that stops stamping (arrival order for the rest of the call)."""
+    out: list[tuple[bytes, int | None, float, bool]] = []
+    ts = 0
+    talking = False
+    for i in range(frames):
+        if rng.random() < 0.05:
+            talking = not talking
+        start = (i * 160) % (len(SPEECH) - 320)
+        payload = SPEECH[start : start + 160] if talking else QUIET
+        payloads: list[tuple[bytes, int | None]] = [(payload, ts)]
+        roll = rng.random()
+        if roll < 0.03:
+            payloads = [(payload, ts + rng.choice((20, 40, 100)))]  # a gap: Twilio lost frames
+        elif roll < 0.05 and ts >= 60 and out[-1][1] is not None and out[-1][1] >= ts - 20:
+            # late; never twice in a row, nor a repeat of the last stamp: either means arrival order for good
+            payloads = [(payload, ts - rng.choice((40, 60)))]
+        elif roll < 0.06:
+            payloads = [(payload[:80], ts), (payload[80:], ts + 10)]  # another size: a quirk, then re-framed
+        elif roll < 0.065:
+            payloads = [(payload, ts + rng.choice((-3, 3)))]  # a stamp that wobbles, within the tolerance
+        elif roll < 0.07:
+            payloads = [(b"", ts)]
+        elif i > frames * 0.9 and roll < 0.08:
+            payloads = [(payload, None)]  # no timestamp: arrival order from here on
+        for data, stamp in payloads:
+            if stamp is not None and stamp >= ts - 5:  # the next frame's stamp: after this one, on the grid
+                ts = max(ts, stamp - stamp % 10) + len(data) // 8
+            out.append((data, stamp, rng.choice((20, 20, 20, 19, 21, 5, 45)), rng.random() > 0.1))
+    return out
+
+
+async def run_both(seed: int, audio: AudioSettings, barge_in: BargeInSettings, frames: int = 400) -> Twin:
+    rng = random.Random(seed)
+    twins = [Twin(audio, barge_in, compiled=True), Twin(audio, barge_in, compiled=False)]
+    tasks = [asyncio.create_task(t.inbound.run(t.savants)) for t in twins]  # type: ignore[arg-type]
+    try:
+        await settle()
+        for n, (payload, stamp, gap_ms, takes_now) in enumerate(stream(rng, frames)):
+            ai_audible = 999.0 if (n // 50) % 2 else None  # the AI talks in turns
+            for twin in twins:
+                twin.savants.takes_now = takes_now
+                twin.audible_from = ai_audible
+                twin.handler(payload, stamp)
+            await settle()
+            assert twins[0].state() == twins[1].state(), f"seed {seed}, frame {n}: the paths differ"
+            for twin in twins:
+                twin.clock.advance(gap_ms / 1000)
+            await settle()
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+    return twins[0]
+
+
+def counts(twin: Twin) -> tuple[int, int]:
+    handler: Any = twin.handler
+    return handler.counts  # type: ignore[no-any-return]
+
+
+@pytest.mark.parametrize("seed", range(12))
+async def test_compiled_caller_path_matches_the_python_path(seed: int) -> None:
+    audio = AudioSettings(upstream_message_ms=40 if seed % 3 else 20)
+    barge_in = BargeInSettings(enabled=seed % 4 != 3, min_ai_audible_ms=0)
+    twin = await run_both(seed, audio, barge_in)
+    fast, slow = counts(twin)
+    assert fast > 3 * slow, "most frames must take the compiled path, or it is not what is compared"
+    assert slow > 0  # and the faults went to the Python path
+
+
+async def test_compiled_caller_path_barges_in_as_the_python_path() -> None:
+    """Speech over an audible AI: the same barge-ins and stops, from the same frames."""
+    twin = await run_both(5, AudioSettings(), BargeInSettings(min_ai_audible_ms=0), frames=800)
+    kinds = {kind for kind, _ in twin.events}
+    assert kinds == {"BargeIn", "CallerStopped"}
+
+
+def test_the_compiled_caller_path_is_what_audio_kernels_auto_chooses() -> None:
+    inbound = Inbound(AudioSettings(), BargeInSettings(), Metrics(), FakeClock())
+    fallback: Callable[[bytes, int | None], None] = lambda ulaw, ts: None  # noqa: E731
+    handler = inbound.audio_handler(fallback, FakeClock(), lambda now: None, lambda events: None)
+    assert isinstance(handler, CallerPath)
+    numpy_inbound = Inbound(AudioSettings(kernels="numpy"), BargeInSettings(), Metrics(), FakeClock())
+    assert numpy_inbound.audio_handler(fallback, FakeClock(), lambda now: None, lambda events: None) is fallback
+
+
+def test_the_compiled_caller_path_refuses_an_inbound_without_the_compiled_kernels() -> None:
+    inbound = Inbound(AudioSettings(kernels="numpy"), BargeInSettings(), Metrics(), FakeClock())
+    with pytest.raises(Exception, match="compiled"):
+        inbound.audio_handler(lambda u, t: None, FakeClock(), lambda now: None, lambda e: None, compiled=True)

@@ -1,0 +1,139 @@
+"""The compiled media tap (``twilio/_media_tap.c``) reads Twilio's media message as ``protocol.media_audio`` does.
+
+What its scan takes, it must read exactly as ``media_audio``; what it does not take goes to the Python tap, so
+it may refuse more, but never accept what ``media_audio`` refuses or read anything else. Twilio's own shape
+must be what it takes. The tap's handing over (the watchdog, the handler in its context, what the handler
+raises) runs under every Twilio call of the suite, and here on a real stream socket too.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import os
+import time
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from telephony_bridge.clock import SystemClock
+from telephony_bridge.ops.metrics import Metrics
+from telephony_bridge.settings import TwilioSettings
+from telephony_bridge.twilio import leg as twilio_leg
+from telephony_bridge.twilio import protocol as tw
+from tests.test_direct_audio import CALL, leg_and_caller, media
+from tests.test_twilio_media_audio import SID, media_messages
+
+
+@pytest.fixture(autouse=True)
+def built() -> None:
+    """Without the extension, skip locally but fail under CI (the compiled path must be tested)."""
+    if twilio_leg.MediaTap is None:
+        if os.environ.get("CI"):
+            pytest.fail("CI must build and test telephony_bridge.twilio._media_tap (is a C compiler installed?)")
+        pytest.skip("telephony_bridge.twilio._media_tap is not built here (no C compiler at install time)")
+
+
+def read_media(text: bytes) -> tuple[bytes, int] | None:
+    from telephony_bridge.twilio import _media_tap  # type: ignore[attr-defined]
+
+    return _media_tap.read_media(text)  # type: ignore[no-any-return]
+
+
+DIGITS = st.integers(0, 10**18 - 1).map(str) | st.from_regex(r"0[0-9]{0,17}", fullmatch=True)
+NOT_DIGITS = st.sampled_from(["", "9" * 19, "0" * 19, "1 ", "-1", "1.0", "²", "١"])
+PAYLOAD = st.binary(max_size=400).map(lambda b: base64.b64encode(b).decode())
+# Base64 a little wrong: padding, alphabet, whitespace, unused bits that are not zero, a quote's escape.
+NOT_CANONICAL = st.sampled_from(["AQ", "AQ=", "AR==", "AQI=", "AQJ=", "A===", "AQ== ", "AQ\\n==", "AQ-_", "AQ==AQ=="])
+
+
+@st.composite
+def twilio_shaped(draw: st.DrawFn) -> bytes:
+    """Twilio's exact shape, its values drawn (now and then one of them wrong), or one byte of it changed."""
+    sequence, chunk, timestamp = (draw(DIGITS | NOT_DIGITS) for _ in range(3))
+    payload = draw(PAYLOAD | NOT_CANONICAL)
+    sid = draw(st.just(SID) | st.text(max_size=40))
+    text = (
+        f'{{"event":"media","sequenceNumber":"{sequence}","media":{{"track":"inbound","chunk":"{chunk}",'
+        f'"timestamp":"{timestamp}","payload":"{payload}"}},"streamSid":"{sid}"}}'
+    ).encode("utf-8", "surrogatepass")
+    if draw(st.booleans()):
+        at = draw(st.integers(0, len(text) - 1))
+        text = text[:at] + bytes([draw(st.integers(0, 255))]) + text[at + 1 :]
+    return text
+
+
+def agrees(text: bytes) -> bool:
+    """The scan's answer, if it has one, is ``media_audio``'s; True if it took the message."""
+    ours = read_media(text)
+    if ours is not None:
+        assert ours == tw.media_audio(text)
+    return ours is not None
+
+
+@given(twilio_shaped())
+@settings(max_examples=3000, deadline=None)
+def test_the_scan_reads_what_media_audio_reads_or_leaves_the_message_to_it(text: bytes) -> None:
+    agrees(text)
+
+
+@given(media_messages())
+@settings(max_examples=1000, deadline=None)
+def test_the_scan_reads_any_media_message_as_media_audio_does(text: str | bytes) -> None:
+    agrees(text if isinstance(text, bytes) else text.encode("utf-8", "surrogatepass"))
+
+
+@given(st.binary(max_size=3072), st.integers(0, 10**18 - 1), st.integers(0, 10**18 - 1))
+def test_the_scan_takes_twilios_own_shape(payload: bytes, timestamp_ms: int, sequence: int) -> None:
+    text = tw.Media(SID, payload, timestamp_ms, 7, sequence).to_json().encode()
+    assert agrees(text)
+
+
+def test_the_scan_leaves_a_payload_over_its_buffer_to_python() -> None:
+    text = tw.Media(SID, bytes(3073), 20, 1, 2).to_json().encode()
+    assert read_media(text) is None
+    assert tw.media_audio(text) == (bytes(3073), 20)
+
+
+async def test_the_compiled_tap_hands_audio_over_in_the_handlers_context_and_keeps_what_it_raises() -> None:
+    async with leg_and_caller() as (leg, caller):
+        assert isinstance(leg._tap, twilio_leg.MediaTap)
+        heard: list[tuple[bytes, int | None, str]] = []
+        both = asyncio.Event()
+
+        def handler(ulaw: bytes, ts: int | None) -> None:
+            heard.append((ulaw, ts, CALL.get()))
+            if len(heard) == 2:
+                both.set()
+
+        CALL.set("CA1")
+        leg.deliver_audio_to(handler)
+        CALL.set("")
+        before = leg.watchdog._last
+        time.sleep(0.002)
+        await caller.send(media(1))
+        await caller.send(media(2).encode(), text=True)
+        await asyncio.wait_for(both.wait(), 5)
+        assert heard == [(bytes([1]) * 160, 20, "CA1"), (bytes([2]) * 160, 40, "CA1")]
+        assert leg.watchdog._last > before
+
+        def fails(ulaw: bytes, ts: int | None) -> None:
+            raise ValueError("the core failed")
+
+        leg.deliver_audio_to(fails)
+        await caller.send(media(3))
+        with pytest.raises(ValueError, match="the core failed"):
+            async with asyncio.timeout(5):
+                await leg.receive()
+        assert leg._direct.handler is None
+
+
+def test_the_compiled_tap_is_off_when_audio_kernels_say_numpy() -> None:
+    class Socket:
+        def tap_text(self, tap: object) -> None: ...
+
+    compiled = twilio_leg.TwilioLeg(Socket(), TwilioSettings(), Metrics(), SystemClock())  # type: ignore[arg-type]
+    plain = twilio_leg.TwilioLeg(Socket(), TwilioSettings(), Metrics(), SystemClock(), compiled=False)  # type: ignore[arg-type]
+    assert isinstance(compiled._tap, twilio_leg.MediaTap)
+    assert plain._tap == plain._tapped
