@@ -1,5 +1,5 @@
 # telephony-bridge: a slim image, non-root, health-checked, installed exactly from constraints.txt, with the
-# compiled audio kernels (telephony_bridge/audio/_kernels.c): the build fails rather than ship the numpy fallback.
+# compiled audio kernels and frame path (setup.py's C extensions): the build fails rather than ship the fallback.
 #
 #   docker build -t telephony-bridge .                       # needs BuildKit (Docker 23+, or DOCKER_BUILDKIT=1)
 #   docker build --build-arg BUILD_IMAGE=telephony-bridge-build-base:bookworm \
@@ -32,11 +32,13 @@ RUN --mount=type=secret,id=pip_ca \
         --constraint constraints.txt pip \
     && /opt/venv/bin/python -m pip install --no-cache-dir --disable-pip-version-check -q \
         --constraint constraints.txt .
-# setup.py builds the extension with optional=True, so pip succeeds without a compiler: stop here instead.
+# setup.py builds the extensions with optional=True, so pip succeeds without a compiler: stop here instead.
 # (From /, so Python imports the installed package rather than the source tree in /src.)
 RUN cd / && /opt/venv/bin/python -c "import sys; from telephony_bridge.audio import kernels; \
-sys.exit(0 if kernels.EXTENSION is not None else 'build: the C extension telephony_bridge.audio._kernels was not \
-built, so the image would run the slower numpy audio path; BUILD_IMAGE needs a C compiler and Python headers')"
+from telephony_bridge.inbound import CallerPath; from telephony_bridge.twilio.leg import MediaTap; \
+sys.exit(0 if kernels.EXTENSION is not None and CallerPath and MediaTap else 'build: the C extensions (setup.py) \
+were not built, so the image would run the slower Python and numpy path; BUILD_IMAGE needs a C compiler and Python \
+headers')"
 
 FROM ${RUNTIME_IMAGE}
 ENV PATH=/opt/venv/bin:$PATH \
@@ -46,7 +48,8 @@ ENV PATH=/opt/venv/bin:$PATH \
     PORT=8080 \
     BRIDGE_CONFIG=/app/config.yaml
 COPY --from=build /opt/venv /opt/venv
-RUN python3 -c "from telephony_bridge.audio import kernels; assert kernels.EXTENSION is not None" || { \
+RUN python3 -c "from telephony_bridge.audio import kernels; from telephony_bridge.inbound import CallerPath; \
+assert kernels.EXTENSION is not None and CallerPath" || { \
     echo "build: the venv built on BUILD_IMAGE does not run on BASE_IMAGE with its compiled audio kernels;" \
     "give both bases the same Python (version and path)" >&2; exit 1; }
 WORKDIR /app

@@ -35,13 +35,16 @@ echo "smoke: refuses to start without SAVANTS_BASE_URL"
 found=$(timeout 60 docker run --rm --entrypoint python3 "$image" -c "
 import shutil
 from telephony_bridge.audio import kernels
+from telephony_bridge.inbound import CallerPath
+from telephony_bridge.twilio.leg import MediaTap
 compilers = [c for c in ('gcc', 'cc', 'x86_64-linux-gnu-gcc', 'clang') if shutil.which(c)]
-print('compiled' if kernels.EXTENSION else 'numpy', *compilers)" 2>&1) || true
+built = kernels.EXTENSION and CallerPath and MediaTap
+print('compiled' if built else 'not all compiled', *compilers)" 2>&1) || true
 if [ "$found" != "compiled" ]; then
-  echo "smoke: expected the compiled audio kernels and no C compiler in the image; found: $found" >&2
+  echo "smoke: expected the compiled audio kernels and frame path and no C compiler in the image; found: $found" >&2
   exit 1
 fi
-echo "smoke: compiled audio kernels, no C compiler"
+echo "smoke: compiled audio kernels and frame path, no C compiler"
 
 docker network create "$run" >/dev/null
 docker run -d --name "$run-emulator" --network "$run" --network-alias savants "$image" \

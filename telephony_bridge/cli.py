@@ -255,7 +255,7 @@ async def _serve_bridge(
     tune_gc(settings.server.gc_young_threshold, tuned=settings.server.gc_tuning)
     host = settings.listen_host
     # A line of its own: the listening lines keep the shape that scripts read (tests/support.py).
-    log.info("audio kernels: %s", "compiled" if kernels.use_compiled(settings.audio.kernels) else "numpy")
+    log.info("audio kernels: %s; compiled frame path: %s", *_compiled(settings.audio.kernels))
     if worker is None:
         log.info("bridge listening on %s:%d", host, sock.getsockname()[1])
     else:
@@ -430,3 +430,15 @@ def run_loadtest(args: argparse.Namespace) -> int:
             json_out=args.json,
         )
     )
+
+
+def _compiled(choice: str) -> tuple[str, str]:
+    """What ``audio.kernels`` runs: the kernels, and which parts of the per-frame path are compiled (built by
+    setup.py; each falls back to Python where it is not)."""
+    from telephony_bridge import inbound
+    from telephony_bridge.twilio import leg
+
+    if not kernels.use_compiled(choice):
+        return "numpy", "none"
+    parts = [name for name, built in (("twilio media", leg.MediaTap), ("caller", inbound.CallerPath)) if built]
+    return "compiled", ", ".join(parts) or "none"
