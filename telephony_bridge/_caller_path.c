@@ -29,8 +29,10 @@ static const KernelsCAPI *kernels = NULL;
     X(_min_mean_square) X(_frame_bytes) X(_frames_per_message) X(frames_in) X(_last_frame_at) X(untimed_reason) \
     X(_last_stamp) X(_position) X(_stale_run) X(_oldest_at) X(_max_frames) X(_drop_oldest) X(_parked)           \
     X(_lone_timer) X(cancel) X(_conn) X(_next_at) X(can_send_now) X(send_audio_nowait) X(frames_to_ai)        \
-    X(_ready) X(set) X(_arm_lone_timer) X(_speaking) X(_onset_s) X(_last_end_s) X(_frame) X(_heard) X(append)   \
-    X(popleft)
+    X(_ready) X(set) X(_arm_lone_timer) X(_speaking) X(_onset_s) X(_last_end_s) X(_heard) X(append) X(popleft)   \
+    X(_barged) X(_quiet_frames) X(_held_since_s) X(_onset_ai_since_s) X(_speech_frames) X(utterances)            \
+    X(barge_ins) X(_listening) X(_speech_frames_needed) X(_end_frames_needed) X(_max_gap_frames)                 \
+    X(_min_ai_audible_s) X(_max_hold_s) X(hold_limit)
 #define DECLARE(name) static PyObject *str_##name;
 NAMES(DECLARE)
 #undef DECLARE
@@ -41,7 +43,11 @@ typedef struct {
     PyObject *inbound, *fallback, *monotonic, *audible_since, *on_events;
     PyObject *timeline, *pipeline, *state, *queue, *append, *popleft;
     PyObject *detector, *vad, *vad_handle, *vad_process; /* detector and the rest NULL when barge-in is off */
+    PyObject *listening, *barge_in, *caller_stopped;      /* Inbound._listening; the detector's event types */
     double min_mean_square;
+    /* The detector's settings (fixed for the call) and barge_in.py's constants. */
+    long long speech_frames_needed, end_frames_needed, max_gap_frames;
+    double min_ai_audible_s, max_hold_s, eps_s, vad_frame_s;
     Py_ssize_t per;      /* frames per upstream message */
     double next_gap_s;   /* per * FRAME_S / CATCH_UP_RATE, as Python computes it */
     PyObject *zero, *rate;
@@ -97,12 +103,13 @@ static int call_method0(PyObject *obj, PyObject *name) {
 /* --- the object -------------------------------------------------------------------------------------------- */
 
 static int CallerPath_init(CallerPath *self, PyObject *args, PyObject *kwds) {
-    static char *kwlist[] = {"inbound", "fallback", "monotonic", "audible_since", "on_events", "catch_up_rate",
-                             "frame_s", NULL};
-    PyObject *inbound, *fallback, *monotonic, *audible_since, *on_events;
+    static char *kwlist[] = {"inbound",  "fallback",       "monotonic", "audible_since", "on_events",   "catch_up_rate",
+                             "frame_s",  "barge_in",       "caller_stopped", "eps_s",   "vad_frame_s", NULL};
+    PyObject *inbound, *fallback, *monotonic, *audible_since, *on_events, *barge_in, *caller_stopped;
     double catch_up_rate, frame_s;
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OOOOOdd", kwlist, &inbound, &fallback, &monotonic,
-                                     &audible_since, &on_events, &catch_up_rate, &frame_s))
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OOOOOddOOdd", kwlist, &inbound, &fallback, &monotonic,
+                                     &audible_since, &on_events, &catch_up_rate, &frame_s, &barge_in,
+                                     &caller_stopped, &self->eps_s, &self->vad_frame_s))
         return -1;
     if (kernels == NULL || !*kernels->configured) {
         PyErr_SetString(PyExc_RuntimeError, "the compiled kernels are not configured (see audio/kernels.py)");
@@ -114,6 +121,8 @@ static int CallerPath_init(CallerPath *self, PyObject *args, PyObject *kwds) {
     KEEP(monotonic, monotonic);
     KEEP(audible_since, audible_since);
     KEEP(on_events, on_events);
+    KEEP(barge_in, barge_in);
+    KEEP(caller_stopped, caller_stopped);
 #undef KEEP
 #define FETCH(field, obj, name)                                                         \
     do {                                                                                \
@@ -142,7 +151,15 @@ static int CallerPath_init(CallerPath *self, PyObject *args, PyObject *kwds) {
     } else {
         FETCH(vad, self->detector, _vad);
         FETCH(vad_handle, self->vad, _vad_handle);
-        if (get_double(self->vad, str__min_mean_square, &self->min_mean_square) < 0) return -1;
+        FETCH(listening, inbound, _listening);
+        PyObject *d = self->detector;
+        if (get_double(self->vad, str__min_mean_square, &self->min_mean_square) < 0 ||
+            get_int64(d, str__speech_frames_needed, &self->speech_frames_needed) < 0 ||
+            get_int64(d, str__end_frames_needed, &self->end_frames_needed) < 0 ||
+            get_int64(d, str__max_gap_frames, &self->max_gap_frames) < 0 ||
+            get_double(d, str__min_ai_audible_s, &self->min_ai_audible_s) < 0 ||
+            get_double(d, str__max_hold_s, &self->max_hold_s) < 0)
+            return -1;
         PyObject *webrtcvad = PyImport_ImportModule("_webrtcvad");
         if (webrtcvad == NULL) return -1;
         PyObject *process = PyObject_GetAttrString(webrtcvad, "process");
@@ -176,6 +193,9 @@ static int CallerPath_traverse(CallerPath *self, visitproc visit, void *arg) {
     Py_VISIT(self->vad);
     Py_VISIT(self->vad_handle);
     Py_VISIT(self->vad_process);
+    Py_VISIT(self->listening);
+    Py_VISIT(self->barge_in);
+    Py_VISIT(self->caller_stopped);
     return 0;
 }
 
@@ -195,6 +215,9 @@ static int CallerPath_clear(CallerPath *self) {
     Py_CLEAR(self->vad);
     Py_CLEAR(self->vad_handle);
     Py_CLEAR(self->vad_process);
+    Py_CLEAR(self->listening);
+    Py_CLEAR(self->barge_in);
+    Py_CLEAR(self->caller_stopped);
     Py_CLEAR(self->zero);
     Py_CLEAR(self->rate);
     return 0;
@@ -320,8 +343,106 @@ static int send_or_wake(CallerPath *self, double now, PyObject *now_obj) {
     return queued ? call_method0(inbound, str__arm_lone_timer) : 0;
 }
 
-/* The barge-in detector on this frame (BargeInDetector.caller_audio's one-frame branch): the VAD decides here;
- * a quiet frame with nothing under way only moves the detector's clock, anything else is its ``_frame``'s. */
+static int set_bool(PyObject *obj, PyObject *name, int value) {
+    return PyObject_SetAttr(obj, name, value ? Py_True : Py_False);
+}
+
+static int set_double(PyObject *obj, PyObject *name, double value) {
+    return set_steal(obj, name, PyFloat_FromDouble(value));
+}
+
+static int set_int(PyObject *obj, PyObject *name, long long value) {
+    return set_steal(obj, name, PyLong_FromLongLong(value));
+}
+
+/* BargeInDetector._frame: every state transition, for one frame ending at now; the event (a new reference) or
+ * None, and in *listening the detector's ``listening`` after it. The same comparisons on the same doubles, in
+ * the same order. */
+static PyObject *frame(CallerPath *self, int speech, double now, PyObject *now_obj, int *listening) {
+    PyObject *d = self->detector;
+    if (PyObject_SetAttr(d, str__last_end_s, now_obj) < 0) return NULL;
+    long long quiet;
+    int speaking = truthy(d, str__speaking);
+    if (speaking < 0) return NULL;
+    *listening = 1;
+    if (speaking) {
+        if (get_int64(d, str__quiet_frames, &quiet) < 0) return NULL;
+        quiet = speech ? 0 : quiet + 1;
+        if (set_int(d, str__quiet_frames, quiet) < 0) return NULL;
+        int barged = truthy(d, str__barged);
+        if (barged < 0) return NULL;
+        if (barged && self->max_hold_s) {
+            double held_since;
+            if (get_double(d, str__held_since_s, &held_since) < 0) return NULL;
+            if (now - held_since >= self->max_hold_s - self->eps_s) { /* the hold reached its limit */
+                if (set_bool(d, str__barged, 0) < 0) return NULL;
+                PyObject *kwargs = Py_BuildValue("{O:O}", str_hold_limit, Py_True);
+                PyObject *args = kwargs == NULL ? NULL : PyTuple_Pack(1, now_obj);
+                PyObject *event = args == NULL ? NULL : PyObject_Call(self->caller_stopped, args, kwargs);
+                Py_XDECREF(args);
+                Py_XDECREF(kwargs);
+                return event;
+            }
+        }
+        if (quiet < self->end_frames_needed) Py_RETURN_NONE;
+        if (set_bool(d, str__speaking, 0) < 0 || PyObject_SetAttr(d, str__onset_s, Py_None) < 0 ||
+            set_int(d, str__quiet_frames, 0) < 0)
+            return NULL;
+        *listening = 0;
+        if (!barged) Py_RETURN_NONE;
+        if (set_bool(d, str__barged, 0) < 0) return NULL;
+        return PyObject_CallOneArg(self->caller_stopped, now_obj); /* the utterance that barged in has ended */
+    }
+    PyObject *onset_obj = PyObject_GetAttr(d, str__onset_s);
+    if (onset_obj == NULL) return NULL;
+    int candidate = onset_obj != Py_None;
+    Py_DECREF(onset_obj);
+    if (!speech) {
+        *listening = candidate;
+        if (candidate) { /* a gap in the candidate: too long, and it is no utterance */
+            if (get_int64(d, str__quiet_frames, &quiet) < 0 || set_int(d, str__quiet_frames, quiet + 1) < 0) return NULL;
+            if (quiet + 1 > self->max_gap_frames) {
+                *listening = 0;
+                if (PyObject_SetAttr(d, str__onset_s, Py_None) < 0) return NULL;
+            }
+        }
+        Py_RETURN_NONE;
+    }
+    long long speech_frames = 0;
+    if (!candidate) { /* the candidate's first speech frame: its onset, and whether the AI was audible then */
+        PyObject *since = PyObject_CallOneArg(self->audible_since, now_obj);
+        if (since == NULL) return NULL;
+        int rc = set_double(d, str__onset_s, now - self->vad_frame_s);
+        if (rc == 0) rc = PyObject_SetAttr(d, str__onset_ai_since_s, since);
+        Py_DECREF(since);
+        if (rc < 0) return NULL;
+    } else if (get_int64(d, str__speech_frames, &speech_frames) < 0) {
+        return NULL;
+    }
+    speech_frames += 1;
+    if (set_int(d, str__speech_frames, speech_frames) < 0 || set_int(d, str__quiet_frames, 0) < 0) return NULL;
+    if (speech_frames < self->speech_frames_needed) Py_RETURN_NONE;
+    if (set_bool(d, str__speaking, 1) < 0 || add_int(d, str_utterances, 1) < 0) return NULL;
+    double onset;
+    if (get_double(d, str__onset_s, &onset) < 0) return NULL;
+    PyObject *since_obj = PyObject_GetAttr(d, str__onset_ai_since_s);
+    if (since_obj == NULL) return NULL;
+    double since = since_obj == Py_None ? 0.0 : PyFloat_AsDouble(since_obj);
+    int none = since_obj == Py_None;
+    Py_DECREF(since_obj);
+    if (since == -1.0 && PyErr_Occurred()) return NULL;
+    if (none || onset - since < self->min_ai_audible_s - self->eps_s) Py_RETURN_NONE; /* not over the AI */
+    if (set_bool(d, str__barged, 1) < 0 || PyObject_SetAttr(d, str__held_since_s, now_obj) < 0 ||
+        add_int(d, str_barge_ins, 1) < 0)
+        return NULL;
+    PyObject *onset_again = PyFloat_FromDouble(onset);
+    if (onset_again == NULL) return NULL;
+    PyObject *event = PyObject_CallFunctionObjArgs(self->barge_in, onset_again, now_obj, NULL);
+    Py_DECREF(onset_again);
+    return event;
+}
+
+/* The barge-in detector on this frame (BargeInDetector.caller_audio's one-frame branch, then Inbound._heard). */
 static int detect(CallerPath *self, const int16_t *pcm8, PyObject *pcm8_obj, double now, PyObject *now_obj) {
     PyObject *args[] = {self->vad_handle, self->rate, pcm8_obj, NULL};
     args[3] = PyLong_FromLong(FRAME_BYTES);
@@ -337,33 +458,23 @@ static int detect(CallerPath *self, const int16_t *pcm8, PyObject *pcm8_obj, dou
         for (int i = 0; i < FRAME_BYTES; i++) sum += (int32_t)pcm8[i] * pcm8[i];
         speech = (double)sum / (double)FRAME_BYTES >= self->min_mean_square;
     }
-    PyObject *detector = self->detector;
-    int speaking = truthy(detector, str__speaking);
-    if (speaking < 0) return -1;
-    PyObject *onset = PyObject_GetAttr(detector, str__onset_s);
-    if (onset == NULL) return -1;
-    int idle = !speaking && !speech && onset == Py_None;
-    Py_DECREF(onset);
-    if (idle) return PyObject_SetAttr(detector, str__last_end_s, now_obj); /* what _frame does then; no events */
-    PyObject *since = PyObject_CallOneArg(self->audible_since, now_obj);
-    if (since == NULL) return -1;
-    PyObject *event = PyObject_CallMethodObjArgs(detector, str__frame, speech ? Py_True : Py_False, now_obj, since,
-                                                 NULL);
-    Py_DECREF(since);
+    int listening;
+    PyObject *event = frame(self, speech, now, now_obj, &listening);
     if (event == NULL) return -1;
-    PyObject *events = event == Py_None ? PyList_New(0) : PyList_New(1);
-    if (events != NULL && event != Py_None) PyList_SET_ITEM(events, 0, Py_NewRef(event));
-    Py_DECREF(event);
-    if (events == NULL) return -1;
-    PyObject *heard = PyObject_CallMethodOneArg(self->inbound, str__heard, events);
-    int rc = heard == NULL ? -1 : 0;
-    if (rc == 0 && PyList_GET_SIZE(heard) > 0) {
-        PyObject *done = PyObject_CallOneArg(self->on_events, heard);
+    int rc = 0;
+    if (event == Py_None) { /* Inbound._heard with no events: the idle watcher wakes while an utterance may be on */
+        rc = listening ? call_method0(self->listening, str_set) : 0;
+    } else { /* an event: Inbound._heard logs what it must, then the call acts on it */
+        PyObject *events = PyList_New(1);
+        PyObject *heard = events == NULL ? NULL : (PyList_SET_ITEM(events, 0, Py_NewRef(event)),
+                                                   PyObject_CallMethodOneArg(self->inbound, str__heard, events));
+        PyObject *done = heard == NULL ? NULL : PyObject_CallOneArg(self->on_events, heard);
         rc = done == NULL ? -1 : 0;
         Py_XDECREF(done);
+        Py_XDECREF(heard);
+        Py_XDECREF(events);
     }
-    Py_XDECREF(heard);
-    Py_DECREF(events);
+    Py_DECREF(event);
     return rc;
 }
 

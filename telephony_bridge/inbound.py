@@ -18,7 +18,7 @@ from collections import deque
 from collections.abc import Callable
 
 from telephony_bridge.audio import kernels
-from telephony_bridge.audio.barge_in import BargeInDetector, CallerStopped, Event
+from telephony_bridge.audio.barge_in import EPS_S, BargeIn, BargeInDetector, CallerStopped, Event
 from telephony_bridge.audio.codec import (
     FRAME_MS,
     FRAME_S,
@@ -29,7 +29,7 @@ from telephony_bridge.audio.codec import (
 )
 from telephony_bridge.audio.pipeline import CallerToAi
 from telephony_bridge.audio.timeline import NO_TIMESTAMP
-from telephony_bridge.audio.vad import VoiceActivityDetector
+from telephony_bridge.audio.vad import VAD_FRAME_S, VoiceActivityDetector
 from telephony_bridge.clock import Clock, Flag, SystemClock, Timer
 from telephony_bridge.errors import ConfigError
 from telephony_bridge.leg import AudioHandler
@@ -148,7 +148,8 @@ class Inbound:
         ``compiled``: None to follow ``audio.kernels``; False for ``fallback`` alone (tests compare the two).
 
         The twin works on this object's own state, read and written by attribute name: ``_pipeline`` (its
-        ``timeline``, ``_pending`` and ``_upsampler._state``), ``_queue``, ``detector`` (its ``_vad``),
+        ``timeline``, ``_pending`` and ``_upsampler._state``), ``_queue``, ``detector`` (its ``_vad`` and the
+        state ``_frame`` keeps),
         ``_frame_bytes``, ``_frames_per_message``, ``_max_frames``, ``_parked``, ``_conn``, ``_next_at``,
         ``_oldest_at``, ``_lone_timer``, ``_ready``, ``frames_in``, ``frames_to_ai``, ``_last_frame_at``;
         renaming one fails ``tests/test_caller_path.py``."""
@@ -162,7 +163,17 @@ class Inbound:
         # The system clock's ``monotonic`` is ``time.monotonic``: called from C directly, it skips a Python frame.
         monotonic = time.monotonic if type(clock) is SystemClock else clock.monotonic
         return CallerPath(  # type: ignore[no-any-return]
-            self, fallback, monotonic, audible_since, on_events, catch_up_rate=CATCH_UP_RATE, frame_s=FRAME_S
+            self,
+            fallback,
+            monotonic,
+            audible_since,
+            on_events,
+            catch_up_rate=CATCH_UP_RATE,
+            frame_s=FRAME_S,
+            barge_in=BargeIn,
+            caller_stopped=CallerStopped,
+            eps_s=EPS_S,
+            vad_frame_s=VAD_FRAME_S,
         )
 
     def _drop_oldest(self) -> None:

@@ -79,6 +79,7 @@ class Twin:
             "events": list(self.events),
             "timer": inbound._lone_timer is not None,
             "ready": inbound._ready.is_set(),
+            "listening": inbound._listening.is_set(),
             "pending": bytes(pipeline._pending),
             "up_state": bytes(pipeline._upsampler._state),
         }
@@ -137,10 +138,11 @@ async def run_both(seed: int, audio: AudioSettings, barge_in: BargeInSettings, f
     try:
         await settle()
         for n, (payload, stamp, gap_ms, takes_now) in enumerate(stream(rng, frames)):
-            ai_audible = 999.0 if (n // 50) % 2 else None  # the AI talks in turns
+            # The AI talks in turns: silent, audible for long, or only just audible (under min_ai_audible_ms).
+            turn = (n // 50) % 3
             for twin in twins:
                 twin.savants.takes_now = takes_now
-                twin.audible_from = ai_audible
+                twin.audible_from = (None, 999.0, twin.clock.monotonic() - 0.1)[turn]
                 twin.handler(payload, stamp)
             await settle()
             assert twins[0].state() == twins[1].state(), f"seed {seed}, frame {n}: the paths differ"
@@ -162,18 +164,23 @@ def counts(twin: Twin) -> tuple[int, int]:
 @pytest.mark.parametrize("seed", range(12))
 async def test_compiled_caller_path_matches_the_python_path(seed: int) -> None:
     audio = AudioSettings(upstream_message_ms=40 if seed % 3 else 20)
-    barge_in = BargeInSettings(enabled=seed % 4 != 3, min_ai_audible_ms=0)
+    barge_in = BargeInSettings(enabled=seed % 4 != 3, min_ai_audible_ms=(0, 200)[seed % 2])
     twin = await run_both(seed, audio, barge_in)
     fast, slow = counts(twin)
     assert fast > 3 * slow, "most frames must take the compiled path, or it is not what is compared"
     assert slow > 0  # and the faults went to the Python path
 
 
-async def test_compiled_caller_path_barges_in_as_the_python_path() -> None:
-    """Speech over an audible AI: the same barge-ins and stops, from the same frames."""
-    twin = await run_both(5, AudioSettings(), BargeInSettings(min_ai_audible_ms=0), frames=800)
+@pytest.mark.parametrize("max_hold_s", [8.0, 0.1])
+async def test_compiled_caller_path_barges_in_as_the_python_path(max_hold_s: float) -> None:
+    """Speech over an audible AI: the same barge-ins and stops, from the same frames; with a short hold, the same
+    stops at the hold's limit too."""
+    barge_in = BargeInSettings(min_ai_audible_ms=0, max_hold_s=max_hold_s)
+    twin = await run_both(5, AudioSettings(), barge_in, frames=800)
     kinds = {kind for kind, _ in twin.events}
     assert kinds == {"BargeIn", "CallerStopped"}
+    hold_limits = [event for kind, event in twin.events if kind == "CallerStopped" and event.hold_limit]
+    assert bool(hold_limits) == (max_hold_s < 1)
 
 
 def test_the_compiled_caller_path_is_what_audio_kernels_auto_chooses() -> None:

@@ -32,7 +32,7 @@ from telephony_bridge.audio.codec import TWILIO_RATE_HZ
 from telephony_bridge.audio.vad import VAD_FRAME_S, VAD_FRAME_SAMPLES, VoiceActivityDetector
 
 _FRAME_MS = 20
-_EPS_S = 1e-6  # frame times are sums of floats: an exact 200 ms must not come out as 199.999999 ms
+EPS_S = 1e-6  # frame times are sums of floats: an exact 200 ms must not come out as 199.999999 ms
 
 
 @dataclass(frozen=True, slots=True)
@@ -119,7 +119,7 @@ class BargeInDetector:
             return []
         events: list[Event] = []
         end_s = self._last_end_s + VAD_FRAME_S
-        while end_s <= now_s + _EPS_S and self.listening:
+        while end_s <= now_s + EPS_S and self.listening:
             event = self._frame(False, end_s, ai_audible_since_s)
             if event is not None:
                 events.append(event)
@@ -154,7 +154,7 @@ class BargeInDetector:
         self._last_end_s = end_s
         if self._speaking:
             self._quiet_frames = 0 if speech else self._quiet_frames + 1
-            if self._barged and self._max_hold_s and end_s - self._held_since_s >= self._max_hold_s - _EPS_S:
+            if self._barged and self._max_hold_s and end_s - self._held_since_s >= self._max_hold_s - EPS_S:
                 self._barged = False  # the utterance goes on, but no longer holds the AI back
                 return CallerStopped(end_s, hold_limit=True)
             if self._quiet_frames < self._end_frames_needed:
@@ -183,7 +183,7 @@ class BargeInDetector:
         self._speaking = True
         self.utterances += 1
         since = self._onset_ai_since_s
-        if since is None or self._onset_s - since < self._min_ai_audible_s - _EPS_S:
+        if since is None or self._onset_s - since < self._min_ai_audible_s - EPS_S:
             return None
         self._barged = True
         self._held_since_s = end_s
