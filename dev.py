@@ -34,7 +34,7 @@ INSTALL_INPUTS = (
     ROOT / "telephony_bridge/audio/_kernels.h",
     ROOT / "telephony_bridge/audio/_kernels_capi.h",
     ROOT / "telephony_bridge/_caller_path.c",
-    ROOT / "telephony_bridge/twilio/_media_tap.c",
+    ROOT / "telephony_bridge/_taps.c",
 )
 
 

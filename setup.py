@@ -2,7 +2,8 @@
 
 - ``audio/_kernels.c``: the per-frame audio conversions (``audio/kernels.py``);
 - ``_caller_path.c``: the caller's frame through the call core, on the kernels (``inbound.Inbound.audio_handler``);
-- ``twilio/_media_tap.c``: Twilio's media message read and handed over (``twilio.leg.TwilioLeg``).
+- ``_taps.c``: Twilio's media message and the AI's audio frame read and handed over (``twilio.leg.TwilioLeg``,
+  ``savants.client.SavantsConnection``).
 
 ``optional=True``: where no C compiler (or no Python headers) is at hand the install still succeeds and the
 bridge runs its Python and numpy path (``telephony_bridge/audio/kernels.py`` says which one it runs, and why).
@@ -37,8 +38,8 @@ setup(
             optional=True,
         ),
         Extension(
-            "telephony_bridge.twilio._media_tap",
-            ["telephony_bridge/twilio/_media_tap.c"],
+            "telephony_bridge._taps",
+            ["telephony_bridge/_taps.c"],
             extra_compile_args=OPTIMISE,
             optional=True,
         ),

@@ -30,6 +30,7 @@ from telephony_bridge import __version__
 from telephony_bridge.accounting.base import Accounting, Limits
 from telephony_bridge.accounting.factory import make_accounting
 from telephony_bridge.admission import Admission, VoiceEndpoint
+from telephony_bridge.audio import kernels
 from telephony_bridge.bridge import CallDeps
 from telephony_bridge.clock import Clock, SystemClock
 from telephony_bridge.drain import Drain
@@ -106,6 +107,7 @@ def create_app(
                     open_voice_session,
                     stall_timeout_s=settings.savants.stall_timeout_s,
                     ssl_context=tls_context(settings.savants.voice_stream_url),  # built once, not per connection
+                    compiled=kernels.use_compiled(settings.audio.kernels),  # numpy: all of the frame path in Python
                 ),
                 url=settings.savants.voice_stream_url,
                 timeout_s=settings.savants.connect_timeout_s,

@@ -34,7 +34,16 @@ from picows import (
 from telephony_bridge.close_codes import echo_code
 from telephony_bridge.errors import SessionError
 from telephony_bridge.leg import DirectAudio
-from telephony_bridge.savants.protocol import Audio, Confirmed, Failed, Notice, SessionEvent, VoiceSession
+from telephony_bridge.savants.protocol import (
+    MAX_FRAME_BYTES,
+    Audio,
+    Confirmed,
+    Failed,
+    Notice,
+    SessionEvent,
+    State,
+    VoiceSession,
+)
 from telephony_bridge.ws_fragments import Fault, Reassembler
 
 NORMAL_CLOSURE = 1000
@@ -46,6 +55,11 @@ NO_STATUS = 1005  # a close frame without a code (RFC 6455 §7.1.5), as the webs
 STALL_TIMEOUT_S = 5.0
 CLOSE_TIMEOUT_S = 1.0
 MAX_MESSAGE_BYTES = 2**20
+
+try:  # built by setup.py where a C compiler is at hand
+    from telephony_bridge._taps import AudioTap
+except ImportError:
+    AudioTap = None
 
 # picows' client logger: a line per connection at INFO, frames below DEBUG; ops/logging holds "picows" at WARNING.
 _picows_log = logging.getLogger("picows.client")
@@ -66,7 +80,10 @@ class SavantsConnection(WSListener):
 
     It is also the picows listener of its connection (the ``on_ws_*`` and ``*_writing`` callbacks)."""
 
-    def __init__(self, session: VoiceSession, stall_timeout_s: float, *, abandoned: bool = False) -> None:
+    def __init__(
+        self, session: VoiceSession, stall_timeout_s: float, *, abandoned: bool = False, compiled: bool = True
+    ) -> None:
+        """``compiled``: hand the AI's audio over with the compiled ``AudioTap`` where it is built."""
         super().__init__()
         self.session = session
         self._abandoned = abandoned  # its opener gave up before the upgrade was answered: nobody will close it
@@ -82,6 +99,10 @@ class SavantsConnection(WSListener):
         self._stall: str | None = None  # why the connection counts as stalled, if it does
         self._closing = False  # close() was called
         self._direct: DirectAudio[[bytes]] = DirectAudio()  # the AI's audio straight to the call core
+        # ``_tapped`` in one C call (``_taps.c``), where built.
+        self._tap: Callable[[bytes], bool] = self._tapped
+        if compiled and AudioTap is not None:
+            self._tap = AudioTap(self, session, self._direct, State.CONNECTED, max_frame_bytes=MAX_FRAME_BYTES)
 
     @property
     def session_id(self) -> str | None:
@@ -184,7 +205,7 @@ class SavantsConnection(WSListener):
         kind = frame.msg_type
         if kind is _BINARY and frame.fin:
             data = frame.get_payload_as_bytes()
-            if not self._events and self.session.is_audio(data) and self._direct.deliver(data):
+            if self._tap(data):
                 return  # the AI's audio, straight to the call: no ``Audio`` event built for it
             event = self.session.receive_binary(data)
         elif kind is _TEXT and frame.fin:
@@ -201,6 +222,11 @@ class SavantsConnection(WSListener):
             event = assembled
         self._events.append(event)
         self._wake()
+
+    def _tapped(self, data: bytes) -> bool:
+        """A binary frame taken as the AI's audio by the call, if nothing waits unread before it; False: it is
+        read as an event (``receive_binary`` says what it is)."""
+        return not self._events and self.session.is_audio(data) and self._direct.deliver(data)
 
     def on_ws_disconnected(self, transport: WSTransport) -> None:
         if self._close_code is None:
@@ -324,17 +350,18 @@ async def open_voice_session(
     *,
     stall_timeout_s: float = STALL_TIMEOUT_S,
     ssl_context: ssl.SSLContext | None = None,
+    compiled: bool = True,
 ) -> SavantsConnection:
     """Connect, send the JWT as the first text frame, and wait for the confirmation (§6.2), all within
     ``timeout_s``. A ping goes out once Savants has been quiet for ``stall_timeout_s / 2`` and must be answered
     within as long again: a stall is reported about ``stall_timeout_s`` after the last frame that came.
     ``ssl_context``: for ``wss://``, the one context every connection shares (``tls_context``); None, a new
-    default one for this connection."""
+    default one for this connection. ``compiled``: as ``SavantsConnection``'s."""
     session = VoiceSession()
     opening = _Opening()
 
     def listener(*_: object) -> SavantsConnection:  # picows passes the upgrade request and response
-        opening.connection = SavantsConnection(session, stall_timeout_s, abandoned=opening.abandoned)
+        opening.connection = SavantsConnection(session, stall_timeout_s, abandoned=opening.abandoned, compiled=compiled)
         return opening.connection
 
     connected = False

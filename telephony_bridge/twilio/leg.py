@@ -30,7 +30,7 @@ from telephony_bridge.twilio.outbound_messages import MediaMessages, clear_messa
 from telephony_bridge.twilio.stream_socket import SendStalled
 
 try:  # built by setup.py where a C compiler is at hand
-    from telephony_bridge.twilio._media_tap import MediaTap
+    from telephony_bridge._taps import MediaTap
 except ImportError:
     MediaTap = None
 
@@ -168,7 +168,7 @@ class TwilioLeg:
             tap_text(self._tap if handler is not None else None)
 
     def _compiled_tap(self, clock: Clock) -> Callable[[bytes], bool]:
-        """``_tapped``'s compiled twin (``_media_tap.c``): a message in Twilio's exact shape is read and handed to
+        """``_tapped``'s compiled twin (``_taps.c``): a message in Twilio's exact shape is read and handed to
         the core in one C call; any other goes to ``_tapped``. It reads and writes ``_open``, the watchdog's
         ``_last`` and the ``DirectAudio``'s ``handler``, ``_context`` and ``_error`` by name."""
         monotonic = time.monotonic if type(clock) is SystemClock else clock.monotonic

@@ -1,10 +1,14 @@
-/* Twilio's media message read and handed to the call in one C call: the compiled twin of TwilioLeg._tapped
- * (protocol.media_audio, the watchdog, DirectAudio.deliver), for the 50 media messages a second of each call.
+/* The sockets' taps in C: a frame read and handed to its call in one C call, 50 times a second a call each way.
  *
- * It takes only a message in Twilio's exact shape (spec §3; the one Twilio sends) with canonical padded base64:
- * what it reads from such a message is what media_audio reads, and it accepts nothing media_audio refuses.
- * Any other message goes to the Python tap it was given, which is the reference. tests/test_media_tap.py holds
- * the two to the same answers.
+ * - MediaTap, the compiled twin of TwilioLeg._tapped (protocol.media_audio, the watchdog, DirectAudio.deliver).
+ *   It takes only a message in Twilio's exact shape (spec §3; the one Twilio sends) with canonical padded
+ *   base64: what it reads from such a message is what media_audio reads, and it accepts nothing media_audio
+ *   refuses. Any other message goes to the Python tap it was given, which is the reference.
+ *   tests/test_taps.py holds the two to the same answers.
+ * - AudioTap, the compiled twin of SavantsConnection.on_ws_frame's audio branch (VoiceSession.is_audio, then
+ *   DirectAudio.deliver): the AI's binary frame handed to the call while nothing waits unread before it.
+ *
+ * Both work on the Python objects' own attributes, by name, as the Python code does.
  *
  * {"event":"media","sequenceNumber":"N","media":{"track":"inbound","chunk":"N","timestamp":"N","payload":"B64"},
  *  "streamSid":"SID"}: numbers of 1 to MAX_NUMBER_DIGITS ASCII digits; a SID of printable ASCII, none escaped.
@@ -17,7 +21,7 @@
 #define MAX_NUMBER_DIGITS 18 /* protocol.MAX_NUMBER_DIGITS: MediaTap checks the two agree */
 #define MAX_PAYLOAD 4096     /* base64 characters taken here (3 KB of audio); a longer payload goes the Python way */
 
-static PyObject *str__open, *str__last, *str_handler, *str__context, *str__error;
+static PyObject *str__open, *str__last, *str_handler, *str__context, *str__error, *str__events, *str_state;
 
 static const char OPENING[] = "{\"event\":\"media\",\"sequenceNumber\":\"";
 static const char AFTER_SEQUENCE[] = "\",\"media\":{\"track\":\"inbound\",\"chunk\":\"";
@@ -110,7 +114,7 @@ static PyObject *take_exception(void) {
 #endif
 }
 
-/* --- the object -------------------------------------------------------------------------------------------- */
+/* --- Twilio's media: MediaTap -------------------------------------------------------------------------------------------- */
 
 typedef struct {
     PyObject_HEAD
@@ -160,10 +164,9 @@ static void MediaTap_dealloc(MediaTap *self) {
     Py_TYPE(self)->tp_free((PyObject *)self);
 }
 
-/* DirectAudio.deliver(ulaw, timestamp_ms): the handler, in the context it was attached in; what it raises is
- * kept for ``check`` and the handler detached (False: the message is the socket's to queue). */
-static PyObject *deliver(MediaTap *self, PyObject *ulaw, PyObject *stamp) {
-    PyObject *direct = self->direct;
+/* DirectAudio.deliver(*args): the handler, in the context it was attached in; what it raises is kept for
+ * ``check`` and the handler detached (False: the frame is the socket's to queue). */
+static PyObject *deliver(PyObject *direct, PyObject *const *args, Py_ssize_t nargs) {
     PyObject *handler = PyObject_GetAttr(direct, str_handler);
     if (handler == NULL) return NULL;
     if (handler == Py_None) {
@@ -177,8 +180,7 @@ static PyObject *deliver(MediaTap *self, PyObject *ulaw, PyObject *stamp) {
     }
     PyObject *result = NULL;
     if (PyContext_Enter(context) == 0) {
-        PyObject *args[] = {ulaw, stamp};
-        result = PyObject_Vectorcall(handler, args, 2, NULL);
+        result = PyObject_Vectorcall(handler, args, nargs, NULL);
         if (PyContext_Exit(context) < 0) Py_CLEAR(result);
     }
     Py_DECREF(context);
@@ -217,14 +219,15 @@ static PyObject *MediaTap_call(MediaTap *self, PyObject *args, PyObject *kwds) {
     if (rc < 0) return NULL;
     PyObject *ulaw = PyBytes_FromStringAndSize((const char *)audio, n);
     PyObject *stamp = PyLong_FromLongLong(timestamp_ms);
-    PyObject *result = ulaw && stamp ? deliver(self, ulaw, stamp) : NULL;
+    PyObject *handed[] = {ulaw, stamp};
+    PyObject *result = ulaw && stamp ? deliver(self->direct, handed, 2) : NULL;
     Py_XDECREF(ulaw);
     Py_XDECREF(stamp);
     return result;
 }
 
 static PyTypeObject MediaTapType = {
-    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "telephony_bridge.twilio._media_tap.MediaTap",
+    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "telephony_bridge._taps.MediaTap",
     .tp_basicsize = sizeof(MediaTap),
     .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC,
     .tp_doc = "MediaTap(leg, watchdog, direct, monotonic, fallback, max_number_digits): a Twilio leg's media tap "
@@ -235,6 +238,86 @@ static PyTypeObject MediaTapType = {
     .tp_traverse = (traverseproc)MediaTap_traverse,
     .tp_clear = (inquiry)MediaTap_clear,
     .tp_call = (ternaryfunc)MediaTap_call,
+};
+
+/* --- the AI's audio: AudioTap -------------------------------------------------------------------------------- */
+
+typedef struct {
+    PyObject_HEAD
+    PyObject *connection, *session, *direct, *connected;
+    Py_ssize_t max_frame_bytes;
+} AudioTap;
+
+static int AudioTap_init(AudioTap *self, PyObject *args, PyObject *kwds) {
+    static char *kwlist[] = {"connection", "session", "direct", "connected", "max_frame_bytes", NULL};
+    PyObject *connection, *session, *direct, *connected;
+    Py_ssize_t max_frame_bytes;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OOOOn", kwlist, &connection, &session, &direct, &connected,
+                                     &max_frame_bytes))
+        return -1;
+    Py_XSETREF(self->connection, Py_NewRef(connection));
+    Py_XSETREF(self->session, Py_NewRef(session));
+    Py_XSETREF(self->direct, Py_NewRef(direct));
+    Py_XSETREF(self->connected, Py_NewRef(connected));
+    self->max_frame_bytes = max_frame_bytes;
+    return 0;
+}
+
+static int AudioTap_traverse(AudioTap *self, visitproc visit, void *arg) {
+    Py_VISIT(self->connection);
+    Py_VISIT(self->session);
+    Py_VISIT(self->direct);
+    Py_VISIT(self->connected);
+    return 0;
+}
+
+static int AudioTap_clear(AudioTap *self) {
+    Py_CLEAR(self->connection);
+    Py_CLEAR(self->session);
+    Py_CLEAR(self->direct);
+    Py_CLEAR(self->connected);
+    return 0;
+}
+
+static void AudioTap_dealloc(AudioTap *self) {
+    PyObject_GC_UnTrack(self);
+    AudioTap_clear(self);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+/* __call__(data) -> bool: a whole binary frame from Savants; True if the call took it as the AI's audio, False
+ * if it is the connection's to read as an event (something waits unread before it, the session is not
+ * connected, or the frame is empty or too big: VoiceSession.receive_binary then says what it is). */
+static PyObject *AudioTap_call(AudioTap *self, PyObject *args, PyObject *kwds) {
+    PyObject *data;
+    if (!PyArg_ParseTuple(args, "O", &data)) return NULL;
+    PyObject *events = PyObject_GetAttr(self->connection, str__events);
+    if (events == NULL) return NULL;
+    Py_ssize_t waiting = PyObject_Length(events);
+    Py_DECREF(events);
+    if (waiting != 0) return waiting < 0 ? NULL : Py_NewRef(Py_False);
+    PyObject *state = PyObject_GetAttr(self->session, str_state);
+    if (state == NULL) return NULL;
+    int connected = state == self->connected;
+    Py_DECREF(state);
+    Py_ssize_t size = PyObject_Length(data);
+    if (size < 0) return NULL;
+    if (!connected || size == 0 || size > self->max_frame_bytes) Py_RETURN_FALSE;
+    return deliver(self->direct, &data, 1);
+}
+
+static PyTypeObject AudioTapType = {
+    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "telephony_bridge._taps.AudioTap",
+    .tp_basicsize = sizeof(AudioTap),
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC,
+    .tp_doc = "AudioTap(connection, session, direct, connected, max_frame_bytes): a Savants connection's audio "
+              "tap (see SavantsConnection)",
+    .tp_new = PyType_GenericNew,
+    .tp_init = (initproc)AudioTap_init,
+    .tp_dealloc = (destructor)AudioTap_dealloc,
+    .tp_traverse = (traverseproc)AudioTap_traverse,
+    .tp_clear = (inquiry)AudioTap_clear,
+    .tp_call = (ternaryfunc)AudioTap_call,
 };
 
 /* For tests: what the scan reads from ``text``, (ulaw, timestamp_ms), or None where the Python path decides. */
@@ -256,22 +339,25 @@ static PyMethodDef methods[] = {
 };
 
 static struct PyModuleDef module = {
-    PyModuleDef_HEAD_INIT, "_media_tap", "Twilio's media message in one C call (see TwilioLeg).", -1, methods,
+    PyModuleDef_HEAD_INIT, "_taps", "The sockets' taps in C (see TwilioLeg and SavantsConnection).", -1, methods,
 };
 
-PyMODINIT_FUNC PyInit__media_tap(void) {
+PyMODINIT_FUNC PyInit__taps(void) {
     for (int i = 0; i < 256; i++) b64_value[i] = 0x80;
     for (int i = 0; i < 64; i++) b64_value[(uint8_t)B64[i]] = (uint8_t)i;
     if ((str__open = PyUnicode_InternFromString("_open")) == NULL ||
         (str__last = PyUnicode_InternFromString("_last")) == NULL ||
         (str_handler = PyUnicode_InternFromString("handler")) == NULL ||
         (str__context = PyUnicode_InternFromString("_context")) == NULL ||
-        (str__error = PyUnicode_InternFromString("_error")) == NULL)
+        (str__error = PyUnicode_InternFromString("_error")) == NULL ||
+        (str__events = PyUnicode_InternFromString("_events")) == NULL ||
+        (str_state = PyUnicode_InternFromString("state")) == NULL)
         return NULL;
-    if (PyType_Ready(&MediaTapType) < 0) return NULL;
+    if (PyType_Ready(&MediaTapType) < 0 || PyType_Ready(&AudioTapType) < 0) return NULL;
     PyObject *m = PyModule_Create(&module);
     if (m == NULL) return NULL;
-    if (PyModule_AddObjectRef(m, "MediaTap", (PyObject *)&MediaTapType) < 0) {
+    if (PyModule_AddObjectRef(m, "MediaTap", (PyObject *)&MediaTapType) < 0 ||
+        PyModule_AddObjectRef(m, "AudioTap", (PyObject *)&AudioTapType) < 0) {
         Py_DECREF(m);
         return NULL;
     }

@@ -1,9 +1,11 @@
-"""The compiled media tap (``twilio/_media_tap.c``) reads Twilio's media message as ``protocol.media_audio`` does.
+"""The compiled taps (``_taps.c``) answer as the Python taps they stand in for.
 
-What its scan takes, it must read exactly as ``media_audio``; what it does not take goes to the Python tap, so
-it may refuse more, but never accept what ``media_audio`` refuses or read anything else. Twilio's own shape
-must be what it takes. The tap's handing over (the watchdog, the handler in its context, what the handler
-raises) runs under every Twilio call of the suite, and here on a real stream socket too.
+The media tap reads Twilio's media message as ``protocol.media_audio`` does: what its scan takes, it must read
+exactly as ``media_audio``; what it does not take goes to the Python tap, so it may refuse more, but never
+accept what ``media_audio`` refuses or read anything else. Twilio's own shape must be what it takes. Its handing
+over (the watchdog, the handler in its context, what the handler raises) runs under every Twilio call of the
+suite, and here on a real stream socket too. The Savants audio tap answers every case as
+``SavantsConnection._tapped`` does.
 """
 
 from __future__ import annotations
@@ -19,6 +21,8 @@ from hypothesis import strategies as st
 
 from telephony_bridge.clock import SystemClock
 from telephony_bridge.ops.metrics import Metrics
+from telephony_bridge.savants import client
+from telephony_bridge.savants.protocol import MAX_FRAME_BYTES, State, VoiceSession
 from telephony_bridge.settings import TwilioSettings
 from telephony_bridge.twilio import leg as twilio_leg
 from telephony_bridge.twilio import protocol as tw
@@ -29,16 +33,16 @@ from tests.test_twilio_media_audio import SID, media_messages
 @pytest.fixture(autouse=True)
 def built() -> None:
     """Without the extension, skip locally but fail under CI (the compiled path must be tested)."""
-    if twilio_leg.MediaTap is None:
+    if twilio_leg.MediaTap is None or client.AudioTap is None:
         if os.environ.get("CI"):
-            pytest.fail("CI must build and test telephony_bridge.twilio._media_tap (is a C compiler installed?)")
-        pytest.skip("telephony_bridge.twilio._media_tap is not built here (no C compiler at install time)")
+            pytest.fail("CI must build and test telephony_bridge._taps (is a C compiler installed?)")
+        pytest.skip("telephony_bridge._taps is not built here (no C compiler at install time)")
 
 
 def read_media(text: bytes) -> tuple[bytes, int] | None:
-    from telephony_bridge.twilio import _media_tap  # type: ignore[attr-defined]
+    from telephony_bridge import _taps  # type: ignore[attr-defined]
 
-    return _media_tap.read_media(text)  # type: ignore[no-any-return]
+    return _taps.read_media(text)  # type: ignore[no-any-return]
 
 
 DIGITS = st.integers(0, 10**18 - 1).map(str) | st.from_regex(r"0[0-9]{0,17}", fullmatch=True)
@@ -137,3 +141,54 @@ def test_the_compiled_tap_is_off_when_audio_kernels_say_numpy() -> None:
     plain = twilio_leg.TwilioLeg(Socket(), TwilioSettings(), Metrics(), SystemClock(), compiled=False)  # type: ignore[arg-type]
     assert isinstance(compiled._tap, twilio_leg.MediaTap)
     assert plain._tap == plain._tapped
+
+
+class Recorder:
+    """A call's handler: what it was handed, in which context; it raises while ``fail`` is set."""
+
+    def __init__(self) -> None:
+        self.heard: list[tuple[bytes, str]] = []
+        self.fail = False
+
+    def __call__(self, pcm: bytes) -> None:
+        if self.fail:
+            raise ValueError("the call failed")
+        self.heard.append((pcm, CALL.get()))
+
+
+def connection(*, compiled: bool, state: State, waiting: bool, handler: Recorder | None) -> client.SavantsConnection:
+    session = VoiceSession()
+    session.state = state
+    conn = client.SavantsConnection(session, 5.0, compiled=compiled)
+    if waiting:
+        conn._events.append(object())  # type: ignore[arg-type]
+    CALL.set("CA7")
+    conn.deliver_audio_to(handler)
+    CALL.set("")
+    return conn
+
+
+@pytest.mark.parametrize("state", [State.CONNECTED, State.AUTHENTICATING, State.CLOSED])
+@pytest.mark.parametrize("waiting", [False, True])
+@pytest.mark.parametrize("size", [0, 1, 640, MAX_FRAME_BYTES, MAX_FRAME_BYTES + 1])
+@pytest.mark.parametrize("handler", ["none", "takes", "raises"])
+async def test_the_savants_audio_tap_answers_as_the_python_tap(
+    state: State, waiting: bool, size: int, handler: str
+) -> None:
+    outcomes = []
+    for compiled in (True, False):
+        recorder = None if handler == "none" else Recorder()
+        if recorder is not None:
+            recorder.fail = handler == "raises"
+        conn = connection(compiled=compiled, state=state, waiting=waiting, handler=recorder)
+        assert isinstance(conn._tap, client.AudioTap) == compiled
+        took = conn._tap(bytes([size % 256]) * size)
+        error = conn._direct._error
+        outcomes.append(
+            (took, recorder.heard if recorder else None, type(error), str(error), conn._direct.handler is None)
+        )
+    assert outcomes[0] == outcomes[1]
+    taken = state is State.CONNECTED and not waiting and 0 < size <= MAX_FRAME_BYTES and handler == "takes"
+    assert outcomes[0][0] == taken
+    if taken:
+        assert outcomes[0][1] == [(bytes([size % 256]) * size, "CA7")]  # in the context it was attached in
