@@ -3,7 +3,8 @@
 - ``audio/_kernels.c``: the per-frame audio conversions (``audio/kernels.py``);
 - ``_caller_path.c``: the caller's frame through the call core, on the kernels (``inbound.Inbound.audio_handler``);
 - ``_taps.c``: Twilio's media message and the AI's audio frame read and handed over (``twilio.leg.TwilioLeg``,
-  ``savants.client.SavantsConnection``).
+  ``savants.client.SavantsConnection``);
+- ``_ai_path.c``: the AI's frame through ``Outbound`` to the caller's leg, on the kernels (``Outbound.audio_handler``).
 
 ``optional=True``: where no C compiler (or no Python headers) is at hand the install still succeeds and the
 bridge runs its Python and numpy path (``telephony_bridge/audio/kernels.py`` says which one it runs, and why).
@@ -40,6 +41,13 @@ setup(
         Extension(
             "telephony_bridge._taps",
             ["telephony_bridge/_taps.c"],
+            extra_compile_args=OPTIMISE,
+            optional=True,
+        ),
+        Extension(
+            "telephony_bridge._ai_path",
+            ["telephony_bridge/_ai_path.c"],
+            depends=["telephony_bridge/audio/_kernels_capi.h"],
             extra_compile_args=OPTIMISE,
             optional=True,
         ),

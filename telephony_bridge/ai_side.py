@@ -106,7 +106,7 @@ class AiSide:
     async def _converse(self, session: SavantsConnection) -> SavantsError:
         """Caller audio to the session and its audio back, until it fails (returned) or says goodbye (raised)."""
         failure: SessionError | None = None
-        session.deliver_audio_to(self._outbound.push_pcm)  # the AI's audio, as it is read: no task switch
+        session.deliver_audio_to(self._outbound.audio_handler())  # the AI's audio, as it is read: no task switch
         try:
             async with TaskGroup() as tg:
                 tg.create_task(self._inbound.run(session), name="to-ai")

@@ -20,15 +20,22 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from telephony_bridge.audio import kernels
+from telephony_bridge.audio import kernels, pacing
 from telephony_bridge.audio.codec import FRAME_MS, FRAME_S, TWILIO_BYTES_PER_MS, TWILIO_FRAME_BYTES, ulaw_to_pcm16
 from telephony_bridge.audio.comfort import ComfortFill
+from telephony_bridge.audio.kernels import DownsamplerToUlaw
 from telephony_bridge.audio.pacing import AdaptivePrebuffer, OutboundPacer
-from telephony_bridge.audio.pipeline import FrameBuffer
+from telephony_bridge.audio.pipeline import AiToCaller, FrameBuffer
 from telephony_bridge.audio.playback import PlaybackTracker
 from telephony_bridge.clock import Clock, Flag, Timer
+from telephony_bridge.errors import CallerGone
 from telephony_bridge.leg import AudioSink
 from telephony_bridge.settings import AudioSettings
+
+try:  # built with the audio kernels (setup.py), and only usable with them
+    from telephony_bridge._ai_path import AiAudioPath
+except ImportError:
+    AiAudioPath = None
 
 AUDIBLE_PEAK = 200  # about -44 dBFS: quieter AI frames are silence to the caller, not speech
 SPURT_GAP_S = 0.3  # AI silence longer than this ends a talk spurt
@@ -45,7 +52,8 @@ class Outbound:
     def __init__(self, settings: AudioSettings, clock: Clock, sink: AudioSink) -> None:
         self._clock = clock
         self._sink = sink
-        self._buffer = FrameBuffer(compiled=kernels.use_compiled(settings.kernels))
+        self._compiled = kernels.use_compiled(settings.kernels)
+        self._buffer = FrameBuffer(compiled=self._compiled)
         self._ready = Flag()
         self._parked = False  # ``run`` sleeps in ``_wait`` or ``_wait_for_pause`` (not mid-send)
         self._parked_until: float | None = None  # ...until this deadline (None: until woken; the pause as last armed)
@@ -108,6 +116,20 @@ class Outbound:
             self._held_bytes += self._buffer.drop_pcm(pcm)
             return
         self._append(pcm, self._buffer.append_pcm)
+
+    def audio_handler(self, *, compiled: bool | None = None) -> Callable[[bytes], None]:
+        """What the AI's audio goes to as it is read (``AiSide``): ``push_pcm``, or with the compiled kernels its
+        common case in one C call (``_ai_path.c``: a real-time AI's frame, from its arrival to the caller's leg,
+        without ~25 Python calls), which hands every other case to ``push_pcm``. ``compiled``: None as
+        ``audio.kernels`` says, True or False to choose (tests, benches; True raises if it cannot be had)."""
+        if compiled is False or (compiled is None and not self._compiled):
+            return self.push_pcm
+        path = _compiled_path(self)
+        if path is None and compiled:
+            raise ValueError(
+                "the compiled AI audio path is not built, or this Outbound is not the one it was written for"
+            )
+        return path or self.push_pcm
 
     def _append(self, audio: bytes, append: Callable[[bytes], None]) -> None:
         now = self._clock.monotonic()
@@ -435,3 +457,43 @@ class Outbound:
                 await self._clock.wait_until(self._ready, deadline)
         finally:
             self._parked, self._parked_until = False, None
+
+
+def _compiled_path(outbound: Outbound) -> Callable[[bytes], None] | None:
+    """``_ai_path.AiAudioPath`` for ``outbound``, or None where it does not apply: not built, or an object in the
+    chain is not exactly the class the C code transliterates (a subclass may do otherwise), or the downsampler
+    is numpy's. The C code reads the numbers from here, so there is one source of truth."""
+    buffer = outbound._buffer
+    to_caller = buffer._to_caller
+    downsampler = to_caller._downsampler
+    exact = (
+        (outbound, Outbound),
+        (buffer, FrameBuffer),
+        (to_caller, AiToCaller),
+        (downsampler, DownsamplerToUlaw),
+        (outbound._pacer, OutboundPacer),
+        (outbound.prebuffer, AdaptivePrebuffer),
+        (outbound.playback, PlaybackTracker),
+        (outbound._ready, Flag),
+        (outbound._progress, Flag),
+    )
+    if AiAudioPath is None or downsampler._compiled is None or any(type(o) is not t for o, t in exact):
+        return None
+    # The one sink whose media messages it builds itself; imported here, as the Twilio leg imports the call core.
+    from telephony_bridge.twilio.leg import TwilioLeg
+
+    path: Callable[[bytes], None] = AiAudioPath(
+        outbound,
+        audible_codes=_AUDIBLE_CODES,
+        frame_s=FRAME_S,
+        frame_ms=FRAME_MS,
+        frame_bytes=TWILIO_FRAME_BYTES,
+        low_water_s=LOW_WATER_S,
+        underrun_gap_s=UNDERRUN_GAP_S,
+        spurt_gap_s=SPURT_GAP_S,
+        eps=_EPS,
+        pacing_eps=pacing._EPS,
+        twilio_leg=TwilioLeg,
+        caller_gone=CallerGone,
+    )
+    return path
