@@ -7,7 +7,9 @@ Twilio media message read (``tw.media_audio``, the leg's direct path), placed on
 resampled and queued for the AI (``Inbound.push``, with and without the barge-in detector's VAD). AI → caller:
 a 20 ms PCM frame from the AI converted to μ-law, either as each frame comes (how the bridge did it before) or
 per batch when it goes out (``FrameBuffer``'s lazy conversion, two frames a message by default), and the
-outbound media message built. The naive rows are ``bench/naive_bridge.py``'s steps (stdlib ``json``,
+outbound media message built; and the whole of a real-time AI's frame through ``Outbound`` mid-spurt (queued,
+paced, converted, sent to a Twilio leg from the push, accounted for), by ``push_pcm`` (Python) and by its
+compiled path (``telephony_bridge/_ai_path.c``). The naive rows are ``bench/naive_bridge.py``'s steps (stdlib ``json``,
 ``audioop`` μ-law and ``ratecv``). The WebSocket and event loop costs that dominate a call are not here:
 ``bench/capacity.py`` measures the whole.
 
@@ -36,16 +38,28 @@ with warnings.catch_warnings():
     import audioop  # the stdlib module up to 3.12; the audioop-lts package on 3.13+
 
 from telephony_bridge.audio.codec import pcm16_to_ulaw
-from telephony_bridge.audio.kernels import CHOICES, EXTENSION, use_compiled
+from telephony_bridge.audio.kernels import AI_PATH, CHOICES, EXTENSION, use_compiled
 from telephony_bridge.audio.pipeline import AiToCaller, CallerToAi, FrameBuffer
-from telephony_bridge.clock import SystemClock
+from telephony_bridge.clock import FakeClock, SystemClock
 from telephony_bridge.inbound import Inbound
 from telephony_bridge.ops.metrics import Metrics
-from telephony_bridge.settings import AudioSettings, BargeInSettings
+from telephony_bridge.outbound import Outbound
+from telephony_bridge.settings import AudioSettings, BargeInSettings, TwilioSettings
 from telephony_bridge.twilio import protocol as tw
+from telephony_bridge.twilio.leg import TwilioLeg
 from telephony_bridge.twilio.outbound_messages import MediaMessages
+from telephony_bridge.twilio.stream_socket import StreamSocket
 
 STREAM_SID = "MZ" + "0" * 32
+
+
+class NullTransport:
+    """picows' transport as ``StreamSocket`` sends on it: nothing goes anywhere."""
+
+    is_close_frame_sent = False
+
+    def send(self, _kind: object, _data: bytes) -> None:
+        pass
 
 
 def speech_like(samples: int, seed: int = 1) -> np.ndarray:
@@ -151,6 +165,31 @@ def main() -> int:
 
         return run
 
+    def outbound_ai_to_caller(compiled: bool) -> Callable[[], None]:
+        """A real-time AI's frames mid-spurt, through ``Outbound`` as ``AiSide`` hands them over (``audio_handler``):
+        each is due as it arrives and goes out inside the push, to a Twilio leg on a ``StreamSocket`` whose
+        transport drops what it is given."""
+
+        def run() -> None:
+            clock = FakeClock()
+            socket = StreamSocket(lambda _socket: None)
+            socket.on_ws_connected(NullTransport())
+            leg = TwilioLeg(socket, TwilioSettings(), Metrics(), clock)
+            leg.stream_id = STREAM_SID
+            outbound = Outbound(audio, clock, leg)
+            # As the pacer leaves it mid-spurt: asleep until the AI's pause, lone frames going at once (a hold
+            # ended alone), Twilio 60 ms ahead; no marks (the pacer's, which is not running here).
+            outbound._parked, outbound._parked_until, outbound._holds_pay = True, float("inf"), False
+            outbound._mark_every_ms = 10**9
+            outbound._pacer._play_end = clock.monotonic() + 0.06
+            push = outbound.audio_handler(compiled=compiled)
+            for frame in ai_frames:
+                push(frame)
+                clock.advance(0.02)
+            assert outbound.playback.sent_ms == 20 * n  # every frame went out inside its push
+
+        return run
+
     def naive_ai_to_caller() -> None:
         state = None
         for frame in ai_frames:
@@ -166,6 +205,14 @@ def main() -> int:
         ("caller → AI, media message read alone, orjson and dict checks (before)", media_read(tw._media_audio_general)),
         (f"AI → caller, ours, converted per 40 ms batch (FIR down, μ-law, message; {kernels})", ai_to_caller(2)),
         ("AI → caller, ours, converted as each frame comes (before)", per_frame_ai_to_caller),
+        (
+            "AI → caller, Outbound.push_pcm to a Twilio leg (Python glue: pacing, send, accounting)",
+            outbound_ai_to_caller(False),
+        ),
+    ]
+    if ours_compiled and AI_PATH is not None:
+        rows.append(("AI → caller, compiled path (_ai_path: the same, one C call)", outbound_ai_to_caller(True)))
+    rows += [
         ("AI → caller, naive (ratecv, lin2ulaw, base64, json per frame)", naive_ai_to_caller),
     ]
     # The audio kernels alone, each way, compiled (if built) and numpy: the same bytes, at what cost.
