@@ -4,13 +4,15 @@
 
 No sockets: the per-frame work between them, on speech-like audio, best of ``--repeat`` runs. Caller → AI: a
 Twilio media message read (``tw.media_audio``, the leg's direct path), placed on the timeline, decoded,
-resampled and queued for the AI (``Inbound.push``, with and without the barge-in detector's VAD). AI → caller:
+resampled and queued for the AI (``Inbound.push``, with and without the barge-in detector's VAD); and the whole
+of it from the leg's tap through the call core's handler to a Savants connection, by the Python path and by the
+compiled one (``telephony_bridge/_taps.c``, ``telephony_bridge/_caller_path.c``). AI → caller:
 a 20 ms PCM frame from the AI converted to μ-law, either as each frame comes (how the bridge did it before) or
 per batch when it goes out (``FrameBuffer``'s lazy conversion, two frames a message by default), and the
 outbound media message built; and the whole of a real-time AI's frame through ``Outbound`` mid-spurt (queued,
 paced, converted, sent to a Twilio leg from the push, accounted for), by ``push_pcm`` (Python) and by its
-compiled path (``telephony_bridge/_ai_path.c``). The naive rows are ``bench/naive_bridge.py``'s steps (stdlib ``json``,
-``audioop`` μ-law and ``ratecv``). The WebSocket and event loop costs that dominate a call are not here:
+compiled path (``telephony_bridge/_ai_path.c``). The naive rows are ``bench/naive_bridge.py``'s steps (stdlib
+``json``, ``audioop`` μ-law and ``ratecv``). The WebSocket and event loop costs that dominate a call are not here:
 ``bench/capacity.py`` measures the whole.
 
 The "ours" rows run the audio kernels ``--kernels`` names (``audio.kernels``: auto is the compiled extension if
@@ -38,19 +40,36 @@ with warnings.catch_warnings():
     import audioop  # the stdlib module up to 3.12; the audioop-lts package on 3.13+
 
 from telephony_bridge.audio.codec import pcm16_to_ulaw
-from telephony_bridge.audio.kernels import AI_PATH, CHOICES, EXTENSION, use_compiled
+from telephony_bridge.audio.kernels import CHOICES, EXTENSION, use_compiled
 from telephony_bridge.audio.pipeline import AiToCaller, CallerToAi, FrameBuffer
 from telephony_bridge.clock import FakeClock, SystemClock
-from telephony_bridge.inbound import Inbound
+from telephony_bridge.inbound import CallerPath, Inbound
 from telephony_bridge.ops.metrics import Metrics
-from telephony_bridge.outbound import Outbound
+from telephony_bridge.outbound import AiAudioPath, Outbound
 from telephony_bridge.settings import AudioSettings, BargeInSettings, TwilioSettings
 from telephony_bridge.twilio import protocol as tw
-from telephony_bridge.twilio.leg import TwilioLeg
+from telephony_bridge.twilio.leg import MediaTap, TwilioLeg
 from telephony_bridge.twilio.outbound_messages import MediaMessages
 from telephony_bridge.twilio.stream_socket import StreamSocket
 
 STREAM_SID = "MZ" + "0" * 32
+
+
+class NullSocket:
+    """A media stream's socket as the leg taps it (``StreamSocket.tap_text``): messages come from the bench."""
+
+    def tap_text(self, _tap: object) -> None:
+        pass
+
+
+class NullSavants:
+    """A Savants connection that takes every message at once (``can_send_now``) and sends it nowhere."""
+
+    def can_send_now(self) -> bool:
+        return True
+
+    def send_audio_nowait(self, _pcm: bytes) -> None:
+        pass
 
 
 class NullTransport:
@@ -107,6 +126,33 @@ def main() -> int:
                 assert read is not None
                 inbound.push(read[1], read[0], 1000.0 + i * 0.02, None)
                 queue.clear()
+
+        return run
+
+    def leg_to_ai(compiled: bool) -> Callable[[], None]:
+        """A caller's media messages as the socket hands them to a Twilio leg (its tap), through the call core's
+        handler (``Inbound.audio_handler``, as ``Call`` wires it) to a Savants connection that takes every 40 ms
+        message at once: the Python path (``TwilioLeg._tapped``, ``Call._caller_audio``) or the compiled one
+        (``_taps.MediaTap``, ``_caller_path.CallerPath``)."""
+
+        def run() -> None:
+            clock = FakeClock()
+            leg = TwilioLeg(NullSocket(), TwilioSettings(), Metrics(), clock, compiled=compiled)
+            inbound = Inbound(audio, BargeInSettings(), Metrics(), clock)
+
+            def caller_audio(ulaw: bytes, timestamp_ms: int | None) -> None:  # Call._caller_audio
+                now = clock.monotonic()
+                inbound.push(timestamp_ms, ulaw, now, None)
+
+            handler = inbound.audio_handler(
+                caller_audio, clock, lambda now: None, lambda events: None, compiled=compiled
+            )
+            leg.deliver_audio_to(handler)
+            inbound._parked, inbound._conn = True, NullSavants()  # as ``Inbound.run`` leaves them between frames
+            for data in frames:
+                leg._tap(data)
+                clock.advance(0.02)
+            assert inbound.frames_to_ai == n - n % 2  # every whole message went out inside its frame's call
 
         return run
 
@@ -200,6 +246,14 @@ def main() -> int:
     rows = [
         (f"caller → AI, ours (parse, timeline, decode, 75-tap FIR up, queue, VAD; {kernels})", caller_to_ai(True)),
         ("caller → AI, ours without barge-in (no VAD)", caller_to_ai(False)),
+        (
+            "caller → AI, a Twilio leg's media through the call core (Python: tap, timeline, FIR, VAD, send)",
+            leg_to_ai(False),
+        ),
+    ]
+    if ours_compiled and CallerPath is not None and MediaTap is not None:
+        rows.append(("caller → AI, the same compiled (_taps.MediaTap, _caller_path: two C calls)", leg_to_ai(True)))
+    rows += [
         ("caller → AI, naive (json, ulaw2lin, ratecv; no timeline, no VAD)", naive_caller_to_ai),
         ("caller → AI, media message read alone (tw.media_audio: msgspec)", media_read(tw.media_audio)),
         ("caller → AI, media message read alone, orjson and dict checks (before)", media_read(tw._media_audio_general)),
@@ -210,7 +264,7 @@ def main() -> int:
             outbound_ai_to_caller(False),
         ),
     ]
-    if ours_compiled and AI_PATH is not None:
+    if ours_compiled and AiAudioPath is not None:
         rows.append(("AI → caller, compiled path (_ai_path: the same, one C call)", outbound_ai_to_caller(True)))
     rows += [
         ("AI → caller, naive (ratecv, lin2ulaw, base64, json per frame)", naive_ai_to_caller),
