@@ -35,8 +35,9 @@ RUN --mount=type=secret,id=pip_ca \
 # setup.py builds the extensions with optional=True, so pip succeeds without a compiler: stop here instead.
 # (From /, so Python imports the installed package rather than the source tree in /src.)
 RUN cd / && /opt/venv/bin/python -c "import sys; from telephony_bridge.audio import kernels; \
-from telephony_bridge.inbound import CallerPath; from telephony_bridge.twilio.leg import MediaTap; \
-sys.exit(0 if kernels.EXTENSION is not None and CallerPath and MediaTap else 'build: the C extensions (setup.py) \
+from telephony_bridge.inbound import CallerPath; from telephony_bridge.outbound import AiAudioPath; \
+from telephony_bridge.twilio.leg import MediaTap; \
+sys.exit(0 if kernels.EXTENSION and CallerPath and AiAudioPath and MediaTap else 'build: the C extensions (setup.py) \
 were not built, so the image would run the slower Python and numpy path; BUILD_IMAGE needs a C compiler and Python \
 headers')"
 

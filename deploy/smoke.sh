@@ -36,9 +36,10 @@ found=$(timeout 60 docker run --rm --entrypoint python3 "$image" -c "
 import shutil
 from telephony_bridge.audio import kernels
 from telephony_bridge.inbound import CallerPath
+from telephony_bridge.outbound import AiAudioPath
 from telephony_bridge.twilio.leg import MediaTap
 compilers = [c for c in ('gcc', 'cc', 'x86_64-linux-gnu-gcc', 'clang') if shutil.which(c)]
-built = kernels.EXTENSION and CallerPath and MediaTap
+built = kernels.EXTENSION and CallerPath and AiAudioPath and MediaTap
 print('compiled' if built else 'not all compiled', *compilers)" 2>&1) || true
 if [ "$found" != "compiled" ]; then
   echo "smoke: expected the compiled audio kernels and frame path and no C compiler in the image; found: $found" >&2

@@ -435,12 +435,17 @@ def run_loadtest(args: argparse.Namespace) -> int:
 def _compiled(choice: str) -> tuple[str, str]:
     """What ``audio.kernels`` runs: the kernels, and which parts of the per-frame path are compiled (built by
     setup.py; each falls back to Python where it is not)."""
-    from telephony_bridge import inbound
+    from telephony_bridge import inbound, outbound
     from telephony_bridge.savants import client
     from telephony_bridge.twilio import leg
 
     if not kernels.use_compiled(choice):
         return "numpy", "none"
-    built = {"twilio media": leg.MediaTap, "caller audio": inbound.CallerPath, "savants audio": client.AudioTap}
+    built = {
+        "twilio media": leg.MediaTap,
+        "caller audio": inbound.CallerPath,
+        "savants audio": client.AudioTap,
+        "ai audio": outbound.AiAudioPath,
+    }
     parts = [name for name, part in built.items() if part is not None]
     return "compiled", ", ".join(parts) or "none"
