@@ -58,8 +58,11 @@ STREAM_SID = "MZ" + "0" * 32
 class NullSocket:
     """A media stream's socket as the leg taps it (``StreamSocket.tap_text``): messages come from the bench."""
 
-    def tap_text(self, _tap: object) -> None:
-        pass
+    def __init__(self) -> None:
+        self.tap: Callable[[bytes], bool] | None = None
+
+    def tap_text(self, tap: Callable[[bytes], bool] | None) -> None:
+        self.tap = tap
 
 
 class NullSavants:
@@ -137,7 +140,8 @@ def main() -> int:
 
         def run() -> None:
             clock = FakeClock()
-            leg = TwilioLeg(NullSocket(), TwilioSettings(), Metrics(), clock, compiled=compiled)
+            socket = NullSocket()
+            leg = TwilioLeg(socket, TwilioSettings(), Metrics(), clock, compiled=compiled)
             inbound = Inbound(audio, BargeInSettings(), Metrics(), clock)
 
             def caller_audio(ulaw: bytes, timestamp_ms: int | None) -> None:  # Call._caller_audio
@@ -149,8 +153,10 @@ def main() -> int:
             )
             leg.deliver_audio_to(handler)
             inbound._parked, inbound._conn = True, NullSavants()  # as ``Inbound.run`` leaves them between frames
+            tap = socket.tap
+            assert tap is not None
             for data in frames:
-                leg._tap(data)
+                tap(data)
                 clock.advance(0.02)
             assert inbound.frames_to_ai == n - n % 2  # every whole message went out inside its frame's call
 

@@ -104,10 +104,6 @@ class Call:
             settings.audio, settings.barge_in, deps.metrics, deps.clock, frame_bytes=leg.frame_bytes
         )
         self.outbound = Outbound(settings.audio, deps.clock, leg)
-        # ``_caller_audio``, or its compiled twin (inbound.py): what the leg hands each frame of the caller's audio.
-        self._on_caller_audio = self._inbound.audio_handler(
-            self._caller_audio, deps.clock, self.outbound.audible_since, self._caller_events
-        )
         self._ai = AiSide(
             settings,
             deps.admission,
@@ -332,12 +328,18 @@ class Call:
     # --- caller side -------------------------------------------------------------------------------------
 
     async def _caller_pump(self) -> None:
-        self._leg.deliver_audio_to(self._on_caller_audio)  # most audio then skips ``receive``
+        # ``_caller_audio``, or its compiled twin (inbound.py): what the leg hands each frame of the caller's audio.
+        # Held by the leg and this frame only, never by the call: it holds the call, and an ended call must go
+        # by reference counting alone (``tests/test_task_group.py``).
+        on_audio = self._inbound.audio_handler(
+            self._caller_audio, self._clock, self.outbound.audible_since, self._caller_events
+        )
+        self._leg.deliver_audio_to(on_audio)  # most audio then skips ``receive``
         try:
             while True:
                 event = await self._leg.receive()
                 if isinstance(event, CallerAudio):
-                    self._on_caller_audio(event.ulaw, event.timestamp_ms)
+                    on_audio(event.ulaw, event.timestamp_ms)
                 elif isinstance(event, PlayedUpTo):
                     self.outbound.mark_echoed(event.name)
                 elif isinstance(event, Digit):

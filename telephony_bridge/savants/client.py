@@ -99,10 +99,10 @@ class SavantsConnection(WSListener):
         self._stall: str | None = None  # why the connection counts as stalled, if it does
         self._closing = False  # close() was called
         self._direct: DirectAudio[[bytes]] = DirectAudio()  # the AI's audio straight to the call core
-        # ``_tapped`` in one C call (``_taps.c``), where built.
-        self._tap: Callable[[bytes], bool] = self._tapped
-        if compiled and AudioTap is not None:
-            self._tap = AudioTap(self, session, self._direct, State.CONNECTED, max_frame_bytes=MAX_FRAME_BYTES)
+        self._compiled = compiled and AudioTap is not None
+        # While the call takes the AI's audio: ``_tapped``, or its compiled twin. It holds this connection, so it is
+        # held only while attached (``deliver_audio_to``): a connection must go by reference counting alone.
+        self._tap: Callable[[bytes], bool] | None = None
 
     @property
     def session_id(self) -> str | None:
@@ -150,6 +150,12 @@ class SavantsConnection(WSListener):
         still queues behind them, so nothing is reordered; and what the handler raises, ``receive`` raises.
         The handler runs in the caller's context (what it logs carries the call's IDs)."""
         self._direct.attach(handler)
+        if handler is None:
+            self._tap = None
+        elif not self._compiled:
+            self._tap = self._tapped
+        else:  # ``_tapped`` in one C call (``_taps.c``)
+            self._tap = AudioTap(self, self.session, self._direct, State.CONNECTED, max_frame_bytes=MAX_FRAME_BYTES)
 
     async def receive(self) -> Audio | Notice | None:
         events = self._events
@@ -205,7 +211,8 @@ class SavantsConnection(WSListener):
         kind = frame.msg_type
         if kind is _BINARY and frame.fin:
             data = frame.get_payload_as_bytes()
-            if self._tap(data):
+            tap = self._tap
+            if tap is not None and tap(data):
                 return  # the AI's audio, straight to the call: no ``Audio`` event built for it
             event = self.session.receive_binary(data)
         elif kind is _TEXT and frame.fin:

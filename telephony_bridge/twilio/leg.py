@@ -120,7 +120,7 @@ class TwilioLeg:
         # Twilio sends media every 20 ms, even in silence (spec §3): a quiet socket is a dead one.
         self.watchdog = Watchdog(clock, settings.inactivity_timeout_s or None)
         self._direct: DirectAudio[[bytes, int | None]] = DirectAudio()
-        self._tap = self._tapped if not compiled or MediaTap is None else self._compiled_tap(clock)
+        self._compiled = compiled and MediaTap is not None
         # A picows ``StreamSocket`` can send without waiting (``writable``/``send_utf8_now``); Starlette's cannot.
         self._writable: Callable[[], bool] | None = getattr(ws, "writable", None)
 
@@ -165,12 +165,17 @@ class TwilioLeg:
         tap_text = getattr(self._ws, "tap_text", None)
         if tap_text is not None:
             self._direct.attach(handler)
-            tap_text(self._tap if handler is not None else None)
+            tap_text(self.tap() if handler is not None else None)
 
-    def _compiled_tap(self, clock: Clock) -> Callable[[bytes], bool]:
-        """``_tapped``'s compiled twin (``_taps.c``): a message in Twilio's exact shape is read and handed to
-        the core in one C call; any other goes to ``_tapped``. It reads and writes ``_open``, the watchdog's
-        ``_last`` and the ``DirectAudio``'s ``handler``, ``_context`` and ``_error`` by name."""
+    def tap(self) -> Callable[[bytes], bool]:
+        """What the socket hands each text message to while the core takes audio: ``_tapped``, or its compiled
+        twin (``_taps.c``), which reads a message in Twilio's exact shape and hands it to the core in one C call,
+        any other going to ``_tapped``; it reads and writes ``_open``, the watchdog's ``_last`` and the
+        ``DirectAudio``'s ``handler``, ``_context`` and ``_error`` by name. Made when attached, and held only by
+        the socket, which drops it when the core detaches: it holds this leg."""
+        if not self._compiled:
+            return self._tapped
+        clock = self._clock
         monotonic = time.monotonic if type(clock) is SystemClock else clock.monotonic
         return MediaTap(  # type: ignore[no-any-return]
             self, self.watchdog, self._direct, monotonic, self._tapped, max_number_digits=tw.MAX_NUMBER_DIGITS
