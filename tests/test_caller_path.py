@@ -19,7 +19,8 @@ import pytest
 
 from telephony_bridge.audio import kernels
 from telephony_bridge.audio.barge_in import Event
-from telephony_bridge.audio.codec import pcm16_to_ulaw
+from telephony_bridge.audio.codec import TWILIO_FRAME_BYTES, pcm16_to_ulaw
+from telephony_bridge.audio.vad import VAD_FRAME_S
 from telephony_bridge.clock import FakeClock
 from telephony_bridge.inbound import CallerPath, Inbound
 from telephony_bridge.ops.metrics import Metrics
@@ -45,9 +46,11 @@ QUIET = bytes([0xFF]) * 160
 class Twin:
     """One ``Inbound`` behind one handler, as ``Call`` wires it (``_caller_audio``: push, then the events)."""
 
-    def __init__(self, audio: AudioSettings, barge_in: BargeInSettings, *, compiled: bool) -> None:
+    def __init__(
+        self, audio: AudioSettings, barge_in: BargeInSettings, *, compiled: bool, frame_bytes: int | None
+    ) -> None:
         self.clock = FakeClock(start=1000.0)
-        self.inbound = Inbound(audio, barge_in, Metrics(), self.clock)
+        self.inbound = Inbound(audio, barge_in, Metrics(), self.clock, frame_bytes=frame_bytes)
         self.savants = FakeSavants(self.clock)
         self.sent: list[bytes] = []
         self.savants.record = self.sent.append  # type: ignore[method-assign]
@@ -96,12 +99,12 @@ def _slots(obj: object) -> list[tuple[str, Any]]:
     return [(k, getattr(obj, k)) for cls in type(obj).__mro__ for k in getattr(cls, "__slots__", ())]
 
 
-def stream(rng: random.Random, frames: int) -> list[tuple[bytes, int | None, float, bool]]:
+def stream(rng: random.Random, frames: int) -> list[Frame]:
     """(payload, timestamp_ms, ms to the next frame, whether the AI can take audio now): mostly Twilio's on-time
     frames, with the faults the Python path handles on its own: gaps, late and repeated frames, jitter within
     the tolerance, empty payloads, a pair of 10 ms payloads (a quirk; re-framed), and, near the end, a sender
     that stops stamping (arrival order for the rest of the call)."""
-    out: list[tuple[bytes, int | None, float, bool]] = []
+    out: list[Frame] = []
     ts = 0
     talking = False
     for i in range(frames):
@@ -131,21 +134,41 @@ def stream(rng: random.Random, frames: int) -> list[tuple[bytes, int | None, flo
     return out
 
 
+Frame = tuple[bytes, int | None, float, bool]
+
+
 async def run_both(seed: int, audio: AudioSettings, barge_in: BargeInSettings, frames: int = 400) -> Twin:
-    rng = random.Random(seed)
-    twins = [Twin(audio, barge_in, compiled=True), Twin(audio, barge_in, compiled=False)]
-    tasks = [asyncio.create_task(t.inbound.run(t.savants)) for t in twins]  # type: ignore[arg-type]
+    return await run_script(audio, barge_in, stream(random.Random(seed), frames), label=f"seed {seed}")
+
+
+async def run_script(
+    audio: AudioSettings,
+    barge_in: BargeInSettings,
+    script: list[Frame],
+    *,
+    label: str = "",
+    frame_bytes: int | None = TWILIO_FRAME_BYTES,
+    connected: bool = True,
+) -> Twin:
+    """Both paths through ``script``, compared after each frame; ``connected``: the AI takes audio (``run``)."""
+    twins = [Twin(audio, barge_in, compiled=c, frame_bytes=frame_bytes) for c in (True, False)]
+    tasks = [asyncio.create_task(t.inbound.run(t.savants)) for t in twins if connected]  # type: ignore[arg-type]
     try:
         await settle()
-        for n, (payload, stamp, gap_ms, takes_now) in enumerate(stream(rng, frames)):
-            # The AI talks in turns: silent, audible for long, or only just audible (under min_ai_audible_ms).
-            turn = (n // 50) % 3
+        for n, (payload, stamp, gap_ms, takes_now) in enumerate(script):
+            # The AI talks in turns: silent, audible for long, only just audible (under min_ai_audible_ms), or
+            # audible for a hair (1e-6 s, the detector's EPS_S) under min_ai_audible_ms at the onset: it counts.
+            turn = (n // 50) % 4
             for twin in twins:
                 twin.savants.takes_now = takes_now
-                twin.audible_from = (None, 999.0, twin.clock.monotonic() - 0.1)[turn]
+                now = twin.clock.monotonic()
+                detector = twin.inbound.detector
+                near = now - VAD_FRAME_S - (detector._min_ai_audible_s if detector else 0) + 5e-7
+                twin.audible_from = (None, 999.0, now - 0.1, near)[turn]
+                twin.inbound._listening.clear()  # as ``watch_idle`` does: the handler must set it as Python does
                 twin.handler(payload, stamp)
             await settle()
-            assert twins[0].state() == twins[1].state(), f"seed {seed}, frame {n}: the paths differ"
+            assert twins[0].state() == twins[1].state(), f"{label}, frame {n}: the paths differ"
             for twin in twins:
                 twin.clock.advance(gap_ms / 1000)
             await settle()
@@ -171,16 +194,51 @@ async def test_compiled_caller_path_matches_the_python_path(seed: int) -> None:
     assert slow > 0  # and the faults went to the Python path
 
 
-@pytest.mark.parametrize("max_hold_s", [8.0, 0.1])
+@pytest.mark.parametrize("max_hold_s", [8.0, 0.1, 0.0])
 async def test_compiled_caller_path_barges_in_as_the_python_path(max_hold_s: float) -> None:
     """Speech over an audible AI: the same barge-ins and stops, from the same frames; with a short hold, the same
-    stops at the hold's limit too."""
+    stops at the hold's limit too (0: no limit)."""
     barge_in = BargeInSettings(min_ai_audible_ms=0, max_hold_s=max_hold_s)
     twin = await run_both(5, AudioSettings(), barge_in, frames=800)
     kinds = {kind for kind, _ in twin.events}
     assert kinds == {"BargeIn", "CallerStopped"}
     hold_limits = [event for kind, event in twin.events if kind == "CallerStopped" and event.hold_limit]
-    assert bool(hold_limits) == (max_hold_s < 1)
+    assert bool(hold_limits) == (0 < max_hold_s < 1)
+
+
+def on_time(frames: int, start_ms: int = 0, payload: bytes = QUIET) -> list[Frame]:
+    return [(payload, start_ms + 20 * i, 20, True) for i in range(frames)]
+
+
+@pytest.mark.parametrize("enabled", [True, False])
+async def test_compiled_caller_path_drops_the_oldest_as_the_python_path_while_the_ai_is_away(enabled: bool) -> None:
+    """Nobody sends (no session yet): past ``pre_connect_buffer_ms`` the oldest frame goes, as in ``push``."""
+    script = on_time(20, payload=SPEECH[:160])
+    twin = await run_script(
+        AudioSettings(pre_connect_buffer_ms=100), BargeInSettings(enabled=enabled), script, connected=False
+    )
+    assert twin.inbound.dropped_overflow == 15
+    assert counts(twin) == (19, 1)  # the first frame starts the timeline: Python's
+
+
+@pytest.mark.parametrize("enabled", [True, False])
+async def test_compiled_caller_path_leaves_frames_behind_a_part_frame_to_the_python_path(enabled: bool) -> None:
+    """A lone 10 ms payload puts the next frames half a frame out of step (the pipeline and the VAD each carry a
+    part frame), though each is stamped where the last ended; a second one puts them back in step."""
+    half = [(QUIET[:80], 200, 10, True)]
+    script = on_time(10) + half + on_time(10, 210, SPEECH[:160]) + [(QUIET[:80], 410, 10, True)] + on_time(10, 420)
+    twin = await run_script(AudioSettings(), BargeInSettings(enabled=enabled, min_ai_audible_ms=0), script)
+    assert counts(twin) == (9 + 10, 1 + 1 + 10 + 1)
+
+
+@pytest.mark.parametrize("frame_bytes", [None, 320])
+async def test_compiled_caller_path_takes_the_frames_its_leg_promises(frame_bytes: int | None) -> None:
+    """A leg that promises no size (SIP) has its 160-byte frames taken here; one that promises another size has
+    each logged as a quirk, by the Python path."""
+    twin = await run_script(AudioSettings(), BargeInSettings(), stream(random.Random(1), 100), frame_bytes=frame_bytes)
+    fast, slow = counts(twin)
+    assert (fast > 3 * slow) == (frame_bytes is None)
+    assert ("frame_size" in twin.inbound.quirks) == (frame_bytes == 320)
 
 
 def test_the_compiled_caller_path_is_what_audio_kernels_auto_chooses() -> None:
