@@ -254,3 +254,23 @@ def test_the_compiled_caller_path_refuses_an_inbound_without_the_compiled_kernel
     inbound = Inbound(AudioSettings(kernels="numpy"), BargeInSettings(), Metrics(), FakeClock())
     with pytest.raises(Exception, match="compiled"):
         inbound.audio_handler(lambda u, t: None, FakeClock(), lambda now: None, lambda e: None, compiled=True)
+
+
+async def test_compiled_caller_path_leaves_stamps_past_int64_to_the_python_path() -> None:
+    """Python's ints have no limit: a stamp or a position the compiled path cannot hold in int64 (none a leg
+    sends: Twilio's have 18 digits at most) is the Python path's, which neither raises nor wraps round."""
+    top = (2**63 - 1) // 8  # the last stamp whose position fits, but not the next frame's position
+    script = [(QUIET, top - 20, 20, True), (QUIET, top, 20, True), (QUIET, 2**63, 20, True), (QUIET, 0, 20, True)]
+    twin = await run_script(AudioSettings(), BargeInSettings(), script)
+    assert counts(twin) == (0, 4)
+
+
+@pytest.mark.parametrize("compiled", [True, False])
+def test_compiled_caller_path_leaves_an_upsampler_state_of_another_size_to_the_kernels_check(compiled: bool) -> None:
+    """Nothing resizes the state; were it done, the kernels refuse it, as the Python path has them do, rather
+    than writing past its end."""
+    twin = Twin(AudioSettings(), BargeInSettings(), compiled=compiled, frame_bytes=TWILIO_FRAME_BYTES)
+    twin.handler(QUIET, 0)
+    twin.inbound._pipeline._upsampler._state.clear()
+    with pytest.raises(ValueError, match="upsampler state"):
+        twin.handler(QUIET, 20)
