@@ -274,3 +274,19 @@ def test_compiled_caller_path_leaves_an_upsampler_state_of_another_size_to_the_k
     twin.inbound._pipeline._upsampler._state.clear()
     with pytest.raises(ValueError, match="upsampler state"):
         twin.handler(QUIET, 20)
+
+
+@pytest.mark.parametrize("compiled", [True, False])
+def test_compiled_caller_path_leaves_unconfigured_kernels_to_their_check(compiled: bool) -> None:
+    """Kernels whose tables were refused (configure() again, with taps that are not ours) are used by neither
+    path: the Python one's ulaw_up raises, and so must the compiled one, not go on with the old tables."""
+    assert kernels.EXTENSION is not None
+    twin = Twin(AudioSettings(), BargeInSettings(), compiled=compiled, frame_bytes=TWILIO_FRAME_BYTES)
+    twin.handler(QUIET, 0)
+    with pytest.raises(ValueError):
+        kernels.EXTENSION.configure(bytes(8 * 38), bytes(range(8)) * 38, bytes(512), bytes(65536))
+    try:
+        with pytest.raises(RuntimeError, match="before configure"):
+            twin.handler(QUIET, 20)
+    finally:
+        assert kernels._import_extension()[0] is not None  # configured again, for the tests that follow
