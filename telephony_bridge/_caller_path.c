@@ -237,7 +237,9 @@ static int is_common(CallerPath *self, PyObject *ulaw, PyObject *stamp, long lon
     if (!PyBytes_CheckExact(ulaw) || PyBytes_GET_SIZE(ulaw) != FRAME_BYTES || !PyLong_CheckExact(stamp)) return 0;
     int overflow;
     *ts = PyLong_AsLongLongAndOverflow(stamp, &overflow);
-    if (overflow || *ts < 0 || *ts > (LLONG_MAX / BYTES_PER_MS)) return 0;
+    if (overflow || *ts < 0 || *ts > (LLONG_MAX - FRAME_BYTES) / BYTES_PER_MS) return 0; /* position + 160 fits */
+    /* The kernels' own checks, which the Python path's ulaw_up makes on every frame: it then raises. */
+    if (PyByteArray_GET_SIZE(self->state) != UP_STATE_BYTES || !*kernels->configured) return 0;
     PyObject *frame_bytes = PyObject_GetAttr(self->inbound, str__frame_bytes);
     if (frame_bytes == NULL) return -1;
     long long expected = frame_bytes == Py_None ? FRAME_BYTES : PyLong_AsLongLong(frame_bytes);
@@ -256,11 +258,16 @@ static int is_common(CallerPath *self, PyObject *ulaw, PyObject *stamp, long lon
         Py_DECREF(last);
         return 0;
     }
-    long long last_ts = PyLong_AsLongLong(last);
+    long long last_ts = PyLong_AsLongLongAndOverflow(last, &overflow);
     Py_DECREF(last);
     if (last_ts == -1 && PyErr_Occurred()) return -1;
-    if (get_int64(self->timeline, str__position, position) < 0) return -1;
-    if (!(*ts > last_ts && *ts * BYTES_PER_MS == *position)) return 0;
+    if (overflow) return 0; /* a stamp past int64 (Python's ints have no limit): the fallback's */
+    PyObject *at = PyObject_GetAttr(self->timeline, str__position);
+    if (at == NULL) return -1;
+    *position = PyLong_AsLongLongAndOverflow(at, &overflow);
+    Py_DECREF(at);
+    if (*position == -1 && PyErr_Occurred()) return -1;
+    if (overflow || !(*ts > last_ts && *ts * BYTES_PER_MS == *position)) return 0;
     /* CallerToAi.push: nothing carried over; the VAD: no part frame waiting. */
     PyObject *pending = PyObject_GetAttr(self->pipeline, str__pending);
     if (pending == NULL) return -1;
