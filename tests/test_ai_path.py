@@ -338,3 +338,36 @@ def test_ai_path_is_push_pcm_where_the_kernels_are_numpy() -> None:
     assert handler == outbound.push_pcm
     with pytest.raises(ValueError, match="compiled AI audio path"):
         outbound.audio_handler(compiled=True)
+
+
+@pytest.mark.parametrize("spoilt", ["resized", "unconfigured"])
+async def test_ai_path_leaves_a_spoilt_downsampler_to_the_kernels_check(spoilt: str) -> None:
+    """A downsampler state of another size (nothing resizes it), or kernels whose tables were refused
+    (configure() again): the Python path's down_ulaw raises, and so must the compiled path, rather than read and
+    write past the state's end or go on with the old tables."""
+    audio = SETTINGS[1]  # a real-time AI's frames go out inline from the third on
+    sides = [Side(audio, twilio=False, compiled=c) for c in (True, False)]
+    assert kernels.EXTENSION is not None
+    try:
+        await settle()
+        for i in range(3):
+            await apply(sides, ("pcm", 640, 3000, i))
+            await apply(sides, ("advance", 0.02))
+        if spoilt == "resized":
+            for side in sides:
+                side.outbound._buffer._to_caller._downsampler._state.clear()
+        else:
+            with pytest.raises(ValueError):
+                kernels.EXTENSION.configure(bytes(8 * 38), bytes(range(8)) * 38, bytes(512), bytes(65536))
+        try:
+            await apply(sides, ("pcm", 640, 3000, 9))
+        finally:
+            assert kernels._import_extension()[0] is not None  # configured again, for the tests that follow
+        expected = "ValueError: expected a 151-byte" if spoilt == "resized" else "RuntimeError: telephony_bridge"
+        assert [r.startswith(expected) for r in sides[1].raised] == [True]  # the Python path's
+        assert sides[0].raised == sides[1].raised
+    finally:
+        for side in sides:
+            side.tasks[0].cancel()
+            with contextlib.suppress(BaseException):
+                await side.tasks[0]
