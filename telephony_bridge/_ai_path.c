@@ -305,6 +305,8 @@ static int take_is_direct(AiAudioPath *self, PyObject *chunks, PyObject *data, P
     int carried = PyObject_IsTrue(odd);
     Py_DECREF(odd);
     if (carried != 0 || *total % 2) return carried < 0 ? -1 : 0;
+    /* The kernels' own checks, which the Python path's down_ulaw makes on every take: it then raises. */
+    if (PyByteArray_GET_SIZE(self->down_state) != DOWN_STATE_BYTES || !*kernels->configured) return 0;
     *count = kernels->down_count((const uint8_t *)PyByteArray_AS_STRING(self->down_state), *total / 2);
     return *count == n;
 }
