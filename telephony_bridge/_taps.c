@@ -46,8 +46,11 @@ static int literal(const char **at, const char *end, const char *text, size_t si
 static int number(const char **at, const char *end, long long *value) {
     const char *p = *at;
     long long v = 0;
-    while (p < end && *p >= '0' && *p <= '9') v = v * 10 + (*p++ - '0'); /* 18 digits fit in int64 */
-    if (p == *at || p - *at > MAX_NUMBER_DIGITS) return 0;
+    while (p < end && *p >= '0' && *p <= '9') {
+        if (p - *at == MAX_NUMBER_DIGITS) return 0; /* one digit more: refused before it could overflow int64 */
+        v = v * 10 + (*p++ - '0');                  /* 18 digits fit */
+    }
+    if (p == *at) return 0;
     *at = p;
     if (value != NULL) *value = v;
     return 1;
