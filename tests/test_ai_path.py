@@ -50,6 +50,8 @@ SETTINGS = [
     AudioSettings(outbound_batch_ms=20, adaptive_prebuffer=False, mark_interval_ms=100, playout_prebuffer_ms=40),
     AudioSettings(outbound_batch_ms=60, playout_prebuffer_ms=100, max_ai_ahead_s=1),
     AudioSettings(playout_prebuffer_ms=0, outbound_lead_ms=60, mark_interval_ms=40),
+    # A prebuffer over the lead (the low water is then the lead's), and not in whole frames (rounded up).
+    AudioSettings(playout_prebuffer_ms=150, outbound_lead_ms=100, outbound_batch_ms=40),
 ]
 
 
@@ -196,7 +198,8 @@ OPERATIONS = st.one_of(
     ),
     st.tuples(st.just("advance"), st.sampled_from([0.0, 0.001, 0.005, 0.02, 0.02, 0.02, 0.04, 0.1, 0.3, 1.0])),
     st.tuples(st.just("takes_now"), st.booleans()),
-    st.tuples(st.sampled_from(["interrupt", "resume", "echo", "fill", "no_fill", "finish", "break"])),
+    # "barge": a barge-in that ends, and a frame that comes, before the pacer has sent its clear.
+    st.tuples(st.sampled_from(["interrupt", "resume", "barge", "echo", "fill", "no_fill", "finish", "break"])),
 )
 # A real-time AI: frames of 10 to 60 ms, each its length after the last, give or take some jitter.
 TALK = st.tuples(st.just("talk"), st.integers(5, 120), st.sampled_from([10, 20, 20, 20, 40, 60]), st.integers(0, 2**16))
@@ -229,6 +232,10 @@ async def apply(sides: list[Side], op: tuple[Any, ...]) -> None:
             out.interrupt()
         elif kind == "resume":
             out.resume()
+        elif kind == "barge":
+            out.interrupt()
+            out.resume()
+            side.push(pcm_chunk(640, 3000, 0))  # ``_clear_pending`` and no hold: the pacer's, not inline
         elif kind == "echo" and out.playback._pending:
             out.mark_echoed(next(iter(out.playback._pending)))
         elif kind == "fill":
