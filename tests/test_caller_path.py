@@ -290,3 +290,10 @@ def test_compiled_caller_path_leaves_unconfigured_kernels_to_their_check(compile
             twin.handler(QUIET, 20)
     finally:
         assert kernels._import_extension()[0] is not None  # configured again, for the tests that follow
+
+
+def test_compiled_caller_path_used_before_init_raises() -> None:
+    """``__new__`` alone (no ``__init__``) leaves its references unset: a call says so rather than reading them."""
+    assert CallerPath is not None
+    with pytest.raises(RuntimeError, match="before __init__"):
+        CallerPath.__new__(CallerPath)(QUIET, 20)

@@ -193,3 +193,11 @@ async def test_the_savants_audio_tap_answers_as_the_python_tap(
     assert outcomes[0][0] == taken
     if taken:
         assert outcomes[0][1] == [(bytes([size % 256]) * size, "CA7")]  # in the context it was attached in
+
+
+@pytest.mark.parametrize("tap", ["MediaTap", "AudioTap"])
+def test_a_tap_used_before_init_raises(tap: str) -> None:
+    """``__new__`` alone (no ``__init__``) leaves its references unset: a call says so rather than reading them."""
+    kind = twilio_leg.MediaTap if tap == "MediaTap" else client.AudioTap
+    with pytest.raises(RuntimeError, match="before __init__"):
+        kind.__new__(kind)(b"{}")
