@@ -489,6 +489,10 @@ static int detect(CallerPath *self, const int16_t *pcm8, PyObject *pcm8_obj, dou
 static PyObject *CallerPath_call(CallerPath *self, PyObject *args, PyObject *kwds) {
     PyObject *ulaw, *stamp;
     if (!PyArg_ParseTuple(args, "OO", &ulaw, &stamp)) return NULL;
+    if (self->rate == NULL) { /* set last by __init__: __new__ alone, or an __init__ that failed */
+        PyErr_SetString(PyExc_RuntimeError, "CallerPath used before __init__");
+        return NULL;
+    }
     long long ts, position;
     int common = is_common(self, ulaw, stamp, &ts, &position);
     if (common < 0) return NULL;

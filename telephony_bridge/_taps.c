@@ -117,6 +117,12 @@ static PyObject *take_exception(void) {
 #endif
 }
 
+/* A call on an object __new__ made and no __init__ set up (its references are still NULL). */
+static PyObject *used_before_init(const char *name) {
+    PyErr_Format(PyExc_RuntimeError, "%s used before __init__", name);
+    return NULL;
+}
+
 /* --- Twilio's media: MediaTap -------------------------------------------------------------------------------------------- */
 
 typedef struct {
@@ -204,6 +210,7 @@ static PyObject *deliver(PyObject *direct, PyObject *const *args, Py_ssize_t nar
 static PyObject *MediaTap_call(MediaTap *self, PyObject *args, PyObject *kwds) {
     PyObject *text;
     if (!PyArg_ParseTuple(args, "O", &text)) return NULL;
+    if (self->fallback == NULL) return used_before_init("MediaTap");
     PyObject *open = PyObject_GetAttr(self->leg, str__open);
     if (open == NULL) return NULL;
     int is_open = PyObject_IsTrue(open);
@@ -294,6 +301,7 @@ static void AudioTap_dealloc(AudioTap *self) {
 static PyObject *AudioTap_call(AudioTap *self, PyObject *args, PyObject *kwds) {
     PyObject *data;
     if (!PyArg_ParseTuple(args, "O", &data)) return NULL;
+    if (self->connected == NULL) return used_before_init("AudioTap");
     PyObject *events = PyObject_GetAttr(self->connection, str__events);
     if (events == NULL) return NULL;
     Py_ssize_t waiting = PyObject_Length(events);
