@@ -201,3 +201,32 @@ def test_a_tap_used_before_init_raises(tap: str) -> None:
     kind = twilio_leg.MediaTap if tap == "MediaTap" else client.AudioTap
     with pytest.raises(RuntimeError, match="before __init__"):
         kind.__new__(kind)(b"{}")
+
+
+def test_the_scan_takes_a_payload_that_fills_its_buffer_and_leaves_a_sid_with_a_bad_escape_to_python() -> None:
+    assert agrees(tw.Media(SID, bytes(3072), 20, 1, 2).to_json().encode())  # 4096 base64 characters: MAX_PAYLOAD
+    text = tw.Media(SID, bytes(160), 20, 1, 2).to_json().encode().replace(SID.encode(), b"MZ\\q")
+    assert tw.media_audio(text) is None and not agrees(text)
+
+
+@pytest.mark.parametrize("compiled", [True, False])
+def test_the_media_tap_takes_nothing_once_the_leg_is_closed_and_lets_base_exceptions_through(compiled: bool) -> None:
+    class Socket:
+        def tap_text(self, tap: object) -> None: ...
+
+    leg = twilio_leg.TwilioLeg(Socket(), TwilioSettings(), Metrics(), SystemClock(), compiled=compiled)  # type: ignore[arg-type]
+    assert isinstance(leg._tap, twilio_leg.MediaTap) == compiled
+    heard: list[int | None] = []
+
+    def handler(ulaw: bytes, ts: int | None) -> None:
+        heard.append(ts)
+        if ts == 40:
+            raise KeyboardInterrupt
+
+    leg.deliver_audio_to(handler)
+    with pytest.raises(KeyboardInterrupt):  # not the core's failure to keep: it goes on up, the handler stays
+        leg._tap(tw.Media(SID, bytes(160), 40, 1, 2).to_json().encode())
+    assert leg._direct.handler is handler and leg._direct._error is None
+    leg._open = False
+    assert leg._tap(tw.Media(SID, bytes(160), 60, 1, 2).to_json().encode()) is False
+    assert heard == [40]
