@@ -14,6 +14,7 @@ import asyncio
 import base64
 import os
 import time
+from collections.abc import Callable
 
 import pytest
 from hypothesis import given, settings
@@ -212,10 +213,13 @@ def test_the_scan_takes_a_payload_that_fills_its_buffer_and_leaves_a_sid_with_a_
 @pytest.mark.parametrize("compiled", [True, False])
 def test_the_media_tap_takes_nothing_once_the_leg_is_closed_and_lets_base_exceptions_through(compiled: bool) -> None:
     class Socket:
-        def tap_text(self, tap: object) -> None: ...
+        tap: Callable[[bytes], bool]
 
-    leg = twilio_leg.TwilioLeg(Socket(), TwilioSettings(), Metrics(), SystemClock(), compiled=compiled)  # type: ignore[arg-type]
-    assert isinstance(leg._tap, twilio_leg.MediaTap) == compiled
+        def tap_text(self, tap: Callable[[bytes], bool]) -> None:
+            self.tap = tap
+
+    socket = Socket()
+    leg = twilio_leg.TwilioLeg(socket, TwilioSettings(), Metrics(), SystemClock(), compiled=compiled)  # type: ignore[arg-type]
     heard: list[int | None] = []
 
     def handler(ulaw: bytes, ts: int | None) -> None:
@@ -224,9 +228,10 @@ def test_the_media_tap_takes_nothing_once_the_leg_is_closed_and_lets_base_except
             raise KeyboardInterrupt
 
     leg.deliver_audio_to(handler)
+    assert isinstance(socket.tap, twilio_leg.MediaTap) == compiled
     with pytest.raises(KeyboardInterrupt):  # not the core's failure to keep: it goes on up, the handler stays
-        leg._tap(tw.Media(SID, bytes(160), 40, 1, 2).to_json().encode())
+        socket.tap(tw.Media(SID, bytes(160), 40, 1, 2).to_json().encode())
     assert leg._direct.handler is handler and leg._direct._error is None
     leg._open = False
-    assert leg._tap(tw.Media(SID, bytes(160), 60, 1, 2).to_json().encode()) is False
+    assert socket.tap(tw.Media(SID, bytes(160), 60, 1, 2).to_json().encode()) is False
     assert heard == [40]
