@@ -149,10 +149,9 @@ class Inbound:
 
         The twin works on this object's own state, read and written by attribute name: ``_pipeline`` (its
         ``timeline``, ``_pending`` and ``_upsampler._state``), ``_queue``, ``detector`` (its ``_vad`` and the
-        state ``_frame`` keeps),
-        ``_frame_bytes``, ``_frames_per_message``, ``_max_frames``, ``_parked``, ``_conn``, ``_next_at``,
-        ``_oldest_at``, ``_lone_timer``, ``_ready``, ``frames_in``, ``frames_to_ai``, ``_last_frame_at``;
-        renaming one fails ``tests/test_caller_path.py``."""
+        state ``_frame`` keeps), ``_listening``, ``_frame_bytes``, ``_frames_per_message``, ``_max_frames``,
+        ``_parked``, ``_conn``, ``_next_at``, ``_oldest_at``, ``_lone_timer``, ``_ready``, ``frames_in``,
+        ``frames_to_ai``, ``_last_frame_at``; renaming one fails ``tests/test_caller_path.py``."""
         if compiled is None:
             compiled = self._compiled and CallerPath is not None
         if not compiled:
