@@ -479,9 +479,9 @@ def _compiled_path(outbound: Outbound) -> Callable[[bytes], None] | None:
     )
     if AiAudioPath is None or downsampler._compiled is None or any(type(o) is not t for o, t in exact):
         return None
-    # The one sink whose media messages it builds itself; imported here, as the Twilio leg imports the call core.
-    from telephony_bridge.twilio.leg import TwilioLeg
-
+    # A leg whose class says its sends are Twilio media messages on a stream socket has them built in C.
+    sink_type = type(outbound._sink)
+    media_leg = sink_type if getattr(sink_type, "compiled_media_messages", False) else None
     path: Callable[[bytes], None] = AiAudioPath(
         outbound,
         audible_codes=_AUDIBLE_CODES,
@@ -493,7 +493,7 @@ def _compiled_path(outbound: Outbound) -> Callable[[bytes], None] | None:
         spurt_gap_s=SPURT_GAP_S,
         eps=_EPS,
         pacing_eps=pacing._EPS,
-        twilio_leg=TwilioLeg,
+        twilio_leg=media_leg,
         caller_gone=CallerGone,
     )
     return path

@@ -320,6 +320,34 @@ async def test_ai_path_takes_a_real_time_ais_frames_itself(audio: AudioSettings,
     assert path.sent >= 0.6 * messages > 0
 
 
+async def test_ai_path_builds_a_twilio_legs_media_messages_itself_and_only_for_a_leg_that_says_so(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A leg class with ``compiled_media_messages`` (TwilioLeg) has its messages built and sent in C, without its
+    ``send_audio_nowait``; without the flag, the leg's own method sends them. (The Python side of ``run_both``
+    calls the method the same number of times either way.)"""
+    assert TwilioLeg.compiled_media_messages  # the leg the bridge runs says so
+    calls = 0
+    send = TwilioLeg.send_audio_nowait
+
+    def counted(self: TwilioLeg, ulaw: bytes) -> None:
+        nonlocal calls
+        calls += 1
+        send(self, ulaw)
+
+    monkeypatch.setattr(TwilioLeg, "send_audio_nowait", counted)
+    sent = []
+    for flagged in (True, False):
+        monkeypatch.setattr(TwilioLeg, "compiled_media_messages", flagged)
+        calls = 0
+        async with asyncio.timeout(60):
+            compiled = await run_both(SETTINGS[0], True, list(real_time_speech(200)))
+        path: Any = compiled.handler
+        assert path.sent > 100
+        sent.append(calls)
+    assert sent[1] - sent[0] > 100  # the compiled side's own sends went through the method only unflagged
+
+
 async def test_ai_path_a_send_that_fails_raises_caller_gone_from_its_cause() -> None:
     """The TwilioLeg's own except clause, as the Python path raises it: the stream marked closed."""
     side = Side(AudioSettings(playout_prebuffer_ms=0), twilio=True, compiled=True)

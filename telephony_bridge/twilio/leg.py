@@ -101,6 +101,9 @@ class TwilioLeg:
     """A Media Streams WebSocket as a caller leg (``leg.CallerLeg``)."""
 
     ingress: Literal["twilio"] = "twilio"
+    # ``Outbound``'s compiled path (``_ai_path.c``) may build this leg's media messages itself and send them on
+    # its socket (``_ws.send_utf8_now``, ``_media``'s head and tail, ``_open``), as ``send_audio_nowait`` does.
+    compiled_media_messages = True
     frame_bytes: int | None = TWILIO_FRAME_BYTES  # Twilio's media payload: 20 ms of μ-law (spec §3)
     requests_after_end = True  # the <Connect action> request: /stream-ended
 
