@@ -1,5 +1,5 @@
 /* The caller's audio on its way into a call, in one C call per frame: the compiled twin of the Python path
- * Call._caller_audio -> Inbound.push -> CallerToAi -> the barge-in detector's fast branches.
+ * Call._caller_audio -> Inbound.push -> CallerToAi -> Inbound._send_or_wake -> the VAD -> BargeInDetector._frame.
  *
  * Why: each of those steps is cheap, but there are ~20 Python calls per 20 ms frame per call, and at 250 calls
  * a core their interpreter overhead was a fifth of the bridge's CPU (#10). Here they are one call.
@@ -9,9 +9,9 @@
  * Python methods do, and only for the common frame: Twilio's 160 bytes, stamped exactly where the last one
  * ended, with nothing carried over, and a VAD with no part frame waiting. It checks that before it changes
  * anything; any other frame goes to the Python handler it was given, whole. Where the Python path would do
- * more than update numbers (a barge-in candidate, an event, a lone frame's timer, a send), it calls the
- * Python method that does it. tests/test_caller_path.py holds the two paths to the same state and the same
- * sends over random streams; inbound.py's CallerPath says which attributes this reads.
+ * more than update numbers (an event, a dropped frame, a lone frame's timer, a send), it calls the Python
+ * that does it. tests/test_caller_path.py holds the two paths to the same state, events and sends over random
+ * streams; Inbound.audio_handler (inbound.py) says which attributes this reads and writes.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>

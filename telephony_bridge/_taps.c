@@ -5,8 +5,8 @@
  *   base64: what it reads from such a message is what media_audio reads, and it accepts nothing media_audio
  *   refuses. Any other message goes to the Python tap it was given, which is the reference.
  *   tests/test_taps.py holds the two to the same answers.
- * - AudioTap, the compiled twin of SavantsConnection.on_ws_frame's audio branch (VoiceSession.is_audio, then
- *   DirectAudio.deliver): the AI's binary frame handed to the call while nothing waits unread before it.
+ * - AudioTap, the compiled twin of SavantsConnection._tapped (VoiceSession.is_audio, then DirectAudio.deliver):
+ *   the AI's binary frame handed to the call while nothing waits unread before it.
  *
  * Both work on the Python objects' own attributes, by name, as the Python code does.
  *
