@@ -407,7 +407,8 @@ static PyObject *frame(CallerPath *self, int speech, double now, PyObject *now_o
     if (!speech) {
         *listening = candidate;
         if (candidate) { /* a gap in the candidate: too long, and it is no utterance */
-            if (get_int64(d, str__quiet_frames, &quiet) < 0 || set_int(d, str__quiet_frames, quiet + 1) < 0) return NULL;
+            if (get_int64(d, str__quiet_frames, &quiet) < 0 || set_int(d, str__quiet_frames, quiet + 1) < 0)
+                return NULL;
             if (quiet + 1 > self->max_gap_frames) {
                 *listening = 0;
                 if (PyObject_SetAttr(d, str__onset_s, Py_None) < 0) return NULL;

@@ -123,7 +123,7 @@ static PyObject *used_before_init(const char *name) {
     return NULL;
 }
 
-/* --- Twilio's media: MediaTap -------------------------------------------------------------------------------------------- */
+/* --- Twilio's media: MediaTap ------------------------------------------------------------------------------------- */
 
 typedef struct {
     PyObject_HEAD
