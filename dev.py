@@ -35,6 +35,7 @@ INSTALL_INPUTS = (
     ROOT / "telephony_bridge/audio/_kernels_capi.h",
     ROOT / "telephony_bridge/_caller_path.c",
     ROOT / "telephony_bridge/_taps.c",
+    ROOT / "telephony_bridge/_pyattrs.h",
     ROOT / "telephony_bridge/_ai_path.c",
 )
 

@@ -34,20 +34,21 @@ setup(
         Extension(
             "telephony_bridge._caller_path",
             ["telephony_bridge/_caller_path.c"],
-            depends=["telephony_bridge/audio/_kernels_capi.h"],
+            depends=["telephony_bridge/audio/_kernels_capi.h", "telephony_bridge/_pyattrs.h"],
             extra_compile_args=OPTIMISE,
             optional=True,
         ),
         Extension(
             "telephony_bridge._taps",
             ["telephony_bridge/_taps.c"],
+            depends=["telephony_bridge/_pyattrs.h"],
             extra_compile_args=OPTIMISE,
             optional=True,
         ),
         Extension(
             "telephony_bridge._ai_path",
             ["telephony_bridge/_ai_path.c"],
-            depends=["telephony_bridge/audio/_kernels_capi.h"],
+            depends=["telephony_bridge/audio/_kernels_capi.h", "telephony_bridge/_pyattrs.h"],
             extra_compile_args=OPTIMISE,
             optional=True,
         ),

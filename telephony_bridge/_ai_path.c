@@ -21,6 +21,7 @@
 #include <Python.h>
 #include <structmember.h>
 
+#include "_pyattrs.h" /* attributes as C numbers, take_exception */
 #include "audio/_kernels_capi.h" /* the kernels' own down-sampling, through their capsule */
 
 static const KernelsCAPI *kernels = NULL;
@@ -47,61 +48,6 @@ static int intern_names(void) {
     NAMES(INTERN)
 #undef INTERN
     return 0;
-}
-
-/* --- reading and writing attributes ------------------------------------------------------------------------ */
-
-static int get_double(PyObject *obj, PyObject *name, double *out) {
-    PyObject *v = PyObject_GetAttr(obj, name);
-    if (v == NULL) return -1;
-    *out = PyFloat_AsDouble(v);
-    Py_DECREF(v);
-    return *out == -1.0 && PyErr_Occurred() ? -1 : 0;
-}
-
-static int get_i64(PyObject *obj, PyObject *name, int64_t *out) {
-    PyObject *v = PyObject_GetAttr(obj, name);
-    if (v == NULL) return -1;
-    *out = PyLong_AsLongLong(v);
-    Py_DECREF(v);
-    return *out == -1 && PyErr_Occurred() ? -1 : 0;
-}
-
-/* 1 if obj.name is truthy, 0 if not, -1 on error. */
-static int get_truth(PyObject *obj, PyObject *name) {
-    PyObject *v = PyObject_GetAttr(obj, name);
-    if (v == NULL) return -1;
-    int truth = PyObject_IsTrue(v);
-    Py_DECREF(v);
-    return truth;
-}
-
-/* 1 if obj.name is None, 0 if not, -1 on error. */
-static int get_is_none(PyObject *obj, PyObject *name) {
-    PyObject *v = PyObject_GetAttr(obj, name);
-    if (v == NULL) return -1;
-    int none = v == Py_None;
-    Py_DECREF(v);
-    return none;
-}
-
-static int set_steal(PyObject *obj, PyObject *name, PyObject *v) {
-    if (v == NULL) return -1;
-    int r = PyObject_SetAttr(obj, name, v);
-    Py_DECREF(v);
-    return r;
-}
-
-static int set_double(PyObject *obj, PyObject *name, double v) { return set_steal(obj, name, PyFloat_FromDouble(v)); }
-static int set_i64(PyObject *obj, PyObject *name, int64_t v) { return set_steal(obj, name, PyLong_FromLongLong(v)); }
-static int set_bool(PyObject *obj, PyObject *name, int v) {
-    return PyObject_SetAttr(obj, name, v ? Py_True : Py_False);
-}
-
-static int add_i64(PyObject *obj, PyObject *name, int64_t delta) {
-    int64_t v;
-    if (get_i64(obj, name, &v) < 0) return -1;
-    return set_i64(obj, name, v + delta);
 }
 
 /* Python's floor division, for the one place an operand may be negative. */
@@ -388,12 +334,7 @@ static int twilio_send_body(PyObject *leg, PyObject *ulaw) {
 static int twilio_send(AiAudioPath *self, PyObject *ulaw) {
     if (twilio_send_body(self->sink, ulaw) == 0) return 0;
     if (!PyErr_ExceptionMatches(PyExc_Exception)) return -1;
-    PyObject *type, *value, *tb;
-    PyErr_Fetch(&type, &value, &tb);
-    PyErr_NormalizeException(&type, &value, &tb);
-    if (tb != NULL) PyException_SetTraceback(value, tb);
-    Py_XDECREF(type);
-    Py_XDECREF(tb);
+    PyObject *value = take_exception();
     if (set_bool(self->sink, s__open, 0) < 0) {
         Py_DECREF(value);
         return -1;

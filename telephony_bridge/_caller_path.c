@@ -16,6 +16,7 @@
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 
+#include "_pyattrs.h" /* attributes as C numbers */
 #include "audio/_kernels_capi.h" /* the kernels, through _kernels' capsule */
 
 #define FRAME_BYTES 160 /* Twilio's 20 ms of 8 kHz mu-law: the only frame taken here */
@@ -46,7 +47,7 @@ typedef struct {
     PyObject *listening, *barge_in, *caller_stopped;      /* Inbound._listening; the detector's event types */
     double min_mean_square;
     /* The detector's settings (fixed for the call) and barge_in.py's constants. */
-    long long speech_frames_needed, end_frames_needed, max_gap_frames;
+    int64_t speech_frames_needed, end_frames_needed, max_gap_frames;
     double min_ai_audible_s, max_hold_s, eps_s, vad_frame_s;
     Py_ssize_t per;      /* frames per upstream message */
     double next_gap_s;   /* per * FRAME_S / CATCH_UP_RATE, as Python computes it */
@@ -54,45 +55,6 @@ typedef struct {
     /* Frames taken here, and handed to the fallback: tests read them to see that both paths ran. */
     Py_ssize_t fast, slow;
 } CallerPath;
-
-/* --- small helpers: attributes as C numbers ------------------------------------------------------------- */
-
-static int get_int64(PyObject *obj, PyObject *name, long long *out) {
-    PyObject *v = PyObject_GetAttr(obj, name);
-    if (v == NULL) return -1;
-    *out = PyLong_AsLongLong(v);
-    Py_DECREF(v);
-    return (*out == -1 && PyErr_Occurred()) ? -1 : 0;
-}
-
-static int get_double(PyObject *obj, PyObject *name, double *out) {
-    PyObject *v = PyObject_GetAttr(obj, name);
-    if (v == NULL) return -1;
-    *out = PyFloat_AsDouble(v);
-    Py_DECREF(v);
-    return (*out == -1.0 && PyErr_Occurred()) ? -1 : 0;
-}
-
-static int set_steal(PyObject *obj, PyObject *name, PyObject *value) {
-    if (value == NULL) return -1;
-    int rc = PyObject_SetAttr(obj, name, value);
-    Py_DECREF(value);
-    return rc;
-}
-
-static int add_int(PyObject *obj, PyObject *name, long long delta) {
-    long long v;
-    if (get_int64(obj, name, &v) < 0) return -1;
-    return set_steal(obj, name, PyLong_FromLongLong(v + delta));
-}
-
-static int truthy(PyObject *obj, PyObject *name) {
-    PyObject *v = PyObject_GetAttr(obj, name);
-    if (v == NULL) return -1;
-    int t = PyObject_IsTrue(v);
-    Py_DECREF(v);
-    return t;
-}
 
 static int call_method0(PyObject *obj, PyObject *name) {
     PyObject *r = PyObject_CallMethodNoArgs(obj, name);
@@ -154,9 +116,9 @@ static int CallerPath_init(CallerPath *self, PyObject *args, PyObject *kwds) {
         FETCH(listening, inbound, _listening);
         PyObject *d = self->detector;
         if (get_double(self->vad, str__min_mean_square, &self->min_mean_square) < 0 ||
-            get_int64(d, str__speech_frames_needed, &self->speech_frames_needed) < 0 ||
-            get_int64(d, str__end_frames_needed, &self->end_frames_needed) < 0 ||
-            get_int64(d, str__max_gap_frames, &self->max_gap_frames) < 0 ||
+            get_i64(d, str__speech_frames_needed, &self->speech_frames_needed) < 0 ||
+            get_i64(d, str__end_frames_needed, &self->end_frames_needed) < 0 ||
+            get_i64(d, str__max_gap_frames, &self->max_gap_frames) < 0 ||
             get_double(d, str__min_ai_audible_s, &self->min_ai_audible_s) < 0 ||
             get_double(d, str__max_hold_s, &self->max_hold_s) < 0)
             return -1;
@@ -168,8 +130,8 @@ static int CallerPath_init(CallerPath *self, PyObject *args, PyObject *kwds) {
         Py_XSETREF(self->vad_process, process);
     }
 #undef FETCH
-    long long per;
-    if (get_int64(inbound, str__frames_per_message, &per) < 0) return -1;
+    int64_t per;
+    if (get_i64(inbound, str__frames_per_message, &per) < 0) return -1;
     self->per = (Py_ssize_t)per;
     self->next_gap_s = (double)per * frame_s / catch_up_rate; /* Python: now + per * FRAME_S / CATCH_UP_RATE */
     Py_XSETREF(self->zero, PyLong_FromLong(0));
@@ -330,7 +292,7 @@ static int send_or_wake(CallerPath *self, double now, PyObject *now_obj) {
             Py_XDECREF(message);
             if (sent == NULL) ready = -1;
             Py_XDECREF(sent);
-            if (ready == 1 && (add_int(inbound, str_frames_to_ai, self->per) < 0 ||
+            if (ready == 1 && (add_i64(inbound, str_frames_to_ai, self->per) < 0 ||
                                PyObject_SetAttr(inbound, str__oldest_at, now_obj) < 0 ||
                                set_steal(inbound, str__next_at, PyFloat_FromDouble(now + self->next_gap_s)) < 0))
                 ready = -1;
@@ -350,33 +312,21 @@ static int send_or_wake(CallerPath *self, double now, PyObject *now_obj) {
     return queued ? call_method0(inbound, str__arm_lone_timer) : 0;
 }
 
-static int set_bool(PyObject *obj, PyObject *name, int value) {
-    return PyObject_SetAttr(obj, name, value ? Py_True : Py_False);
-}
-
-static int set_double(PyObject *obj, PyObject *name, double value) {
-    return set_steal(obj, name, PyFloat_FromDouble(value));
-}
-
-static int set_int(PyObject *obj, PyObject *name, long long value) {
-    return set_steal(obj, name, PyLong_FromLongLong(value));
-}
-
 /* BargeInDetector._frame: every state transition, for one frame ending at now; the event (a new reference) or
  * None, and in *listening the detector's ``listening`` after it. The same comparisons on the same doubles, in
  * the same order. */
 static PyObject *frame(CallerPath *self, int speech, double now, PyObject *now_obj, int *listening) {
     PyObject *d = self->detector;
     if (PyObject_SetAttr(d, str__last_end_s, now_obj) < 0) return NULL;
-    long long quiet;
-    int speaking = truthy(d, str__speaking);
+    int64_t quiet;
+    int speaking = get_truth(d, str__speaking);
     if (speaking < 0) return NULL;
     *listening = 1;
     if (speaking) {
-        if (get_int64(d, str__quiet_frames, &quiet) < 0) return NULL;
+        if (get_i64(d, str__quiet_frames, &quiet) < 0) return NULL;
         quiet = speech ? 0 : quiet + 1;
-        if (set_int(d, str__quiet_frames, quiet) < 0) return NULL;
-        int barged = truthy(d, str__barged);
+        if (set_i64(d, str__quiet_frames, quiet) < 0) return NULL;
+        int barged = get_truth(d, str__barged);
         if (barged < 0) return NULL;
         if (barged && self->max_hold_s) {
             double held_since;
@@ -393,7 +343,7 @@ static PyObject *frame(CallerPath *self, int speech, double now, PyObject *now_o
         }
         if (quiet < self->end_frames_needed) Py_RETURN_NONE;
         if (set_bool(d, str__speaking, 0) < 0 || PyObject_SetAttr(d, str__onset_s, Py_None) < 0 ||
-            set_int(d, str__quiet_frames, 0) < 0)
+            set_i64(d, str__quiet_frames, 0) < 0)
             return NULL;
         *listening = 0;
         if (!barged) Py_RETURN_NONE;
@@ -407,7 +357,7 @@ static PyObject *frame(CallerPath *self, int speech, double now, PyObject *now_o
     if (!speech) {
         *listening = candidate;
         if (candidate) { /* a gap in the candidate: too long, and it is no utterance */
-            if (get_int64(d, str__quiet_frames, &quiet) < 0 || set_int(d, str__quiet_frames, quiet + 1) < 0)
+            if (get_i64(d, str__quiet_frames, &quiet) < 0 || set_i64(d, str__quiet_frames, quiet + 1) < 0)
                 return NULL;
             if (quiet + 1 > self->max_gap_frames) {
                 *listening = 0;
@@ -416,7 +366,7 @@ static PyObject *frame(CallerPath *self, int speech, double now, PyObject *now_o
         }
         Py_RETURN_NONE;
     }
-    long long speech_frames = 0;
+    int64_t speech_frames = 0;
     if (!candidate) { /* the candidate's first speech frame: its onset, and whether the AI was audible then */
         PyObject *since = PyObject_CallOneArg(self->audible_since, now_obj);
         if (since == NULL) return NULL;
@@ -424,13 +374,13 @@ static PyObject *frame(CallerPath *self, int speech, double now, PyObject *now_o
         if (rc == 0) rc = PyObject_SetAttr(d, str__onset_ai_since_s, since);
         Py_DECREF(since);
         if (rc < 0) return NULL;
-    } else if (get_int64(d, str__speech_frames, &speech_frames) < 0) {
+    } else if (get_i64(d, str__speech_frames, &speech_frames) < 0) {
         return NULL;
     }
     speech_frames += 1;
-    if (set_int(d, str__speech_frames, speech_frames) < 0 || set_int(d, str__quiet_frames, 0) < 0) return NULL;
+    if (set_i64(d, str__speech_frames, speech_frames) < 0 || set_i64(d, str__quiet_frames, 0) < 0) return NULL;
     if (speech_frames < self->speech_frames_needed) Py_RETURN_NONE;
-    if (set_bool(d, str__speaking, 1) < 0 || add_int(d, str_utterances, 1) < 0) return NULL;
+    if (set_bool(d, str__speaking, 1) < 0 || add_i64(d, str_utterances, 1) < 0) return NULL;
     double onset;
     if (get_double(d, str__onset_s, &onset) < 0) return NULL;
     PyObject *since_obj = PyObject_GetAttr(d, str__onset_ai_since_s);
@@ -441,7 +391,7 @@ static PyObject *frame(CallerPath *self, int speech, double now, PyObject *now_o
     if (since == -1.0 && PyErr_Occurred()) return NULL;
     if (none || onset - since < self->min_ai_audible_s - self->eps_s) Py_RETURN_NONE; /* not over the AI */
     if (set_bool(d, str__barged, 1) < 0 || PyObject_SetAttr(d, str__held_since_s, now_obj) < 0 ||
-        add_int(d, str_barge_ins, 1) < 0)
+        add_i64(d, str_barge_ins, 1) < 0)
         return NULL;
     PyObject *onset_again = PyFloat_FromDouble(onset);
     if (onset_again == NULL) return NULL;
@@ -509,7 +459,7 @@ static PyObject *CallerPath_call(CallerPath *self, PyObject *args, PyObject *kwd
     PyObject *pcm8 = NULL, *pcm16 = NULL, *result = NULL;
     if (now == -1.0 && PyErr_Occurred()) goto done;
     /* Inbound.push */
-    if (add_int(inbound, str_frames_in, 1) < 0 || PyObject_SetAttr(inbound, str__last_frame_at, now_obj) < 0)
+    if (add_i64(inbound, str_frames_in, 1) < 0 || PyObject_SetAttr(inbound, str__last_frame_at, now_obj) < 0)
         goto done;
     if (PyObject_SetAttr(self->timeline, str__last_stamp, stamp) < 0 ||
         PyObject_SetAttr(self->timeline, str__stale_run, self->zero) < 0 ||
@@ -524,13 +474,13 @@ static PyObject *CallerPath_call(CallerPath *self, PyObject *args, PyObject *kwd
     Py_ssize_t queued = PyObject_Length(self->queue);
     if (queued < 0) goto done;
     if (queued == 0 && PyObject_SetAttr(inbound, str__oldest_at, now_obj) < 0) goto done;
-    long long max_frames;
-    if (get_int64(inbound, str__max_frames, &max_frames) < 0) goto done;
+    int64_t max_frames;
+    if (get_i64(inbound, str__max_frames, &max_frames) < 0) goto done;
     if (queued >= max_frames && call_method0(inbound, str__drop_oldest) < 0) goto done;
     PyObject *appended = PyObject_CallOneArg(self->append, pcm16);
     if (appended == NULL) goto done;
     Py_DECREF(appended);
-    int parked = truthy(inbound, str__parked);
+    int parked = get_truth(inbound, str__parked);
     if (parked < 0 || (parked && send_or_wake(self, now, now_obj) < 0)) goto done;
     if (self->detector != NULL &&
         detect(self, (const int16_t *)PyBytes_AS_STRING(pcm8), pcm8, now, now_obj) < 0)

@@ -18,6 +18,8 @@
 
 #include <string.h>
 
+#include "_pyattrs.h" /* take_exception */
+
 #define MAX_NUMBER_DIGITS 18 /* protocol.MAX_NUMBER_DIGITS: MediaTap checks the two agree */
 #define MAX_PAYLOAD 4096     /* base64 characters taken here (3 KB of audio); a longer payload goes the Python way */
 
@@ -100,21 +102,6 @@ static Py_ssize_t media_audio(const char *text, Py_ssize_t size, uint8_t *out, l
     }
     if (!LITERAL(&p, end, CLOSING) || p != end) return -1;
     return b64_decode((const uint8_t *)payload, quote - payload, out);
-}
-
-/* The exception being raised, taken (PyErr_GetRaisedException from 3.12). */
-static PyObject *take_exception(void) {
-#if PY_VERSION_HEX >= 0x030C0000
-    return PyErr_GetRaisedException();
-#else
-    PyObject *type, *value, *traceback;
-    PyErr_Fetch(&type, &value, &traceback);
-    PyErr_NormalizeException(&type, &value, &traceback);
-    if (value != NULL && traceback != NULL) PyException_SetTraceback(value, traceback);
-    Py_XDECREF(type);
-    Py_XDECREF(traceback);
-    return value;
-#endif
 }
 
 /* A call on an object __new__ made and no __init__ set up (its references are still NULL). */

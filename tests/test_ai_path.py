@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 import random
 from collections.abc import Callable, Iterator
 from types import ModuleType
@@ -31,15 +30,12 @@ from telephony_bridge.outbound import AiAudioPath, Outbound
 from telephony_bridge.settings import AudioSettings, TwilioSettings
 from telephony_bridge.twilio.leg import TwilioLeg
 from telephony_bridge.twilio.stream_socket import StreamSocket
+from tests.support import require_built
 
 
 @pytest.fixture(autouse=True)
 def built() -> None:
-    """Without the extension, skip locally but fail under CI (the compiled path must be tested)."""
-    if AiAudioPath is None or kernels.EXTENSION is None:
-        if os.environ.get("CI"):
-            pytest.fail("CI must build and test telephony_bridge._ai_path (is a C compiler installed?)")
-        pytest.skip("telephony_bridge._ai_path is not built here (no C compiler at install time)")
+    require_built("telephony_bridge._ai_path", AiAudioPath is not None and kernels.EXTENSION is not None)
 
 
 STREAM_SID = "MZ00000000000000000000000000000001"

@@ -10,7 +10,6 @@ compiled handler must also take most frames itself, or this would compare the Py
 from __future__ import annotations
 
 import asyncio
-import os
 import random
 from collections.abc import Callable
 from typing import Any
@@ -25,6 +24,7 @@ from telephony_bridge.clock import FakeClock
 from telephony_bridge.inbound import CallerPath, Inbound
 from telephony_bridge.ops.metrics import Metrics
 from telephony_bridge.settings import AudioSettings, BargeInSettings
+from tests.support import require_built
 from tests.test_inbound import FakeSavants, settle
 from tests.test_vad import speech_8k
 
@@ -33,11 +33,7 @@ SPEECH = pcm16_to_ulaw(speech_8k())  # the recorded sentence: loud enough to bar
 
 @pytest.fixture(autouse=True)
 def built() -> None:
-    """Without the extension, skip locally but fail under CI (the compiled path must be tested)."""
-    if CallerPath is None or kernels.EXTENSION is None:
-        if os.environ.get("CI"):
-            pytest.fail("CI must build and test telephony_bridge._caller_path (is a C compiler installed?)")
-        pytest.skip("telephony_bridge._caller_path is not built here (no C compiler at install time)")
+    require_built("telephony_bridge._caller_path", CallerPath is not None and kernels.EXTENSION is not None)
 
 
 QUIET = bytes([0xFF]) * 160

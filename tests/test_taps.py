@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import os
 import time
 from collections.abc import Callable
 
@@ -27,17 +26,14 @@ from telephony_bridge.savants.protocol import MAX_FRAME_BYTES, State, VoiceSessi
 from telephony_bridge.settings import TwilioSettings
 from telephony_bridge.twilio import leg as twilio_leg
 from telephony_bridge.twilio import protocol as tw
+from tests.support import require_built
 from tests.test_direct_audio import CALL, leg_and_caller, media
 from tests.test_twilio_media_audio import SID, media_messages
 
 
 @pytest.fixture(autouse=True)
 def built() -> None:
-    """Without the extension, skip locally but fail under CI (the compiled path must be tested)."""
-    if twilio_leg.MediaTap is None or client.AudioTap is None:
-        if os.environ.get("CI"):
-            pytest.fail("CI must build and test telephony_bridge._taps (is a C compiler installed?)")
-        pytest.skip("telephony_bridge._taps is not built here (no C compiler at install time)")
+    require_built("telephony_bridge._taps", twilio_leg.MediaTap is not None and client.AudioTap is not None)
 
 
 def read_media(text: bytes) -> tuple[bytes, int] | None:
