@@ -31,11 +31,11 @@ static const KernelsCAPI *kernels = NULL;
 #define NAMES(X)                                                                                                     \
     X(_finishing) X(holding) X(_max_queued_bytes) X(_queued_since) X(_last_push_at) X(_batch_frames) X(_parked)      \
     X(_parked_until) X(_clear_pending) X(_fill) X(_unmarked_ms) X(_mark_every_ms) X(_holds_pay) X(_held_part)        \
-    X(_spurt_live) X(_note_playout) X(first_audio_at) X(_audible_since) X(_audible_until) X(_clock) X(_sink)         \
+    X(_spurt_live) X(_note_playout) X(first_audio_at) X(_audible_since) X(_audible_until) X(_sink)                   \
     X(_ready) X(_progress) X(_pacer) X(_buffer) X(prebuffer) X(playback) X(push_pcm) X(size) X(_pcm) X(_data)        \
     X(_pcm_bytes_in) X(_ulaw_out) X(_to_caller) X(take) X(_odd_byte) X(_downsampler) X(_state) X(_play_end)          \
     X(lead_s) X(frame_s) X(value_s) X(base_s) X(step_s) X(calm_s) X(shrinks) X(_changed_at) X(sent_ms)               \
-    X(monotonic) X(can_send_now) X(send_audio_nowait) X(_ws) X(_media) X(_open) X(_head) X(_tail)                    \
+    X(can_send_now) X(send_audio_nowait) X(_ws) X(_media) X(_open) X(_head) X(_tail)                                 \
     X(send_utf8_now) X(_value) X(set)
 
 #define DECLARE(name) static PyObject *s_##name;
@@ -66,7 +66,7 @@ typedef struct {
     PyObject_HEAD
     vectorcallfunc vectorcall;
     /* Outbound and the parts of it whose identity lasts the call. */
-    PyObject *outbound, *buffer, *to_caller, *down_state, *pacer, *prebuffer, *playback, *clock, *sink;
+    PyObject *outbound, *buffer, *to_caller, *down_state, *pacer, *prebuffer, *playback, *monotonic, *sink;
     PyObject *ready, *progress, *push_pcm;
     PyObject *twilio_leg, *caller_gone; /* the sink type whose media message is built here, and its error */
     /* outbound.py's constants (FRAME_S, FRAME_MS, TWILIO_FRAME_BYTES, LOW_WATER_S, UNDERRUN_GAP_S, SPURT_GAP_S,
@@ -82,7 +82,7 @@ typedef struct {
 
 /* clock.Flag.set(): a call only when it is not set already (set() then does nothing). */
 static int flag_set(PyObject *flag) {
-    PyObject *value = PyObject_GetAttr(flag, s__value);
+    PyObject *value = attr_get(flag, s__value);
     if (value == NULL) return -1;
     int already = value == Py_True;
     Py_DECREF(value);
@@ -96,7 +96,7 @@ static int flag_set(PyObject *flag) {
 
 /* ``self._play_end or now``, as a double. */
 static int play_end_or(AiAudioPath *self, double now, double *end) {
-    PyObject *v = PyObject_GetAttr(self->pacer, s__play_end);
+    PyObject *v = attr_get(self->pacer, s__play_end);
     if (v == NULL) return -1;
     double e = v == Py_None ? now : PyFloat_AsDouble(v);
     Py_DECREF(v);
@@ -159,7 +159,7 @@ static int prebuffer_steady(AiAudioPath *self, PyObject *now_obj, double now) {
     if (get_double(pb, s_step_s, &step_s) < 0 || set_double(pb, s_value_s, py_max(base_s, value_s - step_s)) < 0 ||
         add_i64(pb, s_shrinks, 1) < 0)
         return -1;
-    return PyObject_SetAttr(pb, s__changed_at, now_obj);
+    return attr_set(pb, s__changed_at, now_obj);
 }
 
 /* --- FrameBuffer --------------------------------------------------------------------------------------------- */
@@ -167,7 +167,7 @@ static int prebuffer_steady(AiAudioPath *self, PyObject *now_obj, double now) {
 /* FrameBuffer._resize(). */
 static int buffer_resize(AiAudioPath *self, int64_t *size) {
     int64_t pcm_in, ulaw_out;
-    PyObject *data = PyObject_GetAttr(self->buffer, s__data);
+    PyObject *data = attr_get(self->buffer, s__data);
     if (data == NULL) return -1;
     Py_ssize_t data_len = PyObject_Length(data);
     Py_DECREF(data);
@@ -180,7 +180,7 @@ static int buffer_resize(AiAudioPath *self, int64_t *size) {
 
 /* FrameBuffer.append_pcm(pcm) for bytes. */
 static int buffer_append_pcm(AiAudioPath *self, PyObject *pcm, int64_t *size) {
-    PyObject *chunks = PyObject_GetAttr(self->buffer, s__pcm);
+    PyObject *chunks = attr_get(self->buffer, s__pcm);
     if (chunks == NULL) return -1;
     int r = PyList_Check(chunks) ? PyList_Append(chunks, pcm) : -1;
     if (r < 0 && !PyErr_Occurred()) PyErr_SetString(PyExc_TypeError, "FrameBuffer._pcm is not a list");
@@ -246,7 +246,7 @@ static int take_is_direct(AiAudioPath *self, PyObject *chunks, PyObject *data, P
         if (!PyBytes_CheckExact(chunk)) return 0;
         *total += PyBytes_GET_SIZE(chunk);
     }
-    PyObject *odd = PyObject_GetAttr(self->to_caller, s__odd_byte);
+    PyObject *odd = attr_get(self->to_caller, s__odd_byte);
     if (odd == NULL) return -1;
     int carried = PyObject_IsTrue(odd);
     Py_DECREF(odd);
@@ -259,8 +259,8 @@ static int take_is_direct(AiAudioPath *self, PyObject *chunks, PyObject *data, P
 
 /* FrameBuffer.take(frames): the direct case here, any other by the method. */
 static PyObject *buffer_take(AiAudioPath *self, int64_t frames) {
-    PyObject *chunks = PyObject_GetAttr(self->buffer, s__pcm);
-    PyObject *data = chunks ? PyObject_GetAttr(self->buffer, s__data) : NULL;
+    PyObject *chunks = attr_get(self->buffer, s__pcm);
+    PyObject *data = chunks ? attr_get(self->buffer, s__data) : NULL;
     Py_ssize_t total = 0, count = 0;
     int direct = data ? take_is_direct(self, chunks, data, frames * self->frame_bytes, &total, &count) : -1;
     PyObject *ulaw = NULL;
@@ -298,7 +298,7 @@ static void base64_encode(const uint8_t *in, Py_ssize_t n, char *out) {
 
 /* MediaMessages.encode(ulaw): head + base64 + tail. */
 static PyObject *media_message(PyObject *media, PyObject *ulaw) {
-    PyObject *head = PyObject_GetAttr(media, s__head), *tail = head ? PyObject_GetAttr(media, s__tail) : NULL;
+    PyObject *head = attr_get(media, s__head), *tail = head ? attr_get(media, s__tail) : NULL;
     PyObject *msg = NULL;
     if (tail != NULL && (!PyBytes_Check(head) || !PyBytes_Check(tail)))
         PyErr_SetString(PyExc_TypeError, "MediaMessages._head and _tail must be bytes");
@@ -319,8 +319,8 @@ static PyObject *media_message(PyObject *media, PyObject *ulaw) {
 
 /* TwilioLeg.send_audio_nowait's body: ``self._ws.send_utf8_now(self._media.encode(ulaw))``. */
 static int twilio_send_body(PyObject *leg, PyObject *ulaw) {
-    PyObject *ws = PyObject_GetAttr(leg, s__ws);
-    PyObject *media = ws ? PyObject_GetAttr(leg, s__media) : NULL;
+    PyObject *ws = attr_get(leg, s__ws);
+    PyObject *media = ws ? attr_get(leg, s__media) : NULL;
     PyObject *msg = media ? media_message(media, ulaw) : NULL;
     PyObject *r = msg ? PyObject_CallMethodOneArg(ws, s_send_utf8_now, msg) : NULL;
     Py_XDECREF(ws);
@@ -387,7 +387,7 @@ static int audio_sent(AiAudioPath *self, PyObject *ulaw, double play_at) {
     if (add_i64(self->playback, s_sent_ms, ms) < 0) return -1;
     int none = get_is_none(self->outbound, s_first_audio_at);
     if (none < 0) return -1;
-    if (none && set_steal(self->outbound, s_first_audio_at, PyObject_CallMethodNoArgs(self->clock, s_monotonic)) < 0)
+    if (none && set_steal(self->outbound, s_first_audio_at, PyObject_CallNoArgs(self->monotonic)) < 0)
         return -1;
     if (track_audibility(self, ulaw, play_at) < 0) return -1;
     return add_i64(self->outbound, s__unmarked_ms, ms);
@@ -434,7 +434,7 @@ static int note_playout(AiAudioPath *self, PyObject *now_obj, double now, PyObje
 /* Outbound._take_due(now, frames, batch): 1 with *ulaw (new) and *play_at, 0 for None (held), -1 on error. */
 static int take_due(AiAudioPath *self, PyObject *now_obj, double now, int64_t frames, int64_t batch, PyObject **ulaw,
                     double *play_at) {
-    PyObject *dry_at = PyObject_GetAttr(self->pacer, s__play_end);
+    PyObject *dry_at = attr_get(self->pacer, s__play_end);
     if (dry_at == NULL) return -1;
     double hold_s, lead;
     int64_t due;
@@ -519,15 +519,15 @@ static int wakes_pacer(AiAudioPath *self, int was_empty, int64_t before, int64_t
 
 /* Outbound._append(pcm, buffer.append_pcm), the overflow excluded (is_common saw there is none). */
 static int append(AiAudioPath *self, PyObject *pcm) {
-    PyObject *now_obj = PyObject_CallMethodNoArgs(self->clock, s_monotonic);
+    PyObject *now_obj = PyObject_CallNoArgs(self->monotonic);
     if (now_obj == NULL) return -1;
     double now = PyFloat_AsDouble(now_obj);
     int64_t size, after;
     int r = -1;
     if ((now == -1.0 && PyErr_Occurred()) || get_i64(self->buffer, s_size, &size) < 0) goto done;
     int was_empty = !size;
-    if (was_empty && PyObject_SetAttr(self->outbound, s__queued_since, now_obj) < 0) goto done;
-    if (PyObject_SetAttr(self->outbound, s__last_push_at, now_obj) < 0) goto done;
+    if (was_empty && attr_set(self->outbound, s__queued_since, now_obj) < 0) goto done;
+    if (attr_set(self->outbound, s__last_push_at, now_obj) < 0) goto done;
     int64_t before = floor_div(size, self->frame_bytes);
     if (buffer_append_pcm(self, pcm, &after) < 0) goto done;
     int wake = wakes_pacer(self, was_empty, before, floor_div(after, self->frame_bytes));
@@ -542,8 +542,8 @@ done:
 /* 1 if push_pcm(pcm) is the common case this path covers, 0 if it is Python's, -1 on error. */
 static int is_common(AiAudioPath *self, PyObject *pcm) {
     if (!PyBytes_CheckExact(pcm) || PyBytes_GET_SIZE(pcm) == 0 || PyBytes_GET_SIZE(pcm) % 2) return 0;
-    PyObject *finishing = PyObject_GetAttr(self->outbound, s__finishing);
-    PyObject *holding = finishing ? PyObject_GetAttr(self->outbound, s_holding) : NULL;
+    PyObject *finishing = attr_get(self->outbound, s__finishing);
+    PyObject *holding = finishing ? attr_get(self->outbound, s_holding) : NULL;
     int plain = holding != NULL && finishing == Py_False && holding == Py_False;
     Py_XDECREF(finishing);
     Py_XDECREF(holding);
@@ -551,7 +551,7 @@ static int is_common(AiAudioPath *self, PyObject *pcm) {
     if (!plain) return 0;
     /* No overflow: the size after appending stays within _max_queued_bytes (see FrameBuffer._resize). */
     int64_t pcm_in, ulaw_out, max_queued;
-    PyObject *data = PyObject_GetAttr(self->buffer, s__data);
+    PyObject *data = attr_get(self->buffer, s__data);
     if (data == NULL) return -1;
     Py_ssize_t data_len = PyObject_Length(data);
     Py_DECREF(data);
@@ -586,19 +586,20 @@ static PyObject *path_vectorcall(PyObject *callable, PyObject *const *args, size
 
 /* *slot = obj.name (a new reference; the old one released). */
 static int cache(PyObject **slot, PyObject *obj, PyObject *name) {
-    Py_XSETREF(*slot, PyObject_GetAttr(obj, name));
+    Py_XSETREF(*slot, attr_get(obj, name));
     return *slot == NULL ? -1 : 0;
 }
 
 static int path_init(AiAudioPath *self, PyObject *args, PyObject *kwargs) {
     static char *keywords[] = {"outbound", "audible_codes", "frame_s", "frame_ms", "frame_bytes", "low_water_s",
                                "underrun_gap_s", "spurt_gap_s", "eps", "pacing_eps", "twilio_leg", "caller_gone",
-                               NULL};
-    PyObject *outbound, *twilio_leg, *caller_gone;
+                               "monotonic", NULL};
+    PyObject *outbound, *twilio_leg, *caller_gone, *monotonic;
     Py_buffer audible;
-    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "O$y*dLLdddddOO", keywords, &outbound, &audible, &self->frame_s,
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "O$y*dLLdddddOOO", keywords, &outbound, &audible, &self->frame_s,
                                      &self->frame_ms, &self->frame_bytes, &self->low_water_s, &self->underrun_gap_s,
-                                     &self->spurt_gap_s, &self->eps, &self->pacing_eps, &twilio_leg, &caller_gone))
+                                     &self->spurt_gap_s, &self->eps, &self->pacing_eps, &twilio_leg, &caller_gone,
+                                     &monotonic))
         return -1;
     int sized = audible.len == 256;
     if (sized) memcpy(self->audible, audible.buf, 256);
@@ -614,13 +615,14 @@ static int path_init(AiAudioPath *self, PyObject *args, PyObject *kwargs) {
     Py_XSETREF(self->outbound, Py_NewRef(outbound));
     Py_XSETREF(self->twilio_leg, Py_NewRef(twilio_leg));
     Py_XSETREF(self->caller_gone, Py_NewRef(caller_gone));
+    Py_XSETREF(self->monotonic, Py_NewRef(monotonic));
     PyObject *downsampler = NULL;
     int failed = cache(&self->buffer, outbound, s__buffer) < 0 ||
                  cache(&self->to_caller, self->buffer, s__to_caller) < 0 ||
                  cache(&downsampler, self->to_caller, s__downsampler) < 0 ||
                  cache(&self->down_state, downsampler, s__state) < 0 || cache(&self->pacer, outbound, s__pacer) < 0 ||
                  cache(&self->prebuffer, outbound, s_prebuffer) < 0 ||
-                 cache(&self->playback, outbound, s_playback) < 0 || cache(&self->clock, outbound, s__clock) < 0 ||
+                 cache(&self->playback, outbound, s_playback) < 0 ||
                  cache(&self->sink, outbound, s__sink) < 0 || cache(&self->ready, outbound, s__ready) < 0 ||
                  cache(&self->progress, outbound, s__progress) < 0 || cache(&self->push_pcm, outbound, s_push_pcm) < 0;
     Py_XDECREF(downsampler);
@@ -633,7 +635,7 @@ static int path_init(AiAudioPath *self, PyObject *args, PyObject *kwargs) {
 }
 
 #define MEMBERS(X)                                                                                               \
-    X(outbound) X(buffer) X(to_caller) X(down_state) X(pacer) X(prebuffer) X(playback) X(clock) X(sink) X(ready) \
+    X(outbound) X(buffer) X(to_caller) X(down_state) X(pacer) X(prebuffer) X(playback) X(monotonic) X(sink) X(ready) \
     X(progress) X(push_pcm) X(twilio_leg) X(caller_gone)
 
 static int path_traverse(AiAudioPath *self, visitproc visit, void *arg) {

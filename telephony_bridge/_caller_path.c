@@ -88,15 +88,15 @@ static int CallerPath_init(CallerPath *self, PyObject *args, PyObject *kwds) {
 #undef KEEP
 #define FETCH(field, obj, name)                                                         \
     do {                                                                                \
-        PyObject *v_ = PyObject_GetAttr(obj, str_##name);                               \
+        PyObject *v_ = attr_get(obj, str_##name);                               \
         if (v_ == NULL) return -1;                                                      \
         Py_XSETREF(self->field, v_);                                                    \
     } while (0)
     FETCH(pipeline, inbound, _pipeline);
     FETCH(timeline, self->pipeline, timeline);
-    PyObject *upsampler = PyObject_GetAttr(self->pipeline, str__upsampler);
+    PyObject *upsampler = attr_get(self->pipeline, str__upsampler);
     if (upsampler == NULL) return -1;
-    PyObject *state = PyObject_GetAttr(upsampler, str__state); /* only the compiled upsampler has one */
+    PyObject *state = attr_get(upsampler, str__state); /* only the compiled upsampler has one */
     Py_DECREF(upsampler);
     if (state == NULL) return -1;
     Py_XSETREF(self->state, state);
@@ -202,19 +202,19 @@ static int is_common(CallerPath *self, PyObject *ulaw, PyObject *stamp, long lon
     if (overflow || *ts < 0 || *ts > (LLONG_MAX - FRAME_BYTES) / BYTES_PER_MS) return 0; /* position + 160 fits */
     /* The kernels' own checks, which the Python path's ulaw_up makes on every frame: it then raises. */
     if (PyByteArray_GET_SIZE(self->state) != UP_STATE_BYTES || !*kernels->configured) return 0;
-    PyObject *frame_bytes = PyObject_GetAttr(self->inbound, str__frame_bytes);
+    PyObject *frame_bytes = attr_get(self->inbound, str__frame_bytes);
     if (frame_bytes == NULL) return -1;
     long long expected = frame_bytes == Py_None ? FRAME_BYTES : PyLong_AsLongLong(frame_bytes);
     Py_DECREF(frame_bytes);
     if (expected == -1 && PyErr_Occurred()) return -1;
     if (expected != FRAME_BYTES) return 0; /* another size is this sender's quirk: logged there */
     /* InboundTimeline.place's fast branch: the next frame, stamped exactly where the last one ended. */
-    PyObject *reason = PyObject_GetAttr(self->timeline, str_untimed_reason);
+    PyObject *reason = attr_get(self->timeline, str_untimed_reason);
     if (reason == NULL) return -1;
     int untimed = PyObject_IsTrue(reason);
     Py_DECREF(reason);
     if (untimed != 0) return untimed < 0 ? -1 : 0;
-    PyObject *last = PyObject_GetAttr(self->timeline, str__last_stamp);
+    PyObject *last = attr_get(self->timeline, str__last_stamp);
     if (last == NULL) return -1;
     if (last == Py_None) {
         Py_DECREF(last);
@@ -224,20 +224,20 @@ static int is_common(CallerPath *self, PyObject *ulaw, PyObject *stamp, long lon
     Py_DECREF(last);
     if (last_ts == -1 && PyErr_Occurred()) return -1;
     if (overflow) return 0; /* a stamp past int64 (Python's ints have no limit): the fallback's */
-    PyObject *at = PyObject_GetAttr(self->timeline, str__position);
+    PyObject *at = attr_get(self->timeline, str__position);
     if (at == NULL) return -1;
     *position = PyLong_AsLongLongAndOverflow(at, &overflow);
     Py_DECREF(at);
     if (*position == -1 && PyErr_Occurred()) return -1;
     if (overflow || !(*ts > last_ts && *ts * BYTES_PER_MS == *position)) return 0;
     /* CallerToAi.push: nothing carried over; the VAD: no part frame waiting. */
-    PyObject *pending = PyObject_GetAttr(self->pipeline, str__pending);
+    PyObject *pending = attr_get(self->pipeline, str__pending);
     if (pending == NULL) return -1;
     Py_ssize_t carried = PyObject_Length(pending);
     Py_DECREF(pending);
     if (carried != 0) return carried < 0 ? -1 : 0;
     if (self->detector != NULL) {
-        PyObject *vad_pending = PyObject_GetAttr(self->vad, str__pending);
+        PyObject *vad_pending = attr_get(self->vad, str__pending);
         if (vad_pending == NULL) return -1;
         Py_ssize_t waiting = PyObject_Length(vad_pending);
         Py_DECREF(vad_pending);
@@ -263,19 +263,19 @@ static PyObject *take(CallerPath *self, Py_ssize_t n) {
 /* Inbound._send_or_wake: while its sender is parked, send a whole message the pacing allows, or wake it. */
 static int send_or_wake(CallerPath *self, double now, PyObject *now_obj) {
     PyObject *inbound = self->inbound;
-    PyObject *timer = PyObject_GetAttr(inbound, str__lone_timer); /* _call_off_lone_timer */
+    PyObject *timer = attr_get(inbound, str__lone_timer); /* _call_off_lone_timer */
     if (timer == NULL) return -1;
     if (timer != Py_None) {
         int rc = call_method0(timer, str_cancel);
         Py_DECREF(timer);
-        if (rc < 0 || PyObject_SetAttr(inbound, str__lone_timer, Py_None) < 0) return -1;
+        if (rc < 0 || attr_set(inbound, str__lone_timer, Py_None) < 0) return -1;
     } else {
         Py_DECREF(timer);
     }
     Py_ssize_t queued = PyObject_Length(self->queue);
     if (queued < 0) return -1;
     if (queued >= self->per) {
-        PyObject *conn = PyObject_GetAttr(inbound, str__conn);
+        PyObject *conn = attr_get(inbound, str__conn);
         if (conn == NULL) return -1;
         int ready = 0;
         double next_at;
@@ -293,7 +293,7 @@ static int send_or_wake(CallerPath *self, double now, PyObject *now_obj) {
             if (sent == NULL) ready = -1;
             Py_XDECREF(sent);
             if (ready == 1 && (add_i64(inbound, str_frames_to_ai, self->per) < 0 ||
-                               PyObject_SetAttr(inbound, str__oldest_at, now_obj) < 0 ||
+                               attr_set(inbound, str__oldest_at, now_obj) < 0 ||
                                set_steal(inbound, str__next_at, PyFloat_FromDouble(now + self->next_gap_s)) < 0))
                 ready = -1;
         }
@@ -303,7 +303,7 @@ static int send_or_wake(CallerPath *self, double now, PyObject *now_obj) {
         if (queued < 0) return -1;
     }
     if (queued >= self->per) {
-        PyObject *flag = PyObject_GetAttr(inbound, str__ready);
+        PyObject *flag = attr_get(inbound, str__ready);
         if (flag == NULL) return -1;
         int rc = call_method0(flag, str_set);
         Py_DECREF(flag);
@@ -317,7 +317,7 @@ static int send_or_wake(CallerPath *self, double now, PyObject *now_obj) {
  * the same order. */
 static PyObject *frame(CallerPath *self, int speech, double now, PyObject *now_obj, int *listening) {
     PyObject *d = self->detector;
-    if (PyObject_SetAttr(d, str__last_end_s, now_obj) < 0) return NULL;
+    if (attr_set(d, str__last_end_s, now_obj) < 0) return NULL;
     int64_t quiet;
     int speaking = get_truth(d, str__speaking);
     if (speaking < 0) return NULL;
@@ -342,7 +342,7 @@ static PyObject *frame(CallerPath *self, int speech, double now, PyObject *now_o
             }
         }
         if (quiet < self->end_frames_needed) Py_RETURN_NONE;
-        if (set_bool(d, str__speaking, 0) < 0 || PyObject_SetAttr(d, str__onset_s, Py_None) < 0 ||
+        if (set_bool(d, str__speaking, 0) < 0 || attr_set(d, str__onset_s, Py_None) < 0 ||
             set_i64(d, str__quiet_frames, 0) < 0)
             return NULL;
         *listening = 0;
@@ -350,7 +350,7 @@ static PyObject *frame(CallerPath *self, int speech, double now, PyObject *now_o
         if (set_bool(d, str__barged, 0) < 0) return NULL;
         return PyObject_CallOneArg(self->caller_stopped, now_obj); /* the utterance that barged in has ended */
     }
-    PyObject *onset_obj = PyObject_GetAttr(d, str__onset_s);
+    PyObject *onset_obj = attr_get(d, str__onset_s);
     if (onset_obj == NULL) return NULL;
     int candidate = onset_obj != Py_None;
     Py_DECREF(onset_obj);
@@ -361,7 +361,7 @@ static PyObject *frame(CallerPath *self, int speech, double now, PyObject *now_o
                 return NULL;
             if (quiet + 1 > self->max_gap_frames) {
                 *listening = 0;
-                if (PyObject_SetAttr(d, str__onset_s, Py_None) < 0) return NULL;
+                if (attr_set(d, str__onset_s, Py_None) < 0) return NULL;
             }
         }
         Py_RETURN_NONE;
@@ -371,7 +371,7 @@ static PyObject *frame(CallerPath *self, int speech, double now, PyObject *now_o
         PyObject *since = PyObject_CallOneArg(self->audible_since, now_obj);
         if (since == NULL) return NULL;
         int rc = set_double(d, str__onset_s, now - self->vad_frame_s);
-        if (rc == 0) rc = PyObject_SetAttr(d, str__onset_ai_since_s, since);
+        if (rc == 0) rc = attr_set(d, str__onset_ai_since_s, since);
         Py_DECREF(since);
         if (rc < 0) return NULL;
     } else if (get_i64(d, str__speech_frames, &speech_frames) < 0) {
@@ -383,14 +383,14 @@ static PyObject *frame(CallerPath *self, int speech, double now, PyObject *now_o
     if (set_bool(d, str__speaking, 1) < 0 || add_i64(d, str_utterances, 1) < 0) return NULL;
     double onset;
     if (get_double(d, str__onset_s, &onset) < 0) return NULL;
-    PyObject *since_obj = PyObject_GetAttr(d, str__onset_ai_since_s);
+    PyObject *since_obj = attr_get(d, str__onset_ai_since_s);
     if (since_obj == NULL) return NULL;
     double since = since_obj == Py_None ? 0.0 : PyFloat_AsDouble(since_obj);
     int none = since_obj == Py_None;
     Py_DECREF(since_obj);
     if (since == -1.0 && PyErr_Occurred()) return NULL;
     if (none || onset - since < self->min_ai_audible_s - self->eps_s) Py_RETURN_NONE; /* not over the AI */
-    if (set_bool(d, str__barged, 1) < 0 || PyObject_SetAttr(d, str__held_since_s, now_obj) < 0 ||
+    if (set_bool(d, str__barged, 1) < 0 || attr_set(d, str__held_since_s, now_obj) < 0 ||
         add_i64(d, str_barge_ins, 1) < 0)
         return NULL;
     PyObject *onset_again = PyFloat_FromDouble(onset);
@@ -459,10 +459,10 @@ static PyObject *CallerPath_call(CallerPath *self, PyObject *args, PyObject *kwd
     PyObject *pcm8 = NULL, *pcm16 = NULL, *result = NULL;
     if (now == -1.0 && PyErr_Occurred()) goto done;
     /* Inbound.push */
-    if (add_i64(inbound, str_frames_in, 1) < 0 || PyObject_SetAttr(inbound, str__last_frame_at, now_obj) < 0)
+    if (add_i64(inbound, str_frames_in, 1) < 0 || attr_set(inbound, str__last_frame_at, now_obj) < 0)
         goto done;
-    if (PyObject_SetAttr(self->timeline, str__last_stamp, stamp) < 0 ||
-        PyObject_SetAttr(self->timeline, str__stale_run, self->zero) < 0 ||
+    if (attr_set(self->timeline, str__last_stamp, stamp) < 0 ||
+        attr_set(self->timeline, str__stale_run, self->zero) < 0 ||
         set_steal(self->timeline, str__position, PyLong_FromLongLong(position + FRAME_BYTES)) < 0)
         goto done;
     pcm8 = PyBytes_FromStringAndSize(NULL, FRAME_BYTES * 2);
@@ -473,7 +473,7 @@ static PyObject *CallerPath_call(CallerPath *self, PyObject *args, PyObject *kwd
                      FRAME_BYTES, (int16_t *)PyBytes_AS_STRING(pcm8), (uint8_t *)PyBytes_AS_STRING(pcm16), scratch);
     Py_ssize_t queued = PyObject_Length(self->queue);
     if (queued < 0) goto done;
-    if (queued == 0 && PyObject_SetAttr(inbound, str__oldest_at, now_obj) < 0) goto done;
+    if (queued == 0 && attr_set(inbound, str__oldest_at, now_obj) < 0) goto done;
     int64_t max_frames;
     if (get_i64(inbound, str__max_frames, &max_frames) < 0) goto done;
     if (queued >= max_frames && call_method0(inbound, str__drop_oldest) < 0) goto done;

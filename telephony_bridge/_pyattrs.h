@@ -7,9 +7,91 @@
 #define TELEPHONY_BRIDGE_PYATTRS_H
 
 #include <stdint.h>
+#ifndef Py_T_OBJECT_EX /* before 3.12 */
+#include <structmember.h>
+#define Py_T_OBJECT_EX T_OBJECT_EX
+#define Py_READONLY READONLY
+#endif
+
+/* --- slots: an attribute named in its class's __slots__ is read and written at its fixed offset ------------ */
+
+/* Why: looking an attribute up by name (the type's MRO, then the instance's dict) was ~17 % of the bridge's CPU
+ * under load, nearly all of it this code's (#10). A slot's member descriptor says where the value lives; this
+ * does what the descriptor would, without the look-up. What decides is the type's own look-up, done once per
+ * (type, name) and kept while the type is unchanged (its version tag: assigning to a class attribute, or to
+ * __getattribute__, or __class__ on a type, gives it a new one). Anything other than a plain __slots__ member
+ * of a type with Python's generic attribute access goes the generic way. */
+typedef struct {
+    PyTypeObject *type; /* not a reference: the tag tells a type at a reused address from the old one */
+    PyObject *name;     /* an interned name the module keeps */
+    unsigned int version;
+    Py_ssize_t offset; /* 0: not a slot (the generic way) */
+} SlotEntry;
+
+#define SLOT_CACHE_SIZE 256 /* a power of two, well above the (type, name) pairs one module reads */
+static SlotEntry slot_cache[SLOT_CACHE_SIZE];
+
+static inline int type_version_valid(PyTypeObject *type) {
+    return type->tp_version_tag != 0 && (type->tp_flags & Py_TPFLAGS_VALID_VERSION_TAG);
+}
+
+static Py_NO_INLINE Py_ssize_t slot_fill(SlotEntry *e, PyTypeObject *type, PyObject *name) {
+#ifdef Py_GIL_DISABLED
+    return 0; /* the table is not thread-safe without the GIL */
+#else
+    if (type->tp_getattro != PyObject_GenericGetAttr || type->tp_setattro != PyObject_GenericSetAttr) return 0;
+    PyObject *descr = _PyType_Lookup(type, name); /* borrowed; also gives the type a valid version tag */
+    if (!type_version_valid(type)) return 0;
+    Py_ssize_t offset = 0;
+    if (descr != NULL && Py_IS_TYPE(descr, &PyMemberDescr_Type) &&
+        PyType_IsSubtype(type, PyDescr_TYPE(descr))) { /* a descriptor of this type's layout, not another's */
+        PyMemberDef *member = ((PyMemberDescrObject *)descr)->d_member;
+        if (member->type == Py_T_OBJECT_EX && !(member->flags & Py_READONLY) && member->offset > 0)
+            offset = member->offset;
+    }
+    e->type = type;
+    e->name = name;
+    e->version = type->tp_version_tag;
+    e->offset = offset;
+    return offset;
+#endif
+}
+
+/* Where obj.name lives if it is a slot, as a byte offset into obj; 0 if it is not. */
+static inline Py_ssize_t slot_offset(PyObject *obj, PyObject *name) {
+    PyTypeObject *type = Py_TYPE(obj);
+    uintptr_t h = ((uintptr_t)type >> 4) * 31u + ((uintptr_t)name >> 4);
+    SlotEntry *e = &slot_cache[h & (SLOT_CACHE_SIZE - 1)];
+    if (e->type == type && e->name == name && e->version == type->tp_version_tag && type_version_valid(type))
+        return e->offset;
+    return slot_fill(e, type, name);
+}
+
+/* obj.name, a new reference (PyObject_GetAttr). */
+static inline PyObject *attr_get(PyObject *obj, PyObject *name) {
+    Py_ssize_t offset = slot_offset(obj, name);
+    if (offset) {
+        PyObject *v = *(PyObject **)((char *)obj + offset);
+        if (v != NULL) return Py_NewRef(v);
+    }
+    return PyObject_GetAttr(obj, name); /* not a slot, or one not set: the error is Python's own */
+}
+
+/* obj.name = v, v borrowed (PyObject_SetAttr). */
+static inline int attr_set(PyObject *obj, PyObject *name, PyObject *v) {
+    Py_ssize_t offset = slot_offset(obj, name);
+    if (offset == 0 || v == NULL) return PyObject_SetAttr(obj, name, v);
+    PyObject **at = (PyObject **)((char *)obj + offset);
+    PyObject *old = *at;
+    *at = Py_NewRef(v);
+    Py_XDECREF(old);
+    return 0;
+}
+
+/* --- attributes as C numbers --------------------------------------------------------------------------------- */
 
 static inline int get_double(PyObject *obj, PyObject *name, double *out) {
-    PyObject *v = PyObject_GetAttr(obj, name);
+    PyObject *v = attr_get(obj, name);
     if (v == NULL) return -1;
     *out = PyFloat_AsDouble(v);
     Py_DECREF(v);
@@ -17,7 +99,7 @@ static inline int get_double(PyObject *obj, PyObject *name, double *out) {
 }
 
 static inline int get_i64(PyObject *obj, PyObject *name, int64_t *out) {
-    PyObject *v = PyObject_GetAttr(obj, name);
+    PyObject *v = attr_get(obj, name);
     if (v == NULL) return -1;
     *out = PyLong_AsLongLong(v);
     Py_DECREF(v);
@@ -26,7 +108,7 @@ static inline int get_i64(PyObject *obj, PyObject *name, int64_t *out) {
 
 /* 1 if obj.name is truthy, 0 if not, -1 on error. */
 static inline int get_truth(PyObject *obj, PyObject *name) {
-    PyObject *v = PyObject_GetAttr(obj, name);
+    PyObject *v = attr_get(obj, name);
     if (v == NULL) return -1;
     int truth = PyObject_IsTrue(v);
     Py_DECREF(v);
@@ -35,7 +117,7 @@ static inline int get_truth(PyObject *obj, PyObject *name) {
 
 /* 1 if obj.name is None, 0 if not, -1 on error. */
 static inline int get_is_none(PyObject *obj, PyObject *name) {
-    PyObject *v = PyObject_GetAttr(obj, name);
+    PyObject *v = attr_get(obj, name);
     if (v == NULL) return -1;
     int none = v == Py_None;
     Py_DECREF(v);
@@ -45,7 +127,7 @@ static inline int get_is_none(PyObject *obj, PyObject *name) {
 /* obj.name = v, the reference to v taken over (NULL: the error that made it). */
 static inline int set_steal(PyObject *obj, PyObject *name, PyObject *v) {
     if (v == NULL) return -1;
-    int r = PyObject_SetAttr(obj, name, v);
+    int r = attr_set(obj, name, v);
     Py_DECREF(v);
     return r;
 }
@@ -59,7 +141,7 @@ static inline int set_i64(PyObject *obj, PyObject *name, int64_t v) {
 }
 
 static inline int set_bool(PyObject *obj, PyObject *name, int v) {
-    return PyObject_SetAttr(obj, name, v ? Py_True : Py_False);
+    return attr_set(obj, name, v ? Py_True : Py_False);
 }
 
 static inline int add_i64(PyObject *obj, PyObject *name, int64_t delta) {

@@ -163,13 +163,13 @@ static void MediaTap_dealloc(MediaTap *self) {
 /* DirectAudio.deliver(*args): the handler, in the context it was attached in; what it raises is kept for
  * ``check`` and the handler detached (False: the frame is the socket's to queue). */
 static PyObject *deliver(PyObject *direct, PyObject *const *args, Py_ssize_t nargs) {
-    PyObject *handler = PyObject_GetAttr(direct, str_handler);
+    PyObject *handler = attr_get(direct, str_handler);
     if (handler == NULL) return NULL;
     if (handler == Py_None) {
         Py_DECREF(handler);
         Py_RETURN_FALSE;
     }
-    PyObject *context = PyObject_GetAttr(direct, str__context);
+    PyObject *context = attr_get(direct, str__context);
     if (context == NULL) {
         Py_DECREF(handler);
         return NULL;
@@ -187,9 +187,9 @@ static PyObject *deliver(PyObject *direct, PyObject *const *args, Py_ssize_t nar
     }
     if (!PyErr_ExceptionMatches(PyExc_Exception)) return NULL; /* KeyboardInterrupt and the like go on up */
     PyObject *exc = take_exception();
-    int rc = PyObject_SetAttr(direct, str__error, exc);
+    int rc = attr_set(direct, str__error, exc);
     Py_DECREF(exc);
-    if (rc < 0 || PyObject_SetAttr(direct, str_handler, Py_None) < 0) return NULL;
+    if (rc < 0 || attr_set(direct, str_handler, Py_None) < 0) return NULL;
     Py_RETURN_FALSE;
 }
 
@@ -198,7 +198,7 @@ static PyObject *MediaTap_call(MediaTap *self, PyObject *args, PyObject *kwds) {
     PyObject *text;
     if (!PyArg_ParseTuple(args, "O", &text)) return NULL;
     if (self->fallback == NULL) return used_before_init("MediaTap");
-    PyObject *open = PyObject_GetAttr(self->leg, str__open);
+    PyObject *open = attr_get(self->leg, str__open);
     if (open == NULL) return NULL;
     int is_open = PyObject_IsTrue(open);
     Py_DECREF(open);
@@ -211,7 +211,7 @@ static PyObject *MediaTap_call(MediaTap *self, PyObject *args, PyObject *kwds) {
     if (n < 0) return PyObject_Call(self->fallback, args, kwds); /* not Twilio's shape: the reference decides */
     PyObject *now = PyObject_CallNoArgs(self->monotonic); /* Watchdog.alive */
     if (now == NULL) return NULL;
-    int rc = PyObject_SetAttr(self->watchdog, str__last, now);
+    int rc = attr_set(self->watchdog, str__last, now);
     Py_DECREF(now);
     if (rc < 0) return NULL;
     PyObject *ulaw = PyBytes_FromStringAndSize((const char *)audio, n);
@@ -289,12 +289,12 @@ static PyObject *AudioTap_call(AudioTap *self, PyObject *args, PyObject *kwds) {
     PyObject *data;
     if (!PyArg_ParseTuple(args, "O", &data)) return NULL;
     if (self->connected == NULL) return used_before_init("AudioTap");
-    PyObject *events = PyObject_GetAttr(self->connection, str__events);
+    PyObject *events = attr_get(self->connection, str__events);
     if (events == NULL) return NULL;
     Py_ssize_t waiting = PyObject_Length(events);
     Py_DECREF(events);
     if (waiting != 0) return waiting < 0 ? NULL : Py_NewRef(Py_False);
-    PyObject *state = PyObject_GetAttr(self->session, str_state);
+    PyObject *state = attr_get(self->session, str_state);
     if (state == NULL) return NULL;
     int connected = state == self->connected;
     Py_DECREF(state);
@@ -331,8 +331,35 @@ static PyObject *read_media(PyObject *module, PyObject *text) {
     return Py_BuildValue("(y#L)", (const char *)audio, n, timestamp_ms);
 }
 
+/* For tests: _pyattrs.h's attribute access, which all three modules use on the Python objects' state. Its cache
+ * knows a name by its address, so the name is interned and kept for good, as the modules keep theirs. */
+static PyObject *kept_name(PyObject *name) {
+    if (!PyUnicode_CheckExact(name)) {
+        PyErr_SetString(PyExc_TypeError, "the attribute's name must be a str");
+        return NULL;
+    }
+    Py_INCREF(name);
+    PyUnicode_InternInPlace(&name); /* the reference is never given back */
+    return name;
+}
+
+static PyObject *get_attribute(PyObject *module, PyObject *const *args, Py_ssize_t nargs) {
+    PyObject *name = nargs == 2 ? kept_name(args[1]) : NULL;
+    if (nargs != 2) PyErr_SetString(PyExc_TypeError, "get_attribute(obj, name)");
+    return name == NULL ? NULL : attr_get(args[0], name);
+}
+
+static PyObject *set_attribute(PyObject *module, PyObject *const *args, Py_ssize_t nargs) {
+    PyObject *name = nargs == 3 ? kept_name(args[1]) : NULL;
+    if (nargs != 3) PyErr_SetString(PyExc_TypeError, "set_attribute(obj, name, value)");
+    if (name == NULL || attr_set(args[0], name, args[2]) < 0) return NULL;
+    Py_RETURN_NONE;
+}
+
 static PyMethodDef methods[] = {
     {"read_media", read_media, METH_O, "read_media(text) -> (ulaw, timestamp_ms) | None: the scan alone (tests)"},
+    {"get_attribute", (PyCFunction)(void (*)(void))get_attribute, METH_FASTCALL, "obj.name as the C reads it (tests)"},
+    {"set_attribute", (PyCFunction)(void (*)(void))set_attribute, METH_FASTCALL, "obj.name = value (tests)"},
     {NULL, NULL, 0, NULL},
 };
 

@@ -51,6 +51,30 @@ CALLER_IDLE_S = 0.1  # no caller frame for this long (Twilio sends one every 20 
 
 
 class Inbound:
+    # The compiled frame path reads and writes these at their fixed offsets (_pyattrs.h); the rest live in
+    # the instance dict.
+    __slots__ = (
+        "__dict__",
+        "__weakref__",
+        "_clock",
+        "_conn",
+        "_frame_bytes",
+        "_frames_per_message",
+        "_last_frame_at",
+        "_listening",
+        "_lone_timer",
+        "_max_frames",
+        "_next_at",
+        "_oldest_at",
+        "_parked",
+        "_pipeline",
+        "_queue",
+        "_ready",
+        "detector",
+        "frames_in",
+        "frames_to_ai",
+    )
+
     def __init__(
         self,
         audio: AudioSettings,

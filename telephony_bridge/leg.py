@@ -146,6 +146,10 @@ class DirectAudio(Generic[P]):
     The handler runs in the context of the task that attached it, so what it logs carries the call's IDs
     (``ops.logging.call_context``) although the transport's callback belongs to no call."""
 
+    # The compiled frame path reads and writes these at their fixed offsets (_pyattrs.h); the rest live in
+    # the instance dict.
+    __slots__ = ("__dict__", "__weakref__", "_context", "_error", "handler")
+
     def __init__(self) -> None:
         self.handler: Callable[P, None] | None = None
         self._context = contextvars.Context()
@@ -182,6 +186,10 @@ class Watchdog:
     One timer per period rather than one per message: it sleeps until the last sign of life plus the timeout
     and looks again, so 50 messages a second cost nothing but a float store.
     """
+
+    # The compiled frame path reads and writes these at their fixed offsets (_pyattrs.h); the rest live in
+    # the instance dict.
+    __slots__ = ("__dict__", "__weakref__", "_clock", "_last")
 
     def __init__(self, clock: Clock, timeout_s: float | None) -> None:
         self._clock = clock

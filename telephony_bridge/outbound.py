@@ -18,6 +18,7 @@ instead) and carries no marks.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 
 from telephony_bridge.audio import kernels, pacing
@@ -27,7 +28,7 @@ from telephony_bridge.audio.kernels import DownsamplerToUlaw
 from telephony_bridge.audio.pacing import AdaptivePrebuffer, OutboundPacer
 from telephony_bridge.audio.pipeline import AiToCaller, FrameBuffer
 from telephony_bridge.audio.playback import PlaybackTracker
-from telephony_bridge.clock import Clock, Flag, Timer
+from telephony_bridge.clock import Clock, Flag, SystemClock, Timer
 from telephony_bridge.errors import CallerGone
 from telephony_bridge.leg import AudioSink
 from telephony_bridge.settings import AudioSettings
@@ -49,6 +50,39 @@ _AUDIBLE_CODES = bytes(int(abs(int(v)) >= AUDIBLE_PEAK) for v in ulaw_to_pcm16(b
 
 
 class Outbound:
+    # The compiled frame path reads and writes these at their fixed offsets (_pyattrs.h); the rest live in
+    # the instance dict.
+    __slots__ = (
+        "__dict__",
+        "__weakref__",
+        "_audible_since",
+        "_audible_until",
+        "_batch_frames",
+        "_buffer",
+        "_clear_pending",
+        "_clock",
+        "_fill",
+        "_finishing",
+        "_held_part",
+        "_holds_pay",
+        "_last_push_at",
+        "_mark_every_ms",
+        "_max_queued_bytes",
+        "_pacer",
+        "_parked",
+        "_parked_until",
+        "_progress",
+        "_queued_since",
+        "_ready",
+        "_sink",
+        "_spurt_live",
+        "_unmarked_ms",
+        "first_audio_at",
+        "holding",
+        "playback",
+        "prebuffer",
+    )
+
     def __init__(self, settings: AudioSettings, clock: Clock, sink: AudioSink) -> None:
         self._clock = clock
         self._sink = sink
@@ -495,5 +529,7 @@ def _compiled_path(outbound: Outbound) -> Callable[[bytes], None] | None:
         pacing_eps=pacing._EPS,
         twilio_leg=media_leg,
         caller_gone=CallerGone,
+        # The system clock's ``monotonic`` is ``time.monotonic``: called from C directly, it skips a Python frame.
+        monotonic=time.monotonic if type(outbound._clock) is SystemClock else outbound._clock.monotonic,
     )
     return path

@@ -41,6 +41,17 @@ def require_built(module: str, built: bool) -> None:
         pytest.skip(f"{module} is not built here (no C compiler at install time)")
 
 
+def instance_state(obj: object) -> dict[str, Any]:
+    """Every attribute an instance holds: its dict's and its slots' (those the compiled frame path reads at their
+    offsets, ``_pyattrs.h``), so that comparing two objects' states cannot miss either kind."""
+    state = dict(getattr(obj, "__dict__", {}))
+    for cls in type(obj).__mro__:
+        for name in getattr(cls, "__slots__", ()):
+            if name not in ("__dict__", "__weakref__") and hasattr(obj, name):
+                state[name] = getattr(obj, name)
+    return state
+
+
 def bridge_settings(emulator: ServerThread, **overrides: Any) -> Settings:
     """A production-shaped bridge: real Savants URL (the emulator), signatures on, PUBLIC_URL set."""
     values: dict[str, Any] = {

@@ -30,7 +30,7 @@ from telephony_bridge.outbound import AiAudioPath, Outbound
 from telephony_bridge.settings import AudioSettings, TwilioSettings
 from telephony_bridge.twilio.leg import TwilioLeg
 from telephony_bridge.twilio.stream_socket import StreamSocket
-from tests.support import require_built
+from tests.support import instance_state, require_built
 
 
 @pytest.fixture(autouse=True)
@@ -172,8 +172,7 @@ def plain(value: Any, seen: frozenset[int] = frozenset()) -> Any:
     if id(value) in seen or isinstance(value, FakeClock | RecordingSink | TwilioLeg):
         return ("ref", type(value).__name__)
     seen = seen | {id(value)}
-    names = list(getattr(value, "__dict__", {})) + [n for k in type(value).__mro__ for n in getattr(k, "__slots__", ())]
-    return (type(value).__name__, {n: plain(getattr(value, n), seen) for n in names if hasattr(value, n)})
+    return (type(value).__name__, {n: plain(v, seen) for n, v in instance_state(value).items()})
 
 
 def pcm_chunk(size: int, loudness: int, seed: int) -> bytes:

@@ -24,7 +24,7 @@ from telephony_bridge.clock import FakeClock
 from telephony_bridge.inbound import CallerPath, Inbound
 from telephony_bridge.ops.metrics import Metrics
 from telephony_bridge.settings import AudioSettings, BargeInSettings
-from tests.support import require_built
+from tests.support import instance_state, require_built
 from tests.test_inbound import FakeSavants, settle
 from tests.test_vad import speech_8k
 
@@ -83,16 +83,12 @@ class Twin:
             "up_state": bytes(pipeline._upsampler._state),
         }
         for name, obj in (("inbound", inbound), ("timeline", pipeline.timeline), ("detector", detector)):
-            for key, value in vars(obj).items() if hasattr(obj, "__dict__") else _slots(obj):
+            for key, value in instance_state(obj).items():
                 if isinstance(value, int | float | str | bool | set | type(None)):
                     out[f"{name}.{key}"] = value
         if detector is not None:
             out["vad.pending"] = detector._vad._pending.tobytes()
         return out
-
-
-def _slots(obj: object) -> list[tuple[str, Any]]:
-    return [(k, getattr(obj, k)) for cls in type(obj).__mro__ for k in getattr(cls, "__slots__", ())]
 
 
 def stream(rng: random.Random, frames: int) -> list[Frame]:

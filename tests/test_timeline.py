@@ -8,6 +8,7 @@ from hypothesis import strategies as st
 
 from telephony_bridge.audio.codec import TWILIO_BYTES_PER_MS, TWILIO_FRAME_BYTES, ULAW_SILENCE
 from telephony_bridge.audio.timeline import JITTER_TOLERANCE_S, NO_TIMESTAMP, STALE_TIMESTAMP, InboundTimeline
+from tests.support import instance_state
 
 SILENCE = bytes([ULAW_SILENCE])
 TOLERANCE_BYTES = round(JITTER_TOLERANCE_S * 1000 * TWILIO_BYTES_PER_MS)
@@ -212,4 +213,4 @@ def test_timeline_shortcut_for_the_next_frame_agrees_with_the_general_rules(
         timestamp_ms = None if kind == "none" else stamp
         payload = bytes([len(steps) % 256]) * length
         assert fast.place(timestamp_ms, payload) == general._place(timestamp_ms, payload)
-        assert vars(fast) == vars(general)
+        assert instance_state(fast) == instance_state(general)

@@ -74,6 +74,29 @@ class BargeInDetector:
     to talk. ``tests/test_barge_in.py`` measures the first two.
     """
 
+    # The compiled frame path reads and writes these at their fixed offsets (_pyattrs.h); the rest live in
+    # the instance dict.
+    __slots__ = (
+        "__dict__",
+        "__weakref__",
+        "_barged",
+        "_end_frames_needed",
+        "_held_since_s",
+        "_last_end_s",
+        "_max_gap_frames",
+        "_max_hold_s",
+        "_min_ai_audible_s",
+        "_onset_ai_since_s",
+        "_onset_s",
+        "_quiet_frames",
+        "_speaking",
+        "_speech_frames",
+        "_speech_frames_needed",
+        "_vad",
+        "barge_ins",
+        "utterances",
+    )
+
     def __init__(
         self,
         *,

@@ -72,6 +72,10 @@ class UlawUpsampler:
     """Caller → AI: μ-law at 8 kHz in; the same audio as int16 samples (for the VAD) and as little-endian PCM16 at
     16 kHz, two samples per sample in. One per call: the filter's state lives as long as the call."""
 
+    # The compiled frame path reads and writes these at their fixed offsets (_pyattrs.h); the rest live in
+    # the instance dict.
+    __slots__ = ("__dict__", "__weakref__", "_state", "_upsampler")
+
     def __init__(self, *, compiled: bool | None = None) -> None:
         self._compiled = _pick(compiled)
         if self._compiled is not None:
@@ -92,6 +96,10 @@ class UlawUpsampler:
 class DownsamplerToUlaw:
     """AI → caller: little-endian PCM16 at 16 kHz in (an even byte count), μ-law at 8 kHz out, one byte per two
     samples as ``resample.Downsampler2x`` releases them. One per call."""
+
+    # The compiled frame path reads and writes these at their fixed offsets (_pyattrs.h); the rest live in
+    # the instance dict.
+    __slots__ = ("__dict__", "__weakref__", "_downsampler", "_state")
 
     def __init__(self, *, compiled: bool | None = None) -> None:
         self._compiled = _pick(compiled)

@@ -14,6 +14,10 @@ _EPS = 1e-9
 
 
 class OutboundPacer:
+    # The compiled frame path reads and writes these at their fixed offsets (_pyattrs.h); the rest live in
+    # the instance dict.
+    __slots__ = ("__dict__", "__weakref__", "_play_end", "frame_s", "lead_s")
+
     def __init__(self, lead_s: float, frame_s: float = FRAME_S) -> None:
         if lead_s < frame_s:
             raise ValueError(f"lead_s must be at least one frame ({frame_s} s), got {lead_s}")
@@ -84,6 +88,10 @@ class AdaptivePrebuffer:
     ``max_s``; one frame less after ``calm_s`` without one, back down to ``base_s``. Whatever made the hole
     (the AI's frame came late, or a busy event loop sent ours late), a longer lead absorbs the next one.
     ``grows`` and ``shrinks`` count the changes."""
+
+    # The compiled frame path reads and writes these at their fixed offsets (_pyattrs.h); the rest live in
+    # the instance dict.
+    __slots__ = ("__dict__", "__weakref__", "_changed_at", "base_s", "calm_s", "shrinks", "step_s", "value_s")
 
     def __init__(self, base_s: float, max_s: float, *, step_s: float = FRAME_S, calm_s: float = 10.0) -> None:
         self.base_s = base_s

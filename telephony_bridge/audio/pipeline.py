@@ -17,6 +17,10 @@ from telephony_bridge.audio.timeline import InboundTimeline
 class CallerToAi:
     """``compiled``: None for the configured kernels (see ``kernels``), True or False to choose (benches, tests)."""
 
+    # The compiled frame path reads and writes these at their fixed offsets (_pyattrs.h); the rest live in
+    # the instance dict.
+    __slots__ = ("__dict__", "__weakref__", "_pending", "_upsampler", "timeline")
+
     def __init__(self, *, compiled: bool | None = None) -> None:
         self.timeline = InboundTimeline()
         self._upsampler = UlawUpsampler(compiled=compiled)
@@ -34,6 +38,10 @@ class CallerToAi:
 
 class AiToCaller:
     """``compiled``: as for ``CallerToAi``."""
+
+    # The compiled frame path reads and writes these at their fixed offsets (_pyattrs.h); the rest live in
+    # the instance dict.
+    __slots__ = ("__dict__", "__weakref__", "_downsampler", "_odd_byte", "_pending")
 
     def __init__(self, *, compiled: bool | None = None) -> None:
         self._downsampler = DownsamplerToUlaw(compiled=compiled)
@@ -62,6 +70,10 @@ class FrameBuffer:
     everything queued (a real-time AI's frame, due as it arrives) hands the converter's output straight out:
     the AI's bytes are not copied on the way.
     """
+
+    # The compiled frame path reads and writes these at their fixed offsets (_pyattrs.h); the rest live in
+    # the instance dict.
+    __slots__ = ("__dict__", "__weakref__", "_data", "_pcm", "_pcm_bytes_in", "_to_caller", "_ulaw_out", "size")
 
     def __init__(self, *, compiled: bool | None = None) -> None:
         self._data = bytearray()

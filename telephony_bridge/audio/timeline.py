@@ -34,6 +34,10 @@ class InboundTimeline:
     that was not filled: the timeline jumps instead, so one absurd timestamp cannot allocate hours of silence).
     """
 
+    # The compiled frame path reads and writes these at their fixed offsets (_pyattrs.h); the rest live in
+    # the instance dict.
+    __slots__ = ("__dict__", "__weakref__", "_last_stamp", "_position", "_stale_run", "untimed_reason")
+
     def __init__(self, *, jitter_tolerance_s: float = JITTER_TOLERANCE_S, max_fill_s: float = MAX_FILL_S) -> None:
         if jitter_tolerance_s < 0 or max_fill_s < 0:
             raise ValueError(

@@ -31,6 +31,10 @@ class VoiceActivityDetector:
     ``process`` keeps the part-frame left over for the next call, so any chunking gives the same decisions.
     """
 
+    # The compiled frame path reads and writes these at their fixed offsets (_pyattrs.h); the rest live in
+    # the instance dict.
+    __slots__ = ("__dict__", "__weakref__", "_min_mean_square", "_pending", "_vad", "_vad_handle")
+
     def __init__(self, sensitivity: int = 2, min_level_dbfs: float = -45.0, *, compiled: bool | None = None) -> None:
         if sensitivity not in (0, 1, 2, 3):
             raise ValueError(f"expected sensitivity 0, 1, 2 or 3, got {sensitivity!r}")

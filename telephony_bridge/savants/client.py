@@ -80,6 +80,10 @@ class SavantsConnection(WSListener):
 
     It is also the picows listener of its connection (the ``on_ws_*`` and ``*_writing`` callbacks)."""
 
+    # The compiled frame path reads and writes these at their fixed offsets (_pyattrs.h); the rest live in
+    # the instance dict.
+    __slots__ = ("__dict__", "_events")
+
     def __init__(
         self, session: VoiceSession, stall_timeout_s: float, *, abandoned: bool = False, compiled: bool = True
     ) -> None:

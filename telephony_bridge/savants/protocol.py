@@ -58,6 +58,10 @@ SessionEvent = Confirmed | Audio | Notice | Failed
 class VoiceSession:
     """One /voice-stream connection's protocol state."""
 
+    # The compiled frame path reads and writes these at their fixed offsets (_pyattrs.h); the rest live in
+    # the instance dict.
+    __slots__ = ("__dict__", "__weakref__", "state")
+
     def __init__(self) -> None:
         self.state = State.CONNECTING
         self.session_id: str | None = None

@@ -100,6 +100,10 @@ async def handle_media_stream(ws: TwilioSocket, deps: CallDeps) -> None:
 class TwilioLeg:
     """A Media Streams WebSocket as a caller leg (``leg.CallerLeg``)."""
 
+    # The compiled frame path reads and writes these at their fixed offsets (_pyattrs.h); the rest live in
+    # the instance dict.
+    __slots__ = ("__dict__", "__weakref__", "_clock", "_media", "_open", "_ws")
+
     ingress: Literal["twilio"] = "twilio"
     # ``Outbound``'s compiled path (``_ai_path.c``) may build this leg's media messages itself and send them on
     # its socket (``_ws.send_utf8_now``, ``_media``'s head and tail, ``_open``), as ``send_audio_nowait`` does.
