@@ -88,6 +88,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import httpx
 import lean_ai  # bench/, beside this script
 import lean_callers
+import load_gc  # bench/, beside this script
 import perf_stacks  # bench/, beside this script
 from prometheus_client.parser import text_string_to_metric_families
 from tls_relay import TlsRelay  # bench/, beside this script
@@ -582,11 +583,11 @@ def bridge_counters(http_url: str) -> dict[str, float]:
     return counters_from_metrics(response.text)
 
 
-def echo_late(stats_url: str) -> int:
-    """bench/lean_ai.py's count so far of its ticks more than a frame late: the load's own lateness, which the
-    bridge counts among the AI's frames coming late (``ai_late``)."""
-    late: int = httpx.get(stats_url, timeout=5).json()["ticks_late_over_a_frame"]
-    return late
+def echo_late(stats_url: str) -> tuple[int, int]:
+    """bench/lean_ai.py's counts so far of its ticks more than a frame late and of its GC pauses longer than a
+    frame: the load's own lateness, which the bridge counts among the AI's frames coming late (``ai_late``)."""
+    stats = httpx.get(stats_url, timeout=5).json()
+    return int(stats["ticks_late_over_a_frame"]), int(stats["gc_pauses_over_a_frame"])
 
 
 def counters_from_metrics(text: str) -> dict[str, float]:
@@ -650,7 +651,7 @@ def line(label: str, f: dict) -> str:
             f"({f.get('gc_full_collections', 0):.0f} full)  "
         )
     if f.get("echo_ticks_late") is not None:
-        head += f"echo's ticks > 20 ms late: {f['echo_ticks_late']}  "
+        head += f"echo's ticks > 20 ms late: {f['echo_ticks_late']}, GC pauses > 20 ms: {f['echo_gc_pauses']}  "
     if "setup_p99_ms" in f:
         return head + (
             f"set-up p50 {ms(f['setup_p50_ms'])} p99 {ms(f['setup_p99_ms'])} ms  RTP jitter p50 "
@@ -890,8 +891,8 @@ def main() -> int:
         )
         knee: dict[str, int | None] = {name: None for name in args.servers}
         live = set(args.servers)
-        pin_load = {} if load_cpus is None else {"initializer": os.sched_setaffinity, "initargs": (0, load_cpus)}
-        with ProcessPoolExecutor(max_workers=args.load_procs, **pin_load) as pool:
+        # Each caller process on the load's CPUs, with the bridge's GC settings (bench/load_gc.py says why).
+        with ProcessPoolExecutor(args.load_procs, initializer=load_gc.prepare, initargs=(load_cpus,)) as pool:
             for name in args.servers:  # a warm-up, not reported: see WARM_UP_S
                 process, url = running[name]
                 measure(pool, args.load_procs, process.pid, url, levels[0], WARM_UP_S, callers=args.callers)  # 2 s ramp
@@ -918,9 +919,11 @@ def main() -> int:
                     if lean_stats is None:
                         figures = level(profile, perf=perf, stacks=stacks)
                     else:
-                        late_before = echo_late(lean_stats)
+                        late_before, pauses_before = echo_late(lean_stats)
                         figures = level(profile, perf=perf, stacks=stacks)
-                        figures["echo_ticks_late"] = echo_late(lean_stats) - late_before
+                        late_after, pauses_after = echo_late(lean_stats)
+                        figures["echo_ticks_late"] = late_after - late_before
+                        figures["echo_gc_pauses"] = pauses_after - pauses_before
                     results[name].append(figures)
                     print(line(name, figures), flush=True)
                     if profile:

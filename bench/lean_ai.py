@@ -36,6 +36,7 @@ from typing import Protocol
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+import load_gc  # bench/, beside this script
 import uvicorn
 from picows import WSFrame, WSListener, WSMsgType, WSTransport, WSUpgradeRequest
 from starlette.applications import Starlette
@@ -228,6 +229,7 @@ class LeanAi:
             "sessions_active": len(self.wheel),
             "refused": self.refused,
             "ticks_late_over_a_frame": self.wheel.late,
+            "gc_pauses_over_a_frame": load_gc.PAUSES.over_a_frame,
         }
 
 
@@ -413,6 +415,9 @@ def main(argv: list[str] | None = None) -> int:
     config = EmulatorConfig(api_key="unused", jwt_secret=secret, echo_delay_s=args.echo_delay)
     logging.basicConfig(level=logging.WARNING)
     app = create_lean_app(config, phases=args.phases)
+    # The bridge's own GC settings: one full collection here stalls every session's echo at once, and the bridge
+    # in front would count each as the AI's frames coming late (a hole in every call that is not the bridge's).
+    load_gc.prepare()
     uvicorn.Server(uvicorn_config(app, host="127.0.0.1", port=args.port)).run()
     return 0
 

@@ -7,6 +7,7 @@ import asyncio
 import json
 import random
 import sys
+import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -124,6 +125,7 @@ async def test_lean_echo_behind_a_real_bridge_says_the_callers_speech_back_after
     wait_until(lambda: lean_stats(lean)["sessions_active"] == 0, what="the echo's session to end")
     stats = lean_stats(lean)
     assert stats.pop("ticks_late_over_a_frame") >= 0  # a count; how late this machine's loop ran is no test's business
+    assert stats.pop("gc_pauses_over_a_frame") >= 0  # the same, for its own collections
     assert stats == {"sessions_opened": 1, "sessions_active": 0, "refused": {}}
     assert emulator_stats(emulator)["sessions_opened"] == 0  # the emulator gave the token, nothing more
 
@@ -182,3 +184,17 @@ async def test_lean_echo_ends_a_session_the_client_closes_and_refuses_bad_audio_
         assert echoed == b"\1\0" * 320  # 20 ms frames
     assert ws.close_code == 1000
     wait_until(lambda: lean_stats(lean)["sessions_active"] == 0, what="the closed session to end")
+
+
+def test_a_load_process_counts_its_collections_longer_than_a_frame() -> None:
+    import load_gc  # bench/, as lean_ai
+
+    pauses = load_gc.GcPauses()
+    for held_s in (0.0, FRAME_S * 1.5, 0.001):
+        pauses("start", {})
+        deadline = time.perf_counter() + held_s
+        while time.perf_counter() < deadline:
+            pass
+        pauses("stop", {})
+    pauses("stop", {})  # a stop without its start (counting began mid-collection): nothing to time
+    assert pauses.over_a_frame == 1
