@@ -31,8 +31,15 @@ typedef struct {
 #define SLOT_CACHE_SIZE 256 /* a power of two, well above the (type, name) pairs one module reads */
 static SlotEntry slot_cache[SLOT_CACHE_SIZE];
 
+/* Whether the type's version tag is one. Up to 3.12 a tag can be non-zero and not valid (assign_version_tag numbers
+ * the type before its bases and may then fail on one), so Py_TPFLAGS_VALID_VERSION_TAG decides; 3.13 no longer sets
+ * that flag ("Unused. Legacy flag") and numbers the bases first: a tag is valid exactly while it is not 0. */
 static inline int type_version_valid(PyTypeObject *type) {
+#if PY_VERSION_HEX >= 0x030D0000
+    return type->tp_version_tag != 0;
+#else
     return type->tp_version_tag != 0 && (type->tp_flags & Py_TPFLAGS_VALID_VERSION_TAG);
+#endif
 }
 
 static Py_NO_INLINE Py_ssize_t slot_fill(SlotEntry *e, PyTypeObject *type, PyObject *name) {

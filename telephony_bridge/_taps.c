@@ -356,10 +356,18 @@ static PyObject *set_attribute(PyObject *module, PyObject *const *args, Py_ssize
     Py_RETURN_NONE;
 }
 
+static PyObject *slot_offset_of(PyObject *module, PyObject *const *args, Py_ssize_t nargs) {
+    PyObject *name = nargs == 2 ? kept_name(args[1]) : NULL;
+    if (nargs != 2) PyErr_SetString(PyExc_TypeError, "slot_offset(obj, name)");
+    return name == NULL ? NULL : PyLong_FromSsize_t(slot_offset(args[0], name));
+}
+
 static PyMethodDef methods[] = {
     {"read_media", read_media, METH_O, "read_media(text) -> (ulaw, timestamp_ms) | None: the scan alone (tests)"},
     {"get_attribute", (PyCFunction)(void (*)(void))get_attribute, METH_FASTCALL, "obj.name as the C reads it (tests)"},
     {"set_attribute", (PyCFunction)(void (*)(void))set_attribute, METH_FASTCALL, "obj.name = value (tests)"},
+    {"slot_offset", (PyCFunction)(void (*)(void))slot_offset_of, METH_FASTCALL,
+     "where the C reads and writes obj.name: a byte offset, or 0 for the generic way (tests)"},
     {NULL, NULL, 0, NULL},
 };
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import bz2
 import gc
+import struct
 import weakref
 from typing import Any
 
@@ -52,6 +53,18 @@ def test_slots_and_dict_attributes_read_and_write_as_python_sees_them() -> None:
     put(obj, "d", "new")
     assert (obj.a, obj.c, obj.d) == (10, None, "new")
     assert "a" not in vars(obj)  # written to the slot, not beside it
+
+
+def test_a_slot_is_taken_at_its_offset_and_a_dict_attribute_the_generic_way() -> None:
+    """The fast path is taken at all: the generic way gives the same values, so the other tests cannot tell (on 3.13,
+    which no longer sets Py_TPFLAGS_VALID_VERSION_TAG, every access went the generic way and they all passed)."""
+    obj = Slotted()
+    obj.c = 3.5
+    offsets = {_taps.slot_offset(obj, "a"), _taps.slot_offset(obj, "b")}
+    assert min(offsets) > 0
+    assert max(offsets) - min(offsets) == struct.calcsize("P")  # two neighbouring slots
+    assert _taps.slot_offset(obj, "a") in offsets  # known now, and still the same
+    assert _taps.slot_offset(obj, "c") == 0
 
 
 def test_a_value_overwritten_in_a_slot_is_released_and_the_new_one_kept() -> None:
