@@ -105,6 +105,16 @@ def test_a_subclass_instance_reads_its_base_s_slots() -> None:
     assert obj.z == "set"
 
 
+def test_more_slots_of_one_class_than_the_cache_has_entries_are_told_apart() -> None:
+    """Past 256 names, two of one class share an entry (pigeonhole): the name, not only the type, decides."""
+    names = [f"s{i}" for i in range(300)]
+    cls = type("Wide", (), {"__slots__": (*names, "__dict__")})
+    obj = cls()
+    for i, name in enumerate(names):
+        setattr(obj, name, i)
+    assert [get(obj, name) for name in names] == list(range(300))
+
+
 def test_a_class_changed_after_its_slot_was_read_is_followed() -> None:
     class Changing:
         __slots__ = ("__dict__", "x")
@@ -153,6 +163,14 @@ def test_a_read_only_member_is_read_but_not_written() -> None:
     with pytest.raises(AttributeError, match=r"readonly|read-only|not writable"):
         put(decompressor, "unused_data", b"x")
     assert decompressor.unused_data == b""
+
+
+def test_a_member_that_holds_no_object_is_read_and_written_as_python_does() -> None:
+    error = ValueError()  # ``__suppress_context__``: a writable member of BaseException, a C char, not an object
+    assert get(error, "__suppress_context__") is False
+    put(error, "__suppress_context__", True)
+    assert error.__suppress_context__ is True
+    assert _taps.slot_offset(error, "__suppress_context__") == 0
 
 
 def test_classes_made_and_freed_in_turn_never_share_an_offset() -> None:
