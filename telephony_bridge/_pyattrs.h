@@ -18,9 +18,11 @@
 /* Why: looking an attribute up by name (the type's MRO, then the instance's dict) was ~17 % of the bridge's CPU
  * under load, nearly all of it this code's (#10). A slot's member descriptor says where the value lives; this
  * does what the descriptor would, without the look-up. What decides is the type's own look-up, done once per
- * (type, name) and kept while the type is unchanged (its version tag: assigning to a class attribute, or to
- * __getattribute__, or __class__ on a type, gives it a new one). Anything other than a plain __slots__ member
- * of a type with Python's generic attribute access goes the generic way. */
+ * (type, name) and kept while the type is unchanged (its version tag: assigning a class attribute, its bases or
+ * __getattribute__ gives it a new one; an object whose __class__ is reassigned is looked up under its new type).
+ * Anything other than a plain __slots__ member of a type with Python's generic attribute access goes the
+ * generic way. The table is one per process: these single-phase modules are not for subinterpreters (3.12's
+ * isolated ones refuse them; a legacy one could meet another interpreter's type at a reused address). */
 typedef struct {
     PyTypeObject *type; /* not a reference: the tag tells a type at a reused address from the old one */
     PyObject *name;     /* an interned name the module keeps */

@@ -56,7 +56,6 @@ class Inbound:
     __slots__ = (
         "__dict__",
         "__weakref__",
-        "_clock",
         "_conn",
         "_frame_bytes",
         "_frames_per_message",

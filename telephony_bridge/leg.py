@@ -189,7 +189,7 @@ class Watchdog:
 
     # The compiled frame path reads and writes these at their fixed offsets (_pyattrs.h); the rest live in
     # the instance dict.
-    __slots__ = ("__dict__", "__weakref__", "_clock", "_last")
+    __slots__ = ("__dict__", "__weakref__", "_last")
 
     def __init__(self, clock: Clock, timeout_s: float | None) -> None:
         self._clock = clock

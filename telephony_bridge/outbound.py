@@ -60,7 +60,6 @@ class Outbound:
         "_batch_frames",
         "_buffer",
         "_clear_pending",
-        "_clock",
         "_fill",
         "_finishing",
         "_held_part",

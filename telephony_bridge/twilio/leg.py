@@ -102,7 +102,7 @@ class TwilioLeg:
 
     # The compiled frame path reads and writes these at their fixed offsets (_pyattrs.h); the rest live in
     # the instance dict.
-    __slots__ = ("__dict__", "__weakref__", "_clock", "_media", "_open", "_ws")
+    __slots__ = ("__dict__", "__weakref__", "_media", "_open", "_ws")
 
     ingress: Literal["twilio"] = "twilio"
     # ``Outbound``'s compiled path (``_ai_path.c``) may build this leg's media messages itself and send them on
