@@ -29,6 +29,7 @@ FIGURES = {  # capacity.py's key: what it is called here, its unit
     "steady_us_per_call_per_20ms": ("steady", "µs/call/20ms"),
     "whole_cpu_s_per_call_minute": ("whole", "CPU-s/call-min"),
     "calls_with_underruns": ("holes", "calls with a hole"),
+    "calls_with_underruns_steady": ("holes*", "calls with a hole in the steady window"),
     "gc_pauses_over_20ms": ("GC>20", "collections over 20 ms"),
 }
 

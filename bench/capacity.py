@@ -41,7 +41,9 @@ Per server and load level:
   sooner lowers a call's quickest and so raises "added" while the round trip falls); "heard added" p50/p99:
   the same from when each message was played (the simulated caller's playback, on its 20 ms beat: arrival
   jitter its buffer absorbed is not there, a hole or a late spurt start is); underruns per call (holes in the
-  caller's playback), first AI audio p99.
+  caller's playback), and how many calls had one, in all and in the steady window (by when playback resumed
+  after it: holes in the set-up ramp and among the calls ending are mostly the load's on a 2-core machine,
+  docs/performance.md); first AI audio p99.
 Each level's calls start evenly over ``--ramp`` seconds (2 by default, however many: 250 calls arrive at 125 a
 second, and their set-up work delays the calls already up); whole-call figures count the ramp, the steady window
 starts after it. ``--knee`` ramps the calls until p99 added latency passes 20 ms, an underrun appears or a call
@@ -80,6 +82,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterable
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
@@ -94,7 +97,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from tls_relay import TlsRelay  # bench/, beside this script
 
 from telephony_bridge.cli import EMULATOR_JWT_SECRET_ENV
-from telephony_bridge.tools.caller import run_call
+from telephony_bridge.tools.caller import CallResult, run_call
 from telephony_bridge.tools.commands import load_caller_audio
 from telephony_bridge.tools.loadtest import TICKS_PER_S, LoadResult, percentile, process_cpu_s, run_load
 from telephony_bridge.tools.sip_caller import SipCallResult, sip_load
@@ -351,6 +354,17 @@ def _sip_part(target: str, calls: int, seconds: float, start_at: float, ramp_s: 
     return results
 
 
+def calls_with_holes_between(calls: Iterable[CallResult], from_s: float, to_s: float) -> int:
+    """How many ``calls`` had a hole whose playback resumed between ``from_s`` and ``to_s`` (``time.monotonic``):
+    the steady window's, told from those of the set-up ramp and of the calls ending, where a load on one core
+    falls behind (docs/performance.md, "Where the holes at 150–250 calls come from")."""
+    return sum(
+        1
+        for call in calls
+        if call.started_at is not None and any(from_s <= call.started_at + t <= to_s for t in call.underrun_ends_s)
+    )
+
+
 def measure(
     pool: ProcessPoolExecutor,
     procs: int,
@@ -456,6 +470,9 @@ def measure(
     heard = [t * 1000 for t in result.heard_added_s]
     trips = [t * 1000 for t in result.round_trips_s]
     underruns = result.underruns_per_call
+    steady_from = start_at + ramp_s + 1.5  # the steady CPU's window, above
+    served_calls = [flow.call for flow in result.of("served") if flow.call is not None]
+    holes_steady = calls_with_holes_between(served_calls, steady_from, steady_from + window_s)
     first = [t * 1000 for t in result.first_audio_s]
     return {
         **cpu,
@@ -473,6 +490,7 @@ def measure(
         "underruns_per_call_p50": percentile(underruns, 50) if underruns else None,
         "underruns_per_call_max": underruns[-1] if underruns else None,
         "calls_with_underruns": sum(1 for u in underruns if u),
+        "calls_with_underruns_steady": holes_steady,
         "first_audio_p99_ms": percentile(first, 99) if first else None,
     }
 
@@ -663,7 +681,8 @@ def line(label: str, f: dict) -> str:
         f"heard added p50 {ms(f['heard_added_p50_ms'])} p99 {ms(f['heard_added_p99_ms'])} ms  "
         f"round trip p50 {ms(f['round_trip_p50_ms'])} p99 {ms(f['round_trip_p99_ms'])} ms  "
         f"underruns/call p50 {f['underruns_per_call_p50']} max {f['underruns_per_call_max']} "
-        f"({f['calls_with_underruns']} calls)  first audio p99 {ms(f['first_audio_p99_ms'])} ms"
+        f"({f['calls_with_underruns']} calls, {f['calls_with_underruns_steady']} in the steady window)  "
+        f"first audio p99 {ms(f['first_audio_p99_ms'])} ms"
         + (f"  bridge's count: {f['bridge_underruns_by_cause']}" if f["bridge_underruns_by_cause"] else "")
     )
 
@@ -998,6 +1017,12 @@ def summary(
                     f"  at {last['calls']} calls, the first level that failed: the server's cores "
                     f"{last['server_cores_busy']:.2f} busy, the load's {last['load_cores_busy']:.2f} of "
                     f"{last['load_cores']}"
+                    + (
+                        f"; {last['calls_with_underruns']} calls with a hole, "
+                        f"{last['calls_with_underruns_steady']} of them in the steady window"
+                        if "calls_with_underruns_steady" in last
+                        else ""
+                    )
                     + (
                         ": the load's cores were saturated, so this knee is the load's, not the server's"
                         if saturated

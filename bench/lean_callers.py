@@ -258,6 +258,8 @@ class LeanCall(WSListener):  # type: ignore[misc]
             round_trips_s=self._round_trips.arrivals_s,
             heard_round_trips_s=self._round_trips.heard_s,
             underrun_ms=self._playout.underrun_ms,
+            underrun_ends_s=tuple(ms / 1000 for ms in self._playout.underrun_ends_ms),
+            started_at=self._started_at,
             cut_off_ms=self._playout.buffered_bytes / TWILIO_BYTES_PER_MS,
             received_ms=self._playout.bytes_received / TWILIO_BYTES_PER_MS,
             media_sent=len(self._round_trips.sent_at),

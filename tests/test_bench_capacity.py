@@ -7,6 +7,8 @@ import contextlib
 import os
 import sys
 from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
 
 import pytest
 
@@ -124,3 +126,22 @@ def test_capacity_reads_the_bridges_collections_lag_and_holes_from_its_own_metri
         "lag_within_20ms": 1,
         "ai_late": 3,
     }
+
+
+def test_capacity_counts_the_calls_with_a_hole_inside_the_steady_window_only() -> None:
+    """A hole is placed by its call's start and when playback resumed after it; holes in the set-up ramp or
+    among the calls ending are not the steady window's."""
+
+    def call(started_at: float | None, *ends_s: float) -> Any:
+        return SimpleNamespace(started_at=started_at, underrun_ends_s=ends_s)
+
+    calls = [
+        call(100.0, 1.0),  # at 101: in the ramp
+        call(100.5, 3.0, 9.0),  # at 103.5: inside
+        call(101.0, 12.0),  # at 113: after
+        call(101.0),  # no hole
+        call(None, 5.0),  # no start known (a call that never started its stream)
+        call(102.0, 1.0, 2.0),  # at 103 and 104: inside, counted once
+        call(100.0, 3.0),  # at 103.0: on the edge, inside
+    ]
+    assert capacity.calls_with_holes_between(calls, 103.0, 110.0) == 3

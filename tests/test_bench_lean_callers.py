@@ -131,9 +131,14 @@ async def _call(callers: str, config: CallConfig) -> CallResult:
 async def test_callers_number_every_message_echo_marks_once_played_and_count_what_they_heard(
     scripted: ScriptedBridge, callers: str
 ) -> None:
+    began = time.monotonic()
     result = await _call(callers, CallConfig(scripted.url("echo"), audio_in=noise(0.4), seconds=0.6))
     assert (result.ended_by, result.close_code, result.violations, result.media_sent) == ("caller", 1000, [], 30)
     assert (result.heard_s, result.clears) == (pytest.approx(0.4), 0)
+    # where capacity.py places its holes: on time.monotonic, each when playback resumed, within the call
+    assert result.started_at is not None and began <= result.started_at <= time.monotonic()
+    assert len(result.underrun_ends_s) == result.underruns
+    assert all(0 < t <= result.duration_s for t in result.underrun_ends_s)
     # Each echo is played at the tick after it came and its mark echoed at the next: the last frame's is cut off.
     assert len(result.marks_echoed) >= 27 and result.marks_echoed == [
         f"m{i + 1}" for i in range(len(result.marks_echoed))

@@ -93,6 +93,7 @@ def test_playout_counts_short_gaps_inside_a_stream_as_underruns() -> None:
         playout.push_media(step) if isinstance(step, bytes) else playout.tick(step)
     # A, a 20 ms hole, B, then half a frame of B and a 10 ms hole before C
     assert (playout.underruns, playout.underrun_ms) == (2, 30.0)
+    assert playout.underrun_ends_ms == [40.0, 80.0]  # the ticks where B and C began to play
     for _ in range(6):  # 120 ms: a pause between utterances, not an underrun
         playout.tick(160)
     playout.push_media(A)
@@ -102,6 +103,7 @@ def test_playout_counts_short_gaps_inside_a_stream_as_underruns() -> None:
     playout.push_media(B)
     playout.tick(160)
     assert (playout.underruns, playout.underrun_ms) == (2, 30.0)
+    assert playout.underrun_ends_ms == [40.0, 80.0]
 
 
 def test_playout_heard_length_is_ticks_times_bytes() -> None:

@@ -120,6 +120,10 @@ class CallResult:
     ended_by: Literal["caller", "bridge"]
     close_code: int | None
     duration_s: float
+    # For each underrun, when playback resumed after it, in seconds of the caller's beat from its first frame: a
+    # load tells the holes in its set-up ramp from those once every call is up.
+    underrun_ends_s: tuple[float, ...] = ()
+    started_at: float | None = None  # when ``start`` was sent, on the caller's clock's ``monotonic``
 
     def summary(self) -> str:
         """One line: time to first audio, audio heard, protocol violations."""
@@ -310,6 +314,8 @@ class SimulatedCall:
             round_trips_s=list(self._round_trips.arrivals_s),
             heard_round_trips_s=list(self._round_trips.heard_s),
             underrun_ms=self._playout.underrun_ms,
+            underrun_ends_s=tuple(ms / 1000 for ms in self._playout.underrun_ends_ms),
+            started_at=self._started_at,
             cut_off_ms=self._playout.buffered_bytes / TWILIO_BYTES_PER_MS,
             received_ms=self._playout.bytes_received / TWILIO_BYTES_PER_MS,
             media_sent=self._media_sent,

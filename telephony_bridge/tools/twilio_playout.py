@@ -43,6 +43,8 @@ class Playout:
         self.clears = 0
         self.underruns = 0
         self.underrun_bytes = 0  # silence inside those gaps
+        self.underrun_ends_ms: list[float] = []  # for each underrun, when audio resumed: ms of ticks played before
+        self._ticked_bytes = 0  # every tick's bytes, played or padded: the playback clock
 
     @property
     def underrun_ms(self) -> float:
@@ -115,6 +117,7 @@ class Playout:
         self.bytes_played += played
         self._frame_has_audio = played > 0
         self._count_gap(played, n_bytes)
+        self._ticked_bytes += n_bytes
         self.marks_echoed += len(due)
         out += bytes([ULAW_SILENCE]) * (n_bytes - played)
         return bytes(out), due
@@ -125,6 +128,7 @@ class Playout:
             if self._gap:
                 self.underruns += 1
                 self.underrun_bytes += self._gap
+                self.underrun_ends_ms.append(self._ticked_bytes / TWILIO_BYTES_PER_MS)
             self._gap = n_bytes - played
         elif self._gap is not None:
             self._gap += n_bytes
