@@ -3,8 +3,9 @@
 
 Why: a full collection in a load process stalls every call that process carries at once, and the bridge in front
 hears it as the AI's (or the caller's) frames coming late: a hole in each of those calls that is not the
-bridge's. At 250 calls one such stall put a hole in 181 calls of a run while the bridge's loop never lagged
-20 ms and it sent nothing late (docs/performance.md). Real callers and a real AI are other machines.
+bridge's. A run at 250 calls with exactly one hole in each of 181 calls, while the bridge's loop never lagged
+20 ms and it sent nothing late, had that pattern (docs/performance.md). Real callers and a real AI are other
+machines.
 """
 
 from __future__ import annotations
