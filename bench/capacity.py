@@ -410,6 +410,7 @@ def measure(
         command = perf_stacks.record_command(f"{stacks}.raw", recorded, window_s)
         spy = subprocess.Popen(command, stderr=subprocess.DEVNULL)
     sends = count_sends(recorded, window_s)
+    steady_from = time.monotonic()
     steady_before, activity_before, machine_before = cpu_s(pid), activity(pid), machine_busy_s()
     sides_before = pinning.snapshot() if pinning else None
     kernel_before = kernel_cpu_s(pid)
@@ -470,7 +471,6 @@ def measure(
     heard = [t * 1000 for t in result.heard_added_s]
     trips = [t * 1000 for t in result.round_trips_s]
     underruns = result.underruns_per_call
-    steady_from = start_at + ramp_s + 1.5  # the steady CPU's window, above
     served_calls = [flow.call for flow in result.of("served") if flow.call is not None]
     holes_steady = calls_with_holes_between(served_calls, steady_from, steady_from + window_s)
     first = [t * 1000 for t in result.first_audio_s]
@@ -601,7 +601,7 @@ def bridge_counters(http_url: str) -> dict[str, float]:
     return counters_from_metrics(response.text)
 
 
-def echo_late(stats_url: str) -> tuple[int, int]:
+def echo_counts(stats_url: str) -> tuple[int, int]:
     """bench/lean_ai.py's counts so far of its ticks more than a frame late and of its GC pauses longer than a
     frame: the load's own lateness, which the bridge counts among the AI's frames coming late (``ai_late``)."""
     stats = httpx.get(stats_url, timeout=5).json()
@@ -938,9 +938,9 @@ def main() -> int:
                     if lean_stats is None:
                         figures = level(profile, perf=perf, stacks=stacks)
                     else:
-                        late_before, pauses_before = echo_late(lean_stats)
+                        late_before, pauses_before = echo_counts(lean_stats)
                         figures = level(profile, perf=perf, stacks=stacks)
-                        late_after, pauses_after = echo_late(lean_stats)
+                        late_after, pauses_after = echo_counts(lean_stats)
                         figures["echo_ticks_late"] = late_after - late_before
                         figures["echo_gc_pauses"] = pauses_after - pauses_before
                     results[name].append(figures)

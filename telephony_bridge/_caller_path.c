@@ -88,7 +88,7 @@ static int CallerPath_init(CallerPath *self, PyObject *args, PyObject *kwds) {
 #undef KEEP
 #define FETCH(field, obj, name)                                                         \
     do {                                                                                \
-        PyObject *v_ = attr_get(obj, str_##name);                               \
+        PyObject *v_ = attr_get(obj, str_##name);                                       \
         if (v_ == NULL) return -1;                                                      \
         Py_XSETREF(self->field, v_);                                                    \
     } while (0)

@@ -1,6 +1,7 @@
-/* What the compiled frame path's modules (_caller_path.c, _ai_path.c, _taps.c) share: plain attributes of the
- * Python objects whose state they work on, read and written as C numbers, and the exception being raised taken
- * as an object. Each returns -1 with the exception set on failure, as PyObject_GetAttr and SetAttr do.
+/* What the compiled frame path's modules (_caller_path.c, _ai_path.c, _taps.c) share: the attributes of the
+ * Python objects whose state they work on, read and written at a slot's offset where they can be (attr_get,
+ * attr_set) and as C numbers, and the exception being raised taken as an object. Each returns -1 (or NULL)
+ * with the exception set on failure, as PyObject_GetAttr and SetAttr do.
  * Include <Python.h> first.
  */
 #ifndef TELEPHONY_BRIDGE_PYATTRS_H

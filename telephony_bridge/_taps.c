@@ -8,7 +8,8 @@
  * - AudioTap, the compiled twin of SavantsConnection._tapped (VoiceSession.is_audio, then DirectAudio.deliver):
  *   the AI's binary frame handed to the call while nothing waits unread before it.
  *
- * Both work on the Python objects' own attributes, by name, as the Python code does.
+ * Both work on the Python objects' own attributes, as the Python code does (_pyattrs.h: by name, or at a slot's
+ * offset).
  *
  * {"event":"media","sequenceNumber":"N","media":{"track":"inbound","chunk":"N","timestamp":"N","payload":"B64"},
  *  "streamSid":"SID"}: numbers of 1 to MAX_NUMBER_DIGITS ASCII digits; a SID of printable ASCII, none escaped.
@@ -334,39 +335,35 @@ static PyObject *read_media(PyObject *module, PyObject *text) {
 /* For tests: _pyattrs.h's attribute access, which all three modules use on the Python objects' state. Its cache
  * knows a name by its address, so the name is interned and kept for good, as the modules keep theirs. */
 static PyObject *kept_name(PyObject *name) {
-    if (!PyUnicode_CheckExact(name)) {
-        PyErr_SetString(PyExc_TypeError, "the attribute's name must be a str");
-        return NULL;
-    }
     Py_INCREF(name);
     PyUnicode_InternInPlace(&name); /* the reference is never given back */
     return name;
 }
 
-static PyObject *get_attribute(PyObject *module, PyObject *const *args, Py_ssize_t nargs) {
-    PyObject *name = nargs == 2 ? kept_name(args[1]) : NULL;
-    if (nargs != 2) PyErr_SetString(PyExc_TypeError, "get_attribute(obj, name)");
-    return name == NULL ? NULL : attr_get(args[0], name);
+static PyObject *get_attribute(PyObject *module, PyObject *args) {
+    PyObject *obj, *name;
+    if (!PyArg_ParseTuple(args, "OU:get_attribute", &obj, &name)) return NULL;
+    return attr_get(obj, kept_name(name));
 }
 
-static PyObject *set_attribute(PyObject *module, PyObject *const *args, Py_ssize_t nargs) {
-    PyObject *name = nargs == 3 ? kept_name(args[1]) : NULL;
-    if (nargs != 3) PyErr_SetString(PyExc_TypeError, "set_attribute(obj, name, value)");
-    if (name == NULL || attr_set(args[0], name, args[2]) < 0) return NULL;
+static PyObject *set_attribute(PyObject *module, PyObject *args) {
+    PyObject *obj, *name, *value;
+    if (!PyArg_ParseTuple(args, "OUO:set_attribute", &obj, &name, &value)) return NULL;
+    if (attr_set(obj, kept_name(name), value) < 0) return NULL;
     Py_RETURN_NONE;
 }
 
-static PyObject *slot_offset_of(PyObject *module, PyObject *const *args, Py_ssize_t nargs) {
-    PyObject *name = nargs == 2 ? kept_name(args[1]) : NULL;
-    if (nargs != 2) PyErr_SetString(PyExc_TypeError, "slot_offset(obj, name)");
-    return name == NULL ? NULL : PyLong_FromSsize_t(slot_offset(args[0], name));
+static PyObject *slot_offset_of(PyObject *module, PyObject *args) {
+    PyObject *obj, *name;
+    if (!PyArg_ParseTuple(args, "OU:slot_offset", &obj, &name)) return NULL;
+    return PyLong_FromSsize_t(slot_offset(obj, kept_name(name)));
 }
 
 static PyMethodDef methods[] = {
     {"read_media", read_media, METH_O, "read_media(text) -> (ulaw, timestamp_ms) | None: the scan alone (tests)"},
-    {"get_attribute", (PyCFunction)(void (*)(void))get_attribute, METH_FASTCALL, "obj.name as the C reads it (tests)"},
-    {"set_attribute", (PyCFunction)(void (*)(void))set_attribute, METH_FASTCALL, "obj.name = value (tests)"},
-    {"slot_offset", (PyCFunction)(void (*)(void))slot_offset_of, METH_FASTCALL,
+    {"get_attribute", get_attribute, METH_VARARGS, "obj.name as the C reads it (tests)"},
+    {"set_attribute", set_attribute, METH_VARARGS, "obj.name = value (tests)"},
+    {"slot_offset", slot_offset_of, METH_VARARGS,
      "where the C reads and writes obj.name: a byte offset, or 0 for the generic way (tests)"},
     {NULL, NULL, 0, NULL},
 };

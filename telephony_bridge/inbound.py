@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from collections import deque
 from collections.abc import Callable
 
@@ -30,7 +29,7 @@ from telephony_bridge.audio.codec import (
 from telephony_bridge.audio.pipeline import CallerToAi
 from telephony_bridge.audio.timeline import NO_TIMESTAMP
 from telephony_bridge.audio.vad import VAD_FRAME_S, VoiceActivityDetector
-from telephony_bridge.clock import Clock, Flag, SystemClock, Timer
+from telephony_bridge.clock import Clock, Flag, Timer, monotonic_of
 from telephony_bridge.errors import ConfigError
 from telephony_bridge.leg import AudioHandler
 from telephony_bridge.ops.metrics import Metrics
@@ -182,12 +181,10 @@ class Inbound:
         if CallerPath is None or not self._compiled:
             kernels.use_compiled("compiled")  # raises, saying why the extension is missing
             raise ConfigError("the compiled caller path needs the compiled kernels (audio.kernels)")
-        # The system clock's ``monotonic`` is ``time.monotonic``: called from C directly, it skips a Python frame.
-        monotonic = time.monotonic if type(clock) is SystemClock else clock.monotonic
         return CallerPath(  # type: ignore[no-any-return]
             self,
             fallback,
-            monotonic,
+            monotonic_of(clock),
             audible_since,
             on_events,
             catch_up_rate=CATCH_UP_RATE,

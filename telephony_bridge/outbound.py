@@ -18,7 +18,6 @@ instead) and carries no marks.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 
 from telephony_bridge.audio import kernels, pacing
@@ -28,7 +27,7 @@ from telephony_bridge.audio.kernels import DownsamplerToUlaw
 from telephony_bridge.audio.pacing import AdaptivePrebuffer, OutboundPacer
 from telephony_bridge.audio.pipeline import AiToCaller, FrameBuffer
 from telephony_bridge.audio.playback import PlaybackTracker
-from telephony_bridge.clock import Clock, Flag, SystemClock, Timer
+from telephony_bridge.clock import Clock, Flag, Timer, monotonic_of
 from telephony_bridge.errors import CallerGone
 from telephony_bridge.leg import AudioSink
 from telephony_bridge.settings import AudioSettings
@@ -528,7 +527,6 @@ def _compiled_path(outbound: Outbound) -> Callable[[bytes], None] | None:
         pacing_eps=pacing._EPS,
         twilio_leg=media_leg,
         caller_gone=CallerGone,
-        # The system clock's ``monotonic`` is ``time.monotonic``: called from C directly, it skips a Python frame.
-        monotonic=time.monotonic if type(outbound._clock) is SystemClock else outbound._clock.monotonic,
+        monotonic=monotonic_of(outbound._clock),
     )
     return path

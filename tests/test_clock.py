@@ -8,7 +8,7 @@ import time
 import pytest
 import uvloop  # uvicorn[standard]'s loop, which the bridge serves on
 
-from telephony_bridge.clock import FakeClock, Flag, SystemClock
+from telephony_bridge.clock import FakeClock, Flag, SystemClock, monotonic_of
 
 
 @pytest.mark.parametrize("signal", [Flag, asyncio.Event])
@@ -140,3 +140,13 @@ def test_a_fake_clock_runs_timers_as_it_passes_their_deadlines_in_order() -> Non
     assert seen == ["20 ms"]
     clock.advance(0.01)
     assert seen == ["20 ms", "30 ms"]
+
+
+def test_monotonic_of_the_system_clock_is_the_builtin_and_of_another_clock_its_own() -> None:
+    """What the compiled frame path calls each frame: for the system clock, ``time.monotonic`` itself."""
+    assert monotonic_of(SystemClock()) is time.monotonic
+    fake = FakeClock()
+    read = monotonic_of(fake)
+    before = read()
+    fake.advance(2.5)
+    assert read() == before + 2.5

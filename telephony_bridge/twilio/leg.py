@@ -12,14 +12,13 @@ from __future__ import annotations
 import asyncio
 import enum
 import logging
-import time
 from collections.abc import Callable
 from typing import Any, Literal, Protocol
 
 from telephony_bridge.audio import kernels
 from telephony_bridge.audio.codec import TWILIO_FRAME_BYTES
 from telephony_bridge.bridge import Call, CallDeps
-from telephony_bridge.clock import Clock, SystemClock
+from telephony_bridge.clock import Clock, monotonic_of
 from telephony_bridge.errors import CallerGone, CallerStalled
 from telephony_bridge.leg import AudioHandler, CallerAudio, Digit, DirectAudio, HungUp, LegEvent, PlayedUpTo, Watchdog
 from telephony_bridge.ops import logging as oplog
@@ -182,10 +181,13 @@ class TwilioLeg:
         the socket, which drops it when the core detaches: it holds this leg."""
         if not self._compiled:
             return self._tapped
-        clock = self._clock
-        monotonic = time.monotonic if type(clock) is SystemClock else clock.monotonic
         return MediaTap(  # type: ignore[no-any-return]
-            self, self.watchdog, self._direct, monotonic, self._tapped, max_number_digits=tw.MAX_NUMBER_DIGITS
+            self,
+            self.watchdog,
+            self._direct,
+            monotonic_of(self._clock),
+            self._tapped,
+            max_number_digits=tw.MAX_NUMBER_DIGITS,
         )
 
     def _tapped(self, text: bytes) -> bool:
