@@ -30,8 +30,8 @@ Per server and load level:
 - activity: over the same window, per call-second, the server's read and write system calls and its wake-ups
   (voluntary context switches): exact counts that show what a change saves even when CPU figures are noisy.
   /proc counts ``read``/``write``-family calls only: picows sends with ``send()``, which it does not count,
-  so where perf's syscall tracepoints answer (root) ``send/write calls`` counts ``sendto``, ``sendmsg``,
-  ``write`` and ``writev`` (log lines and the event loop's own wake-up writes included);
+  so with ``--count-sends`` (root: perf's syscall tracepoints, which perturb the run) ``send/write calls``
+  counts ``sendto``, ``sendmsg``, ``write`` and ``writev`` (log lines and the event loop's wake-up writes too);
   and how many of the machine's cores were busy (every process: callers and emulator too);
 - the bridge's event loop lag (sampled every 50 ms) and garbage collections over the run, with those over
   20 ms: whether a late send was our loop or collector (the bridge's ``scheduling`` underruns) or the AI;
@@ -77,6 +77,7 @@ import json
 import os
 import secrets
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -88,6 +89,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+import cython_build  # bench/, beside this script
 import httpx
 import lean_ai  # bench/, beside this script
 import lean_callers
@@ -183,26 +185,72 @@ def activity(pid: int) -> tuple[int, int, int]:
 SEND_SYSCALLS = ("sendto", "sendmsg", "write", "writev")  # picows and uvloop send with send(); others write
 
 
-def count_sends(pids: list[int], window_s: float) -> subprocess.Popen[str] | None:
-    """Start counting the send and write system calls of ``pids`` for ``window_s`` with perf's syscall
-    tracepoints (``sends_counted`` reads the result): exact, unlike ``/proc``'s ``syscw``, which misses
-    ``send()``. None where perf or its tracepoints are missing (not root, no tracefs)."""
-    if shutil.which("perf") is None:
-        return None
-    events = ",".join(f"syscalls:sys_enter_{name}" for name in SEND_SYSCALLS)
-    command = ["perf", "stat", "-x", ",", "-e", events, "-p", ",".join(map(str, pids)), "--", "sleep", str(window_s)]
-    return subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+class SendCounter:
+    """The send and write system calls of ``pids`` (none: nothing counted), with perf's syscall tracepoints in
+    250 ms intervals: exact, unlike ``/proc``'s ``syscw``, which misses ``send()``.
+
+    It perturbs the run (``--count-sends``, off by default): with it on, the bridge's event loop lagged over 20 ms
+    once or twice in 5 of 7 runs at 250 calls, and in none of 6 without it (docs/performance.md, 6 Dec). It starts
+    before the calls and stops after they end, so that turning the tracepoints on and off (the kernel patches its
+    code on every CPU) stalls no call, and ``per_s`` reads the intervals of the steady window."""
+
+    STEP_S = 0.25
+
+    def __init__(self, pids: list[int]) -> None:
+        self._process: subprocess.Popen[str] | None = None
+        self._rows: list[tuple[float, int]] = []  # (end of the interval on time.monotonic, its count)
+        if not pids or shutil.which("perf") is None:
+            return
+        events = ",".join(f"syscalls:sys_enter_{name}" for name in SEND_SYSCALLS)
+        command = ["perf", "stat", "-x", ",", "-I", str(round(self.STEP_S * 1000)), "-e", events]
+        self._started = time.monotonic()
+        self._process = subprocess.Popen(
+            [*command, "-p", ",".join(map(str, pids))],  # until stopped
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+
+    def __enter__(self) -> SendCounter:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
+
+    def stop(self) -> None:
+        """Stop counting (once the calls have ended) and read what was counted; again, nothing."""
+        if self._process is None or self._process.poll() is not None:
+            return
+        self._process.send_signal(signal.SIGINT)
+        try:
+            _, output = self._process.communicate(timeout=10)
+        except subprocess.TimeoutExpired:
+            self._process.kill()
+            self._process.communicate()
+            return
+        self._rows = send_intervals(output, self._started, len(SEND_SYSCALLS))
+
+    def per_s(self, start: float, end: float) -> float | None:
+        """Calls a second over the whole intervals between ``start`` and ``end`` (``time.monotonic``); None
+        where nothing was counted (no perf, not root, no tracefs)."""
+        inside = [count for at, count in self._rows if start <= at - self.STEP_S and at <= end]
+        return sum(inside) / (len(inside) * self.STEP_S) if inside else None
 
 
-def sends_counted(counter: subprocess.Popen[str] | None) -> int | None:
-    """The total ``count_sends`` counted, or None if it could not count."""
-    if counter is None:
-        return None
-    _, output = counter.communicate()
-    counts = [row.split(",", 1)[0] for row in output.splitlines() if "sys_enter_" in row]
-    if counter.returncode != 0 or len(counts) != len(SEND_SYSCALLS) or not all(c.isdigit() for c in counts):
-        return None  # "<not supported>": no tracepoints here
-    return sum(int(c) for c in counts)
+def send_intervals(output: str, started: float, events: int) -> list[tuple[float, int]]:
+    """``perf stat -x , -I`` output as (end of each interval, ``started`` + its time, the count of all ``events``
+    in it). "<not counted>": the processes did not run in that interval (0); an interval with an event that is
+    "<not supported>" (no tracepoints here) or missing is left out."""
+    counts: dict[float, list[str]] = {}
+    for row in output.splitlines():
+        fields = row.split(",")
+        if len(fields) > 3 and "sys_enter_" in fields[3]:
+            counts.setdefault(float(fields[0]), []).append(fields[1])
+    return [
+        (started + at, sum(int(c) if c.isdigit() else 0 for c in row))
+        for at, row in sorted(counts.items())
+        if len(row) == events and all(c.isdigit() or c == "<not counted>" for c in row)
+    ]
 
 
 LOAD_SATURATED = 0.9  # the load's cores this busy (a share of them): its callers and emulator fall behind
@@ -317,8 +365,11 @@ def start_lean_ai(env: dict[str, str], cpus: frozenset[int] | None = None) -> tu
 
 def stream_runner(callers: str, phases: int = lean_callers.PHASES) -> StreamRunner:
     """What plays each call's media stream: ``full``, ``tools.caller``; ``lean``, bench/lean_callers.py on
-    ``phases`` phases of its beat (the same calls and figures for less CPU). One per load's event loop."""
-    return lean_callers.LeanCallers(phases).run_call if callers == "lean" else run_call
+    ``phases`` phases of its beat (the same calls and figures for less CPU); ``compiled``, the same with each
+    call's per-frame work in C (bench/lean_callers_c.pyx). One per load's event loop."""
+    if callers == "full":
+        return run_call
+    return lean_callers.LeanCallers(phases, compiled=callers == "compiled").run_call
 
 
 def _load_part(
@@ -379,6 +430,7 @@ def measure(
     pinning: Pinning | None = None,
     callers: str = "full",
     ramp_s: float = RAMP_S,
+    count_sends: bool = False,
 ) -> dict:
     """Run ``calls`` calls of ``seconds`` against the server ``pid`` and return its figures; with ``profile``,
     py-spy records the server over the steady window into that file (collapsed stacks), with ``perf`` perf
@@ -388,111 +440,112 @@ def measure(
     idle_rss = rss_kb(pid)
     http_url = url.replace("ws://", "http://").removesuffix("/media-stream")
     counters_before = bridge_counters(http_url)
-    start_at = time.monotonic() + 1.5  # the load processes are up and waiting by then
-    shares = [calls // procs + (i < calls % procs) for i in range(procs)]
-    if sip_target:
-        futures = [pool.submit(_sip_part, sip_target, n, seconds, start_at, ramp_s) for n in shares if n]
-    else:
-        futures = [pool.submit(_load_part, url, n, seconds, start_at, callers, ramp_s) for n in shares if n]
-    time.sleep(max(0.0, start_at - time.monotonic()))
-    whole_before = cpu_s(pid)
-    time.sleep(ramp_s + 1.5)  # every call is up and talking
-    window_s = max(1.0, seconds - ramp_s - 1.0)  # until the first calls end (half a second into their ends)
-    spy = None
-    if profile:
-        command = [str(py_spy()), "record", "--pid", str(pid), "--duration", str(int(window_s)), "--format", "raw"]
-        spy = subprocess.Popen([*command, "--nonblocking", "-o", profile], stdout=subprocess.DEVNULL)
-    if perf:
-        command = ["perf", "record", "-q", "-F", "499", "-o", perf, "-p", ",".join(map(str, family(pid)))]
-        spy = subprocess.Popen([*command, "--", "sleep", str(window_s)], stderr=subprocess.DEVNULL)
-    recorded = family(pid)
-    if stacks:
-        command = perf_stacks.record_command(f"{stacks}.raw", recorded, window_s)
-        spy = subprocess.Popen(command, stderr=subprocess.DEVNULL)
-    sends = count_sends(recorded, window_s)
-    steady_from = time.monotonic()
-    steady_before, activity_before, machine_before = cpu_s(pid), activity(pid), machine_busy_s()
-    sides_before = pinning.snapshot() if pinning else None
-    kernel_before = kernel_cpu_s(pid)
-    time.sleep(window_s / 2)
-    steady_rss = rss_kb(pid)
-    time.sleep(window_s / 2)
-    steady_used = cpu_s(pid) - steady_before
-    kernel_used = kernel_cpu_s(pid) - kernel_before
-    activity_after = activity(pid)
-    machine_after = machine_busy_s()
-    sides = pinning.busy_cores(sides_before, pinning.snapshot()) if pinning and sides_before else {}
-    if pinning:
-        sides["load_cores"] = len(pinning.load)
-    machine_busy = (machine_after[0] - machine_before[0]) / max(1e-9, machine_after[1] - machine_before[1])
-    per_call_s = [(activity_after[i] - activity_before[i]) / window_s / calls for i in range(3)]
-    sent = sends_counted(sends)
-    if spy is not None:
-        spy.wait()
-    if stacks:
-        Path(stacks).write_text(perf_stacks.collect(f"{stacks}.raw", recorded) + "\n")
-    parts = [future.result() for future in futures]
-    time.sleep(0.5)  # the server closes its side
-    whole_used = cpu_s(pid) - whole_before
-    counters = {k: v - counters_before.get(k, 0.0) for k, v in bridge_counters(http_url).items()}
-    causes = {k: counters[k] for k in ("ai_late", "scheduling") if k in counters}
-    health = {k: v for k, v in counters.items() if k.startswith(("lag", "gc"))}
-    cpu = {
-        "calls": calls,
-        "steady_cpu_pct": 100 * steady_used / window_s,
-        "steady_us_per_call_per_20ms": 1e6 * steady_used / window_s / calls * 0.020,
-        "steady_kernel_pct": 100 * kernel_used / max(1e-9, steady_used),
-        "kb_per_call": (steady_rss - idle_rss) / calls,
-        "reads_per_call_s": per_call_s[0],
-        "writes_per_call_s": per_call_s[1],
-        "wakeups_per_call_s": per_call_s[2],
-        "sends_per_call_s": None if sent is None else sent / window_s / calls,
-        "machine_busy_cores": machine_busy * (os.cpu_count() or 1),
-        **sides,
-        "bridge_underruns_by_cause": causes,
-        "loop_lag_samples": health.get("lag"),
-        "loop_lag_over_20ms": health["lag"] - health["lag_within_20ms"] if "lag" in health else None,
-        "gc_pauses": health.get("gc", 0.0),
-        "gc_pauses_over_20ms": health.get("gc", 0.0) - health.get("gc_within_20ms", 0.0),
-        "gc_full_collections": health.get("gc_full", 0.0),
-    }
-    if sip_target:
-        return {**cpu, **sip_figures([r for part in parts for r in part], whole_used, seconds)}
-    result = LoadResult(
-        tuple(flow for part in parts for flow in part.flows),
-        max(part.duration_s for part in parts),
-        calls,
-        calls,
-        seconds,
-        ramp_s,
-    )
-    served = len(result.of("served"))
-    added = [t * 1000 for t in result.added_s]
-    heard = [t * 1000 for t in result.heard_added_s]
-    trips = [t * 1000 for t in result.round_trips_s]
-    underruns = result.underruns_per_call
-    served_calls = [flow.call for flow in result.of("served") if flow.call is not None]
-    holes_steady = calls_with_holes_between(served_calls, steady_from, steady_from + window_s)
-    first = [t * 1000 for t in result.first_audio_s]
-    return {
-        **cpu,
-        "served": served,
-        "refused": len(result.of("busy")),
-        "failed": len(result.of("failed")),
-        "violations": result.violations,
-        **whole_cpu(whole_used, served, seconds),
-        "added_p50_ms": percentile(added, 50) if added else None,
-        "added_p99_ms": percentile(added, 99) if added else None,
-        "heard_added_p50_ms": percentile(heard, 50) if heard else None,
-        "heard_added_p99_ms": percentile(heard, 99) if heard else None,
-        "round_trip_p50_ms": percentile(trips, 50) if trips else None,
-        "round_trip_p99_ms": percentile(trips, 99) if trips else None,
-        "underruns_per_call_p50": percentile(underruns, 50) if underruns else None,
-        "underruns_per_call_max": underruns[-1] if underruns else None,
-        "calls_with_underruns": sum(1 for u in underruns if u),
-        "calls_with_underruns_steady": holes_steady,
-        "first_audio_p99_ms": percentile(first, 99) if first else None,
-    }
+    with SendCounter(family(pid) if count_sends else []) as sends:  # before the calls: see SendCounter
+        start_at = time.monotonic() + 1.5  # the load processes are up and waiting by then
+        shares = [calls // procs + (i < calls % procs) for i in range(procs)]
+        if sip_target:
+            futures = [pool.submit(_sip_part, sip_target, n, seconds, start_at, ramp_s) for n in shares if n]
+        else:
+            futures = [pool.submit(_load_part, url, n, seconds, start_at, callers, ramp_s) for n in shares if n]
+        time.sleep(max(0.0, start_at - time.monotonic()))
+        whole_before = cpu_s(pid)
+        time.sleep(ramp_s + 1.5)  # every call is up and talking
+        window_s = max(1.0, seconds - ramp_s - 1.0)  # until the first calls end (half a second into their ends)
+        spy = None
+        if profile:
+            command = [str(py_spy()), "record", "--pid", str(pid), "--duration", str(int(window_s)), "--format", "raw"]
+            spy = subprocess.Popen([*command, "--nonblocking", "-o", profile], stdout=subprocess.DEVNULL)
+        if perf:
+            command = ["perf", "record", "-q", "-F", "499", "-o", perf, "-p", ",".join(map(str, family(pid)))]
+            spy = subprocess.Popen([*command, "--", "sleep", str(window_s)], stderr=subprocess.DEVNULL)
+        recorded = family(pid)
+        if stacks:
+            command = perf_stacks.record_command(f"{stacks}.raw", recorded, window_s)
+            spy = subprocess.Popen(command, stderr=subprocess.DEVNULL)
+        steady_from = time.monotonic()
+        steady_before, activity_before, machine_before = cpu_s(pid), activity(pid), machine_busy_s()
+        sides_before = pinning.snapshot() if pinning else None
+        kernel_before = kernel_cpu_s(pid)
+        time.sleep(window_s / 2)
+        steady_rss = rss_kb(pid)
+        time.sleep(window_s / 2)
+        steady_used = cpu_s(pid) - steady_before
+        kernel_used = kernel_cpu_s(pid) - kernel_before
+        activity_after = activity(pid)
+        machine_after = machine_busy_s()
+        sides = pinning.busy_cores(sides_before, pinning.snapshot()) if pinning and sides_before else {}
+        if pinning:
+            sides["load_cores"] = len(pinning.load)
+        machine_busy = (machine_after[0] - machine_before[0]) / max(1e-9, machine_after[1] - machine_before[1])
+        per_call_s = [(activity_after[i] - activity_before[i]) / window_s / calls for i in range(3)]
+        if spy is not None:
+            spy.wait()
+        if stacks:
+            Path(stacks).write_text(perf_stacks.collect(f"{stacks}.raw", recorded) + "\n")
+        parts = [future.result() for future in futures]
+        time.sleep(0.5)  # the server closes its side
+        whole_used = cpu_s(pid) - whole_before
+        sends.stop()  # the calls are over
+        sent_per_s = sends.per_s(steady_from, steady_from + window_s)
+        counters = {k: v - counters_before.get(k, 0.0) for k, v in bridge_counters(http_url).items()}
+        causes = {k: counters[k] for k in ("ai_late", "scheduling") if k in counters}
+        health = {k: v for k, v in counters.items() if k.startswith(("lag", "gc"))}
+        cpu = {
+            "calls": calls,
+            "steady_cpu_pct": 100 * steady_used / window_s,
+            "steady_us_per_call_per_20ms": 1e6 * steady_used / window_s / calls * 0.020,
+            "steady_kernel_pct": 100 * kernel_used / max(1e-9, steady_used),
+            "kb_per_call": (steady_rss - idle_rss) / calls,
+            "reads_per_call_s": per_call_s[0],
+            "writes_per_call_s": per_call_s[1],
+            "wakeups_per_call_s": per_call_s[2],
+            "sends_per_call_s": None if sent_per_s is None else sent_per_s / calls,
+            "machine_busy_cores": machine_busy * (os.cpu_count() or 1),
+            **sides,
+            "bridge_underruns_by_cause": causes,
+            "loop_lag_samples": health.get("lag"),
+            "loop_lag_over_20ms": health["lag"] - health["lag_within_20ms"] if "lag" in health else None,
+            "gc_pauses": health.get("gc", 0.0),
+            "gc_pauses_over_20ms": health.get("gc", 0.0) - health.get("gc_within_20ms", 0.0),
+            "gc_full_collections": health.get("gc_full", 0.0),
+        }
+        if sip_target:
+            return {**cpu, **sip_figures([r for part in parts for r in part], whole_used, seconds)}
+        result = LoadResult(
+            tuple(flow for part in parts for flow in part.flows),
+            max(part.duration_s for part in parts),
+            calls,
+            calls,
+            seconds,
+            ramp_s,
+        )
+        served = len(result.of("served"))
+        added = [t * 1000 for t in result.added_s]
+        heard = [t * 1000 for t in result.heard_added_s]
+        trips = [t * 1000 for t in result.round_trips_s]
+        underruns = result.underruns_per_call
+        served_calls = [flow.call for flow in result.of("served") if flow.call is not None]
+        holes_steady = calls_with_holes_between(served_calls, steady_from, steady_from + window_s)
+        first = [t * 1000 for t in result.first_audio_s]
+        return {
+            **cpu,
+            "served": served,
+            "refused": len(result.of("busy")),
+            "failed": len(result.of("failed")),
+            "violations": result.violations,
+            **whole_cpu(whole_used, served, seconds),
+            "added_p50_ms": percentile(added, 50) if added else None,
+            "added_p99_ms": percentile(added, 99) if added else None,
+            "heard_added_p50_ms": percentile(heard, 50) if heard else None,
+            "heard_added_p99_ms": percentile(heard, 99) if heard else None,
+            "round_trip_p50_ms": percentile(trips, 50) if trips else None,
+            "round_trip_p99_ms": percentile(trips, 99) if trips else None,
+            "underruns_per_call_p50": percentile(underruns, 50) if underruns else None,
+            "underruns_per_call_max": underruns[-1] if underruns else None,
+            "calls_with_underruns": sum(1 for u in underruns if u),
+            "calls_with_underruns_steady": holes_steady,
+            "first_audio_p99_ms": percentile(first, 99) if first else None,
+        }
 
 
 def whole_cpu(used_s: float, served: int, seconds: float) -> dict:
@@ -775,10 +828,11 @@ def main() -> int:
     )
     parser.add_argument(
         "--callers",
-        choices=["full", "lean"],
+        choices=["full", "lean", "compiled"],
         default="full",
-        help="the simulated Twilio callers: full (tools.caller) or lean (bench/lean_callers.py: the same calls and "
-        "figures for a fraction of the load's CPU)",
+        help="the simulated Twilio callers: full (tools.caller), lean (bench/lean_callers.py: the same calls and "
+        "figures for a fraction of the load's CPU) or compiled (lean, with each call's per-frame work in C: "
+        "bench/lean_callers_c.pyx, built on first use with Cython)",
     )
     parser.add_argument(
         "--server-cpus",
@@ -794,6 +848,12 @@ def main() -> int:
         "--perf",
         metavar="OUT",
         help="perf record the first server's steady window (first level) to OUT; perturbs that run's latency",
+    )
+    parser.add_argument(
+        "--count-sends",
+        action="store_true",
+        help="count the servers' send and write system calls with perf's tracepoints (root): the figure /proc "
+        "cannot give, at a cost: it perturbs the run (the bridge's loop lags)",
     )
     parser.add_argument(
         "--perf-stacks",
@@ -826,7 +886,7 @@ def main() -> int:
     if not 0 <= args.ramp <= args.seconds - 2:
         parser.error(f"--ramp {args.ramp:g} must be 0 or more and at least 2 s under --seconds {args.seconds:g}")
     if args.load_procs is None:
-        args.load_procs = lean_callers.LOAD_PROCS if args.callers == "lean" else 2
+        args.load_procs = 2 if args.callers == "full" else lean_callers.LOAD_PROCS
     if args.profile and py_spy() is None:
         parser.error("--profile needs py-spy (not found next to this Python or on PATH): pip install py-spy")
     if sum(map(bool, (args.profile, args.perf, args.perf_stacks))) > 1:
@@ -843,6 +903,11 @@ def main() -> int:
         parser.error(why)
     if "relay-c" in args.servers and (why := relay_c_ready(args.server_python)):
         parser.error(why)
+    if args.callers == "compiled":
+        try:
+            lean_callers.compiled_call_class()  # built here once, not in each load process
+        except cython_build.BuildError as exc:
+            parser.error(f"--callers compiled: {exc}")
     try:
         pinning = Pinning.parse(args.server_cpus) if args.server_cpus else None
     except ValueError as exc:
@@ -934,6 +999,7 @@ def main() -> int:
                         pinning=pinning,
                         callers=args.callers,
                         ramp_s=args.ramp,
+                        count_sends=args.count_sends,
                     )  # this server at this level: over Twilio, and over SIP below
                     if lean_stats is None:
                         figures = level(profile, perf=perf, stacks=stacks)

@@ -41,6 +41,7 @@ from typing import Literal
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+import cython_build  # bench/, beside this script
 import numpy as np
 import numpy.typing as npt
 import orjson
@@ -59,7 +60,7 @@ from telephony_bridge.close_codes import echo_code
 from telephony_bridge.tools.caller import FRAME_S, CallConfig, CallResult, new_sid
 from telephony_bridge.tools.round_trips import RoundTrips
 from telephony_bridge.tools.twilio_playout import Playout
-from telephony_bridge.twilio.outbound_messages import OutClear, OutMark, OutMedia
+from telephony_bridge.twilio.outbound_messages import MediaMessages, OutClear, OutMark, OutMedia
 from telephony_bridge.twilio.protocol import Connected, Start, Stop
 
 # A call's frames go out on one of these evenly spaced points of the 20 ms beat: 1 ms apart, as finely as the
@@ -74,15 +75,23 @@ NO_STATUS = 1005  # a close frame without a code (RFC 6455 §7.1.5)
 ABNORMAL_CLOSURE = 1006  # no close frame at all, as the websockets library reports it
 _TEXT, _BINARY, _CLOSE, _PING, _PONG = WSMsgType.TEXT, WSMsgType.BINARY, WSMsgType.CLOSE, WSMsgType.PING, WSMsgType.PONG
 _picows_log = logging.getLogger("picows.client")
+BENCH = Path(__file__).resolve().parent
 
 # --- one call, and the beat that drives them all -----------------------------------------------------------------
 
 
-class LeanCall(WSListener):  # type: ignore[misc]
-    """One call's media stream and its figures; the picows listener of its connection. ``Beat`` calls
-    ``tick`` on its phase; ``result()`` once the connection is gone."""
+class _CallEnds:
+    """What both kinds of call do in Python (``LeanCall``, ``CompiledCall``): set-up, ``start`` and ``stop``,
+    marks, any message but a well-formed ``media``, the close, and the result. ``Beat`` calls ``tick`` on the
+    call's phase; ``result()`` once the connection is gone."""
 
-    def __init__(self, config: CallConfig, frames: list[bytes], beat: Beat) -> None:
+    _transport: WSTransport | None
+    _seq: int
+    _stopped: bool
+    _gone: bool
+    _started_at: float | None
+
+    def _setup(self, config: CallConfig, frames: list[bytes], beat: Beat, playout: Playout) -> None:
         self.config = config
         self.account_sid = config.account_sid or new_sid("AC")
         self.call_sid = config.call_sid or new_sid("CA")
@@ -93,12 +102,12 @@ class LeanCall(WSListener):  # type: ignore[misc]
         self._media = media_template(self.stream_sid)
         self._mark = mark_template(self.stream_sid)
         self._n_frames = round(config.seconds / FRAME_S)
-        self._transport: WSTransport | None = None
-        self._playout = Playout()
+        self._transport = None
+        self._playout = playout
         self._seq = 0
         self._t0 = 0.0  # the beat's time of frame 0; frame i is due at t0 + i * FRAME_S
         self._next = 0  # the next frame to play and send
-        self._started_at: float | None = None
+        self._started_at = None
         self._stopped = False  # ``stop`` sent: nothing more goes out
         self._gone = False  # the bridge's close frame came, or the connection is gone
         self._close_timer: asyncio.TimerHandle | None = None
@@ -108,51 +117,20 @@ class LeanCall(WSListener):  # type: ignore[misc]
         self._first_heard_s: float | None = None
         self._violations: list[str] = []
         self._marks_echoed: list[str] = []
-        self._round_trips = RoundTrips(self._playout)
         self._late_messages = 0
         self._ended_by: Literal["caller", "bridge"] = "caller"
         self._ended_at: float | None = None
         self._close_code: int | None = None
 
-    # --- the beat ------------------------------------------------------------------------------------------
-
-    def tick(self, due: float, now: float) -> bool:
-        """Play and send every frame due by ``now`` (more than one only when the loop ran late: the schedule is
-        absolute), ``start`` with the first, which is due at ``due``; both on the loop's clock. Returns False
-        once the call needs no more ticks."""
-        transport = self._transport
-        if self._gone or transport is None:
-            return False
-        if self._started_at is None:
-            start = Start(
-                self.stream_sid, self.call_sid, self.account_sid, custom_parameters=dict(self.config.custom_parameters)
-            )
-            self._seq = 1
-            transport.send(_TEXT, start.to_json().encode())
-            self._t0, self._started_at = due, self._time()
-        playout, frames, media, sent_at = self._playout, self._frames, self._media, self._round_trips.sent_at
-        i, last = self._next, self._n_frames
-        while i <= last and self._t0 + i * FRAME_S <= now + 1e-6:
-            # The last tick plays nothing: it only releases marks whose audio finished with the call.
-            n_bytes = 0 if i == last else TWILIO_FRAME_BYTES
-            audio, marks = playout.tick(n_bytes)
-            self._round_trips.played(i)
-            if n_bytes and audible(audio):
-                self._audible_frames += 1
-                if self._first_heard_s is None:
-                    self._first_heard_s = self._time() - self._started_at
-            for name in marks:
-                self._echo(name)
-            if i == last:
-                self._stop(transport)
-                return False
-            self._seq += 1
-            # timestamp: ms since the stream started; chunk counts from 1 (§3)
-            transport.send(_TEXT, media % (self._seq, i + 1, i * 20, frames[i] if i < len(frames) else SILENCE_B64))
-            sent_at.append(self._time())
-            i += 1
-        self._next = i
-        return True
+    def _begin(self, due: float) -> None:
+        """``start``, on the first tick: frame 0 is due at ``due``."""
+        assert self._transport is not None
+        start = Start(
+            self.stream_sid, self.call_sid, self.account_sid, custom_parameters=dict(self.config.custom_parameters)
+        )
+        self._seq = 1
+        self._transport.send(_TEXT, start.to_json().encode())
+        self._t0, self._started_at = due, self._time()
 
     def _echo(self, name: str) -> None:
         if self._stopped or self._gone or self._transport is None:
@@ -176,11 +154,10 @@ class LeanCall(WSListener):  # type: ignore[misc]
     def on_ws_connected(self, transport: WSTransport) -> None:
         self._transport = transport
 
-    def on_ws_frame(self, transport: WSTransport, frame: WSFrame) -> None:
+    def _other_frame(self, transport: WSTransport, frame: WSFrame) -> None:
+        """A frame that is not a whole text message."""
         kind = frame.msg_type
-        if kind is _TEXT and frame.fin:
-            self._receive(frame.get_payload_as_bytes())
-        elif kind is _CLOSE:
+        if kind is _CLOSE:
             self._close_code = int(frame.get_close_code()) or NO_STATUS
             self._bridge_ended()
             self._gone = True
@@ -270,6 +247,78 @@ class LeanCall(WSListener):  # type: ignore[misc]
         )
 
 
+class LeanCall(_CallEnds, WSListener):  # type: ignore[misc]
+    """One call's media stream and its figures in Python; the picows listener of its connection."""
+
+    def __init__(self, config: CallConfig, frames: list[bytes], beat: Beat) -> None:
+        playout = Playout()
+        self._setup(config, frames, beat, playout)
+        self._round_trips = RoundTrips(playout)
+
+    def tick(self, due: float, now: float) -> bool:
+        """Play and send every frame due by ``now`` (more than one only when the loop ran late: the schedule is
+        absolute), ``start`` with the first, which is due at ``due``; both on the loop's clock. Returns False
+        once the call needs no more ticks."""
+        transport = self._transport
+        if self._gone or transport is None:
+            return False
+        if self._started_at is None:
+            self._begin(due)
+        playout, frames, media, sent_at = self._playout, self._frames, self._media, self._round_trips.sent_at
+        i, last = self._next, self._n_frames
+        while i <= last and self._t0 + i * FRAME_S <= now + 1e-6:
+            # The last tick plays nothing: it only releases marks whose audio finished with the call.
+            n_bytes = 0 if i == last else TWILIO_FRAME_BYTES
+            audio, marks = playout.tick(n_bytes)
+            self._round_trips.played(i)
+            if n_bytes and audible(audio):
+                self._audible_frames += 1
+                if self._first_heard_s is None:
+                    self._first_heard_s = self._time() - self._started_at
+            for name in marks:
+                self._echo(name)
+            if i == last:
+                self._stop(transport)
+                return False
+            self._seq += 1
+            # timestamp: ms since the stream started; chunk counts from 1 (§3)
+            transport.send(_TEXT, media % (self._seq, i + 1, i * 20, frames[i] if i < len(frames) else SILENCE_B64))
+            sent_at.append(self._time())
+            i += 1
+        self._next = i
+        return True
+
+    def on_ws_frame(self, transport: WSTransport, frame: WSFrame) -> None:
+        if frame.msg_type is _TEXT and frame.fin:
+            self._receive(frame.get_payload_as_bytes())
+        else:
+            self._other_frame(transport, frame)
+
+
+def compiled_call_class() -> type:
+    """``CompiledCall``: ``LeanCall`` with its hot half from bench/lean_callers_c.pyx (built on first use:
+    bench/cython_build.py), once a process. Raises ``cython_build.BuildError`` if it cannot be built."""
+    global _compiled_call
+    if _compiled_call is None:
+        core = cython_build.load(BENCH / "lean_callers_c.pyx")
+
+        class CompiledCall(_CallEnds, core.CallCore):  # type: ignore[misc,name-defined]
+            """``LeanCall`` with ``tick`` and the bridge's ``media`` messages in C (``CallCore``), and the C
+            ``Playout`` and ``RoundTrips``: the same messages out and the same figures."""
+
+            def __init__(self, config: CallConfig, frames: list[bytes], beat: Beat) -> None:
+                playout = core.Playout()
+                self._setup(config, frames, beat, playout)
+                self._round_trips = core.RoundTrips(playout)
+                self._media_head = MediaMessages(self.stream_sid)._head
+
+        _compiled_call = CompiledCall
+    return _compiled_call
+
+
+_compiled_call: type | None = None
+
+
 class Beat:
     """The process's one timer: every ``FRAME_S / phases`` it ticks the calls on that phase of the 20 ms beat,
     on an absolute schedule; it stops while no call is up. A new call joins the least used phase."""
@@ -308,10 +357,12 @@ class Beat:
 
 
 class LeanCallers:
-    """The lean callers of one event loop: ``run_call`` is a ``twilio_flow.StreamRunner``."""
+    """The lean callers of one event loop: ``run_call`` is a ``twilio_flow.StreamRunner``. ``compiled``: the
+    calls are ``CompiledCall``s (raises ``cython_build.BuildError`` if that cannot be built)."""
 
-    def __init__(self, phases: int = PHASES) -> None:
+    def __init__(self, phases: int = PHASES, *, compiled: bool = False) -> None:
         self._phases = phases
+        self._call = compiled_call_class() if compiled else LeanCall  # built (or refused) before any call
         self._beat: Beat | None = None
         self._frames: dict[int, tuple[npt.NDArray[np.int16] | None, list[bytes]]] = {}
 
@@ -328,7 +379,7 @@ class LeanCallers:
         if self._beat is None:
             self._beat = Beat(self._phases)
         beat = self._beat
-        call = LeanCall(config, self.frames(config.audio_in), beat)
+        call = self._call(config, self.frames(config.audio_in), beat)
         try:
             transport, _ = await ws_connect(
                 lambda: call,

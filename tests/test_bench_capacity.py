@@ -145,3 +145,25 @@ def test_capacity_counts_the_calls_with_a_hole_inside_the_steady_window_only() -
         call(100.0, 3.0),  # at 103.0: on the edge, inside
     ]
     assert capacity.calls_with_holes_between(calls, 103.0, 110.0) == 3
+
+
+def test_capacity_send_counter_reads_perfs_intervals_and_rates_the_window_from_the_whole_ones_inside() -> None:
+    output = "\n".join(
+        [
+            "     0.250,100,,syscalls:sys_enter_sendto,250000,100.00,,",
+            "     0.250,<not counted>,,syscalls:sys_enter_write,0,100.00,,",  # the process never ran: 0
+            "     0.500,30,,syscalls:sys_enter_sendto,250000,100.00,,",
+            "     0.500,20,,syscalls:sys_enter_write,250000,100.00,,",
+            "     0.750,<not supported>,,syscalls:sys_enter_sendto,0,100.00,,",  # no tracepoints: left out
+            "     0.750,7,,syscalls:sys_enter_write,250000,100.00,,",
+            "     1.000,5,,syscalls:sys_enter_sendto,250000,100.00,,",  # one of the two events missing: left out
+            "# a comment perf may print",
+        ]
+    )
+    assert capacity.send_intervals(output, 10.0, 2) == [(10.25, 100), (10.5, 50)]
+    counter = capacity.SendCounter([])  # no pids: nothing is started, nothing counted
+    assert counter.per_s(0.0, 100.0) is None
+    counter._rows = capacity.send_intervals(output, 10.0, 2)
+    assert counter.per_s(10.0, 10.5) == pytest.approx(150 / 0.5)  # both intervals, whole
+    assert counter.per_s(10.1, 10.5) == pytest.approx(50 / 0.25)  # the first began before the window
+    assert counter.per_s(10.5, 11.0) is None

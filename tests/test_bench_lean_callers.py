@@ -7,17 +7,24 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import random
 import sys
 import time
 from collections.abc import Callable, Iterator
+from types import ModuleType
 
 import numpy as np
 import pytest
+from picows import WSMsgType
+from picows.picows import _make_test_ws_frame
 
 from telephony_bridge.serving import ServerThread
-from telephony_bridge.tools.caller import CallConfig, CallResult, run_call
+from telephony_bridge.tools.caller import CallConfig, CallResult
 from telephony_bridge.tools.loadtest import run_load
+from telephony_bridge.tools.round_trips import RoundTrips
+from telephony_bridge.tools.twilio_playout import Playout
 from telephony_bridge.twilio.outbound_messages import (
+    MediaMessages,
     OutClear,
     OutMark,
     OutMedia,
@@ -31,12 +38,14 @@ from tests.support import AUTH_TOKEN, BENCH, PUBLIC_URL, SPEECH_WAV, bridge_sett
 
 sys.path.insert(0, str(BENCH))
 import capacity  # bench/ is no package: imported from its folder
+import cython_build
 import lean_callers
 import lean_wire
 
 pytestmark = pytest.mark.timeout(30)
 
 SID = "MZ" + "0" * 32
+CALLERS = ["full", "lean", "compiled"]
 
 
 def test_lean_media_message_is_twilios_media_message_from_a_template() -> None:
@@ -121,13 +130,14 @@ def scripted() -> Iterator[ScriptedBridge]:
 
 
 async def _call(callers: str, config: CallConfig) -> CallResult:
-    """One call by ``callers``: ``full`` (``tools.caller``) or ``lean`` (a beat of its own in this test's loop)."""
-    play = lean_callers.LeanCallers().run_call if callers == "lean" else run_call
+    """One call by ``callers``: ``full`` (``tools.caller``), ``lean`` or ``compiled`` (a beat of its own in this
+    test's loop)."""
+    play = capacity.stream_runner(callers)
     async with asyncio.timeout(5):
         return await play(config)
 
 
-@pytest.mark.parametrize("callers", ["full", "lean"])
+@pytest.mark.parametrize("callers", CALLERS)
 async def test_callers_number_every_message_echo_marks_once_played_and_count_what_they_heard(
     scripted: ScriptedBridge, callers: str
 ) -> None:
@@ -158,7 +168,7 @@ async def test_callers_number_every_message_echo_marks_once_played_and_count_wha
     assert isinstance(numbered[-1], Stop)
 
 
-@pytest.mark.parametrize("callers", ["full", "lean"])
+@pytest.mark.parametrize("callers", CALLERS)
 async def test_callers_count_a_clear_date_round_trips_only_before_it_and_echo_its_marks(
     scripted: ScriptedBridge, callers: str
 ) -> None:
@@ -167,7 +177,7 @@ async def test_callers_count_a_clear_date_round_trips_only_before_it_and_echo_it
     assert result.marks_echoed[:5] == ["m1", "m2", "m3", "m4", "m5"]  # m5 at the latest when the clear came
 
 
-@pytest.mark.parametrize("callers", ["full", "lean"])
+@pytest.mark.parametrize("callers", CALLERS)
 async def test_callers_count_a_media_message_with_an_extra_field_as_a_violation(
     scripted: ScriptedBridge, callers: str
 ) -> None:
@@ -176,7 +186,7 @@ async def test_callers_count_a_media_message_with_an_extra_field_as_a_violation(
     assert result.heard_s == pytest.approx(0.18)  # the malformed first frame was never played
 
 
-@pytest.mark.parametrize("callers", ["full", "lean"])
+@pytest.mark.parametrize("callers", CALLERS)
 async def test_callers_see_the_bridge_end_the_call_and_send_no_stop(scripted: ScriptedBridge, callers: str) -> None:
     result = await _call(callers, CallConfig(scripted.url("hangup"), audio_in=noise(1.0), seconds=3.0))
     assert (result.ended_by, result.close_code, result.violations) == ("bridge", 1000, [])
@@ -187,9 +197,10 @@ async def test_callers_see_the_bridge_end_the_call_and_send_no_stop(scripted: Sc
 # --- lean calls through the real bridge -----------------------------------------------------------------------
 
 
-async def test_lean_calls_are_served_and_hear_their_own_speech_echoed(bridge: ServerThread) -> None:
+@pytest.mark.parametrize("compiled", [False, True], ids=["lean", "compiled"])
+async def test_lean_calls_are_served_and_hear_their_own_speech_echoed(bridge: ServerThread, compiled: bool) -> None:
     async with asyncio.timeout(20):
-        url, lean = bridge.ws_url + "/media-stream", lean_callers.LeanCallers().run_call
+        url, lean = bridge.ws_url + "/media-stream", lean_callers.LeanCallers(compiled=compiled).run_call
         result = await run_load(url, 3, 3, 2.0, 0.2, AUTH_TOKEN, PUBLIC_URL, SPEECH_WAV, deadline_s=15, run_stream=lean)
     reasons = [flow.reason for flow in result.flows]
     assert (len(result.of("served")), len(result.of("failed")), result.violations) == (3, 0, 0), reasons
@@ -203,11 +214,112 @@ async def test_lean_calls_are_served_and_hear_their_own_speech_echoed(bridge: Se
     assert heard and heard[0] >= 0.2 and all(abs(t / 0.02 - round(t / 0.02)) < 1e-9 for t in heard)
 
 
+@pytest.mark.parametrize("callers", ["lean", "compiled"])
 def test_capacity_load_part_places_lean_calls_when_asked(
-    emulator: ServerThread, start_bridge: Callable[..., ServerThread]
+    emulator: ServerThread, start_bridge: Callable[..., ServerThread], callers: str
 ) -> None:
     settings = {"server.public_url": capacity.PUBLIC_URL, "twilio.auth_token": capacity.AUTH_TOKEN}
     bridge = start_bridge(bridge_settings(emulator, **settings))
-    result = capacity._load_part(bridge.ws_url + "/media-stream", 2, 1.0, time.monotonic(), "lean")
+    result = capacity._load_part(bridge.ws_url + "/media-stream", 2, 1.0, time.monotonic(), callers)
     assert (len(result.of("served")), result.violations) == (2, 0), [flow.reason for flow in result.flows]
     assert all(flow.call is not None and flow.call.media_sent == 50 for flow in result.flows)
+
+
+# --- the compiled calls' C models against the Python ones ------------------------------------------------------
+
+PLAYOUT_COUNTERS = [
+    "buffered_bytes",
+    "max_buffered_bytes",
+    "bytes_received",
+    "bytes_played",
+    "bytes_cleared",
+    "marks_received",
+    "marks_echoed",
+    "clears",
+    "underruns",
+    "underrun_bytes",
+    "underrun_ends_ms",
+    "underrun_ms",
+    "max_lead_ms",
+]
+
+
+@pytest.fixture(scope="module")
+def compiled() -> ModuleType:
+    return cython_build.load(lean_callers.BENCH / "lean_callers_c.pyx")
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_compiled_playout_and_round_trips_follow_the_python_models_step_for_step(
+    compiled: ModuleType, seed: int
+) -> None:
+    """Random media, marks, clears and ticks (whole, part and empty frames) into both: the same sound and marks
+    out of every tick, the same counters after every step."""
+    rng = random.Random(seed)
+    model, c = Playout(), compiled.Playout()
+    model_trips, c_trips = RoundTrips(model), compiled.RoundTrips(c)
+    beat = 0
+    for step in range(rng.randint(50, 400)):
+        choice = rng.random()
+        if choice < 0.35:
+            size = rng.choice([0, 1, 7, 80, 160, 160, 320, 480])
+            payload = bytes(rng.choice([0xFF, 0x7F, 0x80, 0x10, 0x00]) for _ in range(size))
+            at = rng.random()
+            model_trips.received(payload, at)
+            c_trips.received(payload, at)
+            model.push_media(payload)
+            c.push_media(payload)
+        elif choice < 0.5:
+            assert c.push_mark(f"m{step}") == model.push_mark(f"m{step}")
+        elif choice < 0.53:
+            assert c.clear() == model.clear()
+        else:
+            n_bytes = rng.choice([160, 160, 160, 80, 0])
+            assert c.tick(n_bytes) == model.tick(n_bytes), step
+            model_trips.played(beat)
+            c_trips.played(beat)
+            beat += 1
+            if rng.random() < 0.9:
+                sent = rng.random()
+                model_trips.sent_at.append(sent)
+                c_trips.sent_at.append(sent)
+        assert {k: getattr(c, k) for k in PLAYOUT_COUNTERS} == {k: getattr(model, k) for k in PLAYOUT_COUNTERS}
+        assert (c_trips.sent_at, c_trips.arrivals_s, c_trips.heard_s) == (
+            model_trips.sent_at,
+            model_trips.arrivals_s,
+            model_trips.heard_s,
+        )
+
+
+BRIDGE_MEDIA = [
+    *(MediaMessages(SID).encode(payload) for payload in (b"\x00\x01\x02", b"", b"\xff" * 160, bytes(range(160)))),
+    *(
+        MediaMessages(SID)._head + payload + b'"}}'
+        for payload in (b"AB==", b"AAE", b"====", b"AA==AA==", b"not base64!", b"QQ", b"A===", b"AA\\u0041")
+    ),
+    MediaMessages("MZother").encode(b"\x00\x01\x02"),
+    MediaMessages("MZ" + "1" * 32).encode(b"\x00\x01\x02"),  # another stream's, as long as this one's
+    MediaMessages(SID).encode(b"\x00\x01\x02")[:-1],
+    MediaMessages(SID).encode(b"\x00\x01\x02") + b" ",
+    *(text.encode() for text in OUTBOUND),
+]
+
+
+async def test_compiled_calls_read_the_bridges_messages_as_the_lean_calls_do() -> None:
+    """Each message (the bridge's own shape, which the compiled call reads in C, with good and bad payloads, and
+    every other) into a lean and a compiled call: the same audio queued, marks, clears and violations."""
+    beat = lean_callers.Beat()
+    config = CallConfig("ws://127.0.0.1:9/media-stream", stream_sid=SID)
+    calls = [lean_callers.LeanCall(config, [], beat), lean_callers.compiled_call_class()(config, [], beat)]
+    for call in calls:
+        call._started_at = time.monotonic()
+    for text in BRIDGE_MEDIA:
+        frame = _make_test_ws_frame(WSMsgType.TEXT, text, True, False)
+        for call in calls:
+            call.on_ws_frame(None, frame)
+        lean, c = calls
+        assert {k: getattr(c._playout, k) for k in PLAYOUT_COUNTERS} == {
+            k: getattr(lean._playout, k) for k in PLAYOUT_COUNTERS
+        }, text
+        assert (c._violations, c._first_audio_s is None) == (lean._violations, lean._first_audio_s is None), text
+    assert 0 < calls[1]._playout.bytes_received == calls[0]._playout.bytes_received
