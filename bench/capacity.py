@@ -30,7 +30,7 @@ Per server and load level:
 - activity: over the same window, per call-second, the server's read and write system calls and its wake-ups
   (voluntary context switches): exact counts that show what a change saves even when CPU figures are noisy.
   /proc counts ``read``/``write``-family calls only: picows sends with ``send()``, which it does not count,
-  so with ``--count-sends`` (root: perf's syscall tracepoints, which perturb the run) ``send/write calls``
+  so with ``--count-sends`` (root: perf's syscall tracepoints, which cost the servers CPU) ``send/write calls``
   counts ``sendto``, ``sendmsg``, ``write`` and ``writev`` (log lines and the event loop's wake-up writes too);
   and how many of the machine's cores were busy (every process: callers and emulator too);
 - the bridge's event loop lag (sampled every 50 ms) and garbage collections over the run, with those over
@@ -189,10 +189,11 @@ class SendCounter:
     """The send and write system calls of ``pids`` (none: nothing counted), with perf's syscall tracepoints in
     250 ms intervals: exact, unlike ``/proc``'s ``syscw``, which misses ``send()``.
 
-    It perturbs the run (``--count-sends``, off by default): with it on, the bridge's event loop lagged over 20 ms
-    once or twice in 5 of 7 runs at 250 calls, and in none of 6 without it (docs/performance.md, 6 Dec). It starts
-    before the calls and stops after they end, so that turning the tracepoints on and off (the kernel patches its
-    code on every CPU) stalls no call, and ``per_s`` reads the intervals of the steady window."""
+    Off by default (``--count-sends``): every system call of the servers then passes a tracepoint, which is CPU in
+    the very figure being measured (three alternating pairs at 250 calls: 60.1 µs a call per 20 ms with it, 57.4
+    without, within this bench's noise; docs/performance.md, 6 Dec), and turning tracepoints on and off patches
+    the kernel's code on every CPU at once. So the counter starts before the calls and stops after they end, and
+    ``per_s`` reads the intervals of the steady window."""
 
     STEP_S = 0.25
 
@@ -853,7 +854,7 @@ def main() -> int:
         "--count-sends",
         action="store_true",
         help="count the servers' send and write system calls with perf's tracepoints (root): the figure /proc "
-        "cannot give, at a cost: it perturbs the run (the bridge's loop lags)",
+        "cannot give, at a cost: each system call of theirs passes a tracepoint (a few per cent of their CPU)",
     )
     parser.add_argument(
         "--perf-stacks",
