@@ -15,7 +15,10 @@ after ``seconds``, then close (spec: twilio-media-streams.md §3, §4). What mak
 - a ``media`` message is one ``bytes %`` of a per-call template with the frame's base64, encoded once per run
   (bench/lean_wire.py, like the reader below);
 - what the bridge sends is read with one typed msgspec pass, as strictly as ``parse_outbound`` reads it (exactly
-  the documented fields, valid base64, this stream's ``streamSid``: tests hold the two readers equal).
+  the documented fields, valid base64, this stream's ``streamSid``: tests hold the two readers equal);
+- ``--callers compiled`` (``CompiledCall``): the same call with its per-frame work in C (bench/lean_callers_c.pyx:
+  the beat's tick, the bridge's ``media`` messages, ``Playout`` and ``RoundTrips``), the rest shared with
+  ``LeanCall`` (``_CallEnds``).
 
 The figures keep ``SimulatedCall``'s meaning (``CallResult``, so ``LoadResult`` and capacity.py read them
 unchanged), with these simplifications:
