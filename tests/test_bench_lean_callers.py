@@ -291,12 +291,15 @@ def test_compiled_playout_and_round_trips_follow_the_python_models_step_for_step
         )
 
 
+OUR_MEDIA = [MediaMessages(SID).encode(payload) for payload in (b"\x00\x01\x02", b"", b"\xff" * 160, bytes(range(160)))]
 BRIDGE_MEDIA = [
-    *(MediaMessages(SID).encode(payload) for payload in (b"\x00\x01\x02", b"", b"\xff" * 160, bytes(range(160)))),
+    *OUR_MEDIA,
     *(
         MediaMessages(SID)._head + payload + b'"}}'
         for payload in (b"AB==", b"AAE", b"====", b"AA==AA==", b"not base64!", b"QQ", b"A===", b"AA\\u0041")
     ),
+    # padding after a whole quad: binascii's strict mode takes it on 3.11, msgspec does not
+    *(MediaMessages(SID)._head + payload + b'"}}' for payload in (b"AAAA=", b"AAAA==", b"AAAAAAAA=", b"AAAA====")),
     MediaMessages("MZother").encode(b"\x00\x01\x02"),
     MediaMessages("MZ" + "1" * 32).encode(b"\x00\x01\x02"),  # another stream's, as long as this one's
     MediaMessages(SID).encode(b"\x00\x01\x02")[:-1],
@@ -313,6 +316,14 @@ async def test_compiled_calls_read_the_bridges_messages_as_the_lean_calls_do() -
     calls = [lean_callers.LeanCall(config, [], beat), lean_callers.compiled_call_class()(config, [], beat)]
     for call in calls:
         call._started_at = time.monotonic()
+    to_python: list[bytes] = []  # what the compiled call left to Python
+    receive = calls[1]._receive
+
+    def spy(data: bytes) -> None:
+        to_python.append(data)
+        receive(data)
+
+    calls[1]._receive = spy
     for text in BRIDGE_MEDIA:
         frame = _make_test_ws_frame(WSMsgType.TEXT, text, True, False)
         for call in calls:
@@ -323,3 +334,4 @@ async def test_compiled_calls_read_the_bridges_messages_as_the_lean_calls_do() -
         }, text
         assert (c._violations, c._first_audio_s is None) == (lean._violations, lean._first_audio_s is None), text
     assert 0 < calls[1]._playout.bytes_received == calls[0]._playout.bytes_received
+    assert not set(OUR_MEDIA) & set(to_python)  # the bridge's own media messages were read in C
