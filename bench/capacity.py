@@ -82,6 +82,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Iterable
 from concurrent.futures import ProcessPoolExecutor
@@ -199,18 +200,23 @@ class SendCounter:
 
     def __init__(self, pids: list[int]) -> None:
         self._process: subprocess.Popen[str] | None = None
+        self._reader: threading.Thread | None = None
+        self._lines: list[tuple[float, str]] = []  # perf's lines, each with when it came (time.monotonic)
         self._rows: list[tuple[float, int]] = []  # (end of the interval on time.monotonic, its count)
         if not pids or shutil.which("perf") is None:
             return
         events = ",".join(f"syscalls:sys_enter_{name}" for name in SEND_SYSCALLS)
         command = ["perf", "stat", "-x", ",", "-I", str(round(self.STEP_S * 1000)), "-e", events]
-        self._started = time.monotonic()
         self._process = subprocess.Popen(
             [*command, "-p", ",".join(map(str, pids))],  # until stopped
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
             text=True,
         )
+        # Read as perf writes: ~1 KB a second would fill the pipe in about a minute and stall its intervals, and
+        # when a line comes dates its interval (perf counts its times from its own start, after its set-up).
+        self._reader = threading.Thread(target=self._read, args=(self._process.stderr,), daemon=True)
+        self._reader.start()
 
     def __enter__(self) -> SendCounter:
         return self
@@ -218,24 +224,47 @@ class SendCounter:
     def __exit__(self, *exc_info: object) -> None:
         self.stop()
 
+    def _read(self, stream: Iterable[str]) -> None:
+        for line in stream:
+            self._lines.append((time.monotonic(), line))
+
     def stop(self) -> None:
         """Stop counting (once the calls have ended) and read what was counted; again, nothing."""
-        if self._process is None or self._process.poll() is not None:
+        process, reader, self._process = self._process, self._reader, None
+        if process is None or reader is None:
             return
-        self._process.send_signal(signal.SIGINT)
+        if process.poll() is None:
+            process.send_signal(signal.SIGINT)
         try:
-            _, output = self._process.communicate(timeout=10)
+            process.wait(timeout=10)
         except subprocess.TimeoutExpired:
-            self._process.kill()
-            self._process.communicate()
-            return
-        self._rows = send_intervals(output, self._started, len(SEND_SYSCALLS))
+            process.kill()
+            process.wait()
+        reader.join()  # perf has exited: its stderr is at its end
+        if process.stderr is not None:
+            process.stderr.close()
+        started = perf_started(self._lines)
+        if started is not None:
+            output = "".join(line for _, line in self._lines)
+            self._rows = send_intervals(output, started, len(SEND_SYSCALLS))
 
     def per_s(self, start: float, end: float) -> float | None:
         """Calls a second over the whole intervals between ``start`` and ``end`` (``time.monotonic``); None
         where nothing was counted (no perf, not root, no tracefs)."""
         inside = [count for at, count in self._rows if start <= at - self.STEP_S and at <= end]
         return sum(inside) / (len(inside) * self.STEP_S) if inside else None
+
+
+def perf_started(lines: list[tuple[float, str]]) -> float | None:
+    """When ``perf stat -I`` started its clock, on ``time.monotonic``, from its lines and when each came: perf
+    writes an interval's line just after its end, so the earliest arrival less its time is the closest bound.
+    None without an interval line."""
+    starts = [
+        came - float(fields[0])
+        for came, line in lines
+        if len(fields := line.split(",")) > 3 and "sys_enter_" in fields[3]
+    ]
+    return min(starts, default=None)
 
 
 def send_intervals(output: str, started: float, events: int) -> list[tuple[float, int]]:

@@ -167,3 +167,15 @@ def test_capacity_send_counter_reads_perfs_intervals_and_rates_the_window_from_t
     assert counter.per_s(10.0, 10.5) == pytest.approx(150 / 0.5)  # both intervals, whole
     assert counter.per_s(10.1, 10.5) == pytest.approx(50 / 0.25)  # the first began before the window
     assert counter.per_s(10.5, 11.0) is None
+
+
+def test_capacity_send_counter_dates_perfs_intervals_by_when_their_lines_came() -> None:
+    """perf counts its times from its own start, after its set-up: the earliest line's arrival less its time."""
+    lines = [
+        (10.30, "# started on ...\n"),
+        (10.31, "     0.250,100,,syscalls:sys_enter_sendto,250000,100.00,,\n"),
+        (10.32, "     0.250,100,,syscalls:sys_enter_write,250000,100.00,,\n"),  # came later: not the bound
+        (10.56, "     0.500,30,,syscalls:sys_enter_sendto,250000,100.00,,\n"),
+    ]
+    assert capacity.perf_started(lines) == pytest.approx(10.06)
+    assert capacity.perf_started(lines[:1]) is None
