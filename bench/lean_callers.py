@@ -40,7 +40,7 @@ import logging
 import sys
 import time
 from pathlib import Path
-from typing import Literal
+from typing import Literal, Protocol
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -83,10 +83,17 @@ BENCH = Path(__file__).resolve().parent
 # --- one call, and the beat that drives them all -----------------------------------------------------------------
 
 
+class Ticking(Protocol):
+    def tick(self, due: float, now: float) -> bool:
+        """Play and send what is due (``LeanCall.tick``); False once the call needs no more ticks."""
+        ...
+
+
 class _CallEnds:
     """What both kinds of call do in Python (``LeanCall``, ``CompiledCall``): set-up, ``start`` and ``stop``,
-    marks, any message but a well-formed ``media``, the close, and the result. ``Beat`` calls ``tick`` on the
-    call's phase; ``result()`` once the connection is gone."""
+    marks, reading the bridge's messages (every one for ``LeanCall``; for ``CompiledCall`` all but the media
+    messages its C reads), the close, and the result. ``Beat`` calls ``tick`` on the call's phase; ``result()``
+    once the connection is gone."""
 
     _transport: WSTransport | None
     _seq: int
@@ -328,19 +335,19 @@ class Beat:
 
     def __init__(self, phases: int = PHASES) -> None:
         self.loop = asyncio.get_running_loop()
-        self._phases: list[list[LeanCall]] = [[] for _ in range(phases)]
+        self._phases: list[list[Ticking]] = [[] for _ in range(phases)]
         self._step_s = FRAME_S / phases
         self._base = self.loop.time()
         self._k = 0  # the next tick: at base + k * step, for phase k % phases
         self._handle: asyncio.TimerHandle | None = None
 
-    def add(self, call: LeanCall) -> None:
+    def add(self, call: Ticking) -> None:
         min(self._phases, key=len).append(call)
         if self._handle is None:
             self._k = int((self.loop.time() - self._base) / self._step_s) + 1
             self._handle = self.loop.call_at(self._base + self._k * self._step_s, self._tick)
 
-    def discard(self, call: LeanCall) -> None:
+    def discard(self, call: Ticking) -> None:
         for phase in self._phases:
             if call in phase:
                 phase.remove(call)

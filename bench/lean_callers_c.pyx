@@ -1,7 +1,7 @@
 # cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True, initializedcheck=False
 """The per-frame work of bench/lean_callers.py's calls in C (``capacity.py --callers compiled``): what a load
 process spends per frame, so the load's one core has room to spare at 250 calls and a hole it hears is the
-bridge's rather than its own (docs/performance.md: at 250 calls the lean callers took ~0.55 of a core, most of it
+bridge's rather than its own (docs/performance.md: at 250 calls the lean callers took ~0.52 of a core, most of it
 the interpreter's).
 
 The same work, frame for frame, as ``lean_callers.LeanCall``'s: ``CallCore`` is its hot half (the beat's
@@ -32,6 +32,8 @@ from telephony_bridge.audio.codec import ULAW_SILENCE as _SILENCE
 
 cdef double FRAME_S = _FRAME_S
 cdef Py_ssize_t FRAME_BYTES = _FRAME_BYTES
+if FRAME_BYTES > 512:
+    raise ImportError("Playout._frame holds 512 bytes: a Twilio frame must fit")
 cdef double BYTES_PER_MS = _BYTES_PER_MS
 cdef uint8_t QUIET[256]  # 1 for the μ-law codes ``lean_wire.audible`` deletes as quiet
 for _code in range(256):
@@ -229,7 +231,7 @@ cdef class RoundTrips:
 cdef class CallCore(WSListener):
     """A call's hot half: the beat's ``tick`` and the bridge's text frames. What it leaves to Python it hands
     to methods of the subclass (``lean_callers.CompiledCall``): ``_begin``, ``_echo``, ``_stop``,
-    ``_receive``, ``_other_frame``."""
+    ``_receive``, ``_other_frame`` (and ``on_ws_connected``, which sets ``_transport``)."""
 
     cdef public WSTransport _transport
     cdef public Playout _playout
@@ -253,11 +255,14 @@ cdef class CallCore(WSListener):
         cdef WSTransport transport = self._transport
         cdef Playout playout = self._playout
         cdef RoundTrips round_trips = self._round_trips
-        cdef list frames = self._frames, sent_at = round_trips.sent_at
+        cdef list frames = self._frames, sent_at
         cdef Py_ssize_t i, last = self._n_frames, n_bytes, played
         cdef list marks
         if self._gone or transport is None:
             return False
+        if playout is None or round_trips is None:
+            raise RuntimeError("CallCore.tick before its _playout and _round_trips were set")
+        sent_at = round_trips.sent_at
         if self._started_at is None:
             self._begin(due)
         i = self._next
@@ -284,9 +289,6 @@ cdef class CallCore(WSListener):
             i += 1
         self._next = i
         return True
-
-    cpdef on_ws_connected(self, WSTransport transport):
-        self._transport = transport
 
     cpdef on_ws_frame(self, WSTransport transport, WSFrame frame):
         cdef bytes data
