@@ -466,7 +466,8 @@ def measure(
     py-spy records the server over the steady window into that file (collapsed stacks), with ``perf`` perf
     does, with ``stacks`` perf does with Python stacks (``perf_stacks``: its summary goes to that file); with
     ``sip_target``, the calls are SIP calls to it instead of Twilio calls to ``url``; with ``pinning``, each
-    side's busy cores too; ``callers``: which simulated callers place the Twilio calls (``_load_part``)."""
+    side's busy cores too; ``callers``: which simulated callers place the Twilio calls (``_load_part``);
+    ``count_sends``: the server's send calls too (``SendCounter``, which costs the server CPU)."""
     idle_rss = rss_kb(pid)
     http_url = url.replace("ws://", "http://").removesuffix("/media-stream")
     counters_before = bridge_counters(http_url)
