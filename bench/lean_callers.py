@@ -101,7 +101,10 @@ class _CallEnds:
     _gone: bool
     _started_at: float | None
 
-    def _setup(self, config: CallConfig, frames: list[bytes], beat: Beat, playout: Playout) -> None:
+    def _setup(
+        self, config: CallConfig, frames: list[bytes], beat: Beat, models: tuple[type, type] = (Playout, RoundTrips)
+    ) -> None:
+        """The call's state; ``models``: its playback and round-trip models (the C ones for ``CompiledCall``)."""
         self.config = config
         self.account_sid = config.account_sid or new_sid("AC")
         self.call_sid = config.call_sid or new_sid("CA")
@@ -113,7 +116,8 @@ class _CallEnds:
         self._mark = mark_template(self.stream_sid)
         self._n_frames = round(config.seconds / FRAME_S)
         self._transport = None
-        self._playout = playout
+        self._playout = playout = models[0]()
+        self._round_trips = models[1](playout)
         self._seq = 0
         self._t0 = 0.0  # the beat's time of frame 0; frame i is due at t0 + i * FRAME_S
         self._next = 0  # the next frame to play and send
@@ -261,9 +265,7 @@ class LeanCall(_CallEnds, WSListener):  # type: ignore[misc]
     """One call's media stream and its figures in Python; the picows listener of its connection."""
 
     def __init__(self, config: CallConfig, frames: list[bytes], beat: Beat) -> None:
-        playout = Playout()
-        self._setup(config, frames, beat, playout)
-        self._round_trips = RoundTrips(playout)
+        self._setup(config, frames, beat)
 
     def tick(self, due: float, now: float) -> bool:
         """Play and send every frame due by ``now`` (more than one only when the loop ran late: the schedule is
@@ -317,9 +319,7 @@ def compiled_call_class() -> type:
             ``Playout`` and ``RoundTrips``: the same messages out and the same figures."""
 
             def __init__(self, config: CallConfig, frames: list[bytes], beat: Beat) -> None:
-                playout = core.Playout()
-                self._setup(config, frames, beat, playout)
-                self._round_trips = core.RoundTrips(playout)
+                self._setup(config, frames, beat, (core.Playout, core.RoundTrips))
                 self._media_head = MediaMessages(self.stream_sid)._head
 
         _compiled_call = CompiledCall
