@@ -60,7 +60,8 @@ from tls_relay import TlsRelay  # bench/, beside this script
 from telephony_bridge.accounting.base import Lease, Limits
 from telephony_bridge.accounting.memory import MemoryAccounting
 from telephony_bridge.clock import SystemClock
-from telephony_bridge.savants.tokens import TokenClient
+from telephony_bridge.savants.http_post import JsonPoster
+from telephony_bridge.savants.tokens import TOKEN_PATH, TokenClient
 from telephony_bridge.tools.loadtest import run_load
 from telephony_bridge.tools.twilio_flow import call_params, sign
 from telephony_bridge.twilio import twiml
@@ -82,19 +83,29 @@ def one_run(pid: int, url: str, calls: int, concurrency: int, seconds: float) ->
     return capacity.cpu_s(pid) - before, len(result.of("served")), time.monotonic() - t0
 
 
-def token_cpu_s(base_url: str, requests: int) -> float:
+def token_cpu_s(base_url: str, requests: int, *, through_httpx: bool = False) -> float:
     """CPU-s of this process per ``TokenClient.fetch``, over ``requests`` of them on one kept-alive connection,
     as the bridge makes them (its client, on uvloop as ``serve`` runs); the first 20 are a warm-up. Devices rotate
-    over the bench's 100, within the emulator's 60 requests per device-minute for up to 6,000 requests a minute."""
+    over the bench's 100, within the emulator's 60 requests per device-minute for up to 6,000 requests a minute.
+    ``through_httpx``: the same requests through ``httpx.AsyncClient``, the bridge's client until 6 Dec."""
 
     async def fetch_all() -> float:
-        async with httpx.AsyncClient(trust_env=False) as http:
-            tokens = TokenClient(http, base_url, "bench-key")
+        async with contextlib.AsyncExitStack() as stack:
+            if through_httpx:
+                http = await stack.enter_async_context(httpx.AsyncClient(trust_env=False, base_url=base_url))
+
+                async def fetch(device_id: str) -> None:
+                    body = {"apiKey": "bench-key", "deviceId": device_id}
+                    response = await http.post(TOKEN_PATH, json=body, headers={"Accept": "application/json"})
+                    assert isinstance(response.json()["token"], str)
+            else:
+                tokens = TokenClient(await stack.enter_async_context(JsonPoster(base_url)), "bench-key")
+                fetch = tokens.fetch
             for i in range(20):
-                await tokens.fetch(f"bench-{i}")
+                await fetch(f"bench-{i}")
             before = time.process_time()
             for i in range(requests):
-                await tokens.fetch(f"bench-{i % capacity.DEVICES}")
+                await fetch(f"bench-{i % capacity.DEVICES}")
             return (time.process_time() - before) / requests
 
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
@@ -124,6 +135,7 @@ def parts_cpu_s(base_url: str, runs: int) -> dict[str, float]:
     assert checker.check_http("/voice", "", params, signature)
     return {
         "token request (client side)": token_cpu_s(base_url, runs),
+        "the same through httpx (the client before 6 Dec)": token_cpu_s(base_url, runs, through_httpx=True),
         "accounting reserve + claim + release": accounting_s,
         "/voice signature check": _per_run(lambda: checker.check_http("/voice", "", params, signature), runs),
         "<Connect><Stream> TwiML": _per_run(

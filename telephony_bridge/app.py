@@ -1,7 +1,8 @@
 """``create_app``: routes and lifespan, wiring only.
 
-Dependencies are built at the edge: pass ``accounting``, ``store``, ``http_client``, ``clock``, ``connect`` or
-``metrics`` to use your own (tests do); the lifespan creates what is missing and closes only what it created.
+Dependencies are built at the edge: pass ``accounting``, ``store``, ``http_client`` (a ``JsonPoster``),
+``clock``, ``connect`` or ``metrics`` to use your own (tests do); the lifespan creates what is missing and closes
+only what it created.
 ``ops_ports`` are the bound ports of the separate ops listeners, when the server has any (``server.ops_port``,
 and a worker's own with ``server.worker_ops_port``); unset, they are read from the settings.
 """
@@ -15,7 +16,6 @@ import logging
 from collections.abc import AsyncIterator, Collection
 from typing import Any
 
-import httpx
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
@@ -45,6 +45,7 @@ from telephony_bridge.ops.runtime import process_figures
 from telephony_bridge.registry import CallRegistry
 from telephony_bridge.savants.client import Connector, open_voice_session, tls_context
 from telephony_bridge.savants.health import TokenEndpointHealth
+from telephony_bridge.savants.http_post import JsonPoster
 from telephony_bridge.savants.tokens import TokenClient
 from telephony_bridge.settings import Settings
 from telephony_bridge.sip.server import SipServer
@@ -69,7 +70,7 @@ def create_app(
     *,
     accounting: Accounting | None = None,
     store: Store | None = None,
-    http_client: httpx.AsyncClient | None = None,
+    http_client: JsonPoster | None = None,
     clock: Clock | None = None,
     connect: Connector | None = None,
     metrics: Metrics | None = None,
@@ -86,7 +87,10 @@ def create_app(
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         async with contextlib.AsyncExitStack() as stack:
-            http = http_client or await stack.enter_async_context(httpx.AsyncClient(trust_env=False))
+            http = http_client
+            if http is None:
+                http = JsonPoster(settings.savants.base_url)  # the token endpoint's origin
+                stack.push_async_callback(http.aclose)
             acct, kv = accounting, store
             if acct is None or kv is None:
                 made_acct, made_kv = _backends(settings, clock, stack)
@@ -96,7 +100,6 @@ def create_app(
             stack.push_async_callback(token_health.close)
             tokens = TokenClient(
                 http,
-                settings.savants.base_url,
                 settings.savants.api_key.get_secret_value(),
                 timeout_s=settings.savants.token_timeout_s,
                 health=token_health,

@@ -24,6 +24,7 @@ from telephony_bridge.clock import SystemClock
 from telephony_bridge.errors import TokenError
 from telephony_bridge.ops.metrics import Metrics
 from telephony_bridge.savants.client import open_voice_session
+from telephony_bridge.savants.http_post import JsonPoster
 from telephony_bridge.savants.tokens import TokenClient
 from telephony_bridge.serving import ServerThread
 from telephony_bridge.store import MemoryStore, RedisStore, Store
@@ -341,8 +342,8 @@ async def test_reconnect_takes_a_fresh_token_moving_the_call_when_its_device_has
 ) -> None:
     clock = SystemClock()
     accounting = MemoryAccounting(("device-a", "device-b"), Limits(max_token_requests=3), clock)
-    async with httpx.AsyncClient(trust_env=False) as http:
-        tokens = TokenClient(http, emulator.http_url, "test-key")
+    async with JsonPoster(emulator.http_url) as http:
+        tokens = TokenClient(http, "test-key")
         voice = VoiceEndpoint(open_voice_session, emulator.ws_url + "/voice-stream", 5.0)
         admission = Admission(accounting, tokens, voice, MemoryStore(clock), Metrics(), clock)
         slot = CallSlot(await accounting.acquire("CA1"))

@@ -9,7 +9,6 @@ import re
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import TypeVar
 
-import httpx
 import pytest
 import redis.asyncio as aioredis
 
@@ -18,6 +17,7 @@ from telephony_bridge.admission import ANSWERS_TTL_S, Admission, VoiceEndpoint
 from telephony_bridge.clock import SystemClock
 from telephony_bridge.ops.metrics import Metrics
 from telephony_bridge.savants.client import open_voice_session
+from telephony_bridge.savants.http_post import JsonPoster
 from telephony_bridge.savants.tokens import TokenClient
 from telephony_bridge.store import COUNT, RedisStore, Store
 from tests.redis_server import RedisServer, free_port
@@ -34,7 +34,7 @@ T = TypeVar("T")
 async def replica() -> AsyncIterator[Callable[[str], Replica]]:
     """``replica(redis_url)``: an ``Admission`` over a ``RedisStore`` with its own client, as each replica has."""
     made: list[aioredis.Redis] = []
-    async with httpx.AsyncClient(trust_env=False) as http:
+    async with JsonPoster(UNUSED_URL) as http:
 
         def make(url: str) -> Replica:
             client = aioredis.Redis.from_url(url, decode_responses=True, socket_timeout=10, socket_connect_timeout=10)
@@ -46,9 +46,9 @@ async def replica() -> AsyncIterator[Callable[[str], Replica]]:
         await client.aclose()
 
 
-def _admission(store: Store, http: httpx.AsyncClient) -> Admission:
+def _admission(store: Store, http: JsonPoster) -> Admission:
     clock = SystemClock()
-    tokens = TokenClient(http, UNUSED_URL, "test-key")
+    tokens = TokenClient(http, "test-key")
     voice = VoiceEndpoint(open_voice_session, UNUSED_URL, 1.0)
     return Admission(MemoryAccounting(("device-a",)), tokens, voice, store, Metrics(), clock)
 

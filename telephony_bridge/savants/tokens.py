@@ -7,10 +7,9 @@ from __future__ import annotations
 
 import asyncio
 
-import httpx
-
 from telephony_bridge.errors import TokenError
 from telephony_bridge.savants.health import TokenEndpointHealth
+from telephony_bridge.savants.http_post import HttpFailure, JsonPoster, Reply
 
 TOKEN_PATH = "/api/websocket-voice/token"
 # Failures of the endpoint itself (worth a retry, and what /readyz watches); other refusals concern one device.
@@ -23,20 +22,18 @@ def endpoint_failed(exc: TokenError) -> bool:
 
 
 class TokenClient:
-    """Fetches tokens over an injected ``httpx.AsyncClient`` (tests pass one pointed at the emulator), and
-    tells ``health`` how each request went."""
+    """Fetches tokens over an injected ``JsonPoster`` for the Savants REST base (tests pass one pointed at the
+    emulator), and tells ``health`` how each request went."""
 
     def __init__(
         self,
-        http: httpx.AsyncClient,
-        base_url: str,
+        http: JsonPoster,
         api_key: str,
         timeout_s: float = 5.0,
         *,
         health: TokenEndpointHealth | None = None,
     ) -> None:
         self._http = http
-        self._url = base_url.rstrip("/") + TOKEN_PATH
         self._api_key = api_key
         self._timeout_s = timeout_s
         self.health = health
@@ -67,42 +64,45 @@ class TokenClient:
             response = await self._post({}, None)
         except TokenError as exc:
             return f"{exc.code}: {exc}"
-        return None if 400 <= response.status_code < 500 else f"HTTP {response.status_code} to a probe"
+        return None if 400 <= response.status < 500 else f"HTTP {response.status} to a probe"
 
-    async def _post(self, body: dict[str, str], timeout_s: float | None) -> httpx.Response:
+    async def _post(self, body: dict[str, str], timeout_s: float | None) -> Reply:
         timeout_s = self._timeout_s if timeout_s is None else min(timeout_s, self._timeout_s)
         try:
-            # httpx's timeout is per phase (connect, write, read); the caller is waiting on the total.
-            async with asyncio.timeout(timeout_s):
-                return await self._http.post(
-                    self._url, json=body, headers={"Accept": "application/json"}, timeout=timeout_s
-                )
-        except (TimeoutError, httpx.TimeoutException):
+            async with asyncio.timeout(timeout_s):  # the whole request: the caller is waiting on the total
+                return await self._http.post(TOKEN_PATH, body)
+        except TimeoutError:
             raise TokenError(f"token endpoint did not answer within {timeout_s:g} s", code="TIMEOUT") from None
-        except httpx.HTTPError as exc:
-            raise TokenError(f"token endpoint unreachable: {type(exc).__name__}", code="UNREACHABLE") from None
+        except OSError as exc:  # refused, reset, TLS, name resolution, a broken response (HttpFailure)
+            raise TokenError(f"token endpoint unreachable: {_describe(exc)}", code="UNREACHABLE") from None
 
 
-def _read_token(response: httpx.Response) -> str:
+def _describe(exc: OSError) -> str:
+    """What went wrong, without the request: the type, and its reason when it has one."""
+    reason = str(exc) if isinstance(exc, HttpFailure) else exc.strerror
+    return f"{type(exc).__name__}: {reason}" if reason else type(exc).__name__
+
+
+def _read_token(response: Reply) -> str:
     try:
         body = response.json()
     except ValueError:
         body = None
-    if response.status_code == 200:
+    if response.status == 200:
         token = body.get("token") if isinstance(body, dict) else None
         if not isinstance(token, str) or token.count(".") != 2:
             raise TokenError("token endpoint answered 200 without a JWT in 'token'", code="BAD_RESPONSE", status=200)
         return token
     # The envelope nests code and message under 'error' (§3.3, §11.17); tolerate anything missing.
     error = body.get("error") if isinstance(body, dict) and isinstance(body.get("error"), dict) else {}
-    code = error.get("code") if isinstance(error.get("code"), str) else _bare_code(response.status_code)
+    code = error.get("code") if isinstance(error.get("code"), str) else _bare_code(response.status)
     message = error.get("message") if isinstance(error.get("message"), str) else ""
     details = error.get("details") if isinstance(error.get("details"), dict) else {}
     retry_after = _retry_after_s(details.get("retryAfter"), response.headers.get("retry-after"))
     raise TokenError(
-        f"token endpoint refused: HTTP {response.status_code} {code} {message}".rstrip(),
+        f"token endpoint refused: HTTP {response.status} {code} {message}".rstrip(),
         code=code,
-        status=response.status_code,
+        status=response.status,
         retry_after_s=retry_after,
     )
 
