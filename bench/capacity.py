@@ -35,6 +35,9 @@ Per server and load level:
   and how many of the machine's cores were busy (every process: callers and emulator too);
 - the bridge's event loop lag (sampled every 50 ms) and garbage collections over the run, with those over
   20 ms: whether a late send was our loop or collector (the bridge's ``scheduling`` underruns) or the AI;
+- the load's own lateness: with ``--callers lean`` or ``compiled``, the callers' beat ticks that ran more than a
+  frame late (in all and in the steady window: their audio went out late, and the bridge hears it 200 ms on as
+  the AI's frames coming late); with ``--ai lean``, the echo's late ticks and its collections over 20 ms;
 - memory: resident set at steady state less the idle process's, per call;
 - added latency p50/p99: each echoed frame's round trip less its call's quickest (what load added); the
   round trip itself p50/p99 (the emulator's 200 ms echo delay included: a pacing change that sends some frames
@@ -404,13 +407,14 @@ def stream_runner(callers: str, phases: int = lean_callers.PHASES) -> StreamRunn
 
 def _load_part(
     url: str, calls: int, seconds: float, start_at: float, callers: str = "full", ramp_s: float = RAMP_S
-) -> LoadResult:
+) -> tuple[LoadResult, list[float] | None]:
     """One load process's share of the calls, started over ``ramp_s``; what the callers heard is dropped (only the
-    figures travel). ``callers``: ``full`` or ``lean`` (``stream_runner``)."""
+    figures travel). ``callers``: ``full``, ``lean`` or ``compiled`` (``stream_runner``). With the latter two, also
+    when (``time.monotonic``) this process's beat ticked more than a frame late (``lean_callers.Beat``)."""
+    stream = stream_runner(callers)
 
     async def run() -> LoadResult:
         await asyncio.sleep(max(0.0, start_at - time.monotonic()))  # CLOCK_MONOTONIC is system-wide on Linux
-        stream = stream_runner(callers)
         return await run_load(url, calls, calls, seconds, ramp_s, AUTH_TOKEN, PUBLIC_URL, wav=WAV, run_stream=stream)
 
     result = asyncio.run(run())
@@ -418,7 +422,9 @@ def _load_part(
         dataclasses.replace(f, call=dataclasses.replace(f.call, heard=f.call.heard[:0])) if f.call else f
         for f in result.flows
     )
-    return dataclasses.replace(result, flows=flows)
+    owner = getattr(stream, "__self__", None)
+    late_at = owner.late_at if isinstance(owner, lean_callers.LeanCallers) else None
+    return dataclasses.replace(result, flows=flows), late_at
 
 
 def _sip_part(target: str, calls: int, seconds: float, start_at: float, ramp_s: float = RAMP_S) -> list[SipCallResult]:
@@ -513,7 +519,10 @@ def measure(
             spy.wait()
         if stacks:
             Path(stacks).write_text(perf_stacks.collect(f"{stacks}.raw", recorded) + "\n")
-        parts = [future.result() for future in futures]
+        parts = [future.result() for future in futures]  # LoadResults, or a SIP part's results
+        beats_late: list[list[float] | None] = []
+        if not sip_target:
+            parts, beats_late = [p for p, _ in parts], [late for _, late in parts]
         time.sleep(0.5)  # the server closes its side
         whole_used = cpu_s(pid) - whole_before
         sends.stop()  # the calls are over
@@ -557,6 +566,8 @@ def measure(
         underruns = result.underruns_per_call
         served_calls = [flow.call for flow in result.of("served") if flow.call is not None]
         holes_steady = calls_with_holes_between(served_calls, steady_from, steady_from + window_s)
+        late = None if None in beats_late else [t for part in beats_late for t in part or ()]
+        late_steady = None if late is None else sum(steady_from <= t <= steady_from + window_s for t in late)
         first = [t * 1000 for t in result.first_audio_s]
         return {
             **cpu,
@@ -575,6 +586,8 @@ def measure(
             "underruns_per_call_max": underruns[-1] if underruns else None,
             "calls_with_underruns": sum(1 for u in underruns if u),
             "calls_with_underruns_steady": holes_steady,
+            "beats_late": None if late is None else len(late),
+            "beats_late_steady": late_steady,
             "first_audio_p99_ms": percentile(first, 99) if first else None,
         }
 
@@ -752,6 +765,8 @@ def line(label: str, f: dict) -> str:
             f"GC pauses > 20 ms: {f['gc_pauses_over_20ms']:.0f} of {f['gc_pauses']:.0f} "
             f"({f.get('gc_full_collections', 0):.0f} full)  "
         )
+    if f.get("beats_late") is not None:
+        head += f"callers' ticks > 20 ms late: {f['beats_late']} ({f['beats_late_steady']} in the steady window)  "
     if f.get("echo_ticks_late") is not None:
         head += f"echo's ticks > 20 ms late: {f['echo_ticks_late']}, GC pauses > 20 ms: {f['echo_gc_pauses']}  "
     if "setup_p99_ms" in f:

@@ -331,7 +331,11 @@ _compiled_call: type | None = None
 
 class Beat:
     """The process's one timer: every ``FRAME_S / phases`` it ticks the calls on that phase of the 20 ms beat,
-    on an absolute schedule; it stops while no call is up. A new call joins the least used phase."""
+    on an absolute schedule; it stops while no call is up. A new call joins the least used phase.
+
+    ``late_at``: when (``time.monotonic``) each tick ran more than a frame after it was due. Its calls' audio went
+    out that late, and a bridge in front hears it, 200 ms on, as the AI's frames coming late (the echo says the
+    audio back): holes that are the load's, not the bridge's (docs/performance.md)."""
 
     def __init__(self, phases: int = PHASES) -> None:
         self.loop = asyncio.get_running_loop()
@@ -340,6 +344,7 @@ class Beat:
         self._base = self.loop.time()
         self._k = 0  # the next tick: at base + k * step, for phase k % phases
         self._handle: asyncio.TimerHandle | None = None
+        self.late_at: list[float] = []
 
     def add(self, call: Ticking) -> None:
         min(self._phases, key=len).append(call)
@@ -357,7 +362,10 @@ class Beat:
         due = self._base + k * self._step_s
         phase = self._phases[k % len(self._phases)]
         if phase:
-            now = max(due, self.loop.time())
+            now = self.loop.time()
+            if now - due > FRAME_S:
+                self.late_at.append(time.monotonic())
+            now = max(due, now)
             phase[:] = [call for call in phase if call.tick(due, now)]
         if any(self._phases):
             self._k = k + 1
@@ -382,6 +390,11 @@ class LeanCallers:
         if cached is None or cached[0] is not audio:
             cached = self._frames[id(audio)] = (audio, encode_frames(audio))
         return cached[1]
+
+    @property
+    def late_at(self) -> list[float]:
+        """When this process's beat ticked more than a frame late (``Beat.late_at``)."""
+        return [] if self._beat is None else self._beat.late_at
 
     async def run_call(self, config: CallConfig) -> CallResult:
         """Play one call's stream; raises ``OSError`` or ``TimeoutError`` when it cannot be opened, as

@@ -220,9 +220,38 @@ def test_capacity_load_part_places_lean_calls_when_asked(
 ) -> None:
     settings = {"server.public_url": capacity.PUBLIC_URL, "twilio.auth_token": capacity.AUTH_TOKEN}
     bridge = start_bridge(bridge_settings(emulator, **settings))
-    result = capacity._load_part(bridge.ws_url + "/media-stream", 2, 1.0, time.monotonic(), callers)
+    result, late_at = capacity._load_part(bridge.ws_url + "/media-stream", 2, 1.0, time.monotonic(), callers)
     assert (len(result.of("served")), result.violations) == (2, 0), [flow.reason for flow in result.flows]
     assert all(flow.call is not None and flow.call.media_sent == 50 for flow in result.flows)
+    assert isinstance(late_at, list)  # the beat's late ticks travel back (how many is the machine's business)
+
+
+async def test_beat_records_when_it_ticked_more_than_a_frame_late() -> None:
+    """A tick that blocks the process's loop for 60 ms makes the ticks due meanwhile late: each is recorded, on
+    ``time.monotonic``, while the blocking lasted or just after it."""
+
+    class Blocking:
+        def __init__(self) -> None:
+            self.ticks = 0
+            self.done = asyncio.Event()
+
+        def tick(self, due: float, now: float) -> bool:
+            self.ticks += 1
+            if self.ticks == 3:
+                blocked_at.append(time.monotonic())
+                time.sleep(0.06)
+            if self.ticks == 10:
+                self.done.set()
+            return self.ticks < 10
+
+    blocked_at: list[float] = []
+    beat = lean_callers.Beat(phases=1)
+    call = Blocking()
+    beat.add(call)
+    async with asyncio.timeout(5):
+        await call.done.wait()
+    assert beat.late_at, "the ticks after the block were due 40 ms before they ran"
+    assert all(blocked_at[0] + 0.02 < t < blocked_at[0] + 1.0 for t in beat.late_at)
 
 
 # --- the compiled calls' C models against the Python ones ------------------------------------------------------
