@@ -1136,6 +1136,12 @@ def summary(
                         else ""
                     )
                     + (
+                        f"; the callers' ticks late {last['beats_late']} times, the echo's "
+                        f"{last.get('echo_ticks_late', 'uncounted')}"
+                        if last.get("beats_late") is not None
+                        else ""
+                    )
+                    + (
                         ": the load's cores were saturated, so this knee is the load's, not the server's"
                         if saturated
                         else ""
