@@ -38,6 +38,10 @@ def ok(body: bytes = TOKEN_BODY, *, extra: bytes = b"") -> bytes:
     return head + extra + b"\r\n" + body
 
 
+# What a server may say on a connection it times out while idle, before closing it (RFC 9110 §15.5.9).
+IDLE_408 = b"HTTP/1.1 408 Request Timeout\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+
+
 async def keep_alive(n: int, headers: dict[str, str], body: bytes) -> tuple[bytes | None, bool]:
     return ok(), False
 
@@ -56,16 +60,10 @@ class Endpoint:
         self.connections += 1
         try:
             while True:
-                try:
-                    head = await reader.readuntil(b"\r\n\r\n")
-                except asyncio.IncompleteReadError:
-                    self.eofs += 1
+                request = await self.read_request(reader)
+                if request is None:
                     return
-                request_line, *lines = head.decode("latin-1").rstrip("\r\n").split("\r\n")
-                headers = {k.lower(): v.strip() for k, _, v in (line.partition(":") for line in lines)}
-                body = await reader.readexactly(int(headers["content-length"]))
-                self.requests.append((request_line, headers, body))
-                reply, close = await self.answer(len(self.requests), headers, body)
+                reply, close = await self.answer(len(self.requests), *request)
                 if reply is not None:
                     writer.write(reply)
                     await writer.drain()
@@ -75,6 +73,19 @@ class Endpoint:
             pass
         finally:
             writer.close()
+
+    async def read_request(self, reader: asyncio.StreamReader) -> tuple[dict[str, str], bytes] | None:
+        """One whole request, recorded; None at EOF (counted)."""
+        try:
+            head = await reader.readuntil(b"\r\n\r\n")
+        except asyncio.IncompleteReadError:
+            self.eofs += 1
+            return None
+        request_line, *lines = head.decode("latin-1").rstrip("\r\n").split("\r\n")
+        headers = {k.lower(): v.strip() for k, _, v in (line.partition(":") for line in lines)}
+        body = await reader.readexactly(int(headers["content-length"]))
+        self.requests.append((request_line, headers, body))
+        return headers, body
 
     @property
     def bodies(self) -> list[object]:
@@ -194,6 +205,58 @@ async def test_connection_close_is_honoured(start: Callable[..., Awaitable[str]]
         assert [await tokens.fetch(f"device-{i}") for i in range(2)] == [JWT, JWT]
         await asyncio.sleep(0.05)
         assert (served.connections, len(served.requests), served.eofs) == (2, 2, 2)
+
+
+async def test_bytes_after_an_answer_drop_its_connection(start: Callable[..., Awaitable[str]]) -> None:
+    """Bytes past the end of a response answer no request of ours: on a kept connection they would be read as the
+    next request's response (here a 408, which would refuse the call's device)."""
+
+    async def more_after_the_first(n: int, headers: dict[str, str], body: bytes) -> tuple[bytes | None, bool]:
+        return (ok() + IDLE_408 if n == 1 else ok()), False
+
+    served = Endpoint(more_after_the_first)
+    async with asyncio.timeout(10), JsonPoster(await start(served)) as http:
+        tokens = TokenClient(http, "k")
+        assert [await tokens.fetch(f"device-{i}") for i in range(2)] == [JWT, JWT]
+    assert served.connections == 2
+
+
+class SaysTimeoutWhileIdle(Endpoint):
+    """Answers the first request on its first connection, then, once ``idle_over`` is set, says 408 on it and
+    closes it, as a server may that times out an idle connection; later connections are served as usual."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.idle_over = asyncio.Event()
+        self.said_408 = asyncio.Event()
+
+    async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if self.connections:
+            return await super().serve(reader, writer)
+        self.connections += 1
+        await self.read_request(reader)
+        writer.write(ok())
+        await writer.drain()
+        await self.idle_over.wait()
+        writer.write(IDLE_408)
+        await writer.drain()
+        writer.close()
+        self.said_408.set()
+
+
+async def test_a_kept_connection_the_server_wrote_to_while_idle_is_not_reused(
+    start: Callable[..., Awaitable[str]],
+) -> None:
+    served = SaysTimeoutWhileIdle()
+    async with asyncio.timeout(10), JsonPoster(await start(served)) as http:
+        tokens = TokenClient(http, "k")
+        assert await tokens.fetch("device-0") == JWT
+        served.idle_over.set()
+        await served.said_408.wait()
+        await asyncio.sleep(0.05)  # the 408 has landed in the idle connection's reader
+        assert await tokens.fetch("device-1") == JWT
+    assert [b["deviceId"] for b in served.bodies] == ["device-0", "device-1"]  # type: ignore[index]
+    assert served.connections == 2
 
 
 async def test_a_chunked_answer_is_read_whole(start: Callable[..., Awaitable[str]]) -> None:

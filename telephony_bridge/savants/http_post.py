@@ -7,7 +7,8 @@ none of what httpx adds (redirects, cookies, auth flows, HTTP/2, proxies: the br
 environment). h11 does the parsing and framing, as it does beneath httpcore.
 
 Connections are kept for the next request and dropped when the server says ``Connection: close``, when a
-response was not read to its end (cancelled, too large, malformed) and when one has been idle ``IDLE_S``. A
+response was not read to its end (cancelled, too large, malformed), when bytes came after it (with it or while
+idle: they would be taken for the next request's response) and when one has been idle ``IDLE_S``. A
 request on a kept connection that the server had closed meanwhile gets no response byte at all: it is sent again,
 once, on a new connection (a server that closes an idle connection has not read the request on it).
 """
@@ -54,7 +55,12 @@ class _Connection:
     idle_since: float = 0.0
 
     def usable(self, now: float) -> bool:
-        return not (self.reader.at_eof() or self.writer.is_closing()) and now - self.idle_since < IDLE_S
+        """Open, not idle too long, and sent nothing while idle: bytes there answer no request of ours (a server
+        may say 408 on an idle connection before closing it, RFC 9110 §15.5.9) and would be read as the next
+        request's response. asyncio offers no public look at a reader's buffer."""
+        if self.reader.at_eof() or self.reader._buffer or self.writer.is_closing():  # type: ignore[attr-defined]
+            return False
+        return now - self.idle_since < IDLE_S
 
     def close(self) -> None:
         self.writer.close()  # no wait: nothing more is read or written on it
@@ -189,6 +195,9 @@ class JsonPoster:
         conn = connection.h11
         if self._closed or conn.our_state is not h11.DONE or conn.their_state is not h11.DONE:
             connection.close()  # Connection: close, or HTTP/1.0
+            return
+        if conn.trailing_data != (b"", False):  # bytes past the response, or its end was the server's close
+            connection.close()
             return
         conn.start_next_cycle()
         if len(self._idle) >= MAX_IDLE:
