@@ -6,6 +6,7 @@ request never sent twice on a connection that had begun to answer, HTTPS, and no
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import importlib.abc
 import json
 import ssl
@@ -55,6 +56,7 @@ class Endpoint:
         self.connections = 0
         self.requests: list[tuple[str, dict[str, str], bytes]] = []
         self.eofs = 0
+        self._eof = asyncio.Event()
 
     async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.connections += 1
@@ -80,12 +82,22 @@ class Endpoint:
             head = await reader.readuntil(b"\r\n\r\n")
         except asyncio.IncompleteReadError:
             self.eofs += 1
+            self._eof.set()
             return None
         request_line, *lines = head.decode("latin-1").rstrip("\r\n").split("\r\n")
         headers = {k.lower(): v.strip() for k, _, v in (line.partition(":") for line in lines)}
         body = await reader.readexactly(int(headers["content-length"]))
         self.requests.append((request_line, headers, body))
         return headers, body
+
+    async def until_eofs(self, n: int, within_s: float = 2.0) -> None:
+        """Returns once this server has seen ``n`` EOFs, or after ``within_s`` (the assert that follows says so):
+        what it saw, rather than a guess at how long seeing it takes on a loaded machine."""
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(within_s):
+                while self.eofs < n:
+                    self._eof.clear()
+                    await self._eof.wait()
 
     @property
     def bodies(self) -> list[object]:
@@ -203,7 +215,7 @@ async def test_connection_close_is_honoured(start: Callable[..., Awaitable[str]]
     async with asyncio.timeout(10), JsonPoster(await start(served)) as http:
         tokens = TokenClient(http, "k")
         assert [await tokens.fetch(f"device-{i}") for i in range(2)] == [JWT, JWT]
-        await asyncio.sleep(0.05)
+        await served.until_eofs(2)
         assert (served.connections, len(served.requests), served.eofs) == (2, 2, 2)
 
 
@@ -315,12 +327,12 @@ async def test_a_timed_out_request_closes_its_connection(start: Callable[..., Aw
 
     served = Endpoint(silent_first)
     async with asyncio.timeout(10), JsonPoster(await start(served)) as http:
-        tokens = TokenClient(http, "k", timeout_s=0.3)
+        tokens = TokenClient(http, "k")  # the default 5 s for the second request: a loaded machine may be slow
         with pytest.raises(TokenError) as caught:
-            await tokens.fetch("device-0")
+            await tokens.fetch("device-0", timeout_s=0.3)
         assert caught.value.code == "TIMEOUT"
         assert await tokens.fetch("device-1") == JWT
-        await asyncio.sleep(0.05)
+        await served.until_eofs(1)
         assert (served.connections, served.eofs) == (2, 1)  # the silent one was closed by us, not reused
 
 
