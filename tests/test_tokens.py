@@ -9,7 +9,9 @@ import asyncio
 import contextlib
 import importlib.abc
 import json
+import socket
 import ssl
+import struct
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from types import ModuleType
@@ -31,7 +33,8 @@ JWT = "header.payload.signature"
 TOKEN_BODY = json.dumps({"token": JWT}).encode()
 
 # What a server does with each request it read: write bytes (and then close, or not), or nothing at all.
-Answer = Callable[[int, dict[str, str], bytes], Awaitable[tuple[bytes | None, bool]]]
+Answer = Callable[[int, dict[str, str], bytes], Awaitable[tuple[bytes | None, bool | str]]]
+RESET = "reset"  # close with a reset (SO_LINGER 0) rather than a FIN
 
 
 def ok(body: bytes = TOKEN_BODY, *, extra: bytes = b"") -> bytes:
@@ -69,6 +72,11 @@ class Endpoint:
                 if reply is not None:
                     writer.write(reply)
                     await writer.drain()
+                if close == RESET:
+                    writer.get_extra_info("socket").setsockopt(
+                        socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0)
+                    )
+                    writer.transport.abort()
                 if close:
                     return
         except ConnectionError:
@@ -179,6 +187,39 @@ async def test_a_kept_connection_closed_without_an_answer_sends_the_request_agai
         assert await tokens.fetch("device-1") == JWT
     assert [b["deviceId"] for b in served.bodies] == ["device-0", "device-1", "device-1"]  # type: ignore[index]
     assert served.connections == 2
+
+
+async def test_a_kept_connection_reset_without_an_answer_sends_the_request_again_once(
+    start: Callable[..., Awaitable[str]],
+) -> None:
+    async def reset_second(n: int, headers: dict[str, str], body: bytes) -> tuple[bytes | None, bool | str]:
+        return (None, RESET) if n == 2 else (ok(), False)
+
+    served = Endpoint(reset_second)
+    async with asyncio.timeout(10), JsonPoster(await start(served)) as http:
+        tokens = TokenClient(http, "k")
+        assert [await tokens.fetch(f"device-{i}") for i in range(2)] == [JWT, JWT]
+    assert [b["deviceId"] for b in served.bodies] == ["device-0", "device-1", "device-1"]  # type: ignore[index]
+    assert served.connections == 2
+
+
+async def test_a_kept_connection_reset_mid_answer_fails_without_sending_again(
+    start: Callable[..., Awaitable[str]],
+) -> None:
+    async def cut_second(n: int, headers: dict[str, str], body: bytes) -> tuple[bytes | None, bool | str]:
+        return (ok()[:-5], RESET) if n == 2 else (ok(), False)
+
+    served = Endpoint(cut_second)
+    async with asyncio.timeout(10), JsonPoster(await start(served)) as http:
+        tokens = TokenClient(http, "k")
+        assert await tokens.fetch("device-0") == JWT
+        with pytest.raises(TokenError) as caught:
+            await tokens.fetch("device-1")
+    assert caught.value.code == "UNREACHABLE"
+    assert str(caught.value) == (
+        "token endpoint unreachable: HttpFailure: the connection was reset mid-response (Connection reset by peer)"
+    )
+    assert [b["deviceId"] for b in served.bodies] == ["device-0", "device-1"]  # type: ignore[index]
 
 
 async def test_a_new_connection_closed_without_an_answer_fails_once_unreachable(
