@@ -87,9 +87,11 @@ def create_app(
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         async with contextlib.AsyncExitStack() as stack:
+            # One TLS context (the system's CA store read once) for the voice stream and the token endpoint.
+            voice_tls = tls_context(settings.savants.voice_stream_url)
             http = http_client
             if http is None:
-                http = JsonPoster(settings.savants.base_url)  # the token endpoint's origin
+                http = JsonPoster(settings.savants.base_url, ssl_context=voice_tls)  # the token endpoint's origin
                 stack.push_async_callback(http.aclose)
             acct, kv = accounting, store
             if acct is None or kv is None:
@@ -109,7 +111,7 @@ def create_app(
                 or functools.partial(
                     open_voice_session,
                     stall_timeout_s=settings.savants.stall_timeout_s,
-                    ssl_context=tls_context(settings.savants.voice_stream_url),  # built once, not per connection
+                    ssl_context=voice_tls,  # built once, not per connection
                     compiled=kernels.use_compiled(settings.audio.kernels),  # numpy: all of the frame path in Python
                 ),
                 url=settings.savants.voice_stream_url,

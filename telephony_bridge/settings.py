@@ -34,12 +34,23 @@ class _Frozen(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
 
-def _check_url(value: str, schemes: tuple[str, ...]) -> str:
+def _check_url(value: str, schemes: tuple[str, ...], *, base: bool = False) -> str:
+    """An absolute URL of one of ``schemes``, refused at start-up rather than at each request where it would
+    fail: a space or control character, or a port that is no number. ``base``: a path is appended to it, so it
+    has no query or fragment (they would be dropped, or end up before the path)."""
     if value == "":
         return value
     parts = urlsplit(value)
     if parts.scheme not in schemes or not parts.netloc:
         raise ValueError(f"expected an absolute {' or '.join(s + '://' for s in schemes)} URL")
+    if any(c.isspace() or not c.isprintable() for c in value):
+        raise ValueError("expected a URL without spaces or control characters")
+    try:
+        parts.port  # noqa: B018 (raises for a port that is no number, or out of range)
+    except ValueError:
+        raise ValueError("expected the URL's port to be a number from 0 to 65535") from None
+    if base and (parts.query or parts.fragment or value.endswith(("?", "#"))):
+        raise ValueError("expected a base URL without a query (?...) or fragment (#...): paths are appended to it")
     return value.rstrip("/")
 
 
@@ -112,7 +123,7 @@ class SavantsSettings(_Frozen):
     @field_validator("base_url")
     @classmethod
     def _base_url(cls, v: str) -> str:
-        return _check_url(v, ("https", "http"))
+        return _check_url(v, ("https", "http"), base=True)
 
     @field_validator("ws_url")
     @classmethod
