@@ -35,9 +35,10 @@ Per server and load level:
   and how many of the machine's cores were busy (every process: callers and emulator too);
 - the bridge's event loop lag (sampled every 50 ms) and garbage collections over the run, with those over
   20 ms: whether a late send was our loop or collector (the bridge's ``scheduling`` underruns) or the AI;
-- the load's own lateness: with ``--callers lean`` or ``compiled``, the callers' beat ticks that ran more than a
-  frame late (in all and in the steady window: their audio went out late, and the bridge hears it 200 ms on as
-  the AI's frames coming late); with ``--ai lean``, the echo's late ticks and its collections over 20 ms;
+- the load's own lateness: with ``--callers lean`` or ``compiled``, how often the callers' beat stalled (a tick
+  more than a frame late; in all and in the steady window: their audio went out late, and the bridge hears it
+  200 ms on as the AI's frames coming late); with ``--ai lean``, the echo's late ticks and its collections over
+  20 ms;
 - memory: resident set at steady state less the idle process's, per call;
 - added latency p50/p99: each echoed frame's round trip less its call's quickest (what load added); the
   round trip itself p50/p99 (the emulator's 200 ms echo delay included: a pacing change that sends some frames
@@ -410,7 +411,7 @@ def _load_part(
 ) -> tuple[LoadResult, list[float] | None]:
     """One load process's share of the calls, started over ``ramp_s``; what the callers heard is dropped (only the
     figures travel). ``callers``: ``full``, ``lean`` or ``compiled`` (``stream_runner``). With the latter two, also
-    when (``time.monotonic``) this process's beat ticked more than a frame late (``lean_callers.Beat``)."""
+    when (``time.monotonic``) this process's beat stalled (``lean_callers.Beat.late_at``)."""
     stream = stream_runner(callers)
 
     async def run() -> LoadResult:
@@ -766,7 +767,7 @@ def line(label: str, f: dict) -> str:
             f"({f.get('gc_full_collections', 0):.0f} full)  "
         )
     if f.get("beats_late") is not None:
-        head += f"callers' ticks > 20 ms late: {f['beats_late']} ({f['beats_late_steady']} in the steady window)  "
+        head += f"callers' beat stalls > 20 ms: {f['beats_late']} ({f['beats_late_steady']} in the steady window)  "
     if f.get("echo_ticks_late") is not None:
         head += f"echo's ticks > 20 ms late: {f['echo_ticks_late']}, GC pauses > 20 ms: {f['echo_gc_pauses']}  "
     if "setup_p99_ms" in f:
@@ -1136,7 +1137,7 @@ def summary(
                         else ""
                     )
                     + (
-                        f"; the callers' ticks late {last['beats_late']} times, the echo's "
+                        f"; the callers' beat stalled {last['beats_late']} times, the echo's ticks were late "
                         f"{last.get('echo_ticks_late', 'uncounted')}"
                         if last.get("beats_late") is not None
                         else ""

@@ -333,9 +333,12 @@ class Beat:
     """The process's one timer: every ``FRAME_S / phases`` it ticks the calls on that phase of the 20 ms beat,
     on an absolute schedule; it stops while no call is up. A new call joins the least used phase.
 
-    ``late_at``: when (``time.monotonic``) each tick ran more than a frame after it was due. Its calls' audio went
-    out that late, and a bridge in front hears it, 200 ms on, as the AI's frames coming late (the echo says the
-    audio back): holes that are the load's, not the bridge's (docs/performance.md)."""
+    ``late_at``: when (``time.monotonic``) the beat stalled: a tick ran more than a frame after it was due. Its
+    calls' audio went out that late, and a bridge in front hears it, 200 ms on, as the AI's frames coming late
+    (the echo says the audio back): holes that are the load's, not the bridge's (docs/performance.md). One entry
+    a stall, at its first late tick: the ticks due meanwhile run late one after another as the beat catches up
+    (one a millisecond with 20 phases), and counting each would count one stall many times. ``worst_late_s``:
+    the latest any tick ran."""
 
     def __init__(self, phases: int = PHASES) -> None:
         self.loop = asyncio.get_running_loop()
@@ -345,6 +348,8 @@ class Beat:
         self._k = 0  # the next tick: at base + k * step, for phase k % phases
         self._handle: asyncio.TimerHandle | None = None
         self.late_at: list[float] = []
+        self.worst_late_s = 0.0
+        self._stalled = False  # the last tick ran more than a frame late
 
     def add(self, call: Ticking) -> None:
         min(self._phases, key=len).append(call)
@@ -363,8 +368,12 @@ class Beat:
         phase = self._phases[k % len(self._phases)]
         if phase:
             now = self.loop.time()
-            if now - due > FRAME_S:
-                self.late_at.append(time.monotonic())
+            late = now - due > FRAME_S
+            if late:
+                if not self._stalled:
+                    self.late_at.append(time.monotonic())
+                self.worst_late_s = max(self.worst_late_s, now - due)
+            self._stalled = late
             now = max(due, now)
             phase[:] = [call for call in phase if call.tick(due, now)]
         if any(self._phases):
@@ -393,7 +402,7 @@ class LeanCallers:
 
     @property
     def late_at(self) -> list[float]:
-        """When this process's beat ticked more than a frame late (``Beat.late_at``)."""
+        """When this process's beat stalled: ticked more than a frame late (``Beat.late_at``)."""
         return [] if self._beat is None else self._beat.late_at
 
     async def run_call(self, config: CallConfig) -> CallResult:

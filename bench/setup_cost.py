@@ -86,7 +86,8 @@ def one_run(pid: int, url: str, calls: int, concurrency: int, seconds: float) ->
 def token_cpu_s(base_url: str, requests: int, *, through_httpx: bool = False) -> float:
     """CPU-s of this process per ``TokenClient.fetch``, over ``requests`` of them on one kept-alive connection,
     as the bridge makes them (its client, on uvloop as ``serve`` runs); the first 20 are a warm-up. Devices rotate
-    over the bench's 100, within the emulator's 60 requests per device-minute for up to 6,000 requests a minute.
+    over the bench's 100, within the emulator's 60 requests per device-minute for up to 6,000 requests a minute
+    (``--parts`` runs both clients against one emulator: keep it under ~2,900, or the second meets 429s).
     ``through_httpx``: the same requests through ``httpx.AsyncClient``, the bridge's client until 6 Dec."""
 
     async def fetch_all() -> float:

@@ -226,18 +226,19 @@ def test_capacity_load_part_places_lean_calls_when_asked(
     assert isinstance(late_at, list)  # the beat's late ticks travel back (how many is the machine's business)
 
 
-async def test_beat_records_when_it_ticked_more_than_a_frame_late() -> None:
-    """A tick that blocks the process's loop for 60 ms makes the ticks due meanwhile late: each is recorded, on
-    ``time.monotonic``, while the blocking lasted or just after it."""
+async def test_beat_records_each_stall_once_when_it_ticked_more_than_a_frame_late() -> None:
+    """A tick that blocks the process's loop for 60 ms makes the ticks of every phase due meanwhile late (some
+    40 of them, one a millisecond): the stall is recorded once, on ``time.monotonic``, just after the block."""
 
-    class Blocking:
-        def __init__(self) -> None:
+    class Call:
+        def __init__(self, blocks: bool) -> None:
+            self.blocks = blocks
             self.ticks = 0
             self.done = asyncio.Event()
 
         def tick(self, due: float, now: float) -> bool:
             self.ticks += 1
-            if self.ticks == 3:
+            if self.blocks and self.ticks == 3:
                 blocked_at.append(time.monotonic())
                 time.sleep(0.06)
             if self.ticks == 10:
@@ -245,13 +246,17 @@ async def test_beat_records_when_it_ticked_more_than_a_frame_late() -> None:
             return self.ticks < 10
 
     blocked_at: list[float] = []
-    beat = lean_callers.Beat(phases=1)
-    call = Blocking()
-    beat.add(call)
+    beat = lean_callers.Beat(phases=20)
+    calls = [Call(blocks=i == 0) for i in range(20)]  # one on each phase
+    for call in calls:
+        beat.add(call)
     async with asyncio.timeout(5):
-        await call.done.wait()
-    assert beat.late_at, "the ticks after the block were due 40 ms before they ran"
-    assert all(blocked_at[0] + 0.02 < t < blocked_at[0] + 1.0 for t in beat.late_at)
+        await asyncio.gather(*(call.done.wait() for call in calls))
+    # Only just after the block: a loaded machine may stall the beat at other times too.
+    stall = [t for t in beat.late_at if blocked_at[0] < t < blocked_at[0] + 0.1]
+    assert len(stall) == 1, beat.late_at
+    assert stall[0] > blocked_at[0] + 0.02  # the first tick that ran late came after the block
+    assert beat.worst_late_s > 0.03
 
 
 # --- the compiled calls' C models against the Python ones ------------------------------------------------------

@@ -391,6 +391,36 @@ async def test_a_connection_idle_too_long_is_not_reused(start: Callable[..., Awa
     assert served.connections == 2
 
 
+async def test_every_idle_connection_past_use_is_closed_not_only_the_first_found(
+    start: Callable[..., Awaitable[str]],
+) -> None:
+    """Two kept connections, the older idle too long and the newer usable: taking the newer closes the older
+    too, rather than leave its socket open until the pool reaches it."""
+    now = [100.0]
+    served = Endpoint()
+    async with asyncio.timeout(10), JsonPoster(await start(served), clock=lambda: now[0]) as http:
+        tokens = TokenClient(http, "k")
+        await asyncio.gather(tokens.fetch("device-0"), tokens.fetch("device-1"))  # two connections, both kept
+        assert served.connections == 2
+        now[0] += http_post.IDLE_S - 1
+        await tokens.fetch("device-2")  # on the newer: its idle clock starts again
+        now[0] += 2  # the older has been idle IDLE_S + 1, the newer 2 s
+        await tokens.fetch("device-3")
+        await served.until_eofs(1)
+        assert (served.connections, served.eofs) == (2, 1)
+
+
+async def test_a_long_complaint_from_h11_is_cut_short(start: Callable[..., Awaitable[str]]) -> None:
+    async def rubbish(n: int, headers: dict[str, str], body: bytes) -> tuple[bytes | None, bool]:
+        return b"HTTP/1.1 2" + b"0" * 5000 + b" OK\r\n\r\n", False
+
+    async with asyncio.timeout(10), JsonPoster(await start(Endpoint(rubbish))) as http:
+        with pytest.raises(TokenError) as caught:
+            await TokenClient(http, "k").fetch("device-0")
+    assert "broke HTTP/1.1" in str(caught.value)
+    assert len(str(caught.value)) < 100 + http_post.MAX_QUOTED
+
+
 async def test_https_with_the_context_given(
     start: Callable[..., Awaitable[str]], tmp_path_factory: pytest.TempPathFactory
 ) -> None:

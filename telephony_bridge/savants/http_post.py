@@ -1,16 +1,17 @@
 """Small JSON POSTs to one origin over kept-alive HTTP/1.1 connections: h11 for the protocol, asyncio streams.
 
 Why not httpx: every call fetches a token at set-up (spec §4: one per connection), and on the bench machine
-httpx's client, pool and anyio layers spent ~0.6 ms of CPU a request where this spends ~0.15 (``python
-bench/setup_cost.py --rounds 0 --parts 2000``): a fifth of what a call costs once. The token endpoint needs
+httpx's client, pool and anyio layers spent ~0.66 ms of CPU a request where this spends ~0.18 (``python
+bench/setup_cost.py --rounds 0 --parts 2000``): a fifth of what a call cost once. The token endpoint needs
 none of what httpx adds (redirects, cookies, auth flows, HTTP/2, proxies: the bridge never took them from the
 environment). h11 does the parsing and framing, as it does beneath httpcore.
 
 Connections are kept for the next request and dropped when the server says ``Connection: close``, when a
 response was not read to its end (cancelled, too large, malformed), when bytes came after it (with it or while
 idle: they would be taken for the next request's response) and when one has been idle ``IDLE_S``. A
-request on a kept connection that the server had closed meanwhile gets no response byte at all: it is sent again,
-once, on a new connection (a server that closes an idle connection has not read the request on it).
+request on a kept connection that gets no response byte at all is sent again, once, on a new connection: that is
+how a close the server made while the connection was idle shows (the request crossed it unread). A server that
+read the request and then closed without a byte of answer gets it twice.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ import h11
 
 MAX_BODY_BYTES = 64 * 1024  # a token response is ~300 bytes; a wrong URL's page is not read to its end
 MAX_IDLE = 32  # kept connections beyond this are closed: tokens are fetched one per call set-up
+MAX_QUOTED = 200  # characters of h11's complaint kept in an error (it may quote the server's bytes)
 IDLE_S = 30.0  # a connection idle this long is closed rather than reused (servers time theirs out at 5-120 s)
 
 
@@ -127,13 +129,17 @@ class JsonPoster:
             connection.close()
 
     def _kept(self) -> _Connection | None:
+        """The most recently used connection still usable; every unusable one is closed on the way (a
+        connection the server closed holds its socket until then)."""
         now = self._clock()
-        while self._idle:
-            connection = self._idle.pop()
+        usable = []
+        for connection in self._idle:
             if connection.usable(now):
-                return connection
-            connection.close()
-        return None
+                usable.append(connection)
+            else:
+                connection.close()
+        self._idle = usable
+        return self._idle.pop() if self._idle else None
 
     async def _connect(self) -> _Connection:
         reader, writer = await asyncio.open_connection(
@@ -189,7 +195,8 @@ class JsonPoster:
                 raise _Unanswered(f"the connection was reset before any answer ({exc.strerror})") from None
             raise HttpFailure(f"the connection was reset mid-response ({exc.strerror})") from None
         except h11.RemoteProtocolError as exc:
-            raise HttpFailure(f"the server broke HTTP/1.1: {exc}") from None
+            # h11 quotes what it could not parse: a wrong URL's page, up to 64 KB, goes no further than this
+            raise HttpFailure(f"the server broke HTTP/1.1: {str(exc)[:MAX_QUOTED]}") from None
 
     def _keep(self, connection: _Connection) -> None:
         conn = connection.h11
