@@ -36,15 +36,15 @@ class _Frozen(BaseModel):
 
 def _check_url(value: str, schemes: tuple[str, ...], *, base: bool = False) -> str:
     """An absolute URL of one of ``schemes``, refused at start-up rather than at each request where it would
-    fail: a space or control character, or a port that is no number. ``base``: a path is appended to it, so it
+    fail: a space, a control or non-ASCII character, or a port that is no number. ``base``: a path is appended to it, so it
     has no query or fragment (they would be dropped, or end up before the path)."""
     if value == "":
         return value
     parts = urlsplit(value)
     if parts.scheme not in schemes or not parts.netloc:
         raise ValueError(f"expected an absolute {' or '.join(s + '://' for s in schemes)} URL")
-    if any(c.isspace() or not c.isprintable() for c in value):
-        raise ValueError("expected a URL without spaces or control characters")
+    if any(c.isspace() or not c.isprintable() or not c.isascii() for c in value):
+        raise ValueError("expected a URL of ASCII characters without spaces (percent-encode the rest)")
     try:
         parts.port  # noqa: B018 (raises for a port that is no number, or out of range)
     except ValueError:
