@@ -36,8 +36,8 @@ class _Frozen(BaseModel):
 
 def _check_url(value: str, schemes: tuple[str, ...], *, base: bool = False) -> str:
     """An absolute URL of one of ``schemes``, refused at start-up rather than at each request where it would
-    fail: a space, a control or non-ASCII character, or a port that is no number. ``base``: a path is appended to it, so it
-    has no query or fragment (they would be dropped, or end up before the path)."""
+    fail: a space, a control or non-ASCII character, or a port that is no number. ``base``: a path is appended
+    to it, so it has no query or fragment (they would be dropped, or end up before the path)."""
     if value == "":
         return value
     parts = urlsplit(value)
