@@ -521,9 +521,9 @@ def measure(
         if stacks:
             Path(stacks).write_text(perf_stacks.collect(f"{stacks}.raw", recorded) + "\n")
         parts = [future.result() for future in futures]  # LoadResults, or a SIP part's results
-        beats_late: list[list[float] | None] = []
+        stalls: list[list[float] | None] = []  # each load process's beat stalls (None: no beat)
         if not sip_target:
-            parts, beats_late = [p for p, _ in parts], [late for _, late in parts]
+            parts, stalls = [p for p, _ in parts], [late for _, late in parts]
         time.sleep(0.5)  # the server closes its side
         whole_used = cpu_s(pid) - whole_before
         sends.stop()  # the calls are over
@@ -567,7 +567,7 @@ def measure(
         underruns = result.underruns_per_call
         served_calls = [flow.call for flow in result.of("served") if flow.call is not None]
         holes_steady = calls_with_holes_between(served_calls, steady_from, steady_from + window_s)
-        late = None if None in beats_late else [t for part in beats_late for t in part or ()]
+        late = None if None in stalls else [t for part in stalls for t in part or ()]
         late_steady = None if late is None else sum(steady_from <= t <= steady_from + window_s for t in late)
         first = [t * 1000 for t in result.first_audio_s]
         return {
@@ -587,8 +587,8 @@ def measure(
             "underruns_per_call_max": underruns[-1] if underruns else None,
             "calls_with_underruns": sum(1 for u in underruns if u),
             "calls_with_underruns_steady": holes_steady,
-            "beats_late": None if late is None else len(late),
-            "beats_late_steady": late_steady,
+            "beat_stalls": None if late is None else len(late),
+            "beat_stalls_steady": late_steady,
             "first_audio_p99_ms": percentile(first, 99) if first else None,
         }
 
@@ -766,8 +766,8 @@ def line(label: str, f: dict) -> str:
             f"GC pauses > 20 ms: {f['gc_pauses_over_20ms']:.0f} of {f['gc_pauses']:.0f} "
             f"({f.get('gc_full_collections', 0):.0f} full)  "
         )
-    if f.get("beats_late") is not None:
-        head += f"callers' beat stalls > 20 ms: {f['beats_late']} ({f['beats_late_steady']} in the steady window)  "
+    if f.get("beat_stalls") is not None:
+        head += f"callers' beat stalls > 20 ms: {f['beat_stalls']} ({f['beat_stalls_steady']} in the steady window)  "
     if f.get("echo_ticks_late") is not None:
         head += f"echo's ticks > 20 ms late: {f['echo_ticks_late']}, GC pauses > 20 ms: {f['echo_gc_pauses']}  "
     if "setup_p99_ms" in f:
@@ -1137,9 +1137,9 @@ def summary(
                         else ""
                     )
                     + (
-                        f"; the callers' beat stalled {last['beats_late']} times, the echo's ticks were late "
+                        f"; the callers' beat stalled {last['beat_stalls']} times, the echo's ticks were late "
                         f"{last.get('echo_ticks_late', 'uncounted')}"
-                        if last.get("beats_late") is not None
+                        if last.get("beat_stalls") is not None
                         else ""
                     )
                     + (
