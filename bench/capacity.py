@@ -423,8 +423,7 @@ def _load_part(
         dataclasses.replace(f, call=dataclasses.replace(f.call, heard=f.call.heard[:0])) if f.call else f
         for f in result.flows
     )
-    owner = getattr(stream, "__self__", None)
-    late_at = owner.late_at if isinstance(owner, lean_callers.LeanCallers) else None
+    late_at = None if callers == "full" else stream.__self__.late_at  # type: ignore[attr-defined] (LeanCallers')
     return dataclasses.replace(result, flows=flows), late_at
 
 

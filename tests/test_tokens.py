@@ -171,31 +171,18 @@ async def test_a_connection_the_server_closed_while_idle_is_replaced_and_each_re
     assert served.connections == 5
 
 
-async def test_a_kept_connection_closed_without_an_answer_sends_the_request_again_once(
-    start: Callable[..., Awaitable[str]],
+@pytest.mark.parametrize("ending", [True, RESET], ids=["closed", "reset"])
+async def test_a_kept_connection_ended_without_an_answer_sends_the_request_again_once(
+    start: Callable[..., Awaitable[str]], ending: bool | str
 ) -> None:
     """The race a keep-alive client lives with: the server closes its idle connection as our request goes out.
-    Simulated: the second request on the connection is read and the connection closed without a byte."""
+    Simulated: the second request on the connection is read and the connection closed (a FIN, or a reset)
+    without a byte."""
 
-    async def drop_second(n: int, headers: dict[str, str], body: bytes) -> tuple[bytes | None, bool]:
-        return (None, True) if n == 2 else (ok(), False)
+    async def end_second(n: int, headers: dict[str, str], body: bytes) -> tuple[bytes | None, bool | str]:
+        return (None, ending) if n == 2 else (ok(), False)
 
-    served = Endpoint(drop_second)
-    async with asyncio.timeout(10), JsonPoster(await start(served)) as http:
-        tokens = TokenClient(http, "k")
-        assert await tokens.fetch("device-0") == JWT
-        assert await tokens.fetch("device-1") == JWT
-    assert [b["deviceId"] for b in served.bodies] == ["device-0", "device-1", "device-1"]  # type: ignore[index]
-    assert served.connections == 2
-
-
-async def test_a_kept_connection_reset_without_an_answer_sends_the_request_again_once(
-    start: Callable[..., Awaitable[str]],
-) -> None:
-    async def reset_second(n: int, headers: dict[str, str], body: bytes) -> tuple[bytes | None, bool | str]:
-        return (None, RESET) if n == 2 else (ok(), False)
-
-    served = Endpoint(reset_second)
+    served = Endpoint(end_second)
     async with asyncio.timeout(10), JsonPoster(await start(served)) as http:
         tokens = TokenClient(http, "k")
         assert [await tokens.fetch(f"device-{i}") for i in range(2)] == [JWT, JWT]

@@ -152,13 +152,11 @@ class JsonPoster:
         return _Connection(reader, writer, h11.Connection(h11.CLIENT, max_incomplete_event_size=MAX_BODY_BYTES))
 
     async def _exchange(self, connection: _Connection, request: h11.Request, body: bytes) -> Reply:
-        done = False
         try:
             reply = await self._send_and_read(connection, request, body)
-            done = True
-        finally:
-            if not done:  # failed or cancelled part-way: its state is unknown
-                connection.close()
+        except BaseException:  # failed or cancelled part-way: its state is unknown
+            connection.close()
+            raise
         self._keep(connection)
         return reply
 
