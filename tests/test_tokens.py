@@ -190,6 +190,30 @@ async def test_a_kept_connection_ended_without_an_answer_sends_the_request_again
     assert served.connections == 2
 
 
+async def test_a_request_left_unanswered_after_aclose_is_not_sent_again(start: Callable[..., Awaitable[str]]) -> None:
+    """``aclose()`` while a request waits on a kept connection that then ends without an answer: it fails, and no
+    connection is opened after the close to send it again."""
+    http: JsonPoster | None = None
+
+    async def close_client_then_drop(n: int, headers: dict[str, str], body: bytes) -> tuple[bytes | None, bool]:
+        if n == 2:
+            assert http is not None
+            await http.aclose()
+            return None, True
+        return ok(), False
+
+    served = Endpoint(close_client_then_drop)
+    async with asyncio.timeout(10):
+        http = JsonPoster(await start(served))
+        tokens = TokenClient(http, "k")
+        assert await tokens.fetch("device-0") == JWT
+        with pytest.raises(TokenError) as caught:
+            await tokens.fetch("device-1")
+    assert caught.value.code == "UNREACHABLE"
+    assert "closed while the request waited" in str(caught.value)
+    assert (served.connections, len(served.requests)) == (1, 2)
+
+
 async def test_a_kept_connection_reset_mid_answer_fails_without_sending_again(
     start: Callable[..., Awaitable[str]],
 ) -> None:

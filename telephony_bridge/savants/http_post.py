@@ -109,7 +109,9 @@ class JsonPoster:
             try:
                 return await self._exchange(kept, request, body)
             except _Unanswered:
-                pass  # closed by the server while idle: once more, on a new connection
+                if self._closed:  # closed by us meanwhile: no new connection after aclose()
+                    raise HttpFailure("the HTTP client was closed while the request waited for an answer") from None
+                # closed by the server while idle: once more, on a new connection
         try:
             return await self._exchange(await self._connect(), request, body)
         except _Unanswered as exc:
@@ -122,7 +124,7 @@ class JsonPoster:
         await self.aclose()
 
     async def aclose(self) -> None:
-        """Closes the kept connections; a request in flight keeps its own until it ends."""
+        """Closes the kept connections; a request in flight keeps its own until it ends, and opens no other."""
         self._closed = True
         idle, self._idle = self._idle, []
         for connection in idle:
