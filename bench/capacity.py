@@ -37,8 +37,8 @@ Per server and load level:
   20 ms: whether a late send was our loop or collector (the bridge's ``scheduling`` underruns) or the AI;
 - the load's own lateness: with ``--callers lean`` or ``compiled``, how often the callers' beat stalled (a tick
   more than a frame late; in all and in the steady window: their audio went out late, and the bridge hears it
-  200 ms on as the AI's frames coming late); with ``--ai lean``, the echo's late ticks and its collections over
-  20 ms;
+  200 ms on as the AI's frames coming late) and how late its latest tick ran; with ``--ai lean``, the echo's
+  late ticks and its collections over 20 ms;
 - memory: resident set at steady state less the idle process's, per call;
 - added latency p50/p99: each echoed frame's round trip less its call's quickest (what load added); the
   round trip itself p50/p99 (the emulator's 200 ms echo delay included: a pacing change that sends some frames
@@ -408,11 +408,12 @@ def stream_runner(callers: str, phases: int = lean_callers.PHASES) -> StreamRunn
 
 def _load_part(
     url: str, calls: int, seconds: float, start_at: float, callers: str = "full", ramp_s: float = RAMP_S
-) -> tuple[LoadResult, list[float] | None]:
+) -> tuple[LoadResult, lean_callers.Stalls | None]:
     """One load process's share of the calls, started over ``ramp_s``; what the callers heard is dropped (only the
     figures travel). ``callers``: ``full``, ``lean`` or ``compiled`` (``stream_runner``). With the latter two, also
-    when (``time.monotonic``) this process's beat stalled (``lean_callers.Beat.late_at``)."""
-    stream = stream_runner(callers)
+    this process's beat stalls (``lean_callers.Stalls``)."""
+    lean = None if callers == "full" else lean_callers.LeanCallers(compiled=callers == "compiled")
+    stream = run_call if lean is None else lean.run_call
 
     async def run() -> LoadResult:
         await asyncio.sleep(max(0.0, start_at - time.monotonic()))  # CLOCK_MONOTONIC is system-wide on Linux
@@ -423,8 +424,7 @@ def _load_part(
         dataclasses.replace(f, call=dataclasses.replace(f.call, heard=f.call.heard[:0])) if f.call else f
         for f in result.flows
     )
-    late_at = None if callers == "full" else stream.__self__.late_at  # type: ignore[attr-defined] (LeanCallers')
-    return dataclasses.replace(result, flows=flows), late_at
+    return dataclasses.replace(result, flows=flows), None if lean is None else lean.stalls
 
 
 def _sip_part(target: str, calls: int, seconds: float, start_at: float, ramp_s: float = RAMP_S) -> list[SipCallResult]:
@@ -520,7 +520,7 @@ def measure(
         if stacks:
             Path(stacks).write_text(perf_stacks.collect(f"{stacks}.raw", recorded) + "\n")
         parts = [future.result() for future in futures]  # LoadResults, or a SIP part's results
-        stalls: list[list[float] | None] = []  # each load process's beat stalls (None: no beat)
+        stalls: list[lean_callers.Stalls | None] = []  # each load process's beat stalls (None: no beat)
         if not sip_target:
             parts, stalls = [p for p, _ in parts], [late for _, late in parts]
         time.sleep(0.5)  # the server closes its side
@@ -566,8 +566,6 @@ def measure(
         underruns = result.underruns_per_call
         served_calls = [flow.call for flow in result.of("served") if flow.call is not None]
         holes_steady = calls_with_holes_between(served_calls, steady_from, steady_from + window_s)
-        late = None if None in stalls else [t for part in stalls for t in part or ()]
-        late_steady = None if late is None else sum(steady_from <= t <= steady_from + window_s for t in late)
         first = [t * 1000 for t in result.first_audio_s]
         return {
             **cpu,
@@ -586,10 +584,22 @@ def measure(
             "underruns_per_call_max": underruns[-1] if underruns else None,
             "calls_with_underruns": sum(1 for u in underruns if u),
             "calls_with_underruns_steady": holes_steady,
-            "beat_stalls": None if late is None else len(late),
-            "beat_stalls_steady": late_steady,
+            **stall_figures(stalls, steady_from, window_s),
             "first_audio_p99_ms": percentile(first, 99) if first else None,
         }
+
+
+def stall_figures(stalls: list[lean_callers.Stalls | None], steady_from: float, window_s: float) -> dict:
+    """The load processes' beat stalls together: how many, how many began in the steady window, and the worst
+    lateness in ms; None for each where a process had no beat (the full callers) or there was none."""
+    if not stalls or None in stalls:
+        return {"beat_stalls": None, "beat_stalls_steady": None, "beat_worst_late_ms": None}
+    at = [t for part in stalls if part is not None for t in part.at]
+    return {
+        "beat_stalls": len(at),
+        "beat_stalls_steady": sum(steady_from <= t <= steady_from + window_s for t in at),
+        "beat_worst_late_ms": 1000 * max(part.worst_s for part in stalls if part is not None),
+    }
 
 
 def whole_cpu(used_s: float, served: int, seconds: float) -> dict:
@@ -766,7 +776,10 @@ def line(label: str, f: dict) -> str:
             f"({f.get('gc_full_collections', 0):.0f} full)  "
         )
     if f.get("beat_stalls") is not None:
-        head += f"callers' beat stalls > 20 ms: {f['beat_stalls']} ({f['beat_stalls_steady']} in the steady window)  "
+        head += (
+            f"callers' beat stalls > 20 ms: {f['beat_stalls']} ({f['beat_stalls_steady']} in the steady window; "
+            f"the latest tick {f['beat_worst_late_ms']:.0f} ms late)  "
+        )
     if f.get("echo_ticks_late") is not None:
         head += f"echo's ticks > 20 ms late: {f['echo_ticks_late']}, GC pauses > 20 ms: {f['echo_gc_pauses']}  "
     if "setup_p99_ms" in f:

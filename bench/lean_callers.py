@@ -40,7 +40,7 @@ import logging
 import sys
 import time
 from pathlib import Path
-from typing import Literal, Protocol
+from typing import Literal, NamedTuple, Protocol
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -329,6 +329,13 @@ def compiled_call_class() -> type:
 _compiled_call: type | None = None
 
 
+class Stalls(NamedTuple):
+    """A beat's stalls (``Beat.late_at``, ``Beat.worst_late_s``), as a load process hands them back."""
+
+    at: list[float]
+    worst_s: float
+
+
 class Beat:
     """The process's one timer: every ``FRAME_S / phases`` it ticks the calls on that phase of the 20 ms beat,
     on an absolute schedule; it stops while no call is up. A new call joins the least used phase.
@@ -401,9 +408,10 @@ class LeanCallers:
         return cached[1]
 
     @property
-    def late_at(self) -> list[float]:
-        """When this process's beat stalled: ticked more than a frame late (``Beat.late_at``)."""
-        return [] if self._beat is None else self._beat.late_at
+    def stalls(self) -> Stalls:
+        """When this process's beat stalled (ticked more than a frame late) and the latest any tick ran."""
+        beat = self._beat
+        return Stalls([], 0.0) if beat is None else Stalls(beat.late_at, beat.worst_late_s)
 
     async def run_call(self, config: CallConfig) -> CallResult:
         """Play one call's stream; raises ``OSError`` or ``TimeoutError`` when it cannot be opened, as

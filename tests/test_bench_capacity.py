@@ -17,6 +17,7 @@ from tests.support import BENCH
 
 sys.path.insert(0, str(BENCH))  # capacity imports perf_stacks, beside it
 import capacity  # bench/ is no package: imported from its folder
+import lean_callers
 
 CPUS = frozenset(os.sched_getaffinity(0))
 
@@ -145,6 +146,21 @@ def test_capacity_counts_the_calls_with_a_hole_inside_the_steady_window_only() -
         call(100.0, 3.0),  # at 103.0: on the edge, inside
     ]
     assert capacity.calls_with_holes_between(calls, 103.0, 110.0) == 3
+
+
+def test_capacity_adds_the_load_processes_beat_stalls_and_keeps_the_worst() -> None:
+    """Each load process's stalls are counted, in all and those begun in the steady window, and the worst
+    lateness is the latest of any process; a process without a beat (the full callers) leaves them unknown."""
+    stalls = [
+        lean_callers.Stalls([101.0, 104.0], 0.031),
+        lean_callers.Stalls([], 0.0),
+        lean_callers.Stalls([110.0, 111.0], 0.052),
+    ]
+    figures = capacity.stall_figures(stalls, 103.0, 7.0)
+    assert figures == {"beat_stalls": 4, "beat_stalls_steady": 2, "beat_worst_late_ms": pytest.approx(52.0)}
+    unknown = {"beat_stalls": None, "beat_stalls_steady": None, "beat_worst_late_ms": None}
+    assert capacity.stall_figures([stalls[0], None], 103.0, 7.0) == unknown
+    assert capacity.stall_figures([], 103.0, 7.0) == unknown  # SIP calls: no beat
 
 
 def test_capacity_send_counter_reads_perfs_intervals_and_rates_the_window_from_the_whole_ones_inside() -> None:

@@ -220,10 +220,10 @@ def test_capacity_load_part_places_lean_calls_when_asked(
 ) -> None:
     settings = {"server.public_url": capacity.PUBLIC_URL, "twilio.auth_token": capacity.AUTH_TOKEN}
     bridge = start_bridge(bridge_settings(emulator, **settings))
-    result, late_at = capacity._load_part(bridge.ws_url + "/media-stream", 2, 1.0, time.monotonic(), callers)
+    result, stalls = capacity._load_part(bridge.ws_url + "/media-stream", 2, 1.0, time.monotonic(), callers)
     assert (len(result.of("served")), result.violations) == (2, 0), [flow.reason for flow in result.flows]
     assert all(flow.call is not None and flow.call.media_sent == 50 for flow in result.flows)
-    assert isinstance(late_at, list)  # the beat's late ticks travel back (how many is the machine's business)
+    assert isinstance(stalls, lean_callers.Stalls)  # the beat's stalls travel back (how many is the machine's business)
 
 
 async def test_beat_records_each_stall_once_when_it_ticked_more_than_a_frame_late() -> None:
