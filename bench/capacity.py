@@ -37,7 +37,7 @@ Per server and load level:
   20 ms: whether a late send was our loop or collector (the bridge's ``scheduling`` underruns) or the AI;
 - the load's own lateness: with ``--callers lean`` or ``compiled``, how often the callers' beat stalled (a tick
   more than a frame late; in all and in the steady window: their audio went out late, and the bridge hears it
-  200 ms on as the AI's frames coming late) and how late its latest tick ran; with ``--ai lean``, the echo's
+  200 ms on as the AI's frames coming late) and how late the worst one ran; with ``--ai lean``, the echo's
   late ticks and its collections over 20 ms;
 - memory: resident set at steady state less the idle process's, per call;
 - added latency p50/p99: each echoed frame's round trip less its call's quickest (what load added); the
@@ -776,10 +776,9 @@ def line(label: str, f: dict) -> str:
             f"({f.get('gc_full_collections', 0):.0f} full)  "
         )
     if f.get("beat_stalls") is not None:
-        head += (
-            f"callers' beat stalls > 20 ms: {f['beat_stalls']} ({f['beat_stalls_steady']} in the steady window; "
-            f"the latest tick {f['beat_worst_late_ms']:.0f} ms late)  "
-        )
+        stalls, steady = f["beat_stalls"], f["beat_stalls_steady"]
+        worst = f"; the worst {f['beat_worst_late_ms']:.0f} ms late" if stalls else ""
+        head += f"callers' beat stalls > 20 ms: {stalls} ({steady} in the steady window{worst})  "
     if f.get("echo_ticks_late") is not None:
         head += f"echo's ticks > 20 ms late: {f['echo_ticks_late']}, GC pauses > 20 ms: {f['echo_gc_pauses']}  "
     if "setup_p99_ms" in f:
