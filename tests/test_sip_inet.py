@@ -1,0 +1,64 @@
+"""IP addresses on a dual-stack socket (``sip/inet.py``): data in, data out."""
+
+from __future__ import annotations
+
+import ipaddress
+import socket
+
+from telephony_bridge.sip.inet import in_networks, is_wildcard, socket_address, unmapped
+
+LOOPBACK_V4 = [ipaddress.ip_network("127.0.0.0/8")]
+
+
+def test_unmapped_gives_a_v4_mapped_peer_its_ipv4_form_and_leaves_the_rest() -> None:
+    hosts = ["::ffff:10.0.0.5", "::FFFF:7f00:1", "10.0.0.5", "2001:db8::1", "::1", "pbx.example.test"]
+    assert [unmapped(h) for h in hosts] == [
+        "10.0.0.5",
+        "127.0.0.1",
+        "10.0.0.5",
+        "2001:db8::1",
+        "::1",
+        "pbx.example.test",
+    ]
+
+
+def test_in_networks_takes_an_ipv4_peer_in_either_form_against_either_kind_of_list() -> None:
+    mapped_list = [ipaddress.ip_network("::ffff:127.0.0.0/104")]  # a list written for a :: bind before the fix
+    assert [
+        in_networks("::ffff:127.0.0.1", LOOPBACK_V4),
+        in_networks("127.0.0.1", LOOPBACK_V4),
+        in_networks("127.0.0.1", mapped_list),
+        in_networks("::ffff:127.0.0.1", mapped_list),
+        in_networks("::ffff:10.0.0.5", LOOPBACK_V4),
+        in_networks("::1", LOOPBACK_V4),
+        in_networks("::1", [ipaddress.ip_network("::/0")]),
+        in_networks("localhost", LOOPBACK_V4),
+        in_networks("127.0.0.1", []),
+    ] == [True, True, True, True, False, False, True, False, False]
+
+
+def test_socket_address_puts_a_destination_in_the_form_its_socket_sends_to() -> None:
+    v6, v4 = socket.AF_INET6, socket.AF_INET
+    assert [
+        socket_address("10.0.0.5", 5060, v6),  # a Contact, a route, an SDP c=IN IP4, from a socket on ::
+        socket_address("::ffff:10.0.0.5", 5060, v6),
+        socket_address("2001:db8::1", 5060, v6),
+        socket_address("10.0.0.5", 5060, v4),  # an IPv4 bind: as it always was
+        socket_address("::ffff:10.0.0.5", 5060, v4),
+        socket_address("2001:db8::1", 5060, v4),  # unreachable from an IPv4 socket
+        socket_address("pbx.example.test", 5060, v6),  # a name: the socket resolves it, as before
+    ] == [
+        ("::ffff:10.0.0.5", 5060),
+        ("::ffff:10.0.0.5", 5060),
+        ("2001:db8::1", 5060),
+        ("10.0.0.5", 5060),
+        ("10.0.0.5", 5060),
+        None,
+        ("pbx.example.test", 5060),
+    ]
+
+
+def test_is_wildcard_knows_every_spelling_of_all_interfaces() -> None:
+    wildcards = ["", "0.0.0.0", "::", "::0", "0:0:0:0:0:0:0:0", "::ffff:0.0.0.0"]
+    others = ["127.0.0.1", "::1", "192.0.2.1", "sip.example.test"]
+    assert [is_wildcard(h) for h in wildcards + others] == [True] * len(wildcards) + [False] * len(others)
