@@ -209,6 +209,27 @@ async def test_sip_bye_over_udp_through_a_proxy_named_by_host_name_goes_where_th
     assert _not_sent(caplog) == []
 
 
+async def test_sip_bye_over_udp_to_an_ipv6_route_from_an_ipv4_bind_goes_where_the_invite_came_from(
+    start_bridge: Callable[..., ServerThread], emulator: ServerThread, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A route our IPv4 UDP socket cannot reach (an IPv6 address, allowed): the BYE and its retransmissions went
+    to asyncio's ``error_received``, a DEBUG line naming neither the call nor the address, and the caller was left
+    in the call. It goes where the INVITE came from, as for a route named by host name; one INFO line."""
+    with udp_socket() as caller, caplog.at_level(logging.INFO):
+        call_id, received = await _bye_after(
+            start_bridge,
+            emulator,
+            partial(_udp_call_routed_by, route="<sip:[::1]:5099;lr>", sock=caller),
+            lambda: _bye(caller, 5.0),
+            **{"sip.allowed_sources": ["127.0.0.0/8", "::1/128"]},
+        )
+    assert received is not None and header(received, "Route") == "<sip:[::1]:5099;lr>", received
+    assert header(received, "Call-ID") == call_id
+    [(level, named, message)] = _to_source(caplog)
+    assert (level, named) == (logging.INFO, call_id) and "'::1': our UDP socket cannot reach" in message, message
+    assert _not_sent(caplog) == []
+
+
 async def test_sip_bye_to_a_contact_saying_transport_udp_goes_as_a_datagram(
     start_bridge: Callable[..., ServerThread], emulator: ServerThread
 ) -> None:

@@ -74,3 +74,22 @@ def test_check_hop_sends_into_the_allow_list_only_for_an_invite_from_inside_it()
     assert check_hop(Hop("tcp", "10.0.0.5", 6379), SOURCE, internal) == Refused("10.0.0.5", why, where=True)
     assert check_hop(Hop("tcp", "10.0.0.5", 5060), "10.0.0.9", internal) == Hop("tcp", "10.0.0.5", 5060)
     assert check_hop(Hop("udp", SOURCE, 5070), SOURCE, internal) == Hop("udp", SOURCE, 5070)  # its own, always
+
+
+def test_check_hop_sends_over_udp_only_where_our_udp_socket_reaches() -> None:
+    """An IPv4 bind cannot send to an IPv6 next hop: the datagram was lost with a DEBUG line naming neither the
+    call nor the address. It is refused for where it is, so the core sends to the INVITE's source instead;
+    over TCP (a new connection of any family) it is taken."""
+
+    def ipv4_only(host: str) -> bool:
+        return ":" not in host
+
+    def everywhere(host: str) -> bool:
+        return True
+
+    why = "our UDP socket cannot reach that address family (see sip.host)"
+    assert [check_hop(Hop(t, "2001:db8::1", 5060), SOURCE, everywhere, ipv4_only) for t in ("udp", "tcp")] == [
+        Refused("2001:db8::1", why, where=True),
+        Hop("tcp", "2001:db8::1", 5060),
+    ]
+    assert check_hop(Hop("udp", SOURCE, 5070), SOURCE, nowhere, ipv4_only) == Hop("udp", SOURCE, 5070)

@@ -201,11 +201,16 @@ def _open(connection: int) -> bool:
     return True
 
 
+def _anywhere(host: str) -> bool:
+    return True
+
+
 @dataclass
 class UserAgentCore:
     """``connected`` tells whether a TCP connection (the driver's id) is still open, so that our requests go on it
     or, once it has closed, to the next hop; ``may_send_to`` whether an address other than the INVITE's source may
-    be that next hop when the INVITE's source is one too (``hop``: the allow-list; by default none)."""
+    be that next hop when the INVITE's source is one too (``hop``: the allow-list; by default none); ``udp_reaches``
+    whether our UDP socket can send to an address at all (not IPv6 from an IPv4 bind; by default any)."""
 
     advertised_host: str
     port: int
@@ -213,6 +218,7 @@ class UserAgentCore:
     options_status: int = 200  # what OPTIONS (and a dispatcher's health check) hears; 503 while draining
     connected: Callable[[int], bool] = _open
     may_send_to: Callable[[str], bool] = _no_host
+    udp_reaches: Callable[[str], bool] = _anywhere
     _txns: dict[tuple[str, str, str], tuple[_Txn, Peer]] = field(default_factory=dict)
     _calls: dict[str, _Call] = field(default_factory=dict)
     _client: dict[str, _ClientRetransmit] = field(default_factory=dict)
@@ -556,7 +562,7 @@ class UserAgentCore:
         call.bye_pending = False
         connection = dialog.peer.connection
         connected = connection is not None and self.connected(connection)
-        to = dialog.destination(connected=connected, may_send_to=self.may_send_to)
+        to = dialog.destination(connected=connected, may_send_to=self.may_send_to, udp_reaches=self.udp_reaches)
         refused: list[Output] = []
         if isinstance(to, Refused):
             to_source = to.where and not dialog.peer.reliable  # on UDP the INVITE's source takes it instead

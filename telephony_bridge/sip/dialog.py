@@ -180,7 +180,9 @@ class Dialog:
         ]
         return Request(method, uri, Headers.of(headers), body)
 
-    def destination(self, *, connected: bool, may_send_to: Callable[[str], bool]) -> Peer | Refused:
+    def destination(
+        self, *, connected: bool, may_send_to: Callable[[str], bool], udp_reaches: Callable[[str], bool]
+    ) -> Peer | Refused:
         """Where our in-dialog requests go: the TCP connection the dialog lives on while it is ``connected``; on
         UDP without a route set, where the INVITE came from (reachable even when the Contact is a private address
         behind NAT, as Asterisk's force_rport/rewrite_contact do, spec §13); otherwise the next hop, a new TCP
@@ -192,5 +194,5 @@ class Dialog:
         hop = next_hop(self.route_set, self.remote_target, self.peer.transport)
         if hop is None:  # on UDP, the INVITE's source is still worth a try
             return self.peer if not self.peer.reliable else Refused("", "the next hop is not a SIP URI")
-        checked = check_hop(hop, self.peer.host, may_send_to)
+        checked = check_hop(hop, self.peer.host, may_send_to, udp_reaches)
         return Peer(checked.transport, checked.host, checked.port) if isinstance(checked, Hop) else checked

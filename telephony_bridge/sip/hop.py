@@ -12,18 +12,19 @@ make us open TCP connections or send datagrams to internal addresses. So we send
 came from or, when that source is itself inside ``sip.allowed_sources`` (the driver's ``may_send_to``), to another
 address inside it (a peer let in by digest auth alone must not steer us into the allowed ranges, often internal
 ones), and never to a host name: we do not resolve names for this check (a name can be made to point anywhere,
-and again between the check and the connection), so routes and Contacts must carry addresses to be used. On UDP
-the core sends a request whose hop is refused for where it is (``Refused.where``) to the INVITE's source instead,
-which is safe to answer.
+and again between the check and the connection), so routes and Contacts must carry addresses to be used. Nor over
+UDP to an address our UDP socket cannot reach (``udp_reaches``: IPv6 from an IPv4 bind), where the datagram would
+be lost without a word. On UDP the core sends a request whose hop is refused for where it is (``Refused.where``)
+to the INVITE's source instead, which is safe to answer.
 """
 
 from __future__ import annotations
 
-import ipaddress
 from collections.abc import Callable
 from dataclasses import dataclass
 
 from telephony_bridge.sip.address import parse_name_addr, parse_uri
+from telephony_bridge.sip.inet import ip
 
 DEFAULT_PORT = {"udp": 5060, "tcp": 5060, "tls": 5061}
 
@@ -61,15 +62,23 @@ def next_hop(route_set: list[str], remote_target: str, default_transport: str) -
     return Hop(transport, uri.host, uri.port or DEFAULT_PORT.get(transport, 5060))
 
 
-def check_hop(hop: Hop, origin: str, may_send_to: Callable[[str], bool]) -> Hop | Refused:
+def _anywhere(host: str) -> bool:
+    return True
+
+
+def check_hop(
+    hop: Hop, origin: str, may_send_to: Callable[[str], bool], udp_reaches: Callable[[str], bool] = _anywhere
+) -> Hop | Refused:
     """``hop`` if we may send there: over UDP or TCP, to ``origin`` (where the INVITE came from) or, if
-    ``may_send_to`` allows ``origin`` too, an address it allows."""
+    ``may_send_to`` allows ``origin`` too, an address it allows; over UDP only if ``udp_reaches`` it."""
     if hop.transport == "tls":
         return Refused(hop.host, "it asks for TLS (sips: or ;transport=tls), which we do not have")
     if hop.transport not in ("udp", "tcp"):
         return Refused(hop.host, f"it asks for transport {hop.transport!r}, which we do not have")
-    if not _is_address(hop.host):
+    if ip(hop.host) is None:
         return Refused(hop.host, "it is a host name, which we do not resolve to check where it points", where=True)
+    if hop.transport == "udp" and not udp_reaches(hop.host):
+        return Refused(hop.host, "our UDP socket cannot reach that address family (see sip.host)", where=True)
     if same_address(hop.host, origin):
         return hop
     if not may_send_to(hop.host):
@@ -80,23 +89,8 @@ def check_hop(hop: Hop, origin: str, may_send_to: Callable[[str], bool]) -> Hop 
     return hop
 
 
-def _is_address(host: str) -> bool:
-    try:
-        ipaddress.ip_address(host)
-    except ValueError:
-        return False
-    return True
-
-
 def same_address(host: str, other: str) -> bool:
     """Whether two hosts are the same IP address (an IPv4-mapped IPv6 address equals its IPv4 form); a name is
     never the same as anything."""
-    try:
-        a, b = ipaddress.ip_address(host), ipaddress.ip_address(other)
-    except ValueError:
-        return False
-    if isinstance(a, ipaddress.IPv6Address) and a.ipv4_mapped is not None:
-        a = a.ipv4_mapped
-    if isinstance(b, ipaddress.IPv6Address) and b.ipv4_mapped is not None:
-        b = b.ipv4_mapped
-    return a == b
+    a, b = ip(host), ip(other)
+    return a is not None and a == b

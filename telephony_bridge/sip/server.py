@@ -16,6 +16,7 @@ import ipaddress
 import itertools
 import logging
 import secrets
+import socket
 import wave
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -46,6 +47,7 @@ from telephony_bridge.sip.core import (
     UserAgentCore,
 )
 from telephony_bridge.sip.dialog import Peer, build_response
+from telephony_bridge.sip.inet import socket_address
 from telephony_bridge.sip.leg import Networks, RtpProtocol, SipLeg, outcome_recordings, source_allowed
 from telephony_bridge.sip.message import Malformed, Request, StreamParser, parse_datagram
 from telephony_bridge.sip.timers import SessionTimer, TooSmall, negotiate_session_timer
@@ -165,6 +167,7 @@ class SipServer:
         self.core: UserAgentCore | None = None
         self.port = 0
         self._udp: asyncio.DatagramTransport | None = None
+        self._udp_family = socket.AF_INET  # AF_INET6 on an IPv6 address such as ``::`` (dual-stack)
         self._tcp: asyncio.Server | None = None
         self._connections: dict[int, asyncio.StreamWriter] = {}
         self._conn_ids = itertools.count(1)
@@ -186,6 +189,7 @@ class SipServer:
                 lambda: _UdpProtocol(self), local_addr=(self.host, self._settings.port or 0)
             )
             port = transport.get_extra_info("sockname")[1]
+            udp = transport.get_extra_info("socket")
             try:
                 self._tcp = await asyncio.start_server(self._serve_tcp, self.host, port)
             except OSError:
@@ -193,11 +197,16 @@ class SipServer:
                 if self._settings.port or attempt == 19:
                     raise
                 continue
-            self._udp, self.port = transport, port  # type: ignore[assignment]
+            self._udp, self.port, self._udp_family = transport, port, udp.family  # type: ignore[assignment]
             break
         advertised = self._settings.advertised_host or ("127.0.0.1" if self.host in ("0.0.0.0", "::") else self.host)
         self.core = UserAgentCore(
-            advertised, self.port, timers=self._timers, connected=self._connected, may_send_to=self._trusted_host
+            advertised,
+            self.port,
+            timers=self._timers,
+            connected=self._connected,
+            may_send_to=self._trusted_host,
+            udp_reaches=self._udp_reaches,
         )
         self._spawn(self._timer_loop(), "sip-timers")
         log.info("SIP ingress listening on %s:%d (UDP and TCP), advertised as %s", self.host, self.port, advertised)
@@ -297,6 +306,9 @@ class SipServer:
 
     def _trusted_host(self, host: str) -> bool:
         return source_allowed(host, self._sources)
+
+    def _udp_reaches(self, host: str) -> bool:
+        return socket_address(host, 0, self._udp_family) is not None
 
     def _connected(self, connection: int) -> bool:
         writer = self._connections.get(connection)
