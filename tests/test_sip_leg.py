@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import logging
+import socket
+from dataclasses import replace
 from typing import Any, cast
 
 import pytest
@@ -13,7 +16,8 @@ from telephony_bridge.audio.codec import ULAW_SILENCE
 from telephony_bridge.clock import SystemClock
 from telephony_bridge.sip.core import Send
 from telephony_bridge.sip.dialog import Peer
-from telephony_bridge.sip.leg import SipLeg
+from telephony_bridge.sip.leg import RtpProtocol, SipLeg
+from telephony_bridge.sip.rtp import RtpSender, parse_rtp
 from telephony_bridge.sip.sdp import Direction, Negotiated
 from telephony_bridge.sip.server import MEDIA_STOP_S, SipServer, _stopped
 
@@ -103,3 +107,51 @@ async def test_a_bye_to_a_host_name_the_idna_codec_refuses_is_one_warning_not_a_
     with caplog.at_level(logging.WARNING):
         await SipServer._dial(cast(SipServer, object()), send)  # fails before it touches the server
     assert any("for our request failed" in r.getMessage() for r in caplog.records)
+
+
+async def test_sip_leg_rtp_to_an_address_its_socket_cannot_reach_waits_for_the_latch(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """On real sockets: an offer's ``c=`` our IPv4 RTP socket cannot reach (``::1`` from a bind on 127.0.0.1).
+    Every 20 ms packet went to asyncio's ``error_received``, a DEBUG line naming neither the call nor the address.
+    Now one WARNING, nothing sent, and once the caller's first packet latches it, our RTP goes there."""
+    loop = asyncio.get_running_loop()
+    leg: SipLeg | None = None
+    ours, _ = await loop.create_datagram_endpoint(
+        lambda: RtpProtocol(lambda data, addr: leg.datagram(data, addr) if leg else None), local_addr=("127.0.0.1", 0)
+    )
+    heard: asyncio.Queue[bytes] = asyncio.Queue()
+    caller, _ = await loop.create_datagram_endpoint(
+        lambda: RtpProtocol(lambda data, addr: heard.put_nowait(data)), local_addr=("127.0.0.1", 0)
+    )
+
+    async def on_hang_up(outcome: str) -> None:
+        return None
+
+    leg = SipLeg(
+        "call-1",
+        replace(MEDIA, remote_host="::1"),
+        cast(asyncio.DatagramTransport, ours),
+        SystemClock(),
+        media_timeout_s=5.0,
+        media_sources=[ipaddress.ip_network("127.0.0.0/8")],
+        on_hang_up=on_hang_up,
+        family=socket.AF_INET,
+    )
+    try:
+        with caplog.at_level(logging.DEBUG, logger="telephony_bridge.sip.leg"):
+            async with asyncio.timeout(5):
+                media = asyncio.create_task(leg.run_media())
+                await asyncio.sleep(0.1)  # ticks go by before the caller's first packet (none needed to pass)
+                caller.sendto(RtpSender().packet(b"\xff" * 160, 0, 0).to_bytes(), ours.get_extra_info("sockname"))
+                first = await heard.get()
+                await leg.hang_up("completed")
+                await media
+    finally:
+        ours.close()
+        caller.close()
+    assert parse_rtp(first) is not None and leg.latched_from == caller.get_extra_info("sockname")
+    logged = [(r.levelno, r.getMessage()) for r in caplog.records]
+    assert logged == [
+        (logging.WARNING, "no RTP to ::1:40000 from our IPv4 RTP socket until the caller's own RTP arrives")
+    ]

@@ -13,19 +13,21 @@ action>``: when the call ends on our side with a failure or at the drain deadlin
 caller hears (``outcome_recordings``) before the BYE.
 
 Symmetric RTP (§11.4): we send to the SDP address until the first valid packet arrives from an allowed
-media source, then latch to that source once; later sources are ignored (RTP Bleed, G12). The signalling side
-(``sip/server.py``) feeds peer events in with ``peer_hung_up``/``digit``/``update_media`` and learns our
-hang-up through ``on_hang_up``.
+media source, then latch to that source once; later sources are ignored (RTP Bleed, G12). The SDP address
+is put in the form our RTP socket sends to (``inet.socket_address``: a socket on ``::`` reaches ``c=IN IP4``
+only as ``::ffff:a.b.c.d``); one it cannot reach gets nothing until the caller's RTP is latched. The
+signalling side (``sip/server.py``) feeds peer events in with ``peer_hung_up``/``digit``/``update_media`` and
+learns our hang-up through ``on_hang_up``.
 """
 
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import logging
 import secrets
+import socket
 from collections import deque
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import replace
 from typing import Any, Literal
 
@@ -37,6 +39,7 @@ from telephony_bridge.errors import CallerGone
 from telephony_bridge.leg import AudioHandler, CallerAudio, Digit, DirectAudio, HungUp, LegEvent, PlayedUpTo, Watchdog
 from telephony_bridge.sip import rtcp
 from telephony_bridge.sip.dtmf import DtmfReceiver
+from telephony_bridge.sip.inet import Networks, in_networks, socket_address
 from telephony_bridge.sip.rtp import CLOCK_HZ, FRAME_SAMPLES, RtpReceiver, RtpSender, parse_rtp
 from telephony_bridge.sip.sdp import Negotiated
 
@@ -49,7 +52,6 @@ FLUSH_AFTER_S = 0.06  # the reorder buffer gives up waiting for a missing packet
 MAX_LATE_TICKS = 25
 SPURT_PREBUFFER_S = 0.06
 FAILED_OUTCOMES = frozenset({"ai_unavailable", "error", "no_capacity"})
-Networks = Sequence[ipaddress.IPv4Network | ipaddress.IPv6Network]
 
 
 def outcome_recordings(fallback_ulaw: bytes, drain_ulaw: bytes) -> dict[str, bytes]:
@@ -57,15 +59,6 @@ def outcome_recordings(fallback_ulaw: bytes, drain_ulaw: bytes) -> dict[str, byt
     ingress): the fallback when the call failed on our side; at the drain deadline the drain recording, else the
     fallback (a "please call again" beats a bare BYE); nothing after a call that ended normally."""
     return {**dict.fromkeys(FAILED_OUTCOMES, fallback_ulaw), DRAINED: drain_ulaw or fallback_ulaw}
-
-
-def source_allowed(host: str, networks: Networks) -> bool:
-    """Whether ``host`` lies in one of ``networks`` (an empty list allows nothing)."""
-    try:
-        address = ipaddress.ip_address(host)
-    except ValueError:
-        return False
-    return any(address in net for net in networks)
 
 
 class RtpProtocol(asyncio.DatagramProtocol):
@@ -100,10 +93,13 @@ class SipLeg:
         on_hang_up: Callable[[str], Awaitable[None]],
         recordings: Mapping[str, bytes] | None = None,
         cname: str = "telephony-bridge",
+        family: int = socket.AF_INET,
     ) -> None:
+        """``family``: the address family of the ``rtp`` socket (AF_INET6 when bound to ``::``)."""
         self.call_id = call_id
         self.stream_id = ""
         self._rtp = rtp
+        self._family = family
         self._rtcp: asyncio.DatagramTransport | None = None
         self._clock = clock
         self._media_sources = media_sources
@@ -141,7 +137,7 @@ class SipLeg:
         if old is None or old.codec != media.codec:  # gaps are filled with the codec's own silence
             self._receiver = RtpReceiver(silence=ALAW_SILENCE if self._pcma else ULAW_SILENCE)
         if old is None or (old.remote_host, old.remote_port) != (media.remote_host, media.remote_port):
-            self._remote = (media.remote_host, media.remote_port)
+            self._remote = self._sendable(media.remote_host, media.remote_port)
             self.latched_from = None  # a new SSRC from the new place resets the receiver itself
         if not media.direction.we_receive:
             self.watchdog.alive()
@@ -149,6 +145,13 @@ class SipLeg:
             self._listening.set()
         else:  # held (or a late offer not yet answered): sends wait, the queue stays as it is
             self._listening.clear()
+
+    def _sendable(self, host: str, port: int) -> tuple[str, int] | None:
+        """The SDP address as our RTP socket sends to it; None (and one WARNING) if it cannot reach it."""
+        address = socket_address(host, port, self._family)
+        if address is None:
+            log.warning("no RTP to %s:%d from our IPv4 RTP socket until the caller's own RTP arrives", host, port)
+        return address
 
     def peer_hung_up(self, reason: str) -> None:
         """The peer ended the dialog (BYE, CANCEL): nothing more goes to it, no BYE from us."""
@@ -175,7 +178,7 @@ class SipLeg:
             self.ignored_packets += 1
             return
         if self.latched_from is None:
-            if not source_allowed(addr[0], self._media_sources):
+            if not in_networks(addr[0], self._media_sources):
                 self.ignored_packets += 1
                 return
             self.latched_from = addr
@@ -352,7 +355,8 @@ class SipLeg:
             self.sent_frames += 1
         payload = ulaw_to_alaw(frame) if self._pcma else frame
         packet = self._sender.packet(payload, self.media.codec_pt, at_samples)
-        self._rtp.sendto(packet.to_bytes(), self._remote)
+        if self._remote is not None:
+            self._rtp.sendto(packet.to_bytes(), self._remote)
 
     def _next_frame(self) -> bytes | None:
         """The queued frame this tick sends (confirming the marks before it), or None: comfort silence."""
@@ -377,6 +381,6 @@ class SipLeg:
         )
 
     def _send_rtcp(self, data: bytes) -> None:
-        if self._rtcp is not None:
+        if self._rtcp is not None and self._remote is not None:
             host, port = self._remote
             self._rtcp.sendto(data, (host, port + 1))

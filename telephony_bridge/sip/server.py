@@ -47,8 +47,8 @@ from telephony_bridge.sip.core import (
     UserAgentCore,
 )
 from telephony_bridge.sip.dialog import Peer, build_response
-from telephony_bridge.sip.inet import socket_address
-from telephony_bridge.sip.leg import Networks, RtpProtocol, SipLeg, outcome_recordings, source_allowed
+from telephony_bridge.sip.inet import Networks, in_networks, socket_address, unmapped
+from telephony_bridge.sip.leg import RtpProtocol, SipLeg, outcome_recordings
 from telephony_bridge.sip.message import Malformed, Request, StreamParser, parse_datagram
 from telephony_bridge.sip.timers import SessionTimer, TooSmall, negotiate_session_timer
 from telephony_bridge.sip.transaction import Timers
@@ -191,7 +191,7 @@ class SipServer:
             port = transport.get_extra_info("sockname")[1]
             udp = transport.get_extra_info("socket")
             try:
-                self._tcp = await asyncio.start_server(self._serve_tcp, self.host, port)
+                self._tcp = await _tcp_server(self._serve_tcp, self.host, port, udp)
             except OSError:
                 transport.close()
                 if self._settings.port or attempt == 19:
@@ -247,7 +247,7 @@ class SipServer:
     # --- wire in -------------------------------------------------------------------------------------------
 
     def datagram(self, data: bytes, addr: tuple[str, int]) -> None:
-        self._input(parse_datagram(data), Peer("udp", addr[0], addr[1]))
+        self._input(parse_datagram(data), Peer("udp", unmapped(addr[0]), addr[1]))
 
     async def _serve_tcp(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         await self._read_connection(reader, writer, next(self._conn_ids))
@@ -256,6 +256,7 @@ class SipServer:
         """One TCP connection, accepted or opened by us, read until it closes."""
         self._connections[conn] = writer
         host, port = writer.get_extra_info("peername")[:2]
+        host = unmapped(host)
         peer = Peer("tcp", host, port, conn)
         parser = StreamParser()
         try:
@@ -305,7 +306,7 @@ class SipServer:
         return self._trusted_host(peer.host)
 
     def _trusted_host(self, host: str) -> bool:
-        return source_allowed(host, self._sources)
+        return in_networks(host, self._sources)
 
     def _udp_reaches(self, host: str) -> bool:
         return socket_address(host, 0, self._udp_family) is not None
@@ -348,16 +349,39 @@ class SipServer:
         self._wake.set()
 
     def _send(self, send: Send) -> None:
+        """Peers are known by their IPv4 form (``datagram``); our socket on ``::`` sends to it as
+        ``::ffff:a.b.c.d`` (``inet.socket_address``), else the datagram would be lost without a word."""
         to = send.to
         if not to.reliable:
-            if self._udp is not None:
-                self._udp.sendto(send.data, (to.host, to.port))
+            address = socket_address(to.host, to.port, self._udp_family)
+            if address is None:
+                self._unsendable(send)
+            elif self._udp is not None:
+                self._udp.sendto(send.data, address)
         elif to.connection is None:  # a request of ours (a BYE) to a next hop the core chose: a new connection
             self._spawn(self._dial(send), f"sip-tcp-to-{to.host}:{to.port}")
         elif self._connected(to.connection):
             self._connections[to.connection].write(send.data)
         else:  # a response goes on the request's connection only (we do not reopen one: §18.2.2's SHOULD)
             log.debug("SIP TCP connection %s is gone; dropping a response for %s", to.connection, to.host)
+
+    def _unsendable(self, send: Send) -> None:
+        """A datagram our UDP socket cannot carry (an IPv6 address from an IPv4 bind), which asyncio would drop with
+        a DEBUG line naming neither the call nor the address. A request of ours does not get here (``hop`` refuses
+        such a next hop, and the core sends it elsewhere, saying so); a response to where a peer's ``Via`` points
+        does: DEBUG, as that address is the peer's to write."""
+        parsed = parse_datagram(send.data)
+        level = logging.WARNING if isinstance(parsed, Request) else logging.DEBUG
+        what = parsed.method if isinstance(parsed, Request) else "response"
+        with oplog.call_context(call_sid=getattr(parsed, "call_id", None)):
+            log.log(
+                level,
+                "SIP %s not sent to %s:%d: our UDP socket on %s cannot reach it",
+                what,
+                send.to.host,
+                send.to.port,
+                self.host,
+            )
 
     async def _timer_loop(self) -> None:
         assert self.core is not None
@@ -664,6 +688,7 @@ class SipServer:
             on_hang_up=hang_up,
             recordings=self._recordings,
             cname=f"bridge@{core.advertised_host}",
+            family=rtp.get_extra_info("socket").family,
         )
         leg.attach_rtcp(rtcp_transport)
         live.leg = leg
@@ -711,6 +736,26 @@ class SipServer:
                     live.leg.end("session timer expired", lost=True)
                 return
             await self._clock.sleep_until(due)
+
+
+async def _tcp_server(
+    serve: Callable[[asyncio.StreamReader, asyncio.StreamWriter], Any], host: str, port: int, udp: Any
+) -> asyncio.Server:
+    """The TCP listener beside the UDP socket ``udp`` on ``host``:``port``. asyncio makes every IPv6 listening
+    socket IPv6-only, so on ``::`` TCP refused the IPv4 callers its UDP twin takes: on an IPv6 address the socket
+    is made here, dual-stack exactly when the UDP one is."""
+    if udp.family != socket.AF_INET6 or ":" not in host:  # an IPv4 address or a host name: as it always was
+        return await asyncio.start_server(serve, host, port)
+    sock = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as asyncio sets it on its own listeners
+        v6only = udp.getsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY)
+        sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, v6only)
+        sock.bind(udp.getsockname())
+        return await asyncio.start_server(serve, sock=sock)
+    except BaseException:
+        sock.close()
+        raise
 
 
 class _UdpProtocol(asyncio.DatagramProtocol):
