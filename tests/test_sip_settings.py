@@ -62,3 +62,11 @@ def test_sip_refuses_worker_processes() -> None:
         require_sip_security(
             load_settings(env={"SIP_PORT": "5060", "BRIDGE__SERVER__WORKERS": "2", "REDIS_URL": "redis://x:6379/0"})
         )
+
+
+@pytest.mark.parametrize("host", ["0.0.0.0", "::", "::0", "0:0:0:0:0:0:0:0"])
+def test_production_sip_on_any_spelling_of_a_wildcard_needs_an_advertised_host(host: str) -> None:
+    """``::0`` binds every interface like ``::``, but peers were told ``::0`` in our Contact and SDP."""
+    settings = load_settings(env={**PRODUCTION, "SIP_PORT": "5060", "SIP_ALLOWED_SOURCES": "::/0", "SIP_HOST": host})
+    with pytest.raises(ConfigError, match=r"'sip.advertised_host' .* must be set"):
+        require_sip_security(settings)

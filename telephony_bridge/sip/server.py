@@ -47,7 +47,7 @@ from telephony_bridge.sip.core import (
     UserAgentCore,
 )
 from telephony_bridge.sip.dialog import Peer, build_response
-from telephony_bridge.sip.inet import Networks, in_networks, socket_address, unmapped
+from telephony_bridge.sip.inet import Networks, in_networks, is_wildcard, socket_address, unmapped
 from telephony_bridge.sip.leg import RtpProtocol, SipLeg, outcome_recordings
 from telephony_bridge.sip.message import Malformed, Request, StreamParser, parse_datagram
 from telephony_bridge.sip.timers import SessionTimer, TooSmall, negotiate_session_timer
@@ -82,7 +82,7 @@ def require_sip_security(settings: Settings) -> None:
             "set when SIP is on in production: otherwise anyone who finds the port can call the AI"
         )
     host = sip.host or settings.listen_host
-    if host in ("0.0.0.0", "::", "") and not sip.advertised_host:
+    if is_wildcard(host) and not sip.advertised_host:
         raise ConfigError(
             "config key 'sip.advertised_host' (environment variable SIP_ADVERTISED_HOST) must be set when SIP "
             f"listens on the wildcard address {host!r}: peers need the address to send ACK, BYE and RTP to"
@@ -199,7 +199,7 @@ class SipServer:
                 continue
             self._udp, self.port, self._udp_family = transport, port, udp.family  # type: ignore[assignment]
             break
-        advertised = self._settings.advertised_host or ("127.0.0.1" if self.host in ("0.0.0.0", "::") else self.host)
+        advertised = self._settings.advertised_host or ("127.0.0.1" if is_wildcard(self.host) else self.host)
         self.core = UserAgentCore(
             advertised,
             self.port,
