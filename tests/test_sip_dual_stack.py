@@ -191,5 +191,5 @@ async def test_sip_response_our_ipv4_socket_cannot_send_is_one_line_naming_the_c
         sock.sendto(uac.request("OPTIONS", branch="z9hG4bKagain"), ("127.0.0.1", port))
         assert sock.recv(65535).startswith(b"SIP/2.0 200 OK\r\n")
     lines = [(r.levelno, getattr(r, "call_sid", None), r.getMessage()) for r in caplog.records]
-    expected = f"SIP response not sent to ::1:{uac.local}: our UDP socket on 127.0.0.1 cannot reach it"
+    expected = f"SIP response not sent to '::1':{uac.local}: our UDP socket on 127.0.0.1 cannot send there"
     assert [line for line in lines if "not sent to" in line[2]] == [(logging.DEBUG, uac.call_id, expected)]

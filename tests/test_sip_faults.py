@@ -387,3 +387,22 @@ async def test_sip_offer_in_a_200_to_a_reinvite_without_sdp_leaves_out_pcma_when
     [m_line] = _sdp_lines(refreshed, "m=audio")
     assert "8" not in m_line.split()[3:] and not _sdp_lines(refreshed, "a=rtpmap:8 "), refreshed
     assert_all_released(bridge, emulator)
+
+
+@pytest.mark.parametrize("received", ["a\x00b", "\u00e4" * 70])
+async def test_sip_response_to_a_via_received_that_is_no_host_does_not_close_our_socket(
+    start_bridge: Callable[..., ServerThread], emulator: ServerThread, received: str
+) -> None:
+    """A request whose top ``Via`` (no ``rport``) names a ``received`` with a NUL, or one IDNA cannot encode: its
+    response went to ``sendto``, which raised TypeError, and asyncio closed the SIP UDP socket; every later
+    request, every call's signalling, went unanswered. With ``sip.users`` set any source gets that far."""
+    bridge = start_sip_bridge(start_bridge, emulator)
+    port = status(bridge)["sip"]["port"]
+    with udp_socket() as sock:
+        uac = RawUac(port, sock.getsockname()[1])
+        sock.sendto(
+            uac.request("OPTIONS").replace(b";rport\r\n", f";received={received}\r\n".encode(), 1), ("127.0.0.1", port)
+        )
+        sock.settimeout(5.0)
+        sock.sendto(uac.request("OPTIONS", branch="z9hG4bKagain"), ("127.0.0.1", port))
+        assert sock.recv(65535).startswith(b"SIP/2.0 200 OK\r\n")

@@ -47,6 +47,9 @@ def test_socket_address_puts_a_destination_in_the_form_its_socket_sends_to() -> 
         socket_address("::ffff:10.0.0.5", 5060, v4),
         socket_address("2001:db8::1", 5060, v4),  # unreachable from an IPv4 socket
         socket_address("pbx.example.test", 5060, v6),  # a name: the socket resolves it, as before
+        socket_address("pbx.example.test.", 5060, v4),
+        socket_address("a\x00b", 5060, v4),  # sendto raises TypeError, and asyncio closes the transport
+        socket_address("\u00e4" * 70, 5060, v4),  # likewise (IDNA cannot encode it)
     ] == [
         ("::ffff:10.0.0.5", 5060),
         ("::ffff:10.0.0.5", 5060),
@@ -55,6 +58,9 @@ def test_socket_address_puts_a_destination_in_the_form_its_socket_sends_to() -> 
         ("10.0.0.5", 5060),
         None,
         ("pbx.example.test", 5060),
+        ("pbx.example.test.", 5060),
+        None,
+        None,
     ]
 
 

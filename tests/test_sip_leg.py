@@ -153,5 +153,5 @@ async def test_sip_leg_rtp_to_an_address_its_socket_cannot_reach_waits_for_the_l
     assert parse_rtp(first) is not None and leg.latched_from == caller.get_extra_info("sockname")
     logged = [(r.levelno, r.getMessage()) for r in caplog.records]
     assert logged == [
-        (logging.WARNING, "no RTP to ::1:40000 from our IPv4 RTP socket until the caller's own RTP arrives")
+        (logging.WARNING, "no RTP to '::1':40000 (our RTP socket cannot send there) until the caller's RTP comes")
     ]

@@ -11,11 +11,13 @@ without a word. So a peer is compared, checked against CIDRs and logged as the I
 from __future__ import annotations
 
 import ipaddress
+import re
 import socket
 from collections.abc import Sequence
 
 Address = ipaddress.IPv4Address | ipaddress.IPv6Address
 Networks = Sequence[ipaddress.IPv4Network | ipaddress.IPv6Network]
+HOST_NAME = re.compile(r"[A-Za-z0-9_-]+(?:\.[A-Za-z0-9_-]+)*\.?")  # RFC 3261 §25.1 hostname, and "_"
 
 
 def unmapped(host: str) -> str:
@@ -52,10 +54,11 @@ def in_networks(host: str, networks: Networks) -> bool:
 def socket_address(host: str, port: int, family: int) -> tuple[str, int] | None:
     """``(host, port)`` as a socket of ``family`` sends to it: IPv4 as ``::ffff:a.b.c.d`` from AF_INET6, a mapped
     address as plain IPv4 from AF_INET; None when that socket cannot reach it (IPv6 from AF_INET). A host name
-    goes as it is: the socket resolves it, as it always did."""
+    goes as it is: the socket resolves it, as it always did. Anything else is None: ``sendto`` raises TypeError
+    on a NUL or a name IDNA cannot encode, and asyncio closes the whole transport on it."""
     address = ip(host)
     if address is None:
-        return host, port
+        return (host, port) if HOST_NAME.fullmatch(host) else None
     if family == socket.AF_INET6:
         return (f"::ffff:{address}" if address.version == 4 else host), port
     return (str(address), port) if address.version == 4 else None

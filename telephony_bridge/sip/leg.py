@@ -150,7 +150,7 @@ class SipLeg:
         """The SDP address as our RTP socket sends to it; None (and one WARNING) if it cannot reach it."""
         address = socket_address(host, port, self._family)
         if address is None:
-            log.warning("no RTP to %s:%d from our IPv4 RTP socket until the caller's own RTP arrives", host, port)
+            log.warning("no RTP to %r:%d (our RTP socket cannot send there) until the caller's RTP comes", host, port)
         return address
 
     def peer_hung_up(self, reason: str) -> None:

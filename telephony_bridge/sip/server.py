@@ -366,8 +366,9 @@ class SipServer:
             log.debug("SIP TCP connection %s is gone; dropping a response for %s", to.connection, to.host)
 
     def _unsendable(self, send: Send) -> None:
-        """A datagram our UDP socket cannot carry (an IPv6 address from an IPv4 bind), which asyncio would drop with
-        a DEBUG line naming neither the call nor the address. A request of ours does not get here (``hop`` refuses
+        """A datagram our UDP socket cannot carry (an IPv6 address from an IPv4 bind, a "host" with a NUL in it),
+        which asyncio would drop with a DEBUG line naming neither the call nor the address (or, for the NUL, close
+        the socket). A request of ours does not get here (``hop`` refuses
         such a next hop, and the core sends it elsewhere, saying so); a response to where a peer's ``Via`` points
         does: DEBUG, as that address is the peer's to write."""
         parsed = parse_datagram(send.data)
@@ -376,7 +377,7 @@ class SipServer:
         with oplog.call_context(call_sid=getattr(parsed, "call_id", None)):
             log.log(
                 level,
-                "SIP %s not sent to %s:%d: our UDP socket on %s cannot reach it",
+                "SIP %s not sent to %r:%d: our UDP socket on %s cannot send there",
                 what,
                 send.to.host,
                 send.to.port,
