@@ -131,6 +131,24 @@ def test_invite_gets_trying_at_once_and_one_call() -> None:
     assert [o.to for o in out if isinstance(o, Send)] == [PEER]  # rport: back to the source port
 
 
+def test_a_received_the_sender_wrote_in_its_via_is_not_where_the_response_goes() -> None:
+    """Without rport the response goes to the source's address and the sent-by port (RFC 3261 §18.2.2, with the
+    ``received`` we add, §18.2.1); a ``received=`` the sender put in its own Via is overwritten, never followed
+    (it would turn the bridge into a reflector at any address)."""
+    core = UserAgentCore("203.0.113.5", 5060)
+    inv = invite()
+    spoofed = f"SIP/2.0/UDP {PEER.host}:5070;branch=z9hG4bK-spoof;received=192.0.2.99"
+    request = parse_datagram(
+        Request("INVITE", inv.uri, inv.headers.without("Via").with_rows(("Via", spoofed)), inv.body).to_bytes()
+    )
+    assert isinstance(request, Request)
+    out = core.receive(request, PEER, T0)
+    assert [o.to for o in out if isinstance(o, Send)] == [Peer("udp", PEER.host, 5070)]
+    (trying,) = sent(out)
+    top = parse_via(trying.headers.values("Via")[0])
+    assert top is not None and top.params["received"] == PEER.host
+
+
 def test_retransmitted_invite_is_absorbed_never_a_second_call() -> None:
     core = UserAgentCore("203.0.113.5", 5060)
     core.receive(invite(), PEER, T0)

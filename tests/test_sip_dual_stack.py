@@ -2,13 +2,13 @@
 sockets: such a socket sees an IPv4 peer as ``::ffff:a.b.c.d`` and cannot send to a plain ``a.b.c.d``. The INVITE
 from the allow-list was refused ``403``, our BYE to an IPv4 route and our RTP to the offer's ``c=IN IP4`` before
 the caller's first packet were lost without a trace, and TCP took IPv6 only. A ``0.0.0.0`` bind is the control.
-And the other way round: what an IPv4 bind cannot send (to IPv6) is said, naming the call.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import socket
 import time
 from collections.abc import Callable
@@ -37,7 +37,15 @@ def _ipv6_loopback() -> bool:
     return True
 
 
-needs_ipv6 = pytest.mark.skipif(not _ipv6_loopback(), reason="this machine has no IPv6 loopback to bind :: on")
+def require_ipv6() -> None:
+    """A listener on ``::``: skipped where this machine has no IPv6 loopback, but under CI that fails (the
+    dual-stack path must be tested)."""
+    if _ipv6_loopback():
+        return
+    if os.environ.get("CI"):
+        pytest.fail("CI must test a SIP listener on '::', but this machine has no IPv6 loopback")
+    pytest.skip("this machine has no IPv6 loopback to bind :: on")
+
 
 ON_IPV4_LOOPBACK = {"sip.allowed_sources": ["127.0.0.0/8"], "sip.media_sources": ["127.0.0.0/8"]}
 
@@ -118,7 +126,6 @@ def _correlation(said: np.ndarray, heard: np.ndarray) -> float:
     return float(corr[at] / (np.linalg.norm(x) * np.linalg.norm(y[at : at + x.size]) or 1.0))
 
 
-@needs_ipv6
 @pytest.mark.parametrize("host", ["::", "0.0.0.0"])
 async def test_sip_dual_stack_bind_ipv4_caller_talks_and_gets_our_bye_at_its_route(
     start_bridge: Callable[..., ServerThread], emulator: ServerThread, caplog: pytest.LogCaptureFixture, host: str
@@ -127,6 +134,8 @@ async def test_sip_dual_stack_bind_ipv4_caller_talks_and_gets_our_bye_at_its_rou
     answer names it as IPv4 (``received=127.0.0.1``), our RTP reaches the offer's ``c=IN IP4`` before any of its
     own came in, audio flows both ways, and when the bridge ends the call (``twilio.max_call_s``) our BYE reaches the
     IPv4 ``Record-Route``; the device and the RTP port come back."""
+    if host == "::":
+        require_ipv6()
     bridge = start_sip_bridge(
         start_bridge,
         emulator,
@@ -149,12 +158,12 @@ async def test_sip_dual_stack_bind_ipv4_caller_talks_and_gets_our_bye_at_its_rou
     assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == []
 
 
-@needs_ipv6
 async def test_sip_dual_stack_bind_takes_an_ipv4_caller_over_tcp(
     start_bridge: Callable[..., ServerThread], emulator: ServerThread
 ) -> None:
     """The TCP listener on ``::`` takes IPv4 too, as its UDP twin does: asyncio makes every IPv6 listening socket
     IPv6-only, so an IPv4 caller's connection to the SIP port was refused. Our answers name it as IPv4."""
+    require_ipv6()
     bridge = start_sip_bridge(
         start_bridge,
         emulator,
@@ -170,26 +179,3 @@ async def test_sip_dual_stack_bind_takes_an_ipv4_caller_over_tcp(
     assert result.answered and result.ended_by == "bridge", result.summary()
     assert _correlation(said, result.heard_pcm) > 0.8, result.summary()
     assert_all_released(bridge, emulator)
-
-
-async def test_sip_response_our_ipv4_socket_cannot_send_is_one_line_naming_the_call(
-    start_bridge: Callable[..., ServerThread], emulator: ServerThread, caplog: pytest.LogCaptureFixture
-) -> None:
-    """A request whose top ``Via`` (no ``rport``) sends its response to an IPv6 ``received`` address, from a bridge
-    bound to 127.0.0.1: asyncio dropped it with a DEBUG line naming neither the call nor the address. One DEBUG
-    line names both (DEBUG: the address is the peer's to write); the bridge goes on answering."""
-    bridge = start_sip_bridge(start_bridge, emulator)
-    port = status(bridge)["sip"]["port"]
-    with udp_socket() as sock, caplog.at_level(logging.DEBUG, logger="telephony_bridge.sip.server"):
-        uac = RawUac(port, sock.getsockname()[1])
-        options = uac.request("OPTIONS").replace(b";rport\r\n", b";received=::1\r\n", 1)
-        sock.sendto(options, ("127.0.0.1", port))
-        await asyncio.to_thread(
-            wait_until, lambda: any("not sent to" in r.getMessage() for r in caplog.records), 5.0, "the line"
-        )
-        sock.settimeout(5.0)
-        sock.sendto(uac.request("OPTIONS", branch="z9hG4bKagain"), ("127.0.0.1", port))
-        assert sock.recv(65535).startswith(b"SIP/2.0 200 OK\r\n")
-    lines = [(r.levelno, getattr(r, "call_sid", None), r.getMessage()) for r in caplog.records]
-    expected = f"SIP response not sent to '::1':{uac.local}: our UDP socket on 127.0.0.1 cannot send there"
-    assert [line for line in lines if "not sent to" in line[2]] == [(logging.DEBUG, uac.call_id, expected)]

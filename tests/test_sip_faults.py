@@ -389,13 +389,15 @@ async def test_sip_offer_in_a_200_to_a_reinvite_without_sdp_leaves_out_pcma_when
     assert_all_released(bridge, emulator)
 
 
-@pytest.mark.parametrize("received", ["a\x00b", "\u00e4" * 70])
-async def test_sip_response_to_a_via_received_that_is_no_host_does_not_close_our_socket(
+@pytest.mark.parametrize("received", ["192.0.2.99", "::1", "a\x00b", "\u00e4" * 70])
+async def test_sip_response_goes_to_the_source_never_to_a_received_the_sender_wrote(
     start_bridge: Callable[..., ServerThread], emulator: ServerThread, received: str
 ) -> None:
-    """A request whose top ``Via`` (no ``rport``) names a ``received`` with a NUL, or one IDNA cannot encode: its
-    response went to ``sendto``, which raised TypeError, and asyncio closed the SIP UDP socket; every later
-    request, every call's signalling, went unanswered. With ``sip.users`` set any source gets that far."""
+    """A request whose top ``Via`` (no ``rport``) carries a ``received`` of its own: its response went there, to
+    another host (a reflector at any address, for anyone once ``sip.users`` is set), or for a NUL or a name IDNA
+    cannot encode to ``sendto``, which raised TypeError and made asyncio close the SIP UDP socket: every later
+    request went unanswered. The response goes to the source at the sent-by port, and the bridge goes on
+    answering."""
     bridge = start_sip_bridge(start_bridge, emulator)
     port = status(bridge)["sip"]["port"]
     with udp_socket() as sock:
@@ -404,5 +406,7 @@ async def test_sip_response_to_a_via_received_that_is_no_host_does_not_close_our
             uac.request("OPTIONS").replace(b";rport\r\n", f";received={received}\r\n".encode(), 1), ("127.0.0.1", port)
         )
         sock.settimeout(5.0)
+        answer = sock.recv(65535).decode(errors="replace")
+        assert answer.startswith("SIP/2.0 200 OK\r\n") and ";received=127.0.0.1\r\n" in answer, answer
         sock.sendto(uac.request("OPTIONS", branch="z9hG4bKagain"), ("127.0.0.1", port))
         assert sock.recv(65535).startswith(b"SIP/2.0 200 OK\r\n")

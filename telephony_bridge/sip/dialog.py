@@ -73,7 +73,7 @@ def _stamp_via(via_text: str, peer: Peer) -> str:
     if "rport" in params:
         params["rport"] = str(peer.port)
         params["received"] = peer.host
-    elif via.host != peer.host:
+    elif via.host != peer.host or "received" in params:  # a received= the sender wrote is not where it is
         params["received"] = peer.host
     else:
         return via_text
@@ -81,15 +81,16 @@ def _stamp_via(via_text: str, peer: Peer) -> str:
 
 
 def response_target(request: Request, peer: Peer) -> Peer:
-    """Where the response goes (§1): the same connection on TCP; on UDP the source with rport, else
-    ``received`` (or sent-by host) and the sent-by port."""
+    """Where the response goes (§1): the same connection on TCP; on UDP the source with rport, else the source's
+    address (the ``received`` we add, §18.2.1) and the sent-by port. Never a ``received`` the sender wrote in its
+    own Via: that would let any source point our responses (a 401 to anyone, with ``sip.users``) at another host."""
     if peer.reliable:
         return peer
     vias = request.headers.values("Via")
     via = parse_via(vias[0]) if vias else None
     if via is None or "rport" in via.params:
         return peer
-    return Peer("udp", via.params.get("received") or peer.host, via.port or 5060)
+    return Peer("udp", peer.host, via.port or 5060)
 
 
 @dataclass

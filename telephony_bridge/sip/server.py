@@ -368,15 +368,13 @@ class SipServer:
     def _unsendable(self, send: Send) -> None:
         """A datagram our UDP socket cannot carry (an IPv6 address from an IPv4 bind, a "host" with a NUL in it),
         which asyncio would drop with a DEBUG line naming neither the call nor the address (or, for the NUL, close
-        the socket). A request of ours does not get here (``hop`` refuses
-        such a next hop, and the core sends it elsewhere, saying so); a response to where a peer's ``Via`` points
-        does: DEBUG, as that address is the peer's to write."""
+        the socket). Nothing should get here: responses go to the source they came from (``response_target``) and
+        ``hop`` refuses such a next hop for our requests (the core sends them elsewhere, saying so). Should
+        something, one WARNING naming the call."""
         parsed = parse_datagram(send.data)
-        level = logging.WARNING if isinstance(parsed, Request) else logging.DEBUG
         what = parsed.method if isinstance(parsed, Request) else "response"
         with oplog.call_context(call_sid=getattr(parsed, "call_id", None)):
-            log.log(
-                level,
+            log.warning(
                 "SIP %s not sent to %r:%d: our UDP socket on %s cannot send there",
                 what,
                 send.to.host,
