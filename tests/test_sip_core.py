@@ -252,6 +252,18 @@ def test_2xx_resent_t1_doubling_capped_at_t2_until_ack() -> None:
     assert statuses(core.poll(now + 10)) == []
 
 
+def test_an_ipv6_advertised_host_is_bracketed_in_our_contact_and_bye_via() -> None:
+    """``sip.advertised_host`` an IPv6 address: written bare, ``sip:bridge@2001:db8::5:5060`` reads as a host
+    ``2001`` with a port; in brackets (RFC 3261 §25.1) in the Contact of our 200 and the Via of our BYE."""
+    core = UserAgentCore("2001:db8::5", 5060)
+    ok = answered(core)
+    assert ok.headers.get("Contact") == "<sip:bridge@[2001:db8::5]:5060>"
+    core.receive(in_dialog("ACK", ok, 101, branch="z9hG4bK-ack-v6"), PEER, T0 + 0.2)
+    (bye,) = [m for m in sent(core.hangup("3c2a7b1e@198.51.100.7", T0 + 1)) if isinstance(m, Request)]
+    via = parse_via(bye.headers.values("Via")[0])
+    assert via is not None and (via.host, via.port) == ("2001:db8::5", 5060), bye.headers.values("Via")
+
+
 def test_never_acked_gives_up_after_64_t1_and_bye_goes_then() -> None:
     timers = Timers(t1_s=0.5)
     core = UserAgentCore("203.0.113.5", 5060, timers=timers, may_send_to=proxies)

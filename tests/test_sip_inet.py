@@ -5,7 +5,7 @@ from __future__ import annotations
 import ipaddress
 import socket
 
-from telephony_bridge.sip.inet import in_networks, is_wildcard, socket_address, unmapped
+from telephony_bridge.sip.inet import in_networks, is_wildcard, sdp_address, socket_address, unmapped, uri_host
 
 LOOPBACK_V4 = [ipaddress.ip_network("127.0.0.0/8")]
 
@@ -68,3 +68,18 @@ def test_is_wildcard_knows_every_spelling_of_all_interfaces() -> None:
     wildcards = ["", "0.0.0.0", "::", "::0", "0:0:0:0:0:0:0:0", "::ffff:0.0.0.0"]
     others = ["127.0.0.1", "::1", "192.0.2.1", "sip.example.test"]
     assert [is_wildcard(h) for h in wildcards + others] == [True] * len(wildcards) + [False] * len(others)
+
+
+def test_an_ipv6_host_is_bracketed_in_a_uri_and_ip6_in_sdp() -> None:
+    assert [uri_host(h) for h in ("2001:db8::5", "[2001:db8::5]", "192.0.2.7", "sbc.example.net")] == [
+        "[2001:db8::5]",
+        "[2001:db8::5]",
+        "192.0.2.7",
+        "sbc.example.net",
+    ]
+    assert [sdp_address(h) for h in ("2001:db8::5", "[2001:db8::5]", "192.0.2.7", "sbc.example.net")] == [
+        "IN IP6 2001:db8::5",
+        "IN IP6 2001:db8::5",
+        "IN IP4 192.0.2.7",
+        "IN IP4 sbc.example.net",
+    ]

@@ -109,12 +109,18 @@ async def test_a_bye_to_a_host_name_the_idna_codec_refuses_is_one_warning_not_a_
     assert any("for our request failed" in r.getMessage() for r in caplog.records)
 
 
-async def test_sip_leg_rtp_to_an_address_its_socket_cannot_reach_waits_for_the_latch(
-    caplog: pytest.LogCaptureFixture,
+@pytest.mark.parametrize(
+    ("remote", "why"),
+    [("::1", "our RTP socket cannot send there"), ("media.example.invalid", "a host name, which we do not resolve")],
+    ids=["ipv6-from-an-ipv4-bind", "host-name"],
+)
+async def test_sip_leg_rtp_to_an_address_it_cannot_use_waits_for_the_latch(
+    caplog: pytest.LogCaptureFixture, remote: str, why: str
 ) -> None:
-    """On real sockets: an offer's ``c=`` our IPv4 RTP socket cannot reach (``::1`` from a bind on 127.0.0.1).
-    Every 20 ms packet went to asyncio's ``error_received``, a DEBUG line naming neither the call nor the address.
-    Now one WARNING, nothing sent, and once the caller's first packet latches it, our RTP goes there."""
+    """On real sockets: an offer's ``c=`` our IPv4 RTP socket cannot reach (``::1`` from a bind on 127.0.0.1):
+    every 20 ms packet went to asyncio's ``error_received``, a DEBUG line naming neither the call nor the address;
+    or a host name (RFC 4566 allows one), which each send resolved on the event loop, every 20 ms, blocking every
+    call. Now one WARNING, nothing sent, and once the caller's first packet latches it, our RTP goes there."""
     loop = asyncio.get_running_loop()
     leg: SipLeg | None = None
     ours, _ = await loop.create_datagram_endpoint(
@@ -130,7 +136,7 @@ async def test_sip_leg_rtp_to_an_address_its_socket_cannot_reach_waits_for_the_l
 
     leg = SipLeg(
         "call-1",
-        replace(MEDIA, remote_host="::1"),
+        replace(MEDIA, remote_host=remote),
         cast(asyncio.DatagramTransport, ours),
         SystemClock(),
         media_timeout_s=5.0,
@@ -152,6 +158,4 @@ async def test_sip_leg_rtp_to_an_address_its_socket_cannot_reach_waits_for_the_l
         caller.close()
     assert parse_rtp(first) is not None and leg.latched_from == caller.get_extra_info("sockname")
     logged = [(r.levelno, r.getMessage()) for r in caplog.records]
-    assert logged == [
-        (logging.WARNING, "no RTP to '::1':40000 (our RTP socket cannot send there) until the caller's RTP comes")
-    ]
+    assert logged == [(logging.WARNING, f"no RTP to {remote!r}:40000 ({why}) until the caller's RTP comes")]

@@ -56,6 +56,8 @@ def test_answer_keeps_m_lines_refuses_video_and_picks_event_at_8000() -> None:
     assert "a=recvonly" in lines and "c=IN IP4 203.0.113.5" in lines
     again = parse_sdp(answer.encode())
     assert isinstance(again, SessionDescription) and [m.port for m in again.media] == [0, 20000]
+    over_ipv6 = build_answer(offer, chosen, host="2001:db8::5", port=20000, session_id=42, version=1).decode()
+    assert "c=IN IP6 2001:db8::5" in over_ipv6.split("\r\n") and " IN IP6 2001:db8::5\r\n" in over_ipv6  # o= too
 
 
 def test_srtp_only_offer_is_refused_for_a_488() -> None:

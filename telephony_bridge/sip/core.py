@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from telephony_bridge.sip.address import new_tag, parse_name_addr, parse_via
 from telephony_bridge.sip.dialog import ALLOW, SUPPORTED, Dialog, Peer, build_response, response_target
 from telephony_bridge.sip.hop import Refused
+from telephony_bridge.sip.inet import uri_host
 from telephony_bridge.sip.message import Malformed, Parsed, Request, Response
 from telephony_bridge.sip.transaction import (
     AnswerRetransmit,
@@ -225,7 +226,7 @@ class UserAgentCore:
 
     def contact(self, peer: Peer) -> str:
         suffix = ";transport=tcp" if peer.transport == "tcp" else ""
-        return f"<sip:bridge@{self.advertised_host}:{self.port}{suffix}>"
+        return f"<sip:bridge@{uri_host(self.advertised_host)}:{self.port}{suffix}>"
 
     @property
     def active_calls(self) -> int:

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 
 from telephony_bridge.sip.address import NameAddr, Uri, Via, new_branch, parse_name_addr, parse_uri, parse_via
 from telephony_bridge.sip.hop import Hop, Refused, check_hop, next_hop
+from telephony_bridge.sip.inet import uri_host
 from telephony_bridge.sip.message import Headers, Request, Response
 
 ALLOW = "INVITE, ACK, BYE, CANCEL, OPTIONS, UPDATE, INFO"
@@ -168,7 +169,7 @@ class Dialog:
                 uri = first.uri
                 routes = [*routes[1:], f"<{self.remote_target}>"]
         headers = [
-            ("Via", f"SIP/2.0/{to.transport.upper()} {via_host}:{via_port};branch={new_branch()};rport"),
+            ("Via", f"SIP/2.0/{to.transport.upper()} {uri_host(via_host)}:{via_port};branch={new_branch()};rport"),
             ("Max-Forwards", "70"),
             *[("Route", r) for r in routes],
             ("From", f"<{self.local_uri}>;tag={self.local_tag}"),

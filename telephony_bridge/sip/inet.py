@@ -5,7 +5,7 @@ and sends to IPv4 only in that form: a plain ``a.b.c.d`` (a Contact, a Record-Ro
 with "address family not supported", which asyncio hands to ``error_received`` alone, so the datagram is lost
 without a word. So a peer is compared, checked against CIDRs and logged as the IPv4 address it is
 (``unmapped``, ``in_networks``), and a destination takes the sending socket's form only as it is sent
-(``socket_address``).
+(``socket_address``). And our own address as SIP and SDP write an IPv6 one (``uri_host``, ``sdp_address``).
 """
 
 from __future__ import annotations
@@ -62,6 +62,17 @@ def socket_address(host: str, port: int, family: int) -> tuple[str, int] | None:
     if family == socket.AF_INET6:
         return (f"::ffff:{address}" if address.version == 4 else host), port
     return (str(address), port) if address.version == 4 else None
+
+
+def uri_host(host: str) -> str:
+    """``host`` as a SIP URI or Via writes it: an IPv6 address in brackets (RFC 3261 §25.1), else as it is."""
+    return f"[{host}]" if ":" in host and not host.startswith("[") else host
+
+
+def sdp_address(host: str) -> str:
+    """``host`` as an SDP ``o=``/``c=`` line ends (RFC 4566 §5.7): ``IN IP6`` for an IPv6 address, else ``IN IP4``
+    (an address or a name, as our advertised host always was)."""
+    return f"IN {'IP6' if ':' in host else 'IP4'} {host.strip('[]')}"
 
 
 def is_wildcard(host: str) -> bool:

@@ -39,7 +39,7 @@ from telephony_bridge.errors import CallerGone
 from telephony_bridge.leg import AudioHandler, CallerAudio, Digit, DirectAudio, HungUp, LegEvent, PlayedUpTo, Watchdog
 from telephony_bridge.sip import rtcp
 from telephony_bridge.sip.dtmf import DtmfReceiver
-from telephony_bridge.sip.inet import Networks, in_networks, socket_address
+from telephony_bridge.sip.inet import Networks, in_networks, ip, socket_address
 from telephony_bridge.sip.rtp import CLOCK_HZ, FRAME_SAMPLES, RtpReceiver, RtpSender, parse_rtp
 from telephony_bridge.sip.sdp import Negotiated
 
@@ -147,10 +147,16 @@ class SipLeg:
             self._listening.clear()
 
     def _sendable(self, host: str, port: int) -> tuple[str, int] | None:
-        """The SDP address as our RTP socket sends to it; None (and one WARNING) if it cannot reach it."""
-        address = socket_address(host, port, self._family)
+        """The SDP address as our RTP socket sends to it; None (and one WARNING) if it cannot reach it, or if it
+        is a host name: ``sendto`` would resolve it on the event loop, every 20 ms, stalling every call."""
+        if ip(host) is None:
+            why = "a host name, which we do not resolve"
+            address = None
+        else:
+            why = "our RTP socket cannot send there"
+            address = socket_address(host, port, self._family)
         if address is None:
-            log.warning("no RTP to %r:%d (our RTP socket cannot send there) until the caller's RTP comes", host, port)
+            log.warning("no RTP to %r:%d (%s) until the caller's RTP comes", host, port, why)
         return address
 
     def peer_hung_up(self, reason: str) -> None:

@@ -11,6 +11,8 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 
+from telephony_bridge.sip.inet import sdp_address
+
 PCMU = "PCMU"
 PCMA = "PCMA"
 STATIC_PTS = {0: ("PCMU", 8000), 8: ("PCMA", 8000), 13: ("CN", 8000)}
@@ -187,9 +189,9 @@ def negotiate(offer: SessionDescription, *, allow_pcma: bool = True) -> Negotiat
 def _session_lines(session_id: int, version: int, host: str) -> list[str]:
     return [
         "v=0",
-        f"o=telephony-bridge {session_id} {version} IN IP4 {host}",
+        f"o=telephony-bridge {session_id} {version} {sdp_address(host)}",
         "s=-",
-        f"c=IN IP4 {host}",
+        f"c={sdp_address(host)}",
         "t=0 0",
     ]
 
