@@ -401,9 +401,13 @@ def stream_runner(callers: str, phases: int = lean_callers.PHASES) -> StreamRunn
     """What plays each call's media stream: ``full``, ``tools.caller``; ``lean``, bench/lean_callers.py on
     ``phases`` phases of its beat (the same calls and figures for less CPU); ``compiled``, the same with each
     call's per-frame work in C (bench/lean_callers_c.pyx). One per load's event loop."""
-    if callers == "full":
-        return run_call
-    return lean_callers.LeanCallers(phases, compiled=callers == "compiled").run_call
+    lean = lean_runner(callers, phases)
+    return run_call if lean is None else lean.run_call
+
+
+def lean_runner(callers: str, phases: int = lean_callers.PHASES) -> lean_callers.LeanCallers | None:
+    """The ``LeanCallers`` behind ``stream_runner(callers, phases)``, or None for the full callers."""
+    return None if callers == "full" else lean_callers.LeanCallers(phases, compiled=callers == "compiled")
 
 
 def _load_part(
@@ -412,7 +416,7 @@ def _load_part(
     """One load process's share of the calls, started over ``ramp_s``; what the callers heard is dropped (only the
     figures travel). ``callers``: ``full``, ``lean`` or ``compiled`` (``stream_runner``). With the latter two, also
     this process's beat stalls (``lean_callers.Stalls``)."""
-    lean = None if callers == "full" else lean_callers.LeanCallers(compiled=callers == "compiled")
+    lean = lean_runner(callers)
     stream = run_call if lean is None else lean.run_call
 
     async def run() -> LoadResult:
@@ -589,16 +593,19 @@ def measure(
         }
 
 
-def stall_figures(stalls: list[lean_callers.Stalls | None], steady_from: float, window_s: float) -> dict:
+def stall_figures(
+    stalls: list[lean_callers.Stalls | None], steady_from: float, window_s: float
+) -> dict[str, float | None]:
     """The load processes' beat stalls together: how many, how many began in the steady window, and the worst
     lateness in ms; None for each where a process had no beat (the full callers) or there was none."""
     if not stalls or None in stalls:
         return {"beat_stalls": None, "beat_stalls_steady": None, "beat_worst_late_ms": None}
-    at = [t for part in stalls if part is not None for t in part.at]
+    beats = [part for part in stalls if part is not None]  # all of them (the guard above): for the type checker
+    at = [t for part in beats for t in part.at]
     return {
         "beat_stalls": len(at),
         "beat_stalls_steady": sum(steady_from <= t <= steady_from + window_s for t in at),
-        "beat_worst_late_ms": 1000 * max(part.worst_s for part in stalls if part is not None),
+        "beat_worst_late_ms": 1000 * max(part.worst_s for part in beats),
     }
 
 
@@ -777,8 +784,8 @@ def line(label: str, f: dict) -> str:
         )
     if f.get("beat_stalls") is not None:
         stalls, steady = f["beat_stalls"], f["beat_stalls_steady"]
-        worst = f"; the worst {f['beat_worst_late_ms']:.0f} ms late" if stalls else ""
-        head += f"callers' beat stalls > 20 ms: {stalls} ({steady} in the steady window{worst})  "
+        worst = f", the worst {f['beat_worst_late_ms']:.0f} ms late" if stalls else ""
+        head += f"callers' beat stalls > 20 ms: {stalls} ({steady} in the steady window){worst}  "
     if f.get("echo_ticks_late") is not None:
         head += f"echo's ticks > 20 ms late: {f['echo_ticks_late']}, GC pauses > 20 ms: {f['echo_gc_pauses']}  "
     if "setup_p99_ms" in f:

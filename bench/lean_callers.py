@@ -345,7 +345,7 @@ class Beat:
     (the echo says the audio back): holes that are the load's, not the bridge's (docs/performance.md). One entry
     a stall, at its first late tick: the ticks due meanwhile run late one after another as the beat catches up
     (one a millisecond with 20 phases), and counting each would count one stall many times. ``worst_late_s``:
-    how late the latest of those late ticks ran (0 while the beat never stalled)."""
+    the most any tick ran late, over the whole run (kept from the first stall on: 0 while the beat never stalled)."""
 
     def __init__(self, phases: int = PHASES) -> None:
         self.loop = asyncio.get_running_loop()
@@ -409,7 +409,7 @@ class LeanCallers:
 
     @property
     def stalls(self) -> Stalls:
-        """When this process's beat stalled (ticked more than a frame late), and how late the worst stall ran."""
+        """When this process's beat stalled (ticked more than a frame late), and the most any tick ran late."""
         beat = self._beat
         return Stalls([], 0.0) if beat is None else Stalls(beat.late_at, beat.worst_late_s)
 

@@ -6,7 +6,6 @@ import asyncio
 import contextlib
 import ipaddress
 import logging
-import socket
 from dataclasses import replace
 from typing import Any, cast
 
@@ -16,6 +15,7 @@ from telephony_bridge.audio.codec import ULAW_SILENCE
 from telephony_bridge.clock import SystemClock
 from telephony_bridge.sip.core import Send
 from telephony_bridge.sip.dialog import Peer
+from telephony_bridge.sip.inet import Stack
 from telephony_bridge.sip.leg import RtpProtocol, SipLeg
 from telephony_bridge.sip.rtp import RtpSender, parse_rtp
 from telephony_bridge.sip.sdp import Direction, Negotiated
@@ -142,7 +142,7 @@ async def test_sip_leg_rtp_to_an_address_it_cannot_use_waits_for_the_latch(
         media_timeout_s=5.0,
         media_sources=[ipaddress.ip_network("127.0.0.0/8")],
         on_hang_up=on_hang_up,
-        family=socket.AF_INET,
+        stack=Stack.IPV4,
     )
     try:
         with caplog.at_level(logging.DEBUG, logger="telephony_bridge.sip.leg"):

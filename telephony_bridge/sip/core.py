@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 
 from telephony_bridge.sip.address import new_tag, parse_name_addr, parse_via
 from telephony_bridge.sip.dialog import ALLOW, SUPPORTED, Dialog, Peer, build_response, response_target
-from telephony_bridge.sip.hop import Refused
+from telephony_bridge.sip.hop import Refused, anywhere
 from telephony_bridge.sip.inet import uri_host
 from telephony_bridge.sip.message import Malformed, Parsed, Request, Response
 from telephony_bridge.sip.transaction import (
@@ -202,10 +202,6 @@ def _open(connection: int) -> bool:
     return True
 
 
-def _anywhere(host: str) -> bool:
-    return True
-
-
 @dataclass
 class UserAgentCore:
     """``connected`` tells whether a TCP connection (the driver's id) is still open, so that our requests go on it
@@ -219,7 +215,7 @@ class UserAgentCore:
     options_status: int = 200  # what OPTIONS (and a dispatcher's health check) hears; 503 while draining
     connected: Callable[[int], bool] = _open
     may_send_to: Callable[[str], bool] = _no_host
-    udp_reaches: Callable[[str], bool] = _anywhere
+    udp_reaches: Callable[[str], bool] = anywhere
     _txns: dict[tuple[str, str, str], tuple[_Txn, Peer]] = field(default_factory=dict)
     _calls: dict[str, _Call] = field(default_factory=dict)
     _client: dict[str, _ClientRetransmit] = field(default_factory=dict)

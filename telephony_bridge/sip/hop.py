@@ -62,12 +62,13 @@ def next_hop(route_set: list[str], remote_target: str, default_transport: str) -
     return Hop(transport, uri.host, uri.port or DEFAULT_PORT.get(transport, 5060))
 
 
-def _anywhere(host: str) -> bool:
+def anywhere(host: str) -> bool:
+    """A ``udp_reaches`` for a socket that reaches every address (tests, the core's default)."""
     return True
 
 
 def check_hop(
-    hop: Hop, origin: str, may_send_to: Callable[[str], bool], udp_reaches: Callable[[str], bool] = _anywhere
+    hop: Hop, origin: str, may_send_to: Callable[[str], bool], udp_reaches: Callable[[str], bool] = anywhere
 ) -> Hop | Refused:
     """``hop`` if we may send there: over UDP or TCP, to ``origin`` (where the INVITE came from) or, if
     ``may_send_to`` allows ``origin`` too, an address it allows; over UDP only if ``udp_reaches`` it."""

@@ -1,23 +1,23 @@
-"""IP addresses on a dual-stack socket. Pure.
+"""IP addresses on a dual-stack socket. Pure, but for ``Stack.of``, which reads a socket's option.
 
 Bound to ``::``, one AF_INET6 socket takes IPv6 and IPv4 alike, but it names an IPv4 peer ``::ffff:a.b.c.d``
 and sends to IPv4 only in that form: a plain ``a.b.c.d`` (a Contact, a Record-Route, an SDP ``c=IN IP4``) fails
 with "address family not supported", which asyncio hands to ``error_received`` alone, so the datagram is lost
 without a word. So a peer is compared, checked against CIDRs and logged as the IPv4 address it is
 (``unmapped``, ``in_networks``), and a destination takes the sending socket's form only as it is sent
-(``socket_address``). And our own address as SIP and SDP write an IPv6 one (``uri_host``, ``sdp_address``).
+(``socket_address``, by the socket's ``Stack``: one bound to a single IPv6 address reaches no IPv4 at all). And
+our own address as SIP and SDP write an IPv6 one (``uri_host``, ``sdp_address``).
 """
 
 from __future__ import annotations
 
+import enum
 import ipaddress
-import re
 import socket
 from collections.abc import Sequence
 
 Address = ipaddress.IPv4Address | ipaddress.IPv6Address
 Networks = Sequence[ipaddress.IPv4Network | ipaddress.IPv6Network]
-HOST_NAME = re.compile(r"[A-Za-z0-9_-]+(?:\.[A-Za-z0-9_-]+)*\.?")  # RFC 3261 §25.1 hostname, and "_"
 
 
 def unmapped(host: str) -> str:
@@ -39,29 +39,52 @@ def ip(host: str) -> Address | None:
     return address
 
 
+MAPPED = ipaddress.IPv6Network("::ffff:0:0/96")  # where an IPv4 address lives in IPv6 (RFC 4291 §2.5.5.2)
+
+
 def in_networks(host: str, networks: Networks) -> bool:
-    """Whether ``host`` lies in one of ``networks``, an IPv4 address and its ``::ffff:`` form alike (a list
-    written for either form keeps working); a host name never does."""
+    """Whether ``host`` lies in one of ``networks``: an IPv4 address in an IPv4 network, or in an IPv6 one written
+    in the ``::ffff:`` form (a list written for a ``::`` bind keeps working), but not in a wider IPv6 one (``::/0``
+    means every IPv6 address, not every address); a host name never does."""
     address = ip(host)
     if address is None:
         return False
-    forms: tuple[Address, ...] = (address,)
-    if isinstance(address, ipaddress.IPv4Address):
-        forms += (ipaddress.IPv6Address(f"::ffff:{address}"),)
-    return any(form in net for form in forms for net in networks)
+    mapped = ipaddress.IPv6Address(f"::ffff:{address}") if address.version == 4 else None
+    return any(
+        address in net or (mapped is not None and net.version == 6 and net.subnet_of(MAPPED) and mapped in net)  # type: ignore[arg-type]
+        for net in networks
+    )
 
 
-def socket_address(host: str, port: int, family: int) -> tuple[str, int] | None:
-    """``(host, port)`` as a socket of ``family`` sends to it: IPv4 as ``::ffff:a.b.c.d`` from AF_INET6, a mapped
-    address as plain IPv4 from AF_INET; None when that socket cannot reach it (IPv6 from AF_INET). A host name
-    goes as it is: the socket resolves it, as it always did. Anything else is None: ``sendto`` raises TypeError
-    on a NUL or a name IDNA cannot encode, and asyncio closes the whole transport on it."""
+class Stack(enum.Enum):
+    """What a datagram socket can send to (``Stack.of``): IPv4 alone (AF_INET); IPv6 and IPv4, the latter as
+    ``::ffff:a.b.c.d`` (AF_INET6 bound to ``::``); or IPv6 alone (AF_INET6 bound to one IPv6 address, which Linux
+    makes IPv6-only, or on ``::`` under ``net.ipv6.bindv6only``)."""
+
+    IPV4 = "ipv4"
+    DUAL = "dual"
+    IPV6 = "ipv6"
+
+    @classmethod
+    def of(cls, sock: socket.socket) -> Stack:
+        if sock.family != socket.AF_INET6:
+            return cls.IPV4
+        return cls.IPV6 if sock.getsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY) else cls.DUAL
+
+
+def socket_address(host: str, port: int, stack: Stack) -> tuple[str, int] | None:
+    """``(host, port)`` as a socket of ``stack`` sends to it (IPv4 as ``::ffff:a.b.c.d`` from a dual-stack one),
+    or None when it cannot: an address of a family it does not reach, or not an address at all. We never send to a
+    host name: ``sendto`` would resolve it on the event loop (or raise TypeError on a NUL, on which asyncio closes
+    the whole transport), and a name can be made to point anywhere."""
     address = ip(host)
     if address is None:
-        return (host, port) if HOST_NAME.fullmatch(host) else None
-    if family == socket.AF_INET6:
-        return (f"::ffff:{address}" if address.version == 4 else host), port
-    return (str(address), port) if address.version == 4 else None
+        return None
+    if address.version == 4:
+        if stack is Stack.IPV6:
+            return None
+        return (f"::ffff:{address}" if stack is Stack.DUAL else str(address)), port
+    return None if stack is Stack.IPV4 else (str(address), port)
 
 
 def uri_host(host: str) -> str:

@@ -25,7 +25,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import secrets
-import socket
 from collections import deque
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import replace
@@ -39,7 +38,7 @@ from telephony_bridge.errors import CallerGone
 from telephony_bridge.leg import AudioHandler, CallerAudio, Digit, DirectAudio, HungUp, LegEvent, PlayedUpTo, Watchdog
 from telephony_bridge.sip import rtcp
 from telephony_bridge.sip.dtmf import DtmfReceiver
-from telephony_bridge.sip.inet import Networks, in_networks, ip, socket_address
+from telephony_bridge.sip.inet import Networks, Stack, in_networks, ip, socket_address
 from telephony_bridge.sip.rtp import CLOCK_HZ, FRAME_SAMPLES, RtpReceiver, RtpSender, parse_rtp
 from telephony_bridge.sip.sdp import Negotiated
 
@@ -93,13 +92,13 @@ class SipLeg:
         on_hang_up: Callable[[str], Awaitable[None]],
         recordings: Mapping[str, bytes] | None = None,
         cname: str = "telephony-bridge",
-        family: int = socket.AF_INET,
+        stack: Stack = Stack.IPV4,
     ) -> None:
-        """``family``: the address family of the ``rtp`` socket (AF_INET6 when bound to ``::``)."""
+        """``stack``: what the ``rtp`` socket reaches (``Stack.of`` it: DUAL when bound to ``::``)."""
         self.call_id = call_id
         self.stream_id = ""
         self._rtp = rtp
-        self._family = family
+        self._stack = stack
         self._rtcp: asyncio.DatagramTransport | None = None
         self._clock = clock
         self._media_sources = media_sources
@@ -149,13 +148,9 @@ class SipLeg:
     def _sendable(self, host: str, port: int) -> tuple[str, int] | None:
         """The SDP address as our RTP socket sends to it; None (and one WARNING) if it cannot reach it, or if it
         is a host name: ``sendto`` would resolve it on the event loop, every 20 ms, stalling every call."""
-        if ip(host) is None:
-            why = "a host name, which we do not resolve"
-            address = None
-        else:
-            why = "our RTP socket cannot send there"
-            address = socket_address(host, port, self._family)
+        address = socket_address(host, port, self._stack)
         if address is None:
+            why = "a host name, which we do not resolve" if ip(host) is None else "our RTP socket cannot send there"
             log.warning("no RTP to %r:%d (%s) until the caller's RTP comes", host, port, why)
         return address
 

@@ -47,7 +47,7 @@ from telephony_bridge.sip.core import (
     UserAgentCore,
 )
 from telephony_bridge.sip.dialog import Peer, build_response
-from telephony_bridge.sip.inet import Networks, in_networks, is_wildcard, socket_address, unmapped
+from telephony_bridge.sip.inet import Networks, Stack, in_networks, is_wildcard, socket_address, unmapped, uri_host
 from telephony_bridge.sip.leg import RtpProtocol, SipLeg, outcome_recordings
 from telephony_bridge.sip.message import Malformed, Request, StreamParser, parse_datagram
 from telephony_bridge.sip.timers import SessionTimer, TooSmall, negotiate_session_timer
@@ -167,7 +167,7 @@ class SipServer:
         self.core: UserAgentCore | None = None
         self.port = 0
         self._udp: asyncio.DatagramTransport | None = None
-        self._udp_family = socket.AF_INET  # AF_INET6 on an IPv6 address such as ``::`` (dual-stack)
+        self._udp_stack = Stack.IPV4  # what the UDP socket reaches: DUAL on ``::``, IPV6 on one IPv6 address
         self._tcp: asyncio.Server | None = None
         self._connections: dict[int, asyncio.StreamWriter] = {}
         self._conn_ids = itertools.count(1)
@@ -197,7 +197,7 @@ class SipServer:
                 if self._settings.port or attempt == 19:
                     raise
                 continue
-            self._udp, self.port, self._udp_family = transport, port, udp.family  # type: ignore[assignment]
+            self._udp, self.port, self._udp_stack = transport, port, Stack.of(udp)  # type: ignore[assignment]
             break
         advertised = self._settings.advertised_host or ("127.0.0.1" if is_wildcard(self.host) else self.host)
         self.core = UserAgentCore(
@@ -309,7 +309,7 @@ class SipServer:
         return in_networks(host, self._sources)
 
     def _udp_reaches(self, host: str) -> bool:
-        return socket_address(host, 0, self._udp_family) is not None
+        return socket_address(host, 0, self._udp_stack) is not None
 
     def _connected(self, connection: int) -> bool:
         writer = self._connections.get(connection)
@@ -353,7 +353,7 @@ class SipServer:
         ``::ffff:a.b.c.d`` (``inet.socket_address``), else the datagram would be lost without a word."""
         to = send.to
         if not to.reliable:
-            address = socket_address(to.host, to.port, self._udp_family)
+            address = socket_address(to.host, to.port, self._udp_stack)
             if address is None:
                 self._unsendable(send)
             elif self._udp is not None:
@@ -609,7 +609,7 @@ class SipServer:
         if invite.body:
             negotiated = self._negotiate(invite.body)
             if isinstance(negotiated, str):
-                warning = f'305 {self.core.advertised_host} "no usable PCMU/PCMA audio"'
+                warning = f'305 {uri_host(self.core.advertised_host)} "no usable PCMU/PCMA audio"'
                 self._reject(live, 488, negotiated, [("Warning", warning)])
                 return
             offer, chosen = negotiated
@@ -687,7 +687,7 @@ class SipServer:
             on_hang_up=hang_up,
             recordings=self._recordings,
             cname=f"bridge@{core.advertised_host}",
-            family=rtp.get_extra_info("socket").family,
+            stack=Stack.of(rtp.get_extra_info("socket")),
         )
         leg.attach_rtcp(rtcp_transport)
         live.leg = leg
@@ -738,7 +738,7 @@ class SipServer:
 
 
 async def _tcp_server(
-    serve: Callable[[asyncio.StreamReader, asyncio.StreamWriter], Any], host: str, port: int, udp: Any
+    serve: Callable[[asyncio.StreamReader, asyncio.StreamWriter], Any], host: str, port: int, udp: socket.socket
 ) -> asyncio.Server:
     """The TCP listener beside the UDP socket ``udp`` on ``host``:``port``. asyncio makes every IPv6 listening
     socket IPv6-only, so on ``::`` TCP refused the IPv4 callers its UDP twin takes: on an IPv6 address the socket
