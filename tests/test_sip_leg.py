@@ -111,8 +111,12 @@ async def test_a_bye_to_a_host_name_the_idna_codec_refuses_is_one_warning_not_a_
 
 @pytest.mark.parametrize(
     ("remote", "why"),
-    [("::1", "our RTP socket cannot send there"), ("media.example.invalid", "a host name, which we do not resolve")],
-    ids=["ipv6-from-an-ipv4-bind", "host-name"],
+    [
+        ("::1", "our RTP socket cannot send there"),
+        ("media.example.invalid", "a host name, which we do not resolve"),
+        ("10.0.0.5", "outside sip.media_sources"),
+    ],
+    ids=["ipv6-from-an-ipv4-bind", "host-name", "outside-media-sources"],
 )
 async def test_sip_leg_rtp_to_an_address_it_cannot_use_waits_for_the_latch(
     caplog: pytest.LogCaptureFixture, remote: str, why: str
@@ -120,7 +124,9 @@ async def test_sip_leg_rtp_to_an_address_it_cannot_use_waits_for_the_latch(
     """On real sockets: an offer's ``c=`` our IPv4 RTP socket cannot reach (``::1`` from a bind on 127.0.0.1):
     every 20 ms packet went to asyncio's ``error_received``, a DEBUG line naming neither the call nor the address;
     or a host name (RFC 4566 allows one), which each send resolved on the event loop, every 20 ms, blocking every
-    call. Now one WARNING, nothing sent, and once the caller's first packet latches it, our RTP goes there."""
+    call; or an address outside ``sip.media_sources`` (here 127.0.0.0/8), where a caller could aim our RTP at a
+    host of its choosing. Now one WARNING, nothing sent, and once the caller's first packet latches it, our RTP
+    goes there."""
     loop = asyncio.get_running_loop()
     leg: SipLeg | None = None
     ours, _ = await loop.create_datagram_endpoint(

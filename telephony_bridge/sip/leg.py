@@ -146,13 +146,21 @@ class SipLeg:
             self._listening.clear()
 
     def _sendable(self, host: str, port: int) -> tuple[str, int] | None:
-        """The SDP address as our RTP socket sends to it; None (and one WARNING) if it cannot reach it, or if it
-        is a host name: ``sendto`` would resolve it on the event loop, every 20 ms, stalling every call."""
+        """The SDP address as our RTP socket sends to it; None (and one WARNING) if it is a host name (``sendto``
+        would resolve it on the event loop, every 20 ms, stalling every call), if our socket cannot reach it, or
+        if it lies outside ``sip.media_sources``: we take no RTP from there, and the caller writes ``c=``, so
+        it must not aim 50 packets a second at an address of its choosing (as ``hop`` refuses for our BYE)."""
         address = socket_address(host, port, self._stack)
-        if address is None:
-            why = "a host name, which we do not resolve" if ip(host) is None else "our RTP socket cannot send there"
-            log.warning("no RTP to %r:%d (%s) until the caller's RTP comes", host, port, why)
-        return address
+        if ip(host) is None:
+            why = "a host name, which we do not resolve"
+        elif address is None:
+            why = "our RTP socket cannot send there"
+        elif not in_networks(host, self._media_sources):
+            why, address = "outside sip.media_sources", None
+        else:
+            return address
+        log.warning("no RTP to %r:%d (%s) until the caller's RTP comes", host, port, why)
+        return None
 
     def peer_hung_up(self, reason: str) -> None:
         """The peer ended the dialog (BYE, CANCEL): nothing more goes to it, no BYE from us."""
