@@ -37,6 +37,33 @@ class _Wire:
         return None
 
 
+@pytest.mark.parametrize("sources", [["127.0.0.0/8"], ["0.0.0.0/0", "::/0"]], ids=["media-sources", "any"])
+def test_sip_leg_sends_nothing_to_a_hold_address_and_says_nothing_of_it(
+    caplog: pytest.LogCaptureFixture, sources: list[str]
+) -> None:
+    """``c=0.0.0.0``, the old way to hold: nothing is sent there (RTCP went to 0.0.0.0, which Linux delivers to
+    this host), and it is no address to warn about, whatever ``sip.media_sources`` holds."""
+    wire = _Wire()
+    held = replace(MEDIA, remote_host="0.0.0.0", direction=Direction.INACTIVE)
+
+    async def on_hang_up(outcome: str) -> None:
+        return None
+
+    with caplog.at_level(logging.DEBUG, logger="telephony_bridge.sip.leg"):
+        leg = SipLeg(
+            "call-1",
+            held,
+            cast(asyncio.DatagramTransport, wire),
+            SystemClock(),
+            media_timeout_s=5.0,
+            media_sources=[ipaddress.ip_network(net) for net in sources],
+            on_hang_up=on_hang_up,
+        )
+        leg.attach_rtcp(cast(asyncio.DatagramTransport, wire))
+        leg._send_rtcp(b"report")
+    assert wire.sent == [] and caplog.records == []
+
+
 async def test_sip_leg_hang_up_cancelled_while_its_recording_plays_still_stops_media_and_sends_bye() -> None:
     """The drain recording (or the fallback) is playing when the call's task is cancelled: the server's stop
     cancels what is still live 2 s after the drain gave up (``drain.CUT_GRACE_S``), and ``sip.drain_wav`` falls

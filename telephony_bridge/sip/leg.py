@@ -150,8 +150,10 @@ class SipLeg:
         would resolve it on the event loop, every 20 ms, stalling every call), if our socket cannot reach it, or
         if it lies outside ``sip.media_sources``: we take no RTP from there, and the caller writes ``c=``, so
         it must not aim 50 packets a second at an address of its choosing (as ``hop`` refuses for our BYE)."""
-        address = socket_address(host, port, self._stack)
-        if ip(host) is None:
+        address, parsed = socket_address(host, port, self._stack), ip(host)
+        if parsed is not None and parsed.is_unspecified:
+            return None  # the old way to hold (c=0.0.0.0): nothing goes there, RTCP included
+        if parsed is None:
             why = "a host name, which we do not resolve"
         elif address is None:
             why = "our RTP socket cannot send there"
