@@ -158,7 +158,7 @@ class SipLeg:
         elif address is None:
             why = "our RTP socket cannot send there"
         elif not in_networks(host, self._media_sources):
-            why, address = "outside sip.media_sources", None
+            why = "outside sip.media_sources"
         else:
             return address
         log.warning("no RTP to %r:%d (%s) until the caller's RTP comes", host, port, why)
