@@ -389,11 +389,14 @@ def start_emulator(
     return start(command, env or {}, f"http://127.0.0.1:{port}/_emulator/stats", cpus), port
 
 
-def start_lean_ai(env: dict[str, str], cpus: frozenset[int] | None = None) -> tuple[subprocess.Popen[bytes], int]:
+def start_lean_ai(
+    env: dict[str, str], cpus: frozenset[int] | None = None, *, compiled: bool = False
+) -> tuple[subprocess.Popen[bytes], int]:
     """bench/lean_ai.py on a free port, once it answers: its process and port. ``env`` holds the emulator's token
-    key (``EMULATOR_JWT_SECRET_ENV``), which the echo needs to check the emulator's tokens."""
+    key (``EMULATOR_JWT_SECRET_ENV``), which the echo needs to check the emulator's tokens. ``compiled``: its
+    sessions' per-frame work in C (bench/lean_ai_c.pyx)."""
     port = free_port()
-    command = [sys.executable, str(BENCH / "lean_ai.py"), "--port", str(port)]
+    command = [sys.executable, str(BENCH / "lean_ai.py"), "--port", str(port), *(["--compiled"] if compiled else [])]
     return start(command, env, f"http://127.0.0.1:{port}/healthz", cpus), port
 
 
@@ -928,10 +931,11 @@ def main() -> int:
     )
     parser.add_argument(
         "--ai",
-        choices=["emulator", "lean"],
+        choices=["emulator", "lean", "compiled"],
         default="emulator",
         help="what the servers' voice streams reach: the emulator, or bench/lean_ai.py (the same echo as the "
-        "bridge sees it, for a fraction of the CPU; tokens stay with the emulator)",
+        "bridge sees it, for a fraction of the CPU; tokens stay with the emulator), or compiled (lean, with each "
+        "session's per-frame work in C: bench/lean_ai_c.pyx)",
     )
     parser.add_argument("--sip", action="store_true", help="also run each level over SIP against the bridge")
     parser.add_argument(
@@ -973,6 +977,11 @@ def main() -> int:
             lean_callers.compiled_call_class()  # built here once, not in each load process
         except cython_build.BuildError as exc:
             parser.error(f"--callers compiled: {exc}")
+    if args.ai == "compiled":
+        try:
+            lean_ai.compiled_session_class()  # built here once, before the echo's process needs it
+        except cython_build.BuildError as exc:
+            parser.error(f"--ai compiled: {exc}")
     try:
         pinning = Pinning.parse(args.server_cpus) if args.server_cpus else None
     except ValueError as exc:
@@ -993,8 +1002,8 @@ def main() -> int:
     try:
         voice_port = emulator_port  # where the servers' voice streams go: the emulator, the lean echo, a relay
         voice_env: dict[str, str] = {}
-        if args.ai == "lean":
-            lean, voice_port = start_lean_ai(token_key, load_cpus)
+        if args.ai in ("lean", "compiled"):
+            lean, voice_port = start_lean_ai(token_key, load_cpus, compiled=args.ai == "compiled")
             lean_stats = f"http://127.0.0.1:{voice_port}{lean_ai.STATS_PATH}"
             voice_env = {"SAVANTS_WS_URL": f"ws://127.0.0.1:{voice_port}/voice-stream"}
             print(f"the servers' voice streams on bench/lean_ai.py (port {voice_port}); tokens from the emulator")

@@ -31,12 +31,14 @@ import os
 import secrets
 import sys
 from collections import deque
+from collections.abc import Callable
 from pathlib import Path
 from typing import Protocol
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import load_gc  # bench/, beside this script
+import cython_build  # bench/, beside this script
+import load_gc
 import uvicorn
 from picows import WSFrame, WSListener, WSMsgType, WSTransport, WSUpgradeRequest
 from starlette.applications import Starlette
@@ -75,6 +77,7 @@ SLOTS = 20
 CLOSE_TIMEOUT_S = 2.0  # for the client's answer to our close frame; then the connection is dropped
 PROTOCOL_ERROR = 1002  # broken fragmentation (RFC 6455 §7.4.1), as uvicorn closes for it
 STATS_PATH = "/_lean/stats"
+BENCH = Path(__file__).resolve().parent
 
 log = logging.getLogger("lean_ai")
 
@@ -199,7 +202,9 @@ class LeanAi:
     """What the sessions share: the emulator's settings, the wheel and its one timer, the token ledger, the
     per-device socket limit and counts for ``/_lean/stats``. It is the ``ws_handoff`` router of the app."""
 
-    def __init__(self, config: EmulatorConfig, clock: Clock | None = None, phases: int = SLOTS) -> None:
+    def __init__(
+        self, config: EmulatorConfig, clock: Clock | None = None, phases: int = SLOTS, *, compiled: bool = False
+    ) -> None:
         self.config = config
         self.clock = clock or SystemClock()
         self.wheel = Wheel(phases)
@@ -208,10 +213,14 @@ class LeanAi:
         self.sessions_opened = 0
         self.refused: dict[str, int] = {}
         self._timer: Timer | None = None
+        # Built (or refused) before any session, and only on the system clock, which the compiled half reads.
+        self._session = compiled_session_class() if compiled else EchoSession
+        if compiled and not isinstance(self.clock, SystemClock):
+            raise ValueError("the compiled echo reads the system's monotonic clock: it takes no other clock")
 
     def __call__(self, request: WSUpgradeRequest, connection: Connection) -> EchoSession | None:
         path = request.path.split(b"?", 1)[0]
-        return EchoSession(self) if path == VOICE_STREAM_PATH.encode() else None
+        return self._session(self) if path == VOICE_STREAM_PATH.encode() else None
 
     def join(self, session: EchoSession) -> None:
         self.sessions_opened += 1
@@ -237,6 +246,8 @@ class EchoSession(WSListener):  # type: ignore[misc]
     """One ``/voice-stream`` socket on picows' callbacks: its token, then its audio into an ``EchoLine`` and the
     wheel's ticks out of it. No task, and one timer only until the token has come."""
 
+    _line_type: Callable[[float], EchoLine] = EchoLine
+
     def __init__(self, ai: LeanAi) -> None:
         self._ai = ai
         self._transport: WSTransport | None = None
@@ -254,15 +265,26 @@ class EchoSession(WSListener):  # type: ignore[misc]
         self._deadline = ai.clock.call_at(ai.clock.monotonic() + timeout_s, lambda: self._refuse(refusal))
 
     def on_ws_frame(self, transport: WSTransport, frame: WSFrame) -> None:
-        kind = frame.msg_type
         line = self._line
-        if kind is _BINARY and line is not None and frame.fin:  # the audio: 25 to 50 times a second a session
-            size = frame.payload_size
-            if 0 < size <= MAX_AUDIO_FRAME_BYTES and not size & 1:
-                line.hear(frame.get_payload_as_bytes(), self._ai.clock.monotonic())
-            else:
-                problem = audio_frame_problem(frame.get_payload_as_bytes()) or ""
-                self._refuse(Refusal(WsErrorCode.INVALID_AUDIO, problem))
+        size = frame.payload_size
+        if (
+            line is not None
+            and frame.msg_type is _BINARY
+            and frame.fin
+            and 0 < size <= MAX_AUDIO_FRAME_BYTES
+            and not size & 1
+        ):
+            line.hear(frame.get_payload_as_bytes(), self._ai.clock.monotonic())  # 25 to 50 times a second
+        else:
+            self._other_frame(transport, frame)
+
+    def _other_frame(self, transport: WSTransport, frame: WSFrame) -> None:
+        """Every frame but a confirmed session's whole audio frame of a size the emulator takes (``on_ws_frame``,
+        or ``lean_ai_c.EchoCore``'s in C)."""
+        kind = frame.msg_type
+        if kind is _BINARY and self._line is not None and frame.fin:
+            problem = audio_frame_problem(frame.get_payload_as_bytes()) or ""
+            self._refuse(Refusal(WsErrorCode.INVALID_AUDIO, problem))
         elif kind is _CLOSE:
             if not transport.is_close_frame_sent:
                 transport.send_close(echo_code(int(frame.get_close_code())))
@@ -334,7 +356,7 @@ class EchoSession(WSListener):  # type: ignore[misc]
         assert self._transport is not None  # a frame came on it
         session_id = f"sess_{secrets.token_hex(6)}"
         self._transport.send(_TEXT, connected_message(ai.config.connected_type, session_id=session_id, unix_s=now_s))
-        self._line = EchoLine(ai.config.echo_delay_s)
+        self._line = self._line_type(ai.config.echo_delay_s)
         ai.join(self)
 
     def _refuse(self, refusal: Refusal) -> None:
@@ -376,10 +398,33 @@ class EchoSession(WSListener):  # type: ignore[misc]
             self._deadline = None
 
 
-def create_lean_app(config: EmulatorConfig, clock: Clock | None = None, phases: int = SLOTS) -> Starlette:
+def compiled_session_class() -> type[EchoSession]:
+    """``CompiledEchoSession``: ``EchoSession`` with its hot half from bench/lean_ai_c.pyx (built on first use:
+    bench/cython_build.py), once a process. Raises ``cython_build.BuildError`` if it cannot be built."""
+    global _compiled_session
+    if _compiled_session is None:
+        core = cython_build.load(BENCH / "lean_ai_c.pyx")
+
+        class CompiledEchoSession(core.EchoCore, EchoSession):  # type: ignore[misc,name-defined]
+            """``EchoSession`` with a confirmed session's audio in and its frames out in C (``EchoCore``) and the
+            C ``EchoLine``: the same frames, refusals and counts."""
+
+            _line_type = core.EchoLine
+
+        _compiled_session = CompiledEchoSession
+    return _compiled_session
+
+
+_compiled_session: type[EchoSession] | None = None
+
+
+def create_lean_app(
+    config: EmulatorConfig, clock: Clock | None = None, phases: int = SLOTS, *, compiled: bool = False
+) -> Starlette:
     """The echo under uvicorn with its WebSockets on picows (``ws_handoff``), as the bench's other servers:
-    ``/healthz`` for capacity.py's start-up wait, ``/_lean/stats``; its ``LeanAi`` is ``app.state.lean``."""
-    ai = LeanAi(config, clock, phases)
+    ``/healthz`` for capacity.py's start-up wait, ``/_lean/stats``; its ``LeanAi`` is ``app.state.lean``.
+    ``compiled``: its sessions are ``CompiledEchoSession``s."""
+    ai = LeanAi(config, clock, phases, compiled=compiled)
 
     async def healthz(request: Request) -> Response:
         return JSONResponse({"status": "ok"})
@@ -399,6 +444,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--port", type=int, default=9200, help="the echo's port (on 127.0.0.1)")
     parser.add_argument("--echo-delay", type=float, default=defaults.echo_delay_s, help="as the emulator's")
     parser.add_argument("--phases", type=int, default=SLOTS, help="phases of the 20 ms grid (see SLOTS)")
+    parser.add_argument("--compiled", action="store_true", help="each session's per-frame work in C (lean_ai_c.pyx)")
     parser.add_argument("--compare", action="store_true", help="run the same calls against the emulator and this")
     parser.add_argument("--calls", type=int, default=20, help="--compare: calls at once (small: the lead measures)")
     parser.add_argument("--seconds", type=float, default=8.0, help="--compare: length of each call")
@@ -414,7 +460,10 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"{EMULATOR_JWT_SECRET_ENV} must hold the emulator's token key (the same for both processes)")
     config = EmulatorConfig(api_key="unused", jwt_secret=secret, echo_delay_s=args.echo_delay)
     logging.basicConfig(level=logging.WARNING)
-    app = create_lean_app(config, phases=args.phases)
+    try:
+        app = create_lean_app(config, phases=args.phases, compiled=args.compiled)
+    except cython_build.BuildError as exc:
+        parser.error(f"--compiled: {exc}")
     # The bridge's own GC settings: one full collection here stalls every session's echo at once, and the bridge
     # in front would count each as the AI's frames coming late (a hole in every call that is not the bridge's).
     load_gc.prepare()

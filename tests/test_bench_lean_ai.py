@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 from websockets.asyncio.client import connect
 
+from telephony_bridge.clock import FakeClock
 from telephony_bridge.serving import ServerThread
 from telephony_bridge.tools.caller import read_wav, run_call
 from telephony_bridge.tools.emulator import EmulatorConfig
@@ -24,7 +25,8 @@ from telephony_bridge.tools.emulator.voices import EchoVoice
 from tests.support import BENCH, SPEECH_WAV, bridge_settings, emulator_stats, signed_call, wait_until
 
 sys.path.insert(0, str(BENCH))
-import lean_ai  # bench/ is no package: imported from its folder
+import cython_build  # bench/ is no package: imported from its folder
+import lean_ai
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -35,12 +37,19 @@ STEP_S = 5.0  # bound on any single socket or HTTP step
 # --- the per-session echo and the grid, without I/O ---------------------------------------------------------
 
 
+def line_type(kind: str) -> Callable[[float], Any]:
+    """``lean_ai.EchoLine``, or its C twin (``--ai compiled``: bench/lean_ai_c.pyx, built on first use)."""
+    return lean_ai.EchoLine if kind == "python" else cython_build.load(lean_ai.BENCH / "lean_ai_c.pyx").EchoLine
+
+
+@pytest.mark.parametrize("kind", ["python", "compiled"])
 @pytest.mark.parametrize("seed", range(6))
-def test_lean_echo_line_says_what_the_emulators_echo_voice_says_tick_for_tick(seed: int) -> None:
+def test_lean_echo_line_says_what_the_emulators_echo_voice_says_tick_for_tick(kind: str, seed: int) -> None:
     """Messages of the bridge's sizes (40 ms), of 20 ms, odd sizes that leave part-frames, and pauses that make
-    the last part-frame padded: the same frames, or none, at every tick."""
+    the last part-frame padded: the same frames, or none, at every tick (the C line too, whose lists drop what
+    it has said only now and then: 400 messages pass that point several times)."""
     rng = random.Random(seed)
-    voice, line = EchoVoice(0.2), lean_ai.EchoLine(0.2)
+    voice, line = EchoVoice(0.2), line_type(kind)(0.2)
     arrival_s, tick_s = 0.0, 0.0
     said: list[bytes] = []
     for _ in range(400):
@@ -90,12 +99,20 @@ def test_lean_wheel_ticks_each_session_every_20ms_on_its_phase_and_stops_when_em
     assert (wheel.tick(10.3), len(wheel)) == (None, 0)
 
 
+def test_the_compiled_echo_refuses_a_clock_other_than_the_systems() -> None:
+    """Its C half reads the system's monotonic clock: a test clock would put the wheel and the line out of step."""
+    with pytest.raises(ValueError, match="system's monotonic clock"):
+        lean_ai.LeanAi(EmulatorConfig(api_key="unused", jwt_secret=SECRET), FakeClock(), compiled=True)
+
+
 # --- over real sockets: the real bridge and emulator (tokens), the lean echo (voice stream) --------------------
 
 
-@pytest.fixture
-def lean() -> Iterator[ServerThread]:
-    server = ServerThread(lean_ai.create_lean_app(EmulatorConfig(api_key="unused", jwt_secret=SECRET)))
+@pytest.fixture(params=["python", "compiled"])
+def lean(request: pytest.FixtureRequest) -> Iterator[ServerThread]:
+    """The echo, its sessions in Python or with their per-frame work in C: every test over sockets runs on both."""
+    config = EmulatorConfig(api_key="unused", jwt_secret=SECRET)
+    server = ServerThread(lean_ai.create_lean_app(config, compiled=request.param == "compiled"))
     server.start()
     try:
         yield server
