@@ -1,6 +1,6 @@
 """What our own code costs per 20 ms of a call, each way, against the naive bridge's per-frame work.
 
-    .venv/bin/python bench/frame_path.py [--frames 3000] [--repeat 5]
+    .venv/bin/python bench/frame_path.py [--frames 3000] [--repeat 5] [--calls 250 --frames 25000]
 
 No sockets: the per-frame work between them, on speech-like audio, best of ``--repeat`` runs. Caller → AI: a
 Twilio media message read (``tw.media_audio``, the leg's direct path), placed on the timeline, decoded,
@@ -14,6 +14,12 @@ paced, converted, sent to a Twilio leg from the push, accounted for), by ``push_
 compiled path (``telephony_bridge/_ai_path.c``). The naive rows are ``bench/naive_bridge.py``'s steps (stdlib
 ``json``, ``audioop`` μ-law and ``ratecv``). The WebSocket and event loop costs that dominate a call are not here:
 ``bench/capacity.py`` measures the whole.
+
+``--calls N`` adds the two compiled whole paths over N calls at once, each frame's turn going round them all as
+an event loop carrying them takes them: each call's state (its objects, their attributes, their boxed numbers) has
+left the CPU's caches by its next frame, which on this VM makes the same work ~2.5 times as dear at 250 calls as
+for one call alone, while the conversions and the VAD alone, over as many calls, cost what they cost for one.
+Everything runs with the bridge's GC settings (``ops.gc_tuning``).
 
 The "ours" rows run the audio kernels ``--kernels`` names (``audio.kernels``: auto is the compiled extension if
 built); the "conversion alone" rows run each kind in turn, so the two are compared in the same run. The "read
@@ -44,6 +50,7 @@ from telephony_bridge.audio.kernels import CHOICES, EXTENSION, use_compiled
 from telephony_bridge.audio.pipeline import AiToCaller, CallerToAi, FrameBuffer
 from telephony_bridge.clock import FakeClock, SystemClock
 from telephony_bridge.inbound import CallerPath, Inbound
+from telephony_bridge.ops.gc_tuning import tune_gc
 from telephony_bridge.ops.metrics import Metrics
 from telephony_bridge.outbound import AiAudioPath, Outbound
 from telephony_bridge.settings import AudioSettings, BargeInSettings, TwilioSettings
@@ -106,7 +113,15 @@ def main() -> int:
     parser.add_argument("--frames", type=int, default=3000)
     parser.add_argument("--repeat", type=int, default=5)
     parser.add_argument("--kernels", choices=CHOICES, default="auto", help="audio.kernels for the 'ours' rows")
+    parser.add_argument(
+        "--calls",
+        type=int,
+        default=1,
+        help="also the compiled paths over this many calls at once, each frame's turn going round them (their "
+        "state cold by each call's next frame, as in a loop carrying them; --frames in all, shared out)",
+    )
     args = parser.parse_args()
+    tune_gc()  # the bridge's own settings (cli.py): with CPython's, collections over many calls' objects dominate
     ours_compiled = use_compiled(args.kernels)
     kernels = "compiled" if ours_compiled else "numpy"
     audio = AudioSettings(kernels=args.kernels)
@@ -132,14 +147,14 @@ def main() -> int:
 
         return run
 
-    def leg_to_ai(compiled: bool) -> Callable[[], None]:
+    def leg_to_ai(compiled: bool, calls: int = 1) -> Callable[[], None]:
         """A caller's media messages as the socket hands them to a Twilio leg (its tap), through the call core's
         handler (``Inbound.audio_handler``, as ``Call`` wires it) to a Savants connection that takes every 40 ms
         message at once: the Python path (``TwilioLeg._tapped``, ``Call._caller_audio``) or the compiled one
-        (``_taps.MediaTap``, ``_caller_path.CallerPath``)."""
+        (``_taps.MediaTap``, ``_caller_path.CallerPath``). ``calls``: that many calls, each frame's turn going
+        round them all, as a loop carrying them takes them (each call's state is cold again by its next frame)."""
 
-        def run() -> None:
-            clock = FakeClock()
+        def one_call(clock: FakeClock) -> tuple[Callable[[bytes], object], Inbound]:
             socket = NullSocket()
             leg = TwilioLeg(socket, TwilioSettings(), Metrics(), clock, compiled=compiled)
             inbound = Inbound(audio, BargeInSettings(), Metrics(), clock)
@@ -153,12 +168,19 @@ def main() -> int:
             )
             leg.deliver_audio_to(handler)
             inbound._parked, inbound._conn = True, NullSavants()  # as ``Inbound.run`` leaves them between frames
-            tap = socket.tap
-            assert tap is not None
-            for data in frames:
-                tap(data)
+            assert socket.tap is not None
+            return socket.tap, inbound
+
+        def run() -> None:
+            clock = FakeClock()
+            taps, inbounds = zip(*(one_call(clock) for _ in range(calls)), strict=True)
+            for data in frames[: n // calls]:
+                for tap in taps:
+                    tap(data)
                 clock.advance(0.02)
-            assert inbound.frames_to_ai == n - n % 2  # every whole message went out inside its frame's call
+            frames_each = n // calls
+            # every whole message went out inside its frame's call
+            assert all(inbound.frames_to_ai == frames_each - frames_each % 2 for inbound in inbounds)
 
         return run
 
@@ -217,13 +239,12 @@ def main() -> int:
 
         return run
 
-    def outbound_ai_to_caller(compiled: bool) -> Callable[[], None]:
+    def outbound_ai_to_caller(compiled: bool, calls: int = 1) -> Callable[[], None]:
         """A real-time AI's frames mid-spurt, through ``Outbound`` as ``AiSide`` hands them over (``audio_handler``):
         each is due as it arrives and goes out inside the push, to a Twilio leg on a ``StreamSocket`` whose
-        transport drops what it is given."""
+        transport drops what it is given. ``calls``: as ``leg_to_ai``'s."""
 
-        def run() -> None:
-            clock = FakeClock()
+        def one_call(clock: FakeClock) -> tuple[Callable[[bytes], None], Outbound]:
             socket = StreamSocket(lambda _socket: None)
             socket.on_ws_connected(NullTransport())
             leg = TwilioLeg(socket, TwilioSettings(), Metrics(), clock)
@@ -234,11 +255,17 @@ def main() -> int:
             outbound._parked, outbound._parked_until, outbound._holds_pay = True, float("inf"), False
             outbound._mark_every_ms = 10**9
             outbound._pacer._play_end = clock.monotonic() + 0.06
-            push = outbound.audio_handler(compiled=compiled)
-            for frame in ai_frames:
-                push(frame)
+            return outbound.audio_handler(compiled=compiled), outbound
+
+        def run() -> None:
+            clock = FakeClock()
+            pushes, outbounds = zip(*(one_call(clock) for _ in range(calls)), strict=True)
+            for frame in ai_frames[: n // calls]:
+                for push in pushes:
+                    push(frame)
                 clock.advance(0.02)
-            assert outbound.playback.sent_ms == 20 * n  # every frame went out inside its push
+            # every frame went out inside its push
+            assert all(outbound.playback.sent_ms == 20 * (n // calls) for outbound in outbounds)
 
         return run
 
@@ -272,6 +299,10 @@ def main() -> int:
     ]
     if ours_compiled and AiAudioPath is not None:
         rows.append(("AI → caller, compiled path (_ai_path: the same, one C call)", outbound_ai_to_caller(True)))
+    if args.calls > 1 and ours_compiled and CallerPath is not None and MediaTap is not None and AiAudioPath is not None:
+        many = f"{args.calls} calls, each frame's turn going round them"
+        rows.append((f"caller → AI, compiled, {many}", leg_to_ai(True, args.calls)))
+        rows.append((f"AI → caller, compiled, {many}", outbound_ai_to_caller(True, args.calls)))
     rows += [
         ("AI → caller, naive (ratecv, lin2ulaw, base64, json per frame)", naive_ai_to_caller),
     ]
