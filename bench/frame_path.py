@@ -38,6 +38,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
+from picows import WSMsgType
+from picows.picows import _make_test_ws_frame
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -132,6 +134,7 @@ def main() -> int:
         for i in range(n)
     ]
     frames = [text.encode() for text in messages]  # as the leg's socket hands them over
+    ws_frames = [_make_test_ws_frame(WSMsgType.TEXT, data, True, False) for data in frames]  # as picows reads them
     ai_pcm = (speech_like(320 * n, seed=2)).astype("<i2").tobytes()
     ai_frames = [ai_pcm[i * 640 : (i + 1) * 640] for i in range(n)]
 
@@ -183,6 +186,17 @@ def main() -> int:
             assert all(inbound.frames_to_ai == frames_each - frames_each % 2 for inbound in inbounds)
 
         return run
+
+    def listener_alone() -> None:
+        """picows' callback for each of a caller's media messages (``StreamSocket.on_ws_frame``), its tap taking
+        each at once and doing nothing: the listener's own Python, which a Cython listener would save."""
+        socket = StreamSocket(lambda _socket: None)
+        transport = NullTransport()
+        socket.on_ws_connected(transport)
+        socket.tap_text(lambda _data: True)
+        on_frame = socket.on_ws_frame
+        for frame in ws_frames:
+            on_frame(transport, frame)
 
     def naive_caller_to_ai() -> None:
         state = None
@@ -287,6 +301,10 @@ def main() -> int:
     if ours_compiled and CallerPath is not None and MediaTap is not None:
         rows.append(("caller → AI, the same compiled (_taps.MediaTap, _caller_path: two C calls)", leg_to_ai(True)))
     rows += [
+        (
+            "caller → AI, the media stream's listener callback alone (StreamSocket.on_ws_frame, a tap doing nothing)",
+            listener_alone,
+        ),
         ("caller → AI, naive (json, ulaw2lin, ratecv; no timeline, no VAD)", naive_caller_to_ai),
         ("caller → AI, media message read alone (tw.media_audio: msgspec)", media_read(tw.media_audio)),
         ("caller → AI, media message read alone, orjson and dict checks (before)", media_read(tw._media_audio_general)),
