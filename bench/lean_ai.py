@@ -17,9 +17,12 @@ What it does not do, or check: the emulator's other voices, faults, ``confirm_de
 ``burst``, ``device_ids``/``inactive_device_ids`` (the bench uses neither), violation records and per-session
 byte counts; a text message that is not valid UTF-8 is refused as one that is not JSON (uvicorn would close
 1007). Every session's grid is one of ``SLOTS`` phases (1 ms apart) of one process-wide 20 ms grid, not its
-own: what one timer costs instead of a task per session. Sending never waits for a slow reader.
+own: what one timer costs instead of a task per session. Sending never waits for a slow reader. With
+``--compiled`` (``capacity.py --ai compiled``) a confirmed session's audio in and frames out run in C
+(bench/lean_ai_c.pyx, built with Cython on first use); everything else stays here.
 
     EMULATOR_JWT_SECRET=... python bench/lean_ai.py --port 9200          # the echo alone
+    EMULATOR_JWT_SECRET=... python bench/lean_ai.py --port 9200 --compiled   # ...its per-frame work in C
     python bench/lean_ai.py --compare --calls 20 --seconds 8 [--rounds 3]  # emulator vs lean, same calls
 """
 
@@ -213,10 +216,10 @@ class LeanAi:
         self.sessions_opened = 0
         self.refused: dict[str, int] = {}
         self._timer: Timer | None = None
-        # Built (or refused) before any session, and only on the system clock, which the compiled half reads.
-        self._session = compiled_session_class() if compiled else EchoSession
+        # Only on the system clock, which the compiled half reads; built (or refused) before any session.
         if compiled and not isinstance(self.clock, SystemClock):
             raise ValueError("the compiled echo reads the system's monotonic clock: it takes no other clock")
+        self._session = compiled_session_class() if compiled else EchoSession
 
     def __call__(self, request: WSUpgradeRequest, connection: Connection) -> EchoSession | None:
         path = request.path.split(b"?", 1)[0]
