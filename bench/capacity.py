@@ -9,6 +9,7 @@
     .venv/bin/python bench/capacity.py --calls 20 --seconds 12 --sip --servers bridge   # + a SIP row
     .venv/bin/python bench/capacity.py --calls 50 --servers bridge --perf perf.data  # CPU by library (perf)
     .venv/bin/python bench/capacity.py --knee 50 400 50 --servers bridge --server-cpus 0 --ai lean  # lean AI
+    .venv/bin/python bench/capacity.py --calls 100 --servers bridge --voice tts   # an AI ahead of real time
 
 Three kinds of process on 127.0.0.1: the Savants emulator (voice ``echo``), the servers under test (``bridge``:
 ``telephony-bridge serve``, the real thing; ``naive``: ``bench/naive_bridge.py``, written like the public
@@ -78,6 +79,7 @@ import contextlib
 import dataclasses
 import functools
 import json
+import math
 import os
 import secrets
 import shutil
@@ -88,6 +90,7 @@ import sys
 import tempfile
 import threading
 import time
+import wave
 from collections.abc import Iterable
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
@@ -380,12 +383,16 @@ def start(
 
 
 def start_emulator(
-    env: dict[str, str] | None = None, cpus: frozenset[int] | None = None
+    env: dict[str, str] | None = None, cpus: frozenset[int] | None = None, *, tts_wav: Path | None = None
 ) -> tuple[subprocess.Popen[bytes], int]:
     """The Savants emulator (echo voice, the bench's API key) on a free port, once it answers: its process and
-    port. ``env``: e.g. its token key (``EMULATOR_JWT_SECRET_ENV``), for bench/lean_ai.py to check its tokens."""
+    port. ``env``: e.g. its token key (``EMULATOR_JWT_SECRET_ENV``), for bench/lean_ai.py to check its tokens.
+    ``tts_wav``: its voice plays this recording instead, all of it at once, as a TTS engine sends ahead of real
+    time (the emulator's file voice with ``--burst``)."""
     port = free_port()
     command = [sys.executable, "-m", "telephony_bridge", "emulator", "--port", str(port), "--api-key", "bench-key"]
+    if tts_wav is not None:
+        command += ["--voice", "file", "--wav", str(tts_wav), "--burst"]
     return start(command, env or {}, f"http://127.0.0.1:{port}/_emulator/stats", cpus), port
 
 
@@ -398,6 +405,21 @@ def start_lean_ai(
     port = free_port()
     command = [sys.executable, str(BENCH / "lean_ai.py"), "--port", str(port), *(["--compiled"] if compiled else [])]
     return start(command, env, f"http://127.0.0.1:{port}/healthz", cpus), port
+
+
+def write_tts_wav(folder: Path, seconds: float) -> Path:
+    """The AI's speech for ``--voice tts``: the bench's speech recording, at 16 kHz as Savants speaks, repeated
+    to last ``seconds``, written into ``folder``."""
+    with wave.open(str(ROOT / "tests" / "data" / "speech_16k.wav")) as recording:
+        rate, pcm = recording.getframerate(), recording.readframes(recording.getnframes())
+    repeats = max(1, math.ceil(seconds * rate * 2 / len(pcm)))
+    path = folder / "tts.wav"
+    with wave.open(str(path), "wb") as out:
+        out.setnchannels(1)
+        out.setsampwidth(2)
+        out.setframerate(rate)
+        out.writeframes(pcm * repeats)
+    return path
 
 
 def stream_runner(callers: str, phases: int = lean_callers.PHASES) -> StreamRunner:
@@ -937,6 +959,14 @@ def main() -> int:
         "bridge sees it, for a fraction of the CPU; tokens stay with the emulator), or compiled (lean, with each "
         "session's per-frame work in C: bench/lean_ai_c.pyx)",
     )
+    parser.add_argument(
+        "--voice",
+        choices=["echo", "tts"],
+        default="echo",
+        help="the AI's voice: echo (the caller's speech said back in real time, in 20 ms frames: the dearest case, "
+        "and the one the latency figures need), or tts (a recording sent all at once, as a TTS engine sends ahead "
+        "of real time; needs --ai emulator; the latency figures then mean nothing: the AI does not echo)",
+    )
     parser.add_argument("--sip", action="store_true", help="also run each level over SIP against the bridge")
     parser.add_argument(
         "--savants-tls",
@@ -977,6 +1007,8 @@ def main() -> int:
             lean_callers.compiled_call_class()  # built here once, not in each load process
         except cython_build.BuildError as exc:
             parser.error(f"--callers compiled: {exc}")
+    if args.voice == "tts" and args.ai != "emulator":
+        parser.error("--voice tts needs --ai emulator: the lean echo only echoes")
     if args.ai == "compiled":
         try:
             lean_ai.compiled_session_class()  # built here once, before the echo's process needs it
@@ -991,7 +1023,11 @@ def main() -> int:
         print(f"servers on CPUs {sorted(pinning.server)}; emulator and callers on CPUs {sorted(pinning.load)}")
         os.sched_setaffinity(0, pinning.load)  # this process too, and what it starts unpinned (perf, py-spy)
     token_key = {EMULATOR_JWT_SECRET_ENV: secrets.token_urlsafe(32)}  # the lean echo checks the emulator's tokens
-    emulator, emulator_port = start_emulator(token_key, load_cpus)
+    with tempfile.TemporaryDirectory(prefix="tts-") as folder:  # the emulator reads its recording as it starts
+        tts_wav = write_tts_wav(Path(folder), args.seconds + 5) if args.voice == "tts" else None
+        emulator, emulator_port = start_emulator(token_key, load_cpus, tts_wav=tts_wav)
+    if tts_wav is not None:
+        print("the AI's voice: a recording sent all at once (tts); the latency figures mean nothing: it does not echo")
     # From here on, whatever is started is stopped in the ``finally`` below, however this run ends.
     running: dict[str, tuple[subprocess.Popen[bytes], str]] = {}
     folders = contextlib.ExitStack()  # the --savants-tls certificate's

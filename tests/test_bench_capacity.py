@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
+import wave
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -195,3 +196,17 @@ def test_capacity_send_counter_dates_perfs_intervals_by_when_their_lines_came() 
     ]
     assert capacity.perf_started(lines) == pytest.approx(10.06)
     assert capacity.perf_started(lines[:1]) is None
+
+
+def test_capacity_tts_voice_is_the_speech_recording_at_16_khz_for_the_whole_call(tmp_path: Path) -> None:
+    """``--voice tts``: what the emulator's file voice sends all at once must outlast the call, at Savants' rate."""
+    path = capacity.write_tts_wav(tmp_path, 7.0)
+    with wave.open(str(path)) as recording:
+        rate, channels, width, frames = (
+            recording.getframerate(),
+            recording.getnchannels(),
+            recording.getsampwidth(),
+            recording.getnframes(),
+        )
+    assert (rate, channels, width) == (16000, 1, 2)
+    assert frames / rate >= 7.0
