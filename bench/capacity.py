@@ -122,6 +122,11 @@ DEVICES = 100  # 10 sockets each: room for 1000 calls
 RTP_PORTS = "41000-42999"  # --sip: room for 1000 calls
 RAMP_S = 2.0
 KNEE_P99_MS = 20.0
+# --voice tts: the recording outlasts the call by this much, and the servers queue up to TTS_AHEAD_S of the AI's
+# audio (``audio.max_ai_ahead_s``, at most 120; 10 by default, beyond which the bridge drops the oldest), so the
+# AI talks through the whole steady window; memory per call then includes that queue.
+TTS_EXTRA_S = 5.0
+TTS_AHEAD_S = 120
 
 
 # The first level an invocation measured showed more added latency (p50 up to 15-20 ms more, p99 ~22 ms against
@@ -1009,6 +1014,9 @@ def main() -> int:
             parser.error(f"--callers compiled: {exc}")
     if args.voice == "tts" and args.ai != "emulator":
         parser.error("--voice tts needs --ai emulator: the lean echo only echoes")
+    if args.voice == "tts" and args.seconds + TTS_EXTRA_S > TTS_AHEAD_S:
+        most = TTS_AHEAD_S - TTS_EXTRA_S
+        parser.error(f"--voice tts: --seconds at most {most:g}, so that the bridge queues all the AI's audio")
     if args.ai == "compiled":
         try:
             lean_ai.compiled_session_class()  # built here once, before the echo's process needs it
@@ -1024,7 +1032,7 @@ def main() -> int:
         os.sched_setaffinity(0, pinning.load)  # this process too, and what it starts unpinned (perf, py-spy)
     token_key = {EMULATOR_JWT_SECRET_ENV: secrets.token_urlsafe(32)}  # the lean echo checks the emulator's tokens
     with tempfile.TemporaryDirectory(prefix="tts-") as folder:  # the emulator reads its recording as it starts
-        tts_wav = write_tts_wav(Path(folder), args.seconds + 5) if args.voice == "tts" else None
+        tts_wav = write_tts_wav(Path(folder), args.seconds + TTS_EXTRA_S) if args.voice == "tts" else None
         emulator, emulator_port = start_emulator(token_key, load_cpus, tts_wav=tts_wav)
     if tts_wav is not None:
         print("the AI's voice: a recording sent all at once (tts); the latency figures mean nothing: it does not echo")
@@ -1048,6 +1056,8 @@ def main() -> int:
             relay = TlsRelay(voice_port, folder, process=True, cpus=load_cpus)
             voice_env = relay.env()
             print(f"the servers' voice streams over wss:// (a TLS relay on port {relay.port}); tokens stay on http")
+        if tts_wav is not None:  # the bridge keeps the whole recording queued, not its default 10 s ahead
+            voice_env = {**voice_env, "BRIDGE__AUDIO__MAX_AI_AHEAD_S": str(TTS_AHEAD_S)}
         if args.workers > 1 and not args.redis_url:
             redis_port = free_port()
             redis = subprocess.Popen(

@@ -3,7 +3,8 @@
 the sources compile against), with ``-O3`` as setup.py builds the kernels. It needs Cython 3, setuptools, a C
 compiler and Python's headers; without one of them ``BuildError`` says which, and how to get it.
 
-Used by bench/relay_c.py (``relay_floor_c.pyx``) and bench/lean_callers.py (``lean_callers_c.pyx``).
+Used by bench/relay_c.py (``relay_floor_c.pyx``), bench/lean_callers.py (``lean_callers_c.pyx``) and
+bench/lean_ai.py (``lean_ai_c.pyx``).
 """
 
 from __future__ import annotations

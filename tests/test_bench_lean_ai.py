@@ -99,7 +99,16 @@ def test_lean_wheel_ticks_each_session_every_20ms_on_its_phase_and_stops_when_em
     assert (wheel.tick(10.3), len(wheel)) == (None, 0)
 
 
-def test_the_compiled_echo_refuses_a_clock_other_than_the_systems() -> None:
+def test_lean_compiled_session_runs_its_audio_in_and_frames_out_in_c() -> None:
+    """picows calls ``on_ws_frame`` and the wheel ``on_tick``: the compiled session's must be ``EchoCore``'s, not
+    ``EchoSession``'s in Python (the tests over sockets would pass either way, the C line being the same)."""
+    core = cython_build.load(lean_ai.BENCH / "lean_ai_c.pyx")
+    session = lean_ai.compiled_session_class()
+    assert (session.on_ws_frame, session.on_tick) == (core.EchoCore.on_ws_frame, core.EchoCore.on_tick)
+    assert session._line_type is core.EchoLine
+
+
+def test_lean_compiled_echo_refuses_a_clock_other_than_the_systems() -> None:
     """Its C half reads the system's monotonic clock: a test clock would put the wheel and the line out of step."""
     with pytest.raises(ValueError, match="system's monotonic clock"):
         lean_ai.LeanAi(EmulatorConfig(api_key="unused", jwt_secret=SECRET), FakeClock(), compiled=True)
