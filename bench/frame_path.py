@@ -16,10 +16,10 @@ compiled path (``telephony_bridge/_ai_path.c``). The naive rows are ``bench/naiv
 ``bench/capacity.py`` measures the whole.
 
 ``--calls N`` adds the two compiled whole paths over N calls at once, each frame's turn going round them all as
-an event loop carrying them takes them: each call's state (its objects, their attributes, their boxed numbers) has
-left the CPU's caches by its next frame, which on this VM makes the same work ~2.5 times as dear at 250 calls as
-for one call alone, while the conversions and the VAD alone, over as many calls, cost what they cost for one.
-Everything runs with the bridge's GC settings (``ops.gc_tuning``).
+an event loop carrying them takes them, so that each call's state has left the CPU's nearest caches by its next
+frame (the calls are built, sharing one ``Metrics`` as a process's do, before the clock starts): on this VM
+that cost about what one call alone costs at 250 calls (docs/performance.md, 6 Dec). Everything runs with the
+bridge's GC settings (``ops.gc_tuning``).
 
 The "ours" rows run the audio kernels ``--kernels`` names (``audio.kernels``: auto is the compiled extension if
 built); the "conversion alone" rows run each kind in turn, so the two are compared in the same run. The "read
@@ -140,7 +140,7 @@ def main() -> int:
     args = parser.parse_args()
     if not 1 <= args.calls <= args.frames:
         parser.error(f"--calls {args.calls} must be at least 1 and at most --frames ({args.frames})")
-    tune_gc()  # the bridge's own settings (cli.py): with CPython's, collections over many calls' objects dominate
+    tune_gc()  # the bridge's own settings (cli.py), as it runs its calls
     ours_compiled = use_compiled(args.kernels)
     kernels = "compiled" if ours_compiled else "numpy"
     audio = AudioSettings(kernels=args.kernels)
