@@ -206,8 +206,10 @@ async def test_lean_echo_ends_a_session_the_client_closes_and_refuses_bad_audio_
         await ws.send(await _token(emulator))
         await asyncio.wait_for(ws.recv(), STEP_S)
         await ws.send(b"\1\0" * 640)  # 40 ms
-        echoed = await asyncio.wait_for(ws.recv(), STEP_S)
-        assert echoed == b"\1\0" * 320  # 20 ms frames
+        echoed = [await asyncio.wait_for(ws.recv(), STEP_S) for _ in range(2)]
+        assert echoed == [b"\1\0" * 320] * 2  # 20 ms frames
+        await ws.send([b"\2\0" * 200, b"\2\0" * 120])  # 20 ms in two fragments: heard whole, off the fast path
+        assert await asyncio.wait_for(ws.recv(), STEP_S) == b"\2\0" * 320
     assert ws.close_code == 1000
     wait_until(lambda: lean_stats(lean)["sessions_active"] == 0, what="the closed session to end")
 
