@@ -1,6 +1,6 @@
 """What our own code costs per 20 ms of a call, each way, against the naive bridge's per-frame work.
 
-    .venv/bin/python bench/frame_path.py [--frames 3000] [--repeat 5] [--calls 250 --frames 25000]
+    .venv/bin/python bench/frame_path.py [--frames 3000] [--repeat 5] [--calls 250 --frames 100000]
 
 No sockets: the per-frame work between them, on speech-like audio, best of ``--repeat`` runs. Caller → AI: a
 Twilio media message read (``tw.media_audio``, the leg's direct path), placed on the timeline, decoded,
