@@ -21,7 +21,7 @@ import pytest
 from telephony_bridge.errors import TokenError
 from telephony_bridge.savants import http_post
 from telephony_bridge.savants.http_post import JsonPoster
-from telephony_bridge.savants.tokens import TOKEN_PATH, TokenClient
+from telephony_bridge.savants.tokens import TOKEN_PATH, TokenClient, endpoint_failed
 from tests.support import BENCH, tool
 
 sys.path.insert(0, str(BENCH))
@@ -188,6 +188,37 @@ async def test_a_kept_connection_ended_without_an_answer_sends_the_request_again
         assert [await tokens.fetch(f"device-{i}") for i in range(2)] == [JWT, JWT]
     assert [b["deviceId"] for b in served.bodies] == ["device-0", "device-1", "device-1"]  # type: ignore[index]
     assert served.connections == 2
+
+
+async def test_a_408_on_a_kept_connection_sends_the_request_again_once_on_a_new_one(
+    start: Callable[..., Awaitable[str]],
+) -> None:
+    """The same race, won by the server's idle timer: it answers the request that crossed it with 408 and closes
+    (RFC 9110 §15.5.9 lets the client repeat it). Before, the call's token failed on it."""
+
+    async def time_out_second(n: int, headers: dict[str, str], body: bytes) -> tuple[bytes | None, bool]:
+        return (IDLE_408, True) if n == 2 else (ok(), False)
+
+    served = Endpoint(time_out_second)
+    async with asyncio.timeout(10), JsonPoster(await start(served)) as http:
+        tokens = TokenClient(http, "k")
+        assert [await tokens.fetch(f"device-{i}") for i in range(2)] == [JWT, JWT]
+    assert [b["deviceId"] for b in served.bodies] == ["device-0", "device-1", "device-1"]  # type: ignore[index]
+    assert served.connections == 2
+
+
+async def test_a_408_on_a_new_connection_is_the_answer_and_not_sent_again(
+    start: Callable[..., Awaitable[str]],
+) -> None:
+    async def time_out(n: int, headers: dict[str, str], body: bytes) -> tuple[bytes | None, bool]:
+        return IDLE_408, True
+
+    served = Endpoint(time_out)
+    async with asyncio.timeout(10), JsonPoster(await start(served)) as http:
+        with pytest.raises(TokenError) as caught:
+            await TokenClient(http, "k").fetch("device-0")
+    assert (caught.value.status, endpoint_failed(caught.value)) == (408, True)  # retried with backoff, as a 5xx
+    assert len(served.requests) == 1
 
 
 async def test_a_request_left_unanswered_after_aclose_is_not_sent_again(start: Callable[..., Awaitable[str]]) -> None:

@@ -11,7 +11,9 @@ response was not read to its end (cancelled, too large, malformed), when bytes c
 idle: they would be taken for the next request's response) and when one has been idle ``IDLE_S``. A
 request on a kept connection that gets no response byte at all is sent again, once, on a new connection: that is
 how a close the server made while the connection was idle shows (the request crossed it unread). A server that
-read the request and then closed without a byte of answer gets it twice.
+read the request and then closed without a byte of answer gets it twice. So does one that answers a request on a
+kept connection with 408 Request Timeout: that is the same race, won by the server's idle timer, and RFC 9110
+§15.5.9 lets a client repeat the request. A 408 on a new connection is the answer.
 """
 
 from __future__ import annotations
@@ -26,6 +28,9 @@ from urllib.parse import urlsplit
 
 import h11
 
+# A server's answer when it times out a connection that sent no (whole) request: on a kept connection, the idle
+# timeout our request crossed (RFC 9110 §15.5.9: the client may send it again).
+REQUEST_TIMEOUT = 408
 MAX_BODY_BYTES = 64 * 1024  # a token response is ~300 bytes; a wrong URL's page is not read to its end
 MAX_IDLE = 32  # kept connections beyond this are closed: tokens are fetched one per call set-up
 MAX_QUOTED = 200  # characters of h11's complaint kept in an error (it may quote the server's bytes)
@@ -107,11 +112,14 @@ class JsonPoster:
         kept = self._kept()
         if kept is not None:
             try:
-                return await self._exchange(kept, request, body)
+                reply = await self._exchange(kept, request, body)
+                if reply.status != REQUEST_TIMEOUT:
+                    return reply
+                raise _Unanswered("the server timed the kept connection out as the request crossed it")
             except _Unanswered:
                 if self._closed:  # closed by us meanwhile: no new connection after aclose()
                     raise HttpFailure("the HTTP client was closed while the request waited for an answer") from None
-                # closed by the server while idle: once more, on a new connection
+                # closed by the server while idle, or timed out as the request came: once more, on a new connection
         try:
             return await self._exchange(await self._connect(), request, body)
         except _Unanswered as exc:

@@ -17,8 +17,9 @@ ENDPOINT_FAILURES = frozenset({"TIMEOUT", "UNREACHABLE", "BAD_RESPONSE"})
 
 
 def endpoint_failed(exc: TokenError) -> bool:
-    """The endpoint failed (5xx, timeout, no connection, nonsense), as opposed to refusing one device's request."""
-    return exc.code in ENDPOINT_FAILURES or (exc.status is not None and exc.status >= 500)
+    """The endpoint failed (5xx, timeout, no connection, nonsense, or 408: it did not take the request in time), as
+    opposed to refusing one device's request."""
+    return exc.code in ENDPOINT_FAILURES or (exc.status is not None and (exc.status >= 500 or exc.status == 408))
 
 
 class TokenClient:
