@@ -44,10 +44,9 @@ from telephony_bridge.ops.readiness import Readiness
 from telephony_bridge.ops.runtime import process_figures
 from telephony_bridge.registry import CallRegistry
 from telephony_bridge.savants.client import Connector, open_voice_session, tls_context
-from telephony_bridge.savants.health import EndpointHealth
+from telephony_bridge.savants.health import TokenEndpointHealth
 from telephony_bridge.savants.http_post import JsonPoster
 from telephony_bridge.savants.tokens import TokenClient
-from telephony_bridge.savants.voice_health import voice_probe, watched
 from telephony_bridge.settings import Settings
 from telephony_bridge.sip.server import SipServer
 from telephony_bridge.store import MemoryStore, RedisStore, Store
@@ -99,17 +98,8 @@ def create_app(
                 made_acct, made_kv = _backends(settings, clock, stack)
                 acct, kv = acct or made_acct, kv or made_kv
             metrics.count_outages(lambda: acct.unavailable_total + kv.unavailable_total)
-            token_health = EndpointHealth(
-                "token endpoint", clock, probe_interval_s=settings.savants.token_probe_interval_s
-            )
+            token_health = TokenEndpointHealth(clock, probe_interval_s=settings.savants.token_probe_interval_s)
             stack.push_async_callback(token_health.close)
-            voice_health = EndpointHealth(
-                "voice stream", clock, probe_interval_s=settings.savants.voice_probe_interval_s
-            )
-            voice_health.attach_probe(
-                voice_probe(settings.savants.voice_stream_url, voice_tls, settings.savants.connect_timeout_s)
-            )
-            stack.push_async_callback(voice_health.close)
             tokens = TokenClient(
                 http,
                 settings.savants.api_key.get_secret_value(),
@@ -117,15 +107,12 @@ def create_app(
                 health=token_health,
             )
             voice = VoiceEndpoint(
-                connect=watched(
-                    connect
-                    or functools.partial(
-                        open_voice_session,
-                        stall_timeout_s=settings.savants.stall_timeout_s,
-                        ssl_context=voice_tls,  # built once, not per connection
-                        compiled=kernels.use_compiled(settings.audio.kernels),  # numpy: the frame path in Python
-                    ),
-                    voice_health,
+                connect=connect
+                or functools.partial(
+                    open_voice_session,
+                    stall_timeout_s=settings.savants.stall_timeout_s,
+                    ssl_context=voice_tls,  # built once, not per connection
+                    compiled=kernels.use_compiled(settings.audio.kernels),  # numpy: all of the frame path in Python
                 ),
                 url=settings.savants.voice_stream_url,
                 timeout_s=settings.savants.connect_timeout_s,
@@ -151,7 +138,6 @@ def create_app(
                 acct,
                 token_health,
                 clock,
-                voice_health=voice_health,
                 cache_s=settings.accounting.readiness_cache_s,
                 not_ready_when_full=settings.accounting.not_ready_when_full,
             )

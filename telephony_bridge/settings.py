@@ -119,7 +119,6 @@ class SavantsSettings(_Frozen):
     token_deadline_s: float = Field(2.5, gt=0, le=14)
     device_suspend_s: float = Field(300.0, ge=1, le=86_400)
     token_probe_interval_s: float = Field(10.0, ge=1, le=600)
-    voice_probe_interval_s: float = Field(10.0, ge=1, le=600)
 
     @field_validator("base_url")
     @classmethod

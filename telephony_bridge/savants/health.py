@@ -1,11 +1,10 @@
-"""Whether a Savants endpoint works, for ``/readyz``: learned from real requests, and while it is failing, from a
-probe at most every ``probe_interval_s``. One for the token endpoint, one for the voice stream.
+"""Whether the Savants token endpoint works, for ``/readyz``: learned from the real token requests, and while
+it is failing, from a probe at most every ``probe_interval_s``.
 
-A probe never costs a device anything. The token endpoint's posts an empty JSON object, which a working endpoint
-refuses with 400 ``INVALID_REQUEST`` (spec §3.3) without counting it against any device: a 4xx means the endpoint
-is up; a 5xx, a timeout, no connection, or a 2xx/3xx (no Savants answers an empty body so: a wrong URL) means it
-is not. The voice stream's opens a TCP connection (and TLS for ``wss://``) to its host and closes it: no token, no
-upgrade. Without a probe a replica taken out of rotation for an outage would never see another call, so never
+A probe is never a token request: it posts an empty JSON object, which a working endpoint refuses with 400
+``INVALID_REQUEST`` (spec §3.3) without counting it against any device. A 4xx means the endpoint is up; a 5xx,
+a timeout, no connection, or a 2xx/3xx (no Savants answers an empty body so: a wrong URL) means it is not.
+Without the probe a replica taken out of rotation for a token outage would never see another call, so never
 learn that the outage is over.
 """
 
@@ -22,11 +21,8 @@ log = logging.getLogger(__name__)
 Probe = Callable[[], Awaitable[str | None]]  # None: the endpoint answered; else what went wrong
 
 
-class EndpointHealth:
-    """``name``: what it watches, as the log lines say it (``token endpoint``, ``voice stream``)."""
-
-    def __init__(self, name: str, clock: Clock, *, probe_interval_s: float = 10.0) -> None:
-        self.name = name
+class TokenEndpointHealth:
+    def __init__(self, clock: Clock, *, probe_interval_s: float = 10.0) -> None:
         self._clock = clock
         self._probe_interval_s = probe_interval_s
         self._probe: Probe | None = None
@@ -39,12 +35,12 @@ class EndpointHealth:
 
     def record_success(self) -> None:
         if self.last_error is not None:
-            log.warning("Savants %s answers again", self.name)
+            log.warning("Savants token endpoint answers again")
         self.last_error = None
 
     def record_failure(self, error: str) -> None:
         if self.last_error is None:
-            log.error("Savants %s failing: %s; not ready for new calls until it answers", self.name, error)
+            log.error("Savants token endpoint failing: %s; not ready for new calls until it answers", error)
         self.last_error = error
         self._last_probe_at = self._clock.monotonic()  # a real failure is as good as a probe: wait a full interval
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 import asyncio
 
 from telephony_bridge.errors import TokenError
-from telephony_bridge.savants.health import EndpointHealth
+from telephony_bridge.savants.health import TokenEndpointHealth
 from telephony_bridge.savants.http_post import HttpFailure, JsonPoster, Reply
 
 TOKEN_PATH = "/api/websocket-voice/token"
@@ -32,7 +32,7 @@ class TokenClient:
         api_key: str,
         timeout_s: float = 5.0,
         *,
-        health: EndpointHealth | None = None,
+        health: TokenEndpointHealth | None = None,
     ) -> None:
         self._http = http
         self._api_key = api_key
