@@ -174,7 +174,7 @@ async def test_a_connection_the_server_closed_while_idle_is_replaced_and_each_re
 @pytest.mark.parametrize(
     ("said", "ending"), [(None, True), (None, RESET), (IDLE_408, True)], ids=["closed", "reset", "timed-out"]
 )
-async def test_a_kept_connection_ended_without_an_answer_sends_the_request_again_once(
+async def test_a_kept_connection_the_server_ended_as_the_request_crossed_it_sends_it_again_once(
     start: Callable[..., Awaitable[str]], said: bytes | None, ending: bool | str
 ) -> None:
     """The race a keep-alive client lives with: the server closes its idle connection as our request goes out.
@@ -205,6 +205,34 @@ async def test_a_408_on_a_new_connection_is_the_answer_and_not_sent_again(
             await TokenClient(http, "k").fetch("device-0")
     assert (caught.value.status, endpoint_failed(caught.value)) == (408, True)  # retried with backoff, as a 5xx
     assert len(served.requests) == 1
+
+
+async def test_a_kept_connection_answered_408_is_closed_even_when_the_server_keeps_it_open(
+    start: Callable[..., Awaitable[str]],
+) -> None:
+    """A 408 without ``Connection: close``: the server has still timed that connection out, so it is not kept for
+    the next request (the server sees it closed) and the request goes again on a new one."""
+    still_open_408 = b"HTTP/1.1 408 Request Timeout\r\nContent-Length: 0\r\n\r\n"
+
+    async def time_out_second(n: int, headers: dict[str, str], body: bytes) -> tuple[bytes | None, bool]:
+        return (still_open_408 if n == 2 else ok()), False
+
+    served = Endpoint(time_out_second)
+    async with asyncio.timeout(10), JsonPoster(await start(served)) as http:
+        tokens = TokenClient(http, "k")
+        assert [await tokens.fetch(f"device-{i}") for i in range(2)] == [JWT, JWT]
+        await served.until_eofs(1)
+        assert (served.connections, served.eofs) == (2, 1)  # the 408's connection closed by us, the other kept
+
+
+async def test_the_token_probe_takes_a_408_as_failing_as_a_token_request_does(
+    start: Callable[..., Awaitable[str]],
+) -> None:
+    async def time_out(n: int, headers: dict[str, str], body: bytes) -> tuple[bytes | None, bool]:
+        return IDLE_408, True
+
+    async with asyncio.timeout(10), JsonPoster(await start(Endpoint(time_out))) as http:
+        assert await TokenClient(http, "k").probe() == "HTTP 408 to a probe"
 
 
 async def test_a_request_left_unanswered_after_aclose_is_not_sent_again(start: Callable[..., Awaitable[str]]) -> None:

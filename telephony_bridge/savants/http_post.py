@@ -115,6 +115,7 @@ class JsonPoster:
                 reply = await self._exchange(kept, request, body)
                 if reply.status != REQUEST_TIMEOUT:
                     return reply
+                self._drop(kept)  # timed out by the server, whatever its headers say
                 raise _Unanswered("the server timed the kept connection out as the request crossed it")
             except _Unanswered:
                 if self._closed:  # closed by us meanwhile: no new connection after aclose()
@@ -205,6 +206,12 @@ class JsonPoster:
         except h11.RemoteProtocolError as exc:
             # h11 quotes what it could not parse: a wrong URL's page, up to 64 KB, goes no further than this
             raise HttpFailure(f"the server broke HTTP/1.1: {str(exc)[:MAX_QUOTED]}") from None
+
+    def _drop(self, connection: _Connection) -> None:
+        """Out of the kept connections, and closed."""
+        if connection in self._idle:
+            self._idle.remove(connection)
+        connection.close()
 
     def _keep(self, connection: _Connection) -> None:
         conn = connection.h11

@@ -9,7 +9,7 @@ import asyncio
 
 from telephony_bridge.errors import TokenError
 from telephony_bridge.savants.health import TokenEndpointHealth
-from telephony_bridge.savants.http_post import HttpFailure, JsonPoster, Reply
+from telephony_bridge.savants.http_post import REQUEST_TIMEOUT, HttpFailure, JsonPoster, Reply
 
 TOKEN_PATH = "/api/websocket-voice/token"
 # Failures of the endpoint itself (worth a retry, and what /readyz watches); other refusals concern one device.
@@ -19,7 +19,8 @@ ENDPOINT_FAILURES = frozenset({"TIMEOUT", "UNREACHABLE", "BAD_RESPONSE"})
 def endpoint_failed(exc: TokenError) -> bool:
     """The endpoint failed (5xx, timeout, no connection, nonsense, or 408: it did not take the request in time), as
     opposed to refusing one device's request."""
-    return exc.code in ENDPOINT_FAILURES or (exc.status is not None and (exc.status >= 500 or exc.status == 408))
+    status = exc.status
+    return exc.code in ENDPOINT_FAILURES or (status is not None and (status >= 500 or status == REQUEST_TIMEOUT))
 
 
 class TokenClient:
@@ -58,14 +59,16 @@ class TokenClient:
 
     async def probe(self) -> str | None:
         """Whether the endpoint answers, without a token request: an empty body (400 from a working endpoint,
-        counted against no device). None if it refused it (4xx), else what went wrong: a 5xx, or a 2xx/3xx,
-        which no Savants endpoint answers to an empty body (a wrong URL reaching a server that takes any POST
-        fails every token request with BAD_RESPONSE, and must not look healthy to the probe)."""
+        counted against no device). None if it refused it (a 4xx but 408), else what went wrong: a 5xx or a 408
+        (as ``endpoint_failed`` judges a token request), or a 2xx/3xx, which no Savants endpoint answers to an
+        empty body (a wrong URL reaching a server that takes any POST fails every token request with
+        BAD_RESPONSE, and must not look healthy to the probe)."""
         try:
             response = await self._post({}, None)
         except TokenError as exc:
             return f"{exc.code}: {exc}"
-        return None if 400 <= response.status < 500 else f"HTTP {response.status} to a probe"
+        refused = 400 <= response.status < 500 and response.status != REQUEST_TIMEOUT
+        return None if refused else f"HTTP {response.status} to a probe"
 
     async def _post(self, body: dict[str, str], timeout_s: float | None) -> Reply:
         timeout_s = self._timeout_s if timeout_s is None else min(timeout_s, self._timeout_s)
