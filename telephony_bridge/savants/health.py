@@ -28,17 +28,18 @@ class TokenEndpointHealth:
         self._probe: Probe | None = None
         self._probing: asyncio.Task[None] | None = None
         self._last_probe_at = float("-inf")
+        self._news = 0  # real results so far: a probe's counts only if none came while it ran
         self.last_error: str | None = None  # None: healthy
 
     def attach_probe(self, probe: Probe) -> None:
         self._probe = probe
 
     def record_success(self) -> None:
-        if self.last_error is not None:
-            log.warning("Savants token endpoint answers again")
-        self.last_error = None
+        self._news += 1
+        self._succeeded()
 
     def record_failure(self, error: str) -> None:
+        self._news += 1
         if self.last_error is None:
             log.error("Savants token endpoint failing: %s; not ready for new calls until it answers", error)
         self.last_error = error
@@ -55,11 +56,22 @@ class TokenEndpointHealth:
         return False
 
     async def _run_probe(self, probe: Probe) -> None:
+        """The probe's verdict, unless a real request's came while it ran (up to a request timeout): that one is
+        newer, and the probe's must not undo it (a stale failure would take a working endpoint out of rotation,
+        a stale success would put a failing one back)."""
+        news = self._news
         error = await probe()
+        if self._news != news:
+            return
         if error is None:
-            self.record_success()
+            self._succeeded()
         else:
             self.last_error = error
+
+    def _succeeded(self) -> None:
+        if self.last_error is not None:
+            log.warning("Savants token endpoint answers again")
+        self.last_error = None
 
     async def close(self) -> None:
         if self._probing is not None:
