@@ -109,6 +109,8 @@ from tls_relay import TlsRelay  # bench/, beside this script
 from telephony_bridge.cli import EMULATOR_JWT_SECRET_ENV
 from telephony_bridge.tools.caller import CallResult, run_call
 from telephony_bridge.tools.commands import load_caller_audio
+from telephony_bridge.tools.emulator.protocol import SAMPLE_BYTES, SAMPLE_RATE_HZ
+from telephony_bridge.tools.emulator.wav import read_wav_pcm16
 from telephony_bridge.tools.loadtest import TICKS_PER_S, LoadResult, percentile, process_cpu_s, run_load
 from telephony_bridge.tools.sip_caller import SipCallResult, sip_load
 from telephony_bridge.tools.twilio_flow import StreamRunner
@@ -415,14 +417,13 @@ def start_lean_ai(
 def write_tts_wav(folder: Path, seconds: float) -> Path:
     """The AI's speech for ``--voice tts``: the bench's speech recording, at 16 kHz as Savants speaks, repeated
     to last ``seconds``, written into ``folder``."""
-    with wave.open(str(ROOT / "tests" / "data" / "speech_16k.wav")) as recording:
-        rate, pcm = recording.getframerate(), recording.readframes(recording.getnframes())
-    repeats = max(1, math.ceil(seconds * rate * 2 / len(pcm)))
+    pcm = read_wav_pcm16(str(ROOT / "tests" / "data" / "speech_16k.wav"))  # the emulator's own reader and format
+    repeats = max(1, math.ceil(seconds * SAMPLE_RATE_HZ * SAMPLE_BYTES / len(pcm)))
     path = folder / "tts.wav"
     with wave.open(str(path), "wb") as out:
         out.setnchannels(1)
-        out.setsampwidth(2)
-        out.setframerate(rate)
+        out.setsampwidth(SAMPLE_BYTES)
+        out.setframerate(SAMPLE_RATE_HZ)
         out.writeframes(pcm * repeats)
     return path
 

@@ -37,6 +37,7 @@ import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 from picows import WSMsgType
@@ -112,6 +113,34 @@ class Untimed:
 
 
 Row = Callable[[], None] | Untimed
+Call = TypeVar("Call")
+
+
+def taking_turns(
+    build: Callable[[FakeClock, Metrics], tuple[Callable[[bytes], object], Call]],
+    calls: int,
+    items: list[bytes],
+    done: Callable[[Call, int], bool],
+) -> Untimed:
+    """``calls`` calls from ``build`` (what takes each item, and the call's state), each item's turn going round them
+    all with 20 ms of the clock a round, as a loop carrying them takes them. They are built before the clock starts
+    and share one ``Metrics``, as a process's calls do; ``done(call, rounds)`` checks each did its work."""
+    rounds = len(items) // calls
+
+    def prepare() -> Callable[[], None]:
+        clock, metrics = FakeClock(), Metrics()
+        built = [build(clock, metrics) for _ in range(calls)]
+
+        def run() -> None:
+            for item in items[:rounds]:
+                for take, _ in built:
+                    take(item)
+                clock.advance(0.02)
+            assert all(done(call, rounds) for _, call in built)
+
+        return run
+
+    return Untimed(prepare, rounds * calls)
 
 
 def best_us(row: Row, frames: int, repeat: int) -> float:
@@ -172,9 +201,7 @@ def main() -> int:
         handler (``Inbound.audio_handler``, as ``Call`` wires it) to a Savants connection that takes every 40 ms
         message at once: the Python path (``TwilioLeg._tapped``, ``Call._caller_audio``) or the compiled one
         (``_taps.MediaTap``, ``_caller_path.CallerPath``). ``calls``: that many calls, each frame's turn going
-        round them all, as a loop carrying them takes them (each call's state is cold again by its next frame).
-        The calls share one ``Metrics``, as a process's do, and are built before the clock starts."""
-        rounds = n // calls
+        round them all (``taking_turns``)."""
 
         def one_call(clock: FakeClock, metrics: Metrics) -> tuple[Callable[[bytes], object], Inbound]:
             socket = NullSocket()
@@ -193,21 +220,10 @@ def main() -> int:
             assert socket.tap is not None
             return socket.tap, inbound
 
-        def prepare() -> Callable[[], None]:
-            clock, metrics = FakeClock(), Metrics()
-            taps, inbounds = zip(*(one_call(clock, metrics) for _ in range(calls)), strict=True)
-
-            def run() -> None:
-                for data in frames[:rounds]:
-                    for tap in taps:
-                        tap(data)
-                    clock.advance(0.02)
-                # every whole message went out inside its frame's call
-                assert all(inbound.frames_to_ai == rounds - rounds % 2 for inbound in inbounds)
-
-            return run
-
-        return Untimed(prepare, rounds * calls)
+        # every whole message went out inside its frame's call
+        return taking_turns(
+            one_call, calls, frames, lambda inbound, rounds: inbound.frames_to_ai == rounds - rounds % 2
+        )
 
     def listener_alone() -> None:
         """picows' callback for each of a caller's media messages (``StreamSocket.on_ws_frame``), its tap taking
@@ -281,7 +297,6 @@ def main() -> int:
         """A real-time AI's frames mid-spurt, through ``Outbound`` as ``AiSide`` hands them over (``audio_handler``):
         each is due as it arrives and goes out inside the push, to a Twilio leg on a ``StreamSocket`` whose
         transport drops what it is given. ``calls``: as ``leg_to_ai``'s."""
-        rounds = n // calls
 
         def one_call(clock: FakeClock, metrics: Metrics) -> tuple[Callable[[bytes], None], Outbound]:
             socket = StreamSocket(lambda _socket: None)
@@ -296,21 +311,10 @@ def main() -> int:
             outbound._pacer._play_end = clock.monotonic() + 0.06
             return outbound.audio_handler(compiled=compiled), outbound
 
-        def prepare() -> Callable[[], None]:
-            clock, metrics = FakeClock(), Metrics()
-            pushes, outbounds = zip(*(one_call(clock, metrics) for _ in range(calls)), strict=True)
-
-            def run() -> None:
-                for frame in ai_frames[:rounds]:
-                    for push in pushes:
-                        push(frame)
-                    clock.advance(0.02)
-                # every frame went out inside its push
-                assert all(outbound.playback.sent_ms == 20 * rounds for outbound in outbounds)
-
-            return run
-
-        return Untimed(prepare, rounds * calls)
+        # every frame went out inside its push
+        return taking_turns(
+            one_call, calls, ai_frames, lambda outbound, rounds: outbound.playback.sent_ms == 20 * rounds
+        )
 
     def naive_ai_to_caller() -> None:
         state = None

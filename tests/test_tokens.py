@@ -50,6 +50,11 @@ async def keep_alive(n: int, headers: dict[str, str], body: bytes) -> tuple[byte
     return ok(), False
 
 
+async def time_out(n: int, headers: dict[str, str], body: bytes) -> tuple[bytes | None, bool]:
+    """Every request answered 408 and its connection closed, as by a server timing each one out."""
+    return IDLE_408, True
+
+
 class Endpoint:
     """An HTTP/1.1 server on 127.0.0.1 that reads whole requests and answers each as ``answer`` says; it counts
     the connections it accepted, the requests it read (each one's head and body) and the EOFs it saw."""
@@ -196,9 +201,6 @@ async def test_a_kept_connection_the_server_ended_as_the_request_crossed_it_send
 async def test_a_408_on_a_new_connection_is_the_answer_and_not_sent_again(
     start: Callable[..., Awaitable[str]],
 ) -> None:
-    async def time_out(n: int, headers: dict[str, str], body: bytes) -> tuple[bytes | None, bool]:
-        return IDLE_408, True
-
     served = Endpoint(time_out)
     async with asyncio.timeout(10), JsonPoster(await start(served)) as http:
         with pytest.raises(TokenError) as caught:
@@ -228,9 +230,6 @@ async def test_a_kept_connection_answered_408_is_closed_even_when_the_server_kee
 async def test_the_token_probe_takes_a_408_as_failing_as_a_token_request_does(
     start: Callable[..., Awaitable[str]],
 ) -> None:
-    async def time_out(n: int, headers: dict[str, str], body: bytes) -> tuple[bytes | None, bool]:
-        return IDLE_408, True
-
     async with asyncio.timeout(10), JsonPoster(await start(Endpoint(time_out))) as http:
         assert await TokenClient(http, "k").probe() == "HTTP 408 to a probe"
 
