@@ -52,6 +52,7 @@ from telephony_bridge.sip.server import SipServer
 from telephony_bridge.store import MemoryStore, RedisStore, Store
 from telephony_bridge.twilio.leg import handle_media_stream
 from telephony_bridge.twilio.media_route import MediaStreamRoute
+from telephony_bridge.twilio.read_pairs import ReadPairs
 from telephony_bridge.twilio.signatures import SignatureChecker
 from telephony_bridge.twilio.webhooks import (
     MEDIA_STREAM_PATH,
@@ -175,6 +176,8 @@ def create_app(
                 log.info("shutting down with %d calls still up", len(registry))
             if media_route is not None:
                 await media_route.close()
+            if read_pairs is not None:
+                read_pairs.close()
 
     async def voice(request: Request) -> Response:
         return await request.app.state.webhooks.voice(request)
@@ -250,10 +253,14 @@ def create_app(
         lifespan=lifespan,
     )
     media_route: MediaStreamRoute | None = None
+    read_pairs: ReadPairs | None = None
     if settings.server.websocket == "picows":
         # uvicorn hands the media-stream upgrade to picows (ws_handoff); the Starlette route above is then unused.
-        media_route = MediaStreamRoute(app.state, ops_ports=_ops_ports(settings, ops_ports))
+        if settings.twilio.paired_reads and settings.audio.upstream_message_ms == 40:  # see read_pairs
+            read_pairs = ReadPairs(clock)
+        media_route = MediaStreamRoute(app.state, ops_ports=_ops_ports(settings, ops_ports), read_pairs=read_pairs)
         app.state.websocket_router = media_route
+    app.state.read_pairs = read_pairs
     return app
 
 

@@ -167,6 +167,7 @@ class TwilioSettings(_Frozen):
     log_digits: bool = False
     inactivity_timeout_s: float = Field(5.0, ge=0, le=300)
     max_call_s: float = Field(0.0, ge=0)
+    paired_reads: bool = True
 
 
 class AccountingSettings(_Frozen):

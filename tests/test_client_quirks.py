@@ -82,6 +82,7 @@ class Sender:
     started_at: float = field(default_factory=time.monotonic)
     heard: bytearray = field(default_factory=bytearray)
     events: list[tuple[float, str]] = field(default_factory=list)  # (seconds after start, event)
+    echo_marks: bool = True  # as Twilio does once the audio before a mark has played
 
     async def read(self) -> None:
         with contextlib.suppress(ConnectionClosed):
@@ -90,7 +91,7 @@ class Sender:
                 self.events.append((time.monotonic() - self.started_at, message["event"]))
                 if message["event"] == "media":
                     self.heard += base64.b64decode(message["media"]["payload"])
-                elif message["event"] == "mark":
+                elif message["event"] == "mark" and self.echo_marks:
                     mark = {"event": "mark", "streamSid": self.stream_sid, "mark": message["mark"]}
                     await self.ws.send(orjson.dumps(mark).decode())
 
@@ -116,6 +117,8 @@ async def sender(
     call_sid: str,
     parameters: dict[str, str] | None = None,
     media_format: dict[str, Any] | None = None,
+    *,
+    echo_marks: bool = True,
 ) -> AsyncIterator[Sender]:
     """A socket that has sent ``connected`` and ``start`` for ``call_sid`` (``media_format`` None: left out)."""
     stream_sid = new_sid("MZ")
@@ -125,7 +128,7 @@ async def sender(
     async with connect(bridge.ws_url + "/media-stream", additional_headers=upgrade_signature(), proxy=None) as ws:
         await ws.send(tw.Connected().to_json())
         await ws.send(orjson.dumps({"event": "start", "streamSid": stream_sid, "start": start}).decode())
-        caller = Sender(ws, call_sid, stream_sid)
+        caller = Sender(ws, call_sid, stream_sid, echo_marks=echo_marks)
         reader = asyncio.create_task(caller.read())
         try:
             yield caller

@@ -15,6 +15,7 @@ from typing import Any
 from picows import WSUpgradeRequest, WSUpgradeResponse, WSUpgradeResponseWithListener
 
 from telephony_bridge.twilio.leg import CloseCode, handle_media_stream
+from telephony_bridge.twilio.read_pairs import ReadPairs
 from telephony_bridge.twilio.stream_socket import StreamSocket
 from telephony_bridge.twilio.webhooks import MEDIA_STREAM_PATH
 from telephony_bridge.ws_handoff import Connection, ListenerOrResponse
@@ -28,8 +29,9 @@ class MediaStreamRoute:
     """A ``ws_handoff.WebSocketRouter``. ``state`` is the app's (``webhooks`` and ``deps`` are read per
     request: they exist once the lifespan has started, which is before uvicorn accepts a connection)."""
 
-    def __init__(self, state: Any, *, ops_ports: frozenset[int]) -> None:
+    def __init__(self, state: Any, *, ops_ports: frozenset[int], read_pairs: ReadPairs | None = None) -> None:
         self._state = state
+        self._read_pairs = read_pairs
         self._ops_ports = ops_ports  # listeners that serve no media stream
         self._streams: dict[asyncio.Task[None], StreamSocket] = {}
 
@@ -40,7 +42,7 @@ class MediaStreamRoute:
         if not self._state.webhooks.stream_signed(path, request.headers.get("x-twilio-signature"), connection.remote):
             forbidden = WSUpgradeResponse.create_error_response(403, b"invalid signature")
             return WSUpgradeResponseWithListener(forbidden, None)
-        return StreamSocket(self._start)
+        return StreamSocket(self._start, self._read_pairs)
 
     def __len__(self) -> int:
         return len(self._streams)

@@ -21,6 +21,7 @@ from typing import Any
 from picows import WSFrame, WSListener, WSMsgType, WSTransport
 
 from telephony_bridge.close_codes import echo_code
+from telephony_bridge.twilio.read_pairs import Pairing, ReadPairs
 from telephony_bridge.ws_fragments import Assembled, Fault, Reassembler
 
 log = logging.getLogger(__name__)
@@ -47,10 +48,13 @@ class SendStalled(SocketClosed):
 
 
 class StreamSocket(WSListener):  # type: ignore[misc]
-    """One media-stream connection. ``on_open`` runs once the upgrade is answered (start the call there)."""
+    """One media-stream connection. ``on_open`` runs once the upgrade is answered (start the call there);
+    ``read_pairs``: read its messages a pair at a time once they come steadily (``read_pairs``)."""
 
-    def __init__(self, on_open: Callable[[StreamSocket], None]) -> None:
+    def __init__(self, on_open: Callable[[StreamSocket], None], read_pairs: ReadPairs | None = None) -> None:
         self._on_open = on_open
+        self._read_pairs = read_pairs
+        self._pairing: Pairing | None = None
         self._transport: WSTransport | None = None
         self._inbox: deque[Message] = deque()
         self._waiter: asyncio.Future[None] | None = None
@@ -65,6 +69,8 @@ class StreamSocket(WSListener):  # type: ignore[misc]
 
     def on_ws_connected(self, transport: WSTransport) -> None:
         self._transport = transport
+        if self._read_pairs is not None:
+            self._pairing = self._read_pairs.pairing(transport.underlying_transport.get_extra_info("socket"))
         self._on_open(self)
 
     def on_ws_frame(self, transport: WSTransport, frame: WSFrame) -> None:
@@ -73,6 +79,11 @@ class StreamSocket(WSListener):  # type: ignore[misc]
             return  # we are closing: only the peer's answer matters now
         if kind == WSMsgType.TEXT and frame.fin:
             payload = frame.get_payload_as_bytes()
+            pairing = self._pairing
+            if pairing is not None:
+                pairing.reads += 1
+                if not pairing.armed:
+                    pairing.heard(len(payload))
             tap = self._tap
             if tap is None or self._inbox or not tap(payload):
                 self._deliver_text(payload)
@@ -92,6 +103,7 @@ class StreamSocket(WSListener):  # type: ignore[misc]
 
     def on_ws_disconnected(self, transport: WSTransport) -> None:
         self._disconnected = True
+        self._let_go()
         self._deliver(self._disconnect_message())
         if self._writable is not None and not self._writable.done():
             self._writable.set_result(None)
@@ -169,6 +181,7 @@ class StreamSocket(WSListener):  # type: ignore[misc]
         transport = self._transport
         if transport is None or self._disconnected:
             return
+        self._let_go()  # the peer's close frame alone would not make a pair
         if not transport.is_close_frame_sent:
             transport.send_close(code, reason.encode() if reason else None)
         with contextlib.suppress(TimeoutError):
@@ -186,8 +199,13 @@ class StreamSocket(WSListener):  # type: ignore[misc]
         transport = self._transport
         if transport is None or transport.is_close_frame_sent:
             return
+        self._let_go()
         transport.send_close(code)
         asyncio.get_running_loop().call_later(CLOSE_TIMEOUT_S, transport.disconnect)
+
+    def _let_go(self) -> None:
+        if self._pairing is not None:
+            self._pairing.let_go()
 
     def _disconnect_message(self) -> Message:
         """ASGI's ``websocket.disconnect``, with ``fault`` when we closed the stream for the peer's fault."""
