@@ -52,7 +52,7 @@ from telephony_bridge.sip.server import SipServer
 from telephony_bridge.store import MemoryStore, RedisStore, Store
 from telephony_bridge.twilio.leg import handle_media_stream
 from telephony_bridge.twilio.media_route import MediaStreamRoute
-from telephony_bridge.twilio.read_pairs import ReadPairs
+from telephony_bridge.twilio.read_pairs import ReadPairs, kernel_lets_go
 from telephony_bridge.twilio.signatures import SignatureChecker
 from telephony_bridge.twilio.webhooks import (
     MEDIA_STREAM_PATH,
@@ -167,6 +167,8 @@ def create_app(
                 await sip.start()
                 stack.push_async_callback(sip.stop)
                 app.state.sip = sip
+            if read_pairs is not None:
+                stack.callback(read_pairs.close)
             lag = asyncio.create_task(watch_loop_lag(clock, metrics), name="loop-lag")
             stack.push_async_callback(_cancel, lag)
             stack.callback(watch_gc(metrics))
@@ -176,8 +178,6 @@ def create_app(
                 log.info("shutting down with %d calls still up", len(registry))
             if media_route is not None:
                 await media_route.close()
-            if read_pairs is not None:
-                read_pairs.close()
 
     async def voice(request: Request) -> Response:
         return await request.app.state.webhooks.voice(request)
@@ -256,8 +256,8 @@ def create_app(
     read_pairs: ReadPairs | None = None
     if settings.server.websocket == "picows":
         # uvicorn hands the media-stream upgrade to picows (ws_handoff); the Starlette route above is then unused.
-        if settings.twilio.paired_reads and settings.audio.upstream_message_ms == 40:  # see read_pairs
-            read_pairs = ReadPairs(clock)
+        if settings.twilio.paired_reads and settings.audio.upstream_message_ms == 40 and kernel_lets_go():
+            read_pairs = ReadPairs(clock, count=lambda change: metrics.paired_reads.labels(change=change).inc())
         media_route = MediaStreamRoute(app.state, ops_ports=_ops_ports(settings, ops_ports), read_pairs=read_pairs)
         app.state.websocket_router = media_route
     app.state.read_pairs = read_pairs

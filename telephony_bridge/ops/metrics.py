@@ -106,6 +106,12 @@ class Metrics:
             "bridge_playout_prebuffer_changes_total", "Adaptive prebuffer steps", ["direction"], registry=r
         )
         self.barge_ins = Counter("bridge_barge_in_total", "Caller interruptions of the AI", registry=r)
+        self.paired_reads = Counter(
+            "bridge_media_paired_reads_total",
+            "Media streams paired (read two messages at a time: twilio.paired_reads), and let go for a quiet tick",
+            ["change"],
+            registry=r,
+        )
         self.admission_refused = Counter(
             "bridge_admission_refused_total",
             "Twilio calls refused: no device could take them (webhook, stream), the replica is draining, or a "

@@ -103,7 +103,8 @@ class StreamSocket(WSListener):  # type: ignore[misc]
 
     def on_ws_disconnected(self, transport: WSTransport) -> None:
         self._disconnected = True
-        self._let_go()
+        if self._pairing is not None:
+            self._pairing.forget()
         self._deliver(self._disconnect_message())
         if self._writable is not None and not self._writable.done():
             self._writable.set_result(None)
