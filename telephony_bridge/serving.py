@@ -9,6 +9,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import contextvars
+import ipaddress
+import logging
 import socket
 import threading
 from collections.abc import Awaitable, Callable, Iterator
@@ -18,6 +20,8 @@ from typing import Any
 import uvicorn
 
 from telephony_bridge.ws_handoff import WebSocketHandoff
+
+log = logging.getLogger(__name__)
 
 
 def bind_socket(host: str, port: int, *, reuse_port: bool = False) -> socket.socket:
@@ -33,7 +37,19 @@ def bind_socket(host: str, port: int, *, reuse_port: bool = False) -> socket.soc
     sock.bind((host, port))
     sock.listen(512)
     sock.set_inheritable(True)
+    if family == socket.AF_INET6 and ipaddress.ip_address(host).is_unspecified and ipv6_only(sock):
+        log.warning(
+            "listening on [%s]:%d takes IPv6 only on this system (net.ipv6.bindv6only is 1): IPv4 clients cannot "
+            "connect; set server.host to 0.0.0.0 for IPv4, or net.ipv6.bindv6only to 0 for both",
+            host,
+            sock.getsockname()[1],
+        )
     return sock
+
+
+def ipv6_only(sock: socket.socket) -> bool:
+    """Whether an IPv6 socket takes IPv6 alone: on ``::`` that is ``net.ipv6.bindv6only``'s choice, unless set."""
+    return bool(sock.getsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY))
 
 
 def uvicorn_config(app: Any, **overrides: Any) -> uvicorn.Config:

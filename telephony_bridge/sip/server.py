@@ -210,6 +210,13 @@ class SipServer:
         )
         self._spawn(self._timer_loop(), "sip-timers")
         log.info("SIP ingress listening on %s:%d (UDP and TCP), advertised as %s", self.host, self.port, advertised)
+        if self._udp_stack is Stack.IPV6 and is_wildcard(self.host):
+            log.warning(
+                "SIP ingress on [%s]:%d takes IPv6 only on this system (net.ipv6.bindv6only is 1): IPv4 trunks and "
+                "PBXs cannot reach it; set sip.host to 0.0.0.0 for IPv4, or net.ipv6.bindv6only to 0 for both",
+                self.host,
+                self.port,
+            )
 
     async def stop(self) -> None:
         """Hang up what is still live (BYE), then close the sockets."""
