@@ -18,7 +18,7 @@ from telephony_bridge.audio import kernels
 from telephony_bridge.errors import BridgeError, ConfigError
 from telephony_bridge.ops import logging as oplog
 from telephony_bridge.ops.gc_tuning import tune_gc
-from telephony_bridge.serving import DrainingServer, ServerThread, bind_socket, uvicorn_config
+from telephony_bridge.serving import DrainingServer, ServerThread, address, bind_socket, uvicorn_config
 from telephony_bridge.settings import Settings, load_settings
 
 if TYPE_CHECKING:
@@ -257,11 +257,11 @@ async def _serve_bridge(
     # A line of its own: the listening lines keep the shape that scripts read (tests/support.py).
     log.info("audio kernels: %s; compiled frame path: %s", *_compiled(settings.audio.kernels))
     if worker is None:
-        log.info("bridge listening on %s:%d", host, sock.getsockname()[1])
+        log.info("bridge listening on %s", address(host, sock.getsockname()[1]))
     else:
         log.info("worker %d (pid %d) serving on %s:%d", worker, os.getpid(), host, sock.getsockname()[1])
     for ops in ops_socks:  # one server, several listeners: the app tells them apart by port
-        log.info("ops listening on %s:%d (/status, /metrics, /healthz, /readyz)", host, ops.getsockname()[1])
+        log.info("ops listening on %s (/status, /metrics, /healthz, /readyz)", address(host, ops.getsockname()[1]))
     await server.serve(sockets=[sock, *ops_socks])
 
 

@@ -47,6 +47,11 @@ def bind_socket(host: str, port: int, *, reuse_port: bool = False) -> socket.soc
     return sock
 
 
+def address(host: str, port: int) -> str:
+    """``host:port`` as a URL writes it: an IPv6 address in brackets (``[::]:8080``)."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
 def ipv6_only(sock: socket.socket) -> bool:
     """Whether an IPv6 socket takes IPv6 alone: on ``::`` that is ``net.ipv6.bindv6only``'s choice, unless set."""
     return bool(sock.getsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY))

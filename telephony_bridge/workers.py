@@ -26,7 +26,7 @@ from multiprocessing.process import BaseProcess
 from types import FrameType
 
 from telephony_bridge.errors import ConfigError
-from telephony_bridge.serving import bind_socket
+from telephony_bridge.serving import address, bind_socket
 from telephony_bridge.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -83,9 +83,9 @@ def supervise(settings: Settings) -> int:
     previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
         workers.extend(start(i) for i in range(settings.server.workers))
-        log.info("started %d workers; bridge listening on %s:%d", len(workers), host, port)
+        log.info("started %d workers; bridge listening on %s", len(workers), address(host, port))
         if ops_holder is not None:
-            log.info("ops listening on %s:%d (each worker's /status, /metrics)", host, ports["ops_port"])
+            log.info("ops listening on %s (each worker's /status, /metrics)", address(host, ports["ops_port"]))
         if own_ports:
             log.info("worker k's own ops port is %d + k (%d-%d)", own_ports.start, own_ports.start, own_ports[-1])
         while not (stopping.is_set() and all(p.exitcode is not None for p in workers)):

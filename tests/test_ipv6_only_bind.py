@@ -68,6 +68,7 @@ def startup_lines(bindv6only: str) -> list[dict[str, str]]:
 @pytest.mark.parametrize("bindv6only", ["1", "0"])
 def test_a_bind_on_the_ipv6_wildcard_says_when_it_takes_ipv6_alone(bindv6only: str) -> None:
     lines = startup_lines(bindv6only)
+    assert any(line["msg"].startswith("bridge listening on [::]:") for line in lines), lines  # as a URL writes it
     warnings = [line["msg"] for line in lines if "takes IPv6 only" in line["msg"]]
     if bindv6only == "1":
         assert len(warnings) == 2, lines
