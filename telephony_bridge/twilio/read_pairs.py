@@ -3,12 +3,12 @@
 Twilio sends a media message every 20 ms, and the call core sends the caller's audio to Savants 40 ms per
 message (``audio.upstream_message_ms``), so the first of each pair waits for the second anyway. With the
 socket's receive low-water mark (``SO_RCVLOWAT``) above one message and below two, the kernel wakes the bridge
-once a pair rather than once a message: a quarter fewer reads and wake-ups for the call (``bench/capacity.py``
-with ``--variant unpaired:BRIDGE__TWILIO__PAIRED_READS=false``: 4-10 % less CPU a call in six of seven
-comparisons, docs/performance.md). The caller's audio reaches Savants no later while the stream is steady: its
-message would have waited for the second frame in any case. What travels in the stream's messages alone (marks,
-keypad digits, the VAD that notices the caller speaking over the AI) is read up to 40 ms later: a mark or a
-digit with one media message stays under the mark, and waits for the next pair.
+once a pair rather than once a message: a quarter fewer reads and wake-ups for the call, and 9-14 % less CPU a
+call at 50-250 calls (``bench/ab.py`` against the code before it, docs/performance.md). The caller's audio
+reaches Savants no later while the stream is steady: its message would have waited for the second frame in any
+case. What travels in the stream's messages alone (marks, keypad digits, the VAD that notices the caller
+speaking over the AI) is read up to 40 ms later: a mark or a digit with one media message stays under the mark,
+and waits for the next pair.
 
 A held message must never wait for a partner that is not coming (the stream's ``stop`` and close frame; a
 client that sends only while someone speaks; a packet late on the network). So a stream pairs only once its

@@ -49,7 +49,7 @@ class SendStalled(SocketClosed):
 
 class StreamSocket(WSListener):  # type: ignore[misc]
     """One media-stream connection. ``on_open`` runs once the upgrade is answered (start the call there);
-    ``read_pairs``: read its messages a pair at a time once they come steadily (``read_pairs``)."""
+    ``read_pairs``: read its messages a pair at a time once they come steadily (``twilio/read_pairs.py``)."""
 
     def __init__(self, on_open: Callable[[StreamSocket], None], read_pairs: ReadPairs | None = None) -> None:
         self._on_open = on_open
