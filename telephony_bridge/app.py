@@ -256,8 +256,11 @@ def create_app(
     read_pairs: ReadPairs | None = None
     if settings.server.websocket == "picows":
         # uvicorn hands the media-stream upgrade to picows (ws_handoff); the Starlette route above is then unused.
-        if settings.twilio.paired_reads and settings.audio.upstream_message_ms == 40 and kernel_lets_go():
-            read_pairs = ReadPairs(clock, count=lambda change: metrics.paired_reads.labels(change=change).inc())
+        if settings.twilio.paired_reads and settings.audio.upstream_message_ms == 40:
+            if kernel_lets_go():
+                read_pairs = ReadPairs(clock, count=lambda change: metrics.paired_reads.labels(change=change).inc())
+            else:
+                log.info("twilio.paired_reads: off, as this kernel does not wake a reader when SO_RCVLOWAT drops")
         media_route = MediaStreamRoute(app.state, ops_ports=_ops_ports(settings, ops_ports), read_pairs=read_pairs)
         app.state.websocket_router = media_route
     app.state.read_pairs = read_pairs

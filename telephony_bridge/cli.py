@@ -259,7 +259,7 @@ async def _serve_bridge(
     if worker is None:
         log.info("bridge listening on %s", address(host, sock.getsockname()[1]))
     else:
-        log.info("worker %d (pid %d) serving on %s:%d", worker, os.getpid(), host, sock.getsockname()[1])
+        log.info("worker %d (pid %d) serving on %s", worker, os.getpid(), address(host, sock.getsockname()[1]))
     for ops in ops_socks:  # one server, several listeners: the app tells them apart by port
         log.info("ops listening on %s (/status, /metrics, /healthz, /readyz)", address(host, ops.getsockname()[1]))
     await server.serve(sockets=[sock, *ops_socks])

@@ -26,6 +26,7 @@ from multiprocessing.process import BaseProcess
 from types import FrameType
 
 from telephony_bridge.errors import ConfigError
+from telephony_bridge.ops import logging as oplog
 from telephony_bridge.serving import address, bind_socket
 from telephony_bridge.settings import Settings
 
@@ -120,7 +121,7 @@ def _reserve_port(host: str, port: int) -> socket.socket:
         holder.bind((host, port))
     except OSError as exc:
         holder.close()
-        raise ConfigError(f"cannot listen on {host}:{port}: {exc.strerror}") from None
+        raise ConfigError(f"cannot listen on {address(host, port)}: {exc.strerror}") from None
     return holder
 
 
@@ -131,6 +132,7 @@ def _run_worker(settings: Settings, index: int) -> None:
     from telephony_bridge.cli import ops_ports, serve_on
 
     host = settings.listen_host
+    oplog.configure(settings.logging.level, settings.logging.format)  # before the binds: they may warn (spawned)
     # The shared ops port and this worker's own: both beside the supervisor's reservation, hence SO_REUSEPORT.
     ops = [bind_socket(host, port, reuse_port=True) for port in ops_ports(settings, index)]
     serve_on(settings, bind_socket(host, settings.server.port, reuse_port=True), worker=index, ops_socks=ops)

@@ -140,6 +140,10 @@ async def test_a_stream_that_reads_nothing_for_a_tick_is_let_go(tcp_pair: tuple[
 # --- end to end --------------------------------------------------------------------------------------------------
 
 
+def metric(text: str, name: str) -> float:
+    return next(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(name + " "))
+
+
 def read_pairs_of(bridge: ServerThread) -> ReadPairs:
     pairs = bridge.server.config.app.state.read_pairs
     assert isinstance(pairs, ReadPairs)
@@ -197,8 +201,8 @@ async def test_a_lone_message_after_a_paired_stream_is_still_read(
     released(bridge, emulator)
     assert len(pairs) == 0
     text = httpx.get(bridge.http_url + "/metrics", timeout=5).text
-    assert 'bridge_media_paired_reads_total{change="paired"} 2.0' in text
-    assert 'bridge_media_paired_reads_total{change="let_go"}' in text
+    armed, let_go = (metric(text, f'bridge_media_paired_reads_total{{change="{c}"}}') for c in ("paired", "let_go"))
+    assert armed == pairs.paired_total >= 2 and let_go == pairs.let_go_quiet >= 1
 
 
 async def test_our_close_lets_go_first(emulator: ServerThread, start_bridge: Callable[..., ServerThread]) -> None:
@@ -211,14 +215,14 @@ async def test_our_close_lets_go_first(emulator: ServerThread, start_bridge: Cal
         stop = asyncio.Event()
         feeder = asyncio.create_task(feed(caller, stop))
         await asyncio.to_thread(wait_until, lambda: len(pairs) == 1, 10.0, "the stream paired")
-        quiet_before = pairs.let_go_quiet
         async with asyncio.timeout(10):
             await caller.ws.wait_closed()  # the bridge closed it
         stop.set()
         with contextlib.suppress(ConnectionClosed):
             await feeder
     released(bridge, emulator)
-    assert pairs.let_go_quiet == quiet_before and len(pairs) == 0
+    # Each pairing but the last ended quietly (the feeder may stall on a loaded machine); the last, by our close.
+    assert pairs.let_go_quiet == pairs.paired_total - 1 and len(pairs) == 0
 
 
 async def test_paired_reads_off(emulator: ServerThread, start_bridge: Callable[..., ServerThread]) -> None:

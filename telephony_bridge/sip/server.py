@@ -27,6 +27,7 @@ from telephony_bridge.bridge import Call, CallDeps
 from telephony_bridge.drain import CUT_GRACE_S, DRAINED
 from telephony_bridge.errors import AdmissionError, ConfigError, SavantsError
 from telephony_bridge.ops import logging as oplog
+from telephony_bridge.serving import address
 from telephony_bridge.settings import Settings
 from telephony_bridge.sip import sdp
 from telephony_bridge.sip.address import parse_name_addr, parse_uri
@@ -209,7 +210,9 @@ class SipServer:
             udp_reaches=self._udp_reaches,
         )
         self._spawn(self._timer_loop(), "sip-timers")
-        log.info("SIP ingress listening on %s:%d (UDP and TCP), advertised as %s", self.host, self.port, advertised)
+        log.info(
+            "SIP ingress listening on %s (UDP and TCP), advertised as %s", address(self.host, self.port), advertised
+        )
         if self._udp_stack is Stack.IPV6 and is_wildcard(self.host):
             log.warning(
                 "SIP ingress on [%s]:%d takes IPv6 only on this system (net.ipv6.bindv6only is 1): IPv4 trunks and "

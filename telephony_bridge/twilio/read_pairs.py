@@ -6,9 +6,12 @@ socket's receive low-water mark (``SO_RCVLOWAT``) above one message and below tw
 once a pair rather than once a message: a quarter fewer reads and wake-ups for the call, and 9-14 % less CPU a
 call at 50-250 calls (``bench/ab.py`` against the code before it, docs/performance.md). The caller's audio
 reaches Savants no later while the stream is steady: its message would have waited for the second frame in any
-case. What travels in the stream's messages alone (marks, keypad digits, the VAD that notices the caller
-speaking over the AI) is read up to 40 ms later: a mark or a digit with one media message stays under the mark,
-and waits for the next pair.
+case. The first frame of each pair reaches the VAD that notices the caller speaking over the AI 20 ms later,
+and a mark or a keypad digit up to 40 ms later (with one media message it stays under the mark, and waits for
+the next pair). The sender must not wait for our ACK: a held message is not read, so the kernel acknowledges it
+only when its delayed-ACK timer fires, and a sender that leaves Nagle's algorithm on (no ``TCP_NODELAY``) would
+hold the second message back until then (up to ~40 ms; Go, Java, Node, nginx, Envoy and HAProxy set
+``TCP_NODELAY`` on such connections). Turn ``twilio.paired_reads`` off in front of one that does not.
 
 A held message must never wait for a partner that is not coming (the stream's ``stop`` and close frame; a
 client that sends only while someone speaks; a packet late on the network). So a stream pairs only once its
@@ -52,17 +55,17 @@ def kernel_lets_go() -> bool:
     if sys.platform != "linux" or not hasattr(socket, "SO_RCVLOWAT"):
         return False
     try:
-        with socket.create_server(("127.0.0.1", 0)) as listener:
-            sender = socket.create_connection(listener.getsockname(), timeout=1.0)
+        with socket.create_server(("127.0.0.1", 0)) as listener, socket.socket() as sender:
+            sender.connect(listener.getsockname())
             receiver, _ = listener.accept()
-        with sender, receiver, select.epoll() as epoll:
-            receiver.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, 2)
-            epoll.register(receiver.fileno(), select.EPOLLIN)
-            sender.sendall(b"x")
-            if epoll.poll(0.01):
-                return False  # the mark is not honoured at all
-            receiver.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, 1)
-            return bool(epoll.poll(1.0))
+            with receiver, select.epoll() as epoll:
+                receiver.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, 2)
+                epoll.register(receiver.fileno(), select.EPOLLIN)
+                sender.sendall(b"x")
+                if epoll.poll(0.01):
+                    return False  # the mark is not honoured at all
+                receiver.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, 1)
+                return bool(epoll.poll(1.0))
     except OSError:
         return False
 
@@ -124,7 +127,8 @@ class ReadPairs:
         self._count = count
         self._paired: set[Pairing] = set()
         self._timer: Timer | None = None
-        self.let_go_quiet = 0  # streams let go for reading nothing over a tick
+        self.paired_total = 0  # streams paired, and let go for reading nothing over a tick: for tests
+        self.let_go_quiet = 0
 
     def pairing(self, sock: Any) -> Pairing | None:
         """A stream's pairing, for a transport that has a socket (None: read it as it comes)."""
@@ -134,22 +138,26 @@ class ReadPairs:
         return len(self._paired)
 
     def arm(self, pairing: Pairing, lowat: int) -> None:
+        """Pair a stream: the kernel holds what it reads until ``lowat`` bytes are in."""
         pairing.run = 0
         if not pairing.set_lowat(lowat):
             return
         pairing.armed = True
         pairing.seen = pairing.reads
         self._paired.add(pairing)
+        self.paired_total += 1
         self._count("paired")
         if self._timer is None:
             self._timer = self._clock.call_at(self._clock.monotonic() + self._tick_s, self._tick)
 
     def let_go(self, pairing: Pairing) -> None:
+        """Read a paired stream's messages as they come again; the kernel wakes its reader for what it holds."""
         if pairing.armed:
             self.forget(pairing)
             pairing.set_lowat(1)  # the kernel wakes the reader at once for what it holds
 
     def forget(self, pairing: Pairing) -> None:
+        """Out of the tick (the connection is gone, or ``let_go`` lowers its mark next)."""
         pairing.armed = False
         pairing.run = 0
         self._paired.discard(pairing)
