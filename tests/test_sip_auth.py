@@ -83,6 +83,17 @@ def test_stale_nonce_asks_for_a_rechallenge() -> None:
     assert "stale=true" in auth.challenges(NOW + 301, stale=True)[0]
 
 
+def test_a_nonce_lives_its_whole_ttl_wherever_in_a_second_it_was_issued() -> None:
+    """Its stamp is whole seconds: one issued at x.9 and answered 0.15 s later is fresh, with the shortest TTL."""
+    users = {"pbx": {"SHA-256": ha1("SHA-256", "pbx", REALM, "s3cret")}}
+    auth = DigestAuthenticator(REALM, users, secret=b"k" * 32, nonce_ttl_s=1)
+    challenge = auth.challenges(NOW + 0.9)[0]
+    for nc, (answered_at, stale) in enumerate([(NOW + 1.05, False), (NOW + 1.95, False), (NOW + 2.0, True)], 1):
+        value = authorization_header(challenge, user="pbx", password="s3cret", method="INVITE", uri=URI, nc=nc)
+        verdict = auth.verify([value or ""], method="INVITE", uri=URI, now_wall=answered_at)
+        assert (verdict.ok, verdict.stale) == (not stale, stale), (answered_at, verdict)
+
+
 def test_reason_never_contains_credentials() -> None:
     auth = authenticator("MD5")
     value = authorization_header(auth.challenges(NOW)[0], user="pbx", password="s3cret", method="INVITE", uri=URI)

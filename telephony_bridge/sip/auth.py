@@ -138,7 +138,9 @@ class DigestAuthenticator:
         )
         if not hmac.compare_digest(expected, p.get("response", "").lower()):
             return Verdict(False, user, "wrong credentials")
-        if now_wall - issued > self._ttl_s:
+        # The stamp is the issue time in whole seconds, rounded down: a nonce lives from ttl to ttl + 1 s, never
+        # less (with ttl 1 s a nonce issued late in a second would be stale at once, however quick the answer).
+        if now_wall - issued >= self._ttl_s + 1:
             return Verdict(False, user, "nonce is stale", stale=True)
         if qop:
             try:
