@@ -30,11 +30,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from telephony_bridge.twilio.read_pairs import FRAME_HEADER_BYTES
+from telephony_bridge.twilio.read_pairs import FRAME_HEADER_BYTES, low_water_mark
 
 TWILIO_MEDIA_BYTES = 373  # tests/data/twilio/media.json
 MESSAGE = TWILIO_MEDIA_BYTES + FRAME_HEADER_BYTES
-LOWAT = MESSAGE * 3 // 2  # as read_pairs sets it for these messages
+LOWAT = low_water_mark(TWILIO_MEDIA_BYTES)  # as the bridge sets it for these messages
 INTERVAL_S = 0.02
 
 

@@ -18,7 +18,7 @@ from telephony_bridge.audio import kernels
 from telephony_bridge.errors import BridgeError, ConfigError
 from telephony_bridge.ops import logging as oplog
 from telephony_bridge.ops.gc_tuning import tune_gc
-from telephony_bridge.serving import DrainingServer, ServerThread, address, bind_socket, uvicorn_config
+from telephony_bridge.serving import DrainingServer, ServerThread, bind_socket, host_port, uvicorn_config
 from telephony_bridge.settings import Settings, load_settings
 
 if TYPE_CHECKING:
@@ -229,8 +229,6 @@ def serve_on(
 ) -> None:
     """Serve the bridge on ``sock`` (and /status, /metrics on ``ops_socks``, when there are any) until a signal
     stops it (``worker``: this process is one of several)."""
-    if worker is not None:
-        oplog.configure(settings.logging.level, settings.logging.format)
     with asyncio.Runner(loop_factory=_fast_loop_factory()) as runner:
         runner.run(_serve_bridge(settings, sock, worker, ops_socks))
 
@@ -257,11 +255,11 @@ async def _serve_bridge(
     # A line of its own: the listening lines keep the shape that scripts read (tests/support.py).
     log.info("audio kernels: %s; compiled frame path: %s", *_compiled(settings.audio.kernels))
     if worker is None:
-        log.info("bridge listening on %s", address(host, sock.getsockname()[1]))
+        log.info("bridge listening on %s", host_port(host, sock.getsockname()[1]))
     else:
-        log.info("worker %d (pid %d) serving on %s", worker, os.getpid(), address(host, sock.getsockname()[1]))
+        log.info("worker %d (pid %d) serving on %s", worker, os.getpid(), host_port(host, sock.getsockname()[1]))
     for ops in ops_socks:  # one server, several listeners: the app tells them apart by port
-        log.info("ops listening on %s (/status, /metrics, /healthz, /readyz)", address(host, ops.getsockname()[1]))
+        log.info("ops listening on %s (/status, /metrics, /healthz, /readyz)", host_port(host, ops.getsockname()[1]))
     await server.serve(sockets=[sock, *ops_socks])
 
 

@@ -37,24 +37,29 @@ def bind_socket(host: str, port: int, *, reuse_port: bool = False) -> socket.soc
     sock.bind((host, port))
     sock.listen(512)
     sock.set_inheritable(True)
-    if family == socket.AF_INET6 and ipaddress.ip_address(host).is_unspecified and ipv6_only(sock):
-        log.warning(
-            "listening on [%s]:%d takes IPv6 only on this system (net.ipv6.bindv6only is 1): IPv4 clients cannot "
-            "connect; set server.host to 0.0.0.0 for IPv4, or net.ipv6.bindv6only to 0 for both",
-            host,
-            sock.getsockname()[1],
-        )
+    warn_if_ipv6_only(sock, host, "listening", "IPv4 clients", "server.host")
     return sock
 
 
-def address(host: str, port: int) -> str:
+def host_port(host: str, port: int) -> str:
     """``host:port`` as a URL writes it: an IPv6 address in brackets (``[::]:8080``)."""
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
-def ipv6_only(sock: socket.socket) -> bool:
-    """Whether an IPv6 socket takes IPv6 alone: on ``::`` that is ``net.ipv6.bindv6only``'s choice, unless set."""
-    return bool(sock.getsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY))
+def warn_if_ipv6_only(sock: socket.socket, host: str, listener: str, clients: str, setting: str) -> None:
+    """One WARNING when a bind on the IPv6 wildcard takes IPv6 alone (``net.ipv6.bindv6only`` is 1), naming who
+    cannot reach ``listener`` and the ``setting`` that fixes it."""
+    if sock.family != socket.AF_INET6 or not ipaddress.ip_address(host).is_unspecified:
+        return
+    if sock.getsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY):
+        log.warning(
+            "%s on %s takes IPv6 only on this system (net.ipv6.bindv6only is 1): %s cannot reach it; set %s to "
+            "0.0.0.0 for IPv4, or net.ipv6.bindv6only to 0 for both",
+            listener,
+            host_port(host, sock.getsockname()[1]),
+            clients,
+            setting,
+        )
 
 
 def uvicorn_config(app: Any, **overrides: Any) -> uvicorn.Config:

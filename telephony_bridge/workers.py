@@ -27,7 +27,7 @@ from types import FrameType
 
 from telephony_bridge.errors import ConfigError
 from telephony_bridge.ops import logging as oplog
-from telephony_bridge.serving import address, bind_socket
+from telephony_bridge.serving import bind_socket, host_port
 from telephony_bridge.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -84,9 +84,9 @@ def supervise(settings: Settings) -> int:
     previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
         workers.extend(start(i) for i in range(settings.server.workers))
-        log.info("started %d workers; bridge listening on %s", len(workers), address(host, port))
+        log.info("started %d workers; bridge listening on %s", len(workers), host_port(host, port))
         if ops_holder is not None:
-            log.info("ops listening on %s (each worker's /status, /metrics)", address(host, ports["ops_port"]))
+            log.info("ops listening on %s (each worker's /status, /metrics)", host_port(host, ports["ops_port"]))
         if own_ports:
             log.info("worker k's own ops port is %d + k (%d-%d)", own_ports.start, own_ports.start, own_ports[-1])
         while not (stopping.is_set() and all(p.exitcode is not None for p in workers)):
@@ -121,7 +121,7 @@ def _reserve_port(host: str, port: int) -> socket.socket:
         holder.bind((host, port))
     except OSError as exc:
         holder.close()
-        raise ConfigError(f"cannot listen on {address(host, port)}: {exc.strerror}") from None
+        raise ConfigError(f"cannot listen on {host_port(host, port)}: {exc.strerror}") from None
     return holder
 
 
@@ -132,7 +132,7 @@ def _run_worker(settings: Settings, index: int) -> None:
     from telephony_bridge.cli import ops_ports, serve_on
 
     host = settings.listen_host
-    oplog.configure(settings.logging.level, settings.logging.format)  # before the binds: they may warn (spawned)
+    oplog.configure(settings.logging.level, settings.logging.format)  # spawned: before the binds, which may warn
     # The shared ops port and this worker's own: both beside the supervisor's reservation, hence SO_REUSEPORT.
     ops = [bind_socket(host, port, reuse_port=True) for port in ops_ports(settings, index)]
     serve_on(settings, bind_socket(host, settings.server.port, reuse_port=True), worker=index, ops_socks=ops)

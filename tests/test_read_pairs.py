@@ -120,8 +120,8 @@ async def test_messages_not_the_size_of_a_20_ms_frame_never_pair(
 
 async def test_a_stream_that_reads_nothing_for_a_tick_is_let_go(tcp_pair: tuple[socket.socket, socket.socket]) -> None:
     _, server = tcp_pair
-    clock = FakeClock()
-    pairs = ReadPairs(clock)
+    clock, changes = FakeClock(), []
+    pairs = ReadPairs(clock, count=changes.append)
     pairing = pairs.pairing(server)
     assert pairing is not None
     for _ in range(STEADY_RUN):
@@ -133,15 +133,23 @@ async def test_a_stream_that_reads_nothing_for_a_tick_is_let_go(tcp_pair: tuple[
         clock.advance(TICK_S)
         assert pairing.armed
     clock.advance(TICK_S)  # then nothing for a whole tick
-    assert not pairing.armed and lowat(server) == 1 and pairs.let_go_quiet == 1
+    assert not pairing.armed and lowat(server) == 1 and changes.count("let_go") == 1
     assert len(pairs) == 0 and pairs._timer is None  # nothing paired: no tick either
 
 
 # --- end to end --------------------------------------------------------------------------------------------------
 
 
-def metric(text: str, name: str) -> float:
-    return next(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(name + " "))
+def changes(bridge: ServerThread) -> dict[str, float]:
+    """``bridge_media_paired_reads_total`` by change: streams ``paired``, and ``let_go`` after a quiet tick."""
+    text = httpx.get(bridge.http_url + "/metrics", timeout=5).text
+    prefix = "bridge_media_paired_reads_total{change="
+    counted = {"paired": 0.0, "let_go": 0.0}
+    for line in text.splitlines():
+        if line.startswith(prefix):
+            name, value = line.removeprefix(prefix).split("} ")
+            counted[name.strip('"')] = float(value)
+    return counted
 
 
 def read_pairs_of(bridge: ServerThread) -> ReadPairs:
@@ -193,16 +201,15 @@ async def test_a_lone_message_after_a_paired_stream_is_still_read(
                 await asyncio.to_thread(
                     wait_until, lambda: any("dtmf key" in r.getMessage() for r in caplog.records), 5.0, "the digit"
                 )
-            assert pairs.let_go_quiet >= 1 and len(pairs) == 0
+            assert changes(bridge)["let_go"] >= 1 and len(pairs) == 0
             async with paired(caller, pairs):
                 closing_at = time.monotonic()
         closed_in_s = time.monotonic() - closing_at
     assert closed_in_s < 5.0
     released(bridge, emulator)
     assert len(pairs) == 0
-    text = httpx.get(bridge.http_url + "/metrics", timeout=5).text
-    armed, let_go = (metric(text, f'bridge_media_paired_reads_total{{change="{c}"}}') for c in ("paired", "let_go"))
-    assert armed == pairs.paired_total >= 2 and let_go == pairs.let_go_quiet >= 1
+    counted = changes(bridge)
+    assert counted["paired"] >= 2 and counted["let_go"] >= 1
 
 
 async def test_our_close_lets_go_first(emulator: ServerThread, start_bridge: Callable[..., ServerThread]) -> None:
@@ -222,7 +229,8 @@ async def test_our_close_lets_go_first(emulator: ServerThread, start_bridge: Cal
             await feeder
     released(bridge, emulator)
     # Each pairing but the last ended quietly (the feeder may stall on a loaded machine); the last, by our close.
-    assert pairs.let_go_quiet == pairs.paired_total - 1 and len(pairs) == 0
+    counted = changes(bridge)
+    assert counted["let_go"] == counted["paired"] - 1 and len(pairs) == 0
 
 
 async def test_paired_reads_off(emulator: ServerThread, start_bridge: Callable[..., ServerThread]) -> None:

@@ -115,7 +115,6 @@ class JsonPoster:
                 reply = await self._exchange(kept, request, body)
                 if reply.status != REQUEST_TIMEOUT:
                     return reply
-                self._drop(kept)  # timed out by the server, whatever its headers say
                 raise _Unanswered("the server timed the kept connection out as the request crossed it")
             except _Unanswered:
                 if self._closed:  # closed by us meanwhile: no new connection after aclose()
@@ -168,7 +167,10 @@ class JsonPoster:
         except BaseException:  # failed or cancelled part-way: its state is unknown
             connection.close()
             raise
-        self._keep(connection)
+        if reply.status == REQUEST_TIMEOUT:  # the server timed the connection out, whatever its headers say
+            connection.close()
+        else:
+            self._keep(connection)
         return reply
 
     async def _send_and_read(self, connection: _Connection, request: h11.Request, body: bytes) -> Reply:
@@ -206,12 +208,6 @@ class JsonPoster:
         except h11.RemoteProtocolError as exc:
             # h11 quotes what it could not parse: a wrong URL's page, up to 64 KB, goes no further than this
             raise HttpFailure(f"the server broke HTTP/1.1: {str(exc)[:MAX_QUOTED]}") from None
-
-    def _drop(self, connection: _Connection) -> None:
-        """Out of the kept connections, and closed."""
-        if connection in self._idle:
-            self._idle.remove(connection)
-        connection.close()
 
     def _keep(self, connection: _Connection) -> None:
         conn = connection.h11

@@ -27,7 +27,7 @@ from telephony_bridge.bridge import Call, CallDeps
 from telephony_bridge.drain import CUT_GRACE_S, DRAINED
 from telephony_bridge.errors import AdmissionError, ConfigError, SavantsError
 from telephony_bridge.ops import logging as oplog
-from telephony_bridge.serving import address
+from telephony_bridge.serving import host_port, warn_if_ipv6_only
 from telephony_bridge.settings import Settings
 from telephony_bridge.sip import sdp
 from telephony_bridge.sip.address import parse_name_addr, parse_uri
@@ -211,15 +211,11 @@ class SipServer:
         )
         self._spawn(self._timer_loop(), "sip-timers")
         log.info(
-            "SIP ingress listening on %s (UDP and TCP), advertised as %s", address(self.host, self.port), advertised
+            "SIP ingress listening on %s (UDP and TCP), advertised as %s", host_port(self.host, self.port), advertised
         )
-        if self._udp_stack is Stack.IPV6 and is_wildcard(self.host):
-            log.warning(
-                "SIP ingress on [%s]:%d takes IPv6 only on this system (net.ipv6.bindv6only is 1): IPv4 trunks and "
-                "PBXs cannot reach it; set sip.host to 0.0.0.0 for IPv4, or net.ipv6.bindv6only to 0 for both",
-                self.host,
-                self.port,
-            )
+        warn_if_ipv6_only(
+            self._udp.get_extra_info("socket"), self.host, "SIP ingress", "IPv4 trunks and PBXs", "sip.host"
+        )
 
     async def stop(self) -> None:
         """Hang up what is still live (BYE), then close the sockets."""

@@ -48,6 +48,12 @@ LIKE = 0.1  # messages within this fraction of the run's first are "like-sized"
 FRAME_HEADER_BYTES = 8
 
 
+def low_water_mark(message_bytes: int) -> int:
+    """The receive mark for messages of this much text: one and a half of them on the wire, so that one alone
+    stays under it and two pass it."""
+    return (message_bytes + FRAME_HEADER_BYTES) * 3 // 2
+
+
 @functools.cache
 def kernel_lets_go() -> bool:
     """Whether this kernel wakes an epoll waiter when a socket's ``SO_RCVLOWAT`` is lowered under what it holds
@@ -94,7 +100,7 @@ class Pairing:
             self.run += 1
             self._largest = max(self._largest, size)
             if self.run >= STEADY_RUN:
-                self._pairs.arm(self, (self._largest + FRAME_HEADER_BYTES) * 3 // 2)
+                self._pairs.arm(self, low_water_mark(self._largest))
         else:
             self._first = self._largest = size
             self.run = 1
@@ -127,8 +133,6 @@ class ReadPairs:
         self._count = count
         self._paired: set[Pairing] = set()
         self._timer: Timer | None = None
-        self.paired_total = 0  # streams paired, and let go for reading nothing over a tick: for tests
-        self.let_go_quiet = 0
 
     def pairing(self, sock: Any) -> Pairing | None:
         """A stream's pairing, for a transport that has a socket (None: read it as it comes)."""
@@ -145,7 +149,6 @@ class ReadPairs:
         pairing.armed = True
         pairing.seen = pairing.reads
         self._paired.add(pairing)
-        self.paired_total += 1
         self._count("paired")
         if self._timer is None:
             self._timer = self._clock.call_at(self._clock.monotonic() + self._tick_s, self._tick)
@@ -166,7 +169,6 @@ class ReadPairs:
         self._timer = None
         for pairing in list(self._paired):
             if pairing.reads == pairing.seen:
-                self.let_go_quiet += 1
                 self._count("let_go")
                 self.let_go(pairing)
             else:
