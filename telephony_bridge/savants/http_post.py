@@ -13,7 +13,8 @@ request on a kept connection that gets no response byte at all is sent again, on
 how a close the server made while the connection was idle shows (the request crossed it unread). A server that
 read the request and then closed without a byte of answer gets it twice. So does one that answers a request on a
 kept connection with 408 Request Timeout: that is the same race, won by the server's idle timer, and RFC 9110
-§15.5.9 lets a client repeat the request. A 408 on a new connection is the answer.
+§15.5.9 lets a client repeat the request. A 408 on a new connection is the answer. A connection that answered
+408 is never kept: the server meant to close it.
 """
 
 from __future__ import annotations
