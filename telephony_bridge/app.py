@@ -43,8 +43,8 @@ from telephony_bridge.ops.metrics import Metrics
 from telephony_bridge.ops.readiness import Readiness
 from telephony_bridge.ops.runtime import process_figures
 from telephony_bridge.registry import CallRegistry
-from telephony_bridge.savants.client import Connector, open_voice_session, tls_context
-from telephony_bridge.savants.health import TokenEndpointHealth
+from telephony_bridge.savants.client import Connector, open_voice_session, probe_voice_stream, tls_context
+from telephony_bridge.savants.health import EndpointHealth, watch_voice_stream
 from telephony_bridge.savants.http_post import JsonPoster
 from telephony_bridge.savants.tokens import TokenClient
 from telephony_bridge.settings import Settings
@@ -99,8 +99,15 @@ def create_app(
                 made_acct, made_kv = _backends(settings, clock, stack)
                 acct, kv = acct or made_acct, kv or made_kv
             metrics.count_outages(lambda: acct.unavailable_total + kv.unavailable_total)
-            token_health = TokenEndpointHealth(clock, probe_interval_s=settings.savants.token_probe_interval_s)
+            probe_interval_s = settings.savants.probe_interval_s
+            token_health = EndpointHealth("Savants token endpoint", clock, probe_interval_s=probe_interval_s)
             stack.push_async_callback(token_health.close)
+            voice_health = EndpointHealth("Savants voice stream", clock, probe_interval_s=probe_interval_s)
+            stack.push_async_callback(voice_health.close)
+            voice_url, connect_timeout_s = settings.savants.voice_stream_url, settings.savants.connect_timeout_s
+            voice_health.attach_probe(
+                functools.partial(probe_voice_stream, voice_url, connect_timeout_s, ssl_context=voice_tls)
+            )
             tokens = TokenClient(
                 http,
                 settings.savants.api_key.get_secret_value(),
@@ -108,15 +115,19 @@ def create_app(
                 health=token_health,
             )
             voice = VoiceEndpoint(
-                connect=connect
-                or functools.partial(
-                    open_voice_session,
-                    stall_timeout_s=settings.savants.stall_timeout_s,
-                    ssl_context=voice_tls,  # built once, not per connection
-                    compiled=kernels.use_compiled(settings.audio.kernels),  # numpy: all of the frame path in Python
+                connect=watch_voice_stream(
+                    connect
+                    or functools.partial(
+                        open_voice_session,
+                        stall_timeout_s=settings.savants.stall_timeout_s,
+                        ssl_context=voice_tls,  # built once, not per connection
+                        compiled=kernels.use_compiled(settings.audio.kernels),  # numpy: the frame path in Python
+                    ),
+                    voice_health,
+                    connect_timeout_s,
                 ),
-                url=settings.savants.voice_stream_url,
-                timeout_s=settings.savants.connect_timeout_s,
+                url=voice_url,
+                timeout_s=connect_timeout_s,
                 warm_token=settings.savants.warm_token,
                 preconnect=settings.savants.preconnect,
             )
@@ -138,6 +149,7 @@ def create_app(
             app.state.readiness = Readiness(
                 acct,
                 token_health,
+                voice_health,
                 clock,
                 cache_s=settings.accounting.readiness_cache_s,
                 not_ready_when_full=settings.accounting.not_ready_when_full,

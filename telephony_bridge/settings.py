@@ -16,6 +16,7 @@ from urllib.parse import urlsplit
 
 import yaml
 from pydantic import (
+    AliasChoices,
     BaseModel,
     ConfigDict,
     Field,
@@ -118,7 +119,10 @@ class SavantsSettings(_Frozen):
     stall_timeout_s: float = Field(5.0, ge=1, le=120)
     token_deadline_s: float = Field(2.5, gt=0, le=14)
     device_suspend_s: float = Field(300.0, ge=1, le=86_400)
-    token_probe_interval_s: float = Field(10.0, ge=1, le=600)
+    # How often a failing endpoint (token or voice stream) is probed; its first name still reads.
+    probe_interval_s: float = Field(
+        10.0, ge=1, le=600, validation_alias=AliasChoices("probe_interval_s", "token_probe_interval_s")
+    )
 
     @field_validator("base_url")
     @classmethod

@@ -21,6 +21,7 @@ JWT = "eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiJkZXZpY2UtYSJ9.ZmFrZS1zaWduYXR1cmU"  # opa
 
 TokenAnswer = Callable[[dict[str, object]], Response]
 Session = Callable[["FakeSavants", WebSocket], Awaitable[None]]
+Upgrade = Callable[[], Response | None]  # a refusal of the WebSocket upgrade (an HTTP response), or None: accept
 
 
 def token_or_400(body: dict[str, object]) -> Response:
@@ -44,10 +45,15 @@ async def echo(fake: FakeSavants, ws: WebSocket) -> None:
 class FakeSavants:
     """A throwaway Savants whose token answer and voice session each test scripts; counts what the bridge did."""
 
-    def __init__(self, token: TokenAnswer = token_or_400, session: Session = echo) -> None:
+    def __init__(
+        self, token: TokenAnswer = token_or_400, session: Session = echo, upgrade: Upgrade = lambda: None
+    ) -> None:
         self.token = token
         self.session = session
+        self.upgrade = upgrade
         self.token_requests = 0  # real ones, with a body (not the readiness probe's empty one)
+        self.upgrades_refused = 0
+        self.closed_before_token = 0  # upgrades closed before any token came (the readiness probe's)
         self.sessions_opened = 0
         self.sessions_active = 0
 
@@ -57,11 +63,18 @@ class FakeSavants:
             return self.token(body)
 
         async def voice_route(ws: WebSocket) -> None:
+            refusal = self.upgrade()
+            if refusal is not None:
+                self.upgrades_refused += 1
+                await ws.send_denial_response(refusal)
+                return
             await ws.accept()
             self.sessions_opened += 1
             self.sessions_active += 1
             try:
-                await ws.receive()  # the JWT, as the first text frame
+                if (await ws.receive())["type"] == "websocket.disconnect":  # else the JWT, as the first text frame
+                    self.closed_before_token += 1
+                    return
                 await self.session(self, ws)
             except WebSocketDisconnect:
                 pass

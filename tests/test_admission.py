@@ -156,7 +156,7 @@ def test_a_failing_token_endpoint_answers_unavailable_in_time_and_readyz_recover
     start_emulator: Callable[..., ServerThread], start_bridge: Callable[..., ServerThread]
 ) -> None:
     emulator = start_emulator(voice="echo", token_faults=(TokenFault(status=500),))
-    bridge = start_bridge(bridge_settings(emulator, **{"savants.token_probe_interval_s": 1}))
+    bridge = start_bridge(bridge_settings(emulator, **{"savants.probe_interval_s": 1}))
     started = time.monotonic()
     assert answer(post_voice(bridge, call_form())) == "unavailable"
     assert time.monotonic() - started < 3.5  # Twilio waits 15 s; the caller should not

@@ -8,7 +8,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 import httpx
 import numpy as np
@@ -25,6 +25,7 @@ from tests.support import (
     bridge_settings,
     call_form,
     post_voice,
+    signed_call,
     stream_ended,
     stream_parameters,
     upgrade_signature,
@@ -48,7 +49,7 @@ async def test_readyz_stays_not_ready_while_the_token_endpoint_answers_200_witho
     again a probe interval later ("Savants token endpoint answers again"), and the load balancer sent it calls
     that could only be answered "unavailable", flapping for as long as the misconfiguration lasted."""
     fake = start_fake(token=lambda body: PlainTextResponse("<html>Welcome</html>", status_code=200))
-    bridge = start_bridge(bridge_settings(fake.server, **{"savants.token_probe_interval_s": 1}))
+    bridge = start_bridge(bridge_settings(fake.server, **{"savants.probe_interval_s": 1}))
     webhook = post_voice(bridge, call_form())
     assert "<Connect" not in webhook.text  # "unavailable": no token could be had
     assert readyz(bridge) == (503, "token endpoint failing")
@@ -71,11 +72,94 @@ async def test_readyz_comes_back_once_the_token_endpoint_answers_again(
         return token_or_400(body)
 
     fake = start_fake(token=answer)
-    bridge = start_bridge(bridge_settings(fake.server, **{"savants.token_probe_interval_s": 1}))
+    bridge = start_bridge(bridge_settings(fake.server, **{"savants.probe_interval_s": 1}))
     post_voice(bridge, call_form())
     assert readyz(bridge) == (503, "token endpoint failing")
     down = False
     await asyncio.to_thread(wait_until, lambda: readyz(bridge) == (200, None), 4.0, "ready again")
+
+
+async def test_readyz_is_not_ready_while_the_voice_stream_refuses_upgrades_and_a_probe_finds_it_back(
+    start_fake: Callable[..., FakeSavants], start_bridge: Callable[..., ServerThread], caplog: pytest.LogCaptureFixture
+) -> None:
+    """Token requests work but the voice stream refuses every upgrade (503: a Savants gateway without backends).
+    Every call could only apologise, yet /readyz stayed 200, so the load balancer kept sending this replica
+    calls. Now the failed session makes it 503 "voice stream failing", with one ERROR line; while it fails, a
+    probe (an upgrade closed at once, before any token) runs every ``savants.probe_interval_s`` and spends no
+    token, and the first one that gets through makes the replica ready again, without a call."""
+    down = True
+    fake = start_fake(upgrade=lambda: PlainTextResponse("no backend", status_code=503) if down else None)
+    settings = {"savants.probe_interval_s": 1, "savants.reconnect_deadline_s": 0}
+    bridge = start_bridge(bridge_settings(fake.server, **settings))
+    assert readyz(bridge) == (200, None)
+    with caplog.at_level(logging.INFO):
+        result = await run_call(signed_call(bridge, audio_in=VOICE, seconds=4))
+    assert result.ended_by == "bridge" and result.duration_s < 3
+    assert [child.tag for child in stream_ended(bridge, result.call_sid)] == ["Say", "Hangup"]  # the apology
+    assert readyz(bridge) == (503, "voice stream failing")
+    failing = [r for r in caplog.records if "voice stream failing" in r.getMessage()]
+    assert [r.levelno for r in failing] == [logging.ERROR] and "HTTP_503" in failing[0].getMessage()
+    await asyncio.to_thread(released, bridge, fake)
+    tokens, refused = fake.token_requests, fake.upgrades_refused
+    while fake.upgrades_refused < refused + 2:  # two probes, refused too: still not ready
+        assert readyz(bridge) == (503, "voice stream failing")
+        await asyncio.sleep(0.1)
+    down = False
+    await asyncio.to_thread(wait_until, lambda: readyz(bridge) == (200, None), 4.0, "ready again")
+    assert fake.token_requests == tokens  # the probes spent no token
+    assert fake.closed_before_token >= 1 and fake.sessions_active == 0
+    assert any(r.getMessage() == "Savants voice stream answers again" for r in caplog.records)
+
+
+async def confirm_never(fake: FakeSavants, ws: WebSocket) -> None:
+    while (await ws.receive())["type"] != "websocket.disconnect":
+        pass  # reads on, never confirms
+
+
+def refuses_in_band(code: str) -> Callable[[FakeSavants, WebSocket], Awaitable[None]]:
+    async def session(fake: FakeSavants, ws: WebSocket) -> None:
+        await ws.send_json({"type": "error", "error": {"code": code, "message": "refused"}})
+        await ws.close(4401 if code == "TOKEN_EXPIRED" else 1008)
+
+    return session
+
+
+def closes_with(code: int) -> Callable[[FakeSavants, WebSocket], Awaitable[None]]:
+    async def session(fake: FakeSavants, ws: WebSocket) -> None:
+        await ws.close(code)
+
+    return session
+
+
+@pytest.mark.parametrize(
+    ("session", "ready"),
+    [
+        (refuses_in_band("TOKEN_EXPIRED"), (200, None)),  # Savants answered and judged the token
+        (refuses_in_band("INVALID_TOKEN"), (200, None)),
+        (closes_with(4408), (200, None)),  # an application's close: Savants' own auth timeout
+        (closes_with(1011), (503, "voice stream failing")),  # a server-side failure before the confirmation
+        (closes_with(1013), (503, "voice stream failing")),  # try again later: overloaded
+        (confirm_never, (503, "voice stream failing")),  # upgraded, then silent past connect_timeout_s
+    ],
+    ids=["token-expired", "invalid-token", "close-4408", "close-1011", "close-1013", "no-confirmation"],
+)
+async def test_which_failed_sessions_make_the_replica_not_ready(
+    start_fake: Callable[..., FakeSavants],
+    start_bridge: Callable[..., ServerThread],
+    session: Callable[[FakeSavants, WebSocket], Awaitable[None]],
+    ready: tuple[int, str | None],
+) -> None:
+    """A session refused in-band is about its token or device, and the voice stream works: ready. A close for a
+    server-side reason, or no confirmation within ``savants.connect_timeout_s``: the voice stream fails. Either
+    way the caller hears the apology and nothing stays held."""
+    fake = start_fake(session=session)
+    settings = {"savants.reconnect_deadline_s": 0, "savants.connect_timeout_s": 1}
+    bridge = start_bridge(bridge_settings(fake.server, **settings))
+    result = await run_call(signed_call(bridge, audio_in=VOICE, seconds=4))
+    assert result.ended_by == "bridge"
+    assert [child.tag for child in stream_ended(bridge, result.call_sid)] == ["Say", "Hangup"]
+    assert readyz(bridge) == ready
+    await asyncio.to_thread(released, bridge, fake)
 
 
 async def test_a_preconnected_session_savants_closed_before_the_stream_started_is_not_taken_for_a_goodbye(

@@ -160,3 +160,13 @@ def test_settings_the_ops_token_is_a_secret() -> None:
 def test_settings_the_drain_message_may_not_be_empty() -> None:
     with pytest.raises(ConfigError, match=r"'twilio\.drain_message'"):
         load_settings(env={"BRIDGE__TWILIO__DRAIN_MESSAGE": " "}, **{"twilio.drain_message": ""})
+
+
+def test_settings_the_probe_interval_still_reads_under_its_first_name(tmp_path: Path) -> None:
+    """``savants.token_probe_interval_s`` became ``probe_interval_s`` when the voice stream got a probe too."""
+    config = tmp_path / "config.yaml"
+    config.write_text("savants:\n  token_probe_interval_s: 3\n")
+    assert load_settings(config, env={}).savants.probe_interval_s == 3
+    env = {"BRIDGE__SAVANTS__TOKEN_PROBE_INTERVAL_S": "4"}
+    assert load_settings(env=env).savants.probe_interval_s == 4
+    assert load_settings(env={"BRIDGE__SAVANTS__PROBE_INTERVAL_S": "5"}).savants.probe_interval_s == 5

@@ -1,10 +1,10 @@
 """``/readyz``: whether this replica should be sent new calls, and if not, which check fails.
 
 The checks, in order: draining; the accounting backend (Redis) answers; some device has both a free slot and
-token budget (a new call needs both, spec §8); the Savants token endpoint has not failed recently. A load
-balancer probes every second or so, so the accounting read (one Lua script on Redis) is cached for
-``cache_s`` and shared by concurrent probes, and the token endpoint is judged from real token requests plus
-an occasional probe that is not a token request (``TokenEndpointHealth``).
+token budget (a new call needs both, spec §8); the Savants token endpoint, then its voice stream, have not
+failed recently. A load balancer probes every second or so, so the accounting read (one Lua script on Redis)
+is cached for ``cache_s`` and shared by concurrent probes, and each Savants endpoint is judged from real
+requests plus, while it fails, an occasional probe that spends no token (``EndpointHealth``).
 """
 
 from __future__ import annotations
@@ -15,18 +15,19 @@ from typing import Any
 
 from telephony_bridge.accounting.base import Accounting
 from telephony_bridge.clock import Clock
-from telephony_bridge.savants.health import TokenEndpointHealth
+from telephony_bridge.savants.health import EndpointHealth
 
 DRAINING = "draining"
 ACCOUNTING = "accounting unavailable"
 CAPACITY = "device pool full"
 TOKEN_ENDPOINT = "token endpoint failing"
+VOICE_STREAM = "voice stream failing"
 
 
 @dataclass(frozen=True)
 class Verdict:
     ready: bool
-    reason: str | None = None  # the check that fails: one of the four names above
+    reason: str | None = None  # the check that fails: one of the names above
     detail: str = ""
 
     def to_json(self) -> dict[str, Any]:
@@ -51,7 +52,8 @@ class Readiness:
     def __init__(
         self,
         accounting: Accounting,
-        token_health: TokenEndpointHealth,
+        token_health: EndpointHealth,
+        voice_health: EndpointHealth,
         clock: Clock,
         *,
         cache_s: float = 1.0,
@@ -59,6 +61,7 @@ class Readiness:
     ) -> None:
         self._accounting = accounting
         self._token_health = token_health
+        self._voice_health = voice_health
         self._clock = clock
         self._cache_s = cache_s
         self._not_ready_when_full = not_ready_when_full
@@ -76,6 +79,8 @@ class Readiness:
             return Verdict(False, CAPACITY, "no device has both a free slot and token budget")
         if not self._token_health.healthy():
             return Verdict(False, TOKEN_ENDPOINT, f"Savants token requests fail: {self._token_health.last_error}")
+        if not self._voice_health.healthy():
+            return Verdict(False, VOICE_STREAM, f"Savants voice sessions fail: {self._voice_health.last_error}")
         return Verdict(True)
 
     async def _accounting_snapshot(self) -> dict[str, Any]:

@@ -17,6 +17,7 @@ import logging
 import ssl
 from collections import deque
 from collections.abc import Awaitable, Callable
+from typing import Any
 from urllib.parse import urlsplit
 
 from picows import (
@@ -378,21 +379,16 @@ async def open_voice_session(
     connected = False
     try:
         async with asyncio.timeout(timeout_s):
-            transport, _ = await ws_connect(
+            transport, _ = await _ws_connect(
                 listener,
                 url,
-                # Also picows' own deadline for the upgrade: if we give up (time out, or are cancelled) while it
-                # is in flight, picows closes the socket by then; an answer after that finds ``abandoned``.
-                websocket_handshake_timeout=timeout_s,
-                logger_name=_picows_log,
+                timeout_s,
+                ssl_context,
                 enable_auto_ping=True,
                 auto_ping_idle_timeout=stall_timeout_s / 2,
                 auto_ping_reply_timeout=stall_timeout_s / 2,
                 auto_ping_strategy=WSAutoPingStrategy.PING_WHEN_IDLE,
                 max_frame_size=MAX_MESSAGE_BYTES,
-                proxy=None,
-                use_aiofastnet=False,
-                ssl_context=ssl_context,
             )
             connection = opening.connection
             if connection is None:  # the server hung up without answering the upgrade
@@ -409,6 +405,46 @@ async def open_voice_session(
         if translated is exc:
             raise
         raise translated from None
+
+
+async def probe_voice_stream(url: str, timeout_s: float, *, ssl_context: ssl.SSLContext | None = None) -> str | None:
+    """Whether the voice stream takes a WebSocket upgrade (None), else what went wrong, within ``timeout_s``. The
+    connection is closed with 1000 at once, before any token (spec §6.2): it spends no token and takes no
+    device's socket, so ``/readyz`` can run it while the endpoint is failing (savants/health.py)."""
+    try:
+        async with asyncio.timeout(timeout_s):
+            transport, _ = await _ws_connect(WSListener, url, timeout_s, ssl_context)
+            transport.send_close(WSCloseCode.OK)
+            transport.disconnect()
+            await transport.wait_disconnected()
+    except BaseException as exc:
+        translated = _translate(exc, timeout_s, handshake=False)
+        if translated is exc:
+            raise
+        return f"{translated.code}: {translated}" if isinstance(translated, SessionError) else str(translated)
+    return None
+
+
+def _ws_connect(
+    listener: Callable[..., WSListener],
+    url: str,
+    timeout_s: float,
+    ssl_context: ssl.SSLContext | None,
+    **options: Any,
+) -> Awaitable[tuple[WSTransport, WSListener]]:
+    """picows' ``ws_connect`` as every connection to the voice stream makes it. ``timeout_s`` is also picows' own
+    deadline for the upgrade: if we give up (time out, or are cancelled) while it is in flight, picows closes
+    the socket by then (``open_voice_session``: an answer after that finds ``abandoned``)."""
+    return ws_connect(
+        listener,
+        url,
+        websocket_handshake_timeout=timeout_s,
+        logger_name=_picows_log,
+        proxy=None,
+        use_aiofastnet=False,
+        ssl_context=ssl_context,
+        **options,
+    )
 
 
 class _Opening:
@@ -440,7 +476,9 @@ def _translate(exc: BaseException, timeout_s: float, *, handshake: bool) -> Base
     """picows' failures as our ``SessionError``; anything else unchanged."""
     if isinstance(exc, TimeoutError):
         if handshake:
-            return SessionError(f"no confirmation within {timeout_s} s of connecting", code="AUTH_TIMEOUT")
+            # Ours, not Savants' AUTH_TIMEOUT (a token it got too late): Savants took the upgrade and then said
+            # nothing in time, which /readyz counts against the voice stream (savants/health.py).
+            return SessionError(f"no confirmation within {timeout_s} s of connecting", code="CONFIRM_TIMEOUT")
         return SessionError(f"voice stream did not open within {timeout_s} s", code="CONNECT_TIMEOUT")
     if isinstance(exc, WSInvalidStatusError) and exc.response is not None:
         status = int(exc.response.status)

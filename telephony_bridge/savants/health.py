@@ -1,11 +1,18 @@
-"""Whether the Savants token endpoint works, for ``/readyz``: learned from the real token requests, and while
-it is failing, from a probe at most every ``probe_interval_s``.
+"""Whether the Savants endpoints work, for ``/readyz``: learned from real requests, and while one is failing,
+from a probe at most every ``probe_interval_s``. Without the probe a replica taken out of rotation for an
+outage would never see another call, so never learn that the outage is over.
 
-A probe is never a token request: it posts an empty JSON object, which a working endpoint refuses with 400
-``INVALID_REQUEST`` (spec §3.3) without counting it against any device. A 4xx means the endpoint is up; a 5xx,
-a timeout, no connection, or a 2xx/3xx (no Savants answers an empty body so: a wrong URL) means it is not.
-Without the probe a replica taken out of rotation for a token outage would never see another call, so never
-learn that the outage is over.
+Two endpoints are watched, each with an ``EndpointHealth``:
+
+- The token endpoint (``TokenClient`` reports each request). Its probe is never a token request: it posts an
+  empty JSON object, which a working endpoint refuses with 400 ``INVALID_REQUEST`` (spec §3.3) without counting
+  it against any device.
+- The voice stream (``watch_voice_stream`` wraps the connector every session is opened with). A session
+  confirmed, or refused in-band (an ``error`` message, a close with an application's code: Savants answered
+  and judged the token), means the endpoint works; no connection, an upgrade answered with an HTTP error, a
+  close for a server-side reason (1001, 1011-1014, no close frame), Savants' ``SERVER_ERROR``-like codes, or no
+  confirmation within the configured timeout mean it does not. Its probe is a WebSocket upgrade closed at once
+  with 1000, before any token: no token spent, no device's socket taken (spec §6.1-6.2).
 """
 
 from __future__ import annotations
@@ -15,14 +22,29 @@ import logging
 from collections.abc import Awaitable, Callable
 
 from telephony_bridge.clock import Clock
+from telephony_bridge.errors import SessionError
+from telephony_bridge.savants.client import Connector, SavantsConnection
 
 log = logging.getLogger(__name__)
 
 Probe = Callable[[], Awaitable[str | None]]  # None: the endpoint answered; else what went wrong
 
+# Session errors that say the voice stream itself is failing, rather than refusing one token or device.
+STREAM_FAILURES = frozenset(
+    {"CONNECT_TIMEOUT", "CONNECT_FAILED", "CONFIRM_TIMEOUT", "SERVER_ERROR", "INTERNAL_ERROR", "SERVICE_UNAVAILABLE"}
+)
+TIMEOUTS = frozenset({"CONNECT_TIMEOUT", "CONFIRM_TIMEOUT"})
+# Close codes for a server-side end (RFC 6455 §7.4.1: going away, internal error, restart, try again later, bad
+# gateway); None: the connection ended without a close frame.
+SERVER_SIDE_CLOSES = frozenset({None, 1001, 1006, 1011, 1012, 1013, 1014})
 
-class TokenEndpointHealth:
-    def __init__(self, clock: Clock, *, probe_interval_s: float = 10.0) -> None:
+
+class EndpointHealth:
+    """One endpoint's state: healthy until a real request fails, then unhealthy until a request or probe works."""
+
+    def __init__(self, name: str, clock: Clock, *, probe_interval_s: float = 10.0) -> None:
+        """``name``: how log lines call the endpoint ("Savants token endpoint")."""
+        self.name = name
         self._clock = clock
         self._probe_interval_s = probe_interval_s
         self._probe: Probe | None = None
@@ -41,7 +63,7 @@ class TokenEndpointHealth:
     def record_failure(self, error: str) -> None:
         self._news += 1
         if self.last_error is None:
-            log.error("Savants token endpoint failing: %s; not ready for new calls until it answers", error)
+            log.error("%s failing: %s; not ready for new calls until it answers", self.name, error)
         self.last_error = error
         self._last_probe_at = self._clock.monotonic()  # a real failure is as good as a probe: wait a full interval
 
@@ -70,10 +92,43 @@ class TokenEndpointHealth:
 
     def _succeeded(self) -> None:
         if self.last_error is not None:
-            log.warning("Savants token endpoint answers again")
+            log.warning("%s answers again", self.name)
         self.last_error = None
 
     async def close(self) -> None:
         if self._probing is not None:
             self._probing.cancel()
             await asyncio.gather(self._probing, return_exceptions=True)
+
+
+def stream_failure(exc: SessionError, timeout_s: float, configured_timeout_s: float) -> bool | None:
+    """Whether a failed session open says the voice stream is failing (True), that it works and refused this
+    token or device (False), or nothing (None): a timeout shorter than the configured one (a reconnect near its
+    deadline) is the call's haste, not the endpoint's slowness."""
+    if exc.code in TIMEOUTS:
+        return True if timeout_s >= configured_timeout_s else None
+    if exc.code in STREAM_FAILURES or exc.code.startswith("HTTP_"):
+        return True
+    if exc.code == "CLOSED":
+        return exc.close_code in SERVER_SIDE_CLOSES
+    return False
+
+
+def watch_voice_stream(connect: Connector, health: EndpointHealth, configured_timeout_s: float) -> Connector:
+    """``connect``, telling ``health`` how each session open went (``stream_failure``). A cancelled open (the
+    caller hung up meanwhile) and failures that are not the session's (a bug) tell it nothing."""
+
+    async def watched(url: str, token: str, timeout_s: float) -> SavantsConnection:
+        try:
+            connection = await connect(url, token, timeout_s)
+        except SessionError as exc:
+            failing = stream_failure(exc, timeout_s, configured_timeout_s)
+            if failing:
+                health.record_failure(f"{exc.code}: {exc}")
+            elif failing is not None:
+                health.record_success()
+            raise
+        health.record_success()
+        return connection
+
+    return watched

@@ -8,7 +8,7 @@ from __future__ import annotations
 import asyncio
 
 from telephony_bridge.errors import TokenError
-from telephony_bridge.savants.health import TokenEndpointHealth
+from telephony_bridge.savants.health import EndpointHealth
 from telephony_bridge.savants.http_post import REQUEST_TIMEOUT, HttpFailure, JsonPoster, Reply
 
 TOKEN_PATH = "/api/websocket-voice/token"
@@ -33,7 +33,7 @@ class TokenClient:
         api_key: str,
         timeout_s: float = 5.0,
         *,
-        health: TokenEndpointHealth | None = None,
+        health: EndpointHealth | None = None,
     ) -> None:
         self._http = http
         self._api_key = api_key
