@@ -175,7 +175,7 @@ def create_app(
             app.state.registry = registry
             app.state.sip = None
             if settings.sip.port is not None:
-                sip = SipServer(app.state.deps, draining=lambda: drain.draining)
+                sip = SipServer(app.state.deps, draining=lambda: drain.draining, readiness=app.state.readiness)
                 await sip.start()
                 stack.push_async_callback(sip.stop)
                 app.state.sip = sip

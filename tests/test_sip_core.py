@@ -484,10 +484,11 @@ def test_options_reports_readiness() -> None:
     out = core.receive(options, PEER, T0)  # type: ignore[arg-type]
     (ok,) = sent(out)
     assert isinstance(ok, Response) and ok.status == 200 and "INVITE" in (ok.headers.get("Allow") or "")
-    core.options_status = 503
+    core.not_ready = "voice stream failing"
     options2 = parse_datagram((DATA / "options_bare_lf.sip").read_bytes().replace(b"options-1\n", b"options-2\n"))
     (busy,) = sent(core.receive(options2, PEER, T0))  # type: ignore[arg-type]
-    assert isinstance(busy, Response) and busy.status == 503 and busy.headers.get("Retry-After")
+    assert isinstance(busy, Response) and busy.status == 503 and busy.headers.get("Retry-After") == "5"
+    assert busy.headers.get("Warning") == '399 telephony-bridge "voice stream failing"'
 
 
 def test_require_100rel_is_420_and_unknown_methods_405_501() -> None:

@@ -7,13 +7,14 @@ with ``ring``/``answer``/``reject``; ``hangup`` sends our BYE, held back until t
 BYE must not precede the ACK (§4), to where ``Dialog.destination`` says.
 
 What the core answers by itself: ``100 Trying`` at once; retransmissions (never a second call, G11); CANCEL
-(``200`` + ``487``, or ``481``); BYE (``200``); OPTIONS (``options_status``); in-dialog requests for an unknown
-dialog (``481``) or with a CSeq that went down (``500``); a second re-INVITE while one is open (``500`` +
-``Retry-After``); a new offer while ours awaits its ACK (``491``); unsupported ``Require`` (``420``); methods we
-do not take (``405``/``501``); malformed requests (``400``). Calls are keyed by Call-ID: a UAS sees one dialog
-per Call-ID in practice, and a new INVITE naming a Call-ID still held here is not allowed to take the call over:
-it is handed to the driver (``CallIdInUse``), which answers it with ``refuse_invite`` (``401`` first when the
-sender must authenticate, so that only an authenticated peer learns the Call-ID is live; then ``482``).
+(``200`` + ``487``, or ``481``); BYE (``200``); OPTIONS (``200``, or ``503`` while ``not_ready``); in-dialog
+requests for an unknown dialog (``481``) or with a CSeq that went down (``500``); a second re-INVITE while one is
+open (``500`` + ``Retry-After``); a new offer while ours awaits its ACK (``491``); unsupported ``Require``
+(``420``); methods we do not take (``405``/``501``); malformed requests (``400``). Calls are keyed by Call-ID:
+a UAS sees one dialog per Call-ID in practice, and a new INVITE naming a Call-ID still held here is not allowed
+to take the call over: it is handed to the driver (``CallIdInUse``), which answers it with ``refuse_invite``
+(``401`` first when the sender must authenticate, so that only an authenticated peer learns the Call-ID is live;
+then ``482``).
 """
 
 from __future__ import annotations
@@ -212,7 +213,9 @@ class UserAgentCore:
     advertised_host: str
     port: int
     timers: Timers = field(default_factory=Timers)
-    options_status: int = 200  # what OPTIONS (and a dispatcher's health check) hears; 503 while draining
+    # Why this replica should not be sent calls (``/readyz``'s reason: "draining", "voice stream failing"...), or
+    # None: what OPTIONS, a dispatcher's health check, hears (200, or 503 with Retry-After and a Warning naming it).
+    not_ready: str | None = None
     connected: Callable[[int], bool] = _open
     may_send_to: Callable[[str], bool] = _no_host
     udp_reaches: Callable[[str], bool] = anywhere
@@ -257,9 +260,11 @@ class UserAgentCore:
             return self._on_cancel(request, peer, now, key)
         if request.method == "OPTIONS" and not _to_tag(request):
             rows = [("Allow", ALLOW), ("Accept", "application/sdp"), ("Supported", SUPPORTED)]
-            if self.options_status == 503:
-                rows.append(("Retry-After", "5"))
-            return self._stateless(request, peer, now, key, self.options_status, rows=rows)
+            if self.not_ready is None:
+                return self._stateless(request, peer, now, key, 200, rows=rows)
+            # RFC 3261 §20.43: 399, a miscellaneous warning, from a pseudonym rather than our address.
+            rows += [("Retry-After", "5"), ("Warning", f'399 telephony-bridge "{self.not_ready}"')]
+            return self._stateless(request, peer, now, key, 503, rows=rows)
         if request.method == "INVITE" and not _to_tag(request):
             return self._on_invite(request, peer, now, key)
         return self._in_dialog(request, peer, now, key)

@@ -27,6 +27,7 @@ from telephony_bridge.bridge import Call, CallDeps
 from telephony_bridge.drain import CUT_GRACE_S, DRAINED
 from telephony_bridge.errors import AdmissionError, ConfigError, SavantsError
 from telephony_bridge.ops import logging as oplog
+from telephony_bridge.ops.readiness import DRAINING, Readiness, Verdict
 from telephony_bridge.serving import host_port, warn_if_ipv6_only
 from telephony_bridge.settings import Settings
 from telephony_bridge.sip import sdp
@@ -150,13 +151,24 @@ class _Live:
 class SipServer:
     """UDP + TCP listener on ``sip.port`` feeding the UAS core; one task per INVITE."""
 
-    def __init__(self, deps: CallDeps, *, draining: Callable[[], bool], timers: Timers | None = None) -> None:
+    def __init__(
+        self,
+        deps: CallDeps,
+        *,
+        draining: Callable[[], bool],
+        readiness: Readiness | None = None,
+        timers: Timers | None = None,
+    ) -> None:
+        """``readiness``: what ``/readyz`` answers, which OPTIONS then answers too (``_watch_readiness``); None:
+        OPTIONS follows the drain alone."""
         require_sip_security(deps.settings)
         self._deps = deps
         sip = deps.settings.sip
         self._settings = sip
         self._clock = deps.clock
         self._draining = draining
+        self._readiness = readiness
+        self._verdict = Verdict(True)  # the latest readiness check's, for OPTIONS
         self.host = sip.host or deps.settings.listen_host
         sources = sip.allowed_sources or (DEV_SOURCES if deps.settings.dev_mode and not sip.users else ())
         self._sources: Networks = [ipaddress.ip_network(s, strict=False) for s in sources]
@@ -210,6 +222,8 @@ class SipServer:
             udp_reaches=self._udp_reaches,
         )
         self._spawn(self._timer_loop(), "sip-timers")
+        if self._readiness is not None:
+            self._spawn(self._watch_readiness(self._readiness), "sip-readiness")
         log.info(
             "SIP ingress listening on %s (UDP and TCP), advertised as %s", host_port(self.host, self.port), advertised
         )
@@ -283,7 +297,8 @@ class SipServer:
 
     def _input(self, parsed: Any, peer: Peer) -> None:
         assert self.core is not None
-        self.core.options_status = 503 if self._draining() else 200  # what a dispatcher's OPTIONS ping hears
+        verdict = Verdict(False, DRAINING) if self._draining() else self._verdict  # the drain is known at once
+        self.core.not_ready = verdict.reason  # what a dispatcher's OPTIONS ping hears
         if isinstance(parsed, Request) and not self._trusted(peer) and self._auth is None:
             self._refuse_source(parsed, peer)
             return
@@ -387,6 +402,20 @@ class SipServer:
                 send.to.port,
                 self.host,
             )
+
+    async def _watch_readiness(self, readiness: Readiness) -> None:
+        """Keep the verdict OPTIONS answers with as ``/readyz`` would give it, refreshed every
+        ``accounting.readiness_cache_s`` (at least every 0.2 s): a dispatcher that pings with OPTIONS (Kamailio,
+        OpenSIPS, an SBC) takes a replica that cannot take calls out of rotation as a load balancer does on
+        ``/readyz``. The check is the same object's, so the accounting read is shared with ``/readyz``'s."""
+        every_s = max(self._deps.settings.accounting.readiness_cache_s, 0.2)
+        while True:
+            try:
+                self._verdict = await readiness.check(draining=False)
+            except Exception as exc:  # an unknown state is not ready; the loop goes on
+                log.warning("SIP readiness check failed: %s: %s", type(exc).__name__, exc)
+                self._verdict = Verdict(False, "readiness check failed")
+            await self._clock.sleep_until(self._clock.monotonic() + every_s)
 
     async def _timer_loop(self) -> None:
         assert self.core is not None
