@@ -9,13 +9,13 @@ import asyncio
 import re
 from collections.abc import Callable
 
-import httpx
 from starlette.responses import PlainTextResponse
 
 from telephony_bridge.serving import ServerThread
 from telephony_bridge.tools.sip_caller import SipCallConfig, place_sip_call
 from tests.fake_savants import FakeSavants
 from tests.support import wait_until
+from tests.test_savants_faults import readyz
 from tests.test_sip_calls import start_sip_bridge, status, target
 from tests.test_sip_faults import RawUac, udp_socket
 
@@ -28,11 +28,6 @@ def options(port: int) -> tuple[int, str | None]:
         answer = sock.recv(65535).decode()
     warning = re.search(r'^Warning: 399 telephony-bridge "([^"]*)"\r$', answer, re.M)
     return int(answer.split(" ", 2)[1]), warning.group(1) if warning else None
-
-
-def readyz(bridge: ServerThread) -> tuple[int, str | None]:
-    answer = httpx.get(bridge.http_url + "/readyz", timeout=5)
-    return answer.status_code, answer.json().get("reason")
 
 
 async def test_options_answers_503_naming_the_failing_check_and_200_once_it_passes(
