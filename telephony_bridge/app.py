@@ -104,6 +104,7 @@ def create_app(
             stack.push_async_callback(token_health.close)
             voice_health = EndpointHealth("Savants voice stream", clock, probe_interval_s=probe_interval_s)
             stack.push_async_callback(voice_health.close)
+            metrics.watch_endpoints({"token": lambda: token_health.up, "voice_stream": lambda: voice_health.up})
             voice_url, connect_timeout_s = settings.savants.voice_stream_url, settings.savants.connect_timeout_s
             voice_health.attach_probe(
                 functools.partial(probe_voice_stream, voice_url, connect_timeout_s, ssl_context=voice_tls)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import time
 from collections.abc import Awaitable, Callable
 
@@ -40,6 +41,13 @@ def readyz(bridge: ServerThread) -> tuple[int, str | None]:
     return answer.status_code, answer.json().get("reason")
 
 
+def endpoints_up(bridge: ServerThread) -> dict[str, float]:
+    """``bridge_savants_endpoint_up`` by endpoint, from /metrics."""
+    metrics = httpx.get(bridge.http_url + "/metrics", timeout=5).text
+    found = re.findall(r'^bridge_savants_endpoint_up\{endpoint="(\w+)"\} (\S+)$', metrics, re.M)
+    return {endpoint: float(value) for endpoint, value in found}
+
+
 async def test_readyz_stays_not_ready_while_the_token_endpoint_answers_200_without_a_token(
     start_fake: Callable[..., FakeSavants], start_bridge: Callable[..., ServerThread]
 ) -> None:
@@ -53,6 +61,7 @@ async def test_readyz_stays_not_ready_while_the_token_endpoint_answers_200_witho
     webhook = post_voice(bridge, call_form())
     assert "<Connect" not in webhook.text  # "unavailable": no token could be had
     assert readyz(bridge) == (503, "token endpoint failing")
+    assert endpoints_up(bridge) == {"token": 0.0, "voice_stream": 1.0}
     probes_due = time.monotonic() + 3.0  # three probe intervals
     while time.monotonic() < probes_due:
         assert readyz(bridge) == (503, "token endpoint failing")
@@ -97,6 +106,7 @@ async def test_readyz_is_not_ready_while_the_voice_stream_refuses_upgrades_and_a
     assert result.ended_by == "bridge" and result.duration_s < 3
     assert [child.tag for child in stream_ended(bridge, result.call_sid)] == ["Say", "Hangup"]  # the apology
     assert readyz(bridge) == (503, "voice stream failing")
+    assert endpoints_up(bridge) == {"token": 1.0, "voice_stream": 0.0}
     failing = [r for r in caplog.records if "voice stream failing" in r.getMessage()]
     assert [r.levelno for r in failing] == [logging.ERROR] and "HTTP_503" in failing[0].getMessage()
     await asyncio.to_thread(released, bridge, fake)
@@ -109,6 +119,7 @@ async def test_readyz_is_not_ready_while_the_voice_stream_refuses_upgrades_and_a
     assert fake.token_requests == tokens  # the probes spent no token
     assert fake.closed_before_token >= 1 and fake.sessions_active == 0
     assert any(r.getMessage() == "Savants voice stream answers again" for r in caplog.records)
+    assert endpoints_up(bridge) == {"token": 1.0, "voice_stream": 1.0}
 
 
 async def confirm_never(fake: FakeSavants, ws: WebSocket) -> None:

@@ -189,6 +189,19 @@ class Metrics:
         limit.set(max_calls)
         self.registry.register(_DeviceCalls(tuple(device_ids), calls))
 
+    def watch_endpoints(self, up: Mapping[str, Callable[[], bool]]) -> None:
+        """``bridge_savants_endpoint_up{endpoint}``: 1 while the Savants endpoint works, 0 while it fails (what
+        ``/readyz`` judges, read at scrape time). A fleet whose replicas all say not ready gets no calls, so the
+        call counters go quiet just when an alert is needed: this gauge is the one that shows it."""
+        gauge = Gauge(
+            "bridge_savants_endpoint_up",
+            "1 while the Savants endpoint works, 0 while it fails (what /readyz judges)",
+            ["endpoint"],
+            registry=self.registry,
+        )
+        for endpoint, works in up.items():
+            gauge.labels(endpoint).set_function(lambda works=works: float(works()))
+
     def count_outages(self, outages: Callable[[], int]) -> None:
         """``bridge_accounting_unavailable_total`` reads ``outages`` at scrape time: the backends count every
         request Redis did not answer (a heartbeat, a release, a status read), so an outage shows while calls go

@@ -67,6 +67,11 @@ class EndpointHealth:
         self.last_error = error
         self._last_probe_at = self._clock.monotonic()  # a real failure is as good as a probe: wait a full interval
 
+    @property
+    def up(self) -> bool:
+        """Whether the endpoint works, as last learned; unlike ``healthy`` it never starts a probe."""
+        return self.last_error is None
+
     def healthy(self) -> bool:
         """Cheap: no I/O. While failing, starts one background probe if the last one is old enough."""
         if self.last_error is None:
