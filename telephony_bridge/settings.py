@@ -16,7 +16,6 @@ from urllib.parse import urlsplit
 
 import yaml
 from pydantic import (
-    AliasChoices,
     BaseModel,
     ConfigDict,
     Field,
@@ -119,10 +118,7 @@ class SavantsSettings(_Frozen):
     stall_timeout_s: float = Field(5.0, ge=1, le=120)
     token_deadline_s: float = Field(2.5, gt=0, le=14)
     device_suspend_s: float = Field(300.0, ge=1, le=86_400)
-    # How often a failing endpoint (token or voice stream) is probed; its first name still reads.
-    probe_interval_s: float = Field(
-        10.0, ge=1, le=600, validation_alias=AliasChoices("probe_interval_s", "token_probe_interval_s")
-    )
+    probe_interval_s: float = Field(10.0, ge=1, le=600)  # once token_probe_interval_s (RENAMED)
 
     @field_validator("base_url")
     @classmethod
@@ -356,6 +352,9 @@ ENVIRONMENT: dict[str, str] = {
 SECRET_KEYS = frozenset({"savants.api_key", "twilio.auth_token", "ops.token"})
 # Any key, named or not above, can also be set as BRIDGE__<SECTION>__<KEY>, e.g. BRIDGE__AUDIO__OUTBOUND_LEAD_MS.
 GENERIC_PREFIX = "BRIDGE__"
+# Keys that were renamed: the old name still reads, in the config file and the environment alike, unless the new
+# one is given in the same place (then the new one wins).
+RENAMED = {"savants.token_probe_interval_s": "savants.probe_interval_s"}
 
 
 def env_name(key: str) -> str:
@@ -380,18 +379,25 @@ def load_settings(
     data: dict[str, Any] = {}
     if path is not None:
         data = _read_yaml(Path(path))
+        _rename_in(data)
     sources: dict[str, str] = {}  # key -> the environment variable that set it, for error messages
-    for var, value in sorted(env.items()):
-        if var.startswith(GENERIC_PREFIX) and value != "":
-            key = var.removeprefix(GENERIC_PREFIX).lower().replace("__", ".")
-            sources[key] = var
-            _assign(data, key, value, var)
+    generic = {
+        var.removeprefix(GENERIC_PREFIX).lower().replace("__", "."): var
+        for var, value in sorted(env.items())
+        if var.startswith(GENERIC_PREFIX) and value != ""
+    }
+    for key, var in generic.items():
+        if RENAMED.get(key) in generic:
+            continue  # an old name, with the new one given too
+        key = RENAMED.get(key, key)
+        sources[key] = var
+        _assign(data, key, env[var], var)
     for var, key in ENVIRONMENT.items():
         if env.get(var, "") != "":
             sources[key] = var
             _assign(data, key, env[var], var)
     for key, value in overrides.items():
-        _assign(data, key, value)
+        _assign(data, RENAMED.get(key, key), value)
     try:
         return Settings.model_validate(data)
     except ValidationError as exc:
@@ -410,6 +416,18 @@ def _read_yaml(path: Path) -> dict[str, Any]:
     if not isinstance(loaded, dict):
         raise ConfigError(f"config file {str(path)!r} must hold a mapping of keys, got {type(loaded).__name__}")
     return loaded
+
+
+def _rename_in(data: dict[str, Any]) -> None:
+    """The config file's old key names as their new ones (``RENAMED``), unless the new one is there too."""
+    for old, new in RENAMED.items():
+        *parents, leaf = old.split(".")
+        node = data
+        for part in parents:
+            node = node.get(part) if isinstance(node, dict) else None
+        if isinstance(node, dict) and leaf in node:
+            value = node.pop(leaf)
+            node.setdefault(new.rsplit(".", 1)[1], value)
 
 
 def _assign(data: dict[str, Any], dotted: str, value: Any, var: str | None = None) -> None:

@@ -54,7 +54,7 @@ class FakeSavants:
         self.token_requests = 0  # real ones, with a body (not the readiness probe's empty one)
         self.upgrades_refused = 0
         self.closed_before_token = 0  # upgrades closed before any token came (the readiness probe's)
-        self.sessions_opened = 0
+        self.sessions_opened = 0  # upgrades accepted, the readiness probe's included
         self.sessions_active = 0
 
         async def token_route(request: Request) -> Response:

@@ -23,7 +23,13 @@ from typing import Any
 import pytest
 
 from telephony_bridge.errors import SessionError
-from telephony_bridge.savants.client import CLOSE_TIMEOUT_S, SavantsConnection, open_voice_session, tls_context
+from telephony_bridge.savants.client import (
+    CLOSE_TIMEOUT_S,
+    SavantsConnection,
+    open_voice_session,
+    probe_voice_stream,
+    tls_context,
+)
 from telephony_bridge.savants.protocol import Audio, Notice
 from tests.support import BENCH, tool
 
@@ -472,3 +478,39 @@ async def test_client_wss_connects_with_the_context_it_is_given(certificate: tup
             await open_voice_session(secure, "a.b.c", 5.0)
     assert (tokens, refused.value.code) == ([b"a.b.c"], "CONNECT_FAILED")
     assert "CERTIFICATE_VERIFY_FAILED" in str(refused.value)
+
+
+async def test_probe_upgrades_and_closes_with_1000_before_any_token() -> None:
+    """The readiness probe (savants/health.py): an upgrade, then a close frame with 1000 and nothing else."""
+    seen: asyncio.Future[tuple[int, bytes]] = asyncio.get_running_loop().create_future()
+
+    async def peer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await upgrade(reader, writer)
+        seen.set_result(await read_frame(reader))
+
+    async with raw_peer(peer) as url, asyncio.timeout(10):
+        assert await probe_voice_stream(url, 5.0) is None
+        assert await seen == (CLOSE, struct.pack("!H", 1000))
+
+
+async def test_probe_names_what_went_wrong() -> None:
+    """A server that hangs up before answering the upgrade (a dead backend behind a TCP proxy) fails the probe as
+    it fails every session: it must not pass for a working endpoint. So do a refused upgrade and no listener."""
+
+    async def hangs_up(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+
+    async def refuses(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+        await writer.drain()
+
+    async with asyncio.timeout(20):
+        async with raw_peer(hangs_up) as url:
+            assert (await probe_voice_stream(url, 5.0) or "").startswith("CONNECT_FAILED")
+        async with raw_peer(refuses) as url:
+            assert (await probe_voice_stream(url, 5.0) or "").startswith("HTTP_503")
+        with socket.socket() as unused:
+            unused.bind(("127.0.0.1", 0))
+            port = unused.getsockname()[1]
+        assert (await probe_voice_stream(f"ws://127.0.0.1:{port}/voice-stream", 5.0) or "").startswith("CONNECT_FAILED")

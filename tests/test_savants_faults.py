@@ -19,7 +19,7 @@ from starlette.websockets import WebSocket
 from websockets.asyncio.client import connect
 
 from telephony_bridge.serving import ServerThread
-from telephony_bridge.tools.caller import CallConfig, new_sid, run_call
+from telephony_bridge.tools.caller import CallConfig, CallResult, new_sid, run_call
 from telephony_bridge.twilio import protocol as tw
 from tests.fake_savants import FakeSavants, calls_up, echo, released, token_or_400
 from tests.support import (
@@ -39,6 +39,15 @@ VOICE = (np.sin(2 * np.pi * 440 * np.arange(8000 * 6) / 8000) * 3000).astype(np.
 def readyz(bridge: ServerThread) -> tuple[int, str | None]:
     answer = httpx.get(bridge.http_url + "/readyz", timeout=5)
     return answer.status_code, answer.json().get("reason")
+
+
+async def three_calls(bridge: ServerThread) -> list[CallResult]:
+    """``TRIP_AFTER`` calls at once, each of whose sessions fails to open: each hears the apology, no dead air."""
+    results = await asyncio.gather(*(run_call(signed_call(bridge, audio_in=VOICE, seconds=4)) for _ in range(3)))
+    for result in results:
+        assert result.ended_by == "bridge" and result.duration_s < 3
+        assert [child.tag for child in stream_ended(bridge, result.call_sid)] == ["Say", "Hangup"]  # the apology
+    return results
 
 
 def endpoints_up(bridge: ServerThread) -> dict[str, float]:
@@ -93,18 +102,17 @@ async def test_readyz_is_not_ready_while_the_voice_stream_refuses_upgrades_and_a
 ) -> None:
     """Token requests work but the voice stream refuses every upgrade (503: a Savants gateway without backends).
     Every call could only apologise, yet /readyz stayed 200, so the load balancer kept sending this replica
-    calls. Now the failed session makes it 503 "voice stream failing", with one ERROR line; while it fails, a
-    probe (an upgrade closed at once, before any token) runs every ``savants.probe_interval_s`` and spends no
-    token, and the first one that gets through makes the replica ready again, without a call."""
+    calls. Now three failed sessions in a row (``TRIP_AFTER``) make it 503 "voice stream failing", with one ERROR
+    line; while it fails, a probe (an upgrade closed at once, before any token) runs every
+    ``savants.probe_interval_s`` and spends no token, and the first one that gets through makes the replica
+    ready again, without a call."""
     down = True
     fake = start_fake(upgrade=lambda: PlainTextResponse("no backend", status_code=503) if down else None)
     settings = {"savants.probe_interval_s": 1, "savants.reconnect_deadline_s": 0}
     bridge = start_bridge(bridge_settings(fake.server, **settings))
     assert readyz(bridge) == (200, None)
     with caplog.at_level(logging.INFO):
-        result = await run_call(signed_call(bridge, audio_in=VOICE, seconds=4))
-    assert result.ended_by == "bridge" and result.duration_s < 3
-    assert [child.tag for child in stream_ended(bridge, result.call_sid)] == ["Say", "Hangup"]  # the apology
+        results = await three_calls(bridge)
     assert readyz(bridge) == (503, "voice stream failing")
     assert endpoints_up(bridge) == {"token": 1.0, "voice_stream": 0.0}
     failing = [r for r in caplog.records if "voice stream failing" in r.getMessage()]
@@ -116,8 +124,10 @@ async def test_readyz_is_not_ready_while_the_voice_stream_refuses_upgrades_and_a
         await asyncio.sleep(0.1)
     down = False
     await asyncio.to_thread(wait_until, lambda: readyz(bridge) == (200, None), 4.0, "ready again")
-    assert fake.token_requests == tokens  # the probes spent no token
-    assert fake.closed_before_token >= 1 and fake.sessions_active == 0
+    assert fake.token_requests == tokens == len(results)  # the probes spent no token
+    await asyncio.to_thread(
+        wait_until, lambda: fake.closed_before_token >= 1 and fake.sessions_active == 0, 5.0, "the probe's close"
+    )
     assert any(r.getMessage() == "Savants voice stream answers again" for r in caplog.records)
     assert endpoints_up(bridge) == {"token": 1.0, "voice_stream": 1.0}
 
@@ -160,15 +170,15 @@ async def test_which_failed_sessions_make_the_replica_not_ready(
     session: Callable[[FakeSavants, WebSocket], Awaitable[None]],
     ready: tuple[int, str | None],
 ) -> None:
-    """A session refused in-band is about its token or device, and the voice stream works: ready. A close for a
-    server-side reason, or no confirmation within ``savants.connect_timeout_s``: the voice stream fails. Either
-    way the caller hears the apology and nothing stays held."""
+    """Sessions refused in-band are about their token or device, and the voice stream works: ready. Closes for a
+    server-side reason, or no confirmation within ``savants.connect_timeout_s``: the voice stream fails (three in
+    a row). Either way each caller hears the apology and nothing stays held."""
     fake = start_fake(session=session)
-    settings = {"savants.reconnect_deadline_s": 0, "savants.connect_timeout_s": 1}
+    settings: dict[str, float] = {"savants.reconnect_deadline_s": 0}
+    if session is confirm_never:
+        settings["savants.connect_timeout_s"] = 1  # else the default, 5 s: a loaded machine never passes it
     bridge = start_bridge(bridge_settings(fake.server, **settings))
-    result = await run_call(signed_call(bridge, audio_in=VOICE, seconds=4))
-    assert result.ended_by == "bridge"
-    assert [child.tag for child in stream_ended(bridge, result.call_sid)] == ["Say", "Hangup"]
+    await three_calls(bridge)
     assert readyz(bridge) == ready
     await asyncio.to_thread(released, bridge, fake)
 

@@ -163,10 +163,18 @@ def test_settings_the_drain_message_may_not_be_empty() -> None:
 
 
 def test_settings_the_probe_interval_still_reads_under_its_first_name(tmp_path: Path) -> None:
-    """``savants.token_probe_interval_s`` became ``probe_interval_s`` when the voice stream got a probe too."""
-    config = tmp_path / "config.yaml"
-    config.write_text("savants:\n  token_probe_interval_s: 3\n")
-    assert load_settings(config, env={}).savants.probe_interval_s == 3
-    env = {"BRIDGE__SAVANTS__TOKEN_PROBE_INTERVAL_S": "4"}
-    assert load_settings(env=env).savants.probe_interval_s == 4
-    assert load_settings(env={"BRIDGE__SAVANTS__PROBE_INTERVAL_S": "5"}).savants.probe_interval_s == 5
+    """``savants.token_probe_interval_s`` became ``probe_interval_s`` when the voice stream got a probe too. The
+    old name reads in the config file and the environment; the new one wins where both are given, and the old
+    variable still overrides the shipped config.yaml (which has the new key), as the image runs it."""
+    old_file = tmp_path / "old.yaml"
+    old_file.write_text("savants:\n  token_probe_interval_s: 3\n")
+    assert load_settings(old_file, env={}).savants.probe_interval_s == 3
+    both = tmp_path / "both.yaml"
+    both.write_text("savants:\n  token_probe_interval_s: 3\n  probe_interval_s: 6\n")
+    assert load_settings(both, env={}).savants.probe_interval_s == 6
+    old_var = {"BRIDGE__SAVANTS__TOKEN_PROBE_INTERVAL_S": "4"}
+    assert load_settings(env=old_var).savants.probe_interval_s == 4
+    assert load_settings(ROOT / "config.yaml", env=old_var).savants.probe_interval_s == 4
+    new_var = {"BRIDGE__SAVANTS__PROBE_INTERVAL_S": "5"}
+    assert load_settings(env={**old_var, **new_var}).savants.probe_interval_s == 5
+    assert load_settings(env={}, **{"savants.token_probe_interval_s": 7}).savants.probe_interval_s == 7

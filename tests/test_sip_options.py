@@ -33,7 +33,7 @@ def options(port: int) -> tuple[int, str | None]:
 async def test_options_answers_503_naming_the_failing_check_and_200_once_it_passes(
     start_fake: Callable[..., FakeSavants], start_bridge: Callable[..., ServerThread]
 ) -> None:
-    """The voice stream refuses every upgrade: a SIP call hears the fallback and a BYE, /readyz turns 503
+    """The voice stream refuses every upgrade: SIP calls hear the fallback and a BYE, /readyz turns 503
     "voice stream failing", and so does OPTIONS, with Retry-After. Once the upgrade works again, a probe finds it
     and both answer 200, without a call."""
     down = True
@@ -46,8 +46,9 @@ async def test_options_answers_503_naming_the_failing_check_and_200_once_it_pass
     bridge = start_sip_bridge(start_bridge, fake.server, **settings)
     port = status(bridge)["sip"]["port"]
     assert options(port) == (200, None)
-    result = await place_sip_call(SipCallConfig(target(bridge), seconds=5.0))
-    assert result.answered and result.ended_by == "bridge", result.summary()  # a BYE, never dead air
+    calls = [place_sip_call(SipCallConfig(target(bridge), seconds=5.0)) for _ in range(3)]  # TRIP_AFTER failures
+    for result in await asyncio.gather(*calls):
+        assert result.answered and result.ended_by == "bridge", result.summary()  # a BYE, never dead air
     assert readyz(bridge) == (503, "voice stream failing")
     await asyncio.to_thread(wait_until, lambda: options(port) == (503, "voice stream failing"), 5.0, "OPTIONS 503")
     down = False
@@ -55,3 +56,22 @@ async def test_options_answers_503_naming_the_failing_check_and_200_once_it_pass
     assert readyz(bridge) == (200, None)
     wait_until(lambda: status(bridge)["sip"]["calls"] == 0 and fake.sessions_active == 0, 5.0, "all released")
     assert status(bridge)["sip"]["rtp_ports_in_use"] == 0
+
+
+async def test_options_stays_200_while_the_device_pool_is_full_and_the_invite_hears_486(
+    start_emulator: Callable[..., ServerThread], start_bridge: Callable[..., ServerThread]
+) -> None:
+    """A full pool is shared by every replica, so a dispatcher that took them all out would answer its own 503
+    for "no bridge": OPTIONS leaves the pool out (while /readyz, for an HTTP load balancer, counts it) and the
+    INVITE hears our 486 Busy Here, which a trunk handles."""
+    emulator = start_emulator(voice="echo")
+    settings = {"accounting.max_concurrent_per_device": 1, "accounting.readiness_cache_s": 0.2}
+    bridge = start_sip_bridge(start_bridge, emulator, **settings)
+    port = status(bridge)["sip"]["port"]
+    calls = [asyncio.create_task(place_sip_call(SipCallConfig(target(bridge), seconds=4.0))) for _ in range(2)]
+    await asyncio.to_thread(wait_until, lambda: readyz(bridge) == (503, "device pool full"), 5.0, "the pool full")
+    assert options(port) == (200, None)
+    refused = await place_sip_call(SipCallConfig(target(bridge), seconds=1.0))
+    assert refused.status == 486 and not refused.answered, refused.summary()
+    for result in await asyncio.gather(*calls):
+        assert result.answered and result.ended_by == "caller", result.summary()

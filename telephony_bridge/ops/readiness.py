@@ -22,6 +22,8 @@ ACCOUNTING = "accounting unavailable"
 CAPACITY = "device pool full"
 TOKEN_ENDPOINT = "token endpoint failing"
 VOICE_STREAM = "voice stream failing"
+STARTING = "starting"  # SIP OPTIONS before the first check has answered
+CHECK_FAILED = "readiness check failed"  # SIP OPTIONS when the check itself raised
 
 
 @dataclass(frozen=True)
@@ -69,17 +71,22 @@ class Readiness:
         self._snapshot_at = float("-inf")
         self._lock = asyncio.Lock()
 
-    async def check(self, *, draining: bool) -> Verdict:
+    async def check(self, *, draining: bool, capacity: bool = True) -> Verdict:
+        """``capacity``: whether a full device pool counts (and ``not_ready_when_full`` allows it); SIP OPTIONS
+        leaves it out, since a trunk takes our 486 Busy Here better than a dispatcher's own 503."""
+        # Asked first, whatever fails before them: a failing endpoint is probed only when asked, and must learn
+        # that its outage is over while the pool is full or Redis is down too.
+        token_works, voice_works = self._token_health.healthy(), self._voice_health.healthy()
         if draining:
             return Verdict(False, DRAINING, "finishing the calls in progress")
         snapshot = await self._accounting_snapshot()
         if not snapshot.get("available", True):
             return Verdict(False, ACCOUNTING, str(snapshot.get("error", "the accounting backend did not answer")))
-        if self._not_ready_when_full and not devices_that_can_take_a_call(snapshot):
+        if capacity and self._not_ready_when_full and not devices_that_can_take_a_call(snapshot):
             return Verdict(False, CAPACITY, "no device has both a free slot and token budget")
-        if not self._token_health.healthy():
+        if not token_works:
             return Verdict(False, TOKEN_ENDPOINT, f"Savants token requests fail: {self._token_health.last_error}")
-        if not self._voice_health.healthy():
+        if not voice_works:
             return Verdict(False, VOICE_STREAM, f"Savants voice sessions fail: {self._voice_health.last_error}")
         return Verdict(True)
 

@@ -413,7 +413,9 @@ async def probe_voice_stream(url: str, timeout_s: float, *, ssl_context: ssl.SSL
     device's socket, so ``/readyz`` can run it while the endpoint is failing (savants/health.py)."""
     try:
         async with asyncio.timeout(timeout_s):
-            transport, _ = await _ws_connect(WSListener, url, timeout_s, ssl_context)
+            transport, listener = await _ws_connect(WSListener, url, timeout_s, ssl_context)
+            if listener is None:  # the server hung up without answering the upgrade: no session could open
+                return "CONNECT_FAILED: the connection closed before the upgrade response"
             transport.send_close(WSCloseCode.OK)
             transport.disconnect()
             await transport.wait_disconnected()

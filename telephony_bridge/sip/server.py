@@ -27,7 +27,7 @@ from telephony_bridge.bridge import Call, CallDeps
 from telephony_bridge.drain import CUT_GRACE_S, DRAINED
 from telephony_bridge.errors import AdmissionError, ConfigError, SavantsError
 from telephony_bridge.ops import logging as oplog
-from telephony_bridge.ops.readiness import DRAINING, Readiness, Verdict
+from telephony_bridge.ops.readiness import CHECK_FAILED, DRAINING, STARTING, Readiness, Verdict
 from telephony_bridge.serving import host_port, warn_if_ipv6_only
 from telephony_bridge.settings import Settings
 from telephony_bridge.sip import sdp
@@ -168,7 +168,7 @@ class SipServer:
         self._clock = deps.clock
         self._draining = draining
         self._readiness = readiness
-        self._verdict = Verdict(True)  # the latest readiness check's, for OPTIONS
+        self._verdict = Verdict(readiness is None, None if readiness is None else STARTING)  # for OPTIONS
         self.host = sip.host or deps.settings.listen_host
         sources = sip.allowed_sources or (DEV_SOURCES if deps.settings.dev_mode and not sip.users else ())
         self._sources: Networks = [ipaddress.ip_network(s, strict=False) for s in sources]
@@ -405,16 +405,20 @@ class SipServer:
 
     async def _watch_readiness(self, readiness: Readiness) -> None:
         """Keep the verdict OPTIONS answers with as ``/readyz`` would give it, refreshed every
-        ``accounting.readiness_cache_s`` (at least every 0.2 s): a dispatcher that pings with OPTIONS (Kamailio,
+        ``accounting.readiness_cache_s`` (at most every 0.2 s): a dispatcher that pings with OPTIONS (Kamailio,
         OpenSIPS, an SBC) takes a replica that cannot take calls out of rotation as a load balancer does on
-        ``/readyz``. The check is the same object's, so the accounting read is shared with ``/readyz``'s."""
+        ``/readyz``. The check is the same object's, so the accounting read is shared with ``/readyz``'s. A full
+        device pool does not count here: the pool is shared, so every replica is full together, and a trunk
+        handles our 486 Busy Here better than the dispatcher's own 503 for no replica left."""
         every_s = max(self._deps.settings.accounting.readiness_cache_s, 0.2)
         while True:
             try:
-                self._verdict = await readiness.check(draining=False)
-            except Exception as exc:  # an unknown state is not ready; the loop goes on
-                log.warning("SIP readiness check failed: %s: %s", type(exc).__name__, exc)
-                self._verdict = Verdict(False, "readiness check failed")
+                verdict = await readiness.check(draining=False, capacity=False)
+            except Exception as exc:  # an unknown state is not ready; the loop goes on, and says so once
+                if self._verdict.reason != CHECK_FAILED:
+                    log.warning("SIP readiness check failed, OPTIONS answers 503: %s: %s", type(exc).__name__, exc)
+                verdict = Verdict(False, CHECK_FAILED)
+            self._verdict = verdict
             await self._clock.sleep_until(self._clock.monotonic() + every_s)
 
     async def _timer_loop(self) -> None:
