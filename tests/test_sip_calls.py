@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -22,8 +23,12 @@ from tests.test_end_to_end import speech_band_noise
 
 DATA = Path(__file__).parent / "data"
 # 40 ranges of 200 RTP ports, round robin: a test's bridge is stopped before the next test starts, so a range can be
-# used again once the others have been (a whole-suite run starts more than 40 SIP bridges).
-_next_rtp = itertools.cycle(range(31000, 39000, 200))
+# used again once the others have been (a whole-suite run starts more than 40 SIP bridges). Under pytest-xdist each
+# worker (gw0, gw1, ...) takes every Nth range, so no two workers' bridges share one (a port another process holds
+# would only be skipped, but a test counting ports in use should see its own bridge's alone).
+_worker = int(os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw") or 0)
+_workers = max(1, int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")))
+_next_rtp = itertools.cycle(range(31000 + 200 * (_worker % _workers), 39000, 200 * _workers))
 
 
 def start_sip_bridge(
