@@ -270,11 +270,13 @@ async def test_a_second_stream_for_a_live_call_sid_is_refused_and_the_first_keep
             assert (second.ws.close_code, second.ws.close_reason) == (1008, "another stream for this CallSid is live")
             if ends_first == "refused socket":
                 await second_cm.__aexit__(None, None, None)
-            # The first call goes on, whole: still on /status with its lease, its audio still reaching the AI.
+            # The first call goes on, whole: still on /status with its lease, its audio still reaching the AI. At
+            # least 48 of the 50 frames more: ``before`` may be read while the first 0.5 s is still on its way (it
+            # was, under a loaded CI), and a lone last frame waits for its partner (audio.upstream_message_ms).
             before = emulator_stats(emulator)["audio_bytes_in"]
             await first.send_frames(SPEECH[25 * 160 : 75 * 160])
             await asyncio.to_thread(
-                wait_until, lambda: emulator_stats(emulator)["audio_bytes_in"] == before + 50 * 640, 5.0, "1 s more"
+                wait_until, lambda: emulator_stats(emulator)["audio_bytes_in"] >= before + 48 * 640, 5.0, "1 s more"
             )
             assert (calls_up(bridge), leases(bridge), emulator_stats(emulator)["sessions_active"]) == (1, 1, 1)
             await first.stop()
