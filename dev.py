@@ -66,7 +66,8 @@ def parallel(args: list[str]) -> list[str]:
     that the caller heard no hole, and with four workers on two cores one did hear one (CI, 7 Dec)."""
     if any(a in ("-n", "--numprocesses") or a.startswith(("-n", "--numprocesses=")) for a in args):
         return []
-    return ["-n", str(min(4, os.cpu_count() or 1))]
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return ["-n", str(min(4, cores))]  # the cores this process may run on, not all the machine has
 
 
 def main(argv: list[str]) -> int:
