@@ -105,6 +105,7 @@ def create_app(
             voice_health = EndpointHealth("Savants voice stream", clock, probe_interval_s=probe_interval_s)
             stack.push_async_callback(voice_health.close)
             metrics.watch_endpoints({"token": lambda: token_health.up, "voice_stream": lambda: voice_health.up})
+            app.state.endpoint_health = {"token_endpoint": token_health, "voice_stream": voice_health}  # /status
             voice_url, connect_timeout_s = settings.savants.voice_stream_url, settings.savants.connect_timeout_s
             voice_health.attach_probe(
                 functools.partial(probe_voice_stream, voice_url, connect_timeout_s, ssl_context=voice_tls)
@@ -226,7 +227,11 @@ def create_app(
             "version": __version__,
             "mode": mode,
             "signatures": "checked" if checker else "off",
-            "savants": {"base_url": settings.savants.base_url, "ws_url": settings.savants.voice_stream_url},
+            "savants": {
+                "base_url": settings.savants.base_url,
+                "ws_url": settings.savants.voice_stream_url,
+                **{name: health.status() for name, health in request.app.state.endpoint_health.items()},
+            },
             "calls": registry.snapshot(),
             "accounting": await deps.admission.accounting.snapshot(),
             "draining": request.app.state.drain.draining,

@@ -115,6 +115,9 @@ async def test_readyz_is_not_ready_while_the_voice_stream_refuses_upgrades_and_a
         results = await three_calls(bridge)
     assert readyz(bridge) == (503, "voice stream failing")
     assert endpoints_up(bridge) == {"token": 1.0, "voice_stream": 0.0}
+    savants = httpx.get(bridge.http_url + "/status", timeout=5).json()["savants"]
+    assert (savants["token_endpoint"]["up"], savants["voice_stream"]["up"]) == (True, False)
+    assert savants["voice_stream"]["last_error"].startswith("HTTP_503")
     failing = [r for r in caplog.records if "voice stream failing" in r.getMessage()]
     assert [r.levelno for r in failing] == [logging.ERROR] and "HTTP_503" in failing[0].getMessage()
     await asyncio.to_thread(released, bridge, fake)
@@ -130,6 +133,8 @@ async def test_readyz_is_not_ready_while_the_voice_stream_refuses_upgrades_and_a
     )
     assert any(r.getMessage() == "Savants voice stream answers again" for r in caplog.records)
     assert endpoints_up(bridge) == {"token": 1.0, "voice_stream": 1.0}
+    savants = httpx.get(bridge.http_url + "/status", timeout=5).json()["savants"]
+    assert savants["voice_stream"] == {"up": True, "last_error": None, "probe_interval_s": 1.0}
 
 
 async def confirm_never(fake: FakeSavants, ws: WebSocket) -> None:

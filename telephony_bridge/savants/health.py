@@ -101,6 +101,10 @@ class EndpointHealth:
         """Whether the endpoint works, as last learned; unlike ``healthy`` it never starts a probe."""
         return self.last_error is None
 
+    def status(self) -> dict[str, object]:
+        """For ``/status``: whether it works, the last failure while it does not, and how often it is probed then."""
+        return {"up": self.up, "last_error": self.last_error, "probe_interval_s": self._probe_interval_s}
+
     def healthy(self) -> bool:
         """Cheap: no I/O. While failing, starts one background probe if the last one is old enough."""
         if self.last_error is None:
