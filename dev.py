@@ -61,10 +61,10 @@ def ensure_environment() -> None:
 
 def parallel(args: list[str]) -> list[str]:
     """pytest-xdist's workers for a test run, unless the arguments choose (``-n 0``: one process): one per core, up
-    to four. Most tests wait on real sockets and real time rather than compute, so two workers on two cores take
-    about half the time one process takes. Not more than the cores: many tests carry real-time calls and assert
-    that the caller heard no hole, and with four workers on two cores one did hear one (CI, 7 Dec)."""
-    if any(a in ("-n", "--numprocesses") or a.startswith(("-n", "--numprocesses=")) for a in args):
+    to four. Most tests wait on real sockets and real time rather than compute, so workers overlap their waits.
+    Not more than the cores: many tests carry real-time calls and assert that the caller heard no hole, and with
+    four workers on two cores one did hear one."""
+    if any(a.startswith(("-n", "--numprocesses")) for a in args):
         return []
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     return ["-n", str(min(4, cores))]  # the cores this process may run on, not all the machine has

@@ -18,7 +18,14 @@ from telephony_bridge.audio import kernels
 from telephony_bridge.errors import BridgeError, ConfigError
 from telephony_bridge.ops import logging as oplog
 from telephony_bridge.ops.gc_tuning import tune_gc
-from telephony_bridge.serving import DrainingServer, ServerThread, bind_socket, host_port, uvicorn_config
+from telephony_bridge.serving import (
+    DrainingServer,
+    ServerThread,
+    bind_socket,
+    host_port,
+    uvicorn_config,
+    warn_if_ipv6_only,
+)
 from telephony_bridge.settings import Settings, load_settings
 
 if TYPE_CHECKING:
@@ -256,6 +263,7 @@ async def _serve_bridge(
     log.info("audio kernels: %s; compiled frame path: %s", *_compiled(settings.audio.kernels))
     if worker is None:
         log.info("bridge listening on %s", host_port(host, sock.getsockname()[1]))
+        warn_if_ipv6_only(sock, host, "listening", "IPv4 clients", "server.host")  # once: ops share the host
     else:
         log.info("worker %d (pid %d) serving on %s", worker, os.getpid(), host_port(host, sock.getsockname()[1]))
     for ops in ops_socks:  # one server, several listeners: the app tells them apart by port

@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import contextvars
-import ipaddress
 import logging
 import socket
 import threading
@@ -19,6 +18,7 @@ from typing import Any
 
 import uvicorn
 
+from telephony_bridge.sip.inet import Stack, is_wildcard
 from telephony_bridge.ws_handoff import WebSocketHandoff
 
 log = logging.getLogger(__name__)
@@ -37,7 +37,6 @@ def bind_socket(host: str, port: int, *, reuse_port: bool = False) -> socket.soc
     sock.bind((host, port))
     sock.listen(512)
     sock.set_inheritable(True)
-    warn_if_ipv6_only(sock, host, "listening", "IPv4 clients", "server.host")
     return sock
 
 
@@ -49,9 +48,7 @@ def host_port(host: str, port: int) -> str:
 def warn_if_ipv6_only(sock: socket.socket, host: str, listener: str, clients: str, setting: str) -> None:
     """One WARNING when a bind on the IPv6 wildcard takes IPv6 alone (``net.ipv6.bindv6only`` is 1), naming who
     cannot reach ``listener`` and the ``setting`` that fixes it."""
-    if sock.family != socket.AF_INET6 or not ipaddress.ip_address(host).is_unspecified:
-        return
-    if sock.getsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY):
+    if is_wildcard(host) and Stack.of(sock) is Stack.IPV6:
         log.warning(
             "%s on %s takes IPv6 only on this system (net.ipv6.bindv6only is 1): %s cannot reach it; set %s to "
             "0.0.0.0 for IPv4, or net.ipv6.bindv6only to 0 for both",

@@ -27,7 +27,7 @@ from types import FrameType
 
 from telephony_bridge.errors import ConfigError
 from telephony_bridge.ops import logging as oplog
-from telephony_bridge.serving import bind_socket, host_port
+from telephony_bridge.serving import bind_socket, host_port, warn_if_ipv6_only
 from telephony_bridge.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -85,6 +85,7 @@ def supervise(settings: Settings) -> int:
     try:
         workers.extend(start(i) for i in range(settings.server.workers))
         log.info("started %d workers; bridge listening on %s", len(workers), host_port(host, port))
+        warn_if_ipv6_only(holder, host, "listening", "IPv4 clients", "server.host")  # once, not once a worker
         if ops_holder is not None:
             log.info("ops listening on %s (each worker's /status, /metrics)", host_port(host, ports["ops_port"]))
         if own_ports:
@@ -132,7 +133,7 @@ def _run_worker(settings: Settings, index: int) -> None:
     from telephony_bridge.cli import ops_ports, serve_on
 
     host = settings.listen_host
-    oplog.configure(settings.logging.level, settings.logging.format)  # spawned: before the binds, which may warn
+    oplog.configure(settings.logging.level, settings.logging.format)  # spawned: its logging is its own
     # The shared ops port and this worker's own: both beside the supervisor's reservation, hence SO_REUSEPORT.
     ops = [bind_socket(host, port, reuse_port=True) for port in ops_ports(settings, index)]
     serve_on(settings, bind_socket(host, settings.server.port, reuse_port=True), worker=index, ops_socks=ops)

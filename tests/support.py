@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -121,6 +122,12 @@ def token_requests(emulator: ServerThread) -> int:
 def leases(bridge: ServerThread) -> int:
     devices = httpx.get(bridge.http_url + "/status", timeout=5).json()["accounting"]["devices"]
     return sum(d["leases"] + d.get("reservations", 0) for d in devices.values())
+
+
+def metric_values(bridge: ServerThread, name: str, label: str) -> dict[str, float]:
+    """One metric's samples on /metrics, by the value of its one label ``label``."""
+    text = httpx.get(bridge.http_url + "/metrics", timeout=5).text
+    return {value: float(sample) for value, sample in re.findall(rf'^{name}\{{{label}="([^"]*)"\}} (\S+)$', text, re.M)}
 
 
 class Served(Protocol):

@@ -17,7 +17,6 @@ import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 
-import httpx
 import orjson
 import pytest
 from websockets.exceptions import ConnectionClosed
@@ -33,7 +32,7 @@ from telephony_bridge.twilio.read_pairs import (
     ReadPairs,
     kernel_lets_go,
 )
-from tests.support import bridge_settings, wait_until
+from tests.support import bridge_settings, metric_values, wait_until
 from tests.test_client_quirks import SPEECH, Sender, media, released, sender, webhook
 
 DATA = Path(__file__).parent / "data"
@@ -142,14 +141,7 @@ async def test_a_stream_that_reads_nothing_for_a_tick_is_let_go(tcp_pair: tuple[
 
 def changes(bridge: ServerThread) -> dict[str, float]:
     """``bridge_media_paired_reads_total`` by change: streams ``paired``, and ``let_go`` after a quiet tick."""
-    text = httpx.get(bridge.http_url + "/metrics", timeout=5).text
-    prefix = "bridge_media_paired_reads_total{change="
-    counted = {"paired": 0.0, "let_go": 0.0}
-    for line in text.splitlines():
-        if line.startswith(prefix):
-            name, value = line.removeprefix(prefix).split("} ")
-            counted[name.strip('"')] = float(value)
-    return counted
+    return {"paired": 0.0, "let_go": 0.0} | metric_values(bridge, "bridge_media_paired_reads_total", "change")
 
 
 def read_pairs_of(bridge: ServerThread) -> ReadPairs:

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import re
 import time
 from collections.abc import Awaitable, Callable
 
@@ -18,6 +17,7 @@ from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.websockets import WebSocket
 from websockets.asyncio.client import connect
 
+from telephony_bridge.savants.health import TRIP_AFTER
 from telephony_bridge.serving import ServerThread
 from telephony_bridge.tools.caller import CallConfig, CallResult, new_sid, run_call
 from telephony_bridge.twilio import protocol as tw
@@ -25,6 +25,7 @@ from tests.fake_savants import FakeSavants, calls_up, echo, released, token_or_4
 from tests.support import (
     bridge_settings,
     call_form,
+    metric_values,
     post_voice,
     signed_call,
     stream_ended,
@@ -43,7 +44,8 @@ def readyz(bridge: ServerThread) -> tuple[int, str | None]:
 
 async def three_calls(bridge: ServerThread) -> list[CallResult]:
     """``TRIP_AFTER`` calls at once, each of whose sessions fails to open: each hears the apology, no dead air."""
-    results = await asyncio.gather(*(run_call(signed_call(bridge, audio_in=VOICE, seconds=4)) for _ in range(3)))
+    calls = (run_call(signed_call(bridge, audio_in=VOICE, seconds=4)) for _ in range(TRIP_AFTER))
+    results = await asyncio.gather(*calls)
     for result in results:
         assert result.ended_by == "bridge" and result.duration_s < 3
         assert [child.tag for child in stream_ended(bridge, result.call_sid)] == ["Say", "Hangup"]  # the apology
@@ -51,10 +53,7 @@ async def three_calls(bridge: ServerThread) -> list[CallResult]:
 
 
 def endpoints_up(bridge: ServerThread) -> dict[str, float]:
-    """``bridge_savants_endpoint_up`` by endpoint, from /metrics."""
-    metrics = httpx.get(bridge.http_url + "/metrics", timeout=5).text
-    found = re.findall(r'^bridge_savants_endpoint_up\{endpoint="(\w+)"\} (\S+)$', metrics, re.M)
-    return {endpoint: float(value) for endpoint, value in found}
+    return metric_values(bridge, "bridge_savants_endpoint_up", "endpoint")
 
 
 async def test_readyz_stays_not_ready_while_the_token_endpoint_answers_200_without_a_token(

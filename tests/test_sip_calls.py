@@ -28,7 +28,7 @@ DATA = Path(__file__).parent / "data"
 # would only be skipped, but a test counting ports in use should see its own bridge's alone).
 _worker = int(os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw") or 0)
 _workers = max(1, int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")))
-_next_rtp = itertools.cycle(range(31000 + 200 * (_worker % _workers), 39000, 200 * _workers))
+_next_rtp = itertools.cycle(range(31000 + 200 * _worker, 39000, 200 * _workers))
 
 
 def start_sip_bridge(

@@ -11,6 +11,7 @@ from collections.abc import Callable
 
 from starlette.responses import PlainTextResponse
 
+from telephony_bridge.savants.health import TRIP_AFTER
 from telephony_bridge.serving import ServerThread
 from telephony_bridge.tools.sip_caller import SipCallConfig, place_sip_call
 from tests.fake_savants import FakeSavants
@@ -46,7 +47,7 @@ async def test_options_answers_503_naming_the_failing_check_and_200_once_it_pass
     bridge = start_sip_bridge(start_bridge, fake.server, **settings)
     port = status(bridge)["sip"]["port"]
     assert options(port) == (200, None)
-    calls = [place_sip_call(SipCallConfig(target(bridge), seconds=5.0)) for _ in range(3)]  # TRIP_AFTER failures
+    calls = [place_sip_call(SipCallConfig(target(bridge), seconds=5.0)) for _ in range(TRIP_AFTER)]
     for result in await asyncio.gather(*calls):
         assert result.answered and result.ended_by == "bridge", result.summary()  # a BYE, never dead air
     assert readyz(bridge) == (503, "voice stream failing")

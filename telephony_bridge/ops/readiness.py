@@ -22,8 +22,6 @@ ACCOUNTING = "accounting unavailable"
 CAPACITY = "device pool full"
 TOKEN_ENDPOINT = "token endpoint failing"
 VOICE_STREAM = "voice stream failing"
-STARTING = "starting"  # SIP OPTIONS before the first check has answered
-CHECK_FAILED = "readiness check failed"  # SIP OPTIONS when the check itself raised
 
 
 @dataclass(frozen=True)

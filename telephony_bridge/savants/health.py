@@ -25,6 +25,7 @@ from collections.abc import Awaitable, Callable
 from telephony_bridge.clock import Clock
 from telephony_bridge.errors import SessionError
 from telephony_bridge.savants.client import Connector, SavantsConnection
+from telephony_bridge.savants.retry import http_status
 
 log = logging.getLogger(__name__)
 
@@ -33,17 +34,15 @@ Probe = Callable[[], Awaitable[str | None]]  # None: the endpoint answered; else
 TRIP_AFTER = 3  # real failures in a row before an endpoint counts as failing
 MAX_BACKOFF = 8  # the probe interval grows up to this many times the configured one (``EndpointHealth``)
 # Session errors that say the voice stream itself is failing, rather than refusing one token or device.
-STREAM_FAILURES = frozenset(
-    {"CONNECT_TIMEOUT", "CONNECT_FAILED", "CONFIRM_TIMEOUT", "SERVER_ERROR", "INTERNAL_ERROR", "SERVICE_UNAVAILABLE"}
-)
-TIMEOUTS = frozenset({"CONNECT_TIMEOUT", "CONFIRM_TIMEOUT"})
+STREAM_FAILURES = frozenset({"CONNECT_FAILED", "SERVER_ERROR", "INTERNAL_ERROR", "SERVICE_UNAVAILABLE"})
+TIMEOUTS = frozenset({"CONNECT_TIMEOUT", "CONFIRM_TIMEOUT"})  # failures too, at the configured timeout
 # Close codes for a server-side end (RFC 6455 §7.4.1: going away, internal error, restart, try again later, bad
 # gateway); None: the connection ended without a close frame.
 SERVER_SIDE_CLOSES = frozenset({None, 1001, 1006, 1011, 1012, 1013, 1014})
 # Upgrade refusals that judge us, not Savants' health (spec §6.1, §8): authentication, access (a device over its
 # sockets may be told so), a rate. Any other status (5xx, 408, or 400/404/2xx/3xx: a wrong URL) means no session
 # can open. Private close codes read as 4000 + an HTTP status (savants/retry.py): 45xx is Savants failing.
-REFUSALS_OF_US = frozenset({"401", "403", "429"})
+REFUSALS_OF_US = frozenset({401, 403, 429})
 
 
 class EndpointHealth:
@@ -79,7 +78,6 @@ class EndpointHealth:
 
     def record_success(self) -> None:
         self._news += 1
-        self._failures = 0
         self._cleared_by_probe = False
         self._probe_interval_s = self._base_interval_s
         self._succeeded()
@@ -124,13 +122,13 @@ class EndpointHealth:
         if self._news != news:
             return
         if error is None:
-            self._failures = 0
             self._cleared_by_probe = True
             self._succeeded()
         else:
             self.last_error = error
 
     def _succeeded(self) -> None:
+        self._failures = 0
         if self.last_error is not None:
             log.warning("%s answers again", self.name)
         self.last_error = None
@@ -150,7 +148,7 @@ def stream_failure(exc: SessionError, timeout_s: float, configured_timeout_s: fl
     if exc.code in STREAM_FAILURES:
         return True
     if exc.code.startswith("HTTP_"):  # an upgrade refused: about us (a key, a device, a rate), or Savants failing
-        return exc.code[5:] not in REFUSALS_OF_US
+        return http_status(exc) not in REFUSALS_OF_US
     if exc.code == "CLOSED":
         close = exc.close_code
         return close in SERVER_SIDE_CLOSES or (close is not None and 4500 <= close < 4600)

@@ -68,13 +68,14 @@ def classify(exc: SavantsError) -> Verdict:
         if close in NOT_RETRIED_CLOSE_CODES or (4400 <= close < 4500 and close not in RETRIED_4XX):
             return Verdict.GIVE_UP
         return Verdict.RETRY
-    status = _http_status(exc)
+    status = http_status(exc)
     if status is not None and 400 <= status < 500 and status not in (408, 429):
         return Verdict.GIVE_UP
     return Verdict.RETRY
 
 
-def _http_status(exc: SavantsError) -> int | None:
+def http_status(exc: SavantsError) -> int | None:
+    """The HTTP status a failure carries: a token request's, or an upgrade's (``HTTP_<status>``)."""
     if isinstance(exc, TokenError):
         return exc.status
     code = getattr(exc, "code", "")

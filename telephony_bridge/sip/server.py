@@ -27,7 +27,7 @@ from telephony_bridge.bridge import Call, CallDeps
 from telephony_bridge.drain import CUT_GRACE_S, DRAINED
 from telephony_bridge.errors import AdmissionError, ConfigError, SavantsError
 from telephony_bridge.ops import logging as oplog
-from telephony_bridge.ops.readiness import CHECK_FAILED, DRAINING, STARTING, Readiness, Verdict
+from telephony_bridge.ops.readiness import DRAINING, Readiness
 from telephony_bridge.serving import host_port, warn_if_ipv6_only
 from telephony_bridge.settings import Settings
 from telephony_bridge.sip import sdp
@@ -63,6 +63,9 @@ DEV_SOURCES = ("127.0.0.0/8",)
 DIAL_TIMEOUT_S = 5.0  # a new TCP connection for our request (the caller's closed): give up after this long
 MEDIA_STOP_S = 2.0  # after our hang-up, how long the RTP task may take to stop before it is cancelled
 LATE_OFFER_PENDING = sdp.Negotiated(0, "0.0.0.0", 9, sdp.PCMU, 0, None, sdp.Direction.INACTIVE, None)
+# OPTIONS' reasons of SIP's own, beside /readyz's (ops/readiness.py): before the first check, and when it raised.
+STARTING = "starting"
+CHECK_FAILED = "readiness check failed"
 
 
 def require_sip_security(settings: Settings) -> None:
@@ -168,7 +171,7 @@ class SipServer:
         self._clock = deps.clock
         self._draining = draining
         self._readiness = readiness
-        self._verdict = Verdict(readiness is None, None if readiness is None else STARTING)  # for OPTIONS
+        self._not_ready = None if readiness is None else STARTING  # the latest check's reason, for OPTIONS
         self.host = sip.host or deps.settings.listen_host
         sources = sip.allowed_sources or (DEV_SOURCES if deps.settings.dev_mode and not sip.users else ())
         self._sources: Networks = [ipaddress.ip_network(s, strict=False) for s in sources]
@@ -297,8 +300,8 @@ class SipServer:
 
     def _input(self, parsed: Any, peer: Peer) -> None:
         assert self.core is not None
-        verdict = Verdict(False, DRAINING) if self._draining() else self._verdict  # the drain is known at once
-        self.core.not_ready = verdict.reason  # what a dispatcher's OPTIONS ping hears
+        # What a dispatcher's OPTIONS ping hears; the drain is known at once.
+        self.core.not_ready = DRAINING if self._draining() else self._not_ready
         if isinstance(parsed, Request) and not self._trusted(peer) and self._auth is None:
             self._refuse_source(parsed, peer)
             return
@@ -404,7 +407,7 @@ class SipServer:
             )
 
     async def _watch_readiness(self, readiness: Readiness) -> None:
-        """Keep the verdict OPTIONS answers with as ``/readyz`` would give it, refreshed every
+        """Keep the reason OPTIONS answers 503 with as ``/readyz`` would give it (None: 200), refreshed every
         ``accounting.readiness_cache_s`` (at most every 0.2 s): a dispatcher that pings with OPTIONS (Kamailio,
         OpenSIPS, an SBC) takes a replica that cannot take calls out of rotation as a load balancer does on
         ``/readyz``. The check is the same object's, so the accounting read is shared with ``/readyz``'s. A full
@@ -413,12 +416,11 @@ class SipServer:
         every_s = max(self._deps.settings.accounting.readiness_cache_s, 0.2)
         while True:
             try:
-                verdict = await readiness.check(draining=False, capacity=False)
+                self._not_ready = (await readiness.check(draining=False, capacity=False)).reason
             except Exception as exc:  # an unknown state is not ready; the loop goes on, and says so once
-                if self._verdict.reason != CHECK_FAILED:
+                if self._not_ready != CHECK_FAILED:
                     log.warning("SIP readiness check failed, OPTIONS answers 503: %s: %s", type(exc).__name__, exc)
-                verdict = Verdict(False, CHECK_FAILED)
-            self._verdict = verdict
+                self._not_ready = CHECK_FAILED
             await self._clock.sleep_until(self._clock.monotonic() + every_s)
 
     async def _timer_loop(self) -> None:
