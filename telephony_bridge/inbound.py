@@ -46,6 +46,8 @@ log = logging.getLogger(__name__)
 CATCH_UP_RATE = 2.0  # a backlog goes to the AI at most this many times faster than real time
 # A joined message's first frame waits for the rest until they are due, plus this much for arrival jitter.
 MESSAGE_WAIT_MARGIN_S = 0.005
+# ...and its timer may run this much later still: one event-loop timer then serves every call's (``TimerQueue``).
+LONE_TIMER_SLACK_S = 0.002
 CALLER_IDLE_S = 0.1  # no caller frame for this long (Twilio sends one every 20 ms): the caller counts as silent
 
 
@@ -277,7 +279,7 @@ class Inbound:
 
     def _arm_lone_timer(self) -> None:
         """Wake ``run`` when the frame waiting alone has waited long enough (``_complete_by``)."""
-        self._lone_timer = self._clock.call_at(self._complete_by(), self._ready.set)
+        self._lone_timer = self._clock.call_at(self._complete_by(), self._ready.set, slack_s=LONE_TIMER_SLACK_S)
 
     def _call_off_lone_timer(self) -> None:
         if self._lone_timer is not None:

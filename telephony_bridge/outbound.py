@@ -42,6 +42,9 @@ SPURT_GAP_S = 0.3  # AI silence longer than this ends a talk spurt
 # Twilio's buffer is never let fall below this to make a batch: a held frame goes when only this much is left
 # (more when the prebuffer leaves room for it: see ``_low_water_s``).
 LOW_WATER_S = FRAME_S
+# The pause timer may run this much late (one event-loop timer serves every call's: ``TimerQueue``): the
+# spurt's trailing partial frame and closing mark go that much later, well inside the lead.
+PAUSE_SLACK_S = 0.005
 UNDERRUN_GAP_S = 0.25  # a hole in playback shorter than this, with audio after it, is an underrun (not a pause)
 _EPS = 1e-6
 # μ-law code -> 1 if it decodes to |sample| >= AUDIBLE_PEAK: audibility read straight off the bytes we send.
@@ -460,7 +463,7 @@ class Outbound:
         most of the pacer's ~20 wake-ups a call-second)."""
         self._ready.clear()
         self._parked, self._parked_until = True, self._paused_at()
-        self._pause_timer = self._clock.call_at(self._parked_until, self._check_pause)
+        self._pause_timer = self._clock.call_at(self._parked_until, self._check_pause, slack_s=PAUSE_SLACK_S)
         try:
             await self._ready.wait()
         finally:
@@ -476,7 +479,7 @@ class Outbound:
             self._ready.set()
         else:
             self._parked_until = paused_at
-            self._pause_timer = self._clock.call_at(paused_at, self._check_pause)
+            self._pause_timer = self._clock.call_at(paused_at, self._check_pause, slack_s=PAUSE_SLACK_S)
 
     async def _wait(self, deadline: float | None) -> None:
         """Until more audio or a barge-in arrives, or the clock reaches ``deadline``."""
