@@ -95,7 +95,8 @@ class Clock(Protocol):
     def call_at(self, deadline: float, callback: Callable[[], None], *, slack_s: float = 0.0) -> Timer:
         """Run ``callback`` from the event loop once ``monotonic()`` has reached ``deadline``, unless cancelled
         first: a deadline that is usually called off costs no task switch either way. ``slack_s``: it may run
-        up to that much later, which lets many such deadlines share one event-loop timer (``TimerQueue``)."""
+        up to that much later (plus the loop timer's millisecond and any loop lag), which lets many such deadlines
+        share one event-loop timer (``TimerQueue``)."""
         ...
 
 
@@ -144,7 +145,8 @@ class SystemClock:
         loop = asyncio.get_running_loop()
         if slack_s > 0.0:
             # ~40 times a call-second (``Inbound``'s lone-frame timer, ``Outbound``'s pause timer): one queue per
-            # slack and loop, a loop of another thread or test getting its own.
+            # slack, for the loop that used it last. Another loop (a test's next one) gets a new queue; one that
+            # is replaced keeps its own loop timer and entries, so two loops at once stay correct, if unshared.
             queue = self._queues.get(slack_s)
             if queue is None or queue.loop is not loop:
                 queue = self._queues[slack_s] = TimerQueue(loop, slack_s, _loop_delay)

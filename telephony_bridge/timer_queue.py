@@ -4,10 +4,12 @@ Each call arms two timers many times a second: ``Inbound``'s for a frame waiting
 call-second, nearly all called off within the same read) and ``Outbound``'s for the AI's pause (re-armed a dozen
 times a call-second while it talks). On uvloop every ``call_later`` makes a handle and a libuv timer, and its
 ``cancel`` a second loop operation (~2.5 µs the pair in a tight loop). Here a deadline is a heap entry, a cancel
-drops its callback, and one loop timer fires for whatever is due: 12.6 % less of the bridge's CPU at 100 calls and
-6.6 % at 150, more than the timers' own cost (docs/performance.md, "Later on the morning of 7 Dec"). A deadline
-may fire up to ``slack_s`` late, never early; after a firing the next comes no sooner than ``slack_s`` later
-unless a deadline earlier than that is armed.
+drops its callback, and one loop timer (one per slack: two in all, shared by every call) fires for whatever is
+due: 12.6 % less of the bridge's CPU at 100 calls and 6.6 % at 150, more than the timers' own cost
+(docs/performance.md, "Later on the morning of 7 Dec"). A deadline never fires early, and late by up to
+``slack_s`` plus the loop timer's millisecond and any loop lag; after a firing the next comes no sooner than
+``slack_s`` later unless a deadline earlier than that is armed. A deadline armed during a firing runs at the next
+one, however due, as ``call_later`` would run it on the loop's next turn.
 """
 
 from __future__ import annotations
@@ -32,7 +34,8 @@ class QueuedTimer:
 
 
 class TimerQueue:
-    """Deadlines on ``time.monotonic()`` for one event loop, each run at most ``slack_s`` after it passes.
+    """Deadlines on ``time.monotonic()`` for one event loop, each run up to ``slack_s`` after it passes (plus the
+    loop timer's millisecond and any loop lag; after a callback raised, the other due ones wait a slack more).
 
     ``delay_for(loop, now, delay)`` turns a delay from ``now`` into the loop timer's own (``clock._loop_delay``:
     uvloop's timers count whole milliseconds on libuv's clock), so the loop timer never fires early either."""
@@ -75,18 +78,26 @@ class TimerQueue:
         # own: the one armed at the end covers it.
         self._armed_for = float("-inf")
         now = time.monotonic()
+        last = next(self._seq)  # armed from here on (by a callback below): the next firing's, however due
         heap = self._heap
+        later: list[tuple[float, int, QueuedTimer]] = []
         try:
             while heap:
-                deadline, _, timer = heap[0]
+                deadline, seq, timer = heap[0]
                 callback = timer.callback
                 if callback is not None and deadline > now:
                     break
-                heapq.heappop(heap)  # due, or called off (dropped wherever it is in the heap's order)
-                if callback is not None:
-                    timer.callback = None
-                    callback()  # one that raises is the loop's to report; the rest run at the next firing
+                entry = heapq.heappop(heap)  # due, or called off (dropped wherever it is in the heap's order)
+                if callback is None:
+                    continue
+                if seq > last:
+                    later.append(entry)
+                    continue
+                timer.callback = None
+                callback()  # one that raises is the loop's to report; the rest run at the next firing
         finally:
+            for entry in later:
+                heapq.heappush(heap, entry)
             if heap:  # the earliest live deadline, but no sooner than ``slack_s`` from now: due ones go together
                 deadline = heap[0][0]
                 self._arm(deadline if deadline > now + self._slack_s else now + self._slack_s, now)
