@@ -13,7 +13,7 @@ from collections.abc import Callable
 from functools import partial
 from typing import Protocol
 
-from telephony_bridge.timer_queue import TimerQueue
+from telephony_bridge.timer_queue import QueuedTimer, TimerQueue
 
 
 class Signal(Protocol):
@@ -191,7 +191,7 @@ class FakeClock:
     def __init__(self, start: float = 1000.0, wall_offset: float = 1_700_000_000.0) -> None:
         self._now = start
         self._wall_offset = wall_offset
-        self._timers: list[tuple[float, int, _FakeTimer]] = []  # sleepers are timers that resolve their future
+        self._timers: list[tuple[float, int, QueuedTimer]] = []  # sleepers are timers that resolve their future
         self._seq = itertools.count()
 
     def monotonic(self) -> float:
@@ -224,7 +224,7 @@ class FakeClock:
         # Exactly at the deadline whatever the slack: a test advancing the clock sees each timer at its time.
         if deadline <= self._now:  # as the real clock: on the loop's next turn, not at the next ``advance``
             return asyncio.get_running_loop().call_soon(callback)
-        timer = _FakeTimer(callback)
+        timer = QueuedTimer(callback)
         heapq.heappush(self._timers, (deadline, next(self._seq), timer))
         return timer
 
@@ -233,18 +233,3 @@ class FakeClock:
         self._now += seconds
         while self._timers and self._timers[0][0] <= self._now:
             heapq.heappop(self._timers)[2].fire()
-
-
-class _FakeTimer:
-    __slots__ = ("_callback",)
-
-    def __init__(self, callback: Callable[[], None]) -> None:
-        self._callback: Callable[[], None] | None = callback
-
-    def cancel(self) -> None:
-        self._callback = None
-
-    def fire(self) -> None:
-        if self._callback is not None:
-            callback, self._callback = self._callback, None
-            callback()

@@ -22,7 +22,8 @@ from collections.abc import Callable
 
 
 class QueuedTimer:
-    """One deadline's handle: ``cancel`` is all there is (``clock.Timer``)."""
+    """One deadline's handle (``clock.Timer``): ``cancel``, and ``fire`` for the queue that holds it (also
+    ``FakeClock``'s)."""
 
     __slots__ = ("callback",)
 
@@ -31,6 +32,12 @@ class QueuedTimer:
 
     def cancel(self) -> None:
         self.callback = None  # also lets go of what the callback holds (a call's objects) at once
+
+    def fire(self) -> None:
+        """Run the callback, once, unless called off."""
+        if self.callback is not None:
+            callback, self.callback = self.callback, None
+            callback()
 
 
 class TimerQueue:
@@ -93,8 +100,7 @@ class TimerQueue:
                 if seq > last:
                     later.append(entry)
                     continue
-                timer.callback = None
-                callback()  # one that raises is the loop's to report; the rest run at the next firing
+                timer.fire()  # one that raises is the loop's to report; the rest run at the next firing
         finally:
             for entry in later:
                 heapq.heappush(heap, entry)
