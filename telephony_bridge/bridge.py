@@ -6,7 +6,8 @@ protocol. Five tasks run in one ``TaskGroup`` per call: the caller pump (the leg
 (``ai_side.AiSide``: the Savants session and its reconnects, ``Inbound`` → Savants and Savants → ``Outbound``;
 the AI's goodbye ends the call with ``AiHungUp``), the outbound pump (``Outbound`` → the
 leg in real time) and the lease heartbeat. Most audio skips the tasks: the caller's reaches ``Inbound`` from
-the leg's read callback (``CallerLeg.deliver_audio_to``), and the AI's reaches ``Outbound``, and often the
+the leg's read callback (``CallerLeg.deliver_audio_to``), as most mark echoes reach ``Outbound``
+(``deliver_marks_to``), and the AI's reaches ``Outbound``, and often the
 caller, from the Savants socket's (``SavantsConnection.deliver_audio_to``, ``Outbound._send_inline``); the
 pump and the pacer handle the rest. The first to finish ends the call: it raises ``_CallEnded`` and the
 group cancels the rest. Whatever happens, the Savants socket is closed, the outcome is recorded, the leg is
@@ -335,6 +336,7 @@ class Call:
             self._caller_audio, self._clock, self.outbound.audible_since, self._caller_events
         )
         self._leg.deliver_audio_to(on_audio)  # most audio then skips ``receive``
+        self._leg.deliver_marks_to(self.outbound.mark_echoed)  # ...and most mark echoes
         try:
             while True:
                 event = await self._leg.receive()
@@ -350,6 +352,7 @@ class Call:
                     raise _CallEnded(event.reason)
         finally:
             self._leg.deliver_audio_to(None)  # the call is over: no more audio into it
+            self._leg.deliver_marks_to(None)
 
     async def _watch_caller(self) -> None:
         """The leg went silent (its peer vanished without a close): end the call and free its slot."""

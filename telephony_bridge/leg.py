@@ -22,6 +22,9 @@ callback as audio is read, with no task switch per frame; it does so only while 
 ``receive`` (so events stay in order), and what the handler raises, ``receive`` raises (``DirectAudio``).
 ``deliver_audio_to(None)`` (the core's, when its pump ends) stops it: a call that has ended handles no more
 audio. A leg that has no such callback ignores all this, and its audio comes through ``receive``.
+``deliver_marks_to(handler)`` is the same for ``PlayedUpTo``: ``handler(name)`` as the leg learns of it (a mark
+echo read, two a second a call), so that a mark wakes no task; it too keeps events in order, and what it raises,
+``receive`` raises.
 
 What the core asks of a leg (from one task at a time, or synchronously from a read callback while that task
 sleeps, so messages never interleave):
@@ -95,6 +98,7 @@ class HungUp:
 
 LegEvent = CallerAudio | PlayedUpTo | Digit | HungUp
 AudioHandler = Callable[[bytes, int | None], None]  # the core's: (ulaw, timestamp_ms), as ``CallerAudio``
+MarkHandler = Callable[[str], None]  # the core's: the name, as ``PlayedUpTo``
 
 
 class AudioSink(Protocol):
@@ -133,15 +137,16 @@ class CallerLeg(AudioSink, Protocol):
 
     async def receive(self) -> LegEvent: ...
     def deliver_audio_to(self, handler: AudioHandler | None) -> None: ...
+    def deliver_marks_to(self, handler: MarkHandler | None) -> None: ...
     async def hang_up(self, outcome: str) -> None: ...
     async def inactive(self) -> str: ...
     def figures(self) -> dict[str, Any]: ...
 
 
 class DirectAudio(Generic[P]):
-    """A connection's direct audio path to the core (a leg's ``deliver_audio_to``, and the Savants
-    connection's): ``attach`` from the core's task, ``deliver`` from the transport's callback, ``check`` in
-    ``receive``, which then raises whatever the handler raised (a callback has nobody to raise it to).
+    """A connection's direct path to the core (a leg's ``deliver_audio_to`` and ``deliver_marks_to``, and the
+    Savants connection's audio): ``attach`` from the core's task, ``deliver`` from the transport's callback,
+    ``check`` in ``receive``, which then raises whatever the handler raised (a callback has nobody to raise it to).
 
     The handler runs in the context of the task that attached it, so what it logs carries the call's IDs
     (``ops.logging.call_context``) although the transport's callback belongs to no call."""

@@ -93,6 +93,50 @@ async def test_audio_goes_to_the_core_from_the_read_callback_and_stays_in_order_
         assert await handed.get() == (b"\x04" * 160, 80, True, CALL_SID)
 
 
+async def test_a_mark_echo_goes_to_the_cores_mark_handler_from_the_read_callback_in_order() -> None:
+    """``deliver_marks_to``: a mark echo, read between media, reaches the core from the read callback like the
+    audio around it (no task woken for it), in order; what that handler raises comes out of ``receive``."""
+    handed: asyncio.Queue[tuple[str, object, bool, str]] = asyncio.Queue()
+
+    def on_audio(ulaw: bytes, timestamp_ms: int | None) -> None:
+        handed.put_nowait(("audio", ulaw[0], asyncio.current_task() is None, CALL.get()))
+
+    def on_mark(name: str) -> None:
+        if name == "bad":
+            raise RuntimeError("a bug in the call core")
+        handed.put_nowait(("mark", name, asyncio.current_task() is None, CALL.get()))
+
+    async with leg_and_caller() as (leg, caller), asyncio.timeout(10):
+        token = CALL.set(CALL_SID)
+        leg.deliver_audio_to(on_audio)
+        leg.deliver_marks_to(on_mark)
+        CALL.reset(token)
+        for message in (media(1), mark("m1"), media(2), mark("m2")):
+            await caller.send(message)
+        assert [await handed.get() for _ in range(4)] == [
+            ("audio", 1, True, CALL_SID),
+            ("mark", "m1", True, CALL_SID),
+            ("audio", 2, True, CALL_SID),
+            ("mark", "m2", True, CALL_SID),
+        ]
+        await caller.send(mark("bad"))
+        with pytest.raises(RuntimeError, match="a bug in the call core"):
+            await leg.receive()
+
+
+async def test_a_mark_echo_comes_through_receive_without_a_mark_handler_or_once_it_is_detached() -> None:
+    async with leg_and_caller() as (leg, caller), asyncio.timeout(10):
+        leg.deliver_audio_to(lambda ulaw, _ts: None)
+        await caller.send(mark("m1"))
+        assert await leg.receive() == PlayedUpTo("m1")
+        marks: list[str] = []
+        leg.deliver_marks_to(marks.append)
+        leg.deliver_marks_to(None)
+        await caller.send(mark("m2"))
+        assert await leg.receive() == PlayedUpTo("m2")
+        assert marks == []
+
+
 async def test_a_detached_handler_gets_nothing_more() -> None:
     """The core detaches its handler when its pump ends (``deliver_audio_to(None)``): a call that has ended
     handles no more audio; what comes after is queued for a ``receive`` nobody makes."""

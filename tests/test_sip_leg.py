@@ -13,6 +13,7 @@ import pytest
 
 from telephony_bridge.audio.codec import ULAW_SILENCE
 from telephony_bridge.clock import SystemClock
+from telephony_bridge.leg import PlayedUpTo
 from telephony_bridge.sip.core import Send
 from telephony_bridge.sip.dialog import Peer
 from telephony_bridge.sip.inet import Stack
@@ -192,3 +193,45 @@ async def test_sip_leg_rtp_to_an_address_it_cannot_use_waits_for_the_latch(
     assert parse_rtp(first) is not None and leg.latched_from == caller.get_extra_info("sockname")
     logged = [(r.levelno, r.getMessage()) for r in caplog.records]
     assert logged == [(logging.WARNING, f"no RTP to {remote!r}:40000 ({why}) until the caller's RTP comes")]
+
+
+async def test_sip_leg_confirms_marks_to_the_cores_handler_and_a_clears_marks_through_receive() -> None:
+    """``deliver_marks_to``: a mark is confirmed to the handler as the audio before it goes onto the wire (from
+    the RTP clock's tick, no task woken), and at once when nothing is queued; the marks a clear drops are echoed
+    through ``receive``, after it, as Twilio's are; detached, marks are events again."""
+    wire = _Wire()
+
+    async def on_hang_up(outcome: str) -> None:
+        return None
+
+    leg = SipLeg(
+        "call-1",
+        MEDIA,
+        cast(asyncio.DatagramTransport, wire),
+        SystemClock(),
+        media_timeout_s=5.0,
+        media_sources=[],
+        on_hang_up=on_hang_up,
+    )
+    confirmed: list[str] = []
+    leg.deliver_marks_to(confirmed.append)
+    await leg.send_mark("m1")  # nothing queued before it: heard already
+    assert confirmed == ["m1"]
+    frame = bytes([ULAW_SILENCE ^ 0x55]) * 160
+    leg.send_audio_nowait(frame * 3)  # a spurt's prebuffer (60 ms): it starts at once
+    await leg.send_mark("m2")
+    leg._send_tick(0)
+    leg._send_tick(160)
+    assert confirmed == ["m1"]  # a frame is still queued before it
+    leg._send_tick(320)
+    leg._send_tick(480)
+    assert confirmed == ["m1", "m2"]
+    leg.send_audio_nowait(frame * 3)
+    await leg.send_mark("m3")
+    await leg.clear()
+    assert confirmed == ["m1", "m2"]
+    assert await asyncio.wait_for(leg.receive(), 1) == PlayedUpTo("m3")
+    leg.deliver_marks_to(None)
+    await leg.send_mark("m4")
+    assert await asyncio.wait_for(leg.receive(), 1) == PlayedUpTo("m4")
+    assert confirmed == ["m1", "m2"]

@@ -35,7 +35,17 @@ from telephony_bridge.audio.codec import TWILIO_FRAME_BYTES, ULAW_SILENCE
 from telephony_bridge.clock import Clock
 from telephony_bridge.drain import DRAINED
 from telephony_bridge.errors import CallerGone
-from telephony_bridge.leg import AudioHandler, CallerAudio, Digit, DirectAudio, HungUp, LegEvent, PlayedUpTo, Watchdog
+from telephony_bridge.leg import (
+    AudioHandler,
+    CallerAudio,
+    Digit,
+    DirectAudio,
+    HungUp,
+    LegEvent,
+    MarkHandler,
+    PlayedUpTo,
+    Watchdog,
+)
 from telephony_bridge.sip import rtcp
 from telephony_bridge.sip.dtmf import DtmfReceiver
 from telephony_bridge.sip.inet import Networks, Stack, in_networks, ip, socket_address
@@ -107,6 +117,7 @@ class SipLeg:
         self._cname = cname
         self._events: asyncio.Queue[LegEvent] = asyncio.Queue()
         self._direct: DirectAudio[[bytes, int | None]] = DirectAudio()
+        self._marks: DirectAudio[[str]] = DirectAudio()
         self._queue: deque[bytes | str] = deque()  # 160-byte μ-law frames and mark names, in order
         self._drained = asyncio.Event()
         self._listening = asyncio.Event()  # the caller hears what we send (not on hold): ``update_media`` sets it
@@ -224,9 +235,13 @@ class SipLeg:
     def deliver_audio_to(self, handler: AudioHandler | None) -> None:
         self._direct.attach(handler)
 
+    def deliver_marks_to(self, handler: MarkHandler | None) -> None:
+        self._marks.attach(handler)
+
     async def receive(self) -> LegEvent:
         event = await self._events.get()
         self._direct.check()  # what the core's audio handler raised (the audio it failed on was queued)
+        self._marks.check()  # ...or its mark handler
         return event
 
     async def send_audio(self, ulaw: bytes) -> None:
@@ -250,7 +265,7 @@ class SipLeg:
         if self._gone:
             raise CallerGone("the SIP dialog has ended")
         if not any(isinstance(item, bytes) for item in self._queue):
-            self._events.put_nowait(PlayedUpTo(name))
+            self._played_up_to(name)
         else:
             self._queue.append(name)
 
@@ -258,7 +273,9 @@ class SipLeg:
         marks = [item for item in self._queue if isinstance(item, str)]
         self._queue.clear()
         self._drained.set()
-        for name in marks:  # like Twilio: a clear echoes the marks of the audio it dropped
+        # Like Twilio, a clear echoes the marks of the audio it dropped, after it: through ``receive``, never the
+        # handler, which would count them as heard before the core has counted what the clear dropped.
+        for name in marks:
             self._events.put_nowait(PlayedUpTo(name))
 
     async def hang_up(self, outcome: str) -> None:
@@ -352,7 +369,7 @@ class SipLeg:
     def _send_tick(self, at_samples: int) -> None:
         self._at_samples = at_samples
         while self._queue and isinstance(self._queue[0], str):  # marks behind audio already on the wire
-            self._events.put_nowait(PlayedUpTo(self._queue.popleft()))  # type: ignore[arg-type]
+            self._played_up_to(self._queue.popleft())  # type: ignore[arg-type]
         held = not self.media.direction.we_send or self._gone
         frame = None if held else self._next_frame()
         self._idle = frame is None
@@ -369,6 +386,11 @@ class SipLeg:
         if self._remote is not None:
             self._rtp.sendto(packet.to_bytes(), self._remote)
 
+    def _played_up_to(self, name: str) -> None:
+        """A mark confirmed: to the core's handler at once while nothing waits unread, else queued in order."""
+        if not self._events.empty() or not self._marks.deliver(name):
+            self._events.put_nowait(PlayedUpTo(name))
+
     def _next_frame(self) -> bytes | None:
         """The queued frame this tick sends (confirming the marks before it), or None: comfort silence."""
         if not self._spurt_ready(self._clock.monotonic()):
@@ -377,7 +399,7 @@ class SipLeg:
             item = self._queue.popleft()
             if isinstance(item, bytes):
                 return item
-            self._events.put_nowait(PlayedUpTo(item))
+            self._played_up_to(item)
         return None
 
     def _report(self, now: float) -> bytes:

@@ -20,7 +20,17 @@ from telephony_bridge.audio.codec import TWILIO_FRAME_BYTES
 from telephony_bridge.bridge import Call, CallDeps
 from telephony_bridge.clock import Clock, monotonic_of
 from telephony_bridge.errors import CallerGone, CallerStalled
-from telephony_bridge.leg import AudioHandler, CallerAudio, Digit, DirectAudio, HungUp, LegEvent, PlayedUpTo, Watchdog
+from telephony_bridge.leg import (
+    AudioHandler,
+    CallerAudio,
+    Digit,
+    DirectAudio,
+    HungUp,
+    LegEvent,
+    MarkHandler,
+    PlayedUpTo,
+    Watchdog,
+)
 from telephony_bridge.ops import logging as oplog
 from telephony_bridge.ops.metrics import Metrics
 from telephony_bridge.settings import TwilioSettings
@@ -126,6 +136,7 @@ class TwilioLeg:
         # Twilio sends media every 20 ms, even in silence (spec §3): a quiet socket is a dead one.
         self.watchdog = Watchdog(clock, settings.inactivity_timeout_s or None)
         self._direct: DirectAudio[[bytes, int | None]] = DirectAudio()
+        self._marks: DirectAudio[[str]] = DirectAudio()  # mark echoes, read by the same tap as the audio
         self._compiled = compiled and MediaTap is not None
         # A picows ``StreamSocket`` can send without waiting (``writable``/``send_utf8_now``); Starlette's cannot.
         self._writable: Callable[[], bool] | None = getattr(ws, "writable", None)
@@ -173,6 +184,11 @@ class TwilioLeg:
             self._direct.attach(handler)
             tap_text(self.tap() if handler is not None else None)
 
+    def deliver_marks_to(self, handler: MarkHandler | None) -> None:
+        """Mark echoes go to ``handler`` from the audio's tap (``_tapped``), so only while audio goes to the
+        core too: a socket without ``tap_text`` delivers them through ``receive``."""
+        self._marks.attach(handler)
+
     def tap(self) -> Callable[[bytes], bool]:
         """What the socket hands each text message to while the core takes audio: ``_tapped``, or its compiled
         twin (``_taps.c``), which reads a message in Twilio's exact shape and hands it to the core in one C call,
@@ -191,13 +207,17 @@ class TwilioLeg:
         )
 
     def _tapped(self, text: bytes) -> bool:
-        """A text message as the socket reads it: media goes to the core at once (the fast path, parsed once);
-        anything else is left for ``receive``, which parses it again (a mark every half second)."""
+        """A text message as the socket reads it: media, and a mark echo (every half second) while the core
+        takes marks, go to the core at once (parsed once, no task woken); anything else is left for
+        ``receive``, which parses it again."""
         if not self._open:
             return False
         audio = tw.media_audio(text)
         if audio is None:  # not Twilio's own shape: a third-party sender's media, or another event
             event = tw.parse_message(text)
+            if type(event) is tw.Mark:
+                self.watchdog.alive()
+                return self._marks.deliver(event.name)
             if type(event) is not tw.Media:
                 return False
             audio = event.payload, event.timestamp_ms
@@ -208,6 +228,7 @@ class TwilioLeg:
         while True:
             frame = await self._receive_frame()
             self._direct.check()  # what the core's audio handler raised (the frame it failed on was queued)
+            self._marks.check()  # ...or its mark handler
             if frame is None:
                 if self._fault is not None:  # the caller is gone: we closed its stream
                     log.warning("twilio stream closed: %s", self._fault)
