@@ -5,14 +5,14 @@ protocol. Five tasks run in one ``TaskGroup`` per call: the caller pump (the leg
 ``Inbound``, played-up-to echoes, DTMF, hang-up), the caller watchdog (the leg went silent), the AI side
 (``ai_side.AiSide``: the Savants session and its reconnects, ``Inbound`` → Savants and Savants → ``Outbound``;
 the AI's goodbye ends the call with ``AiHungUp``), the outbound pump (``Outbound`` → the
-leg in real time) and the lease heartbeat. Most audio skips the tasks: the caller's reaches ``Inbound`` from
-the leg's read callback (``CallerLeg.deliver_audio_to``), as most mark echoes reach ``Outbound``
-(``deliver_marks_to``), and the AI's reaches ``Outbound``, and often the
-caller, from the Savants socket's (``SavantsConnection.deliver_audio_to``, ``Outbound._send_inline``); the
-pump and the pacer handle the rest. The first to finish ends the call: it raises ``_CallEnded`` and the
-group cancels the rest. Whatever happens, the Savants socket is closed, the outcome is recorded, the leg is
-hung up (Twilio then runs the TwiML after ``<Connect>``) and the device lease is released, exactly once, in
-``run``'s ``finally``; its figures and metrics go out once, through ``call_report.CallReport``.
+leg in real time) and the lease heartbeat. Most audio and mark echoes skip the tasks: the caller's audio reaches
+``Inbound``, and its mark echoes ``Outbound``, from the leg's read callback (``CallerLeg.deliver_audio_to``,
+``deliver_marks_to``); the AI's audio reaches ``Outbound``, and often the caller, from the Savants socket's
+(``SavantsConnection.deliver_audio_to``, ``Outbound._send_inline``). The pump and the pacer handle the rest.
+The first to finish ends the call: it raises ``_CallEnded`` and the group cancels the rest. Whatever happens,
+the Savants socket is closed, the outcome is recorded, the leg is hung up (Twilio then runs the TwiML after
+``<Connect>``) and the device lease is released, exactly once, in ``run``'s ``finally``; its figures and metrics
+go out once, through ``call_report.CallReport``.
 """
 
 from __future__ import annotations
@@ -224,6 +224,10 @@ class Call:
             self.outcome = "ai_unavailable"
             self._end(f"AI unavailable: {exc}")
             log.warning("ending call, the AI side failed (%s): %s", getattr(exc, "code", "ERROR"), exc)
+            # Logged without its traceback, which would only keep a cycle: the reconnector re-raises the failure it
+            # was handed, so the frames it passed through hold it (their ``failure``), and hold the AI side, its
+            # Outbound and buffers, old objects that only a full collection would free (``task_group``).
+            exc.__traceback__ = None
         except* Exception as group:  # a bug of ours: end this call cleanly, keep every other call going
             self.outcome = "error"
             self._end("internal error")
@@ -350,9 +354,9 @@ class Call:
                     if event.lost:
                         self.outcome = "caller_lost"
                     raise _CallEnded(event.reason)
-        finally:
-            self._leg.deliver_audio_to(None)  # the call is over: no more audio into it
+        finally:  # the call is over: no more audio or marks into it (and no cycle through the leg's handlers)
             self._leg.deliver_marks_to(None)
+            self._leg.deliver_audio_to(None)
 
     async def _watch_caller(self) -> None:
         """The leg went silent (its peer vanished without a close): end the call and free its slot."""

@@ -24,7 +24,8 @@ callback as audio is read, with no task switch per frame; it does so only while 
 audio. A leg that has no such callback ignores all this, and its audio comes through ``receive``.
 ``deliver_marks_to(handler)`` is the same for ``PlayedUpTo``: ``handler(name)`` as the leg learns of it (a mark
 echo read, two a second a call), so that a mark wakes no task; it too keeps events in order, and what it raises,
-``receive`` raises.
+``receive`` raises. The marks a ``clear()`` drops come through ``receive`` (never the handler, which would take
+them during the ``clear()`` call, before the core has counted what it dropped).
 
 What the core asks of a leg (from one task at a time, or synchronously from a read callback while that task
 sleeps, so messages never interleave):

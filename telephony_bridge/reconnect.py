@@ -105,13 +105,17 @@ class Reconnector:
                 "%s (%s), its %s retried drop within a minute: not reconnecting again "
                 "(savants.max_reconnects_per_minute); the call ends",
                 lost,
-                failure,
+                str(failure),
                 _ordinal(self._max_per_minute + 1),
             )
             raise failure
         started = self._clock.monotonic()
         deadline = started + self._deadline_s
-        log.warning("%s (%s): the caller keeps the line; reconnecting for up to %s s", lost, failure, self._deadline_s)
+        # Failures go into log lines as text: a handler that keeps its records (pytest's; a breadcrumb buffer) would
+        # keep the exception, its traceback, and through its frames the call's AI side.
+        log.warning(
+            "%s (%s): the caller keeps the line; reconnecting for up to %s s", lost, str(failure), self._deadline_s
+        )
         try:
             session = await self._attempts(failure, slot, started, deadline, opening=opening)
         except SavantsError:
@@ -150,7 +154,7 @@ class Reconnector:
             try:
                 return await self._admission.reconnect(slot, deadline=deadline)
             except SavantsError as exc:
-                log.info("reconnect attempt %d failed: %s", attempt, exc)
+                log.info("reconnect attempt %d failed: %s", attempt, str(exc))
                 if not _worth_it(await self._judge(exc, slot), opening):
                     raise
                 failure = exc

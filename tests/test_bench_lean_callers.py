@@ -199,12 +199,19 @@ async def test_callers_see_the_bridge_end_the_call_and_send_no_stop(scripted: Sc
 
 @pytest.mark.parametrize("compiled", [False, True], ids=["lean", "compiled"])
 async def test_lean_calls_are_served_and_hear_their_own_speech_echoed(bridge: ServerThread, compiled: bool) -> None:
+    callers = lean_callers.LeanCallers(compiled=compiled)
     async with asyncio.timeout(20):
-        url, lean = bridge.ws_url + "/media-stream", lean_callers.LeanCallers(compiled=compiled).run_call
-        result = await run_load(url, 3, 3, 2.0, 0.2, AUTH_TOKEN, PUBLIC_URL, SPEECH_WAV, deadline_s=15, run_stream=lean)
+        url = bridge.ws_url + "/media-stream"
+        result = await run_load(
+            url, 3, 3, 2.0, 0.2, AUTH_TOKEN, PUBLIC_URL, SPEECH_WAV, deadline_s=15, run_stream=callers.run_call
+        )
     reasons = [flow.reason for flow in result.flows]
     assert (len(result.of("served")), len(result.of("failed")), result.violations) == (3, 0, 0), reasons
-    assert len(result.first_audio_s) == 3 and result.underruns == 0
+    assert len(result.first_audio_s) == 3
+    # No hole, unless this process's beat stalled: the callers' audio then went out late, and the echo says it back
+    # late, holes that are the load's (here the bridge, the emulator and the callers share one process and its
+    # GIL, on a CI machine running other tests beside it: in two of the 15 fresh-clone CI runs of 7 Dec).
+    assert result.underruns == 0 or callers.stalls.at, f"{result.underruns} holes with no stall of the callers' beat"
     calls = [flow.call for flow in result.flows if flow.call is not None]
     assert all(call.ended_by == "caller" and call.close_code == 1000 for call in calls)
     assert all(call.media_sent == 100 and call.heard_s > 0 for call in calls)

@@ -17,7 +17,7 @@ from websockets.asyncio.client import ClientConnection, connect
 
 from telephony_bridge.clock import SystemClock
 from telephony_bridge.errors import CallerGone
-from telephony_bridge.leg import CallerAudio, DirectAudio, PlayedUpTo
+from telephony_bridge.leg import CallerAudio, Digit, DirectAudio, PlayedUpTo
 from telephony_bridge.ops.metrics import Metrics
 from telephony_bridge.settings import TwilioSettings
 from telephony_bridge.twilio import protocol as tw
@@ -135,6 +135,33 @@ async def test_a_mark_echo_comes_through_receive_without_a_mark_handler_or_once_
         await caller.send(mark("m2"))
         assert await leg.receive() == PlayedUpTo("m2")
         assert marks == []
+
+
+async def test_a_mark_echo_read_behind_an_unread_event_waits_behind_it_for_receive() -> None:
+    """A keypad digit goes through ``receive``; a mark read while it waits there unread queues behind it, so the
+    core sees them in the order Twilio sent them."""
+    marks: list[str] = []
+    async with leg_and_caller() as (leg, caller), asyncio.timeout(10):
+        leg.deliver_audio_to(lambda ulaw, _ts: None)
+        leg.deliver_marks_to(marks.append)
+        await caller.send(tw.Dtmf(STREAM_SID, "5", sequence_number=7).to_json())
+        await caller.send(mark("m1"))
+        await (await caller.ping())  # the server read both before it answered
+        assert marks == []
+        assert await leg.receive() == Digit("5")
+        assert await leg.receive() == PlayedUpTo("m1")
+        await caller.send(mark("m2"))  # nothing waits now: straight to the handler
+        await (await caller.ping())
+        assert marks == ["m2"]
+
+
+async def test_a_leg_without_a_read_callback_delivers_marks_through_receive() -> None:
+    leg = TwilioLeg(Queued([mark("m1")]), TwilioSettings(), Metrics(), SystemClock())
+    marks: list[str] = []
+    leg.deliver_audio_to(lambda ulaw, _ts: None)
+    leg.deliver_marks_to(marks.append)
+    assert await leg.receive() == PlayedUpTo("m1")
+    assert marks == []
 
 
 async def test_a_detached_handler_gets_nothing_more() -> None:

@@ -195,7 +195,7 @@ async def test_sip_leg_rtp_to_an_address_it_cannot_use_waits_for_the_latch(
     assert logged == [(logging.WARNING, f"no RTP to {remote!r}:40000 ({why}) until the caller's RTP comes")]
 
 
-async def test_sip_leg_confirms_marks_to_the_cores_handler_and_a_clears_marks_through_receive() -> None:
+async def test_sip_leg_confirms_marks_to_the_cores_handler_and_the_marks_a_clear_drops_through_receive() -> None:
     """``deliver_marks_to``: a mark is confirmed to the handler as the audio before it goes onto the wire (from
     the RTP clock's tick, no task woken), and at once when nothing is queued; the marks a clear drops are echoed
     through ``receive``, after it, as Twilio's are; detached, marks are events again."""
@@ -229,8 +229,10 @@ async def test_sip_leg_confirms_marks_to_the_cores_handler_and_a_clears_marks_th
     leg.send_audio_nowait(frame * 3)
     await leg.send_mark("m3")
     await leg.clear()
+    await leg.send_mark("m3b")  # heard at once, but m3 waits unread: it queues behind, in order
     assert confirmed == ["m1", "m2"]
     assert await asyncio.wait_for(leg.receive(), 1) == PlayedUpTo("m3")
+    assert await asyncio.wait_for(leg.receive(), 1) == PlayedUpTo("m3b")
     leg.deliver_marks_to(None)
     await leg.send_mark("m4")
     assert await asyncio.wait_for(leg.receive(), 1) == PlayedUpTo("m4")

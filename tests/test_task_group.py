@@ -141,12 +141,15 @@ async def test_an_ended_call_is_freed_without_the_cycle_collector(
     placed = asyncio.create_task(run_call(signed_call(bridge, seconds=1.0 if fault is None else 6.0)))
     await asyncio.to_thread(wait_until, lambda: _calls() != [], 5.0, "the call to start")
     [call] = _calls()
-    gone = weakref.ref(call)
+    # The call, and its Outbound: the leg's mark handler (Outbound.mark_echoed) makes a cycle through the leg (its
+    # sink) until the call detaches it, and a failure the reconnector re-raised one through the AI side's frames.
+    gone = [weakref.ref(call), weakref.ref(call.outbound)]
     del call
     result = await placed
     assert result.received_ms > 0 and not result.violations
     assert result.ended_by == ended_by
-    await asyncio.to_thread(wait_until, lambda: gone() is None, 5.0, "the ended call's objects to be freed")
+    freed = lambda: all(ref() is None for ref in gone)  # noqa: E731
+    await asyncio.to_thread(wait_until, freed, 5.0, "the ended call's objects to be freed")
 
 
 async def _freed(ref: weakref.ref[Held]) -> bool:
