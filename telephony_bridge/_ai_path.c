@@ -36,7 +36,7 @@ static const KernelsCAPI *kernels = NULL;
     X(_pcm_bytes_in) X(_ulaw_out) X(_to_caller) X(take) X(_odd_byte) X(_downsampler) X(_state) X(_play_end)          \
     X(lead_s) X(frame_s) X(value_s) X(base_s) X(step_s) X(calm_s) X(shrinks) X(_changed_at) X(sent_ms)               \
     X(can_send_now) X(send_audio_nowait) X(_ws) X(_media) X(_open) X(_head) X(_tail)                                 \
-    X(send_utf8_now) X(_value) X(set) X(_mark_inline)
+    X(send_utf8_now) X(_value) X(set)
 
 #define DECLARE(name) static PyObject *s_##name;
 NAMES(DECLARE)
@@ -479,10 +479,12 @@ static int inline_allowed(AiAudioPath *self, double now, int64_t *frames) {
     truth = PyObject_IsTrue(can);
     Py_DECREF(can);
     if (truth != 1) return truth;
-    int64_t size;
+    int64_t size, unmarked, every;
     if (get_i64(self->buffer, s_size, &size) < 0) return -1;
     *frames = floor_div(size, self->frame_bytes);
-    return *frames != 0;
+    if (!*frames) return 0;
+    if (get_i64(ob, s__unmarked_ms, &unmarked) < 0 || get_i64(ob, s__mark_every_ms, &every) < 0) return -1;
+    return unmarked + *frames * self->frame_ms < every;
 }
 
 /* Outbound._send_inline(now): 1 done, 0 the pacer must look, -1 on error. */
@@ -499,14 +501,6 @@ static int send_inline(AiAudioPath *self, PyObject *now_obj, double now) {
     Py_DECREF(ulaw);
     if (!ok) return -1;
     self->sent++;
-    int64_t unmarked, every; /* the mark this audio made due: Outbound._mark_inline, every mark_interval_ms */
-    if (get_i64(self->outbound, s__unmarked_ms, &unmarked) < 0 || get_i64(self->outbound, s__mark_every_ms, &every) < 0)
-        return -1;
-    if (unmarked >= every) {
-        PyObject *r = PyObject_CallMethodNoArgs(self->outbound, s__mark_inline);
-        if (r == NULL) return -1;
-        Py_DECREF(r);
-    }
     int none = get_is_none(self->outbound, s__parked_until);
     if (none < 0 || get_i64(self->buffer, s_size, &size) < 0) return -1;
     if ((floor_div(size, self->frame_bytes) || none) && flag_set(self->ready) < 0) return -1;

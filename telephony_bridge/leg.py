@@ -40,11 +40,9 @@ sleeps, so messages never interleave):
   it arrives this way, from the AI leg's read callback, without waking its pacer task (``can_send_now()``
   False: it wakes the pacer, which awaits ``send_audio``).
 - ``send_mark(name)``: a marker behind the audio sent so far; the leg answers with ``PlayedUpTo(name)`` once
-  the caller has heard it. ``send_mark_nowait(name)`` is the same, synchronously, right after ``can_send_now()``
-  said yes (``Outbound`` sends the mark a talk spurt owes after the audio it sends from the read callback). A
-  leg whose protocol has no marks (SIP) confirms a mark as soon as the audio before it has gone onto the wire:
-  the core then sees playback as "sent", which is what barge-in accounting and the AI's goodbye need within
-  the pacing lead.
+  the caller has heard it. A leg whose protocol has no marks (SIP) confirms a mark as soon as the audio before
+  it has gone onto the wire: the core then sees playback as "sent", which is what barge-in accounting and
+  the AI's goodbye need within the pacing lead.
 - ``clear()``: drop whatever audio the leg or the far end still holds unplayed (barge-in).
 - ``hang_up(outcome)``: end the caller's side, at most once (later calls do nothing). ``outcome`` is the
   call's outcome (``completed``, ``ai_unavailable``, ``no_capacity``, ``error``, ``caller_lost``,
@@ -111,7 +109,6 @@ class AudioSink(Protocol):
     def can_send_now(self) -> bool: ...
     def send_audio_nowait(self, ulaw: bytes) -> None: ...
     async def send_mark(self, name: str) -> None: ...
-    def send_mark_nowait(self, name: str) -> None: ...
     async def clear(self) -> None: ...
 
 

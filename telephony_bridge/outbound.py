@@ -192,9 +192,8 @@ class Outbound:
 
     def _send_inline(self, now: float) -> bool:
         """Do what the pacer would do now, if it is only this: send the frames due, mid-spurt, to a leg that
-        takes them without waiting, and the mark they make due (``_mark_inline``). True if done (the pacer
-        sleeps on: its deadline still comes, and it looks again then); False if the pacer must look (nothing
-        was done)."""
+        takes them without waiting, with no mark owed. True if done (the pacer sleeps on: its deadline still
+        comes, and it looks again then); False if the pacer must look (nothing was done)."""
         if (
             not self._parked  # busy: a send may be in flight
             or self._clear_pending
@@ -205,7 +204,7 @@ class Outbound:
         ):
             return False
         frames = self._buffer.frames
-        if not frames:
+        if not frames or self._unmarked_ms + frames * FRAME_MS >= self._mark_every_ms:
             return False
         taken = self._take_due(now, frames, self._batch_frames)
         if taken is None:
@@ -213,20 +212,9 @@ class Outbound:
         ulaw, play_at = taken
         self._sink.send_audio_nowait(ulaw)
         self._audio_sent(ulaw, play_at)
-        if self._unmarked_ms >= self._mark_every_ms:
-            self._mark_inline()
         if self._buffer.frames or self._parked_until is None:
             self._ready.set()  # more is queued, or the pacer has no deadline for the spurt's closing mark
         return True
-
-    def _mark_inline(self) -> None:
-        """``_send_mark`` from ``_send_inline`` (a mark every ``audio.mark_interval_ms`` of a talk spurt), while
-        the leg still takes data without waiting; else the mark stays owed, and follows the next audio sent,
-        inline or by the pacer, or closes the spurt. Before, each such mark woke the pacer task."""
-        if self._sink.can_send_now():
-            self._unmarked_ms = 0
-            self._sink.send_mark_nowait(self.playback.mark_sent())
-            self._progress.set()
 
     def fill(self, source: ComfortFill | None) -> None:
         """While the AI is away (reconnecting), keep the caller's line alive: whenever nothing is queued, a

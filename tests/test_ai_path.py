@@ -77,9 +77,6 @@ class RecordingSink:
     async def send_mark(self, name: str) -> None:
         self._record("mark", name)
 
-    def send_mark_nowait(self, name: str) -> None:
-        self._record("mark_nowait", name)
-
     async def clear(self) -> None:
         self._record("clear")
 

@@ -259,9 +259,6 @@ class NoSink:
     async def send_mark(self, name: str) -> None:
         raise AssertionError("nothing is sent")
 
-    def send_mark_nowait(self, name: str) -> None:
-        raise AssertionError("nothing is sent")
-
     async def clear(self) -> None:
         raise AssertionError("nothing is sent")
 

@@ -133,9 +133,6 @@ class TwilioJson:
     async def send_mark(self, name: str) -> None:
         await self._send(mark_message(STREAM_SID, name))
 
-    def send_mark_nowait(self, name: str) -> None:
-        self.sent.append((self.clock.monotonic(), mark_message(STREAM_SID, name)))
-
     async def clear(self) -> None:
         await self._send(clear_message(STREAM_SID))
 
@@ -338,37 +335,6 @@ async def test_outbound_marks_every_100_ms_of_audio_and_when_the_queue_empties()
         names = [e.name for _, e in line.events() if isinstance(e, OutMark)]
         assert len(set(names)) == len(names) == 10
         assert line.outbound.playback.pending_marks == 10
-
-
-async def test_outbound_sends_the_mark_a_spurt_owes_from_push_with_its_audio_or_after_the_next() -> None:
-    """A real-time AI's frames go out from ``push`` (the AI leg's read callback), and so does the mark that
-    every 100 ms of them owes, right behind the audio, without waking the pacer task; if the leg stops taking
-    data at once just after the audio, the mark stays owed and follows the next audio sent."""
-    async with asyncio.timeout(TIMEOUT_S), running(AudioSettings(mark_interval_ms=100)) as line:
-        sink = line.outbound._sink
-        by_push: list[list[str]] = []
-        refused_at: list[int] = []
-        takes_now = sink.can_send_now
-
-        def can_send_now() -> bool:  # from push 20 on, says no once when asked right after a mark fell due
-            if len(by_push) >= 20 and not refused_at and line.outbound._unmarked_ms >= 100:
-                refused_at.append(len(by_push))
-                return False
-            return takes_now()
-
-        sink.can_send_now = can_send_now  # type: ignore[method-assign]
-        for _ in range(40):
-            before = len(line.events())
-            line.outbound.push(tone(20))
-            by_push.append([type(e).__name__ for _, e in line.events()[before:]])
-            await advance(line.clock, FRAME_S)
-        [refused] = refused_at
-        assert by_push[refused] == ["OutMedia"] and by_push[refused + 1] == ["OutMedia", "OutMark"]  # then owed
-        inline = [i for i, sent in enumerate(by_push) if sent == ["OutMedia", "OutMark"]]
-        assert len(inline) >= 6  # past the first batches, every fifth frame's push sent a mark too
-        assert {b - a for a, b in itertools.pairwise(inline) if b != refused + 1} == {5}
-        marks = [e for _, e in line.events() if isinstance(e, OutMark)]
-        assert len(marks) == len({m.name for m in marks}) == line.outbound.playback.pending_marks
 
 
 async def test_outbound_by_default_sends_40_ms_a_message_and_a_mark_every_500_ms() -> None:
@@ -662,7 +628,7 @@ async def test_outbound_a_real_time_frame_due_on_arrival_goes_out_as_it_is_pushe
             line.outbound.push(tone(20))
             on_the_wire_at_once = len(line.media()) > before
             await advance(line.clock, FRAME_S)
-            marked = len(line.events()) - len(line.media()) > marks  # the pacer's, via the pacer: see below
+            marked = len(line.events()) - len(line.media()) > marks  # a mark is the pacer's to send
             if i >= 4 and not marked:  # past the prebuffer and the first hold
                 assert on_the_wire_at_once == takes_now, i
             if i >= 3:
@@ -689,21 +655,16 @@ async def test_outbound_sends_nothing_from_push_while_the_pacer_is_mid_send() ->
             await real_send_mark(name)
 
         sink.send_mark = slow_mark  # type: ignore[method-assign]
-        for _ in range(11):  # a talk spurt, twice real time (Twilio's buffer fills to the lead, so that it still
-            line.outbound.push(tone(20))  # holds audio at the pause), whose marks the leg takes at once
-            await advance(line.clock, FRAME_S / 2)
-        assert not in_flight
-        while not in_flight:  # the AI pauses: the pacer closes the spurt with a mark of its own
-            await advance(line.clock, 0.005)
-        await advance(line.clock, 0.04)  # Twilio plays 40 ms meanwhile: room under the lead for a 40 ms batch
-        assert line.outbound.lead(line.clock.monotonic()) == pytest.approx(0.06)  # not a new spurt's start
+        while not in_flight:
+            line.outbound.push(tone(20))
+            await advance(line.clock, FRAME_S)
         sent = len(line.events())
-        line.outbound.push(tone(40))  # a whole batch, due (there is room under the lead), but the pacer is
-        assert len(line.events()) == sent  # inside send_mark
+        line.outbound.push(tone(20))  # due (Twilio is low), but the pacer is inside send_mark
+        assert len(line.events()) == sent
         release.set()
         await advance(line.clock, FRAME_S)
         names = [type(e).__name__ for _, e in line.events()[sent:]]
-        assert names[0] == "OutMark" and "OutMedia" in names[1:]  # the mark first, then the frames
+        assert names[0] == "OutMark" and "OutMedia" in names[1:]  # the mark first, then the frame
 
 
 async def test_outbound_stops_holding_for_the_spurt_once_a_hold_ends_alone_and_holds_again_in_the_next() -> None:

@@ -262,9 +262,6 @@ class SipLeg:
         self._drained.clear()
 
     async def send_mark(self, name: str) -> None:
-        self.send_mark_nowait(name)
-
-    def send_mark_nowait(self, name: str) -> None:
         if self._gone:
             raise CallerGone("the SIP dialog has ended")
         if not any(isinstance(item, bytes) for item in self._queue):

@@ -296,14 +296,6 @@ class TwilioLeg:
     async def send_mark(self, name: str) -> None:
         await self._send(mark_message(self.stream_id, name))
 
-    def send_mark_nowait(self, name: str) -> None:
-        """As ``send_audio_nowait``: only right after ``can_send_now()`` said yes."""
-        try:
-            self._ws.send_utf8_now(mark_message(self.stream_id, name).encode())  # type: ignore[attr-defined]
-        except Exception as exc:
-            self._open = False
-            raise CallerGone("the twilio stream closed while sending") from exc
-
     async def clear(self) -> None:
         await self._send(clear_message(self.stream_id))
 
