@@ -38,6 +38,18 @@ class _Wire:
         return None
 
 
+async def _no_bye(outcome: str) -> None:
+    return None
+
+
+def _leg(media: Negotiated, transport: object, **options: Any) -> SipLeg:
+    """A leg of call ``call-1`` sending on ``transport``; ``sip.media_sources`` empty and no BYE unless said."""
+    options.setdefault("media_sources", [])
+    options.setdefault("on_hang_up", _no_bye)
+    rtp = cast(asyncio.DatagramTransport, transport)
+    return SipLeg("call-1", media, rtp, SystemClock(), media_timeout_s=5.0, **options)
+
+
 @pytest.mark.parametrize("sources", [["127.0.0.0/8"], ["0.0.0.0/0", "::/0"]], ids=["media-sources", "any"])
 def test_sip_leg_sends_nothing_to_a_hold_address_and_says_nothing_of_it(
     caplog: pytest.LogCaptureFixture, sources: list[str]
@@ -46,20 +58,8 @@ def test_sip_leg_sends_nothing_to_a_hold_address_and_says_nothing_of_it(
     this host), and it is no address to warn about, whatever ``sip.media_sources`` holds."""
     wire = _Wire()
     held = replace(MEDIA, remote_host="0.0.0.0", direction=Direction.INACTIVE)
-
-    async def on_hang_up(outcome: str) -> None:
-        return None
-
     with caplog.at_level(logging.DEBUG, logger="telephony_bridge.sip.leg"):
-        leg = SipLeg(
-            "call-1",
-            held,
-            cast(asyncio.DatagramTransport, wire),
-            SystemClock(),
-            media_timeout_s=5.0,
-            media_sources=[ipaddress.ip_network(net) for net in sources],
-            on_hang_up=on_hang_up,
-        )
+        leg = _leg(held, wire, media_sources=[ipaddress.ip_network(net) for net in sources])
         leg.attach_rtcp(cast(asyncio.DatagramTransport, wire))
         leg._send_rtcp(b"report")
     assert wire.sent == [] and caplog.records == []
@@ -76,16 +76,7 @@ async def test_sip_leg_hang_up_cancelled_while_its_recording_plays_still_stops_m
         byes.append(outcome)
 
     recording = bytes([ULAW_SILENCE ^ 0x55]) * 8000 * 10  # 10 s
-    leg = SipLeg(
-        "call-1",
-        MEDIA,
-        cast(asyncio.DatagramTransport, _Wire()),
-        SystemClock(),
-        media_timeout_s=5.0,
-        media_sources=[],
-        on_hang_up=on_hang_up,
-        recordings={"drained": recording},
-    )
+    leg = _leg(MEDIA, _Wire(), on_hang_up=on_hang_up, recordings={"drained": recording})
     async with asyncio.timeout(5):
         media = asyncio.create_task(leg.run_media())
         hang_up = asyncio.create_task(leg.hang_up("drained"))
@@ -164,19 +155,8 @@ async def test_sip_leg_rtp_to_an_address_it_cannot_use_waits_for_the_latch(
     caller, _ = await loop.create_datagram_endpoint(
         lambda: RtpProtocol(lambda data, addr: heard.put_nowait(data)), local_addr=("127.0.0.1", 0)
     )
-
-    async def on_hang_up(outcome: str) -> None:
-        return None
-
-    leg = SipLeg(
-        "call-1",
-        replace(MEDIA, remote_host=remote),
-        cast(asyncio.DatagramTransport, ours),
-        SystemClock(),
-        media_timeout_s=5.0,
-        media_sources=[ipaddress.ip_network("127.0.0.0/8")],
-        on_hang_up=on_hang_up,
-        stack=Stack.IPV4,
+    leg = _leg(
+        replace(MEDIA, remote_host=remote), ours, media_sources=[ipaddress.ip_network("127.0.0.0/8")], stack=Stack.IPV4
     )
     try:
         with caplog.at_level(logging.DEBUG, logger="telephony_bridge.sip.leg"):
@@ -199,20 +179,7 @@ async def test_sip_leg_confirms_marks_to_the_cores_handler_and_the_marks_a_clear
     """``deliver_marks_to``: a mark is confirmed to the handler as the audio before it goes onto the wire (from
     the RTP clock's tick, no task woken), and at once when nothing is queued; the marks a clear drops are echoed
     through ``receive``, after it, as Twilio's are; detached, marks are events again."""
-    wire = _Wire()
-
-    async def on_hang_up(outcome: str) -> None:
-        return None
-
-    leg = SipLeg(
-        "call-1",
-        MEDIA,
-        cast(asyncio.DatagramTransport, wire),
-        SystemClock(),
-        media_timeout_s=5.0,
-        media_sources=[],
-        on_hang_up=on_hang_up,
-    )
+    leg = _leg(MEDIA, _Wire())
     confirmed: list[str] = []
     leg.deliver_marks_to(confirmed.append)
     await leg.send_mark("m1")  # nothing queued before it: heard already
