@@ -99,6 +99,11 @@ class Clock(Protocol):
         share one event-loop timer (``TimerQueue``)."""
         ...
 
+    def call_soon(self, callback: Callable[[], None]) -> Timer:
+        """Run ``callback`` from the event loop once it has run what is ready now (the rest of the read that is
+        being handled, included), unless cancelled first."""
+        ...
+
 
 class Timer(Protocol):
     def cancel(self) -> None: ...
@@ -144,9 +149,10 @@ class SystemClock:
     def call_at(self, deadline: float, callback: Callable[[], None], *, slack_s: float = 0.0) -> Timer:
         loop = asyncio.get_running_loop()
         if slack_s > 0.0:
-            # ~40 times a call-second (``Inbound``'s lone-frame timer, ``Outbound``'s pause timer): one queue per
-            # slack, for the loop that used it last. Another loop (a test's next one) gets a new queue; one that
-            # is replaced keeps its own loop timer and entries, so two loops at once stay correct, if unshared.
+            # A dozen times a call-second (``Outbound``'s pause timer; ``Inbound``'s lone-frame one when a frame is
+            # left alone): one queue per slack, for the loop that used it last. Another loop (a test's next one)
+            # gets a new queue; one that is replaced keeps its own loop timer and entries, so two loops at once
+            # stay correct, if unshared.
             queue = self._queues.get(slack_s)
             if queue is None or queue.loop is not loop:
                 queue = self._queues[slack_s] = TimerQueue(loop, slack_s, _loop_delay)
@@ -154,6 +160,9 @@ class SystemClock:
         now = time.monotonic()
         delay = deadline - now if deadline > now else 0.0
         return loop.call_later(_loop_delay(loop, now, delay), callback)
+
+    def call_soon(self, callback: Callable[[], None]) -> Timer:
+        return asyncio.get_running_loop().call_soon(callback)
 
 
 def monotonic_of(clock: Clock) -> Callable[[], float]:
@@ -227,6 +236,9 @@ class FakeClock:
         timer = QueuedTimer(callback)
         heapq.heappush(self._timers, (deadline, next(self._seq), timer))
         return timer
+
+    def call_soon(self, callback: Callable[[], None]) -> Timer:
+        return asyncio.get_running_loop().call_soon(callback)
 
     def advance(self, seconds: float) -> None:
         """Move time forward and wake every sleeper (and run every timer) whose deadline has passed, in order."""

@@ -278,7 +278,13 @@ class Inbound:
             self._drop_oldest()
 
     def _arm_lone_timer(self) -> None:
-        """Wake ``run`` when the frame waiting alone has waited long enough (``_complete_by``)."""
+        """Wake ``run`` when the frame waiting alone has waited long enough (``_complete_by``). Its partner nearly
+        always comes in the same read (Twilio's frames are read in pairs: ``twilio.paired_reads``) and calls the
+        timer off, so the deadline itself is armed only once the event loop has run the rest of that read, and
+        only if the frame still waits alone: one ``call_soon`` instead of a deadline set and dropped."""
+        self._lone_timer = self._clock.call_soon(self._arm_lone_deadline)
+
+    def _arm_lone_deadline(self) -> None:
         self._lone_timer = self._clock.call_at(self._complete_by(), self._ready.set, slack_s=LONE_TIMER_SLACK_S)
 
     def _call_off_lone_timer(self) -> None:

@@ -1,11 +1,11 @@
-"""Many short, usually called-off deadlines on one event-loop timer.
+"""Many short deadlines, often re-armed or called off, on one event-loop timer.
 
-Each call arms two timers many times a second: ``Inbound``'s for a frame waiting for its partner (25 a
-call-second, nearly all called off within the same read) and ``Outbound``'s for the AI's pause (re-armed a dozen
-times a call-second while it talks). On uvloop every ``call_later`` makes a handle and a libuv timer, and its
-``cancel`` a second loop operation (~2.5 µs the pair in a tight loop). Here a deadline is a heap entry, a cancel
-drops its callback, and one loop timer (one per slack: two in all, shared by every call) fires for whatever is
-due: 12.6 % less of the bridge's CPU at 100 calls and 6.6 % at 150, more than the timers' own cost
+Each call arms two timers many times a second: ``Inbound``'s for a frame waiting for its partner (set only when
+the partner did not come in the same read: ``Inbound._arm_lone_timer``) and ``Outbound``'s for the AI's pause
+(re-armed a dozen times a call-second while it talks). On uvloop every ``call_later`` makes a handle and a libuv
+timer, and its ``cancel`` a second loop operation (~2.5 µs the pair in a tight loop). Here a deadline is a heap
+entry, a cancel drops its callback, and one loop timer (one per slack: two in all, shared by every call) fires for
+whatever is due: 12.6 % less of the bridge's CPU at 100 calls and 6.6 % at 150, more than the timers' own cost
 (docs/performance.md, "Later on the morning of 7 Dec"). A deadline never fires early, and late by up to
 ``slack_s`` plus the loop timer's millisecond and any loop lag; after a firing the next comes no sooner than
 ``slack_s`` later unless a deadline earlier than that is armed. A deadline armed during a firing runs at the next
