@@ -285,6 +285,7 @@ class Inbound:
         self._lone_timer = self._clock.call_soon(self._arm_lone_deadline)
 
     def _arm_lone_deadline(self) -> None:
+        """``_arm_lone_timer``'s second half: the read is over and the frame still waits alone."""
         self._lone_timer = self._clock.call_at(self._complete_by(), self._ready.set, slack_s=LONE_TIMER_SLACK_S)
 
     def _call_off_lone_timer(self) -> None:

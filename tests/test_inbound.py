@@ -12,8 +12,8 @@ import pytest
 
 from telephony_bridge.audio.barge_in import BargeIn, CallerStopped, Event
 from telephony_bridge.audio.codec import TWILIO_FRAME_BYTES, pcm16_to_ulaw, ulaw_to_pcm16
-from telephony_bridge.clock import FakeClock, Flag, SystemClock
-from telephony_bridge.inbound import LONE_TIMER_SLACK_S, Inbound
+from telephony_bridge.clock import FakeClock, Flag
+from telephony_bridge.inbound import Inbound
 from telephony_bridge.ops.metrics import Metrics
 from telephony_bridge.settings import AudioSettings, BargeInSettings
 from tests.test_vad import speech_8k
@@ -160,30 +160,27 @@ async def test_inbound_joins_two_frames_a_message_when_asked_and_sends_a_lone_on
 async def test_inbound_sets_no_deadline_for_a_frame_whose_partner_comes_in_the_same_read() -> None:
     """Twilio's frames are read in pairs: the first of a pair waits for the second within one socket callback, so
     its lone-frame deadline is never set (the partner calls off the ``call_soon`` that would set it). A frame
-    still alone once the read is over gets its deadline, and goes alone after its wait. The real clock and loop:
-    the deadline is an entry in the clock's shared timer queue."""
-    clock = SystemClock()
+    still alone once the read is over gets its deadline, and goes alone when that comes."""
+    clock = FakeClock(start=1000.0)
     inbound = Inbound(AudioSettings(upstream_message_ms=40), BargeInSettings(enabled=False), Metrics(), clock)
-    savants = SizedSavants(clock)  # type: ignore[arg-type]
-
-    def deadlines() -> int:
-        queue = clock._queues.get(LONE_TIMER_SLACK_S)
-        return 0 if queue is None else len(queue)
-
+    savants = SizedSavants(clock)
     async with sending(inbound, savants):
         await settle()
         for pair in range(3):  # one read each, as picows hands a read's frames over in one callback
-            now = clock.monotonic()
-            inbound.push(pair * 40, SILENCE, now, None)
-            inbound.push(pair * 40 + 20, SILENCE, now, None)
+            inbound.push(pair * 40, SILENCE, clock.monotonic(), None)
+            inbound.push(pair * 40 + 20, SILENCE, clock.monotonic(), None)
             await settle()
-            assert deadlines() == 0
-            await asyncio.sleep(0.04)
+            assert not clock._timers  # no deadline set, none left to drop
+            clock.advance(0.04)
         assert savants.sizes == [1280] * 3 and savants.inline == 3
         inbound.push(120, SILENCE, clock.monotonic(), None)  # alone in its read
         await settle()
-        assert deadlines() == 1
-        await asyncio.sleep(0.1)  # the frame's wait (20 ms and a margin), and the slack of the queue's timer
+        assert len(clock._timers) == 1
+        clock.advance(0.024)  # its wait: a frame for the partner and a margin (``_complete_by``)
+        await settle()
+        assert savants.sizes == [1280] * 3
+        clock.advance(0.001)
+        await settle()
     assert savants.sizes == [1280] * 3 + [640]
 
 

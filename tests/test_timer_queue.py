@@ -61,7 +61,7 @@ def test_a_thousand_deadlines_share_few_loop_timers_and_a_cancel_lets_go_of_the_
             queue = TimerQueue(loop, 0.005, _loop_delay)
             fired: list[int] = []
             start = time.monotonic()
-            for i in range(1000):  # as 250 calls' lone-frame timers over 100 ms, half called off
+            for i in range(1000):  # as many calls' short deadlines over 100 ms, half called off
                 timer = queue.call_at(start + 0.02 + i * 0.0001, lambda i=i: fired.append(i))
                 if i % 2:
                     timer.cancel()
