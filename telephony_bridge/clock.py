@@ -201,6 +201,7 @@ class FakeClock:
         self._now = start
         self._wall_offset = wall_offset
         self._timers: list[tuple[float, int, QueuedTimer]] = []  # sleepers are timers that resolve their future
+        self._soon: list[QueuedTimer] = []  # ``call_soon``'s while no event loop runs
         self._seq = itertools.count()
 
     def monotonic(self) -> float:
@@ -238,10 +239,19 @@ class FakeClock:
         return timer
 
     def call_soon(self, callback: Callable[[], None]) -> Timer:
-        return asyncio.get_running_loop().call_soon(callback)
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # driven with no event loop (bench/frame_path.py): at the next ``advance``
+            timer = QueuedTimer(callback)
+            self._soon.append(timer)
+            return timer
+        return loop.call_soon(callback)
 
     def advance(self, seconds: float) -> None:
         """Move time forward and wake every sleeper (and run every timer) whose deadline has passed, in order."""
+        soon, self._soon = self._soon, []
+        for timer in soon:
+            timer.fire()
         self._now += seconds
         while self._timers and self._timers[0][0] <= self._now:
             heapq.heappop(self._timers)[2].fire()

@@ -8,7 +8,7 @@ import time
 import pytest
 import uvloop  # uvicorn[standard]'s loop, which the bridge serves on
 
-from telephony_bridge.clock import FakeClock, Flag, SystemClock, monotonic_of
+from telephony_bridge.clock import Clock, FakeClock, Flag, SystemClock, monotonic_of
 
 
 @pytest.mark.parametrize("signal", [Flag, asyncio.Event])
@@ -140,6 +140,27 @@ def test_a_fake_clock_runs_timers_as_it_passes_their_deadlines_in_order() -> Non
     assert seen == ["20 ms"]
     clock.advance(0.01)
     assert seen == ["20 ms", "30 ms"]
+
+
+@pytest.mark.parametrize("clock", [SystemClock(), FakeClock()], ids=["system", "fake"])
+async def test_call_soon_runs_once_the_loop_has_run_what_is_ready_unless_called_off(clock: Clock) -> None:
+    ran: list[str] = []
+    clock.call_soon(lambda: ran.append("soon"))
+    clock.call_soon(lambda: ran.append("off")).cancel()
+    ran.append("now")
+    await asyncio.sleep(0)
+    assert ran == ["now", "soon"]
+
+
+def test_a_fake_clock_with_no_event_loop_runs_call_soon_at_its_next_advance() -> None:
+    clock = FakeClock()
+    ran: list[str] = []
+    clock.call_soon(lambda: ran.append("soon"))
+    clock.call_soon(lambda: ran.append("off")).cancel()
+    clock.call_at(clock.monotonic() + 0.01, lambda: ran.append("timer"))
+    assert ran == []
+    clock.advance(0.01)
+    assert ran == ["soon", "timer"]
 
 
 def test_monotonic_of_the_system_clock_is_the_builtin_and_of_another_clock_its_own() -> None:
