@@ -143,6 +143,23 @@ def taking_turns(
     return Untimed(prepare, rounds * calls)
 
 
+def on_build(build: str | None, run: Callable[[], None]) -> Callable[[], None]:
+    """``run`` with the compiled filters' ``build`` running (None: as configured), the choice restored after."""
+    if build is None:
+        return run
+
+    def on() -> None:
+        assert EXTENSION is not None
+        before = EXTENSION.isa()
+        EXTENSION.isa(build)
+        try:
+            run()
+        finally:
+            EXTENSION.isa(before)
+
+    return on
+
+
 def best_us(row: Row, frames: int, repeat: int) -> float:
     """µs per frame, the best of ``repeat`` runs: ``frames`` frames a run, or an ``Untimed`` row's own."""
     times = []
@@ -360,14 +377,26 @@ def main() -> int:
     rows += [
         ("AI → caller, naive (ratecv, lin2ulaw, base64, json per frame)", naive_ai_to_caller),
     ]
-    # The audio kernels alone, each way, compiled (if built) and numpy: the same bytes, at what cost.
-    for compiled in (True, False) if EXTENSION is not None else (False,):
-        kind = "compiled" if compiled else "numpy"
+    # The audio kernels alone, each way, compiled (if built: the build of its filters configure() chose for this CPU,
+    # and the baseline) and numpy: the same bytes, at what cost.
+    kinds: list[tuple[str, bool, str | None]] = []
+    if EXTENSION is not None:
+        chosen = EXTENSION.isa()
+        builds = [chosen] if chosen == "baseline" else [chosen, "baseline"]
+        kinds += [(f"compiled, {build} build", True, build) for build in builds]
+    kinds.append(("numpy", False, None))
+    for kind, compiled, build in kinds:
         rows.append(
-            (f"caller → AI conversion alone (timeline, decode, FIR up, frames; {kind})", conversion_only(compiled))
+            (
+                f"caller → AI conversion alone (timeline, decode, FIR up, frames; {kind})",
+                on_build(build, conversion_only(compiled)),
+            )
         )
         rows.append(
-            (f"AI → caller conversion alone, per 40 ms batch (FIR down, μ-law; {kind})", convert_only(compiled))
+            (
+                f"AI → caller conversion alone, per 40 ms batch (FIR down, μ-law; {kind})",
+                on_build(build, convert_only(compiled)),
+            )
         )
     print(f"per 20 ms frame, best of {args.repeat} runs of {n} frames; audio kernels: {kernels}")
     if EXTENSION is None:

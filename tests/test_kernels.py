@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import platform
 import shutil
 import subprocess
 import sys
 import sysconfig
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import ModuleType
 
@@ -59,28 +61,67 @@ def chunked(draw: st.DrawFn, bytes_per_sample: int) -> list[bytes]:
     return chunks
 
 
+def cpu_has_avx2_and_fma() -> bool:
+    try:
+        flags = Path("/proc/cpuinfo").read_text().split()
+    except OSError:
+        return False
+    return "avx2" in flags and "fma" in flags
+
+
+def filter_builds() -> list[str]:
+    """The filters' builds to hold to the reference here: the baseline, and AVX2 on an x86-64 CPU that has it (a
+    build that cannot run it there is a failure, not a skip: it would leave the fast path untested)."""
+    builds = ["baseline"]
+    if platform.machine() in ("x86_64", "AMD64") and cpu_has_avx2_and_fma():
+        builds.append("avx2")
+    return builds
+
+
+@contextlib.contextmanager
+def running(extension: ModuleType, build: str) -> Iterator[None]:
+    before = extension.isa()
+    extension.isa(build)
+    try:
+        yield
+    finally:
+        extension.isa(before)
+
+
 @settings(max_examples=200, deadline=None)
 @given(chunks=chunked(bytes_per_sample=1))
 def test_compiled_upsampler_matches_the_numpy_reference(extension: ModuleType, chunks: list[bytes]) -> None:
-    compiled, reference = UlawUpsampler(compiled=True), UlawUpsampler(compiled=False)
-    for ulaw in chunks:
-        pcm_8k, pcm_16k = compiled.process(ulaw)
-        want_8k, want_16k = reference.process(ulaw)
-        assert pcm_16k == want_16k
-        assert len(pcm_16k) == 4 * len(ulaw)
-        np.testing.assert_array_equal(pcm_8k, want_8k)
+    for build in filter_builds():
+        with running(extension, build):
+            compiled, reference = UlawUpsampler(compiled=True), UlawUpsampler(compiled=False)
+            for ulaw in chunks:
+                pcm_8k, pcm_16k = compiled.process(ulaw)
+                want_8k, want_16k = reference.process(ulaw)
+                assert pcm_16k == want_16k, build
+                assert len(pcm_16k) == 4 * len(ulaw)
+                np.testing.assert_array_equal(pcm_8k, want_8k)
 
 
 @settings(max_examples=200, deadline=None)
 @given(chunks=chunked(bytes_per_sample=2))
 def test_compiled_downsampler_matches_the_numpy_reference(extension: ModuleType, chunks: list[bytes]) -> None:
-    compiled, reference = DownsamplerToUlaw(compiled=True), DownsamplerToUlaw(compiled=False)
-    total = 0
-    for pcm in chunks:
-        ulaw = compiled.process(pcm)
-        assert ulaw == reference.process(pcm)
-        total += len(ulaw)
-    assert total == sum(len(pcm) for pcm in chunks) // 4  # one byte per two samples
+    for build in filter_builds():
+        with running(extension, build):
+            compiled, reference = DownsamplerToUlaw(compiled=True), DownsamplerToUlaw(compiled=False)
+            total = 0
+            for pcm in chunks:
+                ulaw = compiled.process(pcm)
+                assert ulaw == reference.process(pcm), build
+                total += len(ulaw)
+            assert total == sum(len(pcm) for pcm in chunks) // 4  # one byte per two samples
+
+
+def test_the_filters_run_their_avx2_build_on_a_cpu_that_has_it(extension: ModuleType) -> None:
+    """configure() chooses the build: AVX2 and FMA where the CPU has them (most x86-64 servers), else the
+    baseline; one that cannot run says so."""
+    assert extension.isa() == ("avx2" if "avx2" in filter_builds() else "baseline")
+    with pytest.raises(ValueError, match="neon build cannot run here"):
+        extension.isa("neon")
 
 
 def test_mean_square_matches_numpy(extension: ModuleType) -> None:

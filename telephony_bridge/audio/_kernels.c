@@ -131,11 +131,32 @@ static PyObject *mean_square(PyObject *self, PyObject *arg) {
     return PyFloat_FromDouble(n ? (double)sum / (double)n : 0.0);
 }
 
+static const char *const ISA_NAMES[] = {"baseline", "avx2"}; /* by KERNELS_BASELINE, KERNELS_AVX2_FMA */
+
+/* isa([name]) -> str: the build of the filters that runs ("avx2" where this build and the CPU have it, chosen by
+ * configure(), else "baseline"); with a name, run that build from now on (tests hold each to the reference). */
+static PyObject *isa(PyObject *self, PyObject *args) {
+    const char *name = NULL;
+    if (!PyArg_ParseTuple(args, "|s", &name)) return NULL;
+    if (name != NULL) {
+        int chosen = -1;
+        for (int i = 0; i < (int)(sizeof(ISA_NAMES) / sizeof(*ISA_NAMES)); i++)
+            if (strcmp(name, ISA_NAMES[i]) == 0) chosen = i;
+        if (chosen < 0 || !kernels_can_run(chosen)) {
+            PyErr_Format(PyExc_ValueError, "the filters' %s build cannot run here (this build or this CPU)", name);
+            return NULL;
+        }
+        kernels_isa = chosen;
+    }
+    return PyUnicode_FromString(ISA_NAMES[kernels_isa]);
+}
+
 static PyMethodDef methods[] = {
     {"configure", configure, METH_VARARGS, "configure(up_taps, down_taps, decode, encode): the tables, once."},
     {"ulaw_up", ulaw_up, METH_VARARGS, "ulaw_up(state, ulaw) -> (pcm_8k, pcm_16k_le)"},
     {"down_ulaw", down_ulaw, METH_VARARGS, "down_ulaw(state, pcm_16k_le) -> ulaw"},
     {"mean_square", mean_square, METH_O, "mean_square(pcm_native) -> float"},
+    {"isa", isa, METH_VARARGS, "isa([name]) -> the filters' build that runs: 'avx2' or 'baseline'"},
     {NULL, NULL, 0, NULL},
 };
 
