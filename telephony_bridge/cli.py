@@ -439,8 +439,8 @@ def run_loadtest(args: argparse.Namespace) -> int:
 
 
 def _compiled(choice: str) -> tuple[str, str]:
-    """What ``audio.kernels`` runs: the kernels, and which parts of the per-frame path are compiled (built by
-    setup.py; each falls back to Python where it is not)."""
+    """What ``audio.kernels`` runs: the kernels (compiled: with the build of the filters this CPU runs), and which
+    parts of the per-frame path are compiled (built by setup.py; each falls back to Python where it is not)."""
     from telephony_bridge import inbound, outbound
     from telephony_bridge.savants import client
     from telephony_bridge.twilio import leg
@@ -454,4 +454,5 @@ def _compiled(choice: str) -> tuple[str, str]:
         "ai audio": outbound.AiAudioPath,
     }
     parts = [name for name, part in built.items() if part is not None]
-    return "compiled", ", ".join(parts) or "none"
+    assert kernels.EXTENSION is not None  # use_compiled said yes
+    return f"compiled ({kernels.EXTENSION.isa()} filters)", ", ".join(parts) or "none"

@@ -268,7 +268,9 @@ async def test_a_call_on_either_kernels_echoes_what_was_said(
 def test_serve_says_which_kernels_it_runs(env: dict[str, str], said: str) -> None:
     want = "numpy; compiled frame path: none"
     if kernels.use_compiled(said):
-        want = "compiled; compiled frame path: twilio media, caller audio, savants audio, ai audio"
+        assert kernels.EXTENSION is not None
+        built = f"compiled ({kernels.EXTENSION.isa()} filters)"
+        want = f"{built}; compiled frame path: twilio media, caller audio, savants audio, ai audio"
     bridge = BridgeProcess(None, env, args=("serve", "--dev"))
     try:
         assert f"audio kernels: {want}" in [str(line["msg"]) for line in bridge.lines]
