@@ -188,7 +188,7 @@ def main() -> int:
         parser.error(f"--calls {args.calls} must be at least 1 and at most --frames ({args.frames})")
     tune_gc()  # the bridge's own settings (cli.py), as it runs its calls
     ours_compiled = use_compiled(args.kernels)
-    kernels = "compiled" if ours_compiled else "numpy"
+    kernels = f"compiled, {EXTENSION.isa()} build" if ours_compiled and EXTENSION is not None else "numpy"
     audio = AudioSettings(kernels=args.kernels)
     n = args.frames
     ulaw = pcm16_to_ulaw(speech_like(160 * n).astype(np.int16))

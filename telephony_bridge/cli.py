@@ -454,5 +454,5 @@ def _compiled(choice: str) -> tuple[str, str]:
         "ai audio": outbound.AiAudioPath,
     }
     parts = [name for name, part in built.items() if part is not None]
-    assert kernels.EXTENSION is not None  # use_compiled said yes
-    return f"compiled ({kernels.EXTENSION.isa()} filters)", ", ".join(parts) or "none"
+    isa = getattr(kernels.EXTENSION, "isa", None)  # an extension built before 7 Dec has no builds to name
+    return f"compiled ({isa()} filters)" if isa is not None else "compiled", ", ".join(parts) or "none"

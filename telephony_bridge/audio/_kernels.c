@@ -134,7 +134,8 @@ static PyObject *mean_square(PyObject *self, PyObject *arg) {
 static const char *const ISA_NAMES[] = {"baseline", "avx2"}; /* by KERNELS_BASELINE, KERNELS_AVX2_FMA */
 
 /* isa([name]) -> str: the build of the filters that runs ("avx2" where this build and the CPU have it, chosen by
- * configure(), else "baseline"); with a name, run that build from now on (tests hold each to the reference). */
+ * configure(), else "baseline"); with a name, run that build until told otherwise or until the next configure()
+ * (tests hold each build to the reference). */
 static PyObject *isa(PyObject *self, PyObject *args) {
     const char *name = NULL;
     if (!PyArg_ParseTuple(args, "|s", &name)) return NULL;
@@ -142,8 +143,17 @@ static PyObject *isa(PyObject *self, PyObject *args) {
         int chosen = -1;
         for (int i = 0; i < (int)(sizeof(ISA_NAMES) / sizeof(*ISA_NAMES)); i++)
             if (strcmp(name, ISA_NAMES[i]) == 0) chosen = i;
-        if (chosen < 0 || !kernels_can_run(chosen)) {
-            PyErr_Format(PyExc_ValueError, "the filters' %s build cannot run here (this build or this CPU)", name);
+        if (chosen < 0) {
+            PyErr_Format(PyExc_ValueError, "expected 'baseline' or 'avx2', got %R", PyTuple_GET_ITEM(args, 0));
+            return NULL;
+        }
+        if (!kernels_can_run(chosen)) {
+#ifdef KERNELS_AVX2
+            PyErr_SetString(PyExc_ValueError, "this CPU lacks AVX2 or FMA: only the filters' baseline build runs here");
+#else
+            PyErr_SetString(PyExc_ValueError,
+                            "this extension has no AVX2 build of the filters (x86-64 with GCC or Clang only)");
+#endif
             return NULL;
         }
         kernels_isa = chosen;

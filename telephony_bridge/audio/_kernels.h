@@ -16,10 +16,12 @@
 
 /* x86-64's baseline (SSE2) has vectors of two doubles and no instruction for nearbyint, which then costs a libm
  * call a sample. Where the compiler can target AVX2, each filter is built twice, the second for AVX2 and FMA
- * (vectors of four, nearbyint one instruction, fused multiply-adds: the same results, since every product and
- * sum is exact: see kernels_set), and kernels_set() runs the AVX2 build on a CPU that has it: about 40 % less
- * time in the filters (bench/frame_path.py, "conversion alone"). */
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+ * (vectors of four, nearbyint one instruction, fused multiply-adds), and kernels_set() runs the AVX2 build on a
+ * CPU that has it (docs/performance.md, "The filters built for AVX2"). The two give the same bytes: every product
+ * of a tap and a sample is exact (kernels_set), so a fused multiply-add rounds as the add alone would, and both
+ * builds add in the same order. Not with Apple's toolchain or MSVC-style drivers, whose runtimes lack what
+ * __builtin_cpu_supports needs: the baseline alone there. */
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__)) && !defined(__APPLE__) && !defined(_MSC_VER)
 #define KERNELS_AVX2 1
 #define KERNELS_INLINE static inline __attribute__((always_inline)) /* into each build, compiled for its target */
 #else
