@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+import time
 import wave
 from collections.abc import Iterator
 from pathlib import Path
@@ -138,6 +139,17 @@ async def test_call_hears_its_own_voice_echoed_back(bridge: ScriptedBridge) -> N
     assert 0 < result.first_audio_s <= result.first_heard_s < 0.5
     assert len(result.heard) == result.media_sent * 160 == 30 * 160
     assert result.summary().count("\n") == 0 and "0 protocol violations" in result.summary()
+
+
+async def test_call_records_the_ticks_of_its_own_beat_that_ran_a_frame_late(bridge: ScriptedBridge) -> None:
+    """A caller process that stalls (here its event loop blocked for 100 ms) plays the ticks due meanwhile at once,
+    faster than real time: the result says when, so that a hole soon after is not blamed on the bridge."""
+    asyncio.get_running_loop().call_later(0.25, time.sleep, 0.1)
+    async with asyncio.timeout(5):
+        result = await run_call(CallConfig(bridge.url("echo"), audio_in=noise(0.4), seconds=0.6))
+    assert result.beat_stalls_s, result.summary()
+    assert all(0.0 < t < 0.6 for t in result.beat_stalls_s)
+    assert result.beat_stalls_s == tuple(sorted(result.beat_stalls_s))
 
 
 async def test_call_echoes_marks_in_order_and_numbers_messages_like_twilio(

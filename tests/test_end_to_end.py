@@ -74,7 +74,11 @@ async def test_end_to_end_speech_quality_matches_the_mulaw_floor(emulator: Serve
 
     speech = read_wav(str(DATA / "speech_8k.wav"))
     result = await run_call(signed_call(bridge, audio_in=speech, seconds=len(speech) / 8000 + 1.0))
-    assert result.violations == [] and result.underruns == 0
+    assert result.violations == []
+    # No hole, unless the caller's own beat stalled: its late ticks then play at once, faster than real time,
+    # holes that are the load's (the bridge, the emulator and the caller share this process: once in ~40 runs
+    # under two CPU hogs, on the code of 7 Dec before and after its changes, and once in CI).
+    assert result.underruns == 0 or result.beat_stalls_s, f"{result.underruns} holes with no stall of the caller's beat"
     heard = result.heard.astype(float)
     corr = np.correlate(heard, speech.astype(float), mode="valid")
     lag = int(np.argmax(corr))

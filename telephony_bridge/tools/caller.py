@@ -124,6 +124,10 @@ class CallResult:
     # load tells the holes in its set-up ramp from those once every call is up.
     underrun_ends_s: tuple[float, ...] = ()
     started_at: float | None = None  # when ``start`` was sent, on the caller's clock's ``monotonic``
+    # Ticks of the caller's own beat that ran more than a frame late, in seconds of the beat: its process stalled.
+    # The ticks due meanwhile then play at once, faster than real time, so an underrun soon after one may be the
+    # caller's, not the bridge's.
+    beat_stalls_s: tuple[float, ...] = ()
 
     def summary(self) -> str:
         """One line: time to first audio, audio heard, protocol violations."""
@@ -163,6 +167,7 @@ class SimulatedCall:
         self._violations: list[str] = []
         self._marks_echoed: list[str] = []
         self._media_sent = 0
+        self._beat_stalls_s: list[float] = []
         self._round_trips = RoundTrips(self._playout)
         self._late_messages = 0
         self._ended_by: Literal["caller", "bridge"] = "caller"
@@ -206,6 +211,8 @@ class SimulatedCall:
             dtmf = sorted(cfg.dtmf)
             for i in range(n_frames + 1):
                 await self._clock.sleep_until(t0 + i * FRAME_S)
+                if self._clock.monotonic() - (t0 + i * FRAME_S) > FRAME_S:
+                    self._beat_stalls_s.append(i * FRAME_S)
                 # The last tick plays nothing: it only releases marks whose audio finished with the call.
                 await self._play(ws, 0 if i == n_frames else TWILIO_FRAME_BYTES, i)
                 if i == n_frames:
@@ -315,6 +322,7 @@ class SimulatedCall:
             heard_round_trips_s=list(self._round_trips.heard_s),
             underrun_ms=self._playout.underrun_ms,
             underrun_ends_s=tuple(ms / 1000 for ms in self._playout.underrun_ends_ms),
+            beat_stalls_s=tuple(self._beat_stalls_s),
             started_at=self._started_at,
             cut_off_ms=self._playout.buffered_bytes / TWILIO_BYTES_PER_MS,
             received_ms=self._playout.bytes_received / TWILIO_BYTES_PER_MS,

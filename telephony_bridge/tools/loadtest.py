@@ -81,6 +81,12 @@ class LoadResult:
         return sorted(float(f.call.underruns) for f in self.of("served") if f.call is not None)
 
     @property
+    def stalled_calls(self) -> int:
+        """Served calls whose own beat ran a frame late or more (``CallResult.beat_stalls_s``): the load's process
+        stalled, and a hole soon after may be its own, not the bridge's."""
+        return sum(1 for f in self.of("served") if f.call is not None and f.call.beat_stalls_s)
+
+    @property
     def violations(self) -> int:
         return sum(len(f.call.violations) for f in self.flows if f.call is not None)
 
@@ -107,6 +113,7 @@ class LoadResult:
             "added_latency_ms": stats([v * 1000 for v in self.added_s]),
             "heard_added_latency_ms": stats([v * 1000 for v in self.heard_added_s]),
             "underruns_per_call": stats(self.underruns_per_call),
+            "calls_whose_beat_stalled": self.stalled_calls,
         }
         if cpu is not None:
             out["bridge_cpu"] = cpu.summary(len(self.of("served")) * self.seconds)
@@ -127,11 +134,13 @@ class LoadResult:
             f"first AI audio {_shown(stats([t * 1000 for t in times]), 'ms')} "
             f"({len(times)} of {len(served)} served calls)"
         )
+        stalled = f"; {self.stalled_calls} calls' own beat stalled (their holes may be the load's)"
         lines += [
             f"round trip     {_shown(stats([t * 1000 for t in self.round_trips_s]), 'ms')} (echo AI delay included)",
             f"added latency  {_shown(stats([t * 1000 for t in self.added_s]), 'ms')} (round trip less the call's best)",
             f"heard added    {_shown(stats([t * 1000 for t in self.heard_added_s]), 'ms')} (the same, when played)",
-            f"underruns      {self.underruns} in all; per call {_shown(stats(self.underruns_per_call), '', 0)}",
+            f"underruns      {self.underruns} in all; per call {_shown(stats(self.underruns_per_call), '', 0)}"
+            + (stalled if self.stalled_calls else ""),
             f"violations     {self.violations}",
         ]
         if cpu is not None:
