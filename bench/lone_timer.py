@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from telephony_bridge.audio.codec import TWILIO_FRAME_BYTES
 from telephony_bridge.clock import SystemClock
-from telephony_bridge.inbound import LONE_TIMER_SLACK_S, Inbound
+from telephony_bridge.inbound import Inbound
 from telephony_bridge.ops.gc_tuning import tune_gc
 from telephony_bridge.ops.metrics import Metrics
 from telephony_bridge.settings import AudioSettings, BargeInSettings
@@ -64,7 +64,7 @@ class AtOnce(Inbound):
     __slots__ = ()
 
     def _arm_lone_timer(self) -> None:
-        self._lone_timer = self._clock.call_at(self._complete_by(), self._ready.set, slack_s=LONE_TIMER_SLACK_S)
+        self._arm_lone_deadline()  # no call_soon first: the deadline itself, at once
 
 
 async def one_run(kind: type[Inbound], calls: int, seconds: float) -> tuple[float, int]:

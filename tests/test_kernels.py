@@ -72,17 +72,13 @@ def cpu_has_avx2_and_fma() -> bool:
 def filter_builds(extension: ModuleType) -> list[str]:
     """The filters' builds to hold to the reference here: the baseline, and AVX2 wherever the extension runs it.
     On Linux x86-64 a CPU with AVX2 and FMA that cannot run it is a failure: the fast path would go untested."""
-    builds = ["baseline"]
-    before = extension.isa()
     try:
-        extension.isa("avx2")
-        builds.append("avx2")
+        with running(extension, "avx2"):
+            return ["baseline", "avx2"]
     except ValueError as exc:
         if sys.platform == "linux" and platform.machine() == "x86_64" and cpu_has_avx2_and_fma():
             pytest.fail(f"this CPU has AVX2 and FMA, but the filters' AVX2 build does not run: {exc}")
-    finally:
-        extension.isa(before)
-    return builds
+    return ["baseline"]
 
 
 @contextlib.contextmanager
