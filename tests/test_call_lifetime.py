@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -51,7 +52,11 @@ async def test_a_twilio_socket_that_goes_quiet_without_a_close_frees_the_lease(
             freed_after_s = time.monotonic() - quiet_since
         ended = call_ended(caplog)
     assert 0.9 < freed_after_s < 3.0
-    assert (ended.outcome, ended.reason) == ("caller_lost", "twilio silent for 1.0 s")  # type: ignore[attr-defined]
+    # The reason carries the silence as measured: at least the timeout, more when a loaded runner woke late
+    # (1.1 s once in CI). Tests assert behaviour, not timings.
+    assert ended.outcome == "caller_lost"  # type: ignore[attr-defined]
+    silent = re.fullmatch(r"twilio silent for (\d+\.\d) s", ended.reason)  # type: ignore[attr-defined]
+    assert silent and 1.0 <= float(silent[1]) < 3.0, ended.reason  # type: ignore[attr-defined]
     assert getattr(ended, "call_sid", None) == form["CallSid"]
     wait_until(lambda: emulator_stats(emulator)["sessions_active"] == 0, what="the Savants socket to close")
     assert (
