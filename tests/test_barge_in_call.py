@@ -29,8 +29,9 @@ async def test_caller_talking_over_the_ai_cuts_it_off(
     assert result.clears == 1 and result.violations == []
     assert 0.5 < cut.into_answer_s < 2.0, cut
     # Behaviour, not a tight timing (bench/barge_in.py reports the figure, ~150 ms): silent well before the
-    # ~3 s of answer that was left, with room for a stall of the caller's own beat (it then plays what it holds).
-    assert cut.stop_after_s < 1.5, cut
+    # ~3 s of answer that was left; later after a stall of the caller's own beat, which sends its speech (and so
+    # brings the clear) that much later.
+    assert cut.stop_after_s < (1.5 if result.beat_stalls_s else 0.6), cut
     metrics = httpx.get(bridge.http_url + "/metrics").text
     assert "bridge_barge_in_total 1.0" in metrics
 

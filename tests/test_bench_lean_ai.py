@@ -150,7 +150,9 @@ async def test_lean_echo_behind_a_real_bridge_says_the_callers_speech_back_after
     correlation = np.correlate(heard, said, mode="valid")
     lag = int(np.argmax(correlation))
     similarity = correlation[lag] / (np.linalg.norm(said) * np.linalg.norm(heard[lag : lag + said.size]))
-    assert similarity > 0.9 or stalled, f"what came back does not resemble what was said ({similarity:.3f})"
+    # After a stall the speech comes back in parts, each at its own lag: the best lag matches the largest part
+    # (half of it at least, with one stall), and anything else the echo could return matches nothing.
+    assert similarity > (0.3 if stalled else 0.9), f"what came back does not resemble what was said ({similarity:.3f})"
     assert 0.2 <= lag / 8000 < 1.0, f"the echo came back after {lag / 8000:.3f} s"
     wait_until(lambda: lean_stats(lean)["sessions_active"] == 0, what="the echo's session to end")
     stats = lean_stats(lean)

@@ -239,7 +239,7 @@ async def test_sip_barge_in_cuts_the_ai_off(
     assert result.answered and result.violations == [], result.summary()
     cut = probe.measure(result.heard_pcm, said, INTERRUPT_AT_S)
     assert 0.5 < cut.into_answer_s < 2.0, cut
-    assert cut.stop_after_s < 1.5, cut  # the queued AI audio (~3 s) was dropped at the leg, not played out
+    assert cut.stop_after_s < 0.6, cut  # the queued AI audio was dropped at the leg, not played out
     metrics = httpx.get(bridge.http_url + "/metrics", timeout=5).text
     assert "bridge_barge_in_total 1.0" in metrics
     assert_all_released(bridge, emulator)
