@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import re
 from collections.abc import Callable
 
 import httpx
@@ -14,7 +13,7 @@ import pytest
 
 from telephony_bridge.serving import ServerThread
 from telephony_bridge.tools.caller import run_call
-from tests.support import bridge_settings, emulator_stats, signed_call, wait_until
+from tests.support import bridge_settings, emulator_stats, metric_values, signed_call, wait_until
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -65,5 +64,7 @@ async def test_with_no_reconnect_buffer_the_ai_still_gets_all_the_callers_audio(
     [session] = [s for s in emulator_stats(emulator)["sessions"] if s["frames_in"]]
     # 2.5 s of the caller at 16 kHz is 80,000 bytes; what the AI got before it connected is also in there.
     assert session["bytes_in"] >= 0.9 * 2.5 * 32000, session
-    metrics = httpx.get(bridge.http_url + "/metrics", timeout=5).text
-    assert not re.search(r'bridge_inbound_frames_dropped_total\{reason="overflow"\} [1-9]', metrics)
+    # None dropped for want of room, unless the caller's own beat stalled: its overdue frames then come as one
+    # burst, more than a backlog of two frames holds. The bug dropped every other frame (~60 here).
+    dropped = metric_values(bridge, "bridge_inbound_frames_dropped_total", "reason").get("overflow", 0.0)
+    assert dropped == 0 or (result.beat_stalls_s and dropped < 20), (dropped, result.beat_stalls_s)
