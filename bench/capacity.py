@@ -390,17 +390,29 @@ def start(
 
 
 def start_emulator(
-    env: dict[str, str] | None = None, cpus: frozenset[int] | None = None, *, tts_wav: Path | None = None
+    env: dict[str, str] | None = None,
+    cpus: frozenset[int] | None = None,
+    *,
+    tts_wav: Path | None = None,
+    burst: bool = True,
 ) -> tuple[subprocess.Popen[bytes], int]:
     """The Savants emulator (echo voice, the bench's API key) on a free port, once it answers: its process and
     port. ``env``: e.g. its token key (``EMULATOR_JWT_SECRET_ENV``), for bench/lean_ai.py to check its tokens.
     ``tts_wav``: its voice plays this recording instead, all of it at once, as a TTS engine sends ahead of real
-    time (the emulator's file voice with ``--burst``)."""
+    time (the emulator's file voice with ``--burst``); with ``burst`` False, a frame every 20 ms on the voice's
+    own clock, whatever the caller says or when (``--voice speech``)."""
     port = free_port()
-    command = [sys.executable, "-m", "telephony_bridge", "emulator", "--port", str(port), "--api-key", "bench-key"]
-    if tts_wav is not None:
-        command += ["--voice", "file", "--wav", str(tts_wav), "--burst"]
+    command = emulator_command(port, tts_wav, burst=burst)
     return start(command, env or {}, f"http://127.0.0.1:{port}/_emulator/stats", cpus), port
+
+
+def emulator_command(port: int, wav: Path | None = None, *, burst: bool = True) -> list[str]:
+    """``start_emulator``'s command line: the echo voice, or ``wav`` played by the file voice, all at once
+    (``burst``) or a frame a tick."""
+    command = [sys.executable, "-m", "telephony_bridge", "emulator", "--port", str(port), "--api-key", "bench-key"]
+    if wav is not None:
+        command += ["--voice", "file", "--wav", str(wav), *(["--burst"] if burst else [])]
+    return command
 
 
 def start_lean_ai(
@@ -967,11 +979,13 @@ def main() -> int:
     )
     parser.add_argument(
         "--voice",
-        choices=["echo", "tts"],
+        choices=["echo", "tts", "speech"],
         default="echo",
         help="the AI's voice: echo (the caller's speech said back in real time, in 20 ms frames: the dearest case, "
-        "and the one the latency figures need), or tts (a recording sent all at once, as a TTS engine sends ahead "
-        "of real time; needs --ai emulator; the latency figures then mean nothing: the AI does not echo)",
+        "and the one the latency figures need), tts (a recording sent all at once, as a TTS engine sends ahead "
+        "of real time), or speech (the recording in real time on the AI's own clock: when its frames come owes "
+        "nothing to when the caller's reached it, as an echo's does). tts and speech need --ai emulator; the "
+        "latency figures then mean nothing: the AI does not echo",
     )
     parser.add_argument("--sip", action="store_true", help="also run each level over SIP against the bridge")
     parser.add_argument(
@@ -1013,8 +1027,8 @@ def main() -> int:
             lean_callers.compiled_call_class()  # built here once, not in each load process
         except cython_build.BuildError as exc:
             parser.error(f"--callers compiled: {exc}")
-    if args.voice == "tts" and args.ai != "emulator":
-        parser.error("--voice tts needs --ai emulator: the lean echo only echoes")
+    if args.voice != "echo" and args.ai != "emulator":
+        parser.error(f"--voice {args.voice} needs --ai emulator: the lean echo only echoes")
     if args.voice == "tts" and args.seconds + TTS_EXTRA_S > TTS_AHEAD_S:
         most = TTS_AHEAD_S - TTS_EXTRA_S
         parser.error(f"--voice tts: --seconds at most {most:g}, so that the bridge queues all the AI's audio")
@@ -1033,10 +1047,12 @@ def main() -> int:
         os.sched_setaffinity(0, pinning.load)  # this process too, and what it starts unpinned (perf, py-spy)
     token_key = {EMULATOR_JWT_SECRET_ENV: secrets.token_urlsafe(32)}  # the lean echo checks the emulator's tokens
     with tempfile.TemporaryDirectory(prefix="tts-") as folder:  # the emulator reads its recording as it starts
-        tts_wav = write_tts_wav(Path(folder), args.seconds + TTS_EXTRA_S) if args.voice == "tts" else None
-        emulator, emulator_port = start_emulator(token_key, load_cpus, tts_wav=tts_wav)
-    if tts_wav is not None:
+        tts_wav = write_tts_wav(Path(folder), args.seconds + TTS_EXTRA_S) if args.voice != "echo" else None
+        emulator, emulator_port = start_emulator(token_key, load_cpus, tts_wav=tts_wav, burst=args.voice == "tts")
+    if args.voice == "tts":
         print("the AI's voice: a recording sent all at once (tts); the latency figures mean nothing: it does not echo")
+    elif args.voice == "speech":
+        print("the AI's voice: a recording in real time on its own clock; the latency figures mean nothing")
     # From here on, whatever is started is stopped in the ``finally`` below, however this run ends.
     running: dict[str, tuple[subprocess.Popen[bytes], str]] = {}
     folders = contextlib.ExitStack()  # the --savants-tls certificate's
@@ -1057,7 +1073,7 @@ def main() -> int:
             relay = TlsRelay(voice_port, folder, process=True, cpus=load_cpus)
             voice_env = relay.env()
             print(f"the servers' voice streams over wss:// (a TLS relay on port {relay.port}); tokens stay on http")
-        if tts_wav is not None:  # the bridge keeps the whole recording queued, not its default 10 s ahead
+        if args.voice == "tts":  # the bridge keeps the whole recording queued, not its default 10 s ahead
             voice_env = {**voice_env, "BRIDGE__AUDIO__MAX_AI_AHEAD_S": str(TTS_AHEAD_S)}
         if args.workers > 1 and not args.redis_url:
             redis_port = free_port()

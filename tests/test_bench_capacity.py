@@ -198,6 +198,17 @@ def test_capacity_send_counter_dates_perfs_intervals_by_when_their_lines_came() 
     assert capacity.perf_started(lines[:1]) is None
 
 
+def test_capacity_voices_start_the_emulator_speaking_the_recording_at_once_or_in_real_time(tmp_path: Path) -> None:
+    """``--voice tts`` sends the recording all at once (``--burst``); ``--voice speech`` a frame every 20 ms on the
+    voice's own clock (the file voice without it, tests/test_emulator.py); ``echo`` is the emulator's default."""
+    wav = tmp_path / "tts.wav"
+    echo = capacity.emulator_command(8000)
+    tts, speech = (capacity.emulator_command(8000, wav, burst=burst) for burst in (True, False))
+    assert "--voice" not in echo
+    assert tts[tts.index("--voice") :] == ["--voice", "file", "--wav", str(wav), "--burst"]
+    assert speech[speech.index("--voice") :] == ["--voice", "file", "--wav", str(wav)]
+
+
 def test_capacity_tts_voice_is_the_speech_recording_at_16_khz_for_the_whole_call(tmp_path: Path) -> None:
     """``--voice tts``: what the emulator's file voice sends all at once must outlast the call, at Savants' rate."""
     path = capacity.write_tts_wav(tmp_path, 7.0)
