@@ -10,6 +10,7 @@
     .venv/bin/python bench/capacity.py --calls 50 --servers bridge --perf perf.data  # CPU by library (perf)
     .venv/bin/python bench/capacity.py --knee 50 400 50 --servers bridge --server-cpus 0 --ai lean  # lean AI
     .venv/bin/python bench/capacity.py --calls 100 --servers bridge --voice tts   # an AI ahead of real time
+    .venv/bin/python bench/capacity.py --calls 50 --servers bridge --voice speech   # ...in real time, its own clock
 
 Three kinds of process on 127.0.0.1: the Savants emulator (voice ``echo``), the servers under test (``bridge``:
 ``telephony-bridge serve``, the real thing; ``naive``: ``bench/naive_bridge.py``, written like the public
@@ -427,8 +428,8 @@ def start_lean_ai(
 
 
 def write_tts_wav(folder: Path, seconds: float) -> Path:
-    """The AI's speech for ``--voice tts``: the bench's speech recording, at 16 kHz as Savants speaks, repeated
-    to last ``seconds``, written into ``folder``."""
+    """The AI's speech for ``--voice tts`` and ``--voice speech``: the bench's speech recording, at 16 kHz as
+    Savants speaks, repeated to last ``seconds``, written into ``folder``."""
     pcm = read_wav_pcm16(str(ROOT / "tests" / "data" / "speech_16k.wav"))  # the emulator's own reader and format
     repeats = max(1, math.ceil(seconds * SAMPLE_RATE_HZ * SAMPLE_BYTES / len(pcm)))
     path = folder / "tts.wav"
