@@ -766,6 +766,13 @@ def echo_counts(stats_url: str) -> tuple[int, int]:
     return int(stats["ticks_late_over_a_frame"]), int(stats["gc_pauses_over_a_frame"])
 
 
+def emulator_ticks_late(stats_url: str) -> int:
+    """The emulator's count so far of its speakers' ticks more than a frame late, summed over its sessions (one
+    stall of its loop counts once in each session speaking): the AI's own lateness, which the bridge counts among
+    the AI's frames coming late (``ai_late``)."""
+    return int(httpx.get(stats_url, timeout=5).json()["ticks_late_over_a_frame"])
+
+
 def counters_from_metrics(text: str) -> dict[str, float]:
     """From the bridge's /metrics text: its own count of playback holes by cause (``ai_late``, ``scheduling``),
     its event loop lag samples and garbage collections so far, all (``lag``, ``gc``) and those within 20 ms
@@ -832,6 +839,8 @@ def line(label: str, f: dict) -> str:
         head += f"callers' beat stalls > 20 ms: {stalls} ({steady} in the steady window){worst}  "
     if f.get("echo_ticks_late") is not None:
         head += f"echo's ticks > 20 ms late: {f['echo_ticks_late']}, GC pauses > 20 ms: {f['echo_gc_pauses']}  "
+    if f.get("emulator_ticks_late") is not None:
+        head += f"the emulator's ticks > 20 ms late: {f['emulator_ticks_late']} (over its sessions)  "
     if "setup_p99_ms" in f:
         return head + (
             f"set-up p50 {ms(f['setup_p50_ms'])} p99 {ms(f['setup_p99_ms'])} ms  RTP jitter p50 "
@@ -1061,6 +1070,7 @@ def main() -> int:
     redis: subprocess.Popen[bytes] | None = None
     lean: subprocess.Popen[bytes] | None = None
     lean_stats: str | None = None  # the lean echo's /_lean/stats
+    emulator_stats = f"http://127.0.0.1:{emulator_port}/_emulator/stats"
     try:
         voice_port = emulator_port  # where the servers' voice streams go: the emulator, the lean echo, a relay
         voice_env: dict[str, str] = {}
@@ -1139,8 +1149,10 @@ def main() -> int:
                         ramp_s=args.ramp,
                         count_sends=args.count_sends,
                     )  # this server at this level: over Twilio, and over SIP below
-                    if lean_stats is None:
+                    if lean_stats is None:  # the emulator speaks: its own late ticks
+                        late_before = emulator_ticks_late(emulator_stats)
                         figures = level(profile, perf=perf, stacks=stacks)
+                        figures["emulator_ticks_late"] = emulator_ticks_late(emulator_stats) - late_before
                     else:
                         late_before, pauses_before = echo_counts(lean_stats)
                         figures = level(profile, perf=perf, stacks=stacks)

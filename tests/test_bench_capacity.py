@@ -13,6 +13,9 @@ from typing import Any
 
 import pytest
 
+from telephony_bridge.serving import running
+from telephony_bridge.tools.emulator import EmulatorConfig, create_emulator_app
+from telephony_bridge.tools.emulator.app import STATS_PATH
 from tests.redis_server import free_port
 from tests.support import BENCH
 
@@ -207,6 +210,13 @@ def test_capacity_voices_start_the_emulator_speaking_the_recording_at_once_or_in
     assert "--voice" not in echo
     assert tts[tts.index("--voice") :] == ["--voice", "file", "--wav", str(wav), "--burst"]
     assert speech[speech.index("--voice") :] == ["--voice", "file", "--wav", str(wav)]
+
+
+def test_capacity_reads_the_emulators_own_late_ticks_from_its_stats() -> None:
+    """With ``--ai emulator`` each level reports the emulator's speaker ticks more than a frame late (counted in
+    tests/test_emulator.py), read from its stats by that name."""
+    with running(create_emulator_app(EmulatorConfig())) as emulator:
+        assert capacity.emulator_ticks_late(emulator.http_url + STATS_PATH) == 0
 
 
 def test_capacity_tts_voice_is_the_speech_recording_at_16_khz_for_the_whole_call(tmp_path: Path) -> None:

@@ -25,7 +25,7 @@ import numpy as np
 import pytest
 from websockets.asyncio.client import ClientConnection, connect
 
-from telephony_bridge.clock import Clock, FakeClock
+from telephony_bridge.clock import Clock, FakeClock, SystemClock
 from telephony_bridge.errors import ConfigError
 from telephony_bridge.serving import ServerThread, running
 from telephony_bridge.tools.emulator import EmulatorConfig, EmulatorState, create_emulator_app
@@ -399,6 +399,32 @@ async def test_echo_returns_what_it_heard_after_the_delay_in_640_byte_frames() -
     # sender's first send, so a late reader here only adds time)
     assert arrivals[-1] - started >= 1.1
     assert (session["bytes_in"], session["bytes_out"], session["frames_out"]) == (32_000, 32_000, 50)
+
+
+class LateOnce(SystemClock):
+    """The real clock, but the first wait for a deadline past ``after`` returns ``by`` seconds late: a stall of
+    the emulator's loop, as its speaker sees one."""
+
+    def __init__(self, after: float, by: float) -> None:
+        super().__init__()
+        self._after, self._by = after, by
+
+    async def sleep_until(self, deadline: float) -> None:
+        await super().sleep_until(deadline)
+        if deadline > self._after:
+            self._after = float("inf")
+            await super().sleep_until(deadline + self._by)
+
+
+async def test_a_speaker_tick_more_than_a_frame_late_is_counted() -> None:
+    """What a bridge in front counts as the AI's frames coming late may be the emulator's own stall: its stats
+    count the ticks that ran more than a frame late (bench/capacity.py reports them with ``--ai emulator``)."""
+    clock = LateOnce(after=time.monotonic() + 0.3, by=0.1)
+    async with emulator(EmulatorConfig(voice="tone"), clock=clock) as emu, emu.session() as ws:
+        for _ in range(30):  # 0.6 s of tone: past the stall
+            await asyncio.wait_for(ws.recv(), STEP_S)
+        stats = await emu.stats()
+    assert stats["ticks_late_over_a_frame"] >= 1  # the stall's; a loaded runner may add one of its own
 
 
 async def test_tone_has_the_configured_frequency_and_level_in_real_time() -> None:

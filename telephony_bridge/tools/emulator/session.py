@@ -246,6 +246,7 @@ class VoiceStreamEndpoint:
                 await self.clock.sleep_until(tick_s)
                 lag_s = self.clock.monotonic() - tick_s
                 if lag_s > MAX_LAG_S:
+                    self.state.ticks_late_over_a_frame += 1
                     tick_s += lag_s
                 frame = voice.speak(tick_s)
                 while frame is not None:

@@ -78,6 +78,9 @@ class EmulatorState:
     closed_sessions: deque[SessionStats] = field(default_factory=lambda: deque(maxlen=CLOSED_SESSIONS_KEPT))
     closed_bytes_in: int = 0  # totals of closed sessions, which may have left ``closed_sessions``
     closed_bytes_out: int = 0
+    # Speaker ticks that ran more than a frame late, over all sessions (one stall of the loop counts once in
+    # each session speaking): the AI's own lateness, which a bridge in front counts as its frames coming late.
+    ticks_late_over_a_frame: int = 0
 
     def __post_init__(self) -> None:
         self.token_window = RollingWindow(self.config.max_token_requests)
@@ -131,6 +134,7 @@ class EmulatorState:
             "errors": dict(sorted(self.errors.items())),
             "audio_bytes_in": self.closed_bytes_in + sum(session.bytes_in for session in active),
             "audio_bytes_out": self.closed_bytes_out + sum(session.bytes_out for session in active),
+            "ticks_late_over_a_frame": self.ticks_late_over_a_frame,
             "sessions": [session.to_json() for session in [*self.closed_sessions, *active]],
             "faults": self.faults.to_json(),
         }
