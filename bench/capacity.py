@@ -40,7 +40,8 @@ Per server and load level:
 - the load's own lateness: with ``--callers lean`` or ``compiled``, how often the callers' beat stalled (a tick
   more than a frame late; in all and in the steady window: their audio went out late, and the bridge hears it
   200 ms on as the AI's frames coming late) and how late the worst one ran; with ``--ai lean``, the echo's
-  late ticks and its collections over 20 ms;
+  late ticks and its collections over 20 ms; with ``--ai emulator``, the emulator's speaker ticks more than a
+  frame late, summed over its sessions;
 - memory: resident set at steady state less the idle process's, per call;
 - added latency p50/p99: each echoed frame's round trip less its call's quickest (what load added); the
   round trip itself p50/p99 (the emulator's 200 ms echo delay included: a pacing change that sends some frames
