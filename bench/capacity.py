@@ -111,6 +111,7 @@ from tls_relay import TlsRelay  # bench/, beside this script
 from telephony_bridge.cli import EMULATOR_JWT_SECRET_ENV
 from telephony_bridge.tools.caller import CallResult, run_call
 from telephony_bridge.tools.commands import load_caller_audio
+from telephony_bridge.tools.emulator.app import STATS_PATH as EMULATOR_STATS_PATH
 from telephony_bridge.tools.emulator.protocol import SAMPLE_BYTES, SAMPLE_RATE_HZ
 from telephony_bridge.tools.emulator.wav import read_wav_pcm16
 from telephony_bridge.tools.loadtest import TICKS_PER_S, LoadResult, percentile, process_cpu_s, run_load
@@ -395,17 +396,17 @@ def start_emulator(
     env: dict[str, str] | None = None,
     cpus: frozenset[int] | None = None,
     *,
-    tts_wav: Path | None = None,
+    wav: Path | None = None,
     burst: bool = True,
 ) -> tuple[subprocess.Popen[bytes], int]:
     """The Savants emulator (echo voice, the bench's API key) on a free port, once it answers: its process and
     port. ``env``: e.g. its token key (``EMULATOR_JWT_SECRET_ENV``), for bench/lean_ai.py to check its tokens.
-    ``tts_wav``: its voice plays this recording instead, all of it at once, as a TTS engine sends ahead of real
+    ``wav``: its voice plays this recording instead, all of it at once, as a TTS engine sends ahead of real
     time (the emulator's file voice with ``--burst``); with ``burst`` False, a frame every 20 ms on the voice's
     own clock, whatever the caller says or when (``--voice speech``)."""
     port = free_port()
-    command = emulator_command(port, tts_wav, burst=burst)
-    return start(command, env or {}, f"http://127.0.0.1:{port}/_emulator/stats", cpus), port
+    command = emulator_command(port, wav, burst=burst)
+    return start(command, env or {}, f"http://127.0.0.1:{port}{EMULATOR_STATS_PATH}", cpus), port
 
 
 def emulator_command(port: int, wav: Path | None = None, *, burst: bool = True) -> list[str]:
@@ -1058,8 +1059,8 @@ def main() -> int:
         os.sched_setaffinity(0, pinning.load)  # this process too, and what it starts unpinned (perf, py-spy)
     token_key = {EMULATOR_JWT_SECRET_ENV: secrets.token_urlsafe(32)}  # the lean echo checks the emulator's tokens
     with tempfile.TemporaryDirectory(prefix="tts-") as folder:  # the emulator reads its recording as it starts
-        tts_wav = write_tts_wav(Path(folder), args.seconds + TTS_EXTRA_S) if args.voice != "echo" else None
-        emulator, emulator_port = start_emulator(token_key, load_cpus, tts_wav=tts_wav, burst=args.voice == "tts")
+        wav = write_tts_wav(Path(folder), args.seconds + TTS_EXTRA_S) if args.voice != "echo" else None
+        emulator, emulator_port = start_emulator(token_key, load_cpus, wav=wav, burst=args.voice == "tts")
     if args.voice == "tts":
         print("the AI's voice: a recording sent all at once (tts); the latency figures mean nothing: it does not echo")
     elif args.voice == "speech":
@@ -1071,7 +1072,7 @@ def main() -> int:
     redis: subprocess.Popen[bytes] | None = None
     lean: subprocess.Popen[bytes] | None = None
     lean_stats: str | None = None  # the lean echo's /_lean/stats
-    emulator_stats = f"http://127.0.0.1:{emulator_port}/_emulator/stats"
+    emulator_stats = f"http://127.0.0.1:{emulator_port}{EMULATOR_STATS_PATH}"
     try:
         voice_port = emulator_port  # where the servers' voice streams go: the emulator, the lean echo, a relay
         voice_env: dict[str, str] = {}

@@ -23,7 +23,7 @@ from twilio.request_validator import RequestValidator
 
 from telephony_bridge.serving import ServerThread
 from telephony_bridge.settings import Settings, load_settings
-from telephony_bridge.tools.caller import CallConfig, new_sid
+from telephony_bridge.tools.caller import CallConfig, CallResult, new_sid
 from telephony_bridge.tools.emulator import STATS_PATH
 from telephony_bridge.tools.loadtest import run_load
 from tests.redis_server import free_port
@@ -135,6 +135,14 @@ class Served(Protocol):
 
     http_url: str
     ws_url: str
+
+
+def frames_a_stall_cost(result: CallResult) -> int:
+    """At most how many frames of a call's tail a stall of the simulated caller's own beat cost it: its overdue
+    ticks play at once, before the echoes are back, so all it hears after comes that much later, and what is
+    still unheard at the end is lost. Each overdue tick but the last of a catch-up is in ``beat_stalls_s``."""
+    late_ticks = len(result.beat_stalls_s)
+    return late_ticks + 1 if late_ticks else 0
 
 
 def signed_call(bridge: Served, form: dict[str, str] | None = None, **config: Any) -> CallConfig:

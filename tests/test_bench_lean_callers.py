@@ -36,7 +36,7 @@ from telephony_bridge.twilio.outbound_messages import (
 )
 from telephony_bridge.twilio.protocol import Malformed, Mark, Media, Stop
 from tests.scripted_bridge import ScriptedBridge, noise, served
-from tests.support import AUTH_TOKEN, BENCH, PUBLIC_URL, SPEECH_WAV, bridge_settings
+from tests.support import AUTH_TOKEN, BENCH, PUBLIC_URL, SPEECH_WAV, bridge_settings, frames_a_stall_cost
 
 sys.path.insert(0, str(BENCH))
 import capacity  # bench/ is no package: imported from its folder
@@ -133,17 +133,15 @@ def scripted() -> Iterator[ScriptedBridge]:
 
 async def _call(callers: str, config: CallConfig) -> tuple[CallResult, int]:
     """One call by ``callers``: ``full`` (``tools.caller``), ``lean`` or ``compiled`` (a beat of its own in this
-    test's loop); and at most how many frames of the call's tail a stall of that beat cost it. A stall delays all
-    the caller hears after it by its length (its overdue ticks play at once, before the echoes are back), so
-    what is still unheard when the call ends is lost."""
+    test's loop); and at most how many frames of the call's tail a stall of that beat cost it
+    (``tests.support.frames_a_stall_cost``; the lean beat keeps only its stalls' times and the worst's length)."""
     lean = capacity.lean_runner(callers)
     async with asyncio.timeout(5):
         if lean is None:
             result = await run_call(config)
-            late_ticks = len(result.beat_stalls_s)  # each overdue tick but the last of a catch-up
-            return result, late_ticks + 1 if late_ticks else 0
+            return result, frames_a_stall_cost(result)
         result = await lean.run_call(config)
-        stalls = lean.stalls  # when the beat stalled, and only the worst stall's length
+        stalls = lean.stalls
         return result, len(stalls.at) * math.ceil(stalls.worst_s / FRAME_S)
 
 
