@@ -78,11 +78,11 @@ def main(argv: list[str]) -> int:
     ensure_environment()
     if argv[0] == "test":
         command = [str(BIN / "python"), "-m", "pytest", *parallel(argv[1:]), *argv[1:]]
+        os.chdir(ROOT)  # pytest's rootdir, and test paths as the README gives them; the CLI keeps the caller's
     elif argv[0] == "serve":  # a developer's machine: dev mode is allowed (the bridge says so loudly)
         command = [str(BIN / "telephony-bridge"), "serve", "--dev", *argv[1:]]
     else:
         command = [str(BIN / "telephony-bridge"), *argv]
-    os.chdir(ROOT)
     sys.stdout.flush()
     sys.stderr.flush()
     if os.name == "nt":  # Windows has no exec that keeps the process: wait for the child instead

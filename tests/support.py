@@ -195,6 +195,7 @@ class BridgeProcess:
         *,
         args: tuple[str, ...] = ("serve",),
         command: tuple[str, ...] = (sys.executable, "-m", "telephony_bridge"),
+        cwd: Path | None = None,
     ) -> None:
         inherited = {k: v for k, v in os.environ.items() if not k.startswith(BRIDGE_VARIABLES)}
         production = (
@@ -211,7 +212,7 @@ class BridgeProcess:
         )
         env = {**inherited, **production, "PORT": "0", **(env or {})}
         self.proc = subprocess.Popen(
-            [*command, *args], env=env, stderr=subprocess.PIPE, text=True, preexec_fn=_default_sigint
+            [*command, *args], env=env, cwd=cwd, stderr=subprocess.PIPE, text=True, preexec_fn=_default_sigint
         )
         self.lines: list[dict[str, object]] = []
         self.port = 0

@@ -98,3 +98,18 @@ async def test_sigterm_to_dev_py_serve_drains_the_bridge_itself(processes: list[
     assert result.outcome == "served" and result.call is not None and result.call.ended_by == "caller"
     assert await asyncio.to_thread(bridge.finish, 10.0) == 0
     assert "drained: no calls left" in [str(line["msg"]) for line in bridge.lines]
+
+
+def test_dev_py_commands_take_paths_from_where_they_are_run(processes: list[BridgeProcess], tmp_path: Path) -> None:
+    """``dev.py serve --config bridge.yaml`` (as ``call --wav``, ``--out``) from another directory reads the file
+    there, not in the checkout: dev.py changes directory for the tests alone."""
+    (tmp_path / "bridge.yaml").write_text("audio:\n  mark_interval_ms: 400\n")
+    bridge = BridgeProcess(
+        None,
+        command=(sys.executable, str(ROOT.resolve() / "dev.py")),
+        args=("serve", "--config", "bridge.yaml"),
+        cwd=tmp_path,
+    )
+    processes.append(bridge)
+    assert Path(f"/proc/{bridge.proc.pid}/cwd").resolve() == tmp_path.resolve()
+    assert httpx.get(bridge.http_url + "/healthz").json()["mode"] == "dev"
