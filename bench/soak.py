@@ -62,11 +62,11 @@ PUBLIC_URL = "https://bridge.soak.test"
 API_KEY = "soak-key"
 SETTLE_S = 30.0  # after the last call: reservations lapse (10 s), stalled sessions end, calls close
 WARM_UP_CALLS = 16
-# Memory: resident memory climbs over the first ~750 calls (the working set of --concurrency calls in flight
-# and the allocators' high water), then stays level (README, Operations: soak). With the collector's young
-# threshold at 50,000 it climbed for ~12 minutes and 20 MB, each call's cyclic garbage piling up between
-# collections; ops/gc_tuning.py says why it is CPython's 700 now. Runs longer than LEVEL_AFTER_CALLS must show
-# the level; every run must stay within MAX_RSS_GROWTH_MB of the warm-up.
+# Memory: resident memory climbs over the first ~750 calls (the working set of --concurrency calls in flight and the
+# allocators' high water), then stays level (README, Operations: soak; the runs in docs/performance.md, "Soak, 4 and
+# 5 Dec"). With the collector's young threshold at 50,000 it climbed for ~12 minutes and 20 MB, each call's cyclic
+# garbage piling up between collections; ops/gc_tuning.py says why it is CPython's 700 now. Runs longer than
+# LEVEL_AFTER_CALLS must show the level; every run must stay within MAX_RSS_GROWTH_MB of the warm-up.
 LEVEL_AFTER_CALLS = 1000
 MAX_LEVEL_GROWTH_MB = 2.0  # RSS growth allowed across the samples after LEVEL_AFTER_CALLS
 MAX_RSS_GROWTH_MB = 10.0  # end less after the warm-up, whatever the length of the run
