@@ -1,16 +1,16 @@
 """The SIP/RTP caller leg: one answered dialog's media as a ``leg.CallerLeg`` (spec §10.5, §11, §12).
 
-Inbound RTP goes through ``RtpReceiver`` (reorder, loss fill by timestamp, resets) and ``DtmfReceiver`` and
-comes out of ``receive()`` as 8 kHz μ-law and digits. Outbound, ``run_media`` owns the wire clock: exactly one
-20 ms packet per tick on the monotonic clock, from the frames the core queued (``Outbound`` keeps that queue
-within its lead) or comfort silence, with one SSRC and continuous sequence/timestamp for the whole call (G6).
-A mark is confirmed once the audio before it has gone onto the wire (SIP has no playback echo). RTCP SR+SDES
-every 5 s and a BYE at the end. While the caller holds us (a=sendonly/inactive, §10.5) nothing goes onto the
-wire, so nothing is taken off the queue either: the queued audio and its marks wait for the resume, and
-``send_audio`` waits too (backpressure), so the core counts as sent and played only what the caller could hear,
-and keeps the AI's audio meanwhile within its own bound (``audio.max_ai_ahead_s``). SIP has no ``<Connect
-action>``: when the call ends on our side with a failure or at the drain deadline, the leg itself plays what the
-caller hears (``outcome_recordings``) before the BYE.
+Inbound RTP goes through ``RtpReceiver`` (reorder, loss fill by timestamp, resets) and ``DtmfReceiver`` and comes
+out of ``receive()`` as 8 kHz μ-law and digits. Outbound, ``run_media`` joins the call to the wire clock
+(``wire_clock.WireClock``, one for every call on the loop): exactly one 20 ms packet per tick, from the frames the
+core queued (``Outbound`` keeps that queue within its lead) or comfort silence, with one SSRC and continuous
+sequence/timestamp for the whole call (G6). A mark is confirmed once the audio before it has gone onto the wire
+(SIP has no playback echo). RTCP SR+SDES every 5 s and a BYE at the end. While the caller holds us
+(a=sendonly/inactive, §10.5) nothing goes onto the wire, so nothing is taken off the queue either: the queued
+audio and its marks wait for the resume, and ``send_audio`` waits too (backpressure), so the core counts as sent
+and played only what the caller could hear, and keeps the AI's audio meanwhile within its own bound
+(``audio.max_ai_ahead_s``). SIP has no ``<Connect action>``: when the call ends on our side with a failure or at
+the drain deadline, the leg itself plays what the caller hears (``outcome_recordings``) before the BYE.
 
 Symmetric RTP (§11.4): we send to the SDP address until the first valid packet arrives from an allowed
 media source, then latch to that source once; later sources are ignored (RTP Bleed, G12). The SDP address
@@ -51,14 +51,11 @@ from telephony_bridge.sip.dtmf import DtmfReceiver
 from telephony_bridge.sip.inet import Networks, Stack, in_networks, ip, socket_address
 from telephony_bridge.sip.rtp import CLOCK_HZ, FRAME_SAMPLES, RtpReceiver, RtpSender, parse_rtp
 from telephony_bridge.sip.sdp import Negotiated
+from telephony_bridge.sip.wire_clock import TICK_S, WireClock
 
 log = logging.getLogger(__name__)
 
-TICK_S = FRAME_SAMPLES / CLOCK_HZ  # 20 ms
 FLUSH_AFTER_S = 0.06  # the reorder buffer gives up waiting for a missing packet after this long
-# A loop stalled by up to this many ticks catches up (the peer's jitter buffer absorbs a short burst, and no audio
-# moves in time); a longer stall skips ahead, with the timestamp still telling the true time.
-MAX_LATE_TICKS = 25
 SPURT_PREBUFFER_S = 0.06
 FAILED_OUTCOMES = frozenset({"ai_unavailable", "error", "no_capacity"})
 
@@ -103,8 +100,10 @@ class SipLeg:
         recordings: Mapping[str, bytes] | None = None,
         cname: str = "telephony-bridge",
         stack: Stack = Stack.IPV4,
+        wire: WireClock | None = None,
     ) -> None:
-        """``stack``: what the ``rtp`` socket reaches (``Stack.of`` it: DUAL when bound to ``::``)."""
+        """``stack``: what the ``rtp`` socket reaches (``Stack.of`` it: DUAL when bound to ``::``); ``wire``: the
+        RTP clock the server's calls share (None: one of its own)."""
         self.call_id = call_id
         self.stream_id = ""
         self._rtp = rtp
@@ -127,6 +126,9 @@ class SipLeg:
         self._gone = False  # the peer ended the dialog: nothing can be sent any more
         self._hung_up = False
         self._stopped = asyncio.Event()
+        self._wire = wire if wire is not None else WireClock(clock)
+        self._media_error: Exception | None = None
+        self._next_report = 0.0
         self._last_rx = clock.monotonic()
         self._at_samples = 0
         self._rx_samples = 0
@@ -327,28 +329,32 @@ class SipLeg:
     # --- outbound wire clock -------------------------------------------------------------------------------
 
     async def run_media(self) -> None:
-        """Send one packet every 20 ms until hang-up: queued audio, else comfort silence (§11.2)."""
-        clock = self._clock
-        start = clock.monotonic()
-        tick = 0
-        next_report = start + secrets.randbelow(1000) / 1000 + 1.0
-        while not self._stopped.is_set():
-            due = start + tick * TICK_S
-            now = clock.monotonic()
-            if now - due > MAX_LATE_TICKS * TICK_S:  # stalled: skip the missed ticks, keep the timestamp true
-                log.debug("RTP sender stalled for %.0f ms; skipping ahead", 1000 * (now - due))
-                tick = int((now - start) / TICK_S)
-                due = start + tick * TICK_S
-            await clock.sleep_until(due)
-            self._send_tick(tick * FRAME_SAMPLES)
-            tick += 1
-            now = clock.monotonic()
-            if self._receiver_waiting(now):
-                self._deliver(self._receiver.flush())
-            if now >= next_report:
-                next_report = now + rtcp.INTERVAL_S
-                self._send_rtcp(self._report(now))
-        self._send_rtcp(self._report(clock.monotonic()) + rtcp.goodbye(self._sender.ssrc))
+        """Send one packet every 20 ms until hang-up: queued audio, else comfort silence (§11.2). The packets go
+        from the wire clock's ticks (``tick``); this task only waits for the end, then says goodbye in RTCP."""
+        self._next_report = self._clock.monotonic() + secrets.randbelow(1000) / 1000 + 1.0
+        self._wire.join(self)
+        try:
+            await self._stopped.wait()
+        finally:
+            self._wire.leave(self)
+        if self._media_error is not None:
+            raise self._media_error
+        self._send_rtcp(self._report(self._clock.monotonic()) + rtcp.goodbye(self._sender.ssrc))
+
+    def tick(self, ticks: int, now: float) -> None:
+        """The wire clock's tick (``wire_clock.Ticked``): this call's packet, ``ticks`` since it joined."""
+        self._send_tick(ticks * FRAME_SAMPLES)
+        if self._receiver_waiting(now):
+            self._deliver(self._receiver.flush())
+        if now >= self._next_report:
+            self._next_report = now + rtcp.INTERVAL_S
+            self._send_rtcp(self._report(now))
+
+    def tick_failed(self, error: Exception) -> None:
+        """A tick raised: the media ends, and ``run_media`` raises ``error`` to the call."""
+        log.error("RTP send failed for call %s: %r", self.call_id, error)
+        self._media_error = error
+        self._stopped.set()
 
     def _receiver_waiting(self, now: float) -> bool:
         return now - self._last_rx > FLUSH_AFTER_S and self._receiver.pending

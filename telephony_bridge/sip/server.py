@@ -54,6 +54,7 @@ from telephony_bridge.sip.leg import RtpProtocol, SipLeg, outcome_recordings
 from telephony_bridge.sip.message import Malformed, Request, StreamParser, parse_datagram
 from telephony_bridge.sip.timers import SessionTimer, TooSmall, negotiate_session_timer
 from telephony_bridge.sip.transaction import Timers
+from telephony_bridge.sip.wire_clock import WireClock
 from telephony_bridge.store import StoreUnavailable
 
 log = logging.getLogger(__name__)
@@ -169,6 +170,7 @@ class SipServer:
         sip = deps.settings.sip
         self._settings = sip
         self._clock = deps.clock
+        self._wire = WireClock(deps.clock)  # every call's RTP on one 20 ms tick
         self._draining = draining
         self._readiness = readiness
         self._not_ready = None if readiness is None else STARTING  # the latest check's reason, for OPTIONS
@@ -729,6 +731,7 @@ class SipServer:
             recordings=self._recordings,
             cname=f"bridge@{core.advertised_host}",
             stack=Stack.of(rtp.get_extra_info("socket")),
+            wire=self._wire,
         )
         leg.attach_rtcp(rtcp_transport)
         live.leg = leg
