@@ -103,7 +103,7 @@ async def test_sigterm_to_dev_py_serve_drains_the_bridge_itself(processes: list[
 def test_dev_py_commands_take_paths_from_where_they_are_run(processes: list[BridgeProcess], tmp_path: Path) -> None:
     """``dev.py serve --config bridge.yaml`` (as ``call --wav``, ``--out``) from another directory reads the file
     there, not in the checkout: dev.py changes directory for the tests alone."""
-    (tmp_path / "bridge.yaml").write_text("audio:\n  mark_interval_ms: 400\n")
+    (tmp_path / "bridge.yaml").write_text("{}\n")  # only where it is run from: in the checkout it is not found
     bridge = BridgeProcess(
         None,
         command=(sys.executable, str(ROOT.resolve() / "dev.py")),
@@ -111,5 +111,4 @@ def test_dev_py_commands_take_paths_from_where_they_are_run(processes: list[Brid
         cwd=tmp_path,
     )
     processes.append(bridge)
-    assert Path(f"/proc/{bridge.proc.pid}/cwd").resolve() == tmp_path.resolve()
     assert httpx.get(bridge.http_url + "/healthz").json()["mode"] == "dev"

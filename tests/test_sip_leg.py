@@ -13,7 +13,7 @@ import pytest
 
 from telephony_bridge.audio.codec import ULAW_SILENCE
 from telephony_bridge.clock import SystemClock
-from telephony_bridge.leg import PlayedUpTo
+from telephony_bridge.leg import HungUp, PlayedUpTo
 from telephony_bridge.sip.core import Send
 from telephony_bridge.sip.dialog import Peer
 from telephony_bridge.sip.inet import Stack
@@ -21,6 +21,7 @@ from telephony_bridge.sip.leg import RtpProtocol, SipLeg
 from telephony_bridge.sip.rtp import RtpSender, parse_rtp
 from telephony_bridge.sip.sdp import Direction, Negotiated
 from telephony_bridge.sip.server import MEDIA_STOP_S, SipServer, _stopped
+from telephony_bridge.sip.wire_clock import WireClock
 
 MEDIA = Negotiated(0, "127.0.0.1", 40000, "PCMU", 0, None, Direction.SENDRECV, None)
 
@@ -204,3 +205,43 @@ async def test_sip_leg_confirms_marks_to_the_cores_handler_and_the_marks_a_clear
     await leg.send_mark("m4")
     assert await asyncio.wait_for(leg.receive(), 1) == PlayedUpTo("m4")
     assert confirmed == ["m1", "m2"]
+
+
+class _BrokenWire(_Wire):
+    """A transport whose sends fail: no audio can reach the caller any more."""
+
+    def sendto(self, data: bytes, addr: Any = None) -> None:
+        raise OSError("network is unreachable")
+
+
+async def test_sip_leg_whose_rtp_cannot_be_sent_ends_its_call_and_leaves_the_wire_clock(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A tick that raises: the caller would hear nothing more, so the call ends (the caller's side lost, which
+    sends the BYE) rather than staying up in silence; the other calls on the clock are the wire clock's tests."""
+    wire = WireClock(SystemClock())
+    leg = _leg(MEDIA, _BrokenWire(), wire=wire, media_sources=[ipaddress.ip_network("127.0.0.0/8")])
+    with caplog.at_level(logging.ERROR, logger="telephony_bridge.sip.leg"):
+        async with asyncio.timeout(5):
+            media = asyncio.create_task(leg.run_media())
+            event = await leg.receive()
+            await media  # ends without raising: the call's end comes through ``receive``
+    assert event == HungUp("RTP send failed", lost=True) and len(wire) == 0
+    assert [r.getMessage() for r in caplog.records] == [
+        "RTP to the caller failed, ending the call: OSError('network is unreachable')"
+    ]
+
+
+async def test_sip_leg_media_task_cancelled_leaves_the_wire_clock() -> None:
+    wire = WireClock(SystemClock())
+    wire_out = _Wire()
+    leg = _leg(MEDIA, wire_out, wire=wire, media_sources=[ipaddress.ip_network("127.0.0.0/8")])
+    media = asyncio.create_task(leg.run_media())
+    await asyncio.sleep(0.1)
+    assert len(wire) == 1 and len(wire_out.sent) >= 3  # on the clock, sending
+    media.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await media
+    sent = len(wire_out.sent)
+    await asyncio.sleep(0.1)
+    assert len(wire) == 0 and len(wire_out.sent) == sent  # off the clock: nothing more goes out

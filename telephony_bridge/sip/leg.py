@@ -127,7 +127,6 @@ class SipLeg:
         self._hung_up = False
         self._stopped = asyncio.Event()
         self._wire = wire if wire is not None else WireClock(clock)
-        self._media_error: Exception | None = None
         self._next_report = 0.0
         self._last_rx = clock.monotonic()
         self._at_samples = 0
@@ -337,8 +336,6 @@ class SipLeg:
             await self._stopped.wait()
         finally:
             self._wire.leave(self)
-        if self._media_error is not None:
-            raise self._media_error
         self._send_rtcp(self._report(self._clock.monotonic()) + rtcp.goodbye(self._sender.ssrc))
 
     def tick(self, ticks: int, now: float) -> None:
@@ -351,10 +348,11 @@ class SipLeg:
             self._send_rtcp(self._report(now))
 
     def tick_failed(self, error: Exception) -> None:
-        """A tick raised: the media ends, and ``run_media`` raises ``error`` to the call."""
-        log.error("RTP send failed for call %s: %r", self.call_id, error)
-        self._media_error = error
+        """A tick raised, or the wire clock stopped: no more audio can reach the caller, so the call ends (its
+        side lost) and the BYE goes, rather than the caller hearing nothing until they hang up."""
+        log.error("RTP to the caller failed, ending the call: %r", error)
         self._stopped.set()
+        self.end("RTP send failed", lost=True)
 
     def _receiver_waiting(self, now: float) -> bool:
         return now - self._last_rx > FLUSH_AFTER_S and self._receiver.pending

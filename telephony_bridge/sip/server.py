@@ -248,6 +248,7 @@ class SipServer:
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self._wire.aclose()  # ends by itself with the last call; this is for one that outlived the wait
         if self._udp is not None:
             self._udp.close()
         if self._tcp is not None:

@@ -8,7 +8,9 @@ the context the call joined from (its log lines name that call).
 
 A stall of the event loop shorter than ``MAX_LATE_TICKS`` is caught up tick by tick (the peer's jitter buffer
 absorbs a short burst, and no audio moves in time); a longer one skips the missed ticks, each call's timestamp
-still telling the true time.
+still telling the true time. Catching up, the clock still yields to the loop between passes: a pass over many
+calls on a busy loop can take longer than a tick, and a clock that never yielded then would freeze everything
+else (the calls' reads, signalling, probes) for good.
 """
 
 from __future__ import annotations
@@ -39,8 +41,12 @@ class Ticked(Protocol):
         ...
 
 
+class ClockStopped(Exception):
+    """The wire clock's task ended (the server stopping) with the call still joined: no more ticks will come."""
+
+
 class WireClock:
-    """One tick every 20 ms for every joined call; the task runs while any call is joined."""
+    """One tick every 20 ms for every joined call; the task runs while any call is joined (``aclose`` ends it)."""
 
     def __init__(self, clock: Clock) -> None:
         self._clock = clock
@@ -66,6 +72,13 @@ class WireClock:
     def __len__(self) -> int:
         return len(self._joined)
 
+    async def aclose(self) -> None:
+        """Stop the task (the server's stop): a call still joined is told (``tick_failed``, ``ClockStopped``)."""
+        task = self._task
+        if task is not None:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+
     async def _run(self) -> None:
         clock = self._clock
         start = clock.monotonic()
@@ -77,7 +90,10 @@ class WireClock:
                     log.debug("RTP wire clock stalled for %.0f ms; skipping ahead", 1000 * (now - due))
                     self._next = int((now - start) / TICK_S)
                     due = start + self._next * TICK_S
-                await clock.sleep_until(due)
+                if due > now:
+                    await clock.sleep_until(due)
+                else:  # behind: catch up, but let the loop run between passes (see the module's docstring)
+                    await asyncio.sleep(0)
                 tick, now = self._next, clock.monotonic()
                 self._next += 1
                 for call, (joined_at, context) in tuple(self._joined.items()):
@@ -85,6 +101,17 @@ class WireClock:
                         context.run(call.tick, tick - joined_at, now)
                     except Exception as error:  # one call's fault ends that call's media, not everyone's
                         self._joined.pop(call, None)
-                        context.run(call.tick_failed, error)
+                        _tell(call, context, error)
         finally:
             self._task = None
+            left, self._joined = self._joined, {}
+            for call, (_, context) in left.items():
+                _tell(call, context, ClockStopped("the RTP wire clock stopped"))
+
+
+def _tell(call: Ticked, context: contextvars.Context, error: Exception) -> None:
+    """``call.tick_failed(error)``; what that raises in turn is logged, never let out into the clock."""
+    try:
+        context.run(call.tick_failed, error)
+    except Exception:
+        log.exception("ending a call's RTP after %r failed", error)
