@@ -680,6 +680,16 @@ def sip_figures(results: list[SipCallResult], whole_used: float, seconds: float)
     }
 
 
+def print_recordings(profile: str | None, perf: str | None, stacks: str | None) -> None:
+    """What a level's recorder found (``--profile``, ``--perf``, ``--perf-stacks``), after its line."""
+    if profile:
+        print(top_functions(profile), flush=True)
+    if perf:
+        print(by_library(perf), flush=True)
+    if stacks:
+        print(Path(stacks).read_text(), end="", flush=True)
+
+
 def top_functions(collapsed: str, n: int = 25) -> str:
     """The functions holding the CPU in a py-spy raw profile: self time (the leaf) and total (anywhere on the
     stack), as shares of all samples."""
@@ -1001,6 +1011,11 @@ def main() -> int:
     )
     parser.add_argument("--sip", action="store_true", help="also run each level over SIP against the bridge")
     parser.add_argument(
+        "--record-sip",
+        action="store_true",
+        help="with --sip and --profile, --perf or --perf-stacks: record the first level's SIP run, not its Twilio one",
+    )
+    parser.add_argument(
         "--savants-tls",
         action="store_true",
         help="the servers reach the emulator's voice stream over wss://, as the bridge reaches Savants: a TLS relay "
@@ -1022,6 +1037,8 @@ def main() -> int:
         parser.error("--profile needs py-spy (not found next to this Python or on PATH): pip install py-spy")
     if sum(map(bool, (args.profile, args.perf, args.perf_stacks))) > 1:
         parser.error("--profile, --perf and --perf-stacks each record the same window: choose one")
+    if args.record_sip and not (args.sip and (args.profile or args.perf or args.perf_stacks)):
+        parser.error("--record-sip records the SIP run with --profile, --perf or --perf-stacks: it needs --sip and one")
     if args.savants_tls and shutil.which("openssl") is None:
         parser.error("--savants-tls needs the openssl command, to make the relay's certificate")
     if args.perf and shutil.which("perf") is None:
@@ -1137,7 +1154,13 @@ def main() -> int:
                         continue
                     process, url = running[name]
                     first = name == args.servers[0] and calls == levels[0]
-                    profile, perf, stacks = (args.profile, args.perf, args.perf_stacks) if first else (None,) * 3
+                    recorders = (args.profile, args.perf, args.perf_stacks) if first else (None, None, None)
+                    # --record-sip: the first level's SIP run is the one recorded, not its Twilio one
+                    unrecorded = (None, None, None)
+                    twilio_recorders, sip_recorders = (
+                        (unrecorded, recorders) if args.record_sip else (recorders, unrecorded)
+                    )
+                    profile, perf, stacks = twilio_recorders
                     level = functools.partial(
                         measure,
                         pool,
@@ -1163,18 +1186,15 @@ def main() -> int:
                         figures["echo_gc_pauses"] = pauses_after - pauses_before
                     results[name].append(figures)
                     print(line(name, figures), flush=True)
-                    if profile:
-                        print(top_functions(profile), flush=True)
-                    if perf:
-                        print(by_library(perf), flush=True)
-                    if stacks:
-                        print(Path(stacks).read_text(), end="", flush=True)
+                    print_recordings(*twilio_recorders)
                     if sip_port is not None and name == "bridge":
                         time.sleep(3.0)
                         target = f"sip:ai@127.0.0.1:{sip_port}"
-                        sip = level(sip_target=target)
+                        sip_profile, sip_perf, sip_stacks = sip_recorders
+                        sip = level(sip_profile, perf=sip_perf, stacks=sip_stacks, sip_target=target)
                         results["bridge-sip"].append(sip)
                         print(line("bridge-sip", sip), flush=True)
+                        print_recordings(*sip_recorders)
                     if ramping:
                         if passed(figures, args.knee_latency):
                             knee[name] = calls

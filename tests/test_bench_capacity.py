@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import subprocess
 import sys
 import wave
 from pathlib import Path
@@ -231,3 +232,17 @@ def test_capacity_tts_voice_is_the_speech_recording_at_16_khz_for_the_whole_call
         )
     assert (rate, channels, width) == (16000, 1, 2)
     assert frames / rate >= 7.0
+
+
+@pytest.mark.parametrize(
+    "args",
+    [["--record-sip", "--perf-stacks", "out.txt"], ["--sip", "--record-sip"]],
+    ids=["without-sip", "without-a-recorder"],
+)
+def test_capacity_record_sip_needs_sip_and_a_recorder(args: list[str]) -> None:
+    """``--record-sip`` moves a recorder from the first level's Twilio run to its SIP one: alone it would record
+    nothing, so it is refused before anything starts."""
+    done = subprocess.run(
+        [sys.executable, str(BENCH / "capacity.py"), *args], capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 2 and "--record-sip records the SIP run" in done.stderr
