@@ -142,10 +142,15 @@ async def test_lean_echo_behind_a_real_bridge_says_the_callers_speech_back_after
     result = await run_call(signed_call(bridge, audio_in=speech, seconds=3.0))
 
     assert (result.ended_by, result.violations) == ("caller", [])
-    # No hole, unless the caller's own beat stalled: its overdue ticks then play at once, and all it hears after
-    # comes that much later, a gap mid-speech that is the load's (as in tests/test_end_to_end.py).
-    stalled = bool(result.beat_stalls_s)
-    assert result.underruns == 0 or stalled, f"{result.underruns} holes with no stall of the caller's beat"
+    wait_until(lambda: lean_stats(lean)["sessions_active"] == 0, what="the echo's session to end")
+    stats = lean_stats(lean)
+    # No hole, unless the load stalled: the caller's own beat (its overdue ticks then play at once, and all it
+    # hears after comes that much later, a gap mid-speech, as in tests/test_end_to_end.py), or the echo's own
+    # ticks or collections more than a frame late (its frames then reach the bridge late: a hole the bridge counts
+    # as the AI's, which on a loaded runner it is; CI saw one once, at 0.6 s, with the caller's beat steady).
+    echo_late = stats["ticks_late_over_a_frame"] + stats["gc_pauses_over_a_frame"]
+    stalled = bool(result.beat_stalls_s) or echo_late > 0
+    assert result.underruns == 0 or stalled, f"{result.underruns} holes with neither the caller nor the echo late"
     heard, said = result.heard.astype(float), speech.astype(float)
     correlation = np.correlate(heard, said, mode="valid")
     lag = int(np.argmax(correlation))
@@ -154,8 +159,6 @@ async def test_lean_echo_behind_a_real_bridge_says_the_callers_speech_back_after
     # (half of it at least, with one stall), and anything else the echo could return matches nothing.
     assert similarity > (0.3 if stalled else 0.9), f"what came back does not resemble what was said ({similarity:.3f})"
     assert 0.2 <= lag / 8000 < 1.0, f"the echo came back after {lag / 8000:.3f} s"
-    wait_until(lambda: lean_stats(lean)["sessions_active"] == 0, what="the echo's session to end")
-    stats = lean_stats(lean)
     assert stats.pop("ticks_late_over_a_frame") >= 0  # a count; how late this machine's loop ran is no test's business
     assert stats.pop("gc_pauses_over_a_frame") >= 0  # the same, for its own collections
     assert stats == {"sessions_opened": 1, "sessions_active": 0, "refused": {}}
