@@ -1154,9 +1154,9 @@ def main() -> int:
                         continue
                     process, url = running[name]
                     first = name == args.servers[0] and calls == levels[0]
-                    recorders = (args.profile, args.perf, args.perf_stacks) if first else (None, None, None)
-                    # --record-sip: the first level's SIP run is the one recorded, not its Twilio one
                     unrecorded = (None, None, None)
+                    recorders = (args.profile, args.perf, args.perf_stacks) if first else unrecorded
+                    # --record-sip: the first level's SIP run is the one recorded, not its Twilio one
                     twilio_recorders, sip_recorders = (
                         (unrecorded, recorders) if args.record_sip else (recorders, unrecorded)
                     )
