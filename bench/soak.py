@@ -113,7 +113,7 @@ def wait_for(url: str, timeout_s: float = 30.0) -> None:
 
 
 def start_processes(
-    devices: int, seed: int, tracemalloc_frames: int, inject_faults: bool = True
+    devices: int, seed: int, tracemalloc_frames: int, inject_faults: bool = True, bridge_log: str | None = None
 ) -> tuple[subprocess.Popen[bytes], subprocess.Popen[bytes], str, str]:
     emulator_port, bridge_port = free_port(), free_port()
     python = [sys.executable, "-m", "telephony_bridge"]
@@ -137,11 +137,12 @@ def start_processes(
         "PUBLIC_URL": PUBLIC_URL,
         "HOST": "127.0.0.1",
         "PORT": str(bridge_port),
-        "LOG_LEVEL": "ERROR",
+        "LOG_LEVEL": "INFO" if bridge_log else "ERROR",
     }
     if tracemalloc_frames:
         env["PYTHONTRACEMALLOC"] = str(tracemalloc_frames)
-    bridge = subprocess.Popen([*python, "serve"], env=env, stderr=subprocess.DEVNULL)
+    with open(bridge_log or os.devnull, "wb") as log:  # the child keeps its own descriptor
+        bridge = subprocess.Popen([*python, "serve"], env=env, stderr=log)
     bridge_url = f"http://127.0.0.1:{bridge_port}"
     wait_for(bridge_url + "/healthz")
     return emulator, bridge, bridge_url, emulator_url
@@ -157,6 +158,7 @@ def held(bridge_url: str) -> dict[str, Any]:
     traced = process["python_traced_bytes"]
     return {
         "calls": len(status["calls"]),
+        "held_calls": status["calls"],
         "leases": sum(d["leases"] for d in devices),
         "reservations": sum(d["reservations"] for d in devices),
         "pid": process["pid"],
@@ -404,11 +406,14 @@ def main() -> int:
         help="run only this caller scenario (repeat for several; their weights are kept), to find what a level costs",
     )  # fmt: skip
     parser.add_argument("--no-faults", action="store_true", help="arm no emulator faults (Savants behaves)")
+    parser.add_argument(
+        "--bridge-log", metavar="FILE", help="write the bridge's log (INFO and up) here, to trace a call still held"
+    )
     args = parser.parse_args()
     scenarios = {name: SCENARIOS[name] for name in args.scenario} if args.scenario else SCENARIOS
 
     emulator, bridge, bridge_url, emulator_url = start_processes(
-        args.devices, args.seed, args.tracemalloc, inject_faults=not args.no_faults
+        args.devices, args.seed, args.tracemalloc, inject_faults=not args.no_faults, bridge_log=args.bridge_log
     )
     try:
         audio = read_wav(WAV)
@@ -481,6 +486,8 @@ def main() -> int:
     # sessions: the emulator has none open); any other descriptor is.
     leaked += ["open_fds"] if end["open_fds"] - end["savants_fds"] > warm["open_fds"] - warm["savants_fds"] + 2 else []
     if leaked:
+        for call in end["held_calls"]:
+            print("soak: a call still held at the end (/status):", call)
         print(f"soak: FAILED: still held at the end: {', '.join(leaked)}")
         return 1
     if not memory[0]:

@@ -16,17 +16,29 @@ its traceback, and it clears the locals of ``TaskGroup.__aexit__``'s own frame, 
 in the exception it raises. It clears no other frame: ``frame.clear()`` on 3.11 and 3.12 closes a coroutine
 that is suspended in that frame (3.13 refuses instead), and an exception that one task caught and kept can carry
 such a frame in its traceback. A child's own failure keeps its traceback whole, for the logs.
+
+It also keeps a cancellation from outside that arrives while the group is exiting because a child failed. On
+Python 3.11 and 3.12 the group raises its children's errors and the outside ``CancelledError`` is lost (fixed
+in 3.13, gh-116720). A call's AI side runs its session's tasks in a group of its own, inside the call's group. If
+the caller hung up just as the AI dropped, the AI side caught the drop, reconnected, and ran for ever. The call's
+group waited for it: the call held its device slot and never ended (seen in ``bench/soak.py``, 7 Dec). As 3.13
+does, the parent task is cancelled again when a cancellation is still pending, so its next ``await`` raises.
 """
 
 from __future__ import annotations
 
 import asyncio
+import sys
 from collections.abc import Coroutine
 from contextvars import Context
 from types import TracebackType
 from typing import Any, TypeVar
 
 T = TypeVar("T")
+
+# Before 3.13 asyncio's group drops an outside cancellation when its children's errors are raised instead, and
+# counts its own request to cancel its parent until the next exit (see ``_keep_outside_cancellation``).
+_LOSES_CANCELLATION = sys.version_info < (3, 13)
 
 
 class TaskGroup(asyncio.TaskGroup):
@@ -45,14 +57,30 @@ class TaskGroup(asyncio.TaskGroup):
         self, et: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> bool | None:
         # No local of this frame may outlive the call below but ``self``: what this frame raises holds it.
+        requested_before = self._parent_cancel_requested
         try:
             return await super().__aexit__(et, exc, tb)
         except BaseException as raised:
             exc = tb = None  # what it raises, or what it was given: the same cycle again
             _clear_returned_aexit(raised)
+            if _LOSES_CANCELLATION:
+                self._keep_outside_cancellation(requested_before, isinstance(raised, asyncio.CancelledError))
             raise
         finally:
             _drop_cancellations(self._children)
+
+    def _keep_outside_cancellation(self, requested_before: bool, cancelled: bool) -> None:
+        """What 3.13's ``TaskGroup.__aexit__`` does and 3.11's and 3.12's do not. The group's own request to
+        cancel its parent (made when a child failed) is taken back here if it was made during the exit, where
+        asyncio's own exit no longer looks at it. Any request left then came from outside: if the group is
+        raising errors rather than ``CancelledError``, the parent is cancelled again, keeping the count, so
+        that the cancellation is not lost."""
+        parent = self._parent_task
+        if self._parent_cancel_requested and not requested_before:
+            parent.uncancel()
+        if not cancelled and parent.cancelling():
+            parent.uncancel()
+            parent.cancel()
 
 
 def _clear_returned_aexit(raised: BaseException) -> None:

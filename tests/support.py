@@ -119,7 +119,7 @@ def token_requests(emulator: ServerThread) -> int:
     return sum(d["token_requests_in_window"] for d in emulator_stats(emulator)["devices"].values())
 
 
-def leases(bridge: ServerThread) -> int:
+def leases(bridge: Served) -> int:
     devices = httpx.get(bridge.http_url + "/status", timeout=5).json()["accounting"]["devices"]
     return sum(d["leases"] + d.get("reservations", 0) for d in devices.values())
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import signal
 from collections.abc import Callable
 from typing import Any
 
@@ -17,7 +18,15 @@ import pytest
 from telephony_bridge.serving import ServerThread
 from telephony_bridge.tools.caller import CallResult, run_call
 from telephony_bridge.tools.emulator.faults import Selector, SessionFault, TokenFault
-from tests.support import bridge_settings, emulator_stats, leases, signed_call, stream_ended, wait_until
+from tests.support import (
+    BridgeProcess,
+    bridge_settings,
+    emulator_stats,
+    leases,
+    signed_call,
+    stream_ended,
+    wait_until,
+)
 
 RATE_HZ = 8000
 AUDIBLE = 200  # as Outbound counts audible AI audio
@@ -27,7 +36,7 @@ DROP_AFTER_S = 1.0
 
 def once(kind: str, **fields: Any) -> SessionFault:
     """A fault that hits the first session only: the reconnect gets a healthy one."""
-    return SessionFault(kind=kind, after_s=DROP_AFTER_S, select=Selector(count=1), **fields)  # type: ignore[arg-type]
+    return SessionFault(kind=kind, select=Selector(count=1), **{"after_s": DROP_AFTER_S, **fields})  # type: ignore[arg-type]
 
 
 def calls_up(bridge: ServerThread) -> int:
@@ -294,3 +303,49 @@ async def test_a_first_session_whose_device_savants_refuses_moves_to_another_dev
     assert (ended.outcome, result.ended_by) == ("completed", "caller")  # type: ignore[attr-defined]
     assert np.mean(np.abs(result.heard.astype(np.int32)[-2 * RATE_HZ :]) >= AUDIBLE) > 0.5  # the AI, on the other
     released(bridge, emulator)
+
+
+async def test_the_caller_hanging_up_as_the_ai_drops_ends_the_call_and_no_reconnect_outlives_it(
+    start_emulator: Callable[..., ServerThread],
+) -> None:
+    """The caller's stop and the AI's drop reach the bridge in the same turn of its loop: the call still ends,
+    with no new session for a caller who has gone, and gives everything back.
+
+    The bridge runs in its own process and is stopped (SIGSTOP) while the emulator drops the session and the
+    caller hangs up, so that both wait in its sockets and are read together when it resumes. On Python 3.11 and
+    3.12 the AI side's task group lost the call's cancellation there: the AI side caught the drop and reconnected,
+    and the call was held for ever with its device slot (``task_group.py``; found by ``bench/soak.py``)."""
+    emulator = start_emulator(voice="echo", session_faults=(once("close", close_code=1012, after_s=0.6),))
+    bridge = BridgeProcess(emulator, {"BRIDGE__BARGE_IN__ENABLED": "false"})
+    try:
+        call = asyncio.create_task(run_call(signed_call(bridge, audio_in=VOICE, seconds=0.9)))
+        await asyncio.to_thread(
+            wait_until, lambda: any(c["ai_connected"] for c in status(bridge)["calls"]), what="the AI session"
+        )
+        bridge.proc.send_signal(signal.SIGSTOP)
+        try:
+            # the emulator drops the session (0.6 s after confirming it), the caller hangs up (0.9 s after start)
+            await asyncio.sleep(1.2)
+            assert emulator_stats(emulator)["faults"]["injected"] == {"close:1012": 1}
+        finally:
+            bridge.proc.send_signal(signal.SIGCONT)
+        result = await asyncio.wait_for(call, 10)
+        assert result.ended_by == "caller"
+        await asyncio.to_thread(
+            wait_until,
+            lambda: status(bridge)["calls"] == [] and leases(bridge) == 0,
+            10.0,
+            "the call to end and give back its slot",
+        )
+        await asyncio.to_thread(
+            wait_until, lambda: emulator_stats(emulator)["sessions_active"] == 0, what="the Savants socket to close"
+        )
+        assert emulator_stats(emulator)["sessions_opened"] == 1  # no session for a caller who had gone
+        metrics = httpx.get(bridge.http_url + "/metrics", timeout=5).text
+        assert 'bridge_calls_total{ingress="twilio",outcome="completed"} 1.0' in metrics
+    finally:
+        bridge.kill()
+
+
+def status(bridge: BridgeProcess) -> dict[str, Any]:
+    return httpx.get(bridge.http_url + "/status", timeout=5).json()  # type: ignore[no-any-return]

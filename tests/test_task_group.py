@@ -163,3 +163,57 @@ async def _freed(ref: weakref.ref[Held]) -> bool:
 
 def _calls() -> list[Call]:
     return [obj for obj in gc.get_objects() if type(obj) is Call]
+
+
+async def test_a_cancellation_from_outside_during_a_failing_exit_is_kept() -> None:
+    """A call's AI side runs a group of its own inside the call's group. When the call ends (the outer group
+    cancels the AI side) in the same turn as a child of the inner group fails, the inner group raises the failure;
+    the cancellation must still reach the AI side at its next await, or it would catch the failure, go on, and
+    hold the call for ever (3.11 and 3.12 lost it; 3.13 keeps it)."""
+    turn = asyncio.Event()
+    went_on: list[str] = []
+
+    async def fail_on_the_turn() -> None:
+        await turn.wait()
+        raise Boom("the AI dropped")
+
+    async def ai_side() -> None:
+        try:
+            async with TaskGroup() as tg:
+                tg.create_task(fail_on_the_turn())
+        except* Boom:
+            pass
+        went_on.append("caught the drop")
+        await asyncio.sleep(0)  # the cancellation lands here
+        went_on.append("reconnected after the call ended")
+
+    async def caller_hangs_up() -> None:
+        await turn.wait()
+        raise Boom("the caller hung up")
+
+    with pytest.raises(ExceptionGroup) as ended:
+        async with asyncio.timeout(5):  # a lost cancellation would leave the outer group waiting for ever
+            async with TaskGroup() as tg:
+                tg.create_task(caller_hangs_up())
+                tg.create_task(ai_side())
+                await asyncio.sleep(0)
+                turn.set()
+    assert [str(e) for e in ended.value.exceptions] == ["the caller hung up"]
+    assert went_on == ["caught the drop"]
+
+
+async def test_a_failing_child_leaves_its_parent_uncancelled() -> None:
+    """The group's own cancellation of its parent, made when a child fails, is taken back on exit: the parent
+    goes on normally (the AI side reconnects after a drop), and its count does not grow drop after drop."""
+
+    async def fail() -> None:
+        await asyncio.sleep(0)
+        raise Boom("the AI dropped")
+
+    for _ in range(3):
+        with pytest.raises(ExceptionGroup):
+            async with TaskGroup() as tg:
+                tg.create_task(fail())
+    task = asyncio.current_task()
+    assert task is not None and task.cancelling() == 0
+    await asyncio.sleep(0)  # not cancelled
