@@ -1,7 +1,7 @@
 """Soak: thousands of short calls with a mix of faults, and whether the bridge holds on to anything afterwards.
 
     .venv/bin/python bench/soak.py [--calls 2000] [--concurrency 8] [--seconds 1.5] [--deadline 1800]
-        [--scenario NAME ...] [--no-faults] [--tracemalloc N]
+        [--scenario NAME ...] [--no-faults] [--tracemalloc N] [--bridge-log FILE]
 
 Two processes on 127.0.0.1: the Savants emulator (``telephony-bridge emulator``, voice ``echo``) with fault
 switches armed at random per session and per token request (closes with 1000/1001/1011/1012, ``error``
@@ -18,6 +18,8 @@ descriptors (and how many are idle keep-alive connections to the token endpoint)
 allocated blocks (before and after a full collection), gc objects, and glibc's C heap in use and free; the
 same memory figures every ``--sample-every`` calls during the run, so a level is told from a slope; the
 cyclic garbage waiting for the collector at the end, by type; and the calls by scenario and outcome.
+A run that fails on something held prints each held call's ``/status`` entry and where each of the bridge's
+tasks waits (``GET /debug/tasks``); ``--bridge-log FILE`` keeps the bridge's log to follow the call in.
 ``--tracemalloc N`` runs the bridge under tracemalloc (much more memory and CPU) and adds the traced heap and
 the allocation sites that grew from the warm-up to the end (``GET /debug/heap``). The run fails (exit 1) if
 anything is still held at the end: a call, a lease, a reservation, an AI session, more tasks than after the
@@ -184,7 +186,10 @@ def settle(bridge_url: str, emulator_url: str, timeout_s: float) -> dict[str, An
     deadline = time.monotonic() + timeout_s
     while True:
         now = held(bridge_url)
-        if (now["calls"], now["leases"], now["reservations"]) == (0, 0, 0) or time.monotonic() > deadline:
+        sessions = httpx.get(emulator_url + "/_emulator/stats", timeout=10).json()["sessions_active"]
+        # The emulator's count too: it ends a session of its own later than the bridge does (a stalled one
+        # only when its stall is over), so one checked once, as the bridge's calls end, may still be open.
+        if (now["calls"], now["leases"], now["reservations"], sessions) == (0, 0, 0, 0) or time.monotonic() > deadline:
             time.sleep(1.0)  # sockets finish closing
             now = held(bridge_url)
             emulated = httpx.get(emulator_url + "/_emulator/stats", timeout=10).json()
@@ -426,6 +431,7 @@ def main() -> int:
             run_calls(soak, args.calls, args.concurrency, args.deadline, args.sample_every, scenarios)
         )
         end, end_heap = settle(bridge_url, emulator_url, SETTLE_S), heap(bridge_url, args.heap_by)
+        end_tasks = httpx.get(bridge_url + "/debug/tasks", timeout=10).json()
         outcomes = calls_by_outcome(bridge_url) - outcomes_before
         emulated = httpx.get(emulator_url + "/_emulator/stats", timeout=10).json()
     finally:
@@ -488,6 +494,9 @@ def main() -> int:
     if leaked:
         for call in end["held_calls"]:
             print("soak: a call still held at the end (/status):", call)
+        print(f"soak: the bridge's {end_tasks['count']} tasks at the end, and where each waits (/debug/tasks):")
+        for task in end_tasks["tasks"]:
+            print(f"  {task['name']}: {' > '.join(task['awaiting'])}")
         print(f"soak: FAILED: still held at the end: {', '.join(leaked)}")
         return 1
     if not memory[0]:

@@ -42,6 +42,7 @@ from telephony_bridge.ops.loop_health import watch_gc, watch_loop_lag
 from telephony_bridge.ops.metrics import Metrics
 from telephony_bridge.ops.readiness import Readiness
 from telephony_bridge.ops.runtime import process_figures
+from telephony_bridge.ops.tasks import task_report
 from telephony_bridge.registry import CallRegistry
 from telephony_bridge.savants.client import Connector, open_voice_session, probe_voice_stream, tls_context
 from telephony_bridge.savants.health import EndpointHealth, watch_voice_stream
@@ -249,6 +250,9 @@ def create_app(
         except ValueError as exc:
             return JSONResponse({"error": str(exc)}, status_code=400)
 
+    async def debug_tasks(request: Request) -> Response:
+        return JSONResponse(task_report(asyncio.all_tasks()))
+
     app = Starlette(
         routes=[
             Route("/voice", voice, methods=["GET", "POST"]),
@@ -260,6 +264,7 @@ def create_app(
             Route("/metrics", metrics_endpoint),
             Route("/status", status),
             Route("/debug/heap", debug_heap),
+            Route("/debug/tasks", debug_tasks),
         ],
         middleware=[
             Middleware(

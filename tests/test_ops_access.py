@@ -3,6 +3,7 @@ probes stay open everywhere."""
 
 from __future__ import annotations
 
+import asyncio
 import re
 import signal
 import socket
@@ -15,10 +16,12 @@ from websockets.asyncio.client import connect
 from websockets.exceptions import InvalidStatus
 
 from telephony_bridge.ops.gc_tuning import OLDER_THRESHOLDS
+from telephony_bridge.ops.tasks import task_report
 from telephony_bridge.serving import ServerThread
+from telephony_bridge.tools.caller import run_call
 from telephony_bridge.tools.twilio_flow import run_flow
 from tests.redis_server import RedisServer
-from tests.support import AUTH_TOKEN, PUBLIC_URL, BridgeProcess, bridge_settings, wait_until
+from tests.support import AUTH_TOKEN, PUBLIC_URL, BridgeProcess, bridge_settings, signed_call, wait_until
 
 OPS_TOKEN = "ops-token-0123456789"
 BEARER = {"Authorization": f"Bearer {OPS_TOKEN}"}
@@ -166,3 +169,65 @@ async def test_debug_heap_is_an_ops_path_and_names_allocation_sites_only(emulato
     assert all(re.fullmatch(r"[\w.]+", name) and count > 0 for name, count in garbage["top_types"])
     for secret in (AUTH_TOKEN, OPS_TOKEN, "test-key", flow.call_sid):
         assert secret not in second.text
+
+
+async def test_debug_tasks_is_an_ops_path_and_shows_where_a_live_calls_tasks_wait(emulator: ServerThread) -> None:
+    """``/debug/tasks`` during a call: on the ops listener with the token only; each of the call's tasks by name
+    with its chain of awaits as code locations (where a call that never ends is stuck), never a value."""
+    bridge = BridgeProcess(emulator, {"OPS_PORT": "0", "OPS_TOKEN": OPS_TOKEN})
+    try:
+        ops = f"http://127.0.0.1:{bridge.ops_port}"
+        async with httpx.AsyncClient(trust_env=False, timeout=10) as http:
+            assert (await http.get(bridge.http_url + "/debug/tasks", headers=BEARER)).status_code == 404
+            assert (await http.get(ops + "/debug/tasks")).status_code == 401
+            call = asyncio.create_task(run_call(signed_call(bridge, seconds=3.0)))
+
+            async def connected() -> bool:
+                calls = (await http.get(ops + "/status", headers=BEARER)).json()["calls"]
+                return any(c["ai_connected"] for c in calls)
+
+            deadline = time.monotonic() + 10
+            while not await connected():
+                assert time.monotonic() < deadline, "the call's AI session never connected"
+                await asyncio.sleep(0.05)
+            answer = await http.get(ops + "/debug/tasks", headers=BEARER)
+            result = await call
+    finally:
+        bridge.kill()
+    assert result.ended_by == "caller"
+    report = answer.json()
+    by_name = {task["name"]: task["awaiting"] for task in report["tasks"]}
+    assert report["count"] == len(report["tasks"]) > 0
+    for name in ("caller-pump", "caller-watchdog", "ai-side", "outbound", "lease-heartbeat", "to-ai", "from-ai"):
+        assert name in by_name, f"{name} not among {sorted(by_name)}"
+    assert by_name["caller-pump"][0].startswith("Call._caller_pump (telephony_bridge/bridge.py:")
+    assert by_name["ai-side"][0].startswith("AiSide.run (telephony_bridge/ai_side.py:")
+    assert any(step.startswith("AiSide._converse (telephony_bridge/ai_side.py:") for step in by_name["ai-side"])
+    assert all(re.fullmatch(r"[\w.<>]+ \([\w/.]+:(\d+|\?)\)|[\w.<>]+( \(finished\))?", step)
+               for task in report["tasks"] for step in task["awaiting"])  # fmt: skip
+    for secret in (AUTH_TOKEN, OPS_TOKEN, "test-key", result.call_sid):
+        assert secret not in answer.text
+
+
+async def test_an_await_chain_names_each_coroutine_down_to_the_future() -> None:
+    """``ops.tasks.await_chain`` alone: outermost first, file relative to the package, the bottom's type."""
+    waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+    async def inner() -> None:
+        await waiter
+
+    async def outer() -> None:
+        await inner()
+
+    task = asyncio.create_task(outer(), name="witness")
+    await asyncio.sleep(0)
+    report = task_report([task])
+    waiter.set_result(None)
+    await task
+    (row,) = report["tasks"]
+    assert row["name"] == "witness" and report["count"] == 1
+    outer_step, inner_step, bottom = row["awaiting"]
+    assert re.fullmatch(r"test_an_await_chain_.*\.<locals>\.outer \(test_ops_access\.py:\d+\)", outer_step)
+    assert re.fullmatch(r"test_an_await_chain_.*\.<locals>\.inner \(test_ops_access\.py:\d+\)", inner_step)
+    assert bottom in ("FutureIter", "Future")
+    assert task_report([task]) == {"count": 0, "tasks": []}  # a finished task is not listed

@@ -1,10 +1,10 @@
 """Who may reach the ops endpoints: which listener serves them, and their bearer token.
 
-``/status`` lists live CallSids, ``/metrics`` the device pool and ``/debug/heap`` the code's allocation sites
-(and blocks the event loop while it counts), so none belongs on the port the internet reaches. With
-``server.ops_port`` set, they are served on that listener only (the public one answers 404), and the ops
-listener serves nothing but them and the health probes; ``server.worker_ops_port`` adds a listener of the same
-kind per worker, so there may be several. With ``ops.token`` set, they also need
+``/status`` lists live CallSids, ``/metrics`` the device pool, ``/debug/heap`` the code's allocation sites (and
+blocks the event loop while it counts) and ``/debug/tasks`` where each task waits, so none belongs on the port
+the internet reaches. With ``server.ops_port`` set, they are served on that listener only (the public one
+answers 404), and the ops listener serves nothing but them and the health probes; ``server.worker_ops_port``
+adds a listener of the same kind per worker, so there may be several. With ``ops.token`` set, they also need
 ``Authorization: Bearer <token>``. The health probes (``/healthz``, ``/readyz``) stay open on both listeners:
 load balancers and kubelets probe without credentials.
 """
@@ -17,7 +17,7 @@ from starlette.responses import PlainTextResponse
 from starlette.types import ASGIApp, Receive, Scope, Send
 from starlette.websockets import WebSocketClose
 
-OPS_PATHS = frozenset({"/status", "/metrics", "/debug/heap"})
+OPS_PATHS = frozenset({"/status", "/metrics", "/debug/heap", "/debug/tasks"})
 PROBE_PATHS = frozenset({"/healthz", "/readyz"})
 
 
