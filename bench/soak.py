@@ -412,7 +412,9 @@ def main() -> int:
     )  # fmt: skip
     parser.add_argument("--no-faults", action="store_true", help="arm no emulator faults (Savants behaves)")
     parser.add_argument(
-        "--bridge-log", metavar="FILE", help="write the bridge's log (INFO and up) here, to trace a call still held"
+        "--bridge-log",
+        metavar="FILE",
+        help="write the bridge's log here, to trace a call still held (at INFO: dearer than the default ERROR)",
     )
     args = parser.parse_args()
     scenarios = {name: SCENARIOS[name] for name in args.scenario} if args.scenario else SCENARIOS

@@ -37,7 +37,7 @@ from typing import Any, TypeVar
 T = TypeVar("T")
 
 # Before 3.13 asyncio's group drops an outside cancellation when its children's errors are raised instead, and
-# counts its own request to cancel its parent until the next exit (see ``_keep_outside_cancellation``).
+# never takes back its own request to cancel its parent if made during the exit (``_keep_outside_cancellation``).
 _LOSES_CANCELLATION = sys.version_info < (3, 13)
 
 
@@ -74,13 +74,24 @@ class TaskGroup(asyncio.TaskGroup):
         cancel its parent (made when a child failed) is taken back here if it was made during the exit, where
         asyncio's own exit no longer looks at it. Any request left then came from outside: if the group is
         raising errors rather than ``CancelledError``, the parent is cancelled again, keeping the count, so
-        that the cancellation is not lost."""
+        that the cancellation is not lost.
+
+        Again on the loop's next turn, not at once: before 3.13 ``uncancel()`` does not call off a cancellation
+        already issued, so one issued here would still land after its requester took it back in this same step
+        (an ``asyncio.timeout`` around the group, or an outer group in the same task, whose exit the raised
+        errors pass through). The parent's next await that suspends still raises ``CancelledError``."""
         parent = self._parent_task
         if self._parent_cancel_requested and not requested_before:
             parent.uncancel()
         if not cancelled and parent.cancelling():
-            parent.uncancel()
-            parent.cancel()
+            asyncio.get_running_loop().call_soon(_cancel_again, parent)
+
+
+def _cancel_again(task: asyncio.Task[Any]) -> None:
+    """A cancellation still pending on ``task`` (nobody has taken it back), issued again, keeping the count."""
+    if not task.done() and task.cancelling():
+        task.uncancel()
+        task.cancel()
 
 
 def _clear_returned_aexit(raised: BaseException) -> None:

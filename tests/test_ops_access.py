@@ -18,7 +18,7 @@ from websockets.exceptions import InvalidStatus
 from telephony_bridge.ops.gc_tuning import OLDER_THRESHOLDS
 from telephony_bridge.ops.tasks import task_report
 from telephony_bridge.serving import ServerThread
-from telephony_bridge.tools.caller import run_call
+from telephony_bridge.tools.caller import CallResult, run_call
 from telephony_bridge.tools.twilio_flow import run_flow
 from tests.redis_server import RedisServer
 from tests.support import AUTH_TOKEN, PUBLIC_URL, BridgeProcess, bridge_settings, signed_call, wait_until
@@ -175,6 +175,7 @@ async def test_debug_tasks_is_an_ops_path_and_shows_where_a_live_calls_tasks_wai
     """``/debug/tasks`` during a call: on the ops listener with the token only; each of the call's tasks by name
     with its chain of awaits as code locations (where a call that never ends is stuck), never a value."""
     bridge = BridgeProcess(emulator, {"OPS_PORT": "0", "OPS_TOKEN": OPS_TOKEN})
+    call: asyncio.Task[CallResult] | None = None
     try:
         ops = f"http://127.0.0.1:{bridge.ops_port}"
         async with httpx.AsyncClient(trust_env=False, timeout=10) as http:
@@ -193,6 +194,8 @@ async def test_debug_tasks_is_an_ops_path_and_shows_where_a_live_calls_tasks_wai
             answer = await http.get(ops + "/debug/tasks", headers=BEARER)
             result = await call
     finally:
+        if call is not None:
+            call.cancel()  # (done by now unless an assertion above failed)
         bridge.kill()
     assert result.ended_by == "caller"
     report = answer.json()

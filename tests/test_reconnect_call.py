@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -315,18 +316,22 @@ async def test_the_caller_hanging_up_as_the_ai_drops_ends_the_call_and_no_reconn
     caller hangs up, so that both wait in its sockets and are read together when it resumes. On Python 3.11 and
     3.12 the AI side's task group lost the call's cancellation there: the AI side caught the drop and reconnected,
     and the call was held for ever with its device slot (``task_group.py``; found by ``bench/soak.py``)."""
-    emulator = start_emulator(voice="echo", session_faults=(once("close", close_code=1012, after_s=0.6),))
+    emulator = start_emulator(voice="echo", session_faults=(once("close", close_code=1012, after_s=1.0),))
     bridge = BridgeProcess(emulator, {"BRIDGE__BARGE_IN__ENABLED": "false"})
     try:
-        call = asyncio.create_task(run_call(signed_call(bridge, audio_in=VOICE, seconds=0.9)))
+        started = time.monotonic()
+        call = asyncio.create_task(run_call(signed_call(bridge, audio_in=VOICE, seconds=1.3)))
         await asyncio.to_thread(
             wait_until, lambda: any(c["ai_connected"] for c in status(bridge)["calls"]), what="the AI session"
         )
         bridge.proc.send_signal(signal.SIGSTOP)
         try:
-            # the emulator drops the session (0.6 s after confirming it), the caller hangs up (0.9 s after start)
-            await asyncio.sleep(1.2)
-            assert emulator_stats(emulator)["faults"]["injected"] == {"close:1012": 1}
+            # the emulator drops the session (1 s after confirming it), the caller hangs up (1.3 s after start)
+            def both_sent() -> bool:
+                dropped = emulator_stats(emulator)["faults"]["injected"] == {"close:1012": 1}
+                return dropped and time.monotonic() > started + 1.3 + 0.6
+
+            await asyncio.to_thread(wait_until, both_sent, 4.0, "the AI's drop and the caller's stop")
         finally:
             bridge.proc.send_signal(signal.SIGCONT)
         result = await asyncio.wait_for(call, 10)

@@ -217,3 +217,27 @@ async def test_a_failing_child_leaves_its_parent_uncancelled() -> None:
     task = asyncio.current_task()
     assert task is not None and task.cancelling() == 0
     await asyncio.sleep(0)  # not cancelled
+
+
+async def test_a_timeout_around_a_failing_group_that_fires_during_its_exit_cancels_nothing_after_it() -> None:
+    """An ``asyncio.timeout`` whose deadline passes while the group waits for a slow child: the group's errors
+    go out through the timeout, which takes its cancellation back; the task then goes on, uncancelled (a
+    cancellation issued again at once by the group would still have landed on 3.11 and 3.12)."""
+
+    async def fail() -> None:
+        raise Boom("failed at once")
+
+    async def slow_to_cancel() -> None:
+        try:
+            await asyncio.sleep(3600)
+        finally:
+            await asyncio.shield(asyncio.sleep(0.05))  # still cancelling when the deadline passes
+
+    with pytest.raises(ExceptionGroup):
+        async with asyncio.timeout(0.02):
+            async with TaskGroup() as tg:
+                tg.create_task(slow_to_cancel())
+                tg.create_task(fail())
+    task = asyncio.current_task()
+    assert task is not None and task.cancelling() == 0
+    await asyncio.sleep(0.01)  # not cancelled
