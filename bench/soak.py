@@ -140,6 +140,9 @@ def start_processes(
         "HOST": "127.0.0.1",
         "PORT": str(bridge_port),
         "LOG_LEVEL": "INFO" if bridge_log else "ERROR",
+        # Each call's /voice answers are counted for twilio.connect_window_s (4 h) by design, in this process's
+        # memory without Redis (~1 KB a call): a minute here, so that what grows over a run is what leaks.
+        "BRIDGE__TWILIO__CONNECT_WINDOW_S": "60",
     }
     if tracemalloc_frames:
         env["PYTHONTRACEMALLOC"] = str(tracemalloc_frames)

@@ -49,8 +49,6 @@ MAX_TOKEN_WAIT_S = 2.0  # a caller can afford a short wait for token budget, not
 # Twilio requests the <Connect action> as soon as the stream has closed; two minutes covers a slow or retried
 # request, and a busy bridge holds the outcomes of its last two minutes of calls, not ten.
 OUTCOME_TTL_S = 120.0
-# How long a call's /voice answers are counted (``within_connect_limit``), from its first: Twilio's longest call, 4 h.
-ANSWERS_TTL_S = 4 * 3600.0
 RETRY_FIRST_S, RETRY_MAX_S = 0.2, 2.0  # backoff between token requests that failed on the endpoint's side
 MIN_ATTEMPT_S = 0.3  # a retry with less time than this left before the deadline is not worth sending
 DEVICE_REFUSALS = frozenset({"AUTHENTICATION_FAILED", "DEVICE_INACTIVE"})  # the device, not the call, is refused
@@ -305,8 +303,9 @@ class Admission:
         Kept by ``keep_stream`` (the lease heartbeat), lapses ``ttl_s`` after a replica dies."""
         return await self._store.add(f"live-stream:{call_sid}", owner, ttl_s)
 
-    async def within_connect_limit(self, call_sid: str, limit: int) -> bool:
-        """Count one more ``/voice`` answer for the call; False past ``limit`` within ``ANSWERS_TTL_S``.
+    async def within_connect_limit(self, call_sid: str, limit: int, window_s: float) -> bool:
+        """Count one more ``/voice`` answer for the call; False past ``limit`` within ``window_s`` of its first
+        (``twilio.connect_window_s``: Twilio's longest call, 4 h, by default).
 
         Twilio signs no timestamp, so a captured request stays valid, and nothing in a replay tells it from
         Twilio asking again (a retry, a ``<Redirect>`` or call update back to ``/voice``, which may repeat the
@@ -316,7 +315,7 @@ class Admission:
         refused ones included, do not extend its life). A store that does not answer gives way: admission, on
         the same store, then refuses busy."""
         try:
-            return await self._store.count(f"voice-answers:{call_sid}", ANSWERS_TTL_S) <= limit
+            return await self._store.count(f"voice-answers:{call_sid}", window_s) <= limit
         except StoreUnavailable:
             return True
 

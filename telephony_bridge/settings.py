@@ -154,6 +154,7 @@ class TwilioSettings(_Frozen):
     require_stream_token: bool = True
     stream_token_ttl_s: float = Field(60.0, gt=0, le=600)
     max_connects_per_call: int = Field(10, ge=1, le=1000)
+    connect_window_s: float = Field(4 * 3600.0, ge=60, le=24 * 3600)
     busy_response: Literal["say", "reject"] = "say"
     busy_message: str = "All of our assistants are busy right now. Please call again in a few minutes."
     unavailable_message: str = "Sorry, the assistant is not available right now. Please try again later."

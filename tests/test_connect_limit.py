@@ -13,18 +13,20 @@ import pytest
 import redis.asyncio as aioredis
 
 from telephony_bridge.accounting.memory import MemoryAccounting
-from telephony_bridge.admission import ANSWERS_TTL_S, Admission, VoiceEndpoint
-from telephony_bridge.clock import SystemClock
+from telephony_bridge.admission import Admission, VoiceEndpoint
+from telephony_bridge.clock import FakeClock, SystemClock
 from telephony_bridge.ops.metrics import Metrics
 from telephony_bridge.savants.client import open_voice_session
 from telephony_bridge.savants.http_post import JsonPoster
 from telephony_bridge.savants.tokens import TokenClient
-from telephony_bridge.store import COUNT, RedisStore, Store
+from telephony_bridge.settings import TwilioSettings
+from telephony_bridge.store import COUNT, MemoryStore, RedisStore, Store
 from tests.redis_server import RedisServer, free_port
 
 pytestmark = pytest.mark.timeout(30)
 
 UNUSED_URL = "http://127.0.0.1:9"  # the answer count asks nothing of Savants
+WINDOW_S = TwilioSettings().connect_window_s  # twilio.connect_window_s: 4 h by default
 
 Replica = tuple[Admission, aioredis.Redis]
 T = TypeVar("T")
@@ -58,8 +60,8 @@ async def test_connect_limit_is_one_count_shared_by_the_replicas(
 ) -> None:
     (a, client), (b, _) = replica(redis_server.url), replica(redis_server.url)
     await client.flushdb()
-    answered = [await admission.within_connect_limit("CA1", 3) for admission in (a, b, b, a, b)]
-    other_call = await b.within_connect_limit("CA2", 3)
+    answered = [await admission.within_connect_limit("CA1", 3, WINDOW_S) for admission in (a, b, b, a, b)]
+    other_call = await b.within_connect_limit("CA2", 3, WINDOW_S)
     keys = sorted(await client.keys("*"))
     ttl_s = await client.pttl("tb:kv:voice-answers:CA1") / 1000
     assert (answered, other_call, keys) == (
@@ -67,7 +69,7 @@ async def test_connect_limit_is_one_count_shared_by_the_replicas(
         True,
         ["tb:kv:voice-answers:CA1", "tb:kv:voice-answers:CA2"],
     )
-    assert ANSWERS_TTL_S - 60 < ttl_s <= ANSWERS_TTL_S
+    assert WINDOW_S == 4 * 3600 and WINDOW_S - 60 < ttl_s <= WINDOW_S
 
 
 async def test_connect_limit_costs_one_redis_command_per_answer_even_the_thousandth(
@@ -78,14 +80,14 @@ async def test_connect_limit_costs_one_redis_command_per_answer_even_the_thousan
     await client.flushdb()
     await b_client.ping()  # connected before MONITOR starts: a new connection introduces itself with commands
     for _ in range(998):  # also loads the script: its first run after Redis starts costs a SCRIPT LOAD
-        await a.within_connect_limit("CA1", 1000)
+        await a.within_connect_limit("CA1", 1000, WINDOW_S)
 
     async def last_answers() -> list[bool]:
-        return [await admission.within_connect_limit("CA1", 1000) for admission in (b, a, b)]
+        return [await admission.within_connect_limit("CA1", 1000, WINDOW_S) for admission in (b, a, b)]
 
     answered, commands = await _monitored(redis_server.port, client, last_answers)
     key, sha = "tb:kv:voice-answers:CA1", hashlib.sha1(COUNT.encode()).hexdigest()
-    ttl_ms = str(int(ANSWERS_TTL_S * 1000))
+    ttl_ms = str(int(WINDOW_S * 1000))
     assert answered == [True, True, False]  # the 999th, the 1000th and the 1001st answer
     sent = [args for source, args in commands if source == "client"]
     scripted = [args for source, args in commands if source == "lua"]  # in whichever order Redis prints the two
@@ -94,8 +96,8 @@ async def test_connect_limit_costs_one_redis_command_per_answer_even_the_thousan
 
 async def test_connect_limit_gives_way_when_redis_does_not_answer(replica: Callable[[str], Replica]) -> None:
     admission, _ = replica(f"redis://127.0.0.1:{free_port()}/0")
-    assert await admission.within_connect_limit("CA1", 1) is True
-    assert await admission.within_connect_limit("CA1", 1) is True
+    assert await admission.within_connect_limit("CA1", 1, WINDOW_S) is True
+    assert await admission.within_connect_limit("CA1", 1, WINDOW_S) is True
 
 
 MONITOR_LINE = re.compile(r"^\+[\d.]+ \[\d+ (?P<source>[^\]]+)\] (?P<command>.*)$")
@@ -126,3 +128,23 @@ async def _monitored(
     finally:
         writer.close()
         await writer.wait_closed()
+
+
+async def test_a_calls_answers_are_counted_for_the_window_and_then_forgotten() -> None:
+    """``twilio.connect_window_s``: past the limit within the window, refused; once the window from the call's
+    first answer has passed, its counter is gone (in one process without Redis: the memory it held with it)."""
+    clock = FakeClock()
+    store = MemoryStore(clock)
+    async with JsonPoster(UNUSED_URL) as http:
+        admission = _admission(store, http)
+        first = [await admission.within_connect_limit("CA1", 2, 60.0) for _ in range(3)]
+        clock.advance(59.0)
+        still = await admission.within_connect_limit("CA1", 2, 60.0)
+        clock.advance(1.0)
+        await store.put("unrelated", "x", 1.0)  # a later write sweeps what has expired (store.SWEEP_EVERY_S)
+        clock.advance(10.0)
+        await store.put("unrelated", "x", 1.0)
+        held_after = len(store)
+        again = await admission.within_connect_limit("CA1", 2, 60.0)
+    assert (first, still, again) == ([True, True, False], False, True)
+    assert held_after == 1  # only "unrelated": the call's counter was swept

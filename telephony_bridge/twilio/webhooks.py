@@ -141,7 +141,7 @@ class TwilioWebhooks:
         if self._drain.draining:  # this replica is shutting down: the caller is told to call again
             return self._refuse_draining()
         try:
-            if not await self._admission.within_connect_limit(call_sid, self._settings.twilio.max_connects_per_call):
+            if not await self._admission.within_connect_limit(call_sid, tw.max_connects_per_call, tw.connect_window_s):
                 return self._refuse_replay()
             admitted = await self._admission.admit(call_sid, caller)
         except AdmissionError as exc:
