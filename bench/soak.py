@@ -25,6 +25,8 @@ the allocation sites that grew from the warm-up to the end (``GET /debug/heap``)
 anything is still held at the end: a call, a lease, a reservation, an AI session, more tasks than after the
 warm-up, or descriptors other than the token client's keep-alive pool; or if resident memory ends more than
 MAX_RSS_GROWTH_MB above the warm-up, or (in a run longer than LEVEL_AFTER_CALLS) has not levelled off after it.
+The bridge counts each call's /voice answers for ``twilio.connect_window_s``, set to a minute here (see
+``start_processes``): with the default 4 h that memory grows with every call of a run by design.
 """
 
 from __future__ import annotations
@@ -141,7 +143,7 @@ def start_processes(
         "PORT": str(bridge_port),
         "LOG_LEVEL": "INFO" if bridge_log else "ERROR",
         # Each call's /voice answers are counted for twilio.connect_window_s (4 h) by design, in this process's
-        # memory without Redis (~1 KB a call): a minute here, so that what grows over a run is what leaks.
+        # memory without Redis (~0.3 KB a call): a minute here, so that what grows over a run is what leaks.
         "BRIDGE__TWILIO__CONNECT_WINDOW_S": "60",
     }
     if tracemalloc_frames:
