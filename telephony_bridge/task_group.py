@@ -22,7 +22,8 @@ Python 3.11 and 3.12 the group raises its children's errors and the outside ``Ca
 in 3.13, gh-116720). A call's AI side runs its session's tasks in a group of its own, inside the call's group. If
 the caller hung up just as the AI dropped, the AI side caught the drop, reconnected, and ran for ever. The call's
 group waited for it: the call held its device slot and never ended (seen in ``bench/soak.py``, 7 Dec). As 3.13
-does, the parent task is cancelled again when a cancellation is still pending, so its next ``await`` raises.
+does, the parent task is cancelled again when a cancellation is still pending (on the loop's next turn), so the
+next ``await`` that suspends it raises.
 """
 
 from __future__ import annotations

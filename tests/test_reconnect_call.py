@@ -21,6 +21,7 @@ from telephony_bridge.tools.caller import CallResult, run_call
 from telephony_bridge.tools.emulator.faults import Selector, SessionFault, TokenFault
 from tests.support import (
     BridgeProcess,
+    Served,
     bridge_settings,
     emulator_stats,
     leases,
@@ -40,14 +41,18 @@ def once(kind: str, **fields: Any) -> SessionFault:
     return SessionFault(kind=kind, select=Selector(count=1), **{"after_s": DROP_AFTER_S, **fields})  # type: ignore[arg-type]
 
 
-def calls_up(bridge: ServerThread) -> int:
-    return len(httpx.get(bridge.http_url + "/status", timeout=5).json()["calls"])
+def status(bridge: Served) -> dict[str, Any]:
+    return httpx.get(bridge.http_url + "/status", timeout=5).json()  # type: ignore[no-any-return]
 
 
-def released(bridge: ServerThread, emulator: ServerThread) -> None:
+def calls_up(bridge: Served) -> int:
+    return len(status(bridge)["calls"])
+
+
+def released(bridge: Served, emulator: ServerThread, timeout_s: float = 5.0) -> None:
     """Accounting back to zero: no call, no lease or reservation, no Savants socket."""
-    wait_until(lambda: calls_up(bridge) == 0 and leases(bridge) == 0, what="the call to be released")
-    wait_until(lambda: emulator_stats(emulator)["sessions_active"] == 0, what="the Savants sockets to close")
+    wait_until(lambda: calls_up(bridge) == 0 and leases(bridge) == 0, timeout_s, "the call to be released")
+    wait_until(lambda: emulator_stats(emulator)["sessions_active"] == 0, timeout_s, "the Savants sockets to close")
 
 
 def longest_run(mask: npt.NDArray[np.bool_]) -> int:
@@ -336,21 +341,9 @@ async def test_the_caller_hanging_up_as_the_ai_drops_ends_the_call_and_no_reconn
             bridge.proc.send_signal(signal.SIGCONT)
         result = await asyncio.wait_for(call, 10)
         assert result.ended_by == "caller"
-        await asyncio.to_thread(
-            wait_until,
-            lambda: status(bridge)["calls"] == [] and leases(bridge) == 0,
-            10.0,
-            "the call to end and give back its slot",
-        )
-        await asyncio.to_thread(
-            wait_until, lambda: emulator_stats(emulator)["sessions_active"] == 0, what="the Savants socket to close"
-        )
+        await asyncio.to_thread(released, bridge, emulator, 10.0)
         assert emulator_stats(emulator)["sessions_opened"] == 1  # no session for a caller who had gone
         metrics = httpx.get(bridge.http_url + "/metrics", timeout=5).text
         assert 'bridge_calls_total{ingress="twilio",outcome="completed"} 1.0' in metrics
     finally:
         bridge.kill()
-
-
-def status(bridge: BridgeProcess) -> dict[str, Any]:
-    return httpx.get(bridge.http_url + "/status", timeout=5).json()  # type: ignore[no-any-return]
