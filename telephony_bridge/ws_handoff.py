@@ -15,6 +15,7 @@ picows reads no other way. ``tests/test_ws_handoff.py`` pins both ends of this s
 from __future__ import annotations
 
 import logging
+import weakref
 from typing import Any, NamedTuple, Protocol
 
 from picows import WSAutoPingStrategy, WSListener, WSUpgradeRequest, WSUpgradeResponseWithListener
@@ -56,11 +57,15 @@ def WebSocketHandoff(config: Any, server_state: Any, app_state: dict[str, Any], 
 class _WireLog(logging.LoggerAdapter):  # type: ignore[type-arg]
     """picows' logger for one connection. Its parser refusing a frame (over ``MAX_FRAME_BYTES``, malformed) is
     the peer's fault: it goes to the listener's ``on_protocol_error``, which names the call (the media stream's
-    leg logs it), rather than an ERROR line naming none. A listener without one gets a WARNING here."""
+    leg logs it), rather than an ERROR line naming none. A listener without one gets a WARNING here.
+
+    It holds its protocol weakly: the protocol holds it, and a cycle between them would keep each connection's
+    objects (both transports and their buffers, the listener, the upgrade request and response) until a full
+    collection, which is rare in a serving process (``ops/gc_tuning.py``)."""
 
     def __init__(self, protocol: WSProtocol) -> None:
         super().__init__(PICOWS_LOGGER, {})
-        self._protocol = protocol
+        self._protocol = weakref.ref(protocol)
 
     def error(self, msg: object, *args: object, **kwargs: Any) -> None:
         refusal = args[0] if args and isinstance(args[0], tuple) and len(args[0]) == 2 else None
@@ -68,28 +73,39 @@ class _WireLog(logging.LoggerAdapter):  # type: ignore[type-arg]
             super().error(msg, *args, **kwargs)
             return
         code, detail = int(refusal[0]), str(refusal[1])
-        report = getattr(self._protocol.listener, "on_protocol_error", None)
+        protocol = self._protocol()
+        report = getattr(protocol.listener, "on_protocol_error", None) if protocol is not None else None
         if report is not None:
             report(code, detail)
         else:
             self.logger.warning("closing a WebSocket with %d: %s", code, detail)
 
 
+class _Route:
+    """picows' listener factory for one connection: the router, told where the upgrade came from. Apart from the
+    protocol, which holds it, so that the two make no cycle (see ``_WireLog``)."""
+
+    __slots__ = ("connection", "router")
+
+    def __init__(self, router: WebSocketRouter) -> None:
+        self.router = router
+        self.connection = Connection(None, None)  # filled in when the socket is handed over
+
+    def __call__(self, request: WSUpgradeRequest) -> ListenerOrResponse:
+        return self.router(request, self.connection)
+
+
 class _PicowsUpgrade(WSProtocol):  # type: ignore[misc]
     """A picows server protocol that takes the upgrade request from uvicorn rather than from the socket."""
 
     def __init__(self, router: WebSocketRouter, connections: set[Any]) -> None:
-        self._connection = Connection(None, None)
+        self._route = _Route(router)
         self._connections = connections  # uvicorn's: it shuts down, and waits for, what is in it
-
-        def route(request: WSUpgradeRequest) -> ListenerOrResponse:
-            return router(request, self._connection)
-
         super().__init__(
             None,  # host and port: a client's
             None,  # path: a client's
             False,  # server side
-            route,
+            self._route,
             _WireLog(self),
             True,  # disconnect when a listener callback raises
             None,  # handshake timeout: uvicorn has read the request already
@@ -105,7 +121,7 @@ class _PicowsUpgrade(WSProtocol):  # type: ignore[misc]
 
     def connection_made(self, transport: Any) -> None:
         local, remote = transport.get_extra_info("sockname"), transport.get_extra_info("peername")
-        self._connection = Connection(
+        self._route.connection = Connection(
             local[1] if isinstance(local, tuple) else None, remote[0] if isinstance(remote, tuple) else None
         )
         self._connections.add(self)

@@ -11,6 +11,7 @@ import gc
 import traceback
 import weakref
 from collections.abc import Callable, Iterator
+from typing import TypeVar
 
 import pytest
 
@@ -18,7 +19,10 @@ from telephony_bridge.bridge import Call
 from telephony_bridge.serving import ServerThread
 from telephony_bridge.task_group import TaskGroup
 from telephony_bridge.tools.caller import run_call
+from telephony_bridge.ws_handoff import _PicowsUpgrade
 from tests.support import bridge_settings, signed_call, wait_until
+
+T = TypeVar("T")
 
 
 class Held:
@@ -141,10 +145,13 @@ async def test_an_ended_call_is_freed_without_the_cycle_collector(
     placed = asyncio.create_task(run_call(signed_call(bridge, seconds=1.0 if fault is None else 6.0)))
     await asyncio.to_thread(wait_until, lambda: _calls() != [], 5.0, "the call to start")
     [call] = _calls()
+    [stream] = _of_type(_PicowsUpgrade)
     # The call, and its Outbound: the leg's mark handler (Outbound.mark_echoed) makes a cycle through the leg (its
     # sink) until the call detaches it, and a failure the reconnector re-raised one through the AI side's frames.
-    gone = [weakref.ref(call), weakref.ref(call.outbound)]
-    del call
+    # The media stream's protocol: its logger once held it back, and through it both transports, their buffers and
+    # the listener, a connection's ~0.8 KB of C heap that only a full collection freed (docs/performance.md).
+    gone = [weakref.ref(call), weakref.ref(call.outbound), weakref.ref(stream), weakref.ref(stream.listener)]
+    del call, stream
     result = await placed
     assert result.received_ms > 0 and not result.violations
     assert result.ended_by == ended_by
@@ -162,7 +169,11 @@ async def _freed(ref: weakref.ref[Held]) -> bool:
 
 
 def _calls() -> list[Call]:
-    return [obj for obj in gc.get_objects() if type(obj) is Call]
+    return _of_type(Call)
+
+
+def _of_type(kind: type[T]) -> list[T]:
+    return [obj for obj in gc.get_objects() if type(obj) is kind]
 
 
 async def test_a_cancellation_from_outside_during_a_failing_exit_is_kept() -> None:
