@@ -1,7 +1,8 @@
 """``task_group.TaskGroup``: a call's tasks end by raising, and nothing they held may wait for the cycle collector.
 
 Each test runs with the collector off: what is freed is freed by reference counting alone, at once, as a call's
-objects must be (``task_group``'s docstring says why). The end-to-end test places a real call through the bridge.
+objects must be (``task_group``'s docstring says why). The end-to-end tests place real calls, Twilio and SIP,
+through the bridge.
 """
 
 from __future__ import annotations
@@ -17,10 +18,14 @@ import pytest
 
 from telephony_bridge.bridge import Call
 from telephony_bridge.serving import ServerThread
+from telephony_bridge.sip.leg import SipLeg
 from telephony_bridge.task_group import TaskGroup
 from telephony_bridge.tools.caller import run_call
+from telephony_bridge.tools.sip_caller import SipCallConfig, place_sip_call
 from telephony_bridge.ws_handoff import _PicowsUpgrade
 from tests.support import bridge_settings, signed_call, wait_until
+from tests.test_end_to_end import speech_band_noise
+from tests.test_sip_calls import assert_all_released, start_sip_bridge, target
 
 T = TypeVar("T")
 
@@ -157,6 +162,26 @@ async def test_an_ended_call_is_freed_without_the_cycle_collector(
     assert result.ended_by == ended_by
     freed = lambda: all(ref() is None for ref in gone)  # noqa: E731
     await asyncio.to_thread(wait_until, freed, 5.0, "the ended call's objects to be freed")
+
+
+@pytest.mark.parametrize("transport", ["udp", "tcp"])
+async def test_an_ended_sip_call_is_freed_without_the_cycle_collector(
+    start_bridge: Callable[..., ServerThread], emulator: ServerThread, collector_off: None, transport: str
+) -> None:
+    """The same for a SIP call: its leg (the RTP and RTCP sockets' state, the jitter buffer) once made a cycle with
+    the server's record of the INVITE through its hang-up callback, and waited for a full collection."""
+    bridge = start_sip_bridge(start_bridge, emulator)
+    config = SipCallConfig(target(bridge), audio_in=speech_band_noise(), seconds=1.5, transport=transport)
+    placed = asyncio.create_task(place_sip_call(config))
+    await asyncio.to_thread(wait_until, lambda: _of_type(SipLeg) != [] and _calls() != [], 5.0, "the call to start")
+    [leg], [call] = _of_type(SipLeg), _calls()
+    gone = [weakref.ref(leg), weakref.ref(call)]
+    del leg, call
+    result = await placed
+    assert result.answered and result.ended_by == "caller", result.summary()
+    await asyncio.to_thread(assert_all_released, bridge, emulator)
+    freed = lambda: all(ref() is None for ref in gone)  # noqa: E731
+    await asyncio.to_thread(wait_until, freed, 5.0, "the ended SIP call's objects to be freed")
 
 
 async def _freed(ref: weakref.ref[Held]) -> bool:

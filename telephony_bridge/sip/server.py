@@ -716,10 +716,10 @@ class SipServer:
         rtcp_transport: asyncio.DatagramTransport,
     ) -> None:
         assert self.core is not None
-        core = self.core
+        core, call_id = self.core, live.call_id
 
-        async def hang_up(outcome: str) -> None:
-            self._dispatch(core.hangup(live.call_id, self._clock.monotonic()))
+        async def hang_up(outcome: str) -> None:  # not through ``live``, which holds the leg: no cycle
+            self._dispatch(core.hangup(call_id, self._clock.monotonic()))
 
         leg = SipLeg(
             live.call_id,
