@@ -11,6 +11,7 @@ import asyncio
 import gc
 import traceback
 import weakref
+from collections import Counter
 from collections.abc import Callable, Iterator
 from typing import TypeVar
 
@@ -40,12 +41,29 @@ class Boom(Exception):
 
 @pytest.fixture
 def collector_off() -> Iterator[None]:
+    """The collector off for the test; afterwards, none of the bridge's own objects may be cyclic garbage."""
     gc.collect()
     gc.disable()
     try:
         yield
+        gc.set_debug(gc.DEBUG_SAVEALL)
+        gc.collect()
+        ours = Counter(_name(obj) for obj in gc.garbage if _name(obj).startswith(OURS))
+        assert not ours, f"left for the cycle collector: {ours}"
     finally:
+        gc.set_debug(0)
+        gc.garbage.clear()
         gc.enable()
+
+
+# What the bridge runs (not the test tools playing callers), and the media stream's transports.
+OURS = ("telephony_bridge.", "picows.", "uvloop.")
+NOT_OURS = ("telephony_bridge.tools.",)
+
+
+def _name(obj: object) -> str:
+    name = f"{type(obj).__module__}.{type(obj).__qualname__}"
+    return "" if name.startswith(NOT_OURS) else name
 
 
 async def _hold_until_cancelled(held: Held) -> None:
