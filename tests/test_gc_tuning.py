@@ -70,6 +70,23 @@ def test_cyclic_garbage_names_types_only() -> None:
     assert secret not in repr(cyclic_garbage())
 
 
+def _keep_its_own_traceback(secret: str) -> None:
+    kept: list[ValueError] = []  # the exception -> its traceback -> this frame -> kept -> the exception
+    try:
+        raise ValueError(secret)
+    except ValueError as exc:
+        kept.append(exc)
+
+
+def test_cyclic_garbage_names_a_frame_by_where_it_ran_and_no_value() -> None:
+    secret = "digits-1234"
+    _keep_its_own_traceback(secret)
+    found = dict(cyclic_garbage(top=500)["top_types"])
+    [frame] = [name for name in found if "_keep_its_own_traceback" in name]
+    assert frame.startswith("builtins.frame _keep_its_own_traceback (") and "test_gc_tuning.py:" in frame, frame
+    assert secret not in repr(found)
+
+
 def test_tune_gc_sets_the_thresholds_and_freezes_only_when_asked() -> None:
     before = gc.get_threshold()
     frozen = gc.get_freeze_count()  # 0 on 3.11; 3.12 starts with some frozen already

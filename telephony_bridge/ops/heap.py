@@ -20,6 +20,7 @@ import sysconfig
 import tracemalloc
 from collections import Counter
 from collections.abc import Callable
+from types import FrameType
 from typing import Any
 
 TOP_SITES = 15  # allocation sites listed per answer
@@ -84,14 +85,16 @@ def cyclic_garbage(top: int = TOP_SITES) -> dict[str, Any]:
     """A full collection that keeps what it finds unreachable (``DEBUG_SAVEALL``), counted by type and then
     freed by a second collection: the objects only the cycle collector frees. They wait for a collection, so
     the more of them a call leaves, the higher memory climbs between collections. Type names only, never a
-    value; entries already in ``gc.garbage`` (someone's own debugging) are left as they were."""
+    value; entries already in ``gc.garbage`` (someone's own debugging) are left as they were. A frame is named
+    by its function and line as well (``builtins.frame Outbound.run (outbound.py:120)``): a frame in a cycle is
+    usually an exception kept with its traceback, and it holds all its locals, so where it ran says what to fix."""
     debug = gc.get_debug()
     before = len(gc.garbage)
     gc.set_debug(debug | gc.DEBUG_SAVEALL)
     try:
         gc.collect()
         found = gc.garbage[before:]
-        types = Counter(f"{type(obj).__module__}.{type(obj).__qualname__}" for obj in found)
+        types = Counter(map(_kind, found))
         del found
     finally:
         del gc.garbage[before:]
@@ -131,6 +134,14 @@ def _mallinfo2() -> Callable[[], _Mallinfo2] | None:
         return None
     function.restype = _Mallinfo2
     return function  # type: ignore[no-any-return]
+
+
+def _kind(obj: object) -> str:
+    kind = f"{type(obj).__module__}.{type(obj).__qualname__}"
+    if isinstance(obj, FrameType):
+        code = obj.f_code
+        return f"{kind} {code.co_qualname} ({_short(code.co_filename)}:{obj.f_lineno})"
+    return kind
 
 
 def _site(traceback: tracemalloc.Traceback, size: int, size_diff: int, count: int, count_diff: int) -> dict[str, Any]:
