@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import weakref
 from collections import Counter
 
 import pytest
@@ -85,6 +86,16 @@ def test_cyclic_garbage_names_a_frame_by_where_it_ran_and_no_value() -> None:
     [frame] = [name for name in found if "_keep_its_own_traceback" in name]
     assert frame.startswith("builtins.frame _keep_its_own_traceback (") and "test_gc_tuning.py:" in frame, frame
     assert secret not in repr(found)
+
+
+def test_cyclic_garbage_counts_a_dead_weak_proxy() -> None:
+    """picows holds its listener through a ``weakref.proxy``: in the garbage with its referent, the proxy is dead by
+    the time it is counted, and asking it anything but its type raises ReferenceError (the soak's /debug/heap did)."""
+    knot = _Knot()
+    knot.proxy = weakref.proxy(knot)  # type: ignore[attr-defined]
+    del knot
+    found = dict(cyclic_garbage(top=500)["top_types"])
+    assert found[KNOT] == 1 and found["weakref.ProxyType"] >= 1
 
 
 def test_tune_gc_sets_the_thresholds_and_freezes_only_when_asked() -> None:

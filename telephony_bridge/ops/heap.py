@@ -138,7 +138,7 @@ def _mallinfo2() -> Callable[[], _Mallinfo2] | None:
 
 def _kind(obj: object) -> str:
     kind = f"{type(obj).__module__}.{type(obj).__qualname__}"
-    if isinstance(obj, FrameType):
+    if type(obj) is FrameType:  # not isinstance: a dead weak proxy in the garbage raises ReferenceError
         code = obj.f_code
         return f"{kind} {code.co_qualname} ({_short(code.co_filename)}:{obj.f_lineno})"
     return kind
