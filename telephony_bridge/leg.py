@@ -163,9 +163,12 @@ class DirectAudio(Generic[P]):
 
     def attach(self, handler: Callable[P, None] | None) -> None:
         """``None`` detaches: the connection queues its audio for ``receive`` again (nobody reads it once the
-        call has ended)."""
+        call has ended), and drops an error nobody checked: its traceback holds the handler's frames, and they
+        the call, which holds this; kept, the whole call would wait for a full collection."""
         self.handler = handler
         self._context = contextvars.copy_context()
+        if handler is None:
+            self._error = None
 
     def deliver(self, *args: P.args, **kwargs: P.kwargs) -> bool:
         """True if the core took the audio; False if it is the connection's to queue for ``receive`` (no
@@ -181,8 +184,14 @@ class DirectAudio(Generic[P]):
         return True
 
     def check(self) -> None:
-        if self._error is not None:
-            raise self._error
+        """Raises, once, what the handler raised (the same cycle as above otherwise, through this frame)."""
+        error = self._error
+        if error is not None:
+            self._error = None
+            try:
+                raise error
+            finally:
+                del error
 
 
 class Watchdog:

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import gc
+import weakref
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -214,6 +216,35 @@ def test_direct_audio_reports_what_the_handler_raised_once_it_is_checked() -> No
     with pytest.raises(ValueError, match="boom"):
         direct.check()  # ...which raises it
     assert direct.deliver(b"\x03", 60) is False  # and from then on everything goes through ``receive``
+
+
+@pytest.mark.parametrize("checked", [True, False])
+def test_an_error_the_handler_raised_leaves_no_cycle_once_checked_or_detached(checked: bool) -> None:
+    """The error's traceback holds the handler's frames, which (in a call) hold the call and so this path: the
+    call ends by raising it (checked) or ends first and detaches (an AI's audio handler that failed as the caller
+    left). Either way nothing may be left for the collector: a whole call's objects would wait in the oldest
+    generation for a full collection, which is rare in a serving process."""
+    direct = DirectAudio()
+    call = {"direct": direct}  # what a real handler's frames reach: the call, which holds its paths
+
+    def broken(ulaw: bytes, timestamp_ms: int | None, held: object = call) -> None:  # its frame holds the call
+        raise ValueError("boom")
+
+    gc.collect()
+    gc.disable()
+    try:
+        direct.attach(broken)
+        assert direct.deliver(b"\x02", 40) is False
+        if checked:
+            with pytest.raises(ValueError, match="boom"):
+                direct.check()
+            direct.check()  # raised once: nothing more to report
+        direct.attach(None)  # the call's end
+        gone = weakref.ref(direct)
+        del direct, call, broken
+        assert gone() is None, "the handler's error kept a cycle through the path"
+    finally:
+        gc.enable()
 
 
 async def test_the_leg_sends_audio_synchronously_while_its_socket_takes_it() -> None:
