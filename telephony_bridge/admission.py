@@ -204,9 +204,12 @@ class Admission:
                     call_sid, self._reservation_ttl_s, sticky_key=sticky_key, token=need
                 )
             except AdmissionError:
-                if refused is not None:  # not busy: Savants refuses our devices (a wrong API key?)
+                if refused is None:
+                    raise
+                try:  # not busy: Savants refuses our devices (a wrong API key?)
                     raise refused from None
-                raise
+                finally:  # this frame must not hold the error its traceback holds: a cycle
+                    refused = None
             try:
                 warm = await self._warm_up(lease, deadline)
                 stream_token = secrets.token_urlsafe(24)
@@ -217,7 +220,7 @@ class Admission:
                 await self._give_back(lease)
                 if not _device_cannot(exc) or self._clock.monotonic() + MIN_ATTEMPT_S > deadline:
                     raise
-                refused = exc if exc.code in DEVICE_REFUSALS else refused
+                refused = exc.with_traceback(None) if exc.code in DEVICE_REFUSALS else refused  # (a cycle, as above)
                 log.warning("device %s cannot take the call (%s); trying the pool again", lease.device_id, exc.code)
             except BaseException:
                 await self._give_back(lease)

@@ -157,7 +157,7 @@ class Reconnector:
                 log.info("reconnect attempt %d failed: %s", attempt, str(exc))
                 if not _worth_it(await self._judge(exc, slot), opening):
                     raise
-                failure = exc
+                failure = exc.with_traceback(None)  # kept for the message: its traceback reaches this frame
 
     def _over_limit(self) -> bool:
         """Whether this drop is one more than ``max_per_minute`` within a minute; if not, it is counted."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import json
 import os
 import re
@@ -13,8 +14,10 @@ import subprocess
 import sys
 import time
 import xml.etree.ElementTree as ET
+from collections import Counter
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from types import FrameType
 from typing import Any, Protocol
 
 import httpx
@@ -301,3 +304,44 @@ async def assert_two_calls_echoed(media_stream_url: str) -> None:
     assert (len(result.of("served")), result.violations) == (2, 0), [f.reason for f in result.flows]
     assert len(result.first_audio_s) == 2
     assert result.round_trips_s and result.round_trips_s[0] >= 0.2 and result.round_trips_s[-1] < 1.0
+
+
+# --- reference cycles -----------------------------------------------------------------------------------------
+
+_OURS = ("telephony_bridge.", "picows.", "uvloop.")
+_NOT_OURS = ("telephony_bridge.tools.",)  # the test tools playing callers and Savants
+
+
+@contextlib.contextmanager
+def collector_off() -> Iterator[Counter[str]]:
+    """The cycle collector off while the body runs; then one collection, keeping what it finds, and the count of
+    what was ours by type, a frame by its function and file:line (left in the counter yielded, freed after).
+    What a call leaves in a cycle waits for a full collection, rare in a serving process (``ops/gc_tuning.py``):
+    a frame there is usually an exception kept where its own traceback reaches, holding all its locals."""
+    found: Counter[str] = Counter()
+    gc.collect()
+    debug = gc.get_debug()
+    gc.disable()
+    try:
+        yield found
+        before = len(gc.garbage)
+        gc.set_debug(debug | gc.DEBUG_SAVEALL)
+        try:
+            gc.collect()
+            found.update(name for name in map(_ours, gc.garbage[before:]) if name)
+        finally:
+            del gc.garbage[before:]
+    finally:
+        gc.set_debug(debug)
+        gc.enable()
+
+
+def _ours(obj: object) -> str | None:
+    if type(obj) is FrameType:  # type(), not isinstance(): a dead weak proxy raises on anything else
+        code = obj.f_code
+        path = code.co_filename.replace(os.sep, "/")
+        if "/telephony_bridge/" in path and "/telephony_bridge/tools/" not in path:
+            return f"frame {code.co_qualname} ({path.rpartition('/telephony_bridge/')[2]}:{obj.f_lineno})"
+        return None
+    name = f"{type(obj).__module__}.{type(obj).__qualname__}"
+    return name if name.startswith(_OURS) and not name.startswith(_NOT_OURS) else None

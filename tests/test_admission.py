@@ -34,6 +34,7 @@ from tests.redis_server import RedisServer
 from tests.support import (
     bridge_settings,
     call_form,
+    collector_off,
     emulator_stats,
     leases,
     post_voice,
@@ -204,6 +205,23 @@ def test_a_refused_device_leaves_the_pool_logged_once(
     assert (devices["device-a"]["reservations"], devices["device-b"]["reservations"]) == (0, 3)
     refused = [r for r in caplog.records if "leaves the pool" in r.getMessage()]
     assert len(refused) == 1 and "DEVICE_INACTIVE" in refused[0].getMessage()
+
+
+async def test_every_device_refused_leaves_no_cycle(start_emulator: Callable[..., ServerThread]) -> None:
+    """The refusal kept to say why no device is left is raised from the admission loop's own frame: held there, it
+    made a cycle with the frame until a full collection, rare in a serving process."""
+    emulator = start_emulator(voice="echo", token_faults=(TokenFault(status=401, error_code="DEVICE_INACTIVE"),))
+    clock = SystemClock()
+    async with JsonPoster(emulator.http_url) as http:
+        voice = VoiceEndpoint(open_voice_session, emulator.ws_url + "/voice-stream", 5.0)
+        accounting = MemoryAccounting(("device-a", "device-b"), Limits(), clock)
+        admission = Admission(accounting, TokenClient(http, "test-key"), voice, MemoryStore(clock), Metrics(), clock)
+        with collector_off() as left:
+            with pytest.raises(TokenError) as refused:
+                await admission.admit("CA1")
+            assert refused.value.code == "DEVICE_INACTIVE"
+            del refused
+    assert not [name for name in left if "admission.py" in name], left
 
 
 # --- stream tokens and reservations ------------------------------------------------------------------------

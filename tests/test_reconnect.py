@@ -20,6 +20,7 @@ from telephony_bridge.ops.metrics import Metrics
 from telephony_bridge.reconnect import Reconnector
 from telephony_bridge.savants.retry import backoff_s
 from telephony_bridge.store import MemoryStore
+from tests.support import collector_off
 
 DROP = SessionError("voice stream dropped (close code 1011)", code="DROPPED", close_code=1011)
 
@@ -106,6 +107,22 @@ async def test_reconnect_resumes_on_the_first_session_it_gets() -> None:
     figures, task = await run(admission, clock, DROP, deadline_s=10.0)
     assert task.result() is session
     assert (figures.attempts, figures.outcome) == (2, "resumed")
+
+
+async def test_failed_attempts_leave_no_cycle_whether_one_then_succeeds_or_all_fail() -> None:
+    """The last failure is kept for the message if every attempt fails; kept with its traceback, which reaches the
+    loop's own frame, it made a cycle holding the call's slot and lease until a full collection (rare in a
+    serving process)."""
+    clock = FakeClock()
+    with collector_off() as left:
+        admission = FakeAdmission(clock, [SessionError("x", code="CONNECT_TIMEOUT"), FakeSession()])
+        figures, task = await run(admission, clock, DROP, deadline_s=10.0)
+        assert figures.outcome == "resumed"
+        figures, task = await run(FakeAdmission(clock, []), clock, DROP, deadline_s=5.0)
+        assert figures.outcome == "failed" and "still down" in str(task.exception())
+        del figures, task
+    # Less each run's Metrics (one a process in service), whose registry calls back into it: a cycle by design.
+    assert not [name for name in left if not name.startswith("telephony_bridge.ops.metrics.")], left
 
 
 @pytest.mark.parametrize("deadline_s", [10.0, 0.0])

@@ -31,7 +31,7 @@ from telephony_bridge.savants.client import (
     tls_context,
 )
 from telephony_bridge.savants.protocol import Audio, Notice
-from tests.support import BENCH, tool
+from tests.support import BENCH, collector_off, tool
 
 sys.path.insert(0, str(BENCH))
 from tls_relay import make_certificate  # bench/ is no package: imported from its folder
@@ -357,6 +357,31 @@ async def test_client_upgrade_answered_after_the_opener_gave_up_is_closed_at_onc
             await opening
         answer.set()
         assert await outcome == b""
+
+
+async def test_a_session_that_fails_to_open_or_is_cancelled_leaves_no_cycle() -> None:
+    """The error raised out of ``open_voice_session`` and ``probe_voice_stream`` must not be held by their own
+    frames, which its traceback holds: the cycle kept the frame's JWT, session and socket until a full
+    collection, rare in a serving process. Refused (the error translated) and cancelled (raised as it is)."""
+
+    async def never_answers(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.read()
+
+    with socket.socket() as unused:
+        unused.bind(("127.0.0.1", 0))
+        nobody = f"ws://127.0.0.1:{unused.getsockname()[1]}/voice-stream"
+    async with raw_peer(never_answers) as url, asyncio.timeout(20):
+        with collector_off() as left:
+            with pytest.raises(SessionError, match="unreachable"):
+                await open_voice_session(nobody, "a.b.c", 5.0)
+            for attempt in (open_voice_session(url, "a.b.c", 5.0), probe_voice_stream(url, 5.0)):
+                task = asyncio.create_task(attempt)
+                await asyncio.sleep(0.2)  # connected, waiting for the upgrade's answer
+                task.cancel()
+                with pytest.raises(asyncio.CancelledError):
+                    await task
+                del task
+        assert not left, left
 
 
 async def test_client_frame_over_the_size_limit_is_a_drop_and_leaves_nothing_unretrieved(

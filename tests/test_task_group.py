@@ -11,7 +11,6 @@ import asyncio
 import gc
 import traceback
 import weakref
-from collections import Counter
 from collections.abc import Callable, Iterator
 from typing import TypeVar
 
@@ -25,6 +24,7 @@ from telephony_bridge.tools.caller import run_call
 from telephony_bridge.tools.sip_caller import SipCallConfig, place_sip_call
 from telephony_bridge.ws_handoff import _PicowsUpgrade
 from tests.support import bridge_settings, signed_call, wait_until
+from tests.support import collector_off as cycles_left
 from tests.test_end_to_end import speech_band_noise
 from tests.test_sip_calls import assert_all_released, start_sip_bridge, target
 
@@ -42,28 +42,9 @@ class Boom(Exception):
 @pytest.fixture
 def collector_off() -> Iterator[None]:
     """The collector off for the test; afterwards, none of the bridge's own objects may be cyclic garbage."""
-    gc.collect()
-    gc.disable()
-    try:
+    with cycles_left() as left:
         yield
-        gc.set_debug(gc.DEBUG_SAVEALL)
-        gc.collect()
-        ours = Counter(_name(obj) for obj in gc.garbage if _name(obj).startswith(OURS))
-        assert not ours, f"left for the cycle collector: {ours}"
-    finally:
-        gc.set_debug(0)
-        gc.garbage.clear()
-        gc.enable()
-
-
-# What the bridge runs (not the test tools playing callers), and the media stream's transports.
-OURS = ("telephony_bridge.", "picows.", "uvloop.")
-NOT_OURS = ("telephony_bridge.tools.",)
-
-
-def _name(obj: object) -> str:
-    name = f"{type(obj).__module__}.{type(obj).__qualname__}"
-    return "" if name.startswith(NOT_OURS) else name
+    assert not left, f"left for the cycle collector: {left}"
 
 
 async def _hold_until_cancelled(held: Held) -> None:

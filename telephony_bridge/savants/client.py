@@ -402,9 +402,12 @@ async def open_voice_session(
         if opening.connection is not None:
             await opening.connection.close()
         translated = _translate(exc, timeout_s, handshake=connected)
-        if translated is exc:
-            raise
-        raise translated from None
+        try:
+            if translated is exc:
+                raise
+            raise translated from None
+        finally:  # this frame must not hold the error its traceback holds: a cycle, with the JWT and the socket in it
+            del translated
 
 
 async def probe_voice_stream(url: str, timeout_s: float, *, ssl_context: ssl.SSLContext | None = None) -> str | None:
@@ -422,6 +425,7 @@ async def probe_voice_stream(url: str, timeout_s: float, *, ssl_context: ssl.SSL
     except BaseException as exc:
         translated = _translate(exc, timeout_s, handshake=False)
         if translated is exc:
+            del translated  # as in open_voice_session: no cycle through this frame
             raise
         return f"{translated.code}: {translated}" if isinstance(translated, SessionError) else str(translated)
     return None
