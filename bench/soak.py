@@ -66,6 +66,8 @@ PUBLIC_URL = "https://bridge.soak.test"
 API_KEY = "soak-key"
 SETTLE_S = 30.0  # after the last call: reservations lapse (10 s), stalled sessions end, calls close
 WARM_UP_CALLS = 16
+GARBAGE_TYPES = 200  # the cyclic garbage's types asked of /debug/heap: enough to list every frame by where it ran
+OURS_IN_GARBAGE = ("telephony_bridge.", "builtins.frame")
 # Memory: resident memory climbs over the first ~750 calls (the working set of --concurrency calls in flight and the
 # allocators' high water), then stays level (README, Operations: soak; the runs in docs/performance.md, "Soak, 4 and
 # 5 Dec"). With the collector's young threshold at 50,000 it climbed for ~12 minutes and 20 MB, each call's cyclic
@@ -182,7 +184,7 @@ def held(bridge_url: str) -> dict[str, Any]:
 def heap(bridge_url: str, by: str = "lineno") -> dict[str, Any]:
     """``/debug/heap``: gc objects after a full collection and, under tracemalloc, the traced heap and what grew
     since the previous call."""
-    return httpx.get(bridge_url + "/debug/heap", params={"by": by}, timeout=120).json()
+    return httpx.get(bridge_url + "/debug/heap", params={"by": by, "top": GARBAGE_TYPES}, timeout=120).json()
 
 
 def settle(bridge_url: str, emulator_url: str, timeout_s: float) -> dict[str, Any]:
@@ -482,7 +484,11 @@ def main() -> int:
     if garbage:
         print()
         print(f"cyclic garbage waiting for the collector at the end: {garbage['objects']} objects;", end=" ")
-        print(", ".join(f"{name} {count}" for name, count in garbage["top_types"]))
+        print(", ".join(f"{name} {count}" for name, count in garbage["top_types"][:15]))
+        ours = [(name, count) for name, count in garbage["top_types"] if name.startswith(OURS_IN_GARBAGE)]
+        if ours:  # a frame holds all its locals; ours should leave nothing (tests/test_task_group.py)
+            print("  of it the bridge's own, and frames by where they ran:", end=" ")
+            print(", ".join(f"{name} {count}" for name, count in ours))
     print()
     rows = [("scenario", "outcome (caller's view)", "calls")]
     rows += [(s, o, str(n)) for (s, o), n in sorted(soak.outcomes.items())]

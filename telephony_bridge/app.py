@@ -37,7 +37,7 @@ from telephony_bridge.drain import Drain
 from telephony_bridge.errors import ConfigError
 from telephony_bridge.ops import logging as oplog
 from telephony_bridge.ops.access import OpsAccess
-from telephony_bridge.ops.heap import HeapProbe
+from telephony_bridge.ops.heap import MAX_SITES, TOP_SITES, HeapProbe
 from telephony_bridge.ops.loop_health import watch_gc, watch_loop_lag
 from telephony_bridge.ops.metrics import Metrics
 from telephony_bridge.ops.readiness import Readiness
@@ -246,7 +246,10 @@ def create_app(
 
     async def debug_heap(request: Request) -> Response:
         try:
-            return JSONResponse(heap_probe.report(by=request.query_params.get("by", "lineno")))
+            top = request.query_params.get("top", str(TOP_SITES))
+            if not top.isdigit() or not 1 <= int(top) <= MAX_SITES:
+                raise ValueError(f"expected 'top' to be a whole number from 1 to {MAX_SITES}, got {top!r}")
+            return JSONResponse(heap_probe.report(int(top), by=request.query_params.get("by", "lineno")))
         except ValueError as exc:
             return JSONResponse({"error": str(exc)}, status_code=400)
 

@@ -148,11 +148,13 @@ async def test_debug_heap_is_an_ops_path_and_names_allocation_sites_only(emulato
             assert (await http.get(bridge.http_url + "/debug/heap", headers=BEARER)).status_code == 404
             assert (await http.get(ops)).status_code == 401
             assert (await http.get(ops, params={"by": "size"}, headers=BEARER)).status_code == 400
+            for top in ("0", "501", "x"):
+                assert (await http.get(ops, params={"top": top}, headers=BEARER)).status_code == 400
             first = (await http.get(ops, headers=BEARER)).json()
             flow = await run_flow(bridge.http_url, http=http, seconds=1.0, auth_token=AUTH_TOKEN, public_url=PUBLIC_URL)
             assert flow.outcome == "served"
             second = await http.get(ops, params={"by": "traceback"}, headers=BEARER)
-            third = (await http.get(ops, params={"by": "traceback"}, headers=BEARER)).json()
+            third = (await http.get(ops, params={"by": "traceback", "top": "3"}, headers=BEARER)).json()
             status = (await http.get(f"http://127.0.0.1:{bridge.ops_port}/status", headers=BEARER)).json()
     finally:
         bridge.kill()
@@ -166,7 +168,10 @@ async def test_debug_heap_is_an_ops_path_and_names_allocation_sites_only(emulato
     # count (the call's own objects are freed when it ends: tests/test_task_group.py).
     garbage = second.json()["cyclic_garbage"]
     assert garbage["objects"] > 0 and garbage["objects"] >= sum(count for _, count in garbage["top_types"])
-    assert all(re.fullmatch(r"[\w.]+", name) and count > 0 for name, count in garbage["top_types"])
+    assert all(
+        re.fullmatch(r"[\w.]+( [\w.<>]+ \([^ ]+:\d+\))?", name) and count > 0 for name, count in garbage["top_types"]
+    )
+    assert len(third["growth"]) == 3 and len(third["cyclic_garbage"]["top_types"]) <= 3
     for secret in (AUTH_TOKEN, OPS_TOKEN, "test-key", flow.call_sid):
         assert secret not in second.text
 

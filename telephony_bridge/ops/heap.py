@@ -4,8 +4,8 @@ allocator's high-water mark when RSS climbs over thousands of calls (``bench/soa
 Allocation sites are known only when the process runs under tracemalloc, which costs CPU and memory, so the
 bridge never starts it itself: run it with Python's own switch, ``PYTHONTRACEMALLOC=1`` (or ``-X
 tracemalloc``; a larger number keeps more frames per site). Without it the endpoint still gives the cheap
-figures (allocated blocks, gc objects, the cyclic garbage by type). The answer holds type names, source file
-names, line numbers and sizes, never a value from the heap, so no secret or audio can reach it. Each answer
+figures (allocated blocks, gc objects, the cyclic garbage by type). The answer holds type and function names,
+source file names, line numbers and sizes, never a value from the heap, so no secret or audio can reach it. Each answer
 runs two full collections, which ``bridge_gc_pause_seconds{generation="2"}`` counts like any other.
 """
 
@@ -23,7 +23,8 @@ from collections.abc import Callable
 from types import FrameType
 from typing import Any
 
-TOP_SITES = 15  # allocation sites listed per answer
+TOP_SITES = 15  # allocation sites (and garbage types) listed per answer, unless ?top= says otherwise
+MAX_SITES = 500
 GROUPINGS = ("lineno", "traceback")
 _STDLIB = sysconfig.get_paths()["stdlib"]
 
@@ -86,8 +87,9 @@ def cyclic_garbage(top: int = TOP_SITES) -> dict[str, Any]:
     freed by a second collection: the objects only the cycle collector frees. They wait for a collection, so
     the more of them a call leaves, the higher memory climbs between collections. Type names only, never a
     value; entries already in ``gc.garbage`` (someone's own debugging) are left as they were. A frame is named
-    by its function and line as well (``builtins.frame Outbound.run (outbound.py:120)``): a frame in a cycle is
-    usually an exception kept with its traceback, and it holds all its locals, so where it ran says what to fix."""
+    by its function and line as well (``builtins.frame Outbound.run (telephony_bridge/outbound.py:120)``): a
+    frame in a cycle is usually an exception kept with its traceback, and it holds all its locals, so where it
+    ran says what to fix."""
     debug = gc.get_debug()
     before = len(gc.garbage)
     gc.set_debug(debug | gc.DEBUG_SAVEALL)
