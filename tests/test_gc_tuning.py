@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import weakref
 from collections import Counter
+from collections.abc import Iterator
 
 import pytest
 
@@ -71,6 +73,16 @@ def test_cyclic_garbage_names_types_only() -> None:
     assert secret not in repr(cyclic_garbage())
 
 
+@contextlib.contextmanager
+def _no_collection_until_counted() -> Iterator[None]:
+    """No automatic collection between making a cycle and counting it (which collects explicitly)."""
+    gc.disable()
+    try:
+        yield
+    finally:
+        gc.enable()
+
+
 def _keep_its_own_traceback(secret: str) -> None:
     kept: list[ValueError] = []  # the exception -> its traceback -> this frame -> kept -> the exception
     try:
@@ -81,8 +93,9 @@ def _keep_its_own_traceback(secret: str) -> None:
 
 def test_cyclic_garbage_names_a_frame_by_where_it_ran_and_no_value() -> None:
     secret = "digits-1234"
-    _keep_its_own_traceback(secret)
-    found = dict(cyclic_garbage(top=500)["top_types"])
+    with _no_collection_until_counted():
+        _keep_its_own_traceback(secret)
+        found = dict(cyclic_garbage(top=500)["top_types"])
     [frame] = [name for name in found if "_keep_its_own_traceback" in name]
     assert frame.startswith("builtins.frame _keep_its_own_traceback (") and "test_gc_tuning.py:" in frame, frame
     assert secret not in repr(found)
@@ -91,10 +104,11 @@ def test_cyclic_garbage_names_a_frame_by_where_it_ran_and_no_value() -> None:
 def test_cyclic_garbage_counts_a_dead_weak_proxy() -> None:
     """picows holds its listener through a ``weakref.proxy``: in the garbage with its referent, the proxy is dead by
     the time it is counted, and asking it anything but its type raises ReferenceError (the soak's /debug/heap did)."""
-    knot = _Knot()
-    knot.proxy = weakref.proxy(knot)  # type: ignore[attr-defined]
-    del knot
-    found = dict(cyclic_garbage(top=500)["top_types"])
+    with _no_collection_until_counted():
+        knot = _Knot()
+        knot.proxy = weakref.proxy(knot)  # type: ignore[attr-defined]
+        del knot
+        found = dict(cyclic_garbage(top=500)["top_types"])
     assert found[KNOT] == 1 and found["weakref.ProxyType"] >= 1
 
 
