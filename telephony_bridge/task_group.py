@@ -11,9 +11,13 @@ Reference counting cannot free a cycle, so each ended call's ~100 objects waited
 250 calls on a core, one such collection (250 ended calls' garbage beside the live calls' objects) stalled the
 event loop ~40 ms: a hole in every call's audio.
 
-On exit this group breaks both: it takes each cancelled child's ``CancelledError`` (nobody else reads it) and drops
-its traceback, and it clears the locals of ``TaskGroup.__aexit__``'s own frame, which has returned by raising,
-in the exception it raises. It clears no other frame: ``frame.clear()`` on 3.11 and 3.12 closes a coroutine
+A third closes on every Python when the task running a group ends by raising through it (the AI side, when the AI
+says goodbye): the task keeps its exception, whose traceback holds the frames that entered and exited the group,
+which hold the group, which holds its parent: that task.
+
+On exit this group breaks all three: it takes each cancelled child's ``CancelledError`` (nobody else reads it) and
+drops its traceback, it clears the locals of ``TaskGroup.__aexit__``'s own frame, which has returned by raising,
+in the exception it raises, and it lets go of its parent task. It clears no other frame: ``frame.clear()`` on 3.11 and 3.12 closes a coroutine
 that is suspended in that frame (3.13 refuses instead), and an exception that one task caught and kept can carry
 such a frame in its traceback. A child's own failure keeps its traceback whole, for the logs.
 
@@ -69,6 +73,9 @@ class TaskGroup(asyncio.TaskGroup):
             raise
         finally:
             _drop_cancellations(self._children)
+            # The parent task keeps what it raises, and that exception's traceback holds this frame and the one
+            # that entered the group (``self`` in both): a finished group has no use for its parent.
+            self._parent_task = None
 
     def _keep_outside_cancellation(self, requested_before: bool, cancelled: bool) -> None:
         """What 3.13's ``TaskGroup.__aexit__`` does and 3.11's and 3.12's do not. The group's own request to

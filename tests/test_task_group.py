@@ -12,7 +12,7 @@ import gc
 import traceback
 import weakref
 from collections.abc import Callable, Iterator
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import pytest
 
@@ -21,6 +21,7 @@ from telephony_bridge.serving import ServerThread
 from telephony_bridge.sip.leg import SipLeg
 from telephony_bridge.task_group import TaskGroup
 from telephony_bridge.tools.caller import run_call
+from telephony_bridge.tools.emulator.faults import SessionFault
 from telephony_bridge.tools.sip_caller import SipCallConfig, place_sip_call
 from telephony_bridge.ws_handoff import _PicowsUpgrade
 from tests.support import bridge_settings, signed_call, wait_until
@@ -129,6 +130,7 @@ async def test_a_caught_and_kept_exception_raised_again_in_a_child_leaves_its_ke
         ("drop", {"savants.reconnect_deadline_s": 0}, "bridge"),  # the AI's socket drops: the call ends at once
         # the AI fails, the bridge reconnects, and on (every session fails a second in: no limit on reconnects)
         ("error", {"savants.reconnect_deadline_s": 2.0, "savants.max_reconnects_per_minute": 60}, "caller"),
+        ("goodbye", {}, "bridge"),  # the AI closes with 1000: it hung up, and the call ends after its last words
     ],
 )
 async def test_an_ended_call_is_freed_without_the_cycle_collector(
@@ -144,7 +146,7 @@ async def test_an_ended_call_is_freed_without_the_cycle_collector(
     and full collections are rare now (``ops/gc_tuning.py``)."""
     # The fault comes after the echo's first audio has reached the caller (0.2 s echo delay, a 60 ms prebuffer,
     # set-up): at 0.3 s a slow run had heard none yet, and the check below that audio flowed failed.
-    emulator = start_emulator(voice="echo", **({"fault": fault, "fault_after_s": 1.0} if fault else {}))
+    emulator = start_emulator(voice="echo", **_emulator_fault(fault))
     bridge = start_bridge(bridge_settings(emulator, **settings))
     placed = asyncio.create_task(run_call(signed_call(bridge, seconds=1.0 if fault is None else 6.0)))
     await asyncio.to_thread(wait_until, lambda: _calls() != [], 5.0, "the call to start")
@@ -190,6 +192,12 @@ async def _freed(ref: weakref.ref[Held]) -> bool:
             return True
         await asyncio.sleep(0)
     return False
+
+
+def _emulator_fault(fault: str | None) -> dict[str, Any]:
+    if fault == "goodbye":
+        return {"session_faults": (SessionFault(kind="close", close_code=1000, after_s=1.0),)}
+    return {"fault": fault, "fault_after_s": 1.0} if fault else {}
 
 
 def _calls() -> list[Call]:
