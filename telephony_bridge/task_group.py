@@ -17,9 +17,10 @@ which hold the group, which holds its parent: that task.
 
 On exit this group breaks all three: it takes each cancelled child's ``CancelledError`` (nobody else reads it) and
 drops its traceback, it clears the locals of ``TaskGroup.__aexit__``'s own frame, which has returned by raising,
-in the exception it raises, and it lets go of its parent task. It clears no other frame: ``frame.clear()`` on 3.11 and 3.12 closes a coroutine
-that is suspended in that frame (3.13 refuses instead), and an exception that one task caught and kept can carry
-such a frame in its traceback. A child's own failure keeps its traceback whole, for the logs.
+in the exception it raises, and it lets go of its parent task. It clears no other frame: ``frame.clear()`` on
+3.11 and 3.12 closes a coroutine that is suspended in that frame (3.13 refuses instead), and an exception that one
+task caught and kept can carry such a frame in its traceback. A child's own failure keeps its traceback whole, for
+the logs.
 
 It also keeps a cancellation from outside that arrives while the group is exiting because a child failed. On
 Python 3.11 and 3.12 the group raises its children's errors and the outside ``CancelledError`` is lost (fixed
