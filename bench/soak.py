@@ -66,8 +66,8 @@ PUBLIC_URL = "https://bridge.soak.test"
 API_KEY = "soak-key"
 SETTLE_S = 30.0  # after the last call: reservations lapse (10 s), stalled sessions end, calls close
 WARM_UP_CALLS = 16
-GARBAGE_TYPES = 200  # the cyclic garbage's types asked of /debug/heap: enough to list every frame by where it ran
-OURS_IN_GARBAGE = ("telephony_bridge.", "builtins.frame")
+GARBAGE_TYPES = 200  # the cyclic garbage's types asked of /debug/heap: room for each frame by where it ran
+OURS_IN_GARBAGE = ("telephony_bridge.", "picows.", "builtins.frame")
 # Memory: resident memory climbs over the first ~750 calls (the working set of --concurrency calls in flight and the
 # allocators' high water), then stays level (README, Operations: soak; the runs in docs/performance.md, "Soak, 4 and
 # 5 Dec"). With the collector's young threshold at 50,000 it climbed for ~12 minutes and 20 MB, each call's cyclic
@@ -477,7 +477,7 @@ def main() -> int:
         rows = [("site", "bytes", "+bytes", "blocks", "+blocks")]
         rows += [
             (g["site"], str(g["bytes"]), f"{g['bytes_diff']:+d}", str(g["blocks"]), f"{g['blocks_diff']:+d}")
-            for g in end_heap["growth"]
+            for g in end_heap["growth"][:15]  # /debug/heap was asked for GARBAGE_TYPES entries of each
         ]
         print(table(rows))
     garbage = end_heap.get("cyclic_garbage")

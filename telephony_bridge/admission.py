@@ -220,7 +220,8 @@ class Admission:
                 await self._give_back(lease)
                 if not _device_cannot(exc) or self._clock.monotonic() + MIN_ATTEMPT_S > deadline:
                     raise
-                refused = exc.with_traceback(None) if exc.code in DEVICE_REFUSALS else refused  # (a cycle, as above)
+                # Without its traceback (a cycle, as above): what reads it uses its message and code alone.
+                refused = exc.with_traceback(None) if exc.code in DEVICE_REFUSALS else refused
                 log.warning("device %s cannot take the call (%s); trying the pool again", lease.device_id, exc.code)
             except BaseException:
                 await self._give_back(lease)

@@ -247,7 +247,7 @@ def create_app(
     async def debug_heap(request: Request) -> Response:
         try:
             top = request.query_params.get("top", str(TOP_SITES))
-            if not top.isdigit() or not 1 <= int(top) <= MAX_SITES:
+            if not (top.isascii() and top.isdigit()) or not 1 <= int(top) <= MAX_SITES:
                 raise ValueError(f"expected 'top' to be a whole number from 1 to {MAX_SITES}, got {top!r}")
             return JSONResponse(heap_probe.report(int(top), by=request.query_params.get("by", "lineno")))
         except ValueError as exc:

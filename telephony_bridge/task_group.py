@@ -11,9 +11,10 @@ Reference counting cannot free a cycle, so each ended call's ~100 objects waited
 250 calls on a core, one such collection (250 ended calls' garbage beside the live calls' objects) stalled the
 event loop ~40 ms: a hole in every call's audio.
 
-A third closes on every Python when the task running a group ends by raising through it (the AI side, when the AI
-says goodbye): the task keeps its exception, whose traceback holds the frames that entered and exited the group,
-which hold the group, which holds its parent: that task.
+A third closes when the task running a group ends by raising through it (the AI side, when the AI says goodbye):
+the task keeps its exception, whose traceback holds the frames that entered and exited the group, which hold the
+group, which holds its parent: that task (3.11.7, 3.12.1 and 3.13.0 all keep it; later patch releases let go of
+it themselves, gh-128552).
 
 On exit this group breaks all three: it takes each cancelled child's ``CancelledError`` (nobody else reads it) and
 drops its traceback, it clears the locals of ``TaskGroup.__aexit__``'s own frame, which has returned by raising,
@@ -64,21 +65,25 @@ class TaskGroup(asyncio.TaskGroup):
     ) -> bool | None:
         # No local of this frame may outlive the call below but ``self``: what this frame raises holds it.
         requested_before = self._parent_cancel_requested
+        parent = self._parent_task  # read first: later patch releases clear it in their own exit (gh-128552)
         try:
             return await super().__aexit__(et, exc, tb)
         except BaseException as raised:
             exc = tb = None  # what it raises, or what it was given: the same cycle again
             _clear_returned_aexit(raised)
-            if _LOSES_CANCELLATION:
-                self._keep_outside_cancellation(requested_before, isinstance(raised, asyncio.CancelledError))
+            if _LOSES_CANCELLATION and parent is not None:
+                cancelled = isinstance(raised, asyncio.CancelledError)
+                self._keep_outside_cancellation(parent, requested_before, cancelled)
             raise
         finally:
             _drop_cancellations(self._children)
             # The parent task keeps what it raises, and that exception's traceback holds this frame and the one
             # that entered the group (``self`` in both): a finished group has no use for its parent.
-            self._parent_task = None
+            parent = None
+            if not self._tasks:
+                self._parent_task = None
 
-    def _keep_outside_cancellation(self, requested_before: bool, cancelled: bool) -> None:
+    def _keep_outside_cancellation(self, parent: asyncio.Task[Any], requested_before: bool, cancelled: bool) -> None:
         """What 3.13's ``TaskGroup.__aexit__`` does and 3.11's and 3.12's do not. The group's own request to
         cancel its parent (made when a child failed) is taken back here if it was made during the exit, where
         asyncio's own exit no longer looks at it. Any request left then came from outside: if the group is
@@ -89,7 +94,6 @@ class TaskGroup(asyncio.TaskGroup):
         already issued, so one issued here would still land after its requester took it back in this same step
         (an ``asyncio.timeout`` around the group, or an outer group in the same task, whose exit the raised
         errors pass through). The parent's next await that suspends still raises ``CancelledError``."""
-        parent = self._parent_task
         if self._parent_cancel_requested and not requested_before:
             parent.uncancel()
         if not cancelled and parent.cancelling():

@@ -320,7 +320,7 @@ def collector_off() -> Iterator[Counter[str]]:
     a frame there is usually an exception kept where its own traceback reaches, holding all its locals."""
     found: Counter[str] = Counter()
     gc.collect()
-    debug = gc.get_debug()
+    debug, enabled = gc.get_debug(), gc.isenabled()
     gc.disable()
     try:
         yield found
@@ -333,7 +333,8 @@ def collector_off() -> Iterator[Counter[str]]:
             del gc.garbage[before:]
     finally:
         gc.set_debug(debug)
-        gc.enable()
+        if enabled:
+            gc.enable()
 
 
 def _ours(obj: object) -> str | None:

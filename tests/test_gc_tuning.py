@@ -76,11 +76,13 @@ def test_cyclic_garbage_names_types_only() -> None:
 @contextlib.contextmanager
 def _no_collection_until_counted() -> Iterator[None]:
     """No automatic collection between making a cycle and counting it (which collects explicitly)."""
+    enabled = gc.isenabled()
     gc.disable()
     try:
         yield
     finally:
-        gc.enable()
+        if enabled:
+            gc.enable()
 
 
 def _keep_its_own_traceback(secret: str) -> None:

@@ -185,6 +185,31 @@ async def test_an_ended_sip_call_is_freed_without_the_cycle_collector(
     await asyncio.to_thread(wait_until, freed, 5.0, "the ended SIP call's objects to be freed")
 
 
+async def test_a_failing_group_raises_its_errors_where_asyncio_lets_go_of_the_parent_itself(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Later 3.12 and 3.13 patch releases clear ``_parent_task`` in asyncio's own exit (gh-128552): what this group
+    does with the parent after that exit must not read it from there (an AttributeError instead of the errors)."""
+    exit_of_asyncio = asyncio.TaskGroup.__aexit__
+
+    async def exit_that_lets_go(self: asyncio.TaskGroup, *args: Any) -> bool | None:
+        try:
+            return await exit_of_asyncio(self, *args)
+        finally:
+            self._parent_task = None  # type: ignore[attr-defined]
+
+    monkeypatch.setattr(asyncio.TaskGroup, "__aexit__", exit_that_lets_go)
+
+    async def fails() -> None:
+        raise Boom("child failed")
+
+    with pytest.raises(ExceptionGroup) as raised:
+        async with TaskGroup() as tg:
+            tg.create_task(fails())
+            await asyncio.sleep(1)
+    assert raised.value.subgroup(Boom) is not None
+
+
 async def _freed(ref: weakref.ref[Held]) -> bool:
     """Whether what ``ref`` names is freed within a few turns of the loop (callbacks already queued may hold it)."""
     for _ in range(10):
