@@ -17,13 +17,13 @@ import xml.etree.ElementTree as ET
 from collections import Counter
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from types import FrameType
 from typing import Any, Protocol
 
 import httpx
 import pytest
 from twilio.request_validator import RequestValidator
 
+from telephony_bridge.ops.heap import garbage_kind
 from telephony_bridge.serving import ServerThread
 from telephony_bridge.settings import Settings, load_settings
 from telephony_bridge.tools.caller import CallConfig, CallResult, new_sid
@@ -338,11 +338,10 @@ def collector_off() -> Iterator[Counter[str]]:
 
 
 def _ours(obj: object) -> str | None:
-    if type(obj) is FrameType:  # type(), not isinstance(): a dead weak proxy raises on anything else
-        code = obj.f_code
-        path = code.co_filename.replace(os.sep, "/")
-        if "/telephony_bridge/" in path and "/telephony_bridge/tools/" not in path:
-            return f"frame {code.co_qualname} ({path.rpartition('/telephony_bridge/')[2]}:{obj.f_lineno})"
-        return None
-    name = f"{type(obj).__module__}.{type(obj).__qualname__}"
+    name = garbage_kind(obj)  # as /debug/heap names it
+    if name.startswith("builtins.frame "):
+        where = name.rpartition(" (")[2]
+        return (
+            name if where.startswith("telephony_bridge/") and not where.startswith("telephony_bridge/tools/") else None
+        )
     return name if name.startswith(_OURS) and not name.startswith(_NOT_OURS) else None

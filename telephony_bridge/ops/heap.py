@@ -96,7 +96,7 @@ def cyclic_garbage(top: int = TOP_SITES) -> dict[str, Any]:
     try:
         gc.collect()
         found = gc.garbage[before:]
-        types = Counter(map(_kind, found))
+        types = Counter(map(garbage_kind, found))
         del found
     finally:
         del gc.garbage[before:]
@@ -138,7 +138,8 @@ def _mallinfo2() -> Callable[[], _Mallinfo2] | None:
     return function  # type: ignore[no-any-return]
 
 
-def _kind(obj: object) -> str:
+def garbage_kind(obj: object) -> str:
+    """How the garbage counts name ``obj``: its type, and a frame also by its function and file:line."""
     kind = f"{type(obj).__module__}.{type(obj).__qualname__}"
     if type(obj) is FrameType:  # not isinstance: a dead weak proxy in the garbage raises ReferenceError
         code = obj.f_code
